@@ -1,0 +1,895 @@
+"""An asyncio MSIP broker, wire-compatible with the reference broker.
+
+Reference clients see the reference's bytes for every exchange the reference serves
+(HELLO, SUBSCRIBE/UNSUBSCRIBE, PUBLISH/EVENT, PING, CLOSE, ERROR), with one deliberate
+difference: EVENT frames carry COMPRESSED only when the payload data really is a zstd frame.
+
+Beyond the reference:
+
+* TCP_NODELAY, and every frame or burst of frames leaves in one ``writelines`` call;
+* limits (payload, topic length, subscriptions per session, connections), a read timeout for
+  a frame that started arriving and an idle timeout with a broker PING;
+* subscriptions made before HELLO are delivered (the connection is an anonymous session);
+* session takeover: the newest connection with a client id owns the session, the older one
+  gets an ERROR and is closed;
+* a bounded outgoing queue per connection with an overflow policy (drop the oldest event and
+  count it, or disconnect), so a slow subscriber never grows memory nor slows the others;
+* NATS-style patterns: ``*`` matches one dot-separated token, a final ``>`` one or more;
+* at-least-once delivery for subscriptions made with ACK_REQUIRED: the subscriber answers each
+  EVENT with an ACK frame carrying the EVENT's msg_id; unacknowledged events are sent again
+  after ``redelivery_timeout`` and when the session resumes; events published to a session's
+  subscriptions while it is away are kept, up to ``backlog_limit`` (oldest dropped, counted);
+* URGENT events jump the queue of each subscriber;
+* optional token authentication (the octets after the 8-octet client id in HELLO);
+* graceful shutdown: CLOSE to every client, then the buffered frames are flushed.
+
+Embed it::
+
+    broker = Broker(max_payload=1 << 20)
+    await broker.start("tcp://127.0.0.1:7000")
+    ...
+    await broker.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import socket
+import struct
+import time
+from typing import Iterable
+
+from mip import msip
+from mip.errors import ProtocolError
+from mip.net.urls import Address, parse_url
+
+__all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
+
+log = logging.getLogger("mip.msip.broker")
+
+OVERFLOW_DROP_OLDEST = "drop_oldest"
+OVERFLOW_DISCONNECT = "disconnect"
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+_HELLO, _SUBSCRIBE, _UNSUBSCRIBE, _PUBLISH, _EVENT, _ACK, _ERROR, _PING, _PONG, _CLOSE = range(1, 11)
+_K_EVENT, _K_STATE = 1, 3
+_F_ACK_REQUIRED, _F_COMPRESSED, _F_URGENT = 1, 2, 4
+_HDR = msip.HEADER_SIZE
+_INLINE_MAX = 16 * 1024  # octets: smaller events are sent as one joined bytes object
+_BURST = 256 * 1024  # octets handed to one writelines() call at most
+_U64 = struct.Struct(">Q")
+_UNSUPPORTED = "Invalid frame or unsupported operation"  # the reference's ERROR text
+
+
+@dataclasses.dataclass
+class BrokerStats:
+    """Counters since the broker started (all are counts of frames unless named otherwise)."""
+
+    connections: int = 0  #: connections open now
+    connections_total: int = 0  #: connections accepted in total
+    sessions: int = 0  #: identified sessions known now (attached or away)
+    published: int = 0  #: PUBLISH frames accepted
+    delivered: int = 0  #: EVENT frames queued to connected subscribers (redeliveries included)
+    redelivered: int = 0  #: EVENT frames sent again because they were not acknowledged
+    acked: int = 0  #: at-least-once events acknowledged by their subscriber
+    dropped_overflow: int = 0  #: events dropped from full outgoing queues
+    dropped_backlog: int = 0  #: events dropped from full away-session backlogs
+    dropped_inflight: int = 0  #: unacknowledged events given up on (bound or attempts reached)
+    slow_disconnects: int = 0  #: connections closed by the ``disconnect`` overflow policy
+    errors: int = 0  #: ERROR frames sent
+    takeovers: int = 0  #: connections closed because a newer one took their session
+
+
+class _Pending:
+    """An at-least-once event waiting for its subscriber's ACK."""
+
+    __slots__ = ("msg_id", "item", "size", "urgent", "deadline", "attempts")
+
+    def __init__(self, msg_id, item, size, urgent, deadline):
+        self.msg_id = msg_id
+        self.item = item
+        self.size = size
+        self.urgent = urgent
+        self.deadline = deadline
+        self.attempts = 1
+
+
+class _Session:
+    """Subscriptions, unacknowledged events and the away backlog of one client id."""
+
+    __slots__ = ("client_id", "subs", "conn", "inflight", "by_msg_id", "seq", "backlog",
+                 "detached_at", "acking")
+
+    def __init__(self, client_id: int | None):
+        self.client_id = client_id  # None: anonymous (a connection before HELLO)
+        self.subs: dict[str, bool] = {}  # topic or pattern -> at-least-once
+        self.conn: _Connection | None = None
+        self.inflight: dict[int, _Pending] = {}  # delivery sequence number -> pending event
+        self.by_msg_id: dict[int, collections.deque] = {}
+        self.seq = 0
+        self.backlog: collections.deque = collections.deque()  # (item, size, urgent, reliable, msg_id)
+        self.detached_at = 0.0
+
+
+def _is_pattern(topic: str) -> bool:
+    return "*" in topic or ">" in topic
+
+
+def _pattern_tokens(pattern: str) -> tuple[str, ...] | None:
+    """Tokens of a NATS-style pattern, or None when the text is used as an exact topic."""
+    tokens = tuple(pattern.split("."))
+    if not any(t in ("*", ">") for t in tokens):
+        return None
+    return tokens
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """Whether ``topic`` matches ``pattern`` (``*``: one token, final ``>``: one or more)."""
+    tokens = _pattern_tokens(pattern)
+    if tokens is None:
+        return pattern == topic
+    return _match(tokens, topic.split("."))
+
+
+def _match(pat: tuple[str, ...], topic: list[str]) -> bool:
+    for i, p in enumerate(pat):
+        if p == ">":
+            return len(topic) > i
+        if i >= len(topic):
+            return False
+        if p != "*" and p != topic[i]:
+            return False
+    return len(pat) == len(topic)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: parses frames into the broker, queues frames out."""
+
+    def __init__(self, broker: "Broker"):
+        self.broker = broker
+        self.transport: asyncio.Transport | None = None
+        self.parser = msip.FrameParser(max_payload=broker.max_payload)
+        self.session = _Session(None)
+        self.session.conn = self
+        self.authenticated = broker.tokens is None
+        self.closing = False
+        self.paused = False
+        self.dirty = False
+        self.urgent: collections.deque = collections.deque()  # (item, size)
+        self.queue: collections.deque = collections.deque()
+        self.qbytes = 0
+        self.dropped = 0
+        now = time.monotonic()
+        self.last_rx = now
+        self.pinged = False
+        self.rx_total = 0
+        self.consumed = 0
+        self.partial_since: float | None = None
+        self.peer = None
+
+    # -- asyncio.BufferedProtocol ------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        b = self.broker
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = transport.get_extra_info("peername")
+        transport.set_write_buffer_limits(high=b.write_buffer_high)
+        b._conns.add(self)
+        b.stats.connections_total += 1
+        if b._stopping:
+            self.fail("broker is shutting down")
+        elif len(b._conns) > b.max_connections:
+            self.fail(f"too many connections (limit {b.max_connections})")
+
+    def connection_lost(self, exc):
+        b = self.broker
+        b._conns.discard(self)
+        self.closing = True
+        self.urgent.clear()
+        self.queue.clear()
+        self.qbytes = 0
+        self.transport = None
+        b._detach(self)
+        if not b._conns and b._all_closed is not None:
+            b._all_closed.set()
+
+    def get_buffer(self, sizehint):
+        return self.parser.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes):
+        if self.closing:
+            return
+        now = time.monotonic()
+        self.last_rx = now
+        self.pinged = False
+        self.rx_total += nbytes
+        b = self.broker
+        consumed_before = self.consumed
+        try:
+            frames = self.parser.buffer_updated(nbytes)
+            for frame in frames:
+                self.consumed += _HDR + len(frame.payload)
+                if self.closing:
+                    break
+                b._dispatch(self, frame)
+            if frames and not self.closing:
+                # the parser raises an error found after complete frames on its next call
+                self.parser.feed(b"")
+        except ProtocolError as exc:
+            self.fail(f"malformed frame: {exc}")
+        if self.rx_total > self.consumed:
+            # a frame has started arriving: it must be complete within read_timeout
+            if self.consumed != consumed_before or self.partial_since is None:
+                self.partial_since = now
+        else:
+            self.partial_since = None
+        b._flush_dirty()
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        self.flush()
+
+    # -- output ------------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        """Queue a control frame (reply) ahead of the queued events."""
+        if self.closing:
+            return
+        self.urgent.append((data, len(data)))
+        self.qbytes += len(data)
+        self._mark()
+
+    def enqueue(self, item, size: int, urgent: bool) -> None:
+        """Queue one EVENT (``item`` is bytes or a (header, payload) tuple of ``size`` octets)."""
+        if self.closing:
+            return
+        (self.urgent if urgent else self.queue).append((item, size))
+        self.qbytes += size
+        b = self.broker
+        if self.paused and (len(self.urgent) + len(self.queue) > b.queue_limit
+                            or self.qbytes > b.queue_bytes):
+            self._overflow()
+        self._mark()
+
+    def _overflow(self):
+        b = self.broker
+        if b.overflow == OVERFLOW_DISCONNECT:
+            b.stats.slow_disconnects += 1
+            log.info("closing slow subscriber %s: outgoing queue full", self.peer)
+            self.urgent.clear()
+            self.queue.clear()
+            self.qbytes = 0
+            self.closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        while (len(self.urgent) + len(self.queue) > b.queue_limit or self.qbytes > b.queue_bytes):
+            q = self.queue if self.queue else self.urgent
+            if len(q) == 0:
+                break
+            _, size = q.popleft()
+            self.qbytes -= size
+            self.dropped += 1
+            b.stats.dropped_overflow += 1
+
+    def _mark(self):
+        if not self.dirty:
+            self.dirty = True
+            self.broker._dirty.append(self)
+            self.broker._schedule_flush()
+
+    def flush(self) -> None:
+        """Write queued frames (urgent first) in bursts while the transport accepts them."""
+        self.dirty = False
+        t = self.transport
+        if t is None:
+            return
+        urgent, queue = self.urgent, self.queue
+        while (urgent or queue) and not self.paused:
+            chunks = []
+            n = 0
+            while urgent and n < _BURST:
+                item, size = urgent.popleft()
+                n += size
+                if type(item) is tuple:
+                    chunks.extend(item)
+                else:
+                    chunks.append(item)
+            while queue and n < _BURST:
+                item, size = queue.popleft()
+                n += size
+                if type(item) is tuple:
+                    chunks.extend(item)
+                else:
+                    chunks.append(item)
+            self.qbytes -= n
+            if len(chunks) == 1:
+                t.write(chunks[0])
+            else:
+                t.writelines(chunks)
+
+    def fail(self, reason: str) -> None:
+        """Send an ERROR frame with ``reason`` (UTF-8) after what is queued, then close."""
+        if self.closing or self.transport is None:
+            return
+        self.broker.stats.errors += 1
+        log.debug("closing %s: %s", self.peer, reason)
+        data = reason.encode("utf-8", "replace")
+        self.send(msip.encode(_ERROR, _K_EVENT, data, 0, 0))
+        self.close()
+
+    def close(self) -> None:
+        """Flush what is queued (ignoring backpressure) and close the connection."""
+        if self.transport is None:
+            return
+        self.paused = False
+        self.flush()
+        self.closing = True
+        self.transport.close()
+
+
+class Broker:
+    """An embeddable MSIP broker.
+
+    Sizes are in octets, times in seconds. ``None`` disables a timeout.
+
+    Args:
+        max_payload: largest payload a frame may declare; larger -> ERROR and close.
+        max_topic_length: longest topic or pattern (UTF-8 octets).
+        max_subscriptions: subscriptions per session.
+        max_connections: connections open at once; more -> ERROR and close.
+        max_sessions: identified sessions kept while away; the longest-away are forgotten first.
+        idle_timeout: after this long without a frame from a client the broker sends it a PING,
+            and closes it (ERROR "idle timeout") after twice this long.
+        read_timeout: a frame that started arriving must be complete within this time.
+        queue_limit: outgoing frames queued per connection while its socket is not writable.
+        queue_bytes: outgoing octets queued per connection while its socket is not writable.
+        overflow: ``"drop_oldest"`` (drop the oldest queued event, counted) or ``"disconnect"``.
+        write_buffer_high: transport write-buffer high-water mark before queueing starts.
+        redelivery_timeout: an at-least-once event not acknowledged within this time is resent.
+        max_redeliveries: resends of one event before it is given up (counted); None: no limit.
+        max_inflight: unacknowledged events kept per session (oldest given up first, counted).
+        backlog_limit: events kept per session while it is away (oldest dropped first, counted).
+        session_ttl: how long a session is kept after its last connection closed.
+        tokens: accepted authentication tokens (bytes); None disables authentication.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_payload: int = 16 * 1024 * 1024,
+        max_topic_length: int = 1024,
+        max_subscriptions: int = 1024,
+        max_connections: int = 10_000,
+        max_sessions: int = 10_000,
+        idle_timeout: float | None = 120.0,
+        read_timeout: float | None = 30.0,
+        queue_limit: int = 10_000,
+        queue_bytes: int = 8 * 1024 * 1024,
+        overflow: str = OVERFLOW_DROP_OLDEST,
+        write_buffer_high: int = 1024 * 1024,
+        redelivery_timeout: float = 30.0,
+        max_redeliveries: int | None = 10,
+        max_inflight: int = 10_000,
+        backlog_limit: int = 10_000,
+        session_ttl: float = 3600.0,
+        tokens: Iterable[bytes] | None = None,
+    ):
+        if overflow not in (OVERFLOW_DROP_OLDEST, OVERFLOW_DISCONNECT):
+            raise ValueError(f"overflow must be {OVERFLOW_DROP_OLDEST!r} or {OVERFLOW_DISCONNECT!r}")
+        self.max_payload = max_payload
+        self.max_topic_length = max_topic_length
+        self.max_subscriptions = max_subscriptions
+        self.max_connections = max_connections
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.read_timeout = read_timeout
+        self.queue_limit = queue_limit
+        self.queue_bytes = queue_bytes
+        self.overflow = overflow
+        self.write_buffer_high = write_buffer_high
+        self.redelivery_timeout = redelivery_timeout
+        self.max_redeliveries = max_redeliveries
+        self.max_inflight = max_inflight
+        self.backlog_limit = backlog_limit
+        self.session_ttl = session_ttl
+        self.tokens = None if tokens is None else frozenset(bytes(t) for t in tokens)
+        self.stats = BrokerStats()
+        self._conns: set[_Connection] = set()
+        self._sessions: dict[int, _Session] = {}
+        self._next_id = 1
+        self._exact: dict[str, dict[_Session, bool]] = {}
+        self._patterns: dict[str, tuple[tuple[str, ...], dict[_Session, bool]]] = {}
+        self._routes: dict[str, tuple] = {}
+        self._dirty: list[_Connection] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._tick_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._all_closed: asyncio.Event | None = None
+        self.address: Address | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self, url: str | None = None, *, host: str | None = None,
+                    port: int | None = None, path: str | None = None) -> Address:
+        """Listen on ``url`` (``tcp://HOST:PORT``, port 0 = any free port, or
+        ``unix:///PATH``), or on ``host``/``port``, or on the Unix socket ``path``.
+        Returns the bound address (with the real port)."""
+        if url is not None:
+            addr = parse_url(url)
+        elif path is not None:
+            addr = Address("unix", path=path)
+        else:
+            addr = Address("tcp", host=host or "127.0.0.1", port=port or 0)
+        self._loop = loop = asyncio.get_running_loop()
+        self._stopping = False
+        if addr.scheme == "unix":
+            if os.path.exists(addr.path) and not os.path.isfile(addr.path):
+                os.unlink(addr.path)
+            self._server = await loop.create_unix_server(lambda: _Connection(self), addr.path)
+            self.address = addr
+        else:
+            self._server = await loop.create_server(
+                lambda: _Connection(self), addr.host, addr.port, reuse_address=True, backlog=1024)
+            sockname = self._server.sockets[0].getsockname()
+            self.address = Address("tcp", host=addr.host, port=sockname[1])
+        self._tick_task = loop.create_task(self._tick())
+        log.info("MSIP broker listening on %s", self.address)
+        return self.address
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, send CLOSE to every client, flush and close within ``grace`` seconds
+        (connections still open then are aborted). Sessions are forgotten."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            try:
+                await self._tick_task
+            except asyncio.CancelledError:
+                pass
+            self._tick_task = None
+        if self._conns:
+            self._all_closed = asyncio.Event()
+            close_frame = msip.encode(_CLOSE, _K_EVENT, b"", 0, 0)
+            for conn in list(self._conns):
+                conn.send(close_frame)
+                conn.close()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), grace)
+            except asyncio.TimeoutError:
+                for conn in list(self._conns):
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                await asyncio.sleep(0)
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), grace)
+            except asyncio.TimeoutError:
+                pass
+            self._server = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._sessions.clear()
+        self._exact.clear()
+        self._patterns.clear()
+        self._routes.clear()
+        self.stats.sessions = 0
+
+    async def __aenter__(self) -> "Broker":
+        if self._server is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # -- frames ----------------------------------------------------------------------------
+    def _dispatch(self, conn: _Connection, f) -> None:
+        ft = f.frame_type
+        if ft == _PUBLISH:
+            if not conn.authenticated:
+                conn.fail("authentication required: send HELLO with a token first")
+                return
+            self._publish(conn, f)
+        elif ft == _ACK:
+            self._ack(conn.session, f.msg_id)
+        elif ft == _PING:
+            conn.send(msip.encode_header(_PONG, _K_EVENT, 0, f.msg_id, 0))
+        elif ft == _SUBSCRIBE or ft == _UNSUBSCRIBE:
+            if not conn.authenticated:
+                conn.fail("authentication required: send HELLO with a token first")
+                return
+            self._subscribe_frame(conn, f, ft == _SUBSCRIBE)
+        elif ft == _HELLO:
+            self._hello(conn, f)
+        elif ft == _CLOSE:
+            conn.close()
+        elif ft == _PONG:
+            pass  # answer to our idle PING; last_rx is already updated
+        elif ft == _ERROR:
+            conn.close()
+        else:
+            conn.fail(f"{_UNSUPPORTED}: frame type {int(ft)} is sent by the broker, not to it")
+
+    def _hello(self, conn: _Connection, f) -> None:
+        payload = f.payload
+        client_id = None
+        token = None
+        if len(payload) >= 8:
+            client_id, token = msip.decode_hello_payload(payload)
+        if self.tokens is not None:
+            if token is None or bytes(token) not in self.tokens:
+                conn.fail("authentication failed: missing or unknown token")
+                return
+            conn.authenticated = True
+        session = self._bind(conn, client_id or None)
+        if session is None:
+            return
+        conn.send(msip.encode(_ACK, _K_STATE, _U64.pack(session.client_id), f.msg_id, 0))
+        self._resume_delivery(session)
+
+    def _bind(self, conn: _Connection, client_id: int | None) -> _Session | None:
+        current = conn.session
+        if client_id is None:
+            if current.client_id is not None:
+                return current  # a second HELLO without id keeps the session
+            client_id = self._new_id()
+        session = self._sessions.get(client_id)
+        if session is current:
+            return session
+        if session is None:
+            if current.client_id is None:
+                session = current  # the anonymous session becomes the named one
+                session.client_id = client_id
+                self._sessions[client_id] = session
+                self.stats.sessions = len(self._sessions)
+                self._evict_sessions()
+                return session
+            session = _Session(client_id)
+            self._sessions[client_id] = session
+            self.stats.sessions = len(self._sessions)
+            self._evict_sessions()
+        old = session.conn
+        if old is not None and old is not conn:
+            # takeover: the newest connection owns the session
+            self.stats.takeovers += 1
+            old.session = _Session(None)
+            old.fail(f"session {client_id} taken over by a newer connection")
+        # move what this connection did before (anonymous subscriptions) into the session
+        if current.client_id is None:
+            for topic, reliable in list(current.subs.items()):
+                self._unsubscribe(current, topic)
+                if topic not in session.subs or reliable:
+                    self._subscribe(session, topic, reliable)
+        else:
+            current.conn = None
+            current.detached_at = time.monotonic()
+        session.conn = conn
+        conn.session = session
+        return session
+
+    def _new_id(self) -> int:
+        while self._next_id in self._sessions:
+            self._next_id += 1
+        cid = self._next_id
+        self._next_id += 1
+        return cid
+
+    def _evict_sessions(self) -> None:
+        if len(self._sessions) <= self.max_sessions:
+            return
+        away = sorted((s.detached_at, cid) for cid, s in self._sessions.items() if s.conn is None)
+        for _, cid in away[: len(self._sessions) - self.max_sessions]:
+            self._forget(self._sessions[cid])
+
+    def _forget(self, session: _Session) -> None:
+        for topic in list(session.subs):
+            self._unsubscribe(session, topic)
+        if session.client_id is not None:
+            self._sessions.pop(session.client_id, None)
+        session.backlog.clear()
+        session.inflight.clear()
+        session.by_msg_id.clear()
+        self.stats.sessions = len(self._sessions)
+
+    def _detach(self, conn: _Connection) -> None:
+        session = conn.session
+        if session.conn is not conn:
+            return
+        session.conn = None
+        if session.client_id is None:
+            self._forget(session)
+        else:
+            session.detached_at = time.monotonic()
+
+    def _subscribe_frame(self, conn: _Connection, f, subscribe: bool) -> None:
+        raw = f.payload
+        if len(raw) > self.max_topic_length:
+            conn.fail(f"topic too long: {len(raw)} octets (limit {self.max_topic_length})")
+            return
+        try:
+            topic = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            conn.fail(f"{_UNSUPPORTED}: topic is not UTF-8")
+            return
+        session = conn.session
+        if subscribe:
+            tokens = topic.split(".")
+            if _is_pattern(topic) and (">" in tokens[:-1] or any(
+                    ("*" in t or ">" in t) and t not in ("*", ">") for t in tokens)):
+                conn.fail(f"invalid topic pattern {topic!r}: '*' and '>' must be whole tokens, "
+                          "'>' only last")
+                return
+            if topic not in session.subs and len(session.subs) >= self.max_subscriptions:
+                conn.fail(f"too many subscriptions (limit {self.max_subscriptions} a session)")
+                return
+            self._subscribe(session, topic, bool(f.flags & _F_ACK_REQUIRED))
+        else:
+            self._unsubscribe(session, topic)
+        if f.flags & _F_ACK_REQUIRED:
+            conn.send(msip.encode_header(_ACK, _K_STATE, 0, f.msg_id, 0))
+
+    def _subscribe(self, session: _Session, topic: str, reliable: bool) -> None:
+        session.subs[topic] = reliable
+        tokens = _pattern_tokens(topic)
+        if tokens is None:
+            self._exact.setdefault(topic, {})[session] = reliable
+        else:
+            self._patterns.setdefault(topic, (tokens, {}))[1][session] = reliable
+        self._routes.clear()
+
+    def _unsubscribe(self, session: _Session, topic: str) -> None:
+        if session.subs.pop(topic, None) is None:
+            return
+        table = self._exact.get(topic)
+        if table is not None:
+            table.pop(session, None)
+            if not table:
+                del self._exact[topic]
+        entry = self._patterns.get(topic)
+        if entry is not None:
+            entry[1].pop(session, None)
+            if not entry[1]:
+                del self._patterns[topic]
+        self._routes.clear()
+
+    def _route(self, topic: str) -> tuple:
+        """Sessions subscribed to ``topic`` (exact or by pattern): ((session, reliable), ...)."""
+        route = self._routes.get(topic)
+        if route is not None:
+            return route
+        found: dict[_Session, bool] = dict(self._exact.get(topic, ()))
+        if self._patterns:
+            parts = topic.split(".")
+            for tokens, table in self._patterns.values():
+                if _match(tokens, parts):
+                    for s, reliable in table.items():
+                        found[s] = found.get(s, False) or reliable
+        route = tuple(found.items())
+        if len(self._routes) > 65536:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _publish(self, conn: _Connection, f) -> None:
+        payload = bytes(f.payload)
+        if len(payload) < 2:
+            conn.fail(f"{_UNSUPPORTED}: PUBLISH payload shorter than its topic length")
+            return
+        tlen = (payload[0] << 8) | payload[1]
+        if len(payload) < 2 + tlen:
+            conn.fail(f"{_UNSUPPORTED}: PUBLISH topic length runs past the payload")
+            return
+        if tlen > self.max_topic_length:
+            conn.fail(f"topic too long: {tlen} octets (limit {self.max_topic_length})")
+            return
+        try:
+            topic = payload[2:2 + tlen].decode("utf-8")
+        except UnicodeDecodeError:
+            conn.fail(f"{_UNSUPPORTED}: topic is not UTF-8")
+            return
+        self.stats.published += 1
+        msg_id = f.msg_id
+        route = self._route(topic)
+        if route:
+            flags = 0
+            if f.flags & _F_COMPRESSED and payload[2 + tlen:6 + tlen] == ZSTD_MAGIC:
+                flags = _F_COMPRESSED
+            header = msip.encode_header(_EVENT, _K_EVENT, len(payload), msg_id, flags)
+            size = _HDR + len(payload)
+            item = header + payload if len(payload) <= _INLINE_MAX else (header, payload)
+            urgent = bool(f.flags & _F_URGENT)
+            for session, reliable in route:
+                self._deliver(session, item, size, urgent, reliable, msg_id)
+        conn.send(msip.encode_header(_ACK, _K_STATE, 0, msg_id, 0))
+
+    def _deliver(self, session: _Session, item, size, urgent, reliable, msg_id) -> None:
+        c = session.conn
+        if c is not None:
+            if reliable:
+                self._track(session, msg_id, item, size, urgent)
+            self.stats.delivered += 1
+            c.enqueue(item, size, urgent)
+        elif session.client_id is not None:
+            backlog = session.backlog
+            backlog.append((item, size, urgent, reliable, msg_id))
+            if len(backlog) > self.backlog_limit:
+                backlog.popleft()
+                self.stats.dropped_backlog += 1
+
+    def _track(self, session: _Session, msg_id, item, size, urgent) -> None:
+        seq = session.seq = session.seq + 1
+        session.inflight[seq] = _Pending(msg_id, item, size, urgent,
+                                         time.monotonic() + self.redelivery_timeout)
+        session.by_msg_id.setdefault(msg_id, collections.deque()).append(seq)
+        if len(session.inflight) > self.max_inflight:
+            old_seq = next(iter(session.inflight))
+            self._untrack(session, old_seq)
+            self.stats.dropped_inflight += 1
+
+    def _untrack(self, session: _Session, seq: int) -> None:
+        p = session.inflight.pop(seq)
+        seqs = session.by_msg_id.get(p.msg_id)
+        if seqs is not None:
+            try:
+                seqs.remove(seq)
+            except ValueError:
+                pass
+            if not seqs:
+                del session.by_msg_id[p.msg_id]
+
+    def _ack(self, session: _Session, msg_id: int) -> None:
+        seqs = session.by_msg_id.get(msg_id)
+        if not seqs:
+            return  # unknown or already acknowledged: ignored
+        seq = seqs.popleft()
+        if not seqs:
+            del session.by_msg_id[msg_id]
+        session.inflight.pop(seq, None)
+        self.stats.acked += 1
+
+    def _resume_delivery(self, session: _Session) -> None:
+        """After HELLO: resend unacknowledged events, then what arrived while away."""
+        conn = session.conn
+        if conn is None:
+            return
+        now = time.monotonic()
+        for p in session.inflight.values():
+            p.deadline = now + self.redelivery_timeout
+            self.stats.redelivered += 1
+            self.stats.delivered += 1
+            conn.enqueue(p.item, p.size, p.urgent)
+        backlog = session.backlog
+        while backlog:
+            item, size, urgent, reliable, msg_id = backlog.popleft()
+            self._deliver(session, item, size, urgent, reliable, msg_id)
+
+    # -- output scheduling -----------------------------------------------------------------
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = []
+        for conn in dirty:
+            conn.flush()
+
+    # -- timers ---------------------------------------------------------------------------
+    def _tick_interval(self) -> float:
+        candidates = [1.0, self.redelivery_timeout / 4]
+        if self.idle_timeout:
+            candidates.append(self.idle_timeout / 4)
+        if self.read_timeout:
+            candidates.append(self.read_timeout / 4)
+        return max(0.02, min(candidates))
+
+    async def _tick(self) -> None:
+        interval = self._tick_interval()
+        ping_id = 0
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self._conns):
+                if conn.closing:
+                    continue
+                if (self.read_timeout and conn.partial_since is not None
+                        and now - conn.partial_since > self.read_timeout):
+                    conn.fail(f"read timeout: frame incomplete after {self.read_timeout} s")
+                    continue
+                if self.idle_timeout:
+                    silent = now - conn.last_rx
+                    if silent > 2 * self.idle_timeout:
+                        conn.fail(f"idle timeout: nothing received for {silent:.1f} s")
+                        continue
+                    if silent > self.idle_timeout and not conn.pinged:
+                        conn.pinged = True
+                        ping_id += 1
+                        conn.send(msip.encode_header(_PING, _K_EVENT, 0, ping_id, 0))
+            self._redeliver(now)
+            expired = [s for s in self._sessions.values()
+                       if s.conn is None and now - s.detached_at > self.session_ttl]
+            for s in expired:
+                self._forget(s)
+            self._flush_dirty()
+
+    def _redeliver(self, now: float) -> None:
+        for session in self._sessions.values():
+            conn = session.conn
+            if conn is None or not session.inflight:
+                continue
+            give_up = []
+            for seq, p in session.inflight.items():
+                if p.deadline > now:
+                    continue
+                if self.max_redeliveries is not None and p.attempts > self.max_redeliveries:
+                    give_up.append(seq)
+                    continue
+                p.attempts += 1
+                p.deadline = now + self.redelivery_timeout
+                self.stats.redelivered += 1
+                self.stats.delivered += 1
+                conn.enqueue(p.item, p.size, p.urgent)
+            for seq in give_up:
+                self._untrack(session, seq)
+                self.stats.dropped_inflight += 1
+
+    # -- introspection --------------------------------------------------------------------
+    def session_info(self, client_id: int) -> dict | None:
+        """Subscriptions, unacknowledged and backlog counts of a session (None if unknown)."""
+        s = self._sessions.get(client_id)
+        if s is None:
+            return None
+        return {"client_id": client_id, "connected": s.conn is not None,
+                "subscriptions": dict(s.subs), "inflight": len(s.inflight),
+                "backlog": len(s.backlog)}
+
+    def connection_stats(self) -> list[dict]:
+        """Per-connection queue state: peer, client id, queued frames and octets, dropped."""
+        return [{"peer": c.peer, "client_id": c.session.client_id,
+                 "queued": len(c.urgent) + len(c.queue), "queued_bytes": c.qbytes,
+                 "dropped": c.dropped, "paused": c.paused} for c in self._conns]
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port listened on (after :meth:`start`)."""
+        return None if self.address is None else self.address.port
+
+
+def serve(url: str = "tcp://127.0.0.1:7000", **options) -> None:
+    """Run a broker on ``url`` until interrupted (uses uvloop when it is installed)."""
+    async def main():
+        broker = Broker(**options)
+        await broker.start(url)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await broker.stop()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
