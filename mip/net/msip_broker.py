@@ -538,13 +538,14 @@ class Broker:
                 conn.fail("authentication failed: missing or unknown token")
                 return
             conn.authenticated = True
+        previous = self._sessions.get(client_id) if client_id else None
+        moved = previous is not None and previous.conn is not conn
         session = self._bind(conn, client_id or None)
-        if session is None:
-            return
         conn.send(msip.encode(_ACK, _K_STATE, _U64.pack(session.client_id), f.msg_id, 0))
-        self._resume_delivery(session)
+        if moved:  # the session comes back on a new connection
+            self._resume_delivery(session)
 
-    def _bind(self, conn: _Connection, client_id: int | None) -> _Session | None:
+    def _bind(self, conn: _Connection, client_id: int | None) -> _Session:
         current = conn.session
         if client_id is None:
             if current.client_id is not None:

@@ -1,0 +1,180 @@
+"""Sessions, patterns and at-least-once delivery, shown by killing and resuming clients."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+try:
+    from . import test_msip_support as w
+except ImportError:
+    import test_msip_support as w
+
+
+def _pub(c, topic, data, msg_id, flags=0):
+    c.send(w.PUBLISH, w.publish_payload(topic, data), msg_id, flags)
+    h, _ = c.recv_until(w.ACK)
+    assert h["msg_id"] == msg_id
+
+
+def _event_data(got):
+    h, p = got
+    assert h["type"] == w.EVENT, got
+    n = struct.unpack_from(">H", p)[0]
+    return p[2:2 + n].decode(), p[2 + n:]
+
+
+@pytest.fixture
+def broker():
+    b = w.BrokerThread(idle_timeout=None, redelivery_timeout=0.3, backlog_limit=5)
+    yield b
+    b.stop()
+
+
+def test_subscribe_before_hello_is_delivered(broker):
+    sub = w.RefClient(broker.port)
+    sub.subscribe("early")  # before HELLO: an anonymous session
+    pub = w.RefClient(broker.port)
+    _pub(pub, "early", b"1", 10)
+    assert _event_data(sub.recv()) == ("early", b"1")
+    sub.hello()  # HELLO keeps the subscription
+    _pub(pub, "early", b"2", 11)
+    assert _event_data(sub.recv()) == ("early", b"2")
+
+
+def test_resume_restores_subscriptions_and_delivers_missed(broker):
+    sub = w.RefClient(broker.port)
+    cid = sub.hello()
+    sub.subscribe("a.b")
+    sub.close()
+    pub = w.RefClient(broker.port)
+    assert w.wait_for(lambda: broker.call(lambda: not broker.broker.session_info(cid)["connected"]))
+    for i in range(3):
+        _pub(pub, "a.b", b"m%d" % i, 100 + i)
+    sub2 = w.RefClient(broker.port)
+    assert sub2.hello(cid) == cid
+    got = [_event_data(sub2.recv()) for _ in range(3)]
+    assert got == [("a.b", b"m0"), ("a.b", b"m1"), ("a.b", b"m2")]
+    _pub(pub, "a.b", b"live", 200)  # subscriptions restored without SUBSCRIBE
+    assert _event_data(sub2.recv()) == ("a.b", b"live")
+
+
+def test_backlog_bounded_oldest_dropped_and_counted(broker):
+    sub = w.RefClient(broker.port)
+    cid = sub.hello()
+    sub.subscribe("t")
+    sub.close()
+    assert w.wait_for(lambda: broker.call(lambda: not broker.broker.session_info(cid)["connected"]))
+    pub = w.RefClient(broker.port)
+    for i in range(8):
+        _pub(pub, "t", b"%d" % i, i + 1)
+    assert broker.call(lambda: broker.broker.stats.dropped_backlog) == 3
+    sub2 = w.RefClient(broker.port)
+    sub2.hello(cid)
+    assert [_event_data(sub2.recv())[1] for _ in range(5)] == [b"3", b"4", b"5", b"6", b"7"]
+
+
+def test_redelivery_after_subscriber_dies_without_ack(broker):
+    sub = w.RefClient(broker.port)
+    cid = sub.hello()
+    sub.subscribe("jobs", flags=w.ACK_REQUIRED)  # at-least-once subscription
+    pub = w.RefClient(broker.port)
+    _pub(pub, "jobs", b"job-1", 41)
+    _pub(pub, "jobs", b"job-2", 42)
+    h, _ = sub.recv()
+    assert h["msg_id"] == 41
+    sub.send(w.ACK, b"", 41)  # acknowledge the first only
+    sub.recv()  # got job-2 but dies before acknowledging it
+    sub.close()
+    sub2 = w.RefClient(broker.port)
+    sub2.hello(cid)
+    h, p = sub2.recv()
+    assert h["msg_id"] == 42 and _event_data((h, p)) == ("jobs", b"job-2")
+    sub2.send(w.ACK, b"", 42)
+    assert w.wait_for(lambda: broker.call(lambda: broker.broker.session_info(cid)["inflight"]) == 0)
+
+
+def test_redelivery_after_timeout(broker):
+    sub = w.RefClient(broker.port)
+    sub.hello()
+    sub.subscribe("r", flags=w.ACK_REQUIRED)
+    pub = w.RefClient(broker.port)
+    _pub(pub, "r", b"x", 7)
+    first = sub.recv()
+    again = sub.recv(timeout=3.0)  # not acknowledged: sent again after 0.3 s
+    assert again[0]["msg_id"] == first[0]["msg_id"] == 7 and again[1] == first[1]
+    sub.send(w.ACK, b"", 7)
+    stats = broker.broker.stats
+    assert w.wait_for(lambda: stats.acked == 1)
+    redelivered = stats.redelivered
+    _pub(pub, "r", b"y", 8)
+    sub.recv()
+    sub.send(w.ACK, b"", 8)
+    assert w.wait_for(lambda: stats.acked == 2)
+    import time
+    time.sleep(0.8)
+    assert stats.redelivered == redelivered  # acknowledged events are not resent
+
+
+def test_plain_subscription_is_not_redelivered(broker):
+    sub = w.RefClient(broker.port)
+    sub.subscribe("p", flags=0)  # no ACK_REQUIRED: no reply, at-most-once
+    sub.send(w.PING, b"", 3)
+    assert sub.recv()[0]["type"] == w.PONG
+    pub = w.RefClient(broker.port)
+    _pub(pub, "p", b"once", 1)
+    assert _event_data(sub.recv()) == ("p", b"once")
+    with pytest.raises(TimeoutError):
+        sub.recv(timeout=0.8)
+
+
+def test_session_takeover(broker):
+    old = w.RefClient(broker.port)
+    cid = old.hello()
+    old.subscribe("x")
+    new = w.RefClient(broker.port)
+    assert new.hello(cid, msg_id=99) == cid
+    frames = old.expect_eof()
+    assert frames[-1][0]["type"] == w.ERROR and b"taken over" in frames[-1][1]
+    pub = w.RefClient(broker.port)
+    _pub(pub, "x", b"to-new", 5)
+    assert _event_data(new.recv()) == ("x", b"to-new")
+    new.send(w.PING, b"", 6)  # replies go to the newest connection only
+    assert new.recv()[0]["type"] == w.PONG
+    assert broker.call(lambda: broker.broker.stats.takeovers) == 1
+
+
+def test_patterns(broker):
+    star = w.RefClient(broker.port)
+    star.subscribe("sensors.*")
+    tail = w.RefClient(broker.port)
+    tail.subscribe("sensors.>")
+    exact = w.RefClient(broker.port)
+    exact.subscribe("sensors.a.b")
+    pub = w.RefClient(broker.port)
+    _pub(pub, "sensors.a", b"1", 1)
+    _pub(pub, "sensors.a.b", b"2", 2)
+    _pub(pub, "sensors", b"3", 3)
+    _pub(pub, "other.a", b"4", 4)
+    assert _event_data(star.recv()) == ("sensors.a", b"1")
+    assert [_event_data(tail.recv()) for _ in range(2)] == [("sensors.a", b"1"), ("sensors.a.b", b"2")]
+    assert _event_data(exact.recv()) == ("sensors.a.b", b"2")
+    for c in (star, tail, exact):
+        with pytest.raises(TimeoutError):
+            c.recv(timeout=0.2)
+    bad = w.RefClient(broker.port)
+    bad.send(w.SUBSCRIBE, b"a.>.b", 1, w.ACK_REQUIRED)
+    frames = bad.expect_eof()
+    assert frames[-1][0]["type"] == w.ERROR and b"pattern" in frames[-1][1]
+
+
+def test_unsubscribe_stops_delivery(broker):
+    sub = w.RefClient(broker.port)
+    sub.subscribe("u")
+    sub.send(w.UNSUBSCRIBE, b"u", 3, w.ACK_REQUIRED)
+    assert sub.recv()[0]["type"] == w.ACK
+    pub = w.RefClient(broker.port)
+    _pub(pub, "u", b"gone", 1)
+    with pytest.raises(TimeoutError):
+        sub.recv(timeout=0.3)
