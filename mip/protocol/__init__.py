@@ -1,0 +1,78 @@
+"""The sans-I/O codec core: MIP and MSIP frames, bytes in, messages out.
+
+No sockets, no event loop: transports feed octets to the parsers and send
+what the encoders return.
+"""
+
+import sys as _sys
+
+if _sys.byteorder != "little":  # tensor data on the wire is little-endian, decoded as views
+    raise ImportError("mip's codec needs a little-endian host")
+
+from mip.protocol._mip import (  # noqa: E402
+    DATATYPE_NAMES,
+    DATATYPES,
+    DEFAULT_COPY_THRESHOLD,
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    IMAGE,
+    JSON,
+    KIND_ERROR,
+    KIND_INFERENCE,
+    KIND_PING,
+    KIND_ROUTED,
+    REQUEST,
+    RESPONSE,
+    TENSOR,
+    TEXT,
+    FrameParser,
+    Image,
+    Json,
+    Message,
+    Text,
+    Value,
+    datatype_of,
+    decode,
+    encode_error,
+    encode_ping,
+    encode_pong,
+    encode_request,
+    encode_request_buffers,
+    encode_response,
+    encode_response_buffers,
+)
+from mip.protocol import msip  # noqa: E402
+
+__all__ = [
+    "DATATYPE_NAMES",
+    "DATATYPES",
+    "DEFAULT_COPY_THRESHOLD",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HEADER_SIZE",
+    "IMAGE",
+    "JSON",
+    "KIND_ERROR",
+    "KIND_INFERENCE",
+    "KIND_PING",
+    "KIND_ROUTED",
+    "REQUEST",
+    "RESPONSE",
+    "TENSOR",
+    "TEXT",
+    "FrameParser",
+    "Image",
+    "Json",
+    "Message",
+    "Text",
+    "Value",
+    "datatype_of",
+    "decode",
+    "encode_error",
+    "encode_ping",
+    "encode_pong",
+    "encode_request",
+    "encode_request_buffers",
+    "encode_response",
+    "encode_response_buffers",
+    "msip",
+]

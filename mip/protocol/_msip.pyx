@@ -1,0 +1,298 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""MSIP codec: 24-octet-header frames of the Micro-Service Interface Protocol."""
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memcpy
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from mip.protocol.wire cimport *
+from mip.protocol._stream cimport Chunk, StreamParser, raise_wire_error
+
+HEADER_SIZE = MSIP_HEADER_SIZE
+MAGIC = b"MSIP"
+VERSION = MSIP_VERSION
+#: Default bound of one frame's payload for streaming parsers, in octets.
+DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
+
+cdef bytes _EMPTY = b""
+cdef object _EMPTY_VIEW = memoryview(b"")
+cdef Py_ssize_t MAX_U32 = 0xFFFFFFFF
+
+
+cdef class Frame:
+    """One decoded MSIP frame.
+
+    ``frame_type``, ``msg_kind``, ``flags`` and ``msg_id`` are ints (compare
+    them with ``FrameType``, ``MsgKind`` and ``Flags``); ``payload`` is a
+    read-only memoryview of the received octets, made on first access.
+    """
+
+    cdef readonly int frame_type
+    cdef readonly int msg_kind
+    cdef readonly int flags
+    cdef readonly uint64_t msg_id
+    cdef readonly Py_ssize_t payload_len
+    cdef object _owner
+    cdef Py_ssize_t _offset
+    cdef object _payload
+
+    def __init__(self, int frame_type, int msg_kind, payload=b"", uint64_t msg_id=0, int flags=0):
+        self.frame_type = frame_type
+        self.msg_kind = msg_kind
+        self.flags = flags
+        self.msg_id = msg_id
+        self._payload = memoryview(payload).toreadonly().cast("B")
+        self.payload_len = len(self._payload)
+        self._owner = None
+
+    @property
+    def payload(self):
+        if self._payload is None:
+            if self.payload_len == 0:
+                self._payload = _EMPTY_VIEW
+            else:
+                self._payload = memoryview(self._owner).toreadonly()[
+                    self._offset:self._offset + self.payload_len]
+        return self._payload
+
+    def encode(self):
+        """The frame's octets."""
+        return encode(self.frame_type, self.msg_kind, self.payload, self.msg_id, self.flags)
+
+    def __eq__(self, other):
+        if not isinstance(other, Frame):
+            return NotImplemented
+        cdef Frame o = <Frame>other
+        return (self.frame_type == o.frame_type and self.msg_kind == o.msg_kind
+                and self.flags == o.flags and self.msg_id == o.msg_id
+                and self.payload == o.payload)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return (f"Frame(frame_type={self.frame_type}, msg_kind={self.msg_kind}, "
+                f"flags={self.flags}, msg_id={self.msg_id}, payload=<{self.payload_len} octets>)")
+
+
+cdef str _header_problem(int rc, const unsigned char *p, msip_header *h, uint64_t limit):
+    if rc == MIP_E_MAGIC:
+        return f"MSIP magic is {bytes(p[:4])!r}, expected b'MSIP'"
+    if rc == MIP_E_VERSION:
+        return f"unsupported MSIP version {h.version}"
+    if rc == MIP_E_FRAME_TYPE:
+        return f"unknown MSIP frame type {h.frame_type}"
+    if rc == MIP_E_MSG_KIND:
+        return f"unknown MSIP msg_kind {h.msg_kind}"
+    if rc == MIP_E_TOO_LARGE:
+        return f"payload of {h.payload_len} octets exceeds max_payload={limit}"
+    return "bad MSIP header"
+
+
+cdef inline Frame _new_frame(msip_header *h, object owner, Py_ssize_t offset):
+    cdef Frame f = Frame.__new__(Frame)
+    f.frame_type = h.frame_type
+    f.msg_kind = h.msg_kind
+    f.flags = h.flags
+    f.msg_id = h.msg_id
+    f.payload_len = h.payload_len
+    f._owner = owner
+    f._offset = offset
+    f._payload = None
+    return f
+
+
+def encode(int frame_type, int msg_kind, payload=_EMPTY, uint64_t msg_id=0, int flags=0):
+    """Encode one frame: 24-octet header + `payload` (any bytes-like), as ``bytes``."""
+    cdef Py_buffer view
+    cdef const unsigned char *src
+    cdef Py_ssize_t n
+    cdef bint release = False
+    if not (0 <= frame_type <= 0xFFFF and 0 <= msg_kind <= 0xFFFF and 0 <= flags <= 0xFF):
+        raise ValueError("frame_type and msg_kind are u16, flags is u8")
+    if PyBytes_CheckExact(payload):
+        src = <const unsigned char *>PyBytes_AS_STRING(payload)
+        n = PyBytes_GET_SIZE(payload)
+    else:
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        src = <const unsigned char *>view.buf
+        n = view.len
+        release = True
+    try:
+        if n > MAX_U32:
+            raise ValueError(f"payload of {n} octets exceeds the 4 GiB - 1 limit of MSIP")
+        res = PyBytes_FromStringAndSize(NULL, MSIP_HEADER_SIZE + n)
+        msip_write_header(<unsigned char *>PyBytes_AS_STRING(res), <uint8_t>flags,
+                          <uint16_t>frame_type, <uint16_t>msg_kind, <uint32_t>n, msg_id)
+        if n:
+            memcpy(<unsigned char *>PyBytes_AS_STRING(res) + MSIP_HEADER_SIZE, src, n)
+    finally:
+        if release:
+            PyBuffer_Release(&view)
+    return res
+
+
+def encode_header(int frame_type, int msg_kind, Py_ssize_t payload_len, uint64_t msg_id=0,
+                  int flags=0):
+    """Encode only the 24-octet header, for sending the payload from its own memory."""
+    if not (0 <= frame_type <= 0xFFFF and 0 <= msg_kind <= 0xFFFF and 0 <= flags <= 0xFF):
+        raise ValueError("frame_type and msg_kind are u16, flags is u8")
+    if not 0 <= payload_len <= MAX_U32:
+        raise ValueError("payload_len must be in 0..2**32-1")
+    res = PyBytes_FromStringAndSize(NULL, MSIP_HEADER_SIZE)
+    msip_write_header(<unsigned char *>PyBytes_AS_STRING(res), <uint8_t>flags,
+                      <uint16_t>frame_type, <uint16_t>msg_kind, <uint32_t>payload_len, msg_id)
+    return res
+
+
+def decode(buffer, max_payload=None):
+    """Decode exactly one frame from any bytes-like object.
+
+    Raises ``BadMagic``, ``UnsupportedVersion``, ``UnknownFrameType``,
+    ``UnknownMessageKind``, ``FrameTooLarge`` (payload over `max_payload`
+    octets), ``TruncatedFrame`` or ``InconsistentCounts`` (trailing octets).
+    """
+    cdef Py_buffer view
+    cdef const unsigned char *p
+    cdef Py_ssize_t n
+    cdef msip_header h
+    cdef size_t err_off = 0
+    cdef uint64_t limit = <uint64_t>-1 if max_payload is None else <uint64_t>max_payload
+    cdef int rc
+    if PyBytes_CheckExact(buffer):
+        p = <const unsigned char *>PyBytes_AS_STRING(buffer)
+        n = PyBytes_GET_SIZE(buffer)
+    else:
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+        p = <const unsigned char *>view.buf
+        n = view.len
+        PyBuffer_Release(&view)
+    rc = msip_parse_header(p, n, limit, &h, &err_off)
+    if rc == MIP_NEED_MORE:
+        raise_wire_error(MIP_E_TRUNCATED, 0, f"{n} octets cannot hold the 24-octet MSIP header")
+    if rc != MIP_OK:
+        raise_wire_error(rc, err_off, _header_problem(rc, p, &h, limit))
+    if <uint64_t>h.payload_len + MSIP_HEADER_SIZE > <uint64_t>n:
+        raise_wire_error(MIP_E_TRUNCATED, 12, f"header declares {h.payload_len} payload octets, "
+                                              f"{n - MSIP_HEADER_SIZE} present")
+    if <uint64_t>h.payload_len + MSIP_HEADER_SIZE < <uint64_t>n:
+        raise_wire_error(MIP_E_COUNTS, MSIP_HEADER_SIZE + h.payload_len,
+                         f"{n - MSIP_HEADER_SIZE - h.payload_len} octets follow the frame")
+    return _new_frame(&h, buffer, MSIP_HEADER_SIZE)
+
+
+def decode_header(buffer, max_payload=None):
+    """Validate a 24-octet header: return (frame_type, msg_kind, flags, msg_id, payload_len)."""
+    cdef Py_buffer view
+    cdef msip_header h
+    cdef size_t err_off = 0
+    cdef uint64_t limit = <uint64_t>-1 if max_payload is None else <uint64_t>max_payload
+    cdef int rc
+    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+    try:
+        rc = msip_parse_header(<const unsigned char *>view.buf, view.len, limit, &h, &err_off)
+        if rc == MIP_NEED_MORE:
+            raise_wire_error(MIP_E_TRUNCATED, 0, f"{view.len} octets cannot hold the 24-octet MSIP header")
+        if rc != MIP_OK:
+            raise_wire_error(rc, err_off, _header_problem(rc, <const unsigned char *>view.buf, &h, limit))
+    finally:
+        PyBuffer_Release(&view)
+    return (h.frame_type, h.msg_kind, h.flags, h.msg_id, h.payload_len)
+
+
+cdef class FrameParser(StreamParser):
+    """Streaming MSIP parser: octets in, complete ``Frame`` objects out.
+
+    Same shape as ``mip.FrameParser``: ``feed(data)``, or ``get_buffer()`` /
+    ``buffer_updated(n)`` for ``asyncio.BufferedProtocol``.  A header
+    declaring more than `max_payload` octets raises ``FrameTooLarge`` before
+    anything is reserved for it; after an error the parser stays broken.
+    """
+
+    cdef uint64_t max_payload
+
+    def __init__(self, Py_ssize_t max_payload=DEFAULT_MAX_PAYLOAD, Py_ssize_t chunk_size=65536):
+        if max_payload < 0:
+            raise ValueError("max_payload must be >= 0")
+        if chunk_size < 256:
+            raise ValueError("chunk_size must be at least 256 octets")
+        self.max_payload = max_payload
+        self.chunk_size = chunk_size
+        self.min_free = min(4096, chunk_size // 4)
+
+    @property
+    def max_payload_size(self):
+        return self.max_payload
+
+    cdef Py_ssize_t frame_length(self, const unsigned char *p, Py_ssize_t avail) except -2:
+        cdef msip_header h
+        cdef size_t err_off = 0
+        cdef int rc = msip_parse_header(p, avail, self.max_payload, &h, &err_off)
+        if rc == MIP_NEED_MORE:
+            return -1
+        if rc != MIP_OK:
+            raise_wire_error(rc, err_off, _header_problem(rc, p, &h, self.max_payload))
+        return <Py_ssize_t>h.payload_len + MSIP_HEADER_SIZE
+
+    cdef object decode_frame(self, Chunk chunk, Py_ssize_t offset, Py_ssize_t length):
+        cdef msip_header h
+        cdef size_t err_off = 0
+        msip_parse_header(chunk.mem + offset, length, self.max_payload, &h, &err_off)
+        return _new_frame(&h, chunk, offset + MSIP_HEADER_SIZE)
+
+
+# ---- payload helpers -------------------------------------------------------
+def encode_publish_payload(str topic, data=b""):
+    """A PUBLISH payload: u16 topic length, the topic in UTF-8, then `data`."""
+    t = topic.encode("utf-8")
+    if len(t) > 0xFFFF:
+        raise ValueError("a topic is at most 65535 UTF-8 octets")
+    return len(t).to_bytes(2, "big") + t + bytes(data)
+
+
+def decode_publish_payload(payload):
+    """Split a PUBLISH/EVENT payload into (topic, data memoryview).
+
+    Raises ``TruncatedFrame`` when the topic runs past the payload and
+    ``InvalidValue`` when it is not UTF-8.
+    """
+    cdef Py_buffer view
+    cdef Py_ssize_t tlen
+    mv = memoryview(payload).toreadonly().cast("B")
+    if len(mv) < 2:
+        raise_wire_error(MIP_E_TRUNCATED, MSIP_HEADER_SIZE, "PUBLISH payload has no topic length")
+    tlen = (mv[0] << 8) | mv[1]
+    if tlen > len(mv) - 2:
+        raise_wire_error(MIP_E_TRUNCATED, MSIP_HEADER_SIZE,
+                         f"topic of {tlen} octets runs past the {len(mv)}-octet payload")
+    try:
+        topic = bytes(mv[2:2 + tlen]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise_wire_error(MIP_E_VALUE, MSIP_HEADER_SIZE + 2, "topic is not valid UTF-8")
+    return topic, mv[2 + tlen:]
+
+
+def encode_hello_payload(client_id=None, token=None):
+    """A HELLO payload: the 8-octet big-endian client id to resume (0 asks for a new
+    session when a token follows), then the optional token."""
+    if client_id is None and token is None:
+        return b""
+    cid = 0 if client_id is None else int(client_id)
+    if not 0 <= cid < 2 ** 64:
+        raise ValueError("a client id is a u64")
+    return cid.to_bytes(8, "big") + (bytes(token) if token is not None else b"")
+
+
+def decode_hello_payload(payload):
+    """Split a HELLO payload into (client_id or None, token or None).
+
+    A payload shorter than 8 octets asks for a new session (as the reference
+    broker reads it); a client id of 0 also means "new session".
+    """
+    mv = memoryview(payload).cast("B")
+    if len(mv) < 8:
+        return None, None
+    cid = int.from_bytes(mv[:8], "big")
+    token = bytes(mv[8:]) if len(mv) > 8 else None
+    return (cid or None), token

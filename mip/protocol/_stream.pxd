@@ -1,0 +1,31 @@
+# Receive buffers shared by the MIP and MSIP streaming parsers.
+
+cdef class Chunk:
+    """A fixed-size, 64-octet-aligned block of receive memory.
+
+    Frames decoded from a chunk keep it alive (numpy views name it as their
+    base); the parser reuses a chunk only when it holds the sole reference.
+    """
+    cdef void *raw
+    cdef unsigned char *mem
+    cdef Py_ssize_t size
+    cdef Py_ssize_t exports
+
+
+cdef class StreamParser:
+    cdef Chunk chunk
+    cdef Py_ssize_t start        # first octet not yet consumed
+    cdef Py_ssize_t end          # one past the last octet received
+    cdef Py_ssize_t want         # total length of the frame at `start`, 0 if unknown
+    cdef Py_ssize_t chunk_size
+    cdef Py_ssize_t min_free
+    cdef object error            # the error to raise on the next call, once broken
+
+    cdef Py_ssize_t frame_length(self, const unsigned char *p, Py_ssize_t avail) except -2
+    cdef object decode_frame(self, Chunk chunk, Py_ssize_t offset, Py_ssize_t length)
+    cdef int ensure_space(self) except -1
+    cdef list parse(self)
+
+
+cdef int raise_wire_error(int code, Py_ssize_t offset, str detail) except -1
+cdef Chunk new_chunk(Py_ssize_t size)

@@ -1,0 +1,256 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Receive buffers shared by the MIP and MSIP streaming parsers.
+
+A parser owns a *chunk* of memory.  ``get_buffer()`` hands out the free tail
+of the chunk so that a socket receives straight into it; complete frames are
+decoded in place and the values they contain (numpy views, image views) keep
+the chunk alive.  A chunk is reused only when no decoded value refers to it;
+otherwise the unconsumed tail moves to a fresh chunk.  A frame that does not
+fit gets a chunk of exactly its size, so large tensors land in their final
+memory straight from the socket and no chunk is ever larger than the
+configured maximum frame.
+"""
+
+from cpython.buffer cimport PyBuffer_FillInfo, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
+from cpython.ref cimport PyObject
+from libc.string cimport memcpy, memmove
+from libc.stdint cimport uintptr_t
+
+from mip.protocol.wire cimport *
+
+from mip import errors as _errors
+
+cdef extern from "Python.h":
+    Py_ssize_t Py_REFCNT(object o)
+
+cdef object _TruncatedFrame = _errors.TruncatedFrame
+cdef object _FrameTooLarge = _errors.FrameTooLarge
+cdef object _UnsupportedVersion = _errors.UnsupportedVersion
+cdef object _UnknownKind = _errors.UnknownKind
+cdef object _BadSubtype = _errors.BadSubtype
+cdef object _InconsistentCounts = _errors.InconsistentCounts
+cdef object _InvalidValue = _errors.InvalidValue
+cdef object _UnknownValueType = _errors.UnknownValueType
+cdef object _BadMagic = _errors.BadMagic
+cdef object _UnknownFrameType = _errors.UnknownFrameType
+cdef object _UnknownMessageKind = _errors.UnknownMessageKind
+cdef object _ProtocolError = _errors.ProtocolError
+
+cdef enum:
+    ALIGN = 64  # chunk memory alignment, in octets
+
+
+cdef int raise_wire_error(int code, Py_ssize_t offset, str detail) except -1:
+    """Map a status code of csrc/mip_wire.h to its exception: the one place it happens."""
+    if code == MIP_E_TRUNCATED:
+        cls = _TruncatedFrame
+    elif code == MIP_E_TOO_LARGE:
+        cls = _FrameTooLarge
+    elif code == MIP_E_VERSION:
+        cls = _UnsupportedVersion
+    elif code == MIP_E_KIND:
+        cls = _UnknownKind
+    elif code == MIP_E_SUBTYPE:
+        cls = _BadSubtype
+    elif code == MIP_E_COUNTS:
+        cls = _InconsistentCounts
+    elif code == MIP_E_VALUE:
+        cls = _InvalidValue
+    elif code == MIP_E_VALUE_TYPE:
+        cls = _UnknownValueType
+    elif code == MIP_E_MAGIC:
+        cls = _BadMagic
+    elif code == MIP_E_FRAME_TYPE:
+        cls = _UnknownFrameType
+    elif code == MIP_E_MSG_KIND:
+        cls = _UnknownMessageKind
+    else:
+        cls = _ProtocolError
+    raise cls(detail, offset)
+
+
+cdef class Chunk:
+
+    def __cinit__(self):
+        self.raw = NULL
+        self.mem = NULL
+        self.size = 0
+        self.exports = 0
+
+    def __dealloc__(self):
+        if self.raw != NULL:
+            PyMem_RawFree(self.raw)
+            self.raw = NULL
+
+    def __len__(self):
+        return self.size
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.mem, self.size, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self.exports -= 1
+
+
+cdef Chunk new_chunk(Py_ssize_t size):
+    """Allocate a chunk of `size` octets whose memory starts on a 64-octet boundary."""
+    cdef Chunk c = Chunk.__new__(Chunk)
+    if size < 1:
+        size = 1
+    c.raw = PyMem_RawMalloc(<size_t>size + ALIGN)
+    if c.raw == NULL:
+        raise MemoryError(f"cannot allocate a receive buffer of {size} octets")
+    c.mem = <unsigned char *>((<uintptr_t>c.raw + ALIGN - 1) & ~(<uintptr_t>(ALIGN - 1)))
+    c.size = size
+    return c
+
+
+cdef class StreamParser:
+    """Base of the streaming parsers: chunk management, feed/get_buffer/buffer_updated.
+
+    Subclasses implement ``frame_length`` (validate a header, return the total
+    frame length or -1 when the header is incomplete) and ``decode_frame``.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self.chunk = None
+        self.start = 0
+        self.end = 0
+        self.want = 0
+        self.chunk_size = 65536
+        self.min_free = 4096
+        self.error = None
+
+    cdef Py_ssize_t frame_length(self, const unsigned char *p, Py_ssize_t avail) except -2:
+        raise NotImplementedError
+
+    cdef object decode_frame(self, Chunk chunk, Py_ssize_t offset, Py_ssize_t length):
+        raise NotImplementedError
+
+    cdef int ensure_space(self) except -1:
+        """Make room after `end` for the next receive, keeping [start, end)."""
+        cdef Py_ssize_t pending = self.end - self.start
+        cdef Py_ssize_t need, size, shift
+        cdef Chunk c = self.chunk
+        cdef bint reusable
+        if c is None:
+            self.chunk = new_chunk(max(self.chunk_size, self.want))
+            self.start = self.end = 0
+            return 0
+        # Only the parser refers to the chunk: its memory can be rewritten.
+        reusable = Py_REFCNT(c) == 2 and c.exports == 0  # self.chunk + local `c`
+        if pending == 0:
+            if reusable:
+                self.start = self.end = 0
+            elif self.start % 8:
+                # Next frame starts on an 8-octet boundary: tensors stay aligned.
+                self.start = self.end = self.start + (8 - self.start % 8)
+                if self.start > c.size:
+                    self.start = self.end = c.size
+        elif self.start % 8 and self.end + (8 - self.start % 8) <= c.size:
+            # Only a partial frame is pending (complete ones were consumed):
+            # slide it to an 8-octet boundary before the rest arrives, so its
+            # tensors are aligned.  The octets before `start` are not touched.
+            shift = 8 - self.start % 8
+            memmove(c.mem + self.start + shift, c.mem + self.start, pending)
+            self.start += shift
+            self.end += shift
+        need = self.want if self.want > pending else pending + self.min_free
+        if self.start + need <= c.size and c.size - self.end >= min(self.min_free, need - pending):
+            return 0
+        if reusable and need <= c.size:
+            if self.start:
+                memmove(c.mem, c.mem + self.start, pending)
+            self.start = 0
+            self.end = pending
+            return 0
+        size = max(self.chunk_size, need)
+        if self.want and self.want > self.chunk_size:
+            size = self.want  # a large frame gets memory of exactly its size
+        cdef Chunk fresh = new_chunk(size)
+        if pending:
+            memcpy(fresh.mem, c.mem + self.start, pending)
+        self.chunk = fresh
+        self.start = 0
+        self.end = pending
+        return 0
+
+    cdef list parse(self):
+        cdef list out = []
+        cdef Py_ssize_t n
+        cdef Chunk c
+        while True:
+            c = self.chunk
+            if c is None:
+                break
+            try:
+                n = self.frame_length(c.mem + self.start, self.end - self.start)
+            except BaseException as exc:
+                self.error = exc
+                if out:
+                    return out
+                raise
+            if n < 0 or n > self.end - self.start:
+                self.want = n if n > 0 else 0
+                break
+            try:
+                msg = self.decode_frame(c, self.start, n)
+            except BaseException as exc:
+                self.error = exc
+                if out:
+                    return out
+                raise
+            self.start += n
+            self.want = 0
+            out.append(msg)
+        return out
+
+    def get_buffer(self, Py_ssize_t sizehint=-1):
+        """Return writable memory for the next receive (``asyncio.BufferedProtocol``)."""
+        if self.error is not None:
+            raise self.error
+        self.ensure_space()
+        return memoryview(self.chunk)[self.end:]
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        """Account for `nbytes` written into the last ``get_buffer()``; return complete frames."""
+        if self.error is not None:
+            raise self.error
+        if self.chunk is None or nbytes < 0 or nbytes > self.chunk.size - self.end:
+            raise ValueError(f"buffer_updated({nbytes}) does not match the buffer handed out")
+        self.end += nbytes
+        return self.parse()
+
+    def feed(self, data):
+        """Append received octets (any bytes-like object); return the complete frames."""
+        cdef Py_buffer view
+        cdef Py_ssize_t pos = 0, n
+        cdef list out = None, more
+        if self.error is not None:
+            raise self.error
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            while True:
+                self.ensure_space()
+                n = min(view.len - pos, self.chunk.size - self.end)
+                if n:
+                    memcpy(self.chunk.mem + self.end, <unsigned char *>view.buf + pos, n)
+                    pos += n
+                    self.end += n
+                more = self.parse()
+                if out is None:
+                    out = more
+                else:
+                    out.extend(more)
+                if pos >= view.len or self.error is not None:
+                    break
+        finally:
+            PyBuffer_Release(&view)
+        return out
+
+    @property
+    def buffered(self):
+        """Octets received but not yet part of a complete frame."""
+        return self.end - self.start
