@@ -1,0 +1,286 @@
+"""Dynamic batching, as Triton defines it.
+
+Requests for one model version wait in a bounded FIFO queue. The batcher forms a batch
+from the head of the queue:
+
+* a batch holds at most ``max_batch_size`` **rows** (the sum of the requests' first
+  dimensions), never a split request;
+* when the queued rows reach a preferred batch size, the largest preferred size that is
+  reachable is sent at once;
+* otherwise the batch waits until ``max_queue_delay_us`` has passed since the **oldest**
+  queued request arrived (a ``time.monotonic()`` deadline), or until it cannot grow, and
+  then the largest batch that fits is sent;
+* requests whose tensors cannot be concatenated with the head's (different trailing
+  dims or dtypes) wait for the next batch, so order is kept.
+
+A request whose future is cancelled (its client went away, or its deadline passed) is
+removed from the queue at once. A batch runs in a worker thread, so the event loop keeps
+doing I/O while the model computes; ``instance_count`` batches may run at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from mip.errors import (DeadlineExceeded, InternalError, InvalidInput, ModelNotReady, QueueFull,
+                        ServingError)
+from mip.serving.config import DEFAULT_MAX_QUEUE_SIZE, DynamicBatching
+
+__all__ = ["Batcher", "BatchRecord"]
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """What one executed batch looked like, for metrics.
+
+    Attributes:
+        rows: rows in the batch (sum of the requests' first dimensions).
+        requests: requests in the batch.
+        queue_seconds: how long the oldest request of the batch waited, in seconds.
+        compute_seconds: time spent in the model, in seconds.
+        failed: whether the model raised.
+    """
+
+    rows: int
+    requests: int
+    queue_seconds: float
+    compute_seconds: float
+    failed: bool = False
+
+
+class _Request:
+    __slots__ = ("inputs", "rows", "signature", "future", "enqueued", "queued")
+
+    def __init__(self, inputs: Tensors, rows: int, future: asyncio.Future, enqueued: float):
+        self.inputs = inputs
+        self.rows = rows
+        # Requests batch together only when their tensors concatenate on axis 0.
+        self.signature = tuple((name, a.dtype, a.shape[1:]) for name, a in inputs.items())
+        self.future = future
+        self.enqueued = enqueued
+        self.queued = True
+
+
+class Batcher:
+    """The queue and batch scheduler of one model version.
+
+    Args:
+        run: the model, ``run(inputs) -> outputs``; called in a worker thread with the
+            batch's concatenated tensors; every output must have one row per input row.
+        max_batch_size: rows per batch; 0 = the model has no batch axis (one request a run).
+        dynamic_batching: settings; ``None`` = one request per run (still queued, bounded).
+        instance_count: batches that may run at the same time (worker threads).
+        on_batch: called on the event loop with a :class:`BatchRecord` after every batch.
+        name: used in thread names and error messages.
+    """
+
+    def __init__(self, run: Callable[[Tensors], Tensors], *, max_batch_size: int = 0,
+                 dynamic_batching: DynamicBatching | None = None, instance_count: int = 1,
+                 on_batch: Callable[[BatchRecord], None] | None = None, name: str = "model"):
+        self._run = run
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.batching = max_batch_size > 0 and dynamic_batching is not None
+        policy = dynamic_batching or DynamicBatching()
+        self.max_queue_delay = policy.max_queue_delay_us / 1e6  # seconds
+        self.preferred = tuple(p for p in policy.preferred_batch_sizes if p <= max_batch_size)
+        self.max_queue_size = policy.max_queue_size if dynamic_batching else DEFAULT_MAX_QUEUE_SIZE
+        self.instance_count = instance_count
+        self._on_batch = on_batch
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._idle = instance_count
+        self._running: set[asyncio.Task] = set()
+        self._wakeup: asyncio.Event | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=instance_count, thread_name_prefix=f"mip-{name}")
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting (not yet in a running batch)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the scheduler task on the running event loop."""
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._schedule())
+
+    async def stop(self, timeout: float | None = 30.0) -> None:
+        """Refuse new requests, finish the queued and running ones, then stop.
+
+        Args:
+            timeout: seconds to wait for the work in hand; what is left then fails with
+                ``ModelNotReady``.
+        """
+        self._closing = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue or self._running:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self._wakeup.set()
+            waiters = list(self._running) or [asyncio.ensure_future(asyncio.sleep(0.005))]
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait(waiters, timeout=remaining)
+        for request in list(self._queue):
+            self._fail(request, ModelNotReady(f"model {self.name} was unloaded"))
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._executor.shutdown(wait=False)
+
+    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
+        """Queue one request and wait for its outputs.
+
+        Args:
+            inputs: the request's tensors; for a batching model each has ``rows`` rows.
+            rows: the request's first dimension (1 for a model without a batch axis).
+            deadline: a ``time.monotonic()`` instant after which the request is abandoned
+                with ``DeadlineExceeded``.
+
+        Raises:
+            QueueFull: ``max_queue_size`` requests are already waiting.
+            DeadlineExceeded: the deadline passed first.
+            InvalidInput: the request alone has more rows than ``max_batch_size``.
+        """
+        if self._closing or self._task is None:
+            raise ModelNotReady(f"model {self.name} is not accepting requests")
+        if self.batching and rows > self.max_batch_size:
+            raise InvalidInput(f"request has {rows} rows; model {self.name} takes at most "
+                               f"{self.max_batch_size} rows a batch")
+        if len(self._queue) >= self.max_queue_size:
+            raise QueueFull(f"model {self.name} has {len(self._queue)} requests queued "
+                            f"(max_queue_size {self.max_queue_size})")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded(f"deadline passed before model {self.name} was reached")
+        future = asyncio.get_running_loop().create_future()
+        request = _Request(inputs, rows, future, now)
+        self._queue.append(request)
+        future.add_done_callback(functools.partial(self._forget, request))
+        self._wakeup.set()
+        if deadline is None:
+            return await future
+        try:
+            # On timeout wait_for cancels the future, which drops the request from the queue.
+            return await asyncio.wait_for(future, deadline - now)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"deadline passed while waiting for model {self.name}") from None
+
+    def _forget(self, request: _Request, future: asyncio.Future) -> None:
+        if request.queued:
+            request.queued = False
+            self._queue.remove(request)
+
+    def _fail(self, request: _Request, error: Exception) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    def _choose(self, now: float) -> tuple[int, float]:
+        """Requests to take from the head now (0 = wait), and seconds to wait otherwise."""
+        if not self.batching:
+            return 1, 0.0
+        head = self._queue[0]
+        rows = count = preferred_count = 0
+        can_grow = True
+        for request in self._queue:  # stops within max_batch_size rows
+            if request.signature != head.signature or rows + request.rows > self.max_batch_size:
+                can_grow = False
+                break
+            rows += request.rows
+            count += 1
+            if rows in self.preferred:
+                preferred_count = count
+        if rows >= self.max_batch_size:
+            can_grow = False
+        if preferred_count:
+            return preferred_count, 0.0
+        wait = head.enqueued + self.max_queue_delay - now
+        if not can_grow or wait <= 0 or self._closing:
+            return count, 0.0
+        return 0, wait
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue or not self._idle:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            count, wait = self._choose(time.monotonic())
+            if not count:
+                self._wakeup.clear()
+                self._timer = loop.call_later(wait, self._wakeup.set)
+                await self._wakeup.wait()
+                self._timer.cancel()
+                continue
+            batch = []
+            for _ in range(count):
+                request = self._queue.popleft()
+                request.queued = False
+                batch.append(request)
+            self._idle -= 1
+            task = loop.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            live = [r for r in batch if not r.future.done()]
+            if not live:
+                return
+            if len(live) == 1:
+                inputs = live[0].inputs  # nothing to join: the request's own memory
+            else:
+                inputs = {name: np.concatenate([r.inputs[name] for r in live], axis=0)
+                          for name in live[0].inputs}
+            rows = sum(r.rows for r in live)
+            started = time.monotonic()
+            failed = False
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+                self._deliver(live, rows, outputs)
+            except Exception as exc:
+                failed = True
+                if not isinstance(exc, ServingError):
+                    exc = InternalError(f"model {self.name} failed: {type(exc).__name__}: {exc}")
+                for request in live:
+                    self._fail(request, exc)
+            if self._on_batch is not None:
+                self._on_batch(BatchRecord(rows, len(live), started - live[0].enqueued,
+                                           time.monotonic() - started, failed))
+        finally:
+            self._idle += 1
+            self._wakeup.set()
+
+    def _deliver(self, live: list[_Request], rows: int, outputs: Tensors) -> None:
+        if len(live) == 1:
+            if not live[0].future.done():
+                live[0].future.set_result(outputs)
+            return
+        for name, array in outputs.items():
+            if np.ndim(array) == 0 or array.shape[0] != rows:
+                raise InternalError(f"model {self.name} returned {name} with shape "
+                                    f"{np.shape(array)} for a batch of {rows} rows")
+        start = 0
+        for request in live:
+            stop = start + request.rows
+            # Slices are views of the batch's outputs: no copy per request.
+            result = {name: array[start:stop] for name, array in outputs.items()}
+            start = stop
+            if not request.future.done():
+                request.future.set_result(result)

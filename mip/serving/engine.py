@@ -1,0 +1,321 @@
+"""The engine: the one API every frontend calls.
+
+The engine owns the model repository's loaded versions and one :class:`Batcher` per
+version. It knows tensors only (``dict[str, numpy.ndarray]``), never a wire format, so
+requests from every protocol for the same model batch together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from mip.errors import InvalidInput, ModelNotFound, ModelNotReady
+from mip.serving.batching import Batcher, BatchRecord
+from mip.serving.datatypes import to_numpy
+from mip.serving.repository import (IndexEntry, ModelLoadError, ModelMetadata, ModelRepository,
+                                    ModelVersion)
+
+__all__ = ["Engine", "ModelStats"]
+
+log = logging.getLogger("mip.serving")
+
+Tensors = dict[str, np.ndarray]
+BatchHook = Callable[[str, str, BatchRecord], None]
+
+
+@dataclass
+class ModelStats:
+    """Counters of one model version since it was loaded.
+
+    Attributes:
+        requests / successes / failures: inference requests received, answered, failed.
+        batches: batches executed; ``rows``: rows in them.
+        batch_sizes: rows per batch -> number of batches of that size.
+        queue_seconds / compute_seconds: summed over batches (oldest request's wait, and
+            model time), in seconds.
+        queue_depth: requests waiting right now.
+    """
+
+    requests: int = 0
+    successes: int = 0
+    failures: int = 0
+    batches: int = 0
+    rows: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    queue_depth: int = 0
+
+
+class _Served:
+    """A loaded version with its batcher and counters."""
+
+    __slots__ = ("version", "batcher", "stats", "dtypes")
+
+    def __init__(self, version: ModelVersion, batcher: Batcher, stats: ModelStats):
+        self.version = version
+        self.batcher = batcher
+        self.stats = stats
+        self.dtypes = {spec.name: to_numpy(spec.datatype) for spec in version.inputs}
+
+
+class Engine:
+    """Serves the models of a repository.
+
+    Args:
+        repository: where the models are.
+        models: names to load at :meth:`start` (``None`` = every model in the repository).
+        default_model: the model that requests naming no model reach (``None``: the
+            repository's only model, if it has exactly one).
+        drain_timeout: seconds :meth:`stop` and :meth:`unload` wait for in-flight requests.
+    """
+
+    def __init__(self, repository: ModelRepository, *, models: Iterable[str] | None = None,
+                 default_model: str | None = None, drain_timeout: float = 30.0):
+        self.repository = repository
+        self._startup_models = None if models is None else list(models)
+        self._default_model = default_model
+        self._drain_timeout = drain_timeout
+        self._served: dict[tuple[str, str], _Served] = {}
+        self._hooks: list[BatchHook] = []
+        self._lock = asyncio.Lock()
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the startup models (and warm them up). A model that fails is logged and
+        reported by :meth:`index`; the others still load."""
+        self._started = True
+        names = self._startup_models if self._startup_models is not None else (
+            self.repository.names())
+        for name in names:
+            try:
+                await self.load(name)
+            except (ModelLoadError, ModelNotFound) as exc:
+                log.error("%s", exc)
+
+    async def stop(self) -> None:
+        """Finish queued and running requests (up to ``drain_timeout``), then unload all."""
+        async with self._lock:
+            served, self._served = list(self._served.values()), {}
+            await asyncio.gather(*(s.batcher.stop(self._drain_timeout) for s in served))
+            for name in {s.version.name for s in served}:
+                for version in self.repository.unload(name):
+                    version.close()
+        self._started = False
+
+    async def load(self, model: str) -> None:
+        """Load or reload every version of ``model``; a reload swaps versions without
+        dropping requests (new requests reach the new versions, old ones finish).
+
+        Raises:
+            ModelNotFound: no such model in the repository.
+            ModelLoadError: no version loaded; the message has every version's reason.
+        """
+        async with self._lock:
+            new, old = await asyncio.to_thread(self.repository.load, model)
+            for version in new:
+                if version.ready:
+                    self._serve(version)
+                    log.info("serving %s version %s (%s, max_batch_size %d)", model,
+                             version.version, version.platform, version.max_batch_size)
+                else:
+                    log.error("model %s version %s failed to load: %s", model, version.version,
+                              version.reason)
+            await self._retire(model, old, keep=new)
+
+    async def unload(self, model: str) -> None:
+        """Stop serving ``model``: queued and running requests finish first.
+
+        Raises:
+            ModelNotFound: the model is not loaded.
+        """
+        async with self._lock:
+            await self._retire(model, self.repository.unload(model), keep=[])
+
+    def _serve(self, version: ModelVersion) -> None:
+        stats = ModelStats()
+        key = (version.name, version.version)
+
+        def on_batch(record: BatchRecord) -> None:
+            stats.batches += 1
+            stats.rows += record.rows
+            stats.batch_sizes[record.rows] += 1
+            stats.queue_seconds += record.queue_seconds
+            stats.compute_seconds += record.compute_seconds
+            for hook in self._hooks:
+                hook(key[0], key[1], record)
+
+        batcher = Batcher(version.run, max_batch_size=version.max_batch_size,
+                          dynamic_batching=version.dynamic_batching,
+                          instance_count=version.config.instance_count, on_batch=on_batch,
+                          name=f"{version.name}/{version.version}")
+        batcher.start()
+        self._served[key] = _Served(version, batcher, stats)
+
+    async def _retire(self, model: str, versions: list[ModelVersion],
+                      keep: list[ModelVersion]) -> None:
+        retiring = []
+        for version in versions:
+            served = self._served.get((model, version.version))
+            if served is not None and served.version is version:
+                del self._served[(model, version.version)]
+                retiring.append(served)
+        await asyncio.gather(*(s.batcher.stop(self._drain_timeout) for s in retiring))
+        for version in versions:
+            if version not in keep:
+                await asyncio.to_thread(version.close)
+
+    # -- inference ---------------------------------------------------------------------
+
+    async def infer(self, model: str, inputs: Tensors, *, version: str | None = None,
+                    outputs: list[str] | None = None,
+                    deadline: float | None = None) -> Tensors:
+        """Run one request through the model's batch queue.
+
+        Args:
+            model: the model name.
+            inputs: input name -> tensor. For a batching model every tensor's first
+                dimension is the request's row count; rows of concurrent requests are
+                joined into one batch and the outputs split back (as views).
+            version: a version name; ``None`` or ``""`` = the highest ready version.
+            outputs: names of the outputs wanted; ``None`` = all.
+            deadline: a ``time.monotonic()`` instant after which the request fails with
+                ``DeadlineExceeded``.
+
+        Returns:
+            output name -> tensor (``BYTES`` outputs are numpy object arrays).
+
+        Raises:
+            ModelNotFound, ModelNotReady, InvalidInput, QueueFull, DeadlineExceeded,
+            InternalError (all ``mip.errors.ServingError``).
+        """
+        served = self._lookup(model, version)
+        stats = served.stats
+        stats.requests += 1
+        stats.queue_depth = served.batcher.queue_depth
+        try:
+            rows = self._check_inputs(served, inputs)
+            wanted = self._check_outputs(served.version, outputs)
+            result = await served.batcher.submit(inputs, rows, deadline)
+        except BaseException:
+            stats.failures += 1
+            raise
+        stats.successes += 1
+        if wanted is None:
+            return result
+        return {name: result[name] for name in wanted}
+
+    def _lookup(self, model: str, version: str | None) -> _Served:
+        chosen = self.repository.get(model, version or None)
+        served = self._served.get((model, chosen.version))
+        if served is None or served.version is not chosen:
+            raise ModelNotReady(f"model {model!r} version {chosen.version} is not serving")
+        return served
+
+    @staticmethod
+    def _check_inputs(served: _Served, inputs: Tensors) -> int:
+        version = served.version
+        if not isinstance(inputs, dict):
+            raise InvalidInput("inputs must be a dict of name -> numpy array")
+        expected = {spec.name for spec in version.inputs}
+        if inputs.keys() != expected:
+            missing = sorted(expected - inputs.keys())
+            extra = sorted(inputs.keys() - expected)
+            raise InvalidInput(f"model {version.name!r} takes inputs {sorted(expected)}"
+                               + (f"; missing {missing}" if missing else "")
+                               + (f"; unknown {extra}" if extra else ""))
+        rows = None
+        for spec in version.inputs:
+            array = inputs[spec.name]
+            if not isinstance(array, np.ndarray):
+                raise InvalidInput(f"input {spec.name!r} must be a numpy array, "
+                                   f"not {type(array).__name__}")
+            dtype = served.dtypes[spec.name]
+            if array.dtype != dtype and not (dtype == object and array.dtype.kind in "SU"):
+                raise InvalidInput(f"input {spec.name!r} has datatype {array.dtype}, "
+                                   f"the model wants {spec.datatype}")
+            if array.ndim != len(spec.shape) or any(
+                    d != -1 and d != n for d, n in zip(spec.shape, array.shape)):
+                raise InvalidInput(f"input {spec.name!r} has shape {list(array.shape)}, "
+                                   f"the model wants {list(spec.shape)}")
+            if version.max_batch_size:
+                if rows is None:
+                    rows = array.shape[0]
+                elif array.shape[0] != rows:
+                    raise InvalidInput(f"inputs disagree on the batch size: {spec.name!r} has "
+                                       f"{array.shape[0]} rows, another has {rows}")
+        return rows if rows is not None else 1
+
+    @staticmethod
+    def _check_outputs(version: ModelVersion, outputs: list[str] | None) -> list[str] | None:
+        if not outputs:
+            return None
+        known = {spec.name for spec in version.outputs}
+        unknown = [name for name in outputs if name not in known]
+        if unknown:
+            raise InvalidInput(f"model {version.name!r} has no output {', '.join(unknown)}; "
+                               f"its outputs are {', '.join(sorted(known))}")
+        return list(outputs)
+
+    # -- introspection -----------------------------------------------------------------
+
+    def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
+        """Name, versions, platform, inputs and outputs (shapes with -1 for dynamic dims).
+
+        Raises:
+            ModelNotFound, ModelNotReady.
+        """
+        return self.repository.metadata(model, version or None)
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        """Whether ``model`` (or that version) serves requests now."""
+        try:
+            self._lookup(model, version)
+        except (ModelNotFound, ModelNotReady):
+            return False
+        return True
+
+    def ready(self) -> bool:
+        """Whether the engine has started and every loaded model has a ready version."""
+        if not self._started:
+            return False
+        names = {name for name, _ in self._served}
+        return all(self.model_ready(name) for name in names)
+
+    def default_model(self) -> str | None:
+        """The model reached by requests that name none: the configured default, or the
+        repository's only model."""
+        if self._default_model is not None:
+            return self._default_model
+        names = self.repository.names()
+        return names[0] if len(names) == 1 else None
+
+    def index(self) -> list[IndexEntry]:
+        """Every model and version in the repository with its state and reason."""
+        return self.repository.index()
+
+    def stats(self) -> dict[tuple[str, str], ModelStats]:
+        """Counters per served ``(model, version)``, queue depths current."""
+        result = {}
+        for key, served in self._served.items():
+            served.stats.queue_depth = served.batcher.queue_depth
+            result[key] = served.stats
+        return result
+
+    def add_batch_hook(self, hook: BatchHook) -> None:
+        """Call ``hook(model, version, record)`` on the event loop after every batch."""
+        self._hooks.append(hook)
+
+
+def monotonic_deadline(timeout: float | None) -> float | None:
+    """The ``deadline`` for :meth:`Engine.infer` that is ``timeout`` seconds from now."""
+    return None if timeout is None else time.monotonic() + timeout

@@ -1,0 +1,155 @@
+"""ONNX Runtime provider: one ``InferenceSession`` per model version.
+
+``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. CUDA uses ONNX Runtime's
+CUDAExecutionProvider through the same code path as the CPU; when that provider is not
+available, loading fails with a clear error instead of running on the CPU unasked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mip.serving.config import PLATFORM_ONNX, TensorSpec
+from mip.serving.datatypes import from_onnx_type
+
+__all__ = ["OnnxRunner", "DeviceUnavailable", "parse_device", "session_options"]
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class DeviceUnavailable(RuntimeError):
+    """The configured device cannot be used by this ONNX Runtime installation."""
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """Split ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into ``(kind, index)``."""
+    kind, _, index = device.strip().lower().partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", None
+    if kind in ("cuda", "gpu"):
+        if not index:
+            return "cuda", 0
+        if index.isdigit():
+            return "cuda", int(index)
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+
+
+def _providers(device: str) -> list[Any]:
+    import onnxruntime as ort
+
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return [CPU_PROVIDER]
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in available:
+        raise DeviceUnavailable(
+            f"device {device!r} needs ONNX Runtime's {CUDA_PROVIDER}, but this installation "
+            f"offers only {', '.join(available)}; install onnxruntime-gpu with a matching CUDA, "
+            f"or set the model's device to 'cpu'")
+    # The CPU provider stays listed for the few operators CUDA lacks (ONNX Runtime places
+    # them node by node); a CUDA provider that fails to start is caught after loading.
+    return [(CUDA_PROVIDER, {"device_id": index}), CPU_PROVIDER]
+
+
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0,
+                    graph_optimization_level: str = "all") -> Any:
+    """Build ``onnxruntime.SessionOptions``.
+
+    Args:
+        intra_op_threads: threads inside one operator (0 = ONNX Runtime's default).
+        inter_op_threads: threads across independent operators (0 = default).
+        graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all``.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(intra_op_threads)
+    options.inter_op_num_threads = int(inter_op_threads)
+    try:
+        level = _OPT_LEVELS[graph_optimization_level]
+    except KeyError:
+        raise ValueError(f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}, "
+                         f"not {graph_optimization_level!r}") from None
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    return options
+
+
+def _dims(shape: list[Any]) -> tuple[int, ...]:
+    # ONNX Runtime reports symbolic dims as strings and unknown ones as None.
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+class OnnxRunner:
+    """A model version served by ONNX Runtime.
+
+    Args:
+        model: path to a ``.onnx`` file, or the serialized model bytes.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        options: keyword arguments of :func:`session_options`.
+        input_names / output_names: restrict (and order) the served tensors; empty = all.
+    """
+
+    platform = PLATFORM_ONNX
+
+    def __init__(self, model: str | os.PathLike | bytes, device: str = "cpu",
+                 options: dict[str, Any] | None = None,
+                 input_names: tuple[str, ...] = (), output_names: tuple[str, ...] = ()):
+        import onnxruntime as ort
+
+        providers = _providers(device)
+        source = model if isinstance(model, bytes) else str(Path(model))
+        self.session = ort.InferenceSession(source, sess_options=session_options(**(options or {})),
+                                            providers=providers)
+        self.device = device
+        if parse_device(device)[0] == "cuda" and CUDA_PROVIDER not in self.session.get_providers():
+            raise DeviceUnavailable(
+                f"ONNX Runtime could not start {CUDA_PROVIDER} for device {device!r} "
+                f"(check the CUDA and cuDNN libraries); refusing to run on the CPU instead")
+        all_inputs = {i.name: TensorSpec(i.name, from_onnx_type(i.type), _dims(i.shape))
+                      for i in self.session.get_inputs()}
+        all_outputs = {o.name: TensorSpec(o.name, from_onnx_type(o.type), _dims(o.shape))
+                       for o in self.session.get_outputs()}
+        self.inputs = _select(all_inputs, input_names, "input")
+        self.outputs = _select(all_outputs, output_names, "output")
+        missing = set(all_inputs) - {spec.name for spec in self.inputs}
+        if missing:
+            raise ValueError(f"the model needs inputs {', '.join(sorted(missing))}, which the "
+                             f"config leaves out")
+        self._output_names = [spec.name for spec in self.outputs]
+
+    def run(self, inputs: dict[str, np.ndarray],
+            outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one batch (ONNX Runtime releases the GIL while it computes)."""
+        names = outputs or self._output_names
+        results = self.session.run(names, inputs)
+        return dict(zip(names, results))
+
+    def close(self) -> None:
+        """Drop the session."""
+        self.session = None
+
+
+def _select(specs: dict[str, TensorSpec], names: tuple[Any, ...], what: str) -> list[TensorSpec]:
+    if not names:
+        return list(specs.values())
+    chosen = []
+    for name in names:
+        name = name if isinstance(name, str) else name.name
+        if name not in specs:
+            raise ValueError(f"config names {what} {name!r}, but the model's {what}s are "
+                             f"{', '.join(specs)}")
+        chosen.append(specs[name])
+    return chosen

@@ -1,0 +1,347 @@
+"""A folder of models, laid out like a Triton model repository.
+
+::
+
+    REPOSITORY/
+      NAME/config.json            optional (see mip.serving.config)
+      NAME/1/model.onnx           versions are folders with integer names
+      NAME/2/model.onnx
+      OTHER/model.onnx            a bare model file is version "1"
+      PYMODEL/model.py            Python models (see mip.serving.providers.python)
+
+Each model name is loaded and unloaded as a unit (all its versions); every version has
+its own state. A version that fails to load is marked ``UNAVAILABLE`` with the reason,
+and the other models and versions load regardless.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mip.errors import ModelNotFound, ModelNotReady, ServingError
+from mip.serving.config import (DEFAULT_MAX_BATCH_SIZE, PLATFORM_ONNX, PLATFORM_PYTHON,
+                                ConfigError, DynamicBatching, ModelConfig, TensorSpec,
+                                read_config)
+from mip.serving.datatypes import to_numpy
+
+__all__ = ["ModelRepository", "ModelVersion", "ModelState", "ModelMetadata", "IndexEntry",
+           "ModelLoadError", "TensorSpec"]
+
+_MODEL_FILES = {"model.onnx": PLATFORM_ONNX, "model.py": PLATFORM_PYTHON}
+
+
+class ModelLoadError(ServingError):
+    """A model could not be loaded; the message carries the reason of every version."""
+
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class ModelState(str, enum.Enum):
+    """The state of one model version, named as in Triton's repository index."""
+
+    UNAVAILABLE = "UNAVAILABLE"  #: not loaded, unloaded, or failed (see the reason)
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One row of the repository index: ``reason`` says why a version is not ready."""
+
+    name: str
+    version: str
+    state: ModelState
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """A model's metadata as the Open Inference Protocol reports it.
+
+    ``inputs``/``outputs`` shapes use -1 for dynamic dims, the batch axis included.
+    """
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+class ModelVersion:
+    """One version of a model: its files, configuration, state and loaded runner.
+
+    Attributes:
+        max_batch_size: rows per batch (0 = no batch axis), after defaults are applied.
+        dynamic_batching: the batching settings in force, or ``None``.
+    """
+
+    def __init__(self, name: str, version: str, path: Path, platform: str, config: ModelConfig):
+        self.name = name
+        self.version = version
+        self.path = path
+        self.platform = platform
+        self.config = config
+        self.state = ModelState.UNAVAILABLE
+        self.reason = "not loaded"
+        self.runner: Any = None
+        self.inputs: tuple[TensorSpec, ...] = ()
+        self.outputs: tuple[TensorSpec, ...] = ()
+        self.max_batch_size = 0
+        self.dynamic_batching: DynamicBatching | None = None
+
+    def __repr__(self) -> str:
+        return f"<ModelVersion {self.name}/{self.version} {self.state.value}>"
+
+    @property
+    def ready(self) -> bool:
+        """Whether the version serves requests."""
+        return self.state is ModelState.READY
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch through the loaded runner (blocking; call from a worker thread)."""
+        return self.runner.run(inputs)
+
+    def load(self) -> None:
+        """Load the runner, apply batching defaults, warm up; sets the state and reason."""
+        self.state, self.reason = ModelState.LOADING, ""
+        try:
+            self.runner = _open_runner(self)
+            self.inputs = tuple(self.runner.inputs)
+            self.outputs = tuple(self.runner.outputs)
+            self._settle_batching()
+            for rows in self.config.warmup:
+                self.run(_warmup_inputs(self.inputs, rows, self.max_batch_size > 0))
+        except Exception as exc:  # every failure becomes the version's reason
+            self.close()
+            self.state = ModelState.UNAVAILABLE
+            self.reason = f"{type(exc).__name__}: {exc}" if not isinstance(
+                exc, (ConfigError, ServingError)) else str(exc)
+            return
+        self.state, self.reason = ModelState.READY, ""
+
+    def close(self, reason: str = "unloaded") -> None:
+        """Release the runner; the version becomes ``UNAVAILABLE`` with ``reason``."""
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.close()
+        self.state, self.reason = ModelState.UNAVAILABLE, reason
+
+    def _settle_batching(self) -> None:
+        specs = self.inputs + self.outputs
+        batchable = bool(specs) and all(s.shape and s.shape[0] == -1 for s in specs)
+        configured = self.config.max_batch_size
+        if configured is None:
+            self.max_batch_size = DEFAULT_MAX_BATCH_SIZE if batchable else 0
+        elif configured > 0 and not batchable:
+            fixed = [s.name for s in specs if not s.shape or s.shape[0] != -1]
+            raise ConfigError(f"max_batch_size {configured} needs a dynamic first dimension, "
+                              f"which {', '.join(fixed)} lack")
+        else:
+            self.max_batch_size = configured
+        if self.config.batching_configured:
+            self.dynamic_batching = self.config.dynamic_batching
+        else:
+            self.dynamic_batching = DynamicBatching() if self.max_batch_size else None
+        if self.dynamic_batching is not None and not self.max_batch_size:
+            raise ConfigError("dynamic_batching needs max_batch_size > 0")
+
+
+def _open_runner(version: ModelVersion) -> Any:
+    config = version.config
+    if version.platform == PLATFORM_ONNX:
+        from mip.serving.providers.onnx import OnnxRunner
+
+        return OnnxRunner(version.path, device=config.device, options=config.session_options,
+                          input_names=tuple(config.inputs), output_names=tuple(config.outputs))
+    from mip.serving.providers.python import load_python_model
+
+    return load_python_model(version.path, config, name=version.name)
+
+
+def _warmup_inputs(specs: tuple[TensorSpec, ...], rows: int, batching: bool) -> dict:
+    inputs = {}
+    for spec in specs:
+        if spec.datatype == "BYTES":
+            raise ConfigError(f"warmup needs numeric inputs; {spec.name} is BYTES")
+        shape = [1 if d < 0 else d for d in spec.shape]
+        if batching:
+            shape[0] = rows
+        inputs[spec.name] = np.zeros(shape, dtype=to_numpy(spec.datatype))
+    return inputs
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+class ModelRepository:
+    """The models found under a folder, and the state of each loaded version.
+
+    Args:
+        root: the repository folder.
+
+    Loading runs the model's runner in the calling thread; the engine calls these methods
+    from worker threads so the event loop is never blocked by a load.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._lock = threading.Lock()
+        self._loaded: dict[str, list[ModelVersion]] = {}
+        self._errors: dict[str, str] = {}  # model -> why it has no versions at all
+
+    def names(self) -> list[str]:
+        """Model names present in the folder (sorted), loaded or not."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith((".", "_")))
+
+    def discover(self, name: str) -> list[ModelVersion]:
+        """Read ``name``'s folder: its configuration and versions, none loaded.
+
+        Raises:
+            ModelNotFound: no folder of that name.
+            ConfigError: the folder holds no model file, or its config.json is invalid.
+        """
+        directory = self.root / name
+        if not directory.is_dir() or name.startswith((".", "_")) or "/" in name:
+            raise ModelNotFound(f"no model named {name!r} in {self.root}")
+        config = read_config(directory)
+        files = dict(_MODEL_FILES)
+        if config.default_model_filename:
+            filename = config.default_model_filename
+            files = {filename: config.platform or (
+                PLATFORM_PYTHON if filename.endswith(".py") else PLATFORM_ONNX)}
+        versions: list[ModelVersion] = []
+        candidates = [(p.name, p) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+        candidates.append(("1", directory))  # the bare layout counts when no version folder does
+        seen = set()
+        for version, folder in sorted(candidates, key=lambda c: _version_key(c[0])):
+            if version in seen:
+                continue
+            for filename, platform in files.items():
+                path = folder / filename
+                if path.is_file():
+                    if config.platform and config.platform != platform:
+                        platform = config.platform
+                    versions.append(ModelVersion(name, version, path, platform, config))
+                    seen.add(version)
+                    break
+        if not versions:
+            raise ConfigError(f"model {name!r} has no {' or '.join(files)} (in {directory} or "
+                              f"in a version folder such as {directory / '1'})")
+        return versions
+
+    def load(self, name: str) -> tuple[list[ModelVersion], list[ModelVersion]]:
+        """Load (or reload) every version of ``name``.
+
+        Returns ``(new, old)``: the versions now installed (each READY or UNAVAILABLE with
+        a reason) and the ones they replace, still open so in-flight work can finish; the
+        caller closes the old ones.
+
+        Raises:
+            ModelNotFound: no folder of that name.
+            ModelLoadError: no version could be loaded (the old versions stay installed).
+        """
+        try:
+            versions = self.discover(name)
+        except ConfigError as exc:
+            with self._lock:
+                self._errors[name] = str(exc)
+            raise ModelLoadError(f"failed to load {name}: {exc}") from None
+        for version in versions:
+            version.load()
+        if not any(v.ready for v in versions):
+            reasons = "; ".join(f"version {v.version}: {v.reason}" for v in versions)
+            with self._lock:
+                if name not in self._loaded:
+                    self._errors[name] = reasons
+            raise ModelLoadError(f"failed to load {name}: {reasons}")
+        with self._lock:
+            old = self._loaded.get(name, [])
+            self._loaded[name] = versions
+            self._errors.pop(name, None)
+        return versions, old
+
+    def unload(self, name: str) -> list[ModelVersion]:
+        """Remove ``name`` from service; returns its versions (the caller closes them).
+
+        Raises:
+            ModelNotFound: the model is not loaded.
+        """
+        with self._lock:
+            versions = self._loaded.pop(name, None)
+        if versions is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        for version in versions:
+            if version.ready:
+                version.state, version.reason = ModelState.UNLOADING, ""
+        return versions
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """The installed versions of ``name`` (ready or not), lowest version first."""
+        with self._lock:
+            versions = self._loaded.get(name)
+        if versions is None:
+            raise ModelNotFound(f"model {name!r} is not loaded") if (
+                self.root / name).is_dir() else ModelNotFound(f"no model named {name!r}")
+        return versions
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        """The version that serves ``name`` (``None`` or ``""``: the highest ready one).
+
+        Raises:
+            ModelNotFound: unknown model or version.
+            ModelNotReady: the model or version exists but does not serve now.
+        """
+        with self._lock:
+            versions = self._loaded.get(name)
+        if versions is None:
+            if (self.root / name).is_dir():
+                reason = self._errors.get(name, "not loaded")
+                raise ModelNotReady(f"model {name!r} is not ready: {reason}")
+            raise ModelNotFound(f"no model named {name!r}")
+        if version:
+            for candidate in versions:
+                if candidate.version == version:
+                    if not candidate.ready:
+                        raise ModelNotReady(f"model {name!r} version {version} is not ready: "
+                                            f"{candidate.reason or candidate.state.value}")
+                    return candidate
+            raise ModelNotFound(f"model {name!r} has no version {version!r}")
+        ready = [v for v in versions if v.ready]
+        if not ready:
+            raise ModelNotReady(f"model {name!r} has no ready version")
+        return ready[-1]
+
+    def metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        """Metadata of the version that would serve ``name`` / ``version``."""
+        served = self.get(name, version)
+        return ModelMetadata(name=name, versions=tuple(v.version for v in self.versions(name)),
+                             platform=served.platform, inputs=served.inputs,
+                             outputs=served.outputs)
+
+    def index(self) -> list[IndexEntry]:
+        """Every model in the folder and every known version, with state and reason."""
+        with self._lock:
+            loaded = {name: list(v) for name, v in self._loaded.items()}
+            errors = dict(self._errors)
+        entries = []
+        for name in sorted(set(self.names()) | set(loaded)):
+            if name in loaded:
+                entries.extend(IndexEntry(name, v.version, v.state, v.reason)
+                               for v in loaded[name])
+            else:
+                entries.append(IndexEntry(name, "", ModelState.UNAVAILABLE,
+                                          errors.get(name, "not loaded")))
+        return entries

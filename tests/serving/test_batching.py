@@ -1,0 +1,346 @@
+"""Dynamic batching: rows, preferred sizes, delays, bounds, deadlines and cancellation.
+
+The model is a plain function run by the batcher's worker thread; a ``threading.Event``
+holds the first batch in the model so that later requests queue up deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mip.errors import DeadlineExceeded, InternalError, InvalidInput, ModelNotReady, QueueFull
+from mip.serving.batching import Batcher
+from mip.serving.config import DynamicBatching
+
+from ._models import run
+
+
+class GatedModel:
+    """Doubles ``x``; the first call waits for ``release()``. Records each batch's rows."""
+
+    def __init__(self, hold_first: bool = True):
+        self.batches: list[np.ndarray] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        if not hold_first:
+            self.gate.set()
+
+    def __call__(self, inputs):
+        self.batches.append(inputs["x"].copy())
+        self.started.set()
+        assert self.gate.wait(10)
+        return {"y": inputs["x"] * 2}
+
+    def release(self):
+        self.gate.set()
+
+    @property
+    def rows(self) -> list[int]:
+        return [len(b) for b in self.batches]
+
+
+def rows_of(n: int, value: float, width: int = 3) -> np.ndarray:
+    return np.full((n, width), value, dtype=np.float32)
+
+
+async def start_held(model: GatedModel, batcher: Batcher) -> asyncio.Task:
+    """Submit one request that occupies the model until ``model.release()``."""
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit({"x": rows_of(1, -1)}, 1))
+    assert await asyncio.to_thread(model.started.wait, 5)
+    return first
+
+
+def make(model, max_batch_size=64, **policy) -> Batcher:
+    batching = DynamicBatching(**policy)
+    records = []
+    batcher = Batcher(model, max_batch_size=max_batch_size, dynamic_batching=batching,
+                      on_batch=records.append, name="test")
+    batcher.records = records
+    return batcher
+
+
+def test_concurrent_requests_batch_and_split_in_order():
+    model = GatedModel()
+    batcher = make(model)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        sizes = [1, 2, 1, 3, 1]
+        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(n, i)}, n))
+                 for i, n in enumerate(sizes)]
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 5
+        model.release()
+        results = await asyncio.gather(*tasks)
+        await first
+        await batcher.stop()
+        return sizes, results
+
+    sizes, results = run(scenario())
+    assert model.rows == [1, 8]
+    for i, (n, result) in enumerate(zip(sizes, results)):
+        assert result["y"].shape == (n, 3)
+        np.testing.assert_array_equal(result["y"], rows_of(n, 2 * i))
+    # Each request's outputs are views of the one batch output, not copies.
+    assert results[0]["y"].base is not None and results[0]["y"].base is results[1]["y"].base
+    assert [r.rows for r in batcher.records] == [1, 8]
+    assert [r.requests for r in batcher.records] == [1, 5]
+
+
+def test_max_batch_size_counts_rows_not_requests():
+    model = GatedModel()
+    batcher = make(model, max_batch_size=4)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(n, n)}, n))
+                 for n in (2, 2, 1, 3)]
+        await asyncio.sleep(0.01)
+        model.release()
+        await asyncio.gather(first, *tasks)
+        with pytest.raises(InvalidInput, match="at most 4 rows"):
+            await batcher.submit({"x": rows_of(5, 0)}, 5)
+        await batcher.stop()
+
+    run(scenario())
+    assert model.rows == [1, 4, 4]
+
+
+def test_preferred_batch_size_is_sent_at_once():
+    model = GatedModel(hold_first=False)
+    batcher = make(model, max_batch_size=8, preferred_batch_sizes=(2,),
+                   max_queue_delay_us=10_000_000)
+
+    async def scenario():
+        batcher.start()
+        began = time.monotonic()
+        await asyncio.gather(*(batcher.submit({"x": rows_of(1, i)}, 1) for i in range(2)))
+        elapsed = time.monotonic() - began
+        await batcher.stop()
+        return elapsed
+
+    # Two rows reach the preferred size: no waiting for the 10 s delay.
+    assert run(scenario()) < 5
+    assert model.rows == [2]
+
+
+def test_largest_preferred_size_then_the_rest_after_the_delay():
+    model = GatedModel()
+    batcher = make(model, max_batch_size=8, preferred_batch_sizes=(2, 4),
+                   max_queue_delay_us=50_000)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(1, i)}, 1))
+                 for i in range(5)]
+        await asyncio.sleep(0.01)
+        model.release()
+        results = await asyncio.gather(*tasks)
+        await first
+        await batcher.stop()
+        return results
+
+    results = run(scenario())
+    assert model.rows == [1, 4, 1]
+    assert [float(r["y"][0, 0]) for r in results] == [0, 2, 4, 6, 8]
+
+
+def test_delay_counts_from_the_oldest_request():
+    model = GatedModel(hold_first=False)
+    batcher = make(model, max_batch_size=8, max_queue_delay_us=300_000)
+
+    async def scenario():
+        batcher.start()
+        began = time.monotonic()
+        oldest = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 0)}, 1))
+        await asyncio.sleep(0.2)
+        newest = asyncio.ensure_future(batcher.submit({"x": rows_of(2, 1)}, 2))
+        await asyncio.gather(oldest, newest)
+        elapsed = time.monotonic() - began
+        await batcher.stop()
+        return elapsed
+
+    elapsed = run(scenario())
+    # Sent when the oldest request's 0.3 s ran out (0.5 s if timed from the newest).
+    assert 0.29 <= elapsed < 0.45
+    assert model.rows == [3]
+
+
+def test_full_batch_is_sent_without_waiting_for_the_delay():
+    model = GatedModel(hold_first=False)
+    batcher = make(model, max_batch_size=4, max_queue_delay_us=10_000_000)
+
+    async def scenario():
+        batcher.start()
+        await asyncio.gather(*(batcher.submit({"x": rows_of(2, i)}, 2) for i in range(2)))
+        await batcher.stop()
+
+    run(scenario(), timeout=5)
+    assert model.rows == [4]
+
+
+def test_queue_full_is_rejected():
+    model = GatedModel()
+    batcher = make(model, max_queue_size=2)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        queued = [asyncio.ensure_future(batcher.submit({"x": rows_of(1, i)}, 1))
+                  for i in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull) as info:
+            await batcher.submit({"x": rows_of(1, 9)}, 1)
+        assert info.value.http_status == 503
+        model.release()
+        await asyncio.gather(first, *queued)
+        await batcher.stop()
+
+    run(scenario())
+    assert model.rows == [1, 2]
+
+
+def test_deadline_drops_the_request_from_the_queue():
+    model = GatedModel()
+    batcher = make(model)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit({"x": rows_of(1, 42)}, 1, deadline=time.monotonic() + 0.05)
+        assert batcher.queue_depth == 0
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit({"x": rows_of(1, 43)}, 1, deadline=time.monotonic() - 1)
+        model.release()
+        await first
+        await batcher.stop()
+
+    run(scenario())
+    assert model.rows == [1]
+
+
+def test_cancelled_request_is_dropped_from_the_queue():
+    model = GatedModel()
+    batcher = make(model)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        gone = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 42)}, 1))
+        kept = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 7)}, 1))
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 2
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert batcher.queue_depth == 1
+        model.release()
+        result = await kept
+        await first
+        await batcher.stop()
+        return result
+
+    result = run(scenario())
+    assert model.rows == [1, 1]
+    assert float(model.batches[1][0, 0]) == 7  # the cancelled request never reached the model
+    assert float(result["y"][0, 0]) == 14
+
+
+def test_event_loop_runs_while_the_model_computes():
+    model = GatedModel()
+    batcher = make(model)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        ticks = 0
+        for _ in range(5):  # the loop is free while the model thread holds the batch
+            await asyncio.sleep(0.001)
+            ticks += 1
+        model.release()
+        await first
+        await batcher.stop()
+        return ticks
+
+    assert run(scenario()) == 5
+
+
+def test_requests_with_different_trailing_shapes_batch_separately():
+    model = GatedModel()
+    batcher = make(model)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        a = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 1, width=3)}, 1))
+        b = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 2, width=5)}, 1))
+        c = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 3, width=3)}, 1))
+        await asyncio.sleep(0.01)
+        model.release()
+        results = await asyncio.gather(a, b, c)
+        await first
+        await batcher.stop()
+        return results
+
+    results = run(scenario())
+    assert model.rows == [1, 1, 1, 1]  # FIFO: a, then b, then c
+    assert [r["y"].shape[1] for r in results] == [3, 5, 3]
+
+
+def test_without_dynamic_batching_each_request_runs_alone():
+    model = GatedModel()
+    batcher = Batcher(model, max_batch_size=64, dynamic_batching=None, name="plain")
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(2, i)}, 2))
+                 for i in range(3)]
+        await asyncio.sleep(0.01)
+        model.release()
+        await asyncio.gather(first, *tasks)
+        await batcher.stop()
+
+    run(scenario())
+    assert model.rows == [1, 2, 2, 2]
+
+
+def test_model_errors_reach_every_request_of_the_batch():
+    def broken(inputs):
+        raise RuntimeError("boom")
+
+    def wrong_rows(inputs):
+        return {"y": inputs["x"][:1]}
+
+    async def scenario(model):
+        batcher = make(model, max_queue_delay_us=50_000)
+        batcher.start()
+        results = await asyncio.gather(
+            *(batcher.submit({"x": rows_of(1, i)}, 1) for i in range(2)),
+            return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    for model, message in ((broken, "boom"), (wrong_rows, "shape")):
+        results = run(scenario(model))
+        assert all(isinstance(r, InternalError) and message in str(r) for r in results)
+
+
+def test_stop_drains_then_refuses():
+    model = GatedModel()
+    batcher = make(model)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        queued = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 5)}, 1))
+        await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.01)
+        with pytest.raises(ModelNotReady):
+            await batcher.submit({"x": rows_of(1, 6)}, 1)
+        model.release()
+        await stopping
+        return await first, await queued
+
+    _, queued = run(scenario())
+    assert float(queued["y"][0, 0]) == 10
