@@ -1,0 +1,1 @@
+"""Framework adaptors: ``Inference`` classes with ``forward`` and ``concat`` written."""

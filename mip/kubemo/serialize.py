@@ -1,0 +1,234 @@
+"""KubeMo's values (``kubemo.serialize``) built on the codec's values.
+
+``Text``, ``Json`` and ``Image`` are the codec's ``mip.Text``, ``mip.Json`` and
+``mip.Image`` with KubeMo's interface on top (``kind``, ``reader``, ``encode()``,
+``decode()``), so a value a KubeMo model returns goes onto the wire as it is.
+``Input``, ``Output`` and ``Dynamic`` keep KubeMo's ``(kind, reader)`` constructor.
+
+Unlike KubeMo, reading a value twice gives the same octets (KubeMo's readers are
+consumed by the first ``encode()``/``decode()``), and Pillow is imported only when an
+image is decoded or a Pillow image is wrapped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from typing import IO, Any, Dict, Generic, Type, TypeVar
+
+import numpy
+
+import mip as _codec
+from mip.kubemo.protocol import IMAGE, JSON, TEXT
+
+__all__ = ["Serial", "Input", "Output", "Dynamic", "Text", "Json", "Image", "JsonEncoder",
+           "register", "as_input"]
+
+T = TypeVar("T")
+
+
+class Serial(Generic[T]):
+    """A value with a type code (``kind``) and its octets behind ``reader``.
+
+    Attributes ``type`` and ``data`` give the same as ``kind`` and ``encode()`` under
+    the codec's names.
+    """
+
+    def __init__(self, kind: int, reader: IO[Any]) -> None:
+        self.kind = kind
+        self.reader = reader
+
+    def encode(self) -> bytes:
+        """The value's octets (read once from ``reader``, then kept)."""
+        octets = self.__dict__.get("_octets")
+        if octets is None:
+            octets = self.reader.read()
+            if isinstance(octets, str):
+                octets = octets.encode()
+            self._octets = octets = bytes(octets)
+        return octets
+
+    def decode(self) -> T:
+        """The value as a Python object; each subclass says which."""
+        raise NotImplementedError
+
+    @property
+    def type(self) -> int:
+        """The MIP value type (1 TEXT, 2 JSON, 3 IMAGE, ...)."""
+        return self.kind
+
+    @property
+    def data(self) -> bytes:
+        """The octets on the wire."""
+        return self.encode()
+
+
+class Input(Serial):
+    """A model input of any kind: ``Input(IMAGE, open("photo.jpg", "rb"))``."""
+
+    def decode(self) -> Any:
+        return Dynamic(self.kind, io.BytesIO(self.encode())).decode()
+
+
+class Output(Serial):
+    """A model output of any kind."""
+
+    def decode(self) -> Any:
+        return Dynamic(self.kind, io.BytesIO(self.encode())).decode()
+
+
+class _CodecValue:
+    """KubeMo's interface over a codec value (which carries ``type`` and ``data``)."""
+
+    @property
+    def kind(self) -> int:
+        return self.type
+
+    @property
+    def reader(self) -> io.BytesIO:
+        """A fresh reader over the value's octets."""
+        return io.BytesIO(bytes(self.data))
+
+    def encode(self) -> bytes:
+        return bytes(self.data)
+
+
+def _read(source: Any) -> Any:
+    return source.read() if hasattr(source, "read") else source
+
+
+class Text(_CodecValue, _codec.Text, Serial[str]):
+    """A TEXT value from a ``str`` or a text/binary reader."""
+
+    def __init__(self, s: Any) -> None:
+        if not isinstance(s, str):
+            if not hasattr(s, "read"):
+                raise TypeError(f"expected str or IO-like object, not {type(s)}")
+            s = s.read()
+            s = s if isinstance(s, str) else bytes(s).decode()
+        _codec.Text.__init__(self, s)
+
+    def __repr__(self) -> str:
+        return self.value  # KubeMo shows a text value as the text itself
+
+    def decode(self) -> str:
+        """The text."""
+        return self.value
+
+
+class Json(_CodecValue, _codec.Json, Serial[object]):
+    """A JSON value from any object ``json`` can encode (numpy numbers and arrays
+    included), or from a reader of JSON text."""
+
+    def __init__(self, obj: Any) -> None:
+        if hasattr(obj, "read"):
+            obj = json.loads(obj.read())
+        _codec.Json.__init__(self, obj)
+
+    def __repr__(self) -> str:
+        return repr(self.decode())
+
+    def decode(self) -> object:
+        """The object the JSON text decodes to (numpy numbers come back as Python ones)."""
+        return json.loads(self.data)
+
+
+def _pil_image_class() -> Any:
+    module = sys.modules.get("PIL.Image")  # a Pillow image exists only if Pillow is loaded
+    return None if module is None else module.Image
+
+
+class Image(_CodecValue, _codec.Image, Serial):
+    """An IMAGE value (an encoded image file) from a path, a binary reader, bytes or a
+    Pillow image."""
+
+    def __init__(self, fp: Any) -> None:
+        pil_image = _pil_image_class()
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "rb") as f:
+                data = f.read()
+        elif isinstance(fp, (bytes, bytearray, memoryview)):
+            data = fp
+        elif hasattr(fp, "read"):
+            data = fp.read()
+        elif pil_image is not None and isinstance(fp, pil_image):
+            buffer = io.BytesIO()
+            fp.save(buffer, format=fp.format or "PNG")
+            data = buffer.getvalue()
+        else:
+            raise TypeError(f"expected str, IO-like object or PIL image, not {type(fp)}")
+        _codec.Image.__init__(self, data)
+
+    def decode(self) -> Any:
+        """The image as a ``PIL.Image.Image`` (needs Pillow)."""
+        from PIL import Image as PIL_Image
+
+        return PIL_Image.open(io.BytesIO(bytes(self.data)))
+
+
+class Dynamic(Serial):
+    """A value whose class is chosen by its kind, as KubeMo's server builds inputs."""
+
+    def __init__(self, kind: int, reader: IO[Any]) -> None:
+        factory = _default_serializations.get(kind)
+        self.serial = factory(reader) if factory is not None else Input(kind, reader)
+
+    def __repr__(self) -> str:
+        return repr(self.decode())
+
+    @property
+    def kind(self) -> int:  # type: ignore[override]
+        return self.serial.kind
+
+    def decode(self) -> Any:
+        return self.serial.decode()
+
+    def encode(self) -> bytes:
+        return self.serial.encode()
+
+
+class JsonEncoder(json.JSONEncoder):
+    """A JSON encoder that also takes numpy integers, floats and arrays."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, numpy.integer):
+            return int(o)
+        if isinstance(o, numpy.floating):
+            return float(o)
+        if isinstance(o, numpy.ndarray):
+            return o.tolist()
+        return json.JSONEncoder.default(self, o)
+
+
+_default_serializations: Dict[int, Type[Serial]] = {TEXT: Text, JSON: Json, IMAGE: Image}
+
+
+def register(s: Type[Serial]) -> None:
+    """Make ``Dynamic`` build values of ``s.kind`` with ``s``."""
+    _default_serializations[s.kind] = s
+
+
+def as_input(value: Any) -> Any:
+    """The KubeMo view of one value a server received.
+
+    Codec values (anything with ``type`` and ``data``) become :class:`Dynamic` values, as
+    KubeMo's server gives them; ``str`` is TEXT, ``bytes`` IMAGE (KubeMo's binary type),
+    ``dict``/``list`` JSON. KubeMo values and numpy arrays pass through unchanged.
+    """
+    if isinstance(value, (Serial, numpy.ndarray)):
+        return value
+    if isinstance(value, _codec.Text):
+        return Dynamic(TEXT, io.StringIO(value.value))
+    if isinstance(value, _codec.Json):
+        return Dynamic(JSON, io.BytesIO(value.data))
+    if isinstance(value, str):
+        return Dynamic(TEXT, io.StringIO(value))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Dynamic(IMAGE, io.BytesIO(value))
+    if isinstance(value, (dict, list)):
+        return Json(value)
+    if hasattr(value, "type") and hasattr(value, "data"):
+        return Dynamic(value.type, io.BytesIO(bytes(value.data)))
+    raise TypeError(f"cannot give a {type(value).__name__} to a KubeMo model")
