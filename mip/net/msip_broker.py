@@ -44,7 +44,7 @@ import time
 from typing import Iterable
 
 from mip import msip
-from mip.errors import ProtocolError
+from mip.errors import FrameTooLarge, ProtocolError
 from mip.net.urls import Address, parse_url
 
 __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
@@ -222,6 +222,8 @@ class _Connection(asyncio.BufferedProtocol):
             if frames and not self.closing:
                 # the parser raises an error found after complete frames on its next call
                 self.parser.feed(b"")
+        except FrameTooLarge as exc:
+            self.fail(f"frame too large: {exc}")
         except ProtocolError as exc:
             self.fail(f"malformed frame: {exc}")
         if self.rx_total > self.consumed:

@@ -37,7 +37,7 @@ class RefClient:
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 3.0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
+        self.buf = bytearray()
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -65,7 +65,8 @@ class RefClient:
         n = struct.unpack_from(">I", self.buf, 12)[0]
         if not self._fill(24 + n, deadline):
             return None
-        raw, self.buf = self.buf[:24 + n], self.buf[24 + n:]
+        raw = bytes(self.buf[:24 + n])
+        del self.buf[:24 + n]
         return raw
 
     def recv(self, timeout: float = 3.0):
@@ -152,6 +153,21 @@ class BrokerThread:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def shrink_send_buffers(bt: BrokerThread, client: RefClient, size: int = 8192) -> None:
+    """Make the kernel send buffer of the broker's socket to ``client`` small, so that a
+    subscriber that does not read fills it quickly and the broker's own queue takes over."""
+    local = client.sock.getsockname()
+
+    def shrink():
+        for conn in bt.broker._conns:
+            if conn.peer != local:
+                continue
+            sock = conn.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+    bt.call(shrink)
 
 
 def wait_for(predicate, timeout: float = 3.0, interval: float = 0.01) -> bool:
