@@ -113,19 +113,36 @@ def _specs(configured: tuple, declared: Any, default_prefix: str) -> list[Tensor
     return [TensorSpec(f"{default_prefix}_0", "BYTES", (-1,))]
 
 
-def _kubemo_converter(model: Any) -> Any:
-    """For a model written against the ``kubemo`` package itself, wrap values in its own
-    ``Dynamic`` (its lifecycle does not accept codec values); otherwise ``None``."""
+def _kubemo_converters(model: Any) -> tuple[Any, Any]:
+    """For a model written against the ``kubemo`` package itself: functions that wrap
+    input values in its own ``Dynamic`` (its lifecycle does not accept codec values) and
+    turn its output values into the codec's; ``(None, None)`` for any other model."""
     if not any(c.__module__.split(".")[0] == "kubemo" for c in type(model).__mro__):
-        return None
+        return None, None
+    import mip as codec  # only KubeMo's own values need translating for the wire
     from kubemo.serialize import Dynamic  # the user's model already imported kubemo
 
-    def convert(value: Any) -> Any:
+    def convert_input(value: Any) -> Any:
+        if isinstance(value, str):
+            return Dynamic(1, io.BytesIO(value.encode()))
         if isinstance(value, np.ndarray) or not hasattr(value, "type"):
             return value
         return Dynamic(value.type, io.BytesIO(bytes(value.data)))
 
-    return convert
+    def convert_output(value: Any) -> Any:
+        kind, encode = getattr(value, "kind", None), getattr(value, "encode", None)
+        if kind is None or not callable(encode):
+            return value
+        data = encode()
+        if kind == 1:
+            return codec.Text(data.decode())
+        if kind == 2:
+            return codec.Json.from_bytes(data)
+        if kind == 3:
+            return codec.Image(data)
+        return codec.Value(kind, data)
+
+    return convert_input, convert_output
 
 
 class PythonRunner:
@@ -146,7 +163,8 @@ class PythonRunner:
                              if not self.lifecycle else None, "input")
         self.outputs = _specs(config.outputs, getattr(model, "outputs", None)
                               if not self.lifecycle else None, "output")
-        self._convert = _kubemo_converter(model) if self.lifecycle else None
+        self._convert, self._convert_output = (
+            _kubemo_converters(model) if self.lifecycle else (None, None))
         self._dtypes = {s.name: to_numpy(s.datatype) for s in self.outputs}
 
     def run(self, inputs: dict[str, np.ndarray],
@@ -180,8 +198,9 @@ class PythonRunner:
                 continue
             if spec.datatype == "BYTES":
                 column = np.empty(rows, dtype=object)
+                convert = self._convert_output
                 for i, item in enumerate(results):
-                    column[i] = item[j]
+                    column[i] = convert(item[j]) if convert else item[j]
             else:
                 column = np.stack([np.asarray(item[j]) for item in results]).astype(
                     self._dtypes[spec.name], copy=False)

@@ -1,0 +1,218 @@
+"""Python models in the repository: KubeMo's lifecycle and tensor models, through the Engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import mip
+from mip.errors import InternalError
+from mip.serving.engine import Engine
+from mip.serving.repository import ModelLoadError, ModelRepository, ModelState
+
+from ._models import SHARED_MODELS, run
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist" / "model_repository"
+FASHION = SHARED_MODELS / "fashion_mnist"
+
+LENGTH_MODEL = """
+from typing import Tuple
+import numpy
+from {prefix}.adaptor.arith import Inference
+from {prefix}.serialize import Json, Text
+
+class TextLength(Inference):
+    def preprocess(self, inputs):
+        return numpy.array([[len(inputs[0].decode())]], dtype=numpy.float32),
+
+    def forward(self, inputs):
+        return inputs[0] * 2,
+
+    def postprocess(self, outputs):
+        return Json({{"double": outputs[0][0]}}), Text("ok")
+"""
+
+TENSOR_MODEL = """
+import numpy as np
+
+class Scale:
+    inputs = [("x", "FP32", [-1, 3])]
+    outputs = [("y", "FP32", [-1, 3])]
+
+    def __init__(self, factor=2.0):
+        self.factor = factor
+
+    def infer(self, inputs):
+        return {"y": inputs["x"] * np.float32(self.factor)}
+"""
+
+
+def write_model(repo: Path, name: str, source: str, config: dict | None = None) -> None:
+    folder = repo / name / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.py").write_text(textwrap.dedent(source))
+    if config is not None:
+        (repo / name / "config.json").write_text(json.dumps(config))
+
+
+def texts(*values: str) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = [mip.Text(v) for v in values]
+    return column
+
+
+@pytest.mark.parametrize("prefix", ["mip.kubemo", "kubemo"])
+def test_kubemo_lifecycle_batches_values(repo, prefix):
+    if prefix == "kubemo":
+        pytest.importorskip("kubemo")
+    write_model(repo, "length", LENGTH_MODEL.format(prefix=prefix),
+                {"inputs": ["text"], "outputs": ["double", "status"],
+                 "dynamic_batching": {"max_queue_delay_us": 20_000}})
+    words = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
+
+    async def scenario():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        meta = engine.model_metadata("length")
+        results = await asyncio.gather(
+            engine.infer("length", {"text": texts(*words[:2])}),
+            *(engine.infer("length", {"text": texts(w)}) for w in words[2:]))
+        stats = engine.stats()[("length", "1")]
+        await engine.stop()
+        return meta, results, stats
+
+    meta, results, stats = run(scenario())
+    assert [(s.name, s.datatype, s.shape) for s in meta.inputs] == [("text", "BYTES", (-1,))]
+    assert [s.name for s in meta.outputs] == ["double", "status"]
+    assert meta.platform == "python"
+    assert max(stats.batch_sizes) > 1
+    doubles = [v.value for r in results for v in r["double"]]
+    assert doubles == [{"double": 2.0 * len(w)} for w in words]
+    first = results[0]["double"][0]
+    # The outputs are codec values: they go onto the wire as they are.
+    assert mip.decode(mip.encode_response([(first, results[0]["status"][0])], n_input=1)
+                      ).batch[0][0].value == {"double": 2.0}
+
+
+def test_plain_str_and_bytes_values_reach_the_model(repo):
+    write_model(repo, "length", LENGTH_MODEL.format(prefix="mip.kubemo"),
+                {"outputs": ["double", "status"]})
+
+    async def scenario():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        out = await engine.infer("length", {"input_0": np.array(["four", "sixsix"])})
+        await engine.stop()
+        return out
+
+    out = run(scenario())
+    assert [v.decode()["double"] for v in out["double"]] == [8.0, 12.0]
+
+
+def test_tensor_python_model(repo, rng):
+    write_model(repo, "scale", TENSOR_MODEL, {"python": {"kwargs": {"factor": 3.0}}})
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+
+    async def scenario():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        meta = engine.model_metadata("scale")
+        out = await engine.infer("scale", {"x": x})
+        await engine.stop()
+        return meta, out
+
+    meta, out = run(scenario())
+    assert (meta.inputs[0].datatype, meta.inputs[0].shape) == ("FP32", (-1, 3))
+    np.testing.assert_allclose(out["y"], x * 3, rtol=1e-6)
+
+
+def test_output_count_mismatch_is_an_internal_error(repo):
+    write_model(repo, "length", LENGTH_MODEL.format(prefix="mip.kubemo"))  # declares 1 output
+
+    async def scenario():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        try:
+            with pytest.raises(InternalError, match="declares 1 outputs"):
+                await engine.infer("length", {"input_0": texts("x")})
+        finally:
+            await engine.stop()
+
+    run(scenario())
+
+
+def test_load_failures_have_reasons(repo):
+    write_model(repo, "two", TENSOR_MODEL + "\n\nclass Other(Scale):\n    pass\n")
+    write_model(repo, "raises", "raise RuntimeError('cannot import this')\n")
+    write_model(repo, "nocuda", TENSOR_MODEL, {"device": "cuda:0"})
+    repository = ModelRepository(repo)
+    for name in ("two", "raises", "nocuda"):
+        with pytest.raises(ModelLoadError):
+            repository.load(name)
+    reasons = {e.name: e.reason for e in repository.index()}
+    assert "exactly one model class" in reasons["two"]
+    assert "cannot import this" in reasons["raises"]
+    assert "device_id" in reasons["nocuda"]
+    (repo / "two" / "config.json").write_text(json.dumps({"python": {"class": "Other"}}))
+    repository.load("two")
+    assert [e.state for e in repository.index() if e.name == "two"] == [ModelState.READY]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="this ONNX Runtime has a CUDA provider")
+@pytest.mark.skipif(not FASHION.is_dir(), reason=f"{FASHION} is absent")
+def test_kubemo_onnx_adaptor_on_cuda_without_provider(repo):
+    shutil.copytree(EXAMPLE / "fashion_mnist", repo / "fashion_mnist")
+    (repo / "fashion_mnist" / "1" / "fashion_mnist.onnx").symlink_to(
+        (FASHION / "fashion_mnist.onnx").resolve())
+    config = json.loads((repo / "fashion_mnist" / "config.json").read_text())
+    (repo / "fashion_mnist" / "config.json").write_text(json.dumps({**config, "device": "cuda"}))
+    repository = ModelRepository(repo)
+    with pytest.raises(ModelLoadError, match="CUDAExecutionProvider"):
+        repository.load("fashion_mnist")
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason=f"{FASHION} is absent")
+def test_fashion_mnist_example_equals_a_direct_onnxruntime_run(repo):
+    pil = pytest.importorskip("PIL.Image")
+    shutil.copytree(EXAMPLE / "fashion_mnist", repo / "fashion_mnist")
+    (repo / "fashion_mnist" / "1" / "fashion_mnist.onnx").symlink_to(
+        (FASHION / "fashion_mnist.onnx").resolve())
+    photos = [FASHION / "t-shirt.jpg", FASHION / "ankle-boot.jpg"]
+
+    session = ort.InferenceSession(str(FASHION / "fashion_mnist.onnx"))
+    expected = []
+    for photo in photos:
+        x = np.array(pil.open(photo).resize((28, 28)).convert("L"),
+                     dtype=np.float32).reshape(1, 28, 28) / 255.0
+        logits = session.run(None, {"x": x})[0][0]
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        expected.append(np.sort(p)[::-1][:3])
+
+    async def scenario():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        column = np.empty(1, dtype=object)
+        requests = []
+        for photo in photos * 3:
+            column = np.empty(1, dtype=object)
+            column[0] = mip.Image(photo.read_bytes())
+            requests.append(engine.infer("fashion_mnist", {"image": column}))
+        results = await asyncio.gather(*requests)
+        await engine.stop()
+        return results
+
+    results = run(scenario())
+    for i, result in enumerate(results):
+        top = result["labels"][0].decode()
+        assert len(top) == 3
+        np.testing.assert_allclose(sorted(top.values(), reverse=True), expected[i % 2],
+                                   rtol=1e-5)
