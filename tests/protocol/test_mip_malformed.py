@@ -505,6 +505,30 @@ def test_bytes_tensor_elements_malformed(dims, data):
     both(frame, InvalidValue, 12, len(frame))
 
 
+@pytest.mark.parametrize("code", [2, 11, 12, 13])
+@pytest.mark.parametrize(
+    "dims",
+    [
+        (0, 0xFFFFFFFF),
+        (0xFFFFFFFF, 0),
+        (0xFFFFFFFF, 0xFFFFFFFF, 0),
+        (0, 0xFFFFFFFF, 0xFFFFFFFF),
+        (0,) + (0xFFFFFFFF,) * 31,
+        (0xFFFFFFFF,) * 31 + (0,),
+    ],
+    ids=lambda d: "x".join(str(x) for x in d[:4]),
+)
+def test_empty_tensors_with_huge_dims(code, dims):
+    """Zero elements, but the other dims are huge: an empty array of that shape or InvalidValue,
+    never another exception."""
+    frame = tensor_frame(code=code, dims=dims, data=b"")
+    try:
+        (item,) = mip.decode(frame).batch
+    except InvalidValue:
+        return
+    assert item[0].shape == dims and item[0].size == 0
+
+
 def test_malformed_tensor_in_a_later_item():
     layout = _wire.inference(ITEMS)
     at = layout.tlv_offsets[7 + 1]  # item 1's FP32 tensor

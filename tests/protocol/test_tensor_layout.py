@@ -178,6 +178,14 @@ def test_thirty_two_dims_encode_and_thirty_three_do_not():
         mip.encode_request([[np.zeros((1,) * 33, dtype=np.int8)]])
 
 
+def test_dims_over_four_gib_are_refused_by_the_encoder():
+    with pytest.raises(ENCODE_ERRORS):
+        mip.encode_request([[np.empty((2**32, 0), dtype=np.float32)]])
+    frame = mip.encode_request([[np.empty((2**32 - 1, 0), dtype=np.float32)]])
+    (out,) = tensors_in(mip.decode(frame))
+    assert out.shape == (2**32 - 1, 0)
+
+
 def test_unsupported_dtypes_are_refused_by_the_encoder():
     for arr in (np.zeros(2, dtype=np.complex64), np.zeros(2, dtype=np.complex128), np.zeros(2, dtype="M8[s]")):
         with pytest.raises(ENCODE_ERRORS):
