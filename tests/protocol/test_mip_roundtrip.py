@@ -189,3 +189,15 @@ def test_buffers_join_equals_bytes_for_single_items(values):
     batch = [[v for v in mip_batch([values])[0]]]
     assert b"".join(mip.encode_request_buffers(batch)) == mip.encode_request(batch)
     assert b"".join(mip.encode_response_buffers(batch, n_input=3)) == mip.encode_response(batch, n_input=3)
+
+
+@pytest.mark.parametrize("value_type", [4, 5, 15, 16, 17, 100, 255])
+def test_encoder_never_writes_what_its_decoder_rejects(value_type):
+    """Types 0-255 belong to the protocol: a ``Value`` of such a type is refused, or, if it is
+    written, the frame must still decode."""
+    for data in (b"x", b"\x0b\x00\x00\x00\x00\x00\x80\x3f"):
+        try:
+            frame = mip.encode_request([[mip.Value(value_type, data)]])
+        except ENCODE_ERRORS:
+            continue
+        mip.decode(frame)
