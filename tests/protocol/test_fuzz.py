@@ -109,7 +109,7 @@ def mutate(rnd: random.Random, data: bytes, corpus: list[bytes]) -> bytes:
 
 def touch_message(m) -> None:
     """Read everything a decoded message exposes, so a bad view would be noticed."""
-    _ = (m.kind, m.subtype, m.n_input, m.n_output, m.error_code, m.model, m.version)
+    _ = (m.kind, m.subtype, m.n_input, m.n_output, m.error_code, m.model, m.version, repr(m))
     for item in m.batch:
         for v in item:
             if isinstance(v, np.ndarray):
@@ -125,7 +125,7 @@ def touch_message(m) -> None:
 
 
 def touch_frame(f) -> None:
-    _ = (f.frame_type, f.msg_kind, f.flags, f.msg_id)
+    _ = (f.frame_type, f.msg_kind, f.flags, f.msg_id, repr(f))
     bytes(f.payload)
 
 

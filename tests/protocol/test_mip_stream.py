@@ -272,3 +272,29 @@ def test_default_limit_is_64_mib():
     expect_error(mip.FrameParser(), _wire.header(2, 0, 64 * 1024 * 1024 + 1), FrameTooLarge)
     parser = mip.FrameParser()
     assert parser.feed(_wire.header(2, 0, 1024 * 1024)) == []  # a 1 MiB frame is fine
+
+
+def test_buffer_updated_rejects_counts_it_did_not_hand_out():
+    for bad in (lambda n: n + 1, lambda n: -1, lambda n: 1 << 40):
+        parser = mip.FrameParser()
+        buf = parser.get_buffer(-1)
+        with pytest.raises(ValueError):
+            parser.buffer_updated(bad(len(buf)))
+
+
+def test_parser_stays_failed_after_an_error():
+    parser = mip.FrameParser()
+    expect_error(parser, bytes.fromhex("00 02 07 00 00000000"), ProtocolError)
+    for _ in range(2):
+        with pytest.raises(ProtocolError):
+            parser.feed(STREAM[0])
+
+
+def test_max_frame_size_counts_the_whole_frame_like_decode():
+    frame = STREAM[1]
+    for limit in (len(frame), len(frame) + 1):
+        assert len(mip.FrameParser(max_frame_size=limit).feed(frame)) == 1
+        mip.decode(frame, max_frame_size=limit)
+    expect_error(mip.FrameParser(max_frame_size=len(frame) - 1), frame, FrameTooLarge)
+    with pytest.raises(FrameTooLarge):
+        mip.decode(frame, max_frame_size=len(frame) - 1)

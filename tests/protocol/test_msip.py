@@ -383,3 +383,14 @@ def test_payload_len_lies():
     decode_error(GOOD + GOOD, InconsistentCounts)
     with pytest.raises((TruncatedFrame, FrameTooLarge)):
         msip.decode(_wire.msip(4, 1, payload_len=0xFFFFFFFF))
+
+
+def test_parser_buffer_updated_and_failed_state():
+    parser = msip.FrameParser()
+    buf = parser.get_buffer(-1)
+    with pytest.raises(ValueError):
+        parser.buffer_updated(len(buf) + 1)
+    parser = msip.FrameParser()
+    expect_error(parser, b"XSIP" + GOOD[4:], BadMagic)
+    with pytest.raises(ProtocolError):
+        parser.feed(GOOD)
