@@ -394,3 +394,13 @@ def test_parser_buffer_updated_and_failed_state():
     expect_error(parser, b"XSIP" + GOOD[4:], BadMagic)
     with pytest.raises(ProtocolError):
         parser.feed(GOOD)
+
+
+@pytest.mark.parametrize("frame_type,msg_kind", [(0, 1), (11, 1), (0xFFFF, 1), (1, 0), (1, 6), (1, 0xFFFF)])
+def test_encoder_never_writes_what_its_decoder_rejects(frame_type, msg_kind):
+    """An undefined frame type or msg_kind is refused when encoding, or the frame still decodes."""
+    try:
+        data = msip.encode(frame_type, msg_kind, b"")
+    except (ValueError, TypeError):
+        return
+    msip.decode(data)
