@@ -1,0 +1,108 @@
+"""A KubeMo model file ports by changing the import prefix, and runs the same both ways."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mip
+from mip.kubemo import Client, Image, Json, Text
+from mip.kubemo.adaptor.arith import Inference as ArithInference
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "fashion_mnist" / "model_repository" / "fashion_mnist" / "1"
+FASHION = ROOT / ".." / "shared" / "models" / "fashion_mnist"
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason=f"{FASHION} is absent")
+def test_fashion_mnist_port_matches_kubemo(tmp_path):
+    pytest.importorskip("kubemo")
+    pytest.importorskip("PIL")
+    source = (EXAMPLE / "model.py").read_text()
+    assert "kubemo" in source
+    original = tmp_path / "fashion_mnist_kubemo.py"
+    original.write_text(source.replace("mip.kubemo", "kubemo"))  # back to KubeMo's imports
+    ported = load_module(EXAMPLE / "model.py", "ported_fashion_mnist")
+    reference = load_module(original, "kubemo_fashion_mnist")
+    import kubemo
+
+    photos = [FASHION / "t-shirt.jpg", FASHION / "ankle-boot.jpg"]
+    ours = ported.FashionMNIST(path=str(FASHION / "fashion_mnist.onnx"), input_names=("x",))
+    theirs = reference.FashionMNIST(path=str(FASHION / "fashion_mnist.onnx"),
+                                    input_names=("x",))
+    got = ours(*((Image(p),) for p in photos))
+    want = theirs(*((kubemo.Image(str(p)),) for p in photos))
+    assert [item[0].encode() for item in got] == [item[0].encode() for item in want]
+
+
+class Shout(ArithInference):
+    """Upper-cases TEXT, counts letters into JSON."""
+
+    def preprocess(self, inputs):
+        return np.array([[len(inputs[0].decode())]]),
+
+    def forward(self, inputs):
+        return inputs[0],
+
+    def postprocess(self, outputs):
+        return Json({"letters": int(outputs[0][0])}), Text("done")
+
+
+def test_client_against_kubemo_server():
+    kubemo = pytest.importorskip("kubemo")
+    import kubemo.server
+
+    from kubemo.adaptor.arith import Inference as TheirArith
+
+    class TheirShout(TheirArith):
+        def preprocess(self, inputs):
+            return np.array([[len(inputs[0].decode())]]),
+
+        def forward(self, inputs):
+            return inputs[0],
+
+        def postprocess(self, outputs):
+            # KubeMo's server insists on as many outputs as inputs per item.
+            return kubemo.Json({"letters": int(outputs[0][0])}),
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = kubemo.Server("tcp", ("127.0.0.1", port))
+    server.handle(kubemo.InferenceHandler(TheirShout()))
+
+    def serve():
+        try:
+            server.serve()
+        except OSError:
+            pass  # the socket was closed to stop the server
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = Client(timeout=10)
+        url = f"tcp://127.0.0.1:{port}"
+        assert client.ping(url) > 0
+        outputs = client.inference(url, ((Text("four"),), (mip.Text("sixsix"),)))
+        assert [item[0].decode() for item in outputs] == [{"letters": 4}, {"letters": 6}]
+    finally:
+        server.socket.close()
+        thread.join(5)
+
+
+def test_lifecycle_runs_locally_on_codec_values():
+    model = Shout()
+    outputs = model((mip.Text("abc"),), (Text("de"),), ("f",))
+    assert [item[0].decode() for item in outputs] == [{"letters": n} for n in (3, 2, 1)]
