@@ -316,15 +316,6 @@ cdef class Message:
         model, version: the route of a kind-3 request, else None.
     """
 
-    cdef readonly int kind
-    cdef readonly int subtype
-    cdef readonly int n_input
-    cdef readonly int n_output
-    cdef readonly list batch
-    cdef readonly object error_code
-    cdef readonly object model
-    cdef readonly object version
-
     @property
     def is_request(self):
         return self.kind != MIP_KIND_ERROR and self.subtype == MIP_REQUEST
@@ -641,8 +632,6 @@ cdef class FrameParser(StreamParser):
     any memory is reserved for it.  After an error the parser is broken: every
     later call raises the same error.
     """
-
-    cdef uint64_t max_frame
 
     def __init__(self, Py_ssize_t max_frame_size=DEFAULT_MAX_FRAME_SIZE,
                  Py_ssize_t chunk_size=65536):

@@ -29,15 +29,6 @@ cdef class Frame:
     read-only memoryview of the received octets, made on first access.
     """
 
-    cdef readonly int frame_type
-    cdef readonly int msg_kind
-    cdef readonly int flags
-    cdef readonly uint64_t msg_id
-    cdef readonly Py_ssize_t payload_len
-    cdef object _owner
-    cdef Py_ssize_t _offset
-    cdef object _payload
-
     def __init__(self, int frame_type, int msg_kind, payload=b"", uint64_t msg_id=0, int flags=0):
         self.frame_type = frame_type
         self.msg_kind = msg_kind
@@ -209,8 +200,6 @@ cdef class FrameParser(StreamParser):
     declaring more than `max_payload` octets raises ``FrameTooLarge`` before
     anything is reserved for it; after an error the parser stays broken.
     """
-
-    cdef uint64_t max_payload
 
     def __init__(self, Py_ssize_t max_payload=DEFAULT_MAX_PAYLOAD, Py_ssize_t chunk_size=65536):
         if max_payload < 0:

@@ -1,0 +1,228 @@
+"""The ``mip`` command: ``mip serve``, ``mip infer``, ``mip ping``, ``mip broker``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+
+__all__ = ["main"]
+
+log = logging.getLogger("mip")
+
+DEFAULT_MIP_URL = "tcp://127.0.0.1:7070"
+DEFAULT_MSIP_URL = "tcp://127.0.0.1:7171"
+
+
+def _size(text: str) -> int:
+    """Parse an octet count with an optional K/M/G suffix (binary multiples)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def _server_ssl(args) -> ssl.SSLContext | None:
+    if not args.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.tls_ca:
+        ctx.load_verify_locations(args.tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="require client certificates signed by these CAs (mutual TLS)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mip", description="Wire-protocol toolkit for model inference: MIP and MSIP.")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve", help="serve a model repository over MIP",
+        description="Serve the models of a repository. With no --model-repository, serves the "
+                    "built-in demo repository (models 'identity' and 'mlp', built locally).")
+    serve.add_argument("--model-repository", metavar="DIR",
+                       help="folder of models: NAME/[VERSION/]model.onnx, NAME/config.json, "
+                            "NAME/model.py (default: the built-in demo repository)")
+    serve.add_argument("--mip", metavar="URL", default=DEFAULT_MIP_URL,
+                       help=f"MIP listener: tcp://HOST:PORT or unix:///PATH, or 'none' "
+                            f"(default {DEFAULT_MIP_URL})")
+    serve.add_argument("--mip-model", metavar="NAME",
+                       help="model that plain (kind 2) MIP requests reach (default: the "
+                            "repository's only model)")
+    serve.add_argument("--model", dest="models", action="append", metavar="NAME",
+                       help="load only this model (repeatable; default: every model)")
+    serve.add_argument("--max-frame-size", type=_size, default=64 << 20, metavar="OCTETS",
+                       help="largest MIP request accepted, e.g. 64M (default 64M)")
+    serve.add_argument("--max-connections", type=int, default=1024,
+                       help="connections served at once (default 1024)")
+    serve.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="close connections silent this long with nothing in flight "
+                            "(0 = never; default 300)")
+    serve.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="close connections stuck this long in the middle of a frame "
+                            "(0 = never; default 30)")
+    serve.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                       help="fail requests not answered within this time (default: no limit)")
+    _add_tls(serve)
+
+    infer = sub.add_parser("infer", help="send one inference request to a MIP server")
+    infer.add_argument("url", help="tcp://HOST:PORT or unix:///PATH")
+    infer.add_argument("model", nargs="?", help="model name (default: the server's default model)")
+    infer.add_argument("--version", help="model version")
+    infer.add_argument("--shape", default="1,16", help="input shape, comma-separated (default 1,16)")
+    infer.add_argument("--datatype", default="FP32", help="input datatype (default FP32)")
+    infer.add_argument("--input", action="append", metavar="FILE.npy",
+                       help="input tensors from .npy files, in the model's input order")
+    infer.add_argument("--text", action="append", help="a TEXT input value")
+
+    ping = sub.add_parser("ping", help="PING a MIP server")
+    ping.add_argument("url", help="tcp://HOST:PORT or unix:///PATH")
+    ping.add_argument("--count", type=int, default=3, help="pings to send (default 3)")
+
+    broker = sub.add_parser("broker", help="run an MSIP pub/sub broker")
+    broker.add_argument("--msip", metavar="URL", default=DEFAULT_MSIP_URL,
+                        help=f"listen URL (default {DEFAULT_MSIP_URL})")
+    _add_tls(broker)
+    return parser
+
+
+async def _serve(args) -> int:
+    from mip.frontends.mip import MipHandler
+    from mip.net.mip_server import MipServer
+    from mip.serving.engine import Engine
+    from mip.serving.repository import ModelRepository
+
+    try:
+        import uvloop  # noqa: F401  (installed by the 'serve' extra; chosen in main())
+    except ImportError:
+        pass
+    if args.model_repository:
+        root = args.model_repository
+    else:
+        from mip.serving.demo import build_demo_repository
+        root = build_demo_repository()
+        log.info("serving the built-in demo repository at %s", root)
+    engine = Engine(ModelRepository(root), models=args.models, default_model=args.mip_model)
+    await engine.start()
+    for entry in engine.index():
+        log.info("model %s version %s: %s%s", entry.name, entry.version, entry.state,
+                 f" ({entry.reason})" if getattr(entry, "reason", "") else "")
+    servers = []
+    if args.mip.lower() != "none":
+        handler = MipHandler(engine, request_timeout=args.request_timeout)
+        server = MipServer(handler, max_frame_size=args.max_frame_size,
+                           max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+                           read_timeout=args.read_timeout, ssl=_server_ssl(args))
+        address = await server.start(args.mip)
+        servers.append(server)
+        print(f"mip: serving MIP on {address} (default model: {engine.default_model()})",
+              flush=True)
+    if not servers:
+        log.error("every listener is off: nothing to serve")
+        await engine.stop()
+        return 2
+    await _wait_for_signal()
+    log.info("shutting down: finishing requests in flight")
+    for server in servers:
+        await server.stop()
+    await engine.stop()
+    return 0
+
+
+async def _wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _broker(args) -> int:
+    from mip.net.msip_broker import Broker
+
+    broker = Broker(ssl=_server_ssl(args)) if args.tls_cert else Broker()
+    address = await broker.start(args.msip)
+    print(f"mip: MSIP broker on {address}", flush=True)
+    await _wait_for_signal()
+    await broker.stop()
+    return 0
+
+
+def _infer(args) -> int:
+    import numpy as np
+
+    import mip
+    from mip.net.mip_client import Client
+
+    batch_item = []
+    if args.input:
+        batch_item = [np.load(path) for path in args.input]
+    if args.text:
+        batch_item += [mip.Text(t) for t in args.text]
+    if not batch_item:
+        shape = [int(d) for d in args.shape.split(",") if d.strip()]
+        dtype = mip.DATATYPES[args.datatype.upper()]
+        rng = np.random.default_rng(0)
+        batch_item = [rng.standard_normal(shape).astype(dtype)]
+    with Client(args.url) as client:
+        items = client.infer([batch_item], model=args.model, version=args.version)
+    for i, item in enumerate(items):
+        for j, value in enumerate(item):
+            print(f"item {i} output {j}: {value!r}")
+    return 0
+
+
+def _ping(args) -> int:
+    from mip.net.mip_client import Client
+
+    with Client(args.url) as client:
+        for _ in range(args.count):
+            print(f"pong from {args.url} in {client.ping() * 1e3:.3f} ms")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mip`` command."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "infer":
+            return _infer(args)
+        if args.command == "ping":
+            return _ping(args)
+        coro = _serve(args) if args.command == "serve" else _broker(args)
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(coro)
+        return uvloop.run(coro)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear message, not a traceback, for errors users make
+        from mip.errors import MipError
+        if isinstance(exc, (MipError, OSError, ValueError)):
+            print(f"mip: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""MIP clients: blocking ``Client`` with a connection pool, and pipelining ``AsyncClient``.
+
+Both send headers and tensor memory as one scatter-gather write (no copy of
+large tensors) and decode replies with tensors as numpy views of the memory
+the socket wrote.  A named model travels as a routed request (kind 3);
+``model=None`` sends a plain KubeMo request (kind 2) to the server's default
+model.  An ERROR reply raises ``mip.RemoteError`` carrying its code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import queue
+import socket
+import ssl as _ssl
+import threading
+import time
+from typing import Sequence
+
+import mip
+from mip.errors import ProtocolError, RemoteError
+from mip.net.urls import parse_url
+
+__all__ = ["Client", "AsyncClient"]
+
+
+def _connect(url: str, timeout: float | None, ssl: _ssl.SSLContext | None,
+             server_hostname: str | None) -> socket.socket:
+    addr = parse_url(url)
+    if addr.scheme == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(addr.path)
+    else:
+        sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if ssl is not None:
+        sock = ssl.wrap_socket(sock, server_hostname=server_hostname or addr.host)
+    return sock
+
+
+def _reply(message: mip.Message) -> mip.Message:
+    if message.kind == mip.KIND_ERROR:
+        raise RemoteError(message.error_code)
+    if not message.is_response:
+        raise ProtocolError("the peer sent a request where a response was expected")
+    return message
+
+
+class _BlockingConnection:
+    def __init__(self, sock: socket.socket, max_frame_size: int):
+        self.sock = sock
+        self.max_frame_size = max_frame_size
+        self.header = bytearray(8)
+
+    def _recv_exactly(self, view: memoryview) -> None:
+        while view:
+            n = self.sock.recv_into(view)
+            if n == 0:
+                raise ConnectionError("the server closed the connection")
+            view = view[n:]
+
+    def roundtrip(self, buffers: Sequence) -> mip.Message:
+        if isinstance(self.sock, _ssl.SSLSocket):
+            self.sock.sendall(b"".join(buffers))
+        else:
+            _sendall_buffers(self.sock, buffers)
+        self._recv_exactly(memoryview(self.header))
+        remaining = int.from_bytes(self.header[4:8], "big")
+        total = remaining + 8
+        if total > self.max_frame_size:
+            raise mip.FrameTooLarge(f"reply of {total} octets exceeds max_frame_size="
+                                    f"{self.max_frame_size}", 4)
+        frame = bytearray(total)  # its own memory: the reply's tensors are views of it
+        frame[:8] = self.header
+        self._recv_exactly(memoryview(frame)[8:])
+        return mip.decode(frame)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _sendall_buffers(sock: socket.socket, buffers: Sequence) -> None:
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        sent = sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
+        while sent:
+            first = views[0]
+            if sent >= len(first):
+                sent -= len(first)
+                views.pop(0)
+            else:
+                views[0] = first[sent:]
+                sent = 0
+
+
+class Client:
+    """A blocking MIP client with a pool of persistent connections (thread-safe).
+
+    Args:
+        url: ``tcp://HOST:PORT`` or ``unix:///PATH``.
+        pool_size: connections kept open for reuse.
+        timeout: seconds to wait on connect and on each socket operation (None = forever).
+        max_frame_size: largest reply accepted, in octets.
+        ssl: an ``ssl.SSLContext`` for TLS.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 4, timeout: float | None = 30.0,
+                 max_frame_size: int = 1 << 30, ssl: _ssl.SSLContext | None = None,
+                 server_hostname: str | None = None):
+        parse_url(url)  # fail early on a bad URL
+        self.url = url
+        self.timeout = timeout
+        self.max_frame_size = max_frame_size
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self._idle: queue.LifoQueue[_BlockingConnection] = queue.LifoQueue(maxsize=pool_size)
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _acquire(self) -> _BlockingConnection:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            sock = _connect(self.url, self.timeout, self.ssl, self.server_hostname)
+            return _BlockingConnection(sock, self.max_frame_size)
+
+    def _release(self, conn: _BlockingConnection) -> None:
+        if self._closed:
+            conn.close()
+            return
+        try:
+            self._idle.put_nowait(conn)
+        except queue.Full:
+            conn.close()
+
+    def _call(self, buffers: Sequence) -> mip.Message:
+        conn = self._acquire()
+        try:
+            message = conn.roundtrip(buffers)
+        except BaseException:
+            conn.close()  # its stream state is unknown
+            raise
+        if message.kind == mip.KIND_ERROR:
+            # Servers close the connection after a protocol error: do not reuse it.
+            conn.close()
+        else:
+            self._release(conn)
+        return _reply(message)
+
+    def ping(self) -> float:
+        """Send a PING; return the round trip in seconds."""
+        start = time.perf_counter()
+        self._call([mip.encode_ping()])
+        return time.perf_counter() - start
+
+    def infer(self, batch, model: str | None = None, version: str | None = None) -> list[tuple]:
+        """Run `batch` (items of values) on `model`; return the reply's items."""
+        return self.infer_message(batch, model, version).batch
+
+    def infer_message(self, batch, model: str | None = None, version: str | None = None) -> mip.Message:
+        """Like :meth:`infer`, returning the whole reply ``Message``."""
+        return self._call(mip.encode_request_buffers(batch, model=model, version=version))
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _AsyncConnection(asyncio.BufferedProtocol):
+    def __init__(self, max_frame_size: int):
+        self.parser = mip.FrameParser(max_frame_size=max_frame_size)
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: BaseException | None = None
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        return self.parser.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes):
+        try:
+            messages = self.parser.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._fail(exc)
+            self.transport.close()
+            return
+        for message in messages:
+            if not self.waiters:
+                self._fail(ProtocolError("the server sent a reply nobody asked for"))
+                self.transport.close()
+                return
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(message)
+
+    def pause_writing(self):
+        self.can_write.clear()
+
+    def resume_writing(self):
+        self.can_write.set()
+
+    def connection_lost(self, exc):
+        self._fail(exc or ConnectionError("the server closed the connection"))
+        self.can_write.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.lost = exc
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+
+class AsyncClient:
+    """An asyncio MIP client pipelining requests over a few persistent connections.
+
+    Requests are spread over `connections` connections; on each, replies come
+    back in request order.  Use ``async with AsyncClient(url) as c`` or call
+    :meth:`close`.
+
+    Args:
+        url: ``tcp://HOST:PORT`` or ``unix:///PATH``.
+        connections: connections opened lazily and used round-robin.
+        timeout: seconds to wait for each reply (None = forever).
+        max_frame_size: largest reply accepted, in octets.
+        ssl: an ``ssl.SSLContext`` for TLS.
+    """
+
+    def __init__(self, url: str, *, connections: int = 1, timeout: float | None = 30.0,
+                 max_frame_size: int = 1 << 30, ssl: _ssl.SSLContext | None = None,
+                 server_hostname: str | None = None):
+        self.address = parse_url(url)
+        self.timeout = timeout
+        self.max_frame_size = max_frame_size
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self._conns: list[_AsyncConnection | None] = [None] * max(1, connections)
+        self._next = 0
+        self._connect_lock = asyncio.Lock()
+
+    async def _connection(self) -> _AsyncConnection:
+        i = self._next
+        self._next = (i + 1) % len(self._conns)
+        conn = self._conns[i]
+        if conn is not None and conn.lost is None:
+            return conn
+        async with self._connect_lock:
+            conn = self._conns[i]
+            if conn is not None and conn.lost is None:
+                return conn
+            loop = asyncio.get_running_loop()
+            factory = lambda: _AsyncConnection(self.max_frame_size)  # noqa: E731
+            addr = self.address
+            if addr.scheme == "unix":
+                _, conn = await loop.create_unix_connection(
+                    factory, addr.path, ssl=self.ssl,
+                    server_hostname=self.server_hostname if self.ssl else None)
+            else:
+                _, conn = await loop.create_connection(
+                    factory, addr.host, addr.port, ssl=self.ssl,
+                    server_hostname=(self.server_hostname or addr.host) if self.ssl else None)
+            self._conns[i] = conn
+            return conn
+
+    async def _call(self, buffers: Sequence) -> mip.Message:
+        conn = await self._connection()
+        if not conn.can_write.is_set():
+            await conn.can_write.wait()
+        if conn.lost is not None:
+            raise ConnectionError(f"connection lost: {conn.lost}")
+        fut = asyncio.get_running_loop().create_future()
+        conn.waiters.append(fut)
+        conn.transport.writelines(buffers)
+        try:
+            message = await asyncio.wait_for(fut, self.timeout) if self.timeout else await fut
+        except asyncio.TimeoutError:
+            # The stream is now out of step with its waiters: drop the connection.
+            conn.transport.abort()
+            raise
+        return _reply(message)
+
+    async def ping(self) -> float:
+        """Send a PING; return the round trip in seconds."""
+        start = time.perf_counter()
+        await self._call([mip.encode_ping()])
+        return time.perf_counter() - start
+
+    async def infer(self, batch, model: str | None = None, version: str | None = None) -> list[tuple]:
+        """Run `batch` (items of values) on `model`; return the reply's items."""
+        return (await self.infer_message(batch, model, version)).batch
+
+    async def infer_message(self, batch, model: str | None = None,
+                            version: str | None = None) -> mip.Message:
+        """Like :meth:`infer`, returning the whole reply ``Message``."""
+        return await self._call(mip.encode_request_buffers(batch, model=model, version=version))
+
+    async def close(self) -> None:
+        """Close every connection."""
+        for conn in self._conns:
+            if conn is not None and conn.transport is not None:
+                conn.transport.close()
+        self._conns = [None] * len(self._conns)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
