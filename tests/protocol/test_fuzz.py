@@ -187,6 +187,48 @@ def test_msip_random_mutations():
     assert outcomes["ok"] > 500 and outcomes["error"] > 2000, outcomes
 
 
+def feed_stream(parser, touch, stream: bytes, rnd: random.Random) -> int:
+    """Deliver ``stream`` in random chunks, by ``feed`` or through ``get_buffer``."""
+    seen = 0
+    pos = 0
+    try:
+        while pos < len(stream):
+            n = min(rnd.randrange(1, 200), len(stream) - pos)
+            if rnd.random() < 0.5:
+                got = parser.feed(stream[pos : pos + n])
+            else:
+                buf = parser.get_buffer(rnd.choice((-1, n)))
+                n = min(n, len(buf))
+                buf[:n] = stream[pos : pos + n]
+                got = parser.buffer_updated(n)
+            pos += n
+            for result in got:
+                touch(result)
+                seen += 1
+        for result in parser.feed(b""):
+            touch(result)
+            seen += 1
+    except ProtocolError:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        raise AssertionError(f"{type(exc).__name__}: {exc} for stream {stream.hex()}") from exc
+    return seen
+
+
+def test_parsers_on_streams_with_one_bad_frame():
+    rnd = random.Random(0x5354)
+    for parser_cls, corpus, touch in (
+        (mip.FrameParser, mip_corpus(), touch_message),
+        (msip.FrameParser, msip_corpus(), touch_frame),
+    ):
+        for _ in range(1500):
+            frames = [rnd.choice(corpus) for _ in range(4)]
+            bad = rnd.randrange(4)
+            frames[bad] = mutate(rnd, frames[bad], corpus)
+            seen = feed_stream(parser_cls(), touch, b"".join(frames), rnd)
+            assert seen >= bad  # every good frame before the bad one is delivered
+
+
 @FAST
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_mip(data):
