@@ -4,7 +4,8 @@
 The layout mirrors the ``kubemo`` package: ``mip.kubemo.serialize`` (values),
 ``mip.kubemo.inference`` (the lifecycle), ``mip.kubemo.adaptor.onnx`` and ``.arith``,
 ``mip.kubemo.algorithm``, ``mip.kubemo.protocol`` and ``mip.kubemo.errors``.
-``mip.kubemo.Client`` speaks to any MIP server with KubeMo's client interface.
+``mip.kubemo.Client`` and ``mip.kubemo.Server`` keep KubeMo's blocking client and
+server interfaces.
 """
 
 from mip.kubemo.inference import Inference, Tensor
@@ -13,13 +14,18 @@ from mip.kubemo.serialize import (Dynamic, Image, Input, Json, JsonEncoder, Outp
                                   Text, register)
 
 __all__ = ["Inference", "Tensor", "Serial", "Input", "Output", "Dynamic", "Text", "Json",
-           "Image", "JsonEncoder", "register", "IMAGE", "JSON", "TEXT", "Client"]
+           "Image", "JsonEncoder", "register", "IMAGE", "JSON", "TEXT", "Client",
+           "Server", "InferenceHandler"]
 
 
 def __getattr__(name: str):
-    # The client pulls in sockets and URL parsing; model files never need it.
+    # Client and server pull in sockets and URL parsing; model files never need them.
     if name == "Client":
         from mip.kubemo.client import Client
 
         return Client
+    if name in ("Server", "InferenceHandler"):
+        from mip.kubemo import server
+
+        return getattr(server, name)
     raise AttributeError(f"module 'mip.kubemo' has no attribute {name!r}")

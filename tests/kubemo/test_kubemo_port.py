@@ -106,3 +106,38 @@ def test_lifecycle_runs_locally_on_codec_values():
     model = Shout()
     outputs = model((mip.Text("abc"),), (Text("de"),), ("f",))
     assert [item[0].decode() for item in outputs] == [{"letters": n} for n in (3, 2, 1)]
+
+
+def test_kubemo_client_against_our_server(tmp_path):
+    kubemo = pytest.importorskip("kubemo")
+    from mip.kubemo import InferenceHandler, Server
+
+    path = str(tmp_path / "kubemo.sock")
+    server = Server("unix", path)
+    server.handle(InferenceHandler(Shout()))
+
+    def serve():
+        try:
+            server.serve()
+        except OSError:
+            pass  # the socket was closed to stop the server
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = kubemo.Client()
+        url = f"unix://{path}"
+        assert client.ping(url) > 0
+        outputs = client.inference(url, ((kubemo.Text("four"),), (kubemo.Text("xy"),)))
+        assert [item[0].decode() for item in outputs] == [{"letters": 4}, {"letters": 2}]
+        assert [item[1].decode() for item in outputs] == ["done", "done"]
+        # A routed request (kind 3) is a method this single-model server does not serve.
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(5)
+            raw.connect(path)
+            raw.sendall(mip.encode_request([(mip.Text("x"),)], model="m"))
+            reply = mip.decode(raw.recv(8))
+        assert reply.error_code == mip.ErrorCode.METHOD
+    finally:
+        server.close()
+        thread.join(5)

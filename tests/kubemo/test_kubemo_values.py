@@ -28,7 +28,8 @@ def test_importing_does_not_import_pillow():
 
 def test_top_level_names_match_kubemo():
     names = {"Inference", "Tensor", "Serial", "Input", "Output", "Dynamic", "Text", "Json",
-             "Image", "JsonEncoder", "register", "IMAGE", "JSON", "TEXT", "Client"}
+             "Image", "JsonEncoder", "register", "IMAGE", "JSON", "TEXT", "Client", "Server",
+             "InferenceHandler"}
     assert all(hasattr(mk, name) for name in names)
     assert (mk.TEXT, mk.JSON, mk.IMAGE) == (mip.TEXT, mip.JSON, mip.IMAGE)
 
