@@ -11,7 +11,7 @@ import mip
 from mip.errors import FrameTooLarge, ProtocolError, UnknownKind, UnsupportedVersion
 
 from . import _wire
-from ._values import FAST, QUICK, batches, expected_batch, mip_batch, observed_batch, tensors_in
+from ._values import FAST, QUICK, batches, expected_batch, mip_batch, observed_batch, ref_batch, tensors_in
 
 ITEMS = [
     [("text", "first"), ("tensor", np.arange(6, dtype=np.float32).reshape(2, 3)), ("json", {"k": [1, 2]})],
@@ -36,8 +36,6 @@ def corpus() -> list[bytes]:
 
 
 def _refs(items):
-    from ._values import ref_batch
-
     return ref_batch(items)
 
 
