@@ -691,7 +691,7 @@ class Broker:
         return route
 
     def _publish(self, conn: _Connection, f) -> None:
-        payload = bytes(f.payload)
+        payload = f.payload  # a view of the parser's chunk, which it keeps alive
         if len(payload) < 2:
             conn.fail(f"{_UNSUPPORTED}: PUBLISH payload shorter than its topic length")
             return
@@ -703,7 +703,7 @@ class Broker:
             conn.fail(f"topic too long: {tlen} octets (limit {self.max_topic_length})")
             return
         try:
-            topic = payload[2:2 + tlen].decode("utf-8")
+            topic = bytes(payload[2:2 + tlen]).decode("utf-8")
         except UnicodeDecodeError:
             conn.fail(f"{_UNSUPPORTED}: topic is not UTF-8")
             return
@@ -716,6 +716,7 @@ class Broker:
                 flags = _F_COMPRESSED
             header = msip.encode_header(_EVENT, _K_EVENT, len(payload), msg_id, flags)
             size = _HDR + len(payload)
+            # small events: one joined object (a copy); large: header + the received view
             item = header + payload if len(payload) <= _INLINE_MAX else (header, payload)
             urgent = bool(f.flags & _F_URGENT)
             for session, reliable in route:
