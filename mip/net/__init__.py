@@ -1,0 +1,17 @@
+"""asyncio servers and clients: the MSIP broker and its clients, URL parsing."""
+
+from mip.net.msip_broker import Broker, BrokerStats
+from mip.net.msip_client import AsyncClient, BrokerError, Client, Event, Subscription
+from mip.net.urls import Address, parse_url
+
+__all__ = [
+    "Address",
+    "AsyncClient",
+    "Broker",
+    "BrokerError",
+    "BrokerStats",
+    "Client",
+    "Event",
+    "Subscription",
+    "parse_url",
+]
