@@ -216,3 +216,24 @@ def test_fashion_mnist_example_equals_a_direct_onnxruntime_run(repo):
         assert len(top) == 3
         np.testing.assert_allclose(sorted(top.values(), reverse=True), expected[i % 2],
                                    rtol=1e-5)
+
+
+def test_reload_python_model_keeps_the_new_module(repo, rng):
+    write_model(repo, "scale", TENSOR_MODEL, {"python": {"kwargs": {"factor": 2.0}}})
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+
+    async def scenario():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        (repo / "scale" / "config.json").write_text(
+            json.dumps({"python": {"kwargs": {"factor": 5.0}}}))
+        await engine.load("scale")
+        runner = engine.repository.get("scale").runner
+        module_loaded = type(runner.model).__module__ in __import__("sys").modules
+        out = await engine.infer("scale", {"x": x})
+        await engine.stop()
+        return module_loaded, out
+
+    module_loaded, out = run(scenario())
+    assert module_loaded
+    np.testing.assert_allclose(out["y"], x * 5, rtol=1e-6)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import io
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from mip.serving.providers.onnx import parse_device
 __all__ = ["PythonRunner", "load_python_model"]
 
 _LIFECYCLE = ("preprocess", "forward", "postprocess", "concat")
+# A reload imports the file again while the old module still serves: names must differ.
+_module_numbers = itertools.count(1)
 
 
 def _is_lifecycle(obj: Any) -> bool:
@@ -51,7 +54,7 @@ def _is_model_class(obj: Any, module: str) -> bool:
 
 
 def _import(path: Path, name: str) -> Any:
-    module_name = f"_mip_model_{name}_{abs(hash(str(path)))}"
+    module_name = f"_mip_model_{name}_{next(_module_numbers)}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up here
