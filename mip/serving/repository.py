@@ -51,6 +51,9 @@ class ModelState(str, enum.Enum):
     READY = "READY"
     UNLOADING = "UNLOADING"
 
+    def __str__(self) -> str:
+        return self.value  # logs and JSON bodies show "READY", not "ModelState.READY"
+
 
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
