@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import inspect
 import itertools
 import logging
@@ -50,23 +49,30 @@ class BrokerError(MipError):
         self.reason = reason
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Event:
     """One EVENT received.
 
     Attributes:
         topic: the topic it was published to.
-        data: the published octets (decompressed when the publisher used zstd).
+        data: the published octets (decompressed when the publisher used zstd), a read-only
+            memoryview of the received frame or bytes.
         msg_id: the publisher's msg_id (what an at-least-once ACK carries).
         flags: the EVENT frame's flags.
         reliable: whether it arrived on an at-least-once subscription (needs an ACK).
     """
 
-    topic: str
-    data: Any  # bytes or a read-only memoryview
-    msg_id: int
-    flags: int
-    reliable: bool = False
+    __slots__ = ("topic", "data", "msg_id", "flags", "reliable")
+
+    def __init__(self, topic: str, data, msg_id: int, flags: int, reliable: bool = False):
+        self.topic = topic
+        self.data = data
+        self.msg_id = msg_id
+        self.flags = flags
+        self.reliable = reliable
+
+    def __repr__(self) -> str:
+        return (f"Event(topic={self.topic!r}, msg_id={self.msg_id}, flags={self.flags}, "
+                f"reliable={self.reliable}, {len(self.data)} octets)")
 
     def text(self) -> str:
         """The data decoded as UTF-8."""
@@ -219,6 +225,7 @@ class AsyncClient:
         self._proto: _Protocol | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._subs: dict[str, Subscription] = {}
+        self._routes: dict[str, list[Subscription]] = {}  # topic -> matching subscriptions
         self._connected: asyncio.Event | None = None
         self._closing = False
         self._reconnect_task: asyncio.Task | None = None
@@ -260,7 +267,7 @@ class AsyncClient:
             hello = msip.encode_hello_payload(self.client_id or 0, self.token)
         fut = self._expect(msg_id)
         self._write(msip.encode(_HELLO, _K_EVENT, hello, msg_id, 0))
-        frame = await self._wait(fut)
+        frame = await self._wait(fut, msg_id)
         self.client_id = _U64.unpack(bytes(frame.payload[:8]))[0]
         # the broker keeps a session's subscriptions; a restarted broker does not: send them
         for sub in list(self._subs.values()):
@@ -379,13 +386,11 @@ class AsyncClient:
         self._pending[msg_id] = fut
         return fut
 
-    async def _wait(self, fut: asyncio.Future):
+    async def _wait(self, fut: asyncio.Future, msg_id: int):
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.request_timeout)
+            return await asyncio.wait_for(fut, self.request_timeout)
         finally:
-            for k, v in list(self._pending.items()):
-                if v is fut:
-                    del self._pending[k]
+            self._pending.pop(msg_id, None)
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -420,7 +425,12 @@ class AsyncClient:
             return
         if f.flags & _F_COMPRESSED and bytes(data[:4]) == ZSTD_MAGIC:
             data = self._decompress(data)
-        matched = [s for s in self._subs.values() if topic_matches(s.topic, topic)]
+        matched = self._routes.get(topic)
+        if matched is None:
+            matched = [s for s in self._subs.values() if topic_matches(s.topic, topic)]
+            if len(self._routes) > 10_000:
+                self._routes.clear()
+            self._routes[topic] = matched
         reliable = any(s.reliable for s in matched)
         event = Event(topic, data, f.msg_id, f.flags, reliable)
         acked_later = False
@@ -483,27 +493,31 @@ class AsyncClient:
         sub = Subscription(self, topic, callback, reliable, queue_size)
         if self._connected is None:
             self._subs[topic] = sub
+            self._routes.clear()
             return sub
         await self._ready()
         self._subs[topic] = sub
+        self._routes.clear()
         await self._send_subscribe(topic, reliable)
         return sub
 
     async def _send_subscribe(self, topic: str, reliable: bool) -> None:
         msg_id = next(self._ids)
         if reliable:  # ACK_REQUIRED: at-least-once, and the broker answers with an ACK
+            wait_id = msg_id
             fut = self._expect(msg_id)
             self._write(msip.encode(_SUBSCRIBE, _K_EVENT, topic.encode(), msg_id, _F_ACK_REQUIRED))
         else:  # no reply without ACK_REQUIRED: a PING behind it confirms it was applied
-            ping_id = next(self._ids)
+            ping_id = wait_id = next(self._ids)
             fut = self._expect(ping_id)
             self._write(msip.encode(_SUBSCRIBE, _K_EVENT, topic.encode(), msg_id, 0),
                         msip.encode(_PING, _K_EVENT, b"", ping_id, 0))
-        await self._wait(fut)
+        await self._wait(fut, wait_id)
 
     async def unsubscribe(self, topic: str) -> None:
         """Stop a subscription (waits for the broker's ACK)."""
         sub = self._subs.pop(topic, None)
+        self._routes.clear()
         if sub is not None:
             sub._end()
         if not self.connected:
@@ -511,7 +525,7 @@ class AsyncClient:
         msg_id = next(self._ids)
         fut = self._expect(msg_id)
         self._write(msip.encode(_UNSUBSCRIBE, _K_EVENT, topic.encode(), msg_id, _F_ACK_REQUIRED))
-        await self._wait(fut)
+        await self._wait(fut, msg_id)
 
     async def publish(self, topic: str, data: bytes | str = b"", *, wait: bool = False,
                       urgent: bool = False, compress: bool | None = None) -> int:
@@ -534,6 +548,21 @@ class AsyncClient:
             data = self._compressor.compress(data)
             flags |= _F_COMPRESSED
         return await self._publish_parts(topic, [data], len(data), flags, wait)
+
+    def publish_nowait(self, topic: str, data: bytes | str = b"", *, urgent: bool = False) -> int:
+        """Publish without waiting for anything (no compression, no drain); returns the msg_id.
+        Raises ``ConnectionError`` when not connected."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        t = topic.encode("utf-8")
+        msg_id = next(self._ids)
+        header = msip.encode_header(_PUBLISH, _K_EVENT, 2 + len(t) + len(data), msg_id,
+                                    _F_URGENT if urgent else 0)
+        if len(data) <= 16 * 1024:
+            self._write(header + _TOPIC_LEN.pack(len(t)) + t + data)
+        else:
+            self._write(header + _TOPIC_LEN.pack(len(t)) + t, data)
+        return msg_id
 
     async def publish_arrays(self, topic: str, *arrays, wait: bool = False,
                              urgent: bool = False) -> int:
@@ -558,7 +587,7 @@ class AsyncClient:
         else:
             self._write(head, *parts)
         if fut is not None:
-            await self._wait(fut)
+            await self._wait(fut, msg_id)
         else:
             await self._drain()
         return msg_id
@@ -570,7 +599,7 @@ class AsyncClient:
         fut = self._expect(msg_id)
         t0 = time.perf_counter()
         self._write(msip.encode(_PING, _K_EVENT, b"", msg_id, 0))
-        await self._wait(fut)
+        await self._wait(fut, msg_id)
         return time.perf_counter() - t0
 
     def ack(self, msg_id: int) -> None:
