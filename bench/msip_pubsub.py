@@ -1,0 +1,361 @@
+"""MSIP broker vs Redis pub/sub, measured with the same client code style, in one run.
+
+Cells: PING round trips per second (1 and 16 connections); pub/sub delivered messages per second
+for 1 publisher to 1 and to 10 subscribers with 64 B and 4 KiB payloads; end-to-end latency
+p50/p99 at a steady 1,000 msg/s (64 B, 1 subscriber). The brokers run in their own processes
+(ours on uvloop when installed); the load generator is one asyncio process. Prints a table with
+ratios (MSIP / Redis). Every cell runs for ``--seconds`` (default 2 s).
+
+    python bench/msip_pubsub.py [--seconds 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+from mip.net import AsyncClient  # noqa: E402
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover
+    uvloop = None
+
+_TS = struct.Struct("<d")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+# -- a minimal Redis client, built like ours: an asyncio protocol, futures for replies ---------
+
+class _Resp(asyncio.Protocol):
+    def __init__(self, client):
+        self.client = client
+        self.buf = bytearray()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.buf += data
+        buf = self.buf
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            kind = buf[pos]
+            if kind in (43, 45, 58):  # + - :  one-line replies
+                self.client._reply(bytes(buf[pos + 1:end]))
+                pos = end + 2
+            elif kind == 42:  # *: a pub/sub message array (3 bulk strings)
+                item, newpos = self._array(buf, pos)
+                if item is None:
+                    break
+                self.client._message(item)
+                pos = newpos
+            else:
+                raise RuntimeError(f"unexpected RESP {bytes(buf[pos:pos + 20])!r}")
+        del self.buf[:pos]
+
+    @staticmethod
+    def _array(buf, pos):
+        end = buf.find(b"\r\n", pos)
+        count = int(buf[pos + 1:end])
+        pos = end + 2
+        items = []
+        for _ in range(count):
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                return None, pos
+            if buf[pos] == 58:
+                items.append(int(buf[pos + 1:end]))
+                pos = end + 2
+                continue
+            size = int(buf[pos + 1:end])
+            start = end + 2
+            if len(buf) < start + size + 2:
+                return None, pos
+            items.append(bytes(buf[start:start + size]))
+            pos = start + size + 2
+        return items, pos
+
+
+def _cmd(*args: bytes) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        out.append(b"$%d\r\n" % len(a))
+        out.append(a)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+class RedisClient:
+    def __init__(self, port: int):
+        self.port = port
+        self.replies = asyncio.Queue()
+        self.pending = []
+        self.on_message = None
+
+    async def connect(self):
+        loop = asyncio.get_running_loop()
+        _, self.proto = await loop.create_connection(lambda: _Resp(self), "127.0.0.1", self.port)
+        self.proto.transport.get_extra_info("socket").setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _reply(self, line):
+        fut = self.pending.pop(0) if self.pending else None
+        if fut is not None and not fut.done():
+            fut.set_result(line)
+
+    def _message(self, items):
+        if items and items[0] == b"message" and self.on_message is not None:
+            self.on_message(items[2])
+        elif self.pending:
+            fut = self.pending.pop(0)
+            if not fut.done():
+                fut.set_result(items)
+
+    async def call(self, *args: bytes):
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        self.proto.transport.write(_cmd(*args))
+        return await fut
+
+    def publish_nowait(self, channel: bytes, data: bytes) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        self.proto.transport.write(_cmd(b"PUBLISH", channel, data))
+        return fut
+
+    async def ping(self):
+        await self.call(b"PING")
+
+    async def subscribe(self, channel: bytes, on_message):
+        self.on_message = on_message
+        await self.call(b"SUBSCRIBE", channel)
+
+    def close(self):
+        self.proto.transport.close()
+
+
+# -- the same operations on MSIP ----------------------------------------------------------
+
+class MsipSide:
+    name = "MSIP"
+
+    def __init__(self, port):
+        self.url = f"tcp://127.0.0.1:{port}"
+
+    async def client(self):
+        c = AsyncClient(self.url, reconnect=False)
+        await c.connect()
+        return c
+
+    async def ping(self, c):
+        await c.ping()
+
+    async def subscribe(self, c, topic, on_data):
+        await c.subscribe(topic, lambda e: on_data(e.data))
+
+    def publish_nowait(self, c, topic, data):
+        return c.publish_nowait(topic, data)
+
+    async def sync(self, c):
+        await c.ping()
+
+    async def close(self, c):
+        await c.close()
+
+
+class RedisSide:
+    name = "Redis"
+
+    def __init__(self, port):
+        self.port = port
+
+    async def client(self):
+        c = RedisClient(self.port)
+        await c.connect()
+        return c
+
+    async def ping(self, c):
+        await c.ping()
+
+    async def subscribe(self, c, topic, on_data):
+        await c.subscribe(topic.encode(), on_data)
+
+    def publish_nowait(self, c, topic, data):
+        return c.publish_nowait(topic.encode(), data)
+
+    async def sync(self, c):
+        await c.ping()
+
+    async def close(self, c):
+        c.close()
+
+
+async def bench_ping(side, conns: int, seconds: float) -> float:
+    clients = [await side.client() for _ in range(conns)]
+    count = 0
+    stop = time.perf_counter() + seconds
+
+    async def loop(c):
+        nonlocal count
+        while time.perf_counter() < stop:
+            await side.ping(c)
+            count += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop(c) for c in clients))
+    elapsed = time.perf_counter() - t0
+    for c in clients:
+        await side.close(c)
+    return count / elapsed
+
+
+async def bench_pubsub(side, subs: int, size: int, seconds: float, window: int = 200) -> float:
+    received = 0
+
+    def on_data(_):
+        nonlocal received
+        received += 1
+
+    subscribers = [await side.client() for _ in range(subs)]
+    for s in subscribers:
+        await side.subscribe(s, "bench", on_data)
+    pub = await side.client()
+    data = b"x" * size
+    sent = 0
+    t0 = time.perf_counter()
+    stop = t0 + seconds
+    while time.perf_counter() < stop:
+        # publish a window, then let the subscribers catch up to within one window
+        for _ in range(window):
+            side.publish_nowait(pub, "bench", data)
+        sent += window
+        await side.sync(pub)
+        for _ in range(10_000):
+            if received >= (sent - window) * subs:
+                break
+            await asyncio.sleep(0)
+    for _ in range(2000):
+        if received >= sent * subs:
+            break
+        await asyncio.sleep(0.001)
+    elapsed = time.perf_counter() - t0
+    for c in subscribers + [pub]:
+        await side.close(c)
+    return received / elapsed
+
+
+async def bench_latency(side, rate: float, seconds: float, size: int = 64) -> tuple[float, float]:
+    lat = []
+
+    def on_data(d):
+        lat.append(time.perf_counter() - _TS.unpack_from(bytes(d[:8]))[0])
+
+    sub = await side.client()
+    await side.subscribe(sub, "lat", on_data)
+    pub = await side.client()
+    pad = b"y" * (size - 8)
+    n = int(rate * seconds)
+    t0 = time.perf_counter()
+    for i in range(n):
+        target = t0 + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        side.publish_nowait(pub, "lat", _TS.pack(time.perf_counter()) + pad)
+    for _ in range(1000):
+        if len(lat) >= n:
+            break
+        await asyncio.sleep(0.001)
+    await side.close(sub)
+    await side.close(pub)
+    lat.sort()
+    return lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
+
+
+async def run_all(msip_port, redis_port, seconds, quick):
+    sides = [MsipSide(msip_port), RedisSide(redis_port)]
+    rows = []
+    for conns in (1, 16):
+        r = [await bench_ping(s, conns, seconds) for s in sides]
+        rows.append((f"PING round trips/s, {conns} conn", r, "{:,.0f}"))
+    for subs in (1, 10):
+        for size in (64, 4096):
+            r = [await bench_pubsub(s, subs, size, seconds) for s in sides]
+            rows.append((f"pub/sub delivered msg/s, 1->{subs}, {size} B", r, "{:,.0f}"))
+    lat = [await bench_latency(s, 1000, seconds) for s in sides]
+    rows.append(("latency p50 ms @1,000 msg/s, 64 B", [x[0] for x in lat], "{:.3f}"))
+    rows.append(("latency p99 ms @1,000 msg/s, 64 B", [x[1] for x in lat], "{:.3f}"))
+    print(f"\n| cell | MSIP (mip) | Redis | ratio MSIP/Redis |\n|---|---|---|---|")
+    for name, (a, b), fmt in rows:
+        print(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=2.0, help="duration of each cell (s)")
+    ap.add_argument("--quick", action="store_true", help="0.5 s cells")
+    args = ap.parse_args()
+    seconds = 0.5 if args.quick else args.seconds
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        sys.exit("redis-server not found: apt-get install -y redis-server")
+    msip_port, redis_port = free_port(), free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-c",
+                          "from mip.net.msip_broker import serve; "
+                          f"serve('tcp://127.0.0.1:{msip_port}', idle_timeout=None)"],
+                         env={**os.environ, "PYTHONPATH": ROOT}),
+        subprocess.Popen([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+                         stdout=subprocess.DEVNULL),
+    ]
+    try:
+        wait_port(msip_port)
+        wait_port(redis_port)
+        runner = uvloop.run if uvloop is not None else asyncio.run
+        runner(asyncio.wait_for(run_all(msip_port, redis_port, seconds, args.quick), 600))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    print(f"\n(cells of {seconds} s; load generator: one {'uvloop' if uvloop else 'asyncio'} "
+          f"process; {os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
