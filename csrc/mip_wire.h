@@ -115,6 +115,8 @@ static inline int mip_parse_header(const unsigned char *p, size_t len,
 /* ---- tensor TLV header ------------------------------------------------- */
 #define MIP_TENSOR_MAX_NDIM 32
 #define MIP_TENSOR_ALIGN 8
+/* Elements a tensor shape may describe (numpy's bound on 64-bit hosts, 8-octet items). */
+#define MIP_TENSOR_MAX_ELEMENTS ((uint64_t)INT64_MAX / 8)
 
 enum {
     MIP_DT_BOOL = 1, MIP_DT_UINT8, MIP_DT_UINT16, MIP_DT_UINT32, MIP_DT_UINT64,
@@ -146,6 +148,7 @@ static inline int mip_parse_tensor_header(const unsigned char *v, size_t len,
                                           mip_tensor_header *t, size_t *err_off) {
     size_t need;
     uint64_t n = 1;
+    uint64_t nonzero = 1;   /* product of the non-zero dims: numpy bounds it even when n is 0 */
     unsigned i;
     if (len < 4) { *err_off = 0; return MIP_E_VALUE; }
     t->dtype = v[0];
@@ -160,10 +163,13 @@ static inline int mip_parse_tensor_header(const unsigned char *v, size_t len,
     for (i = 0; i < t->ndim; i++) {
         uint32_t d = mip_load_be32(v + 4 + 4 * i);
         t->dims[i] = d;
-        if (n != 0) {
-            if (d != 0 && n > UINT64_MAX / d) { *err_off = 4 + 4 * i; return MIP_E_VALUE; }
-            n *= d;
+        if (d == 0) {
+            n = 0;
+            continue;
         }
+        if (nonzero > MIP_TENSOR_MAX_ELEMENTS / d) { *err_off = 4 + 4 * i; return MIP_E_VALUE; }
+        nonzero *= d;
+        n *= d;
     }
     t->nelem = n;
     t->data_off = need;

@@ -51,6 +51,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.reading_paused = False
         self.writing_paused = False
         self.last_activity = 0.0
+        self.discarding = False
         self.loop = asyncio.get_running_loop()
 
     # -- asyncio.BaseProtocol -------------------------------------------------
@@ -61,8 +62,8 @@ class _Connection(asyncio.BufferedProtocol):
         if len(server._connections) >= server.max_connections:
             log.warning("refusing a connection: max_connections=%d reached", server.max_connections)
             transport.write(mip.encode_error(ErrorCode.MEMORY))
-            transport.close()
             self.closing = True
+            self._linger_close()
             return
         server._connections.add(self)
 
@@ -83,9 +84,13 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- asyncio.BufferedProtocol -----------------------------------------------
     def get_buffer(self, sizehint):
+        if self.discarding:
+            return _DISCARD
         return self.parser.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes):
+        if self.discarding:
+            return
         self.last_activity = self.loop.time()
         try:
             messages = self.parser.buffer_updated(nbytes)
@@ -98,11 +103,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._dispatch(message)
 
     def eof_received(self):
-        # Finish what the peer asked for, then close (half-closed clients).
-        if not self.pending:
-            return False
-        self.closing = True
-        return True
+        # A peer that stops sending is taken as gone (as HTTP servers do): its
+        # queued work is dropped in connection_lost and the socket closes.
+        return False
 
     # -- internals ------------------------------------------------------------
     def _protocol_error(self, exc: ProtocolError) -> None:
@@ -119,7 +122,25 @@ class _Connection(asyncio.BufferedProtocol):
             self._flush()
         else:
             self.transport.write(reply)
-            self.transport.close()
+            self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Close after a refusal or an error reply without losing that reply.
+
+        Closing a socket with unread octets makes the kernel send a reset, which
+        can destroy the reply before the peer reads it.  So: stop sending, read
+        and discard what still comes for a moment, then close.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.discarding:
+            return
+        self.discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+        self.loop.call_later(self.server.linger, transport.close)
 
     def _dispatch(self, message: mip.Message) -> None:
         if message.kind == mip.KIND_PING:
@@ -167,7 +188,7 @@ class _Connection(asyncio.BufferedProtocol):
             transport.writelines(buffers)
             self.last_activity = self.loop.time()
         if not self.pending and self.closing and transport is not None and not transport.is_closing():
-            transport.close()
+            self._linger_close()
             return
         self._maybe_resume_reading()
 
@@ -196,6 +217,9 @@ class _Connection(asyncio.BufferedProtocol):
             log.debug("closing an idle connection after %.1fs", quiet)
             self.closing = True
             self.transport.close()
+
+
+_DISCARD = memoryview(bytearray(65536))  # where octets after an error are read and dropped
 
 
 class _NotARequest(ProtocolError):
@@ -240,6 +264,7 @@ class MipServer:
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.ssl = ssl
+        self.linger = 1.0  # seconds a refused or failed connection drains before closing
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[_Connection] = set()
         self._sweeper: asyncio.Task | None = None

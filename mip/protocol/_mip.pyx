@@ -283,8 +283,9 @@ cdef class Value:
     cdef readonly object data
 
     def __init__(self, unsigned int type, data):
-        if type == 0:
-            raise ValueError("TLV type 0 is not a valid value type")
+        if type == 0 or (3 < type < 256):
+            raise ValueError(f"TLV type {type} is reserved by the protocol: use 1 (TEXT), "
+                             "2 (JSON), 3 (IMAGE), 256 and up, or a numpy array for a tensor")
         memoryview(data)
         self.type = type
         self.data = data
@@ -391,10 +392,9 @@ cdef object _make_tensor(mip_tensor_header *t, const unsigned char *data, object
     Py_INCREF(<object>descr)  # PyArray_NewFromDescr steals it
     arr = PyArray_NewFromDescr(<PyObject *>cnp.ndarray, descr, t.ndim, dims, NULL,
                                <void *>data, flags, NULL)
+    # A frame placed at an odd address by its caller gives an unaligned view
+    # (flags.aligned is False): still no copy; numpy and ONNX Runtime cope.
     cnp.set_array_base(<cnp.ndarray>arr, owner)
-    if not aligned:
-        # Only frames placed at an odd address by their caller get here.
-        arr = (<cnp.ndarray>arr).copy()
     return arr
 
 
@@ -471,7 +471,7 @@ cdef str _tensor_header_problem(const unsigned char *p, Py_ssize_t size,
     if err_off == <size_t>size and <Py_ssize_t>(4 + 4 * t.ndim + t.pad) > size:
         return f"tensor value of {size} octets cannot hold its {t.ndim} dimensions and padding"
     if err_off < <size_t>(4 + 4 * t.ndim):
-        return "tensor shape overflows 64 bits"
+        return "tensor shape describes more elements than an array can hold"
     if t.dtype == MIP_DT_BYTES:
         return f"BYTES tensor of {t.nelem} elements cannot fit in {t.data_len} octets"
     return (f"tensor data is {t.data_len} octets, its shape and datatype need "
@@ -641,6 +641,7 @@ cdef class FrameParser(StreamParser):
             raise ValueError("chunk_size must be at least 256 octets")
         self.max_frame = max_frame_size
         self.chunk_size = chunk_size
+        self.align_frames = True
         self.min_free = min(4096, chunk_size // 4)
 
     @property

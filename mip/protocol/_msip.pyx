@@ -94,14 +94,24 @@ cdef inline Frame _new_frame(msip_header *h, object owner, Py_ssize_t offset):
     return f
 
 
+cdef inline int _check_header_fields(int frame_type, int msg_kind, int flags) except -1:
+    # The encoder never writes a header its own decoder would refuse.
+    if not 1 <= frame_type <= MSIP_FRAME_TYPE_MAX:
+        raise ValueError(f"frame_type {frame_type} is not an MSIP frame type (1..10)")
+    if not 1 <= msg_kind <= MSIP_MSG_KIND_MAX:
+        raise ValueError(f"msg_kind {msg_kind} is not an MSIP message kind (1..5)")
+    if not 0 <= flags <= 0xFF:
+        raise ValueError(f"flags {flags} do not fit in one octet")
+    return 0
+
+
 def encode(int frame_type, int msg_kind, payload=_EMPTY, uint64_t msg_id=0, int flags=0):
     """Encode one frame: 24-octet header + `payload` (any bytes-like), as ``bytes``."""
     cdef Py_buffer view
     cdef const unsigned char *src
     cdef Py_ssize_t n
     cdef bint release = False
-    if not (0 <= frame_type <= 0xFFFF and 0 <= msg_kind <= 0xFFFF and 0 <= flags <= 0xFF):
-        raise ValueError("frame_type and msg_kind are u16, flags is u8")
+    _check_header_fields(frame_type, msg_kind, flags)
     if PyBytes_CheckExact(payload):
         src = <const unsigned char *>PyBytes_AS_STRING(payload)
         n = PyBytes_GET_SIZE(payload)
@@ -127,8 +137,7 @@ def encode(int frame_type, int msg_kind, payload=_EMPTY, uint64_t msg_id=0, int 
 def encode_header(int frame_type, int msg_kind, Py_ssize_t payload_len, uint64_t msg_id=0,
                   int flags=0):
     """Encode only the 24-octet header, for sending the payload from its own memory."""
-    if not (0 <= frame_type <= 0xFFFF and 0 <= msg_kind <= 0xFFFF and 0 <= flags <= 0xFF):
-        raise ValueError("frame_type and msg_kind are u16, flags is u8")
+    _check_header_fields(frame_type, msg_kind, flags)
     if not 0 <= payload_len <= MAX_U32:
         raise ValueError("payload_len must be in 0..2**32-1")
     res = PyBytes_FromStringAndSize(NULL, MSIP_HEADER_SIZE)

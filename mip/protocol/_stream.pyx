@@ -122,6 +122,7 @@ cdef class StreamParser:
         self.chunk_size = 65536
         self.min_free = 4096
         self.error = None
+        self.align_frames = False
 
     cdef Py_ssize_t frame_length(self, const unsigned char *p, Py_ssize_t avail) except -2:
         raise NotImplementedError
@@ -180,7 +181,7 @@ cdef class StreamParser:
     cdef list parse(self):
         cdef list out = []
         cdef Py_ssize_t n
-        cdef Chunk c
+        cdef Chunk c, fresh
         while True:
             c = self.chunk
             if c is None:
@@ -196,7 +197,15 @@ cdef class StreamParser:
                 self.want = n if n > 0 else 0
                 break
             try:
-                msg = self.decode_frame(c, self.start, n)
+                if self.align_frames and self.start % 8:
+                    # Several frames arrived in one read and this one starts off an
+                    # 8-octet boundary: give it aligned memory of its own, so its
+                    # tensors are aligned views.
+                    fresh = new_chunk(n)
+                    memcpy(fresh.mem, c.mem + self.start, n)
+                    msg = self.decode_frame(fresh, 0, n)
+                else:
+                    msg = self.decode_frame(c, self.start, n)
             except BaseException as exc:
                 self.error = exc
                 if out:

@@ -47,6 +47,8 @@ cdef extern from "mip_wire.h" nogil:
         MIP_DT_MAX
         MSIP_HEADER_SIZE
         MSIP_VERSION
+        MSIP_FRAME_TYPE_MAX
+        MSIP_MSG_KIND_MAX
 
     const uint8_t mip_dtype_size[]
 

@@ -194,12 +194,20 @@ def test_tensors_survive_later_feeds():
     assert tensors_in(late[6])[0].tolist() == list(range(20000))
 
 
-def test_parser_tensors_are_read_only_views():
+def test_parser_tensors_own_their_memory_exclusively():
+    """Parser memory is handed to one message only: its tensors are writable views,
+    and writing into one message never shows in another or in later frames."""
     parser = mip.FrameParser()
-    for m in feed_via_buffer(parser, WHOLE, 100000, -1):
+    first = feed_via_buffer(parser, WHOLE, 100000, -1)
+    second = feed_via_buffer(parser, WHOLE, 100000, -1)
+    before = [[t.tobytes() for t in tensors_in(m) if t.dtype != object] for m in second]
+    for m in first:
         for t in tensors_in(m):
-            if t.dtype != object:
-                assert not t.flags.writeable
+            if t.dtype != object and t.size:
+                assert t.flags.writeable and not t.flags.owndata
+                t.view(np.uint8)[...] = 0xA5
+    after = [[t.tobytes() for t in tensors_in(m) if t.dtype != object] for m in second]
+    assert after == before
 
 
 def test_parser_tensors_are_aligned_to_their_item_size():

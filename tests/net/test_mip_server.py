@@ -1,0 +1,233 @@
+"""The MIP server and clients over real sockets on 127.0.0.1 (and a Unix socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+
+import numpy as np
+import pytest
+
+import mip
+from mip.errors import ErrorCode, RemoteError
+from mip.net.mip_client import AsyncClient, Client
+from mip.net.mip_server import MipServer
+
+
+async def _double(message: mip.Message):
+    """A handler that doubles every tensor; model 'missing' is not found; 'slow' sleeps."""
+    if message.model == "missing":
+        raise mip.ModelNotFound("no model 'missing'")
+    if message.model == "slow":
+        await asyncio.sleep(float(message.version or 0.2))
+    if message.model == "jitter":
+        await asyncio.sleep(random.random() * 0.01)
+    items = [tuple(v * 2 if isinstance(v, np.ndarray) else v for v in item) for item in message.batch]
+    return mip.encode_response_buffers(items, n_input=message.n_input, kind=message.kind)
+
+
+async def _start(handler=_double, url="tcp://127.0.0.1:0", **kwargs) -> tuple[MipServer, str]:
+    server = MipServer(handler, **kwargs)
+    address = await server.start(url)
+    return server, str(address)
+
+
+def _raw_exchange(url: str, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw octets, read until the server closes (bounded by `timeout`)."""
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(payload)
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+async def test_ping_and_infer_over_tcp_with_both_clients():
+    server, url = await _start()
+    try:
+        async with AsyncClient(url) as client:
+            assert await client.ping() > 0
+            out = await client.infer([[np.arange(16, dtype=np.float32).reshape(1, 16)]])
+            np.testing.assert_array_equal(out[0][0], 2 * np.arange(16, dtype=np.float32).reshape(1, 16))
+
+        def blocking():
+            with Client(url) as c:
+                c.ping()
+                reply = c.infer_message([[np.ones((2, 3), np.int64)], [np.zeros((1, 3), np.int64)]],
+                                        model="m", version="7")
+                assert reply.kind == mip.KIND_ROUTED and reply.n_output == 1
+                assert [item[0].tolist() for item in reply.batch] == [[[2] * 3] * 2, [[0] * 3]]
+                return c.infer([["text stays text"]])
+        assert (await asyncio.to_thread(blocking)) == [(mip.Text("text stays text"),)]
+    finally:
+        await server.stop()
+
+
+async def test_unix_socket(tmp_path):
+    path = tmp_path / "mip.sock"
+    server, url = await _start(url=f"unix://{path}")
+    try:
+        assert url == f"unix://{path}"
+        async with AsyncClient(url) as client:
+            out = await client.infer([[np.full((1, 4), 3, np.float64)]])
+            assert out[0][0].tolist() == [[6.0] * 4]
+    finally:
+        await server.stop()
+    assert not path.exists()
+
+
+async def test_pipelined_replies_come_back_in_request_order():
+    server, url = await _start()
+    try:
+        async with AsyncClient(url, connections=1) as client:
+            results = await asyncio.gather(*(
+                client.infer([[np.full((1, 2), i, np.int32)]], model="jitter") for i in range(200)))
+        assert [r[0][0][0, 0] for r in results] == [2 * i for i in range(200)]
+    finally:
+        await server.stop()
+
+
+async def test_large_tensor_round_trip_is_intact_and_aligned():
+    server, url = await _start()
+    try:
+        big = np.random.default_rng(1).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB
+        async with AsyncClient(url) as client:
+            out = (await client.infer([[big]]))[0][0]
+        np.testing.assert_array_equal(out, big * 2)
+        assert out.ctypes.data % 8 == 0
+    finally:
+        await server.stop()
+
+
+async def test_serving_error_becomes_an_error_frame_and_connection_stays_usable():
+    server, url = await _start()
+    try:
+        async with AsyncClient(url) as client:
+            with pytest.raises(RemoteError) as info:
+                await client.infer([[np.ones(1)]], model="missing")
+            assert info.value.error_code == ErrorCode.METHOD
+            assert await client.ping() > 0  # same connection, still in step
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("frame, code", [
+    (bytes([1, 1, 0, 0, 0, 0, 0, 0]), ErrorCode.PROTOCOL),        # version 1
+    (bytes([0, 9, 0, 0, 0, 0, 0, 0]), ErrorCode.METHOD),          # unknown kind
+    (bytes([0, 1, 1, 0, 0, 0, 0, 0]), ErrorCode.SUBTYPE),         # a PING response sent to a server
+    (bytes([0, 2, 7, 0, 0, 0, 0, 0]), ErrorCode.SUBTYPE),         # subtype 7
+    (bytes([0, 2, 0, 0, 0, 0, 0, 4, 1, 0, 0, 1]), ErrorCode.SHAPE),  # 1 item of 1 value, no TLV
+    (bytes([0, 2, 0, 0]) + struct.pack("!I", 12) + bytes([1, 0, 0, 1])
+     + struct.pack("!II", 9, 0), ErrorCode.SHAPE),                # reserved TLV type 9
+])
+async def test_protocol_errors_get_the_specified_error_frame_then_close(frame, code):
+    server, url = await _start()
+    try:
+        reply = await asyncio.to_thread(_raw_exchange, url, frame)
+        assert reply == mip.encode_error(code)
+    finally:
+        await server.stop()
+
+
+async def test_oversized_frame_is_refused_from_its_header_alone():
+    server, url = await _start(max_frame_size=1024)
+    try:
+        # Only the header is sent: it claims 4 GiB - 1, nothing is allocated for it.
+        reply = await asyncio.to_thread(_raw_exchange, url, bytes([0, 2, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]))
+        assert reply == mip.encode_error(ErrorCode.MEMORY)
+    finally:
+        await server.stop()
+
+
+async def test_max_connections():
+    server, url = await _start(max_connections=1)
+    try:
+        async with AsyncClient(url) as first:
+            await first.ping()
+            reply = await asyncio.to_thread(_raw_exchange, url, mip.encode_ping())
+            assert reply == mip.encode_error(ErrorCode.MEMORY)
+            assert await first.ping() > 0
+    finally:
+        await server.stop()
+
+
+async def test_idle_and_read_timeouts_close_connections():
+    server, url = await _start(idle_timeout=0.2, read_timeout=0.2)
+    server.linger = 0.05
+    try:
+        host, port = url.removeprefix("tcp://").rsplit(":", 1)
+        loop = asyncio.get_running_loop()
+        # idle: connect and say nothing
+        reader, writer = await asyncio.open_connection(host, int(port))
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        # read: half a header, then silence
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"\x00\x02\x00")
+        start = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == mip.encode_error(ErrorCode.PROTOCOL)
+        assert loop.time() - start < 3
+        writer.close()
+        for _ in range(100):
+            if server.connections == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.connections == 0
+    finally:
+        await server.stop()
+
+
+async def test_graceful_stop_finishes_requests_in_flight():
+    server, url = await _start()
+    client = AsyncClient(url)
+    try:
+        pending = asyncio.ensure_future(client.infer([[np.ones((1, 2))]], model="slow", version="0.3"))
+        await asyncio.sleep(0.1)
+        await server.stop(grace=5)
+        out = await asyncio.wait_for(pending, 5)
+        assert out[0][0].tolist() == [[2.0, 2.0]]
+    finally:
+        await client.close()
+
+
+async def test_client_gone_cancels_its_work():
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(message):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return [mip.encode_error(0)]
+
+    server, url = await _start(handler)
+    try:
+        client = AsyncClient(url, timeout=None)
+        task = asyncio.ensure_future(client.infer([[np.ones(1)]]))
+        await asyncio.wait_for(started.wait(), 5)
+        await client.close()
+        await asyncio.wait_for(cancelled.wait(), 5)
+        task.cancel()
+    finally:
+        await server.stop()
+
+
+async def test_kubemo_client_against_our_server():
+    kubemo = pytest.importorskip("kubemo")
+    server, url = await _start()
+    try:
+        def call():
+            client = kubemo.Client()
+            assert client.ping(url) > 0
+            return client.inference(url, ((kubemo.Text("hello"),), (kubemo.Text("world"),)))
+        out = await asyncio.to_thread(call)
+        assert [item[0].decode() for item in out] == ["hello", "world"]
+    finally:
+        await server.stop()
