@@ -387,9 +387,12 @@ class AsyncClient:
         return fut
 
     async def _wait(self, fut: asyncio.Future, msg_id: int):
+        # one timer handle per request (cheaper than asyncio.wait_for on this hot path)
+        timer = asyncio.get_running_loop().call_later(self.request_timeout, _expire, fut)
         try:
-            return await asyncio.wait_for(fut, self.request_timeout)
+            return await fut
         finally:
+            timer.cancel()
             self._pending.pop(msg_id, None)
 
     def _fail_pending(self, exc: Exception) -> None:
@@ -605,6 +608,11 @@ class AsyncClient:
     def ack(self, msg_id: int) -> None:
         """Acknowledge an at-least-once event by its msg_id (when ``auto_ack`` is off)."""
         self._send_ack(msg_id)
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError("no reply from the broker in time"))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
