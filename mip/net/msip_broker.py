@@ -215,7 +215,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             frames = self.parser.buffer_updated(nbytes)
             for frame in frames:
-                self.consumed += _HDR + len(frame.payload)
+                self.consumed += _HDR + frame.payload_len
                 if self.closing:
                     break
                 b._dispatch(self, frame)

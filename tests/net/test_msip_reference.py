@@ -116,3 +116,17 @@ def test_frame_burst_written_whole(broker):
     payload = w.publish_payload("big", b"\x07" * 40_000)
     pub.send(w.PUBLISH, payload, msg_id=1)
     assert sub.recv_raw() == w.frame(w.EVENT, payload, 1, 0, w.K_EVENT)
+
+
+def test_large_payloads_fanned_out_intact(broker):
+    """Large events are sent from the broker's receive memory: later reads must not alter them."""
+    sub = w.RefClient(broker.port)
+    sub.subscribe("big")
+    w.shrink_send_buffers(broker, sub)
+    pub = w.RefClient(broker.port)
+    payloads = [w.publish_payload("big", bytes([i]) * (20_000 + i)) for i in range(60)]
+    pub.send_raw(b"".join(w.frame(w.PUBLISH, p, i + 1) for i, p in enumerate(payloads)))
+    pub.send(w.PING, b"", 999)
+    pub.recv_until(w.PONG)
+    for i, p in enumerate(payloads):
+        assert sub.recv_raw() == w.frame(w.EVENT, p, i + 1, 0, w.K_EVENT)
