@@ -23,6 +23,13 @@ Beyond the reference:
 * optional token authentication (the octets after the 8-octet client id in HELLO);
 * graceful shutdown: CLOSE to every client, then the buffered frames are flushed.
 
+Two consequences of staying byte-compatible: EVENT frames always carry msg_kind EVENT (the
+publisher's msg_kind is not forwarded, as in the reference), and ACK_REQUIRED on SUBSCRIBE both
+asks for the ACK reply (which the reference requires) and makes the subscription
+at-least-once. A client written for the reference that never acknowledges events therefore gets
+unacknowledged events again every ``redelivery_timeout``, at most ``max_redeliveries`` times;
+``Broker(at_least_once=False)`` restores the reference's at-most-once delivery for everyone.
+
 Embed it::
 
     broker = Broker(max_payload=1 << 20)
@@ -366,6 +373,7 @@ class Broker:
         backlog_limit: events kept per session while it is away (oldest dropped first, counted).
         session_ttl: how long a session is kept after its last connection closed.
         tokens: accepted authentication tokens (bytes); None disables authentication.
+        at_least_once: whether SUBSCRIBE with ACK_REQUIRED makes an at-least-once subscription.
     """
 
     def __init__(
@@ -388,6 +396,7 @@ class Broker:
         backlog_limit: int = 10_000,
         session_ttl: float = 3600.0,
         tokens: Iterable[bytes] | None = None,
+        at_least_once: bool = True,
     ):
         if overflow not in (OVERFLOW_DROP_OLDEST, OVERFLOW_DISCONNECT):
             raise ValueError(f"overflow must be {OVERFLOW_DROP_OLDEST!r} or {OVERFLOW_DISCONNECT!r}")
@@ -408,6 +417,7 @@ class Broker:
         self.backlog_limit = backlog_limit
         self.session_ttl = session_ttl
         self.tokens = None if tokens is None else frozenset(bytes(t) for t in tokens)
+        self.at_least_once = at_least_once
         self.stats = BrokerStats()
         self._conns: set[_Connection] = set()
         self._sessions: dict[int, _Session] = {}
@@ -642,7 +652,7 @@ class Broker:
             if topic not in session.subs and len(session.subs) >= self.max_subscriptions:
                 conn.fail(f"too many subscriptions (limit {self.max_subscriptions} a session)")
                 return
-            self._subscribe(session, topic, bool(f.flags & _F_ACK_REQUIRED))
+            self._subscribe(session, topic, self.at_least_once and bool(f.flags & _F_ACK_REQUIRED))
         else:
             self._unsubscribe(session, topic)
         if f.flags & _F_ACK_REQUIRED:

@@ -178,3 +178,15 @@ def test_unsubscribe_stops_delivery(broker):
     _pub(pub, "u", b"gone", 1)
     with pytest.raises(TimeoutError):
         sub.recv(timeout=0.3)
+
+
+def test_at_least_once_can_be_turned_off():
+    with w.BrokerThread(idle_timeout=None, redelivery_timeout=0.1, at_least_once=False) as b:
+        sub = w.RefClient(b.port)
+        sub.subscribe("r", flags=w.ACK_REQUIRED)  # still answered with an ACK
+        pub = w.RefClient(b.port)
+        _pub(pub, "r", b"x", 7)
+        assert sub.recv()[0]["msg_id"] == 7
+        with pytest.raises(TimeoutError):
+            sub.recv(timeout=0.5)
+        assert b.broker.stats.redelivered == 0
