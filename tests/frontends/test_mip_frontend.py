@@ -1,0 +1,201 @@
+"""MIP end to end: the MIP server with the MIP frontend on a real engine and real ONNX Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import mip
+from mip.errors import ErrorCode, RemoteError
+from mip.frontends.mip import MipHandler
+from mip.net.mip_client import AsyncClient, Client
+from mip.net.mip_server import MipServer
+from mip.serving.demo import build_demo_repository
+from mip.serving.engine import Engine
+from mip.serving.repository import ModelRepository
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_MODELS = ROOT.parent / "shared" / "models" / "fashion_mnist"
+EXAMPLE = ROOT / "examples" / "fashion_mnist" / "model_repository"
+
+
+class Served:
+    def __init__(self, engine: Engine, server: MipServer, url: str):
+        self.engine, self.server, self.url = engine, server, url
+
+    async def close(self):
+        await self.server.stop()
+        await self.engine.stop()
+
+
+async def _serve(root: Path, default_model: str | None = None, **server_options) -> Served:
+    engine = Engine(ModelRepository(root), default_model=default_model)
+    await engine.start()
+    server = MipServer(MipHandler(engine), **server_options)
+    address = await server.start("tcp://127.0.0.1:0")
+    return Served(engine, server, str(address))
+
+
+@pytest.fixture
+def demo_repo(tmp_path) -> Path:
+    return build_demo_repository(tmp_path / "demo")
+
+
+def _direct(repo: Path, model: str, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+async def test_demo_models_answer_as_onnxruntime_does(demo_repo):
+    served = await _serve(demo_repo)
+    try:
+        rng = np.random.default_rng(7)
+        x = rng.standard_normal((3, 784)).astype(np.float32)
+        async with AsyncClient(served.url) as client:
+            items = await client.infer([[x[:1]], [x[1:]]], model="mlp")
+            ident = await client.infer([[x[:2, :16]]], model="identity", version="1")
+        expected = _direct(demo_repo, "mlp", x)
+        np.testing.assert_allclose(np.concatenate([items[0][0], items[1][0]]), expected, rtol=1e-5)
+        assert items[0][0].shape == (1, 10) and items[1][0].shape == (2, 10)
+        np.testing.assert_array_equal(ident[0][0], x[:2, :16])
+    finally:
+        await served.close()
+
+
+async def test_concurrent_clients_are_batched_together(demo_repo):
+    served = await _serve(demo_repo)
+    try:
+        rng = np.random.default_rng(3)
+        inputs = [rng.standard_normal((1, 784)).astype(np.float32) for _ in range(64)]
+        clients = [AsyncClient(served.url) for _ in range(16)]
+        try:
+            results = await asyncio.gather(*(
+                clients[i % 16].infer([[x]], model="mlp") for i, x in enumerate(inputs)))
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+        expected = _direct(demo_repo, "mlp", np.concatenate(inputs))
+        got = np.concatenate([r[0][0] for r in results])
+        np.testing.assert_allclose(got, expected, rtol=1e-5)  # every reply is its own request's
+        stats = served.engine.stats()[("mlp", "1")]
+        assert stats.rows == 64
+        assert max(stats.batch_sizes) > 1, stats.batch_sizes
+    finally:
+        await served.close()
+
+
+async def test_plain_requests_reach_the_default_model(demo_repo):
+    served = await _serve(demo_repo, default_model="identity")
+    try:
+        x = np.arange(16, dtype=np.float32).reshape(1, 16)
+        out = await asyncio.to_thread(lambda: Client(served.url).infer([[x]]))
+        np.testing.assert_array_equal(out[0][0], x)
+    finally:
+        await served.close()
+
+
+async def test_plain_request_without_default_model_is_a_clear_error(demo_repo):
+    served = await _serve(demo_repo)  # two models, no default
+    try:
+        async with AsyncClient(served.url) as client:
+            with pytest.raises(RemoteError) as info:
+                await client.infer([[np.ones((1, 16), np.float32)]])
+            assert info.value.error_code == ErrorCode.METHOD
+    finally:
+        await served.close()
+
+
+async def test_error_codes_for_what_the_engine_refuses(demo_repo):
+    served = await _serve(demo_repo)
+    try:
+        async with AsyncClient(served.url) as client:
+            with pytest.raises(RemoteError) as unknown:
+                await client.infer([[np.ones((1, 16), np.float32)]], model="nope")
+            with pytest.raises(RemoteError) as wrong_shape:
+                await client.infer([[np.ones((1, 15), np.float32)]], model="identity")
+            with pytest.raises(RemoteError) as wrong_count:
+                await client.infer([[np.ones((1, 16), np.float32)] * 2], model="identity")
+            with pytest.raises(RemoteError) as wrong_dtype:
+                await client.infer([[np.ones((1, 16), np.float64)]], model="identity")
+            assert await client.ping() > 0
+        assert unknown.value.error_code == ErrorCode.METHOD
+        assert wrong_shape.value.error_code == ErrorCode.SHAPE
+        assert wrong_count.value.error_code == ErrorCode.SHAPE
+        assert wrong_dtype.value.error_code == ErrorCode.SHAPE
+    finally:
+        await served.close()
+
+
+async def test_a_failing_python_model_answers_internal(tmp_path):
+    model_dir = tmp_path / "repo" / "broken" / "1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.py").write_text(
+        "from mip.kubemo.inference import Inference\n"
+        "from mip.kubemo.serialize import Text\n"
+        "class Broken(Inference):\n"
+        "    def preprocess(self, inputs):\n"
+        "        raise RuntimeError('model failure')\n"
+        "    def forward(self, inputs):\n"
+        "        return inputs\n"
+        "    def postprocess(self, outputs):\n"
+        "        return outputs\n")
+    served = await _serve(tmp_path / "repo")
+    try:
+        async with AsyncClient(served.url) as client:
+            with pytest.raises(RemoteError) as info:
+                await client.infer([["hello"]], model="broken")
+        assert info.value.error_code == ErrorCode.INTERNAL
+    finally:
+        await served.close()
+
+
+@pytest.fixture
+def fashion_repo(tmp_path) -> Path:
+    if not (SHARED_MODELS / "fashion_mnist.onnx").exists():
+        pytest.skip(f"the real Fashion-MNIST model is not at {SHARED_MODELS}")
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLE, repo)
+    (repo / "fashion_mnist" / "1" / "fashion_mnist.onnx").symlink_to(SHARED_MODELS / "fashion_mnist.onnx")
+    return repo
+
+
+def _expected_top3(image_path: Path) -> dict:
+    from PIL import Image as PILImage
+    session = ort.InferenceSession(str(SHARED_MODELS / "fashion_mnist.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    img = PILImage.open(image_path).resize((28, 28)).convert("L")
+    x = np.array(img, dtype=np.float32).reshape(1, 28, 28) / 255.0
+    logits = session.run(None, {"x": x})[0][0]
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    labels = ("T-Shirt", "Trouser", "Pullover", "Dress", "Coat",
+              "Sandal", "Shirt", "Sneaker", "Bag", "Ankle Boot")
+    return {labels[i]: float(p[i]) for i in p.argsort()[-3:][::-1]}
+
+
+async def test_kubemo_client_unchanged_against_the_ported_fashion_mnist(fashion_repo):
+    kubemo = pytest.importorskip("kubemo")
+    served = await _serve(fashion_repo)
+    try:
+        photos = [SHARED_MODELS / "t-shirt.jpg", SHARED_MODELS / "ankle-boot.jpg"]
+
+        def call():
+            return kubemo.Client().inference(served.url, tuple((kubemo.Image(str(p)),) for p in photos))
+
+        out = await asyncio.to_thread(call)
+        for item, photo in zip(out, photos):
+            got = item[0].decode()
+            expected = _expected_top3(photo)
+            assert list(got) == list(expected)
+            np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=1e-5)
+        # and our own client, routed by name, gets the same through the same engine
+        async with AsyncClient(served.url) as client:
+            ours = await client.infer([[mip.Image.open(photos[0])]], model="fashion_mnist")
+        assert ours[0][0].value.keys() == _expected_top3(photos[0]).keys()
+    finally:
+        await served.close()
