@@ -374,6 +374,7 @@ class Broker:
         session_ttl: how long a session is kept after its last connection closed.
         tokens: accepted authentication tokens (bytes); None disables authentication.
         at_least_once: whether SUBSCRIBE with ACK_REQUIRED makes an at-least-once subscription.
+        ssl: an ``ssl.SSLContext`` to serve TLS with (None: plain TCP).
     """
 
     def __init__(
@@ -397,6 +398,7 @@ class Broker:
         session_ttl: float = 3600.0,
         tokens: Iterable[bytes] | None = None,
         at_least_once: bool = True,
+        ssl=None,
     ):
         if overflow not in (OVERFLOW_DROP_OLDEST, OVERFLOW_DISCONNECT):
             raise ValueError(f"overflow must be {OVERFLOW_DROP_OLDEST!r} or {OVERFLOW_DISCONNECT!r}")
@@ -418,6 +420,7 @@ class Broker:
         self.session_ttl = session_ttl
         self.tokens = None if tokens is None else frozenset(bytes(t) for t in tokens)
         self.at_least_once = at_least_once
+        self.ssl = ssl
         self.stats = BrokerStats()
         self._conns: set[_Connection] = set()
         self._sessions: dict[int, _Session] = {}
@@ -451,11 +454,13 @@ class Broker:
         if addr.scheme == "unix":
             if os.path.exists(addr.path) and not os.path.isfile(addr.path):
                 os.unlink(addr.path)
-            self._server = await loop.create_unix_server(lambda: _Connection(self), addr.path)
+            self._server = await loop.create_unix_server(lambda: _Connection(self), addr.path,
+                                                         ssl=self.ssl)
             self.address = addr
         else:
             self._server = await loop.create_server(
-                lambda: _Connection(self), addr.host, addr.port, reuse_address=True, backlog=1024)
+                lambda: _Connection(self), addr.host, addr.port, reuse_address=True, backlog=1024,
+                ssl=self.ssl)
             sockname = self._server.sockets[0].getsockname()
             self.address = Address("tcp", host=addr.host, port=sockname[1])
         self._tick_task = loop.create_task(self._tick())

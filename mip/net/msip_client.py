@@ -201,6 +201,7 @@ class AsyncClient:
         max_payload: largest frame payload accepted from the broker.
         auto_ack: acknowledge at-least-once events once the callback returned or the
             iterator handed them out; otherwise call :meth:`ack`.
+        ssl: an ``ssl.SSLContext`` (or True for the default one) to connect with TLS.
     """
 
     def __init__(self, url: str = "tcp://127.0.0.1:7000", *, client_id: int | None = None,
@@ -208,7 +209,7 @@ class AsyncClient:
                  reconnect_delay: float = 0.05, reconnect_max_delay: float = 2.0,
                  max_reconnect_attempts: int | None = None, request_timeout: float = 10.0,
                  ping_interval: float | None = None, compress_threshold: int | None = None,
-                 max_payload: int = 16 * 1024 * 1024, auto_ack: bool = True):
+                 max_payload: int = 16 * 1024 * 1024, auto_ack: bool = True, ssl=None):
         self.address = parse_url(url)
         self.client_id = client_id
         self.token = token
@@ -221,6 +222,7 @@ class AsyncClient:
         self.compress_threshold = compress_threshold
         self.max_payload = max_payload
         self.auto_ack = auto_ack
+        self.ssl = ssl
         self._ids = itertools.count(secrets.randbits(40) << 16)
         self._proto: _Protocol | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -255,9 +257,11 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         a = self.address
         if a.scheme == "unix":
-            _, proto = await loop.create_unix_connection(lambda: _Protocol(self), a.path)
+            _, proto = await loop.create_unix_connection(lambda: _Protocol(self), a.path,
+                                                         ssl=self.ssl)
         else:
-            _, proto = await loop.create_connection(lambda: _Protocol(self), a.host, a.port)
+            _, proto = await loop.create_connection(lambda: _Protocol(self), a.host, a.port,
+                                                    ssl=self.ssl)
         self._proto = proto
         self._error = None
         msg_id = next(self._ids)

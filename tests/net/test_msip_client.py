@@ -318,3 +318,31 @@ def test_mip_client_python_reconnect_hello_payload():
         await b.stop()
 
     run(main())
+
+
+def test_tls(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                   timeout=30)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main():
+        b = Broker(idle_timeout=None, ssl=server_ctx)
+        url = str(await b.start("tcp://127.0.0.1:0"))
+        async with AsyncClient(url, ssl=client_ctx) as c:
+            it = await c.subscribe("s")
+            await c.publish("s", b"secret", wait=True)
+            assert bytes((await it.get(timeout=2)).data) == b"secret"
+        await b.stop()
+
+    run(main())
