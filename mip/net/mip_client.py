@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import queue
+import select
 import socket
 import ssl as _ssl
 import threading
@@ -78,6 +79,18 @@ class _BlockingConnection:
         self._recv_exactly(memoryview(frame)[8:])
         return mip.decode(frame)
 
+    def dropped(self) -> bool:
+        """Whether an idle pooled connection was closed by the server (or sent garbage).
+
+        KubeMo's server closes after each reply: such a connection is readable
+        (EOF) before any new request, and must not be reused.
+        """
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -122,11 +135,17 @@ class Client:
         self._lock = threading.Lock()
 
     def _acquire(self) -> _BlockingConnection:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            sock = _connect(self.url, self.timeout, self.ssl, self.server_hostname)
-            return _BlockingConnection(sock, self.max_frame_size)
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                sock = _connect(self.url, self.timeout, self.ssl, self.server_hostname)
+                return _BlockingConnection(sock, self.max_frame_size)
+            if not conn.dropped():
+                return conn
+            conn.close()
+
+
 
     def _release(self, conn: _BlockingConnection) -> None:
         if self._closed:

@@ -231,3 +231,45 @@ async def test_kubemo_client_against_our_server():
         assert [item[0].decode() for item in out] == ["hello", "world"]
     finally:
         await server.stop()
+
+
+def _kubemo_server(tmp_path):
+    """A real KubeMo server (one request per connection, then close) doubling TEXT values."""
+    kubemo = pytest.importorskip("kubemo")
+    from kubemo.server import InferenceHandler, Server
+
+    class Echo(kubemo.Inference):
+        def preprocess(self, inputs):
+            return tuple(x.decode() for x in inputs)
+
+        def concat(self, batch):
+            return tuple(zip(*batch))  # per input: the items' values
+
+        def forward(self, inputs):
+            return tuple([s * 2 for s in column] for column in inputs)
+
+        def postprocess(self, outputs):
+            return tuple(kubemo.Text(s) for s in outputs)
+
+    path = str(tmp_path / "kubemo.sock")
+    server = Server("unix", path)
+    server.handle(InferenceHandler(Echo()))
+    return server, f"unix://{path}"
+
+
+def test_our_blocking_client_against_kubemo_server(tmp_path):
+    import threading
+
+    server, url = _kubemo_server(tmp_path)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        with Client(url, timeout=5) as client:
+            assert client.ping() > 0
+            for word in ("ab", "xyz"):  # each call needs a new connection: the old one was closed
+                assert client.infer([[mip.Text(word)]]) == [(mip.Text(word * 2),)]
+            with pytest.raises(RemoteError) as info:
+                client.infer([[mip.Text("a")]], model="routed")  # a KubeMo server knows no kind 3
+            assert info.value.error_code == ErrorCode.METHOD
+    finally:
+        server.close()
