@@ -316,7 +316,7 @@ async def run_all(msip_port, redis_port, seconds, quick):
     lat = [await bench_latency(s, 1000, seconds) for s in sides]
     rows.append(("latency p50 ms @1,000 msg/s, 64 B", [x[0] for x in lat], "{:.3f}"))
     rows.append(("latency p99 ms @1,000 msg/s, 64 B", [x[1] for x in lat], "{:.3f}"))
-    print(f"\n| cell | MSIP (mip) | Redis | ratio MSIP/Redis |\n|---|---|---|---|")
+    print("\n| cell | MSIP (mip) | Redis | ratio MSIP/Redis |\n|---|---|---|---|")
     for name, (a, b), fmt in rows:
         print(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} |")
 

@@ -260,7 +260,6 @@ def test_mip_client_python_interop():
         # it subscribes in on_connect, i.e. before its HELLO: the reference never delivers that
         third.on_connect(lambda: third.subscribe("chat.room"))
         await third.connect()
-        sub_id = None
         async with AsyncClient(url) as ours:
             for _ in range(100):
                 if len(acks) >= 2:  # SUBSCRIBE ack + HELLO ack
