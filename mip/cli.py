@@ -1,4 +1,4 @@
-"""The ``mip`` command: ``mip serve``, ``mip infer``, ``mip ping``, ``mip broker``."""
+"""The ``mip`` command: ``mip serve``, ``mip infer``, ``mip ping``, ``mip broker``, ``mip bench``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--msip", metavar="URL", default=DEFAULT_MSIP_URL,
                         help=f"listen URL (default {DEFAULT_MSIP_URL})")
     _add_tls(broker)
+
+    bench = sub.add_parser(
+        "bench", help="load-test inference servers (MIP, KServe v2 gRPC/REST) and MSIP brokers",
+        description="Load generators with tables, JSON and plots: 'mip bench infer URL', "
+                    "'mip bench pubsub URL', 'mip bench --compare A.json B.json --plot OUT.png'.")
+    from mip.bench import add_arguments as _bench_arguments
+    _bench_arguments(bench)
     return parser
 
 
@@ -208,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             return _infer(args)
         if args.command == "ping":
             return _ping(args)
+        if args.command == "bench":
+            from mip.bench import main as bench_main
+            return bench_main(args)
         coro = _serve(args) if args.command == "serve" else _broker(args)
         try:
             import uvloop
