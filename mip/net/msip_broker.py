@@ -15,7 +15,8 @@ Beyond the reference:
 * a bounded outgoing queue per connection with an overflow policy (drop the oldest event and
   count it, or disconnect), so a slow subscriber never grows memory nor slows the others;
 * NATS-style patterns: ``*`` matches one dot-separated token, a final ``>`` one or more;
-* at-least-once delivery for subscriptions made with ACK_REQUIRED: the subscriber answers each
+* at-least-once delivery for subscriptions made with ACK_REQUIRED by a session whose HELLO
+  carried ACK_REQUIRED (see below): the subscriber answers each
   EVENT with an ACK frame carrying the EVENT's msg_id; unacknowledged events are sent again
   after ``redelivery_timeout`` and when the session resumes; events published to a session's
   subscriptions while it is away are kept, up to ``backlog_limit`` (oldest dropped, counted);
@@ -24,11 +25,13 @@ Beyond the reference:
 * graceful shutdown: CLOSE to every client, then the buffered frames are flushed.
 
 Two consequences of staying byte-compatible: EVENT frames always carry msg_kind EVENT (the
-publisher's msg_kind is not forwarded, as in the reference), and ACK_REQUIRED on SUBSCRIBE both
-asks for the ACK reply (which the reference requires) and makes the subscription
-at-least-once. A client written for the reference that never acknowledges events therefore gets
-unacknowledged events again every ``redelivery_timeout``, at most ``max_redeliveries`` times;
-``Broker(at_least_once=False)`` restores the reference's at-most-once delivery for everyone.
+publisher's msg_kind is not forwarded, as in the reference), and ACK_REQUIRED on SUBSCRIBE
+cannot by itself ask for at-least-once delivery, since reference clients set it on every
+SUBSCRIBE only to get the ACK reply and never acknowledge events. So a session opts in to
+acknowledging events in its HELLO, by setting ACK_REQUIRED on the HELLO frame (the reference
+ignores HELLO flags); its SUBSCRIBE frames with ACK_REQUIRED then make at-least-once
+subscriptions. Reference clients keep the reference's at-most-once delivery, and
+``Broker(at_least_once=False)`` turns the feature off for everyone.
 
 Embed it::
 
@@ -121,6 +124,7 @@ class _Session:
         self.seq = 0
         self.backlog: collections.deque = collections.deque()  # (item, size, urgent, reliable, msg_id)
         self.detached_at = 0.0
+        self.acking = False  # HELLO said: this client acknowledges events (at-least-once)
 
 
 def _is_pattern(topic: str) -> bool:
@@ -558,6 +562,7 @@ class Broker:
         previous = self._sessions.get(client_id) if client_id else None
         moved = previous is not None and previous.conn is not conn
         session = self._bind(conn, client_id or None)
+        session.acking = bool(f.flags & _F_ACK_REQUIRED)
         conn.send(msip.encode(_ACK, _K_STATE, _U64.pack(session.client_id), f.msg_id, 0))
         if moved:  # the session comes back on a new connection
             self._resume_delivery(session)
@@ -657,7 +662,8 @@ class Broker:
             if topic not in session.subs and len(session.subs) >= self.max_subscriptions:
                 conn.fail(f"too many subscriptions (limit {self.max_subscriptions} a session)")
                 return
-            self._subscribe(session, topic, self.at_least_once and bool(f.flags & _F_ACK_REQUIRED))
+            reliable = self.at_least_once and session.acking and bool(f.flags & _F_ACK_REQUIRED)
+            self._subscribe(session, topic, reliable)
         else:
             self._unsubscribe(session, topic)
         if f.flags & _F_ACK_REQUIRED:

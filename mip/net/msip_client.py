@@ -270,7 +270,9 @@ class AsyncClient:
         else:
             hello = msip.encode_hello_payload(self.client_id or 0, self.token)
         fut = self._expect(msg_id)
-        self._write(msip.encode(_HELLO, _K_EVENT, hello, msg_id, 0))
+        # ACK_REQUIRED on HELLO: this client acknowledges events, so its ACK_REQUIRED
+        # subscriptions are at-least-once.
+        self._write(msip.encode(_HELLO, _K_EVENT, hello, msg_id, _F_ACK_REQUIRED))
         frame = await self._wait(fut, msg_id)
         self.client_id = _U64.unpack(bytes(frame.payload[:8]))[0]
         # the broker keeps a session's subscriptions; a restarted broker does not: send them

@@ -77,7 +77,7 @@ def test_backlog_bounded_oldest_dropped_and_counted(broker):
 
 def test_redelivery_after_subscriber_dies_without_ack(broker):
     sub = w.RefClient(broker.port)
-    cid = sub.hello()
+    cid = sub.hello(flags=w.ACK_REQUIRED)  # this client acknowledges events
     sub.subscribe("jobs", flags=w.ACK_REQUIRED)  # at-least-once subscription
     pub = w.RefClient(broker.port)
     _pub(pub, "jobs", b"job-1", 41)
@@ -88,7 +88,7 @@ def test_redelivery_after_subscriber_dies_without_ack(broker):
     sub.recv()  # got job-2 but dies before acknowledging it
     sub.close()
     sub2 = w.RefClient(broker.port)
-    sub2.hello(cid)
+    sub2.hello(cid, flags=w.ACK_REQUIRED)
     h, p = sub2.recv()
     assert h["msg_id"] == 42 and _event_data((h, p)) == ("jobs", b"job-2")
     sub2.send(w.ACK, b"", 42)
@@ -97,7 +97,7 @@ def test_redelivery_after_subscriber_dies_without_ack(broker):
 
 def test_redelivery_after_timeout(broker):
     sub = w.RefClient(broker.port)
-    sub.hello()
+    sub.hello(flags=w.ACK_REQUIRED)
     sub.subscribe("r", flags=w.ACK_REQUIRED)
     pub = w.RefClient(broker.port)
     _pub(pub, "r", b"x", 7)
@@ -190,3 +190,17 @@ def test_at_least_once_can_be_turned_off():
         with pytest.raises(TimeoutError):
             sub.recv(timeout=0.5)
         assert b.broker.stats.redelivered == 0
+
+
+def test_reference_clients_that_never_ack_are_not_redelivered(broker):
+    """Reference clients set ACK_REQUIRED on every SUBSCRIBE only to get the ACK reply:
+    without ACK_REQUIRED on their HELLO they keep at-most-once delivery."""
+    sub = w.RefClient(broker.port)
+    sub.hello()
+    sub.subscribe("ref", flags=w.ACK_REQUIRED)
+    pub = w.RefClient(broker.port)
+    _pub(pub, "ref", b"once", 5)
+    assert _event_data(sub.recv()) == ("ref", b"once")
+    with pytest.raises(TimeoutError):
+        sub.recv(timeout=0.8)  # the broker's redelivery timeout in these tests is 0.3 s
+    assert broker.broker.stats.redelivered == 0

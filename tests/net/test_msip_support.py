@@ -85,9 +85,10 @@ class RefClient:
                 return got
         raise AssertionError("frame not seen")
 
-    def hello(self, client_id: int | None = None, token: bytes = b"", msg_id=1) -> int:
+    def hello(self, client_id: int | None = None, token: bytes = b"", msg_id=1, flags=0) -> int:
+        """HELLO; ``flags=ACK_REQUIRED`` declares that this client acknowledges events."""
         payload = b"" if client_id is None and not token else struct.pack(">Q", client_id or 0) + token
-        self.send(HELLO, payload, msg_id)
+        self.send(HELLO, payload, msg_id, flags)
         h, p = self.recv()
         assert h["type"] == ACK, (h, p)
         return struct.unpack(">Q", p)[0]
