@@ -61,7 +61,7 @@ from mip.protocol import (
     encode_response,
     encode_response_buffers,
 )
-from mip.protocol import msip
+from mip import msip
 
 __version__ = "0.1.0.dev0"
 
