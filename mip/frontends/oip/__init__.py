@@ -1,0 +1,28 @@
+"""The Open Inference Protocol (KServe v2) frontends: gRPC and REST on one engine.
+
+* :class:`GrpcServer` (``mip.frontends.oip.grpc``): ``inference.GRPCInferenceService``
+  with the protocol's nine RPCs and Triton's ``ModelStreamInfer``.
+* :func:`build_app` (``mip.frontends.oip.rest``): the REST endpoints as a Starlette app
+  that other routes can be mounted on; :class:`HttpServer` serves it with uvicorn.
+* :class:`Metrics` (``mip.frontends.oip.metrics``): Triton-named Prometheus metrics,
+  shared by both, at ``GET /metrics``.
+
+The names are imported on first use, so the REST side works without grpcio and the
+gRPC side without Starlette.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GrpcServer", "build_app", "HttpServer", "Metrics"]
+
+_WHERE = {"GrpcServer": "grpc", "build_app": "rest", "HttpServer": "rest",
+          "Metrics": "metrics"}
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -1,0 +1,251 @@
+"""Tensors of the Open Inference Protocol <-> numpy, shared by the gRPC and REST frontends.
+
+Raw tensor data (gRPC ``raw_input_contents``, REST binary extension) is little-endian,
+row-major, without padding; it becomes a numpy **view** of the received buffer
+(``np.frombuffer``), never a copy. ``BYTES`` tensors are a sequence of elements, each a
+4-octet little-endian length and that many octets; :func:`decode_bytes` reads them with
+every length checked against the octets present before anything is taken.
+
+Everything here raises :class:`mip.errors.InvalidInput` on bad input, so each frontend
+answers with its protocol's "invalid argument" status.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from mip.errors import InvalidInput
+from mip.serving.datatypes import from_numpy, to_numpy
+
+__all__ = ["decode_bytes", "encode_bytes", "from_raw", "from_list", "to_raw", "check_shape",
+           "element_count", "numpy_dtype", "datatype_of", "MAX_DIMS"]
+
+if sys.byteorder != "little":  # raw tensor data is little-endian and decoded as views
+    raise ImportError("the Open Inference Protocol frontends need a little-endian host")
+
+#: dimensions a tensor may have (Triton's limit is the same order of magnitude).
+MAX_DIMS = 32
+
+_LENGTH = struct.Struct("<I")
+_DTYPES: dict[str, np.dtype] = {}
+
+
+def numpy_dtype(datatype: str, name: str = "tensor") -> np.dtype:
+    """The numpy dtype of a protocol datatype name such as ``"FP32"``.
+
+    Raises:
+        InvalidInput: an unknown name.
+    """
+    dtype = _DTYPES.get(datatype)
+    if dtype is None:
+        try:
+            dtype = to_numpy(datatype)
+        except (ValueError, ImportError):
+            raise InvalidInput(f"{name} has unknown datatype {datatype!r}") from None
+        _DTYPES[datatype] = dtype
+    return dtype
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The protocol datatype name of a numpy array (object arrays are ``"BYTES"``)."""
+    return from_numpy(array.dtype)
+
+
+def check_shape(shape: Iterable[int], name: str = "tensor") -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints, at most :data:`MAX_DIMS` of them.
+
+    Raises:
+        InvalidInput: a negative or non-integer dimension, or too many dimensions.
+    """
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{name} has a shape that is not a list of integers: "
+                           f"{shape!r}") from None
+    if len(dims) > MAX_DIMS:
+        raise InvalidInput(f"{name} has {len(dims)} dimensions; at most {MAX_DIMS} are allowed")
+    if any(d < 0 for d in dims):
+        raise InvalidInput(f"{name} has a negative dimension in shape {list(dims)}")
+    return dims
+
+
+def element_count(shape: tuple[int, ...]) -> int:
+    """Elements in a tensor of ``shape`` (1 for a scalar)."""
+    return math.prod(shape)
+
+
+def decode_bytes(buffer, count: int, name: str = "tensor") -> np.ndarray:
+    """Read ``count`` BYTES elements (u32 little-endian length + octets each).
+
+    Args:
+        buffer: a bytes-like object holding exactly the elements.
+        count: elements expected (from the tensor's shape).
+        name: the tensor's name, for error messages.
+
+    Returns:
+        a 1-D numpy object array of ``bytes``.
+
+    Raises:
+        InvalidInput: a length runs past the end, fewer or more elements than ``count``,
+            or octets left over.
+    """
+    view = memoryview(buffer).cast("B")
+    total = len(view)
+    # Each element takes at least 4 octets: reject absurd counts before allocating.
+    if count * 4 > total:
+        raise InvalidInput(f"{name}: {count} BYTES elements need at least {count * 4} octets, "
+                           f"{total} were sent")
+    out = np.empty(count, dtype=object)
+    pos = 0
+    unpack = _LENGTH.unpack_from
+    for i in range(count):
+        if total - pos < 4:
+            raise InvalidInput(f"{name}: BYTES element {i} has no room for its length "
+                               f"(at octet {pos} of {total})")
+        (length,) = unpack(view, pos)
+        pos += 4
+        if length > total - pos:
+            raise InvalidInput(f"{name}: BYTES element {i} claims {length} octets, "
+                               f"{total - pos} remain")
+        out[i] = bytes(view[pos:pos + length])
+        pos += length
+    if pos != total:
+        raise InvalidInput(f"{name}: {total - pos} octets follow its {count} BYTES elements")
+    return out
+
+
+def _element_bytes(element, name: str) -> bytes:
+    if isinstance(element, bytes):
+        return element
+    if isinstance(element, str):
+        return element.encode("utf-8")
+    if isinstance(element, (bytearray, memoryview, np.bytes_)):
+        return bytes(element)
+    data = getattr(element, "data", None)  # KubeMo values (Text, Json, Image) carry .data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise InvalidInput(f"{name}: a BYTES element of type {type(element).__name__} has no "
+                       "octets to send")
+
+
+def bytes_elements(array: np.ndarray, name: str = "tensor") -> list[bytes]:
+    """The elements of a BYTES (object, ``S`` or ``U``) array as ``bytes``, row-major."""
+    return [_element_bytes(e, name) for e in np.asarray(array).ravel(order="C")]
+
+
+def encode_bytes(array: np.ndarray, name: str = "tensor") -> bytes:
+    """A BYTES array as u32 little-endian length + octets per element, row-major.
+
+    Raises:
+        InvalidInput: an element larger than 4 GiB or without octets.
+    """
+    parts = []
+    pack = _LENGTH.pack
+    for element in bytes_elements(array, name):
+        if len(element) > 0xFFFFFFFF:
+            raise InvalidInput(f"{name}: a BYTES element is larger than 4 GiB")
+        parts.append(pack(len(element)))
+        parts.append(element)
+    return b"".join(parts)
+
+
+def from_raw(name: str, datatype: str, shape: Sequence[int], buffer) -> np.ndarray:
+    """A tensor from raw little-endian row-major octets, as a view of ``buffer``.
+
+    Args:
+        name: the tensor's name (for error messages).
+        datatype: the protocol datatype, e.g. ``"FP16"``.
+        shape: the tensor's dimensions.
+        buffer: a bytes-like object holding exactly the tensor's octets.
+
+    Raises:
+        InvalidInput: the size does not match the shape and datatype.
+    """
+    dims = check_shape(shape, name)
+    dtype = numpy_dtype(datatype, name)
+    count = element_count(dims)
+    if dtype == object:
+        return decode_bytes(buffer, count, name).reshape(dims)
+    size = memoryview(buffer).nbytes
+    expected = count * dtype.itemsize
+    if size != expected:
+        raise InvalidInput(f"{name}: shape {list(dims)} of {datatype} takes {expected} octets, "
+                           f"{size} were sent")
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(dims)
+
+
+def _flatten(data, name: str) -> list:
+    if not isinstance(data, list):
+        return [data]
+    if data and isinstance(data[0], list):
+        flat: list = []
+        stack = [iter(data)]
+        while stack:  # iterative, so a deeply nested body cannot exhaust the C stack
+            for item in stack[-1]:
+                if isinstance(item, list):
+                    if len(stack) > MAX_DIMS:
+                        raise InvalidInput(f"{name}: data nested deeper than {MAX_DIMS} lists")
+                    stack.append(iter(item))
+                    break
+                flat.append(item)
+            else:
+                stack.pop()
+        return flat
+    return data
+
+
+def from_list(name: str, datatype: str, shape: Sequence[int], data) -> np.ndarray:
+    """A tensor from a list of values (typed gRPC contents or JSON ``data``).
+
+    Nested lists are flattened (row-major). BYTES elements may be ``str`` (stored as
+    UTF-8) or ``bytes``. FP16 and BF16 accept numbers here too (the REST form).
+
+    Raises:
+        InvalidInput: the element count does not match the shape, or a value does not
+            fit the datatype.
+    """
+    dims = check_shape(shape, name)
+    dtype = numpy_dtype(datatype, name)
+    values = _flatten(data, name)
+    count = element_count(dims)
+    if len(values) != count:
+        raise InvalidInput(f"{name}: shape {list(dims)} holds {count} elements, "
+                           f"{len(values)} were sent")
+    if dtype == object:
+        out = np.empty(count, dtype=object)
+        for i, value in enumerate(values):
+            if isinstance(value, str):
+                out[i] = value.encode("utf-8")
+            elif isinstance(value, (bytes, bytearray)):
+                out[i] = bytes(value)
+            else:
+                raise InvalidInput(f"{name}: BYTES element {i} is a {type(value).__name__}, "
+                                   "not a string")
+        return out.reshape(dims)
+    try:
+        if dtype.kind in "iu" or dtype == np.bool_:
+            if any(isinstance(v, float) for v in values):
+                raise InvalidInput(f"{name}: {datatype} data holds a non-integer value")
+        array = np.array(values, dtype=dtype)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise InvalidInput(f"{name}: data does not fit {datatype}: {exc}") from None
+    if array.ndim != 1:
+        raise InvalidInput(f"{name}: data must be numbers, not nested objects")
+    return array.reshape(dims)
+
+
+def to_raw(array: np.ndarray, name: str = "tensor"):
+    """An output tensor's raw octets: a zero-copy memoryview when it is contiguous,
+    else one copy; BYTES are encoded with :func:`encode_bytes`."""
+    if array.dtype == object or array.dtype.kind in "SU":
+        return encode_bytes(array, name)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    flat = np.ascontiguousarray(array).reshape(-1)
+    # Viewed as octets so every dtype (bfloat16 included) exports a plain buffer.
+    return memoryview(flat.view(np.uint8)) if flat.size else b""

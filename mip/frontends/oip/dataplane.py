@@ -1,0 +1,109 @@
+"""The one data plane under the gRPC and REST frontends of the Open Inference Protocol.
+
+Both frontends decode their wire form into tensors, call :meth:`DataPlane.infer`, and
+encode what it returns; deadlines, the version that answered, and metrics are decided
+here once, so both protocols behave the same.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import mip
+from mip.errors import ErrorCode, InvalidInput, ServingError
+
+__all__ = ["DataPlane", "InferResult", "TooLarge", "SERVER_NAME", "EXTENSIONS",
+           "timeout_parameter"]
+
+SERVER_NAME = "mip"
+#: protocol extensions this server speaks (names as Triton reports them).
+EXTENSIONS = ("binary_tensor_data", "model_repository", "parameters", "streaming")
+
+
+class TooLarge(ServingError):
+    """A request or reply over a configured size limit; the message names the setting."""
+
+    http_status = 413
+    grpc_status = "RESOURCE_EXHAUSTED"
+    error_code = ErrorCode.MEMORY
+
+
+@dataclass(slots=True)
+class InferResult:
+    """What one inference returned: the version that ran it and its outputs, in order."""
+
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+
+
+def timeout_parameter(value) -> float | None:
+    """The ``timeout`` request parameter (Triton's: microseconds) in seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise InvalidInput(f"parameter 'timeout' must be a non-negative number of "
+                           f"microseconds, not {value!r}")
+    return value / 1e6 if value else None
+
+
+class DataPlane:
+    """Inference, metadata and repository calls on one engine, for every OIP frontend.
+
+    Args:
+        engine: the :class:`~mip.serving.engine.Engine` every frontend shares.
+        metrics: a :class:`~mip.frontends.oip.metrics.Metrics`, or ``None``.
+        request_timeout: seconds a request may take, queueing included (``None``: no
+            limit beyond what the client asks for).
+    """
+
+    def __init__(self, engine, metrics=None, request_timeout: float | None = None):
+        self.engine = engine
+        self.metrics = metrics
+        self.request_timeout = request_timeout
+
+    def server_metadata(self) -> dict:
+        """``name``, ``version`` and ``extensions`` of this server."""
+        return {"name": SERVER_NAME, "version": mip.__version__, "extensions": list(EXTENSIONS)}
+
+    async def infer(self, protocol: str, model: str, version: str | None,
+                    inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+                    timeout: float | None = None) -> InferResult:
+        """Run one request.
+
+        Args:
+            protocol: ``"grpc"`` or ``"http"`` (a metrics label).
+            model / version: what to run (``version`` ``None`` or ``""``: the highest
+                ready one).
+            inputs: input name -> tensor.
+            outputs: output names wanted, in the order to answer them (``None``: all).
+            timeout: seconds the client allows, queueing included (``None``: no limit).
+
+        Raises:
+            ServingError subclasses (and ``asyncio.CancelledError`` when the caller is
+            cancelled: the request then leaves the batch queue).
+        """
+        started = time.perf_counter()
+        served_version = version or ""
+        rows = 1
+        ok = known = False
+        try:
+            chosen = self.engine.repository.get(model, version or None)
+            served_version = chosen.version
+            known = True  # only served models get series: names from clients are unbounded
+            if chosen.max_batch_size and inputs:
+                first = next(iter(inputs.values()))
+                rows = first.shape[0] if first.ndim else 1
+            limits = [t for t in (timeout, self.request_timeout) if t is not None]
+            deadline = time.monotonic() + min(limits) if limits else None
+            result = await self.engine.infer(model, inputs, version=served_version,
+                                             outputs=outputs or None, deadline=deadline)
+            ok = True
+            return InferResult(model, served_version, result)
+        finally:
+            if known and self.metrics is not None:
+                self.metrics.observe_request(model, served_version, protocol, ok,
+                                             time.perf_counter() - started, rows)

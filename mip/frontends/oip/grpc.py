@@ -1,0 +1,438 @@
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on grpcio asyncio.
+
+All nine RPCs of the protocol and Triton's ``ModelStreamInfer``. Inference requests are
+read as bytes: the raw tensor fields (``raw_input_contents``) are located in the received
+message and handed to the engine as numpy views of it, and the reply's raw tensor fields
+are appended to the serialized reply header, so tensor octets are not copied by protobuf.
+A request that used ``raw_input_contents`` is answered with ``raw_output_contents``;
+one that used typed ``contents`` is answered with typed contents (FP16/BF16 outputs, which
+have no typed form, make the reply raw).
+
+Errors: a :class:`~mip.errors.ServingError` ends the call with its ``grpc_status``
+(NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...).
+A cancelled call cancels its engine request, which leaves the batch queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import numpy as np
+from grpc import aio
+
+from mip.errors import InvalidInput, ServingError
+from mip.frontends.oip import codec
+from mip.frontends.oip import inference_pb2 as pb
+from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
+
+__all__ = ["GrpcServer", "DEFAULT_MAX_MESSAGE_SIZE", "STREAM_WINDOW"]
+
+log = logging.getLogger("mip.frontends.oip.grpc")
+
+#: largest request or reply message, in octets, unless configured.
+DEFAULT_MAX_MESSAGE_SIZE = 64 << 20
+#: requests of one ModelStreamInfer stream in the engine at once; the stream's next
+#: request is read when one finishes.
+STREAM_WINDOW = 64
+_SERVICE = "inference.GRPCInferenceService"
+_MAX_GRPC_LIMIT = (1 << 31) - 1
+
+# Typed contents: the field of InferTensorContents for each datatype, and the numpy
+# type the field's values are read as before the range check.
+_CONTENTS = {
+    "BOOL": ("bool_contents", np.bool_),
+    "INT8": ("int_contents", np.int32),
+    "INT16": ("int_contents", np.int32),
+    "INT32": ("int_contents", np.int32),
+    "INT64": ("int64_contents", np.int64),
+    "UINT8": ("uint_contents", np.uint32),
+    "UINT16": ("uint_contents", np.uint32),
+    "UINT32": ("uint_contents", np.uint32),
+    "UINT64": ("uint64_contents", np.uint64),
+    "FP32": ("fp32_contents", np.float32),
+    "FP64": ("fp64_contents", np.float64),
+    "BYTES": ("bytes_contents", None),
+}
+_RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
+_RAW_OUTPUT_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, length-delimited
+_STREAM_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise InvalidInput("malformed ModelInferRequest: bad varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def split_raw_inputs(data: bytes) -> tuple[bytes, list[memoryview]]:
+    """Separate a serialized ModelInferRequest's ``raw_input_contents`` from the rest.
+
+    Returns ``(rest, raws)``: the message without those fields (to parse with protobuf)
+    and each raw content as a view of ``data``, in order.
+
+    Raises:
+        InvalidInput: the top-level fields do not parse.
+    """
+    view = memoryview(data)
+    end = len(data)
+    pos = 0
+    raws: list[memoryview] = []
+    kept: list[memoryview] = []
+    kept_from = 0
+    while pos < end:
+        start = pos
+        key, pos = _read_varint(data, pos, end)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _read_varint(data, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(data, pos, end)
+            if length > end - pos:
+                raise InvalidInput("malformed ModelInferRequest: a field runs past the end")
+            if key >> 3 == _RAW_INPUT_FIELD:
+                raws.append(view[pos:pos + length])
+                kept.append(view[kept_from:start])
+                kept_from = pos + length
+            pos += length
+        else:
+            raise InvalidInput(f"malformed ModelInferRequest: wire type {wire}")
+        if pos > end:
+            raise InvalidInput("malformed ModelInferRequest: a field runs past the end")
+    if not raws:
+        return data, raws
+    kept.append(view[kept_from:end])
+    return b"".join(kept), raws
+
+
+def _parameter(value: pb.InferParameter):
+    which = value.WhichOneof("parameter_choice")
+    return None if which is None else getattr(value, which)
+
+
+def _from_contents(tensor) -> np.ndarray:
+    name, datatype = tensor.name, tensor.datatype
+    shape = codec.check_shape(tensor.shape, name)
+    entry = _CONTENTS.get(datatype)
+    if entry is None:
+        if datatype in ("FP16", "BF16"):
+            raise InvalidInput(f"input {name!r}: {datatype} has no typed contents; send it "
+                               "in raw_input_contents")
+        codec.numpy_dtype(datatype, f"input {name!r}")  # raises for unknown names
+    field, wide = entry
+    values = getattr(tensor.contents, field)
+    count = codec.element_count(shape)
+    if len(values) != count:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} holds {count} elements, "
+                           f"{len(values)} were sent in {field}")
+    if wide is None:
+        return codec.from_list(name, datatype, shape, list(values))
+    array = np.fromiter(values, dtype=wide, count=count)
+    target = codec.numpy_dtype(datatype)
+    if target != array.dtype:
+        info = np.iinfo(target)
+        if count and (array.min() < info.min or array.max() > info.max):
+            raise InvalidInput(f"input {name!r}: a value does not fit {datatype}")
+        array = array.astype(target)
+    return array.reshape(shape)
+
+
+def _typed_contents(contents: pb.InferTensorContents, datatype: str, array: np.ndarray,
+                    name: str) -> None:
+    field, _ = _CONTENTS[datatype]
+    if datatype == "BYTES":
+        contents.bytes_contents.extend(codec.bytes_elements(array, name))
+    else:
+        getattr(contents, field).extend(array.ravel().tolist())
+
+
+class _Service:
+    """The RPC implementations; each takes a request and the call's context."""
+
+    def __init__(self, dataplane: DataPlane, max_message_size: int):
+        self.dataplane = dataplane
+        self.engine = dataplane.engine
+        self.max_message_size = max_message_size
+
+    # -- health and metadata ------------------------------------------------------------
+
+    async def server_live(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request, context):
+        return pb.ServerReadyResponse(ready=self.engine.ready())
+
+    async def model_ready(self, request, context):
+        return pb.ModelReadyResponse(ready=self.engine.model_ready(request.name,
+                                                                   request.version or None))
+
+    async def server_metadata(self, request, context):
+        return pb.ServerMetadataResponse(**self.dataplane.server_metadata())
+
+    async def model_metadata(self, request, context):
+        meta = await self._call(context, self.engine.model_metadata, request.name,
+                                request.version or None)
+        response = pb.ModelMetadataResponse(name=meta.name, versions=meta.versions,
+                                            platform=meta.platform)
+        for specs, target in ((meta.inputs, response.inputs), (meta.outputs, response.outputs)):
+            for spec in specs:
+                target.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        return response
+
+    # -- repository ---------------------------------------------------------------------
+
+    async def repository_index(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for entry in self.engine.index():
+            if request.ready and str(entry.state) != "READY":
+                continue
+            response.models.add(name=entry.name, version=entry.version, state=str(entry.state),
+                                reason=entry.reason)
+        return response
+
+    async def repository_model_load(self, request, context):
+        if request.parameters:
+            await self._abort(context, InvalidInput(
+                f"load parameters are not supported: {', '.join(sorted(request.parameters))}"))
+        await self._call(context, self.engine.load, request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(self, request, context):
+        await self._call(context, self.engine.unload, request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- inference ----------------------------------------------------------------------
+
+    async def model_infer(self, data: bytes, context) -> bytes:
+        try:
+            reply = await self._infer(data, context)
+        except ServingError as exc:
+            await self._abort(context, exc)
+        return reply
+
+    async def model_stream_infer(self, request_iterator, context):
+        """Answer every request of the stream; requests run concurrently (up to
+        :data:`STREAM_WINDOW`), so replies may come out of order (match them by ``id``)."""
+        replies: asyncio.Queue = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        running: set[asyncio.Task] = set()
+
+        async def answer(data: bytes) -> None:
+            try:
+                reply = await self._infer(data, context)
+                replies.put_nowait(_STREAM_RESPONSE_TAG + _varint(len(reply)) + reply)
+            except ServingError as exc:
+                request_id = _request_id(data)
+                message = pb.ModelStreamInferResponse(error_message=str(exc))
+                message.infer_response.id = request_id
+                replies.put_nowait(message.SerializeToString())
+            finally:
+                window.release()
+
+        async def read() -> None:
+            async for data in request_iterator:
+                await window.acquire()
+                task = asyncio.ensure_future(answer(data))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*list(running), return_exceptions=True)
+
+        reader = asyncio.ensure_future(read())
+        reader.add_done_callback(lambda _: replies.put_nowait(None))
+        try:
+            while True:
+                reply = await replies.get()
+                if reply is None:
+                    break
+                yield reply
+            reader.result()  # re-raise a read error, if any
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _infer(self, data: bytes, context) -> bytes:
+        if len(data) > self.max_message_size:
+            raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
+                            f"of {self.max_message_size} octets (--grpc-max-message-size)")
+        rest, raws = split_raw_inputs(data)
+        try:
+            request = pb.ModelInferRequest.FromString(rest)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+        inputs = self._inputs(request, raws)
+        outputs = [o.name for o in request.outputs] or None
+        timeout = None
+        if "timeout" in request.parameters:
+            timeout = timeout_parameter(_parameter(request.parameters["timeout"]))
+        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+        if remaining is not None:
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        result = await self.dataplane.infer("grpc", request.model_name, request.model_version,
+                                            inputs, outputs, timeout)
+        reply = self._reply(request, result, raw=bool(raws))
+        if len(reply) > self.max_message_size:
+            raise TooLarge(f"reply of {len(reply)} octets is over the gRPC message limit of "
+                            f"{self.max_message_size} octets (--grpc-max-message-size)")
+        return reply
+
+    @staticmethod
+    def _inputs(request, raws: list[memoryview]) -> dict[str, np.ndarray]:
+        if raws and len(raws) != len(request.inputs):
+            raise InvalidInput(f"raw_input_contents has {len(raws)} entries for "
+                               f"{len(request.inputs)} inputs")
+        inputs: dict[str, np.ndarray] = {}
+        for index, tensor in enumerate(request.inputs):
+            name = tensor.name
+            if name in inputs:
+                raise InvalidInput(f"input {name!r} appears twice")
+            if raws:
+                if tensor.HasField("contents"):
+                    raise InvalidInput(f"input {name!r} has contents and raw_input_contents; "
+                                       "send one or the other")
+                inputs[name] = codec.from_raw(name, tensor.datatype, tensor.shape, raws[index])
+            else:
+                inputs[name] = _from_contents(tensor)
+        return inputs
+
+    @staticmethod
+    def _reply(request, result, raw: bool) -> bytes:
+        response = pb.ModelInferResponse(model_name=result.model, model_version=result.version,
+                                         id=request.id)
+        datatypes = [codec.datatype_of(a) for a in result.outputs.values()]
+        raw = raw or any(d in ("FP16", "BF16") for d in datatypes)
+        parts = []
+        for (name, array), datatype in zip(result.outputs.items(), datatypes):
+            tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+            if raw:
+                content = codec.to_raw(array, name)
+                parts += (_RAW_OUTPUT_TAG, _varint(len(content)), content)
+            else:
+                _typed_contents(tensor.contents, datatype, array, name)
+        header = response.SerializeToString()
+        # Fields may come in any order: the raw contents follow the header as they are.
+        return b"".join([header, *parts]) if parts else header
+
+    # -- errors -------------------------------------------------------------------------
+
+    async def _call(self, context, function, *args):
+        try:
+            result = function(*args)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        except ServingError as exc:
+            await self._abort(context, exc)
+
+    @staticmethod
+    async def _abort(context, exc: ServingError):
+        code = getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
+        await context.abort(code, str(exc))
+
+
+def _request_id(data: bytes) -> str:
+    try:
+        return pb.ModelInferRequest.FromString(split_raw_inputs(data)[0]).id
+    except Exception:
+        return ""
+
+
+def _handlers(service: _Service) -> grpc.GenericRpcHandler:
+    def unary(function, request_type, response_type):
+        return grpc.unary_unary_rpc_method_handler(
+            function, request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString)
+
+    return grpc.method_handlers_generic_handler(_SERVICE, {
+        "ServerLive": unary(service.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": unary(service.server_ready, pb.ServerReadyRequest,
+                             pb.ServerReadyResponse),
+        "ModelReady": unary(service.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ServerMetadata": unary(service.server_metadata, pb.ServerMetadataRequest,
+                                pb.ServerMetadataResponse),
+        "ModelMetadata": unary(service.model_metadata, pb.ModelMetadataRequest,
+                               pb.ModelMetadataResponse),
+        # Inference works on the serialized bytes (see split_raw_inputs and _reply).
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(service.model_infer),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(service.model_stream_infer),
+        "RepositoryIndex": unary(service.repository_index, pb.RepositoryIndexRequest,
+                                 pb.RepositoryIndexResponse),
+        "RepositoryModelLoad": unary(service.repository_model_load,
+                                     pb.RepositoryModelLoadRequest,
+                                     pb.RepositoryModelLoadResponse),
+        "RepositoryModelUnload": unary(service.repository_model_unload,
+                                       pb.RepositoryModelUnloadRequest,
+                                       pb.RepositoryModelUnloadResponse),
+    })
+
+
+class GrpcServer:
+    """The gRPC listener of the Open Inference Protocol.
+
+    Args:
+        engine: the :class:`~mip.serving.engine.Engine` every frontend shares.
+        metrics: a :class:`~mip.frontends.oip.metrics.Metrics` to count requests in.
+        max_message_size: largest request and reply, in octets. Requests up to twice this
+            size are read and refused with RESOURCE_EXHAUSTED naming the setting; larger
+            ones are cut off by gRPC itself while they arrive.
+        request_timeout: seconds a request may take, queueing included (``None``: only
+            the client's own deadline applies).
+    """
+
+    def __init__(self, engine, *, metrics=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 request_timeout: float | None = None):
+        if max_message_size <= 0:
+            raise ValueError("max_message_size must be positive")
+        self.dataplane = DataPlane(engine, metrics, request_timeout)
+        self.max_message_size = max_message_size
+        self._server: aio.Server | None = None
+        self.address: str | None = None
+
+    async def start(self, address: str) -> str:
+        """Listen on ``HOST:PORT`` (port 0: a free port); returns the bound ``HOST:PORT``."""
+        limit = min(2 * self.max_message_size, _MAX_GRPC_LIMIT)
+        server = aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        server.add_generic_rpc_handlers((_handlers(_Service(self.dataplane,
+                                                            self.max_message_size)),))
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"gRPC address must be HOST:PORT, not {address!r}")
+        bound = server.add_insecure_port(address)
+        if not bound:
+            raise OSError(f"cannot listen for gRPC on {address}")
+        await server.start()
+        self._server = server
+        self.address = f"{host}:{bound}"
+        return self.address
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting calls; calls in progress get ``grace`` seconds to finish."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None

@@ -1,0 +1,232 @@
+"""Prometheus metrics of the inference frontends, named after Triton's ``nv_inference_*``.
+
+Served at ``GET /metrics`` of the HTTP listener, in the Prometheus text format.
+
+Per request (labels ``model``, ``version``, ``protocol``: ``grpc`` or ``http``):
+
+* ``nv_inference_request_success`` / ``nv_inference_request_failure`` (counters, requests)
+* ``nv_inference_count`` (counter, inferences: rows of the successful requests)
+* ``nv_inference_request_duration_us`` (counter, microseconds summed over requests, from
+  the request's arrival at the frontend to its answer)
+* ``nv_inference_request_histogram_us`` (histogram of the same, microseconds)
+
+Per executed batch (labels ``model``, ``version``; batches mix protocols):
+
+* ``nv_inference_exec_count`` (counter, model executions)
+* ``nv_inference_queue_duration_us`` (counter, microseconds: for each batch, the wait of its
+  oldest request)
+* ``nv_inference_compute_infer_duration_us`` (counter, microseconds of model time)
+* ``nv_inference_queue_histogram_us`` / ``nv_inference_compute_infer_histogram_us``
+  (histograms of the same per batch, microseconds)
+* ``mip_inference_batch_size`` (histogram, rows per batch)
+
+Gauges, read when scraped: ``nv_inference_pending_request_count`` (requests waiting in the
+batch queue, per model and version) and ``mip_models_loaded`` (model versions ready).
+
+Counters keep Triton's names exactly (no ``_total`` suffix), so Triton dashboards work
+with little change; histograms and gauges are rendered by ``prometheus_client``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+__all__ = ["Metrics", "CONTENT_TYPE"]
+
+#: the media type of :meth:`Metrics.render`.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+#: histogram bounds of durations, in microseconds.
+DURATION_BUCKETS_US = (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000,
+                       100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
+#: histogram bounds of batch sizes, in rows.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+_REQUEST_COUNTERS = (
+    ("nv_inference_request_success", "Number of successful inference requests, all batch sizes"),
+    ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes"),
+    ("nv_inference_count", "Number of inferences performed (rows of successful requests)"),
+    ("nv_inference_request_duration_us",
+     "Cumulative inference request duration in microseconds"),
+)
+_BATCH_COUNTERS = (
+    ("nv_inference_exec_count", "Number of model executions performed (batches)"),
+    ("nv_inference_queue_duration_us",
+     "Cumulative queue duration in microseconds (oldest request of each batch)"),
+    ("nv_inference_compute_infer_duration_us",
+     "Cumulative compute inference duration in microseconds"),
+)
+
+
+class _Histogram:
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        result, running = [], 0
+        for bound, count in zip(self.bounds, self.counts):
+            running += count
+            result.append((floatToGoString(bound), running))
+        result.append(("+Inf", running + self.counts[-1]))
+        return result
+
+
+class _RequestSeries:
+    __slots__ = ("success", "failure", "count", "duration_us", "histogram")
+
+    def __init__(self):
+        self.success = self.failure = self.count = 0
+        self.duration_us = 0.0
+        self.histogram = _Histogram(DURATION_BUCKETS_US)
+
+
+class _BatchSeries:
+    __slots__ = ("executions", "queue_us", "compute_us", "queue_hist", "compute_hist",
+                 "batch_hist")
+
+    def __init__(self):
+        self.executions = 0
+        self.queue_us = self.compute_us = 0.0
+        self.queue_hist = _Histogram(DURATION_BUCKETS_US)
+        self.compute_hist = _Histogram(DURATION_BUCKETS_US)
+        self.batch_hist = _Histogram(BATCH_BUCKETS)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _number(value) -> str:
+    return str(value) if isinstance(value, int) else floatToGoString(value)
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    return ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
+
+
+class Metrics:
+    """The metrics of one engine, shared by its gRPC and HTTP frontends.
+
+    Args:
+        engine: the :class:`~mip.serving.engine.Engine`; its batch hook feeds the
+            per-batch series, its stats and index the gauges.
+
+    Updates are plain integer and float additions on the event loop (no locks): the
+    frontends call :meth:`observe_request` once per request.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._requests: dict[tuple[str, str, str], _RequestSeries] = {}
+        self._batches: dict[tuple[str, str], _BatchSeries] = {}
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
+        engine.add_batch_hook(self._on_batch)
+
+    def observe_request(self, model: str, version: str, protocol: str, ok: bool,
+                        seconds: float, rows: int = 1) -> None:
+        """Count one request.
+
+        Args:
+            model / version: what served it (``version`` may be ``""`` when unknown).
+            protocol: ``"grpc"`` or ``"http"``.
+            ok: whether it succeeded.
+            seconds: from its arrival to its answer, in seconds.
+            rows: inferences it carried (its batch dimension; 1 for unbatched models).
+        """
+        key = (model, version, protocol)
+        series = self._requests.get(key)
+        if series is None:
+            series = self._requests[key] = _RequestSeries()
+        micros = seconds * 1e6
+        if ok:
+            series.success += 1
+            series.count += rows
+        else:
+            series.failure += 1
+        series.duration_us += micros
+        series.histogram.observe(micros)
+
+    def _on_batch(self, model: str, version: str, record) -> None:
+        key = (model, version)
+        series = self._batches.get(key)
+        if series is None:
+            series = self._batches[key] = _BatchSeries()
+        queue_us = record.queue_seconds * 1e6
+        compute_us = record.compute_seconds * 1e6
+        series.executions += 1
+        series.queue_us += queue_us
+        series.compute_us += compute_us
+        series.queue_hist.observe(queue_us)
+        series.compute_hist.observe(compute_us)
+        series.batch_hist.observe(record.rows)
+
+    # -- rendering ----------------------------------------------------------------------
+
+    def _counters(self) -> str:
+        lines = []
+        request_values = (lambda s: s.success, lambda s: s.failure, lambda s: s.count,
+                          lambda s: s.duration_us)
+        for (name, doc), value in zip(_REQUEST_COUNTERS, request_values):
+            lines.append(f"# HELP {name} {doc}\n# TYPE {name} counter\n")
+            for (model, version, protocol), series in sorted(self._requests.items()):
+                labels = _labels((("model", model), ("protocol", protocol),
+                                  ("version", version)))
+                lines.append(f"{name}{{{labels}}} {_number(value(series))}\n")
+        batch_values = (lambda s: s.executions, lambda s: s.queue_us, lambda s: s.compute_us)
+        for (name, doc), value in zip(_BATCH_COUNTERS, batch_values):
+            lines.append(f"# HELP {name} {doc}\n# TYPE {name} counter\n")
+            for (model, version), series in sorted(self._batches.items()):
+                labels = _labels((("model", model), ("version", version)))
+                lines.append(f"{name}{{{labels}}} {_number(value(series))}\n")
+        return "".join(lines)
+
+    def collect(self):
+        """The histograms and gauges, for ``prometheus_client`` (counters are rendered
+        by :meth:`render` with Triton's names)."""
+        request_hist = HistogramMetricFamily(
+            "nv_inference_request_histogram_us", "Inference request duration in microseconds",
+            labels=("model", "version", "protocol"))
+        for (model, version, protocol), series in sorted(self._requests.items()):
+            request_hist.add_metric((model, version, protocol), series.histogram.buckets(),
+                                    series.histogram.total)
+        yield request_hist
+        families = (
+            ("nv_inference_queue_histogram_us",
+             "Queue duration of each batch's oldest request in microseconds", "queue_hist"),
+            ("nv_inference_compute_infer_histogram_us",
+             "Compute inference duration of each batch in microseconds", "compute_hist"),
+            ("mip_inference_batch_size", "Rows in each executed batch", "batch_hist"),
+        )
+        for name, doc, attribute in families:
+            family = HistogramMetricFamily(name, doc, labels=("model", "version"))
+            for (model, version), series in sorted(self._batches.items()):
+                histogram = getattr(series, attribute)
+                family.add_metric((model, version), histogram.buckets(), histogram.total)
+            yield family
+        pending = GaugeMetricFamily("nv_inference_pending_request_count",
+                                    "Requests waiting in the batch queue",
+                                    labels=("model", "version"))
+        for (model, version), stats in sorted(self.engine.stats().items()):
+            pending.add_metric((model, version), stats.queue_depth)
+        yield pending
+        loaded = GaugeMetricFamily("mip_models_loaded", "Model versions ready to serve")
+        loaded.add_metric((), sum(1 for e in self.engine.index() if str(e.state) == "READY"))
+        yield loaded
+
+    def render(self) -> bytes:
+        """Every metric in the Prometheus text format (media type :data:`CONTENT_TYPE`)."""
+        return self._counters().encode() + generate_latest(self._registry)

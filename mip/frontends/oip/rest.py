@@ -1,0 +1,459 @@
+"""The Open Inference Protocol over HTTP/1.1: a Starlette app served by uvicorn.
+
+Endpoints (``{v}`` parts optional)::
+
+    GET  /v2/health/live                     200 {"live": true}
+    GET  /v2/health/ready                    200 {"ready": true}, 503 while not ready
+    GET  /v2                                 server metadata
+    GET  /v2/models/{name}[/versions/{v}]    model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready   200, 503 when not ready, 404 unknown
+    POST /v2/models/{name}[/versions/{v}]/infer   JSON tensors and binary tensor data
+    POST /v2/repository/index                [{"name", "version", "state", "reason"}]
+    POST /v2/repository/models/{name}/load
+    POST /v2/repository/models/{name}/unload
+    GET  /metrics                            Prometheus text format
+
+Binary tensor data extension: a request whose ``Inference-Header-Content-Length`` header is
+N carries N octets of JSON followed by the raw data of every input whose parameters hold
+``binary_data_size``, in input order; those inputs become numpy views of the body. Outputs
+asked for with the ``binary_data`` output parameter (or all of them, with the request
+parameter ``binary_data_output``) are sent the same way after the JSON header.
+
+Errors answer ``{"error": "..."}`` with the ``http_status`` of the
+:class:`~mip.errors.ServingError`. A client that disconnects while its request waits has
+the request cancelled, so it leaves the batch queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from mip.errors import Cancelled, InvalidInput, ModelNotFound, ServingError
+from mip.frontends.oip import codec
+from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
+
+__all__ = ["build_app", "HttpServer", "DEFAULT_MAX_BODY_SIZE"]
+
+log = logging.getLogger("mip.frontends.oip.rest")
+
+#: largest request body, in octets (after decompression), unless configured.
+DEFAULT_MAX_BODY_SIZE = 64 << 20
+#: replies whose binary parts add up to less than this many octets are sent in one write.
+_JOIN_BELOW = 64 << 10
+_JSON_TYPE = "application/json"
+# orjson writes these numpy dtypes itself; others go through tolist().
+_ORJSON_KINDS = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64,
+                                       np.uint8, np.uint16, np.uint32, np.uint64,
+                                       np.float16, np.float32, np.float64)}
+
+
+class _Json(Response):
+    media_type = _JSON_TYPE
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
+def _error(message: str, status: int) -> Response:
+    return _Json({"error": message}, status_code=status)
+
+
+class _PartsResponse(Response):
+    """A reply written as several buffers (JSON header, then tensor octets), no join."""
+
+    def __init__(self, parts: list, header_length: int):
+        total = sum(len(p) for p in parts)
+        if total < _JOIN_BELOW:
+            parts = [b"".join(parts)]
+        self.parts = parts
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", str(total).encode()),
+            (b"inference-header-content-length", str(header_length).encode()),
+        ]
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        last = len(self.parts) - 1
+        for index, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": index < last})
+
+
+def _json_data(array: np.ndarray, name: str):
+    if array.dtype == object or array.dtype.kind in "SU":
+        try:
+            return [e.decode("utf-8") for e in codec.bytes_elements(array, name)]
+        except UnicodeDecodeError:
+            raise InvalidInput(f"output {name!r} holds BYTES that are not UTF-8: ask for it "
+                               "with the binary_data output parameter") from None
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if flat.dtype in _ORJSON_KINDS:
+        return flat  # orjson serializes it (OPT_SERIALIZE_NUMPY)
+    return flat.astype(np.float32).tolist() if flat.dtype.name == "bfloat16" else flat.tolist()
+
+
+def _object(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return value
+
+
+class _Endpoints:
+    def __init__(self, dataplane: DataPlane, max_body_size: int, metrics):
+        self.dataplane = dataplane
+        self.engine = dataplane.engine
+        self.max_body_size = max_body_size
+        self.metrics = metrics
+
+    # -- health and metadata ------------------------------------------------------------
+
+    async def live(self, request: Request) -> Response:
+        return _Json({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ready = self.engine.ready()
+        return _Json({"ready": ready}, status_code=200 if ready else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return _Json(self.dataplane.server_metadata())
+
+    async def model_metadata(self, request: Request) -> Response:
+        params = request.path_params
+        meta = self.engine.model_metadata(params["name"], params.get("version"))
+        return _Json({
+            "name": meta.name, "versions": list(meta.versions), "platform": meta.platform,
+            "inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                       for s in meta.inputs],
+            "outputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                        for s in meta.outputs],
+        })
+
+    async def model_ready(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        if self.engine.model_ready(name, version):
+            return _Json({"name": name, "ready": True})
+        try:
+            self.engine.repository.get(name, version)
+        except ModelNotFound as exc:
+            return _error(str(exc), exc.http_status)
+        except ServingError:
+            pass
+        return _Json({"name": name, "ready": False}, status_code=503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        from mip.frontends.oip.metrics import CONTENT_TYPE
+
+        if self.metrics is None:
+            return _error("metrics are off", 404)
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- repository ---------------------------------------------------------------------
+
+    async def repository_index(self, request: Request) -> Response:
+        body = await self._body(request)
+        options = _object(orjson.loads(body) if body.strip() else None, "the request body")
+        ready_only = bool(options.get("ready", False))
+        return _Json([{"name": e.name, "version": e.version, "state": str(e.state),
+                       "reason": e.reason}
+                      for e in self.engine.index()
+                      if not ready_only or str(e.state) == "READY"])
+
+    async def repository_load(self, request: Request) -> Response:
+        body = await self._body(request)
+        options = _object(orjson.loads(body) if body.strip() else None, "the request body")
+        parameters = _object(options.get("parameters"), "parameters")
+        if parameters:
+            raise InvalidInput(f"load parameters are not supported: "
+                               f"{', '.join(sorted(parameters))}")
+        await self.engine.load(request.path_params["name"])
+        return Response(b"", media_type=_JSON_TYPE)
+
+    async def repository_unload(self, request: Request) -> Response:
+        await self._body(request)
+        await self.engine.unload(request.path_params["name"])
+        return Response(b"", media_type=_JSON_TYPE)
+
+    # -- inference ----------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        body = await self._body(request)
+        header_length = request.headers.get("inference-header-content-length")
+        if header_length is None:
+            header_end = len(body)
+        else:
+            if not header_length.isdigit() or int(header_length) > len(body):
+                raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} does not "
+                                   f"fit a body of {len(body)} octets")
+            header_end = int(header_length)
+        view = memoryview(body)
+        try:
+            doc = orjson.loads(view[:header_end])
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"the request is not valid JSON: {exc}") from None
+        doc = _object(doc, "the request")
+        inputs = self._inputs(doc, view, header_end)
+        parameters = _object(doc.get("parameters"), "parameters")
+        binary_default = bool(parameters.get("binary_data_output", False))
+        wanted: dict[str, bool] = {}
+        for output in doc.get("outputs") or ():
+            output = _object(output, "an output")
+            output_name = output.get("name")
+            if not isinstance(output_name, str):
+                raise InvalidInput("every requested output needs a name")
+            output_params = _object(output.get("parameters"), f"output {output_name!r} parameters")
+            wanted[output_name] = bool(output_params.get("binary_data", binary_default))
+        timeout = timeout_parameter(parameters.get("timeout"))
+        work = self.dataplane.infer("http", name, version, inputs, list(wanted) or None, timeout)
+        result = await _unless_disconnected(request, work)
+        return self._reply(doc.get("id"), result, wanted, binary_default)
+
+    @staticmethod
+    def _inputs(doc: dict, view: memoryview, position: int) -> dict[str, np.ndarray]:
+        specs = doc.get("inputs")
+        if not isinstance(specs, list):
+            raise InvalidInput("the request needs an 'inputs' list")
+        inputs: dict[str, np.ndarray] = {}
+        for spec in specs:
+            spec = _object(spec, "an input")
+            name = spec.get("name")
+            if not isinstance(name, str):
+                raise InvalidInput("every input needs a name")
+            if name in inputs:
+                raise InvalidInput(f"input {name!r} appears twice")
+            datatype = spec.get("datatype")
+            shape = spec.get("shape")
+            if not isinstance(datatype, str) or not isinstance(shape, list):
+                raise InvalidInput(f"input {name!r} needs a datatype and a shape")
+            size = _object(spec.get("parameters"), f"input {name!r} parameters").get(
+                "binary_data_size")
+            if size is not None:
+                if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                    raise InvalidInput(f"input {name!r}: binary_data_size must be an octet count")
+                if size > len(view) - position:
+                    raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the "
+                                       f"end of the body ({len(view) - position} octets left)")
+                inputs[name] = codec.from_raw(name, datatype, shape,
+                                              view[position:position + size])
+                position += size
+            else:
+                if "data" not in spec:
+                    raise InvalidInput(f"input {name!r} has neither data nor binary_data_size")
+                inputs[name] = codec.from_list(name, datatype, shape, spec["data"])
+        if position != len(view):
+            raise InvalidInput(f"{len(view) - position} octets of binary data belong to no input")
+        return inputs
+
+    @staticmethod
+    def _reply(request_id, result, wanted: dict[str, bool], binary_default: bool) -> Response:
+        outputs, parts = [], []
+        for name, array in result.outputs.items():
+            datatype = codec.datatype_of(array)
+            entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+            if wanted.get(name, binary_default):
+                content = codec.to_raw(array, name)
+                entry["parameters"] = {"binary_data_size": len(content)}
+                parts.append(content)
+            else:
+                entry["data"] = _json_data(array, name)
+            outputs.append(entry)
+        reply = {"model_name": result.model, "model_version": result.version,
+                 "outputs": outputs}
+        if request_id is not None:
+            reply["id"] = request_id
+        header = orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY)
+        if not parts:
+            return Response(header, media_type=_JSON_TYPE)
+        return _PartsResponse([header, *parts], len(header))
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, decompressed (gzip, deflate), at most ``max_body_size`` octets."""
+        limit = self.max_body_size
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _too_large(int(length), limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding in ("gzip", "deflate"):
+            decompressor = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+            try:
+                plain = decompressor.decompress(body, limit + 1)
+            except zlib.error as exc:
+                raise InvalidInput(f"the {encoding} body does not decompress: {exc}") from None
+            if len(plain) > limit or decompressor.unconsumed_tail:
+                raise _too_large(len(plain), limit, "decompressed ")
+            body = plain
+        elif encoding != "identity":
+            raise InvalidInput(f"Content-Encoding {encoding!r} is not supported "
+                               "(gzip, deflate, identity)")
+        return body
+
+
+def _too_large(size: int, limit: int, what: str = "") -> TooLarge:
+    return TooLarge(f"{what}request body of {size} octets (or more) is over the limit of "
+                    f"{limit} octets (--http-max-body-size)")
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await ``work``; cancel it (so its request leaves the batch queue) when the client
+    disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise Cancelled("the client disconnected")
+    return task.result()
+
+
+async def _serving_error(request: Request, exc: ServingError) -> Response:
+    return _error(str(exc), exc.http_status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return _error(str(exc.detail), exc.status_code)
+
+
+async def _bad_json(request: Request, exc: orjson.JSONDecodeError) -> Response:
+    return _error(f"the request body is not valid JSON: {exc}", 400)
+
+
+def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] = (),
+              metrics=None, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+              request_timeout: float | None = None) -> Starlette:
+    """The Starlette app of the protocol's REST form, for uvicorn or any ASGI server.
+
+    Args:
+        engine: the :class:`~mip.serving.engine.Engine` every frontend shares.
+        extra_routes: more Starlette routes or ``Mount`` s served by the same app, e.g.
+            ``[Mount("/v1", app=other)]``; they are matched after the ``/v2`` routes.
+        metrics: a :class:`~mip.frontends.oip.metrics.Metrics` (shared with the gRPC
+            frontend); ``None`` creates one for this app. ``/metrics`` renders it.
+        max_body_size: largest request body, in octets (after decompression).
+        request_timeout: seconds a request may take, queueing included (``None``: no
+            limit beyond the request's ``timeout`` parameter).
+    """
+    if metrics is None:
+        from mip.frontends.oip.metrics import Metrics
+
+        metrics = Metrics(engine)
+    endpoints = _Endpoints(DataPlane(engine, metrics, request_timeout), max_body_size, metrics)
+    routes = [
+        Route("/v2/health/live", endpoints.live, methods=["GET"]),
+        Route("/v2/health/ready", endpoints.ready, methods=["GET"]),
+        Route("/v2", endpoints.server_metadata, methods=["GET"]),
+        Route("/v2/models/{name}", endpoints.model_metadata, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}", endpoints.model_metadata,
+              methods=["GET"]),
+        Route("/v2/models/{name}/ready", endpoints.model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/ready", endpoints.model_ready,
+              methods=["GET"]),
+        Route("/v2/models/{name}/infer", endpoints.infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", endpoints.infer, methods=["POST"]),
+        Route("/v2/repository/index", endpoints.repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", endpoints.repository_load,
+              methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", endpoints.repository_unload,
+              methods=["POST"]),
+        Route("/metrics", endpoints.metrics_text, methods=["GET"]),
+        *extra_routes,
+    ]
+    app = Starlette(routes=routes, exception_handlers={
+        ServingError: _serving_error,
+        HTTPException: _http_error,
+        orjson.JSONDecodeError: _bad_json,
+    })
+    app.state.metrics = metrics
+    app.state.engine = engine
+    return app
+
+
+class HttpServer:
+    """Serve an ASGI app (such as :func:`build_app`'s) with uvicorn on the running loop.
+
+    Args:
+        app: the ASGI application.
+        timeout_keep_alive: seconds an idle keep-alive connection stays open.
+        graceful_timeout: seconds :meth:`stop` waits for requests in progress.
+    """
+
+    def __init__(self, app, *, timeout_keep_alive: float = 5.0, graceful_timeout: float = 5.0):
+        self.app = app
+        self.timeout_keep_alive = timeout_keep_alive
+        self.graceful_timeout = graceful_timeout
+        self.address: str | None = None
+        self._server = None
+        self._ticker: asyncio.Task | None = None
+
+    async def start(self, address: str) -> str:
+        """Listen on ``HOST:PORT`` (port 0: a free port); returns the bound ``HOST:PORT``."""
+        import uvicorn
+
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"HTTP address must be HOST:PORT, not {address!r}")
+        host = host.strip("[]")
+        config = uvicorn.Config(self.app, host=host, port=int(port), http="auto", ws="none",
+                                lifespan="off", log_level="warning", access_log=False,
+                                server_header=False, timeout_keep_alive=self.timeout_keep_alive,
+                                timeout_graceful_shutdown=self.graceful_timeout)
+        config.load()
+        server = uvicorn.Server(config)
+        # startup/main_loop/shutdown rather than serve(): serve() installs signal handlers,
+        # and the process that embeds this server owns those.
+        server.lifespan = config.lifespan_class(config)
+        try:
+            await server.startup()
+        except SystemExit:  # uvicorn exits when it cannot bind
+            raise OSError(f"cannot listen for HTTP on {address}") from None
+        if not server.started:
+            raise OSError(f"cannot listen for HTTP on {address}")
+        self._server = server
+        self._ticker = asyncio.ensure_future(server.main_loop())  # keeps the Date header fresh
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        self.address = f"{host}:{bound}"
+        return self.address
+
+    async def stop(self) -> None:
+        """Stop listening, let requests in progress finish (up to ``graceful_timeout``)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.should_exit = True
+        if self._ticker is not None:
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        await server.shutdown()
