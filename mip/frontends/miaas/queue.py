@@ -1,0 +1,554 @@
+"""The job queue behind ``POST /v1/inference``: at-least-once delivery with leases.
+
+One small interface (:class:`JobQueue`), two backends:
+
+* :class:`SQLiteQueue` (the default): one embedded database file in WAL mode. A job is
+  committed (``synchronous=FULL``) before ``202`` is returned, so it survives a crash or
+  restart of the control plane. Worker processes on the same machine may share the file.
+* :class:`RedisQueue`: a Redis Stream with a consumer group, for many control planes and
+  many workers on many machines (``XADD``, ``XREADGROUP``, ``XACK``, ``XAUTOCLAIM``).
+
+Delivery: :meth:`JobQueue.take` leases a job to one consumer for ``lease`` seconds; a job
+whose lease runs out (its worker died) is delivered again. :meth:`JobQueue.finish` stores
+the outcome only if none is stored yet, so a job processed twice ends with one result. A
+job delivered ``max_attempts`` times without an outcome fails (a poison job cannot kill
+workers for ever). Finished jobs are kept ``retention`` seconds, then deleted; queued jobs
+are never dropped. The number of unfinished jobs is bounded (``max_jobs``):
+:meth:`JobQueue.submit` raises :class:`~mip.errors.QueueFull` (HTTP 503) beyond it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import json
+import os
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mip.errors import QueueFull
+
+__all__ = [
+    "COMPLETED",
+    "FAILED",
+    "PROCESSING",
+    "QUEUED",
+    "JobQueue",
+    "JobRecord",
+    "Lease",
+    "RedisQueue",
+    "SQLiteQueue",
+    "default_sqlite_path",
+    "open_queue",
+]
+
+QUEUED, PROCESSING, COMPLETED, FAILED = "queued", "processing", "completed", "failed"
+_DONE = (COMPLETED, FAILED)
+
+
+@dataclass
+class JobRecord:
+    """A job as the API reports it. Times are seconds since the Unix epoch.
+
+    Attributes:
+        request_id: the job's id.
+        model_id: ``name`` or ``name:version``.
+        input_data: the OIP REST request body.
+        parameters: the submitter's parameters (an object).
+        status: ``queued``, ``processing``, ``completed`` or ``failed``.
+        created / updated: when it was submitted / last changed.
+        attempts: how many times it was delivered to a worker.
+        result: the OIP REST response body once completed.
+        error: ``{"code", "message"}`` once failed.
+        worker: the consumer that stored the outcome (or holds the lease).
+    """
+
+    request_id: str
+    model_id: str
+    input_data: Any
+    parameters: dict
+    status: str
+    created: float
+    updated: float
+    attempts: int = 0
+    result: Any = None
+    error: dict | None = None
+    worker: str = ""
+
+
+@dataclass
+class Lease:
+    """A job handed to one consumer until ``expires`` (``time.time()`` seconds).
+
+    ``token`` identifies this delivery (a SQLite lease token or a Redis stream entry id).
+    """
+
+    job: JobRecord
+    consumer: str
+    token: str
+    expires: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def new_request_id() -> str:
+    """A fresh job id: 32 lowercase hex digits (a random UUID)."""
+    return uuid.uuid4().hex
+
+
+class JobQueue(abc.ABC):
+    """The interface both backends implement. Times in seconds.
+
+    Args:
+        max_jobs: most unfinished (queued or processing) jobs; more -> ``QueueFull``.
+        retention: seconds a finished job and its result are kept.
+        lease: seconds a taken job stays with its consumer unless extended.
+        max_attempts: deliveries before a job that never finishes is failed.
+    """
+
+    def __init__(self, *, max_jobs: int = 10_000, retention: float = 86_400.0,
+                 lease: float = 30.0, max_attempts: int = 5):
+        self.max_jobs = max_jobs
+        self.retention = retention
+        self.lease = lease
+        self.max_attempts = max_attempts
+
+    async def open(self) -> None:
+        """Connect or create the store."""
+
+    async def close(self) -> None:
+        """Release connections and threads."""
+
+    @abc.abstractmethod
+    async def submit(self, model_id: str, input_data: Any, parameters: dict) -> JobRecord:
+        """Store a new queued job durably and return it. Raises ``QueueFull``."""
+
+    @abc.abstractmethod
+    async def get(self, request_id: str) -> JobRecord | None:
+        """The job, or ``None`` when unknown or past retention."""
+
+    @abc.abstractmethod
+    async def take(self, consumer: str, wait: float = 1.0) -> Lease | None:
+        """Lease the oldest deliverable job to ``consumer``, waiting up to ``wait`` seconds
+        for one; ``None`` when there is none."""
+
+    @abc.abstractmethod
+    async def extend(self, lease: Lease) -> bool:
+        """Renew ``lease`` for another ``self.lease`` seconds; ``False`` if it was lost."""
+
+    @abc.abstractmethod
+    async def finish(self, lease: Lease, *, result: Any = None,
+                     error: dict | None = None) -> bool:
+        """Store the outcome (``error`` set -> failed, else completed) unless one is already
+        stored; ``True`` when this call stored it. Ends the lease either way."""
+
+    @abc.abstractmethod
+    async def depth(self) -> int:
+        """Unfinished jobs (queued or processing)."""
+
+    async def purge(self) -> int:
+        """Delete finished jobs older than the retention; returns how many."""
+        return 0
+
+    async def __aenter__(self) -> JobQueue:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _gave_up(attempts: int) -> dict:
+    return {"code": "too_many_attempts",
+            "message": f"the job was delivered {attempts} times without finishing "
+                       f"(its workers stopped or crashed)"}
+
+
+# -- SQLite -------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    model_id TEXT NOT NULL,
+    input_data TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_until REAL NOT NULL DEFAULT 0,
+    lease_token TEXT NOT NULL DEFAULT '',
+    worker TEXT NOT NULL DEFAULT '',
+    result TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (status, created);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (updated) WHERE status IN ('completed', 'failed');
+"""
+
+_COLUMNS = ("id, model_id, input_data, parameters, status, created, updated, attempts, "
+            "worker, result, error")
+
+
+def default_sqlite_path() -> Path:
+    """``$MIP_STATE_DIR/jobs.sqlite3``, else ``$XDG_STATE_HOME/mip/...``, else
+    ``~/.local/state/mip/jobs.sqlite3``."""
+    base = os.environ.get("MIP_STATE_DIR")
+    if base:
+        return Path(base) / "jobs.sqlite3"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "mip" / "jobs.sqlite3"
+
+
+def _record(row) -> JobRecord:
+    return JobRecord(request_id=row[0], model_id=row[1], input_data=json.loads(row[2]),
+                     parameters=json.loads(row[3]), status=row[4], created=row[5],
+                     updated=row[6], attempts=row[7], worker=row[8],
+                     result=None if row[9] is None else json.loads(row[9]),
+                     error=None if row[10] is None else json.loads(row[10]))
+
+
+class SQLiteQueue(JobQueue):
+    """Jobs in one SQLite file (WAL, ``synchronous=FULL``), driven from one thread.
+
+    Takers in this process wake as soon as a job is submitted here; jobs submitted by
+    other processes sharing the file are seen within ``poll`` seconds.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, poll: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.path = Path(path) if path is not None else default_sqlite_path()
+        self.poll = poll
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+        self._submitted: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<SQLiteQueue {self.path}>"
+
+    async def _call(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mip-jobs")
+        self._submitted = asyncio.Event()
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # committed = on disk before the 202
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        if self._db is not None:
+            await self._call(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    def _transaction(self, fn, *args):
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            value = fn(db, *args)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return value
+
+    async def submit(self, model_id: str, input_data: Any, parameters: dict) -> JobRecord:
+        now = time.time()
+        job = JobRecord(new_request_id(), model_id, input_data, parameters, QUEUED, now, now)
+        await self._call(self._transaction, self._insert, job,
+                         json.dumps(input_data), json.dumps(parameters))
+        self._submitted.set()
+        return job
+
+    def _insert(self, db, job: JobRecord, input_data: str, parameters: str) -> None:
+        (pending,) = db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'processing')").fetchone()
+        if pending >= self.max_jobs:
+            raise QueueFull(f"the job queue holds {pending} unfinished jobs, its limit")
+        db.execute("INSERT INTO jobs (id, model_id, input_data, parameters, status, created, "
+                   "updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (job.request_id, job.model_id, input_data, parameters, QUEUED, job.created,
+                    job.updated))
+
+    async def get(self, request_id: str) -> JobRecord | None:
+        row = await self._call(self._get, request_id)
+        return None if row is None else _record(row)
+
+    def _get(self, request_id: str):
+        return self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?",
+                                (request_id,)).fetchone()
+
+    async def take(self, consumer: str, wait: float = 1.0) -> Lease | None:
+        end = time.monotonic() + max(wait, 0.0)
+        while True:
+            self._submitted.clear()
+            lease = await self._call(self._transaction, self._take, consumer)
+            if lease is not None:
+                return lease
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._submitted.wait(), min(self.poll, remaining))
+            except asyncio.TimeoutError:
+                pass
+
+    def _take(self, db, consumer: str) -> Lease | None:
+        for _ in range(100):  # bounded: each pass either leases a job or fails one
+            now = time.time()
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE status IN ('queued', 'processing') "
+                f"AND lease_until <= ? ORDER BY created LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            job = _record(row)
+            if job.attempts >= self.max_attempts:
+                db.execute("UPDATE jobs SET status = 'failed', error = ?, updated = ?, "
+                           "lease_until = 0 WHERE id = ?",
+                           (json.dumps(_gave_up(job.attempts)), now, job.request_id))
+                continue
+            token = uuid.uuid4().hex
+            expires = now + self.lease
+            db.execute("UPDATE jobs SET status = 'processing', attempts = attempts + 1, "
+                       "lease_until = ?, lease_token = ?, worker = ?, updated = ? WHERE id = ?",
+                       (expires, token, consumer, now, job.request_id))
+            job.status, job.attempts, job.worker, job.updated = (PROCESSING, job.attempts + 1,
+                                                                 consumer, now)
+            return Lease(job, consumer, token, expires)
+        return None
+
+    async def extend(self, lease: Lease) -> bool:
+        expires = time.time() + self.lease
+        changed = await self._call(self._execute_count,
+                                   "UPDATE jobs SET lease_until = ? WHERE id = ? AND "
+                                   "lease_token = ? AND status = 'processing'",
+                                   (expires, lease.job.request_id, lease.token))
+        if changed:
+            lease.expires = expires
+        return bool(changed)
+
+    def _execute_count(self, sql: str, params: tuple) -> int:
+        return self._db.execute(sql, params).rowcount
+
+    async def finish(self, lease: Lease, *, result: Any = None,
+                     error: dict | None = None) -> bool:
+        status = FAILED if error is not None else COMPLETED
+        changed = await self._call(
+            self._execute_count,
+            "UPDATE jobs SET status = ?, result = ?, error = ?, worker = ?, updated = ?, "
+            "lease_until = 0, lease_token = '' WHERE id = ? "
+            "AND status NOT IN ('completed', 'failed')",
+            (status, None if result is None else json.dumps(result),
+             None if error is None else json.dumps(error), lease.consumer, time.time(),
+             lease.job.request_id))
+        return bool(changed)
+
+    async def depth(self) -> int:
+        row = await self._call(lambda: self._db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'processing')").fetchone())
+        return row[0]
+
+    async def purge(self) -> int:
+        return await self._call(self._execute_count,
+                                "DELETE FROM jobs WHERE status IN ('completed', 'failed') "
+                                "AND updated < ?", (time.time() - self.retention,))
+
+
+# -- Redis Streams ------------------------------------------------------------------------
+
+# KEYS: stream, job hash. ARGV: max_jobs, request id, model_id, input_data, parameters, now.
+_SUBMIT = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], 'model_id', ARGV[3], 'input_data', ARGV[4], 'parameters', ARGV[5],
+           'status', 'queued', 'created', ARGV[6], 'updated', ARGV[6], 'attempts', 0)
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[2])
+return 1
+"""
+
+# KEYS: job hash, stream. ARGV: status, result, error, worker, now, retention s, group, entry.
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local stored = 0
+if status and status ~= 'completed' and status ~= 'failed' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2], 'error', ARGV[3],
+             'worker', ARGV[4], 'updated', ARGV[5])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  stored = 1
+end
+redis.call('XACK', KEYS[2], ARGV[7], ARGV[8])
+redis.call('XDEL', KEYS[2], ARGV[8])
+return stored
+"""
+
+
+class RedisQueue(JobQueue):
+    """Jobs in a Redis Stream (``{prefix}:stream``, consumer group ``workers``); each job's
+    fields and outcome in a hash ``{prefix}:job:{id}`` that expires ``retention`` seconds
+    after the outcome is stored.
+
+    A lease is the stream entry's idle time in the group's pending list: ``XAUTOCLAIM``
+    hands entries idle for longer than ``lease`` seconds to another consumer, and
+    :meth:`extend` resets the idle time with ``XCLAIM ... JUSTID``.
+    """
+
+    group = "workers"
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "mip:{jobs}",
+                 ssl_context=None, **kwargs):
+        super().__init__(**kwargs)
+        self.url = url
+        self.prefix = prefix
+        self.stream = f"{prefix}:stream"
+        self.ssl_context = ssl_context
+        self.redis = None
+        self._submit = self._finish = None
+
+    def __repr__(self) -> str:
+        return f"<RedisQueue {self.url} {self.prefix}>"
+
+    def _job_key(self, request_id: str) -> str:
+        return f"{self.prefix}:job:{request_id}"
+
+    async def open(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import ResponseError
+
+        options = {}
+        if self.ssl_context is not None and self.url.startswith("rediss://"):
+            options["ssl_context"] = self.ssl_context  # redis-py >= 5.1
+        self.redis = aioredis.from_url(self.url, decode_responses=True, **options)
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._submit = self.redis.register_script(_SUBMIT)
+        self._finish = self.redis.register_script(_FINISH)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+
+    async def submit(self, model_id: str, input_data: Any, parameters: dict) -> JobRecord:
+        now = time.time()
+        job = JobRecord(new_request_id(), model_id, input_data, parameters, QUEUED, now, now)
+        ok = await self._submit(keys=[self.stream, self._job_key(job.request_id)],
+                                args=[self.max_jobs, job.request_id, model_id,
+                                      json.dumps(input_data), json.dumps(parameters), repr(now)])
+        if not ok:
+            raise QueueFull(f"the job queue holds {self.max_jobs} unfinished jobs, its limit")
+        return job
+
+    @staticmethod
+    def _record(request_id: str, h: dict) -> JobRecord:
+        return JobRecord(request_id=request_id, model_id=h["model_id"],
+                         input_data=json.loads(h["input_data"]),
+                         parameters=json.loads(h["parameters"]), status=h["status"],
+                         created=float(h["created"]), updated=float(h["updated"]),
+                         attempts=int(h.get("attempts", 0)), worker=h.get("worker", ""),
+                         result=json.loads(h["result"]) if h.get("result") else None,
+                         error=json.loads(h["error"]) if h.get("error") else None)
+
+    async def get(self, request_id: str) -> JobRecord | None:
+        h = await self.redis.hgetall(self._job_key(request_id))
+        return self._record(request_id, h) if h else None
+
+    async def take(self, consumer: str, wait: float = 1.0) -> Lease | None:
+        end = time.monotonic() + max(wait, 0.0)
+        lease_ms = max(int(self.lease * 1000), 1)
+        while True:
+            # expired leases first: entries idle in the pending list for longer than a lease
+            claimed = await self.redis.xautoclaim(self.stream, self.group, consumer, lease_ms,
+                                                  start_id="0-0", count=1)
+            entries = claimed[1] if claimed else []
+            if not entries:
+                block = int(max(0.0, min(end - time.monotonic(), 1.0)) * 1000)
+                read = await self.redis.xreadgroup(self.group, consumer, {self.stream: ">"},
+                                                   count=1, block=block or None)
+                entries = read[0][1] if read else []
+            for entry_id, fields in entries:
+                if fields is None:
+                    continue
+                lease = await self._lease(consumer, entry_id, fields.get("id", ""))
+                if lease is not None:
+                    return lease
+            if time.monotonic() >= end:
+                return None
+
+    async def _lease(self, consumer: str, entry_id: str, request_id: str) -> Lease | None:
+        key = self._job_key(request_id)
+        h = await self.redis.hgetall(key)
+        if not h or h.get("status") in _DONE:  # purged, or finished before its ack
+            await self._drop(entry_id)
+            return None
+        job = self._record(request_id, h)
+        if job.attempts >= self.max_attempts:
+            await self._finish(keys=[key, self.stream],
+                               args=[FAILED, "", json.dumps(_gave_up(job.attempts)), consumer,
+                                     repr(time.time()), int(self.retention), self.group,
+                                     entry_id])
+            return None
+        now = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, "attempts", 1)
+            pipe.hset(key, mapping={"status": PROCESSING, "worker": consumer,
+                                    "updated": repr(now)})
+            attempts, _ = await pipe.execute()
+        job.status, job.attempts, job.worker, job.updated = PROCESSING, attempts, consumer, now
+        return Lease(job, consumer, entry_id, now + self.lease)
+
+    async def _drop(self, entry_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream, self.group, entry_id)
+            pipe.xdel(self.stream, entry_id)
+            await pipe.execute()
+
+    async def extend(self, lease: Lease) -> bool:
+        claimed = await self.redis.xclaim(self.stream, self.group, lease.consumer, 0,
+                                          [lease.token], justid=True)
+        if claimed:
+            lease.expires = time.time() + self.lease
+        return bool(claimed)
+
+    async def finish(self, lease: Lease, *, result: Any = None,
+                     error: dict | None = None) -> bool:
+        status = FAILED if error is not None else COMPLETED
+        stored = await self._finish(
+            keys=[self._job_key(lease.job.request_id), self.stream],
+            args=[status, "" if result is None else json.dumps(result),
+                  "" if error is None else json.dumps(error), lease.consumer,
+                  repr(time.time()), max(int(self.retention), 1), self.group, lease.token])
+        return bool(stored)
+
+    async def depth(self) -> int:
+        return await self.redis.xlen(self.stream)
+
+
+def open_queue(spec: str | None, **kwargs) -> JobQueue:
+    """The queue a ``--queue`` value names: ``redis://…`` / ``rediss://…`` -> Redis Streams;
+    ``sqlite:///PATH``, a file path, or ``None`` (the default state file) -> SQLite.
+    Keyword arguments go to the backend (``max_jobs``, ``retention``, ``lease``, …)."""
+    if spec and spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisQueue(spec, **kwargs)
+    kwargs.pop("ssl_context", None)
+    if spec and spec.startswith("sqlite://"):
+        spec = spec[len("sqlite://"):] or None
+    return SQLiteQueue(spec, **kwargs)

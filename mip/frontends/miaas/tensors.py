@@ -1,0 +1,177 @@
+"""Open Inference Protocol REST bodies <-> numpy tensors.
+
+Jobs carry their inputs and results as the JSON bodies of the Open Inference Protocol
+(KServe v2) REST API, so one schema serves ``/v1`` and ``/v2``::
+
+    {"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [...]}],
+     "outputs": [{"name": "output"}]}                       # outputs: optional
+
+    {"model_name": "identity", "model_version": "1",
+     "outputs": [{"name": "output", "shape": [1, 16], "datatype": "FP32", "data": [...]}]}
+
+``data`` is row-major, flat or nested. ``BYTES`` elements are strings (UTF-8).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any
+
+import numpy as np
+
+from mip.errors import InvalidInput
+from mip.serving.datatypes import from_numpy, to_numpy
+
+__all__ = ["check_inputs_against", "decode_inputs", "encode_outputs"]
+
+_MAX_DIMS = 32
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > _MAX_DIMS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of at most {_MAX_DIMS} "
+                           f"non-negative integers")
+    return tuple(value)
+
+
+def decode_inputs(body: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """Turn an OIP REST inference request body into tensors.
+
+    Returns:
+        (input name -> array, names of the outputs asked for or ``None`` for all).
+
+    Raises:
+        InvalidInput: the body is not a valid request (the message says where).
+    """
+    if not isinstance(body, dict):
+        raise InvalidInput("'input_data' must be an object with an 'inputs' list")
+    items = body.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise InvalidInput("'input_data.inputs' must be a non-empty list")
+    tensors: dict[str, np.ndarray] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InvalidInput(f"'input_data.inputs[{i}]' must be an object")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"'input_data.inputs[{i}].name' must be a non-empty string")
+        if name in tensors:
+            raise InvalidInput(f"input {name!r} appears twice")
+        datatype = item.get("datatype")
+        if not isinstance(datatype, str):
+            raise InvalidInput(f"input {name!r}: 'datatype' must be a string such as 'FP32'")
+        shape = _shape(item.get("shape"), name)
+        if "data" not in item:
+            raise InvalidInput(f"input {name!r}: 'data' is missing")
+        try:
+            dtype = to_numpy(datatype)
+        except ValueError:
+            raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}") from None
+        if datatype == "BF16":
+            raise InvalidInput(f"input {name!r}: BF16 has no JSON form")
+        try:
+            if dtype == object:
+                values = _flatten(item["data"])
+                flat = np.empty(len(values), dtype=object)
+                for j, value in enumerate(values):
+                    if not isinstance(value, str):
+                        raise InvalidInput(f"input {name!r}: BYTES elements must be strings, "
+                                           f"not {type(value).__name__}")
+                    flat[j] = value.encode("utf-8")
+            else:
+                flat = np.asarray(item["data"], dtype=dtype).reshape(-1)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInput(f"input {name!r}: 'data' is not a list of {datatype} "
+                               f"values ({exc})") from None
+        if flat.size != math.prod(shape):
+            raise InvalidInput(f"input {name!r}: shape {list(shape)} holds {math.prod(shape)} "
+                               f"elements, 'data' has {flat.size}")
+        tensors[name] = flat.reshape(shape)
+    outputs = body.get("outputs")
+    wanted = None
+    if outputs is not None:
+        if not isinstance(outputs, list) or not all(
+                isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
+            raise InvalidInput("'input_data.outputs' must be a list of {\"name\": ...} objects")
+        wanted = [o["name"] for o in outputs] or None
+    return tensors, wanted
+
+
+def _flatten(data: Any) -> list:
+    if not isinstance(data, list):
+        return [data]
+    out: list = []
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            out.append(value)
+        else:
+            stack.pop()
+    return out
+
+
+def _json_element(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(data).decode("ascii")
+    if isinstance(value, str):
+        return value
+    inner = getattr(value, "value", None)  # mip.Text / mip.Json values
+    if inner is not None and not isinstance(inner, (bytes, bytearray, memoryview)):
+        return inner
+    data = getattr(value, "data", None)  # mip.Image and raw values
+    if data is not None:
+        return _json_element(data)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def encode_outputs(outputs: dict[str, np.ndarray], model: str, version: str) -> dict:
+    """An OIP REST inference response body for ``outputs`` (data flattened row-major;
+    ``BYTES`` as UTF-8 strings, or base64 when not UTF-8)."""
+    encoded = []
+    for name, array in outputs.items():
+        array = np.asarray(array)
+        if array.dtype == object or array.dtype.kind in "SU":
+            datatype = "BYTES"
+            data = [_json_element(v) for v in array.reshape(-1).tolist()]
+        else:
+            datatype = from_numpy(array.dtype)
+            if datatype == "BF16":
+                array = array.astype(np.float32)
+            data = array.reshape(-1).tolist()
+        encoded.append({"name": name, "datatype": datatype, "shape": list(array.shape),
+                        "data": data})
+    return {"model_name": model, "model_version": version, "outputs": encoded}
+
+
+def check_inputs_against(tensors: dict[str, np.ndarray], metadata) -> None:
+    """Check names, datatypes and ranks/fixed dims of decoded inputs against a model's
+    metadata (``mip.serving.repository.ModelMetadata``), so bad jobs fail at submit time.
+
+    Raises:
+        InvalidInput: with a message naming the first mismatch.
+    """
+    expected = {spec.name: spec for spec in metadata.inputs}
+    if tensors.keys() != expected.keys():
+        raise InvalidInput(f"model {metadata.name!r} takes inputs {sorted(expected)}, "
+                           f"got {sorted(tensors)}")
+    for name, array in tensors.items():
+        spec = expected[name]
+        want = to_numpy(spec.datatype)
+        if array.dtype != want:
+            raise InvalidInput(f"input {name!r} is {from_numpy(array.dtype)}, the model wants "
+                               f"{spec.datatype}")
+        if array.ndim != len(spec.shape) or any(
+                d != -1 and d != n for d, n in zip(spec.shape, array.shape)):
+            raise InvalidInput(f"input {name!r} has shape {list(array.shape)}, the model wants "
+                               f"{list(spec.shape)}")
