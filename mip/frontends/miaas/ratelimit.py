@@ -1,0 +1,172 @@
+"""Per-identity rate limits with GCRA (the generic cell rate algorithm).
+
+A limit of ``N`` requests per ``period`` seconds admits one request every
+``period / N`` seconds on average and bursts of up to ``N``; unlike a fixed window it
+never lets ``2N`` through across a window boundary. The state per identity is one
+number, the theoretical arrival time (TAT).
+
+:class:`MemoryRateLimiter` keeps it in this process; :class:`RedisRateLimiter` keeps it in
+Redis (one Lua script, the server's clock), so the limit holds across replicas.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from dataclasses import dataclass
+
+__all__ = [
+    "Decision",
+    "MemoryRateLimiter",
+    "RateLimiter",
+    "RedisRateLimiter",
+    "open_rate_limiter",
+    "parse_rate",
+]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one check.
+
+    Attributes:
+        allowed: whether the request may proceed.
+        limit: requests per period.
+        remaining: requests that may still be made right now.
+        reset: seconds until the full limit is available again.
+        retry_after: seconds until a request is admitted (0 when allowed).
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: float
+    retry_after: float
+
+    def headers(self) -> dict[str, str]:
+        """``X-RateLimit-Limit``/``-Remaining``/``-Reset`` (whole seconds, rounded up), and
+        ``Retry-After`` when refused."""
+        headers = {"X-RateLimit-Limit": str(self.limit),
+                   "X-RateLimit-Remaining": str(max(self.remaining, 0)),
+                   "X-RateLimit-Reset": str(math.ceil(self.reset))}
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return headers
+
+
+def parse_rate(text: str | int) -> tuple[int, float]:
+    """``"1000"``, ``"1000/min"``, ``"5/s"``, ``"100/hour"`` or ``"10/30s"`` ->
+    (requests, period in seconds). A bare number is per minute."""
+    if isinstance(text, int):
+        return text, 60.0
+    count, _, unit = str(text).strip().partition("/")
+    unit = unit.strip().lower() or "min"
+    units = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+             "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+    digits = unit.rstrip("abcdefghijklmnopqrstuvwxyz")
+    name = unit[len(digits):]
+    if name not in units:
+        raise ValueError(f"rate {text!r}: the unit must be s, min, hour or day")
+    requests = int(count)
+    period = (float(digits) if digits else 1.0) * units[name]
+    if requests < 1 or period <= 0:
+        raise ValueError(f"rate {text!r}: need at least 1 request per positive period")
+    return requests, period
+
+
+class RateLimiter(abc.ABC):
+    """``limit`` requests per ``period`` seconds per identity."""
+
+    def __init__(self, limit: int = 1000, period: float = 60.0):
+        self.limit = limit
+        self.period = period
+        self.interval = period / limit  # seconds between requests at the steady rate
+
+    @abc.abstractmethod
+    async def check(self, identity: str) -> Decision:
+        """Count one request of ``identity`` and say whether it is admitted."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    def _decide(self, now: float, tat: float | None) -> tuple[Decision, float | None]:
+        tat = now if tat is None or tat < now else tat
+        new_tat = tat + self.interval
+        allow_at = new_tat - self.period
+        if now < allow_at:
+            remaining = 0
+            return Decision(False, self.limit, remaining, tat - now, allow_at - now), None
+        remaining = int((self.period - (new_tat - now)) / self.interval + 1e-9)
+        return Decision(True, self.limit, remaining, new_tat - now, 0.0), new_tat
+
+
+class MemoryRateLimiter(RateLimiter):
+    """GCRA state in a dict; entries that have caught up with the clock are dropped."""
+
+    def __init__(self, limit: int = 1000, period: float = 60.0, *, max_identities: int = 100_000):
+        super().__init__(limit, period)
+        self._tat: dict[str, float] = {}
+        self._max = max_identities
+
+    async def check(self, identity: str) -> Decision:
+        now = time.monotonic()
+        decision, new_tat = self._decide(now, self._tat.get(identity))
+        if new_tat is not None:
+            if len(self._tat) >= self._max and identity not in self._tat:
+                self._tat = {k: v for k, v in self._tat.items() if v > now}
+            self._tat[identity] = new_tat
+        return decision
+
+
+# KEYS: the identity's key. ARGV: limit, period ms. Returns allowed, remaining, reset ms,
+# retry ms. Uses the server's clock so every replica agrees.
+_GCRA = """
+local limit = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local interval = period / limit
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - period
+if now < allow_at then
+  return {0, 0, math.ceil(tat - now), math.ceil(allow_at - now)}
+end
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now))
+return {1, math.floor((period - (new_tat - now)) / interval + 1e-9), math.ceil(new_tat - now), 0}
+"""
+
+
+class RedisRateLimiter(RateLimiter):
+    """GCRA state in Redis keys ``{prefix}:{identity}`` (expiring when caught up)."""
+
+    def __init__(self, url: str, limit: int = 1000, period: float = 60.0, *,
+                 prefix: str = "mip:ratelimit", ssl_context=None):
+        super().__init__(limit, period)
+        import redis.asyncio as aioredis
+
+        options = {"ssl_context": ssl_context} if ssl_context and url.startswith("rediss") else {}
+        self.redis = aioredis.from_url(url, decode_responses=True, **options)
+        self.prefix = prefix
+        self._script = self.redis.register_script(_GCRA)
+
+    async def check(self, identity: str) -> Decision:
+        allowed, remaining, reset_ms, retry_ms = await self._script(
+            keys=[f"{self.prefix}:{identity}"], args=[self.limit, int(self.period * 1000)])
+        return Decision(bool(allowed), self.limit, int(remaining), reset_ms / 1000,
+                        retry_ms / 1000)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def open_rate_limiter(rate: str | int, redis_url: str | None = None,
+                      ssl_context=None) -> RateLimiter:
+    """A limiter for ``rate`` (see :func:`parse_rate`): in Redis when ``redis_url`` is
+    given, else in memory."""
+    limit, period = parse_rate(rate)
+    if redis_url:
+        return RedisRateLimiter(redis_url, limit, period, ssl_context=ssl_context)
+    return MemoryRateLimiter(limit, period)
