@@ -1,0 +1,26 @@
+"""MIaaS: the ``/v1`` REST control plane for asynchronous inference jobs.
+
+``build_miaas_app(engine, config)`` gives the Starlette app to mount at ``/v1``;
+``mount_miaas(engine, args)`` builds it from ``mip serve`` options. Jobs go through a
+:class:`~mip.frontends.miaas.queue.JobQueue` (SQLite by default, or Redis Streams) and
+are run by :class:`~mip.frontends.miaas.worker.JobWorker` tasks in this process or by
+``mip worker`` processes elsewhere.
+"""
+
+from mip.frontends.miaas.app import (
+                                     MiaasConfig,
+                                     MiaasService,
+                                     build_miaas_app,
+                                     config_from_args,
+                                     mount_miaas,
+                                     standalone_app,
+)
+
+__all__ = [
+                                     "MiaasConfig",
+                                     "MiaasService",
+                                     "build_miaas_app",
+                                     "config_from_args",
+                                     "mount_miaas",
+                                     "standalone_app",
+]

@@ -1,0 +1,407 @@
+"""The ``/v1`` REST API: asynchronous inference jobs, the model registry, health.
+
+``build_miaas_app(engine, config)`` returns a Starlette app whose routes are relative
+(``/health``, ``/inference``, …): mount it as ``Mount("/v1", app=...)`` beside the
+``/v2`` routes, and start/stop its :class:`MiaasService` with the listener (a mounted
+app's own lifespan is not run by Starlette). :func:`standalone_app` serves it alone.
+
+``model_id`` is ``name`` (the highest ready version) or ``name:version``.
+``input_data`` and ``result`` are Open Inference Protocol REST bodies.
+Every error is ``{"error": {"code", "message", "details"?}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from mip.errors import InvalidInput, ServingError
+from mip.frontends.miaas.auth import Authenticator, AuthError, load_api_keys
+from mip.frontends.miaas.openapi import openapi_document
+from mip.frontends.miaas.queue import JobQueue, open_queue
+from mip.frontends.miaas.ratelimit import RateLimiter, open_rate_limiter
+from mip.frontends.miaas.tensors import check_inputs_against, decode_inputs
+from mip.frontends.miaas.worker import (
+    JobWorker,
+    error_code,
+    isotime,
+    job_document,
+    split_model_id,
+)
+
+__all__ = [
+    "MiaasConfig",
+    "MiaasService",
+    "build_miaas_app",
+    "config_from_args",
+    "mount_miaas",
+    "standalone_app",
+]
+
+log = logging.getLogger("mip.miaas")
+
+_SUBMIT_FIELDS = {"model_id", "input_data", "parameters"}
+
+
+@dataclass
+class MiaasConfig:
+    """Settings of the ``/v1`` API. Sizes in octets, times in seconds.
+
+    Attributes:
+        api_keys: SHA-256 hex digests of accepted API keys (see ``auth.load_api_keys``).
+        jwt_issuer / jwt_audience / jwt_keys: OAuth2 JWT verification (``jwt_keys``: a
+            JWKS file, a JWKS URL or a PEM public key; JWTs are refused when unset).
+        open_health: answer ``GET /v1/health`` without credentials (for probes).
+        rate_limit: requests per identity, ``"N"`` (per minute) or ``"N/unit"``.
+        rate_limit_redis: keep rate-limit state in this Redis (default: the queue's Redis
+            when the queue is Redis, else in memory).
+        queue: ``redis://…`` or a SQLite file path (``None``: the default state file).
+        max_jobs: unfinished jobs the queue holds before answering 503.
+        retention: how long finished jobs and results are kept.
+        lease: how long a worker holds a job before it is delivered again.
+        max_attempts: deliveries before a job that never finishes is failed.
+        job_workers: jobs this process runs at once (0: none, workers run elsewhere).
+        msip_push: MSIP broker URL to publish outcomes on ``jobs.{request_id}``.
+        max_body: largest request body accepted (413 beyond).
+        client_ssl: an ``ssl.SSLContext`` for connections to Redis (``rediss://``) and
+            the MSIP broker.
+    """
+
+    api_keys: list[str] = field(default_factory=list)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_keys: str | None = None
+    open_health: bool = False
+    rate_limit: str = "1000/min"
+    rate_limit_redis: str | None = None
+    queue: str | None = None
+    max_jobs: int = 10_000
+    retention: float = 86_400.0
+    lease: float = 30.0
+    max_attempts: int = 5
+    job_workers: int = 4
+    msip_push: str | None = None
+    max_body: int = 64 << 20
+    client_ssl: object = None
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.details, self.headers = status, code, details, headers
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    """The error body every failure of this API answers with."""
+    error = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+class MiaasService:
+    """The API's state: authenticator, rate limiter, job queue, in-process workers and the
+    outcome publisher. :meth:`start` / :meth:`stop` open and close them."""
+
+    def __init__(self, engine, config: MiaasConfig | None = None):
+        self.engine = engine
+        self.config = config or MiaasConfig()
+        c = self.config
+        self.auth = Authenticator(c.api_keys, jwt_issuer=c.jwt_issuer,
+                                  jwt_audience=c.jwt_audience, jwt_keys=c.jwt_keys)
+        self.queue: JobQueue = open_queue(c.queue, max_jobs=c.max_jobs, retention=c.retention,
+                                          lease=c.lease, max_attempts=c.max_attempts,
+                                          ssl_context=c.client_ssl)
+        limiter_redis = c.rate_limit_redis or (
+            c.queue if c.queue and c.queue.startswith(("redis://", "rediss://")) else None)
+        self.limiter: RateLimiter = open_rate_limiter(c.rate_limit, limiter_redis, c.client_ssl)
+        self.publisher = None
+        if c.msip_push:
+            from mip.frontends.miaas.push import OutcomePublisher
+
+            self.publisher = OutcomePublisher(c.msip_push, ssl=c.client_ssl)
+        self.worker: JobWorker | None = None
+        self._openapi = openapi_document(open_health=c.open_health, rate=c.rate_limit)
+        self.started = False
+
+    async def start(self) -> None:
+        """Open the queue and start the in-process workers (if ``job_workers`` > 0)."""
+        if self.started:
+            return
+        await self.queue.open()
+        if self.config.job_workers > 0:
+            self.worker = JobWorker(self.engine, self.queue, concurrency=self.config.job_workers,
+                                    publisher=self.publisher)
+            self.worker.start()
+        self.started = True
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop the workers (running jobs get ``grace`` seconds), close the queue, the
+        limiter and the publisher."""
+        if not self.started:
+            return
+        self.started = False
+        if self.worker is not None:
+            await self.worker.stop(grace)
+            self.worker = None
+        await self.queue.close()
+        await self.limiter.close()
+        if self.publisher is not None:
+            await self.publisher.close()
+
+    # -- the request path ------------------------------------------------------------
+
+    async def _guard(self, request: Request, handler, *, public: bool = False) -> Response:
+        headers: dict[str, str] = {}
+        try:
+            if not public:
+                try:
+                    identity = await self.auth.authenticate(request.headers)
+                except AuthError as exc:
+                    raise ApiError(401, "unauthorized", str(exc),
+                                   headers={"WWW-Authenticate": 'Bearer realm="mip"'}) from None
+                decision = await self.limiter.check(identity.id)
+                headers = decision.headers()
+                if not decision.allowed:
+                    raise ApiError(429, "rate_limited",
+                                   f"more than {self.limiter.limit} requests in "
+                                   f"{self.limiter.period:g} s; retry after "
+                                   f"{headers['Retry-After']} s", headers=headers)
+            response = await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, str(exc), exc.details,
+                                  exc.headers or headers)
+        except ServingError as exc:
+            return error_response(exc.http_status, error_code(exc), str(exc), headers=headers)
+        except Exception as exc:  # a bug: answer in the API's shape, log the traceback
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}",
+                                  headers=headers)
+        response.headers.update(headers)
+        return response
+
+    async def _read_json(self, request: Request):
+        limit = self.config.max_body
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, "payload_too_large", f"the body exceeds {limit} octets")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "payload_too_large", f"the body exceeds {limit} octets")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+
+    # -- handlers ----------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "healthy", "timestamp": isotime(time.time())})
+
+    async def submit(self, request: Request) -> Response:
+        body = await self._read_json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_request", "the body must be a JSON object")
+        unknown = sorted(set(body) - _SUBMIT_FIELDS)
+        if unknown:
+            raise ApiError(400, "invalid_request", f"unknown fields: {', '.join(unknown)}",
+                           {"allowed": sorted(_SUBMIT_FIELDS)})
+        model_id = body.get("model_id")
+        if not isinstance(model_id, str) or not model_id.strip(":"):
+            raise ApiError(400, "invalid_request",
+                           "'model_id' must be a string: 'name' or 'name:version'")
+        if "input_data" not in body:
+            raise ApiError(400, "invalid_request", "'input_data' is required")
+        parameters = body.get("parameters")
+        if parameters is None:
+            parameters = {}
+        if not isinstance(parameters, dict):
+            raise ApiError(400, "invalid_request", "'parameters' must be an object")
+        timeout = parameters.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or timeout <= 0):
+            raise ApiError(400, "invalid_request",
+                           "'parameters.timeout' must be a positive number of seconds")
+        name, version = split_model_id(model_id)
+        metadata = self.engine.model_metadata(name, version)  # 404 / 503 for unknown/unready
+        tensors, outputs = decode_inputs(body["input_data"])
+        check_inputs_against(tensors, metadata)
+        if outputs:
+            known = {spec.name for spec in metadata.outputs}
+            missing = [o for o in outputs if o not in known]
+            if missing:
+                raise InvalidInput(f"model {name!r} has no output {', '.join(missing)}")
+        job = await self.queue.submit(model_id, body["input_data"], parameters)
+        return JSONResponse({"request_id": job.request_id, "status": job.status},
+                            status_code=202,
+                            headers={"Location": f"/v1/inference/{job.request_id}"})
+
+    async def job(self, request: Request) -> Response:
+        request_id = request.path_params["request_id"]
+        job = await self.queue.get(request_id)
+        if job is None:
+            raise ApiError(404, "job_not_found", f"no job {request_id!r} (finished jobs are "
+                           f"kept {self.config.retention:g} s)")
+        return JSONResponse(job_document(job))
+
+    def _versions(self):
+        """(name, version, state, active) for every index entry."""
+        active = {}
+        for entry in self.engine.index():
+            if entry.name not in active:
+                try:
+                    active[entry.name] = self.engine.repository.get(entry.name).version
+                except ServingError:
+                    active[entry.name] = None
+        return [(e.name, e.version, str(e.state), active[e.name] == e.version and bool(
+            e.version)) for e in self.engine.index()]
+
+    async def models(self, request: Request) -> Response:
+        models = [{"id": f"{name}:{version}" if version else name, "name": name,
+                   "version": version, "status": "active" if is_active else "deprecated",
+                   "state": state, "ready": state == "READY"}
+                  for name, version, state, is_active in self._versions()]
+        return JSONResponse({"models": models})
+
+    async def model(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        name, version = split_model_id(model_id)
+        metadata = self.engine.model_metadata(name, version)
+        served = self.engine.repository.get(name, version).version
+        try:
+            active = self.engine.repository.get(name).version == served
+        except ServingError:
+            active = False
+
+        def specs(items):
+            return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                    for s in items]
+
+        return JSONResponse({
+            "id": f"{name}:{served}", "name": name, "version": served,
+            "versions": list(metadata.versions), "status": "active" if active else "deprecated",
+            "framework": metadata.platform, "input_schema": {"inputs": specs(metadata.inputs)},
+            "output_schema": {"outputs": specs(metadata.outputs)}})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self._openapi)
+
+    def routes(self) -> list[Route]:
+        """The routes, relative to the ``/v1`` mount point."""
+
+        def guarded(handler, public: bool = False):
+            async def endpoint(request: Request) -> Response:
+                return await self._guard(request, handler, public=public)
+            endpoint.__name__ = handler.__name__
+            return endpoint
+
+        return [
+            Route("/health", guarded(self.health, self.config.open_health), methods=["GET"]),
+            Route("/inference", guarded(self.submit), methods=["POST"]),
+            Route("/inference/{request_id}", guarded(self.job), methods=["GET"]),
+            Route("/models", guarded(self.models), methods=["GET"]),
+            Route("/models/{model_id}", guarded(self.model), methods=["GET"]),
+            Route("/openapi.json", guarded(self.openapi), methods=["GET"]),
+        ]
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
+                          str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+def build_miaas_app(engine, config: MiaasConfig | None = None, *,
+                    service: MiaasService | None = None) -> Starlette:
+    """The ``/v1`` app (routes relative to its mount point). ``app.state.service`` is its
+    :class:`MiaasService`; its lifespan starts and stops the service when the app is run
+    directly, and a parent that mounts it must call ``service.start()`` / ``stop()``."""
+    service = service or MiaasService(engine, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = Starlette(routes=service.routes(), lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error})
+    app.state.service = service
+    return app
+
+
+def standalone_app(engine, config: MiaasConfig | None = None) -> Starlette:
+    """An app serving only ``/v1/…`` (for tests, benchmarks and embedding)."""
+    miaas = build_miaas_app(engine, config)
+    service = miaas.state.service
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = Starlette(routes=[Mount("/v1", app=miaas)], lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error})
+    app.state.service = service
+    return app
+
+
+def config_from_args(args) -> MiaasConfig:
+    """A :class:`MiaasConfig` from ``mip serve`` options (missing options keep defaults)."""
+    def get(name, default=None):
+        return getattr(args, name, default)
+
+    config = MiaasConfig(api_keys=load_api_keys(get("api_keys")))
+    for name in ("jwt_issuer", "jwt_audience", "jwt_keys", "msip_push", "queue"):
+        setattr(config, name, get(name))
+    config.open_health = bool(get("open_health", False))
+    for name in ("rate_limit", "max_jobs", "retention", "lease", "job_workers"):
+        value = get(name)
+        if value is not None:
+            setattr(config, name, value)
+    return config
+
+
+def mount_miaas(engine, args) -> tuple[list[Mount], MiaasService]:
+    """The ``/v1`` routes for ``mip serve`` and the service to start with the listener::
+
+        routes, service = mount_miaas(engine, args)
+        app = build_app(engine, extra_routes=routes)      # the /v2 app
+        await service.start() ... serve ... await service.stop()
+
+    When no API key, ``MIP_API_KEYS`` or JWT key set is configured, a random API key is
+    made for this run and printed once, so the API is never open by accident.
+    """
+    import secrets
+
+    from mip.frontends.miaas.auth import hash_key
+
+    config = config_from_args(args)
+    if not config.api_keys and not config.jwt_keys:
+        key = secrets.token_urlsafe(32)
+        config.api_keys = [hash_key(key)]
+        print(f"mip: /v1 API key for this run (choose your own with --api-keys FILE or "
+              f"MIP_API_KEYS): {key}", flush=True)
+    app = build_miaas_app(engine, config)
+    return [Mount("/v1", app=app)], app.state.service
