@@ -45,6 +45,40 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
                    help="require client certificates signed by these CAs (mutual TLS)")
 
 
+def _add_miaas(p: argparse.ArgumentParser) -> None:
+    """Options of the /v1 MIaaS API (jobs, registry) served on the HTTP listener."""
+    g = p.add_argument_group("MIaaS /v1 API")
+    g.add_argument("--api-keys", metavar="FILE",
+                   help="accepted API keys: one key or 'sha256:HEX' digest a line (also "
+                        "$MIP_API_KEYS, comma-separated); with neither nor --jwt-keys, a key "
+                        "is made for the run and printed")
+    g.add_argument("--jwt-issuer", metavar="ISS", help="accept OAuth2 JWTs from this issuer")
+    g.add_argument("--jwt-audience", metavar="AUD", help="audience a JWT must name")
+    g.add_argument("--jwt-keys", metavar="FILE|URL",
+                   help="JWT verification keys: a JWKS file, a JWKS URL or a PEM public key")
+    g.add_argument("--open-health", action="store_true",
+                   help="answer GET /v1/health without credentials (for load-balancer probes)")
+    g.add_argument("--rate-limit", metavar="N[/UNIT]", default="1000/min",
+                   help="requests per authenticated identity, e.g. 1000/min or 5/s "
+                        "(default 1000/min; shared through Redis when --queue is redis://)")
+    g.add_argument("--queue", metavar="PATH|URL",
+                   help="job queue: a SQLite file (default $MIP_STATE_DIR or "
+                        "~/.local/state/mip/jobs.sqlite3) or redis://HOST:PORT/DB")
+    g.add_argument("--job-workers", type=int, default=4, metavar="N",
+                   help="jobs run at once in this process (0: only 'mip worker' runs them; "
+                        "default 4)")
+    g.add_argument("--max-jobs", type=int, default=10_000, metavar="N",
+                   help="unfinished jobs queued before submissions get 503 (default 10000)")
+    g.add_argument("--job-retention", dest="retention", type=float, default=86_400.0,
+                   metavar="SECONDS", help="how long finished jobs are kept (default 86400)")
+    g.add_argument("--job-lease", dest="lease", type=float, default=30.0, metavar="SECONDS",
+                   help="a job whose worker is silent this long is delivered again; use the "
+                        "same value on every worker (default 30)")
+    g.add_argument("--msip-push", metavar="URL",
+                   help="also publish each job's outcome to this MSIP broker on topic "
+                        "jobs.{request_id}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mip", description="Wire-protocol toolkit for model inference: MIP and MSIP.")
@@ -80,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                        help="fail requests not answered within this time (default: no limit)")
     _add_tls(serve)
+    _add_miaas(serve)
 
     infer = sub.add_parser("infer", help="send one inference request to a MIP server")
     infer.add_argument("url", help="tcp://HOST:PORT or unix:///PATH")
@@ -99,6 +134,32 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--msip", metavar="URL", default=DEFAULT_MSIP_URL,
                         help=f"listen URL (default {DEFAULT_MSIP_URL})")
     _add_tls(broker)
+
+    worker = sub.add_parser(
+        "worker", help="run MIaaS /v1 jobs from a shared queue",
+        description="Take jobs submitted to /v1/inference from a shared queue (Redis, or a "
+                    "SQLite file on this machine), run them on a model repository, store "
+                    "the results.")
+    worker.add_argument("--queue", metavar="URL|PATH", required=True,
+                        help="redis://HOST:PORT/DB (rediss:// for TLS) or a SQLite file")
+    worker.add_argument("--model-repository", metavar="DIR",
+                        help="folder of models (default: the built-in demo repository)")
+    worker.add_argument("--model", dest="models", action="append", metavar="NAME",
+                        help="load only this model (repeatable; default: every model)")
+    worker.add_argument("--concurrency", type=int, default=4, metavar="N",
+                        help="jobs run at once (default 4)")
+    worker.add_argument("--job-lease", dest="lease", type=float, default=30.0,
+                        metavar="SECONDS", help="lease of a taken job; the same as the "
+                        "control plane's (default 30)")
+    worker.add_argument("--job-retention", dest="retention", type=float, default=86_400.0,
+                        metavar="SECONDS", help="how long results are kept (default 86400)")
+    worker.add_argument("--msip-push", metavar="URL",
+                        help="publish each job's outcome to this MSIP broker")
+    worker.add_argument("--tls-ca", metavar="FILE",
+                        help="verify the Redis and MSIP servers with these CAs (PEM)")
+    worker.add_argument("--tls-cert", metavar="FILE",
+                        help="client certificate for Redis and MSIP (mutual TLS)")
+    worker.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
 
     bench = sub.add_parser(
         "bench", help="load-test inference servers (MIP, KServe v2 gRPC/REST) and MSIP brokers",
@@ -172,6 +233,53 @@ async def _broker(args) -> int:
     return 0
 
 
+def _client_ssl(args) -> ssl.SSLContext | None:
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    ctx = ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls_cert:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    return ctx
+
+
+async def _worker(args) -> int:
+    from mip.frontends.miaas.queue import open_queue
+    from mip.frontends.miaas.worker import run_worker
+    from mip.serving.engine import Engine
+    from mip.serving.repository import ModelRepository
+
+    if args.model_repository:
+        root = args.model_repository
+    else:
+        from mip.serving.demo import build_demo_repository
+        root = build_demo_repository()
+    client_ssl = _client_ssl(args)
+    engine = Engine(ModelRepository(root), models=args.models)
+    await engine.start()
+    queue = open_queue(args.queue, lease=args.lease, retention=args.retention,
+                       ssl_context=client_ssl)
+    await queue.open()
+    publisher = None
+    if args.msip_push:
+        from mip.frontends.miaas.push import OutcomePublisher
+        publisher = OutcomePublisher(args.msip_push, ssl=client_ssl)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    print(f"mip: worker taking jobs from {args.queue}", flush=True)
+    try:
+        await run_worker(engine, queue, concurrency=args.concurrency, publisher=publisher,
+                         stop=stop)
+    finally:
+        await queue.close()
+        if publisher is not None:
+            await publisher.close()
+        await engine.stop()
+    return 0
+
+
 def _infer(args) -> int:
     import numpy as np
 
@@ -218,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from mip.bench import main as bench_main
             return bench_main(args)
-        coro = _serve(args) if args.command == "serve" else _broker(args)
+        if args.command == "worker":
+            coro = _worker(args)
+        else:
+            coro = _serve(args) if args.command == "serve" else _broker(args)
         try:
             import uvloop
         except ImportError:
