@@ -187,11 +187,12 @@ class MipDriver(Driver):
 
 
 def _grpc_modules():
-    try:  # the project's own stubs, when present
-        from mip.frontends.oip import service_pb2, service_pb2_grpc  # type: ignore
+    try:  # the project's own stubs (package ``inference``, the same wire as Triton's)
+        from mip.frontends.oip import inference_pb2, inference_pb2_grpc
+        return inference_pb2, inference_pb2_grpc
     except ImportError:
         from tritonclient.grpc import service_pb2, service_pb2_grpc
-    return service_pb2, service_pb2_grpc
+        return service_pb2, service_pb2_grpc
 
 
 _GRPC_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
