@@ -16,6 +16,8 @@ log = logging.getLogger("mip")
 
 DEFAULT_MIP_URL = "tcp://127.0.0.1:7070"
 DEFAULT_MSIP_URL = "tcp://127.0.0.1:7171"
+DEFAULT_HTTP_ADDRESS = "127.0.0.1:8000"
+DEFAULT_GRPC_ADDRESS = "127.0.0.1:8001"
 
 
 def _size(text: str) -> int:
@@ -87,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
-        "serve", help="serve a model repository over MIP",
+        "serve", help="serve a model repository over MIP and KServe v2 (gRPC and REST)",
         description="Serve the models of a repository. With no --model-repository, serves the "
                     "built-in demo repository (models 'identity' and 'mlp', built locally).")
     serve.add_argument("--model-repository", metavar="DIR",
@@ -113,6 +115,17 @@ def _parser() -> argparse.ArgumentParser:
                             "(0 = never; default 30)")
     serve.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                        help="fail requests not answered within this time (default: no limit)")
+    serve.add_argument("--http", metavar="HOST:PORT", default=DEFAULT_HTTP_ADDRESS,
+                       help=f"KServe v2 REST listener (also GET /metrics), or 'none' "
+                            f"(default {DEFAULT_HTTP_ADDRESS})")
+    serve.add_argument("--grpc", metavar="HOST:PORT", default=DEFAULT_GRPC_ADDRESS,
+                       help=f"KServe v2 gRPC listener, or 'none' (default {DEFAULT_GRPC_ADDRESS})")
+    serve.add_argument("--grpc-max-message-size", type=_size, default=64 << 20,
+                       metavar="OCTETS",
+                       help="largest gRPC request or reply, e.g. 64M (default 64M)")
+    serve.add_argument("--http-max-body-size", type=_size, default=64 << 20, metavar="OCTETS",
+                       help="largest REST request body after decompression, e.g. 64M "
+                            "(default 64M)")
     _add_tls(serve)
     _add_miaas(serve)
 
@@ -201,6 +214,13 @@ async def _serve(args) -> int:
         servers.append(server)
         print(f"mip: serving MIP on {address} (default model: {engine.default_model()})",
               flush=True)
+    try:
+        servers += await _start_oip(args, engine)
+    except BaseException:
+        for server in servers:
+            await server.stop()
+        await engine.stop()
+        raise
     if not servers:
         log.error("every listener is off: nothing to serve")
         await engine.stop()
@@ -211,6 +231,42 @@ async def _serve(args) -> int:
         await server.stop()
     await engine.stop()
     return 0
+
+
+async def _start_oip(args, engine) -> list:
+    """Start the KServe v2 listeners that are not 'none', sharing one metrics registry."""
+    grpc_on = args.grpc.lower() != "none"
+    http_on = args.http.lower() != "none"
+    if not (grpc_on or http_on):
+        return []
+    from mip.frontends.oip.metrics import Metrics
+
+    metrics = Metrics(engine)
+    started = []
+    try:
+        if grpc_on:
+            from mip.frontends.oip.grpc import GrpcServer
+
+            server = GrpcServer(engine, metrics=metrics,
+                                max_message_size=args.grpc_max_message_size,
+                                request_timeout=args.request_timeout)
+            address = await server.start(args.grpc)
+            started.append(server)
+            print(f"mip: serving KServe v2 gRPC on {address}", flush=True)
+        if http_on:
+            from mip.frontends.oip.rest import HttpServer, build_app
+
+            app = build_app(engine, metrics=metrics, max_body_size=args.http_max_body_size,
+                            request_timeout=args.request_timeout)
+            server = HttpServer(app)
+            address = await server.start(args.http)
+            started.append(server)
+            print(f"mip: serving KServe v2 REST and /metrics on http://{address}", flush=True)
+    except BaseException:
+        for server in started:
+            await server.stop()
+        raise
+    return started
 
 
 async def _wait_for_signal() -> None:

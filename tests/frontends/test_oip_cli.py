@@ -1,0 +1,95 @@
+"""`mip serve` serves MIP, KServe v2 gRPC and REST from one process on one engine."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+import mip
+from mip.net.mip_client import Client
+from mip.serving.demo import build_demo_repository
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start(args, pattern_count: int, timeout: float = 30.0):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING",
+                                "serve", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.monotonic() + timeout
+    while len([x for x in lines if x.startswith("mip: serving")]) < pattern_count:
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise AssertionError("mip serve did not start:\n" + "".join(lines)
+                                 + (process.stdout.read() if process.stdout else ""))
+        lines.append(process.stdout.readline())
+    return process, "".join(lines)
+
+
+def _stop(process) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_all_three_protocols_on_one_engine(tmp_path):
+    repo = build_demo_repository(tmp_path / "demo")
+    process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
+                           "--mip-model", "identity", "--http", "127.0.0.1:0",
+                           "--grpc", "127.0.0.1:0", "--http-max-body-size", "1M",
+                           "--grpc-max-message-size", "1M"], 3)
+    try:
+        mip_url = re.search(r"serving MIP on (\S+)", out).group(1)
+        grpc_url = re.search(r"KServe v2 gRPC on (\S+)", out).group(1)
+        http_url = re.search(r"REST and /metrics on http://(\S+)", out).group(1)
+        x = np.arange(16, dtype=np.float32).reshape(1, 16)
+        with grpcclient.InferenceServerClient(grpc_url) as g:
+            tensor = grpcclient.InferInput("input", [1, 16], "FP32")
+            tensor.set_data_from_numpy(x)
+            np.testing.assert_array_equal(g.infer("identity", [tensor]).as_numpy("output"), x)
+            big = grpcclient.InferInput("input", [20000, 16], "FP32")
+            big.set_data_from_numpy(np.zeros((20000, 16), dtype=np.float32))
+            try:
+                g.infer("identity", [big])
+                raise AssertionError("a message over --grpc-max-message-size was accepted")
+            except grpcclient.InferenceServerException as exc:
+                assert "--grpc-max-message-size" in exc.message()
+        h = httpclient.InferenceServerClient(http_url)
+        try:
+            tensor = httpclient.InferInput("input", [1, 16], "FP32")
+            tensor.set_data_from_numpy(x)
+            np.testing.assert_array_equal(h.infer("identity", [tensor]).as_numpy("output"), x)
+            assert h.is_server_ready()
+        finally:
+            h.close()
+        with Client(mip_url) as c:
+            (item,) = c.infer([[x]])
+            np.testing.assert_array_equal(item[0], x)
+        assert isinstance(mip.__version__, str)
+    finally:
+        assert _stop(process) == 0
+
+
+def test_none_turns_listeners_off(tmp_path):
+    repo = build_demo_repository(tmp_path / "demo")
+    process, out = _start(["--model-repository", str(repo), "--mip", "none", "--grpc", "none",
+                           "--http", "127.0.0.1:0"], 1)
+    try:
+        assert "gRPC" not in out and "serving MIP" not in out
+        assert "REST" in out
+    finally:
+        assert _stop(process) == 0
