@@ -66,7 +66,8 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
     size = max(int(size), _STAMP.size)
     pad = b"\0" * (size - _STAMP.size)
     pc = time.perf_counter
-    state = {"delivered": 0, "measured_delivered": 0, "published": 0, "measured_published": 0}
+    state = {"delivered": 0, "measured_delivered": 0, "published": 0, "measured_published": 0,
+             "last_delivery": None}
     latencies: list[float] = []
     room = asyncio.Event()
     room.set()
@@ -79,6 +80,7 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
         if t_pub >= t_warm:
             state["measured_delivered"] += 1
             latencies.append(now - t_pub)
+            state["last_delivery"] = now
         if not room.is_set() and _in_flight() <= window // 2:
             room.set()
 
@@ -169,7 +171,8 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
             except Exception:  # pragma: no cover - closing a broken connection
                 pass
     lost = max(0, state["published"] * subscribers - state["delivered"])
-    measured_window = max(min(t_drained, t_end + drain_timeout) - t_warm, 1e-9)
+    last = state["last_delivery"] if state["last_delivery"] is not None else t_drained
+    measured_window = max(last - t_warm, 1e-9)
     return {
         "schema": SCHEMA,
         "tool": "mip bench pubsub",

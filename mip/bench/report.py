@@ -57,7 +57,10 @@ class StepProgress:
             await asyncio.sleep(self.interval)
 
     def close(self) -> None:
-        """Stop the bar (it stays on screen)."""
+        """Fill the bar and stop it (it stays on screen)."""
+        total = self.progress.tasks[0].total if self.progress.tasks else None
+        if total is not None:
+            self.progress.update(self.task, completed=total)
         self.progress.stop()
 
 
