@@ -136,13 +136,12 @@ def redis_url():
 
 
 @pytest.fixture
-async def fresh_redis(redis_url):
+def fresh_redis(redis_url):
     """``redis_url`` with its database emptied first."""
-    import redis.asyncio as aioredis
+    import redis
 
-    client = aioredis.from_url(redis_url)
-    await client.flushdb()
-    await client.aclose()
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
     return redis_url
 
 

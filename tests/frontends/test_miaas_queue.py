@@ -1,0 +1,207 @@
+# ruff: noqa: F811  (pytest fixtures imported from _miaas are arguments here)
+"""The job queues (SQLite and Redis Streams) and ``mip worker`` processes: leases,
+redelivery after a SIGKILL, idempotent results, bounds, retention, two workers sharing
+one Redis queue."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+from _miaas import (  # noqa: F401
+    API_KEY,
+    AUTH,
+    engine,
+    fresh_redis,
+    redis_url,
+    repository,
+    serve,
+    sleepy_job,
+    start_worker,
+    stop_process,
+    wait_job,
+    wait_ready,
+)
+
+from mip.errors import QueueFull
+from mip.frontends.miaas import MiaasConfig, standalone_app
+from mip.frontends.miaas.auth import hash_key
+from mip.frontends.miaas.queue import SQLiteQueue, open_queue
+
+pytestmark = pytest.mark.timeout(90)
+
+BODY = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [0.0]}]}
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def make_queue(request, tmp_path):
+    """Opens queues of one backend on one store (the same file or Redis database)."""
+    if request.param == "redis":
+        url = request.getfixturevalue("fresh_redis")
+    else:
+        url = str(tmp_path / "jobs.sqlite3")
+    opened = []
+
+    async def make(**kwargs):
+        queue = open_queue(url, **kwargs)
+        await queue.open()
+        opened.append(queue)
+        return queue
+
+    yield make
+    for queue in opened:
+        await queue.close()
+
+
+async def test_submit_take_finish(make_queue):
+    queue = await make_queue(lease=5.0)
+    job = await queue.submit("sleepy:1", BODY, {"timeout": 2})
+    assert (await queue.get(job.request_id)).status == "queued"
+    assert await queue.depth() == 1
+    lease = await queue.take("w1", wait=1.0)
+    assert lease.job.request_id == job.request_id and lease.job.input_data == BODY
+    assert lease.job.parameters == {"timeout": 2} and lease.job.attempts == 1
+    assert (await queue.get(job.request_id)).status == "processing"
+    assert await queue.take("w2", wait=0.1) is None  # leased: nobody else gets it
+    assert await queue.extend(lease)
+    assert await queue.finish(lease, result={"outputs": []})
+    record = await queue.get(job.request_id)
+    assert record.status == "completed" and record.result == {"outputs": []}
+    assert record.worker == "w1"
+    assert await queue.depth() == 0
+    assert await queue.get("unknown") is None
+
+
+async def test_expired_lease_is_redelivered_and_one_result_stands(make_queue):
+    queue = await make_queue(lease=0.3)
+    job = await queue.submit("sleepy", BODY, {})
+    first = await queue.take("w1", wait=1.0)
+    assert await queue.take("w2", wait=0.05) is None
+    await asyncio.sleep(0.4)
+    second = await queue.take("w2", wait=1.0)
+    assert second is not None and second.job.request_id == job.request_id
+    assert second.job.attempts == 2
+    assert await queue.finish(second, result={"by": "w2"})
+    assert not await queue.finish(first, result={"by": "w1"})  # the slow one loses
+    assert not await queue.finish(second, error={"code": "x", "message": "late"})
+    record = await queue.get(job.request_id)
+    assert record.status == "completed" and record.result == {"by": "w2"}
+    assert await queue.take("w3", wait=0.4) is None  # never delivered again
+
+
+async def test_poison_job_fails_after_max_attempts(make_queue):
+    queue = await make_queue(lease=0.1, max_attempts=2)
+    job = await queue.submit("sleepy", BODY, {})
+    for _ in range(2):
+        assert await queue.take("w", wait=1.0) is not None
+        await asyncio.sleep(0.15)
+    assert await queue.take("w", wait=0.3) is None
+    record = await queue.get(job.request_id)
+    assert record.status == "failed" and record.error["code"] == "too_many_attempts"
+
+
+async def test_bounded_length(make_queue):
+    queue = await make_queue(max_jobs=3)
+    for _ in range(3):
+        await queue.submit("m", BODY, {})
+    with pytest.raises(QueueFull):
+        await queue.submit("m", BODY, {})
+    lease = await queue.take("w", wait=1.0)
+    await queue.finish(lease, result={})
+    await queue.submit("m", BODY, {})  # a finished job frees its place
+
+
+async def test_retention(make_queue, request):
+    queue = await make_queue(retention=1.0)
+    done = await queue.submit("m", BODY, {})
+    waiting = await queue.submit("m", BODY, {})
+    lease = await queue.take("w", wait=1.0)
+    assert lease.job.request_id == done.request_id
+    await queue.finish(lease, result={})
+    await asyncio.sleep(1.2 if isinstance(queue, SQLiteQueue) else 2.1)
+    await queue.purge()
+    assert await queue.get(done.request_id) is None
+    assert (await queue.get(waiting.request_id)).status == "queued"  # queued jobs stay
+
+
+async def test_two_queues_share_one_store(make_queue):
+    a, b = await make_queue(), await make_queue()
+    ids = {(await a.submit("m", BODY, {})).request_id for _ in range(10)}
+    taken = []
+    for _ in range(10):
+        lease = await b.take("w", wait=1.0)
+        taken.append(lease.job.request_id)
+        await b.finish(lease, result={})
+    assert set(taken) == ids and len(taken) == 10
+    assert [(await a.get(i)).status for i in ids] == ["completed"] * 10
+
+
+# -- worker processes ----------------------------------------------------------------------
+
+def _cfg(queue: str, **kwargs) -> MiaasConfig:
+    return MiaasConfig(api_keys=[hash_key(API_KEY)], queue=queue, job_workers=0, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_worker_killed_mid_job(engine, repository, tmp_path, request, backend):
+    """A worker SIGKILLed while running a job: another worker takes it after the lease, and
+    the job completes once."""
+    queue = request.getfixturevalue("fresh_redis") if backend == "redis" else str(
+        tmp_path / "jobs.sqlite3")
+    async with serve(standalone_app(engine, _cfg(queue, lease=1.0))) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            victim = start_worker(queue, repository, lease=1.0)
+            try:
+                await asyncio.to_thread(wait_ready, victim)
+                r = await client.post("/v1/inference", json=sleepy_job(2.0), headers=AUTH)
+                request_id = r.json()["request_id"]
+                job = await wait_job(client, request_id, until=("processing",), timeout=10)
+                assert job["status"] == "processing" and job["attempts"] == 1
+                await asyncio.sleep(0.3)  # inside the model's 2 s sleep
+                victim.send_signal(signal.SIGKILL)
+                victim.wait(5)
+            finally:
+                stop_process(victim)
+            rescuer = start_worker(queue, repository, lease=1.0)
+            try:
+                await asyncio.to_thread(wait_ready, rescuer)
+                started = time.monotonic()
+                job = await wait_job(client, request_id, timeout=20)
+            finally:
+                stop_process(rescuer)
+    assert job["status"] == "completed", job
+    assert job["attempts"] == 2
+    assert job["result"]["outputs"][0]["data"] == [5.0]  # 2 * 2 + 1 (version 2)
+    assert time.monotonic() - started < 15
+
+
+async def test_two_worker_processes_share_one_redis_queue(engine, repository, fresh_redis):
+    async with serve(standalone_app(engine, _cfg(fresh_redis, lease=5.0))) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            workers = [start_worker(fresh_redis, repository, lease=5.0) for _ in range(2)]
+            try:
+                for w in workers:
+                    await asyncio.to_thread(wait_ready, w)
+                ids = []
+                for i in range(8):
+                    r = await client.post("/v1/inference", json=sleepy_job(0.25 + i / 1000),
+                                          headers=AUTH)
+                    ids.append(r.json()["request_id"])
+                jobs = await asyncio.gather(*(wait_job(client, i, timeout=20) for i in ids))
+            finally:
+                for w in workers:
+                    stop_process(w)
+    assert [j["status"] for j in jobs] == ["completed"] * 8
+    # which process ran each job: the store keeps the consumer (host:pid:random)
+    queue = open_queue(fresh_redis)
+    await queue.open()
+    try:
+        consumers = {(await queue.get(i)).worker.split(":")[1] for i in ids}
+    finally:
+        await queue.close()
+    assert consumers == {str(w.pid) for w in workers}
+    for i, job in enumerate(jobs):
+        assert job["result"]["outputs"][0]["data"] == [pytest.approx(2 * (0.25 + i / 1000) + 1)]
