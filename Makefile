@@ -17,6 +17,8 @@ serve: $(BIN)/python
 ## test: install mip (editable, extension built in place) with test extras; run the whole suite
 test: $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
+	@if [ "$$(id -u)" = 0 ]; then command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server); \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then command -v redis-server >/dev/null || (sudo apt-get update && sudo apt-get install -y redis-server); fi
 	$(BIN)/python -m pytest
 
 ## bench: the codec comparison (ours vs struct, protobuf and memcpy), ratios printed
