@@ -1,10 +1,12 @@
 """The MIP frontend: MIP request messages in, engine calls, MIP reply buffers out.
 
 Each item of a MIP batch carries its own leading batch dimension; the items'
-tensors for one input are concatenated on axis 0 (as KubeMo's ``concat``
-does; a single item is passed as the view it is, no copy) and the outputs are
-split back per item as views.  Non-tensor values (TEXT, JSON, IMAGE) travel
-to Python models as one-row object arrays holding the value objects.
+tensors for one input are stacked on axis 0 (as KubeMo's ``concat`` does)
+with ``Message.column``: one row per item gives a strided view of the frame
+with no per-item objects, a single item is passed as the view it is, other
+batches are concatenated.  Outputs are split back per item as views.
+Non-tensor values (TEXT, JSON, IMAGE) travel to Python models as one-row
+object arrays holding the value objects.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Sequence
 
 import numpy as np
 
@@ -33,17 +34,16 @@ def _as_rows(value) -> np.ndarray:
     return rows
 
 
-def _gather(batch: Sequence[tuple], index: int) -> tuple[np.ndarray, list[int]]:
-    parts = [_as_rows(item[index]) for item in batch]
-    for i, part in enumerate(parts):
-        if part.ndim == 0:
+def _columns(message: mip.Message, index: int) -> tuple[np.ndarray, list[int]]:
+    """Value `index` of every item as one array (a strided view when it can be), and the
+    rows each item contributed."""
+    rows = message.rows(index)
+    for i, count in enumerate(rows):
+        if count < 0:
             raise InvalidInput(f"item {i} value {index} is a 0-d tensor: MIP items carry a "
                                "leading batch dimension")
-    rows = [part.shape[0] for part in parts]
-    if len(parts) == 1:
-        return parts[0], rows
     try:
-        return np.concatenate(parts, axis=0), rows
+        return message.column(index), rows
     except ValueError as exc:
         raise InvalidInput(f"items disagree on the shape or datatype of value {index}: {exc}") from None
 
@@ -81,32 +81,31 @@ class MipHandler:
                                     "server with --mip-model")
         version = message.version
         meta = self.engine.model_metadata(model, version)
-        batch = message.batch
         n_inputs = len(meta.inputs)
         if message.n_input != n_inputs:
             raise InvalidInput(f"model {model!r} takes {n_inputs} inputs, the request has "
                                f"{message.n_input} per item")
-        if not batch:
+        if not len(message):
             return mip.encode_response_buffers([], n_input=message.n_input, kind=message.kind,
                                                n_output=len(meta.outputs))
         deadline = None
         if self.request_timeout is not None:
             deadline = time.monotonic() + self.request_timeout
         batching = self.engine.repository.get(model, version or None).max_batch_size > 0
-        if not batching and len(batch) > 1:
+        if not batching and len(message) > 1:
             # A model that does not batch runs each item on its own.
             results = await asyncio.gather(*(
-                self._run(model, version, meta, [item], deadline) for item in batch))
+                self._run(model, version, meta, _single(item), deadline) for item in message.batch))
             items = [row for result in results for row in result]
         else:
-            items = await self._run(model, version, meta, batch, deadline)
+            items = await self._run(model, version, meta, message, deadline)
         return mip.encode_response_buffers(items, n_input=message.n_input, kind=message.kind)
 
-    async def _run(self, model, version, meta, batch, deadline) -> list[tuple]:
+    async def _run(self, model, version, meta, source, deadline) -> list[tuple]:
         inputs = {}
         rows = None
         for index, spec in enumerate(meta.inputs):
-            inputs[spec.name], rows = _gather(batch, index)
+            inputs[spec.name], rows = _columns(source, index)
         outputs = await self.engine.infer(model, inputs, version=version, deadline=deadline)
         names = [spec.name for spec in meta.outputs if spec.name in outputs]
         items = []
@@ -115,3 +114,21 @@ class MipHandler:
             items.append(tuple(_output_value(outputs[name][start:start + count]) for name in names))
             start += count
         return items
+
+
+class _single:
+    """One item with the ``rows``/``column`` interface of a ``Message``."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: tuple):
+        self.item = item
+
+    def rows(self, index: int) -> list[int]:
+        value = self.item[index]
+        if isinstance(value, np.ndarray):
+            return [value.shape[0] if value.ndim else -1]
+        return [1]
+
+    def column(self, index: int) -> np.ndarray:
+        return _as_rows(self.item[index])

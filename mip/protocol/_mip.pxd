@@ -9,10 +9,19 @@ cdef class Message:
     cdef readonly int subtype
     cdef readonly int n_input
     cdef readonly int n_output
-    cdef readonly list batch
     cdef readonly object error_code
     cdef readonly object model
     cdef readonly object version
+    # The frame stays referenced: values are made from it on first access.
+    cdef list _batch
+    cdef object _owner
+    cdef const unsigned char *_base
+    cdef Py_ssize_t _length
+    cdef Py_ssize_t _origin
+    cdef Py_ssize_t _values_at      # offset of the first TLV in the frame
+    cdef Py_ssize_t _bsize
+    cdef Py_ssize_t _per_item
+    cdef bint _writable
 
 
 cdef class FrameParser(StreamParser):

@@ -315,7 +315,38 @@ cdef class Message:
         batch: list of items, each a tuple of values (numpy arrays for tensors).
         error_code: the error code of an ERROR frame, else None.
         model, version: the route of a kind-3 request, else None.
+
+    Decoding checks the whole frame at once; the value objects of ``batch``
+    are made on first access (a frame's values stay valid as long as the
+    message or any value refers to its memory).  ``column(j)`` gives value
+    ``j`` of every item as one array without making per-item objects.
     """
+
+    @property
+    def batch(self):
+        if self._batch is None:
+            self._batch = _walk(self, True)
+        return self._batch
+
+    def __len__(self):
+        """Number of items in the batch."""
+        return self._bsize
+
+    def rows(self, Py_ssize_t j):
+        """Leading dimension of value `j` in every item (1 for TEXT/JSON/IMAGE values,
+        -1 for a 0-d tensor), as a list of ints."""
+        return _rows(self, j)
+
+    def column(self, Py_ssize_t j):
+        """Value `j` of every item, stacked on axis 0, as one numpy array.
+
+        When every item carries a tensor of the same datatype and shape with a
+        leading dimension of 1 (the common "one row per item" batch), the
+        result is a strided view of the frame: no copy and no per-item
+        objects.  Otherwise the items' tensors are concatenated (a copy);
+        non-tensor values come as a 1-D object array, one row per item.
+        """
+        return _column(self, j)
 
     @property
     def is_request(self):
@@ -332,7 +363,7 @@ cdef class Message:
         sub = "REQUEST" if self.subtype == MIP_REQUEST else "RESPONSE"
         route = f", model={self.model!r}, version={self.version!r}" if self.model is not None else ""
         return (f"Message(kind={names[self.kind]}, subtype={sub}, n_input={self.n_input}, "
-                f"n_output={self.n_output}, batch=<{len(self.batch)} items>{route})")
+                f"n_output={self.n_output}, batch=<{self._bsize} items>{route})")
 
 
 cdef inline Message _new_message(int kind, int subtype):
@@ -341,7 +372,9 @@ cdef inline Message _new_message(int kind, int subtype):
     m.subtype = subtype
     m.n_input = 0
     m.n_output = 0
-    m.batch = []
+    m._batch = []
+    m._bsize = 0
+    m._per_item = 0
     m.error_code = None
     m.model = None
     m.version = None
@@ -487,9 +520,6 @@ cdef Message decode_frame_at(object owner, const unsigned char *base, Py_ssize_t
     cdef uint32_t vtype
     cdef int rc = mip_parse_header(base, length, <uint64_t>-1, &h, &err_off)
     cdef Message m
-    cdef _FrameView fv
-    cdef list batch
-    cdef tuple item
     if rc != MIP_OK:
         raise_wire_error(rc if rc < 0 else MIP_E_TRUNCATED, err_off, "bad MIP header")
     m = _new_message(h.kind, h.subtype)
@@ -531,18 +561,47 @@ cdef Message decode_frame_at(object owner, const unsigned char *base, Py_ssize_t
     if bsize * per_item * MIP_TLV_HEADER_SIZE > length - pos:
         raise_wire_error(MIP_E_TRUNCATED, pos - MIP_INFERENCE_HEADER_SIZE,
                          f"{bsize} items of {per_item} values cannot fit in {length - pos} octets")
-    fv = _FrameView.__new__(_FrameView)
-    fv.base = base
-    fv.length = length
-    fv.owner = owner
-    fv.origin = origin
-    fv.writable = writable
-    fv.view = None
-    batch = PyList_New(bsize)
+    m._owner = owner
+    m._base = base
+    m._length = length
+    m._origin = origin
+    m._writable = writable
+    m._values_at = pos
+    m._bsize = bsize
+    m._per_item = per_item
+    m._batch = None
+    _walk(m, False)
+    return m
+
+
+cdef list _walk(Message m, bint build):
+    """Walk every TLV of the frame, checking each against the octets present.
+
+    With `build` false only checks (nothing is allocated); with `build` true
+    returns the batch of value objects.  Both passes check everything, so a
+    writable buffer changed after decoding cannot lead outside the frame.
+    """
+    cdef const unsigned char *base = m._base
+    cdef Py_ssize_t length = m._length, pos = m._values_at
+    cdef Py_ssize_t bsize = m._bsize, per_item = m._per_item, i, j, vsize
+    cdef uint32_t vtype
+    cdef _FrameView fv = None
+    cdef list batch = None
+    cdef tuple item = None
+    if build:
+        fv = _FrameView.__new__(_FrameView)
+        fv.base = base
+        fv.length = length
+        fv.owner = m._owner
+        fv.origin = m._origin
+        fv.writable = m._writable
+        fv.view = None
+        batch = PyList_New(bsize)
     for i in range(bsize):
-        item = PyTuple_New(per_item)
-        Py_INCREF(item)
-        PyList_SET_ITEM(batch, i, item)
+        if build:
+            item = PyTuple_New(per_item)
+            Py_INCREF(item)
+            PyList_SET_ITEM(batch, i, item)
         for j in range(per_item):
             if length - pos < MIP_TLV_HEADER_SIZE:
                 raise_wire_error(MIP_E_TRUNCATED, pos, f"item {i} value {j} has no room for its TLV header")
@@ -552,15 +611,196 @@ cdef Message decode_frame_at(object owner, const unsigned char *base, Py_ssize_t
             if vsize > length - pos:
                 raise_wire_error(MIP_E_TRUNCATED, pos - 4,
                                  f"item {i} value {j} claims {vsize} octets, {length - pos} remain")
-            value = _decode_value(fv, vtype, pos, vsize)
-            Py_INCREF(value)
-            PyTuple_SET_ITEM(item, j, value)
+            if build:
+                value = _decode_value(fv, vtype, pos, vsize)
+                Py_INCREF(value)
+                PyTuple_SET_ITEM(item, j, value)
+            else:
+                _check_value(base, vtype, pos, vsize)
             pos += vsize
     if pos != length:
         raise_wire_error(MIP_E_COUNTS, pos,
                          f"{length - pos} octets follow the last of {bsize} x {per_item} values")
-    m.batch = batch
-    return m
+    return batch
+
+
+cdef int _check_value(const unsigned char *base, uint32_t vtype, Py_ssize_t off,
+                      Py_ssize_t size) except -1:
+    """Check one value without making its object (what _decode_value would refuse)."""
+    cdef const unsigned char *p = base + off
+    cdef mip_tensor_header t
+    cdef size_t err_off = 0
+    cdef int rc
+    if vtype == T_TENSOR:
+        rc = mip_parse_tensor_header(p, size, &t, &err_off)
+        if rc != MIP_OK:
+            raise_wire_error(rc, off + err_off, _tensor_header_problem(p, size, &t, err_off))
+        if t.dtype == MIP_DT_BYTES:
+            _check_bytes_elements(&t, p + t.data_off, off + t.data_off)
+        return 0
+    if vtype == T_TEXT:
+        _decode_utf8(p, size, off, "TEXT value")
+        return 0
+    if vtype == T_JSON or vtype == T_IMAGE or vtype >= 256:
+        return 0
+    raise_wire_error(MIP_E_VALUE_TYPE, off - 8, f"TLV type {vtype} is reserved and not defined")
+
+
+cdef int _check_bytes_elements(mip_tensor_header *t, const unsigned char *data,
+                               Py_ssize_t data_offset) except -1:
+    cdef uint64_t i
+    cdef size_t pos = 0, ln, total = t.data_len
+    for i in range(t.nelem):
+        if total - pos < 4:
+            raise_wire_error(MIP_E_VALUE, data_offset + pos,
+                             f"BYTES element {i} has no room for its length")
+        ln = mip_load_le32(data + pos)
+        pos += 4
+        if ln > total - pos:
+            raise_wire_error(MIP_E_VALUE, data_offset + pos - 4,
+                             f"BYTES element {i} claims {ln} octets, {total - pos} remain")
+        pos += ln
+    if pos != total:
+        raise_wire_error(MIP_E_VALUE, data_offset + pos,
+                         f"BYTES tensor has {total - pos} octets after its {t.nelem} elements")
+    return 0
+
+
+cdef Py_ssize_t _find_values(Message m, Py_ssize_t j, Py_ssize_t *offsets, Py_ssize_t *sizes,
+                             uint32_t *types) except -1:
+    """Offsets, sizes and types of value `j` of every item (the frame was checked)."""
+    cdef const unsigned char *base = m._base
+    cdef Py_ssize_t pos = m._values_at, i, k, vsize
+    for i in range(m._bsize):
+        for k in range(m._per_item):
+            if m._length - pos < MIP_TLV_HEADER_SIZE:
+                raise_wire_error(MIP_E_TRUNCATED, pos, "the frame changed after it was decoded")
+            vsize = mip_load_be32(base + pos + 4)
+            if k == j:
+                types[i] = mip_load_be32(base + pos)
+                offsets[i] = pos + MIP_TLV_HEADER_SIZE
+                sizes[i] = vsize
+            pos += MIP_TLV_HEADER_SIZE + vsize
+            if pos > m._length:
+                raise_wire_error(MIP_E_TRUNCATED, pos, "the frame changed after it was decoded")
+    return 0
+
+
+cdef list _rows(Message m, Py_ssize_t j):
+    cdef Py_ssize_t n = m._bsize, i
+    cdef mip_tensor_header t
+    cdef size_t err_off = 0
+    cdef int rc
+    if not 0 <= j < m._per_item:
+        raise IndexError(f"value index {j} out of range: items hold {m._per_item} values")
+    cdef Py_ssize_t *offsets = <Py_ssize_t *>PyMem_Malloc(max(n, 1) * (2 * sizeof(Py_ssize_t) + sizeof(uint32_t)))
+    if offsets == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t *sizes = offsets + max(n, 1)
+    cdef uint32_t *types = <uint32_t *>(sizes + max(n, 1))
+    cdef list out = PyList_New(n)
+    try:
+        _find_values(m, j, offsets, sizes, types)
+        for i in range(n):
+            r = 1
+            if types[i] == T_TENSOR:
+                rc = mip_parse_tensor_header(m._base + offsets[i], sizes[i], &t, &err_off)
+                if rc != MIP_OK:
+                    raise_wire_error(rc, offsets[i] + err_off, "the frame changed after it was decoded")
+                r = t.dims[0] if t.ndim else -1
+            Py_INCREF(r)
+            PyList_SET_ITEM(out, i, r)
+    finally:
+        PyMem_Free(offsets)
+    return out
+
+
+cdef object _column(Message m, Py_ssize_t j):
+    cdef Py_ssize_t n = m._bsize, i, stride = 0
+    cdef mip_tensor_header t, first
+    cdef size_t err_off = 0
+    cdef int rc, d, flags
+    cdef bint uniform = True
+    cdef cnp.npy_intp dims[33]
+    cdef cnp.npy_intp strides[33]
+    cdef const unsigned char *data0 = NULL
+    cdef const unsigned char *data
+    if not 0 <= j < m._per_item:
+        raise IndexError(f"value index {j} out of range: items hold {m._per_item} values")
+    if n == 0:
+        raise ValueError("the batch is empty")
+    cdef Py_ssize_t *offsets = <Py_ssize_t *>PyMem_Malloc(n * (2 * sizeof(Py_ssize_t) + sizeof(uint32_t)))
+    if offsets == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t *sizes = offsets + n
+    cdef uint32_t *types = <uint32_t *>(sizes + n)
+    try:
+        _find_values(m, j, offsets, sizes, types)
+        for i in range(n):
+            if types[i] != T_TENSOR:
+                uniform = False
+                break
+            rc = mip_parse_tensor_header(m._base + offsets[i], sizes[i], &t, &err_off)
+            if rc != MIP_OK:
+                raise_wire_error(rc, offsets[i] + err_off, "the frame changed after it was decoded")
+            data = m._base + offsets[i] + t.data_off
+            if i == 0:
+                first = t
+                data0 = data
+                if t.dtype == MIP_DT_BYTES or t.ndim == 0 or (t.dims[0] != 1 and n > 1):
+                    uniform = False
+                    break
+                continue
+            if t.dtype != first.dtype or t.ndim != first.ndim:
+                uniform = False
+                break
+            for d in range(t.ndim):
+                if t.dims[d] != first.dims[d]:
+                    uniform = False
+                    break
+            if not uniform:
+                break
+            if i == 1:
+                stride = data - data0
+                if stride <= 0:
+                    uniform = False
+                    break
+            elif data - data0 != stride * i:
+                uniform = False
+                break
+        if uniform:
+            dims[0] = n if n > 1 else first.dims[0]
+            strides[first.ndim - 1] = mip_dtype_size[first.dtype]
+            for d in range(first.ndim - 1, 0, -1):
+                dims[d] = first.dims[d]
+                strides[d - 1] = strides[d] * first.dims[d]
+            if n > 1:
+                strides[0] = stride
+            flags = cnp.NPY_ARRAY_WRITEABLE if m._writable else 0
+            descr = _descr_ptr[first.dtype]
+            Py_INCREF(<object>descr)
+            arr = PyArray_NewFromDescr(<PyObject *>cnp.ndarray, descr, first.ndim, dims, strides,
+                                       <void *>data0, flags, NULL)
+            cnp.PyArray_UpdateFlags(<cnp.ndarray>arr, cnp.NPY_ARRAY_UPDATE_ALL)
+            cnp.set_array_base(<cnp.ndarray>arr, m._owner)
+            return arr
+    finally:
+        PyMem_Free(offsets)
+    parts = []
+    for item in m.batch:
+        value = (<tuple>item)[j]
+        if isinstance(value, np.ndarray):
+            parts.append(value)
+        else:
+            rows = np.empty(1, dtype=object)
+            rows[0] = value
+            parts.append(rows)
+    for i, part in enumerate(parts):
+        if (<cnp.ndarray>part).ndim == 0:
+            raise ValueError(f"item {i} value {j} is a 0-d tensor: it has no leading dimension")
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts, axis=0)
 
 
 def decode(buffer, max_frame_size=None):

@@ -68,6 +68,20 @@ async def test_demo_models_answer_as_onnxruntime_does(demo_repo):
         await served.close()
 
 
+async def test_a_batch_of_one_row_items_runs_as_one_strided_input(demo_repo):
+    served = await _serve(demo_repo)
+    try:
+        x = np.random.default_rng(11).standard_normal((32, 784)).astype(np.float32)
+        async with AsyncClient(served.url) as client:
+            items = await client.infer([[row[None, :]] for row in x], model="mlp")
+        assert [item[0].shape for item in items] == [(1, 10)] * 32
+        np.testing.assert_allclose(np.concatenate([i[0] for i in items]), _direct(demo_repo, "mlp", x),
+                                   rtol=1e-5)
+        assert served.engine.stats()[("mlp", "1")].batch_sizes == {32: 1}
+    finally:
+        await served.close()
+
+
 async def test_concurrent_clients_are_batched_together(demo_repo):
     served = await _serve(demo_repo)
     try:
