@@ -88,7 +88,7 @@ class OipServer:
         await self.grpc.stop(0.5)
         await self.engine.stop()
 
-    def __enter__(self) -> "OipServer":
+    def __enter__(self) -> OipServer:
         self._thread.start()
         self.call(self._start(), timeout=60.0)
         return self

@@ -90,6 +90,12 @@ def test_none_turns_listeners_off(tmp_path):
                            "--http", "127.0.0.1:0"], 1)
     try:
         assert "gRPC" not in out and "serving MIP" not in out
-        assert "REST" in out
+        http_url = re.search(r"REST and /metrics on http://(\S+)", out).group(1)
+        # an answer means the loop has run on, past installing the signal handlers
+        h = httpclient.InferenceServerClient(http_url)
+        try:
+            assert h.is_server_live()
+        finally:
+            h.close()
     finally:
         assert _stop(process) == 0

@@ -13,11 +13,16 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from _oip_server import (
+    DATATYPES,
+    FASHION_MNIST,
+    OipServer,
+    build_repository,
+    sample,
+    wait_until,
+)
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
-
-from _oip_server import (DATATYPES, FASHION_MNIST, OipServer, build_repository, sample,
-                         wait_until)
 
 LIMIT = 4 << 20  # octets: the server's gRPC message limit in these tests
 

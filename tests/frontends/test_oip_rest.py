@@ -15,12 +15,18 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
+from _oip_server import (
+    DATATYPES,
+    FASHION_MNIST,
+    OipServer,
+    build_repository,
+    sample,
+    wait_until,
+)
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from tritonclient.utils import InferenceServerException
 
-from _oip_server import (DATATYPES, FASHION_MNIST, OipServer, build_repository, sample,
-                         wait_until)
 from mip.frontends.oip.rest import HttpServer, build_app
 
 LIMIT = 4 << 20  # octets: the server's body limit in these tests
@@ -242,7 +248,7 @@ def test_repository_api_while_requests_run(server, client):
     outcomes = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert "503" in outcomes and outcomes[-1] == "ok"
     assert set(outcomes) <= {"ok", "503"}
-    status, _, reply = _request(server, "GET", "/v2/models/identity/ready")
+    status, _, _ = _request(server, "GET", "/v2/models/identity/ready")
     assert status == 200
     with pytest.raises(InferenceServerException) as excinfo:
         client.unload_model("no_such_model")

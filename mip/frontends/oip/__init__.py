@@ -13,7 +13,7 @@ gRPC side without Starlette.
 
 from __future__ import annotations
 
-__all__ = ["GrpcServer", "build_app", "HttpServer", "Metrics"]
+__all__ = ["GrpcServer", "HttpServer", "Metrics", "build_app"]
 
 _WHERE = {"GrpcServer": "grpc", "build_app": "rest", "HttpServer": "rest",
           "Metrics": "metrics"}

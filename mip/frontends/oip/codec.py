@@ -15,15 +15,25 @@ from __future__ import annotations
 import math
 import struct
 import sys
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from mip.errors import InvalidInput
 from mip.serving.datatypes import from_numpy, to_numpy
 
-__all__ = ["decode_bytes", "encode_bytes", "from_raw", "from_list", "to_raw", "check_shape",
-           "element_count", "numpy_dtype", "datatype_of", "MAX_DIMS"]
+__all__ = [
+    "MAX_DIMS",
+    "check_shape",
+    "datatype_of",
+    "decode_bytes",
+    "element_count",
+    "encode_bytes",
+    "from_list",
+    "from_raw",
+    "numpy_dtype",
+    "to_raw",
+]
 
 if sys.byteorder != "little":  # raw tensor data is little-endian and decoded as views
     raise ImportError("the Open Inference Protocol frontends need a little-endian host")

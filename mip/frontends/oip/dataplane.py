@@ -15,8 +15,14 @@ import numpy as np
 import mip
 from mip.errors import ErrorCode, InvalidInput, ServingError
 
-__all__ = ["DataPlane", "InferResult", "TooLarge", "SERVER_NAME", "EXTENSIONS",
-           "timeout_parameter"]
+__all__ = [
+    "EXTENSIONS",
+    "SERVER_NAME",
+    "DataPlane",
+    "InferResult",
+    "TooLarge",
+    "timeout_parameter",
+]
 
 SERVER_NAME = "mip"
 #: protocol extensions this server speaks (names as Triton reports them).

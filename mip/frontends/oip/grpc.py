@@ -27,7 +27,7 @@ from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
 
-__all__ = ["GrpcServer", "DEFAULT_MAX_MESSAGE_SIZE", "STREAM_WINDOW"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "STREAM_WINDOW", "GrpcServer"]
 
 log = logging.getLogger("mip.frontends.oip.grpc")
 

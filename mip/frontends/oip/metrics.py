@@ -30,13 +30,13 @@ with little change; histograms and gauges are rendered by ``prometheus_client``.
 from __future__ import annotations
 
 import bisect
-from typing import Iterable
+from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["Metrics", "CONTENT_TYPE"]
+__all__ = ["CONTENT_TYPE", "Metrics"]
 
 #: the media type of :meth:`Metrics.render`.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -85,7 +85,7 @@ class _Histogram:
 
 
 class _RequestSeries:
-    __slots__ = ("success", "failure", "count", "duration_us", "histogram")
+    __slots__ = ("count", "duration_us", "failure", "histogram", "success")
 
     def __init__(self):
         self.success = self.failure = self.count = 0
@@ -94,8 +94,14 @@ class _RequestSeries:
 
 
 class _BatchSeries:
-    __slots__ = ("executions", "queue_us", "compute_us", "queue_hist", "compute_hist",
-                 "batch_hist")
+    __slots__ = (
+        "batch_hist",
+        "compute_hist",
+        "compute_us",
+        "executions",
+        "queue_hist",
+        "queue_us",
+    )
 
     def __init__(self):
         self.executions = 0

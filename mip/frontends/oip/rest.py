@@ -42,7 +42,7 @@ from mip.errors import Cancelled, InvalidInput, ModelNotFound, ServingError
 from mip.frontends.oip import codec
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
 
-__all__ = ["build_app", "HttpServer", "DEFAULT_MAX_BODY_SIZE"]
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "HttpServer", "build_app"]
 
 log = logging.getLogger("mip.frontends.oip.rest")
 
