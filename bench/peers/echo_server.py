@@ -12,34 +12,64 @@ import asyncio
 import sys
 
 
-class EchoProtocol(asyncio.Protocol):
-    """Frames out as they came in, with three octets changed."""
+def _as_response(frame: bytearray) -> bytearray:
+    frame[2] = 1  # RESPONSE (a PING becomes its PONG)
+    if len(frame) >= 12:  # inference: the request's inputs come back as outputs
+        frame[8], frame[9] = frame[9], frame[8]
+    return frame
+
+
+class EchoProtocol(asyncio.BufferedProtocol):
+    """Frames out as they came in, with three octets changed.
+
+    Small frames are read into one staging buffer; a frame larger than it is received
+    straight into its own buffer (no copy on the way in) and sent back from there.
+    """
+
+    STAGING = 1 << 16
 
     def __init__(self):
-        self.buf = bytearray()
+        self.staging = bytearray(self.STAGING)
+        self.n = 0
+        self.frame: bytearray | None = None
+        self.frame_view: memoryview | None = None
+        self.frame_pos = 0
         self.transport = None
 
     def connection_made(self, transport):
         self.transport = transport
 
-    def data_received(self, data):
-        buf = self.buf
-        buf += data
-        n = len(buf)
-        pos = 0
-        out = []
+    def get_buffer(self, sizehint):
+        if self.frame is not None:
+            return self.frame_view[self.frame_pos:]
+        return memoryview(self.staging)[self.n:]
+
+    def buffer_updated(self, nbytes):
+        if self.frame is not None:
+            self.frame_pos += nbytes
+            if self.frame_pos == len(self.frame):
+                frame, self.frame, self.frame_view = self.frame, None, None
+                self.transport.write(_as_response(frame))
+            return
+        self.n += nbytes
+        buf, n, pos, out = self.staging, self.n, 0, []
         while n - pos >= 8:
             total = 8 + int.from_bytes(buf[pos + 4:pos + 8], "big")
-            if n - pos < total:
-                break
-            frame = buf[pos:pos + total]
-            frame[2] = 1  # RESPONSE (a PING becomes its PONG)
-            if total >= 12:  # inference: the request's inputs come back as outputs
-                frame[8], frame[9] = frame[9], frame[8]
-            out.append(frame)
-            pos += total
+            if n - pos >= total:
+                out.append(_as_response(buf[pos:pos + total]))
+                pos += total
+                continue
+            if total > self.STAGING:  # too big to stage: receive the rest in place
+                have = n - pos
+                self.frame = bytearray(total)
+                self.frame[:have] = buf[pos:n]
+                self.frame_view = memoryview(self.frame)
+                self.frame_pos = have
+                pos = n
+            break
         if pos:
-            del buf[:pos]
+            buf[:n - pos] = buf[pos:n]
+            self.n = n - pos
         if out:
             self.transport.writelines(out)
 
