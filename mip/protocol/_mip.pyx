@@ -569,8 +569,11 @@ cdef Message decode_frame_at(object owner, const unsigned char *base, Py_ssize_t
     m._values_at = pos
     m._bsize = bsize
     m._per_item = per_item
-    m._batch = None
-    _walk(m, False)
+    if bsize * per_item <= 8:
+        m._batch = _walk(m, True)  # few values: make them in the one pass that checks them
+    else:
+        m._batch = None
+        _walk(m, False)
     return m
 
 

@@ -85,7 +85,8 @@ def test_decode_checks_everything_before_values_are_made():
 
 
 def test_a_buffer_changed_after_decoding_never_leads_outside_the_frame():
-    frame = bytearray(_frame([[np.ones((1, 4), np.float32)], [np.ones((1, 4), np.float32)]]))
+    # more than 8 values: their objects are made on first access, after the change
+    frame = bytearray(_frame([[np.ones((1, 4), np.float32)]] * 12))
     m = mip.decode(frame)
     frame[12:16] = (0xFFFFFFF0).to_bytes(4, "big")  # first TLV type becomes reserved/unknown
     frame[16:20] = (0x7FFFFFFF).to_bytes(4, "big")  # and its size runs far past the frame
