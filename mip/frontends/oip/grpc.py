@@ -242,10 +242,12 @@ class _Service:
             try:
                 reply = await self._infer(data, context)
                 replies.put_nowait(_STREAM_RESPONSE_TAG + _varint(len(reply)) + reply)
-            except ServingError as exc:
-                request_id = _request_id(data)
+            except Exception as exc:  # every request gets an answer on the stream
+                if not isinstance(exc, ServingError):
+                    log.exception("stream request failed")
+                    exc = f"internal error: {type(exc).__name__}: {exc}"
                 message = pb.ModelStreamInferResponse(error_message=str(exc))
-                message.infer_response.id = request_id
+                message.infer_response.id = _request_id(data)
                 replies.put_nowait(message.SerializeToString())
             finally:
                 window.release()

@@ -352,6 +352,11 @@ async def _bad_json(request: Request, exc: orjson.JSONDecodeError) -> Response:
     return _error(f"the request body is not valid JSON: {exc}", 400)
 
 
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+
 def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] = (),
               metrics=None, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
               request_timeout: float | None = None) -> Starlette:
@@ -396,6 +401,7 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
         ServingError: _serving_error,
         HTTPException: _http_error,
         orjson.JSONDecodeError: _bad_json,
+        Exception: _unexpected,
     })
     app.state.metrics = metrics
     app.state.engine = engine
