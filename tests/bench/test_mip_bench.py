@@ -42,6 +42,25 @@ def _mip(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
+def _serve_has(flag: str) -> bool:
+    return flag in _serve_help()
+
+
+_HELP: list[str] = []
+
+
+def _serve_help() -> str:
+    if not _HELP:
+        _HELP.append(_mip("serve", "--help").stdout)
+    return _HELP[0]
+
+
+def _listeners_off(keep: str | None = None) -> list[str]:
+    """Turn off the listeners ``mip serve`` opens by default (other than ``keep``)."""
+    return [arg for flag in ("--http", "--grpc") if flag != keep and _serve_has(flag)
+            for arg in (flag, "none")]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``mip serve`` on the demo repository, on a free port: yields its MIP URL."""
@@ -50,7 +69,8 @@ def server(tmp_path_factory):
     repo = build_demo_repository(tmp_path_factory.mktemp("repo"))
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "serve",
-                             "--model-repository", str(repo), "--mip", f"tcp://127.0.0.1:{port}"],
+                             "--model-repository", str(repo), "--mip", f"tcp://127.0.0.1:{port}",
+                             *_listeners_off()],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port, proc)
@@ -212,10 +232,6 @@ def test_guess_protocol():
         infer.guess_protocol("ftp://h")
 
 
-def _serve_has(flag: str) -> bool:
-    return flag in _mip("serve", "--help").stdout
-
-
 @pytest.mark.parametrize("protocol,flag", [("grpc", "--grpc"), ("http", "--http"),
                                            ("http-binary", "--http")])
 def test_oip_protocols_against_mip_serve(protocol, flag, tmp_path):
@@ -224,7 +240,8 @@ def test_oip_protocols_against_mip_serve(protocol, flag, tmp_path):
     pytest.importorskip("grpc" if protocol == "grpc" else "aiohttp")
     mip_port, port = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "serve",
-                             "--mip", f"tcp://127.0.0.1:{mip_port}", flag, f"127.0.0.1:{port}"],
+                             "--mip", f"tcp://127.0.0.1:{mip_port}", flag, f"127.0.0.1:{port}",
+                             *_listeners_off(keep=flag)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port, proc)
