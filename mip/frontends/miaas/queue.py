@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import json
 import os
 import sqlite3
@@ -226,7 +228,7 @@ class SQLiteQueue(JobQueue):
         self.poll = poll
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
-        self._submitted: asyncio.Event | None = None
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
     def __repr__(self) -> str:
         return f"<SQLiteQueue {self.path}>"
@@ -237,7 +239,6 @@ class SQLiteQueue(JobQueue):
 
     async def open(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mip-jobs")
-        self._submitted = asyncio.Event()
         await self._call(self._open)
 
     def _open(self) -> None:
@@ -274,7 +275,11 @@ class SQLiteQueue(JobQueue):
         job = JobRecord(new_request_id(), model_id, input_data, parameters, QUEUED, now, now)
         await self._call(self._transaction, self._insert, job,
                          json.dumps(input_data), json.dumps(parameters))
-        self._submitted.set()
+        while self._waiters:  # wake one idle taker, not all of them
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
         return job
 
     def _insert(self, db, job: JobRecord, input_data: str, parameters: str) -> None:
@@ -297,18 +302,24 @@ class SQLiteQueue(JobQueue):
 
     async def take(self, consumer: str, wait: float = 1.0) -> Lease | None:
         end = time.monotonic() + max(wait, 0.0)
+        loop = asyncio.get_running_loop()
         while True:
-            self._submitted.clear()
-            lease = await self._call(self._transaction, self._take, consumer)
-            if lease is not None:
-                return lease
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return None
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(self._submitted.wait(), min(self.poll, remaining))
-            except asyncio.TimeoutError:
-                pass
+                lease = await self._call(self._transaction, self._take, consumer)
+                if lease is not None:
+                    return lease
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(waiter, min(self.poll, remaining))
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
 
     def _take(self, db, consumer: str) -> Lease | None:
         for _ in range(100):  # bounded: each pass either leases a job or fails one
