@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from mip.errors import InvalidInput
+
 from mip.serving.config import PLATFORM_ONNX, TensorSpec
 from mip.serving.datatypes import from_onnx_type
 
@@ -134,12 +136,37 @@ class OnnxRunner:
             outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run one batch (ONNX Runtime releases the GIL while it computes)."""
         names = outputs or self._output_names
-        results = self.session.run(names, inputs)
+        results = self.session.run(names, {name: _for_onnxruntime(name, array)
+                                           for name, array in inputs.items()})
         return dict(zip(names, results))
 
     def close(self) -> None:
         """Drop the session."""
         self.session = None
+
+
+def _for_onnxruntime(name: str, array: np.ndarray) -> np.ndarray:
+    """Inputs as ONNX Runtime's Python API takes them.
+
+    Its string tensors take ``str`` elements (it would store ``str(b"x")``, i.e. ``"b'x'"``, for
+    a bytes element), and it has no numpy type for bfloat16.
+    """
+    if array.dtype == object or array.dtype.kind == "S":
+        flat = array.reshape(-1)
+        if any(isinstance(x, (bytes, bytearray, memoryview, np.bytes_)) for x in flat):
+            try:
+                texts = [bytes(x).decode("utf-8") if not isinstance(x, str) else x for x in flat]
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(f"input {name!r}: ONNX Runtime strings are UTF-8 text, a BYTES "
+                                   f"element is not ({exc.reason} at octet {exc.start})") from None
+            converted = np.empty(array.shape, dtype=object)
+            converted.reshape(-1)[:] = texts
+            return converted
+        return array
+    if array.dtype.name == "bfloat16":
+        raise InvalidInput(f"input {name!r} is BF16, which ONNX Runtime's Python API cannot take; "
+                           "send FP32 or serve the model from a Python model that converts")
+    return array
 
 
 def _select(specs: dict[str, TensorSpec], names: tuple[Any, ...], what: str) -> list[TensorSpec]:
