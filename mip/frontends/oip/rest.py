@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import zlib
 
 import numpy as np
@@ -415,10 +416,16 @@ class HttpServer:
         app: the ASGI application.
         timeout_keep_alive: seconds an idle keep-alive connection stays open.
         graceful_timeout: seconds :meth:`stop` waits for requests in progress.
+        ssl_certfile / ssl_keyfile: serve HTTPS with this PEM certificate and key.
+        ssl_ca_certs: require client certificates signed by these CAs (mutual TLS).
     """
 
-    def __init__(self, app, *, timeout_keep_alive: float = 5.0, graceful_timeout: float = 5.0):
+    def __init__(self, app, *, timeout_keep_alive: float = 5.0, graceful_timeout: float = 5.0,
+                 ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+                 ssl_ca_certs: str | None = None):
         self.app = app
+        self.ssl = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
+                    "ssl_ca_certs": ssl_ca_certs} if ssl_certfile else {}
         self.timeout_keep_alive = timeout_keep_alive
         self.graceful_timeout = graceful_timeout
         self.address: str | None = None
@@ -436,7 +443,9 @@ class HttpServer:
         config = uvicorn.Config(self.app, host=host, port=int(port), http="auto", ws="none",
                                 lifespan="off", log_level="warning", access_log=False,
                                 server_header=False, timeout_keep_alive=self.timeout_keep_alive,
-                                timeout_graceful_shutdown=self.graceful_timeout)
+                                timeout_graceful_shutdown=self.graceful_timeout, **self.ssl)
+        if self.ssl.get("ssl_ca_certs"):
+            config.ssl_cert_reqs = ssl.CERT_REQUIRED
         config.load()
         server = uvicorn.Server(config)
         # startup/main_loop/shutdown rather than serve(): serve() installs signal handlers,
