@@ -254,14 +254,24 @@ async def _start_oip(args, engine) -> list:
             started.append(server)
             print(f"mip: serving KServe v2 gRPC on {address}", flush=True)
         if http_on:
+            from mip.frontends.miaas import mount_miaas
             from mip.frontends.oip.rest import HttpServer, build_app
 
-            app = build_app(engine, metrics=metrics, max_body_size=args.http_max_body_size,
+            routes, miaas = mount_miaas(engine, args)  # the /v1 API on the same listener
+            app = build_app(engine, extra_routes=routes, metrics=metrics,
+                            max_body_size=args.http_max_body_size,
                             request_timeout=args.request_timeout)
-            server = HttpServer(app)
-            address = await server.start(args.http)
-            started.append(server)
-            print(f"mip: serving KServe v2 REST and /metrics on http://{address}", flush=True)
+            server = HttpServer(app, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
+            await miaas.start()
+            try:
+                address = await server.start(args.http)
+            except BaseException:
+                await miaas.stop()
+                raise
+            started.extend([server, miaas])  # stopped in this order: listener, then jobs
+            scheme = "https" if args.tls_cert else "http"
+            print(f"mip: serving KServe v2 REST, MIaaS /v1 and /metrics on "
+                  f"{scheme}://{address}", flush=True)
     except BaseException:
         for server in started:
             await server.stop()
