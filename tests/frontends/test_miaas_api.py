@@ -322,3 +322,48 @@ async def test_restart_loses_no_queued_job(engine, tmp_path):
     for i, job in enumerate(jobs):
         assert job["status"] == "completed", job
         assert job["result"]["outputs"][0]["data"] == [float(i)] * 16
+
+
+async def test_mip_serve_end_to_end(repository, tmp_path):  # noqa: F811
+    """``mip serve`` with an API key, TLS and a SQLite queue: submit, poll, complete."""
+    import os
+    import subprocess
+    import sys
+
+    from _miaas import MAIN, free_port, stop_process
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    port = free_port()
+    env = dict(os.environ, MIP_API_KEYS=API_KEY, PYTHONPATH=str(MAIN))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "serve",
+         "--model-repository", str(repository), "--model", "identity", "--mip", "none",
+         "--grpc", "none", "--http", f"127.0.0.1:{port}", "--queue",
+         str(tmp_path / "jobs.sqlite3"), "--tls-cert", str(tmp_path / "cert.pem"),
+         "--tls-key", str(tmp_path / "key.pem"), "--rate-limit", "100/min"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(MAIN))
+    try:
+        async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{port}",
+                                     verify=context) as client:
+            for _ in range(300):  # up to 30 s for the process to listen
+                try:
+                    r = await client.post("/v1/inference", json=identity_job(), headers=AUTH)
+                    break
+                except httpx.ConnectError:
+                    assert proc.poll() is None, proc.stderr.read().decode()
+                    await asyncio.sleep(0.1)
+            assert r.status_code == 202, r.text
+            assert r.headers["x-ratelimit-limit"] == "100"
+            job = await wait_job(client, r.json()["request_id"])
+            assert job["status"] == "completed"
+            assert job["result"]["outputs"][0]["data"] == [float(i) for i in range(16)]
+            assert (await client.get("/v2/health/live")).status_code == 200
+            assert (await client.get("/v1/health")).status_code == 401
+    finally:
+        stop_process(proc)
