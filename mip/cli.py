@@ -270,8 +270,9 @@ async def _start_oip(args, engine) -> list:
                 raise
             started.extend([server, miaas])  # stopped in this order: listener, then jobs
             scheme = "https" if args.tls_cert else "http"
-            print(f"mip: serving KServe v2 REST, MIaaS /v1 and /metrics on "
-                  f"{scheme}://{address}", flush=True)
+            print(f"mip: serving KServe v2 REST and /metrics on {scheme}://{address}",
+                  flush=True)
+            print(f"mip: MIaaS jobs API on {scheme}://{address}/v1", flush=True)
     except BaseException:
         for server in started:
             await server.stop()
