@@ -42,6 +42,13 @@ def _connect(url: str, timeout: float | None, ssl: _ssl.SSLContext | None,
     return sock
 
 
+MIP_HEADER = 8
+
+
+class _ClosedBeforeReply(ConnectionError):
+    """The connection ended before the first octet of a reply."""
+
+
 def _reply(message: mip.Message) -> mip.Message:
     if message.kind == mip.KIND_ERROR:
         raise RemoteError(message.error_code)
@@ -56,19 +63,22 @@ class _BlockingConnection:
         self.max_frame_size = max_frame_size
         self.header = bytearray(8)
 
-    def _recv_exactly(self, view: memoryview) -> None:
+    def _recv_exactly(self, view: memoryview, first: bool = False) -> None:
         while view:
             n = self.sock.recv_into(view)
             if n == 0:
+                if first and len(view) == MIP_HEADER:
+                    raise _ClosedBeforeReply("the server closed the connection before replying")
                 raise ConnectionError("the server closed the connection")
             view = view[n:]
+            first = False
 
     def roundtrip(self, buffers: Sequence) -> mip.Message:
         if isinstance(self.sock, _ssl.SSLSocket):
             self.sock.sendall(b"".join(buffers))
         else:
             _sendall_buffers(self.sock, buffers)
-        self._recv_exactly(memoryview(self.header))
+        self._recv_exactly(memoryview(self.header), first=True)
         remaining = int.from_bytes(self.header[4:8], "big")
         total = remaining + 8
         if total > self.max_frame_size:
@@ -134,18 +144,22 @@ class Client:
         self._closed = False
         self._lock = threading.Lock()
 
-    def _acquire(self) -> _BlockingConnection:
+    def _acquire(self) -> tuple[_BlockingConnection, bool]:
+        """A connection, and whether it was reused from the pool."""
         while True:
             try:
                 conn = self._idle.get_nowait()
             except queue.Empty:
                 sock = _connect(self.url, self.timeout, self.ssl, self.server_hostname)
-                return _BlockingConnection(sock, self.max_frame_size)
+                return _BlockingConnection(sock, self.max_frame_size), False
             if not conn.dropped():
-                return conn
+                return conn, True
             conn.close()
 
 
+    def _acquire_new(self) -> tuple[_BlockingConnection, bool]:
+        sock = _connect(self.url, self.timeout, self.ssl, self.server_hostname)
+        return _BlockingConnection(sock, self.max_frame_size), False
 
     def _release(self, conn: _BlockingConnection) -> None:
         if self._closed:
@@ -157,9 +171,21 @@ class Client:
             conn.close()
 
     def _call(self, buffers: Sequence) -> mip.Message:
-        conn = self._acquire()
+        conn, reused = self._acquire()
         try:
             message = conn.roundtrip(buffers)
+        except (ConnectionResetError, BrokenPipeError, _ClosedBeforeReply):
+            conn.close()
+            if not reused:
+                raise
+            # A pooled connection the server closed just before we used it (KubeMo's
+            # server closes after every reply): the server never read the request.
+            conn, _ = self._acquire_new()
+            try:
+                message = conn.roundtrip(buffers)
+            except BaseException:
+                conn.close()
+                raise
         except BaseException:
             conn.close()  # its stream state is unknown
             raise
