@@ -44,7 +44,8 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
     p.add_argument("--tls-ca", metavar="FILE",
-                   help="require client certificates signed by these CAs (mutual TLS)")
+                   help="require client certificates signed by these CAs (mutual TLS) on the "
+                        "binary protocols (MIP, MSIP, gRPC)")
 
 
 def _add_miaas(p: argparse.ArgumentParser) -> None:
@@ -249,7 +250,8 @@ async def _start_oip(args, engine) -> list:
 
             server = GrpcServer(engine, metrics=metrics,
                                 max_message_size=args.grpc_max_message_size,
-                                request_timeout=args.request_timeout)
+                                request_timeout=args.request_timeout, tls_cert=args.tls_cert,
+                                tls_key=args.tls_key, tls_ca=args.tls_ca)
             address = await server.start(args.grpc)
             started.append(server)
             print(f"mip: serving KServe v2 gRPC on {address}", flush=True)
@@ -261,6 +263,8 @@ async def _start_oip(args, engine) -> list:
             app = build_app(engine, extra_routes=routes, metrics=metrics,
                             max_body_size=args.http_max_body_size,
                             request_timeout=args.request_timeout)
+            # REST carries its own credentials (API keys, JWT): --tls-ca applies to the
+            # binary protocols only.
             server = HttpServer(app, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
             await miaas.start()
             try:

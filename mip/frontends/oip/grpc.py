@@ -404,11 +404,15 @@ class GrpcServer:
     """
 
     def __init__(self, engine, *, metrics=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 request_timeout: float | None = None):
+                 request_timeout: float | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_ca: str | None = None):
         if max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
+        if tls_cert and not tls_key:
+            raise ValueError("TLS needs both a certificate and its key")
         self.dataplane = DataPlane(engine, metrics, request_timeout)
         self.max_message_size = max_message_size
+        self._tls = (tls_cert, tls_key, tls_ca) if tls_cert else None
         self._server: aio.Server | None = None
         self.address: str | None = None
 
@@ -425,7 +429,13 @@ class GrpcServer:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"gRPC address must be HOST:PORT, not {address!r}")
-        bound = server.add_insecure_port(address)
+        if self._tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            cert, key, ca = (None if path is None else open(path, "rb").read() for path in self._tls)
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+            bound = server.add_secure_port(address, credentials)
         if not bound:
             raise OSError(f"cannot listen for gRPC on {address}")
         await server.start()

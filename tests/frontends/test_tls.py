@@ -1,0 +1,94 @@
+"""TLS on the binary listeners: MIP (with mutual TLS) and KServe v2 gRPC, with certificates made
+at test time."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import numpy as np
+import pytest
+
+from mip.frontends.mip import MipHandler
+from mip.net.mip_client import AsyncClient, Client
+from mip.net.mip_server import MipServer
+from mip.serving.demo import build_demo_repository
+from mip.serving.engine import Engine
+from mip.serving.repository import ModelRepository
+
+trustme = pytest.importorskip("trustme")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("client@example.test")
+    folder = tmp_path_factory.mktemp("pki")
+    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key",
+             "client": folder / "client.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    client.private_key_and_cert_chain_pem.write_to_path(str(paths["client"]))
+    return ca, server, client, paths
+
+
+@pytest.fixture
+async def engine(tmp_path):
+    engine = Engine(ModelRepository(build_demo_repository(tmp_path / "demo")))
+    await engine.start()
+    yield engine
+    await engine.stop()
+
+
+async def test_mip_over_mutual_tls(engine, pki):
+    ca, server_cert, client_cert, _ = pki
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(server_ctx)
+    ca.configure_trust(server_ctx)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server = MipServer(MipHandler(engine), ssl=server_ctx)
+    url = str(await server.start("tcp://127.0.0.1:0"))
+    try:
+        client_ctx = ssl.create_default_context()
+        ca.configure_trust(client_ctx)
+        client_cert.configure_cert(client_ctx)
+        x = np.arange(16, dtype=np.float32).reshape(1, 16)
+        async with AsyncClient(url, ssl=client_ctx, server_hostname="127.0.0.1") as client:
+            out = await client.infer([[x]], model="identity")
+        np.testing.assert_array_equal(out[0][0], x)
+
+        def blocking():
+            with Client(url, ssl=client_ctx, server_hostname="127.0.0.1") as c:
+                return c.infer([[x]], model="identity")
+        np.testing.assert_array_equal((await asyncio.to_thread(blocking))[0][0], x)
+
+        # without a client certificate the handshake is refused
+        no_cert = ssl.create_default_context()
+        ca.configure_trust(no_cert)
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            await asyncio.to_thread(lambda: Client(url, ssl=no_cert, timeout=5,
+                                                   server_hostname="127.0.0.1").ping())
+    finally:
+        await server.stop()
+
+
+async def test_grpc_over_tls_with_tritonclient(engine, pki):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from mip.frontends.oip.grpc import GrpcServer
+
+    _, _, _, paths = pki
+    server = GrpcServer(engine, tls_cert=str(paths["cert"]), tls_key=str(paths["key"]))
+    address = await server.start("127.0.0.1:0")
+    try:
+        def call():
+            client = grpcclient.InferenceServerClient(address, ssl=True,
+                                                      root_certificates=str(paths["ca"]))
+            x = grpcclient.InferInput("input", [1, 16], "FP32")
+            x.set_data_from_numpy(np.ones((1, 16), np.float32))
+            return client.infer("identity", [x]).as_numpy("output")
+        out = await asyncio.to_thread(call)
+        np.testing.assert_array_equal(out, np.ones((1, 16), np.float32))
+    finally:
+        await server.stop()
