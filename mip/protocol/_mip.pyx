@@ -433,11 +433,18 @@ cdef object _make_tensor(mip_tensor_header *t, const unsigned char *data, object
 
 cdef object _make_bytes_tensor(mip_tensor_header *t, const unsigned char *data,
                                cnp.npy_intp *dims, Py_ssize_t data_offset):
-    cdef uint64_t i, n = t.nelem
-    cdef size_t pos = 0, ln, total = t.data_len
     cdef cnp.ndarray arr = cnp.PyArray_SimpleNew(t.ndim, dims, cnp.NPY_OBJECT)
-    cdef PyObject **slots = <PyObject **>cnp.PyArray_DATA(arr)
-    for i in range(n):
+    _bytes_elements(t, data, data_offset, <PyObject **>cnp.PyArray_DATA(arr))
+    return arr
+
+
+cdef int _bytes_elements(mip_tensor_header *t, const unsigned char *data,
+                         Py_ssize_t data_offset, PyObject **slots) except -1:
+    """Walk the length-prefixed elements of a BYTES tensor, checking each; with `slots`
+    (an object array's element pointers) also store each element as ``bytes``."""
+    cdef uint64_t i
+    cdef size_t pos = 0, ln, total = t.data_len
+    for i in range(t.nelem):
         if total - pos < 4:
             raise_wire_error(MIP_E_VALUE, data_offset + pos,
                              f"BYTES element {i} has no room for its length")
@@ -446,15 +453,16 @@ cdef object _make_bytes_tensor(mip_tensor_header *t, const unsigned char *data,
         if ln > total - pos:
             raise_wire_error(MIP_E_VALUE, data_offset + pos - 4,
                              f"BYTES element {i} claims {ln} octets, {total - pos} remain")
-        b = PyBytes_FromStringAndSize(<const char *>(data + pos), ln)
+        if slots != NULL:
+            b = PyBytes_FromStringAndSize(<const char *>(data + pos), ln)
+            Py_INCREF(b)
+            Py_XDECREF(slots[i])
+            slots[i] = <PyObject *>b
         pos += ln
-        Py_INCREF(b)
-        Py_XDECREF(slots[i])
-        slots[i] = <PyObject *>b
     if pos != total:
         raise_wire_error(MIP_E_VALUE, data_offset + pos,
-                         f"BYTES tensor has {total - pos} octets after its {n} elements")
-    return arr
+                         f"BYTES tensor has {total - pos} octets after its {t.nelem} elements")
+    return 0
 
 
 cdef object _decode_value(_FrameView fv, uint32_t vtype, Py_ssize_t off, Py_ssize_t size):
@@ -639,7 +647,7 @@ cdef int _check_value(const unsigned char *base, uint32_t vtype, Py_ssize_t off,
         if rc != MIP_OK:
             raise_wire_error(rc, off + err_off, _tensor_header_problem(p, size, &t, err_off))
         if t.dtype == MIP_DT_BYTES:
-            _check_bytes_elements(&t, p + t.data_off, off + t.data_off)
+            _bytes_elements(&t, p + t.data_off, off + t.data_off, NULL)
         return 0
     if vtype == T_TEXT:
         _decode_utf8(p, size, off, "TEXT value")
@@ -647,26 +655,6 @@ cdef int _check_value(const unsigned char *base, uint32_t vtype, Py_ssize_t off,
     if vtype == T_JSON or vtype == T_IMAGE or vtype >= 256:
         return 0
     raise_wire_error(MIP_E_VALUE_TYPE, off - 8, f"TLV type {vtype} is reserved and not defined")
-
-
-cdef int _check_bytes_elements(mip_tensor_header *t, const unsigned char *data,
-                               Py_ssize_t data_offset) except -1:
-    cdef uint64_t i
-    cdef size_t pos = 0, ln, total = t.data_len
-    for i in range(t.nelem):
-        if total - pos < 4:
-            raise_wire_error(MIP_E_VALUE, data_offset + pos,
-                             f"BYTES element {i} has no room for its length")
-        ln = mip_load_le32(data + pos)
-        pos += 4
-        if ln > total - pos:
-            raise_wire_error(MIP_E_VALUE, data_offset + pos - 4,
-                             f"BYTES element {i} claims {ln} octets, {total - pos} remain")
-        pos += ln
-    if pos != total:
-        raise_wire_error(MIP_E_VALUE, data_offset + pos,
-                         f"BYTES tensor has {total - pos} octets after its {t.nelem} elements")
-    return 0
 
 
 cdef Py_ssize_t _find_values(Message m, Py_ssize_t j, Py_ssize_t *offsets, Py_ssize_t *sizes,
