@@ -169,11 +169,14 @@ def write_json(doc: dict, path: str | os.PathLike) -> None:
 
 
 def load_runs(paths: Iterable[str | os.PathLike]) -> list[dict]:
-    """Read ``mip bench infer`` JSON documents (each file one document or a list of them)."""
+    """Read ``mip bench infer`` JSON documents: each file one document, a list of them, or
+    an object whose ``runs`` lists them (what ``bench/serve_compare.py`` writes)."""
     docs = []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
+        if isinstance(data, dict) and isinstance(data.get("runs"), list):
+            data = data["runs"]
         for doc in data if isinstance(data, list) else [data]:
             if not str(doc.get("schema", "")).startswith("mip-bench/infer/"):
                 raise ValueError(f"{path}: not a 'mip bench infer' JSON document")
