@@ -45,8 +45,9 @@ def _shape(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected a shape like 1,16, got {text!r}")
 
 
-def _output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
+def _output_args(p: argparse.ArgumentParser, run: bool = True) -> None:
+    if run:
+        p.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw throughput and latency against concurrency/rate (PNG)")
     p.add_argument("--compare", nargs="+", metavar="RUN.json", default=[],
@@ -56,7 +57,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(bench: argparse.ArgumentParser) -> None:
     """Add ``mip bench``'s options and sub-commands to its (sub)parser."""
-    _output_args(bench)
+    _output_args(bench, run=False)
     bench.add_argument("--title", help="title of the --compare plot")
     sub = bench.add_subparsers(dest="bench_command")
 
