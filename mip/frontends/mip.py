@@ -79,35 +79,35 @@ class MipHandler:
                 raise ModelNotFound("this server has several models and no default one: send a "
                                     "routed (kind 3) request naming the model, or start the "
                                     "server with --mip-model")
-        version = message.version
-        meta = self.engine.model_metadata(model, version)
-        n_inputs = len(meta.inputs)
+        # The version that serves this request, looked up once: its inputs, outputs and
+        # batching decide the request's shape, and the engine is asked for exactly it.
+        served = self.engine.repository.get(model, message.version or None)
+        n_inputs = len(served.inputs)
         if message.n_input != n_inputs:
             raise InvalidInput(f"model {model!r} takes {n_inputs} inputs, the request has "
                                f"{message.n_input} per item")
         if not len(message):
             return mip.encode_response_buffers([], n_input=message.n_input, kind=message.kind,
-                                               n_output=len(meta.outputs))
+                                               n_output=len(served.outputs))
         deadline = None
         if self.request_timeout is not None:
             deadline = time.monotonic() + self.request_timeout
-        batching = self.engine.repository.get(model, version or None).max_batch_size > 0
-        if not batching and len(message) > 1:
+        if served.max_batch_size == 0 and len(message) > 1:
             # A model that does not batch runs each item on its own.
             results = await asyncio.gather(*(
-                self._run(model, version, meta, _single(item), deadline) for item in message.batch))
+                self._run(model, served, _single(item), deadline) for item in message.batch))
             items = [row for result in results for row in result]
         else:
-            items = await self._run(model, version, meta, message, deadline)
+            items = await self._run(model, served, message, deadline)
         return mip.encode_response_buffers(items, n_input=message.n_input, kind=message.kind)
 
-    async def _run(self, model, version, meta, source, deadline) -> list[tuple]:
+    async def _run(self, model, served, source, deadline) -> list[tuple]:
         inputs = {}
         rows = None
-        for index, spec in enumerate(meta.inputs):
+        for index, spec in enumerate(served.inputs):
             inputs[spec.name], rows = _columns(source, index)
-        outputs = await self.engine.infer(model, inputs, version=version, deadline=deadline)
-        names = [spec.name for spec in meta.outputs if spec.name in outputs]
+        outputs = await self.engine.infer(model, inputs, version=served.version, deadline=deadline)
+        names = [spec.name for spec in served.outputs if spec.name in outputs]
         items = []
         start = 0
         for count in rows:

@@ -52,6 +52,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.writing_paused = False
         self.last_activity = 0.0
         self.discarding = False
+        self.flush_scheduled = False
         self.loop = asyncio.get_running_loop()
 
     # -- asyncio.BaseProtocol -------------------------------------------------
@@ -174,18 +175,23 @@ class _Connection(asyncio.BufferedProtocol):
             return [mip.encode_error(ErrorCode.INTERNAL)]
 
     def _on_done(self, _fut) -> None:
-        self._flush()
+        # Replies of one batch finish in the same loop turn: flush once after all of them.
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        self.flush_scheduled = False
         transport = self.transport
+        ready = []
         while self.pending and self.pending[0].done():
             fut = self.pending.popleft()
-            if fut.cancelled():
-                continue
-            buffers = fut.result()
-            if transport is None or transport.is_closing():
-                continue
-            transport.writelines(buffers)
+            if not fut.cancelled():
+                ready.extend(fut.result())
+        if ready and transport is not None and not transport.is_closing():
+            # Every reply ready now leaves in one write: one system call for a whole
+            # batch's worth of pipelined replies.
+            transport.writelines(ready)
             self.last_activity = self.loop.time()
         if not self.pending and self.closing and transport is not None and not transport.is_closing():
             self._linger_close()

@@ -115,7 +115,9 @@ class Batcher:
     def start(self) -> None:
         """Start the scheduler task on the running event loop."""
         self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._schedule())
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every use.
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._schedule())
 
     async def stop(self, timeout: float | None = 30.0) -> None:
         """Refuse new requests, finish the queued and running ones, then stop.
@@ -167,7 +169,7 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"deadline passed before model {self.name} was reached")
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         request = _Request(inputs, rows, future, now)
         self._queue.append(request)
         future.add_done_callback(functools.partial(self._forget, request))
@@ -214,7 +216,7 @@ class Batcher:
         return 0, wait
 
     async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         while True:
             if not self._queue or not self._idle:
                 self._wakeup.clear()
@@ -238,7 +240,7 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _execute(self, batch: list[_Request]) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             live = [r for r in batch if not r.future.done()]
             if not live:
