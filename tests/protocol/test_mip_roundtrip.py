@@ -11,7 +11,8 @@ import mip
 from mip.errors import MipError
 
 from . import _wire
-from ._values import FAST, QUICK, arrays, batches, descs, expected_batch, json_objects, mip_batch, observed_batch, ref_batch
+from ._values import (FAST, QUICK, arrays, batches, descs, expected_batch, json_objects, mip_batch,
+                      observed_batch, ref_batch)
 
 ENCODE_ERRORS = (ValueError, TypeError, OverflowError, MipError)
 

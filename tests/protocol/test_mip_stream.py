@@ -17,7 +17,8 @@ ITEMS = [
     [("text", "first"), ("tensor", np.arange(6, dtype=np.float32).reshape(2, 3)), ("json", {"k": [1, 2]})],
     [("text", "second ✓"), ("tensor", np.arange(6, dtype=np.float32).reshape(2, 3) * -1), ("json", None)],
 ]
-TENSORS = [[("tensor", np.arange(n, dtype=np.int64)), ("tensor", np.array([b"ab", b"c"], dtype=object))] for n in (1, 3)]
+TENSORS = [[("tensor", np.arange(n, dtype=np.int64)), ("tensor", np.array([b"ab", b"c"], dtype=object))]
+           for n in (1, 3)]
 
 
 def corpus() -> list[bytes]:

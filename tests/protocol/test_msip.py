@@ -70,7 +70,9 @@ def test_hello_hex():
     )
     payload = msip.encode_hello_payload(42)
     assert payload == bytes.fromhex("000000000000002a")
-    assert msip.encode(msip.FrameType.HELLO, msip.MsgKind.STATE, payload, msg_id=5, flags=msip.Flags.ACK_REQUIRED) == golden
+    frame = msip.encode(msip.FrameType.HELLO, msip.MsgKind.STATE, payload, msg_id=5,
+                        flags=msip.Flags.ACK_REQUIRED)
+    assert frame == golden
     assert msip.encode(1, 3, payload, 5, 1) == golden
     f = msip.decode(golden)
     assert summary(f) == (1, 3, 1, 5, payload)
