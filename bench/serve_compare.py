@@ -1,18 +1,21 @@
-"""mip serve against MLServer and KServe on the same ONNX models, measured by ``mip bench``.
+"""mip serve against MLServer, KServe and Triton on the same ONNX models, measured by ``mip bench``.
 
 One command::
 
     python bench/serve_compare.py [--quick] [--duration 3] [--warmup 1] [--out DIR]
+                                  [--servers mip,mlserver,kserve,pytriton,echo]
 
 1. creates a venv per peer under ``--cache-dir`` (default ``~/.cache/mip-bench``) when
-   missing: MLServer 1.7.1 (``mlserver onnxruntime 'uvloop<0.22'``) and KServe 0.21
-   (``kserve onnxruntime``);
+   missing: MLServer 1.7.1 (``mlserver onnxruntime 'uvloop<0.22'``), KServe 0.21
+   (``kserve onnxruntime``) and Triton through PyTriton 0.7 (``nvidia-pytriton onnxruntime
+   numpy``; the wheel bundles the ``tritonserver`` binary);
 2. writes the models: the demo ``identity`` (FP32 [-1, 16]) and ``mlp`` (FP32 [-1, 784] ->
    [-1, 10]) plus ``identity_1m``, an identity of FP32 [-1, 262144] (1 MiB a row); for mip a
    repository with dynamic batching and one without, for the peers one folder with a custom
    runtime around ``onnxruntime.InferenceSession`` each (``bench/peers/``);
 3. starts each server alone on free 127.0.0.1 ports: ``mip serve`` (batching on, then off),
    MLServer (``parallel_workers`` 0, metrics off), KServe (latency logging off, quiet logs),
+   Triton (PyTriton Python-function models, dynamic batching up to 64 rows, metrics off),
    and a bare uvloop echo server of MIP frames (the ceiling);
 4. runs ``mip bench infer`` (a subprocess, the command a user runs) for each cell: identity
    1x16, mlp 1x784, identity_1m 1x262144 at concurrency 1, 8, 32; mip over MIP (and over
@@ -22,7 +25,8 @@ One command::
    ``DIR/serve_compare.json`` and every run's JSON, and draws ``DIR/serve_compare.png`` with
    ``mip bench --compare``.
 
-A peer that fails to install or start is reported (with the reason) and skipped.  Every
+A peer that fails to install or start is reported (with the reason: pip's or the server
+log's last lines) in the printed notes and in the JSON's ``problems``, and skipped.  Every
 cell is bounded: warm-up + duration seconds, plus at most the request timeout.
 """
 
@@ -49,9 +53,13 @@ CELLS = [  # (model, shape)
     ("mlp", [1, 784]),
     ("identity_1m", [1, 262144]),
 ]
+PEERS_MEASURED = ("mlserver", "kserve", "pytriton")  # the "best peer" is one of these
+SERVERS = ("mip", *PEERS_MEASURED, "echo")
+DEFAULT_SERVERS = "mip,mlserver,kserve,pytriton,echo"
 PEER_PACKAGES = {
     "mlserver": ["mlserver==1.7.1", "onnxruntime", "uvloop<0.22"],
     "kserve": ["kserve==0.21.*", "onnxruntime"],
+    "pytriton": ["nvidia-pytriton==0.7.*", "onnxruntime", "numpy"],
 }
 
 
@@ -76,6 +84,14 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listened on port {port} within {timeout:.0f} s")
+
+
+def log_tail(path: Path | None, lines: int = 6) -> str:
+    """The last lines of a server log, for the reason a server did not start."""
+    if path is None or not path.is_file():
+        return ""
+    text = path.read_text(errors="replace").strip().splitlines()
+    return " | ".join(line.strip() for line in text[-lines:] if line.strip())
 
 
 def wait_ready(http_port: int, models: list[str], proc: subprocess.Popen,
@@ -288,6 +304,20 @@ def kserve_server(python: Path, peers: Path, logs: Path) -> Server:
                   log_path=logs / "kserve.log")
 
 
+def pytriton_server(python: Path, peers: Path, logs: Path) -> Server:
+    """Triton through PyTriton: KServe v2 gRPC and REST (binary tensors), metrics off."""
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    argv = [str(python), str(PEERS / "pytriton_server.py"), "--model_dir", str(peers),
+            "--http_port", str(http_port), "--grpc_port", str(grpc_port),
+            "--metrics_port", str(metrics_port)]
+    return Server("pytriton", argv,
+                  [("grpc", f"grpc://127.0.0.1:{grpc_port}"),
+                   ("http-binary", f"http://127.0.0.1:{http_port}")],
+                  cwd=peers,
+                  ready=lambda proc: wait_ready(http_port, list(_SPECS), proc, timeout=180.0),
+                  log_path=logs / "pytriton.log")
+
+
 def echo_server(logs: Path) -> Server:
     port = free_port()
     return Server("echo", [sys.executable, str(PEERS / "echo_server.py"), "--port", str(port)],
@@ -298,8 +328,11 @@ def echo_server(logs: Path) -> Server:
 # -- 4. measuring ---------------------------------------------------------------------------
 
 def bench(label: str, protocol: str, url: str, model: str | None, shape: list[int],
-          args, out: Path) -> dict | None:
-    """Run ``mip bench infer`` for one cell; return its JSON document (None on failure)."""
+          args, out: Path, failures: dict | None = None) -> dict | None:
+    """Run ``mip bench infer`` for one cell; return its JSON document (None on failure).
+
+    On failure the reason goes in ``failures[label + " " + model]``.
+    """
     path = out / f"{label.replace('/', '_').replace(' ', '_')}-{model or 'echo'}-{shape[-1]}.json"
     argv = [sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "bench", "infer", url,
             "--protocol", protocol, "--concurrency", args.concurrency,
@@ -315,9 +348,14 @@ def bench(label: str, protocol: str, url: str, model: str | None, shape: list[in
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=budget)
     except subprocess.TimeoutExpired:
         log(f"  timed out after {budget:.0f} s")
+        if failures is not None:
+            failures[f"{label} {model}"] = f"mip bench timed out after {budget:.0f} s"
         return None
     if proc.returncode != 0 or not path.is_file():
         log(f"  failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
+        if failures is not None:
+            failures[f"{label} {model}"] = (f"mip bench failed ({proc.returncode}): "
+                                            f"{proc.stderr.strip()[-300:]}")
         return None
     print(proc.stdout, end="", flush=True)
     doc = json.loads(path.read_text())
@@ -350,7 +388,7 @@ def summarize(docs: list[dict], concurrencies: list[int]) -> tuple[str, dict]:
                 s = step_at(doc, c)
                 if s is not None:
                     rows.append((doc["label"], s))
-            peers = [(label, s) for label, s in rows if label.split("/")[0] in ("mlserver", "kserve")]
+            peers = [(label, s) for label, s in rows if label.split("/")[0] in PEERS_MEASURED]
             good_peers = [(label, s) for label, s in peers if s["responses"]]
             best_peer = max(good_peers, key=lambda r: r[1]["throughput_rps"], default=None)
             best[(model, c)] = {"rows": rows, "best_peer": best_peer, "peers": good_peers}
@@ -436,8 +474,8 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds per cell (default 1)")
     p.add_argument("--quick", action="store_true", help="1 s cells, 0.5 s warm-up")
     p.add_argument("--concurrency", default="1,8,32", help="default 1,8,32")
-    p.add_argument("--servers", default="mip,mlserver,kserve,echo",
-                   help="which to run (default mip,mlserver,kserve,echo)")
+    p.add_argument("--servers", default=DEFAULT_SERVERS,
+                   help=f"comma-separated, of {','.join(SERVERS)} (default {DEFAULT_SERVERS})")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mip-bench",
                    help="venvs and models (default ~/.cache/mip-bench)")
@@ -448,6 +486,9 @@ def main() -> int:
         args.duration, args.warmup = 1.0, 0.5
     concurrencies = [int(x) for x in args.concurrency.split(",")]
     servers = set(args.servers.split(","))
+    unknown = servers - set(SERVERS)
+    if unknown:
+        p.error(f"--servers: unknown {','.join(sorted(unknown))} (choose from {','.join(SERVERS)})")
     args.out.mkdir(parents=True, exist_ok=True)
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
@@ -460,7 +501,8 @@ def main() -> int:
         plan.append(("mip batching", lambda: mip_server(repos["mip-batching"], "mip batching", logs)))
         plan.append(("mip no batching",
                      lambda: mip_server(repos["mip-no-batching"], "mip no batching", logs)))
-    for name, factory in (("mlserver", mlserver_server), ("kserve", kserve_server)):
+    for name, factory in (("mlserver", mlserver_server), ("kserve", kserve_server),
+                          ("pytriton", pytriton_server)):
         if name not in servers:
             continue
         try:
@@ -487,13 +529,14 @@ def main() -> int:
                         if name == "mip no batching" and (protocol != "mip" or model == "identity_1m"):
                             continue  # the batching comparison is over MIP on the small cells
                         doc = bench(label, protocol, url, None if name == "echo" else model,
-                                    shape, args, args.out)
+                                    shape, args, args.out,
+                                    failures=None if name == "echo" else problems)
                         if doc is not None:
                             docs.append(doc)
-                        elif name != "echo":
-                            problems.setdefault(f"{label} {model}", "mip bench failed (see log)")
         except Exception as exc:
-            problems[name] = f"start failed: {exc} (log: {server.log_path})"
+            tail = log_tail(server.log_path)
+            problems[name] = (f"start failed: {exc} (log: {server.log_path}"
+                              + (f"; last lines: {tail}" if tail else "") + ")")
             log(f"{name}: {problems[name]}")
 
     table, goals = summarize(docs, concurrencies)
@@ -510,9 +553,13 @@ def main() -> int:
     plot = args.out / "serve_compare.png"
     runs = sorted(str(pth) for pth in args.out.glob("*.json") if pth.name != "serve_compare.json")
     if runs:
+        names = {"mip": "mip serve", "mlserver": "MLServer", "kserve": "KServe",
+                 "pytriton": "Triton"}
+        measured = {doc["label"].split("/")[0] for doc in docs}
+        title = " vs ".join(v for k, v in names.items() if k in measured) or "mip bench"
         subprocess.run([sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "bench",
                         "--compare", *runs, "--plot", str(plot), "--title",
-                        "mip serve vs MLServer vs KServe (mip bench, loopback)"],
+                        f"{title} (mip bench, loopback)"],
                        cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
         print(f"\nplot: {plot}\nJSON: {args.out / 'serve_compare.json'}")
     return 0
