@@ -70,28 +70,54 @@ class MipHandler:
     def __init__(self, engine, *, request_timeout: float | None = None):
         self.engine = engine
         self.request_timeout = request_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, message: mip.Message) -> asyncio.Future:
+        """Start serving `message`: a future of its reply buffers.
+
+        No coroutine and no task a request: the request goes straight into the model's
+        batch queue and the reply is encoded in a callback when its outputs arrive.
+        Cancelling the future (the client went away) drops the request from the queue.
+        Errors found at once are raised; later ones are set on the future.
+        """
+        model, served = self._route(message)
+        loop = self._event_loop()
+        reply = loop.create_future()
+        if not len(message):
+            reply.set_result(mip.encode_response_buffers(
+                [], n_input=message.n_input, kind=message.kind, n_output=len(served.outputs)))
+            return reply
+        if served.max_batch_size == 0 and len(message) > 1:
+            # A model that does not batch runs each item on its own.
+            task = loop.create_task(self(message))
+            task.add_done_callback(lambda t: _settle(reply, t, lambda r: r))
+            reply.add_done_callback(lambda r: task.cancel() if r.cancelled() else None)
+            return reply
+        inputs, rows = self._inputs(served, message)
+        outputs = self.engine.submit(model, inputs, version=served.version,
+                                     deadline=self._deadline())
+        kind, n_input = message.kind, message.n_input
+
+        def encode(result):
+            items = _split(served, result, rows)
+            return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
+
+        outputs.add_done_callback(lambda f: _settle(reply, f, encode))
+        reply.add_done_callback(lambda r: outputs.cancel() if r.cancelled() else None)
+        return reply
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def __call__(self, message: mip.Message) -> list:
-        model = message.model
-        if model is None:
-            model = self.engine.default_model()
-            if model is None:
-                raise ModelNotFound("this server has several models and no default one: send a "
-                                    "routed (kind 3) request naming the model, or start the "
-                                    "server with --mip-model")
-        # The version that serves this request, looked up once: its inputs, outputs and
-        # batching decide the request's shape, and the engine is asked for exactly it.
-        served = self.engine.repository.get(model, message.version or None)
-        n_inputs = len(served.inputs)
-        if message.n_input != n_inputs:
-            raise InvalidInput(f"model {model!r} takes {n_inputs} inputs, the request has "
-                               f"{message.n_input} per item")
+        """Serve `message` and return its reply buffers (the coroutine form of :meth:`start`)."""
+        model, served = self._route(message)
         if not len(message):
             return mip.encode_response_buffers([], n_input=message.n_input, kind=message.kind,
                                                n_output=len(served.outputs))
-        deadline = None
-        if self.request_timeout is not None:
-            deadline = time.monotonic() + self.request_timeout
+        deadline = self._deadline()
         if served.max_batch_size == 0 and len(message) > 1:
             # A model that does not batch runs each item on its own.
             results = await asyncio.gather(*(
@@ -101,19 +127,69 @@ class MipHandler:
             items = await self._run(model, served, message, deadline)
         return mip.encode_response_buffers(items, n_input=message.n_input, kind=message.kind)
 
-    async def _run(self, model, served, source, deadline) -> list[tuple]:
+    def _route(self, message: mip.Message):
+        """The model a message reaches and the version that serves it, looked up once:
+        its inputs, outputs and batching decide the request's shape, and the engine is
+        asked for exactly that version."""
+        model = message.model
+        if model is None:
+            model = self.engine.default_model()
+            if model is None:
+                raise ModelNotFound("this server has several models and no default one: send a "
+                                    "routed (kind 3) request naming the model, or start the "
+                                    "server with --mip-model")
+        served = self.engine.repository.get(model, message.version or None)
+        n_inputs = len(served.inputs)
+        if message.n_input != n_inputs:
+            raise InvalidInput(f"model {model!r} takes {n_inputs} inputs, the request has "
+                               f"{message.n_input} per item")
+        return model, served
+
+    def _deadline(self) -> float | None:
+        return None if self.request_timeout is None else time.monotonic() + self.request_timeout
+
+    @staticmethod
+    def _inputs(served, source) -> tuple[dict, list[int]]:
         inputs = {}
         rows = None
         for index, spec in enumerate(served.inputs):
             inputs[spec.name], rows = _columns(source, index)
+        return inputs, rows
+
+    async def _run(self, model, served, source, deadline) -> list[tuple]:
+        inputs, rows = self._inputs(served, source)
         outputs = await self.engine.infer(model, inputs, version=served.version, deadline=deadline)
-        names = [spec.name for spec in served.outputs if spec.name in outputs]
-        items = []
-        start = 0
-        for count in rows:
-            items.append(tuple(_output_value(outputs[name][start:start + count]) for name in names))
-            start += count
-        return items
+        return _split(served, outputs, rows)
+
+
+def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
+    """The batch's outputs back as one tuple of values per item (views, no copies)."""
+    names = [spec.name for spec in served.outputs if spec.name in outputs]
+    if len(rows) == 1:
+        return [tuple(_output_value(outputs[name]) for name in names)]
+    items = []
+    start = 0
+    for count in rows:
+        items.append(tuple(_output_value(outputs[name][start:start + count]) for name in names))
+        start += count
+    return items
+
+
+def _settle(reply: asyncio.Future, source: asyncio.Future, transform) -> None:
+    """Complete `reply` from a finished `source` future, through `transform`."""
+    if reply.done():
+        return
+    if source.cancelled():
+        reply.cancel()
+        return
+    exc = source.exception()
+    if exc is not None:
+        reply.set_exception(exc)
+        return
+    try:
+        reply.set_result(transform(source.result()))
+    except Exception as error:  # an encoding failure is the request's, not the loop's
+        reply.set_exception(error)
 
 
 class _single:

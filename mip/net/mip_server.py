@@ -32,7 +32,11 @@ Buffers = Sequence["bytes | memoryview"]
 
 
 class Handler(Protocol):
-    """What a MIP server calls for each request frame."""
+    """What a MIP server calls for each request frame.
+
+    A handler may also have ``start(message) -> asyncio.Future`` of the same buffers; the
+    server then uses it instead of running the coroutine as a task.
+    """
 
     async def __call__(self, message: mip.Message) -> Buffers:
         """Return the reply as a list of buffers (e.g. from ``mip.encode_response_buffers``).
@@ -154,25 +158,20 @@ class _Connection(asyncio.BufferedProtocol):
         if message.kind == mip.KIND_ERROR or not message.is_request:
             self._protocol_error(_NotARequest())
             return
-        task = self.loop.create_task(self._handle(message))
-        self.pending.append(task)
-        task.add_done_callback(self._on_done)
+        start = self.server.start_handler
+        if start is not None:
+            # The handler's callback form: no task a request.
+            try:
+                work = start(message)
+            except Exception as exc:
+                work = self.loop.create_future()
+                work.set_exception(exc)
+        else:
+            work = self.loop.create_task(self.server.handler(message))
+        self.pending.append(work)
+        work.add_done_callback(self._on_done)
         if len(self.pending) >= self.server.max_pipeline:
             self._pause_reading()
-
-    async def _handle(self, message: mip.Message) -> Buffers:
-        try:
-            return await self.server.handler(message)
-        except ServingError as exc:
-            log.debug("request failed: %s", exc)
-            return [mip.encode_error(exc.error_code)]
-        except asyncio.CancelledError:
-            raise
-        except ProtocolError as exc:
-            return [mip.encode_error(exc.error_code)]
-        except Exception:
-            log.exception("handler failed")
-            return [mip.encode_error(ErrorCode.INTERNAL)]
 
     def _on_done(self, _fut) -> None:
         # Replies of one batch finish in the same loop turn: flush once after all of them.
@@ -186,8 +185,13 @@ class _Connection(asyncio.BufferedProtocol):
         ready = []
         while self.pending and self.pending[0].done():
             fut = self.pending.popleft()
-            if not fut.cancelled():
+            if fut.cancelled():
+                continue
+            exc = fut.exception()
+            if exc is None:
                 ready.extend(fut.result())
+            else:
+                ready.append(_error_reply(exc))
         if ready and transport is not None and not transport.is_closing():
             # Every reply ready now leaves in one write: one system call for a whole
             # batch's worth of pipelined replies.
@@ -223,6 +227,15 @@ class _Connection(asyncio.BufferedProtocol):
             log.debug("closing an idle connection after %.1fs", quiet)
             self.closing = True
             self.transport.close()
+
+
+def _error_reply(exc: BaseException) -> bytes:
+    """The ERROR frame that answers a request that failed with `exc`."""
+    if isinstance(exc, (ServingError, ProtocolError)):
+        log.debug("request failed: %s", exc)
+        return mip.encode_error(exc.error_code)
+    log.error("handler failed", exc_info=exc)
+    return mip.encode_error(ErrorCode.INTERNAL)
 
 
 _DISCARD = memoryview(bytearray(65536))  # where octets after an error are read and dropped
@@ -264,6 +277,9 @@ class MipServer:
                  max_pipeline: int = 128, idle_timeout: float = 300.0, read_timeout: float = 30.0,
                  ssl: _ssl.SSLContext | None = None):
         self.handler = handler
+        # A handler may also offer start(message) -> Future of the reply buffers, which
+        # serves a request without a task of its own.
+        self.start_handler = getattr(handler, "start", None)
         self.max_frame_size = max_frame_size
         self.max_connections = max_connections
         self.max_pipeline = max_pipeline

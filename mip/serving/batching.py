@@ -158,6 +158,16 @@ class Batcher:
             DeadlineExceeded: the deadline passed first.
             InvalidInput: the request alone has more rows than ``max_batch_size``.
         """
+        # Cancelling the caller cancels the awaited future, which drops the request.
+        return await self.enqueue(inputs, rows, deadline)
+
+    def enqueue(self, inputs: Tensors, rows: int, deadline: float | None = None) -> asyncio.Future:
+        """Queue one request without waiting: the returned future gets its outputs.
+
+        The same as :meth:`submit` for callers that chain callbacks instead of awaiting
+        (no coroutine and no task a request). Cancelling the future drops the request from
+        the queue; errors found at once (see :meth:`submit`) are raised here.
+        """
         if self._closing or self._task is None:
             raise ModelNotReady(f"model {self.name} is not accepting requests")
         if self.batching and rows > self.max_batch_size:
@@ -174,13 +184,16 @@ class Batcher:
         self._queue.append(request)
         future.add_done_callback(functools.partial(self._forget, request))
         self._wakeup.set()
-        if deadline is None:
-            return await future
-        try:
-            # On timeout wait_for cancels the future, which drops the request from the queue.
-            return await asyncio.wait_for(future, deadline - now)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"deadline passed while waiting for model {self.name}") from None
+        if deadline is not None:
+            timer = self._loop.call_later(deadline - now, self._expire, future)
+            future.add_done_callback(lambda _: timer.cancel())
+        return future
+
+    def _expire(self, future: asyncio.Future) -> None:
+        if not future.done():
+            # Failing the future also drops the request from the queue (_forget).
+            future.set_exception(DeadlineExceeded(
+                f"deadline passed while waiting for model {self.name}"))
 
     def _forget(self, request: _Request, future: asyncio.Future) -> None:
         if request.queued:

@@ -53,6 +53,13 @@ class ModelStats:
     compute_seconds: float = 0.0
     queue_depth: int = 0
 
+    def count_outcome(self, future: asyncio.Future) -> None:
+        """Count a finished request as a success or a failure (cancelled ones fail)."""
+        if future.cancelled() or future.exception() is not None:
+            self.failures += 1
+        else:
+            self.successes += 1
+
 
 class _Served:
     """A loaded version with its batcher and counters."""
@@ -198,21 +205,34 @@ class Engine:
             ModelNotFound, ModelNotReady, InvalidInput, QueueFull, DeadlineExceeded,
             InternalError (all ``mip.errors.ServingError``).
         """
+        wanted = None
+        if outputs:
+            wanted = self._check_outputs(self._lookup(model, version).version, outputs)
+        result = await self.submit(model, inputs, version=version, deadline=deadline)
+        if wanted is None:
+            return result
+        return {name: result[name] for name in wanted}
+
+    def submit(self, model: str, inputs: Tensors, *, version: str | None = None,
+               deadline: float | None = None) -> asyncio.Future:
+        """Queue one request without waiting: the returned future gets every output.
+
+        The same checks and errors as :meth:`infer` (raised here when found at once, set on
+        the future otherwise), for frontends that chain callbacks rather than run a
+        coroutine per request. Cancelling the future drops the request from the queue.
+        """
         served = self._lookup(model, version)
         stats = served.stats
         stats.requests += 1
         stats.queue_depth = served.batcher.queue_depth
         try:
             rows = self._check_inputs(served, inputs)
-            wanted = self._check_outputs(served.version, outputs)
-            result = await served.batcher.submit(inputs, rows, deadline)
+            future = served.batcher.enqueue(inputs, rows, deadline)
         except BaseException:
             stats.failures += 1
             raise
-        stats.successes += 1
-        if wanted is None:
-            return result
-        return {name: result[name] for name in wanted}
+        future.add_done_callback(stats.count_outcome)
+        return future
 
     def _lookup(self, model: str, version: str | None) -> _Served:
         chosen = self.repository.get(model, version or None)
