@@ -213,3 +213,51 @@ async def test_kubemo_client_unchanged_against_the_ported_fashion_mnist(fashion_
         assert ours[0][0].value.keys() == _expected_top3(photos[0]).keys()
     finally:
         await served.close()
+
+
+async def test_a_request_whose_client_left_is_dropped_from_the_queue(tmp_path):
+    model_dir = tmp_path / "repo" / "slow" / "1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.py").write_text(
+        "import time\n"
+        "from mip.kubemo.inference import Inference\n"
+        "from mip.kubemo.serialize import Text\n"
+        "class Slow(Inference):\n"
+        "    def preprocess(self, inputs):\n"
+        "        return tuple(x.decode() for x in inputs)\n"
+        "    def concat(self, batch):\n"
+        "        return tuple(zip(*batch))\n"
+        "    def forward(self, inputs):\n"
+        "        time.sleep(0.4)\n"
+        "        return inputs\n"
+        "    def postprocess(self, outputs):\n"
+        "        return tuple(Text(x) for x in outputs)\n")
+    (tmp_path / "repo" / "slow" / "config.json").write_text('{"max_batch_size": 1}')
+    served = await _serve(tmp_path / "repo")
+    try:
+        stats = served.engine.stats()[("slow", "1")]
+        first, gone = AsyncClient(served.url), AsyncClient(served.url)
+        running = asyncio.ensure_future(first.infer([["a"]], model="slow"))
+        for _ in range(100):  # wait until the first request runs
+            if stats.requests and served.engine.stats()[("slow", "1")].queue_depth == 0:
+                break
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(gone.infer([["b"]], model="slow"))
+        for _ in range(100):
+            if stats.requests == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert served.engine.stats()[("slow", "1")].queue_depth == 1
+        await gone.close()  # the second client leaves while its request waits
+        for _ in range(100):
+            if served.engine.stats()[("slow", "1")].queue_depth == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert served.engine.stats()[("slow", "1")].queue_depth == 0
+        assert (await asyncio.wait_for(running, 5))[0][0] == mip.Text("a")
+        assert stats.rows == 1  # the abandoned request never ran
+        with pytest.raises(ConnectionError):
+            await queued
+        await first.close()
+    finally:
+        await served.close()
