@@ -129,6 +129,9 @@ class Engine:
         """
         async with self._lock:
             new, old = await asyncio.to_thread(self.repository.load, model)
+            # Take the old versions' batchers out before the new ones take their keys (a
+            # reload keeps the version names), so that they are drained, not lost.
+            retiring = self._withdraw(model, old)
             for version in new:
                 if version.ready:
                     self._serve(version)
@@ -137,7 +140,7 @@ class Engine:
                 else:
                     log.error("model %s version %s failed to load: %s", model, version.version,
                               version.reason)
-            await self._retire(model, old, keep=new)
+            await self._retire(retiring, old, keep=new)
 
     async def unload(self, model: str) -> None:
         """Stop serving ``model``: queued and running requests finish first.
@@ -146,7 +149,8 @@ class Engine:
             ModelNotFound: the model is not loaded.
         """
         async with self._lock:
-            await self._retire(model, self.repository.unload(model), keep=[])
+            versions = self.repository.unload(model)
+            await self._retire(self._withdraw(model, versions), versions, keep=[])
 
     def _serve(self, version: ModelVersion) -> None:
         stats = ModelStats()
@@ -168,14 +172,19 @@ class Engine:
         batcher.start()
         self._served[key] = _Served(version, batcher, stats)
 
-    async def _retire(self, model: str, versions: list[ModelVersion],
-                      keep: list[ModelVersion]) -> None:
-        retiring = []
+    def _withdraw(self, model: str, versions: list[ModelVersion]) -> list[_Served]:
+        """Stop routing requests to ``versions``; return their served entries."""
+        withdrawn = []
         for version in versions:
             served = self._served.get((model, version.version))
             if served is not None and served.version is version:
                 del self._served[(model, version.version)]
-                retiring.append(served)
+                withdrawn.append(served)
+        return withdrawn
+
+    async def _retire(self, retiring: list[_Served], versions: list[ModelVersion],
+                      keep: list[ModelVersion]) -> None:
+        """Finish the work queued for ``retiring``, then close ``versions`` not in ``keep``."""
         await asyncio.gather(*(s.batcher.stop(self._drain_timeout) for s in retiring))
         for version in versions:
             if version not in keep:
