@@ -868,12 +868,9 @@ cdef class FrameParser(StreamParser):
                  Py_ssize_t chunk_size=65536):
         if max_frame_size < MIP_HEADER_SIZE:
             raise ValueError("max_frame_size must be at least 8 octets")
-        if chunk_size < 256:
-            raise ValueError("chunk_size must be at least 256 octets")
+        self.set_chunk_size(chunk_size)
         self.max_frame = max_frame_size
-        self.chunk_size = chunk_size
         self.align_frames = True
-        self.min_free = min(4096, chunk_size // 4)
 
     @property
     def max_frame_size(self):

@@ -213,11 +213,8 @@ cdef class FrameParser(StreamParser):
     def __init__(self, Py_ssize_t max_payload=DEFAULT_MAX_PAYLOAD, Py_ssize_t chunk_size=65536):
         if max_payload < 0:
             raise ValueError("max_payload must be >= 0")
-        if chunk_size < 256:
-            raise ValueError("chunk_size must be at least 256 octets")
+        self.set_chunk_size(chunk_size)
         self.max_payload = max_payload
-        self.chunk_size = chunk_size
-        self.min_free = min(4096, chunk_size // 4)
 
     @property
     def max_payload_size(self):

@@ -22,6 +22,7 @@ cdef class StreamParser:
     cdef object error            # the error to raise on the next call, once broken
     cdef bint align_frames       # decode every frame from 8-aligned memory
 
+    cdef int set_chunk_size(self, Py_ssize_t chunk_size) except -1
     cdef Py_ssize_t frame_length(self, const unsigned char *p, Py_ssize_t avail) except -2
     cdef object decode_frame(self, Chunk chunk, Py_ssize_t offset, Py_ssize_t length)
     cdef int ensure_space(self) except -1

@@ -124,6 +124,14 @@ cdef class StreamParser:
         self.error = None
         self.align_frames = False
 
+    cdef int set_chunk_size(self, Py_ssize_t chunk_size) except -1:
+        """Receive memory comes in chunks of `chunk_size` octets (larger frames get their own)."""
+        if chunk_size < 256:
+            raise ValueError("chunk_size must be at least 256 octets")
+        self.chunk_size = chunk_size
+        self.min_free = min(4096, chunk_size // 4)
+        return 0
+
     cdef Py_ssize_t frame_length(self, const unsigned char *p, Py_ssize_t avail) except -2:
         raise NotImplementedError
 
