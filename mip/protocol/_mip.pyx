@@ -11,6 +11,7 @@ cimport numpy as cnp
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
 from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
@@ -1039,19 +1040,20 @@ cdef _Plan _plan(object batch, int kind, int subtype, int n_input, object n_outp
     cdef _Enc *e
     cdef list items = []
     plan.keep = []
-    items = [tuple(item) for item in batch]
+    # Lists and tuples are read in place (PySequence_Fast); other sequences are copied once.
+    items = [item if type(item) is tuple or type(item) is list else tuple(item) for item in batch]
     bsize = len(items)
     if bsize > 0xFFFF:
         raise ValueError(f"a batch holds at most 65535 items, got {bsize}")
     if bsize:
-        per_item = len(<tuple>items[0])
+        per_item = PySequence_Fast_GET_SIZE(items[0])
     elif subtype == MIP_RESPONSE and n_output is not None:
         per_item = n_output
     else:
         per_item = 0
     for i in range(bsize):
-        if len(<tuple>items[i]) != per_item:
-            raise ValueError(f"item {i} has {len(<tuple>items[i])} values, item 0 has {per_item}")
+        if PySequence_Fast_GET_SIZE(items[i]) != per_item:
+            raise ValueError(f"item {i} has {len(items[i])} values, item 0 has {per_item}")
     if per_item > 255:
         raise ValueError(f"an item holds at most 255 values, got {per_item}")
     plan.kind = kind
@@ -1085,11 +1087,14 @@ cdef _Plan _plan(object batch, int kind, int subtype, int n_input, object n_outp
         raise MemoryError()
     k = 0
     for i in range(bsize):
+        item = items[i]
         for j in range(per_item):
             e = &plan.vals[k]
             e.pad = 0
             e.segment_src = NULL
-            _normalize(e, (<tuple>items[i])[j], plan.keep)
+            if PySequence_Fast_GET_SIZE(item) != per_item:  # a list changed while encoding
+                raise ValueError(f"item {i} changed size while it was being encoded")
+            _normalize(e, <object>PySequence_Fast_GET_ITEM(item, j), plan.keep)
             off += MIP_TLV_HEADER_SIZE
             if e.type == T_TENSOR:
                 hdr = 4 + 4 * e.ndim
