@@ -8,7 +8,8 @@ into a list of buffers (headers plus the tensors' own memory) for
 """
 
 cimport numpy as cnp
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE
+from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
@@ -1163,6 +1164,29 @@ cdef bytes _encode_plan(_Plan plan):
     return res
 
 
+cdef class _Octets:
+    """Read-only octets of another object's memory, exported through the buffer protocol;
+    holding the owner keeps that memory alive."""
+    cdef object owner
+    cdef const unsigned char *data
+    cdef Py_ssize_t size
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, <void *>self.data, self.size, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+
+cdef object _octets(object owner, const unsigned char *data, Py_ssize_t size):
+    """A flat, read-only memoryview of `size` octets at `data`, owned by `owner`."""
+    cdef _Octets o = _Octets.__new__(_Octets)
+    o.owner = owner
+    o.data = data
+    o.size = size
+    return PyMemoryView_FromObject(o)
+
+
 cdef list _encode_plan_buffers(_Plan plan, Py_ssize_t copy_threshold):
     cdef Py_ssize_t k, inline_size = plan.total, seg_start = 0, pos
     cdef _Enc *e
@@ -1192,11 +1216,7 @@ cdef list _encode_plan_buffers(_Plan plan, Py_ssize_t copy_threshold):
             pos = w - base
             out.append(view[seg_start:pos])
             seg_start = pos
-            src = <object>e.segment_src
-            if cnp.PyArray_Check(src):
-                out.append(memoryview((<cnp.ndarray>src).reshape(-1).view(np.uint8)))
-            else:
-                out.append(memoryview(src).cast("B"))
+            out.append(_octets(<object>e.segment_src, e.data, e.data_len))
         elif e.data_len:
             memcpy(w, e.data, e.data_len)
             w += e.data_len
