@@ -387,7 +387,6 @@ cdef inline Message _new_message(int kind, int subtype):
 cdef class _FrameView:
     """The frame being decoded: its memory, its owner and a lazily made memoryview."""
     cdef const unsigned char *base
-    cdef Py_ssize_t length
     cdef Py_ssize_t origin        # offset of the frame inside the owner's memory
     cdef object owner
     cdef object view
@@ -604,7 +603,6 @@ cdef list _walk(Message m, bint build):
     if build:
         fv = _FrameView.__new__(_FrameView)
         fv.base = base
-        fv.length = length
         fv.owner = m._owner
         fv.origin = m._origin
         fv.writable = m._writable
@@ -659,9 +657,26 @@ cdef int _check_value(const unsigned char *base, uint32_t vtype, Py_ssize_t off,
     raise_wire_error(MIP_E_VALUE_TYPE, off - 8, f"TLV type {vtype} is reserved and not defined")
 
 
-cdef Py_ssize_t _find_values(Message m, Py_ssize_t j, Py_ssize_t *offsets, Py_ssize_t *sizes,
-                             uint32_t *types) except -1:
-    """Offsets, sizes and types of value `j` of every item (the frame was checked)."""
+cdef Py_ssize_t *_locate(Message m, Py_ssize_t j) except NULL:
+    """Offsets, sizes and types of value `j` of every item, in one block the caller frees
+    with PyMem_Free: ``n`` offsets, then ``n`` sizes, then ``n`` u32 types."""
+    cdef Py_ssize_t n = max(m._bsize, 1)
+    if not 0 <= j < m._per_item:
+        raise IndexError(f"value index {j} out of range: items hold {m._per_item} values")
+    cdef Py_ssize_t *offsets = <Py_ssize_t *>PyMem_Malloc(n * (2 * sizeof(Py_ssize_t) + sizeof(uint32_t)))
+    if offsets == NULL:
+        raise MemoryError()
+    try:
+        _find_values(m, j, offsets, offsets + n, <uint32_t *>(offsets + 2 * n))
+    except BaseException:
+        PyMem_Free(offsets)
+        raise
+    return offsets
+
+
+cdef int _find_values(Message m, Py_ssize_t j, Py_ssize_t *offsets, Py_ssize_t *sizes,
+                      uint32_t *types) except -1:
+    """Fill offsets, sizes and types of value `j` of every item (the frame was checked)."""
     cdef const unsigned char *base = m._base
     cdef Py_ssize_t pos = m._values_at, i, k, vsize
     for i in range(m._bsize):
@@ -684,16 +699,11 @@ cdef list _rows(Message m, Py_ssize_t j):
     cdef mip_tensor_header t
     cdef size_t err_off = 0
     cdef int rc
-    if not 0 <= j < m._per_item:
-        raise IndexError(f"value index {j} out of range: items hold {m._per_item} values")
-    cdef Py_ssize_t *offsets = <Py_ssize_t *>PyMem_Malloc(max(n, 1) * (2 * sizeof(Py_ssize_t) + sizeof(uint32_t)))
-    if offsets == NULL:
-        raise MemoryError()
+    cdef Py_ssize_t *offsets = _locate(m, j)
     cdef Py_ssize_t *sizes = offsets + max(n, 1)
-    cdef uint32_t *types = <uint32_t *>(sizes + max(n, 1))
+    cdef uint32_t *types = <uint32_t *>(offsets + 2 * max(n, 1))
     cdef list out = PyList_New(n)
     try:
-        _find_values(m, j, offsets, sizes, types)
         for i in range(n):
             r = 1
             if types[i] == T_TENSOR:
@@ -718,17 +728,13 @@ cdef object _column(Message m, Py_ssize_t j):
     cdef cnp.npy_intp strides[33]
     cdef const unsigned char *data0 = NULL
     cdef const unsigned char *data
-    if not 0 <= j < m._per_item:
-        raise IndexError(f"value index {j} out of range: items hold {m._per_item} values")
+    cdef Py_ssize_t *offsets = _locate(m, j)
     if n == 0:
+        PyMem_Free(offsets)
         raise ValueError("the batch is empty")
-    cdef Py_ssize_t *offsets = <Py_ssize_t *>PyMem_Malloc(n * (2 * sizeof(Py_ssize_t) + sizeof(uint32_t)))
-    if offsets == NULL:
-        raise MemoryError()
     cdef Py_ssize_t *sizes = offsets + n
-    cdef uint32_t *types = <uint32_t *>(sizes + n)
+    cdef uint32_t *types = <uint32_t *>(offsets + 2 * n)
     try:
-        _find_values(m, j, offsets, sizes, types)
         for i in range(n):
             if types[i] != T_TENSOR:
                 uniform = False
@@ -1187,6 +1193,11 @@ cdef object _octets(object owner, const unsigned char *data, Py_ssize_t size):
     return PyMemoryView_FromObject(o)
 
 
+cdef inline bint _sent_apart(_Enc *e, Py_ssize_t copy_threshold):
+    """Whether a value leaves from its own memory rather than copied beside its header."""
+    return e.type == T_TENSOR and e.data_len >= copy_threshold and e.segment_src != NULL
+
+
 cdef list _encode_plan_buffers(_Plan plan, Py_ssize_t copy_threshold):
     cdef Py_ssize_t k, inline_size = plan.total, seg_start = 0, pos
     cdef _Enc *e
@@ -1194,25 +1205,18 @@ cdef list _encode_plan_buffers(_Plan plan, Py_ssize_t copy_threshold):
     cdef unsigned char *base
     cdef unsigned char *w
     for k in range(plan.n):
-        e = &plan.vals[k]
-        if e.type == T_TENSOR and e.data_len >= copy_threshold and e.segment_src != NULL:
-            inline_size -= e.data_len
+        if _sent_apart(&plan.vals[k], copy_threshold):
+            inline_size -= plan.vals[k].data_len
+    if inline_size == plan.total:
+        return [_encode_plan(plan)]  # nothing large: one object
     inline = PyBytes_FromStringAndSize(NULL, inline_size)
     base = <unsigned char *>PyBytes_AS_STRING(inline)
     w = _write_head(plan, base)
-    if inline_size == plan.total:
-        for k in range(plan.n):
-            e = &plan.vals[k]
-            w = _write_value_header(e, w)
-            if e.data_len:
-                memcpy(w, e.data, e.data_len)
-                w += e.data_len
-        return [inline]
     view = memoryview(inline)
     for k in range(plan.n):
         e = &plan.vals[k]
         w = _write_value_header(e, w)
-        if e.type == T_TENSOR and e.data_len >= copy_threshold and e.segment_src != NULL:
+        if _sent_apart(e, copy_threshold):
             pos = w - base
             out.append(view[seg_start:pos])
             seg_start = pos
