@@ -87,23 +87,24 @@ class MipHandler:
             reply.set_result(mip.encode_response_buffers(
                 [], n_input=message.n_input, kind=message.kind, n_output=len(served.outputs)))
             return reply
+        kind, n_input = message.kind, message.n_input
         if served.max_batch_size == 0 and len(message) > 1:
             # A model that does not batch runs each item on its own.
-            task = loop.create_task(self(message))
-            task.add_done_callback(lambda t: _settle(reply, t, lambda r: r))
-            reply.add_done_callback(lambda r: task.cancel() if r.cancelled() else None)
-            return reply
-        inputs, rows = self._inputs(served, message)
-        outputs = self.engine.submit(model, inputs, version=served.version,
-                                     deadline=self._deadline())
-        kind, n_input = message.kind, message.n_input
+            work = loop.create_task(self._each_item(model, served, message.batch))
 
-        def encode(result):
-            items = _split(served, result, rows)
-            return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
+            def encode(items):
+                return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
+        else:
+            inputs, rows = self._inputs(served, message)
+            work = self.engine.submit(model, inputs, version=served.version,
+                                      deadline=self._deadline())
 
-        outputs.add_done_callback(lambda f: _settle(reply, f, encode))
-        reply.add_done_callback(lambda r: outputs.cancel() if r.cancelled() else None)
+            def encode(result):
+                items = _split(served, result, rows)
+                return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
+
+        work.add_done_callback(lambda f: _settle(reply, f, encode))
+        reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)
         return reply
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
@@ -113,19 +114,7 @@ class MipHandler:
 
     async def __call__(self, message: mip.Message) -> list:
         """Serve `message` and return its reply buffers (the coroutine form of :meth:`start`)."""
-        model, served = self._route(message)
-        if not len(message):
-            return mip.encode_response_buffers([], n_input=message.n_input, kind=message.kind,
-                                               n_output=len(served.outputs))
-        deadline = self._deadline()
-        if served.max_batch_size == 0 and len(message) > 1:
-            # A model that does not batch runs each item on its own.
-            results = await asyncio.gather(*(
-                self._run(model, served, _single(item), deadline) for item in message.batch))
-            items = [row for result in results for row in result]
-        else:
-            items = await self._run(model, served, message, deadline)
-        return mip.encode_response_buffers(items, n_input=message.n_input, kind=message.kind)
+        return await self.start(message)
 
     def _route(self, message: mip.Message):
         """The model a message reaches and the version that serves it, looked up once:
@@ -156,10 +145,18 @@ class MipHandler:
             inputs[spec.name], rows = _columns(source, index)
         return inputs, rows
 
-    async def _run(self, model, served, source, deadline) -> list[tuple]:
-        inputs, rows = self._inputs(served, source)
-        outputs = await self.engine.infer(model, inputs, version=served.version, deadline=deadline)
-        return _split(served, outputs, rows)
+    async def _each_item(self, model, served, batch) -> list[tuple]:
+        """Run every item as a request of its own (for a model without a batch axis)."""
+        deadline = self._deadline()
+
+        async def one(item):
+            inputs, rows = self._inputs(served, _single(item))
+            outputs = await self.engine.infer(model, inputs, version=served.version,
+                                              deadline=deadline)
+            return _split(served, outputs, rows)
+
+        results = await asyncio.gather(*(one(item) for item in batch))
+        return [row for result in results for row in result]
 
 
 def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
