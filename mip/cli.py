@@ -191,10 +191,6 @@ async def _serve(args) -> int:
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository
 
-    try:
-        import uvloop  # noqa: F401  (installed by the 'serve' extra; chosen in main())
-    except ImportError:
-        pass
     if args.model_repository:
         root = args.model_repository
     else:

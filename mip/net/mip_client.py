@@ -150,8 +150,7 @@ class Client:
             try:
                 conn = self._idle.get_nowait()
             except queue.Empty:
-                sock = _connect(self.url, self.timeout, self.ssl, self.server_hostname)
-                return _BlockingConnection(sock, self.max_frame_size), False
+                return self._acquire_new()
             if not conn.dropped():
                 return conn, True
             conn.close()
