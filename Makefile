@@ -3,7 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench build annotate clean
+.PHONY: serve test bench build annotate clean sysdeps
+
+# Debian packages: libnghttp2's headers (the native gRPC transport), redis-server (tests).
+# Installed when missing, as root or with password-less sudo; otherwise left to the user.
+APT_PACKAGES ?= libnghttp2-dev
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	    sudo apt-get update -qq && sudo apt-get install -y -qq $$missing; \
+	  else echo "mip: please install$$missing"; fi; fi
+endef
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -11,18 +23,19 @@ $(BIN)/python:
 
 ## serve: install mip with its serving extras and run `mip serve` on the demo repository
 serve: $(BIN)/python
+	$(call apt_install,$(APT_PACKAGES))
 	$(BIN)/python -m pip install '.[serve]'
 	$(BIN)/mip serve
 
 ## test: install mip (editable, extension built in place) with test extras; run the whole suite
 test: $(BIN)/python
+	$(call apt_install,$(APT_PACKAGES) redis-server)
 	$(BIN)/python -m pip install -e '.[test]'
-	@if [ "$$(id -u)" = 0 ]; then command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server); \
-	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then command -v redis-server >/dev/null || (sudo apt-get update && sudo apt-get install -y redis-server); fi
 	$(BIN)/python -m pytest
 
 ## bench: the codec comparison (ours vs struct, protobuf and memcpy), ratios printed
 bench: $(BIN)/python
+	$(call apt_install,$(APT_PACKAGES))
 	$(BIN)/python -m pip install -e '.[bench]'
 	$(BIN)/python bench/compare_codec.py
 

@@ -30,6 +30,36 @@ extensions = [
     for name in ("_stream", "_mip", "_msip")
 ]
 
+
+
+def _nghttp2_include() -> list[str] | None:
+    """Include folders for libnghttp2's headers, or None where they are not installed."""
+    import shutil
+    import subprocess
+
+    if shutil.which("pkg-config"):
+        found = subprocess.run(["pkg-config", "--cflags-only-I", "libnghttp2"],
+                               capture_output=True, text=True)
+        if found.returncode == 0:
+            return [flag[2:] for flag in found.stdout.split()]
+    for prefix in filter(None, [os.environ.get("NGHTTP2_PREFIX"), "/usr", "/usr/local"]):
+        if os.path.isfile(os.path.join(prefix, "include", "nghttp2", "nghttp2.h")):
+            return [os.path.join(prefix, "include")]
+    return None
+
+
+# The gRPC transport (mip.protocol._h2) needs libnghttp2 (Debian: libnghttp2-dev); without
+# it the package builds the rest and `mip serve` serves gRPC through grpcio.
+NGHTTP2 = None if os.environ.get("MIP_WITHOUT_NGHTTP2") == "1" else _nghttp2_include()
+if NGHTTP2 is not None:
+    extensions.append(Extension(
+        "mip.protocol._h2", ["mip/protocol/_h2.pyx"],
+        include_dirs=NGHTTP2, libraries=["nghttp2"],
+        extra_compile_args=compile_args, define_macros=macros))
+else:
+    print("mip: libnghttp2 headers not found (apt-get install libnghttp2-dev): "
+          "building without mip.protocol._h2, the native gRPC transport")
+
 directives = {"language_level": "3", "embedsignature": True}
 if DEBUG:
     directives.update(boundscheck=True, wraparound=True)

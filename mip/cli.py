@@ -125,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-max-message-size", type=_size, default=64 << 20,
                        metavar="OCTETS",
                        help="largest gRPC request or reply, e.g. 64M (default 64M)")
+    serve.add_argument("--grpc-impl", choices=("native", "grpcio"), default=None,
+                       help="gRPC transport: 'native' (mip's HTTP/2 on libnghttp2, the default "
+                            "where it is built) or 'grpcio'")
     serve.add_argument("--http-max-body-size", type=_size, default=64 << 20, metavar="OCTETS",
                        help="largest REST request body after decompression, e.g. 64M "
                             "(default 64M)")
@@ -252,10 +255,12 @@ async def _start_oip(args, engine) -> list:
             server = GrpcServer(engine, metrics=metrics,
                                 max_message_size=args.grpc_max_message_size,
                                 request_timeout=args.request_timeout, tls_cert=args.tls_cert,
-                                tls_key=args.tls_key, tls_ca=args.tls_ca)
+                                tls_key=args.tls_key, tls_ca=args.tls_ca,
+                                implementation=args.grpc_impl)
             address = await server.start(args.grpc)
             started.append(server)
-            print(f"mip: serving KServe v2 gRPC on {address}", flush=True)
+            print(f"mip: serving KServe v2 gRPC on {address} ({server.implementation})",
+                  flush=True)
         if http_on:
             from mip.frontends.miaas import mount_miaas
             from mip.frontends.oip.rest import HttpServer, build_app

@@ -58,8 +58,9 @@ class OipServer:
     """
 
     def __init__(self, repo: Path, *, models=None, grpc_max_message_size: int = 64 << 20,
-                 http_max_body_size: int = 64 << 20):
+                 http_max_body_size: int = 64 << 20, grpc_implementation: str | None = None):
         self.repo = repo
+        self._grpc_impl = grpc_implementation
         self._models = models
         self._grpc_max = grpc_max_message_size
         self._http_max = http_max_body_size
@@ -76,7 +77,8 @@ class OipServer:
         await self.engine.start()
         self.metrics = Metrics(self.engine)
         self.grpc = GrpcServer(self.engine, metrics=self.metrics,
-                               max_message_size=self._grpc_max)
+                               max_message_size=self._grpc_max,
+                               implementation=self._grpc_impl)
         self.grpc_url = await self.grpc.start("127.0.0.1:0")
         self.app = build_app(self.engine, metrics=self.metrics,
                              max_body_size=self._http_max)

@@ -27,10 +27,21 @@ from tritonclient.utils import InferenceServerException
 LIMIT = 4 << 20  # octets: the server's gRPC message limit in these tests
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _implementations():
+    from mip.frontends.oip.grpc import native_available
+
+    native = pytest.param("native", marks=pytest.mark.skipif(
+        not native_available(), reason="mip.protocol._h2 not built (no libnghttp2 headers)"))
+    return [native, "grpcio"]
+
+
+@pytest.fixture(scope="module", params=_implementations())
+def server(request, tmp_path_factory):
+    """Every test runs against both transports: mip's own HTTP/2 and grpcio's."""
     repo = build_repository(tmp_path_factory.mktemp("oip_grpc"))
-    with OipServer(repo, grpc_max_message_size=LIMIT) as served:
+    with OipServer(repo, grpc_max_message_size=LIMIT,
+                   grpc_implementation=request.param) as served:
+        assert served.grpc.implementation == request.param
         yield served
 
 

@@ -74,12 +74,16 @@ async def test_mip_over_mutual_tls(engine, pki):
         await server.stop()
 
 
-async def test_grpc_over_tls_with_tritonclient(engine, pki):
+@pytest.mark.parametrize("implementation", ["native", "grpcio"])
+async def test_grpc_over_tls_with_tritonclient(engine, pki, implementation):
     grpcclient = pytest.importorskip("tritonclient.grpc")
-    from mip.frontends.oip.grpc import GrpcServer
+    from mip.frontends.oip.grpc import GrpcServer, native_available
 
+    if implementation == "native" and not native_available():
+        pytest.skip("mip.protocol._h2 not built (no libnghttp2 headers)")
     _, _, _, paths = pki
-    server = GrpcServer(engine, tls_cert=str(paths["cert"]), tls_key=str(paths["key"]))
+    server = GrpcServer(engine, tls_cert=str(paths["cert"]), tls_key=str(paths["key"]),
+                        implementation=implementation)
     address = await server.start("127.0.0.1:0")
     try:
         def call():
@@ -90,5 +94,34 @@ async def test_grpc_over_tls_with_tritonclient(engine, pki):
             return client.infer("identity", [x]).as_numpy("output")
         out = await asyncio.to_thread(call)
         np.testing.assert_array_equal(out, np.ones((1, 16), np.float32))
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("implementation", ["native", "grpcio"])
+async def test_grpc_mutual_tls_requires_a_client_certificate(engine, pki, implementation):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    from mip.frontends.oip.grpc import GrpcServer, native_available
+
+    if implementation == "native" and not native_available():
+        pytest.skip("mip.protocol._h2 not built (no libnghttp2 headers)")
+    _, _, _, paths = pki
+    server = GrpcServer(engine, tls_cert=str(paths["cert"]), tls_key=str(paths["key"]),
+                        tls_ca=str(paths["ca"]), implementation=implementation)
+    address = await server.start("127.0.0.1:0")
+    try:
+        def live(**certs):
+            client = grpcclient.InferenceServerClient(address, ssl=True,
+                                                      root_certificates=str(paths["ca"]), **certs)
+            try:
+                return client.is_server_live(client_timeout=5)
+            finally:
+                client.close()
+        assert await asyncio.to_thread(live, private_key=str(paths["client"]),
+                                       certificate_chain=str(paths["client"]))
+        with pytest.raises(InferenceServerException):
+            await asyncio.to_thread(live)
     finally:
         await server.stop()

@@ -42,6 +42,8 @@ def test_wheel_holds_compiled_modules_and_declarations_not_generated_c(dists):
     for module in ("_stream", "_mip", "_msip"):
         assert any(n.startswith(f"mip/protocol/{module}.") and n.endswith(".so") for n in names), module
         assert f"mip/protocol/{module}.pxd" in names or module == "_stream" and "mip/protocol/_stream.pxd" in names
+    # the native gRPC transport, built wherever libnghttp2's headers are (CI installs them)
+    assert any(n.startswith("mip/protocol/_h2.") and n.endswith(".so") for n in names)
     assert "mip/protocol/wire.pxd" in names
     assert not [n for n in names if n.endswith((".c", ".pyx", ".html"))]
 
@@ -50,7 +52,7 @@ def test_sdist_holds_sources(dists):
     sdist = next(dists.glob("mip_toolkit-*.tar.gz"))
     names = tarfile.open(sdist).getnames()
     for path in ("csrc/mip_wire.h", "mip/protocol/_mip.pyx", "mip/protocol/_msip.pyx",
-                 "mip/protocol/_stream.pyx", "setup.py", "pyproject.toml"):
+                 "mip/protocol/_h2.pyx", "mip/protocol/_stream.pyx", "setup.py", "pyproject.toml"):
         assert any(n.endswith(path) for n in names), path
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 import grpc
 import numpy as np
@@ -27,7 +28,8 @@ from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "STREAM_WINDOW", "GrpcServer"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "IMPLEMENTATIONS", "STREAM_WINDOW", "GrpcServer",
+           "native_available"]
 
 log = logging.getLogger("mip.frontends.oip.grpc")
 
@@ -390,6 +392,51 @@ def _handlers(service: _Service) -> grpc.GenericRpcHandler:
     })
 
 
+def native_available() -> bool:
+    """Whether the native HTTP/2 transport (``mip.protocol._h2``, libnghttp2) is built."""
+    try:
+        from mip.protocol import _h2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: ``native``: mip's own HTTP/2 transport on libnghttp2 (the default where it is built);
+#: ``grpcio``: grpcio's asyncio server.
+IMPLEMENTATIONS = ("native", "grpcio")
+
+
+def _native_methods(service: _Service) -> dict:
+    from mip.net.grpc_server import stream_stream, unary
+
+    def typed(function, request_type, response_type):
+        return unary(function, request_type.FromString, response_type.SerializeToString)
+
+    prefix = f"/{_SERVICE}/"
+    return {
+        prefix + "ServerLive": typed(service.server_live, pb.ServerLiveRequest,
+                                     pb.ServerLiveResponse),
+        prefix + "ServerReady": typed(service.server_ready, pb.ServerReadyRequest,
+                                      pb.ServerReadyResponse),
+        prefix + "ModelReady": typed(service.model_ready, pb.ModelReadyRequest,
+                                     pb.ModelReadyResponse),
+        prefix + "ServerMetadata": typed(service.server_metadata, pb.ServerMetadataRequest,
+                                         pb.ServerMetadataResponse),
+        prefix + "ModelMetadata": typed(service.model_metadata, pb.ModelMetadataRequest,
+                                        pb.ModelMetadataResponse),
+        prefix + "ModelInfer": unary(service.model_infer),
+        prefix + "ModelStreamInfer": stream_stream(service.model_stream_infer),
+        prefix + "RepositoryIndex": typed(service.repository_index, pb.RepositoryIndexRequest,
+                                          pb.RepositoryIndexResponse),
+        prefix + "RepositoryModelLoad": typed(service.repository_model_load,
+                                              pb.RepositoryModelLoadRequest,
+                                              pb.RepositoryModelLoadResponse),
+        prefix + "RepositoryModelUnload": typed(service.repository_model_unload,
+                                                pb.RepositoryModelUnloadRequest,
+                                                pb.RepositoryModelUnloadResponse),
+    }
+
+
 class GrpcServer:
     """The gRPC listener of the Open Inference Protocol.
 
@@ -401,15 +448,33 @@ class GrpcServer:
             ones are cut off by gRPC itself while they arrive.
         request_timeout: seconds a request may take, queueing included (``None``: only
             the client's own deadline applies).
+        tls_cert / tls_key / tls_ca: serve TLS with this certificate and key; with
+            ``tls_ca``, require client certificates signed by it.
+        implementation: ``native`` (mip's HTTP/2 transport), ``grpcio``, or ``None`` for
+            native where it is built and grpcio otherwise.
     """
 
     def __init__(self, engine, *, metrics=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  request_timeout: float | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, tls_ca: str | None = None):
+                 tls_key: str | None = None, tls_ca: str | None = None,
+                 implementation: str | None = None):
         if max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
         if tls_cert and not tls_key:
             raise ValueError("TLS needs both a certificate and its key")
+        if implementation is None:
+            implementation = "native" if native_available() else "grpcio"
+            if implementation == "grpcio":
+                log.warning("mip.protocol._h2 is not built (libnghttp2 was missing at build "
+                            "time): serving gRPC through grpcio")
+        elif implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"gRPC implementation must be one of {', '.join(IMPLEMENTATIONS)}, "
+                             f"not {implementation!r}")
+        elif implementation == "native" and not native_available():
+            raise RuntimeError("the native gRPC transport is not built: install libnghttp2's "
+                               "headers (Debian: libnghttp2-dev) and reinstall mip, or use "
+                               "--grpc-impl grpcio")
+        self.implementation = implementation
         self.dataplane = DataPlane(engine, metrics, request_timeout)
         self.max_message_size = max_message_size
         self._tls = (tls_cert, tls_key, tls_ca) if tls_cert else None
@@ -418,6 +483,8 @@ class GrpcServer:
 
     async def start(self, address: str) -> str:
         """Listen on ``HOST:PORT`` (port 0: a free port); returns the bound ``HOST:PORT``."""
+        if self.implementation == "native":
+            return await self._start_native(address)
         limit = min(2 * self.max_message_size, _MAX_GRPC_LIMIT)
         server = aio.server(options=[
             ("grpc.max_receive_message_length", limit),
@@ -441,6 +508,30 @@ class GrpcServer:
         await server.start()
         self._server = server
         self.address = f"{host}:{bound}"
+        return self.address
+
+    async def _start_native(self, address: str) -> str:
+        from mip.net.grpc_server import GrpcServer as Transport
+
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"gRPC address must be HOST:PORT, not {address!r}")
+        context = None
+        if self._tls is not None:
+            cert, key, ca = self._tls
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(cert, key)
+            if ca:
+                context.load_verify_locations(ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        limit = self.max_message_size
+        server = Transport(
+            _native_methods(_Service(self.dataplane, limit)), max_message_size=limit, ssl=context,
+            too_large=lambda n: (f"request of {n} octets is over the gRPC message limit of "
+                                 f"{limit} octets (--grpc-max-message-size)"))
+        bound_host, bound_port = await server.start(host.strip("[]"), int(port))
+        self._server = server
+        self.address = f"{host}:{bound_port}"
         return self.address
 
     async def stop(self, grace: float | None = 5.0) -> None:

@@ -1,0 +1,463 @@
+"""A gRPC server on asyncio and :class:`mip.protocol._h2.GrpcConnection` (libnghttp2).
+
+The server knows methods, not services: a dict from ``/package.Service/Method`` to a
+:class:`Method`, each a unary or a bidirectional-streaming handler written like a
+grpc.aio one (``async def handler(request, context)``; a streaming handler is an async
+generator over an async iterator of requests). Handlers that take and return ``bytes``
+(no serializers) see the received message as one ``bytes`` object, so tensor fields can be
+numpy views of it.
+
+A call whose client resets its stream (a cancelled call) or whose ``grpc-timeout``
+passes has its handler task cancelled; a deadline ends the call with DEADLINE_EXCEEDED.
+Messages over ``max_message_size`` are refused with RESOURCE_EXHAUSTED before their
+memory is taken. Replies finished in one pass of the event loop leave in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+import ssl as _ssl
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mip.protocol import _h2
+
+__all__ = ["Context", "GrpcServer", "Method", "RpcError", "Status", "stream_stream", "unary"]
+
+log = logging.getLogger("mip.net.grpc_server")
+
+_RECEIVE_BUFFER = 256 << 10
+_STREAM_QUEUE = 4096  # messages of one streaming call waiting for its handler
+_EOF = object()
+
+
+class Status(enum.IntEnum):
+    """gRPC status codes."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+def _status(code) -> int:
+    """A status from a :class:`Status`, an int, a name or a ``grpc.StatusCode``."""
+    if isinstance(code, str):
+        return int(Status[code])
+    value = getattr(code, "value", code)
+    if isinstance(value, tuple):  # grpc.StatusCode: (number, name)
+        value = value[0]
+    return int(value)
+
+
+class RpcError(Exception):
+    """Ends the call with ``code`` and ``details``; raised by :meth:`Context.abort`."""
+
+    def __init__(self, code, details: str = ""):
+        super().__init__(details)
+        self.code = _status(code)
+        self.details = details
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One RPC: its handler, its (de)serializers (``None``: bytes) and whether it streams."""
+
+    handler: Callable
+    streaming: bool = False
+    request_deserializer: Callable[[bytes], Any] | None = None
+    response_serializer: Callable[[Any], bytes] | None = None
+
+
+def unary(handler, request_deserializer=None, response_serializer=None) -> Method:
+    """A unary-unary method: ``await handler(request, context)`` returns the response."""
+    return Method(handler, False, request_deserializer, response_serializer)
+
+
+def stream_stream(handler, request_deserializer=None, response_serializer=None) -> Method:
+    """A bidirectional-streaming method: ``handler(requests, context)`` is an async
+    generator of responses; ``requests`` is an async iterator."""
+    return Method(handler, True, request_deserializer, response_serializer)
+
+
+class Context:
+    """What a handler knows of its call (a subset of grpc.aio's ``ServicerContext``)."""
+
+    __slots__ = ("_call", "_deadline", "_loop", "_trailers")
+
+    def __init__(self, call, deadline: float | None, loop):
+        self._call = call
+        self._deadline = deadline
+        self._loop = loop
+        self._trailers = ()
+
+    async def abort(self, code, details: str = ""):
+        """End the call with ``code`` (a :class:`Status` or ``grpc.StatusCode``)."""
+        raise RpcError(code, details)
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the client's deadline, or ``None`` without one."""
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - self._loop.time())
+
+    def invocation_metadata(self) -> tuple:
+        """The call's request headers other than HTTP/2's and gRPC's own."""
+        return tuple(self._call.metadata)
+
+    def peer(self) -> str:
+        return ""
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self._trailers = tuple(metadata)
+
+    def cancelled(self) -> bool:
+        return self._call.finished and self._call.tag is None
+
+
+def _decompress(data: bytes, encoding: str | None, limit: int) -> bytes:
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise RpcError(Status.UNIMPLEMENTED,
+                       f"compressed message with grpc-encoding {encoding or 'identity'!r}; "
+                       "this server reads identity, gzip and deflate")
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise RpcError(Status.INTERNAL, f"bad {encoding} message: {exc}") from None
+    if len(out) > limit:
+        raise RpcError(Status.RESOURCE_EXHAUSTED,
+                       f"decompressed message is over the limit of {limit} octets")
+    return out
+
+
+class _State:
+    """Per call: the method, its one request (unary) or queue (streaming), its task."""
+
+    __slots__ = ("method", "message", "queue", "task", "timer", "queued")
+
+    def __init__(self, method: Method):
+        self.method = method
+        self.message = None
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+        self.timer = None
+        self.queued = 0
+
+
+class _Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: GrpcServer):
+        self.server = server
+        self.loop = server._loop
+        self.transport = None
+        self.h2: _h2.GrpcConnection | None = None
+        self.buffer = memoryview(bytearray(_RECEIVE_BUFFER))
+        self.flush_scheduled = False
+        self.paused = False
+        self.closed = False
+
+    # -- asyncio -----------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s = self.server
+        self.h2 = _h2.GrpcConnection(max_message_size=s.max_message_size,
+                                     max_concurrent_streams=s.max_concurrent_streams)
+        s._connections.add(self)
+        self.flush()
+
+    def get_buffer(self, sizehint: int):
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            events = self.h2.receive(self.buffer[:nbytes])
+        except _h2.H2Error as exc:
+            log.debug("HTTP/2 error from the peer: %s", exc)
+            self._flush_now()
+            self.transport.close()
+            return
+        for event, call, value in events:
+            try:
+                self._event(event, call, value)
+            except Exception:  # one call's problem must not end the connection
+                log.exception("gRPC call %r failed", call)
+                if not call.finished:
+                    self.h2.finish(call, Status.INTERNAL, "internal error")
+        self._flush_now()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server._connections.discard(self)
+        if self.h2 is not None:
+            for call in self.h2.live_calls():
+                if not call.finished:
+                    self._cancel(call)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.transport.resume_reading()
+        self._flush_now()
+
+    # -- output ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send what is pending at the end of this pass of the event loop."""
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self.flush_scheduled = False
+        if self.closed:
+            return
+        try:
+            out = self.h2.data_to_send()
+        except _h2.H2Error as exc:
+            log.warning("HTTP/2 connection failed: %s", exc)
+            self.transport.close()
+            return
+        if out:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
+        if not self.h2.want_read and not self.h2.want_write:
+            self.transport.close()
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _event(self, event: int, call, value) -> None:
+        if event == _h2.EV_CALL:
+            self._begin(call)
+            return
+        state = call.tag
+        if event == _h2.EV_CLOSED:
+            if state is not None and not call.finished:
+                self._cancel(call)
+            elif state is not None and state.timer is not None:
+                state.timer.cancel()
+            return
+        if state is None or call.finished:
+            return
+        if event == _h2.EV_MESSAGE:
+            compressed, data = value
+            if compressed:
+                data = _decompress(data, call.encoding, self.server.max_message_size)
+            if state.method.streaming:
+                state.queued += 1
+                if state.queued > _STREAM_QUEUE:
+                    self._end(call, Status.RESOURCE_EXHAUSTED,
+                              f"more than {_STREAM_QUEUE} stream messages wait for the server")
+                    return
+                state.queue.put_nowait(data)
+            elif state.message is not None:
+                self._end(call, Status.UNIMPLEMENTED, "a unary call carries one request message")
+            else:
+                state.message = data
+        elif event == _h2.EV_HALF_CLOSED:
+            if state.method.streaming:
+                state.queue.put_nowait(_EOF)
+            elif state.message is None:
+                self._end(call, Status.UNIMPLEMENTED, "the call carries no request message")
+            else:
+                state.task = self.loop.create_task(self._unary(call, state))
+        elif event == _h2.EV_TOO_LARGE:
+            self._end(call, Status.RESOURCE_EXHAUSTED, self.server.too_large(value))
+
+    def _begin(self, call) -> None:
+        method = self.server.methods.get(call.path)
+        if method is None:
+            self._end(call, Status.UNIMPLEMENTED, f"unknown method {call.path}")
+            return
+        if call.method != "POST" or not (call.content_type or "").startswith("application/grpc"):
+            self._end(call, Status.INTERNAL,
+                      f"a gRPC call is a POST of application/grpc, not {call.method} of "
+                      f"{call.content_type}")
+            return
+        state = call.tag = _State(method)
+        if call.timeout is not None:
+            state.timer = self.loop.call_later(call.timeout, self._deadline, call)
+        if method.streaming:
+            state.queue = asyncio.Queue()
+            state.task = self.loop.create_task(self._streaming(call, state))
+
+    def _deadline(self, call) -> None:
+        if not call.finished:
+            state = call.tag
+            self._end(call, Status.DEADLINE_EXCEEDED, "deadline exceeded")
+            if state is not None and state.task is not None:
+                state.task.cancel()
+
+    def _cancel(self, call) -> None:
+        state = call.tag
+        call.tag = None
+        if state is not None:
+            if state.timer is not None:
+                state.timer.cancel()
+            if state.task is not None:
+                state.task.cancel()
+
+    def _end(self, call, code: int, details: str = "", trailers=()) -> None:
+        self.h2.finish(call, int(code), details, trailers)
+        state = call.tag
+        if state is not None and state.timer is not None:
+            state.timer.cancel()
+        self.flush()
+
+    def _context(self, call) -> Context:
+        timeout = call.timeout
+        return Context(call, None if timeout is None else self.loop.time() + timeout, self.loop)
+
+    async def _unary(self, call, state: _State) -> None:
+        method = state.method
+        context = self._context(call)
+        try:
+            request = state.message
+            state.message = None
+            if method.request_deserializer is not None:
+                try:
+                    request = method.request_deserializer(request)
+                except Exception as exc:
+                    raise RpcError(Status.INTERNAL, f"cannot parse the request: {exc}") from None
+            response = await method.handler(request, context)
+            if method.response_serializer is not None:
+                response = method.response_serializer(response)
+        except RpcError as exc:
+            self._end(call, exc.code, exc.details, context._trailers)
+            return
+        except asyncio.CancelledError:
+            return  # reset by the client, or past its deadline: answered already
+        except Exception as exc:
+            log.exception("gRPC handler for %s failed", call.path)
+            self._end(call, Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        if context._trailers:
+            self.h2.send_message(call, response)
+            self._end(call, Status.OK, "", context._trailers)
+            return
+        self.h2.unary(call, response)
+        if state.timer is not None:
+            state.timer.cancel()
+        self.flush()
+
+    async def _streaming(self, call, state: _State) -> None:
+        method = state.method
+        context = self._context(call)
+        deserialize = method.request_deserializer
+        serialize = method.response_serializer
+
+        async def requests():
+            while True:
+                item = await state.queue.get()
+                if item is _EOF:
+                    return
+                state.queued -= 1
+                if deserialize is not None:
+                    try:
+                        item = deserialize(item)
+                    except Exception as exc:
+                        raise RpcError(Status.INTERNAL, f"cannot parse a request: {exc}") from None
+                yield item
+
+        try:
+            async for response in method.handler(requests(), context):
+                if call.finished:
+                    return
+                self.h2.send_message(call, serialize(response) if serialize else response)
+                self.flush()
+        except RpcError as exc:
+            self._end(call, exc.code, exc.details, context._trailers)
+            return
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            log.exception("gRPC streaming handler for %s failed", call.path)
+            self._end(call, Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        self._end(call, Status.OK, "", context._trailers)
+
+
+class GrpcServer:
+    """A gRPC server for the methods given.
+
+    Args:
+        methods: ``{"/package.Service/Method": Method}``.
+        max_message_size: largest request message, in octets (larger ones are refused
+            with RESOURCE_EXHAUSTED before they are buffered).
+        max_concurrent_streams: calls in progress on one connection.
+        ssl: a server-side :class:`ssl.SSLContext` (ALPN ``h2`` is set on it), or ``None``.
+        too_large: the RESOURCE_EXHAUSTED message for a request of N octets.
+    """
+
+    def __init__(self, methods: dict[str, Method], *, max_message_size: int = 4 << 20,
+                 max_concurrent_streams: int = 1024, ssl: _ssl.SSLContext | None = None,
+                 too_large: Callable[[int], str] | None = None):
+        self.methods = dict(methods)
+        self.max_message_size = max_message_size
+        self.max_concurrent_streams = max_concurrent_streams
+        self.ssl = ssl
+        if ssl is not None:
+            ssl.set_alpn_protocols(["h2"])
+        self.too_large = too_large or (
+            lambda n: f"message of {n} octets is over the limit of {max_message_size} octets")
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._loop = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on ``host:port`` (port 0: a free one); returns the bound address."""
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self), host, port, ssl=self.ssl, reuse_address=True,
+            backlog=1024)
+        bound = self._server.sockets[0].getsockname()
+        return bound[0], bound[1]
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting; calls in progress get ``grace`` seconds, then connections close."""
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self._connections):
+            try:
+                connection.h2.goaway()
+                connection.flush()
+            except Exception:
+                pass
+        if grace:
+            deadline = self._loop.time() + grace
+            while (any(c.h2.open_calls for c in self._connections)
+                   and self._loop.time() < deadline):
+                await asyncio.sleep(0.01)
+        for connection in list(self._connections):
+            connection.transport.close()
+        await self._server.wait_closed()
+        self._server = None

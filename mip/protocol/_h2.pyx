@@ -1,0 +1,852 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""gRPC over HTTP/2, sans-I/O: octets in, calls and messages out.
+
+:class:`GrpcConnection` is one HTTP/2 connection, server or client side, on libnghttp2
+(HPACK, flow control, SETTINGS, PING and stream states are nghttp2's). It adds gRPC's
+framing: every DATA stream is split into length-prefixed messages, each checked against
+the configured maximum *before* its memory is taken, and each landing in one ``bytes``
+object of exactly its size (one copy from the receive buffer). Outgoing messages are
+not copied: large ones leave as memoryviews of the caller's buffer behind the frame
+headers (nghttp2's NO_COPY mode).
+
+The transport calls :meth:`GrpcConnection.receive` with what the socket read and gets a
+list of events back; whatever the connection wants to send is collected by
+:meth:`GrpcConnection.data_to_send` as a list of buffers for ``writelines``.
+"""
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t
+from libc.string cimport memcpy
+from libc.stdlib cimport malloc, free
+
+cdef extern from "nghttp2/nghttp2.h":
+    ctypedef struct nghttp2_session:
+        pass
+    ctypedef struct nghttp2_session_callbacks:
+        pass
+    ctypedef struct nghttp2_option:
+        pass
+    ctypedef struct nghttp2_frame_hd:
+        size_t length
+        int32_t stream_id
+        uint8_t type
+        uint8_t flags
+    ctypedef struct nghttp2_headers:
+        nghttp2_frame_hd hd
+        int cat
+    ctypedef struct nghttp2_rst_stream:
+        nghttp2_frame_hd hd
+        uint32_t error_code
+    ctypedef struct nghttp2_goaway:
+        nghttp2_frame_hd hd
+        int32_t last_stream_id
+        uint32_t error_code
+    ctypedef struct nghttp2_data:
+        nghttp2_frame_hd hd
+        size_t padlen
+    ctypedef union nghttp2_frame:
+        nghttp2_frame_hd hd
+        nghttp2_headers headers
+        nghttp2_rst_stream rst_stream
+        nghttp2_goaway goaway
+        nghttp2_data data
+    ctypedef union nghttp2_data_source:
+        int fd
+        void *ptr
+    ctypedef ssize_t (*nghttp2_data_source_read_callback)(
+        nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
+        uint32_t *data_flags, nghttp2_data_source *source, void *user_data) noexcept
+    ctypedef struct nghttp2_data_provider:
+        nghttp2_data_source source
+        nghttp2_data_source_read_callback read_callback
+    ctypedef struct nghttp2_nv:
+        uint8_t *name
+        uint8_t *value
+        size_t namelen
+        size_t valuelen
+        uint8_t flags
+    ctypedef struct nghttp2_settings_entry:
+        int32_t settings_id
+        uint32_t value
+
+    enum:
+        NGHTTP2_DATA = 0
+        NGHTTP2_HEADERS = 1
+        NGHTTP2_RST_STREAM = 3
+        NGHTTP2_GOAWAY = 7
+        NGHTTP2_FLAG_NONE = 0
+        NGHTTP2_FLAG_END_STREAM = 1
+        NGHTTP2_HCAT_REQUEST = 0
+        NGHTTP2_HCAT_RESPONSE = 1
+        NGHTTP2_HCAT_PUSH_RESPONSE = 2
+        NGHTTP2_HCAT_HEADERS = 3
+        NGHTTP2_DATA_FLAG_EOF = 1
+        NGHTTP2_DATA_FLAG_NO_END_STREAM = 2
+        NGHTTP2_DATA_FLAG_NO_COPY = 4
+        NGHTTP2_ERR_DEFERRED = -508
+        NGHTTP2_ERR_CALLBACK_FAILURE = -902
+        NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE = -521
+        NGHTTP2_SETTINGS_HEADER_TABLE_SIZE = 1
+        NGHTTP2_SETTINGS_ENABLE_PUSH = 2
+        NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS = 3
+        NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE = 4
+        NGHTTP2_SETTINGS_MAX_FRAME_SIZE = 5
+        NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE = 6
+        NGHTTP2_NO_ERROR = 0
+        NGHTTP2_PROTOCOL_ERROR = 1
+        NGHTTP2_INTERNAL_ERROR = 2
+        NGHTTP2_CANCEL = 8
+        NGHTTP2_ENHANCE_YOUR_CALM = 11
+        NGHTTP2_NV_FLAG_NONE = 0
+
+    ctypedef int (*on_begin_headers_cb)(nghttp2_session *, const nghttp2_frame *, void *) noexcept
+    ctypedef int (*on_header_cb)(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,
+                                 const uint8_t *, size_t, uint8_t, void *) noexcept
+    ctypedef int (*on_frame_recv_cb)(nghttp2_session *, const nghttp2_frame *, void *) noexcept
+    ctypedef int (*on_data_chunk_recv_cb)(nghttp2_session *, uint8_t, int32_t, const uint8_t *,
+                                          size_t, void *) noexcept
+    ctypedef int (*on_stream_close_cb)(nghttp2_session *, int32_t, uint32_t, void *) noexcept
+    ctypedef int (*send_data_cb)(nghttp2_session *, nghttp2_frame *, const uint8_t *, size_t,
+                                 nghttp2_data_source *, void *) noexcept
+
+    int nghttp2_session_callbacks_new(nghttp2_session_callbacks **callbacks_ptr)
+    void nghttp2_session_callbacks_del(nghttp2_session_callbacks *callbacks)
+    void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_callbacks *, on_begin_headers_cb)
+    void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *, on_header_cb)
+    void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *, on_frame_recv_cb)
+    void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *, on_data_chunk_recv_cb)
+    void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *, on_stream_close_cb)
+    void nghttp2_session_callbacks_set_send_data_callback(nghttp2_session_callbacks *, send_data_cb)
+
+    int nghttp2_option_new(nghttp2_option **option_ptr)
+    void nghttp2_option_del(nghttp2_option *option)
+    void nghttp2_option_set_max_send_header_block_length(nghttp2_option *option, size_t val)
+    void nghttp2_option_set_peer_max_concurrent_streams(nghttp2_option *option, uint32_t val)
+
+    int nghttp2_session_server_new2(nghttp2_session **session_ptr,
+                                    const nghttp2_session_callbacks *callbacks, void *user_data,
+                                    const nghttp2_option *option)
+    int nghttp2_session_client_new2(nghttp2_session **session_ptr,
+                                    const nghttp2_session_callbacks *callbacks, void *user_data,
+                                    const nghttp2_option *option)
+    void nghttp2_session_del(nghttp2_session *session)
+    ssize_t nghttp2_session_mem_recv(nghttp2_session *session, const uint8_t *data, size_t length)
+    ssize_t nghttp2_session_mem_send(nghttp2_session *session, const uint8_t **data_ptr)
+    int nghttp2_session_want_read(nghttp2_session *session)
+    int nghttp2_session_want_write(nghttp2_session *session)
+    int nghttp2_session_resume_data(nghttp2_session *session, int32_t stream_id)
+    int nghttp2_session_set_local_window_size(nghttp2_session *session, uint8_t flags,
+                                              int32_t stream_id, int32_t window_size)
+    int nghttp2_session_terminate_session(nghttp2_session *session, uint32_t error_code)
+    int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *session)
+    int nghttp2_submit_settings(nghttp2_session *session, uint8_t flags,
+                                const nghttp2_settings_entry *iv, size_t niv)
+    int nghttp2_submit_response(nghttp2_session *session, int32_t stream_id,
+                                const nghttp2_nv *nva, size_t nvlen,
+                                const nghttp2_data_provider *data_prd)
+    int32_t nghttp2_submit_request(nghttp2_session *session, const void *pri_spec,
+                                   const nghttp2_nv *nva, size_t nvlen,
+                                   const nghttp2_data_provider *data_prd, void *stream_user_data)
+    int nghttp2_submit_trailer(nghttp2_session *session, int32_t stream_id,
+                               const nghttp2_nv *nva, size_t nvlen)
+    int nghttp2_submit_rst_stream(nghttp2_session *session, uint8_t flags, int32_t stream_id,
+                                  uint32_t error_code)
+    int nghttp2_submit_goaway(nghttp2_session *session, uint8_t flags, int32_t last_stream_id,
+                              uint32_t error_code, const uint8_t *opaque_data, size_t opaque_data_len)
+    const char *nghttp2_strerror(int lib_error_code)
+
+
+#: events returned by :meth:`GrpcConnection.receive`, as ``(event, call, value)``
+EV_CALL = 1        # server: a call's request headers arrived (value None)
+EV_MESSAGE = 2     # a complete message (value: (compressed, bytes))
+EV_HALF_CLOSED = 3 # the peer ended its side of the call (value None)
+EV_CLOSED = 4      # the stream is gone (value: HTTP/2 error code, 0 if it ended normally)
+EV_TOO_LARGE = 5   # a message announced more than the maximum (value: its length)
+EV_RESPONSE = 6    # client: the response headers (value: HTTP status)
+EV_TRAILERS = 7    # client: trailers, or a trailers-only response (value None)
+
+DEF PREFIX = 5
+DEF VIEW_BELOW = 16384  # outgoing payload pieces shorter than this are copied into one write
+
+cdef bytes _POST = b"POST"
+
+# Request headers kept out of Call.metadata: HTTP/2 and gRPC's own.
+cdef frozenset _TRANSPORT_HEADERS = frozenset([
+    b"content-type", b"te", b"user-agent", b"grpc-timeout", b"grpc-encoding",
+    b"grpc-accept-encoding", b"grpc-message-type", b"accept-encoding", b"content-length"])
+
+
+cdef class Call:
+    """One gRPC call: one HTTP/2 stream.
+
+    Attributes:
+        stream_id: the HTTP/2 stream.
+        method: ``:method`` (server side).
+        path: ``:path``, e.g. ``/inference.GRPCInferenceService/ModelInfer`` (server side).
+        content_type: the request's ``content-type`` (server side).
+        timeout: seconds from ``grpc-timeout``, or ``None``.
+        encoding: ``grpc-encoding`` of incoming messages (``None``: identity).
+        metadata: other headers, ``[(name, value)]`` as ``str``.
+        http_status: the response's ``:status`` (client side).
+        grpc_status / grpc_message: from the trailers (client side; ``None`` until then).
+        tag: any object the application attaches.
+    """
+
+    cdef readonly int32_t stream_id
+    cdef public object method, path, content_type, timeout, encoding, metadata
+    cdef public object http_status, grpc_status, grpc_message, tag
+    # incoming message assembly
+    cdef uint8_t prefix[PREFIX]
+    cdef int prefix_have
+    cdef object message
+    cdef Py_ssize_t message_len, message_have
+    cdef int compressed
+    cdef bint discard           # a message was over the limit: drop the rest of the stream
+    # outgoing
+    cdef list out               # buffers still to send, each a bytes-like
+    cdef Py_ssize_t out_offset  # into out[0]
+    cdef Py_ssize_t pending     # length of the DATA frame prepared for NO_COPY
+    cdef object trailers        # list of (bytes, bytes) to send once out is empty, or None
+    cdef bint headers_sent, ended, deferred
+    cdef Py_ssize_t buffered    # incoming octets held for this call
+
+    def __cinit__(self, int32_t stream_id):
+        self.stream_id = stream_id
+        self.out = []
+        self.metadata = []
+
+    @property
+    def finished(self) -> bool:
+        """The application has ended the call (trailers submitted or reset)."""
+        return self.ended
+
+    def __repr__(self):
+        return f"Call(stream_id={self.stream_id}, path={self.path!r})"
+
+
+cdef inline int _check(int rv) except -1:
+    if rv < 0:
+        raise H2Error(nghttp2_strerror(rv).decode())
+    return 0
+
+
+class H2Error(Exception):
+    """The HTTP/2 connection failed (a protocol violation by the peer, or a library error)."""
+
+
+cdef object _parse_timeout(const uint8_t *value, size_t n):
+    """``grpc-timeout``: up to 8 digits and a unit (H M S m u n), in seconds; None if bad."""
+    if n < 2 or n > 9:
+        return None
+    cdef int64_t amount = 0
+    cdef size_t i
+    for i in range(n - 1):
+        if value[i] < 48 or value[i] > 57:
+            return None
+        amount = amount * 10 + (value[i] - 48)
+    cdef uint8_t unit = value[n - 1]
+    if unit == 72:   # H
+        return amount * 3600.0
+    if unit == 77:   # M
+        return amount * 60.0
+    if unit == 83:   # S
+        return <double>amount
+    if unit == 109:  # m
+        return amount / 1e3
+    if unit == 117:  # u
+        return amount / 1e6
+    if unit == 110:  # n
+        return amount / 1e9
+    return None
+
+
+cdef class GrpcConnection:
+    """One HTTP/2 connection carrying gRPC calls.
+
+    Args:
+        client: ``True`` for the client side (the connection preface is sent first).
+        max_message_size: largest incoming message, in octets; a longer one gives an
+            ``EV_TOO_LARGE`` event and the rest of its stream is dropped.
+        max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS announced to the peer.
+        window_size: the receive window per stream and for the connection, in octets.
+        max_header_list_size: SETTINGS_MAX_HEADER_LIST_SIZE announced to the peer.
+        max_buffered: incoming octets held in unfinished messages on this connection at
+            once; a message that would go over it is treated as too large.
+    """
+
+    cdef nghttp2_session *session
+    cdef readonly bint client
+    cdef readonly Py_ssize_t max_message_size, max_buffered, buffered
+    cdef dict calls
+    cdef list events
+    cdef list out
+    cdef bytearray small
+    cdef object error  # an exception raised inside a callback, re-raised after it
+
+    def __cinit__(self):
+        self.session = NULL
+
+    def __init__(self, *, bint client=False, Py_ssize_t max_message_size=4 << 20,
+                 uint32_t max_concurrent_streams=1024, int32_t window_size=(1 << 24),
+                 uint32_t max_header_list_size=16384, Py_ssize_t max_buffered=0):
+        if max_message_size < 0:
+            raise ValueError("max_message_size must not be negative")
+        self.client = client
+        self.max_message_size = max_message_size
+        self.max_buffered = max_buffered if max_buffered > 0 else max(4 * max_message_size, 256 << 20)
+        self.buffered = 0
+        self.calls = {}
+        self.events = []
+        self.out = []
+        self.small = bytearray()
+        cdef nghttp2_session_callbacks *cb
+        cdef nghttp2_option *opt
+        _check(nghttp2_session_callbacks_new(&cb))
+        nghttp2_session_callbacks_set_on_begin_headers_callback(cb, _on_begin_headers)
+        nghttp2_session_callbacks_set_on_header_callback(cb, _on_header)
+        nghttp2_session_callbacks_set_on_frame_recv_callback(cb, _on_frame_recv)
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, _on_data_chunk)
+        nghttp2_session_callbacks_set_on_stream_close_callback(cb, _on_stream_close)
+        nghttp2_session_callbacks_set_send_data_callback(cb, _send_data)
+        _check(nghttp2_option_new(&opt))
+        nghttp2_option_set_max_send_header_block_length(opt, 1 << 20)
+        cdef int rv
+        if client:
+            rv = nghttp2_session_client_new2(&self.session, cb, <void *>self, opt)
+        else:
+            rv = nghttp2_session_server_new2(&self.session, cb, <void *>self, opt)
+        nghttp2_session_callbacks_del(cb)
+        nghttp2_option_del(opt)
+        _check(rv)
+        cdef nghttp2_settings_entry iv[4]
+        iv[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
+        iv[0].value = max_concurrent_streams
+        iv[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+        iv[1].value = <uint32_t>window_size
+        iv[2].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
+        iv[2].value = max_header_list_size
+        iv[3].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
+        iv[3].value = 0
+        _check(nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, iv, 4))
+        _check(nghttp2_session_set_local_window_size(self.session, NGHTTP2_FLAG_NONE, 0,
+                                                     window_size))
+
+    def __dealloc__(self):
+        if self.session != NULL:
+            nghttp2_session_del(self.session)
+            self.session = NULL
+
+    # -- input -------------------------------------------------------------------------
+
+    def receive(self, data) -> list:
+        """Feed octets read from the peer; returns the events they completed.
+
+        Raises:
+            H2Error: the peer broke the protocol; send :meth:`data_to_send` (a GOAWAY)
+                and close the connection.
+        """
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        cdef ssize_t rv
+        try:
+            rv = nghttp2_session_mem_recv(self.session, <const uint8_t *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        events = self.events
+        self.events = []
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        if rv < 0:
+            raise H2Error(nghttp2_strerror(<int>rv).decode())
+        return events
+
+    # -- output ------------------------------------------------------------------------
+
+    def data_to_send(self) -> list:
+        """Everything the connection has to send now, as a list of buffers (maybe empty)."""
+        cdef const uint8_t *data
+        cdef ssize_t n
+        while True:
+            n = nghttp2_session_mem_send(self.session, &data)
+            if n < 0:
+                raise H2Error(nghttp2_strerror(<int>n).decode())
+            if n == 0:
+                break
+            self.small += (<const char *>data)[:n]
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        if self.small:
+            self.out.append(bytes(self.small))
+            del self.small[:]
+        out = self.out
+        self.out = []
+        return out
+
+    @property
+    def want_read(self) -> bool:
+        return nghttp2_session_want_read(self.session) != 0
+
+    @property
+    def want_write(self) -> bool:
+        return nghttp2_session_want_write(self.session) != 0
+
+    @property
+    def open_calls(self) -> int:
+        return len(self.calls)
+
+    def live_calls(self) -> list:
+        """The calls whose streams are open."""
+        return list(self.calls.values())
+
+    cdef Call _live(self, int32_t stream_id):
+        return self.calls.get(stream_id)
+
+    cdef void _queue(self, Call call, object message) except *:
+        """A gRPC message (prefix + payload) onto ``call``'s outgoing buffers."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(message, &view, PyBUF_SIMPLE)
+        cdef Py_ssize_t n = view.len
+        PyBuffer_Release(&view)
+        if n > 0xFFFFFFFF:
+            raise ValueError("a gRPC message is at most 4 GiB")
+        cdef uint8_t prefix[PREFIX]
+        prefix[0] = 0
+        prefix[1] = (n >> 24) & 0xFF
+        prefix[2] = (n >> 16) & 0xFF
+        prefix[3] = (n >> 8) & 0xFF
+        prefix[4] = n & 0xFF
+        call.out.append((<char *>prefix)[:PREFIX])
+        if n:
+            call.out.append(message)
+
+    def send_message(self, Call call, message) -> None:
+        """Send one message on ``call`` (the response headers go first, once)."""
+        if call.ended:
+            return
+        self._queue(call, message)
+        self._start_or_resume(call)
+
+    def finish(self, Call call, int status, str message="", trailers=()) -> None:
+        """Server: end ``call`` with ``grpc-status`` (and ``grpc-message``), after every
+        message already sent; a call that sent none gets a trailers-only response."""
+        if call.ended or self.client:
+            return
+        call.ended = True
+        fields = [(b"grpc-status", str(status).encode())]
+        if message:
+            fields.append((b"grpc-message", _percent_encode(message)))
+        for name, value in trailers:
+            fields.append((name.encode() if isinstance(name, str) else name,
+                           value.encode() if isinstance(value, str) else value))
+        if call.stream_id not in self.calls:
+            return  # the peer reset it already
+        if not call.headers_sent:
+            if not call.out:
+                # trailers-only: one HEADERS frame with END_STREAM
+                call.headers_sent = True
+                _submit_response(self.session, call.stream_id,
+                                 [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                                  *fields], False)
+                return
+        call.trailers = fields
+        self._start_or_resume(call)
+
+    def unary(self, Call call, message) -> None:
+        """Server: the whole reply of a unary call, status OK, in one go."""
+        if call.ended or self.client:
+            return
+        call.ended = True
+        if call.stream_id not in self.calls:
+            return
+        self._queue(call, message)
+        call.trailers = [(b"grpc-status", b"0")]
+        self._start_or_resume(call)
+
+    cdef void _start_or_resume(self, Call call) except *:
+        if call.stream_id not in self.calls:
+            return
+        if not call.headers_sent:
+            call.headers_sent = True
+            _submit_response(self.session, call.stream_id,
+                             [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                              (b"grpc-accept-encoding", b"identity,deflate,gzip")], True)
+        elif call.deferred:
+            call.deferred = False
+            _check(nghttp2_session_resume_data(self.session, call.stream_id))
+
+    def reset(self, Call call, uint32_t error_code=NGHTTP2_CANCEL) -> None:
+        """Abort ``call`` with RST_STREAM (the default code is CANCEL)."""
+        call.ended = True
+        if call.stream_id in self.calls:
+            _check(nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, call.stream_id,
+                                             error_code))
+
+    def goaway(self, uint32_t error_code=NGHTTP2_NO_ERROR) -> None:
+        """Tell the peer that no new calls will be taken (streams already open go on)."""
+        _check(nghttp2_submit_goaway(self.session, NGHTTP2_FLAG_NONE,
+                                     nghttp2_session_get_last_proc_stream_id(self.session),
+                                     error_code, NULL, 0))
+
+    # -- client ------------------------------------------------------------------------
+
+    def start_call(self, bytes path, bytes authority, message=None, metadata=(),
+                   timeout=None, bint end=True) -> Call:
+        """Client: open a call to ``path``; with ``message`` (and ``end``) it is sent and
+        the client's side closed, as a unary call does."""
+        if not self.client:
+            raise RuntimeError("start_call is for the client side")
+        fields = [(b":method", _POST), (b":scheme", b"http"), (b":path", path),
+                  (b":authority", authority), (b"content-type", b"application/grpc"),
+                  (b"te", b"trailers")]
+        if timeout is not None:
+            fields.append((b"grpc-timeout", b"%dm" % max(1, int(timeout * 1000))))
+        for name, value in metadata:
+            fields.append((name.encode() if isinstance(name, str) else name,
+                           value.encode() if isinstance(value, str) else value))
+        call = Call(0)
+        if message is not None:
+            self._queue(call, message)
+        call.trailers = [] if end else None  # empty: END_STREAM after the data
+        call.headers_sent = True
+        cdef int32_t stream_id = _submit_request(self.session, fields, call)
+        call.stream_id = stream_id
+        self.calls[stream_id] = call
+        return call
+
+    def end_call(self, Call call) -> None:
+        """Client: close the client's side of ``call`` after what is queued."""
+        if call.trailers is None:
+            call.trailers = []
+            if call.deferred:
+                call.deferred = False
+                _check(nghttp2_session_resume_data(self.session, call.stream_id))
+
+    # -- callbacks (called by nghttp2 inside receive / data_to_send) ---------------------
+
+    cdef int begin_headers(self, const nghttp2_frame *frame):
+        cdef Call call
+        if frame.hd.type == NGHTTP2_HEADERS and frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+            call = Call(frame.hd.stream_id)
+            self.calls[frame.hd.stream_id] = call
+        return 0
+
+    cdef int header(self, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
+                    const uint8_t *value, size_t valuelen):
+        cdef Call call = self._live(frame.hd.stream_id)
+        if call is None:
+            return 0
+        cdef bytes key = (<const char *>name)[:namelen]
+        if self.client:
+            if key == b":status":
+                call.http_status = int((<const char *>value)[:valuelen])
+            elif key == b"grpc-status":
+                try:
+                    call.grpc_status = int((<const char *>value)[:valuelen])
+                except ValueError:
+                    call.grpc_status = 2
+            elif key == b"grpc-message":
+                call.grpc_message = _percent_decode((<const char *>value)[:valuelen])
+            elif key[0] != 58:
+                call.metadata.append((key.decode("latin-1"),
+                                      (<const char *>value)[:valuelen].decode("latin-1")))
+            return 0
+        if namelen and name[0] == 58:  # ':'
+            if key == b":path":
+                call.path = (<const char *>value)[:valuelen].decode("latin-1")
+            elif key == b":method":
+                call.method = (<const char *>value)[:valuelen].decode("latin-1")
+            return 0
+        if key == b"content-type":
+            call.content_type = (<const char *>value)[:valuelen].decode("latin-1")
+        elif key == b"grpc-timeout":
+            call.timeout = _parse_timeout(value, valuelen)
+        elif key == b"grpc-encoding":
+            encoding = (<const char *>value)[:valuelen].decode("latin-1")
+            call.encoding = None if encoding == "identity" else encoding
+        elif key not in _TRANSPORT_HEADERS:
+            call.metadata.append((key.decode("latin-1"),
+                                  (<const char *>value)[:valuelen].decode("latin-1")))
+        return 0
+
+    cdef int frame_recv(self, const nghttp2_frame *frame):
+        cdef Call call
+        if frame.hd.type == NGHTTP2_HEADERS:
+            call = self._live(frame.hd.stream_id)
+            if call is None:
+                return 0
+            if self.client:
+                if frame.headers.cat == NGHTTP2_HCAT_RESPONSE:
+                    self.events.append((EV_RESPONSE, call, call.http_status))
+                if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+                    self.events.append((EV_TRAILERS, call, None))
+                    self.events.append((EV_HALF_CLOSED, call, None))
+            else:
+                if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+                    self.events.append((EV_CALL, call, None))
+                if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+                    self.events.append((EV_HALF_CLOSED, call, None))
+        elif frame.hd.type == NGHTTP2_DATA and frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+            call = self._live(frame.hd.stream_id)
+            if call is not None:
+                self.events.append((EV_HALF_CLOSED, call, None))
+        return 0
+
+    cdef int data_chunk(self, int32_t stream_id, const uint8_t *data, size_t length):
+        cdef Call call = self._live(stream_id)
+        if call is None or call.discard:
+            return 0
+        cdef size_t take
+        cdef Py_ssize_t size
+        while length:
+            if call.prefix_have < PREFIX:
+                take = min(<size_t>(PREFIX - call.prefix_have), length)
+                memcpy(&call.prefix[call.prefix_have], data, take)
+                call.prefix_have += take
+                data += take
+                length -= take
+                if call.prefix_have < PREFIX:
+                    return 0
+                call.compressed = call.prefix[0] & 1
+                size = ((<Py_ssize_t>call.prefix[1] << 24) | (<Py_ssize_t>call.prefix[2] << 16)
+                        | (<Py_ssize_t>call.prefix[3] << 8) | call.prefix[4])
+                if size > self.max_message_size or self.buffered + size > self.max_buffered:
+                    call.discard = True
+                    self.events.append((EV_TOO_LARGE, call, size))
+                    return 0
+                call.message = PyBytes_FromStringAndSize(NULL, size)
+                call.message_len = size
+                call.message_have = 0
+                call.buffered = size
+                self.buffered += size
+            take = min(<size_t>(call.message_len - call.message_have), length)
+            if take:
+                memcpy(PyBytes_AS_STRING(call.message) + call.message_have, data, take)
+                call.message_have += take
+                data += take
+                length -= take
+            if call.message_have == call.message_len:
+                self.events.append((EV_MESSAGE, call, (call.compressed, call.message)))
+                call.message = None
+                call.prefix_have = 0
+                self.buffered -= call.buffered
+                call.buffered = 0
+        return 0
+
+    cdef int stream_close(self, int32_t stream_id, uint32_t error_code):
+        cdef Call call = self.calls.pop(stream_id, None)
+        if call is not None:
+            self.buffered -= call.buffered
+            call.buffered = 0
+            call.message = None
+            call.out = []
+            self.events.append((EV_CLOSED, call, error_code))
+        return 0
+
+    cdef ssize_t read_data(self, int32_t stream_id, size_t length, uint32_t *flags):
+        cdef Call call = self._live(stream_id)
+        if call is None:
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+        cdef Py_ssize_t have = 0
+        cdef Py_ssize_t piece
+        for item in call.out:
+            piece = len(item)
+            if have == 0:
+                piece -= call.out_offset
+            have += piece
+            if <size_t>have >= length:
+                break
+        if have == 0:
+            if call.trailers is None:
+                call.deferred = True
+                return NGHTTP2_ERR_DEFERRED
+            flags[0] |= NGHTTP2_DATA_FLAG_EOF
+            if call.trailers:
+                flags[0] |= NGHTTP2_DATA_FLAG_NO_END_STREAM
+                _submit_trailer(self.session, stream_id, call.trailers)
+            return 0
+        cdef size_t n = min(<size_t>have, length)
+        flags[0] |= NGHTTP2_DATA_FLAG_NO_COPY
+        call.pending = n
+        if <size_t>have == n and call.trailers is not None:
+            # everything queued fits this frame: end here
+            flags[0] |= NGHTTP2_DATA_FLAG_EOF
+            if call.trailers:
+                flags[0] |= NGHTTP2_DATA_FLAG_NO_END_STREAM
+                _submit_trailer(self.session, stream_id, call.trailers)
+        return n
+
+    cdef int send_data(self, nghttp2_frame *frame, const uint8_t *framehd, size_t length):
+        cdef Call call = self._live(frame.hd.stream_id)
+        if call is None:
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+        self.small += (<const char *>framehd)[:9]
+        if frame.data.padlen > 0:
+            return NGHTTP2_ERR_CALLBACK_FAILURE  # we never ask for padding
+        cdef Py_ssize_t left = length
+        cdef Py_ssize_t piece, available
+        while left:
+            item = call.out[0]
+            available = len(item) - call.out_offset
+            piece = min(available, left)
+            if piece < VIEW_BELOW:
+                self.small += memoryview(item)[call.out_offset:call.out_offset + piece]
+            else:
+                if self.small:
+                    self.out.append(bytes(self.small))
+                    del self.small[:]
+                self.out.append(memoryview(item)[call.out_offset:call.out_offset + piece])
+            left -= piece
+            if piece == available:
+                call.out.pop(0)
+                call.out_offset = 0
+            else:
+                call.out_offset += piece
+        call.pending = 0
+        return 0
+
+
+cdef bytes _percent_encode(str message):
+    """grpc-message: UTF-8 with octets outside 0x20-0x7E (and '%') percent-encoded."""
+    raw = message.encode("utf-8", "replace")
+    cdef bytearray out = bytearray()
+    cdef unsigned char c
+    for c in raw:
+        if 0x20 <= c <= 0x7E and c != 0x25:
+            out.append(c)
+        else:
+            out += b"%%%02X" % c
+    return bytes(out)
+
+
+cdef str _percent_decode(bytes value):
+    from urllib.parse import unquote_to_bytes
+
+    return unquote_to_bytes(value).decode("utf-8", "replace")
+
+
+cdef nghttp2_nv *_nva(list fields) except NULL:
+    cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * max(1, len(fields)))
+    if nva == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t i
+    cdef bytes name, value
+    for i in range(len(fields)):
+        name, value = fields[i]
+        nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
+        nva[i].namelen = len(name)
+        nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
+        nva[i].valuelen = len(value)
+        nva[i].flags = NGHTTP2_NV_FLAG_NONE
+    return nva
+
+
+cdef int _submit_response(nghttp2_session *session, int32_t stream_id, list fields,
+                          bint with_data) except -1:
+    cdef nghttp2_nv *nva = _nva(fields)  # nghttp2 copies the fields
+    cdef nghttp2_data_provider provider
+    provider.source.ptr = NULL
+    provider.read_callback = _read_data
+    try:
+        _check(nghttp2_submit_response(session, stream_id, nva, len(fields),
+                                       &provider if with_data else NULL))
+    finally:
+        free(nva)
+    return 0
+
+
+cdef int32_t _submit_request(nghttp2_session *session, list fields, Call call) except -1:
+    cdef nghttp2_nv *nva = _nva(fields)
+    cdef nghttp2_data_provider provider
+    provider.source.ptr = NULL
+    provider.read_callback = _read_data
+    cdef int32_t rv
+    try:
+        rv = nghttp2_submit_request(session, NULL, nva, len(fields), &provider, NULL)
+        _check(rv)
+    finally:
+        free(nva)
+    return rv
+
+
+cdef int _submit_trailer(nghttp2_session *session, int32_t stream_id, list fields) except -1:
+    cdef nghttp2_nv *nva = _nva(fields)
+    try:
+        _check(nghttp2_submit_trailer(session, stream_id, nva, len(fields)))
+    finally:
+        free(nva)
+    return 0
+
+
+# nghttp2 calls these with the connection as user_data; exceptions are kept on the
+# connection and re-raised when receive() or data_to_send() returns.
+
+cdef int _on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void *user) noexcept:
+    cdef GrpcConnection conn = <GrpcConnection>user
+    try:
+        return conn.begin_headers(frame)
+    except BaseException as exc:
+        conn.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int _on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
+                    size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                    void *user) noexcept:
+    cdef GrpcConnection conn = <GrpcConnection>user
+    try:
+        return conn.header(frame, name, namelen, value, valuelen)
+    except BaseException as exc:
+        conn.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int _on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *user) noexcept:
+    cdef GrpcConnection conn = <GrpcConnection>user
+    try:
+        return conn.frame_recv(frame)
+    except BaseException as exc:
+        conn.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int _on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t stream_id,
+                        const uint8_t *data, size_t length, void *user) noexcept:
+    cdef GrpcConnection conn = <GrpcConnection>user
+    try:
+        return conn.data_chunk(stream_id, data, length)
+    except BaseException as exc:
+        conn.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int _on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error_code,
+                          void *user) noexcept:
+    cdef GrpcConnection conn = <GrpcConnection>user
+    try:
+        return conn.stream_close(stream_id, error_code)
+    except BaseException as exc:
+        conn.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef ssize_t _read_data(nghttp2_session *s, int32_t stream_id, uint8_t *buf, size_t length,
+                        uint32_t *flags, nghttp2_data_source *source, void *user) noexcept:
+    cdef GrpcConnection conn = <GrpcConnection>user
+    try:
+        return conn.read_data(stream_id, length, flags)
+    except BaseException as exc:
+        conn.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int _send_data(nghttp2_session *s, nghttp2_frame *frame, const uint8_t *framehd,
+                    size_t length, nghttp2_data_source *source, void *user) noexcept:
+    cdef GrpcConnection conn = <GrpcConnection>user
+    try:
+        return conn.send_data(frame, framehd, length)
+    except BaseException as exc:
+        conn.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
