@@ -94,6 +94,10 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     infer.add_argument("--connections", type=int, default=1,
                        help="MIP connections / gRPC channels shared by the requests "
                             "(default 1; HTTP opens one per request in flight)")
+    infer.add_argument("--client", choices=("native", "library"), default="native",
+                       help="gRPC and REST clients: 'native' (mip's own: HTTP/2 on libnghttp2, "
+                            "lean HTTP/1.1; little CPU a request, so the server is what is "
+                            "measured) or 'library' (grpc.aio, aiohttp) (default native)")
     infer.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                        help="wait this long for one reply (default 10)")
     infer.add_argument("--max-requests", type=int, default=10_000_000,
@@ -165,7 +169,8 @@ def _infer(args) -> int:
         return 2
     target = infer.InferTarget(url=args.url, protocol=args.protocol or infer.guess_protocol(args.url),
                                model=args.model, version=args.version,
-                               connections=args.connections, timeout=args.timeout)
+                               connections=args.connections, timeout=args.timeout,
+                               client=args.client)
     concurrencies = args.concurrency or ([] if args.request_rate else [1, 8, 32])
     progress = None if args.no_progress else report.progress_factory()
     doc = _run(infer.run_steps(target, concurrencies=concurrencies, rates=args.request_rate,

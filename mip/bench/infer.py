@@ -322,6 +322,7 @@ async def run_steps(target: InferTarget, *, concurrencies: list[int] | None = No
                    ("concurrency" if not rates else "mixed"),
                    "duration_s": duration, "warmup_s": warmup,
                    "connections": target.connections, "timeout_s": target.timeout,
+                   "client": target.client,
                    "max_requests": max_requests, "max_inflight": max_inflight},
         "machine": machine_info(),
         "steps": steps,

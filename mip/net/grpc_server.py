@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 from mip.protocol import _h2
 
-__all__ = ["Context", "GrpcServer", "Method", "RpcError", "Status", "stream_stream", "unary"]
+__all__ = ["Context", "GrpcServer", "Method", "RpcError", "Status", "stream_stream", "unary",
+           "unary_future"]
 
 log = logging.getLogger("mip.net.grpc_server")
 
@@ -84,11 +85,20 @@ class Method:
     streaming: bool = False
     request_deserializer: Callable[[bytes], Any] | None = None
     response_serializer: Callable[[Any], bytes] | None = None
+    returns_future: bool = False
 
 
 def unary(handler, request_deserializer=None, response_serializer=None) -> Method:
     """A unary-unary method: ``await handler(request, context)`` returns the response."""
     return Method(handler, False, request_deserializer, response_serializer)
+
+
+def unary_future(handler) -> Method:
+    """A unary-unary method without a coroutine: ``handler(request_bytes, context)`` returns
+    an :class:`asyncio.Future` of the reply's bytes (or raises :class:`RpcError`), and the
+    reply is sent from the future's callback: no task a call. Cancelling the call cancels
+    the future."""
+    return Method(handler, False, None, None, True)
 
 
 def stream_stream(handler, request_deserializer=None, response_serializer=None) -> Method:
@@ -287,6 +297,8 @@ class _Connection(asyncio.BufferedProtocol):
                 state.queue.put_nowait(_EOF)
             elif state.message is None:
                 self._end(call, Status.UNIMPLEMENTED, "the call carries no request message")
+            elif state.method.returns_future:
+                self._start_future(call, state)
             else:
                 state.task = self.loop.create_task(self._unary(call, state))
         elif event == _h2.EV_TOO_LARGE:
@@ -335,6 +347,35 @@ class _Connection(asyncio.BufferedProtocol):
     def _context(self, call) -> Context:
         timeout = call.timeout
         return Context(call, None if timeout is None else self.loop.time() + timeout, self.loop)
+
+    def _start_future(self, call, state: _State) -> None:
+        request, state.message = state.message, None
+        try:
+            future = state.method.handler(request, self._context(call))
+        except RpcError as exc:
+            self._end(call, exc.code, exc.details)
+            return
+        except Exception as exc:
+            log.exception("gRPC handler for %s failed", call.path)
+            self._end(call, Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        state.task = future
+        future.add_done_callback(lambda done: self._future_done(call, state, done))
+
+    def _future_done(self, call, state: _State, future: asyncio.Future) -> None:
+        if future.cancelled() or call.finished:
+            return  # reset by the client, or past its deadline: answered already
+        error = future.exception()
+        if error is None:
+            self.h2.unary(call, future.result())
+            if state.timer is not None:
+                state.timer.cancel()
+            self.flush()
+        elif isinstance(error, RpcError):
+            self._end(call, error.code, error.details)
+        else:
+            log.error("gRPC handler for %s failed", call.path, exc_info=error)
+            self._end(call, Status.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
     async def _unary(self, call, state: _State) -> None:
         method = state.method

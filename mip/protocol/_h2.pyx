@@ -190,12 +190,12 @@ cdef class Call:
         metadata: other headers, ``[(name, value)]`` as ``str``.
         http_status: the response's ``:status`` (client side).
         grpc_status / grpc_message: from the trailers (client side; ``None`` until then).
-        tag: any object the application attaches.
+        tag / data: any objects the application attaches.
     """
 
     cdef readonly int32_t stream_id
     cdef public object method, path, content_type, timeout, encoding, metadata
-    cdef public object http_status, grpc_status, grpc_message, tag
+    cdef public object http_status, grpc_status, grpc_message, tag, data
     # incoming message assembly
     cdef uint8_t prefix[PREFIX]
     cdef int prefix_have

@@ -16,6 +16,11 @@ from the head of the queue:
 A request whose future is cancelled (its client went away, or its deadline passed) is
 removed from the queue at once. A batch runs in a worker thread, so the event loop keeps
 doing I/O while the model computes; ``instance_count`` batches may run at the same time.
+
+Batches that the model has shown to take less than ``inline_below`` seconds (measured on
+earlier batches, per row and per call) run on the event loop's thread instead: handing
+a few microseconds of work to another thread and back costs more than the work, and
+most of a small request's latency.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ from mip.errors import (DeadlineExceeded, InternalError, InvalidInput, ModelNotR
                         ServingError)
 from mip.serving.config import DEFAULT_MAX_QUEUE_SIZE, DynamicBatching
 
-__all__ = ["Batcher", "BatchRecord"]
+__all__ = ["DEFAULT_INLINE_BELOW", "Batcher", "BatchRecord"]
+
+#: batches expected to compute in less than this many seconds (250 µs) run on the event loop.
+DEFAULT_INLINE_BELOW = 250e-6
+_EWMA = 0.1  # weight of the newest batch in the compute-time estimates
 
 Tensors = dict[str, np.ndarray]
 
@@ -82,12 +91,19 @@ class Batcher:
         instance_count: batches that may run at the same time (worker threads).
         on_batch: called on the event loop with a :class:`BatchRecord` after every batch.
         name: used in thread names and error messages.
+        inline_below: seconds; batches the model is expected to finish sooner run on the
+            event loop's thread (0 = always in a worker thread).
     """
 
     def __init__(self, run: Callable[[Tensors], Tensors], *, max_batch_size: int = 0,
                  dynamic_batching: DynamicBatching | None = None, instance_count: int = 1,
-                 on_batch: Callable[[BatchRecord], None] | None = None, name: str = "model"):
+                 on_batch: Callable[[BatchRecord], None] | None = None, name: str = "model",
+                 inline_below: float = DEFAULT_INLINE_BELOW):
         self._run = run
+        self.inline_below = inline_below
+        # Compute-time estimates from batches run so far (None until one ran in a thread).
+        self._call_seconds: float | None = None
+        self._row_seconds: float | None = None
         self.name = name
         self.max_batch_size = max_batch_size
         self.batching = max_batch_size > 0 and dynamic_batching is not None
@@ -267,7 +283,12 @@ class Batcher:
             started = time.monotonic()
             failed = False
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+                if self._inline(rows):
+                    outputs, seconds = self._timed(inputs)
+                else:
+                    outputs, seconds = await loop.run_in_executor(self._executor, self._timed,
+                                                                  inputs)
+                self._learn(rows, seconds)
                 self._deliver(live, rows, outputs)
             except Exception as exc:
                 failed = True
@@ -281,6 +302,27 @@ class Batcher:
         finally:
             self._idle += 1
             self._wakeup.set()
+
+    def _timed(self, inputs: Tensors) -> tuple[Tensors, float]:
+        started = time.monotonic()
+        outputs = self._run(inputs)
+        return outputs, time.monotonic() - started
+
+    def _inline(self, rows: int) -> bool:
+        call, row = self._call_seconds, self._row_seconds
+        if call is None or not self.inline_below:
+            return False
+        return max(call, row * rows) < self.inline_below
+
+    def _learn(self, rows: int, seconds: float) -> None:
+        """Fold one batch's compute time (the model's own, not the hand-off to a thread)
+        into the estimates."""
+        per_row = seconds / max(rows, 1)
+        if self._call_seconds is None:
+            self._call_seconds, self._row_seconds = seconds, per_row
+            return
+        self._call_seconds += _EWMA * (seconds - self._call_seconds)
+        self._row_seconds += _EWMA * (per_row - self._row_seconds)
 
     def _deliver(self, live: list[_Request], rows: int, outputs: Tensors) -> None:
         if len(live) == 1:

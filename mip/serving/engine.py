@@ -284,6 +284,15 @@ class Engine:
                                        f"{array.shape[0]} rows, another has {rows}")
         return rows if rows is not None else 1
 
+    def check_outputs(self, version: ModelVersion, outputs: list[str] | None) -> list[str] | None:
+        """``outputs`` checked against what ``version`` (a repository entry) has: the
+        names in order, or ``None`` for all of them.
+
+        Raises:
+            InvalidInput: an unknown output name.
+        """
+        return self._check_outputs(version, outputs)
+
     @staticmethod
     def _check_outputs(version: ModelVersion, outputs: list[str] | None) -> list[str] | None:
         if not outputs:

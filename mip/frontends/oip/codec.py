@@ -73,13 +73,13 @@ def check_shape(shape: Iterable[int], name: str = "tensor") -> tuple[int, ...]:
         InvalidInput: a negative or non-integer dimension, or too many dimensions.
     """
     try:
-        dims = tuple(int(d) for d in shape)
+        dims = tuple(map(int, shape))
     except (TypeError, ValueError):
         raise InvalidInput(f"{name} has a shape that is not a list of integers: "
                            f"{shape!r}") from None
     if len(dims) > MAX_DIMS:
         raise InvalidInput(f"{name} has {len(dims)} dimensions; at most {MAX_DIMS} are allowed")
-    if any(d < 0 for d in dims):
+    if dims and min(dims) < 0:
         raise InvalidInput(f"{name} has a negative dimension in shape {list(dims)}")
     return dims
 
@@ -177,16 +177,16 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], buffer) -> np.ndarr
         InvalidInput: the size does not match the shape and datatype.
     """
     dims = check_shape(shape, name)
-    dtype = numpy_dtype(datatype, name)
-    count = element_count(dims)
-    if dtype == object:
+    dtype = _DTYPES.get(datatype) or numpy_dtype(datatype, name)
+    count = math.prod(dims)
+    if dtype.hasobject:
         return decode_bytes(buffer, count, name).reshape(dims)
-    size = memoryview(buffer).nbytes
+    size = len(buffer) if type(buffer) is bytes else memoryview(buffer).nbytes
     expected = count * dtype.itemsize
     if size != expected:
         raise InvalidInput(f"{name}: shape {list(dims)} of {datatype} takes {expected} octets, "
                            f"{size} were sent")
-    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(dims)
+    return np.frombuffer(buffer, dtype).reshape(dims)
 
 
 def _flatten(data, name: str) -> list:

@@ -7,6 +7,7 @@ here once, so both protocols behave the same.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -74,6 +75,65 @@ class DataPlane:
     def server_metadata(self) -> dict:
         """``name``, ``version`` and ``extensions`` of this server."""
         return {"name": SERVER_NAME, "version": mip.__version__, "extensions": list(EXTENSIONS)}
+
+    def submit(self, protocol: str, model: str, version: str | None,
+               inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+               timeout: float | None = None) -> asyncio.Future:
+        """Queue one request without waiting: a future of its :class:`InferResult`.
+
+        What :meth:`infer` does, for frontends that chain callbacks instead of running a
+        coroutine per request. Errors found at once are raised; later ones are set on the
+        future. Cancelling the future drops the request from the batch queue.
+        """
+        started = time.perf_counter()
+        engine = self.engine
+        chosen = engine.repository.get(model, version or None)  # ModelNotFound: no series
+        served_version = chosen.version
+        rows = 1
+        if chosen.max_batch_size and inputs:
+            first = next(iter(inputs.values()))
+            rows = first.shape[0] if first.ndim else 1
+        metrics = self.metrics
+        try:
+            wanted = engine.check_outputs(chosen, outputs) if outputs else None
+            if timeout is not None or self.request_timeout is not None:
+                limits = [t for t in (timeout, self.request_timeout) if t is not None]
+                deadline = time.monotonic() + min(limits)
+            else:
+                deadline = None
+            work = engine.submit(model, inputs, version=served_version, deadline=deadline)
+        except BaseException:
+            if metrics is not None:
+                metrics.observe_request(model, served_version, protocol, False,
+                                        time.perf_counter() - started, rows)
+            raise
+        reply = work.get_loop().create_future()
+
+        def settle(done: asyncio.Future) -> None:
+            ok = False
+            try:
+                if reply.done():
+                    return
+                if done.cancelled():
+                    reply.cancel()
+                    return
+                error = done.exception()
+                if error is not None:
+                    reply.set_exception(error)
+                    return
+                result = done.result()
+                if wanted is not None:
+                    result = {name: result[name] for name in wanted}
+                reply.set_result(InferResult(model, served_version, result))
+                ok = True
+            finally:
+                if metrics is not None:
+                    metrics.observe_request(model, served_version, protocol, ok,
+                                            time.perf_counter() - started, rows)
+
+        work.add_done_callback(settle)
+        reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)
+        return reply
 
     async def infer(self, protocol: str, model: str, version: str | None,
                     inputs: dict[str, np.ndarray], outputs: list[str] | None = None,

@@ -58,6 +58,9 @@ _CONTENTS = {
     "BYTES": ("bytes_contents", None),
 }
 _RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
+#: requests shorter than this are parsed whole by protobuf (copying raw contents out is
+#: cheaper than locating them); longer ones have their raw contents viewed in place.
+_SPLIT_ABOVE = 64 << 10
 _RAW_OUTPUT_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, length-delimited
 _STREAM_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 2
 
@@ -233,6 +236,73 @@ class _Service:
             await self._abort(context, exc)
         return reply
 
+    def start_infer(self, data: bytes, context) -> asyncio.Future:
+        """ModelInfer without a coroutine: the request goes into the batch queue and the
+        reply is encoded in a callback; a future of the reply's bytes. Errors come as
+        ``mip.net.grpc_server.RpcError`` (raised at once, or set on the future)."""
+        from mip.net.grpc_server import RpcError
+
+        try:
+            request, raw, work = self._submit(data, context)
+        except ServingError as exc:
+            raise RpcError(exc.grpc_status, str(exc)) from None
+        reply = work.get_loop().create_future()
+        limit = self.max_message_size
+
+        def encode(done: asyncio.Future) -> None:
+            if reply.done():
+                return
+            if done.cancelled():
+                reply.cancel()
+                return
+            error = done.exception()
+            if error is None:
+                try:
+                    data = self._reply(request, done.result(), raw)
+                    if len(data) > limit:
+                        raise TooLarge(f"reply of {len(data)} octets is over the gRPC message "
+                                       f"limit of {limit} octets (--grpc-max-message-size)")
+                except Exception as exc:  # a reply that cannot be encoded
+                    error = exc
+                else:
+                    reply.set_result(data)
+                    return
+            if isinstance(error, ServingError):
+                error = RpcError(error.grpc_status, str(error))
+            reply.set_exception(error)
+
+        work.add_done_callback(encode)
+        reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)
+        return reply
+
+    def _submit(self, data: bytes, context):
+        """Parse a ModelInferRequest and queue it: ``(request, raw, future of the result)``."""
+        if len(data) > self.max_message_size:
+            raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
+                           f"of {self.max_message_size} octets (--grpc-max-message-size)")
+        try:
+            if len(data) < _SPLIT_ABOVE:
+                request = pb.ModelInferRequest.FromString(data)
+                raws = request.raw_input_contents
+            else:
+                rest, raws = split_raw_inputs(data)
+                request = pb.ModelInferRequest.FromString(rest)
+        except InvalidInput:
+            raise
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+        inputs = self._inputs(request, raws)
+        outputs = [o.name for o in request.outputs] or None
+        timeout = None
+        if "timeout" in request.parameters:
+            timeout = timeout_parameter(_parameter(request.parameters["timeout"]))
+        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+        if remaining is not None:
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        work = self.dataplane.submit("grpc", request.model_name, request.model_version,
+                                     inputs, outputs, timeout)
+        return request, bool(len(raws)), work
+
     async def model_stream_infer(self, request_iterator, context):
         """Answer every request of the stream; requests run concurrently (up to
         :data:`STREAM_WINDOW`), so replies may come out of order (match them by ``id``)."""
@@ -278,25 +348,8 @@ class _Service:
                 task.cancel()
 
     async def _infer(self, data: bytes, context) -> bytes:
-        if len(data) > self.max_message_size:
-            raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
-                            f"of {self.max_message_size} octets (--grpc-max-message-size)")
-        rest, raws = split_raw_inputs(data)
-        try:
-            request = pb.ModelInferRequest.FromString(rest)
-        except Exception as exc:  # protobuf's DecodeError and friends
-            raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
-        inputs = self._inputs(request, raws)
-        outputs = [o.name for o in request.outputs] or None
-        timeout = None
-        if "timeout" in request.parameters:
-            timeout = timeout_parameter(_parameter(request.parameters["timeout"]))
-        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
-        if remaining is not None:
-            timeout = remaining if timeout is None else min(timeout, remaining)
-        result = await self.dataplane.infer("grpc", request.model_name, request.model_version,
-                                            inputs, outputs, timeout)
-        reply = self._reply(request, result, raw=bool(raws))
+        request, raw, work = self._submit(data, context)
+        reply = self._reply(request, await work, raw=raw)
         if len(reply) > self.max_message_size:
             raise TooLarge(f"reply of {len(reply)} octets is over the gRPC message limit of "
                             f"{self.max_message_size} octets (--grpc-max-message-size)")
@@ -407,7 +460,7 @@ IMPLEMENTATIONS = ("native", "grpcio")
 
 
 def _native_methods(service: _Service) -> dict:
-    from mip.net.grpc_server import stream_stream, unary
+    from mip.net.grpc_server import stream_stream, unary, unary_future
 
     def typed(function, request_type, response_type):
         return unary(function, request_type.FromString, response_type.SerializeToString)
@@ -424,7 +477,7 @@ def _native_methods(service: _Service) -> dict:
                                          pb.ServerMetadataResponse),
         prefix + "ModelMetadata": typed(service.model_metadata, pb.ModelMetadataRequest,
                                         pb.ModelMetadataResponse),
-        prefix + "ModelInfer": unary(service.model_infer),
+        prefix + "ModelInfer": unary_future(service.start_infer),
         prefix + "ModelStreamInfer": stream_stream(service.model_stream_infer),
         prefix + "RepositoryIndex": typed(service.repository_index, pb.RepositoryIndexRequest,
                                           pb.RepositoryIndexResponse),

@@ -1,0 +1,158 @@
+"""A gRPC client channel on asyncio and :class:`mip.protocol._h2.GrpcConnection`.
+
+One connection, any number of calls multiplexed on it; unary calls only, bytes in and
+bytes out (serialize with protobuf yourself). It costs a fraction of grpc.aio's CPU per
+call, which is what ``mip bench`` needs to load a server without becoming the bottleneck::
+
+    async with GrpcChannel("127.0.0.1:8001") as channel:
+        reply = await channel.unary("/inference.GRPCInferenceService/ModelInfer", payload)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl as _ssl
+
+from mip.net.grpc_server import RpcError, Status
+from mip.protocol import _h2
+
+__all__ = ["GrpcChannel", "RpcError", "Status"]
+
+_RECEIVE_BUFFER = 256 << 10
+
+
+class _ClientProtocol(asyncio.BufferedProtocol):
+    def __init__(self, channel: GrpcChannel):
+        self.channel = channel
+        self.loop = channel._loop
+        self.h2 = _h2.GrpcConnection(client=True, max_message_size=channel.max_message_size)
+        self.buffer = memoryview(bytearray(_RECEIVE_BUFFER))
+        self.transport = None
+        self.flush_scheduled = False
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.flush_now()
+
+    def get_buffer(self, sizehint: int):
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            events = self.h2.receive(self.buffer[:nbytes])
+        except _h2.H2Error as exc:
+            self._fail(ConnectionError(f"HTTP/2 error: {exc}"))
+            self.transport.close()
+            return
+        for event, call, value in events:
+            future = call.tag
+            if future is None:
+                continue
+            if event == _h2.EV_MESSAGE:
+                call.data = value[1]
+            elif event == _h2.EV_CLOSED:
+                call.tag = None
+                if future.done():
+                    continue
+                status = call.grpc_status
+                if status is None:
+                    future.set_exception(RpcError(
+                        Status.UNAVAILABLE if value == 0 else Status.CANCELLED,
+                        f"stream closed without a status (HTTP/2 error {value}, "
+                        f"HTTP status {call.http_status})"))
+                elif status != 0:
+                    future.set_exception(RpcError(status, call.grpc_message or ""))
+                else:
+                    future.set_result(call.data if call.data is not None else b"")
+            elif event == _h2.EV_TOO_LARGE:
+                call.tag = None
+                future.set_exception(RpcError(Status.RESOURCE_EXHAUSTED,
+                                              f"reply of {value} octets is over the limit"))
+                self.h2.reset(call)
+        self.flush_now()
+
+    def connection_lost(self, exc) -> None:
+        self._fail(ConnectionError(f"connection lost: {exc}" if exc else "connection closed"))
+
+    def _fail(self, exc: Exception) -> None:
+        self.lost = exc
+        for call in self.h2.live_calls():
+            future, call.tag = call.tag, None
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
+    def flush(self) -> None:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self.flush_scheduled = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        out = self.h2.data_to_send()
+        if out:
+            self.transport.writelines(out) if len(out) > 1 else self.transport.write(out[0])
+
+
+class GrpcChannel:
+    """A client connection to a gRPC server at ``HOST:PORT``.
+
+    Args:
+        address: ``HOST:PORT``.
+        ssl: a client :class:`ssl.SSLContext` (ALPN ``h2`` is set on it), or ``None``.
+        max_message_size: largest reply message accepted, in octets.
+    """
+
+    def __init__(self, address: str, *, ssl: _ssl.SSLContext | None = None,
+                 max_message_size: int = 1 << 30):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"gRPC address must be HOST:PORT, not {address!r}")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.authority = address.encode()
+        self.ssl = ssl
+        if ssl is not None:
+            ssl.set_alpn_protocols(["h2"])
+        self.max_message_size = max_message_size
+        self._protocol: _ClientProtocol | None = None
+        self._loop = None
+
+    async def connect(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        _, self._protocol = await self._loop.create_connection(
+            lambda: _ClientProtocol(self), self.host, self.port, ssl=self.ssl)
+
+    async def __aenter__(self) -> GrpcChannel:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def unary(self, path: bytes | str, payload, *, timeout: float | None = None,
+              metadata=()) -> asyncio.Future:
+        """Call ``path`` with one request message; the future gives the reply's bytes or
+        raises :class:`RpcError` with the server's status."""
+        protocol = self._protocol
+        if protocol is None:
+            raise RuntimeError("the channel is not connected")
+        if protocol.lost is not None:
+            raise protocol.lost
+        if isinstance(path, str):
+            path = path.encode()
+        future = self._loop.create_future()
+        call = protocol.h2.start_call(path, self.authority, payload, metadata, timeout)
+        call.tag = future
+        protocol.flush()
+        return future
+
+    async def close(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None
