@@ -27,7 +27,7 @@ extensions = [
         extra_compile_args=compile_args,
         define_macros=macros,
     )
-    for name in ("_stream", "_mip", "_msip")
+    for name in ("_stream", "_mip", "_msip", "_jsonnum")
 ]
 
 

@@ -53,7 +53,12 @@ CELLS = [  # (model, shape)
     ("mlp", [1, 784]),
     ("identity_1m", [1, 262144]),
 ]
-PEERS_MEASURED = ("mlserver", "kserve", "pytriton")  # the "best peer" is one of these
+PEERS_MEASURED = ("mlserver", "kserve", "pytriton")
+#: mip bench protocol -> the row label's protocol part
+PROTOCOL_NAMES = {"mip": "mip", "grpc": "grpc", "http": "rest-json", "http-binary": "rest-binary"}
+#: our row of each protocol compared with the peers' rows of the same protocol
+OURS = {"grpc": "mip/grpc batching", "rest-json": "mip/rest-json batching",
+        "rest-binary": "mip/rest-binary batching"}  # the "best peer" is one of these
 SERVERS = ("mip", *PEERS_MEASURED, "echo")
 DEFAULT_SERVERS = "mip,mlserver,kserve,pytriton,echo"
 PEER_PACKAGES = {
@@ -257,6 +262,7 @@ def mip_server(repo: Path, label: str, logs: Path) -> Server:
     if "--http" in flags:
         http_port = free_port()
         argv += ["--http", f"127.0.0.1:{http_port}"]
+        endpoints.append(("http", f"http://127.0.0.1:{http_port}"))
         endpoints.append(("http-binary", f"http://127.0.0.1:{http_port}"))
 
     def ready(proc):
@@ -299,6 +305,7 @@ def kserve_server(python: Path, peers: Path, logs: Path) -> Server:
             "--enable_latency_logging", "false", "--log_config_file", str(quiet)]
     return Server("kserve", argv,
                   [("grpc", f"grpc://127.0.0.1:{grpc_port}"),
+                   ("http", f"http://127.0.0.1:{http_port}"),
                    ("http-binary", f"http://127.0.0.1:{http_port}")],
                   cwd=peers, ready=lambda proc: wait_ready(http_port, list(_SPECS), proc),
                   log_path=logs / "kserve.log")
@@ -312,6 +319,7 @@ def pytriton_server(python: Path, peers: Path, logs: Path) -> Server:
             "--metrics_port", str(metrics_port)]
     return Server("pytriton", argv,
                   [("grpc", f"grpc://127.0.0.1:{grpc_port}"),
+                   ("http", f"http://127.0.0.1:{http_port}"),
                    ("http-binary", f"http://127.0.0.1:{http_port}")],
                   cwd=peers,
                   ready=lambda proc: wait_ready(http_port, list(_SPECS), proc, timeout=180.0),
@@ -366,6 +374,19 @@ def bench(label: str, protocol: str, url: str, model: str | None, shape: list[in
     return doc
 
 
+def warm(protocol: str, url: str, model: str | None) -> None:
+    """Load a freshly started server for 2 s, unmeasured, so that the first cell measured
+    does not also pay for a cold process (the same for every server)."""
+    argv = [sys.executable, "-m", "mip.cli", "--log-level", "ERROR", "bench", "infer", url,
+            "--protocol", protocol, "--concurrency", "8", "--duration", "1", "--warmup", "1",
+            "--no-progress"]
+    if model:
+        argv += ["--model", model]
+    if protocol == "mip":
+        argv += ["--shape", "1,16"]
+    subprocess.run(argv, capture_output=True, cwd=ROOT, timeout=120, check=False)
+
+
 # -- 5. report ------------------------------------------------------------------------------
 
 def step_at(doc: dict, c: int) -> dict | None:
@@ -376,7 +397,8 @@ def summarize(docs: list[dict], concurrencies: list[int]) -> tuple[str, dict]:
     """The comparison table (with ratios against the best peer) and the goals' verdicts."""
     lines = []
     head = (f"{'cell':<12} {'c':>3}  {'server/protocol':<28} {'req/s':>9} {'p50 ms':>8} "
-            f"{'p99 ms':>8} {'errors':>6} {'x best peer':>11} {'client CPU':>10}")
+            f"{'p99 ms':>8} {'errors':>6} {'x best peer':>11} {'x same proto':>12} "
+            f"{'client CPU':>10}")
     lines += [head, "-" * len(head)]
     best: dict = {}
     for model, _ in CELLS:
@@ -395,19 +417,73 @@ def summarize(docs: list[dict], concurrencies: list[int]) -> tuple[str, dict]:
             for label, s in sorted(rows, key=lambda r: -r[1]["throughput_rps"]):
                 ratio = (s["throughput_rps"] / best_peer[1]["throughput_rps"]
                          if best_peer and best_peer[1]["throughput_rps"] else None)
+                same = best_of_protocol(good_peers, label.split("/")[1].split()[0])
+                same_ratio = (s["throughput_rps"] / same[1]["throughput_rps"]
+                              if same and same[1]["throughput_rps"] else None)
                 p50, p99 = s["latency_ms"]["p50"], s["latency_ms"]["p99"]
                 lines.append(
                     f"{model:<12} {c:>3}  {label:<28} {s['throughput_rps']:>9,.0f} "
                     f"{p50 if p50 is not None else float('nan'):>8.3f} "
                     f"{p99 if p99 is not None else float('nan'):>8.3f} {s['errors']:>6} "
                     f"{(f'{ratio:.2f}x' if ratio else '-'):>11} "
+                    f"{(f'{same_ratio:.2f}x' if same_ratio else '-'):>12} "
                     f"{s['client_cpu_percent']:>9.0f}%")
             lines.append("")
     goals = check_goals(best, concurrencies)
+    goals["markdown"] = markdown(best, concurrencies)
     lines.append("Goals (at concurrency 32 unless said):")
     for g in goals["checks"]:
         lines.append(f"  [{g['verdict']}] {g['goal']}: {g['measured']}")
     return "\n".join(lines), goals
+
+
+_CELL_TITLES = {"identity": "identity, FP32 1x16 (64 B)",
+                "mlp": "mlp, FP32 1x784 (3 KiB in, 40 B out)",
+                "identity_1m": "identity_1m, FP32 1x262144 (1 MiB each way)"}
+
+
+def markdown(best: dict, concurrencies: list[int]) -> str:
+    """One Markdown table per cell: req/s (p99 ms) per concurrency, and each row's ratio
+    to the best peer row of the same protocol at the highest concurrency."""
+    out = []
+    top = max(concurrencies)
+    for model, _ in CELLS:
+        labels: dict[str, dict] = {}
+        for c in concurrencies:
+            for label, st in best.get((model, c), {}).get("rows", []):
+                labels.setdefault(label, {})[c] = st
+        if not labels:
+            continue
+        out += [f"**{_CELL_TITLES.get(model, model)}**", "",
+                "| server / protocol | " + " | ".join(f"c={c} req/s (p99 ms)" for c in concurrencies)
+                + f" | c={top} vs best peer, same protocol |",
+                "| --- | " + " | ".join("---:" for _ in concurrencies) + " | ---: |"]
+        peers = best.get((model, top), {}).get("peers", [])
+        order = sorted(labels, key=lambda lab: -labels[lab].get(top, {}).get("throughput_rps", 0))
+        for label in order:
+            cells = []
+            for c in concurrencies:
+                st = labels[label].get(c)
+                if st is None:
+                    cells.append("-")
+                    continue
+                p99 = st["latency_ms"]["p99"]
+                err = f", {st['errors']} errors" if st["errors"] else ""
+                cells.append(f"{st['throughput_rps']:,.0f} ({'-' if p99 is None else f'{p99:,.2f}'}{err})")
+            protocol = label.split("/")[1].split()[0]
+            same = best_of_protocol(peers, protocol)
+            st = labels[label].get(top)
+            ratio = (f"{st['throughput_rps'] / same[1]['throughput_rps']:.2f}x"
+                     if st and same and same[1]["throughput_rps"] else "-")
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def best_of_protocol(peers: list, protocol: str):
+    """The peer row of ``protocol`` (``grpc``, ``rest-json``, ...) with the most req/s."""
+    same = [(label, s) for label, s in peers if label.split("/")[1] == protocol]
+    return max(same, key=lambda r: r[1]["throughput_rps"], default=None)
 
 
 def _tput(best, model, c, label):
@@ -455,6 +531,47 @@ def check_goals(best: dict, concurrencies: list[int]) -> dict:
                           f"{lowest[1]['latency_ms']['p99']:.2f} ms")
     add("MIP p99 lower than every peer's in every cell", (not misses) if measured_any else None,
         "; ".join(misses) if misses else "lower everywhere")
+    # the KServe v2 frontends: each protocol against the peers' rows of the same protocol,
+    # at every concurrency (equal load)
+    for protocol, factor, models in (("grpc", 1.5, ("identity", "mlp", "identity_1m")),
+                                     ("rest-json", 1.5, ("identity", "mlp", "identity_1m")),
+                                     ("rest-binary", 2.0, ("identity_1m",))):
+        goal = (f"{protocol}: {OURS[protocol]} >= {factor:g}x the best peer's {protocol} "
+                f"({', '.join(models)}; every concurrency)")
+        worst, found = None, False
+        for model in models:
+            for cc in concurrencies:
+                entry = best.get((model, cc), {})
+                s = _tput(best, model, cc, OURS[protocol])
+                bp = best_of_protocol(entry.get("peers", []), protocol)
+                if s is None or bp is None:
+                    continue
+                found = True
+                r = s["throughput_rps"] / bp[1]["throughput_rps"]
+                if worst is None or r < worst[0]:
+                    worst = (r, model, cc, s["throughput_rps"], bp)
+        if not found:
+            add(goal, None, "not measured")
+            continue
+        r, model, cc, ours_rps, bp = worst
+        add(goal, r >= factor, f"lowest {r:.2f}x ({model} c={cc}: {ours_rps:,.0f} vs "
+                               f"{bp[0]} {bp[1]['throughput_rps']:,.0f} req/s)")
+    for protocol, label in OURS.items():
+        misses, measured_any = [], False
+        for (model, cc), entry in best.items():
+            s = _tput(best, model, cc, label)
+            same = [(lab, st) for lab, st in entry.get("peers", [])
+                    if lab.split("/")[1] == protocol and st["latency_ms"]["p99"] is not None]
+            if s is None or not same or s["latency_ms"]["p99"] is None:
+                continue
+            measured_any = True
+            lowest = min(same, key=lambda r: r[1]["latency_ms"]["p99"])
+            if s["latency_ms"]["p99"] >= lowest[1]["latency_ms"]["p99"]:
+                misses.append(f"{model} c={cc}: {s['latency_ms']['p99']:.2f} ms vs {lowest[0]} "
+                              f"{lowest[1]['latency_ms']['p99']:.2f} ms")
+        add(f"{protocol}: p99 lower than every peer's {protocol} in every cell",
+            (not misses) if measured_any else None,
+            "; ".join(misses) if misses else "lower everywhere")
     on, off = _tput(best, "mlp", c, ours), _tput(best, "mlp", c, "mip/mip no batching")
     if on and off:
         r = on["throughput_rps"] / off["throughput_rps"]
@@ -522,7 +639,9 @@ def main() -> int:
         try:
             with server:
                 for protocol, url in server.endpoints:
-                    proto_name = "rest" if protocol.startswith("http") else protocol
+                    warm(protocol, url, None if name == "echo" else "identity")
+                for protocol, url in server.endpoints:
+                    proto_name = PROTOCOL_NAMES[protocol]
                     label = f"{name.split()[0]}/{proto_name}" + (
                         f" {' '.join(name.split()[1:])}" if " " in name else "")
                     for model, shape in CELLS:
@@ -542,6 +661,8 @@ def main() -> int:
     table, goals = summarize(docs, concurrencies)
     print()
     print(table)
+    print()
+    print(goals["markdown"])
     if problems:
         print("\nNot measured:")
         for k, v in problems.items():

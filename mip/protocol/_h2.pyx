@@ -405,11 +405,15 @@ cdef class GrpcConnection:
         return self.calls.get(stream_id)
 
     cdef void _queue(self, Call call, object message) except *:
-        """A gRPC message (prefix + payload) onto ``call``'s outgoing buffers."""
+        """A gRPC message (prefix + payload) onto ``call``'s outgoing buffers; ``message``
+        is a bytes-like object or a list of them (sent one after the other, not joined)."""
         cdef Py_buffer view
-        PyObject_GetBuffer(message, &view, PyBUF_SIMPLE)
-        cdef Py_ssize_t n = view.len
-        PyBuffer_Release(&view)
+        cdef Py_ssize_t n = 0
+        parts = message if isinstance(message, list) else (message,)
+        for part in parts:
+            PyObject_GetBuffer(part, &view, PyBUF_SIMPLE)
+            n += view.len
+            PyBuffer_Release(&view)
         if n > 0xFFFFFFFF:
             raise ValueError("a gRPC message is at most 4 GiB")
         cdef uint8_t prefix[PREFIX]
@@ -419,8 +423,9 @@ cdef class GrpcConnection:
         prefix[3] = (n >> 8) & 0xFF
         prefix[4] = n & 0xFF
         call.out.append((<char *>prefix)[:PREFIX])
-        if n:
-            call.out.append(message)
+        for part in parts:
+            if len(part):
+                call.out.append(part)
 
     def send_message(self, Call call, message) -> None:
         """Send one message on ``call`` (the response headers go first, once)."""

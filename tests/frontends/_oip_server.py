@@ -151,6 +151,9 @@ DATATYPES = {
 }
 
 
+WIDE_DATATYPES = ("FP32", "FP64", "FP16", "INT32", "UINT8", "INT64", "INT8")
+
+
 def build_repository(repo: Path) -> Path:
     """Every model the frontend tests use, built with onnx.helper (plus Fashion-MNIST)."""
     import shutil
@@ -165,6 +168,9 @@ def build_repository(repo: Path) -> Path:
             add_python_model(repo, f"id_{datatype.lower()}", IDENTITY_MODEL.format(datatype))
         else:
             add_model(repo, f"id_{datatype.lower()}", identity(getattr(TensorProto, onnx_name)))
+    for datatype in WIDE_DATATYPES:  # rows of 2048: JSON bodies of hundreds of KiB
+        add_model(repo, f"wide_{datatype.lower()}",
+                  identity(getattr(TensorProto, DATATYPES[datatype][0]), ("batch", 2048)))
     f = TensorProto.FLOAT
     add_model(repo, "two", onnx_model(
         [helper.make_node("Add", ["a", "b"], ["sum"]),

@@ -361,3 +361,33 @@ def http_get(host: str, port: int, path: str):
         return response.status, json.loads(response.read())
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64", "FP16", "INT32", "UINT8", "INT64"])
+def test_large_json_tensors_round_trip_exactly(client, datatype):
+    """Bodies over 64 KiB have their numeric arrays parsed straight into numpy."""
+    x = sample(datatype, (8, 2048), seed=3)
+    result = client.infer(f"wide_{datatype.lower()}", [_input("input", x, datatype, binary=False)],
+                          outputs=[httpclient.InferRequestedOutput("output", binary_data=False)])
+    np.testing.assert_array_equal(result.as_numpy("output"), x)
+
+
+def test_large_json_tensor_errors_are_400(server):
+    good = ",".join(["1.5"] * 16383)
+    cases = {
+        "[" + good + ",,1]": "value is missing",
+        "[" + good + ",1e]": "not a JSON number",
+        "[" + good.replace("1.5", "1", 1) + "]": "holds 4096 elements",
+    }
+    for data, message in cases.items():
+        shape = [2, 2048] if "holds" in message else [8, 2048]
+        body = ('{"inputs": [{"name": "input", "datatype": "FP32", "shape": %s, "data": %s}]}'
+                % (shape, data)).encode()
+        status, _, reply = _request(server, "POST", "/v2/models/wide_fp32/infer", body,
+                                    {"Content-Type": "application/json"})
+        assert status == 400, reply
+        assert message in json.loads(reply)["error"], reply
+    body = ('{"inputs": [{"name": "input", "datatype": "INT8", "shape": [8, 2048], "data": [%s]}]}'
+            % ",".join(["300"] * 16384)).encode()
+    status, _, reply = _request(server, "POST", "/v2/models/wide_int8/infer", body)
+    assert status == 400 and "does not fit INT8" in json.loads(reply)["error"], reply

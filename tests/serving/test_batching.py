@@ -344,3 +344,65 @@ def test_stop_drains_then_refuses():
 
     _, queued = run(scenario())
     assert float(queued["y"][0, 0]) == 10
+
+
+class ThreadRecorder:
+    """Doubles ``x`` after ``seconds`` of sleep; records the thread of every call."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self.threads: list[str] = []
+
+    def __call__(self, inputs):
+        self.threads.append(threading.current_thread().name)
+        if self.seconds:
+            time.sleep(self.seconds)
+        return {"y": inputs["x"] * 2}
+
+
+def test_a_fast_model_runs_on_the_event_loop_after_its_first_batch():
+    model = ThreadRecorder()
+    batcher = make(model, max_queue_delay_us=0)
+
+    async def scenario():
+        batcher.start()
+        loop_thread = threading.current_thread().name
+        for i in range(5):  # one at a time: one batch each
+            out = await batcher.submit({"x": rows_of(1, i)}, 1)
+            np.testing.assert_array_equal(out["y"], rows_of(1, 2 * i))
+        await batcher.stop()
+        return loop_thread
+
+    loop_thread = run(scenario())
+    assert model.threads[0].startswith("mip-test")  # measured in the worker thread first
+    assert model.threads[1:] == [loop_thread] * 4
+
+
+def test_a_slow_model_stays_in_its_worker_thread():
+    model = ThreadRecorder(seconds=0.002)  # 2 ms: far over the inline limit
+    batcher = make(model, max_queue_delay_us=0)
+
+    async def scenario():
+        batcher.start()
+        for i in range(4):
+            await batcher.submit({"x": rows_of(1, i)}, 1)
+        await batcher.stop()
+
+    run(scenario())
+    assert all(name.startswith("mip-test") for name in model.threads)
+    assert len(model.threads) == 4
+
+
+def test_inline_below_zero_keeps_every_batch_in_a_thread():
+    model = ThreadRecorder()
+    batcher = Batcher(model, max_batch_size=8, dynamic_batching=DynamicBatching(),
+                      name="test", inline_below=0)
+
+    async def scenario():
+        batcher.start()
+        for i in range(4):
+            await batcher.submit({"x": rows_of(1, i)}, 1)
+        await batcher.stop()
+
+    run(scenario())
+    assert all(name.startswith("mip-test") for name in model.threads)

@@ -258,9 +258,10 @@ class _Service:
             error = done.exception()
             if error is None:
                 try:
-                    data = self._reply(request, done.result(), raw)
-                    if len(data) > limit:
-                        raise TooLarge(f"reply of {len(data)} octets is over the gRPC message "
+                    data = self._reply(request, done.result(), raw, join=False)
+                    size = sum(map(len, data)) if isinstance(data, list) else len(data)
+                    if size > limit:
+                        raise TooLarge(f"reply of {size} octets is over the gRPC message "
                                        f"limit of {limit} octets (--grpc-max-message-size)")
                 except Exception as exc:  # a reply that cannot be encoded
                     error = exc
@@ -375,7 +376,9 @@ class _Service:
         return inputs
 
     @staticmethod
-    def _reply(request, result, raw: bool) -> bytes:
+    def _reply(request, result, raw: bool, join: bool = True):
+        """The serialized ModelInferResponse: bytes, or (``join`` false, with raw outputs)
+        a list of buffers whose concatenation it is, the tensors' memory not copied."""
         response = pb.ModelInferResponse(model_name=result.model, model_version=result.version,
                                          id=request.id)
         datatypes = [codec.datatype_of(a) for a in result.outputs.values()]
@@ -390,7 +393,9 @@ class _Service:
                 _typed_contents(tensor.contents, datatype, array, name)
         header = response.SerializeToString()
         # Fields may come in any order: the raw contents follow the header as they are.
-        return b"".join([header, *parts]) if parts else header
+        if not parts:
+            return header
+        return b"".join([header, *parts]) if join else [header, *parts]
 
     # -- errors -------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from starlette.routing import BaseRoute, Route
 from mip.errors import Cancelled, InvalidInput, ModelNotFound, ServingError
 from mip.frontends.oip import codec
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
+from mip.protocol._jsonnum import PLACEHOLDER, parse_numbers, split_numeric_arrays
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "HttpServer", "build_app"]
 
@@ -49,6 +50,9 @@ log = logging.getLogger("mip.frontends.oip.rest")
 
 #: largest request body, in octets (after decompression), unless configured.
 DEFAULT_MAX_BODY_SIZE = 64 << 20
+#: JSON request headers from this many octets on have their large numeric arrays parsed
+#: straight into numpy (mip.protocol._jsonnum) instead of into Python numbers.
+_SPLIT_JSON_ABOVE = 64 << 10
 #: replies whose binary parts add up to less than this many octets are sent in one write.
 _JOIN_BELOW = 64 << 10
 _JSON_TYPE = "application/json"
@@ -193,7 +197,18 @@ class _Endpoints:
     async def infer(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version")
         body = await self._body(request)
-        header_length = request.headers.get("inference-header-content-length")
+        doc, inputs, wanted, binary_default, timeout = self._parse(
+            body, request.headers.get("inference-header-content-length"))
+        work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
+                                     timeout)
+        result = await _unless_disconnected(request.receive, work)
+        header, parts = self._reply_parts(doc.get("id"), result, wanted, binary_default)
+        if not parts:
+            return Response(header, media_type=_JSON_TYPE)
+        return _PartsResponse([header, *parts], len(header))
+
+    def _parse(self, body: bytes, header_length: str | None):
+        """A request body: ``(doc, inputs, wanted outputs, binary_data_output, timeout)``."""
         if header_length is None:
             header_end = len(body)
         else:
@@ -202,14 +217,24 @@ class _Endpoints:
                                    f"fit a body of {len(body)} octets")
             header_end = int(header_length)
         view = memoryview(body)
+        text = view[:header_end] if header_end != len(body) else body
+        spans: list = []
+        if header_end >= _SPLIT_JSON_ABOVE:
+            # Large numeric arrays are read straight into numpy memory, not Python floats.
+            text, spans = split_numeric_arrays(text, _SPLIT_JSON_ABOVE // 4)
         try:
-            doc = orjson.loads(view[:header_end])
+            doc = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"the request is not valid JSON: {exc}") from None
         doc = _object(doc, "the request")
-        inputs = self._inputs(doc, view, header_end)
-        parameters = _object(doc.get("parameters"), "parameters")
-        binary_default = bool(parameters.get("binary_data_output", False))
+        inputs = self._inputs(doc, view, header_end, spans)
+        parameters = doc.get("parameters")
+        binary_default = False
+        timeout = None
+        if parameters is not None:
+            parameters = _object(parameters, "parameters")
+            binary_default = bool(parameters.get("binary_data_output", False))
+            timeout = timeout_parameter(parameters.get("timeout"))
         wanted: dict[str, bool] = {}
         for output in doc.get("outputs") or ():
             output = _object(output, "an output")
@@ -218,13 +243,73 @@ class _Endpoints:
                 raise InvalidInput("every requested output needs a name")
             output_params = _object(output.get("parameters"), f"output {output_name!r} parameters")
             wanted[output_name] = bool(output_params.get("binary_data", binary_default))
-        timeout = timeout_parameter(parameters.get("timeout"))
-        work = self.dataplane.infer("http", name, version, inputs, list(wanted) or None, timeout)
-        result = await _unless_disconnected(request, work)
-        return self._reply(doc.get("id"), result, wanted, binary_default)
+        return doc, inputs, wanted, binary_default, timeout
+
+    # -- the inference fast path: plain ASGI, no Starlette request or response objects ----
+
+    async def fast_infer(self, scope, receive, send, name: str, version: str | None) -> None:
+        """``POST /v2/models/{name}[/versions/{v}]/infer`` straight on ASGI: the same
+        parsing, checks, errors and cancellation as :meth:`infer`, without the
+        per-request objects of the framework."""
+        try:
+            length = encoding = header_length = None
+            for key, value in scope["headers"]:
+                if key == b"content-length":
+                    length = value
+                elif key == b"inference-header-content-length":
+                    header_length = value.decode("latin-1")
+                elif key == b"content-encoding":
+                    encoding = value.decode("latin-1")
+            body = await self._receive_body(receive, length, encoding)
+            doc, inputs, wanted, binary_default, timeout = self._parse(body, header_length)
+            work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
+                                         timeout)
+            result = await _unless_disconnected(receive, work)
+            header, parts = self._reply_parts(doc.get("id"), result, wanted, binary_default)
+        except Cancelled:
+            return  # the client is gone: nobody to answer
+        except ServingError as exc:
+            await _send_error(send, str(exc), exc.http_status)
+            return
+        except Exception as exc:
+            log.error("POST %s failed", scope.get("path"), exc_info=exc)
+            await _send_error(send, f"internal error: {type(exc).__name__}: {exc}", 500)
+            return
+        if not parts:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(header)).encode())]})
+            await send({"type": "http.response.body", "body": header})
+            return
+        await _PartsResponse([header, *parts], len(header))(scope, receive, send)
+
+    async def _receive_body(self, receive, length: bytes | None, encoding: str | None) -> bytes:
+        limit = self.max_body_size
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _too_large(int(length), limit)
+        message = await receive()
+        body = message.get("body", b"")
+        if message.get("more_body", False):
+            chunks, size = [body], len(body)
+            while message.get("more_body", False):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise Cancelled("the client disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(size, limit)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise Cancelled("the client disconnected")
+        if len(body) > limit:
+            raise _too_large(len(body), limit)
+        return _decompress(body, (encoding or "identity").lower(), limit)
 
     @staticmethod
-    def _inputs(doc: dict, view: memoryview, position: int) -> dict[str, np.ndarray]:
+    def _inputs(doc: dict, view: memoryview, position: int,
+                spans: list = ()) -> dict[str, np.ndarray]:
         specs = doc.get("inputs")
         if not isinstance(specs, list):
             raise InvalidInput("the request needs an 'inputs' list")
@@ -254,13 +339,19 @@ class _Endpoints:
             else:
                 if "data" not in spec:
                     raise InvalidInput(f"input {name!r} has neither data nor binary_data_size")
-                inputs[name] = codec.from_list(name, datatype, shape, spec["data"])
+                data = spec["data"]
+                if spans and isinstance(data, str) and data.startswith(PLACEHOLDER):
+                    inputs[name] = _from_span(name, datatype, shape, view, spans, data)
+                else:
+                    inputs[name] = codec.from_list(name, datatype, shape, data)
         if position != len(view):
             raise InvalidInput(f"{len(view) - position} octets of binary data belong to no input")
         return inputs
 
     @staticmethod
-    def _reply(request_id, result, wanted: dict[str, bool], binary_default: bool) -> Response:
+    def _reply_parts(request_id, result, wanted: dict[str, bool],
+                     binary_default: bool) -> tuple[bytes, list]:
+        """The reply's JSON header and the binary parts that follow it (maybe none)."""
         outputs, parts = [], []
         for name, array in result.outputs.items():
             datatype = codec.datatype_of(array)
@@ -276,10 +367,7 @@ class _Endpoints:
                  "outputs": outputs}
         if request_id is not None:
             reply["id"] = request_id
-        header = orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY)
-        if not parts:
-            return Response(header, media_type=_JSON_TYPE)
-        return _PartsResponse([header, *parts], len(header))
+        return orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY), parts
 
     async def _body(self, request: Request) -> bytes:
         """The body, decompressed (gzip, deflate), at most ``max_body_size`` octets."""
@@ -294,20 +382,55 @@ class _Endpoints:
                 raise _too_large(size, limit)
             chunks.append(chunk)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        encoding = request.headers.get("content-encoding", "identity").lower()
-        if encoding in ("gzip", "deflate"):
-            decompressor = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-            try:
-                plain = decompressor.decompress(body, limit + 1)
-            except zlib.error as exc:
-                raise InvalidInput(f"the {encoding} body does not decompress: {exc}") from None
-            if len(plain) > limit or decompressor.unconsumed_tail:
-                raise _too_large(len(plain), limit, "decompressed ")
-            body = plain
-        elif encoding != "identity":
-            raise InvalidInput(f"Content-Encoding {encoding!r} is not supported "
-                               "(gzip, deflate, identity)")
+        return _decompress(body, request.headers.get("content-encoding", "identity").lower(),
+                           limit)
+
+
+def _from_span(name: str, datatype: str, shape, view: memoryview, spans: list,
+               placeholder: str) -> np.ndarray:
+    """An input whose ``data`` was a large numeric array, parsed from the body itself."""
+    index = placeholder[len(PLACEHOLDER):]
+    if not index.isdigit() or int(index) >= len(spans):
+        raise InvalidInput(f"input {name!r}: data is not a list of values")
+    start, end = spans[int(index)]
+    dtype = codec.numpy_dtype(datatype, f"input {name!r}")
+    if dtype.kind not in "iuf" or datatype == "BF16":
+        # BOOL and BF16 through the general path
+        return codec.from_list(name, datatype, shape, orjson.loads(view[start:end]))
+    dims = codec.check_shape(shape, name)
+    try:
+        flat = parse_numbers(view, start, end, dtype)
+    except ValueError as exc:
+        raise InvalidInput(f"{name}: data does not fit {datatype}: {exc}") from None
+    count = codec.element_count(dims)
+    if flat.size != count:
+        raise InvalidInput(f"{name}: shape {list(dims)} holds {count} elements, "
+                           f"{flat.size} were sent")
+    return flat.reshape(dims)
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """A body per its Content-Encoding (gzip, deflate, identity), at most ``limit`` octets."""
+    if encoding == "identity":
         return body
+    if encoding in ("gzip", "deflate"):
+        decompressor = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            plain = decompressor.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise InvalidInput(f"the {encoding} body does not decompress: {exc}") from None
+        if len(plain) > limit or decompressor.unconsumed_tail:
+            raise _too_large(len(plain), limit, "decompressed ")
+        return plain
+    raise InvalidInput(f"Content-Encoding {encoding!r} is not supported "
+                       "(gzip, deflate, identity)")
+
+
+async def _send_error(send, message: str, status: int) -> None:
+    body = orjson.dumps({"error": message})
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _too_large(size: int, limit: int, what: str = "") -> TooLarge:
@@ -315,30 +438,27 @@ def _too_large(size: int, limit: int, what: str = "") -> TooLarge:
                     f"{limit} octets (--http-max-body-size)")
 
 
-async def _unless_disconnected(request: Request, work):
-    """Await ``work``; cancel it (so its request leaves the batch queue) when the client
-    disconnects first."""
-    task = asyncio.ensure_future(work)
+async def _unless_disconnected(receive, work: asyncio.Future):
+    """Await ``work`` (a future); cancel it, so its request leaves the batch queue, when
+    the client disconnects first (then raise :class:`~mip.errors.Cancelled`)."""
 
     async def disconnected() -> None:
         while True:
-            message = await request.receive()
+            message = await receive()
             if message["type"] == "http.disconnect":
                 return
 
     watcher = asyncio.ensure_future(disconnected())
+    watcher.add_done_callback(lambda w: work.cancel() if not w.cancelled() else None)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
+        if watcher.done() and not watcher.cancelled():
+            raise Cancelled("the client disconnected") from None
+        work.cancel()
         raise
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise Cancelled("the client disconnected")
-    return task.result()
 
 
 async def _serving_error(request: Request, exc: ServingError) -> Response:
@@ -358,9 +478,33 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
 
+class _InferFront:
+    """The ASGI app: ``POST .../infer`` goes straight to :meth:`_Endpoints.fast_infer`,
+    everything else to the Starlette app (whose attributes this object shows)."""
+
+    def __init__(self, app: Starlette, endpoints: _Endpoints):
+        self.app = app
+        self.endpoints = endpoints
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path.startswith("/v2/models/") and path.endswith("/infer"):
+                parts = path[11:-6].split("/")
+                if len(parts) == 1 and parts[0]:
+                    return await self.endpoints.fast_infer(scope, receive, send, parts[0], None)
+                if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+                    return await self.endpoints.fast_infer(scope, receive, send, parts[0],
+                                                           parts[2])
+        await self.app(scope, receive, send)
+
+
 def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] = (),
               metrics=None, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-              request_timeout: float | None = None) -> Starlette:
+              request_timeout: float | None = None):
     """The Starlette app of the protocol's REST form, for uvicorn or any ASGI server.
 
     Args:
@@ -406,7 +550,7 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
     })
     app.state.metrics = metrics
     app.state.engine = engine
-    return app
+    return _InferFront(app, endpoints)
 
 
 class HttpServer:
@@ -442,6 +586,7 @@ class HttpServer:
         host = host.strip("[]")
         config = uvicorn.Config(self.app, host=host, port=int(port), http="auto", ws="none",
                                 lifespan="off", log_level="warning", access_log=False,
+                                proxy_headers=False,
                                 server_header=False, timeout_keep_alive=self.timeout_keep_alive,
                                 timeout_graceful_shutdown=self.graceful_timeout, **self.ssl)
         if self.ssl.get("ssl_ca_certs"):

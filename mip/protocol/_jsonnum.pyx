@@ -1,0 +1,265 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Large numeric arrays in JSON bodies, parsed straight into numpy memory.
+
+A JSON tensor of a million numbers costs a general JSON parser a Python object per number.
+:func:`split_numeric_arrays` finds the arrays made only of numbers (nested or flat) that are
+longer than a threshold, outside strings, and returns the document with each replaced by a
+placeholder string (``"\\u0000mip:K"``) plus the arrays' spans, so the rest parses as usual.
+:func:`parse_numbers` then reads one span into a typed numpy array with C's ``strtod`` and
+``strtoll``, every number checked: JSON syntax, integers for integer types, the type's range.
+"""
+
+import numpy as np
+
+cimport numpy as cnp
+from libc cimport errno as cerrno
+from libc.stdint cimport int64_t
+from libc.stdlib cimport strtod, strtoll
+
+cnp.import_array()
+
+PLACEHOLDER = "\x00mip:"
+
+
+cdef inline bint _number_char(unsigned char c) noexcept nogil:
+    return (48 <= c <= 57) or c == 45 or c == 43 or c == 46 or c == 101 or c == 69
+
+
+cdef inline bint _space(unsigned char c) noexcept nogil:
+    return c == 32 or c == 10 or c == 13 or c == 9
+
+
+cdef Py_ssize_t _numeric_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """From the '[' at ``i``: the index after its matching ']' when everything inside is
+    numbers, commas, spaces and brackets; -1 otherwise."""
+    cdef Py_ssize_t depth = 0
+    cdef unsigned char c
+    while i < n:
+        c = p[i]
+        if c == 91:  # [
+            depth += 1
+        elif c == 93:  # ]
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        elif not (_number_char(c) or c == 44 or _space(c)):
+            return -1
+        i += 1
+    return -1
+
+
+def split_numeric_arrays(data, Py_ssize_t min_length=4096):
+    """``(document, spans)``: ``body`` with every all-number array of at least
+    ``min_length`` octets replaced by ``"\\u0000mip:K"``, and ``spans[K] = (start, end)`` of
+    that array in ``body``. Without such arrays, ``document`` is ``body`` itself."""
+    cdef const unsigned char[::1] body = data
+    cdef const unsigned char *p = &body[0] if body.shape[0] else NULL
+    cdef Py_ssize_t n = body.shape[0], i = 0, copied = 0, end
+    cdef bint in_string = False
+    cdef unsigned char c
+    spans = []
+    parts = []
+    while i < n:
+        c = p[i]
+        if in_string:
+            if c == 92:  # backslash: skip the escaped octet
+                i += 2
+                continue
+            if c == 34:
+                in_string = False
+        elif c == 34:
+            in_string = True
+        elif c == 91:
+            end = _numeric_end(p, i, n)
+            if end > 0 and end - i >= min_length:
+                parts.append(bytes(body[copied:i]))
+                parts.append(b'"\\u0000mip:%d"' % len(spans))
+                spans.append((i, end))
+                copied = i = end
+                continue
+            if end > 0:
+                i = end  # a short all-number array: nothing inside needs a look
+                continue
+        i += 1
+    if not spans:
+        return data, spans
+    parts.append(bytes(body[copied:n]))
+    return b"".join(parts), spans
+
+
+def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t end, dtype):
+    """The numbers of ``body[start:end]`` (a span from :func:`split_numeric_arrays`), in
+    order, as a flat array of ``dtype`` (a numpy integer or floating type).
+
+    Raises:
+        ValueError: a malformed number, a non-integer for an integer type, or a value out
+            of the type's range (the message says which element).
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iuf":
+        raise TypeError(f"parse_numbers reads integer and floating types, not {dtype}")
+    if end > body.shape[0] or start < 0 or start > end:
+        raise ValueError("span outside the body")
+    cdef const unsigned char *p = &body[0]
+    cdef Py_ssize_t i
+    # Room for the most elements the span can hold (one digit and one separator each):
+    # proportional to what was received, no counting pass.
+    cdef Py_ssize_t count = (end - start) // 2 + 1
+    cdef bint is_float = dtype.kind == "f"
+    # exact: FP64 gets correctly rounded values (strtod outside the fast path); FP32 and
+    # FP16 round once more from a double within an ulp, as from Python floats.
+    cdef bint exact = dtype.itemsize == 8
+    cdef cnp.ndarray wide = np.empty(count, dtype=np.float64 if is_float else np.int64)
+    cdef double *dout = <double *>cnp.PyArray_DATA(wide)
+    cdef int64_t *iout = <int64_t *>cnp.PyArray_DATA(wide)
+    cdef char *stop
+    cdef Py_ssize_t k = 0, j
+    cdef _Number num
+    cdef int depth = 0
+    cdef bint want_value = True  # after '[' or ',': a number or '['; else ',' or ']'
+    cdef unsigned char c
+    i = start
+    while i < end:
+        c = p[i]
+        if not _number_char(c):
+            if c == 91:  # [
+                if not want_value:
+                    raise ValueError(f"a ',' is missing before the list at octet {i - start}")
+                depth += 1
+            elif c == 93:  # ]
+                if want_value and not (i > start and p[i - 1] == 91):
+                    raise ValueError(f"a value is missing before ']' at octet {i - start}")
+                depth -= 1
+                want_value = False
+                if depth < 0:
+                    raise ValueError("unbalanced ']'")
+            elif c == 44:  # ,
+                if want_value:
+                    raise ValueError(f"a value is missing before ',' at octet {i - start}")
+                want_value = True
+            elif not _space(c):
+                raise ValueError(f"unexpected {chr(c)!r} at octet {i - start}")
+            i += 1
+            continue
+        if not want_value:
+            raise ValueError(f"a ',' is missing before element {k}")
+        want_value = False
+        j = _scan(p, i, end, &num)
+        if j < 0:
+            j = i
+            while j < end and _number_char(p[j]):
+                j += 1
+            raise ValueError(f"element {k} is not a JSON number: "
+                             f"{bytes(body[i:min(j, i + 32)])!r}")
+        if is_float:
+            if num.digits <= 19 and -22 <= num.exp10 <= 22 and (
+                    not exact or num.mantissa <= (1ULL << 53)):
+                if num.exp10 >= 0:
+                    dout[k] = <double>num.mantissa * _POW10[num.exp10]
+                else:
+                    dout[k] = <double>num.mantissa / _POW10[-num.exp10]
+                if num.negative:
+                    dout[k] = -dout[k]
+            else:
+                dout[k] = strtod(<const char *>(p + i), &stop)
+        else:
+            if not num.integral:
+                raise ValueError(f"element {k} is not an integer: {bytes(body[i:j])!r}")
+            if num.digits > 18:
+                cerrno.errno = 0
+                iout[k] = strtoll(<const char *>(p + i), &stop, 10)
+                if cerrno.errno == cerrno.ERANGE:
+                    raise ValueError(f"element {k} is out of range: {bytes(body[i:j])!r}")
+            else:
+                iout[k] = -<int64_t>num.mantissa if num.negative else <int64_t>num.mantissa
+        k += 1
+        i = j
+    if depth != 0:
+        raise ValueError("unbalanced '['")
+    wide = wide[:k]
+    if k < count // 2:
+        wide = wide.copy()  # do not keep the room that was not used
+    if is_float:
+        if dtype == np.float64:
+            return wide
+        with np.errstate(over="ignore"):
+            return wide.astype(dtype)
+    if dtype != np.int64:
+        info = np.iinfo(dtype)
+        if count and (wide.min() < info.min or wide.max() > info.max):
+            raise ValueError(f"a value does not fit {dtype}")
+        return wide.astype(dtype)
+    return wide
+
+
+cdef double _POW10[23]
+for _k in range(23):
+    _POW10[_k] = 10.0 ** _k
+
+
+cdef struct _Number:
+    unsigned long long mantissa  # the first 19 significant digits
+    int digits                    # significant digits seen (more than 19: inexact)
+    int exp10                     # value = mantissa * 10**exp10
+    bint negative
+    bint integral
+
+
+cdef Py_ssize_t _scan(const unsigned char *p, Py_ssize_t i, Py_ssize_t end,
+                      _Number *out) noexcept nogil:
+    """One number by JSON's grammar, -?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?, from ``p[i]``:
+    the index after it (followed by a non-number character), or -1."""
+    cdef unsigned long long m = 0
+    cdef int digits = 0, exp10 = 0, e = 0, esign = 1
+    out.negative = False
+    out.integral = True
+    if i < end and p[i] == 45:
+        out.negative = True
+        i += 1
+    if i >= end or not (48 <= p[i] <= 57):
+        return -1
+    if p[i] == 48:
+        i += 1
+    else:
+        while i < end and 48 <= p[i] <= 57:
+            if digits < 19:
+                m = m * 10 + (p[i] - 48)
+            else:
+                exp10 += 1
+            digits += 1
+            i += 1
+    if i < end and p[i] == 46:
+        out.integral = False
+        i += 1
+        if i >= end or not (48 <= p[i] <= 57):
+            return -1
+        while i < end and 48 <= p[i] <= 57:
+            if m == 0 and p[i] == 48:
+                exp10 -= 1  # leading zeros of 0.000ddd are not significant
+            elif digits < 19:
+                m = m * 10 + (p[i] - 48)
+                exp10 -= 1
+                digits += 1
+            else:
+                digits += 1
+            i += 1
+    if i < end and (p[i] == 101 or p[i] == 69):
+        out.integral = False
+        i += 1
+        if i < end and (p[i] == 43 or p[i] == 45):
+            if p[i] == 45:
+                esign = -1
+            i += 1
+        if i >= end or not (48 <= p[i] <= 57):
+            return -1
+        while i < end and 48 <= p[i] <= 57:
+            if e < 100000:
+                e = e * 10 + (p[i] - 48)
+            i += 1
+        exp10 += esign * e
+    if i < end and _number_char(p[i]):
+        return -1  # e.g. "1-2", "01"
+    out.mantissa = m
+    out.digits = digits
+    out.exp10 = exp10
+    return i

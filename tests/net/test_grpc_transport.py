@@ -1,0 +1,185 @@
+"""mip's own gRPC transport (mip.net.grpc_server / grpc_client on mip.protocol._h2), over
+real sockets on 127.0.0.1, against grpcio's client and server as the reference."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+_h2 = pytest.importorskip("mip.protocol._h2", reason="mip.protocol._h2 not built (no libnghttp2)")
+
+import grpc  # noqa: E402
+
+from mip.net.grpc_client import GrpcChannel, RpcError  # noqa: E402
+from mip.net.grpc_server import GrpcServer, Status, stream_stream, unary, unary_future  # noqa: E402
+
+LIMIT = 1 << 20
+
+
+@pytest.fixture
+async def served():
+    """An echo service: unary, future-returning, failing, slow and streaming methods."""
+    events = {"cancelled": asyncio.Event()}
+
+    async def echo(request, context):
+        return request
+
+    def echo_future(request, context):
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(request[::-1])
+        return future
+
+    async def fail(request, context):
+        await context.abort(Status.INVALID_ARGUMENT, "bad input: \u00e9t\u00e9 100%")
+
+    async def slow(request, context):
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            events["cancelled"].set()
+            raise
+        return b""
+
+    async def metadata(request, context):
+        return repr(sorted(context.invocation_metadata())).encode()
+
+    async def chat(requests, context):
+        async for request in requests:
+            yield request.upper()
+            yield request.lower()
+
+    server = GrpcServer({
+        "/test.Echo/Echo": unary(echo),
+        "/test.Echo/Reverse": unary_future(echo_future),
+        "/test.Echo/Fail": unary(fail),
+        "/test.Echo/Slow": unary(slow),
+        "/test.Echo/Metadata": unary(metadata),
+        "/test.Echo/Chat": stream_stream(chat),
+    }, max_message_size=LIMIT)
+    host, port = await server.start("127.0.0.1", 0)
+    yield f"{host}:{port}", events
+    await server.stop(0.5)
+
+
+async def test_unary_round_trips_with_our_client(served):
+    address, _ = served
+    async with GrpcChannel(address) as channel:
+        assert await channel.unary("/test.Echo/Echo", b"hello") == b"hello"
+        assert await channel.unary("/test.Echo/Reverse", b"abc") == b"cba"
+        assert await channel.unary("/test.Echo/Echo", b"") == b""
+        # many calls multiplexed on the one connection
+        replies = await asyncio.gather(*(channel.unary("/test.Echo/Echo", b"%d" % i)
+                                         for i in range(200)))
+        assert replies == [b"%d" % i for i in range(200)]
+
+
+async def test_large_messages_both_ways(served):
+    address, _ = served
+    payload = bytes(range(256)) * (LIMIT // 256)  # exactly the limit
+    async with GrpcChannel(address) as channel:
+        assert await channel.unary("/test.Echo/Echo", payload) == payload
+
+
+async def test_grpcio_client_talks_to_our_server(served):
+    address, _ = served
+    async with grpc.aio.insecure_channel(address) as channel:
+        assert await channel.unary_unary("/test.Echo/Echo")(b"x" * 100_000) == b"x" * 100_000
+        with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+            await channel.unary_unary("/test.Echo/Fail")(b"")
+        assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert excinfo.value.details() == "bad input: \u00e9t\u00e9 100%"
+        with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+            await channel.unary_unary("/test.Echo/Nope")(b"")
+        assert excinfo.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        call = channel.stream_stream("/test.Echo/Chat")()
+        for word in (b"One", b"Two"):
+            await call.write(word)
+        await call.done_writing()
+        assert [m async for m in call] == [b"ONE", b"one", b"TWO", b"two"]
+        assert await call.code() == grpc.StatusCode.OK
+        reply = await channel.unary_unary("/test.Echo/Metadata")(
+            b"", metadata=(("x-tenant", "blue"), ("x-trace", "7")))
+        assert b"('x-tenant', 'blue')" in reply and b"('x-trace', '7')" in reply
+
+
+async def test_statuses_reach_our_client(served):
+    address, _ = served
+    async with GrpcChannel(address) as channel:
+        with pytest.raises(RpcError) as excinfo:
+            await channel.unary("/test.Echo/Fail", b"")
+        assert excinfo.value.code == Status.INVALID_ARGUMENT
+        assert excinfo.value.details == "bad input: \u00e9t\u00e9 100%"
+        with pytest.raises(RpcError) as excinfo:
+            await channel.unary("/test.Echo/Missing", b"")
+        assert excinfo.value.code == Status.UNIMPLEMENTED
+
+
+async def test_message_over_the_limit_is_refused_before_it_is_buffered(served):
+    address, _ = served
+    async with grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", -1)]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+            await channel.unary_unary("/test.Echo/Echo")(b"y" * (LIMIT + 1))
+        assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(LIMIT) in excinfo.value.details()
+        # the connection goes on serving
+        assert await channel.unary_unary("/test.Echo/Echo")(b"ok") == b"ok"
+
+
+async def test_a_message_announcing_4_gib_allocates_nothing():
+    """The 5-octet gRPC prefix is checked against the limit before memory is taken."""
+    conn = _h2.GrpcConnection(max_message_size=LIMIT)
+    client = _h2.GrpcConnection(client=True)
+    call = client.start_call(b"/test.Echo/Echo", b"x", None, end=False)
+    for data in client.data_to_send():
+        conn.receive(data)
+    # a DATA frame by hand: length 5, type 0, no flags, the call's stream
+    frame = (5).to_bytes(3, "big") + b"\x00\x00" + call.stream_id.to_bytes(4, "big")
+    events = conn.receive(frame + b"\x00\xff\xff\xff\xff")
+    assert [e[0] for e in events if e[0] == _h2.EV_TOO_LARGE] == [_h2.EV_TOO_LARGE]
+    assert conn.buffered == 0
+
+
+async def test_deadline_ends_the_call_and_cancels_the_handler(served):
+    address, events = served
+    async with grpc.aio.insecure_channel(address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+            await channel.unary_unary("/test.Echo/Slow")(b"", timeout=0.2)
+        assert excinfo.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.wait_for(events["cancelled"].wait(), 5)
+
+
+async def test_cancelled_call_cancels_the_handler(served):
+    address, events = served
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary("/test.Echo/Slow")(b"")
+        await asyncio.sleep(0.2)
+        call.cancel()
+        await asyncio.wait_for(events["cancelled"].wait(), 5)
+        assert await channel.unary_unary("/test.Echo/Echo")(b"after") == b"after"
+
+
+async def test_garbage_closes_the_connection_and_the_server_goes_on(served):
+    address, _ = served
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 4)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)  # returns at EOF: the server closed
+    assert data[3] == 0x04  # what it sent first was its HTTP/2 SETTINGS frame
+    writer.close()
+    async with GrpcChannel(address) as channel:
+        assert await channel.unary("/test.Echo/Echo", b"still") == b"still"
+
+
+async def test_connection_lost_mid_call_cancels_the_handler(served):
+    address, events = served
+    channel = GrpcChannel(address)
+    await channel.connect()
+    pending = channel.unary("/test.Echo/Slow", b"")
+    await asyncio.sleep(0.2)
+    await channel.close()
+    await asyncio.wait_for(events["cancelled"].wait(), 5)
+    with pytest.raises((ConnectionError, RpcError)):
+        await asyncio.wait_for(pending, 5)
