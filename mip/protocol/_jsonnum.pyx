@@ -14,7 +14,7 @@ import numpy as np
 cimport numpy as cnp
 from libc cimport errno as cerrno
 from libc.stdint cimport int64_t
-from libc.stdlib cimport strtod, strtoll
+from libc.stdlib cimport free, malloc, realloc, strtod, strtoll
 
 cnp.import_array()
 
@@ -54,11 +54,37 @@ def split_numeric_arrays(data, Py_ssize_t min_length=4096):
     that array in ``body``. Without such arrays, ``document`` is ``body`` itself."""
     cdef const unsigned char[::1] body = data
     cdef const unsigned char *p = &body[0] if body.shape[0] else NULL
-    cdef Py_ssize_t n = body.shape[0], i = 0, copied = 0, end
+    cdef Py_ssize_t n = body.shape[0], found = 0, room = 16
+    cdef Py_ssize_t *found_spans = <Py_ssize_t *>malloc(2 * room * sizeof(Py_ssize_t))
+    if found_spans == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            found = _find_spans(p, n, min_length, &found_spans, &room)
+        if found < 0:
+            raise MemoryError()
+        spans = [(found_spans[2 * k], found_spans[2 * k + 1]) for k in range(found)]
+    finally:
+        free(found_spans)
+    if not spans:
+        return data, spans
+    parts = []
+    copied = 0
+    for k, (start, end) in enumerate(spans):
+        parts.append(bytes(body[copied:start]))
+        parts.append(b'"\\u0000mip:%d"' % k)
+        copied = end
+    parts.append(bytes(body[copied:n]))
+    return b"".join(parts), spans
+
+
+cdef Py_ssize_t _find_spans(const unsigned char *p, Py_ssize_t n, Py_ssize_t min_length,
+                            Py_ssize_t **spans, Py_ssize_t *room) noexcept nogil:
+    """(start, end) pairs into ``*spans`` (grown as needed); how many, or -1."""
+    cdef Py_ssize_t i = 0, end, found = 0
+    cdef Py_ssize_t *grown
     cdef bint in_string = False
     cdef unsigned char c
-    spans = []
-    parts = []
     while i < n:
         c = p[i]
         if in_string:
@@ -72,19 +98,22 @@ def split_numeric_arrays(data, Py_ssize_t min_length=4096):
         elif c == 91:
             end = _numeric_end(p, i, n)
             if end > 0 and end - i >= min_length:
-                parts.append(bytes(body[copied:i]))
-                parts.append(b'"\\u0000mip:%d"' % len(spans))
-                spans.append((i, end))
-                copied = i = end
+                if found == room[0]:
+                    grown = <Py_ssize_t *>realloc(spans[0], 4 * room[0] * sizeof(Py_ssize_t))
+                    if grown == NULL:
+                        return -1
+                    spans[0] = grown
+                    room[0] *= 2
+                spans[0][2 * found] = i
+                spans[0][2 * found + 1] = end
+                found += 1
+                i = end
                 continue
             if end > 0:
                 i = end  # a short all-number array: nothing inside needs a look
                 continue
         i += 1
-    if not spans:
-        return data, spans
-    parts.append(bytes(body[copied:n]))
-    return b"".join(parts), spans
+    return found
 
 
 def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t end, dtype):
@@ -112,70 +141,12 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     cdef cnp.ndarray wide = np.empty(count, dtype=np.float64 if is_float else np.int64)
     cdef double *dout = <double *>cnp.PyArray_DATA(wide)
     cdef int64_t *iout = <int64_t *>cnp.PyArray_DATA(wide)
-    cdef char *stop
-    cdef Py_ssize_t k = 0, j
-    cdef _Number num
-    cdef int depth = 0
-    cdef bint want_value = True  # after '[' or ',': a number or '['; else ',' or ']'
-    cdef unsigned char c
-    i = start
-    while i < end:
-        c = p[i]
-        if not _number_char(c):
-            if c == 91:  # [
-                if not want_value:
-                    raise ValueError(f"a ',' is missing before the list at octet {i - start}")
-                depth += 1
-            elif c == 93:  # ]
-                if want_value and not (i > start and p[i - 1] == 91):
-                    raise ValueError(f"a value is missing before ']' at octet {i - start}")
-                depth -= 1
-                want_value = False
-                if depth < 0:
-                    raise ValueError("unbalanced ']'")
-            elif c == 44:  # ,
-                if want_value:
-                    raise ValueError(f"a value is missing before ',' at octet {i - start}")
-                want_value = True
-            elif not _space(c):
-                raise ValueError(f"unexpected {chr(c)!r} at octet {i - start}")
-            i += 1
-            continue
-        if not want_value:
-            raise ValueError(f"a ',' is missing before element {k}")
-        want_value = False
-        j = _scan(p, i, end, &num)
-        if j < 0:
-            j = i
-            while j < end and _number_char(p[j]):
-                j += 1
-            raise ValueError(f"element {k} is not a JSON number: "
-                             f"{bytes(body[i:min(j, i + 32)])!r}")
-        if is_float:
-            if num.digits <= 19 and -22 <= num.exp10 <= 22 and (
-                    not exact or num.mantissa <= (1ULL << 53)):
-                if num.exp10 >= 0:
-                    dout[k] = <double>num.mantissa * _POW10[num.exp10]
-                else:
-                    dout[k] = <double>num.mantissa / _POW10[-num.exp10]
-                if num.negative:
-                    dout[k] = -dout[k]
-            else:
-                dout[k] = strtod(<const char *>(p + i), &stop)
-        else:
-            if not num.integral:
-                raise ValueError(f"element {k} is not an integer: {bytes(body[i:j])!r}")
-            if num.digits > 18:
-                cerrno.errno = 0
-                iout[k] = strtoll(<const char *>(p + i), &stop, 10)
-                if cerrno.errno == cerrno.ERANGE:
-                    raise ValueError(f"element {k} is out of range: {bytes(body[i:j])!r}")
-            else:
-                iout[k] = -<int64_t>num.mantissa if num.negative else <int64_t>num.mantissa
-        k += 1
-        i = j
-    if depth != 0:
-        raise ValueError("unbalanced '['")
+    cdef Py_ssize_t k = 0, at = 0
+    cdef int error
+    with nogil:
+        error = _parse_span(p, start, end, is_float, exact, dout, iout, &k, &at)
+    if error:
+        raise ValueError(_message(error, body, start, end, at, k))
     wide = wide[:k]
     if k < count // 2:
         wide = wide.copy()  # do not keep the room that was not used
@@ -190,6 +161,117 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
             raise ValueError(f"a value does not fit {dtype}")
         return wide.astype(dtype)
     return wide
+
+
+cdef enum:
+    E_LIST_NEEDS_COMMA = 1
+    E_VALUE_BEFORE_CLOSE
+    E_UNBALANCED_CLOSE
+    E_VALUE_BEFORE_COMMA
+    E_UNEXPECTED
+    E_NUMBER_NEEDS_COMMA
+    E_NOT_NUMBER
+    E_NOT_INTEGER
+    E_OUT_OF_RANGE
+    E_UNBALANCED_OPEN
+
+
+cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t end,
+                  Py_ssize_t at, Py_ssize_t k):
+    cdef Py_ssize_t j = at
+    while j < end and _number_char(body[j]):
+        j += 1
+    text = bytes(body[at:min(j, at + 32)])
+    offset = at - start
+    if error == E_LIST_NEEDS_COMMA:
+        return f"a ',' is missing before the list at octet {offset}"
+    if error == E_VALUE_BEFORE_CLOSE:
+        return f"a value is missing before ']' at octet {offset}"
+    if error == E_UNBALANCED_CLOSE:
+        return "unbalanced ']'"
+    if error == E_VALUE_BEFORE_COMMA:
+        return f"a value is missing before ',' at octet {offset}"
+    if error == E_UNEXPECTED:
+        return f"unexpected {chr(body[at])!r} at octet {offset}"
+    if error == E_NUMBER_NEEDS_COMMA:
+        return f"a ',' is missing before element {k}"
+    if error == E_NOT_NUMBER:
+        return f"element {k} is not a JSON number: {text!r}"
+    if error == E_NOT_INTEGER:
+        return f"element {k} is not an integer: {text!r}"
+    if error == E_OUT_OF_RANGE:
+        return f"element {k} is out of range: {text!r}"
+    return "unbalanced '['"
+
+
+cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, bint is_float,
+                     bint exact, double *dout, int64_t *iout, Py_ssize_t *count,
+                     Py_ssize_t *at) noexcept nogil:
+    """Numbers of ``p[start:end]`` into ``dout`` (floats) or ``iout``; 0, or an E_ code
+    with ``at`` (octet) and ``count`` (element) where it went wrong."""
+    cdef char *stop
+    cdef Py_ssize_t i = start, j, k = 0
+    cdef _Number num
+    cdef int depth = 0
+    cdef bint want_value = True  # after '[' or ',': a number or '['; else ',' or ']'
+    cdef unsigned char c
+    while i < end:
+        c = p[i]
+        at[0] = i
+        count[0] = k
+        if not _number_char(c):
+            if c == 91:  # [
+                if not want_value:
+                    return E_LIST_NEEDS_COMMA
+                depth += 1
+            elif c == 93:  # ]
+                if want_value and not (i > start and p[i - 1] == 91):
+                    return E_VALUE_BEFORE_CLOSE
+                depth -= 1
+                want_value = False
+                if depth < 0:
+                    return E_UNBALANCED_CLOSE
+            elif c == 44:  # ,
+                if want_value:
+                    return E_VALUE_BEFORE_COMMA
+                want_value = True
+            elif not _space(c):
+                return E_UNEXPECTED
+            i += 1
+            continue
+        if not want_value:
+            return E_NUMBER_NEEDS_COMMA
+        want_value = False
+        j = _scan(p, i, end, &num)
+        if j < 0:
+            return E_NOT_NUMBER
+        if is_float:
+            if num.digits <= 19 and -22 <= num.exp10 <= 22 and (
+                    not exact or num.mantissa <= (1ULL << 53)):
+                if num.exp10 >= 0:
+                    dout[k] = <double>num.mantissa * _POW10[num.exp10]
+                else:
+                    dout[k] = <double>num.mantissa / _POW10[-num.exp10]
+                if num.negative:
+                    dout[k] = -dout[k]
+            else:
+                dout[k] = strtod(<const char *>(p + i), &stop)
+        else:
+            if not num.integral:
+                return E_NOT_INTEGER
+            if num.digits > 18:
+                cerrno.errno = 0
+                iout[k] = strtoll(<const char *>(p + i), &stop, 10)
+                if cerrno.errno == cerrno.ERANGE:
+                    return E_OUT_OF_RANGE
+            else:
+                iout[k] = -<int64_t>num.mantissa if num.negative else <int64_t>num.mantissa
+        k += 1
+        i = j
+    count[0] = k
+    if depth != 0:
+        return E_UNBALANCED_OPEN
+    return 0
 
 
 cdef double _POW10[23]

@@ -27,6 +27,7 @@ the request cancelled, so it leaves the batch queue.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import ssl
 import zlib
@@ -53,6 +54,9 @@ DEFAULT_MAX_BODY_SIZE = 64 << 20
 #: JSON request headers from this many octets on have their large numeric arrays parsed
 #: straight into numpy (mip.protocol._jsonnum) instead of into Python numbers.
 _SPLIT_JSON_ABOVE = 64 << 10
+#: JSON request headers from this many octets on are parsed in a worker thread
+_THREAD_ABOVE = 512 << 10
+_DECODE_THREADS = 2
 #: replies whose binary parts add up to less than this many octets are sent in one write.
 _JOIN_BELOW = 64 << 10
 _JSON_TYPE = "application/json"
@@ -119,6 +123,7 @@ def _object(value, what: str) -> dict:
 
 class _Endpoints:
     def __init__(self, dataplane: DataPlane, max_body_size: int, metrics):
+        self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         self.dataplane = dataplane
         self.engine = dataplane.engine
         self.max_body_size = max_body_size
@@ -197,7 +202,7 @@ class _Endpoints:
     async def infer(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version")
         body = await self._body(request)
-        doc, inputs, wanted, binary_default, timeout = self._parse(
+        doc, inputs, wanted, binary_default, timeout = await self._parse_off_loop(
             body, request.headers.get("inference-header-content-length"))
         work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
                                      timeout)
@@ -206,6 +211,20 @@ class _Endpoints:
         if not parts:
             return Response(header, media_type=_JSON_TYPE)
         return _PartsResponse([header, *parts], len(header))
+
+    async def _parse_off_loop(self, body: bytes, header_length: str | None):
+        """:meth:`_parse`; for a JSON header of :data:`_THREAD_ABOVE` octets or more, in a
+        worker thread: its numbers are read without the GIL, so the event loop and other
+        requests go on meanwhile (and two large bodies parse on two cores)."""
+        size = len(body) if header_length is None or not header_length.isdigit() else min(
+            len(body), int(header_length))
+        if size < _THREAD_ABOVE:
+            return self._parse(body, header_length)
+        if self._decoder is None:
+            self._decoder = concurrent.futures.ThreadPoolExecutor(
+                _DECODE_THREADS, thread_name_prefix="mip-json")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._decoder, self._parse, body, header_length)
 
     def _parse(self, body: bytes, header_length: str | None):
         """A request body: ``(doc, inputs, wanted outputs, binary_data_output, timeout)``."""
@@ -261,7 +280,8 @@ class _Endpoints:
                 elif key == b"content-encoding":
                     encoding = value.decode("latin-1")
             body = await self._receive_body(receive, length, encoding)
-            doc, inputs, wanted, binary_default, timeout = self._parse(body, header_length)
+            doc, inputs, wanted, binary_default, timeout = await self._parse_off_loop(
+                body, header_length)
             work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
                                          timeout)
             result = await _unless_disconnected(receive, work)
