@@ -640,11 +640,13 @@ def main() -> int:
             with server:
                 for protocol, url in server.endpoints:
                     warm(protocol, url, None if name == "echo" else "identity")
-                for protocol, url in server.endpoints:
-                    proto_name = PROTOCOL_NAMES[protocol]
-                    label = f"{name.split()[0]}/{proto_name}" + (
-                        f" {' '.join(name.split()[1:])}" if " " in name else "")
-                    for model, shape in CELLS:
+                # small cells first, 1 MiB cells last: the same order for every server, and
+                # no small cell right after a 1 MiB one (whose memory churn slows the next)
+                for model, shape in CELLS:
+                    for protocol, url in server.endpoints:
+                        proto_name = PROTOCOL_NAMES[protocol]
+                        label = f"{name.split()[0]}/{proto_name}" + (
+                            f" {' '.join(name.split()[1:])}" if " " in name else "")
                         if name == "mip no batching" and (protocol != "mip" or model == "identity_1m"):
                             continue  # the batching comparison is over MIP on the small cells
                         doc = bench(label, protocol, url, None if name == "echo" else model,

@@ -458,9 +458,16 @@ def _too_large(size: int, limit: int, what: str = "") -> TooLarge:
                     f"{limit} octets (--http-max-body-size)")
 
 
+#: seconds a request runs before its client is watched for a disconnect: most requests
+#: are answered sooner and never pay for the watcher task.
+_WATCH_AFTER = 0.005
+
+
 async def _unless_disconnected(receive, work: asyncio.Future):
     """Await ``work`` (a future); cancel it, so its request leaves the batch queue, when
-    the client disconnects first (then raise :class:`~mip.errors.Cancelled`)."""
+    the client disconnects first (then raise :class:`~mip.errors.Cancelled`). The client is
+    watched from :data:`_WATCH_AFTER` seconds on."""
+    watcher: list = []
 
     async def disconnected() -> None:
         while True:
@@ -468,17 +475,24 @@ async def _unless_disconnected(receive, work: asyncio.Future):
             if message["type"] == "http.disconnect":
                 return
 
-    watcher = asyncio.ensure_future(disconnected())
-    watcher.add_done_callback(lambda w: work.cancel() if not w.cancelled() else None)
+    def watch() -> None:
+        if not work.done():
+            task = asyncio.ensure_future(disconnected())
+            task.add_done_callback(lambda w: work.cancel() if not w.cancelled() else None)
+            watcher.append(task)
+
+    timer = work.get_loop().call_later(_WATCH_AFTER, watch)
     try:
         return await work
     except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
+        if watcher and watcher[0].done() and not watcher[0].cancelled():
             raise Cancelled("the client disconnected") from None
         work.cancel()
         raise
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher:
+            watcher[0].cancel()
 
 
 async def _serving_error(request: Request, exc: ServingError) -> Response:
