@@ -19,6 +19,7 @@ import numpy as np
 
 import mip
 from mip.errors import InvalidInput, ModelNotFound
+from mip.frontends._futures import chain
 
 __all__ = ["MipHandler"]
 
@@ -82,8 +83,8 @@ class MipHandler:
         """
         model, served = self._route(message)
         loop = self._event_loop()
-        reply = loop.create_future()
         if not len(message):
+            reply = loop.create_future()
             reply.set_result(mip.encode_response_buffers(
                 [], n_input=message.n_input, kind=message.kind, n_output=len(served.outputs)))
             return reply
@@ -103,9 +104,7 @@ class MipHandler:
                 items = _split(served, result, rows)
                 return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
 
-        work.add_done_callback(lambda f: _settle(reply, f, encode))
-        reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)
-        return reply
+        return chain(work, encode)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -170,23 +169,6 @@ def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
         items.append(tuple(_output_value(outputs[name][start:start + count]) for name in names))
         start += count
     return items
-
-
-def _settle(reply: asyncio.Future, source: asyncio.Future, transform) -> None:
-    """Complete `reply` from a finished `source` future, through `transform`."""
-    if reply.done():
-        return
-    if source.cancelled():
-        reply.cancel()
-        return
-    exc = source.exception()
-    if exc is not None:
-        reply.set_exception(exc)
-        return
-    try:
-        reply.set_result(transform(source.result()))
-    except Exception as error:  # an encoding failure is the request's, not the loop's
-        reply.set_exception(error)
 
 
 class _single:

@@ -15,6 +15,7 @@ import numpy as np
 
 import mip
 from mip.errors import ErrorCode, InvalidInput, ServingError
+from mip.frontends._futures import chain
 
 __all__ = [
     "EXTENSIONS",
@@ -96,43 +97,21 @@ class DataPlane:
         metrics = self.metrics
         try:
             wanted = engine.check_outputs(chosen, outputs) if outputs else None
-            if timeout is not None or self.request_timeout is not None:
-                limits = [t for t in (timeout, self.request_timeout) if t is not None]
-                deadline = time.monotonic() + min(limits)
-            else:
-                deadline = None
+            limits = [t for t in (timeout, self.request_timeout) if t is not None]
+            deadline = time.monotonic() + min(limits) if limits else None
             work = engine.submit(model, inputs, version=served_version, deadline=deadline)
         except BaseException:
             if metrics is not None:
                 metrics.observe_request(model, served_version, protocol, False,
                                         time.perf_counter() - started, rows)
             raise
-        reply = work.get_loop().create_future()
-
-        def settle(done: asyncio.Future) -> None:
-            ok = False
-            try:
-                if reply.done():
-                    return
-                if done.cancelled():
-                    reply.cancel()
-                    return
-                error = done.exception()
-                if error is not None:
-                    reply.set_exception(error)
-                    return
-                result = done.result()
-                if wanted is not None:
-                    result = {name: result[name] for name in wanted}
-                reply.set_result(InferResult(model, served_version, result))
-                ok = True
-            finally:
-                if metrics is not None:
-                    metrics.observe_request(model, served_version, protocol, ok,
-                                            time.perf_counter() - started, rows)
-
-        work.add_done_callback(settle)
-        reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)
+        reply = chain(work, lambda result: InferResult(
+            model, served_version,
+            result if wanted is None else {name: result[name] for name in wanted}))
+        if metrics is not None:
+            reply.add_done_callback(lambda r: metrics.observe_request(
+                model, served_version, protocol, not r.cancelled() and r.exception() is None,
+                time.perf_counter() - started, rows))
         return reply
 
     async def infer(self, protocol: str, model: str, version: str | None,
@@ -152,24 +131,4 @@ class DataPlane:
             ServingError subclasses (and ``asyncio.CancelledError`` when the caller is
             cancelled: the request then leaves the batch queue).
         """
-        started = time.perf_counter()
-        served_version = version or ""
-        rows = 1
-        ok = known = False
-        try:
-            chosen = self.engine.repository.get(model, version or None)
-            served_version = chosen.version
-            known = True  # only served models get series: names from clients are unbounded
-            if chosen.max_batch_size and inputs:
-                first = next(iter(inputs.values()))
-                rows = first.shape[0] if first.ndim else 1
-            limits = [t for t in (timeout, self.request_timeout) if t is not None]
-            deadline = time.monotonic() + min(limits) if limits else None
-            result = await self.engine.infer(model, inputs, version=served_version,
-                                             outputs=outputs or None, deadline=deadline)
-            ok = True
-            return InferResult(model, served_version, result)
-        finally:
-            if known and self.metrics is not None:
-                self.metrics.observe_request(model, served_version, protocol, ok,
-                                             time.perf_counter() - started, rows)
+        return await self.submit(protocol, model, version, inputs, outputs, timeout)

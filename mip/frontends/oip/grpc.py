@@ -24,6 +24,7 @@ import numpy as np
 from grpc import aio
 
 from mip.errors import InvalidInput, ServingError
+from mip.frontends._futures import chain
 from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
@@ -240,40 +241,20 @@ class _Service:
         """ModelInfer without a coroutine: the request goes into the batch queue and the
         reply is encoded in a callback; a future of the reply's bytes. Errors come as
         ``mip.net.grpc_server.RpcError`` (raised at once, or set on the future)."""
-        from mip.net.grpc_server import RpcError
-
         try:
             request, raw, work = self._submit(data, context)
         except ServingError as exc:
-            raise RpcError(exc.grpc_status, str(exc)) from None
-        reply = work.get_loop().create_future()
-        limit = self.max_message_size
+            raise _rpc_error(exc) from None
+        return chain(work, lambda result: self._checked_reply(request, result, raw, join=False),
+                     error=_rpc_error)
 
-        def encode(done: asyncio.Future) -> None:
-            if reply.done():
-                return
-            if done.cancelled():
-                reply.cancel()
-                return
-            error = done.exception()
-            if error is None:
-                try:
-                    data = self._reply(request, done.result(), raw, join=False)
-                    size = sum(map(len, data)) if isinstance(data, list) else len(data)
-                    if size > limit:
-                        raise TooLarge(f"reply of {size} octets is over the gRPC message "
-                                       f"limit of {limit} octets (--grpc-max-message-size)")
-                except Exception as exc:  # a reply that cannot be encoded
-                    error = exc
-                else:
-                    reply.set_result(data)
-                    return
-            if isinstance(error, ServingError):
-                error = RpcError(error.grpc_status, str(error))
-            reply.set_exception(error)
-
-        work.add_done_callback(encode)
-        reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)
+    def _checked_reply(self, request, result, raw: bool, join: bool = True):
+        """:meth:`_reply`, refused with TooLarge when over the message limit."""
+        reply = self._reply(request, result, raw, join)
+        size = sum(map(len, reply)) if isinstance(reply, list) else len(reply)
+        if size > self.max_message_size:
+            raise TooLarge(f"reply of {size} octets is over the gRPC message limit of "
+                           f"{self.max_message_size} octets (--grpc-max-message-size)")
         return reply
 
     def _submit(self, data: bytes, context):
@@ -350,11 +331,7 @@ class _Service:
 
     async def _infer(self, data: bytes, context) -> bytes:
         request, raw, work = self._submit(data, context)
-        reply = self._reply(request, await work, raw=raw)
-        if len(reply) > self.max_message_size:
-            raise TooLarge(f"reply of {len(reply)} octets is over the gRPC message limit of "
-                            f"{self.max_message_size} octets (--grpc-max-message-size)")
-        return reply
+        return self._checked_reply(request, await work, raw)
 
     @staticmethod
     def _inputs(request, raws: list[memoryview]) -> dict[str, np.ndarray]:
@@ -412,6 +389,16 @@ class _Service:
     async def _abort(context, exc: ServingError):
         code = getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
         await context.abort(code, str(exc))
+
+
+def _rpc_error(exc: BaseException) -> BaseException:
+    """A ServingError as the native transport's RpcError with its gRPC status; others as
+    they are (the transport answers INTERNAL)."""
+    if not isinstance(exc, ServingError):
+        return exc
+    from mip.net.grpc_server import RpcError
+
+    return RpcError(exc.grpc_status, str(exc))
 
 
 def _request_id(data: bytes) -> str:
