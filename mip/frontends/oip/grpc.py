@@ -408,33 +408,41 @@ def _request_id(data: bytes) -> str:
         return ""
 
 
-def _handlers(service: _Service) -> grpc.GenericRpcHandler:
-    def unary(function, request_type, response_type):
-        return grpc.unary_unary_rpc_method_handler(
-            function, request_deserializer=request_type.FromString,
-            response_serializer=response_type.SerializeToString)
+def _methods(service: _Service) -> list[tuple]:
+    """``(name, kind, function, request type, response type)`` of every RPC; inference works
+    on the serialized bytes (see split_raw_inputs and _reply), so its types are None."""
+    return [
+        ("ServerLive", "unary", service.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+        ("ServerReady", "unary", service.server_ready, pb.ServerReadyRequest,
+         pb.ServerReadyResponse),
+        ("ModelReady", "unary", service.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+        ("ServerMetadata", "unary", service.server_metadata, pb.ServerMetadataRequest,
+         pb.ServerMetadataResponse),
+        ("ModelMetadata", "unary", service.model_metadata, pb.ModelMetadataRequest,
+         pb.ModelMetadataResponse),
+        ("ModelInfer", "infer", None, None, None),
+        ("ModelStreamInfer", "stream", service.model_stream_infer, None, None),
+        ("RepositoryIndex", "unary", service.repository_index, pb.RepositoryIndexRequest,
+         pb.RepositoryIndexResponse),
+        ("RepositoryModelLoad", "unary", service.repository_model_load,
+         pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
+        ("RepositoryModelUnload", "unary", service.repository_model_unload,
+         pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse),
+    ]
 
-    return grpc.method_handlers_generic_handler(_SERVICE, {
-        "ServerLive": unary(service.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
-        "ServerReady": unary(service.server_ready, pb.ServerReadyRequest,
-                             pb.ServerReadyResponse),
-        "ModelReady": unary(service.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
-        "ServerMetadata": unary(service.server_metadata, pb.ServerMetadataRequest,
-                                pb.ServerMetadataResponse),
-        "ModelMetadata": unary(service.model_metadata, pb.ModelMetadataRequest,
-                               pb.ModelMetadataResponse),
-        # Inference works on the serialized bytes (see split_raw_inputs and _reply).
-        "ModelInfer": grpc.unary_unary_rpc_method_handler(service.model_infer),
-        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(service.model_stream_infer),
-        "RepositoryIndex": unary(service.repository_index, pb.RepositoryIndexRequest,
-                                 pb.RepositoryIndexResponse),
-        "RepositoryModelLoad": unary(service.repository_model_load,
-                                     pb.RepositoryModelLoadRequest,
-                                     pb.RepositoryModelLoadResponse),
-        "RepositoryModelUnload": unary(service.repository_model_unload,
-                                       pb.RepositoryModelUnloadRequest,
-                                       pb.RepositoryModelUnloadResponse),
-    })
+
+def _handlers(service: _Service) -> grpc.GenericRpcHandler:
+    handlers = {}
+    for name, kind, function, request_type, response_type in _methods(service):
+        if kind == "unary":
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                function, request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString)
+        elif kind == "infer":
+            handlers[name] = grpc.unary_unary_rpc_method_handler(service.model_infer)
+        else:
+            handlers[name] = grpc.stream_stream_rpc_method_handler(function)
+    return grpc.method_handlers_generic_handler(_SERVICE, handlers)
 
 
 def native_available() -> bool:
@@ -454,32 +462,17 @@ IMPLEMENTATIONS = ("native", "grpcio")
 def _native_methods(service: _Service) -> dict:
     from mip.net.grpc_server import stream_stream, unary, unary_future
 
-    def typed(function, request_type, response_type):
-        return unary(function, request_type.FromString, response_type.SerializeToString)
-
-    prefix = f"/{_SERVICE}/"
-    return {
-        prefix + "ServerLive": typed(service.server_live, pb.ServerLiveRequest,
-                                     pb.ServerLiveResponse),
-        prefix + "ServerReady": typed(service.server_ready, pb.ServerReadyRequest,
-                                      pb.ServerReadyResponse),
-        prefix + "ModelReady": typed(service.model_ready, pb.ModelReadyRequest,
-                                     pb.ModelReadyResponse),
-        prefix + "ServerMetadata": typed(service.server_metadata, pb.ServerMetadataRequest,
-                                         pb.ServerMetadataResponse),
-        prefix + "ModelMetadata": typed(service.model_metadata, pb.ModelMetadataRequest,
-                                        pb.ModelMetadataResponse),
-        prefix + "ModelInfer": unary_future(service.start_infer),
-        prefix + "ModelStreamInfer": stream_stream(service.model_stream_infer),
-        prefix + "RepositoryIndex": typed(service.repository_index, pb.RepositoryIndexRequest,
-                                          pb.RepositoryIndexResponse),
-        prefix + "RepositoryModelLoad": typed(service.repository_model_load,
-                                              pb.RepositoryModelLoadRequest,
-                                              pb.RepositoryModelLoadResponse),
-        prefix + "RepositoryModelUnload": typed(service.repository_model_unload,
-                                                pb.RepositoryModelUnloadRequest,
-                                                pb.RepositoryModelUnloadResponse),
-    }
+    methods = {}
+    for name, kind, function, request_type, response_type in _methods(service):
+        path = f"/{_SERVICE}/{name}"
+        if kind == "unary":
+            methods[path] = unary(function, request_type.FromString,
+                                  response_type.SerializeToString)
+        elif kind == "infer":
+            methods[path] = unary_future(service.start_infer)
+        else:
+            methods[path] = stream_stream(function)
+    return methods
 
 
 class GrpcServer:
