@@ -199,19 +199,6 @@ class _Endpoints:
 
     # -- inference ----------------------------------------------------------------------
 
-    async def infer(self, request: Request) -> Response:
-        name, version = request.path_params["name"], request.path_params.get("version")
-        body = await self._body(request)
-        doc, inputs, wanted, binary_default, timeout = await self._parse_off_loop(
-            body, request.headers.get("inference-header-content-length"))
-        work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
-                                     timeout)
-        result = await _unless_disconnected(request.receive, work)
-        header, parts = self._reply_parts(doc.get("id"), result, wanted, binary_default)
-        if not parts:
-            return Response(header, media_type=_JSON_TYPE)
-        return _PartsResponse([header, *parts], len(header))
-
     async def _parse_off_loop(self, body: bytes, header_length: str | None):
         """:meth:`_parse`; for a JSON header of :data:`_THREAD_ABOVE` octets or more, in a
         worker thread: its numbers are read without the GIL, so the event loop and other
@@ -267,9 +254,9 @@ class _Endpoints:
     # -- the inference fast path: plain ASGI, no Starlette request or response objects ----
 
     async def fast_infer(self, scope, receive, send, name: str, version: str | None) -> None:
-        """``POST /v2/models/{name}[/versions/{v}]/infer`` straight on ASGI: the same
-        parsing, checks, errors and cancellation as :meth:`infer`, without the
-        per-request objects of the framework."""
+        """``POST /v2/models/{name}[/versions/{v}]/infer`` straight on ASGI: body, checks,
+        errors (``{"error": ...}`` with the ServingError's status) and cancellation, without
+        the framework's per-request objects."""
         try:
             length = encoding = header_length = None
             for key, value in scope["headers"]:
@@ -512,6 +499,19 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
 
+class _InferRoute:
+    """``.../infer`` as a Starlette route (an ASGI endpoint): the same handler as the front's,
+    so the route table is complete and other methods get 405."""
+
+    def __init__(self, endpoints: _Endpoints):
+        self.endpoints = endpoints
+
+    async def __call__(self, scope, receive, send) -> None:
+        params = scope["path_params"]
+        await self.endpoints.fast_infer(scope, receive, send, params["name"],
+                                        params.get("version"))
+
+
 class _InferFront:
     """The ASGI app: ``POST .../infer`` goes straight to :meth:`_Endpoints.fast_infer`,
     everything else to the Starlette app (whose attributes this object shows)."""
@@ -556,6 +556,7 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
 
         metrics = Metrics(engine)
     endpoints = _Endpoints(DataPlane(engine, metrics, request_timeout), max_body_size, metrics)
+    infer = _InferRoute(endpoints)
     routes = [
         Route("/v2/health/live", endpoints.live, methods=["GET"]),
         Route("/v2/health/ready", endpoints.ready, methods=["GET"]),
@@ -566,8 +567,8 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
         Route("/v2/models/{name}/ready", endpoints.model_ready, methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}/ready", endpoints.model_ready,
               methods=["GET"]),
-        Route("/v2/models/{name}/infer", endpoints.infer, methods=["POST"]),
-        Route("/v2/models/{name}/versions/{version}/infer", endpoints.infer, methods=["POST"]),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", endpoints.repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", endpoints.repository_load,
               methods=["POST"]),
