@@ -11,36 +11,19 @@ call, which is what ``mip bench`` needs to load a server without becoming the bo
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl as _ssl
 
-from mip.net.grpc_server import RpcError, Status
+from mip.net.grpc_server import H2Protocol, RpcError, Status
 from mip.protocol import _h2
 
 __all__ = ["GrpcChannel", "RpcError", "Status"]
 
-_RECEIVE_BUFFER = 256 << 10
-
-
-class _ClientProtocol(asyncio.BufferedProtocol):
+class _ClientProtocol(H2Protocol):
     def __init__(self, channel: GrpcChannel):
+        super().__init__(channel._loop)
         self.channel = channel
-        self.loop = channel._loop
         self.h2 = _h2.GrpcConnection(client=True, max_message_size=channel.max_message_size)
-        self.buffer = memoryview(bytearray(_RECEIVE_BUFFER))
-        self.transport = None
-        self.flush_scheduled = False
         self.lost: Exception | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.flush_now()
-
-    def get_buffer(self, sizehint: int):
-        return self.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
@@ -74,7 +57,7 @@ class _ClientProtocol(asyncio.BufferedProtocol):
                 future.set_exception(RpcError(Status.RESOURCE_EXHAUSTED,
                                               f"reply of {value} octets is over the limit"))
                 self.h2.reset(call)
-        self.flush_now()
+        self._flush_now()
 
     def connection_lost(self, exc) -> None:
         self._fail(ConnectionError(f"connection lost: {exc}" if exc else "connection closed"))
@@ -85,19 +68,6 @@ class _ClientProtocol(asyncio.BufferedProtocol):
             future, call.tag = call.tag, None
             if future is not None and not future.done():
                 future.set_exception(exc)
-
-    def flush(self) -> None:
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self.flush_now)
-
-    def flush_now(self) -> None:
-        self.flush_scheduled = False
-        if self.transport is None or self.transport.is_closing():
-            return
-        out = self.h2.data_to_send()
-        if out:
-            self.transport.writelines(out) if len(out) > 1 else self.transport.write(out[0])
 
 
 class GrpcChannel:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from mip.protocol import _h2
 
-__all__ = ["Context", "GrpcServer", "Method", "RpcError", "Status", "stream_stream", "unary",
+__all__ = ["Context", "GrpcServer", "H2Protocol", "Method", "RpcError", "Status", "stream_stream", "unary",
            "unary_future"]
 
 log = logging.getLogger("mip.net.grpc_server")
@@ -175,32 +175,71 @@ class _State:
         self.queued = 0
 
 
-class _Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: GrpcServer):
-        self.server = server
-        self.loop = server._loop
+class H2Protocol(asyncio.BufferedProtocol):
+    """What both ends of a :class:`~mip.protocol._h2.GrpcConnection` do on asyncio: the
+    socket reads into one reused buffer, TCP_NODELAY, and what the connection wants to send
+    leaves at the end of the event loop's pass in one write. ``h2`` is set by the subclass
+    before :meth:`connection_made` runs."""
+
+    h2: _h2.GrpcConnection
+
+    def __init__(self, loop):
+        self.loop = loop
         self.transport = None
-        self.h2: _h2.GrpcConnection | None = None
         self.buffer = memoryview(bytearray(_RECEIVE_BUFFER))
         self.flush_scheduled = False
-        self.paused = False
         self.closed = False
-
-    # -- asyncio -----------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s = self.server
-        self.h2 = _h2.GrpcConnection(max_message_size=s.max_message_size,
-                                     max_concurrent_streams=s.max_concurrent_streams)
-        s._connections.add(self)
         self.flush()
 
     def get_buffer(self, sizehint: int):
         return self.buffer
+
+    def flush(self) -> None:
+        """Send what is pending at the end of this pass of the event loop."""
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self.flush_scheduled = False
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return
+        try:
+            out = self.h2.data_to_send()
+        except _h2.H2Error as exc:
+            log.warning("HTTP/2 connection failed: %s", exc)
+            self.transport.close()
+            return
+        if out:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
+        if not self.h2.want_read and not self.h2.want_write:
+            self.transport.close()
+
+
+class _Connection(H2Protocol):
+    def __init__(self, server: GrpcServer):
+        super().__init__(server._loop)
+        self.server = server
+        self.h2 = None
+        self.paused = False
+
+    # -- asyncio -----------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        s = self.server
+        self.h2 = _h2.GrpcConnection(max_message_size=s.max_message_size,
+                                     max_concurrent_streams=s.max_concurrent_streams)
+        s._connections.add(self)
+        super().connection_made(transport)
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
@@ -235,32 +274,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.paused = False
         self.transport.resume_reading()
         self._flush_now()
-
-    # -- output ------------------------------------------------------------------------
-
-    def flush(self) -> None:
-        """Send what is pending at the end of this pass of the event loop."""
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush_now)
-
-    def _flush_now(self) -> None:
-        self.flush_scheduled = False
-        if self.closed:
-            return
-        try:
-            out = self.h2.data_to_send()
-        except _h2.H2Error as exc:
-            log.warning("HTTP/2 connection failed: %s", exc)
-            self.transport.close()
-            return
-        if out:
-            if len(out) == 1:
-                self.transport.write(out[0])
-            else:
-                self.transport.writelines(out)
-        if not self.h2.want_read and not self.h2.want_write:
-            self.transport.close()
 
     # -- calls -------------------------------------------------------------------------
 
