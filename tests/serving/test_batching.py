@@ -360,49 +360,37 @@ class ThreadRecorder:
         return {"y": inputs["x"] * 2}
 
 
-def test_a_fast_model_runs_on_the_event_loop_after_its_first_batch():
-    model = ThreadRecorder()
-    batcher = make(model, max_queue_delay_us=0)
-
+def one_at_a_time(batcher: Batcher, n: int) -> str:
+    """Submit ``n`` one-row requests, each after the previous one's answer (one batch
+    each), checking every answer; returns the event loop thread's name."""
     async def scenario():
         batcher.start()
-        loop_thread = threading.current_thread().name
-        for i in range(5):  # one at a time: one batch each
+        for i in range(n):
             out = await batcher.submit({"x": rows_of(1, i)}, 1)
             np.testing.assert_array_equal(out["y"], rows_of(1, 2 * i))
         await batcher.stop()
-        return loop_thread
+        return threading.current_thread().name
 
-    loop_thread = run(scenario())
+    return run(scenario())
+
+
+def test_a_fast_model_runs_on_the_event_loop_after_its_first_batch():
+    model = ThreadRecorder()
+    loop_thread = one_at_a_time(make(model, max_queue_delay_us=0), 5)
     assert model.threads[0].startswith("mip-test")  # measured in the worker thread first
     assert model.threads[1:] == [loop_thread] * 4
 
 
 def test_a_slow_model_stays_in_its_worker_thread():
     model = ThreadRecorder(seconds=0.002)  # 2 ms: far over the inline limit
-    batcher = make(model, max_queue_delay_us=0)
-
-    async def scenario():
-        batcher.start()
-        for i in range(4):
-            await batcher.submit({"x": rows_of(1, i)}, 1)
-        await batcher.stop()
-
-    run(scenario())
+    one_at_a_time(make(model, max_queue_delay_us=0), 4)
     assert all(name.startswith("mip-test") for name in model.threads)
     assert len(model.threads) == 4
 
 
 def test_inline_below_zero_keeps_every_batch_in_a_thread():
     model = ThreadRecorder()
-    batcher = Batcher(model, max_batch_size=8, dynamic_batching=DynamicBatching(),
-                      name="test", inline_below=0)
-
-    async def scenario():
-        batcher.start()
-        for i in range(4):
-            await batcher.submit({"x": rows_of(1, i)}, 1)
-        await batcher.stop()
-
-    run(scenario())
+    one_at_a_time(Batcher(model, max_batch_size=8, dynamic_batching=DynamicBatching(),
+                          name="test", inline_below=0), 4)
     assert all(name.startswith("mip-test") for name in model.threads)
+    assert len(model.threads) == 4
