@@ -74,17 +74,22 @@ async def test_mip_over_mutual_tls(engine, pki):
         await server.stop()
 
 
-@pytest.mark.parametrize("implementation", ["native", "grpcio"])
-async def test_grpc_over_tls_with_tritonclient(engine, pki, implementation):
-    grpcclient = pytest.importorskip("tritonclient.grpc")
+async def _grpc_tls_server(engine, paths, implementation: str, **tls):
+    """A started gRPC listener with the test certificate, on ``implementation``."""
     from mip.frontends.oip.grpc import GrpcServer, native_available
 
     if implementation == "native" and not native_available():
         pytest.skip("mip.protocol._h2 not built (no libnghttp2 headers)")
-    _, _, _, paths = pki
     server = GrpcServer(engine, tls_cert=str(paths["cert"]), tls_key=str(paths["key"]),
-                        implementation=implementation)
-    address = await server.start("127.0.0.1:0")
+                        implementation=implementation, **tls)
+    return server, await server.start("127.0.0.1:0")
+
+
+@pytest.mark.parametrize("implementation", ["native", "grpcio"])
+async def test_grpc_over_tls_with_tritonclient(engine, pki, implementation):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    _, _, _, paths = pki
+    server, address = await _grpc_tls_server(engine, paths, implementation)
     try:
         def call():
             client = grpcclient.InferenceServerClient(address, ssl=True,
@@ -103,14 +108,9 @@ async def test_grpc_mutual_tls_requires_a_client_certificate(engine, pki, implem
     grpcclient = pytest.importorskip("tritonclient.grpc")
     from tritonclient.utils import InferenceServerException
 
-    from mip.frontends.oip.grpc import GrpcServer, native_available
-
-    if implementation == "native" and not native_available():
-        pytest.skip("mip.protocol._h2 not built (no libnghttp2 headers)")
     _, _, _, paths = pki
-    server = GrpcServer(engine, tls_cert=str(paths["cert"]), tls_key=str(paths["key"]),
-                        tls_ca=str(paths["ca"]), implementation=implementation)
-    address = await server.start("127.0.0.1:0")
+    server, address = await _grpc_tls_server(engine, paths, implementation,
+                                             tls_ca=str(paths["ca"]))
     try:
         def live(**certs):
             client = grpcclient.InferenceServerClient(address, ssl=True,
