@@ -478,7 +478,12 @@ cdef class GrpcConnection:
             _submit_response(self.session, call.stream_id,
                              [(b":status", b"200"), (b"content-type", b"application/grpc"),
                               (b"grpc-accept-encoding", b"identity,deflate,gzip")], True)
-        elif call.deferred:
+        else:
+            self._resume(call)
+
+    cdef void _resume(self, Call call) except *:
+        """Let nghttp2 ask for ``call``'s data again after it found none (DEFERRED)."""
+        if call.deferred:
             call.deferred = False
             _check(nghttp2_session_resume_data(self.session, call.stream_id))
 
@@ -525,9 +530,7 @@ cdef class GrpcConnection:
         """Client: close the client's side of ``call`` after what is queued."""
         if call.trailers is None:
             call.trailers = []
-            if call.deferred:
-                call.deferred = False
-                _check(nghttp2_session_resume_data(self.session, call.stream_id))
+            self._resume(call)
 
     # -- callbacks (called by nghttp2 inside receive / data_to_send) ---------------------
 
