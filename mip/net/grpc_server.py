@@ -361,16 +361,31 @@ class _Connection(H2Protocol):
         timeout = call.timeout
         return Context(call, None if timeout is None else self.loop.time() + timeout, self.loop)
 
+    def _failed(self, call, error: BaseException, trailers=()) -> None:
+        """End ``call`` for a handler's exception: an RpcError's status, else INTERNAL."""
+        if isinstance(error, RpcError):
+            self._end(call, error.code, error.details, trailers)
+            return
+        log.error("gRPC handler for %s failed", call.path, exc_info=error)
+        self._end(call, Status.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+    def _answer(self, call, state: _State, response, trailers=()) -> None:
+        """A unary call's reply with status OK (and the handler's trailing metadata)."""
+        if trailers:
+            self.h2.send_message(call, response)
+            self._end(call, Status.OK, "", trailers)
+            return
+        self.h2.unary(call, response)
+        if state.timer is not None:
+            state.timer.cancel()
+        self.flush()
+
     def _start_future(self, call, state: _State) -> None:
         request, state.message = state.message, None
         try:
             future = state.method.handler(request, self._context(call))
-        except RpcError as exc:
-            self._end(call, exc.code, exc.details)
-            return
         except Exception as exc:
-            log.exception("gRPC handler for %s failed", call.path)
-            self._end(call, Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            self._failed(call, exc)
             return
         state.task = future
         future.add_done_callback(lambda done: self._future_done(call, state, done))
@@ -380,15 +395,9 @@ class _Connection(H2Protocol):
             return  # reset by the client, or past its deadline: answered already
         error = future.exception()
         if error is None:
-            self.h2.unary(call, future.result())
-            if state.timer is not None:
-                state.timer.cancel()
-            self.flush()
-        elif isinstance(error, RpcError):
-            self._end(call, error.code, error.details)
+            self._answer(call, state, future.result())
         else:
-            log.error("gRPC handler for %s failed", call.path, exc_info=error)
-            self._end(call, Status.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+            self._failed(call, error)
 
     async def _unary(self, call, state: _State) -> None:
         method = state.method
@@ -404,23 +413,12 @@ class _Connection(H2Protocol):
             response = await method.handler(request, context)
             if method.response_serializer is not None:
                 response = method.response_serializer(response)
-        except RpcError as exc:
-            self._end(call, exc.code, exc.details, context._trailers)
-            return
         except asyncio.CancelledError:
             return  # reset by the client, or past its deadline: answered already
         except Exception as exc:
-            log.exception("gRPC handler for %s failed", call.path)
-            self._end(call, Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            self._failed(call, exc, context._trailers)
             return
-        if context._trailers:
-            self.h2.send_message(call, response)
-            self._end(call, Status.OK, "", context._trailers)
-            return
-        self.h2.unary(call, response)
-        if state.timer is not None:
-            state.timer.cancel()
-        self.flush()
+        self._answer(call, state, response, context._trailers)
 
     async def _streaming(self, call, state: _State) -> None:
         method = state.method
@@ -447,14 +445,10 @@ class _Connection(H2Protocol):
                     return
                 self.h2.send_message(call, serialize(response) if serialize else response)
                 self.flush()
-        except RpcError as exc:
-            self._end(call, exc.code, exc.details, context._trailers)
-            return
         except asyncio.CancelledError:
             return
         except Exception as exc:
-            log.exception("gRPC streaming handler for %s failed", call.path)
-            self._end(call, Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            self._failed(call, exc, context._trailers)
             return
         self._end(call, Status.OK, "", context._trailers)
 
