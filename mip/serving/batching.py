@@ -29,6 +29,7 @@ import asyncio
 import collections
 import concurrent.futures
 import functools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -46,6 +47,8 @@ DEFAULT_INLINE_BELOW = 250e-6
 _EWMA = 0.1  # weight of the newest batch in the compute-time estimates
 
 Tensors = dict[str, np.ndarray]
+
+log = logging.getLogger("mip.serving.batching")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +118,10 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: collections.deque[_Request] = collections.deque()
         self._idle = instance_count
-        self._running: set[asyncio.Task] = set()
-        self._wakeup: asyncio.Event | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Future] = set()  # batches in worker threads
+        self._soon: asyncio.Handle | None = None  # the scheduler's next pass, when due
+        self._timer: asyncio.TimerHandle | None = None  # ... or its pass at a queue delay
+        self._started = False
         self._closing = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=instance_count, thread_name_prefix=f"mip-{name}")
@@ -129,11 +132,10 @@ class Batcher:
         return len(self._queue)
 
     def start(self) -> None:
-        """Start the scheduler task on the running event loop."""
-        self._wakeup = asyncio.Event()
+        """Start taking requests on the running event loop."""
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every use.
         self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._schedule())
+        self._started = True
 
     async def stop(self, timeout: float | None = 30.0) -> None:
         """Refuse new requests, finish the queued and running ones, then stop.
@@ -147,17 +149,17 @@ class Batcher:
         while self._queue or self._running:
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            self._wakeup.set()
+            self._pump()
             waiters = list(self._running) or [asyncio.ensure_future(asyncio.sleep(0.005))]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             await asyncio.wait(waiters, timeout=remaining)
         for request in list(self._queue):
             self._fail(request, ModelNotReady(f"model {self.name} was unloaded"))
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._started = False
+        for handle in (self._soon, self._timer):
+            if handle is not None:
+                handle.cancel()
+        self._soon = self._timer = None
         self._executor.shutdown(wait=False)
 
     async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
@@ -184,7 +186,7 @@ class Batcher:
         (no coroutine and no task a request). Cancelling the future drops the request from
         the queue; errors found at once (see :meth:`submit`) are raised here.
         """
-        if self._closing or self._task is None:
+        if self._closing or not self._started:
             raise ModelNotReady(f"model {self.name} is not accepting requests")
         if self.batching and rows > self.max_batch_size:
             raise InvalidInput(f"request has {rows} rows; model {self.name} takes at most "
@@ -199,7 +201,10 @@ class Batcher:
         request = _Request(inputs, rows, future, now)
         self._queue.append(request)
         future.add_done_callback(functools.partial(self._forget, request))
-        self._wakeup.set()
+        if self._soon is None:
+            # One pass of the scheduler after this pass of the loop, so that the requests
+            # read in the same pass can join one batch.
+            self._soon = self._loop.call_soon(self._pump)
         if deadline is not None:
             timer = self._loop.call_later(deadline - now, self._expire, future)
             future.add_done_callback(lambda _: timer.cancel())
@@ -244,64 +249,84 @@ class Batcher:
             return count, 0.0
         return 0, wait
 
-    async def _schedule(self) -> None:
-        loop = self._loop
-        while True:
-            if not self._queue or not self._idle:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+    def _pump(self) -> None:
+        """Start every batch that can start now; arm the timer for the one that must wait."""
+        self._soon = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue and self._idle and self._started:
             count, wait = self._choose(time.monotonic())
             if not count:
-                self._wakeup.clear()
-                self._timer = loop.call_later(wait, self._wakeup.set)
-                await self._wakeup.wait()
-                self._timer.cancel()
-                continue
+                self._timer = self._loop.call_later(wait, self._pump)
+                return
             batch = []
             for _ in range(count):
                 request = self._queue.popleft()
                 request.queued = False
                 batch.append(request)
-            self._idle -= 1
-            task = loop.create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._execute(batch)
 
-    async def _execute(self, batch: list[_Request]) -> None:
-        loop = self._loop
+    def _execute(self, batch: list[_Request]) -> None:
+        """Run one batch: at once on this thread when it is expected to be quick, else in
+        a worker thread, whose completion comes back to :meth:`_finish` on the loop."""
+        live = [r for r in batch if not r.future.done()]
+        if not live:
+            return
+        self._idle -= 1
+        rows = sum(r.rows for r in live)
+        started = time.monotonic()
         try:
-            live = [r for r in batch if not r.future.done()]
-            if not live:
-                return
             if len(live) == 1:
                 inputs = live[0].inputs  # nothing to join: the request's own memory
             else:
                 inputs = {name: np.concatenate([r.inputs[name] for r in live], axis=0)
                           for name in live[0].inputs}
-            rows = sum(r.rows for r in live)
-            started = time.monotonic()
-            failed = False
+            if self._inline(rows):
+                self._finish(live, rows, started, self._timed(inputs), None)
+                return
+            future = self._loop.run_in_executor(self._executor, self._timed, inputs)
+        except Exception as exc:
+            self._finish(live, rows, started, None, exc)
+            return
+        self._running.add(future)
+        future.add_done_callback(functools.partial(self._threaded, live, rows, started))
+
+    def _threaded(self, live: list[_Request], rows: int, started: float,
+                  future: asyncio.Future) -> None:
+        self._running.discard(future)
+        if future.cancelled():
+            self._finish(live, rows, started, None,
+                         ModelNotReady(f"model {self.name} was unloaded"))
+        elif future.exception() is not None:
+            self._finish(live, rows, started, None, future.exception())
+        else:
+            self._finish(live, rows, started, future.result(), None)
+        self._pump()
+
+    def _finish(self, live: list[_Request], rows: int, started: float,
+                result: tuple[Tensors, float] | None, error: Exception | None) -> None:
+        """Hand a batch's outputs (or its error) to its requests; free its instance."""
+        self._idle += 1
+        if error is None:
+            outputs, seconds = result
             try:
-                if self._inline(rows):
-                    outputs, seconds = self._timed(inputs)
-                else:
-                    outputs, seconds = await loop.run_in_executor(self._executor, self._timed,
-                                                                  inputs)
                 self._learn(rows, seconds)
                 self._deliver(live, rows, outputs)
             except Exception as exc:
-                failed = True
-                if not isinstance(exc, ServingError):
-                    exc = InternalError(f"model {self.name} failed: {type(exc).__name__}: {exc}")
-                for request in live:
-                    self._fail(request, exc)
-            if self._on_batch is not None:
+                error = exc
+        if error is not None:
+            if not isinstance(error, ServingError):
+                error = InternalError(f"model {self.name} failed: "
+                                      f"{type(error).__name__}: {error}")
+            for request in live:
+                self._fail(request, error)
+        if self._on_batch is not None:
+            try:
                 self._on_batch(BatchRecord(rows, len(live), started - live[0].enqueued,
-                                           time.monotonic() - started, failed))
-        finally:
-            self._idle += 1
-            self._wakeup.set()
+                                           time.monotonic() - started, error is not None))
+            except Exception:
+                log.exception("batch callback of model %s failed", self.name)
 
     def _timed(self, inputs: Tensors) -> tuple[Tensors, float]:
         started = time.monotonic()

@@ -16,7 +16,8 @@ A model folder may hold a ``config.json`` (all keys optional)::
       "outputs": ["y"],
       "session_options": {                     # ONNX Runtime
         "intra_op_threads": 0, "inter_op_threads": 0,     # 0 = ONNX Runtime's default
-        "graph_optimization_level": "all"                 # disable | basic | extended | all
+        "graph_optimization_level": "all",                # disable | basic | extended | all
+        "spin_wait": true                                 # pool threads spin between runs
       },
       "warmup": [1, 8],                        # batch sizes (rows) run before the model is ready
       "python": {"class": "Name", "kwargs": {}},          # Python models (see providers/python.py)
@@ -53,7 +54,7 @@ _KEYS = {
     "default_model_filename",
 }
 _BATCHING_KEYS = {"max_queue_delay_us", "preferred_batch_sizes", "max_queue_size"}
-_SESSION_KEYS = {"intra_op_threads", "inter_op_threads", "graph_optimization_level"}
+_SESSION_KEYS = {"intra_op_threads", "inter_op_threads", "graph_optimization_level", "spin_wait"}
 
 
 class ConfigError(ValueError):

@@ -82,6 +82,20 @@ def test_session_options_are_applied():
         OnnxRunner(two_output_model(), options={"graph_optimization_level": "max"})
 
 
+def test_spin_wait_sets_both_pools_and_is_checked():
+    quiet = OnnxRunner(two_output_model(), options={"spin_wait": False}).session
+    entries = quiet.get_session_options().get_session_config_entry
+    assert entries("session.intra_op.allow_spinning") == "0"
+    assert entries("session.inter_op.allow_spinning") == "0"
+    spinning = OnnxRunner(two_output_model()).session.get_session_options()
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert OnnxRunner(two_output_model(), options={"spin_wait": False}).run(
+        {"a": a, "b": a})["sum"].tolist() == (2 * a).tolist()
+    with pytest.raises(ValueError, match="spin_wait"):
+        OnnxRunner(two_output_model(), options={"spin_wait": "no"})
+
+
 def test_unknown_output_name_in_config(repo):
     add_model(repo, "m", two_output_model(), config={"outputs": ["difference"]})
     repository = ModelRepository(repo)

@@ -67,19 +67,28 @@ _OPT_LEVELS = {
 
 
 def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0,
-                    graph_optimization_level: str = "all") -> Any:
+                    graph_optimization_level: str = "all", spin_wait: bool = True) -> Any:
     """Build ``onnxruntime.SessionOptions``.
 
     Args:
         intra_op_threads: threads inside one operator (0 = ONNX Runtime's default).
         inter_op_threads: threads across independent operators (0 = default).
         graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all``.
+        spin_wait: let ONNX Runtime's pool threads spin for more work after a run (its
+            default). Spinning keeps back-to-back batches fast; turning it off gives the
+            CPU those threads burn between sparse requests back to the network I/O that
+            shares the cores.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(intra_op_threads)
     options.inter_op_num_threads = int(inter_op_threads)
+    if not isinstance(spin_wait, bool):
+        raise ValueError(f"spin_wait must be true or false, not {spin_wait!r}")
+    flag = "1" if spin_wait else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", flag)
+    options.add_session_config_entry("session.inter_op.allow_spinning", flag)
     try:
         level = _OPT_LEVELS[graph_optimization_level]
     except KeyError:
