@@ -11,6 +11,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from typing import Callable
+
 import numpy as np
 
 import mip
@@ -79,12 +81,16 @@ class DataPlane:
 
     def submit(self, protocol: str, model: str, version: str | None,
                inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
-               timeout: float | None = None) -> asyncio.Future:
+               timeout: float | None = None, then: Callable | None = None,
+               error: Callable[[BaseException], BaseException] | None = None) -> asyncio.Future:
         """Queue one request without waiting: a future of its :class:`InferResult`.
 
         What :meth:`infer` does, for frontends that chain callbacks instead of running a
         coroutine per request. Errors found at once are raised; later ones are set on the
         future. Cancelling the future drops the request from the batch queue.
+
+        ``then`` (the frontend's reply encoder) and ``error`` (its error mapping) apply in
+        the same callback, so the future holds ``then(result)``: one hand-off a request.
         """
         started = time.perf_counter()
         engine = self.engine
@@ -105,9 +111,12 @@ class DataPlane:
                 metrics.observe_request(model, served_version, protocol, False,
                                         time.perf_counter() - started, rows)
             raise
-        reply = chain(work, lambda result: InferResult(
-            model, served_version,
-            result if wanted is None else {name: result[name] for name in wanted}))
+        def transform(result):
+            done = InferResult(model, served_version,
+                               result if wanted is None else {name: result[name] for name in wanted})
+            return done if then is None else then(done)
+
+        reply = chain(work, transform, error)
         if metrics is not None:
             reply.add_done_callback(lambda r: metrics.observe_request(
                 model, served_version, protocol, not r.cancelled() and r.exception() is None,

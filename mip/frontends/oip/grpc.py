@@ -24,7 +24,6 @@ import numpy as np
 from grpc import aio
 
 from mip.errors import InvalidInput, ServingError
-from mip.frontends._futures import chain
 from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
@@ -242,11 +241,9 @@ class _Service:
         reply is encoded in a callback; a future of the reply's bytes. Errors come as
         ``mip.net.grpc_server.RpcError`` (raised at once, or set on the future)."""
         try:
-            request, raw, work = self._submit(data, context)
+            return self._submit(data, context, encode=True)[2]
         except ServingError as exc:
             raise _rpc_error(exc) from None
-        return chain(work, lambda result: self._checked_reply(request, result, raw, join=False),
-                     error=_rpc_error)
 
     def _checked_reply(self, request, result, raw: bool, join: bool = True):
         """:meth:`_reply`, refused with TooLarge when over the message limit."""
@@ -257,8 +254,10 @@ class _Service:
                            f"{self.max_message_size} octets (--grpc-max-message-size)")
         return reply
 
-    def _submit(self, data: bytes, context):
-        """Parse a ModelInferRequest and queue it: ``(request, raw, future of the result)``."""
+    def _submit(self, data: bytes, context, encode: bool = False):
+        """Parse a ModelInferRequest and queue it: ``(request, raw, future of the result)``;
+        with ``encode``, a future of the reply's bytes instead (encoded, and errors mapped
+        to RpcError, in the callback that completes the request)."""
         if len(data) > self.max_message_size:
             raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
                            f"of {self.max_message_size} octets (--grpc-max-message-size)")
@@ -281,9 +280,15 @@ class _Service:
         remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
         if remaining is not None:
             timeout = remaining if timeout is None else min(timeout, remaining)
+        raw = bool(len(raws))
+        then = error = None
+        if encode:
+            def then(result):
+                return self._checked_reply(request, result, raw, join=False)
+            error = _rpc_error
         work = self.dataplane.submit("grpc", request.model_name, request.model_version,
-                                     inputs, outputs, timeout)
-        return request, bool(len(raws)), work
+                                     inputs, outputs, timeout, then=then, error=error)
+        return request, raw, work
 
     async def model_stream_infer(self, request_iterator, context):
         """Answer every request of the stream; requests run concurrently (up to
