@@ -2,7 +2,7 @@
 
 One command::
 
-    python bench/serve_compare.py [--quick] [--duration 3] [--warmup 1] [--out DIR]
+    python bench/serve_compare.py [--quick] [--duration 3] [--warmup 1] [--rounds 2] [--out DIR]
                                   [--servers mip,mlserver,kserve,pytriton,echo]
 
 1. creates a venv per peer under ``--cache-dir`` (default ``~/.cache/mip-bench``) when
@@ -13,8 +13,10 @@ One command::
    [-1, 10]) plus ``identity_1m``, an identity of FP32 [-1, 262144] (1 MiB a row); for mip a
    repository with dynamic batching and one without, for the peers one folder with a custom
    runtime around ``onnxruntime.InferenceSession`` each (``bench/peers/``);
-3. starts each server alone on free 127.0.0.1 ports: ``mip serve`` (batching on, then off),
-   MLServer (``parallel_workers`` 0, metrics off), KServe (latency logging off, quiet logs),
+3. starts each server alone on free 127.0.0.1 ports, ``--rounds`` times (default 2; the
+   order of the servers reversed each round; every cell keeps each row's best round, so that
+   a drift of the machine's speed over the minutes of a run favours no server): ``mip serve``
+   (batching on, then off), MLServer (``parallel_workers`` 0, metrics off), KServe (latency logging off, quiet logs),
    Triton (PyTriton Python-function models, dynamic batching up to 64 rows, metrics off),
    and a bare uvloop echo server of MIP frames (the ceiling);
 4. runs ``mip bench infer`` (a subprocess, the command a user runs) for each cell: identity
@@ -371,6 +373,7 @@ def bench(label: str, protocol: str, url: str, model: str | None, shape: list[in
     if model is None:  # the echo runs carry no model name: file them under their cell
         doc["target"]["model"] = doc["cell_model"]
     path.write_text(json.dumps(doc, indent=2) + "\n")
+    doc["path"] = str(path)
     return doc
 
 
@@ -584,6 +587,59 @@ def check_goals(best: dict, concurrencies: list[int]) -> dict:
 
 # -- main -----------------------------------------------------------------------------------
 
+def measure_server(name: str, server: Server, args, out: Path, problems: dict) -> list[dict]:
+    """Start ``server``, warm every endpoint, run every cell; the cells' documents."""
+    docs = []
+    log(f"starting {name}")
+    try:
+        with server:
+            for protocol, url in server.endpoints:
+                warm(protocol, url, None if name == "echo" else "identity")
+            # small cells first, 1 MiB cells last: the same order for every server, and
+            # no small cell right after a 1 MiB one (whose memory churn slows the next)
+            for model, shape in CELLS:
+                for protocol, url in server.endpoints:
+                    proto_name = PROTOCOL_NAMES[protocol]
+                    label = f"{name.split()[0]}/{proto_name}" + (
+                        f" {' '.join(name.split()[1:])}" if " " in name else "")
+                    if name == "mip no batching" and (protocol != "mip" or model == "identity_1m"):
+                        continue  # the batching comparison is over MIP on the small cells
+                    doc = bench(label, protocol, url, None if name == "echo" else model,
+                                shape, args, out, failures=None if name == "echo" else problems)
+                    if doc is not None:
+                        docs.append(doc)
+    except Exception as exc:
+        tail = log_tail(server.log_path)
+        problems[name] = (f"start failed: {exc} (log: {server.log_path}"
+                          + (f"; last lines: {tail}" if tail else "") + ")")
+        log(f"{name}: {problems[name]}")
+    return docs
+
+
+def best_rounds(docs: list[dict]) -> list[dict]:
+    """One document per (row, cell): at each concurrency, the step of the round with the
+    highest throughput (its latencies with it), and every round's throughput kept in
+    ``rounds_rps``. The machine's speed drifts over minutes; taking every server's best
+    round compares them at their best, not at whichever moment each was measured."""
+    groups: dict = {}
+    for doc in docs:
+        groups.setdefault((doc["label"], doc["cell_model"]), []).append(doc)
+    merged = []
+    for (label, model), group in groups.items():
+        doc = dict(group[0])
+        steps = []
+        for step in group[0]["steps"]:
+            c = step["concurrency"]
+            candidates = [s for s in (step_at(d, c) for d in group) if s is not None]
+            best = dict(max(candidates, key=lambda s: s["throughput_rps"]))
+            best["rounds_rps"] = [round(s["throughput_rps"], 1) for s in candidates]
+            steps.append(best)
+        doc["steps"] = steps
+        doc["rounds"] = len(group)
+        merged.append(doc)
+    return merged
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -591,6 +647,9 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds per cell (default 1)")
     p.add_argument("--quick", action="store_true", help="1 s cells, 0.5 s warm-up")
     p.add_argument("--concurrency", default="1,8,32", help="default 1,8,32")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="measure every server this many times, the order of the servers "
+                        "reversed each round; each cell keeps its best round (default 2)")
     p.add_argument("--servers", default=DEFAULT_SERVERS,
                    help=f"comma-separated, of {','.join(SERVERS)} (default {DEFAULT_SERVERS})")
     p.add_argument("--cache-dir", type=Path,
@@ -601,6 +660,8 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.duration, args.warmup = 1.0, 0.5
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     concurrencies = [int(x) for x in args.concurrency.split(",")]
     servers = set(args.servers.split(","))
     unknown = servers - set(SERVERS)
@@ -632,33 +693,20 @@ def main() -> int:
     if "echo" in servers:
         plan.append(("echo", lambda: echo_server(logs)))
 
-    docs: list[dict] = []
-    for name, factory in plan:
-        server = factory()
-        log(f"starting {name}")
-        try:
-            with server:
-                for protocol, url in server.endpoints:
-                    warm(protocol, url, None if name == "echo" else "identity")
-                # small cells first, 1 MiB cells last: the same order for every server, and
-                # no small cell right after a 1 MiB one (whose memory churn slows the next)
-                for model, shape in CELLS:
-                    for protocol, url in server.endpoints:
-                        proto_name = PROTOCOL_NAMES[protocol]
-                        label = f"{name.split()[0]}/{proto_name}" + (
-                            f" {' '.join(name.split()[1:])}" if " " in name else "")
-                        if name == "mip no batching" and (protocol != "mip" or model == "identity_1m"):
-                            continue  # the batching comparison is over MIP on the small cells
-                        doc = bench(label, protocol, url, None if name == "echo" else model,
-                                    shape, args, args.out,
-                                    failures=None if name == "echo" else problems)
-                        if doc is not None:
-                            docs.append(doc)
-        except Exception as exc:
-            tail = log_tail(server.log_path)
-            problems[name] = (f"start failed: {exc} (log: {server.log_path}"
-                              + (f"; last lines: {tail}" if tail else "") + ")")
-            log(f"{name}: {problems[name]}")
+    rounds: list[dict] = []
+    for number in range(1, args.rounds + 1):
+        out = args.out / "rounds" / str(number)
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("*.json"):
+            old.unlink()
+        order = plan if number % 2 else plan[::-1]
+        log(f"round {number} of {args.rounds}: {', '.join(name for name, _ in order)}")
+        for name, factory in order:
+            rounds.extend(measure_server(name, factory(), args, out, problems))
+    docs = best_rounds(rounds)
+    for doc in docs:
+        path = args.out / Path(doc.pop("path")).name
+        path.write_text(json.dumps(doc, indent=2) + "\n")
 
     table, goals = summarize(docs, concurrencies)
     print()
@@ -670,7 +718,7 @@ def main() -> int:
         for k, v in problems.items():
             print(f"  {k}: {v}")
     summary = {"machine": docs[0]["machine"] if docs else {}, "duration_s": args.duration,
-               "warmup_s": args.warmup, "concurrency": concurrencies, "goals": goals,
+               "warmup_s": args.warmup, "rounds": args.rounds, "concurrency": concurrencies, "goals": goals,
                "problems": problems, "table": table, "runs": docs}
     (args.out / "serve_compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot = args.out / "serve_compare.png"
