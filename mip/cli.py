@@ -395,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("serve", "broker", "worker", "bench"):
+        # long-lived processes that move large messages: reuse their buffers' memory
+        from mip.net import allocator
+        allocator.tune()
     try:
         if args.command == "infer":
             return _infer(args)

@@ -4,7 +4,8 @@ Requests for one model version wait in a bounded FIFO queue. The batcher forms a
 from the head of the queue:
 
 * a batch holds at most ``max_batch_size`` **rows** (the sum of the requests' first
-  dimensions), never a split request;
+  dimensions), never a split request, and grows no further once its requests' input
+  tensors reach ``max_batch_bytes`` (joining large tensors is a copy that buys nothing);
 * when the queued rows reach a preferred batch size, the largest preferred size that is
   reachable is sent at once;
 * otherwise the batch waits until ``max_queue_delay_us`` has passed since the **oldest**
@@ -71,11 +72,12 @@ class BatchRecord:
 
 
 class _Request:
-    __slots__ = ("inputs", "rows", "signature", "future", "enqueued", "queued")
+    __slots__ = ("inputs", "rows", "nbytes", "signature", "future", "enqueued", "queued")
 
     def __init__(self, inputs: Tensors, rows: int, future: asyncio.Future, enqueued: float):
         self.inputs = inputs
         self.rows = rows
+        self.nbytes = sum(a.nbytes for a in inputs.values())
         # Requests batch together only when their tensors concatenate on axis 0.
         self.signature = tuple((name, a.dtype, a.shape[1:]) for name, a in inputs.items())
         self.future = future
@@ -114,6 +116,7 @@ class Batcher:
         self.max_queue_delay = policy.max_queue_delay_us / 1e6  # seconds
         self.preferred = tuple(p for p in policy.preferred_batch_sizes if p <= max_batch_size)
         self.max_queue_size = policy.max_queue_size if dynamic_batching else DEFAULT_MAX_QUEUE_SIZE
+        self.max_batch_bytes = policy.max_batch_bytes or float("inf")
         self.instance_count = instance_count
         self._on_batch = on_batch
         self._queue: collections.deque[_Request] = collections.deque()
@@ -230,17 +233,19 @@ class Batcher:
         if not self.batching:
             return 1, 0.0
         head = self._queue[0]
-        rows = count = preferred_count = 0
+        rows = count = preferred_count = nbytes = 0
         can_grow = True
         for request in self._queue:  # stops within max_batch_size rows
-            if request.signature != head.signature or rows + request.rows > self.max_batch_size:
+            if (request.signature != head.signature or rows + request.rows > self.max_batch_size
+                    or (count and nbytes + request.nbytes > self.max_batch_bytes)):
                 can_grow = False
                 break
             rows += request.rows
+            nbytes += request.nbytes
             count += 1
             if rows in self.preferred:
                 preferred_count = count
-        if rows >= self.max_batch_size:
+        if rows >= self.max_batch_size or nbytes >= self.max_batch_bytes:
             can_grow = False
         if preferred_count:
             return preferred_count, 0.0

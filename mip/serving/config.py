@@ -8,7 +8,8 @@ A model folder may hold a ``config.json`` (all keys optional)::
       "dynamic_batching": {                    # omit or null: one request per run
         "max_queue_delay_us": 500,             # microseconds, from the oldest queued request
         "preferred_batch_sizes": [8, 16],      # rows
-        "max_queue_size": 1024                 # requests waiting; more are rejected (QueueFull)
+        "max_queue_size": 1024,                # requests waiting; more are rejected (QueueFull)
+        "max_batch_bytes": 4194304             # input octets a batch grows to (0 = no limit)
       },
       "instance_count": 1,                     # batches of this model run at the same time
       "device": "cpu",                         # "cpu", "cuda" or "cuda:N"
@@ -37,7 +38,7 @@ from typing import Any
 from mip.serving.datatypes import DATATYPES
 
 __all__ = ["TensorSpec", "DynamicBatching", "ModelConfig", "ConfigError", "read_config",
-           "PLATFORM_ONNX", "PLATFORM_PYTHON", "DEFAULT_MAX_BATCH_SIZE"]
+           "PLATFORM_ONNX", "PLATFORM_PYTHON", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_BATCH_BYTES"]
 
 PLATFORM_ONNX = "onnxruntime_onnx"
 PLATFORM_PYTHON = "python"
@@ -53,7 +54,12 @@ _KEYS = {
     "device", "inputs", "outputs", "input", "output", "session_options", "warmup", "python",
     "default_model_filename",
 }
-_BATCHING_KEYS = {"max_queue_delay_us", "preferred_batch_sizes", "max_queue_size"}
+_BATCHING_KEYS = {"max_queue_delay_us", "preferred_batch_sizes", "max_queue_size",
+                  "max_batch_bytes"}
+#: input octets a batch grows to when the config is silent: joining requests is a copy of
+#: their tensors, which pays off for small requests (one model call instead of many) and
+#: not for large ones, whose compute is already per octet.
+DEFAULT_MAX_BATCH_BYTES = 4 << 20
 _SESSION_KEYS = {"intra_op_threads", "inter_op_threads", "graph_optimization_level", "spin_wait"}
 
 
@@ -86,11 +92,14 @@ class DynamicBatching:
             in microseconds, counted from the oldest request in the queue.
         preferred_batch_sizes: batch sizes, in rows, the batcher tries to form.
         max_queue_size: requests that may wait in the queue; one more raises ``QueueFull``.
+        max_batch_bytes: a batch takes no more requests once their input tensors reach
+            this many octets (a request larger than that runs alone); 0 = no limit.
     """
 
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +185,8 @@ def parse_config(data: Any) -> ModelConfig:
                 sorted({_int(p, "preferred_batch_sizes", 1) for p in preferred})),
             max_queue_size=_int(batching.get("max_queue_size", DEFAULT_MAX_QUEUE_SIZE),
                                 "max_queue_size", 1),
+            max_batch_bytes=_int(batching.get("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES),
+                                 "max_batch_bytes"),
         )
     if "instance_count" in data:
         kwargs["instance_count"] = _int(data["instance_count"], "instance_count", 1)

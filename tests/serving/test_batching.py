@@ -112,6 +112,43 @@ def test_max_batch_size_counts_rows_not_requests():
     assert model.rows == [1, 4, 4]
 
 
+def test_max_batch_bytes_stops_a_batch_but_never_splits_a_request():
+    model = GatedModel()
+    row = rows_of(1, 0).nbytes  # 12 octets a row
+    batcher = make(model, max_batch_bytes=4 * row)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        # 2+2 rows reach the limit; 5 rows exceed it alone and run alone; then 1+1.
+        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(n, n)}, n))
+                 for n in (2, 2, 5, 1, 1)]
+        await asyncio.sleep(0.01)
+        model.release()
+        results = await asyncio.gather(first, *tasks)
+        await batcher.stop()
+        return results
+
+    results = run(scenario())
+    assert model.rows == [1, 4, 5, 2]
+    assert [r["y"].shape[0] for r in results] == [1, 2, 2, 5, 1, 1]
+
+
+def test_max_batch_bytes_zero_is_no_limit():
+    model = GatedModel()
+    batcher = make(model, max_batch_bytes=0)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(8, n)}, 8)) for n in range(4)]
+        await asyncio.sleep(0.01)
+        model.release()
+        await asyncio.gather(first, *tasks)
+        await batcher.stop()
+
+    run(scenario())
+    assert model.rows == [1, 32]
+
+
 def test_preferred_batch_size_is_sent_at_once():
     model = GatedModel(hold_first=False)
     batcher = make(model, max_batch_size=8, preferred_batch_sizes=(2,),

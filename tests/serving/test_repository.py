@@ -46,8 +46,9 @@ def test_config_selects_outputs_and_batching(repo):
     add_model(repo, "two", two_output_model(), config={
         "max_batch_size": 8, "outputs": ["product"],
         "dynamic_batching": {"max_queue_delay_us": 250, "preferred_batch_sizes": [4, 2],
-                             "max_queue_size": 3},
-        "session_options": {"intra_op_threads": 1, "graph_optimization_level": "basic"}})
+                             "max_queue_size": 3, "max_batch_bytes": 1 << 20},
+        "session_options": {"intra_op_threads": 1, "graph_optimization_level": "basic",
+                            "spin_wait": False}})
     repository = ModelRepository(repo)
     repository.load("two")
     version = repository.get("two")
@@ -56,6 +57,7 @@ def test_config_selects_outputs_and_batching(repo):
     assert version.dynamic_batching.preferred_batch_sizes == (2, 4)
     assert version.dynamic_batching.max_queue_delay_us == 250
     assert version.dynamic_batching.max_queue_size == 3
+    assert version.dynamic_batching.max_batch_bytes == 1 << 20
 
 
 def test_fixed_first_dim_means_no_batching(repo):
