@@ -27,12 +27,3 @@ def test_tune_sets_the_thresholds(monkeypatch):
 def test_the_users_settings_win(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     assert allocator.tune() is False
-
-
-@glibc
-def test_a_threshold_glibc_refuses_is_reported(monkeypatch):
-    for name in ("GLIBC_TUNABLES", *allocator._USER_SETTINGS):
-        monkeypatch.delenv(name, raising=False)
-    # above HEAP_MAX_SIZE / 2: glibc keeps its setting and mallopt says so
-    assert allocator.tune(mmap_threshold=1 << 30) is False
-    assert allocator.tune() is True
