@@ -116,7 +116,7 @@ class Batcher:
         self.max_queue_delay = policy.max_queue_delay_us / 1e6  # seconds
         self.preferred = tuple(p for p in policy.preferred_batch_sizes if p <= max_batch_size)
         self.max_queue_size = policy.max_queue_size if dynamic_batching else DEFAULT_MAX_QUEUE_SIZE
-        self.max_batch_bytes = policy.max_batch_bytes or float("inf")
+        self.max_batch_bytes = policy.max_batch_bytes or float("inf")  # None, 0: no limit
         self.instance_count = instance_count
         self._on_batch = on_batch
         self._queue: collections.deque[_Request] = collections.deque()

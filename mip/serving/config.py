@@ -9,7 +9,8 @@ A model folder may hold a ``config.json`` (all keys optional)::
         "max_queue_delay_us": 500,             # microseconds, from the oldest queued request
         "preferred_batch_sizes": [8, 16],      # rows
         "max_queue_size": 1024,                # requests waiting; more are rejected (QueueFull)
-        "max_batch_bytes": 4194304             # input octets a batch grows to (0 = no limit)
+        "max_batch_bytes": 4194304             # input octets a batch grows to (0 = no limit;
+                                               # default: 4 MiB for ONNX on CPU, else none)
       },
       "instance_count": 1,                     # batches of this model run at the same time
       "device": "cpu",                         # "cpu", "cuda" or "cuda:N"
@@ -56,9 +57,10 @@ _KEYS = {
 }
 _BATCHING_KEYS = {"max_queue_delay_us", "preferred_batch_sizes", "max_queue_size",
                   "max_batch_bytes"}
-#: input octets a batch grows to when the config is silent: joining requests is a copy of
-#: their tensors, which pays off for small requests (one model call instead of many) and
-#: not for large ones, whose compute is already per octet.
+#: input octets a batch of an ONNX model on the CPU grows to when the config is silent:
+#: joining requests is a copy of their tensors, which pays off for small requests (one
+#: model call instead of many) and not for large ones, whose CPU compute is already per
+#: octet. On a GPU, or for Python models (which may use one), batches have no such limit.
 DEFAULT_MAX_BATCH_BYTES = 4 << 20
 _SESSION_KEYS = {"intra_op_threads", "inter_op_threads", "graph_optimization_level", "spin_wait"}
 
@@ -93,13 +95,15 @@ class DynamicBatching:
         preferred_batch_sizes: batch sizes, in rows, the batcher tries to form.
         max_queue_size: requests that may wait in the queue; one more raises ``QueueFull``.
         max_batch_bytes: a batch takes no more requests once their input tensors reach
-            this many octets (a request larger than that runs alone); 0 = no limit.
+            this many octets (a request larger than that runs alone); 0 = no limit;
+            ``None`` = the engine's default for the model (:data:`DEFAULT_MAX_BATCH_BYTES`
+            for ONNX Runtime on the CPU, no limit otherwise).
     """
 
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    max_batch_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +189,8 @@ def parse_config(data: Any) -> ModelConfig:
                 sorted({_int(p, "preferred_batch_sizes", 1) for p in preferred})),
             max_queue_size=_int(batching.get("max_queue_size", DEFAULT_MAX_QUEUE_SIZE),
                                 "max_queue_size", 1),
-            max_batch_bytes=_int(batching.get("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES),
-                                 "max_batch_bytes"),
+            max_batch_bytes=(_int(batching["max_batch_bytes"], "max_batch_bytes")
+                             if "max_batch_bytes" in batching else None),
         )
     if "instance_count" in data:
         kwargs["instance_count"] = _int(data["instance_count"], "instance_count", 1)

@@ -14,10 +14,11 @@ import pytest
 
 import mip
 from mip.errors import InternalError
+from mip.serving.config import DEFAULT_MAX_BATCH_BYTES
 from mip.serving.engine import Engine
 from mip.serving.repository import ModelLoadError, ModelRepository, ModelState
 
-from ._models import SHARED_MODELS, run
+from ._models import SHARED_MODELS, add_model, identity_model, run
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist" / "model_repository"
 FASHION = SHARED_MODELS / "fashion_mnist"
@@ -237,3 +238,24 @@ def test_reload_python_model_keeps_the_new_module(repo, rng):
     module_loaded, out = run(scenario())
     assert module_loaded
     np.testing.assert_allclose(out["y"], x * 5, rtol=1e-6)
+
+
+def test_batch_byte_cap_defaults_to_none_for_python_and_4mib_for_onnx_on_cpu(repo):
+    write_model(repo, "scale", TENSOR_MODEL, {"max_batch_size": 8, "dynamic_batching": {}})
+    add_model(repo, "onnx", identity_model(), config={"max_batch_size": 8,
+                                                      "dynamic_batching": {}})
+    add_model(repo, "capped", identity_model(), config={
+        "max_batch_size": 8, "dynamic_batching": {"max_batch_bytes": 1024}})
+    add_model(repo, "uncapped", identity_model(), config={
+        "max_batch_size": 8, "dynamic_batching": {"max_batch_bytes": 0}})
+
+    async def scenario():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        caps = {name: engine._served[(name, "1")].batcher.max_batch_bytes
+                for name in ("scale", "onnx", "capped", "uncapped")}
+        await engine.stop()
+        return caps
+
+    assert run(scenario()) == {"scale": float("inf"), "onnx": DEFAULT_MAX_BATCH_BYTES,
+                               "capped": 1024, "uncapped": float("inf")}
