@@ -303,8 +303,8 @@ class Batcher:
         if future.cancelled():
             self._finish(live, rows, started, None,
                          ModelNotReady(f"model {self.name} was unloaded"))
-        elif future.exception() is not None:
-            self._finish(live, rows, started, None, future.exception())
+        elif (error := future.exception()) is not None:
+            self._finish(live, rows, started, None, error)
         else:
             self._finish(live, rows, started, future.result(), None)
         self._pump()

@@ -96,7 +96,7 @@ class DynamicBatching:
         max_queue_size: requests that may wait in the queue; one more raises ``QueueFull``.
         max_batch_bytes: a batch takes no more requests once their input tensors reach
             this many octets (a request larger than that runs alone); 0 = no limit;
-            ``None`` = the engine's default for the model (:data:`DEFAULT_MAX_BATCH_BYTES`
+            ``None`` = the repository decides (:data:`DEFAULT_MAX_BATCH_BYTES`
             for ONNX Runtime on the CPU, no limit otherwise).
     """
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ import numpy as np
 
 from mip.errors import InvalidInput, ModelNotFound, ModelNotReady
 from mip.serving.batching import Batcher, BatchRecord
-from mip.serving.config import DEFAULT_MAX_BATCH_BYTES, PLATFORM_ONNX, DynamicBatching
 from mip.serving.datatypes import to_numpy
 from mip.serving.repository import (IndexEntry, ModelLoadError, ModelMetadata, ModelRepository,
                                     ModelVersion)
@@ -168,7 +166,7 @@ class Engine:
                 hook(key[0], key[1], record)
 
         batcher = Batcher(version.run, max_batch_size=version.max_batch_size,
-                          dynamic_batching=_batching_policy(version),
+                          dynamic_batching=version.dynamic_batching,
                           instance_count=version.config.instance_count, on_batch=on_batch,
                           name=f"{version.name}/{version.version}")
         batcher.start()
@@ -360,12 +358,3 @@ def monotonic_deadline(timeout: float | None) -> float | None:
     """The ``deadline`` for :meth:`Engine.infer` that is ``timeout`` seconds from now."""
     return None if timeout is None else time.monotonic() + timeout
 
-
-def _batching_policy(version: ModelVersion) -> DynamicBatching | None:
-    """The version's batching settings, with ``max_batch_bytes`` decided when unset: the
-    default cap for ONNX Runtime on the CPU, none on a GPU or for Python models."""
-    policy = version.dynamic_batching
-    if policy is None or policy.max_batch_bytes is not None:
-        return policy
-    on_cpu = version.platform == PLATFORM_ONNX and version.config.device == "cpu"
-    return dataclasses.replace(policy, max_batch_bytes=DEFAULT_MAX_BATCH_BYTES if on_cpu else 0)

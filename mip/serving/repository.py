@@ -16,6 +16,7 @@ and the other models and versions load regardless.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import threading
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from mip.errors import ModelNotFound, ModelNotReady, ServingError
-from mip.serving.config import (DEFAULT_MAX_BATCH_SIZE, PLATFORM_ONNX, PLATFORM_PYTHON,
-                                ConfigError, DynamicBatching, ModelConfig, TensorSpec,
-                                read_config)
+from mip.serving.config import (DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_SIZE, PLATFORM_ONNX,
+                                PLATFORM_PYTHON, ConfigError, DynamicBatching, ModelConfig,
+                                TensorSpec, read_config)
 from mip.serving.datatypes import to_numpy
 
 __all__ = ["ModelRepository", "ModelVersion", "ModelState", "ModelMetadata", "IndexEntry",
@@ -156,6 +157,12 @@ class ModelVersion:
             self.dynamic_batching = DynamicBatching() if self.max_batch_size else None
         if self.dynamic_batching is not None and not self.max_batch_size:
             raise ConfigError("dynamic_batching needs max_batch_size > 0")
+        if self.dynamic_batching is not None and self.dynamic_batching.max_batch_bytes is None:
+            # unset: the default cap for ONNX Runtime on the CPU, none on a GPU or for
+            # Python models (which may use one)
+            on_cpu = self.platform == PLATFORM_ONNX and self.config.device == "cpu"
+            self.dynamic_batching = dataclasses.replace(
+                self.dynamic_batching, max_batch_bytes=DEFAULT_MAX_BATCH_BYTES if on_cpu else 0)
 
 
 def _open_runner(version: ModelVersion) -> Any:
