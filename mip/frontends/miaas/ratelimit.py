@@ -69,7 +69,10 @@ def parse_rate(text: str | int) -> tuple[int, float]:
     name = unit[len(digits):]
     if name not in units:
         raise ValueError(f"rate {text!r}: the unit must be s, min, hour or day")
-    requests = int(count)
+    try:
+        requests = int(count)
+    except ValueError:
+        raise ValueError(f"rate {text!r}: expected N or N/UNIT, e.g. 10/min") from None
     period = (float(digits) if digits else 1.0) * units[name]
     if requests < 1 or period <= 0:
         raise ValueError(f"rate {text!r}: need at least 1 request per positive period")
@@ -105,7 +108,7 @@ class RateLimiter(abc.ABC):
 
 class MemoryRateLimiter(RateLimiter):
     """GCRA state in this process for at most ``max_identities`` identities: when the table
-    is full, the identity counted least recently is forgotten (about 200 octets each)."""
+    is full, the identity counted least recently is forgotten (about 250 octets each)."""
 
     def __init__(self, limit: int = 1000, period: float = 60.0, *, max_identities: int = 100_000):
         super().__init__(limit, period)
