@@ -257,8 +257,10 @@ class FailureLimit:
     (429) without its credentials being looked at. Successes neither count nor reset.
 
     Every failure is logged at WARNING with the peer and the reason (never the credential),
-    at most one line per peer per ``log_interval`` seconds and ``log_lines`` lines in all
-    per interval; what is left out is summed up in one line per interval.
+    at most one line per peer per ``log_interval`` seconds and, in all, a burst of
+    ``log_lines`` lines then one per ``log_interval / log_lines`` seconds; what is left out
+    is summed up in one line ``log_interval`` seconds after the first thing left out (and
+    at :meth:`close`).
 
     Args:
         rate: failures per peer, ``"N"`` (per minute) or ``"N/unit"``.
@@ -281,7 +283,8 @@ class FailureLimit:
         self._log_all = MemoryRateLimiter(log_lines, log_interval)
         self._unlogged = 0  # failures left out of the log since _since
         self._refused = 0  # requests refused unexamined since _since
-        self._since = time.monotonic()
+        self._since = 0.0
+        self._summary: asyncio.TimerHandle | None = None
 
     async def refuse(self, peer: str) -> Decision | None:
         """The refusal (with ``retry_after``) when ``peer`` has spent its failure budget,
@@ -290,7 +293,7 @@ class FailureLimit:
         if decision.allowed:
             return None
         self._refused += 1
-        self._summarize()
+        self._left_out()
         return decision
 
     async def failed(self, peer: str, reason: str) -> Decision:
@@ -302,23 +305,27 @@ class FailureLimit:
             log.warning("failed authentication from %s: %s", peer, _printable(reason))
         else:
             self._unlogged += 1
-        self._summarize()
+            self._left_out()
         return decision
 
-    def _summarize(self, final: bool = False) -> None:
-        now = time.monotonic()
-        if not (self._unlogged or self._refused):
-            self._since = now
-            return
-        if final or now - self._since >= self.log_interval:
-            log.warning("failed authentications: %d more not logged, %d requests refused "
-                        "for too many failures, in the last %.0f s", self._unlogged,
-                        self._refused, now - self._since)
+    def _left_out(self) -> None:
+        if self._summary is None:  # the first thing left out: sum up one interval from now
+            self._since = time.monotonic()
+            self._summary = asyncio.get_running_loop().call_later(self.log_interval,
+                                                                  self._summarize)
+
+    def _summarize(self) -> None:
+        self._summary = None
+        if self._unlogged or self._refused:
+            log.warning("failed authentications in the last %.0f s: %d more not logged; "
+                        "refused for too many failures: %d", time.monotonic() - self._since,
+                        self._unlogged, self._refused)
             self._unlogged = self._refused = 0
-            self._since = now
 
     async def close(self) -> None:
         """Log what is left to sum up and release the limiter's connections."""
-        self._summarize(final=True)
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summarize()
         await self.limiter.close()
 
