@@ -276,3 +276,42 @@ async def test_summary_comes_one_interval_after_the_first_left_out(caplog):
     await limit.close()  # nothing left: no second summary
     assert len(_lines(caplog, SUMMARY_LINE)) == 1
     assert len(_lines(caplog, PEER_LINE)) == 1
+
+
+async def test_jwt_failures_count_unreachable_key_source_does_not(engine, tmp_path):
+    """A token that does not verify is a failure; a token that cannot be checked because
+    the JWKS URL does not answer is not the client's: it is refused without counting."""
+    from _miaas import free_port
+
+    jwt = pytest.importorskip("jwt")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from mip.frontends.miaas.auth import AuthError, InvalidCredentials
+
+    key, trusted = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    forged = jwt.encode({"sub": "x", "exp": 2**31}, key, algorithm="ES256",
+                        headers={"kid": "k1"})
+    pem = tmp_path / "trusted.pem"
+    pem.write_bytes(trusted.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with pytest.raises(InvalidCredentials, match="invalid token"):
+        await Authenticator(jwt_keys=str(pem)).authenticate(
+            {"authorization": f"Bearer {forged}"})
+    with pytest.raises(AuthError, match="cannot be fetched") as caught:
+        await Authenticator(jwt_keys=f"http://127.0.0.1:{free_port()}/jwks.json").authenticate(
+            {"authorization": f"Bearer {forged}"})
+    assert not isinstance(caught.value, InvalidCredentials)
+    closed = f"http://127.0.0.1:{free_port()}/jwks.json"  # nothing listens there
+    cfg = MiaasConfig(api_keys=[hash_key(API_KEY)], queue=str(tmp_path / "q.sqlite3"),
+                      job_workers=0, auth_failures="2/hour", jwt_keys=closed)
+    async with serve(standalone_app(engine, cfg)) as url:
+        async with _client(url) as client:
+            bearer = {"Authorization": f"Bearer {forged}"}
+            answers = [await client.get("/v1/health", headers=bearer) for _ in range(4)]
+            assert [r.status_code for r in answers] == [401] * 4
+            assert "cannot be fetched" in answers[0].json()["error"]["message"]
+            codes = [(await client.get("/v1/health", headers=WRONG)).status_code
+                     for _ in range(3)]
+            assert codes == [401, 401, 429]
