@@ -30,6 +30,17 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _rate(text: str) -> str:
+    """Check a rate such as ``10/min`` (see ``ratelimit.parse_rate``) and keep its text."""
+    from mip.frontends.miaas.ratelimit import parse_rate
+
+    try:
+        parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _server_ssl(args) -> ssl.SSLContext | None:
     if not args.tls_cert:
         return None
@@ -62,9 +73,13 @@ def _add_miaas(p: argparse.ArgumentParser) -> None:
                    help="JWT verification keys: a JWKS file, a JWKS URL or a PEM public key")
     g.add_argument("--open-health", action="store_true",
                    help="answer GET /v1/health without credentials (for load-balancer probes)")
-    g.add_argument("--rate-limit", metavar="N[/UNIT]", default="1000/min",
+    g.add_argument("--rate-limit", metavar="N[/UNIT]", default="1000/min", type=_rate,
                    help="requests per authenticated identity, e.g. 1000/min or 5/s "
                         "(default 1000/min; shared through Redis when --queue is redis://)")
+    g.add_argument("--auth-failures", metavar="N[/UNIT]", default="10/min", type=_rate,
+                   help="failed authentications per client address (IPv6: per /64) before it "
+                        "gets 429 whatever it sends, e.g. 10/min (default 10/min; shared "
+                        "like --rate-limit)")
     g.add_argument("--queue", metavar="PATH|URL",
                    help="job queue: a SQLite file (default $MIP_STATE_DIR or "
                         "~/.local/state/mip/jobs.sqlite3) or redis://HOST:PORT/DB")

@@ -108,14 +108,18 @@ async def wait_job(client, request_id: str, *, timeout: float = 15.0,
         await asyncio.sleep(0.02)
 
 
-@pytest.fixture(scope="session")
-def redis_url():
-    """A private redis-server on a free port (skipped when the binary is missing)."""
+@contextlib.contextmanager
+def redis_server(*options: str):
+    """A private redis-server on 127.0.0.1 (skipped when the binary is missing); yields the
+    port it listens on: a free port, plain TCP by default, or TLS with ``"tls"`` as the
+    first option followed by the ``--tls-*`` options."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    ports = (["--port", "0", "--tls-port", str(port), *options[1:]] if options[:1] == ("tls",)
+             else ["--port", str(port), *options])
+    proc = subprocess.Popen([binary, *ports, "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--protected-mode", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -126,13 +130,43 @@ def redis_url():
             time.sleep(0.05)
         else:
             raise RuntimeError("redis-server did not start")
-        yield f"redis://127.0.0.1:{port}/0"
+        yield port
     finally:
         proc.terminate()
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A private redis-server on a free port."""
+    with redis_server() as port:
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory):
+    """A private redis-server that speaks only TLS and requires client certificates, with
+    certificates made by trustme: ``(url, files)``, ``files`` holding the PEM paths ``ca``,
+    ``cert`` and ``key`` of a client certificate the server accepts."""
+    import trustme
+
+    folder = tmp_path_factory.mktemp("redis-tls")
+    ca = trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1"), ca.issue_cert("mip-worker")
+    files = {name: str(folder / f"{name}.pem") for name in
+             ("ca", "server-cert", "server-key", "cert", "key")}
+    ca.cert_pem.write_to_path(files["ca"])
+    server.cert_chain_pems[0].write_to_path(files["server-cert"])
+    server.private_key_pem.write_to_path(files["server-key"])
+    client.cert_chain_pems[0].write_to_path(files["cert"])
+    client.private_key_pem.write_to_path(files["key"])
+    with redis_server("tls", "--tls-cert-file", files["server-cert"], "--tls-key-file",
+                      files["server-key"], "--tls-ca-cert-file", files["ca"],
+                      "--tls-auth-clients", "yes") as port:
+        yield f"rediss://127.0.0.1:{port}/0", files
 
 
 @pytest.fixture

@@ -106,7 +106,7 @@ async def test_auth_failures_over_http(engine, tmp_path, rsa_keys):
     private, other, _ = rsa_keys
     cfg = MiaasConfig(api_keys=[hash_key(API_KEY)], queue=str(tmp_path / "q.sqlite3"),
                       jwt_issuer=ISSUER, jwt_audience=AUDIENCE,
-                      jwt_keys=jwks_file(tmp_path, private))
+                      jwt_keys=jwks_file(tmp_path, private), auth_failures="100/min")
     async with serve(standalone_app(engine, cfg)) as url:
         async with httpx.AsyncClient(base_url=url) as client:
             assert (await client.get("/v1/models", headers=AUTH)).status_code == 200

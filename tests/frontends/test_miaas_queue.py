@@ -1,12 +1,13 @@
 # ruff: noqa: F811  (pytest fixtures imported from _miaas are arguments here)
 """The job queues (SQLite and Redis Streams) and ``mip worker`` processes: leases,
 redelivery after a SIGKILL, idempotent results, bounds, retention, two workers sharing
-one Redis queue."""
+one Redis queue, a worker reaching Redis over mutual TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 import time
 
 import httpx
@@ -22,6 +23,7 @@ from _miaas import (  # noqa: F401
     sleepy_job,
     start_worker,
     stop_process,
+    tls_redis,
     wait_job,
     wait_ready,
 )
@@ -29,7 +31,7 @@ from _miaas import (  # noqa: F401
 from mip.errors import QueueFull
 from mip.frontends.miaas import MiaasConfig, standalone_app
 from mip.frontends.miaas.auth import hash_key
-from mip.frontends.miaas.queue import SQLiteQueue, open_queue
+from mip.frontends.miaas.queue import SQLiteQueue, open_queue, open_redis
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -205,3 +207,54 @@ async def test_two_worker_processes_share_one_redis_queue(engine, repository, fr
     assert consumers == {str(w.pid) for w in workers}
     for i, job in enumerate(jobs):
         assert job["result"]["outputs"][0]["data"] == [pytest.approx(2 * (0.25 + i / 1000) + 1)]
+
+
+# -- Redis over TLS --------------------------------------------------------------------------
+
+def _client_tls(files: dict, *, certificate: bool = True) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=files["ca"])
+    if certificate:
+        context.load_cert_chain(files["cert"], files["key"])
+    return context
+
+
+async def test_redis_tls_settings(tls_redis):
+    """A context, or the URL's ssl_* options, set up TLS; without the CA or without a client
+    certificate the server is refused or refuses."""
+    url, files = tls_redis
+    query = f"?ssl_ca_certs={files['ca']}&ssl_certfile={files['cert']}&ssl_keyfile={files['key']}"
+    for client in (open_redis(url, _client_tls(files)), open_redis(url + query)):
+        try:
+            assert await client.set("mip:test:tls", "1") and await client.get("mip:test:tls") == "1"
+        finally:
+            await client.aclose()
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    for client, error in ((open_redis(url), "CERTIFICATE_VERIFY_FAILED"),
+                          (open_redis(url, _client_tls(files, certificate=False)), None)):
+        try:
+            with pytest.raises(RedisConnectionError, match=error):
+                await client.ping()
+        finally:
+            await client.aclose()
+
+
+async def test_worker_over_tls_redis(engine, repository, tls_redis):
+    """``mip worker --queue rediss://… --tls-ca --tls-cert --tls-key`` runs a job submitted
+    to a control plane that reaches the same Redis over TLS."""
+    url, files = tls_redis
+    cfg = _cfg(url, lease=5.0, client_ssl=_client_tls(files))
+    async with serve(standalone_app(engine, cfg)) as base:
+        async with httpx.AsyncClient(base_url=base) as client:
+            worker = start_worker(url, repository, lease=5.0, extra=(
+                "--tls-ca", files["ca"], "--tls-cert", files["cert"], "--tls-key", files["key"]))
+            try:
+                await asyncio.to_thread(wait_ready, worker)
+                r = await client.post("/v1/inference", json=sleepy_job(0.5), headers=AUTH)
+                assert r.status_code == 202, r.text
+                job = await wait_job(client, r.json()["request_id"], timeout=20)
+            finally:
+                stop_process(worker)
+    assert job["status"] == "completed", job
+    assert job["result"]["outputs"][0]["data"] == [2.0]  # 2 * 0.5 + 1 (version 2)
+    assert job["attempts"] == 1

@@ -25,7 +25,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from mip.errors import InvalidInput, ServingError
-from mip.frontends.miaas.auth import Authenticator, AuthError, load_api_keys
+from mip.frontends.miaas.auth import (
+    Authenticator,
+    AuthError,
+    FailureLimit,
+    Identity,
+    InvalidCredentials,
+    load_api_keys,
+    peer_of,
+)
 from mip.frontends.miaas.openapi import openapi_document
 from mip.frontends.miaas.queue import JobQueue, open_queue
 from mip.frontends.miaas.ratelimit import RateLimiter, open_rate_limiter
@@ -50,6 +58,7 @@ __all__ = [
 log = logging.getLogger("mip.miaas")
 
 _SUBMIT_FIELDS = {"model_id", "input_data", "parameters"}
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mip"'}
 
 
 @dataclass
@@ -62,8 +71,13 @@ class MiaasConfig:
             JWKS file, a JWKS URL or a PEM public key; JWTs are refused when unset).
         open_health: answer ``GET /v1/health`` without credentials (for probes).
         rate_limit: requests per identity, ``"N"`` (per minute) or ``"N/unit"``.
-        rate_limit_redis: keep rate-limit state in this Redis (default: the queue's Redis
-            when the queue is Redis, else in memory).
+        rate_limit_redis: keep rate-limit and failure-limit state in this Redis (default:
+            the queue's Redis when the queue is Redis, else in memory).
+        auth_failures: failed authentications per peer address (an IPv4 address or an
+            IPv6 /64), ``"N"`` (per minute) or ``"N/unit"``; past them the peer gets 429
+            before its credentials are looked at.
+        auth_failure_peers: peers whose failures are tracked in memory (the least recently
+            failed are forgotten first; about 250 octets each).
         queue: ``redis://…`` or a SQLite file path (``None``: the default state file).
         max_jobs: unfinished jobs the queue holds before answering 503.
         retention: how long finished jobs and results are kept.
@@ -83,6 +97,8 @@ class MiaasConfig:
     open_health: bool = False
     rate_limit: str = "1000/min"
     rate_limit_redis: str | None = None
+    auth_failures: str = "10/min"
+    auth_failure_peers: int = 100_000
     queue: str | None = None
     max_jobs: int = 10_000
     retention: float = 86_400.0
@@ -128,13 +144,16 @@ class MiaasService:
         limiter_redis = c.rate_limit_redis or (
             c.queue if c.queue and c.queue.startswith(("redis://", "rediss://")) else None)
         self.limiter: RateLimiter = open_rate_limiter(c.rate_limit, limiter_redis, c.client_ssl)
+        self.failures = FailureLimit(c.auth_failures, limiter_redis, c.client_ssl,
+                                     max_peers=c.auth_failure_peers)
         self.publisher = None
         if c.msip_push:
             from mip.frontends.miaas.push import OutcomePublisher
 
             self.publisher = OutcomePublisher(c.msip_push, ssl=c.client_ssl)
         self.worker: JobWorker | None = None
-        self._openapi = openapi_document(open_health=c.open_health, rate=c.rate_limit)
+        self._openapi = openapi_document(open_health=c.open_health, rate=c.rate_limit,
+                                         auth_failures=c.auth_failures)
         self.started = False
 
     async def start(self) -> None:
@@ -159,6 +178,7 @@ class MiaasService:
             self.worker = None
         await self.queue.close()
         await self.limiter.close()
+        await self.failures.close()
         if self.publisher is not None:
             await self.publisher.close()
 
@@ -168,11 +188,7 @@ class MiaasService:
         headers: dict[str, str] = {}
         try:
             if not public:
-                try:
-                    identity = await self.auth.authenticate(request.headers)
-                except AuthError as exc:
-                    raise ApiError(401, "unauthorized", str(exc),
-                                   headers={"WWW-Authenticate": 'Bearer realm="mip"'}) from None
+                identity = await self._authenticate(request)
                 decision = await self.limiter.check(identity.id)
                 headers = decision.headers()
                 if not decision.allowed:
@@ -192,6 +208,25 @@ class MiaasService:
                                   headers=headers)
         response.headers.update(headers)
         return response
+
+    async def _authenticate(self, request: Request) -> Identity:
+        """The request's identity. A peer past its failure budget gets 429 before its
+        credentials are examined; a failure past the budget (requests racing its end) gets
+        429 too, so a budget of N failures never yields more than N answers of 401."""
+        peer = peer_of(request.client.host if request.client else None)
+        refusal = await self.failures.refuse(peer)
+        if refusal is None:
+            try:
+                return await self.auth.authenticate(request.headers)
+            except AuthError as exc:  # missing or malformed credentials are not counted
+                if isinstance(exc, InvalidCredentials):
+                    refusal = await self.failures.failed(peer, str(exc))
+                if refusal is None or refusal.allowed:
+                    raise ApiError(401, "unauthorized", str(exc), headers=_CHALLENGE) from None
+        retry = refusal.headers()["Retry-After"]
+        raise ApiError(429, "too_many_auth_failures",
+                       f"too many failed authentications from this address; retry after "
+                       f"{retry} s", headers={"Retry-After": retry})
 
     async def _read_json(self, request: Request):
         limit = self.config.max_body
@@ -376,7 +411,8 @@ def config_from_args(args) -> MiaasConfig:
     for name in ("jwt_issuer", "jwt_audience", "jwt_keys", "msip_push", "queue"):
         setattr(config, name, get(name))
     config.open_health = bool(get("open_health", False))
-    for name in ("rate_limit", "max_jobs", "retention", "lease", "job_workers"):
+    for name in ("rate_limit", "auth_failures", "max_jobs", "retention", "lease",
+                 "job_workers"):
         value = get(name)
         if value is not None:
             setattr(config, name, value)

@@ -28,7 +28,9 @@ def _errors(*statuses: int) -> dict:
             401: "Missing or invalid credentials",
             404: "No such model, version or job (finished jobs expire after the retention)",
             413: "Request body larger than the configured limit",
-            429: "Rate limit exceeded; retry after the Retry-After seconds",
+            429: "Rate limit exceeded (rate_limited) or too many failed authentications "
+                 "from this address (too_many_auth_failures); retry after the Retry-After "
+                 "seconds",
             500: "The server failed",
             503: "The job queue is full, or the model is not ready"}
     out = {}
@@ -143,7 +145,8 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
-def openapi_document(*, open_health: bool = False, rate: str = "1000/min") -> dict:
+def openapi_document(*, open_health: bool = False, rate: str = "1000/min",
+                     auth_failures: str = "10/min") -> dict:
     """The OpenAPI 3.1 document (a JSON-able dict) for the API as configured."""
     def op(summary: str, responses: dict, *, public: bool = False, **extra) -> dict:
         for response in responses.values():
@@ -193,7 +196,9 @@ def openapi_document(*, open_health: bool = False, rate: str = "1000/min") -> di
                  "Every request needs an API key (Authorization: Bearer KEY or X-API-Key) "
                  "or an OAuth2 JWT bearer token" + (
                      "; /v1/health is open to unauthenticated probes" if open_health else "")
-                 + f". Rate limit: {rate} per identity (429 with Retry-After beyond it)."},
+                 + f". Rate limit: {rate} per identity (429 with Retry-After beyond it). "
+                 f"Failed authentications: {auth_failures} per client address; beyond them "
+                 "the address gets 429 with Retry-After whatever it sends."},
         "paths": paths,
         "components": {
             "schemas": _SCHEMAS,

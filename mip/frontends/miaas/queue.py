@@ -47,6 +47,7 @@ __all__ = [
     "SQLiteQueue",
     "default_sqlite_path",
     "open_queue",
+    "open_redis",
 ]
 
 QUEUED, PROCESSING, COMPLETED, FAILED = "queued", "processing", "completed", "failed"
@@ -409,6 +410,28 @@ return stored
 """
 
 
+def open_redis(url: str, ssl_context=None):
+    """An asyncio Redis client for ``url`` (replies decoded as text). For ``rediss://``,
+    ``ssl_context`` (an ``ssl.SSLContext``: the CAs to trust, a client certificate) is
+    the TLS set-up; without it redis-py builds one from the URL's ``ssl_*`` query options
+    (``?ssl_ca_certs=FILE``, ``ssl_certfile``, ``ssl_keyfile``) or the system CAs."""
+    import redis.asyncio as aioredis
+
+    if ssl_context is None or not url.startswith("rediss://"):
+        return aioredis.from_url(url, decode_responses=True)
+    from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection, parse_url
+
+    class ContextSSLConnection(SSLConnection):
+        # redis-py's asyncio connections take TLS settings only as file names: hand the
+        # context to asyncio.open_connection() directly.
+        def _connection_arguments(self):
+            return {**Connection._connection_arguments(self), "ssl": ssl_context}
+
+    options = parse_url(url) | {"connection_class": ContextSSLConnection,
+                                "decode_responses": True}
+    return aioredis.Redis.from_pool(ConnectionPool(**options))
+
+
 class RedisQueue(JobQueue):
     """Jobs in a Redis Stream (``{prefix}:stream``, consumer group ``workers``); each job's
     fields and outcome in a hash ``{prefix}:job:{id}`` that expires ``retention`` seconds
@@ -438,13 +461,9 @@ class RedisQueue(JobQueue):
         return f"{self.prefix}:job:{request_id}"
 
     async def open(self) -> None:
-        import redis.asyncio as aioredis
         from redis.exceptions import ResponseError
 
-        options = {}
-        if self.ssl_context is not None and self.url.startswith("rediss://"):
-            options["ssl_context"] = self.ssl_context  # redis-py >= 5.1
-        self.redis = aioredis.from_url(self.url, decode_responses=True, **options)
+        self.redis = open_redis(self.url, self.ssl_context)
         try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:

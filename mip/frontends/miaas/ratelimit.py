@@ -12,6 +12,7 @@ Redis (one Lua script, the server's clock), so the limit holds across replicas.
 from __future__ import annotations
 
 import abc
+import collections
 import math
 import time
 from dataclasses import dataclass
@@ -68,7 +69,10 @@ def parse_rate(text: str | int) -> tuple[int, float]:
     name = unit[len(digits):]
     if name not in units:
         raise ValueError(f"rate {text!r}: the unit must be s, min, hour or day")
-    requests = int(count)
+    try:
+        requests = int(count)
+    except ValueError:
+        raise ValueError(f"rate {text!r}: expected N or N/UNIT, e.g. 10/min") from None
     period = (float(digits) if digits else 1.0) * units[name]
     if requests < 1 or period <= 0:
         raise ValueError(f"rate {text!r}: need at least 1 request per positive period")
@@ -84,8 +88,9 @@ class RateLimiter(abc.ABC):
         self.interval = period / limit  # seconds between requests at the steady rate
 
     @abc.abstractmethod
-    async def check(self, identity: str) -> Decision:
-        """Count one request of ``identity`` and say whether it is admitted."""
+    async def check(self, identity: str, *, count: bool = True) -> Decision:
+        """Count one request of ``identity`` and say whether it is admitted; with
+        ``count=False``, only say whether one would be admitted now."""
 
     async def close(self) -> None:
         """Release connections."""
@@ -102,25 +107,33 @@ class RateLimiter(abc.ABC):
 
 
 class MemoryRateLimiter(RateLimiter):
-    """GCRA state in a dict; entries that have caught up with the clock are dropped."""
+    """GCRA state in this process for at most ``max_identities`` identities: when the table
+    is full, the identity counted least recently is forgotten (about 250 octets each)."""
 
     def __init__(self, limit: int = 1000, period: float = 60.0, *, max_identities: int = 100_000):
         super().__init__(limit, period)
-        self._tat: dict[str, float] = {}
-        self._max = max_identities
+        self._tat: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.max_identities = max_identities
 
-    async def check(self, identity: str) -> Decision:
+    def __len__(self) -> int:
+        return len(self._tat)
+
+    async def check(self, identity: str, *, count: bool = True) -> Decision:
         now = time.monotonic()
-        decision, new_tat = self._decide(now, self._tat.get(identity))
-        if new_tat is not None:
-            if len(self._tat) >= self._max and identity not in self._tat:
-                self._tat = {k: v for k, v in self._tat.items() if v > now}
+        tat = self._tat.get(identity)
+        decision, new_tat = self._decide(now, tat)
+        if new_tat is not None and count:
+            if tat is None:
+                while len(self._tat) >= self.max_identities:
+                    self._tat.popitem(last=False)
+            else:
+                self._tat.move_to_end(identity)
             self._tat[identity] = new_tat
         return decision
 
 
-# KEYS: the identity's key. ARGV: limit, period ms. Returns allowed, remaining, reset ms,
-# retry ms. Uses the server's clock so every replica agrees.
+# KEYS: the identity's key. ARGV: limit, period ms, count (0: only look). Returns allowed,
+# remaining, reset ms, retry ms. Uses the server's clock so every replica agrees.
 _GCRA = """
 local limit = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
@@ -134,7 +147,9 @@ local allow_at = new_tat - period
 if now < allow_at then
   return {0, 0, math.ceil(tat - now), math.ceil(allow_at - now)}
 end
-redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now))
+if ARGV[3] ~= '0' then
+  redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now))
+end
 return {1, math.floor((period - (new_tat - now)) / interval + 1e-9), math.ceil(new_tat - now), 0}
 """
 
@@ -145,16 +160,16 @@ class RedisRateLimiter(RateLimiter):
     def __init__(self, url: str, limit: int = 1000, period: float = 60.0, *,
                  prefix: str = "mip:ratelimit", ssl_context=None):
         super().__init__(limit, period)
-        import redis.asyncio as aioredis
+        from mip.frontends.miaas.queue import open_redis
 
-        options = {"ssl_context": ssl_context} if ssl_context and url.startswith("rediss") else {}
-        self.redis = aioredis.from_url(url, decode_responses=True, **options)
+        self.redis = open_redis(url, ssl_context)
         self.prefix = prefix
         self._script = self.redis.register_script(_GCRA)
 
-    async def check(self, identity: str) -> Decision:
+    async def check(self, identity: str, *, count: bool = True) -> Decision:
         allowed, remaining, reset_ms, retry_ms = await self._script(
-            keys=[f"{self.prefix}:{identity}"], args=[self.limit, int(self.period * 1000)])
+            keys=[f"{self.prefix}:{identity}"],
+            args=[self.limit, int(self.period * 1000), int(count)])
         return Decision(bool(allowed), self.limit, int(remaining), reset_ms / 1000,
                         retry_ms / 1000)
 
@@ -162,11 +177,13 @@ class RedisRateLimiter(RateLimiter):
         await self.redis.aclose()
 
 
-def open_rate_limiter(rate: str | int, redis_url: str | None = None,
-                      ssl_context=None) -> RateLimiter:
-    """A limiter for ``rate`` (see :func:`parse_rate`): in Redis when ``redis_url`` is
-    given, else in memory."""
+def open_rate_limiter(rate: str | int, redis_url: str | None = None, ssl_context=None, *,
+                      prefix: str = "mip:ratelimit",
+                      max_identities: int = 100_000) -> RateLimiter:
+    """A limiter for ``rate`` (see :func:`parse_rate`): in Redis under ``prefix`` when
+    ``redis_url`` is given, else in memory for at most ``max_identities`` identities."""
     limit, period = parse_rate(rate)
     if redis_url:
-        return RedisRateLimiter(redis_url, limit, period, ssl_context=ssl_context)
-    return MemoryRateLimiter(limit, period)
+        return RedisRateLimiter(redis_url, limit, period, prefix=prefix,
+                                ssl_context=ssl_context)
+    return MemoryRateLimiter(limit, period, max_identities=max_identities)
