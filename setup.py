@@ -54,14 +54,16 @@ extensions = [
 
 def _nghttp2_include() -> list[str] | None:
     """Include folders for libnghttp2's headers, or None where they are not installed."""
+    dirs: list[str] = []
     if shutil.which("pkg-config"):
         found = subprocess.run(["pkg-config", "--cflags-only-I", "libnghttp2"],
                                capture_output=True, text=True)
         if found.returncode == 0:
-            return [flag[2:] for flag in found.stdout.split()]
-    for prefix in filter(None, [os.environ.get("NGHTTP2_PREFIX"), "/usr", "/usr/local"]):
-        if os.path.isfile(os.path.join(prefix, "include", "nghttp2", "nghttp2.h")):
-            return [os.path.join(prefix, "include")]
+            dirs = [flag[2:] for flag in found.stdout.split()]
+    prefixes = filter(None, [os.environ.get("NGHTTP2_PREFIX"), "/usr", "/usr/local"])
+    for folder in [*dirs, *(os.path.join(prefix, "include") for prefix in prefixes)]:
+        if os.path.isfile(os.path.join(folder, "nghttp2", "nghttp2.h")):
+            return [folder]
     return None
 
 
