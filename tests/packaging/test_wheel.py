@@ -118,6 +118,8 @@ THIRD_PARTY = textwrap.dedent("""
     from mip.protocol.wire cimport (mip_header, mip_parse_header, mip_load_be32, MIP_OK,
                                     MIP_HEADER_SIZE, MIP_KIND_PING)
     from mip.protocol._mip cimport Message, decode_frame_at
+    from mip.protocol._msip cimport Frame, FrameParser as MsipParser
+    from mip.protocol._stream cimport Chunk, StreamParser
 
     def header_kind(bytes frame):
         cdef mip_header h
@@ -125,6 +127,10 @@ THIRD_PARTY = textwrap.dedent("""
         if mip_parse_header(<const unsigned char *>frame, len(frame), 1 << 20, &h, &err_off) != MIP_OK:
             raise ValueError(f"bad header at {err_off}")
         return h.kind, h.remaining, h.kind == MIP_KIND_PING
+
+    def msip_frame_type(frame):
+        cdef Frame f = frame
+        return f.frame_type
 
     def decode(bytes frame):
         cdef Message m = decode_frame_at(frame, <const unsigned char *>frame, len(frame), False, 0)
@@ -143,8 +149,8 @@ THIRD_PARTY_SETUP = textwrap.dedent("""
 
 
 def test_third_party_extension_cimports_the_installed_codec(venv_python, tmp_path):
-    """`cimport` from the installed wheel: the .pxd files and the headers they include
-    (found through mip.get_include()) are all there."""
+    """`cimport` from the installed wheel: every .pxd it ships, and the headers they include
+    (found through mip.get_include()), compile in a third party's extension."""
     (tmp_path / "thirdparty.pyx").write_text(THIRD_PARTY)
     (tmp_path / "setup.py").write_text(THIRD_PARTY_SETUP)
     built = subprocess.run([str(venv_python), "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
@@ -154,6 +160,7 @@ def test_third_party_extension_cimports_the_installed_codec(venv_python, tmp_pat
         import numpy as np, mip, thirdparty
         assert mip.get_include().endswith("mip/include"), mip.get_include()
         assert thirdparty.header_kind(mip.encode_ping()) == (1, 0, True)
+        assert thirdparty.msip_frame_type(mip.msip.decode(mip.msip.encode(8, 1, b"", 3))) == 8
         x = np.arange(4, dtype=np.float32).reshape(1, 4)
         model, batch = thirdparty.decode(mip.encode_request([[x]], model="m"))
         assert model == "m" and (batch[0][0] == x).all()
