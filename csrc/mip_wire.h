@@ -95,6 +95,7 @@ typedef struct {
 static inline int mip_parse_header(const unsigned char *p, size_t len,
                                    uint64_t max_frame, mip_header *h,
                                    size_t *err_off) {
+    *h = (mip_header){0};  /* every field defined on every return */
     if (len < MIP_HEADER_SIZE) return MIP_NEED_MORE;
     h->version = p[0];
     h->kind = p[1];
@@ -150,6 +151,7 @@ static inline int mip_parse_tensor_header(const unsigned char *v, size_t len,
     uint64_t n = 1;
     uint64_t nonzero = 1;   /* product of the non-zero dims: numpy bounds it even when n is 0 */
     unsigned i;
+    t->dtype = t->ndim = t->pad = 0;  /* defined on every return (dims: the first ndim only) */
     if (len < 4) { *err_off = 0; return MIP_E_VALUE; }
     t->dtype = v[0];
     t->ndim = v[1];
@@ -209,6 +211,7 @@ typedef struct {
 static inline int msip_parse_header(const unsigned char *p, size_t len,
                                     uint64_t max_payload, msip_header *h,
                                     size_t *err_off) {
+    *h = (msip_header){0};  /* every field defined on every return */
     if (len < MSIP_HEADER_SIZE) return MIP_NEED_MORE;
     if (p[0] != 'M' || p[1] != 'S' || p[2] != 'I' || p[3] != 'P') {
         *err_off = 0; return MIP_E_MAGIC;

@@ -16,4 +16,21 @@ from mip import msip as msip  # after the star import: the public namespace, not
 
 __version__ = "0.1.0.dev0"
 
-__all__ = sorted({*_errors_all, *_protocol_all, "msip", "__version__"})
+
+def get_include() -> str:
+    """The folder of the C headers that the codec's ``.pxd`` files include.
+
+    A Cython extension that ``cimport``s the codec (``from mip.protocol.wire cimport ...``,
+    ``from mip.protocol._mip cimport ...``) compiles with ``include_dirs=[mip.get_include(),
+    numpy.get_include()]``, as extensions built on numpy do with ``numpy.get_include()``.
+    """
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(here, "include")
+    if os.path.isdir(installed):
+        return installed
+    return os.path.join(os.path.dirname(here), "csrc")  # a source checkout (editable install)
+
+
+__all__ = sorted({*_errors_all, *_protocol_all, "msip", "get_include", "__version__"})

@@ -16,6 +16,7 @@ import enum
 __all__ = [
     "ErrorCode",
     "MipError",
+    "NotAvailable",
     "ProtocolError",
     "FrameTooLarge",
     "TruncatedFrame",
@@ -197,6 +198,12 @@ class Cancelled(ServingError):
 
 class InternalError(ServingError):
     """The model or the server failed while serving a valid request."""
+
+
+class NotAvailable(MipError, RuntimeError):
+    """This installation cannot provide what was asked for: an optional package or a run-time
+    library is missing, or the package was built without the feature. The message names what
+    to install."""
 
 
 class RemoteError(MipError):

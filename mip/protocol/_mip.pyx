@@ -15,6 +15,7 @@ from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
+from cpython.object cimport PyTypeObject
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_Check
 from libc.string cimport memcpy, memset
@@ -35,7 +36,8 @@ cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
 
 cdef extern from "numpy/arrayobject.h":
-    object PyArray_NewFromDescr(PyObject *subtype, PyObject *descr, int nd,
+    ctypedef struct PyArrayDescrStruct "PyArray_Descr"
+    object PyArray_NewFromDescr(PyTypeObject *subtype, PyArrayDescrStruct *descr, int nd,
                                 cnp.npy_intp *dims, cnp.npy_intp *strides,
                                 void *data, int flags, PyObject *obj)
 
@@ -424,7 +426,7 @@ cdef object _make_tensor(mip_tensor_header *t, const unsigned char *data, object
     if writable:
         flags |= cnp.NPY_ARRAY_WRITEABLE
     Py_INCREF(<object>descr)  # PyArray_NewFromDescr steals it
-    arr = PyArray_NewFromDescr(<PyObject *>cnp.ndarray, descr, t.ndim, dims, NULL,
+    arr = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <PyArrayDescrStruct *>descr, t.ndim, dims, NULL,
                                <void *>data, flags, NULL)
     # A frame placed at an odd address by its caller gives an unaligned view
     # (flags.aligned is False): still no copy; numpy and ONNX Runtime cope.
@@ -729,6 +731,8 @@ cdef object _column(Message m, Py_ssize_t j):
     cdef const unsigned char *data0 = NULL
     cdef const unsigned char *data
     cdef Py_ssize_t *offsets = _locate(m, j)
+    first.ndim = first.dtype = 0
+    first.dims[0] = 0
     if n == 0:
         PyMem_Free(offsets)
         raise ValueError("the batch is empty")
@@ -778,7 +782,8 @@ cdef object _column(Message m, Py_ssize_t j):
             flags = cnp.NPY_ARRAY_WRITEABLE if m._writable else 0
             descr = _descr_ptr[first.dtype]
             Py_INCREF(<object>descr)
-            arr = PyArray_NewFromDescr(<PyObject *>cnp.ndarray, descr, first.ndim, dims, strides,
+            arr = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <PyArrayDescrStruct *>descr,
+                                       first.ndim, dims, strides,
                                        <void *>data0, flags, NULL)
             cnp.PyArray_UpdateFlags(<cnp.ndarray>arr, cnp.NPY_ARRAY_UPDATE_ALL)
             cnp.set_array_base(<cnp.ndarray>arr, m._owner)

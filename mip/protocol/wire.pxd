@@ -1,4 +1,5 @@
-# Declarations of csrc/mip_wire.h: byte order and bounds-checked header parsing.
+# Declarations of mip_wire.h: byte order and bounds-checked header parsing. The header is
+# csrc/mip_wire.h in the source tree and in the folder mip.get_include() names once installed.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "mip_wire.h" nogil:

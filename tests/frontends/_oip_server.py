@@ -17,7 +17,7 @@ from mip.serving.engine import Engine
 from mip.serving.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[2]
-FASHION_MNIST = ROOT.parent / "shared" / "models" / "fashion_mnist" / "fashion_mnist.onnx"
+FASHION_MNIST = ROOT / "tests" / "data" / "fashion_mnist" / "fashion_mnist.onnx"
 
 
 def onnx_model(nodes, inputs, outputs, initializers=()) -> bytes:
@@ -187,9 +187,8 @@ def build_repository(repo: Path) -> Path:
     add_python_model(repo, "sleepy", SLEEPY_MODEL, {
         "max_batch_size": 4,
         "dynamic_batching": {"max_queue_delay_us": 0, "max_queue_size": 1}})
-    if FASHION_MNIST.is_file():
-        (repo / "fashion_mnist" / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copy(FASHION_MNIST, repo / "fashion_mnist" / "1" / "model.onnx")
+    (repo / "fashion_mnist" / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(FASHION_MNIST, repo / "fashion_mnist" / "1" / "model.onnx")
     return repo
 
 

@@ -20,7 +20,7 @@ from mip.serving.engine import Engine
 from mip.serving.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED_MODELS = ROOT.parent / "shared" / "models" / "fashion_mnist"
+FASHION = ROOT / "tests" / "data" / "fashion_mnist"
 EXAMPLE = ROOT / "examples" / "fashion_mnist" / "model_repository"
 
 
@@ -170,17 +170,15 @@ async def test_a_failing_python_model_answers_internal(tmp_path):
 
 @pytest.fixture
 def fashion_repo(tmp_path) -> Path:
-    if not (SHARED_MODELS / "fashion_mnist.onnx").exists():
-        pytest.skip(f"the real Fashion-MNIST model is not at {SHARED_MODELS}")
     repo = tmp_path / "repo"
     shutil.copytree(EXAMPLE, repo)
-    (repo / "fashion_mnist" / "1" / "fashion_mnist.onnx").symlink_to(SHARED_MODELS / "fashion_mnist.onnx")
+    (repo / "fashion_mnist" / "1" / "fashion_mnist.onnx").symlink_to(FASHION / "fashion_mnist.onnx")
     return repo
 
 
 def _expected_top3(image_path: Path) -> dict:
     from PIL import Image as PILImage
-    session = ort.InferenceSession(str(SHARED_MODELS / "fashion_mnist.onnx"),
+    session = ort.InferenceSession(str(FASHION / "fashion_mnist.onnx"),
                                    providers=["CPUExecutionProvider"])
     img = PILImage.open(image_path).resize((28, 28)).convert("L")
     x = np.array(img, dtype=np.float32).reshape(1, 28, 28) / 255.0
@@ -196,7 +194,7 @@ async def test_kubemo_client_unchanged_against_the_ported_fashion_mnist(fashion_
     kubemo = pytest.importorskip("kubemo")
     served = await _serve(fashion_repo)
     try:
-        photos = [SHARED_MODELS / "t-shirt.jpg", SHARED_MODELS / "ankle-boot.jpg"]
+        photos = [FASHION / "t-shirt.jpg", FASHION / "ankle-boot.jpg"]
 
         def call():
             return kubemo.Client().inference(served.url, tuple((kubemo.Image(str(p)),) for p in photos))

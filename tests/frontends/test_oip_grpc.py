@@ -176,7 +176,6 @@ def test_parameters_timeout_and_custom(client):
     np.testing.assert_array_equal(result.as_numpy("y"), x * 2)
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_file(), reason="shared Fashion-MNIST model absent")
 def test_fashion_mnist_matches_onnxruntime(client, rng):
     x = rng.random((5, 28, 28), dtype=np.float32)
     expected = ort.InferenceSession(str(FASHION_MNIST)).run(None, {"x": x})[0]

@@ -16,7 +16,7 @@ from mip.kubemo.adaptor.arith import Inference as ArithInference
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "fashion_mnist" / "model_repository" / "fashion_mnist" / "1"
-FASHION = ROOT / ".." / "shared" / "models" / "fashion_mnist"
+FASHION = ROOT / "tests" / "data" / "fashion_mnist"
 
 
 def load_module(path: Path, name: str):
@@ -26,7 +26,6 @@ def load_module(path: Path, name: str):
     return module
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason=f"{FASHION} is absent")
 def test_fashion_mnist_port_matches_kubemo(tmp_path):
     pytest.importorskip("kubemo")
     pytest.importorskip("PIL")

@@ -15,7 +15,7 @@ import mip.kubemo as mk
 from mip.kubemo.serialize import Dynamic, Image, Input, Json, Text, as_input
 
 ROOT = Path(__file__).resolve().parents[2]
-FASHION = ROOT / ".." / "shared" / "models" / "fashion_mnist"
+FASHION = ROOT / "tests" / "data" / "fashion_mnist"
 
 
 def test_importing_does_not_import_pillow():

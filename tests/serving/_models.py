@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-SHARED_MODELS = Path(__file__).resolve().parents[2] / ".." / "shared" / "models"
+FASHION = Path(__file__).resolve().parents[1] / "data" / "fashion_mnist"
 
 
 def identity_model(shape=("batch", 16), elem_type=None) -> bytes:

@@ -18,10 +18,9 @@ from mip.serving.config import DEFAULT_MAX_BATCH_BYTES
 from mip.serving.engine import Engine
 from mip.serving.repository import ModelLoadError, ModelRepository, ModelState
 
-from ._models import SHARED_MODELS, add_model, identity_model, run
+from ._models import FASHION, add_model, identity_model, run
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist" / "model_repository"
-FASHION = SHARED_MODELS / "fashion_mnist"
 
 LENGTH_MODEL = """
 from typing import Tuple
@@ -168,7 +167,6 @@ def test_load_failures_have_reasons(repo):
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
                     reason="this ONNX Runtime has a CUDA provider")
-@pytest.mark.skipif(not FASHION.is_dir(), reason=f"{FASHION} is absent")
 def test_kubemo_onnx_adaptor_on_cuda_without_provider(repo):
     shutil.copytree(EXAMPLE / "fashion_mnist", repo / "fashion_mnist")
     (repo / "fashion_mnist" / "1" / "fashion_mnist.onnx").symlink_to(
@@ -180,7 +178,6 @@ def test_kubemo_onnx_adaptor_on_cuda_without_provider(repo):
         repository.load("fashion_mnist")
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason=f"{FASHION} is absent")
 def test_fashion_mnist_example_equals_a_direct_onnxruntime_run(repo):
     pil = pytest.importorskip("PIL.Image")
     shutil.copytree(EXAMPLE / "fashion_mnist", repo / "fashion_mnist")

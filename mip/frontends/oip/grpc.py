@@ -23,13 +23,13 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from mip.errors import InvalidInput, ServingError
+from mip.errors import InvalidInput, NotAvailable, ServingError
 from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "IMPLEMENTATIONS", "STREAM_WINDOW", "GrpcServer",
-           "native_available"]
+           "native_available", "native_unavailable_reason"]
 
 log = logging.getLogger("mip.frontends.oip.grpc")
 
@@ -451,12 +451,22 @@ def _handlers(service: _Service) -> grpc.GenericRpcHandler:
 
 
 def native_available() -> bool:
-    """Whether the native HTTP/2 transport (``mip.protocol._h2``, libnghttp2) is built."""
+    """Whether the native HTTP/2 transport (``mip.protocol._h2``, libnghttp2) can be used."""
+    return native_unavailable_reason() is None
+
+
+def native_unavailable_reason() -> str | None:
+    """Why the native transport cannot be used here (None: it can): not built, or built
+    but its run-time library (libnghttp2.so.14) is missing."""
     try:
         from mip.protocol import _h2  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ModuleNotFoundError:
+        return ("mip was built without the native gRPC transport (MIP_NO_NATIVE_GRPC=1, or "
+                "libnghttp2's headers were missing when it was built)")
+    except ImportError as exc:  # the extension is there; a library it links is not
+        return (f"the run-time library libnghttp2 is missing ({exc}): install it (Debian, "
+                "Ubuntu: libnghttp2-14; Fedora: libnghttp2; Alpine: nghttp2-libs)")
+    return None
 
 
 #: ``native``: mip's own HTTP/2 transport on libnghttp2 (the default where it is built);
@@ -505,18 +515,17 @@ class GrpcServer:
             raise ValueError("max_message_size must be positive")
         if tls_cert and not tls_key:
             raise ValueError("TLS needs both a certificate and its key")
+        unavailable = native_unavailable_reason()
         if implementation is None:
-            implementation = "native" if native_available() else "grpcio"
-            if implementation == "grpcio":
-                log.warning("mip.protocol._h2 is not built (libnghttp2 was missing at build "
-                            "time): serving gRPC through grpcio")
+            implementation = "grpcio" if unavailable else "native"
+            if unavailable:
+                log.warning("%s: serving gRPC through grpcio", unavailable)
         elif implementation not in IMPLEMENTATIONS:
             raise ValueError(f"gRPC implementation must be one of {', '.join(IMPLEMENTATIONS)}, "
                              f"not {implementation!r}")
-        elif implementation == "native" and not native_available():
-            raise RuntimeError("the native gRPC transport is not built: install libnghttp2's "
-                               "headers (Debian: libnghttp2-dev) and reinstall mip, or use "
-                               "--grpc-impl grpcio")
+        elif implementation == "native" and unavailable:
+            raise NotAvailable(f"the native gRPC transport cannot be used: {unavailable}; "
+                               "or serve gRPC through grpcio with --grpc-impl grpcio")
         self.implementation = implementation
         self.dataplane = DataPlane(engine, metrics, request_timeout)
         self.max_message_size = max_message_size
