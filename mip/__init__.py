@@ -12,7 +12,7 @@ from mip.errors import __all__ as _errors_all
 from mip.protocol import *  # noqa: F401,F403  (the codec, as listed in mip.protocol.__all__)
 from mip.protocol import __all__ as _protocol_all
 
-from mip import msip as msip  # after the star import: the public namespace, not the codec module
+from mip import msip as msip  # the public namespace: the codec, Broker, Client, AsyncClient
 
 __version__ = "0.1.0.dev0"
 

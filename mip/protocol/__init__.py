@@ -41,8 +41,6 @@ from mip.protocol._mip import (  # noqa: E402
     encode_response,
     encode_response_buffers,
 )
-from mip.protocol import msip  # noqa: E402
-
 __all__ = [
     "DATATYPE_NAMES",
     "DATATYPES",
@@ -74,5 +72,6 @@ __all__ = [
     "encode_request_buffers",
     "encode_response",
     "encode_response_buffers",
-    "msip",
 ]
+# `msip` stays out of __all__: `mip` re-exports this list with `*`, and its own `mip.msip`
+# namespace (the codec plus Broker, Client, AsyncClient) must not be shadowed by this module.

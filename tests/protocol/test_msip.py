@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
+import textwrap
 import tracemalloc
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -24,6 +28,8 @@ from mip.errors import (
 
 from . import _wire
 from ._values import FAST, QUICK
+
+ROOT = Path(__file__).resolve().parents[2]
 
 FRAME_TYPES = {
     "HELLO": 1,
@@ -406,3 +412,25 @@ def test_encoder_never_writes_what_its_decoder_rejects(frame_type, msg_kind):
     except (ValueError, TypeError):
         return
     msip.decode(data)
+
+
+@pytest.mark.parametrize("statement", [
+    "import mip\nfrom mip import msip",
+    "from mip import msip",
+    "import mip.msip as msip",
+    "import mip\nmsip = mip.msip",
+])
+def test_one_msip_namespace_however_it_is_imported(statement):
+    """`mip.msip` is the codec plus Broker, Client and AsyncClient, whichever import reaches it
+    (a fresh interpreter each time: the order of imports is what used to break it)."""
+    check = statement + textwrap.dedent("""
+        from mip.net.msip_broker import Broker
+        from mip.net.msip_client import AsyncClient, Client
+        assert msip.Broker is Broker and msip.Client is Client and msip.AsyncClient is AsyncClient
+        assert msip.decode(msip.encode(8, 1, b"", 3)).msg_id == 3
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
