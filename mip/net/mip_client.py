@@ -233,6 +233,10 @@ class _AsyncConnection(asyncio.BufferedProtocol):
         self.lost: BaseException | None = None
         self.can_write = asyncio.Event()
         self.can_write.set()
+        self.replies = 0            # complete replies received
+        self.received = 0           # octets received since the last complete reply
+        self.closed_after_reply = False  # the server ended it cleanly after replying
+        self.closed_here = False    # this side closed it: nothing is sent again
 
     def connection_made(self, transport):
         self.transport = transport
@@ -247,11 +251,13 @@ class _AsyncConnection(asyncio.BufferedProtocol):
             self._fail(exc)
             self.transport.close()
             return
+        self.received = 0 if messages else self.received + nbytes
         for message in messages:
             if not self.waiters:
                 self._fail(ProtocolError("the server sent a reply nobody asked for"))
                 self.transport.close()
                 return
+            self.replies += 1
             fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(message)
@@ -263,15 +269,27 @@ class _AsyncConnection(asyncio.BufferedProtocol):
         self.can_write.set()
 
     def connection_lost(self, exc):
+        if self.closed_here:
+            exc = ConnectionError("the client closed the connection")
+        elif exc is None and self.replies:
+            # as KubeMo's server does after every reply: it reads no further request
+            self.closed_after_reply = True
         self._fail(exc or ConnectionError("the server closed the connection"))
         self.can_write.set()
 
     def _fail(self, exc: BaseException) -> None:
         self.lost = exc
+        first = True
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
-                fut.set_exception(exc)
+                if (isinstance(exc, ConnectionError) and not self.closed_here
+                        and not (first and self.received)):
+                    # no octet of this reply arrived: the request can go again elsewhere
+                    fut.set_exception(_ClosedBeforeReply(str(exc)))
+                else:
+                    fut.set_exception(exc)
+            first = False
 
 
 class AsyncClient:
@@ -280,6 +298,10 @@ class AsyncClient:
     Requests are spread over `connections` connections; on each, replies come
     back in request order.  Use ``async with AsyncClient(url) as c`` or call
     :meth:`close`.
+
+    A request whose connection ends before any octet of its reply arrived is sent once more
+    on a new connection. A server seen to close connections after replying (KubeMo's server
+    closes after every reply) gets one connection per request from then on, never a pipeline.
 
     Args:
         url: ``tcp://HOST:PORT`` or ``unix:///PATH``.
@@ -300,6 +322,21 @@ class AsyncClient:
         self._conns: list[_AsyncConnection | None] = [None] * max(1, connections)
         self._next = 0
         self._connect_lock = asyncio.Lock()
+        self._one_shot = False  # one request per connection: the server closes after replies
+
+    async def _open(self) -> _AsyncConnection:
+        loop = asyncio.get_running_loop()
+        factory = lambda: _AsyncConnection(self.max_frame_size)  # noqa: E731
+        addr = self.address
+        if addr.scheme == "unix":
+            _, conn = await loop.create_unix_connection(
+                factory, addr.path, ssl=self.ssl,
+                server_hostname=self.server_hostname if self.ssl else None)
+        else:
+            _, conn = await loop.create_connection(
+                factory, addr.host, addr.port, ssl=self.ssl,
+                server_hostname=(self.server_hostname or addr.host) if self.ssl else None)
+        return conn
 
     async def _connection(self) -> _AsyncConnection:
         i = self._next
@@ -311,36 +348,44 @@ class AsyncClient:
             conn = self._conns[i]
             if conn is not None and conn.lost is None:
                 return conn
-            loop = asyncio.get_running_loop()
-            factory = lambda: _AsyncConnection(self.max_frame_size)  # noqa: E731
-            addr = self.address
-            if addr.scheme == "unix":
-                _, conn = await loop.create_unix_connection(
-                    factory, addr.path, ssl=self.ssl,
-                    server_hostname=self.server_hostname if self.ssl else None)
-            else:
-                _, conn = await loop.create_connection(
-                    factory, addr.host, addr.port, ssl=self.ssl,
-                    server_hostname=(self.server_hostname or addr.host) if self.ssl else None)
-            self._conns[i] = conn
+            if conn is not None and conn.closed_after_reply:
+                self._one_shot = True
+            conn = await self._open()
+            if not self._one_shot:
+                self._conns[i] = conn
             return conn
 
     async def _call(self, buffers: Sequence) -> mip.Message:
-        conn = await self._connection()
+        retried = False
+        while True:
+            conn = await (self._open() if self._one_shot else self._connection())
+            try:
+                return _reply(await self._roundtrip(conn, buffers))
+            except _ClosedBeforeReply as exc:
+                if conn.closed_after_reply:
+                    self._one_shot = True
+                if retried:
+                    raise ConnectionError(
+                        f"the server closed the connection before replying: {exc}") from exc
+                retried = True
+            finally:
+                if self._one_shot and conn.transport is not None:
+                    conn.transport.close()
+
+    async def _roundtrip(self, conn: _AsyncConnection, buffers: Sequence) -> mip.Message:
         if not conn.can_write.is_set():
             await conn.can_write.wait()
         if conn.lost is not None:
-            raise ConnectionError(f"connection lost: {conn.lost}")
+            raise _ClosedBeforeReply(f"connection lost: {conn.lost}")
         fut = asyncio.get_running_loop().create_future()
         conn.waiters.append(fut)
         conn.transport.writelines(buffers)
         try:
-            message = await asyncio.wait_for(fut, self.timeout) if self.timeout else await fut
+            return await asyncio.wait_for(fut, self.timeout) if self.timeout else await fut
         except asyncio.TimeoutError:
             # The stream is now out of step with its waiters: drop the connection.
             conn.transport.abort()
             raise
-        return _reply(message)
 
     async def ping(self) -> float:
         """Send a PING; return the round trip in seconds."""
@@ -358,9 +403,10 @@ class AsyncClient:
         return await self._call(mip.encode_request_buffers(batch, model=model, version=version))
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection; calls still waiting fail with ConnectionError."""
         for conn in self._conns:
             if conn is not None and conn.transport is not None:
+                conn.closed_here = True
                 conn.transport.close()
         self._conns = [None] * len(self._conns)
 

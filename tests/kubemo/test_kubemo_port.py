@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import socket
 import threading
@@ -59,46 +60,11 @@ class Shout(ArithInference):
         return Json({"letters": int(outputs[0][0])}), Text("done")
 
 
-def test_client_against_kubemo_server():
-    kubemo = pytest.importorskip("kubemo")
-    pytest.importorskip("kubemo.server")  # makes kubemo.server reachable
-
-    from kubemo.adaptor.arith import Inference as TheirArith
-
-    class TheirShout(TheirArith):
-        def preprocess(self, inputs):
-            return np.array([[len(inputs[0].decode())]]),
-
-        def forward(self, inputs):
-            return inputs[0],
-
-        def postprocess(self, outputs):
-            # KubeMo's server insists on as many outputs as inputs per item.
-            return kubemo.Json({"letters": int(outputs[0][0])}),
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = kubemo.Server("tcp", ("127.0.0.1", port))
-    server.handle(kubemo.InferenceHandler(TheirShout()))
-
-    def serve():
-        try:
-            server.serve()
-        except OSError:
-            pass  # the socket was closed to stop the server
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        client = Client(timeout=10)
-        url = f"tcp://127.0.0.1:{port}"
-        assert client.ping(url) > 0
-        outputs = client.inference(url, ((Text("four"),), (mip.Text("sixsix"),)))
-        assert [item[0].decode() for item in outputs] == [{"letters": 4}, {"letters": 6}]
-    finally:
-        server.socket.close()
-        thread.join(5)
+def test_client_against_kubemo_server(kubemo_server):
+    client = Client(timeout=10)
+    assert client.ping(kubemo_server) > 0
+    outputs = client.inference(kubemo_server, ((Text("four"),), (mip.Text("sixsix"),)))
+    assert [item[0].decode() for item in outputs] == [{"letters": 4}, {"letters": 6}]
 
 
 def test_lifecycle_runs_locally_on_codec_values():
@@ -140,3 +106,56 @@ def test_kubemo_client_against_our_server(tmp_path):
     finally:
         server.close()
         thread.join(5)
+
+
+@pytest.fixture
+def kubemo_server():
+    """KubeMo's own server (it closes the connection after every reply) on a loopback port."""
+    kubemo = pytest.importorskip("kubemo")
+    pytest.importorskip("kubemo.server")
+    from kubemo.adaptor.arith import Inference as TheirArith
+
+    class TheirEcho(TheirArith):
+        def preprocess(self, inputs):
+            return np.array([[len(inputs[0].decode())]]),
+
+        def forward(self, inputs):
+            return inputs[0],
+
+        def postprocess(self, outputs):
+            # KubeMo's server insists on as many outputs as inputs per item.
+            return kubemo.Json({"letters": int(outputs[0][0])}),
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = kubemo.Server("tcp", ("127.0.0.1", port))
+    server.handle(kubemo.InferenceHandler(TheirEcho()))
+
+    def serve():
+        try:
+            server.serve()
+        except OSError:
+            pass  # the socket was closed to stop the server
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{port}"
+    server.socket.close()
+    thread.join(5)
+
+
+async def test_async_client_back_to_back_and_concurrent_against_kubemo_server(kubemo_server):
+    """KubeMo's server closes after each reply: 100 calls in a row and 10 at once all succeed
+    (a request the closing connection never answered goes again on a new connection, and
+    the client stops pipelining to such a server)."""
+    from mip.net.mip_client import AsyncClient
+
+    async with AsyncClient(kubemo_server, timeout=10) as client:
+        for i in range(100):
+            (reply,), = await client.infer([(mip.Text("x" * (i % 7 + 1)),)])
+            assert reply.value == {"letters": i % 7 + 1}
+        assert await client.ping() > 0
+        words = [mip.Text("y" * n) for n in range(1, 11)]
+        results = await asyncio.gather(*(client.infer([(w,)]) for w in words))
+        assert [r[0][0].value for r in results] == [{"letters": n} for n in range(1, 11)]
