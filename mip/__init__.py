@@ -2,7 +2,8 @@
 
 The codec core (``mip.decode``, ``mip.encode_request``, ``mip.FrameParser``,
 ``mip.msip``) parses and writes MIP and MSIP frames with tensors as numpy
-views of the received memory.  Servers, clients, the batching engine and the
+views of the received memory; ``mip.Client`` and ``mip.AsyncClient`` are the MIP
+clients.  Servers, clients, the batching engine and the
 standard frontends are built on it in ``mip.net``, ``mip.serving`` and
 ``mip.frontends``.
 """
@@ -33,4 +34,17 @@ def get_include() -> str:
     return os.path.join(os.path.dirname(here), "csrc")  # a source checkout (editable install)
 
 
-__all__ = sorted({*_errors_all, *_protocol_all, "msip", "get_include", "__version__"})
+#: names of mip.net reached from the top level, imported on first use
+_NET = {"Client": "mip.net.mip_client", "AsyncClient": "mip.net.mip_client"}
+
+
+def __getattr__(name):
+    module = _NET.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mip' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted({*_errors_all, *_protocol_all, *_NET, "msip", "get_include", "__version__"})

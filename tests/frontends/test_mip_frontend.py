@@ -259,3 +259,12 @@ async def test_a_request_whose_client_left_is_dropped_from_the_queue(tmp_path):
         await first.close()
     finally:
         await served.close()
+
+
+def test_clients_at_the_top_level():
+    from mip.net import mip_client
+
+    assert mip.Client is mip_client.Client and mip.AsyncClient is mip_client.AsyncClient
+    assert {"Client", "AsyncClient"} <= set(mip.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        mip.Nope  # noqa: B018
