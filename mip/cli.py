@@ -81,8 +81,10 @@ def _add_miaas(p: argparse.ArgumentParser) -> None:
                         "gets 429 whatever it sends, e.g. 10/min (default 10/min; shared "
                         "like --rate-limit)")
     g.add_argument("--queue", metavar="PATH|URL",
-                   help="job queue: a SQLite file (default $MIP_STATE_DIR or "
-                        "~/.local/state/mip/jobs.sqlite3) or redis://HOST:PORT/DB")
+                   help="job queue: a SQLite file or redis://HOST:PORT/DB (default: this "
+                        "server's own file, jobs-HOST-PORT.sqlite3 of its --http address in "
+                        "$MIP_STATE_DIR or ~/.local/state/mip, refused while another server "
+                        "holds it; name one --queue on several servers to share it)")
     g.add_argument("--job-workers", type=int, default=4, metavar="N",
                    help="jobs run at once in this process (0: only 'mip worker' runs them; "
                         "default 4)")

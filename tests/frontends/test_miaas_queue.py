@@ -258,3 +258,72 @@ async def test_worker_over_tls_redis(engine, repository, tls_redis):
     assert job["status"] == "completed", job
     assert job["result"]["outputs"][0]["data"] == [2.0]  # 2 * 0.5 + 1 (version 2)
     assert job["attempts"] == 1
+
+
+async def test_default_queue_belongs_to_its_server(tmp_path, monkeypatch):
+    """With no --queue, a server's SQLite file is named after its listener and held
+    exclusively: a second server asking for the same one is refused, saying why."""
+    from mip.frontends.miaas.queue import QueueInUse, default_sqlite_path
+
+    monkeypatch.setenv("MIP_STATE_DIR", str(tmp_path))
+    a = open_queue(None, owner="127.0.0.1:8000")
+    b = open_queue(None, owner="127.0.0.1:8001")
+    assert a.path == tmp_path / "jobs-127.0.0.1-8000.sqlite3" != b.path
+    assert default_sqlite_path("[::1]:8000").name == "jobs-__1-8000.sqlite3"
+    await a.open()
+    await b.open()
+    same = open_queue(None, owner="127.0.0.1:8000")
+    with pytest.raises(QueueInUse, match=r"belongs to another running server \(pid \d+\)"):
+        await same.open()
+    await same.close()
+    shared = open_queue(str(a.path))  # named on purpose: shared, not refused
+    await shared.open()
+    await shared.close()
+    await a.close()
+    again = open_queue(None, owner="127.0.0.1:8000")  # free once its server closed it
+    await again.open()
+    await again.close()
+    await b.close()
+
+
+async def test_two_servers_on_one_host_keep_their_own_jobs(repository, tmp_path):
+    """Two `mip serve` processes with different models and no --queue: every job sent to one
+    is run by that one (they used to share one file and take each other's jobs)."""
+    import os
+    import subprocess
+    import sys
+
+    from _miaas import MAIN, free_port, identity_job
+
+    env = dict(os.environ, MIP_API_KEYS=API_KEY, PYTHONPATH=str(MAIN),
+               MIP_STATE_DIR=str(tmp_path / "state"))
+    ports, procs = [free_port(), free_port()], []
+    try:
+        for port, model in zip(ports, ("identity", "sleepy")):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "serve",
+                 "--model-repository", str(repository), "--model", model, "--mip", "none",
+                 "--grpc", "none", "--http", f"127.0.0.1:{port}", "--rate-limit", "1000/s"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(MAIN)))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports[0]}") as client:
+            for _ in range(300):  # up to 30 s for both processes to listen
+                try:
+                    for port in ports:
+                        (await client.get(f"http://127.0.0.1:{port}/v2/health/live")).raise_for_status()
+                    break
+                except httpx.HTTPError:
+                    assert all(p.poll() is None for p in procs), procs[0].stderr.read().decode()
+                    await asyncio.sleep(0.1)
+            ids = []
+            for _ in range(30):
+                r = await client.post("/v1/inference", json=identity_job(), headers=AUTH)
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["request_id"])
+            for request_id in ids:
+                job = await wait_job(client, request_id)
+                assert job["status"] == "completed", job
+        assert sorted(p.name for p in (tmp_path / "state").glob("jobs-*.sqlite3")) == sorted(
+            f"jobs-127.0.0.1-{port}.sqlite3" for port in ports)
+    finally:
+        for proc in procs:
+            stop_process(proc)

@@ -100,6 +100,9 @@ class MiaasConfig:
     auth_failures: str = "10/min"
     auth_failure_peers: int = 100_000
     queue: str | None = None
+    #: HOST:PORT of the server the default queue belongs to (mip serve's HTTP listener):
+    #: with no ``queue``, that server's own SQLite file, held exclusively
+    queue_owner: str | None = None
     max_jobs: int = 10_000
     retention: float = 86_400.0
     lease: float = 30.0
@@ -138,7 +141,8 @@ class MiaasService:
         c = self.config
         self.auth = Authenticator(c.api_keys, jwt_issuer=c.jwt_issuer,
                                   jwt_audience=c.jwt_audience, jwt_keys=c.jwt_keys)
-        self.queue: JobQueue = open_queue(c.queue, max_jobs=c.max_jobs, retention=c.retention,
+        self.queue: JobQueue = open_queue(c.queue, owner=c.queue_owner, max_jobs=c.max_jobs,
+                                          retention=c.retention,
                                           lease=c.lease, max_attempts=c.max_attempts,
                                           ssl_context=c.client_ssl)
         limiter_redis = c.rate_limit_redis or (
@@ -410,6 +414,8 @@ def config_from_args(args) -> MiaasConfig:
     config = MiaasConfig(api_keys=load_api_keys(get("api_keys")))
     for name in ("jwt_issuer", "jwt_audience", "jwt_keys", "msip_push", "queue"):
         setattr(config, name, get(name))
+    if config.queue is None:
+        config.queue_owner = get("http")
     config.open_health = bool(get("open_health", False))
     for name in ("rate_limit", "auth_failures", "max_jobs", "retention", "lease",
                  "job_workers"):

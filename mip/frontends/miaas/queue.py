@@ -197,15 +197,31 @@ _COLUMNS = ("id, model_id, input_data, parameters, status, created, updated, att
             "worker, result, error")
 
 
-def default_sqlite_path() -> Path:
+def default_sqlite_path(address: str | None = None) -> Path:
     """``$MIP_STATE_DIR/jobs.sqlite3``, else ``$XDG_STATE_HOME/mip/...``, else
-    ``~/.local/state/mip/jobs.sqlite3``."""
+    ``~/.local/state/mip/jobs.sqlite3``.
+
+    With ``address`` (the ``HOST:PORT`` of the server the queue belongs to) the file is
+    ``jobs-HOST-PORT.sqlite3`` in the same folder, so that two servers on one host keep
+    separate queues; on port 0 (a port chosen at start) the process id is added too.
+    """
     base = os.environ.get("MIP_STATE_DIR")
     if base:
-        return Path(base) / "jobs.sqlite3"
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "mip" / "jobs.sqlite3"
+        folder = Path(base)
+    else:
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".local", "state")
+        folder = Path(state) / "mip"
+    if address is None:
+        return folder / "jobs.sqlite3"
+    host, _, port = address.rpartition(":")
+    host = "".join(c if c.isalnum() or c in ".-" else "_" for c in host.strip("[]")) or "any"
+    suffix = f"-{os.getpid()}" if port in ("", "0") else ""
+    return folder / f"jobs-{host}-{port or 0}{suffix}.sqlite3"
+
+
+class QueueInUse(OSError):
+    """Another live process holds the job queue this server was to own."""
 
 
 def _record(row) -> JobRecord:
@@ -223,10 +239,15 @@ class SQLiteQueue(JobQueue):
     other processes sharing the file are seen within ``poll`` seconds.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, poll: float = 0.1, **kwargs):
+    def __init__(self, path: str | os.PathLike | None = None, *, poll: float = 0.1,
+                 exclusive: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.path = Path(path) if path is not None else default_sqlite_path()
         self.poll = poll
+        #: hold ``PATH.lock`` while open: a second process that asks for the same file
+        #: exclusively is refused (QueueInUse) instead of taking this server's jobs
+        self.exclusive = exclusive
+        self._lock: int | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
@@ -244,12 +265,32 @@ class SQLiteQueue(JobQueue):
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.exclusive:
+            self._take_lock()
         db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # committed = on disk before the 202
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(_SCHEMA)
         self._db = db
+
+    def _take_lock(self) -> None:
+        import fcntl
+
+        lock = Path(f"{self.path}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise QueueInUse(
+                f"the job queue {self.path} belongs to another running server (pid {holder}): "
+                "give this server its own --queue, or name the same --queue on both to share "
+                "it on purpose") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
 
     async def close(self) -> None:
         if self._executor is None:
@@ -259,6 +300,9 @@ class SQLiteQueue(JobQueue):
             self._db = None
         self._executor.shutdown(wait=True)
         self._executor = None
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def _transaction(self, fn, *args):
         db = self._db
@@ -572,13 +616,18 @@ class RedisQueue(JobQueue):
         return await self.redis.xlen(self.stream)
 
 
-def open_queue(spec: str | None, **kwargs) -> JobQueue:
+def open_queue(spec: str | None, *, owner: str | None = None, **kwargs) -> JobQueue:
     """The queue a ``--queue`` value names: ``redis://…`` / ``rediss://…`` -> Redis Streams;
     ``sqlite:///PATH``, a file path, or ``None`` (the default state file) -> SQLite.
+
+    With no ``spec`` and an ``owner`` (the ``HOST:PORT`` of the server it belongs to), the
+    default file is that server's own (:func:`default_sqlite_path`) and held exclusively.
     Keyword arguments go to the backend (``max_jobs``, ``retention``, ``lease``, …)."""
     if spec and spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisQueue(spec, **kwargs)
     kwargs.pop("ssl_context", None)
     if spec and spec.startswith("sqlite://"):
         spec = spec[len("sqlite://"):] or None
+    if spec is None and owner is not None:
+        return SQLiteQueue(default_sqlite_path(owner), exclusive=True, **kwargs)
     return SQLiteQueue(spec, **kwargs)
