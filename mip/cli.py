@@ -19,6 +19,7 @@ DEFAULT_MIP_URL = "tcp://127.0.0.1:7070"
 DEFAULT_MSIP_URL = "tcp://127.0.0.1:7171"
 DEFAULT_HTTP_ADDRESS = "127.0.0.1:8000"
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:8001"
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _size(text: str) -> int:
@@ -103,8 +104,11 @@ def _add_miaas(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mip", description="Wire-protocol toolkit for model inference: MIP and MSIP.")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
+                        help="logging level (default INFO; also accepted after the command)")
+    from mip import __version__
+
+    parser.add_argument("--version", action="version", version=f"mip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -202,7 +206,19 @@ def _parser() -> argparse.ArgumentParser:
                     "'mip bench pubsub URL', 'mip bench --compare A.json B.json --plot OUT.png'.")
     from mip.bench import add_arguments as _bench_arguments
     _bench_arguments(bench)
+    _log_level_after_commands(parser)
     return parser
+
+
+def _log_level_after_commands(parser: argparse.ArgumentParser) -> None:
+    """``mip serve --log-level DEBUG`` as well as ``mip --log-level DEBUG serve``: every
+    command (and sub-command) takes the option too, without a default of its own."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("--log-level", default=argparse.SUPPRESS,
+                                     choices=LOG_LEVELS, help="logging level (default INFO)")
+                _log_level_after_commands(command)
 
 
 async def _serve(args) -> int:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
@@ -99,3 +100,22 @@ def test_none_turns_listeners_off(tmp_path):
             h.close()
     finally:
         assert _stop(process) == 0
+
+
+@pytest.mark.parametrize("argv, level", [
+    (["serve", "--log-level", "DEBUG"], "DEBUG"),
+    (["--log-level", "ERROR", "serve"], "ERROR"),
+    (["serve"], "INFO"),
+    (["bench", "infer", "tcp://127.0.0.1:7070", "--log-level", "WARNING"], "WARNING"),
+    (["worker", "--queue", "q.sqlite3", "--log-level", "DEBUG"], "DEBUG"),
+])
+def test_log_level_before_or_after_the_command(argv, level):
+    from mip.cli import _parser
+
+    assert _parser().parse_args(argv).log_level == level
+
+
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "mip.cli", "--version"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"mip {mip.__version__}"
