@@ -7,9 +7,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import re
 import signal
 import ssl
 import sys
+
+from mip.errors import MipError
 
 __all__ = ["main"]
 
@@ -40,6 +44,43 @@ def _rate(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _datatype(text: str) -> str:
+    """A datatype's protocol name (FP32, BYTES, ...) from itself or a numpy name (float32)."""
+    import numpy as np
+
+    import mip
+
+    if text.upper() in mip.DATATYPES:
+        return text.upper()
+    try:
+        return mip.datatype_of(np.dtype(text))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"unknown datatype {text!r}: one of {', '.join(sorted(mip.DATATYPES))}, or a numpy "
+            "name such as float32") from None
+
+
+#: optional packages -> the extra that installs them, for a one-line message instead of a
+#: traceback when a command needs one that is not installed
+EXTRAS = {
+    **dict.fromkeys(("onnxruntime", "onnx", "grpc", "google", "starlette", "uvicorn",
+                     "httptools", "orjson", "prometheus_client", "jwt", "redis", "uvloop"),
+                    "serve"),
+    "zstandard": "broker",
+    **dict.fromkeys(("matplotlib", "rich", "aiohttp"), "bench"),
+}
+
+
+def _missing_extra(exc: ImportError) -> str | None:
+    """The one-line message for an optional package that is not installed, or None."""
+    name = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(name)
+    if extra is None:
+        return None
+    return (f"this needs the Python package {name!r}, which is not installed: "
+            f"pip install 'mip-toolkit[{extra}]'")
 
 
 def _server_ssl(args) -> ssl.SSLContext | None:
@@ -126,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
                             "repository's only model)")
     serve.add_argument("--model", dest="models", action="append", metavar="NAME",
                        help="load only this model (repeatable; default: every model)")
+    serve.add_argument("--exit-on-error", action=argparse.BooleanOptionalAction, default=True,
+                       help="refuse to start when a model fails to load, saying why (default; "
+                            "--no-exit-on-error serves the models that did load)")
     serve.add_argument("--max-frame-size", type=_size, default=64 << 20, metavar="OCTETS",
                        help="largest MIP request accepted, e.g. 64M (default 64M)")
     serve.add_argument("--max-connections", type=int, default=1024,
@@ -160,7 +204,9 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("model", nargs="?", help="model name (default: the server's default model)")
     infer.add_argument("--version", help="model version")
     infer.add_argument("--shape", default="1,16", help="input shape, comma-separated (default 1,16)")
-    infer.add_argument("--datatype", default="FP32", help="input datatype (default FP32)")
+    infer.add_argument("--datatype", default="FP32", type=_datatype,
+                       help="input datatype: FP32, INT64, ... or a numpy name such as float32 "
+                            "(default FP32)")
     infer.add_argument("--input", action="append", metavar="FILE.npy",
                        help="input tensors from .npy files, in the model's input order")
     infer.add_argument("--text", action="append", help="a TEXT input value")
@@ -229,6 +275,9 @@ async def _serve(args) -> int:
 
     if args.model_repository:
         root = args.model_repository
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"the model repository {root} does not exist or is not a "
+                                    "folder")
     else:
         from mip.serving.demo import build_demo_repository
         root = build_demo_repository()
@@ -238,6 +287,10 @@ async def _serve(args) -> int:
     for entry in engine.index():
         log.info("model %s version %s: %s%s", entry.name, entry.version, entry.state,
                  f" ({entry.reason})" if getattr(entry, "reason", "") else "")
+    failed = _load_failures(engine, args.models)
+    if failed and args.exit_on_error:
+        await engine.stop()
+        raise ModelLoadFailed(failed)
     servers = []
     if args.mip.lower() != "none":
         handler = MipHandler(engine, request_timeout=args.request_timeout)
@@ -269,6 +322,27 @@ async def _serve(args) -> int:
         await server.stop()
     await engine.stop()
     return 0
+
+
+def _load_failures(engine, wanted: list[str] | None) -> list[str]:
+    """``NAME: reason`` of every model meant to be served that did not load."""
+    from mip.serving.repository import ModelState
+
+    return [f"{entry.name}: {entry.reason}" for entry in engine.index()
+            if entry.state != ModelState.READY and entry.reason
+            and (wanted is None or entry.name in wanted)]
+
+
+class ModelLoadFailed(MipError):
+    """``mip serve`` refused to start: models failed to load (``--exit-on-error``)."""
+
+    def __init__(self, failures: list[str]):
+        reasons = "; ".join(failures)
+        missing = re.search(r"(?:No module named|import of) '?([A-Za-z_][\w.]*)", reasons)
+        extra = EXTRAS.get(missing.group(1).split(".")[0]) if missing else None
+        hint = (f" (pip install 'mip-toolkit[{extra}]')" if extra else "")
+        super().__init__(f"{len(failures)} model(s) failed to load: {reasons}{hint}; "
+                         "--no-exit-on-error serves the models that did load")
 
 
 async def _start_oip(args, engine) -> list:
@@ -360,6 +434,9 @@ async def _worker(args) -> int:
 
     if args.model_repository:
         root = args.model_repository
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"the model repository {root} does not exist or is not a "
+                                    "folder")
     else:
         from mip.serving.demo import build_demo_repository
         root = build_demo_repository()
@@ -403,7 +480,7 @@ def _infer(args) -> int:
         batch_item += [mip.Text(t) for t in args.text]
     if not batch_item:
         shape = [int(d) for d in args.shape.split(",") if d.strip()]
-        dtype = mip.DATATYPES[args.datatype.upper()]
+        dtype = mip.DATATYPES[args.datatype]
         rng = np.random.default_rng(0)
         batch_item = [rng.standard_normal(shape).astype(dtype)]
     with Client(args.url) as client:
@@ -453,8 +530,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a clear message, not a traceback, for errors users make
         from mip.errors import MipError
+        missing = _missing_extra(exc) if isinstance(exc, ImportError) else None
+        if missing:
+            print(f"mip: error: {missing}", file=sys.stderr)
+            return 1
         if isinstance(exc, (MipError, OSError, ValueError)):
             print(f"mip: error: {exc}", file=sys.stderr)
+            return 1
+        if type(exc).__module__.startswith("redis."):  # the queue's or rate limiter's Redis
+            print(f"mip: error: Redis: {exc}", file=sys.stderr)
             return 1
         raise
 

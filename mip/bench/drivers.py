@@ -295,6 +295,7 @@ class HttpStatusError(Exception):
     def __init__(self, status: int, body: bytes):
         super().__init__(f"HTTP {status}: {body[:200]!r}")
         self.status = status
+        self.body = body[:1000]
 
 
 async def http_metadata(target: InferTarget) -> dict:

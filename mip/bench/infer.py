@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from mip.errors import MipError
+
 from mip.bench.drivers import (PROTOCOLS, Driver, HttpStatusError, InferTarget,
                                fill_from_metadata, guess_protocol, make_driver,
                                resolve_inputs, _hostport)
@@ -36,6 +38,40 @@ SCHEMA = "mip-bench/infer/1"
 
 
 # -- measurement ----------------------------------------------------------------------------
+
+class TargetRefused(MipError):
+    """The target refused the benchmark's first request (no such model, a wrong shape or
+    datatype, ...): measuring would only count errors."""
+
+
+def _reason(exc: BaseException) -> str:
+    """What a server said when it refused a request, in one line."""
+    if isinstance(exc, HttpStatusError):
+        body = exc.body.decode(errors="replace").strip()
+        return f"HTTP {exc.status}: {body}"
+    details = getattr(exc, "details", None)
+    if callable(details) and type(exc).__module__.startswith("grpc"):
+        return f"{error_kind(exc)}: {details()}"
+    return f"{error_kind(exc)}: {exc}" if str(exc) else error_kind(exc)
+
+
+async def _probe(target: InferTarget, shapes, datatypes) -> None:
+    """Read the model's metadata (gRPC, HTTP) and send one request before measuring."""
+    what = f"model {target.model!r}" if target.model else "the default model"
+    try:
+        await fill_from_metadata(target, shapes, datatypes)
+        driver = make_driver(target, 1)
+        await driver.open()
+        try:
+            await driver.call()
+        finally:
+            await driver.close()
+    except (OSError, asyncio.TimeoutError):
+        raise
+    except Exception as exc:
+        raise TargetRefused(f"{target.url} refused a {target.protocol} request for {what}: "
+                            f"{_reason(exc)}") from None
+
 
 def error_kind(exc: BaseException) -> str:
     """A short, stable name for a failure, used to group errors in the report."""
@@ -291,7 +327,7 @@ async def run_steps(target: InferTarget, *, concurrencies: list[int] | None = No
         raise ValueError("give concurrency levels or request rates")
     if target.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {target.protocol!r} (one of {', '.join(PROTOCOLS)})")
-    await fill_from_metadata(target, shapes, datatypes)
+    await _probe(target, shapes, datatypes)
     started = time.time()
     steps = []
     plan = [("concurrency", c) for c in (concurrencies or [])] + \

@@ -25,6 +25,7 @@ from mip.serving.repository import (IndexEntry, ModelLoadError, ModelMetadata, M
 __all__ = ["Engine", "ModelStats"]
 
 log = logging.getLogger("mip.serving")
+_UNSETTLED = object()  # Engine._default before start()
 
 Tensors = dict[str, np.ndarray]
 BatchHook = Callable[[str, str, BatchRecord], None]
@@ -89,6 +90,7 @@ class Engine:
         self.repository = repository
         self._startup_models = None if models is None else list(models)
         self._default_model = default_model
+        self._default: str | None | object = _UNSETTLED
         self._drain_timeout = drain_timeout
         self._served: dict[tuple[str, str], _Served] = {}
         self._hooks: list[BatchHook] = []
@@ -101,8 +103,12 @@ class Engine:
         """Load the startup models (and warm them up). A model that fails is logged and
         reported by :meth:`index`; the others still load."""
         self._started = True
-        names = self._startup_models if self._startup_models is not None else (
-            self.repository.names())
+        available = self.repository.names()
+        if self._default_model is not None and self._default_model not in available:
+            raise ModelNotFound(f"the default model {self._default_model!r} is not in the "
+                                f"repository (it has: {', '.join(available) or 'no model'})")
+        self._default = self._settle_default(available)
+        names = self._startup_models if self._startup_models is not None else available
         for name in names:
             try:
                 await self.load(name)
@@ -141,6 +147,8 @@ class Engine:
                     log.error("model %s version %s failed to load: %s", model, version.version,
                               version.reason)
             await self._retire(retiring, old, keep=new)
+            if self._started:
+                self._default = self._settle_default(self.repository.names())
 
     async def unload(self, model: str) -> None:
         """Stop serving ``model``: queued and running requests finish first.
@@ -331,10 +339,14 @@ class Engine:
 
     def default_model(self) -> str | None:
         """The model reached by requests that name none: the configured default, or the
-        repository's only model."""
+        repository's only model (settled when models load, not looked up per request)."""
+        if self._default is _UNSETTLED:
+            return self._settle_default(self.repository.names())
+        return self._default
+
+    def _settle_default(self, names: list[str]) -> str | None:
         if self._default_model is not None:
             return self._default_model
-        names = self.repository.names()
         return names[0] if len(names) == 1 else None
 
     def index(self) -> list[IndexEntry]:

@@ -128,17 +128,26 @@ async def test_open_loop_in_flight_cap_reports_unsent(server):
     assert step["requests"] + step["unsent"] == pytest.approx(6000, abs=2)
 
 
+async def test_a_refusing_server_is_reported_before_measuring(server):
+    with pytest.raises(infer.TargetRefused,
+                       match="refused a mip request for model 'no-such-model': mip error METHOD"):
+        await infer.run_steps(_target(server, "no-such-model"), concurrencies=[2],
+                              duration=0.5, warmup=0.0, shapes=[[1, 16]])
+
+
 async def test_errors_are_counted_against_a_refusing_server(server):
-    doc = await infer.run_steps(_target(server, "no-such-model"), concurrencies=[2],
-                                duration=0.5, warmup=0.0, shapes=[[1, 16]])
-    step = doc["steps"][0]
+    target = _target(server, "no-such-model")
+    await infer.fill_from_metadata(target, [[1, 16]], None)
+    step = await infer.measure_step(lambda c: infer.make_driver(target, c), concurrency=2,
+                                    duration=0.5, warmup=0.0)
+    doc = {"steps": [step]}
     assert step["responses"] == 0
     assert step["errors"] == step["requests"] > 0
     (kind,) = step["error_kinds"]
     assert kind.startswith("mip error")
     assert step["error_kinds"][kind] == step["errors"]
     assert step["latency_ms"]["p50"] is None
-    assert "error" in report.format_table(doc)
+    assert "error" in report.format_table(doc, title=False)
 
 
 async def test_max_requests_bounds_a_step(server):
@@ -255,12 +264,14 @@ def test_oip_protocols_against_mip_serve(protocol, flag, tmp_path):
         assert step["errors"] == 0 and step["requests"] == step["responses"] > 0
         # inputs came from the server's metadata
         assert json.loads(out.read_text())["target"]["inputs"][0]["shape"] == [1, 784]
+        # a shape the model refuses stops the run before measuring, with the server's reason
         bad = _mip("bench", "infer", f"{scheme}://127.0.0.1:{port}", "--protocol", protocol,
                    "--model", "mlp", "--shape", "1,5", "--concurrency", "1", "--duration",
-                   "0.3", "--warmup", "0", "--json", str(out))
-        assert bad.returncode == 0, bad.stderr
-        step = json.loads(out.read_text())["steps"][0]
-        assert step["responses"] == 0 and step["errors"] == step["requests"] > 0
+                   "0.3", "--warmup", "0", "--json", str(tmp_path / "bad.json"))
+        assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+        assert f"refused a {protocol} request for model 'mlp'" in bad.stderr
+        assert "[1, 5]" in bad.stderr and "784" in bad.stderr
+        assert not (tmp_path / "bad.json").exists()
     finally:
         proc.terminate()
         proc.wait(10)

@@ -119,3 +119,87 @@ def test_version():
     result = subprocess.run([sys.executable, "-m", "mip.cli", "--version"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == f"mip {mip.__version__}"
+
+
+def _cli(argv, *, without=None, timeout=60):
+    """Run ``mip ARGV`` (with the Python package ``without`` made unimportable)."""
+    code = ("import sys\n"
+            + (f"sys.modules[{without!r}] = None\n" if without else "")
+            + "from mip.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("mip"), line
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+@pytest.mark.parametrize("argv, without, fragments", [
+    (["serve", "--mip", "none", "--grpc", "none", "--http", "127.0.0.1:0"], "prometheus_client",
+     ["'prometheus_client'", "pip install 'mip-toolkit[serve]'"]),
+    (["serve", "--mip", "tcp://127.0.0.1:0", "--grpc", "none", "--http", "none"], "onnxruntime",
+     ["failed to load", "onnxruntime", "pip install 'mip-toolkit[serve]'"]),
+    (["serve", "--model-repository", "/nonexistent/models"], None,
+     ["the model repository /nonexistent/models does not exist"]),
+    (["worker", "--queue", "jobs.sqlite3"], "starlette",
+     ["'starlette'", "pip install 'mip-toolkit[serve]'"]),
+    (["infer", "tcp://127.0.0.1:7070", "--datatype", "floaty"], None,
+     ["unknown datatype 'floaty'", "FP32"]),
+    (["serve", "--mip-model", "nosuch", "--mip", "tcp://127.0.0.1:0", "--grpc", "none",
+      "--http", "none"], None, ["the default model 'nosuch' is not in the repository"]),
+    (["serve", "--mip", "none", "--grpc", "none", "--http", "127.0.0.1:0",
+      "--queue", "redis://127.0.0.1:1/0"], None, ["Redis", "127.0.0.1:1"]),
+])
+def test_mistakes_end_in_one_line_naming_the_fix(tmp_path, argv, without, fragments):
+    if argv[0] == "worker":
+        argv = [*argv[:2], str(tmp_path / argv[2]), *argv[3:]]
+    _one_line_error(_cli(argv, without=without), *fragments)
+
+
+def test_datatype_takes_numpy_names_too():
+    from mip.cli import _datatype
+
+    assert _datatype("float32") == _datatype("fp32") == "FP32"
+    assert _datatype("int64") == "INT64" and _datatype("BYTES") == "BYTES"
+
+
+def test_bench_on_a_model_the_server_does_not_have(tmp_path):
+    repo = build_demo_repository(tmp_path / "demo")
+    process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
+                           "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"], 3)
+    try:
+        urls = {"mip": re.search(r"serving MIP on (\S+)", out).group(1),
+                "grpc": "grpc://" + re.search(r"KServe v2 gRPC on (\S+)", out).group(1),
+                "http": "http://" + re.search(r"REST and /metrics on http://(\S+)", out).group(1)}
+        for protocol, url in urls.items():
+            result = _cli(["bench", "infer", url, "--protocol", protocol, "--model", "nosuch",
+                           "--shape", "1,16", "--duration", "1", "--warmup", "0",
+                           "--no-progress"])
+            _one_line_error(result, f"refused a {protocol} request for model 'nosuch'")
+            if protocol != "mip":
+                assert "no model named 'nosuch'" in result.stderr
+    finally:
+        _stop(process)
+
+
+def test_a_model_that_fails_to_load_stops_the_start_unless_told_otherwise(tmp_path):
+    repo = build_demo_repository(tmp_path / "demo")
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    result = _cli(["serve", "--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
+                   "--grpc", "none", "--http", "none"])
+    _one_line_error(result, "1 model(s) failed to load: broken: version 1", "--no-exit-on-error")
+    process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
+                           "--grpc", "none", "--http", "none", "--no-exit-on-error"], 1)
+    try:
+        url = re.search(r"serving MIP on (\S+)", out).group(1)
+        with Client(url) as client:
+            (y,), = client.infer([[np.ones((1, 16), np.float32)]], model="identity")
+        assert (y == 1).all()
+    finally:
+        _stop(process)
