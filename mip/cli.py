@@ -170,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--exit-on-error", action=argparse.BooleanOptionalAction, default=True,
                        help="refuse to start when a model fails to load, saying why (default; "
                             "--no-exit-on-error serves the models that did load)")
+    serve.add_argument("--strict-readiness", action=argparse.BooleanOptionalAction,
+                       default=True,
+                       help="server ready (/v2/health/ready, gRPC ServerReady) only when every "
+                            "model meant to be served is ready (default; "
+                            "--no-strict-readiness: every model that loaded)")
     serve.add_argument("--max-frame-size", type=_size, default=64 << 20, metavar="OCTETS",
                        help="largest MIP request accepted, e.g. 64M (default 64M)")
     serve.add_argument("--max-connections", type=int, default=1024,
@@ -282,7 +287,8 @@ async def _serve(args) -> int:
         from mip.serving.demo import build_demo_repository
         root = build_demo_repository()
         log.info("serving the built-in demo repository at %s", root)
-    engine = Engine(ModelRepository(root), models=args.models, default_model=args.mip_model)
+    engine = Engine(ModelRepository(root), models=args.models, default_model=args.mip_model,
+                    strict_readiness=args.strict_readiness)
     await engine.start()
     for entry in engine.index():
         log.info("model %s version %s: %s%s", entry.name, entry.version, entry.state,

@@ -83,11 +83,18 @@ class Engine:
         default_model: the model that requests naming no model reach (``None``: the
             repository's only model, if it has exactly one).
         drain_timeout: seconds :meth:`stop` and :meth:`unload` wait for in-flight requests.
+        strict_readiness: :meth:`ready` only when every model meant to be served (the
+            startup models, then those loaded and not unloaded through the API) has a ready
+            version, as Triton's ``--strict-readiness``; without it, when every model that
+            did load has one.
     """
 
     def __init__(self, repository: ModelRepository, *, models: Iterable[str] | None = None,
-                 default_model: str | None = None, drain_timeout: float = 30.0):
+                 default_model: str | None = None, drain_timeout: float = 30.0,
+                 strict_readiness: bool = True):
         self.repository = repository
+        self.strict_readiness = strict_readiness
+        self._expected: set[str] = set()  # models meant to be served
         self._startup_models = None if models is None else list(models)
         self._default_model = default_model
         self._default: str | None | object = _UNSETTLED
@@ -109,6 +116,7 @@ class Engine:
                                 f"repository (it has: {', '.join(available) or 'no model'})")
         self._default = self._settle_default(available)
         names = self._startup_models if self._startup_models is not None else available
+        self._expected = set(names)
         for name in names:
             try:
                 await self.load(name)
@@ -134,6 +142,7 @@ class Engine:
             ModelLoadError: no version loaded; the message has every version's reason.
         """
         async with self._lock:
+            self._expected.add(model)
             new, old = await asyncio.to_thread(self.repository.load, model)
             # Take the old versions' batchers out before the new ones take their keys (a
             # reload keeps the version names), so that they are drained, not lost.
@@ -158,6 +167,7 @@ class Engine:
         """
         async with self._lock:
             versions = self.repository.unload(model)
+            self._expected.discard(model)
             await self._retire(self._withdraw(model, versions), versions, keep=[])
 
     def _serve(self, version: ModelVersion) -> None:
@@ -331,10 +341,11 @@ class Engine:
         return True
 
     def ready(self) -> bool:
-        """Whether the engine has started and every loaded model has a ready version."""
+        """Whether the engine has started and every model meant to be served (with
+        ``strict_readiness``; else every model that loaded) has a ready version."""
         if not self._started:
             return False
-        names = {name for name, _ in self._served}
+        names = self._expected if self.strict_readiness else {name for name, _ in self._served}
         return all(self.model_ready(name) for name in names)
 
     def default_model(self) -> str | None:

@@ -194,12 +194,22 @@ def test_a_model_that_fails_to_load_stops_the_start_unless_told_otherwise(tmp_pa
     result = _cli(["serve", "--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
                    "--grpc", "none", "--http", "none"])
     _one_line_error(result, "1 model(s) failed to load: broken: version 1", "--no-exit-on-error")
-    process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
-                           "--grpc", "none", "--http", "none", "--no-exit-on-error"], 1)
-    try:
-        url = re.search(r"serving MIP on (\S+)", out).group(1)
-        with Client(url) as client:
-            (y,), = client.infer([[np.ones((1, 16), np.float32)]], model="identity")
-        assert (y == 1).all()
-    finally:
-        _stop(process)
+    for strict in ("--strict-readiness", "--no-strict-readiness"):
+        process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
+                               "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
+                               "--no-exit-on-error", strict], 3)
+        try:
+            url = re.search(r"serving MIP on (\S+)", out).group(1)
+            with Client(url) as client:
+                (y,), = client.infer([[np.ones((1, 16), np.float32)]], model="identity")
+            assert (y == 1).all()
+            grpc_url = re.search(r"KServe v2 gRPC on (\S+)", out).group(1)
+            http_url = re.search(r"REST and /metrics on http://(\S+)", out).group(1)
+            rest, rpc = httpclient.InferenceServerClient(http_url), grpcclient.InferenceServerClient(grpc_url)
+            # strict (the default, as Triton's): a model that should be served is broken
+            expected = strict == "--no-strict-readiness"
+            assert rest.is_server_ready() is expected and rpc.is_server_ready() is expected
+            assert rest.is_server_live() and rpc.is_server_live()
+            assert rest.is_model_ready("identity") and not rest.is_model_ready("broken")
+        finally:
+            _stop(process)

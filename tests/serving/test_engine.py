@@ -195,3 +195,38 @@ def test_demo_cache_directory(tmp_path, monkeypatch):
     assert path.is_relative_to(tmp_path)
     assert build_demo_repository() == path
     assert sorted(ModelRepository(path).names()) == ["identity", "mlp"]
+
+
+def test_strict_readiness_counts_every_model_meant_to_be_served(tmp_path):
+    repo = tmp_path / "repo"
+    add_model(repo, "good", identity_model())
+    add_model(repo, "broken", b"not an onnx model")
+
+    async def scenario(strict):
+        engine = Engine(ModelRepository(repo), strict_readiness=strict)
+        await engine.start()
+        try:
+            assert engine.model_ready("good") and not engine.model_ready("broken")
+            first = engine.ready()
+            await engine.unload("good")  # unloaded on purpose: no longer expected
+            after_unload = engine.ready()
+            await engine.load("good")
+            return first, after_unload, engine.ready()
+        finally:
+            await engine.stop()
+
+    assert run(scenario(True)) == (False, False, False)  # "broken" is meant to be served
+    assert run(scenario(False)) == (True, True, True)
+
+    async def only_good():
+        engine = Engine(ModelRepository(repo), models=["good"])
+        assert not engine.ready()  # not started
+        await engine.start()
+        try:
+            ready = engine.ready()
+            await engine.unload("good")
+            return ready, engine.ready()
+        finally:
+            await engine.stop()
+
+    assert run(only_good()) == (True, True)
