@@ -43,7 +43,7 @@ class GrpcLimits:
     handshake_timeout: float = 20.0
     #: a connection without calls this long gets GOAWAY and is closed
     idle_timeout: float = 300.0
-    #: send a PING this often ... (0: no keepalive pings)
+    #: send a PING this often while calls are open, as grpc-core ... (0: no keepalive pings)
     keepalive_interval: float = 0.0
     #: ... and close the connection when its ACK takes longer than this
     keepalive_timeout: float = 20.0
@@ -55,6 +55,25 @@ class GrpcLimits:
     #: ENHANCE_YOUR_CALM "too_many_resets"
     max_reset_rate: float = 33.0
     reset_burst: int = _RESET_BURST
+
+    def grpcio_options(self) -> list[tuple[str, int]]:
+        """The grpcio server options that have the same meaning as these limits (grpcio has
+        none for max_buffered, max_pending_reply, max_connections and the reset rate)."""
+        options = [
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.max_metadata_size", self.max_header_list_size),
+            ("grpc.http2.hpack_table_size.decoder", self.header_table_size),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.min_ping_interval * 1000)),
+            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+        ]
+        for option, seconds in (("grpc.max_connection_idle_ms", self.idle_timeout),
+                                ("grpc.server_handshake_timeout_ms", self.handshake_timeout),
+                                ("grpc.keepalive_time_ms", self.keepalive_interval)):
+            if seconds:
+                options.append((option, int(seconds * 1000)))
+        if self.keepalive_interval:
+            options.append(("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)))
+        return options
 
     def __post_init__(self):
         for f in fields(self):
@@ -84,7 +103,7 @@ _FLAGS = [
      "close gRPC connections whose TLS handshake, HTTP/2 preface and SETTINGS do not "
      "arrive within this time of accept"),
     ("keepalive_interval", "--grpc-keepalive-interval", "SECONDS",
-     "PING gRPC clients this often (0 = never)"),
+     "PING gRPC clients with calls open this often (0 = never)"),
     ("keepalive_timeout", "--grpc-keepalive-timeout", "SECONDS",
      "close a gRPC connection whose keepalive PING is not answered within this time"),
     ("min_ping_interval", "--grpc-min-ping-interval", "SECONDS",

@@ -323,7 +323,7 @@ class _Connection(H2Protocol):
                 if now - self.ping_sent >= limits.keepalive_timeout:
                     log.debug("gRPC connection closed: keepalive PING not answered")
                     self.close(b"keepalive_timeout")
-            elif now - self.ping_sent >= limits.keepalive_interval:
+            elif h2.open_calls and now - self.ping_sent >= limits.keepalive_interval:
                 h2.ping()
                 self.ping_sent = now
                 self.flush()

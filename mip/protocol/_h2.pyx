@@ -991,7 +991,7 @@ cdef bytes _percent_encode(str message):
 cdef bytes _unbase64(bytes value):
     """A ``-bin`` header's value: base64, padded or not (as gRPC sends it)."""
     try:
-        return binascii.a2b_base64(value + b"=" * (-len(value) % 4))
+        return binascii.a2b_base64(value + b"=" * ((4 - len(value) % 4) % 4))
     except binascii.Error:
         return value
 

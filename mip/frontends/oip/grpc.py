@@ -532,26 +532,12 @@ class GrpcServer:
         if self.implementation == "native":
             return await self._start_native(address)
         limit = min(2 * self.max_message_size, _MAX_GRPC_LIMIT)
-        limits = self.limits
-        options = [
+        server = aio.server(options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
-            ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
-            ("grpc.max_metadata_size", limits.max_header_list_size),
-            ("grpc.http2.hpack_table_size.decoder", limits.header_table_size),
-            ("grpc.http2.min_ping_interval_without_data_ms",
-             int(limits.min_ping_interval * 1000)),
-            ("grpc.http2.max_ping_strikes", limits.max_ping_strikes),
-        ]
-        for option, seconds in (("grpc.max_connection_idle_ms", limits.idle_timeout),
-                                ("grpc.server_handshake_timeout_ms", limits.handshake_timeout),
-                                ("grpc.keepalive_time_ms", limits.keepalive_interval)):
-            if seconds:
-                options.append((option, int(seconds * 1000)))
-        if limits.keepalive_interval:
-            options.append(("grpc.keepalive_timeout_ms", int(limits.keepalive_timeout * 1000)))
-        server = aio.server(options=options)
+            *self.limits.grpcio_options(),
+        ])
         server.add_generic_rpc_handlers((_handlers(_Service(self.dataplane,
                                                             self.max_message_size)),))
         host, _, port = address.rpartition(":")
