@@ -34,9 +34,9 @@ class GrpcLimits:
     #: request octets of unfinished messages held per connection (0: twice the largest
     #: message)
     max_buffered: int = 0
-    #: reply octets waiting to be written per connection before its DATA stops being
-    #: acknowledged (the peer stops sending until they drain)
-    max_pending_reply: int = 16 << 20
+    #: reply octets waiting to be written per connection; over it, new calls wait and
+    #: request DATA is not acknowledged (the peer stops sending) until half have drained
+    max_pending_reply: int = 4 << 20
     #: connections open at once; at the limit the longest-idle one is closed for a new one
     max_connections: int = 1024
     #: the client preface and SETTINGS must arrive this long after accept (TLS included)
@@ -97,8 +97,8 @@ _FLAGS = [
      "request octets of unfinished messages held per gRPC connection (0: twice "
      "--grpc-max-message-size)"),
     ("max_pending_reply", "--grpc-max-pending-reply", "OCTETS",
-     "reply octets waiting to be written on one gRPC connection before it stops being "
-     "read"),
+     "reply octets waiting to be written on one gRPC connection before its new calls "
+     "wait and its requests stop being read"),
     ("handshake_timeout", "--grpc-handshake-timeout", "SECONDS",
      "close gRPC connections whose TLS handshake, HTTP/2 preface and SETTINGS do not "
      "arrive within this time of accept"),

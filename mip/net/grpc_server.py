@@ -271,6 +271,7 @@ class _Connection(H2Protocol):
         now = server._loop.time()
         self.accepted = self.idle_since = self.ping_sent = now
         self.streams_seen = 0
+        self.parked = []  # unary calls waiting for this connection's replies to drain
 
     # -- asyncio -----------------------------------------------------------------------
 
@@ -389,12 +390,27 @@ class _Connection(H2Protocol):
                 state.queue.put_nowait(_EOF)
             elif state.message is None:
                 self._end(call, Status.UNIMPLEMENTED, "the call carries no request message")
-            elif state.method.returns_future:
-                self._start_future(call, state)
+            elif self.h2.pending_out > self.h2.max_pending_out:
+                self.parked.append(call)  # replies are not being read: wait for them
             else:
-                state.task = self.loop.create_task(self._unary(call, state))
+                self._run(call, state)
         elif event == _h2.EV_TOO_LARGE:
             self._end(call, Status.RESOURCE_EXHAUSTED, self.server.too_large(value))
+
+    def _run(self, call, state: _State) -> None:
+        """Start a unary call's handler."""
+        if state.method.returns_future:
+            self._start_future(call, state)
+        else:
+            state.task = self.loop.create_task(self._unary(call, state))
+
+    def _flush_now(self) -> None:
+        super()._flush_now()
+        if self.parked and self.h2.pending_out <= self.h2.max_pending_out // 2:
+            parked, self.parked = self.parked, []
+            for call in parked:
+                if call.tag is not None and not call.finished:
+                    self._run(call, call.tag)
 
     def _begin(self, call) -> None:
         # as grpc-core: 405 for a method other than POST, 415 for another content type

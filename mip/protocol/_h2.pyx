@@ -15,6 +15,7 @@ list of events back; whatever the connection wants to send is collected by
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t, uint64_t
 from libc.string cimport memcpy
@@ -123,6 +124,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_DATA_FLAG_NO_COPY = 4
         NGHTTP2_ERR_DEFERRED = -508
         NGHTTP2_ERR_CALLBACK_FAILURE = -902
+        NGHTTP2_ERR_FLOODED = -904
         NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE = -521
         NGHTTP2_SETTINGS_HEADER_TABLE_SIZE = 1
         NGHTTP2_SETTINGS_ENABLE_PUSH = 2
@@ -420,7 +422,7 @@ cdef class GrpcConnection:
         self.client = client
         self.max_message_size = max_message_size
         self.max_buffered = max_buffered if max_buffered > 0 else max(4 * max_message_size, 256 << 20)
-        self.max_pending_out = max_pending_out
+        self.max_pending_out = max_pending_out if max_pending_out > 0 else PY_SSIZE_T_MAX
         self.max_header_list_size = max_header_list_size
         self.manual_window = not client and max_pending_out > 0
         self.buffered = 0
@@ -502,7 +504,15 @@ cdef class GrpcConnection:
             error, self.error = self.error, None
             raise error
         if rv < 0:
-            raise H2Error(nghttp2_strerror(<int>rv).decode())
+            reason = nghttp2_strerror(<int>rv).decode()
+            # nghttp2 stops without a GOAWAY on its fatal errors: say why before closing
+            try:
+                self.goaway(NGHTTP2_ENHANCE_YOUR_CALM if rv == NGHTTP2_ERR_FLOODED
+                            or "CONTINUATION" in reason else NGHTTP2_PROTOCOL_ERROR,
+                            reason.encode())
+            except H2Error:
+                pass
+            raise H2Error(reason)
         return events
 
     # -- output ------------------------------------------------------------------------
