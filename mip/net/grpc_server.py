@@ -209,6 +209,7 @@ class H2Protocol(asyncio.BufferedProtocol):
 
     h2: _h2.GrpcConnection
     buffer: memoryview
+    parked = ()  # server: calls waiting for replies to drain (see _Connection._unpark)
 
     def __init__(self, loop):
         self.loop = loop
@@ -250,6 +251,8 @@ class H2Protocol(asyncio.BufferedProtocol):
                 self.transport.writelines(out)
         if not self.h2.want_read and not self.h2.want_write:
             self.transport.close()
+        elif self.parked and self.h2.pending_out <= self.h2.max_pending_out // 2:
+            self._unpark()
 
     def pause_writing(self) -> None:
         """The peer does not read: stop reading it, and stop queuing for it."""
@@ -404,13 +407,12 @@ class _Connection(H2Protocol):
         else:
             state.task = self.loop.create_task(self._unary(call, state))
 
-    def _flush_now(self) -> None:
-        super()._flush_now()
-        if self.parked and self.h2.pending_out <= self.h2.max_pending_out // 2:
-            parked, self.parked = self.parked, []
-            for call in parked:
-                if call.tag is not None and not call.finished:
-                    self._run(call, call.tag)
+    def _unpark(self) -> None:
+        """Start the calls that waited for this connection's replies to drain."""
+        parked, self.parked = self.parked, []
+        for call in parked:
+            if call.tag is not None and not call.finished:
+                self._run(call, call.tag)
 
     def _begin(self, call) -> None:
         # as grpc-core: 405 for a method other than POST, 415 for another content type
@@ -603,7 +605,13 @@ class GrpcServer:
 
     def _make_room(self) -> bool:
         """At max_connections: close the longest-idle connection; False if all are busy."""
-        idle = [c for c in self._connections if not c.h2.open_calls]
+        now = self._loop.time()
+        idle = []
+        for c in self._connections:
+            if c.h2.streams_started != c.streams_seen:  # calls since the last sweep
+                c.idle_since, c.streams_seen = now, c.h2.streams_started
+            if not c.h2.open_calls:
+                idle.append(c)
         if not idle:
             return False
         victim = min(idle, key=lambda c: c.idle_since)

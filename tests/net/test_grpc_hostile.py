@@ -342,3 +342,32 @@ def test_clients_that_do_not_read_their_replies(guarded):
     assert sent > 0
     for sock, _ in hogs:
         sock.close()
+
+
+def test_max_connections_closes_the_longest_idle(guarded):
+    server = guarded(max_connections=20)
+    socks = []
+    for _ in range(19):  # with the good client's, the listener is full
+        socks.append(attacker(server.address))
+        time.sleep(0.02)
+    time.sleep(0.3)
+    newcomer = attacker(server.address)
+    # the first (longest idle) attacker makes room for it, with a GOAWAY that says why
+    goaway = goaway_of(socks[0], timeout=5)
+    assert goaway is not None and goaway.additional_data == b"max_connections"
+    assert not closed_by_server(newcomer, 0.5)
+    for s in socks + [newcomer]:
+        s.close()
+
+
+def test_unanswered_keepalive_pings_close_the_connection(guarded):
+    server = guarded(keepalive_interval=0.3, keepalive_timeout=1.0)
+    sock = attacker(server.address)
+    # a call stays open (keepalive pings go out while calls are open); PINGs are not answered
+    send(sock, frame(SETTINGS, 1, 0)
+         + frame(HEADERS, END_HEADERS, 1, REQUEST.replace(b"/test.Echo/Echo", b"/test.Echo/Slow"))
+         + frame(DATA, END_STREAM, 1, echo.message(b"30")))
+    frames = echo.read_frames(sock, lambda f: isinstance(f, GoAwayFrame), timeout=10)
+    sock.close()
+    goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+    assert goaways and goaways[0].additional_data == b"keepalive_timeout"
