@@ -183,3 +183,39 @@ async def test_connection_lost_mid_call_cancels_the_handler(served):
     await asyncio.wait_for(events["cancelled"].wait(), 5)
     with pytest.raises((ConnectionError, RpcError)):
         await asyncio.wait_for(pending, 5)
+
+
+@pytest.mark.parametrize("impl", ["native", "grpcio"])
+async def test_channel_over_tls(tmp_path, impl):
+    """GrpcChannel over TLS (ALPN h2 from tls_context, :scheme https) against both servers;
+    grpcio's refuses a TLS connection that did not negotiate h2."""
+    trustme = pytest.importorskip("trustme")
+    from mip.net.grpc_server import tls_context
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    ca_path, cert_path, key_path = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    issued.cert_chain_pems[0].write_to_path(str(cert_path))
+    issued.private_key_pem.write_to_path(str(key_path))
+
+    async def echo(request, context):
+        return request
+
+    if impl == "native":
+        server = GrpcServer({"/test.Echo/Echo": unary(echo)},
+                            ssl=tls_context(server=True, cert=str(cert_path), key=str(key_path)))
+        _, port = await server.start("127.0.0.1", 0)
+    else:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(key_path.read_bytes(), cert_path.read_bytes())]))
+        await server.start()
+    try:
+        context = tls_context(server=False, ca=str(ca_path))
+        async with GrpcChannel(f"127.0.0.1:{port}", ssl=context) as channel:
+            assert await channel.unary("/test.Echo/Echo", b"over tls") == b"over tls"
+    finally:
+        await server.stop(0)
