@@ -648,22 +648,21 @@ class GrpcServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         loop = self._loop
-        for connection in list(self._connections):
-            try:
-                connection.h2.shutdown_notice()
-                connection.flush()
-            except Exception:
-                pass
+
+        def each(step):
+            for connection in list(self._connections):
+                try:
+                    step(connection.h2)
+                    connection.flush()
+                except Exception:
+                    pass
+
+        each(_h2.GrpcConnection.shutdown_notice)
         deadline = loop.time() + min(1.0, grace or 1.0)
         while (any(c.h2.shutdown_state == 1 for c in self._connections)
                and loop.time() < deadline):
             await asyncio.sleep(0.01)
-        for connection in list(self._connections):
-            try:
-                connection.h2.goaway()
-                connection.flush()
-            except Exception:
-                pass
+        each(_h2.GrpcConnection.goaway)
         if grace:
             deadline = loop.time() + grace
             while (any(c.h2.open_calls for c in self._connections)

@@ -193,37 +193,25 @@ def test_hpack_bomb(guarded):
             (ENHANCE_YOUR_CALM, b"header_list_too_large")]
 
 
-def test_rapid_reset(guarded):
+FLOODS = {
+    # Rapid Reset: streams opened and reset at once
+    "too_many_resets": b"".join(frame(HEADERS, END_HEADERS, 2 * i + 1, REQUEST)
+                                + frame(RST_STREAM, 0, 2 * i + 1, (8).to_bytes(4, "big"))
+                                for i in range(5000)),
+    "too_many_settings": frame(SETTINGS, 0, 0) * 20000,
+    "too_many_pings": frame(PING, 0, 0, b"12345678") * 20000,
+}
+
+
+@pytest.mark.parametrize("reason", sorted(FLOODS))
+def test_floods(guarded, reason):
     server = guarded()
     sock = attacker(server.address)
-    batch = b"".join(frame(HEADERS, END_HEADERS, 2 * i + 1, REQUEST)
-                     + frame(RST_STREAM, 0, 2 * i + 1, (8).to_bytes(4, "big"))
-                     for i in range(5000))
-    send(sock, batch)
+    send(sock, FLOODS[reason])
     goaway = goaway_of(sock)
     sock.close()
     assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
-    assert goaway.additional_data == b"too_many_resets"
-
-
-def test_settings_flood(guarded):
-    server = guarded()
-    sock = attacker(server.address)
-    send(sock, frame(SETTINGS, 0, 0) * 20000)
-    goaway = goaway_of(sock)
-    sock.close()
-    assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
-    assert goaway.additional_data == b"too_many_settings"
-
-
-def test_ping_flood(guarded):
-    server = guarded()
-    sock = attacker(server.address)
-    send(sock, frame(PING, 0, 0, b"12345678") * 20000)
-    goaway = goaway_of(sock)
-    sock.close()
-    assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
-    assert goaway.additional_data == b"too_many_pings"
+    assert goaway.additional_data == reason.encode()
 
 
 def test_continuation_flood(guarded):
