@@ -274,7 +274,8 @@ class _Connection(H2Protocol):
         now = server._loop.time()
         self.accepted = self.idle_since = self.ping_sent = now
         self.streams_seen = 0
-        self.parked = []  # unary calls waiting for this connection's replies to drain
+        self.parked = []  # unary calls (and futures of streaming handlers) waiting for
+        # this connection's replies to drain
 
     # -- asyncio -----------------------------------------------------------------------
 
@@ -408,11 +409,15 @@ class _Connection(H2Protocol):
             state.task = self.loop.create_task(self._unary(call, state))
 
     def _unpark(self) -> None:
-        """Start the calls that waited for this connection's replies to drain."""
+        """Start the calls (and wake the streaming handlers) that waited for this
+        connection's replies to drain."""
         parked, self.parked = self.parked, []
-        for call in parked:
-            if call.tag is not None and not call.finished:
-                self._run(call, call.tag)
+        for item in parked:
+            if isinstance(item, asyncio.Future):
+                if not item.done():
+                    item.set_result(None)
+            elif item.tag is not None and not item.finished:
+                self._run(item, item.tag)
 
     def _begin(self, call) -> None:
         # as grpc-core: 405 for a method other than POST, 415 for another content type
@@ -548,6 +553,11 @@ class _Connection(H2Protocol):
                     return
                 self.h2.send_message(call, serialize(response) if serialize else response)
                 self.flush()
+                if self.h2.pending_out > self.h2.max_pending_out:
+                    # the replies are not being read: produce no more until they drain
+                    drained = self.loop.create_future()
+                    self.parked.append(drained)
+                    await drained
         except asyncio.CancelledError:
             return
         except Exception as exc:

@@ -53,7 +53,14 @@ async def big(request: bytes, context) -> bytes:
     return bytes(int(request)) if request else b""
 
 
+async def fan(requests, context):
+    """Streaming: a reply of the octet count in each request."""
+    async for request in requests:
+        yield bytes(int(request))
+
+
 METHODS = {"Echo": echo, "Metadata": metadata, "Slow": slow, "Big": big}
+STREAMING = {"Fan": fan}
 
 
 class Served:
@@ -69,20 +76,23 @@ class Served:
 async def start(impl: str, limits: GrpcLimits | None = None, port: int = 0) -> Served:
     limits = limits or GrpcLimits()
     if impl == "native":
-        from mip.net.grpc_server import GrpcServer, unary
+        from mip.net.grpc_server import GrpcServer, stream_stream, unary
 
-        server = GrpcServer({f"/{SERVICE}/{name}": unary(handler)
-                             for name, handler in METHODS.items()},
-                            max_message_size=MAX_MESSAGE, limits=limits)
+        methods = {f"/{SERVICE}/{name}": unary(handler) for name, handler in METHODS.items()}
+        methods.update({f"/{SERVICE}/{name}": stream_stream(handler)
+                        for name, handler in STREAMING.items()})
+        server = GrpcServer(methods, max_message_size=MAX_MESSAGE, limits=limits)
         _, bound = await server.start("127.0.0.1", port)
         return Served(impl, server, f"127.0.0.1:{bound}")
     server = aio.server(options=[("grpc.so_reuseport", 0),
                                  ("grpc.max_receive_message_length", MAX_MESSAGE),
                                  ("grpc.max_send_message_length", MAX_MESSAGE),
                                  *limits.grpcio_options()])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-        name: grpc.unary_unary_rpc_method_handler(handler)
-        for name, handler in METHODS.items()}),))
+    handlers = {name: grpc.unary_unary_rpc_method_handler(handler)
+                for name, handler in METHODS.items()}
+    handlers.update({name: grpc.stream_stream_rpc_method_handler(handler)
+                     for name, handler in STREAMING.items()})
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return Served(impl, server, f"127.0.0.1:{bound}")

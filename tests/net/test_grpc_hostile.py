@@ -57,10 +57,15 @@ def literal(name: bytes, value: bytes, indexed: bool = False) -> bytes:
             + hpack_int(len(value), 7) + value)
 
 
-REQUEST = b"".join(literal(n, v) for n, v in (
-    (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/test.Echo/Echo"),
-    (b":authority", b"127.0.0.1"), (b"content-type", b"application/grpc"),
-    (b"te", b"trailers")))
+def request(method: str = "Echo") -> bytes:
+    """The header block of a call to ``method``: literals only, so any HPACK state takes it."""
+    return b"".join(literal(n, v) for n, v in (
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/test.Echo/%s" % method.encode()),
+        (b":authority", b"127.0.0.1"), (b"content-type", b"application/grpc"),
+        (b"te", b"trailers")))
+
+
+REQUEST = request()
 HEADERS, DATA, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = \
     1, 0, 3, 4, 6, 7, 8, 9
 END_STREAM, END_HEADERS = 1, 4
@@ -353,9 +358,30 @@ def test_unanswered_keepalive_pings_close_the_connection(guarded):
     sock = attacker(server.address)
     # a call stays open (keepalive pings go out while calls are open); PINGs are not answered
     send(sock, frame(SETTINGS, 1, 0)
-         + frame(HEADERS, END_HEADERS, 1, REQUEST.replace(b"/test.Echo/Echo", b"/test.Echo/Slow"))
+         + frame(HEADERS, END_HEADERS, 1, request("Slow"))
          + frame(DATA, END_STREAM, 1, echo.message(b"30")))
     frames = echo.read_frames(sock, lambda f: isinstance(f, GoAwayFrame), timeout=10)
     sock.close()
     goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
     assert goaways and goaways[0].additional_data == b"keepalive_timeout"
+
+
+def test_streaming_client_that_does_not_read(guarded):
+    """One stream asking for 64 KiB replies, 2,000 times, and reading none of them: the
+    handler stops producing once max_pending_reply octets wait."""
+    server = guarded()
+    sock = attacker(server.address)
+    ask = echo.message(b"%d" % (64 << 10))
+    send(sock, frame(SETTINGS, 0, 0, (4).to_bytes(2, "big") + (0x7FFFFFFF).to_bytes(4, "big"))
+         + frame(WINDOW_UPDATE, 0, 0, (0x7FFFFFFF - 65535).to_bytes(4, "big"))
+         + frame(HEADERS, END_HEADERS, 1, request("Fan")))
+    sock.setblocking(False)
+    pending = frame(DATA, 0, 1, ask * 100) * 20
+    deadline = time.monotonic() + 10
+    while pending and time.monotonic() < deadline:
+        try:
+            pending = pending[sock.send(pending):]
+        except BlockingIOError:
+            time.sleep(0.05)
+    time.sleep(2)
+    sock.close()
