@@ -58,7 +58,7 @@ class _ClientProtocol(H2Protocol):
             elif event == _h2.EV_TOO_LARGE:
                 call.tag = None
                 future.set_exception(RpcError(Status.RESOURCE_EXHAUSTED,
-                                              f"reply of {value} octets is over the limit"))
+                                              f"reply of {abs(value)} octets is over the limit"))
                 self.h2.reset(call)
         self._flush_now()
 

@@ -31,8 +31,8 @@ class GrpcLimits:
     max_header_list_size: int = 16 << 10
     #: HPACK dynamic table of each direction (SETTINGS_HEADER_TABLE_SIZE)
     header_table_size: int = 4096
-    #: request octets of unfinished messages held per connection (0: twice the largest
-    #: message)
+    #: request octets of unfinished messages held per connection (0: four times the
+    #: largest message, at least 64 MiB)
     max_buffered: int = 0
     #: reply octets waiting to be written per connection; over it, new calls wait and
     #: request DATA is not acknowledged (the peer stops sending) until half have drained
@@ -94,8 +94,8 @@ _FLAGS = [
      "RESOURCE_EXHAUSTED, four times larger: the connection is closed"),
     ("header_table_size", "--grpc-header-table-size", "OCTETS", "HPACK dynamic table size"),
     ("max_buffered", "--grpc-max-buffered", "OCTETS",
-     "request octets of unfinished messages held per gRPC connection (0: twice "
-     "--grpc-max-message-size)"),
+     "request octets of unfinished messages held per gRPC connection (0: four times "
+     "--grpc-max-message-size, at least 64M)"),
     ("max_pending_reply", "--grpc-max-pending-reply", "OCTETS",
      "reply octets waiting to be written on one gRPC connection before its new calls "
      "wait and its requests stop being read"),

@@ -399,7 +399,10 @@ class _Connection(H2Protocol):
             else:
                 self._run(call, state)
         elif event == _h2.EV_TOO_LARGE:
-            self._end(call, Status.RESOURCE_EXHAUSTED, self.server.too_large(value))
+            self._end(call, Status.RESOURCE_EXHAUSTED, self.server.too_large(value) if value > 0
+                      else f"message of {-value} octets: {self.h2.buffered} octets of other "
+                           f"requests are being received on this connection, and the limit is "
+                           f"{self.h2.max_buffered} (max_buffered, --grpc-max-buffered)")
 
     def _run(self, call, state: _State) -> None:
         """Start a unary call's handler."""
@@ -607,7 +610,7 @@ class GrpcServer:
             max_concurrent_streams=limits.max_concurrent_streams,
             max_header_list_size=limits.max_header_list_size,
             header_table_size=limits.header_table_size,
-            max_buffered=limits.max_buffered or 2 * self.max_message_size,
+            max_buffered=limits.max_buffered or max(4 * self.max_message_size, 64 << 20),
             max_pending_out=limits.max_pending_reply,
             min_ping_interval=limits.min_ping_interval,
             max_ping_strikes=limits.max_ping_strikes,

@@ -373,7 +373,8 @@ cdef class GrpcConnection:
         header_table_size: the HPACK dynamic table, in octets, for each direction
             (SETTINGS_HEADER_TABLE_SIZE).
         max_buffered: incoming octets held in unfinished messages on this connection at
-            once; a message that would go over it is treated as too large.
+            once; a message that would go over it is treated as too large (its
+            ``EV_TOO_LARGE`` event gives its length negated).
         max_pending_out: server: reply octets queued on this connection and not yet
             written; over it, received DATA is not given back to the peer's flow-control
             window until the replies drain, so a peer that does not read its replies
@@ -884,7 +885,9 @@ cdef class GrpcConnection:
                         | (<Py_ssize_t>call.prefix[3] << 8) | call.prefix[4])
                 if size > self.max_message_size or self.buffered + size > self.max_buffered:
                     call.discard = True
-                    self.events.append((EV_TOO_LARGE, call, size))
+                    # over max_buffered only: the length is given negative
+                    self.events.append((EV_TOO_LARGE, call,
+                                        size if size > self.max_message_size else -size))
                     return 0
                 call.message = PyBytes_FromStringAndSize(NULL, size)
                 call.message_len = size

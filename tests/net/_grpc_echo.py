@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -96,6 +97,37 @@ async def start(impl: str, limits: GrpcLimits | None = None, port: int = 0) -> S
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return Served(impl, server, f"127.0.0.1:{bound}")
+
+
+class Threaded:
+    """An echo server on its own event loop in a daemon thread."""
+
+    def __init__(self, impl: str, limits: GrpcLimits):
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.served = self.loop.run_until_complete(start(impl, limits))
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(20)
+        self.impl, self.address = impl, self.served.address
+
+    def stop(self, grace: float):
+        """Start a graceful stop; returns its concurrent future."""
+        return asyncio.run_coroutine_threadsafe(self.served.stop(grace), self.loop)
+
+    def close(self) -> None:
+        try:
+            self.stop(0).result(15)
+        except Exception:
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
 
 
 # -- the server in its own process ---------------------------------------------------------

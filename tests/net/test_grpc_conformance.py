@@ -8,9 +8,7 @@ ours to change, the test says what each transport does and why.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from dataclasses import replace
 
@@ -31,44 +29,13 @@ ENHANCE_YOUR_CALM = 11
 REFUSED_STREAM = 7
 
 
-class _Thread:
-    """An echo server on its own event loop in a daemon thread."""
-
-    def __init__(self, impl: str, limits: GrpcLimits):
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.served = self.loop.run_until_complete(echo.start(impl, limits))
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(20)
-        self.impl, self.address = impl, self.served.address
-
-    def stop(self, grace: float):
-        """Start a graceful stop; returns its concurrent future."""
-        return asyncio.run_coroutine_threadsafe(self.served.stop(grace), self.loop)
-
-    def close(self) -> None:
-        try:
-            self.stop(0).result(15)
-        except Exception:
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(params=IMPLS)
 def serve(request):
     """``serve(**limits)`` starts the echo server of the parametrized transport."""
     started = []
 
     def start(**limits):
-        server = _Thread(request.param, replace(GrpcLimits(), **limits))
+        server = echo.Threaded(request.param, replace(GrpcLimits(), **limits))
         started.append(server)
         return server
 

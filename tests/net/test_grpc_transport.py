@@ -219,3 +219,31 @@ async def test_channel_over_tls(tmp_path, impl):
             assert await channel.unary("/test.Echo/Echo", b"over tls") == b"over tls"
     finally:
         await server.stop(0)
+
+
+def test_buffered_request_octets_per_connection():
+    """A message that would take the connection's unfinished request octets over
+    max_buffered is refused with a status that names that limit; the connection goes on."""
+    pytest.importorskip("h2")
+    import _grpc_echo as echo
+
+    from mip.net.grpc_limits import GrpcLimits
+
+    server = echo.Threaded("native", GrpcLimits(max_buffered=1000))
+    raw = echo.RawH2(server.address)
+    try:
+        first = raw.request(body=None, end=False)
+        raw.conn.send_data(first, echo.message(b"a" * 800)[:100])  # 800 announced, 95 sent
+        refused = raw.call(body=b"b" * 400)
+        raw.conn.send_data(first, echo.message(b"a" * 800)[100:], end_stream=True)
+        raw.flush()
+        events = raw.events(lambda e: getattr(e, "stream_id", 0) == first
+                            and type(e).__name__ == "StreamEnded")
+    finally:
+        raw.close()
+        server.close()
+    status = refused["headers"].get(b"grpc-status") or refused["trailers"].get(b"grpc-status")
+    assert status == b"8"  # RESOURCE_EXHAUSTED
+    assert b"max_buffered" in (refused["headers"].get(b"grpc-message") or b"")
+    data = b"".join(e.data for e in events if type(e).__name__ == "DataReceived")
+    assert data == echo.message(b"a" * 800)
