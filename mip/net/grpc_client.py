@@ -47,8 +47,8 @@ class _ClientProtocol(H2Protocol):
                     continue
                 status = call.grpc_status
                 if status is None:
-                    future.set_exception(RpcError(
-                        Status.UNAVAILABLE if value == 0 else Status.CANCELLED,
+                    future.set_exception(RpcError(  # NO_ERROR or REFUSED_STREAM: UNAVAILABLE
+                        Status.UNAVAILABLE if value in (0, 7) else Status.CANCELLED,
                         f"stream closed without a status (HTTP/2 error {value}, "
                         f"HTTP status {call.http_status})"))
                 elif status != 0:
@@ -120,7 +120,10 @@ class GrpcChannel:
         if isinstance(path, str):
             path = path.encode()
         future = self._loop.create_future()
-        call = protocol.h2.start_call(path, self.authority, payload, metadata, timeout)
+        try:
+            call = protocol.h2.start_call(path, self.authority, payload, metadata, timeout)
+        except _h2.H2Error as exc:  # e.g. the server has sent GOAWAY: no new streams
+            raise RpcError(Status.UNAVAILABLE, f"cannot start a call: {exc}") from None
         call.tag = future
         protocol.flush()
         return future

@@ -247,3 +247,23 @@ def test_buffered_request_octets_per_connection():
     assert b"max_buffered" in (refused["headers"].get(b"grpc-message") or b"")
     data = b"".join(e.data for e in events if type(e).__name__ == "DataReceived")
     assert data == echo.message(b"a" * 800)
+
+
+async def test_our_channel_through_a_graceful_shutdown():
+    """The call in flight completes; a call after the GOAWAY is UNAVAILABLE."""
+    async def slow(request, context):
+        await asyncio.sleep(0.5)
+        return b"done"
+
+    server = GrpcServer({"/test.Echo/Slow": unary(slow)})
+    _, port = await server.start("127.0.0.1", 0)
+    async with GrpcChannel(f"127.0.0.1:{port}") as channel:
+        pending = channel.unary("/test.Echo/Slow", b"")
+        await asyncio.sleep(0.1)
+        stopping = asyncio.ensure_future(server.stop(5))
+        assert await pending == b"done"
+        await stopping
+        with pytest.raises((RpcError, ConnectionError)) as info:
+            await channel.unary("/test.Echo/Slow", b"")
+        if isinstance(info.value, RpcError):
+            assert info.value.code == Status.UNAVAILABLE
