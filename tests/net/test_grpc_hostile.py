@@ -20,7 +20,7 @@ pytest.importorskip("mip.protocol._h2", reason="mip.protocol._h2 not built (no l
 pytest.importorskip("h2")
 
 import grpc  # noqa: E402
-from hyperframe.frame import GoAwayFrame, RstStreamFrame  # noqa: E402
+from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame  # noqa: E402
 
 import _grpc_echo as echo  # noqa: E402
 
@@ -196,6 +196,26 @@ def test_hpack_bomb(guarded):
         goaways = hpack_bomb(server.address, streams=400, references=3000)
         assert [(g.error_code, g.additional_data) for g in goaways] == [
             (ENHANCE_YOUR_CALM, b"header_list_too_large")]
+    # under four times the limit: every stream is answered RESOURCE_EXHAUSTED and the
+    # connection goes on
+    sock = attacker(server.address)
+    big = literal(b"x-bomb", b"a" * 4000, indexed=True)
+    frames = []
+    for batch in range(4):  # 100 streams at a time, within max_concurrent_streams
+        ids = range(200 * batch + 1, 200 * batch + 200, 2)
+        send(sock, b"".join(frame(HEADERS, END_HEADERS | END_STREAM, i,
+                                  REQUEST + (big if i == 1 else b"") + b"\xbe" * 10)
+                            for i in ids))
+        frames += echo.read_frames(sock, lambda f: f.stream_id == ids[-1]
+                                   and "END_STREAM" in f.flags)
+    sock.close()
+    answered = [f for f in frames if isinstance(f, HeadersFrame)]
+    assert len(answered) == 400 and not any(isinstance(f, GoAwayFrame) for f in frames)
+    from hpack import Decoder
+
+    decoder = Decoder()
+    statuses = [dict(decoder.decode(f.data, raw=True)).get(b"grpc-status") for f in answered]
+    assert statuses == [b"8"] * 400  # RESOURCE_EXHAUSTED
 
 
 FLOODS = {
