@@ -14,6 +14,7 @@ import ssl
 import sys
 
 from mip.errors import MipError
+from mip.net import grpc_limits
 
 __all__ = ["main"]
 
@@ -198,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-impl", choices=("native", "grpcio"), default=None,
                        help="gRPC transport: 'native' (mip's HTTP/2 on libnghttp2, the default "
                             "where it is built) or 'grpcio'")
+    grpc_limits.add_arguments(serve, _size)  # --grpc-max-concurrent-streams etc.
     serve.add_argument("--http-max-body-size", type=_size, default=64 << 20, metavar="OCTETS",
                        help="largest REST request body after decompression, e.g. 64M "
                             "(default 64M)")
@@ -369,7 +371,10 @@ async def _start_oip(args, engine) -> list:
                                 max_message_size=args.grpc_max_message_size,
                                 request_timeout=args.request_timeout, tls_cert=args.tls_cert,
                                 tls_key=args.tls_key, tls_ca=args.tls_ca,
-                                implementation=args.grpc_impl)
+                                implementation=args.grpc_impl,
+                                limits=grpc_limits.from_arguments(
+                                    args, max_connections=args.max_connections,
+                                    idle_timeout=args.idle_timeout))
             address = await server.start(args.grpc)
             started.append(server)
             print(f"mip: serving KServe v2 gRPC on {address} ({server.implementation})",

@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import ssl as _ssl
 
-from mip.net.grpc_server import H2Protocol, RpcError, Status
+from mip.net.grpc_server import _RECEIVE_BUFFER, H2Protocol, RpcError, Status, tls_context
 from mip.protocol import _h2
 
 __all__ = ["GrpcChannel", "RpcError", "Status"]
+
 
 class _ClientProtocol(H2Protocol):
     def __init__(self, channel: GrpcChannel):
         super().__init__(channel._loop)
         self.channel = channel
-        self.h2 = _h2.GrpcConnection(client=True, max_message_size=channel.max_message_size)
+        self.buffer = memoryview(bytearray(_RECEIVE_BUFFER))
+        self.h2 = _h2.GrpcConnection(client=True, max_message_size=channel.max_message_size,
+                                     scheme=b"https" if channel.ssl is not None else b"http")
         self.lost: Exception | None = None
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -44,8 +47,8 @@ class _ClientProtocol(H2Protocol):
                     continue
                 status = call.grpc_status
                 if status is None:
-                    future.set_exception(RpcError(
-                        Status.UNAVAILABLE if value == 0 else Status.CANCELLED,
+                    future.set_exception(RpcError(  # NO_ERROR or REFUSED_STREAM: UNAVAILABLE
+                        Status.UNAVAILABLE if value in (0, 7) else Status.CANCELLED,
                         f"stream closed without a status (HTTP/2 error {value}, "
                         f"HTTP status {call.http_status})"))
                 elif status != 0:
@@ -55,7 +58,7 @@ class _ClientProtocol(H2Protocol):
             elif event == _h2.EV_TOO_LARGE:
                 call.tag = None
                 future.set_exception(RpcError(Status.RESOURCE_EXHAUSTED,
-                                              f"reply of {value} octets is over the limit"))
+                                              f"reply of {abs(value)} octets is over the limit"))
                 self.h2.reset(call)
         self._flush_now()
 
@@ -75,20 +78,20 @@ class GrpcChannel:
 
     Args:
         address: ``HOST:PORT``.
-        ssl: a client :class:`ssl.SSLContext` (ALPN ``h2`` is set on it), or ``None``.
+        ssl: ``True`` for TLS with the system's CAs, a client :class:`ssl.SSLContext`
+            offering ALPN ``h2`` (:func:`~mip.net.grpc_server.tls_context` makes one), or
+            ``None``; requests over TLS carry ``:scheme https``.
         max_message_size: largest reply message accepted, in octets.
     """
 
-    def __init__(self, address: str, *, ssl: _ssl.SSLContext | None = None,
+    def __init__(self, address: str, *, ssl: _ssl.SSLContext | bool | None = None,
                  max_message_size: int = 1 << 30):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"gRPC address must be HOST:PORT, not {address!r}")
         self.host, self.port = host.strip("[]"), int(port)
         self.authority = address.encode()
-        self.ssl = ssl
-        if ssl is not None:
-            ssl.set_alpn_protocols(["h2"])
+        self.ssl = tls_context(server=False) if ssl is True else (ssl or None)
         self.max_message_size = max_message_size
         self._protocol: _ClientProtocol | None = None
         self._loop = None
@@ -117,7 +120,10 @@ class GrpcChannel:
         if isinstance(path, str):
             path = path.encode()
         future = self._loop.create_future()
-        call = protocol.h2.start_call(path, self.authority, payload, metadata, timeout)
+        try:
+            call = protocol.h2.start_call(path, self.authority, payload, metadata, timeout)
+        except _h2.H2Error as exc:  # e.g. the server has sent GOAWAY: no new streams
+            raise RpcError(Status.UNAVAILABLE, f"cannot start a call: {exc}") from None
         call.tag = future
         protocol.flush()
         return future

@@ -11,6 +11,11 @@ A call whose client resets its stream (a cancelled call) or whose ``grpc-timeout
 passes has its handler task cancelled; a deadline ends the call with DEADLINE_EXCEEDED.
 Messages over ``max_message_size`` are refused with RESOURCE_EXHAUSTED before their
 memory is taken. Replies finished in one pass of the event loop leave in one write.
+
+What a connection may hold and how long it may idle is bounded by
+:class:`~mip.net.grpc_limits.GrpcLimits` (docs/grpc.md lists each limit). Connections
+read into one receive buffer per server (the data is copied out before the next read),
+so an idle connection costs its nghttp2 session and a few Python objects.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from mip.net.grpc_limits import GrpcLimits
 from mip.protocol import _h2
 
-__all__ = ["Context", "GrpcServer", "H2Protocol", "Method", "RpcError", "Status", "stream_stream", "unary",
-           "unary_future"]
+__all__ = ["Context", "GrpcLimits", "GrpcServer", "H2Protocol", "Method", "RpcError", "Status",
+           "stream_stream", "tls_context", "unary", "unary_future"]
 
 log = logging.getLogger("mip.net.grpc_server")
 
@@ -175,20 +181,42 @@ class _State:
         self.queued = 0
 
 
+def tls_context(*, server: bool, cert: str | None = None, key: str | None = None,
+                ca: str | None = None) -> _ssl.SSLContext:
+    """A TLS context for gRPC: ALPN ``h2``; a server with ``ca`` requires client
+    certificates signed by it, a client with ``ca`` trusts it (else the system's CAs)."""
+    if server:
+        context = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        if ca:
+            context.load_verify_locations(ca)
+            context.verify_mode = _ssl.CERT_REQUIRED
+    else:
+        context = _ssl.create_default_context(cafile=ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
 class H2Protocol(asyncio.BufferedProtocol):
     """What both ends of a :class:`~mip.protocol._h2.GrpcConnection` do on asyncio: the
-    socket reads into one reused buffer, TCP_NODELAY, and what the connection wants to send
-    leaves at the end of the event loop's pass in one write. ``h2`` is set by the subclass
-    before :meth:`connection_made` runs."""
+    socket reads into a reused buffer, TCP_NODELAY, and what the connection wants to send
+    leaves at the end of the event loop's pass in one write (none while the transport's
+    write buffer is full: what waits stays in the connection, counted against its
+    limits). ``h2`` and ``buffer`` are set by the subclass before :meth:`connection_made`
+    runs."""
 
     h2: _h2.GrpcConnection
+    buffer: memoryview
+    parked = ()  # server: calls waiting for replies to drain (see _Connection._unpark)
 
     def __init__(self, loop):
         self.loop = loop
         self.transport = None
-        self.buffer = memoryview(bytearray(_RECEIVE_BUFFER))
         self.flush_scheduled = False
         self.closed = False
+        self.paused = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -208,7 +236,7 @@ class H2Protocol(asyncio.BufferedProtocol):
 
     def _flush_now(self) -> None:
         self.flush_scheduled = False
-        if self.closed or self.transport is None or self.transport.is_closing():
+        if self.paused or self.closed or self.transport is None or self.transport.is_closing():
             return
         try:
             out = self.h2.data_to_send()
@@ -223,6 +251,18 @@ class H2Protocol(asyncio.BufferedProtocol):
                 self.transport.writelines(out)
         if not self.h2.want_read and not self.h2.want_write:
             self.transport.close()
+        elif self.parked and self.h2.pending_out <= self.h2.max_pending_out // 2:
+            self._unpark()
+
+    def pause_writing(self) -> None:
+        """The peer does not read: stop reading it, and stop queuing for it."""
+        self.paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.transport.resume_reading()
+        self._flush_now()
 
 
 class _Connection(H2Protocol):
@@ -230,22 +270,75 @@ class _Connection(H2Protocol):
         super().__init__(server._loop)
         self.server = server
         self.h2 = None
-        self.paused = False
+        self.buffer = server._buffer
+        now = server._loop.time()
+        self.accepted = self.idle_since = self.ping_sent = now
+        self.streams_seen = 0
+        self.parked = []  # unary calls (and futures of streaming handlers) waiting for
+        # this connection's replies to drain
 
     # -- asyncio -----------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         s = self.server
-        self.h2 = _h2.GrpcConnection(max_message_size=s.max_message_size,
-                                     max_concurrent_streams=s.max_concurrent_streams)
+        if len(s._connections) >= s.limits.max_connections and not s._make_room():
+            log.warning("gRPC connection refused: %d connections open (max_connections)",
+                        len(s._connections))
+            self.closed = True
+            transport.abort()
+            return
+        self.h2 = s._new_h2()
         s._connections.add(self)
         super().connection_made(transport)
+
+    def close(self, reason: bytes = b"") -> None:
+        """GOAWAY (NO_ERROR, ``reason`` as debug data), then close once it is written."""
+        if self.closed:
+            return
+        try:
+            self.h2.goaway(0, reason)
+            self.paused = False
+            self._flush_now()
+        except _h2.H2Error:
+            pass
+        self.closed = True
+        self.server._connections.discard(self)
+        self.transport.close()
+
+    def check(self, now: float) -> None:
+        """The server's periodic look: handshake, idle and keepalive timers."""
+        h2, limits = self.h2, self.server.limits
+        if not h2.handshaken:
+            if limits.handshake_timeout and now - self.accepted >= limits.handshake_timeout:
+                log.debug("gRPC connection closed: no HTTP/2 preface within %gs",
+                          limits.handshake_timeout)
+                self.closed = True
+                self.server._connections.discard(self)
+                self.transport.abort()
+            return
+        started = h2.streams_started
+        if h2.open_calls or started != self.streams_seen:
+            self.idle_since = now
+            self.streams_seen = started
+        elif limits.idle_timeout and now - self.idle_since >= limits.idle_timeout:
+            self.close(b"max_idle")
+            return
+        if limits.keepalive_interval:
+            if h2.ping_pending:
+                if now - self.ping_sent >= limits.keepalive_timeout:
+                    log.debug("gRPC connection closed: keepalive PING not answered")
+                    self.close(b"keepalive_timeout")
+            elif h2.open_calls and now - self.ping_sent >= limits.keepalive_interval:
+                h2.ping()
+                self.ping_sent = now
+                self.flush()
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
             events = self.h2.receive(self.buffer[:nbytes])
         except _h2.H2Error as exc:
             log.debug("HTTP/2 error from the peer: %s", exc)
+            self.paused = False
             self._flush_now()
             self.transport.close()
             return
@@ -265,15 +358,6 @@ class _Connection(H2Protocol):
             for call in self.h2.live_calls():
                 if not call.finished:
                     self._cancel(call)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-        self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self.transport.resume_reading()
-        self._flush_now()
 
     # -- calls -------------------------------------------------------------------------
 
@@ -310,22 +394,49 @@ class _Connection(H2Protocol):
                 state.queue.put_nowait(_EOF)
             elif state.message is None:
                 self._end(call, Status.UNIMPLEMENTED, "the call carries no request message")
-            elif state.method.returns_future:
-                self._start_future(call, state)
+            elif self.h2.pending_out > self.h2.max_pending_out:
+                self.parked.append(call)  # replies are not being read: wait for them
             else:
-                state.task = self.loop.create_task(self._unary(call, state))
+                self._run(call, state)
         elif event == _h2.EV_TOO_LARGE:
-            self._end(call, Status.RESOURCE_EXHAUSTED, self.server.too_large(value))
+            self._end(call, Status.RESOURCE_EXHAUSTED, self.server.too_large(value) if value > 0
+                      else f"message of {-value} octets: {self.h2.buffered} octets of other "
+                           f"requests are being received on this connection, and the limit is "
+                           f"{self.h2.max_buffered} (max_buffered, --grpc-max-buffered)")
+
+    def _run(self, call, state: _State) -> None:
+        """Start a unary call's handler."""
+        if state.method.returns_future:
+            self._start_future(call, state)
+        else:
+            state.task = self.loop.create_task(self._unary(call, state))
+
+    def _unpark(self) -> None:
+        """Start the calls (and wake the streaming handlers) that waited for this
+        connection's replies to drain."""
+        parked, self.parked = self.parked, []
+        for item in parked:
+            if isinstance(item, asyncio.Future):
+                if not item.done():
+                    item.set_result(None)
+            elif item.tag is not None and not item.finished:
+                self._run(item, item.tag)
 
     def _begin(self, call) -> None:
+        # as grpc-core: 405 for a method other than POST, 415 for another content type
+        if call.method != "POST":
+            self.h2.refuse(call, 405, Status.INTERNAL,
+                           f"a gRPC call is a POST, not a {call.method}")
+            return
+        content_type = call.content_type or ""
+        if not (content_type == "application/grpc"
+                or content_type.startswith(("application/grpc+", "application/grpc;"))):
+            self.h2.refuse(call, 415, Status.INTERNAL,
+                           f"a gRPC call carries application/grpc, not {content_type!r}")
+            return
         method = self.server.methods.get(call.path)
         if method is None:
             self._end(call, Status.UNIMPLEMENTED, f"unknown method {call.path}")
-            return
-        if call.method != "POST" or not (call.content_type or "").startswith("application/grpc"):
-            self._end(call, Status.INTERNAL,
-                      f"a gRPC call is a POST of application/grpc, not {call.method} of "
-                      f"{call.content_type}")
             return
         state = call.tag = _State(method)
         if call.timeout is not None:
@@ -445,6 +556,11 @@ class _Connection(H2Protocol):
                     return
                 self.h2.send_message(call, serialize(response) if serialize else response)
                 self.flush()
+                if self.h2.pending_out > self.h2.max_pending_out:
+                    # the replies are not being read: produce no more until they drain
+                    drained = self.loop.create_future()
+                    self.parked.append(drained)
+                    await drained
         except asyncio.CancelledError:
             return
         except Exception as exc:
@@ -460,50 +576,110 @@ class GrpcServer:
         methods: ``{"/package.Service/Method": Method}``.
         max_message_size: largest request message, in octets (larger ones are refused
             with RESOURCE_EXHAUSTED before they are buffered).
-        max_concurrent_streams: calls in progress on one connection.
-        ssl: a server-side :class:`ssl.SSLContext` (ALPN ``h2`` is set on it), or ``None``.
+        limits: what a connection may hold and how long it may idle
+            (:class:`~mip.net.grpc_limits.GrpcLimits`; its defaults when ``None``).
+        ssl: a server-side :class:`ssl.SSLContext` offering ALPN ``h2``
+            (:func:`tls_context` makes one), or ``None``.
         too_large: the RESOURCE_EXHAUSTED message for a request of N octets.
     """
 
     def __init__(self, methods: dict[str, Method], *, max_message_size: int = 4 << 20,
-                 max_concurrent_streams: int = 1024, ssl: _ssl.SSLContext | None = None,
+                 limits: GrpcLimits | None = None, ssl: _ssl.SSLContext | None = None,
                  too_large: Callable[[int], str] | None = None):
         self.methods = dict(methods)
         self.max_message_size = max_message_size
-        self.max_concurrent_streams = max_concurrent_streams
+        self.limits = limits = limits or GrpcLimits()
         self.ssl = ssl
-        if ssl is not None:
-            ssl.set_alpn_protocols(["h2"])
         self.too_large = too_large or (
             lambda n: f"message of {n} octets is over the limit of {max_message_size} octets")
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_Connection] = set()
         self._loop = None
+        self._sweeper = None
+        # every connection reads into this buffer: asyncio hands it to buffer_updated
+        # right after the read, and receive() copies what it keeps
+        self._buffer = memoryview(bytearray(_RECEIVE_BUFFER))
+        timers = [t for t in (limits.handshake_timeout, limits.idle_timeout,
+                              limits.keepalive_interval, limits.keepalive_timeout) if t]
+        self._sweep_every = max(0.05, min([1.0] + [t / 4 for t in timers]))
+
+    def _new_h2(self) -> _h2.GrpcConnection:
+        limits = self.limits
+        return _h2.GrpcConnection(
+            max_message_size=self.max_message_size,
+            max_concurrent_streams=limits.max_concurrent_streams,
+            max_header_list_size=limits.max_header_list_size,
+            header_table_size=limits.header_table_size,
+            max_buffered=limits.max_buffered or max(4 * self.max_message_size, 64 << 20),
+            max_pending_out=limits.max_pending_reply,
+            min_ping_interval=limits.min_ping_interval,
+            max_ping_strikes=limits.max_ping_strikes,
+            reset_burst=limits.reset_burst, reset_rate=limits.max_reset_rate)
+
+    def _make_room(self) -> bool:
+        """At max_connections: close the longest-idle connection; False if all are busy."""
+        now = self._loop.time()
+        idle = []
+        for c in self._connections:
+            if c.h2.streams_started != c.streams_seen:  # calls since the last sweep
+                c.idle_since, c.streams_seen = now, c.h2.streams_started
+            if not c.h2.open_calls:
+                idle.append(c)
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since)
+        log.info("gRPC: closing the longest-idle connection for a new one (max_connections)")
+        victim.close(b"max_connections")
+        return True
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for connection in list(self._connections):
+            if not connection.closed:
+                connection.check(now)
+        self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (port 0: a free one); returns the bound address."""
         self._loop = asyncio.get_running_loop()
+        handshake = self.limits.handshake_timeout
         self._server = await self._loop.create_server(
             lambda: _Connection(self), host, port, ssl=self.ssl, reuse_address=True,
-            backlog=1024)
+            backlog=1024,
+            ssl_handshake_timeout=(handshake or None) if self.ssl is not None else None)
+        self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         bound = self._server.sockets[0].getsockname()
         return bound[0], bound[1]
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Stop accepting; calls in progress get ``grace`` seconds, then connections close."""
+        """Stop accepting; then the two-phase GOAWAY: a notice (last stream 2^31-1) and a
+        PING, the final GOAWAY once the PING is answered (or after a second); calls in
+        progress get ``grace`` seconds, then connections close."""
         if self._server is None:
             return
         self._server.close()
-        for connection in list(self._connections):
-            try:
-                connection.h2.goaway()
-                connection.flush()
-            except Exception:
-                pass
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        loop = self._loop
+
+        def each(step):
+            for connection in list(self._connections):
+                try:
+                    step(connection.h2)
+                    connection.flush()
+                except Exception:
+                    pass
+
+        each(_h2.GrpcConnection.shutdown_notice)
+        deadline = loop.time() + min(1.0, grace or 1.0)
+        while (any(c.h2.shutdown_state == 1 for c in self._connections)
+               and loop.time() < deadline):
+            await asyncio.sleep(0.01)
+        each(_h2.GrpcConnection.goaway)
         if grace:
-            deadline = self._loop.time() + grace
+            deadline = loop.time() + grace
             while (any(c.h2.open_calls for c in self._connections)
-                   and self._loop.time() < deadline):
+                   and loop.time() < deadline):
                 await asyncio.sleep(0.01)
         for connection in list(self._connections):
             connection.transport.close()

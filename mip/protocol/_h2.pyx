@@ -15,10 +15,40 @@ list of events back; whatever the connection wants to send is collected by
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t
+from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t, uint64_t
 from libc.string cimport memcpy
 from libc.stdlib cimport malloc, free
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+import binascii
+
+# nghttp2 1.61 deprecated the ssize_t entry points for *2 ones taking nghttp2_ssize; use
+# them where the installed library has them, the older ones otherwise.
+cdef extern from *:
+    """
+    #include <nghttp2/nghttp2.h>
+    #if NGHTTP2_VERSION_NUM >= 0x013d00
+    #define MIP_H2_API2 1
+    typedef nghttp2_ssize mip_h2_ssize;
+    typedef nghttp2_data_source_read_callback2 mip_h2_read_callback;
+    typedef nghttp2_data_provider2 mip_h2_data_provider;
+    #define mip_h2_mem_recv nghttp2_session_mem_recv2
+    #define mip_h2_mem_send nghttp2_session_mem_send2
+    #define mip_h2_submit_response nghttp2_submit_response2
+    #define mip_h2_submit_request nghttp2_submit_request2
+    #else
+    #define MIP_H2_API2 0
+    typedef ssize_t mip_h2_ssize;
+    typedef nghttp2_data_source_read_callback mip_h2_read_callback;
+    typedef nghttp2_data_provider mip_h2_data_provider;
+    #define mip_h2_mem_recv nghttp2_session_mem_recv
+    #define mip_h2_mem_send nghttp2_session_mem_send
+    #define mip_h2_submit_response nghttp2_submit_response
+    #define mip_h2_submit_request nghttp2_submit_request
+    #endif
+    """
+    int MIP_H2_API2
 
 cdef extern from "nghttp2/nghttp2.h":
     ctypedef struct nghttp2_session:
@@ -42,6 +72,9 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_frame_hd hd
         int32_t last_stream_id
         uint32_t error_code
+    ctypedef struct nghttp2_ping:
+        nghttp2_frame_hd hd
+        uint8_t opaque_data[8]
     ctypedef struct nghttp2_data:
         nghttp2_frame_hd hd
         size_t padlen
@@ -50,16 +83,18 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_headers headers
         nghttp2_rst_stream rst_stream
         nghttp2_goaway goaway
+        nghttp2_ping ping
         nghttp2_data data
     ctypedef union nghttp2_data_source:
         int fd
         void *ptr
-    ctypedef ssize_t (*nghttp2_data_source_read_callback)(
+    ctypedef ssize_t mip_h2_ssize
+    ctypedef mip_h2_ssize (*mip_h2_read_callback)(
         nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
         uint32_t *data_flags, nghttp2_data_source *source, void *user_data) noexcept
-    ctypedef struct nghttp2_data_provider:
+    ctypedef struct mip_h2_data_provider:
         nghttp2_data_source source
-        nghttp2_data_source_read_callback read_callback
+        mip_h2_read_callback read_callback
     ctypedef struct nghttp2_nv:
         uint8_t *name
         uint8_t *value
@@ -74,9 +109,12 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_DATA = 0
         NGHTTP2_HEADERS = 1
         NGHTTP2_RST_STREAM = 3
+        NGHTTP2_SETTINGS = 4
+        NGHTTP2_PING = 6
         NGHTTP2_GOAWAY = 7
         NGHTTP2_FLAG_NONE = 0
         NGHTTP2_FLAG_END_STREAM = 1
+        NGHTTP2_FLAG_ACK = 1
         NGHTTP2_HCAT_REQUEST = 0
         NGHTTP2_HCAT_RESPONSE = 1
         NGHTTP2_HCAT_PUSH_RESPONSE = 2
@@ -86,6 +124,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_DATA_FLAG_NO_COPY = 4
         NGHTTP2_ERR_DEFERRED = -508
         NGHTTP2_ERR_CALLBACK_FAILURE = -902
+        NGHTTP2_ERR_FLOODED = -904
         NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE = -521
         NGHTTP2_SETTINGS_HEADER_TABLE_SIZE = 1
         NGHTTP2_SETTINGS_ENABLE_PUSH = 2
@@ -96,6 +135,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_NO_ERROR = 0
         NGHTTP2_PROTOCOL_ERROR = 1
         NGHTTP2_INTERNAL_ERROR = 2
+        NGHTTP2_REFUSED_STREAM = 7
         NGHTTP2_CANCEL = 8
         NGHTTP2_ENHANCE_YOUR_CALM = 11
         NGHTTP2_NV_FLAG_NONE = 0
@@ -109,6 +149,7 @@ cdef extern from "nghttp2/nghttp2.h":
     ctypedef int (*on_stream_close_cb)(nghttp2_session *, int32_t, uint32_t, void *) noexcept
     ctypedef int (*send_data_cb)(nghttp2_session *, nghttp2_frame *, const uint8_t *, size_t,
                                  nghttp2_data_source *, void *) noexcept
+    ctypedef int (*on_frame_send_cb)(nghttp2_session *, const nghttp2_frame *, void *) noexcept
 
     int nghttp2_session_callbacks_new(nghttp2_session_callbacks **callbacks_ptr)
     void nghttp2_session_callbacks_del(nghttp2_session_callbacks *callbacks)
@@ -118,11 +159,16 @@ cdef extern from "nghttp2/nghttp2.h":
     void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *, on_data_chunk_recv_cb)
     void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *, on_stream_close_cb)
     void nghttp2_session_callbacks_set_send_data_callback(nghttp2_session_callbacks *, send_data_cb)
+    void nghttp2_session_callbacks_set_on_frame_send_callback(nghttp2_session_callbacks *, on_frame_send_cb)
 
     int nghttp2_option_new(nghttp2_option **option_ptr)
     void nghttp2_option_del(nghttp2_option *option)
     void nghttp2_option_set_max_send_header_block_length(nghttp2_option *option, size_t val)
     void nghttp2_option_set_peer_max_concurrent_streams(nghttp2_option *option, uint32_t val)
+    void nghttp2_option_set_max_deflate_dynamic_table_size(nghttp2_option *option, size_t val)
+    void nghttp2_option_set_max_outbound_ack(nghttp2_option *option, size_t val)
+    void nghttp2_option_set_max_settings(nghttp2_option *option, size_t val)
+    void nghttp2_option_set_no_auto_window_update(nghttp2_option *option, int val)
 
     int nghttp2_session_server_new2(nghttp2_session **session_ptr,
                                     const nghttp2_session_callbacks *callbacks, void *user_data,
@@ -131,8 +177,9 @@ cdef extern from "nghttp2/nghttp2.h":
                                     const nghttp2_session_callbacks *callbacks, void *user_data,
                                     const nghttp2_option *option)
     void nghttp2_session_del(nghttp2_session *session)
-    ssize_t nghttp2_session_mem_recv(nghttp2_session *session, const uint8_t *data, size_t length)
-    ssize_t nghttp2_session_mem_send(nghttp2_session *session, const uint8_t **data_ptr)
+    mip_h2_ssize mip_h2_mem_recv(nghttp2_session *session, const uint8_t *data, size_t length)
+    mip_h2_ssize mip_h2_mem_send(nghttp2_session *session, const uint8_t **data_ptr)
+    int nghttp2_session_consume(nghttp2_session *session, int32_t stream_id, size_t size)
     int nghttp2_session_want_read(nghttp2_session *session)
     int nghttp2_session_want_write(nghttp2_session *session)
     int nghttp2_session_resume_data(nghttp2_session *session, int32_t stream_id)
@@ -142,18 +189,20 @@ cdef extern from "nghttp2/nghttp2.h":
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *session)
     int nghttp2_submit_settings(nghttp2_session *session, uint8_t flags,
                                 const nghttp2_settings_entry *iv, size_t niv)
-    int nghttp2_submit_response(nghttp2_session *session, int32_t stream_id,
-                                const nghttp2_nv *nva, size_t nvlen,
-                                const nghttp2_data_provider *data_prd)
-    int32_t nghttp2_submit_request(nghttp2_session *session, const void *pri_spec,
-                                   const nghttp2_nv *nva, size_t nvlen,
-                                   const nghttp2_data_provider *data_prd, void *stream_user_data)
+    int mip_h2_submit_response(nghttp2_session *session, int32_t stream_id,
+                               const nghttp2_nv *nva, size_t nvlen,
+                               const mip_h2_data_provider *data_prd)
+    int32_t mip_h2_submit_request(nghttp2_session *session, const void *pri_spec,
+                                  const nghttp2_nv *nva, size_t nvlen,
+                                  const mip_h2_data_provider *data_prd, void *stream_user_data)
     int nghttp2_submit_trailer(nghttp2_session *session, int32_t stream_id,
                                const nghttp2_nv *nva, size_t nvlen)
     int nghttp2_submit_rst_stream(nghttp2_session *session, uint8_t flags, int32_t stream_id,
                                   uint32_t error_code)
     int nghttp2_submit_goaway(nghttp2_session *session, uint8_t flags, int32_t last_stream_id,
                               uint32_t error_code, const uint8_t *opaque_data, size_t opaque_data_len)
+    int nghttp2_submit_shutdown_notice(nghttp2_session *session)
+    int nghttp2_submit_ping(nghttp2_session *session, uint8_t flags, const uint8_t *opaque_data)
     const char *nghttp2_strerror(int lib_error_code)
 
 
@@ -165,6 +214,18 @@ EV_CLOSED = 4      # the stream is gone (value: HTTP/2 error code, 0 if it ended
 EV_TOO_LARGE = 5   # a message announced more than the maximum (value: its length)
 EV_RESPONSE = 6    # client: the response headers (value: HTTP status)
 EV_TRAILERS = 7    # client: trailers, or a trailers-only response (value None)
+
+#: what :meth:`GrpcConnection.receive` raises for a peer that broke one of the
+#: connection's limits (a GOAWAY ENHANCE_YOUR_CALM with this debug data is queued)
+TOO_MANY_PINGS = "too_many_pings"
+TOO_MANY_RESETS = "too_many_resets"
+TOO_MANY_SETTINGS = "too_many_settings"
+HEADER_LIST_TOO_LARGE = "header_list_too_large"
+
+DEF SETTINGS_BURST = 100   # SETTINGS frames taken at once ...
+DEF SETTINGS_RATE = 10     # ... and per second after that
+DEF HARD_HEADER_FACTOR = 4  # a header list this many times over the limit ends the connection
+DEF MAX_OUTBOUND_ACK = 1000  # SETTINGS / PING ACKs queued before nghttp2 ends the connection
 
 DEF PREFIX = 5
 DEF VIEW_BELOW = 16384  # outgoing payload pieces shorter than this are copied into one write
@@ -210,6 +271,10 @@ cdef class Call:
     cdef object trailers        # list of (bytes, bytes) to send once out is empty, or None
     cdef bint headers_sent, ended, deferred
     cdef Py_ssize_t buffered    # incoming octets held for this call
+    cdef Py_ssize_t header_octets  # of the request's header list, as HTTP/2 counts them
+    cdef Py_ssize_t out_octets  # queued in out, not yet handed to the socket
+    cdef Py_ssize_t unconsumed  # DATA octets received but not yet given back to the window
+    cdef bint oversize          # the request's header list went over the limit
 
     def __cinit__(self, int32_t stream_id):
         self.stream_id = stream_id
@@ -223,6 +288,35 @@ cdef class Call:
 
     def __repr__(self):
         return f"Call(stream_id={self.stream_id}, path={self.path!r})"
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef struct Bucket:  # a token bucket: burst tokens, refilled at rate per second
+    double tokens, burst, rate, stamp
+
+
+cdef inline bint _take(Bucket *b, double now) noexcept nogil:
+    """Take one token; False when none is left."""
+    if b.rate <= 0:
+        return True
+    b.tokens = min(b.burst, b.tokens + (now - b.stamp) * b.rate)
+    b.stamp = now
+    if b.tokens < 1:
+        return False
+    b.tokens -= 1
+    return True
+
+
+cdef inline void _fill(Bucket *b, double burst, double rate) noexcept nogil:
+    b.tokens = burst
+    b.burst = burst
+    b.rate = rate
+    b.stamp = _now()
 
 
 cdef inline int _check(int rv) except -1:
@@ -268,16 +362,47 @@ cdef class GrpcConnection:
         client: ``True`` for the client side (the connection preface is sent first).
         max_message_size: largest incoming message, in octets; a longer one gives an
             ``EV_TOO_LARGE`` event and the rest of its stream is dropped.
-        max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS announced to the peer.
+        max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS announced to the peer;
+            nghttp2 refuses streams over it (REFUSED_STREAM), from the first one.
         window_size: the receive window per stream and for the connection, in octets.
-        max_header_list_size: SETTINGS_MAX_HEADER_LIST_SIZE announced to the peer.
+        max_header_list_size: SETTINGS_MAX_HEADER_LIST_SIZE announced to the peer, and
+            enforced on what arrives: a request whose header list (name + value + 32 per
+            field) is over it is answered RESOURCE_EXHAUSTED without reaching the
+            application; one over four times it ends the connection (GOAWAY
+            ENHANCE_YOUR_CALM ``header_list_too_large``).
+        header_table_size: the HPACK dynamic table, in octets, for each direction
+            (SETTINGS_HEADER_TABLE_SIZE).
         max_buffered: incoming octets held in unfinished messages on this connection at
-            once; a message that would go over it is treated as too large.
+            once; a message that would go over it is treated as too large (its
+            ``EV_TOO_LARGE`` event gives its length negated).
+        max_pending_out: server: reply octets queued on this connection and not yet
+            written; over it, received DATA is not given back to the peer's flow-control
+            window until the replies drain, so a peer that does not read its replies
+            stops being able to send requests.
+        min_ping_interval / max_ping_strikes: server: a PING sooner than
+            ``min_ping_interval`` seconds after the previous one, with no HEADERS or DATA
+            sent in between, is a strike (with no call open the interval is two hours);
+            more than ``max_ping_strikes`` strikes end the connection with GOAWAY
+            ENHANCE_YOUR_CALM ``too_many_pings`` (grpc-core's policy; 0 strikes: no limit).
+        reset_burst / reset_rate: streams the peer may reset (RST_STREAM) at once and per
+            second after that; more end the connection with GOAWAY ENHANCE_YOUR_CALM
+            ``too_many_resets`` (0 rate: no limit).
+        scheme: client: ``:scheme`` of requests (``b"https"`` over TLS).
     """
 
     cdef nghttp2_session *session
     cdef readonly bint client
     cdef readonly Py_ssize_t max_message_size, max_buffered, buffered
+    cdef readonly Py_ssize_t max_pending_out, pending_out, max_header_list_size
+    cdef readonly bint handshaken   # the peer's preface and first SETTINGS arrived
+    cdef readonly uint64_t streams_started
+    cdef readonly bint ping_pending  # a PING of ours waits for its ACK
+    cdef readonly int shutdown_state  # 0, 1: shutdown notice sent, 2: final GOAWAY sent
+    cdef bint manual_window, window_held
+    cdef double min_ping_interval, last_ping_recv
+    cdef int max_ping_strikes, ping_strikes
+    cdef Bucket resets, settings
+    cdef bytes scheme
     cdef dict calls
     cdef list events
     cdef list out
@@ -289,13 +414,25 @@ cdef class GrpcConnection:
 
     def __init__(self, *, bint client=False, Py_ssize_t max_message_size=4 << 20,
                  uint32_t max_concurrent_streams=1024, int32_t window_size=(1 << 24),
-                 uint32_t max_header_list_size=16384, Py_ssize_t max_buffered=0):
+                 uint32_t max_header_list_size=16384, uint32_t header_table_size=4096,
+                 Py_ssize_t max_buffered=0, Py_ssize_t max_pending_out=0,
+                 double min_ping_interval=300.0, int max_ping_strikes=2,
+                 double reset_burst=1000, double reset_rate=33, bytes scheme=b"http"):
         if max_message_size < 0:
             raise ValueError("max_message_size must not be negative")
         self.client = client
         self.max_message_size = max_message_size
         self.max_buffered = max_buffered if max_buffered > 0 else max(4 * max_message_size, 256 << 20)
+        self.max_pending_out = max_pending_out if max_pending_out > 0 else PY_SSIZE_T_MAX
+        self.max_header_list_size = max_header_list_size
+        self.manual_window = not client and max_pending_out > 0
         self.buffered = 0
+        self.min_ping_interval = min_ping_interval
+        self.max_ping_strikes = max_ping_strikes
+        self.last_ping_recv = -1e300
+        _fill(&self.resets, reset_burst, reset_rate)
+        _fill(&self.settings, SETTINGS_BURST, SETTINGS_RATE)
+        self.scheme = scheme
         self.calls = {}
         self.events = []
         self.out = []
@@ -309,8 +446,15 @@ cdef class GrpcConnection:
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, _on_data_chunk)
         nghttp2_session_callbacks_set_on_stream_close_callback(cb, _on_stream_close)
         nghttp2_session_callbacks_set_send_data_callback(cb, _send_data)
+        if not client:
+            nghttp2_session_callbacks_set_on_frame_send_callback(cb, _on_frame_send)
         _check(nghttp2_option_new(&opt))
         nghttp2_option_set_max_send_header_block_length(opt, 1 << 20)
+        nghttp2_option_set_max_deflate_dynamic_table_size(opt, header_table_size)
+        nghttp2_option_set_max_outbound_ack(opt, MAX_OUTBOUND_ACK)
+        nghttp2_option_set_max_settings(opt, 32)
+        if self.manual_window:
+            nghttp2_option_set_no_auto_window_update(opt, 1)
         cdef int rv
         if client:
             rv = nghttp2_session_client_new2(&self.session, cb, <void *>self, opt)
@@ -319,7 +463,7 @@ cdef class GrpcConnection:
         nghttp2_session_callbacks_del(cb)
         nghttp2_option_del(opt)
         _check(rv)
-        cdef nghttp2_settings_entry iv[4]
+        cdef nghttp2_settings_entry iv[5]
         iv[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
         iv[0].value = max_concurrent_streams
         iv[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
@@ -328,7 +472,9 @@ cdef class GrpcConnection:
         iv[2].value = max_header_list_size
         iv[3].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
         iv[3].value = 0
-        _check(nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, iv, 4))
+        iv[4].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
+        iv[4].value = header_table_size
+        _check(nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, iv, 5))
         _check(nghttp2_session_set_local_window_size(self.session, NGHTTP2_FLAG_NONE, 0,
                                                      window_size))
 
@@ -348,9 +494,9 @@ cdef class GrpcConnection:
         """
         cdef Py_buffer view
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        cdef ssize_t rv
+        cdef mip_h2_ssize rv
         try:
-            rv = nghttp2_session_mem_recv(self.session, <const uint8_t *>view.buf, view.len)
+            rv = mip_h2_mem_recv(self.session, <const uint8_t *>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
         events = self.events
@@ -359,7 +505,15 @@ cdef class GrpcConnection:
             error, self.error = self.error, None
             raise error
         if rv < 0:
-            raise H2Error(nghttp2_strerror(<int>rv).decode())
+            reason = nghttp2_strerror(<int>rv).decode()
+            # nghttp2 stops without a GOAWAY on its fatal errors: say why before closing
+            try:
+                self.goaway(NGHTTP2_ENHANCE_YOUR_CALM if rv == NGHTTP2_ERR_FLOODED
+                            or "CONTINUATION" in reason else NGHTTP2_PROTOCOL_ERROR,
+                            reason.encode())
+            except H2Error:
+                pass
+            raise H2Error(reason)
         return events
 
     # -- output ------------------------------------------------------------------------
@@ -367,12 +521,15 @@ cdef class GrpcConnection:
     def data_to_send(self) -> list:
         """Everything the connection has to send now, as a list of buffers (maybe empty)."""
         cdef const uint8_t *data
-        cdef ssize_t n
+        cdef mip_h2_ssize n
         while True:
-            n = nghttp2_session_mem_send(self.session, &data)
+            n = mip_h2_mem_send(self.session, &data)
             if n < 0:
                 raise H2Error(nghttp2_strerror(<int>n).decode())
             if n == 0:
+                if self.window_held and self.pending_out <= self.max_pending_out // 2:
+                    self._release_window()  # WINDOW_UPDATEs to send
+                    continue
                 break
             self.small += (<const char *>data)[:n]
         if self.error is not None:
@@ -401,6 +558,20 @@ cdef class GrpcConnection:
         """The calls whose streams are open."""
         return list(self.calls.values())
 
+    @property
+    def reading_held(self) -> bool:
+        """Received DATA is kept from the peer's window: too many reply octets wait."""
+        return self.window_held
+
+    cdef void _release_window(self) except *:
+        """Give the DATA held back (see ``max_pending_out``) to the peer's window."""
+        cdef Call call
+        self.window_held = False
+        for call in self.calls.values():
+            if call.unconsumed:
+                _check(nghttp2_session_consume(self.session, call.stream_id, call.unconsumed))
+                call.unconsumed = 0
+
     cdef Call _live(self, int32_t stream_id):
         return self.calls.get(stream_id)
 
@@ -426,6 +597,8 @@ cdef class GrpcConnection:
         for part in parts:
             if len(part):
                 call.out.append(part)
+        call.out_octets += n + PREFIX
+        self.pending_out += n + PREFIX
 
     def send_message(self, Call call, message) -> None:
         """Send one message on ``call`` (the response headers go first, once)."""
@@ -444,8 +617,7 @@ cdef class GrpcConnection:
         if message:
             fields.append((b"grpc-message", _percent_encode(message)))
         for name, value in trailers:
-            fields.append((name.encode() if isinstance(name, str) else name,
-                           value.encode() if isinstance(value, str) else value))
+            fields.append(_field(name, value))
         if call.stream_id not in self.calls:
             return  # the peer reset it already
         if not call.headers_sent:
@@ -458,6 +630,22 @@ cdef class GrpcConnection:
                 return
         call.trailers = fields
         self._start_or_resume(call)
+
+    def refuse(self, Call call, int http_status, int status, str message) -> None:
+        """Server: answer ``call`` at once with HTTP ``http_status`` and ``grpc-status``
+        (a trailers-only response), as for a request that is not a gRPC call."""
+        if call.ended or self.client:
+            return
+        call.ended = True
+        call.discard = True
+        if call.stream_id not in self.calls or call.headers_sent:
+            return
+        call.headers_sent = True
+        _submit_response(self.session, call.stream_id,
+                         [(b":status", str(http_status).encode()),
+                          (b"content-type", b"application/grpc"),
+                          (b"grpc-status", str(status).encode()),
+                          (b"grpc-message", _percent_encode(message))], False)
 
     def unary(self, Call call, message) -> None:
         """Server: the whole reply of a unary call, status OK, in one go."""
@@ -494,11 +682,37 @@ cdef class GrpcConnection:
             _check(nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, call.stream_id,
                                              error_code))
 
-    def goaway(self, uint32_t error_code=NGHTTP2_NO_ERROR) -> None:
-        """Tell the peer that no new calls will be taken (streams already open go on)."""
+    def goaway(self, uint32_t error_code=NGHTTP2_NO_ERROR, bytes debug=b"") -> None:
+        """Tell the peer that no new calls will be taken (streams already open go on):
+        the final GOAWAY, naming the last stream this side processed."""
+        if self.shutdown_state == 2:
+            return
+        self.shutdown_state = 2
         _check(nghttp2_submit_goaway(self.session, NGHTTP2_FLAG_NONE,
                                      nghttp2_session_get_last_proc_stream_id(self.session),
-                                     error_code, NULL, 0))
+                                     error_code, <const uint8_t *>PyBytes_AS_STRING(debug),
+                                     len(debug)))
+
+    def shutdown_notice(self) -> None:
+        """Server: the first GOAWAY of a graceful shutdown (last stream 2^31-1) and a PING;
+        its ACK sends the final :meth:`goaway` (call that yourself if it does not come)."""
+        if self.shutdown_state or self.client:
+            return
+        self.shutdown_state = 1
+        _check(nghttp2_submit_shutdown_notice(self.session))
+        self.ping()
+
+    def ping(self) -> None:
+        """Send a PING; :attr:`ping_pending` is true until its ACK arrives."""
+        _check(nghttp2_submit_ping(self.session, NGHTTP2_FLAG_NONE, NULL))
+        self.ping_pending = True
+
+    cdef int _calm(self, str reason) except -1:
+        """End the connection for a misbehaving peer: GOAWAY ENHANCE_YOUR_CALM with
+        ``reason`` as debug data; receive() raises H2Error(reason)."""
+        self.goaway(NGHTTP2_ENHANCE_YOUR_CALM, reason.encode())
+        self.error = H2Error(reason)
+        return NGHTTP2_ERR_CALLBACK_FAILURE
 
     # -- client ------------------------------------------------------------------------
 
@@ -508,14 +722,13 @@ cdef class GrpcConnection:
         the client's side closed, as a unary call does."""
         if not self.client:
             raise RuntimeError("start_call is for the client side")
-        fields = [(b":method", _POST), (b":scheme", b"http"), (b":path", path),
+        fields = [(b":method", _POST), (b":scheme", self.scheme), (b":path", path),
                   (b":authority", authority), (b"content-type", b"application/grpc"),
                   (b"te", b"trailers")]
         if timeout is not None:
             fields.append((b"grpc-timeout", b"%dm" % max(1, int(timeout * 1000))))
         for name, value in metadata:
-            fields.append((name.encode() if isinstance(name, str) else name,
-                           value.encode() if isinstance(value, str) else value))
+            fields.append(_field(name, value))
         call = Call(0)
         if message is not None:
             self._queue(call, message)
@@ -539,6 +752,7 @@ cdef class GrpcConnection:
         if frame.hd.type == NGHTTP2_HEADERS and frame.headers.cat == NGHTTP2_HCAT_REQUEST:
             call = Call(frame.hd.stream_id)
             self.calls[frame.hd.stream_id] = call
+            self.streams_started += 1
         return 0
 
     cdef int header(self, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
@@ -546,7 +760,18 @@ cdef class GrpcConnection:
         cdef Call call = self._live(frame.hd.stream_id)
         if call is None:
             return 0
+        call.header_octets += namelen + valuelen + 32
+        if call.header_octets > self.max_header_list_size:
+            if call.header_octets > HARD_HEADER_FACTOR * self.max_header_list_size:
+                return self._calm(HEADER_LIST_TOO_LARGE)
+            call.oversize = True
+        if call.oversize:
+            return 0
         cdef bytes key = (<const char *>name)[:namelen]
+        if namelen > 4 and key.endswith(b"-bin"):
+            call.metadata.append((key.decode("latin-1"),
+                                  _unbase64((<const char *>value)[:valuelen])))
+            return 0
         if self.client:
             if key == b":status":
                 call.http_status = int((<const char *>value)[:valuelen])
@@ -581,9 +806,16 @@ cdef class GrpcConnection:
 
     cdef int frame_recv(self, const nghttp2_frame *frame):
         cdef Call call
+        cdef double now, interval
         if frame.hd.type == NGHTTP2_HEADERS:
             call = self._live(frame.hd.stream_id)
             if call is None:
+                return 0
+            if call.oversize and not self.client:
+                if not call.ended:
+                    self.refuse(call, 200, 8,  # RESOURCE_EXHAUSTED
+                                f"request header list of over {call.header_octets} octets is "
+                                f"over the limit of {self.max_header_list_size} octets")
                 return 0
             if self.client:
                 if frame.headers.cat == NGHTTP2_HCAT_RESPONSE:
@@ -600,10 +832,41 @@ cdef class GrpcConnection:
             call = self._live(frame.hd.stream_id)
             if call is not None:
                 self.events.append((EV_HALF_CLOSED, call, None))
+        elif frame.hd.type == NGHTTP2_SETTINGS:
+            if not frame.hd.flags & NGHTTP2_FLAG_ACK:
+                self.handshaken = True
+                if not _take(&self.settings, _now()):
+                    return self._calm(TOO_MANY_SETTINGS)
+        elif frame.hd.type == NGHTTP2_PING:
+            if frame.hd.flags & NGHTTP2_FLAG_ACK:
+                self.ping_pending = False
+                if self.shutdown_state == 1:
+                    self.goaway()
+            elif not self.client and self.max_ping_strikes > 0:
+                # grpc-core's ping policy: strikes are reset when HEADERS or DATA leave
+                now = _now()
+                interval = self.min_ping_interval if self.calls else 7200.0
+                if now < self.last_ping_recv + interval:
+                    self.ping_strikes += 1
+                self.last_ping_recv = now
+                if self.ping_strikes > self.max_ping_strikes:
+                    return self._calm(TOO_MANY_PINGS)
+        elif frame.hd.type == NGHTTP2_RST_STREAM:
+            if not self.client and not _take(&self.resets, _now()):
+                return self._calm(TOO_MANY_RESETS)
         return 0
 
     cdef int data_chunk(self, int32_t stream_id, const uint8_t *data, size_t length):
         cdef Call call = self._live(stream_id)
+        if self.manual_window:
+            if call is None or call.discard:
+                _check(nghttp2_session_consume(self.session, stream_id, length))
+            elif self.window_held or self.pending_out > self.max_pending_out:
+                # replies are not being read: keep this DATA from the peer's window
+                self.window_held = True
+                call.unconsumed += length
+            else:
+                _check(nghttp2_session_consume(self.session, stream_id, length))
         if call is None or call.discard:
             return 0
         cdef size_t take
@@ -622,7 +885,9 @@ cdef class GrpcConnection:
                         | (<Py_ssize_t>call.prefix[3] << 8) | call.prefix[4])
                 if size > self.max_message_size or self.buffered + size > self.max_buffered:
                     call.discard = True
-                    self.events.append((EV_TOO_LARGE, call, size))
+                    # over max_buffered only: the length is given negative
+                    self.events.append((EV_TOO_LARGE, call,
+                                        size if size > self.max_message_size else -size))
                     return 0
                 call.message = PyBytes_FromStringAndSize(NULL, size)
                 call.message_len = size
@@ -646,6 +911,11 @@ cdef class GrpcConnection:
     cdef int stream_close(self, int32_t stream_id, uint32_t error_code):
         cdef Call call = self.calls.pop(stream_id, None)
         if call is not None:
+            self.pending_out -= call.out_octets
+            call.out_octets = 0
+            if call.unconsumed:
+                _check(nghttp2_session_consume(self.session, stream_id, call.unconsumed))
+                call.unconsumed = 0
             self.buffered -= call.buffered
             call.buffered = 0
             call.message = None
@@ -713,6 +983,8 @@ cdef class GrpcConnection:
             else:
                 call.out_offset += piece
         call.pending = 0
+        call.out_octets -= length
+        self.pending_out -= length
         return 0
 
 
@@ -727,6 +999,25 @@ cdef bytes _percent_encode(str message):
         else:
             out += b"%%%02X" % c
     return bytes(out)
+
+
+cdef bytes _unbase64(bytes value):
+    """A ``-bin`` header's value: base64, padded or not (as gRPC sends it)."""
+    try:
+        return binascii.a2b_base64(value + b"=" * ((4 - len(value) % 4) % 4))
+    except binascii.Error:
+        return value
+
+
+cdef tuple _field(name, value):
+    """A header field as bytes; values of ``-bin`` names are base64-encoded (unpadded)."""
+    if isinstance(name, str):
+        name = name.encode()
+    if isinstance(value, str):
+        value = value.encode()
+    if name.endswith(b"-bin"):
+        value = binascii.b2a_base64(value, newline=False).rstrip(b"=")
+    return name, value
 
 
 cdef str _percent_decode(bytes value):
@@ -754,11 +1045,11 @@ cdef nghttp2_nv *_nva(list fields) except NULL:
 cdef int _submit_response(nghttp2_session *session, int32_t stream_id, list fields,
                           bint with_data) except -1:
     cdef nghttp2_nv *nva = _nva(fields)  # nghttp2 copies the fields
-    cdef nghttp2_data_provider provider
+    cdef mip_h2_data_provider provider
     provider.source.ptr = NULL
     provider.read_callback = _read_data
     try:
-        _check(nghttp2_submit_response(session, stream_id, nva, len(fields),
+        _check(mip_h2_submit_response(session, stream_id, nva, len(fields),
                                        &provider if with_data else NULL))
     finally:
         free(nva)
@@ -767,12 +1058,12 @@ cdef int _submit_response(nghttp2_session *session, int32_t stream_id, list fiel
 
 cdef int32_t _submit_request(nghttp2_session *session, list fields, Call call) except -1:
     cdef nghttp2_nv *nva = _nva(fields)
-    cdef nghttp2_data_provider provider
+    cdef mip_h2_data_provider provider
     provider.source.ptr = NULL
     provider.read_callback = _read_data
     cdef int32_t rv
     try:
-        rv = nghttp2_submit_request(session, NULL, nva, len(fields), &provider, NULL)
+        rv = mip_h2_submit_request(session, NULL, nva, len(fields), &provider, NULL)
         _check(rv)
     finally:
         free(nva)
@@ -840,7 +1131,7 @@ cdef int _on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error_
         return NGHTTP2_ERR_CALLBACK_FAILURE
 
 
-cdef ssize_t _read_data(nghttp2_session *s, int32_t stream_id, uint8_t *buf, size_t length,
+cdef mip_h2_ssize _read_data(nghttp2_session *s, int32_t stream_id, uint8_t *buf, size_t length,
                         uint32_t *flags, nghttp2_data_source *source, void *user) noexcept:
     cdef GrpcConnection conn = <GrpcConnection>user
     try:
@@ -858,3 +1149,11 @@ cdef int _send_data(nghttp2_session *s, nghttp2_frame *frame, const uint8_t *fra
     except BaseException as exc:
         conn.error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int _on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *user) noexcept:
+    cdef GrpcConnection conn = <GrpcConnection>user
+    if frame.hd.type == NGHTTP2_DATA or frame.hd.type == NGHTTP2_HEADERS:
+        conn.ping_strikes = 0
+        conn.last_ping_recv = -1e300
+    return 0

@@ -183,3 +183,87 @@ async def test_connection_lost_mid_call_cancels_the_handler(served):
     await asyncio.wait_for(events["cancelled"].wait(), 5)
     with pytest.raises((ConnectionError, RpcError)):
         await asyncio.wait_for(pending, 5)
+
+
+@pytest.mark.parametrize("impl", ["native", "grpcio"])
+async def test_channel_over_tls(tmp_path, impl):
+    """GrpcChannel over TLS (ALPN h2 from tls_context, :scheme https) against both servers;
+    grpcio's refuses a TLS connection that did not negotiate h2."""
+    trustme = pytest.importorskip("trustme")
+    from mip.net.grpc_server import tls_context
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    ca_path, cert_path, key_path = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    issued.cert_chain_pems[0].write_to_path(str(cert_path))
+    issued.private_key_pem.write_to_path(str(key_path))
+
+    async def echo(request, context):
+        return request
+
+    if impl == "native":
+        server = GrpcServer({"/test.Echo/Echo": unary(echo)},
+                            ssl=tls_context(server=True, cert=str(cert_path), key=str(key_path)))
+        _, port = await server.start("127.0.0.1", 0)
+    else:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(key_path.read_bytes(), cert_path.read_bytes())]))
+        await server.start()
+    try:
+        context = tls_context(server=False, ca=str(ca_path))
+        async with GrpcChannel(f"127.0.0.1:{port}", ssl=context) as channel:
+            assert await channel.unary("/test.Echo/Echo", b"over tls") == b"over tls"
+    finally:
+        await server.stop(0)
+
+
+def test_buffered_request_octets_per_connection():
+    """A message that would take the connection's unfinished request octets over
+    max_buffered is refused with a status that names that limit; the connection goes on."""
+    pytest.importorskip("h2")
+    import _grpc_echo as echo
+
+    from mip.net.grpc_limits import GrpcLimits
+
+    server = echo.Threaded("native", GrpcLimits(max_buffered=1000))
+    raw = echo.RawH2(server.address)
+    try:
+        first = raw.request(body=None, end=False)
+        raw.conn.send_data(first, echo.message(b"a" * 800)[:100])  # 800 announced, 95 sent
+        refused = raw.call(body=b"b" * 400)
+        raw.conn.send_data(first, echo.message(b"a" * 800)[100:], end_stream=True)
+        raw.flush()
+        events = raw.events(lambda e: getattr(e, "stream_id", 0) == first
+                            and type(e).__name__ == "StreamEnded")
+    finally:
+        raw.close()
+        server.close()
+    status = refused["headers"].get(b"grpc-status") or refused["trailers"].get(b"grpc-status")
+    assert status == b"8"  # RESOURCE_EXHAUSTED
+    assert b"max_buffered" in (refused["headers"].get(b"grpc-message") or b"")
+    data = b"".join(e.data for e in events if type(e).__name__ == "DataReceived")
+    assert data == echo.message(b"a" * 800)
+
+
+async def test_our_channel_through_a_graceful_shutdown():
+    """The call in flight completes; a call after the GOAWAY is UNAVAILABLE."""
+    async def slow(request, context):
+        await asyncio.sleep(0.5)
+        return b"done"
+
+    server = GrpcServer({"/test.Echo/Slow": unary(slow)})
+    _, port = await server.start("127.0.0.1", 0)
+    async with GrpcChannel(f"127.0.0.1:{port}") as channel:
+        pending = channel.unary("/test.Echo/Slow", b"")
+        await asyncio.sleep(0.1)
+        stopping = asyncio.ensure_future(server.stop(5))
+        assert await pending == b"done"
+        await stopping
+        with pytest.raises((RpcError, ConnectionError)) as info:
+            await channel.unary("/test.Echo/Slow", b"")
+        if isinstance(info.value, RpcError):
+            assert info.value.code == Status.UNAVAILABLE

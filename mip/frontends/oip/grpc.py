@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 
 import grpc
 import numpy as np
@@ -27,6 +26,7 @@ from mip.errors import InvalidInput, NotAvailable, ServingError
 from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
+from mip.net.grpc_limits import GrpcLimits
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "IMPLEMENTATIONS", "STREAM_WINDOW", "GrpcServer",
            "native_available", "native_unavailable_reason"]
@@ -505,12 +505,14 @@ class GrpcServer:
             ``tls_ca``, require client certificates signed by it.
         implementation: ``native`` (mip's HTTP/2 transport), ``grpcio``, or ``None`` for
             native where it is built and grpcio otherwise.
+        limits: the connections' bounds (:class:`~mip.net.grpc_limits.GrpcLimits`); grpcio
+            is given those it has a setting for.
     """
 
     def __init__(self, engine, *, metrics=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  request_timeout: float | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, tls_ca: str | None = None,
-                 implementation: str | None = None):
+                 implementation: str | None = None, limits: GrpcLimits | None = None):
         if max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
         if tls_cert and not tls_key:
@@ -529,6 +531,7 @@ class GrpcServer:
         self.implementation = implementation
         self.dataplane = DataPlane(engine, metrics, request_timeout)
         self.max_message_size = max_message_size
+        self.limits = limits or GrpcLimits()
         self._tls = (tls_cert, tls_key, tls_ca) if tls_cert else None
         self._server: aio.Server | None = None
         self.address: str | None = None
@@ -542,6 +545,7 @@ class GrpcServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            *self.limits.grpcio_options(),
         ])
         server.add_generic_rpc_handlers((_handlers(_Service(self.dataplane,
                                                             self.max_message_size)),))
@@ -564,6 +568,7 @@ class GrpcServer:
 
     async def _start_native(self, address: str) -> str:
         from mip.net.grpc_server import GrpcServer as Transport
+        from mip.net.grpc_server import tls_context
 
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
@@ -571,14 +576,11 @@ class GrpcServer:
         context = None
         if self._tls is not None:
             cert, key, ca = self._tls
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(cert, key)
-            if ca:
-                context.load_verify_locations(ca)
-                context.verify_mode = ssl.CERT_REQUIRED
+            context = tls_context(server=True, cert=cert, key=key, ca=ca)
         limit = self.max_message_size
         server = Transport(
             _native_methods(_Service(self.dataplane, limit)), max_message_size=limit, ssl=context,
+            limits=self.limits,
             too_large=lambda n: (f"request of {n} octets is over the gRPC message limit of "
                                  f"{limit} octets (--grpc-max-message-size)"))
         bound_host, bound_port = await server.start(host.strip("[]"), int(port))
