@@ -222,13 +222,13 @@ TOO_MANY_RESETS = "too_many_resets"
 TOO_MANY_SETTINGS = "too_many_settings"
 HEADER_LIST_TOO_LARGE = "header_list_too_large"
 
-DEF SETTINGS_BURST = 100   # SETTINGS frames taken at once ...
-DEF SETTINGS_RATE = 10     # ... and per second after that
-DEF HARD_HEADER_FACTOR = 4  # a header list this many times over the limit ends the connection
-DEF MAX_OUTBOUND_ACK = 1000  # SETTINGS / PING ACKs queued before nghttp2 ends the connection
-
-DEF PREFIX = 5
-DEF VIEW_BELOW = 16384  # outgoing payload pieces shorter than this are copied into one write
+cdef enum:
+    SETTINGS_BURST = 100   # SETTINGS frames taken at once ...
+    SETTINGS_RATE = 10     # ... and per second after that
+    HARD_HEADER_FACTOR = 4  # a header list this many times over the limit ends the connection
+    MAX_OUTBOUND_ACK = 1000  # SETTINGS / PING ACKs queued before nghttp2 ends the connection
+    PREFIX = 5             # a gRPC message's prefix: compressed flag, u32 length
+    VIEW_BELOW = 16384     # outgoing payload pieces shorter than this are copied into one write
 
 cdef bytes _POST = b"POST"
 
