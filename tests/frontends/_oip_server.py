@@ -183,7 +183,8 @@ def build_repository(repo: Path) -> Path:
             [helper.make_node("Mul", ["x", "k"], ["y"])],
             [helper.make_tensor_value_info("x", f, ["n", 2])],
             [helper.make_tensor_value_info("y", f, ["n", 2])],
-            [helper.make_tensor("k", f, [], [float(version)])]), version=str(version))
+            [helper.make_tensor("k", f, [], [float(version)])]), version=str(version),
+            config={"version_policy": {"all": {}}})
     add_python_model(repo, "sleepy", SLEEPY_MODEL, {
         "max_batch_size": 4,
         "dynamic_batching": {"max_queue_delay_us": 0, "max_queue_size": 1}})

@@ -8,6 +8,8 @@ Endpoints (``{v}`` parts optional)::
     GET  /v2/models/{name}[/versions/{v}]    model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready   200, 503 when not ready, 404 unknown
     POST /v2/models/{name}[/versions/{v}]/infer   JSON tensors and binary tensor data
+    GET  /v2/models/{name}[/versions/{v}]/config  the configuration (Triton's ModelConfig)
+    GET  /v2/models[/{name}[/versions/{v}]]/stats  statistics: {"model_stats": [...]}
     POST /v2/repository/index                [{"name", "version", "state", "reason"}]
     POST /v2/repository/models/{name}/load
     POST /v2/repository/models/{name}/unload
@@ -164,6 +166,17 @@ class _Endpoints:
             pass
         return _Json({"name": name, "ready": False}, status_code=503)
 
+    async def model_config(self, request: Request) -> Response:
+        from mip.serving.triton import message_to_json
+
+        params = request.path_params
+        return _Json(message_to_json(self.dataplane.model_config(params["name"],
+                                                                 params.get("version"))))
+
+    async def model_stats(self, request: Request) -> Response:
+        params = request.path_params
+        return _Json(self.dataplane.statistics(params.get("name"), params.get("version")))
+
     async def metrics_text(self, request: Request) -> Response:
         from mip.frontends.oip.metrics import CONTENT_TYPE
 
@@ -270,7 +283,7 @@ class _Endpoints:
             doc, inputs, wanted, binary_default, timeout = await self._parse_off_loop(
                 body, header_length)
             work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
-                                         timeout)
+                                         timeout, classes=_extension_parameters(doc))
             result = await _unless_disconnected(receive, work)
             header, parts = self._reply_parts(doc.get("id"), result, wanted, binary_default)
         except Cancelled:
@@ -391,6 +404,22 @@ class _Endpoints:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return _decompress(body, request.headers.get("content-encoding", "identity").lower(),
                            limit)
+
+
+def _extension_parameters(doc: dict) -> dict[str, int] | None:
+    """:func:`codec.check_parameters` of a JSON request (its tensors' parameters)."""
+    tensors = {}
+    for kind in ("inputs", "outputs"):
+        found = {}
+        for tensor in doc.get(kind) or ():
+            parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+            if parameters:
+                found[str(tensor.get("name"))] = _object(parameters, f"{kind} parameters")
+        tensors[kind] = found
+    request = doc.get("parameters")
+    if not (request or tensors["inputs"] or tensors["outputs"]):
+        return None
+    return codec.check_parameters(request, tensors["inputs"], tensors["outputs"])
 
 
 def _from_span(name: str, datatype: str, shape, view: memoryview, spans: list,
@@ -561,6 +590,13 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
         Route("/v2/health/live", endpoints.live, methods=["GET"]),
         Route("/v2/health/ready", endpoints.ready, methods=["GET"]),
         Route("/v2", endpoints.server_metadata, methods=["GET"]),
+        Route("/v2/models/stats", endpoints.model_stats, methods=["GET"]),
+        Route("/v2/models/{name}/config", endpoints.model_config, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/config", endpoints.model_config,
+              methods=["GET"]),
+        Route("/v2/models/{name}/stats", endpoints.model_stats, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/stats", endpoints.model_stats,
+              methods=["GET"]),
         Route("/v2/models/{name}", endpoints.model_metadata, methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}", endpoints.model_metadata,
               methods=["GET"]),
