@@ -72,6 +72,9 @@ def _type_code(datatype: str) -> int:
 
 
 def _repeated(field: FieldDescriptor) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 6.32; label() before
+    if repeated is not None:
+        return repeated() if callable(repeated) else bool(repeated)
     return field.label == FieldDescriptor.LABEL_REPEATED
 
 

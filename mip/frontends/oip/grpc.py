@@ -304,9 +304,9 @@ class _Service:
             raise
         except Exception as exc:  # protobuf's DecodeError and friends
             raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+        classes = _extension_parameters(request)
         inputs = self._inputs(request, raws)
         outputs = [o.name for o in request.outputs] or None
-        classes = _extension_parameters(request)
         timeout = None
         if "timeout" in request.parameters:
             timeout = timeout_parameter(_parameter(request.parameters["timeout"]))

@@ -227,7 +227,8 @@ class _Endpoints:
             self._decoder, self._parse, body, header_length)
 
     def _parse(self, body: bytes, header_length: str | None):
-        """A request body: ``(doc, inputs, wanted outputs, binary_data_output, timeout)``."""
+        """A request body: ``(doc, inputs, wanted outputs, binary_data_output, timeout,
+        classification)``."""
         if header_length is None:
             header_end = len(body)
         else:
@@ -246,6 +247,7 @@ class _Endpoints:
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"the request is not valid JSON: {exc}") from None
         doc = _object(doc, "the request")
+        classes = _extension_parameters(doc)
         inputs = self._inputs(doc, view, header_end, spans)
         parameters = doc.get("parameters")
         binary_default = False
@@ -262,7 +264,7 @@ class _Endpoints:
                 raise InvalidInput("every requested output needs a name")
             output_params = _object(output.get("parameters"), f"output {output_name!r} parameters")
             wanted[output_name] = bool(output_params.get("binary_data", binary_default))
-        return doc, inputs, wanted, binary_default, timeout
+        return doc, inputs, wanted, binary_default, timeout, classes
 
     # -- the inference fast path: plain ASGI, no Starlette request or response objects ----
 
@@ -280,10 +282,10 @@ class _Endpoints:
                 elif key == b"content-encoding":
                     encoding = value.decode("latin-1")
             body = await self._receive_body(receive, length, encoding)
-            doc, inputs, wanted, binary_default, timeout = await self._parse_off_loop(
+            doc, inputs, wanted, binary_default, timeout, classes = await self._parse_off_loop(
                 body, header_length)
             work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
-                                         timeout, classes=_extension_parameters(doc))
+                                         timeout, classes=classes)
             result = await _unless_disconnected(receive, work)
             header, parts = self._reply_parts(doc.get("id"), result, wanted, binary_default)
         except Cancelled:
