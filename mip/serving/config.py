@@ -120,8 +120,8 @@ class DynamicBatching:
         max_queue_size: requests that may wait in the queue; one more raises ``QueueFull``.
         default_timeout_us / allow_timeout_override: Triton's default queue policy: the
             microseconds a request may take (0 = no limit; mip counts the whole request,
-            not only its wait in the queue), and whether a request's ``timeout``
-            parameter may shorten it.
+            not only its wait in the queue; a request's own, shorter timeout applies
+            whether or not ``allow_timeout_override`` is set).
         max_batch_bytes: a batch takes no more requests once their input tensors reach
             this many octets (a request larger than that runs alone); 0 = no limit;
             ``None`` = the repository decides (:data:`DEFAULT_MAX_BATCH_BYTES`
@@ -135,16 +135,13 @@ class DynamicBatching:
     default_timeout_us: int = 0
     allow_timeout_override: bool = False
 
-    def timeout(self, requested: float | None) -> float | None:
-        """Seconds a request may take (``requested``: the client's own timeout, or
-        ``None``), after the queue policy's ``default_timeout_us``: a client may ask
-        for less only when ``allow_timeout_override`` is set."""
+    def deadline(self, deadline: float | None, now: float) -> float | None:
+        """A request's ``time.monotonic()`` deadline after the queue policy's
+        ``default_timeout_us`` (``now``: the request's arrival): the earlier of the two."""
         if not self.default_timeout_us:
-            return requested
-        default = self.default_timeout_us / 1e6
-        if requested is not None and self.allow_timeout_override:
-            return min(requested, default)
-        return default
+            return deadline
+        default = now + self.default_timeout_us / 1e6
+        return default if deadline is None else min(deadline, default)
 
 
 @dataclass(frozen=True, slots=True)

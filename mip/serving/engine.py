@@ -231,6 +231,9 @@ class Engine:
         coroutine per request. Cancelling the future drops the request from the queue.
         """
         served = self._lookup(model, version)
+        batching = served.version.dynamic_batching
+        if batching is not None and batching.default_timeout_us:
+            deadline = batching.deadline(deadline, time.monotonic())  # Triton's queue policy
         stats = served.stats
         stats.requests += 1
         stats.queue_depth = served.batcher.queue_depth

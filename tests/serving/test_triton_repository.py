@@ -57,7 +57,7 @@ def test_pbtxt_fields_map_to_what_is_served(repo):
     batching = version.dynamic_batching
     assert batching.preferred_batch_sizes == (2, 4) and batching.max_queue_delay_us == 300
     assert batching.max_queue_size == 16 and batching.default_timeout_us == 5_000_000
-    assert batching.timeout(None) == 5.0 and batching.timeout(1.0) == 1.0
+    assert batching.deadline(None, 10.0) == 15.0 and batching.deadline(11.0, 10.0) == 11.0
     assert version.config.instance_count == 2 and version.config.device == "cpu"
     assert version.config.session_options == {"intra_op_threads": 1,
                                               "graph_optimization_level": "extended"}
@@ -200,3 +200,45 @@ def test_label_file_stays_in_the_model_folder(repo):
                 'dims: [16] label_filename: "../secret"}]')
     with pytest.raises(ModelLoadError, match="label_filename"):
         ModelRepository(repo).load("m")
+
+
+SLEEPY = '''
+import time
+import numpy as np
+
+class Sleepy:
+    inputs = [("x", "FP32", [-1, 1])]
+    outputs = [("y", "FP32", [-1, 1])]
+
+    def infer(self, inputs):
+        time.sleep(float(inputs["x"].max()))
+        return {"y": np.array(inputs["x"], copy=True)}
+'''
+
+
+def test_python_model_and_queue_policy_timeout(repo):
+    from mip.errors import DeadlineExceeded
+
+    (repo / "sleepy" / "1").mkdir(parents=True)
+    (repo / "sleepy" / "1" / "model.py").write_text(SLEEPY)
+    (repo / "sleepy" / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 4\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'dynamic_batching { default_queue_policy { default_timeout_microseconds: 50000 } }\n'
+        'instance_group [ { count: 2 kind: KIND_CPU } ]\n')
+
+    async def scenario():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        try:
+            # the first batch runs in a worker thread (no compute time is known yet)
+            with pytest.raises(DeadlineExceeded):
+                await engine.infer("sleepy", {"x": np.full((1, 1), 0.5, np.float32)})
+            # a second instance answers while the first still sleeps
+            fast = await engine.infer("sleepy", {"x": np.zeros((2, 1), np.float32)})
+            assert fast["y"].shape == (2, 1)
+        finally:
+            await engine.stop()
+
+    run(scenario())

@@ -115,8 +115,6 @@ class DataPlane:
         metrics = self.metrics
         try:
             wanted = engine.check_outputs(chosen, outputs) if outputs else None
-            if chosen.dynamic_batching is not None:
-                timeout = chosen.dynamic_batching.timeout(timeout)
             limits = [t for t in (timeout, self.request_timeout) if t is not None]
             deadline = time.monotonic() + min(limits) if limits else None
             work = engine.submit(model, inputs, version=served_version, deadline=deadline)
