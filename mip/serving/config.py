@@ -341,13 +341,12 @@ def _triton_keys(data: dict, kwargs: dict) -> None:
     if kwargs.get("platform"):
         proto.backend = {PLATFORM_ONNX: "onnxruntime"}.get(kwargs["platform"], kwargs["platform"])
     triton = from_triton(proto, source="config.json")
-    for key, mine, field in (("instance_group", "instance_count", "instance_count"),
-                             ("instance_group", "device", "device"),
-                             ("model_warmup", "warmup", "warmup")):
+    for key, mine in (("instance_group", "instance_count"), ("instance_group", "device"),
+                      ("model_warmup", "warmup")):
         if key in given:
             if mine in data:
                 raise ConfigError(f"config.json gives both {key} and {mine}")
-            kwargs[field] = getattr(triton, field)
+            kwargs[mine] = getattr(triton, mine)
     if "version_policy" in given:
         kwargs["version_policy"] = triton.version_policy
     if "parameters" in given or "optimization" in given:

@@ -11,8 +11,9 @@
       PYMODEL/model.py            Python models (see mip.serving.providers.python)
 
 Each model name is loaded and unloaded as a unit (the versions its version policy
-names: by default the highest one, as in Triton); every version has its own state. A version that fails to load is marked ``UNAVAILABLE`` with the reason,
-and the other models and versions load regardless.
+names: by default the highest one, as in Triton); every version has its own state. A
+version that fails to load is marked ``UNAVAILABLE`` with the reason, and the other
+models and versions load regardless.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from _oip_server import OipServer, add_model, identity
+from _oip_server import OipServer, add_model, grpc_implementations, identity
 from onnx import TensorProto
 from tritonclient.utils import InferenceServerException
 
@@ -33,15 +33,7 @@ version_policy { all { } }
 X = np.array([[0.1, 0.7, 0.2, 0.0], [3.0, 1.0, 2.0, 4.0]], np.float32)
 
 
-def _implementations():
-    from mip.frontends.oip.grpc import native_available
-
-    native = pytest.param("native", marks=pytest.mark.skipif(
-        not native_available(), reason="mip.protocol._h2 not built (no libnghttp2 headers)"))
-    return [native, "grpcio"]
-
-
-@pytest.fixture(scope="module", params=_implementations())
+@pytest.fixture(scope="module", params=grpc_implementations())
 def server(request, tmp_path_factory):
     repo = tmp_path_factory.mktemp("triton")
     add_model(repo, "classifier", identity(TensorProto.FLOAT))
