@@ -173,9 +173,6 @@ class ModelConfig:
     declared: tuple[TensorSpec, ...] = ()
     #: Triton ``parameters`` as given (reported back by the ModelConfig call)
     parameters: dict[str, str] = field(default_factory=dict)
-    #: the file this came from: "config.pbtxt", "config.json" or None
-    source: str | None = None
-    triton: bool = False
 
 
 def _int(value: Any, key: str, minimum: int = 0) -> int:
@@ -227,7 +224,7 @@ def parse_config(data: Any) -> ModelConfig:
             raise ConfigError(f"config key {', '.join(map(repr, refused))} is not supported by mip")
         raise ConfigError(f"unknown config key {', '.join(map(repr, sorted(unknown)))} "
                           f"(known: {', '.join(sorted(_KEYS | _TRITON_KEYS))})")
-    kwargs: dict[str, Any] = {"source": "config.json"}
+    kwargs: dict[str, Any] = {}
     platform = data.get("platform", data.get("backend"))
     if platform is not None:
         platform = {"onnxruntime": PLATFORM_ONNX, "onnx": PLATFORM_ONNX}.get(platform, platform)

@@ -195,7 +195,7 @@ def from_triton(proto: mc.ModelConfig, name: str | None = None, *,
                           f"{'is' if len(refused) == 1 else 'are'} not supported by mip")
     if proto.name and name is not None and proto.name != name:
         raise ConfigError(f"{source}: name {proto.name!r} does not match the folder {name!r}")
-    kwargs: dict[str, Any] = {"source": source, "triton": True}
+    kwargs: dict[str, Any] = {}
     platform = proto.platform or proto.backend
     if platform:
         mapped = {"onnxruntime_onnx": PLATFORM_ONNX, "onnxruntime": PLATFORM_ONNX,
