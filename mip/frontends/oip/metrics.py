@@ -212,10 +212,8 @@ class Metrics:
         batch; their time is inside ``compute_infer``), and ``batch_stats`` per batch size.
         Durations in nanoseconds.
         """
-        keys = set(self.engine.stats())
-        keys |= set(self._batches) | {(m, v) for m, v, _ in self._requests if v}
         entries = []
-        for name, ver in sorted(keys):
+        for name, ver in sorted(self.engine.stats()):  # the versions served now, as Triton
             if (model and name != model) or (version and ver != version):
                 continue
             success = failure = count = 0
