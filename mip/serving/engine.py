@@ -119,16 +119,18 @@ class Engine:
                     version.close()
         self._started = False
 
-    async def load(self, model: str) -> None:
+    async def load(self, model: str, config=None) -> None:
         """Load or reload every version of ``model``; a reload swaps versions without
         dropping requests (new requests reach the new versions, old ones finish).
+        ``config`` (a :class:`~mip.serving.config.ModelConfig`) replaces the folder's
+        configuration for this load (Triton's load with a config).
 
         Raises:
             ModelNotFound: no such model in the repository.
             ModelLoadError: no version loaded; the message has every version's reason.
         """
         async with self._lock:
-            new, old = await asyncio.to_thread(self.repository.load, model)
+            new, old = await asyncio.to_thread(self.repository.load, model, config)
             # Take the old versions' batchers out before the new ones take their keys (a
             # reload keeps the version names), so that they are drained, not lost.
             retiring = self._withdraw(model, old)

@@ -266,8 +266,9 @@ class ModelRepository:
         return sorted(p.name for p in self.root.iterdir()
                       if p.is_dir() and not p.name.startswith((".", "_")))
 
-    def discover(self, name: str) -> list[ModelVersion]:
-        """Read ``name``'s folder: its configuration and versions, none loaded.
+    def discover(self, name: str, config: ModelConfig | None = None) -> list[ModelVersion]:
+        """Read ``name``'s folder: its configuration (``config``: this one instead of the
+        folder's file) and versions, none loaded.
 
         Raises:
             ModelNotFound: no folder of that name.
@@ -276,7 +277,8 @@ class ModelRepository:
         directory = self.root / name
         if not directory.is_dir() or name.startswith((".", "_")) or "/" in name:
             raise ModelNotFound(f"no model named {name!r} in {self.root}")
-        config = read_config(directory)
+        if config is None:
+            config = read_config(directory)
         files = dict(_MODEL_FILES)
         if config.default_model_filename:
             filename = config.default_model_filename
@@ -302,8 +304,10 @@ class ModelRepository:
                               f"in a version folder such as {directory / '1'})")
         return _apply_policy(versions, config.version_policy, name)
 
-    def load(self, name: str) -> tuple[list[ModelVersion], list[ModelVersion]]:
-        """Load (or reload) every version of ``name``.
+    def load(self, name: str, config: ModelConfig | None = None,
+             ) -> tuple[list[ModelVersion], list[ModelVersion]]:
+        """Load (or reload) every version of ``name`` (``config``: with this configuration
+        instead of the folder's, until the next load).
 
         Returns ``(new, old)``: the versions now installed (each READY or UNAVAILABLE with
         a reason) and the ones they replace, still open so in-flight work can finish; the
@@ -314,7 +318,7 @@ class ModelRepository:
             ModelLoadError: no version could be loaded (the old versions stay installed).
         """
         try:
-            versions = self.discover(name)
+            versions = self.discover(name, config)
         except ConfigError as exc:
             with self._lock:
                 self._errors[name] = str(exc)

@@ -16,14 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from mip.serving import model_config_pb2 as mc
 from mip.serving.config import (DEFAULT_MAX_QUEUE_SIZE, PLATFORM_ONNX, PLATFORM_PYTHON,
                                 ConfigError, DynamicBatching, ModelConfig, TensorSpec)
 
-__all__ = ["HONOURED", "MAX_CONFIG_SIZE", "from_triton", "message_to_json", "read_labels",
+__all__ = ["HONOURED", "MAX_CONFIG_SIZE", "config_from_json", "from_triton", "message_to_json", "read_labels",
            "read_pbtxt", "to_triton"]
 
 #: largest config.pbtxt / config.json / label file read, in octets.
@@ -262,6 +262,22 @@ def from_triton(proto: mc.ModelConfig, name: str | None = None, *,
     if proto.default_model_filename:
         kwargs["default_model_filename"] = proto.default_model_filename
     return ModelConfig(**kwargs)
+
+
+def config_from_json(text: str, name: str) -> ModelConfig:
+    """mip's configuration of model ``name`` from Triton's JSON form of ``ModelConfig``
+    (the ``config`` parameter of Triton's load call).
+
+    Raises:
+        ConfigError: not that JSON, or a field mip cannot honour (named).
+    """
+    if len(text) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"the load's config is larger than {MAX_CONFIG_SIZE} octets")
+    try:
+        proto = json_format.Parse(text, mc.ModelConfig())
+    except json_format.ParseError as exc:
+        raise ConfigError(f"the load's config: {exc}") from None
+    return from_triton(proto, name, source="the load's config")
 
 
 def read_labels(folder: Path, filename: str) -> list[str]:

@@ -4,6 +4,7 @@ HTTP, statistics against /metrics, and parameters mip does not implement refused
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 
@@ -42,6 +43,7 @@ def server(request, tmp_path_factory):
     for version in ("1", "2"):
         add_model(repo, "plain", identity(TensorProto.FLOAT, shape=(2, 4)), version=version)
     (repo / "plain" / "config.pbtxt").write_text(PLAIN)
+    add_model(repo, "override", identity(TensorProto.FLOAT))  # no config
     with OipServer(repo, grpc_implementation=request.param) as srv:
         yield srv
 
@@ -203,5 +205,28 @@ def test_unimplemented_parameters_are_refused(server):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=10)
     assert info.value.code == 400 and b"sequence_id" in info.value.read()
+    grpc.close()
+    http.close()
+
+
+def test_load_with_a_config(server):
+    """Triton's load call with ``config``: that configuration for this load, then the
+    folder's again at the next plain load; other load parameters are refused."""
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    http = httpclient.InferenceServerClient(server.http_url)
+    override = json.dumps({"max_batch_size": 4, "version_policy": {"all": {}},
+                           "dynamic_batching": {"max_queue_delay_microseconds": 100}})
+    for client in (grpc, http):
+        client.load_model("override", config=override)
+        config = http.get_model_config("override")
+        assert config["max_batch_size"] == 4
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 100
+        with pytest.raises(InferenceServerException, match="sequence_batching"):
+            client.load_model("override", config=json.dumps({"sequence_batching": {}}))
+        with pytest.raises(InferenceServerException, match="file:1/model.onnx"):
+            client.load_model("override", config=override, files={"file:1/model.onnx": b"x"})
+        client.load_model("override")
+        config = http.get_model_config("override")
+        assert config["max_batch_size"] == 64 and "dynamic_batching" not in config
     grpc.close()
     http.close()

@@ -137,6 +137,33 @@ class DataPlane:
                 time.perf_counter() - started, rows))
         return reply
 
+    async def load(self, model: str, parameters: dict) -> None:
+        """Triton's load call: ``parameters`` may hold ``config`` (Triton's JSON form of
+        ``ModelConfig``, used instead of the folder's configuration for this load); any
+        other parameter (the ``file:`` overrides) is refused naming it.
+
+        Raises:
+            InvalidInput, ModelNotFound, ModelLoadError.
+        """
+        unknown = sorted(set(parameters) - {"config"})
+        if unknown:
+            raise InvalidInput(f"load parameters are not supported: {', '.join(unknown)} "
+                               "(only 'config' is)")
+        config = None
+        if "config" in parameters:
+            from mip.serving.config import ConfigError
+            from mip.serving.repository import ModelLoadError
+            from mip.serving.triton import config_from_json
+
+            text = parameters["config"]
+            if not isinstance(text, str):
+                raise InvalidInput("load parameter 'config' must be a string of JSON")
+            try:
+                config = config_from_json(text, model)
+            except ConfigError as exc:
+                raise ModelLoadError(f"failed to load {model}: {exc}") from None
+        await self.engine.load(model, config)
+
     def model_config(self, model: str, version: str | None = None):
         """The configuration in force for ``model`` (or that version), as Triton's
         ``ModelConfig`` message.

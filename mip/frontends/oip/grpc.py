@@ -240,10 +240,8 @@ class _Service:
         return response
 
     async def repository_model_load(self, request, context):
-        if request.parameters:
-            await self._abort(context, InvalidInput(
-                f"load parameters are not supported: {', '.join(sorted(request.parameters))}"))
-        await self._call(context, self.engine.load, request.model_name)
+        parameters = {key: _parameter(value) for key, value in request.parameters.items()}
+        await self._call(context, self.dataplane.load, request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     async def repository_model_unload(self, request, context):

@@ -199,10 +199,7 @@ class _Endpoints:
         body = await self._body(request)
         options = _object(orjson.loads(body) if body.strip() else None, "the request body")
         parameters = _object(options.get("parameters"), "parameters")
-        if parameters:
-            raise InvalidInput(f"load parameters are not supported: "
-                               f"{', '.join(sorted(parameters))}")
-        await self.engine.load(request.path_params["name"])
+        await self.dataplane.load(request.path_params["name"], parameters)
         return Response(b"", media_type=_JSON_TYPE)
 
     async def repository_unload(self, request: Request) -> Response:
