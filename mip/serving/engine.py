@@ -137,8 +137,10 @@ class Engine:
             for version in new:
                 if version.ready:
                     self._serve(version)
-                    log.info("serving %s version %s (%s, max_batch_size %d)", model,
-                             version.version, version.platform, version.max_batch_size)
+                    log.info("serving %s version %s (%s, max_batch_size %d, %s)", model,
+                             version.version, version.platform, version.max_batch_size,
+                             "dynamic batching" if version.dynamic_batching is not None
+                             else "each request alone")
                 else:
                     log.error("model %s version %s failed to load: %s", model, version.version,
                               version.reason)

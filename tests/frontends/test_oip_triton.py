@@ -228,5 +228,10 @@ def test_load_with_a_config(server):
         client.load_model("override")
         config = http.get_model_config("override")
         assert config["max_batch_size"] == 64 and "dynamic_batching" not in config
+    # statistics list the versions served now
+    assert "override" in {s["name"] for s in http.get_inference_statistics()["model_stats"]}
+    grpc.unload_model("override")
+    assert "override" not in {s.name for s in grpc.get_inference_statistics().model_stats}
+    grpc.load_model("override")
     grpc.close()
     http.close()
