@@ -158,8 +158,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve the models of a repository. With no --model-repository, serves the "
                     "built-in demo repository (models 'identity' and 'mlp', built locally).")
     serve.add_argument("--model-repository", metavar="DIR",
-                       help="folder of models: NAME/[VERSION/]model.onnx, NAME/config.json, "
-                            "NAME/model.py (default: the built-in demo repository)")
+                       help="folder of models: NAME/[VERSION/]model.onnx, NAME/config.pbtxt "
+                            "(Triton's) or NAME/config.json, NAME/model.py (default: the "
+                            "built-in demo repository)")
     serve.add_argument("--mip", metavar="URL", default=DEFAULT_MIP_URL,
                        help=f"MIP listener: tcp://HOST:PORT or unix:///PATH, or 'none' "
                             f"(default {DEFAULT_MIP_URL})")

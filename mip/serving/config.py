@@ -26,7 +26,23 @@ A model folder may hold a ``config.json`` (all keys optional)::
       "default_model_filename": "model.onnx"
     }
 
-Unknown keys are an error, so that a typo never silently changes behaviour.
+Triton's names are read too, with Triton's meaning: ``dynamic_batching`` may say
+``max_queue_delay_microseconds``, ``preferred_batch_size``, ``preserve_ordering`` and
+``default_queue_policy`` (``max_queue_size``, ``default_timeout_microseconds``,
+``allow_timeout_override``), and the top level ``version_policy``, ``instance_group``,
+``parameters``, ``model_warmup`` and ``optimization`` (see :mod:`mip.serving.triton`);
+an ``input``/``output`` object's ``dims`` leave out the batch axis when
+``max_batch_size`` > 0 (``shape`` includes it), and an output may name a
+``label_filename``.
+
+A ``config.pbtxt`` (Triton's text format) is read instead when the folder has one (a
+folder with both is refused). Without either, the model takes a batch axis when every
+input and output has a dynamic first dimension (up to :data:`DEFAULT_MAX_BATCH_SIZE`
+rows a request), runs each request alone (dynamic batching is off unless configured,
+as in Triton) and serves its highest version only (Triton's default version policy).
+
+Unknown keys are an error naming the key, so that a typo never silently changes
+behaviour; a Triton key that mip cannot honour is an error naming it too.
 """
 
 from __future__ import annotations
@@ -57,6 +73,14 @@ _KEYS = {
 }
 _BATCHING_KEYS = {"max_queue_delay_us", "preferred_batch_sizes", "max_queue_size",
                   "max_batch_bytes"}
+#: Triton's names in dynamic_batching -> mip's
+_TRITON_BATCHING_KEYS = {"max_queue_delay_microseconds": "max_queue_delay_us",
+                         "preferred_batch_size": "preferred_batch_sizes",
+                         "preserve_ordering": None, "default_queue_policy": None}
+_QUEUE_POLICY_KEYS = {"max_queue_size", "default_timeout_microseconds", "allow_timeout_override"}
+#: top-level keys read through Triton's ModelConfig message (mip.serving.triton)
+_TRITON_KEYS = {"version_policy", "instance_group", "parameters", "model_warmup",
+                "optimization"}
 #: input octets a batch of an ONNX model on the CPU grows to when the config is silent:
 #: joining requests is a copy of their tensors, which pays off for small requests (one
 #: model call instead of many) and not for large ones, whose CPU compute is already per
@@ -94,6 +118,10 @@ class DynamicBatching:
             in microseconds, counted from the oldest request in the queue.
         preferred_batch_sizes: batch sizes, in rows, the batcher tries to form.
         max_queue_size: requests that may wait in the queue; one more raises ``QueueFull``.
+        default_timeout_us / allow_timeout_override: Triton's default queue policy: the
+            microseconds a request may take (0 = no limit; mip counts the whole request,
+            not only its wait in the queue; a request's own, shorter timeout applies
+            whether or not ``allow_timeout_override`` is set).
         max_batch_bytes: a batch takes no more requests once their input tensors reach
             this many octets (a request larger than that runs alone); 0 = no limit;
             ``None`` = the repository decides (:data:`DEFAULT_MAX_BATCH_BYTES`
@@ -104,6 +132,16 @@ class DynamicBatching:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     max_batch_bytes: int | None = None
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = False
+
+    def deadline(self, deadline: float | None, now: float) -> float | None:
+        """A request's ``time.monotonic()`` deadline after the queue policy's
+        ``default_timeout_us`` (``now``: the request's arrival): the earlier of the two."""
+        if not self.default_timeout_us:
+            return deadline
+        default = now + self.default_timeout_us / 1e6
+        return default if deadline is None else min(deadline, default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +165,14 @@ class ModelConfig:
     warmup: tuple[int, ...] = ()
     python: dict[str, Any] = field(default_factory=dict)
     default_model_filename: str | None = None
+    #: ``("latest", N)``, ``("all",)`` or ``("specific", (versions...))``
+    version_policy: tuple = ("latest", 1)
+    #: output name -> label file (in the model's folder), for classification
+    labels: dict[str, str] = field(default_factory=dict)
+    #: inputs and outputs as the config declares them, checked against the model's
+    declared: tuple[TensorSpec, ...] = ()
+    #: Triton ``parameters`` as given (reported back by the ModelConfig call)
+    parameters: dict[str, str] = field(default_factory=dict)
 
 
 def _int(value: Any, key: str, minimum: int = 0) -> int:
@@ -135,7 +181,8 @@ def _int(value: Any, key: str, minimum: int = 0) -> int:
     return value
 
 
-def _specs(value: Any, key: str) -> tuple[str | TensorSpec, ...]:
+def _specs(value: Any, key: str, batch_axis: bool = False,
+           labels: dict | None = None) -> tuple[str | TensorSpec, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{key} must be a list of names or {{name, datatype, shape}} objects")
     specs: list[str | TensorSpec] = []
@@ -149,9 +196,16 @@ def _specs(value: Any, key: str) -> tuple[str | TensorSpec, ...]:
         datatype = datatype.removeprefix("TYPE_").replace("STRING", "BYTES")
         if datatype not in DATATYPES:
             raise ConfigError(f"{key} {item['name']!r}: unknown datatype {datatype!r}")
+        unknown = set(item) - {"name", "datatype", "data_type", "shape", "dims", "label_filename"}
+        if unknown:
+            raise ConfigError(f"{key} {item['name']!r}: unknown key {', '.join(sorted(unknown))}")
         shape = item.get("shape", item.get("dims", [-1]))
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= -1 for d in shape):
             raise ConfigError(f"{key} {item['name']!r}: shape must be a list of ints (-1 = dynamic)")
+        if "shape" not in item and "dims" in item and batch_axis:
+            shape = [-1, *shape]  # Triton's dims leave out the batch axis
+        if "label_filename" in item and labels is not None:
+            labels[item["name"]] = str(item["label_filename"])
         specs.append(TensorSpec(item["name"], datatype, tuple(shape)))
     return tuple(specs)
 
@@ -160,9 +214,16 @@ def parse_config(data: Any) -> ModelConfig:
     """Check a decoded ``config.json`` object and build a :class:`ModelConfig`."""
     if not isinstance(data, dict):
         raise ConfigError("config.json must hold a JSON object")
-    unknown = set(data) - _KEYS
+    unknown = set(data) - _KEYS - _TRITON_KEYS
     if unknown:
-        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        from mip.serving import model_config_pb2
+
+        triton = set(model_config_pb2.ModelConfig.DESCRIPTOR.fields_by_name)
+        refused = sorted(unknown & triton)
+        if refused:
+            raise ConfigError(f"config key {', '.join(map(repr, refused))} is not supported by mip")
+        raise ConfigError(f"unknown config key {', '.join(map(repr, sorted(unknown)))} "
+                          f"(known: {', '.join(sorted(_KEYS | _TRITON_KEYS))})")
     kwargs: dict[str, Any] = {}
     platform = data.get("platform", data.get("backend"))
     if platform is not None:
@@ -178,8 +239,7 @@ def parse_config(data: Any) -> ModelConfig:
     if batching is not None and batching is not False:
         if batching is True:
             batching = {}
-        if not isinstance(batching, dict) or set(batching) - _BATCHING_KEYS:
-            raise ConfigError(f"dynamic_batching takes only {', '.join(sorted(_BATCHING_KEYS))}")
+        batching, queue = _batching_names(batching)
         preferred = batching.get("preferred_batch_sizes", [])
         if not isinstance(preferred, list):
             raise ConfigError("preferred_batch_sizes must be a list of integers")
@@ -191,6 +251,9 @@ def parse_config(data: Any) -> ModelConfig:
                                 "max_queue_size", 1),
             max_batch_bytes=(_int(batching["max_batch_bytes"], "max_batch_bytes")
                              if "max_batch_bytes" in batching else None),
+            default_timeout_us=_int(queue.get("default_timeout_microseconds", 0),
+                                    "default_timeout_microseconds"),
+            allow_timeout_override=bool(queue.get("allow_timeout_override", False)),
         )
     if "instance_count" in data:
         kwargs["instance_count"] = _int(data["instance_count"], "instance_count", 1)
@@ -198,10 +261,12 @@ def parse_config(data: Any) -> ModelConfig:
         if not isinstance(data["device"], str):
             raise ConfigError("device must be a string: cpu, cuda or cuda:N")
         kwargs["device"] = data["device"]
+    labels: dict[str, str] = {}
     for key, plural in (("input", "inputs"), ("output", "outputs")):
         value = data.get(plural, data.get(key))
         if value is not None:
-            kwargs[plural] = _specs(value, plural)
+            kwargs[plural] = _specs(value, plural, bool(kwargs.get("max_batch_size")), labels)
+    kwargs["labels"] = labels
     session = data.get("session_options", {})
     if not isinstance(session, dict) or set(session) - _SESSION_KEYS:
         raise ConfigError(f"session_options takes only {', '.join(sorted(_SESSION_KEYS))}")
@@ -220,12 +285,87 @@ def parse_config(data: Any) -> ModelConfig:
     kwargs["python"] = dict(python)
     if "default_model_filename" in data:
         kwargs["default_model_filename"] = str(data["default_model_filename"])
+    _triton_keys(data, kwargs)
     return ModelConfig(**kwargs)
 
 
+def _batching_names(batching: dict) -> tuple[dict, dict]:
+    """``dynamic_batching`` with Triton's names turned into mip's, and its queue policy."""
+    if not isinstance(batching, dict):
+        raise ConfigError("dynamic_batching must be an object, true or false")
+    unknown = set(batching) - _BATCHING_KEYS - set(_TRITON_BATCHING_KEYS)
+    if unknown:
+        raise ConfigError(f"dynamic_batching key {', '.join(map(repr, sorted(unknown)))} is not "
+                          f"supported (known: "
+                          f"{', '.join(sorted(_BATCHING_KEYS | set(_TRITON_BATCHING_KEYS)))})")
+    queue = batching.get("default_queue_policy") or {}
+    if not isinstance(queue, dict) or set(queue) - _QUEUE_POLICY_KEYS:
+        extra = sorted(set(queue) - _QUEUE_POLICY_KEYS) if isinstance(queue, dict) else []
+        raise ConfigError(f"dynamic_batching.default_queue_policy key "
+                          f"{', '.join(map(repr, extra)) or '(not an object)'} is not supported "
+                          f"(known: {', '.join(sorted(_QUEUE_POLICY_KEYS))})")
+    renamed = {}
+    for key, value in batching.items():
+        target = _TRITON_BATCHING_KEYS.get(key, key)
+        if target is not None:
+            if target in renamed:
+                raise ConfigError(f"dynamic_batching gives {target} twice (as {key} too)")
+            renamed[target] = value
+    if "max_queue_size" in queue:
+        if "max_queue_size" in renamed:
+            raise ConfigError("dynamic_batching gives max_queue_size twice")
+        # Triton's 0 (no limit) is mip's default bound: memory stays bounded
+        renamed["max_queue_size"] = queue["max_queue_size"] or DEFAULT_MAX_QUEUE_SIZE
+    return renamed, queue
+
+
+def _triton_keys(data: dict, kwargs: dict) -> None:
+    """Read the top-level Triton keys of a config.json through Triton's message."""
+    given = {key: data[key] for key in _TRITON_KEYS if key in data}
+    if not given:
+        return
+    from google.protobuf import json_format
+
+    from mip.serving import model_config_pb2
+    from mip.serving.triton import from_triton
+
+    try:
+        proto = json_format.ParseDict(given, model_config_pb2.ModelConfig())
+    except json_format.ParseError as exc:
+        raise ConfigError(f"config.json: {exc}") from None
+    if kwargs.get("max_batch_size") is not None:
+        proto.max_batch_size = kwargs["max_batch_size"]
+    if kwargs.get("platform"):
+        proto.backend = {PLATFORM_ONNX: "onnxruntime"}.get(kwargs["platform"], kwargs["platform"])
+    triton = from_triton(proto, source="config.json")
+    for key, mine in (("instance_group", "instance_count"), ("instance_group", "device"),
+                      ("model_warmup", "warmup")):
+        if key in given:
+            if mine in data:
+                raise ConfigError(f"config.json gives both {key} and {mine}")
+            kwargs[mine] = getattr(triton, mine)
+    if "version_policy" in given:
+        kwargs["version_policy"] = triton.version_policy
+    if "parameters" in given or "optimization" in given:
+        overlap = set(triton.session_options) & set(kwargs["session_options"])
+        if overlap:
+            raise ConfigError(f"config.json sets {', '.join(sorted(overlap))} twice "
+                              "(parameters/optimization and session_options)")
+        kwargs["session_options"] = {**kwargs["session_options"], **triton.session_options}
+        kwargs["parameters"] = triton.parameters
+
+
 def read_config(directory: Path) -> ModelConfig:
-    """Read ``directory/config.json``; an absent file gives the default configuration."""
+    """Read ``directory/config.pbtxt`` or ``directory/config.json``; without either, the
+    default configuration."""
     path = directory / "config.json"
+    pbtxt = directory / "config.pbtxt"
+    if pbtxt.is_file():
+        if path.is_file():
+            raise ConfigError("the folder holds both config.pbtxt and config.json: keep one")
+        from mip.serving.triton import from_triton, read_pbtxt
+
+        return from_triton(read_pbtxt(pbtxt), directory.name)
     if not path.is_file():
         return ModelConfig()
     try:

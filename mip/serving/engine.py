@@ -133,9 +133,11 @@ class Engine:
                     version.close()
         self._started = False
 
-    async def load(self, model: str) -> None:
+    async def load(self, model: str, config=None) -> None:
         """Load or reload every version of ``model``; a reload swaps versions without
         dropping requests (new requests reach the new versions, old ones finish).
+        ``config`` (a :class:`~mip.serving.config.ModelConfig`) replaces the folder's
+        configuration for this load (Triton's load with a config).
 
         Raises:
             ModelNotFound: no such model in the repository.
@@ -143,15 +145,17 @@ class Engine:
         """
         async with self._lock:
             self._expected.add(model)
-            new, old = await asyncio.to_thread(self.repository.load, model)
+            new, old = await asyncio.to_thread(self.repository.load, model, config)
             # Take the old versions' batchers out before the new ones take their keys (a
             # reload keeps the version names), so that they are drained, not lost.
             retiring = self._withdraw(model, old)
             for version in new:
                 if version.ready:
                     self._serve(version)
-                    log.info("serving %s version %s (%s, max_batch_size %d)", model,
-                             version.version, version.platform, version.max_batch_size)
+                    log.info("serving %s version %s (%s, max_batch_size %d, %s)", model,
+                             version.version, version.platform, version.max_batch_size,
+                             "dynamic batching" if version.dynamic_batching is not None
+                             else "each request alone")
                 else:
                     log.error("model %s version %s failed to load: %s", model, version.version,
                               version.reason)
@@ -249,6 +253,9 @@ class Engine:
         coroutine per request. Cancelling the future drops the request from the queue.
         """
         served = self._lookup(model, version)
+        batching = served.version.dynamic_batching
+        if batching is not None and batching.default_timeout_us:
+            deadline = batching.deadline(deadline, time.monotonic())  # Triton's queue policy
         stats = served.stats
         stats.requests += 1
         stats.queue_depth = served.batcher.queue_depth

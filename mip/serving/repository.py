@@ -3,15 +3,17 @@
 ::
 
     REPOSITORY/
-      NAME/config.json            optional (see mip.serving.config)
+      NAME/config.pbtxt           optional: Triton's text format (see mip.serving.triton),
+      NAME/config.json              or mip's JSON form (see mip.serving.config)
       NAME/1/model.onnx           versions are folders with integer names
       NAME/2/model.onnx
       OTHER/model.onnx            a bare model file is version "1"
       PYMODEL/model.py            Python models (see mip.serving.providers.python)
 
-Each model name is loaded and unloaded as a unit (all its versions); every version has
-its own state. A version that fails to load is marked ``UNAVAILABLE`` with the reason,
-and the other models and versions load regardless.
+Each model name is loaded and unloaded as a unit (the versions its version policy
+names: by default the highest one, as in Triton); every version has its own state. A
+version that fails to load is marked ``UNAVAILABLE`` with the reason, and the other
+models and versions load regardless.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mip.serving.config import (DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_SIZE,
                                 PLATFORM_PYTHON, ConfigError, DynamicBatching, ModelConfig,
                                 TensorSpec, read_config)
 from mip.serving.datatypes import to_numpy
+from mip.serving.triton import read_labels
 
 __all__ = ["ModelRepository", "ModelVersion", "ModelState", "ModelMetadata", "IndexEntry",
            "ModelLoadError", "TensorSpec"]
@@ -101,6 +104,7 @@ class ModelVersion:
         self.outputs: tuple[TensorSpec, ...] = ()
         self.max_batch_size = 0
         self.dynamic_batching: DynamicBatching | None = None
+        self.labels: dict[str, list[str]] = {}  # output name -> class labels
 
     def __repr__(self) -> str:
         return f"<ModelVersion {self.name}/{self.version} {self.state.value}>"
@@ -122,6 +126,9 @@ class ModelVersion:
             self.inputs = tuple(self.runner.inputs)
             self.outputs = tuple(self.runner.outputs)
             self._settle_batching()
+            self._check_declared()
+            self.labels = {name: read_labels(self._model_folder(), filename)
+                           for name, filename in self.config.labels.items()}
             for rows in self.config.warmup:
                 self.run(_warmup_inputs(self.inputs, rows, self.max_batch_size > 0))
         except Exception as exc:  # every failure becomes the version's reason
@@ -139,6 +146,34 @@ class ModelVersion:
             runner.close()
         self.state, self.reason = ModelState.UNAVAILABLE, reason
 
+    def _model_folder(self) -> Path:
+        folder = self.path.parent
+        return folder.parent if folder.name == self.version and folder.name.isdigit() else folder
+
+    def _check_declared(self) -> None:
+        """The config's inputs and outputs (Triton's data_type and dims) against the model's."""
+        actual = {spec.name: spec for spec in self.inputs + self.outputs}
+        for spec in self.config.declared:
+            found = actual.get(spec.name)
+            if found is None:
+                raise ConfigError(f"the config names {spec.name!r}, which the model does not "
+                                  f"have (it has {', '.join(sorted(actual))})")
+            if found.datatype != spec.datatype:
+                raise ConfigError(f"{spec.name!r}: the config says {spec.datatype}, the model "
+                                  f"has {found.datatype}")
+            if len(found.shape) != len(spec.shape) or any(
+                    a != b and -1 not in (a, b) for a, b in zip(found.shape, spec.shape)):
+                raise ConfigError(f"{spec.name!r}: the config's shape {list(spec.shape)} (batch "
+                                  f"axis included) does not fit the model's {list(found.shape)}")
+        if self.config.declared:
+            # the declared dims are the served ones (a dynamic model dim may be fixed)
+            declared = {spec.name: spec for spec in self.config.declared}
+            self.inputs = tuple(declared.get(s.name, s) for s in self.inputs)
+            self.outputs = tuple(declared.get(s.name, s) for s in self.outputs)
+        for name in self.config.labels:
+            if name not in {spec.name for spec in self.outputs}:
+                raise ConfigError(f"label_filename is given for {name!r}, which is not an output")
+
     def _settle_batching(self) -> None:
         specs = self.inputs + self.outputs
         batchable = bool(specs) and all(s.shape and s.shape[0] == -1 for s in specs)
@@ -154,7 +189,8 @@ class ModelVersion:
         if self.config.batching_configured:
             self.dynamic_batching = self.config.dynamic_batching
         else:
-            self.dynamic_batching = DynamicBatching() if self.max_batch_size else None
+            # as in Triton: each request runs alone unless dynamic batching is configured
+            self.dynamic_batching = None
         if self.dynamic_batching is not None and not self.max_batch_size:
             raise ConfigError("dynamic_batching needs max_batch_size > 0")
         if self.dynamic_batching is not None and self.dynamic_batching.max_batch_bytes is None:
@@ -189,6 +225,20 @@ def _warmup_inputs(specs: tuple[TensorSpec, ...], rows: int, batching: bool) -> 
     return inputs
 
 
+def _apply_policy(versions: list[ModelVersion], policy: tuple, name: str) -> list[ModelVersion]:
+    """The versions a Triton version policy serves (``versions`` lowest first)."""
+    if policy[0] == "all":
+        return versions
+    if policy[0] == "specific":
+        chosen = [v for v in versions if v.version.isdigit() and int(v.version) in policy[1]]
+        if not chosen:
+            raise ConfigError(f"model {name!r}: version_policy.specific names "
+                              f"{', '.join(map(str, policy[1]))}; the folder has "
+                              f"{', '.join(v.version for v in versions)}")
+        return chosen
+    return versions[-policy[1]:]
+
+
 def _version_key(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
 
@@ -216,8 +266,9 @@ class ModelRepository:
         return sorted(p.name for p in self.root.iterdir()
                       if p.is_dir() and not p.name.startswith((".", "_")))
 
-    def discover(self, name: str) -> list[ModelVersion]:
-        """Read ``name``'s folder: its configuration and versions, none loaded.
+    def discover(self, name: str, config: ModelConfig | None = None) -> list[ModelVersion]:
+        """Read ``name``'s folder: its configuration (``config``: this one instead of the
+        folder's file) and versions, none loaded.
 
         Raises:
             ModelNotFound: no folder of that name.
@@ -226,7 +277,8 @@ class ModelRepository:
         directory = self.root / name
         if not directory.is_dir() or name.startswith((".", "_")) or "/" in name:
             raise ModelNotFound(f"no model named {name!r} in {self.root}")
-        config = read_config(directory)
+        if config is None:
+            config = read_config(directory)
         files = dict(_MODEL_FILES)
         if config.default_model_filename:
             filename = config.default_model_filename
@@ -250,10 +302,12 @@ class ModelRepository:
         if not versions:
             raise ConfigError(f"model {name!r} has no {' or '.join(files)} (in {directory} or "
                               f"in a version folder such as {directory / '1'})")
-        return versions
+        return _apply_policy(versions, config.version_policy, name)
 
-    def load(self, name: str) -> tuple[list[ModelVersion], list[ModelVersion]]:
-        """Load (or reload) every version of ``name``.
+    def load(self, name: str, config: ModelConfig | None = None,
+             ) -> tuple[list[ModelVersion], list[ModelVersion]]:
+        """Load (or reload) every version of ``name`` (``config``: with this configuration
+        instead of the folder's, until the next load).
 
         Returns ``(new, old)``: the versions now installed (each READY or UNAVAILABLE with
         a reason) and the ones they replace, still open so in-flight work can finish; the
@@ -264,7 +318,7 @@ class ModelRepository:
             ModelLoadError: no version could be loaded (the old versions stay installed).
         """
         try:
-            versions = self.discover(name)
+            versions = self.discover(name, config)
         except ConfigError as exc:
             with self._lock:
                 self._errors[name] = str(exc)

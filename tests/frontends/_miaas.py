@@ -51,7 +51,8 @@ def build_repository(root: Path) -> Path:
         folder = root / "sleepy" / version
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "model.py").write_text(SLEEPY.replace("OFFSET", str(offset)))
-    (root / "sleepy" / "config.json").write_text('{"max_batch_size": 8}')
+    (root / "sleepy" / "config.json").write_text(
+        '{"max_batch_size": 8, "dynamic_batching": {}, "version_policy": {"all": {}}}')
     return root
 
 

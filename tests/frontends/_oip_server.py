@@ -49,6 +49,18 @@ def add_model(repo: Path, name: str, data: bytes, version: str = "1",
         (repo / name / "config.json").write_text(json.dumps(config))
 
 
+def grpc_implementations() -> list:
+    """Both gRPC transports as pytest parameters: mip's own HTTP/2 (skipped where it is
+    not built) and grpcio's."""
+    import pytest
+
+    from mip.frontends.oip.grpc import native_available
+
+    native = pytest.param("native", marks=pytest.mark.skipif(
+        not native_available(), reason="mip.protocol._h2 not built (no libnghttp2 headers)"))
+    return [native, "grpcio"]
+
+
 class OipServer:
     """Engine + gRPC + HTTP on a private loop in a daemon thread.
 
@@ -183,7 +195,8 @@ def build_repository(repo: Path) -> Path:
             [helper.make_node("Mul", ["x", "k"], ["y"])],
             [helper.make_tensor_value_info("x", f, ["n", 2])],
             [helper.make_tensor_value_info("y", f, ["n", 2])],
-            [helper.make_tensor("k", f, [], [float(version)])]), version=str(version))
+            [helper.make_tensor("k", f, [], [float(version)])]), version=str(version),
+            config={"version_policy": {"all": {}}})
     add_python_model(repo, "sleepy", SLEEPY_MODEL, {
         "max_batch_size": 4,
         "dynamic_batching": {"max_queue_delay_us": 0, "max_queue_size": 1}})

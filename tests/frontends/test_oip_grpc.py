@@ -18,6 +18,7 @@ from _oip_server import (
     FASHION_MNIST,
     OipServer,
     build_repository,
+    grpc_implementations,
     sample,
     wait_until,
 )
@@ -27,15 +28,7 @@ from tritonclient.utils import InferenceServerException
 LIMIT = 4 << 20  # octets: the server's gRPC message limit in these tests
 
 
-def _implementations():
-    from mip.frontends.oip.grpc import native_available
-
-    native = pytest.param("native", marks=pytest.mark.skipif(
-        not native_available(), reason="mip.protocol._h2 not built (no libnghttp2 headers)"))
-    return [native, "grpcio"]
-
-
-@pytest.fixture(scope="module", params=_implementations())
+@pytest.fixture(scope="module", params=grpc_implementations())
 def server(request, tmp_path_factory):
     """Every test runs against both transports: mip's own HTTP/2 and grpcio's."""
     repo = build_repository(tmp_path_factory.mktemp("oip_grpc"))

@@ -127,7 +127,8 @@ def test_inputs_must_agree_on_rows_and_outputs_can_be_chosen(repo):
 
 
 def test_versions_and_reload(repo):
-    add_model(repo, "m", identity_model(("n", 4)), version="1")
+    add_model(repo, "m", identity_model(("n", 4)), version="1",
+              config={"version_policy": {"all": {}}})
 
     async def scenario():
         engine = Engine(ModelRepository(repo))

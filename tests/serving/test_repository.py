@@ -14,7 +14,8 @@ from ._models import add_model, identity_model, two_output_model
 
 def test_bare_and_versioned_layouts(repo):
     add_model(repo, "bare", identity_model(), version=None)
-    add_model(repo, "multi", identity_model(), version="1")
+    add_model(repo, "multi", identity_model(), version="1",
+              config={"version_policy": {"all": {}}})
     add_model(repo, "multi", identity_model(("n", 8)), version="3")
     repository = ModelRepository(repo)
     assert repository.names() == ["bare", "multi"]
@@ -39,7 +40,8 @@ def test_metadata_from_onnx_graph(repo):
         ("a", "FP32", (-1, 4)), ("b", "FP32", (-1, 4))]
     assert [s.name for s in meta.outputs] == ["sum", "product"]
     version = repository.get("two")
-    assert version.max_batch_size == 64 and version.dynamic_batching is not None
+    # without a config: a batch axis, but each request runs alone (Triton's default)
+    assert version.max_batch_size == 64 and version.dynamic_batching is None
 
 
 def test_config_selects_outputs_and_batching(repo):
@@ -96,7 +98,7 @@ def test_failures_are_reported_and_do_not_stop_others(repo):
 
 
 def test_one_failing_version_leaves_the_other_serving(repo):
-    add_model(repo, "m", identity_model(), version="1")
+    add_model(repo, "m", identity_model(), version="1", config={"version_policy": {"all": {}}})
     add_model(repo, "m", b"garbage", version="2")
     repository = ModelRepository(repo)
     repository.load("m")

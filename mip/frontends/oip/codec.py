@@ -24,7 +24,10 @@ from mip.serving.datatypes import from_numpy, to_numpy
 
 __all__ = [
     "MAX_DIMS",
+    "UNSUPPORTED_PARAMETERS",
+    "check_parameters",
     "check_shape",
+    "classify",
     "datatype_of",
     "decode_bytes",
     "element_count",
@@ -259,3 +262,98 @@ def to_raw(array: np.ndarray, name: str = "tensor"):
     flat = np.ascontiguousarray(array).reshape(-1)
     # Viewed as octets so every dtype (bfloat16 included) exports a plain buffer.
     return memoryview(flat.view(np.uint8)) if flat.size else b""
+
+
+# -- parameters of Triton's extensions ---------------------------------------------------
+
+#: Triton's request, input and output parameters that this server does not implement:
+#: a request that sets one is refused (INVALID_ARGUMENT / 400) naming it, rather than
+#: answered as if it were absent. A zero sequence_id and false sequence flags are
+#: what clients send for "no sequence" and pass.
+UNSUPPORTED_PARAMETERS = {
+    "request": ("sequence_id", "sequence_start", "sequence_end", "priority"),
+    "input": ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"),
+    "output": ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"),
+}
+_EXPLANATIONS = {
+    "sequence_id": "the model is not a sequence model (mip has no sequence batching)",
+    "sequence_start": "the model is not a sequence model (mip has no sequence batching)",
+    "sequence_end": "the model is not a sequence model (mip has no sequence batching)",
+    "priority": "mip has no request priorities",
+    "shared_memory_region": "mip does not implement the shared-memory extensions; send the "
+                            "tensor in the request and read it from the reply",
+    "shared_memory_byte_size": "mip does not implement the shared-memory extensions",
+    "shared_memory_offset": "mip does not implement the shared-memory extensions",
+}
+
+
+def check_parameters(request: dict | None, inputs: dict[str, dict],
+                     outputs: dict[str, dict]) -> dict[str, int] | None:
+    """Refuse the parameters of extensions this server does not implement; return the
+    classification extension's requests (output name -> class count), or ``None``.
+
+    Args:
+        request: the request's parameters (name -> plain value), or ``None``.
+        inputs / outputs: tensor name -> its parameters (name -> plain value); only
+            tensors that carry parameters need to be given.
+
+    Raises:
+        InvalidInput: a parameter this server does not implement, or a class count that
+            is not a positive integer.
+    """
+    for key in UNSUPPORTED_PARAMETERS["request"]:
+        value = (request or {}).get(key)
+        if value not in (None, 0, "", False):
+            raise InvalidInput(f"request parameter {key!r} is not supported: "
+                               f"{_EXPLANATIONS[key]}")
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        for name, parameters in tensors.items():
+            for key in UNSUPPORTED_PARAMETERS[kind]:
+                if key in parameters:
+                    raise InvalidInput(f"{kind} {name!r}: parameter {key!r} is not supported: "
+                                       f"{_EXPLANATIONS[key]}")
+    classes = None
+    for name, parameters in outputs.items():
+        count = parameters.get("classification")
+        if count is None:
+            continue
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidInput(f"output {name!r}: parameter 'classification' must be a "
+                               f"positive class count, not {count!r}")
+        classes = classes or {}
+        classes[name] = count
+    return classes
+
+
+def classify(array: np.ndarray, count: int, batched: bool,
+             labels: Sequence[str] = (), name: str = "tensor") -> np.ndarray:
+    """Triton's classification extension: the ``count`` largest values of ``array`` as
+    BYTES ``"value:index"`` or ``"value:index:label"`` (``labels[index]``), largest first.
+
+    A batching model's output is classified row by row (shape ``[rows, count]``), any
+    other over the whole tensor (shape ``[count]``); ``count`` is cut to the number of
+    classes.
+
+    Raises:
+        InvalidInput: a BYTES output (it has no order to rank by).
+    """
+    if array.dtype == object or array.dtype.kind in "SU":
+        raise InvalidInput(f"output {name!r} is BYTES: classification needs numbers")
+    if array.dtype.name == "bfloat16":
+        array = array.astype(np.float32)
+    rows = array.reshape(array.shape[0] if batched and array.ndim else 1, -1)
+    count = min(count, rows.shape[1])
+    key = rows if rows.dtype.kind == "f" else rows.astype(np.float64)
+    order = np.argsort(-key, axis=1, kind="stable")[:, :count]
+    top = np.take_along_axis(rows, order, axis=1)
+    floating = rows.dtype.kind == "f"
+    out = np.empty(order.shape, dtype=object)
+    for r in range(order.shape[0]):
+        for c in range(count):
+            index = int(order[r, c])
+            value = f"{float(top[r, c]):f}" if floating else str(int(top[r, c]))
+            text = f"{value}:{index}"
+            if index < len(labels):
+                text += f":{labels[index]}"
+            out[r, c] = text.encode("utf-8")
+    return out if batched and array.ndim else out.reshape(count)

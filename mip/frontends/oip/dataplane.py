@@ -15,8 +15,9 @@ from typing import Callable
 import numpy as np
 
 import mip
-from mip.errors import ErrorCode, InvalidInput, ServingError
+from mip.errors import ErrorCode, InvalidInput, ModelNotFound, ServingError
 from mip.frontends._futures import chain
+from mip.frontends.oip import codec
 
 __all__ = [
     "EXTENSIONS",
@@ -29,7 +30,8 @@ __all__ = [
 
 SERVER_NAME = "mip"
 #: protocol extensions this server speaks (names as Triton reports them).
-EXTENSIONS = ("binary_tensor_data", "model_repository", "parameters", "streaming")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration",
+              "model_repository", "parameters", "statistics", "streaming")
 
 
 class TooLarge(ServingError):
@@ -59,6 +61,13 @@ def timeout_parameter(value) -> float | None:
     return value / 1e6 if value else None
 
 
+def _classify(outputs: dict, classes: dict[str, int], version) -> None:
+    for name, count in classes.items():
+        if name in outputs:
+            outputs[name] = codec.classify(outputs[name], count, version.max_batch_size > 0,
+                                           version.labels.get(name, ()), name)
+
+
 class DataPlane:
     """Inference, metadata and repository calls on one engine, for every OIP frontend.
 
@@ -81,7 +90,8 @@ class DataPlane:
     def submit(self, protocol: str, model: str, version: str | None,
                inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
                timeout: float | None = None, then: Callable | None = None,
-               error: Callable[[BaseException], BaseException] | None = None) -> asyncio.Future:
+               error: Callable[[BaseException], BaseException] | None = None,
+               classes: dict[str, int] | None = None) -> asyncio.Future:
         """Queue one request without waiting: a future of its :class:`InferResult`.
 
         What :meth:`infer` does, for frontends that chain callbacks instead of running a
@@ -90,6 +100,9 @@ class DataPlane:
 
         ``then`` (the frontend's reply encoder) and ``error`` (its error mapping) apply in
         the same callback, so the future holds ``then(result)``: one hand-off a request.
+
+        ``classes`` (output name -> class count, from :func:`codec.check_parameters`)
+        answers those outputs with Triton's classification extension.
         """
         started = time.perf_counter()
         engine = self.engine
@@ -113,6 +126,8 @@ class DataPlane:
         def transform(result):
             done = InferResult(model, served_version,
                                result if wanted is None else {name: result[name] for name in wanted})
+            if classes:
+                _classify(done.outputs, classes, chosen)
             return done if then is None else then(done)
 
         reply = chain(work, transform, error)
@@ -121,6 +136,61 @@ class DataPlane:
                 model, served_version, protocol, not r.cancelled() and r.exception() is None,
                 time.perf_counter() - started, rows))
         return reply
+
+    async def load(self, model: str, parameters: dict) -> None:
+        """Triton's load call: ``parameters`` may hold ``config`` (Triton's JSON form of
+        ``ModelConfig``, used instead of the folder's configuration for this load); any
+        other parameter (the ``file:`` overrides) is refused naming it.
+
+        Raises:
+            InvalidInput, ModelNotFound, ModelLoadError.
+        """
+        unknown = sorted(set(parameters) - {"config"})
+        if unknown:
+            raise InvalidInput(f"load parameters are not supported: {', '.join(unknown)} "
+                               "(only 'config' is)")
+        config = None
+        if "config" in parameters:
+            from mip.serving.config import ConfigError
+            from mip.serving.repository import ModelLoadError
+            from mip.serving.triton import config_from_json
+
+            text = parameters["config"]
+            if not isinstance(text, str):
+                raise InvalidInput("load parameter 'config' must be a string of JSON")
+            try:
+                config = config_from_json(text, model)
+            except ConfigError as exc:
+                raise ModelLoadError(f"failed to load {model}: {exc}") from None
+        await self.engine.load(model, config)
+
+    def model_config(self, model: str, version: str | None = None):
+        """The configuration in force for ``model`` (or that version), as Triton's
+        ``ModelConfig`` message.
+
+        Raises:
+            ModelNotFound, ModelNotReady.
+        """
+        from mip.serving.triton import to_triton
+
+        return to_triton(self.engine.repository.get(model, version or None))
+
+    def statistics(self, model: str | None = None, version: str | None = None) -> dict:
+        """Triton's statistics (``{"model_stats": [...]}``) of every served version, or of
+        ``model`` (and ``version``); the numbers are those of ``/metrics``.
+
+        Raises:
+            ModelNotFound: ``model`` / ``version`` is not served.
+        """
+        if self.metrics is None:
+            from mip.frontends.oip.metrics import Metrics
+
+            self.metrics = Metrics(self.engine)
+        entries = self.metrics.statistics(model or None, version or None)
+        if model and not entries:
+            what = f"model {model!r}" + (f" version {version}" if version else "")
+            raise ModelNotFound(f"requested {what} is not available")
+        return {"model_stats": entries}
 
     async def infer(self, protocol: str, model: str, version: str | None,
                     inputs: dict[str, np.ndarray], outputs: list[str] | None = None,

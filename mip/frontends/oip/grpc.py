@@ -1,6 +1,7 @@
 """The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on grpcio asyncio.
 
-All nine RPCs of the protocol and Triton's ``ModelStreamInfer``. Inference requests are
+All nine RPCs of the protocol and Triton's ``ModelStreamInfer``, ``ModelConfig`` and
+``ModelStatistics``. Inference requests are
 read as bytes: the raw tensor fields (``raw_input_contents``) are located in the received
 message and handed to the engine as numpy views of it, and the reply's raw tensor fields
 are appended to the serialized reply header, so tensor octets are not copied by protobuf.
@@ -20,6 +21,7 @@ import logging
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from grpc import aio
 
 from mip.errors import InvalidInput, NotAvailable, ServingError
@@ -136,6 +138,27 @@ def _parameter(value: pb.InferParameter):
     return None if which is None else getattr(value, which)
 
 
+def _extension_parameters(request, serialized: bytes) -> dict[str, int] | None:
+    """:func:`codec.check_parameters` of a ModelInferRequest. Skipped when none of the
+    parameter names it acts on occurs in ``serialized`` (the message without its raw
+    contents): the common case, found without reading the protobuf maps (which costs
+    microseconds a tensor)."""
+    if (b"sequence_" not in serialized and b"priority" not in serialized
+            and b"shared_memory_" not in serialized and b"classification" not in serialized):
+        return None
+    tensors = [(t.name, t.parameters) for t in request.inputs if t.parameters]
+    wanted = [(o.name, o.parameters) for o in request.outputs if o.parameters]
+    if not (request.parameters or tensors or wanted):
+        return None
+
+    def plain(parameters) -> dict:
+        return {key: _parameter(value) for key, value in parameters.items()}
+
+    return codec.check_parameters(plain(request.parameters),
+                                  {name: plain(p) for name, p in tensors},
+                                  {name: plain(p) for name, p in wanted})
+
+
 def _from_contents(tensor) -> np.ndarray:
     name, datatype = tensor.name, tensor.datatype
     shape = codec.check_shape(tensor.shape, name)
@@ -217,15 +240,27 @@ class _Service:
         return response
 
     async def repository_model_load(self, request, context):
-        if request.parameters:
-            await self._abort(context, InvalidInput(
-                f"load parameters are not supported: {', '.join(sorted(request.parameters))}"))
-        await self._call(context, self.engine.load, request.model_name)
+        parameters = {key: _parameter(value) for key, value in request.parameters.items()}
+        await self._call(context, self.dataplane.load, request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     async def repository_model_unload(self, request, context):
         await self._call(context, self.engine.unload, request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # -- Triton's configuration and statistics extensions --------------------------------
+
+    async def model_config(self, request, context):
+        config = await self._call(context, self.dataplane.model_config, request.name,
+                                  request.version)
+        response = pb.ModelConfigResponse()
+        response.config.CopyFrom(config)
+        return response
+
+    async def model_statistics(self, request, context):
+        stats = await self._call(context, self.dataplane.statistics, request.name,
+                                 request.version)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
 
     # -- inference ----------------------------------------------------------------------
 
@@ -265,6 +300,7 @@ class _Service:
             if len(data) < _SPLIT_ABOVE:
                 request = pb.ModelInferRequest.FromString(data)
                 raws = request.raw_input_contents
+                rest = data
             else:
                 rest, raws = split_raw_inputs(data)
                 request = pb.ModelInferRequest.FromString(rest)
@@ -272,6 +308,7 @@ class _Service:
             raise
         except Exception as exc:  # protobuf's DecodeError and friends
             raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+        classes = _extension_parameters(request, rest)
         inputs = self._inputs(request, raws)
         outputs = [o.name for o in request.outputs] or None
         timeout = None
@@ -287,7 +324,8 @@ class _Service:
                 return self._checked_reply(request, result, raw, join=False)
             error = _rpc_error
         work = self.dataplane.submit("grpc", request.model_name, request.model_version,
-                                     inputs, outputs, timeout, then=then, error=error)
+                                     inputs, outputs, timeout, then=then, error=error,
+                                     classes=classes)
         return request, raw, work
 
     async def model_stream_infer(self, request_iterator, context):
@@ -433,6 +471,10 @@ def _methods(service: _Service) -> list[tuple]:
          pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
         ("RepositoryModelUnload", "unary", service.repository_model_unload,
          pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse),
+        ("ModelConfig", "unary", service.model_config, pb.ModelConfigRequest,
+         pb.ModelConfigResponse),
+        ("ModelStatistics", "unary", service.model_statistics, pb.ModelStatisticsRequest,
+         pb.ModelStatisticsResponse),
     ]
 
 

@@ -84,6 +84,16 @@ class GRPCInferenceServiceStub:
                 request_serializer=mip_dot_frontends_dot_oip_dot_inference__pb2.RepositoryModelUnloadRequest.SerializeToString,
                 response_deserializer=mip_dot_frontends_dot_oip_dot_inference__pb2.RepositoryModelUnloadResponse.FromString,
                 _registered_method=True)
+        self.ModelConfig = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelConfig',
+                request_serializer=mip_dot_frontends_dot_oip_dot_inference__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=mip_dot_frontends_dot_oip_dot_inference__pb2.ModelConfigResponse.FromString,
+                _registered_method=True)
+        self.ModelStatistics = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelStatistics',
+                request_serializer=mip_dot_frontends_dot_oip_dot_inference__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=mip_dot_frontends_dot_oip_dot_inference__pb2.ModelStatisticsResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -160,6 +170,20 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelConfig(self, request, context):
+        """Get a model's configuration (Triton's extension).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelStatistics(self, request, context):
+        """Get the inference statistics of models (Triton's statistics extension).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +236,16 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.RepositoryModelUnload,
                     request_deserializer=mip_dot_frontends_dot_oip_dot_inference__pb2.RepositoryModelUnloadRequest.FromString,
                     response_serializer=mip_dot_frontends_dot_oip_dot_inference__pb2.RepositoryModelUnloadResponse.SerializeToString,
+            ),
+            'ModelConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelConfig,
+                    request_deserializer=mip_dot_frontends_dot_oip_dot_inference__pb2.ModelConfigRequest.FromString,
+                    response_serializer=mip_dot_frontends_dot_oip_dot_inference__pb2.ModelConfigResponse.SerializeToString,
+            ),
+            'ModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatistics,
+                    request_deserializer=mip_dot_frontends_dot_oip_dot_inference__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=mip_dot_frontends_dot_oip_dot_inference__pb2.ModelStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -484,6 +518,60 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/RepositoryModelUnload',
             mip_dot_frontends_dot_oip_dot_inference__pb2.RepositoryModelUnloadRequest.SerializeToString,
             mip_dot_frontends_dot_oip_dot_inference__pb2.RepositoryModelUnloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelConfig',
+            mip_dot_frontends_dot_oip_dot_inference__pb2.ModelConfigRequest.SerializeToString,
+            mip_dot_frontends_dot_oip_dot_inference__pb2.ModelConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelStatistics',
+            mip_dot_frontends_dot_oip_dot_inference__pb2.ModelStatisticsRequest.SerializeToString,
+            mip_dot_frontends_dot_oip_dot_inference__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

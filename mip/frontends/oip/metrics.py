@@ -23,6 +23,9 @@ Per executed batch (labels ``model``, ``version``; batches mix protocols):
 Gauges, read when scraped: ``nv_inference_pending_request_count`` (requests waiting in the
 batch queue, per model and version) and ``mip_models_loaded`` (model versions ready).
 
+The same series answer Triton's statistics extension (:meth:`Metrics.statistics`: the
+``ModelStatistics`` RPC and ``GET /v2/models/{m}/stats``), so both show the same numbers.
+
 Counters keep Triton's names exactly (no ``_total`` suffix), so Triton dashboards work
 with little change; histograms and gauges are rendered by ``prometheus_client``.
 """
@@ -30,6 +33,7 @@ with little change; histograms and gauges are rendered by ``prometheus_client``.
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -85,11 +89,12 @@ class _Histogram:
 
 
 class _RequestSeries:
-    __slots__ = ("count", "duration_us", "failure", "histogram", "success")
+    __slots__ = ("count", "duration_us", "fail_us", "failure", "histogram", "last", "success")
 
     def __init__(self):
         self.success = self.failure = self.count = 0
-        self.duration_us = 0.0
+        self.duration_us = self.fail_us = 0.0
+        self.last = 0.0  # time.time() of the latest request's answer
         self.histogram = _Histogram(DURATION_BUCKETS_US)
 
 
@@ -101,14 +106,20 @@ class _BatchSeries:
         "executions",
         "queue_hist",
         "queue_us",
+        "sizes",
     )
 
     def __init__(self):
         self.executions = 0
+        self.sizes: dict[int, list] = {}  # rows -> [batches, compute microseconds]
         self.queue_us = self.compute_us = 0.0
         self.queue_hist = _Histogram(DURATION_BUCKETS_US)
         self.compute_hist = _Histogram(DURATION_BUCKETS_US)
         self.batch_hist = _Histogram(BATCH_BUCKETS)
+
+
+def _duration(count: int, micros: float) -> dict:
+    return {"count": count, "ns": int(round(micros * 1000))}
 
 
 def _escape(value: str) -> str:
@@ -163,7 +174,9 @@ class Metrics:
             series.count += rows
         else:
             series.failure += 1
+            series.fail_us += micros
         series.duration_us += micros
+        series.last = time.time()
         series.histogram.observe(micros)
 
     def _on_batch(self, model: str, version: str, record) -> None:
@@ -179,6 +192,63 @@ class Metrics:
         series.queue_hist.observe(queue_us)
         series.compute_hist.observe(compute_us)
         series.batch_hist.observe(record.rows)
+        size = series.sizes.get(record.rows)
+        if size is None:
+            size = series.sizes[record.rows] = [0, 0.0]
+        size[0] += 1
+        size[1] += compute_us
+
+    # -- Triton's statistics extension --------------------------------------------------
+
+    def statistics(self, model: str | None = None, version: str | None = None) -> list[dict]:
+        """Triton's ``model_stats`` entries (JSON form) of every served version, or of
+        ``model`` (and ``version``), from the series ``/metrics`` shows.
+
+        Per version: ``inference_count`` (rows of successful requests, all protocols),
+        ``execution_count`` (batches), ``last_inference`` (milliseconds since the epoch),
+        ``inference_stats`` ``success``/``fail`` (requests, and their durations from
+        arrival to answer), ``queue`` and ``compute_infer`` (per batch: the wait of its
+        oldest request, and model time), ``compute_input``/``compute_output`` (counted per
+        batch; their time is inside ``compute_infer``), and ``batch_stats`` per batch size.
+        Durations in nanoseconds.
+        """
+        entries = []
+        for name, ver in sorted(self.engine.stats()):  # the versions served now, as Triton
+            if (model and name != model) or (version and ver != version):
+                continue
+            success = failure = count = 0
+            success_us = fail_us = last = 0.0
+            for protocol in ("grpc", "http"):
+                series = self._requests.get((name, ver, protocol))
+                if series is not None:
+                    success += series.success
+                    failure += series.failure
+                    count += series.count
+                    success_us += series.duration_us - series.fail_us
+                    fail_us += series.fail_us
+                    last = max(last, series.last)
+            batches = self._batches.get((name, ver)) or _BatchSeries()
+            runs = batches.executions
+            entries.append({
+                "name": name, "version": ver, "last_inference": int(last * 1000),
+                "inference_count": count, "execution_count": runs,
+                "inference_stats": {
+                    "success": _duration(success, success_us),
+                    "fail": _duration(failure, fail_us),
+                    "queue": _duration(runs, batches.queue_us),
+                    "compute_input": _duration(runs, 0.0),
+                    "compute_infer": _duration(runs, batches.compute_us),
+                    "compute_output": _duration(runs, 0.0),
+                    "cache_hit": _duration(0, 0.0),
+                    "cache_miss": _duration(0, 0.0),
+                },
+                "batch_stats": [
+                    {"batch_size": rows, "compute_input": _duration(n, 0.0),
+                     "compute_infer": _duration(n, micros), "compute_output": _duration(n, 0.0)}
+                    for rows, (n, micros) in sorted(batches.sizes.items())],
+                "memory_usage": [],
+            })
+        return entries
 
     # -- rendering ----------------------------------------------------------------------
 

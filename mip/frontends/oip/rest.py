@@ -8,6 +8,8 @@ Endpoints (``{v}`` parts optional)::
     GET  /v2/models/{name}[/versions/{v}]    model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready   200, 503 when not ready, 404 unknown
     POST /v2/models/{name}[/versions/{v}]/infer   JSON tensors and binary tensor data
+    GET  /v2/models/{name}[/versions/{v}]/config  the configuration (Triton's ModelConfig)
+    GET  /v2/models[/{name}[/versions/{v}]]/stats  statistics: {"model_stats": [...]}
     POST /v2/repository/index                [{"name", "version", "state", "reason"}]
     POST /v2/repository/models/{name}/load
     POST /v2/repository/models/{name}/unload
@@ -164,6 +166,17 @@ class _Endpoints:
             pass
         return _Json({"name": name, "ready": False}, status_code=503)
 
+    async def model_config(self, request: Request) -> Response:
+        from mip.serving.triton import message_to_json
+
+        params = request.path_params
+        return _Json(message_to_json(self.dataplane.model_config(params["name"],
+                                                                 params.get("version"))))
+
+    async def model_stats(self, request: Request) -> Response:
+        params = request.path_params
+        return _Json(self.dataplane.statistics(params.get("name"), params.get("version")))
+
     async def metrics_text(self, request: Request) -> Response:
         from mip.frontends.oip.metrics import CONTENT_TYPE
 
@@ -186,10 +199,7 @@ class _Endpoints:
         body = await self._body(request)
         options = _object(orjson.loads(body) if body.strip() else None, "the request body")
         parameters = _object(options.get("parameters"), "parameters")
-        if parameters:
-            raise InvalidInput(f"load parameters are not supported: "
-                               f"{', '.join(sorted(parameters))}")
-        await self.engine.load(request.path_params["name"])
+        await self.dataplane.load(request.path_params["name"], parameters)
         return Response(b"", media_type=_JSON_TYPE)
 
     async def repository_unload(self, request: Request) -> Response:
@@ -214,7 +224,8 @@ class _Endpoints:
             self._decoder, self._parse, body, header_length)
 
     def _parse(self, body: bytes, header_length: str | None):
-        """A request body: ``(doc, inputs, wanted outputs, binary_data_output, timeout)``."""
+        """A request body: ``(doc, inputs, wanted outputs, binary_data_output, timeout,
+        classification)``."""
         if header_length is None:
             header_end = len(body)
         else:
@@ -233,6 +244,7 @@ class _Endpoints:
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"the request is not valid JSON: {exc}") from None
         doc = _object(doc, "the request")
+        classes = _extension_parameters(doc)
         inputs = self._inputs(doc, view, header_end, spans)
         parameters = doc.get("parameters")
         binary_default = False
@@ -249,7 +261,7 @@ class _Endpoints:
                 raise InvalidInput("every requested output needs a name")
             output_params = _object(output.get("parameters"), f"output {output_name!r} parameters")
             wanted[output_name] = bool(output_params.get("binary_data", binary_default))
-        return doc, inputs, wanted, binary_default, timeout
+        return doc, inputs, wanted, binary_default, timeout, classes
 
     # -- the inference fast path: plain ASGI, no Starlette request or response objects ----
 
@@ -267,10 +279,10 @@ class _Endpoints:
                 elif key == b"content-encoding":
                     encoding = value.decode("latin-1")
             body = await self._receive_body(receive, length, encoding)
-            doc, inputs, wanted, binary_default, timeout = await self._parse_off_loop(
+            doc, inputs, wanted, binary_default, timeout, classes = await self._parse_off_loop(
                 body, header_length)
             work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
-                                         timeout)
+                                         timeout, classes=classes)
             result = await _unless_disconnected(receive, work)
             header, parts = self._reply_parts(doc.get("id"), result, wanted, binary_default)
         except Cancelled:
@@ -391,6 +403,22 @@ class _Endpoints:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return _decompress(body, request.headers.get("content-encoding", "identity").lower(),
                            limit)
+
+
+def _extension_parameters(doc: dict) -> dict[str, int] | None:
+    """:func:`codec.check_parameters` of a JSON request (its tensors' parameters)."""
+    tensors = {}
+    for kind in ("inputs", "outputs"):
+        found = {}
+        for tensor in doc.get(kind) or ():
+            parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+            if parameters:
+                found[str(tensor.get("name"))] = _object(parameters, f"{kind} parameters")
+        tensors[kind] = found
+    request = doc.get("parameters")
+    if not (request or tensors["inputs"] or tensors["outputs"]):
+        return None
+    return codec.check_parameters(request, tensors["inputs"], tensors["outputs"])
 
 
 def _from_span(name: str, datatype: str, shape, view: memoryview, spans: list,
@@ -561,6 +589,13 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
         Route("/v2/health/live", endpoints.live, methods=["GET"]),
         Route("/v2/health/ready", endpoints.ready, methods=["GET"]),
         Route("/v2", endpoints.server_metadata, methods=["GET"]),
+        Route("/v2/models/stats", endpoints.model_stats, methods=["GET"]),
+        Route("/v2/models/{name}/config", endpoints.model_config, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/config", endpoints.model_config,
+              methods=["GET"]),
+        Route("/v2/models/{name}/stats", endpoints.model_stats, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/stats", endpoints.model_stats,
+              methods=["GET"]),
         Route("/v2/models/{name}", endpoints.model_metadata, methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}", endpoints.model_metadata,
               methods=["GET"]),
