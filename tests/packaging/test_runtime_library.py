@@ -74,4 +74,6 @@ def test_build_without_libnghttp2_headers_fails_naming_the_package(tmp_path):
     assert refused.returncode != 0
     assert "libnghttp2-dev" in refused.stderr and "MIP_NO_NATIVE_GRPC=1" in refused.stderr
     allowed = setup_name(MIP_NO_NATIVE_GRPC="1")
-    assert allowed.returncode == 0 and allowed.stdout.strip() == "mip-toolkit", allowed.stderr
+    # (setup.py cythonizes at import: Cython may print what it compiles before the name)
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.strip().splitlines()[-1] == "mip-toolkit"
