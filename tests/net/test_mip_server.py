@@ -144,20 +144,29 @@ async def test_oversized_frame_is_refused_from_its_header_alone():
         await server.stop()
 
 
-async def test_max_connections():
+async def test_max_connections_refuses_when_none_is_idle_and_closes_an_idle_one():
     server, url = await _start(max_connections=1)
     try:
         async with AsyncClient(url) as first:
             await first.ping()
+            busy = asyncio.ensure_future(first.infer([[np.ones((1, 2), np.float32)]],
+                                                     model="slow", version="1"))
+            while not server._connections or next(iter(server._connections)).idle:
+                await asyncio.sleep(0.01)
             reply = await asyncio.to_thread(_raw_exchange, url, mip.encode_ping())
             assert reply == mip.encode_error(ErrorCode.MEMORY)
-            assert await first.ping() > 0
+            (item,) = await busy
+            np.testing.assert_array_equal(item[0], np.full((1, 2), 2, np.float32))
+            # now the first connection is idle: it makes room for a new client
+            async with AsyncClient(url) as second:
+                assert await second.ping() > 0
+                assert server.connections == 1
     finally:
         await server.stop()
 
 
 async def test_idle_and_read_timeouts_close_connections():
-    server, url = await _start(idle_timeout=0.2, read_timeout=0.2)
+    server, url = await _start(idle_timeout=0.2, frame_timeout=0.2)
     server.linger = 0.05
     try:
         host, port = url.removeprefix("tcp://").rsplit(":", 1)
