@@ -1,0 +1,97 @@
+"""`mip serve` / `mip broker` as a subprocess, and what the tests measure of it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(args, pattern_count: int, timeout: float = 30.0, command: str = "serve",
+          pattern: str = "mip: serving"):
+    """Run ``mip COMMAND ARGS`` until `pattern_count` lines starting with `pattern` are
+    printed; returns the process and its output so far."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING",
+                                command, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.monotonic() + timeout
+    while len([x for x in lines if x.startswith(pattern)]) < pattern_count:
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise AssertionError(f"mip {command} did not start:\n" + "".join(lines)
+                                 + (process.stdout.read() if process.stdout else ""))
+        lines.append(process.stdout.readline())
+    return process, "".join(lines)
+
+
+def stop(process) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def address(output: str, label: str) -> tuple[str, int]:
+    """``(host, port)`` printed after `label` (e.g. "serving MIP on") by the server."""
+    found = re.search(re.escape(label) + r" (?:\w+://)?([\d.]+):(\d+)", output)
+    assert found, output
+    return found.group(1), int(found.group(2))
+
+
+def rss(pid: int) -> int:
+    """Resident memory of process `pid`, in octets."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def connect(host: str, port: int, source: str = "127.0.0.1", timeout: float = 10.0,
+            rcvbuf: int | None = None) -> socket.socket:
+    """A TCP connection from the loopback address `source` (127.0.0.x: another peer)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.bind((source, 0))
+    sock.connect((host, port))
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"",
+                  every: float = 0.5) -> tuple[bool, bytes]:
+    """Send `trickle` one octet every `every` seconds (nothing if empty) until the peer
+    closes or `seconds` pass; returns (closed, what the peer sent)."""
+    received = []
+    deadline = time.monotonic() + seconds
+    position = 0
+    sock.settimeout(every)
+    while time.monotonic() < deadline:
+        if position < len(trickle):
+            try:
+                sock.send(trickle[position:position + 1])
+            except OSError:
+                return True, b"".join(received)
+            position += 1
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except OSError:
+            return True, b"".join(received)
+        if not data:
+            return True, b"".join(received)
+        received.append(data)
+    return False, b"".join(received)
