@@ -174,6 +174,24 @@ def _parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="run an MSIP pub/sub broker")
     broker.add_argument("--msip", metavar="URL", default=DEFAULT_MSIP_URL,
                         help=f"listen URL (default {DEFAULT_MSIP_URL})")
+    broker.add_argument("--max-connections", type=int, default=10_000, metavar="N",
+                        help="connections at once; when all are open, the longest-silent one "
+                             "that has not sent a frame yet is closed for a new one "
+                             "(default 10000)")
+    broker.add_argument("--max-connections-per-peer", type=int, default=256, metavar="N",
+                        help="connections per client address (default 256)")
+    broker.add_argument("--max-payload", type=_size, default=16 << 20, metavar="OCTETS",
+                        help="largest frame payload (default 16M)")
+    broker.add_argument("--max-pending-reply", type=_size, default=8 << 20, metavar="OCTETS",
+                        help="octets queued for a client that does not read; beyond them "
+                             "events are dropped (oldest first) and its frames are not read "
+                             "until it does (default 8M)")
+    broker.add_argument("--frame-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a frame must arrive within this time of its first octet "
+                             "(0 = never; default 30)")
+    broker.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="PING a client silent this long, close it after twice this long "
+                             "(0 = never; default 120)")
     _add_tls(broker)
 
     worker = sub.add_parser(
@@ -336,7 +354,12 @@ async def _wait_for_signal() -> None:
 async def _broker(args) -> int:
     from mip.net.msip_broker import Broker
 
-    broker = Broker(ssl=_server_ssl(args)) if args.tls_cert else Broker()
+    broker = Broker(max_connections=args.max_connections,
+                    max_connections_per_peer=args.max_connections_per_peer,
+                    max_payload=args.max_payload, queue_bytes=args.max_pending_reply,
+                    read_timeout=args.frame_timeout or None,
+                    idle_timeout=args.idle_timeout or None,
+                    ssl=_server_ssl(args) if args.tls_cert else None)
     address = await broker.start(args.msip)
     print(f"mip: MSIP broker on {address}", flush=True)
     await _wait_for_signal()
