@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,3 +97,63 @@ def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"",
             return True, b"".join(received)
         received.append(data)
     return False, b"".join(received)
+
+
+class Steady:
+    """Calls ``call()`` over and over in a thread (a well-behaved client) until the block
+    ends; ``call`` returns whether the answer was right. Counts both outcomes."""
+
+    def __init__(self, call):
+        self.call = call
+        self.ok = 0
+        self.failures: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.call():
+                    self.ok += 1
+                else:
+                    self.failures.append("wrong answer")
+            except Exception as exc:  # a failure to report, whatever it is
+                self.failures.append(exc)
+            time.sleep(0.01)
+
+    def __enter__(self) -> "Steady":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def check(self) -> None:
+        """Every call was answered right, and there were some."""
+        assert self.ok > 0 and not self.failures, (self.ok, self.failures[:3])
+
+
+def flood(sockets: list, chunk: bytes, stop: threading.Event) -> list[threading.Thread]:
+    """Threads that send `chunk` on each socket again and again, never reading, until
+    `stop` is set."""
+    def send(sock):
+        sock.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                sock.sendall(chunk)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    threads = [threading.Thread(target=send, args=(s,), daemon=True) for s in sockets]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def in_parallel(function, items) -> list:
+    """``function(item)`` for every item, each in a thread of its own; the results."""
+    with concurrent.futures.ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(function, items))
