@@ -1,0 +1,177 @@
+"""Hostile peers against the REST listener of a `mip serve` subprocess.
+
+Each test runs a well-behaved tritonclient alongside (every answer right) and bounds the
+server's memory from its settings. Peers use other loopback addresses (127.0.0.2, ...)
+than the well-behaved client (127.0.0.1), as other hosts would.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from mip.serving.demo import build_demo_repository
+
+from _serve_process import (Steady, address, closed_within, connect, flood, in_parallel, rss,
+                            start, stop)
+
+HEADER_TIMEOUT = 2.0
+BODY_TIMEOUT = 3.0
+MAX_CONNECTIONS = 64
+PER_PEER = 40
+PENDING_REPLY = 256 << 10
+MAX_BODY = 1 << 20
+X = np.arange(16, dtype=np.float32).reshape(1, 16)
+BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32",
+                               "data": X.ravel().tolist()}]}).encode()
+REQUEST = (b"POST /v2/models/identity/infer HTTP/1.1\r\nhost: mip\r\n"
+           b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+           % (len(BODY), BODY))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = build_demo_repository(tmp_path_factory.mktemp("repo") / "demo")
+    process, out = start(["--model-repository", str(repo), "--mip", "none", "--grpc", "none",
+                          "--http", "127.0.0.1:0", "--http-idle-timeout", "30",
+                          "--http-header-timeout", str(HEADER_TIMEOUT),
+                          "--http-body-timeout", str(BODY_TIMEOUT),
+                          "--max-connections", str(MAX_CONNECTIONS),
+                          "--max-connections-per-peer", str(PER_PEER),
+                          "--max-pending-reply", str(PENDING_REPLY),
+                          "--http-max-body-size", str(MAX_BODY)], 1)
+    host, port = address(out, "REST and /metrics on")
+    yield process, host, port
+    assert stop(process) == 0
+
+
+def _infer(client) -> bool:
+    tensor = httpclient.InferInput("input", [1, 16], "FP32")
+    tensor.set_data_from_numpy(X)
+    return np.array_equal(client.infer("identity", [tensor]).as_numpy("output"), X)
+
+
+@pytest.fixture
+def good_client(server):
+    _, host, port = server
+    client = httpclient.InferenceServerClient(f"{host}:{port}")
+    with Steady(lambda: _infer(client)) as steady:
+        yield steady
+    client.close()
+    steady.check()
+
+
+def _status(received: bytes) -> int | None:
+    """The status of the first response in `received`."""
+    if not received.startswith(b"HTTP/1.1 "):
+        return None
+    return int(received[9:12])
+
+
+def test_slowloris_headers_and_bodies_are_closed_on_time(server, good_client):
+    _, host, port = server
+    headers = [connect(host, port, "127.0.0.2") for _ in range(20)]
+    results = in_parallel(lambda s: closed_within(s, 6 * HEADER_TIMEOUT, REQUEST), headers)
+    for closed, received in results:
+        assert closed and _status(received) == 408
+    # a body sent one octet at a time after complete headers
+    bodies = [connect(host, port, "127.0.0.3") for _ in range(10)]
+    for sock in bodies:
+        sock.sendall(REQUEST[:REQUEST.index(b"\r\n\r\n") + 4])
+    results = in_parallel(lambda s: closed_within(s, 6 * BODY_TIMEOUT, BODY), bodies)
+    assert all(closed for closed, _ in results)
+    for sock in headers + bodies:
+        sock.close()
+
+
+def test_idle_flood_does_not_lock_out_a_new_client(server, good_client):
+    _, host, port = server
+    first = [connect(host, port, "127.0.0.2") for _ in range(PER_PEER)]
+    extra = connect(host, port, "127.0.0.2")
+    closed, received = closed_within(extra, 10)
+    assert closed and _status(received) == 503 and b"max_connections_per_peer" in received
+    second = [connect(host, port, "127.0.0.3") for _ in range(PER_PEER)]
+    newcomer = httpclient.InferenceServerClient(f"{host}:{port}")
+    try:
+        assert _infer(newcomer)
+    finally:
+        newcomer.close()
+    evicted = sum(closed_within(s, 0.05)[0] for s in first + second)
+    assert evicted >= 2 * PER_PEER + 1 - MAX_CONNECTIONS
+    for sock in [extra, *first, *second]:
+        sock.close()
+
+
+def test_garbage_is_answered_400_and_closed(server, good_client):
+    _, host, port = server
+    rng = np.random.default_rng(7)
+    for _ in range(10):
+        sock = connect(host, port, "127.0.0.2")
+        sock.sendall(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        closed, received = closed_within(sock, 10)
+        assert closed and _status(received) == 400
+        sock.close()
+
+
+def test_lying_content_lengths_are_bounded_and_closed(server, good_client):
+    process, host, port = server
+    before = rss(process.pid)
+    sock = connect(host, port, "127.0.0.2")
+    sock.sendall(b"POST /v2/models/identity/infer HTTP/1.1\r\nhost: mip\r\n"
+                 b"content-length: %d\r\n\r\n{}" % (1 << 30))
+    closed, received = closed_within(sock, 10)
+    assert _status(received) == 413 and b"--http-max-body-size" in received
+    sock.close()
+    liars = [connect(host, port, "127.0.0.3") for _ in range(30)]
+    for liar in liars:
+        liar.sendall(b"POST /v2/models/identity/infer HTTP/1.1\r\nhost: mip\r\n"
+                     b"content-length: %d\r\n\r\n{\"inputs\"" % (MAX_BODY - 64))
+    grown = rss(process.pid) - before
+    results = in_parallel(lambda s: closed_within(s, 6 * BODY_TIMEOUT), liars)
+    assert all(closed for closed, _ in results)
+    assert grown < len(liars) * MAX_BODY + (64 << 20)
+    for liar in liars:
+        liar.close()
+
+
+def test_non_reading_pipelining_clients_leave_memory_bounded(server, good_client):
+    process, host, port = server
+    before = rss(process.pid)
+    hogs = [connect(host, port, "127.0.0.2", rcvbuf=4096) for _ in range(10)]
+    stop_flag = threading.Event()
+    threads = flood(hogs, REQUEST * 200, stop_flag)
+    peak = before
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        peak = max(peak, rss(process.pid))
+    stop_flag.set()
+    for thread in threads:
+        thread.join(10)
+    for sock in hogs:
+        sock.close()
+    # per connection: unread replies, one read held back, what one slice of it parses to
+    per_connection = PENDING_REPLY + (256 << 10) + (4 << 20)
+    assert peak - before < len(hogs) * per_connection + (64 << 20), (before, peak)
+
+
+def test_pipelined_requests_are_answered_in_order(server):
+    _, host, port = server
+    sock = connect(host, port)
+    requests = b"".join(b"GET /v2/models/%s HTTP/1.1\r\nhost: mip\r\n\r\n" % name
+                        for name in [b"identity", b"mlp"] * 50)
+    sock.sendall(requests)
+    received = b""
+    while received.count(b"HTTP/1.1 200") < 100:
+        data = sock.recv(65536)
+        assert data, received[-200:]
+        received += data
+    sock.close()
+    names = [json.loads(part[part.index(b"{"):])["name"]
+             for part in received.split(b"HTTP/1.1 200")[1:]]
+    assert names == ["identity", "mlp"] * 50
