@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import random
 import re
 import signal
 import socket
@@ -79,7 +80,7 @@ def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"",
     received = []
     deadline = time.monotonic() + seconds
     position = 0
-    sock.settimeout(every)
+    sock.settimeout(min(every, seconds))
     while time.monotonic() < deadline:
         if position < len(trickle):
             try:
@@ -157,3 +158,95 @@ def in_parallel(function, items) -> list:
     """``function(item)`` for every item, each in a thread of its own; the results."""
     with concurrent.futures.ThreadPoolExecutor(len(items)) as pool:
         return list(pool.map(function, items))
+
+
+# -- the hostile peers that tests/net/test_hostile_*.py and tests/frontends/ send ---------
+
+def idle_flood(host: str, port: int, per_peer: int) -> tuple[bytes, list[socket.socket]]:
+    """`per_peer` idle connections from 127.0.0.2, one more from there (what the listener
+    answers it is returned), then `per_peer` from 127.0.0.3; returns that answer and every
+    socket (the caller closes them)."""
+    first = [connect(host, port, "127.0.0.2") for _ in range(per_peer)]
+    extra = connect(host, port, "127.0.0.2")
+    closed, refusal = closed_within(extra, 10)
+    assert closed, "a connection over max_connections_per_peer stayed open"
+    second = [connect(host, port, "127.0.0.3") for _ in range(per_peer)]
+    return refusal, [extra, *first, *second]
+
+
+def count_closed(sockets: list[socket.socket]) -> int:
+    """How many of `sockets` the listener has closed."""
+    return sum(closed_within(s, 0.05)[0] for s in sockets)
+
+
+def garbage(host: str, port: int, count: int = 10) -> list[tuple[bool, bytes]]:
+    """`count` connections that each send 4 KiB of random octets; what came back."""
+    rng = random.Random(7)
+    results = []
+    for _ in range(count):
+        sock = connect(host, port, "127.0.0.2")
+        sock.sendall(rng.randbytes(4096))
+        results.append(closed_within(sock, 10))
+        sock.close()
+    return results
+
+
+def liars(process, host: str, port: int, start: bytes, seconds: float,
+          count: int = 30) -> tuple[int, list[tuple[bool, bytes]]]:
+    """`count` connections from 127.0.0.3 that send `start` (a header claiming far more
+    than follows) and stop: the server's growth in RSS and what each got before it was
+    closed (within `seconds`)."""
+    before = rss(process.pid)
+    sockets = [connect(host, port, "127.0.0.3") for _ in range(count)]
+    for sock in sockets:
+        sock.sendall(start)
+    grown = rss(process.pid) - before
+    results = in_parallel(lambda s: closed_within(s, seconds), sockets)
+    for sock in sockets:
+        sock.close()
+    return grown, results
+
+
+def peak_rss_under_flood(process, host: str, port: int, chunk: bytes, connections: int = 10,
+                         seconds: float = 8.0) -> int:
+    """The server's peak growth in RSS while `connections` clients from 127.0.0.2 send
+    `chunk` over and over and never read."""
+    before = peak = rss(process.pid)
+    hogs = [connect(host, port, "127.0.0.2", rcvbuf=4096) for _ in range(connections)]
+    stop_flag = threading.Event()
+    threads = flood(hogs, chunk, stop_flag)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        peak = max(peak, rss(process.pid))
+    stop_flag.set()
+    for thread in threads:
+        thread.join(10)
+    for sock in hogs:
+        sock.close()
+    return peak - before
+
+
+def slowloris(host: str, port: int, trickle: bytes, seconds: float, count: int = 20,
+              source: str = "127.0.0.2", first: bytes = b"") -> list[tuple[bool, bytes]]:
+    """`count` connections that send `first`, then `trickle` one octet every 0.5 s, in
+    parallel: whether the listener closed each within `seconds`, and what it sent."""
+    sockets = [connect(host, port, source) for _ in range(count)]
+    for sock in sockets:
+        if first:
+            sock.sendall(first)
+    results = in_parallel(lambda s: closed_within(s, seconds, trickle), sockets)
+    for sock in sockets:
+        sock.close()
+    return results
+
+
+def exchange(host: str, port: int, data: bytes, seconds: float = 10.0) -> tuple[bool, bytes]:
+    """Send `data` from 127.0.0.2; whether the listener closed within `seconds`, and what it
+    sent."""
+    sock = connect(host, port, "127.0.0.2")
+    try:
+        sock.sendall(data)
+        return closed_within(sock, seconds)
+    finally:
+        sock.close()

@@ -23,6 +23,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import mip
 from mip.errors import ErrorCode, ProtocolError, ServingError
+from mip.net.peers import PeerCounts, longest_idle
 from mip.net.urls import Address, parse_url
 
 __all__ = ["MipServer", "Handler"]
@@ -84,8 +85,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.peer = host
         self.source = self if host is None else host  # whose share of a model's queue
         server._connections.add(self)
-        if host is not None:
-            server._per_peer[host] = server._per_peer.get(host, 0) + 1
+        server._per_peer.add(host)
 
     def connection_lost(self, exc):
         self.closing = True
@@ -367,7 +367,7 @@ class MipServer:
         self.linger = 1.0  # seconds a refused or failed connection drains before closing
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[_Connection] = set()
-        self._per_peer: dict[str, int] = {}
+        self._per_peer = PeerCounts()
         self._sweeper: asyncio.Task | None = None
         self._unix_paths: list[str] = []
         self.addresses: list[Address] = []
@@ -400,14 +400,11 @@ class MipServer:
     def _admit(self, host: str | None) -> str:
         """Why a new connection from `host` is refused ("" = admitted): its address holds
         too many, or every connection is busy. An idle one is closed to make room."""
-        if host is not None and self._per_peer.get(host, 0) >= self.max_connections_per_peer:
+        if self._per_peer.full(host, self.max_connections_per_peer):
             return f"max_connections_per_peer={self.max_connections_per_peer} reached"
         if len(self._connections) < self.max_connections:
             return ""
-        oldest = None
-        for conn in self._connections:
-            if conn.idle and (oldest is None or conn.last_activity < oldest.last_activity):
-                oldest = conn
+        oldest = longest_idle(self._connections)
         if oldest is None:
             return f"max_connections={self.max_connections} reached, none idle"
         log.info("closing the longest-idle connection (from %s) to make room", oldest.peer)
@@ -418,12 +415,7 @@ class MipServer:
     def _forget(self, conn: "_Connection") -> None:
         if conn in self._connections:
             self._connections.discard(conn)
-            if conn.peer is not None:
-                left = self._per_peer[conn.peer] - 1
-                if left:
-                    self._per_peer[conn.peer] = left
-                else:
-                    del self._per_peer[conn.peer]
+            self._per_peer.remove(conn.peer)
 
     async def _sweep(self) -> None:
         timeouts = [t for t in (self.idle_timeout, self.frame_timeout) if t]

@@ -55,6 +55,7 @@ from typing import Iterable
 
 from mip import msip
 from mip.errors import FrameTooLarge, ProtocolError
+from mip.net.peers import PeerCounts
 from mip.net.urls import Address, parse_url
 
 __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
@@ -199,14 +200,14 @@ class _Connection(asyncio.BufferedProtocol):
         host = self.peer[0] if isinstance(self.peer, tuple) else None  # None: Unix socket
         if b._stopping:
             self.fail("broker is shutting down")
-        elif host is not None and b._per_peer.get(host, 0) >= b.max_connections_per_peer:
+        elif b._per_peer.full(host, b.max_connections_per_peer):
             self.fail(f"too many connections from this address "
                       f"(limit {b.max_connections_per_peer})")
         elif len(b._conns) > b.max_connections and not b._make_room(self):
             self.fail(f"too many connections (limit {b.max_connections})")
-        elif host is not None:
+        else:
             self.host = host
-            b._per_peer[host] = b._per_peer.get(host, 0) + 1
+            b._per_peer.add(host)
 
     def connection_lost(self, exc):
         b = self.broker
@@ -454,7 +455,7 @@ class Broker:
         self.ssl = ssl
         self.stats = BrokerStats()
         self._conns: set[_Connection] = set()
-        self._per_peer: dict[str, int] = {}
+        self._per_peer = PeerCounts()
         self._sessions: dict[int, _Session] = {}
         self._next_id = 1
         self._exact: dict[str, dict[_Session, bool]] = {}
@@ -869,12 +870,7 @@ class Broker:
     def _forget_conn(self, conn: _Connection) -> None:
         self._conns.discard(conn)
         host, conn.host = conn.host, None
-        if host is not None:
-            left = self._per_peer[host] - 1
-            if left:
-                self._per_peer[host] = left
-            else:
-                del self._per_peer[host]
+        self._per_peer.remove(host)
 
     # -- timers ---------------------------------------------------------------------------
     def _tick_interval(self) -> float:

@@ -8,8 +8,6 @@ than the well-behaved client (127.0.0.1), as other hosts would.
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,8 +15,8 @@ import tritonclient.http as httpclient
 
 from mip.serving.demo import build_demo_repository
 
-from _serve_process import (Steady, address, closed_within, connect, flood, in_parallel, rss,
-                            start, stop)
+from _serve_process import (Steady, address, connect, count_closed, exchange, garbage,
+                            idle_flood, liars, peak_rss_under_flood, slowloris, start, stop)
 
 HEADER_TIMEOUT = 2.0
 BODY_TIMEOUT = 3.0
@@ -75,89 +73,53 @@ def _status(received: bytes) -> int | None:
 
 def test_slowloris_headers_and_bodies_are_closed_on_time(server, good_client):
     _, host, port = server
-    headers = [connect(host, port, "127.0.0.2") for _ in range(20)]
-    results = in_parallel(lambda s: closed_within(s, 6 * HEADER_TIMEOUT, REQUEST), headers)
-    for closed, received in results:
+    for closed, received in slowloris(host, port, REQUEST, 6 * HEADER_TIMEOUT):
         assert closed and _status(received) == 408
     # a body sent one octet at a time after complete headers
-    bodies = [connect(host, port, "127.0.0.3") for _ in range(10)]
-    for sock in bodies:
-        sock.sendall(REQUEST[:REQUEST.index(b"\r\n\r\n") + 4])
-    results = in_parallel(lambda s: closed_within(s, 6 * BODY_TIMEOUT, BODY), bodies)
+    results = slowloris(host, port, BODY, 6 * BODY_TIMEOUT, count=10, source="127.0.0.3",
+                        first=REQUEST[:REQUEST.index(b"\r\n\r\n") + 4])
     assert all(closed for closed, _ in results)
-    for sock in headers + bodies:
-        sock.close()
 
 
 def test_idle_flood_does_not_lock_out_a_new_client(server, good_client):
     _, host, port = server
-    first = [connect(host, port, "127.0.0.2") for _ in range(PER_PEER)]
-    extra = connect(host, port, "127.0.0.2")
-    closed, received = closed_within(extra, 10)
-    assert closed and _status(received) == 503 and b"max_connections_per_peer" in received
-    second = [connect(host, port, "127.0.0.3") for _ in range(PER_PEER)]
+    refusal, sockets = idle_flood(host, port, PER_PEER)
+    assert _status(refusal) == 503 and b"max_connections_per_peer" in refusal
     newcomer = httpclient.InferenceServerClient(f"{host}:{port}")
     try:
         assert _infer(newcomer)
     finally:
         newcomer.close()
-    evicted = sum(closed_within(s, 0.05)[0] for s in first + second)
-    assert evicted >= 2 * PER_PEER + 1 - MAX_CONNECTIONS
-    for sock in [extra, *first, *second]:
+    assert count_closed(sockets) >= 2 * PER_PEER + 1 - MAX_CONNECTIONS
+    for sock in sockets:
         sock.close()
 
 
 def test_garbage_is_answered_400_and_closed(server, good_client):
     _, host, port = server
-    rng = np.random.default_rng(7)
-    for _ in range(10):
-        sock = connect(host, port, "127.0.0.2")
-        sock.sendall(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
-        closed, received = closed_within(sock, 10)
+    for closed, received in garbage(host, port):
         assert closed and _status(received) == 400
-        sock.close()
 
 
 def test_lying_content_lengths_are_bounded_and_closed(server, good_client):
     process, host, port = server
-    before = rss(process.pid)
-    sock = connect(host, port, "127.0.0.2")
-    sock.sendall(b"POST /v2/models/identity/infer HTTP/1.1\r\nhost: mip\r\n"
-                 b"content-length: %d\r\n\r\n{}" % (1 << 30))
-    closed, received = closed_within(sock, 10)
+    closed, received = exchange(host, port, b"POST /v2/models/identity/infer HTTP/1.1\r\n"
+                                b"host: mip\r\ncontent-length: %d\r\n\r\n{}" % (1 << 30))
     assert _status(received) == 413 and b"--http-max-body-size" in received
-    sock.close()
-    liars = [connect(host, port, "127.0.0.3") for _ in range(30)]
-    for liar in liars:
-        liar.sendall(b"POST /v2/models/identity/infer HTTP/1.1\r\nhost: mip\r\n"
-                     b"content-length: %d\r\n\r\n{\"inputs\"" % (MAX_BODY - 64))
-    grown = rss(process.pid) - before
-    results = in_parallel(lambda s: closed_within(s, 6 * BODY_TIMEOUT), liars)
+    grown, results = liars(process, host, port,
+                           b"POST /v2/models/identity/infer HTTP/1.1\r\nhost: mip\r\n"
+                           b"content-length: %d\r\n\r\n{\"inputs\"" % (MAX_BODY - 64),
+                           6 * BODY_TIMEOUT)
     assert all(closed for closed, _ in results)
-    assert grown < len(liars) * MAX_BODY + (64 << 20)
-    for liar in liars:
-        liar.close()
+    assert grown < len(results) * MAX_BODY + (64 << 20)
 
 
 def test_non_reading_pipelining_clients_leave_memory_bounded(server, good_client):
     process, host, port = server
-    before = rss(process.pid)
-    hogs = [connect(host, port, "127.0.0.2", rcvbuf=4096) for _ in range(10)]
-    stop_flag = threading.Event()
-    threads = flood(hogs, REQUEST * 200, stop_flag)
-    peak = before
-    deadline = time.monotonic() + 8
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        peak = max(peak, rss(process.pid))
-    stop_flag.set()
-    for thread in threads:
-        thread.join(10)
-    for sock in hogs:
-        sock.close()
+    grown = peak_rss_under_flood(process, host, port, REQUEST * 200)
     # per connection: unread replies, one read held back, what one slice of it parses to
     per_connection = PENDING_REPLY + (256 << 10) + (4 << 20)
-    assert peak - before < len(hogs) * per_connection + (64 << 20), (before, peak)
+    assert grown < 10 * per_connection + (64 << 20), grown
 
 
 def test_pipelined_requests_are_answered_in_order(server):
@@ -166,12 +128,18 @@ def test_pipelined_requests_are_answered_in_order(server):
     requests = b"".join(b"GET /v2/models/%s HTTP/1.1\r\nhost: mip\r\n\r\n" % name
                         for name in [b"identity", b"mlp"] * 50)
     sock.sendall(requests)
-    received = b""
-    while received.count(b"HTTP/1.1 200") < 100:
+    received, names = b"", []
+    while len(names) < 100:
         data = sock.recv(65536)
         assert data, received[-200:]
         received += data
+        while b"\r\n\r\n" in received:  # take every complete response
+            head, _, rest = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            if len(rest) < length:
+                break
+            names.append(json.loads(rest[:length])["name"])
+            received = rest[length:]
     sock.close()
-    names = [json.loads(part[part.index(b"{"):])["name"]
-             for part in received.split(b"HTTP/1.1 200")[1:]]
     assert names == ["identity", "mlp"] * 50

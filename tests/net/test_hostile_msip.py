@@ -7,17 +7,13 @@ use other loopback addresses (127.0.0.2, ...) than the well-behaved client (127.
 
 from __future__ import annotations
 
-import threading
-import time
-
-import numpy as np
 import pytest
 
 from mip import msip
 from mip.net.msip_client import Client
 
-from _serve_process import (Steady, address, closed_within, connect, flood, in_parallel, rss,
-                            start, stop)
+from _serve_process import (Steady, address, count_closed, exchange, garbage, idle_flood, liars,
+                            peak_rss_under_flood, slowloris, start, stop)
 
 FRAME_TIMEOUT = 2.0
 MAX_CONNECTIONS = 64
@@ -76,80 +72,45 @@ def _error(received: bytes) -> str | None:
 
 def test_slowloris_peers_are_closed_by_the_frame_deadline(broker, good_client):
     _, host, port = broker
-    peers = [connect(host, port, "127.0.0.2") for _ in range(20)]
-    results = in_parallel(lambda s: closed_within(s, 6 * FRAME_TIMEOUT, PING), peers)
-    for closed, received in results:
+    for closed, received in slowloris(host, port, PING, 6 * FRAME_TIMEOUT):
         assert closed and "read timeout" in (_error(received) or "")
-    for sock in peers:
-        sock.close()
 
 
 def test_idle_flood_does_not_lock_out_a_new_client(broker, good_client):
     _, host, port = broker
-    first = [connect(host, port, "127.0.0.2") for _ in range(PER_PEER)]
-    extra = connect(host, port, "127.0.0.2")
-    closed, received = closed_within(extra, 10)
-    assert closed and "too many connections from this address" in (_error(received) or "")
-    second = [connect(host, port, "127.0.0.3") for _ in range(PER_PEER)]
+    refusal, sockets = idle_flood(host, port, PER_PEER)
+    assert "too many connections from this address" in (_error(refusal) or "")
     newcomer = Client(f"tcp://{host}:{port}")
     try:
         newcomer.connect()
         assert newcomer.ping() >= 0
     finally:
         newcomer.close()
-    evicted = sum(closed_within(s, 0.05)[0] for s in first + second)
-    assert evicted >= 2 * PER_PEER + 2 - MAX_CONNECTIONS
-    for sock in [extra, *first, *second]:
+    assert count_closed(sockets) >= 2 * PER_PEER + 2 - MAX_CONNECTIONS
+    for sock in sockets:
         sock.close()
 
 
 def test_garbage_is_answered_with_an_error_and_a_close(broker, good_client):
     _, host, port = broker
-    rng = np.random.default_rng(7)
-    for _ in range(10):
-        sock = connect(host, port, "127.0.0.2")
-        sock.sendall(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
-        closed, received = closed_within(sock, 10)
+    for closed, received in garbage(host, port):
         assert closed and _error(received)
-        sock.close()
 
 
 def test_lying_sizes_are_bounded_and_closed(broker, good_client):
     process, host, port = broker
-    before = rss(process.pid)
-    sock = connect(host, port, "127.0.0.2")
-    sock.sendall(msip.encode_header(_PUBLISH, 1, 1 << 30, 1, 0) + b"x" * 10)
-    closed, received = closed_within(sock, 10)
+    closed, received = exchange(host, port, msip.encode_header(_PUBLISH, 1, 1 << 30, 1, 0))
     assert closed and "too large" in (_error(received) or "")
-    sock.close()
-    liars = [connect(host, port, "127.0.0.3") for _ in range(30)]
-    for liar in liars:
-        liar.sendall(msip.encode_header(_PUBLISH, 1, MAX_PAYLOAD - 64, 1, 0) + b"x" * 10)
-    grown = rss(process.pid) - before
-    results = in_parallel(lambda s: closed_within(s, 6 * FRAME_TIMEOUT), liars)
+    grown, results = liars(process, host, port, msip.encode_header(
+        _PUBLISH, 1, MAX_PAYLOAD - 64, 1, 0) + b"x" * 10, 6 * FRAME_TIMEOUT)
     assert all(closed and "read timeout" in (_error(received) or "")
                for closed, received in results)
-    assert grown < len(liars) * MAX_PAYLOAD + (64 << 20)
-    for liar in liars:
-        liar.close()
+    assert grown < len(results) * MAX_PAYLOAD + (64 << 20)
 
 
 def test_non_reading_clients_leave_memory_bounded(broker, good_client):
     process, host, port = broker
-    before = rss(process.pid)
-    hogs = [connect(host, port, "127.0.0.2", rcvbuf=4096) for _ in range(10)]
-    stop_flag = threading.Event()
-    threads = flood(hogs, PING * 4096, stop_flag)  # every PING is answered with a PONG
-    peak = before
-    deadline = time.monotonic() + 8
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        peak = max(peak, rss(process.pid))
-    stop_flag.set()
-    for thread in threads:
-        thread.join(10)
-    for sock in hogs:
-        sock.close()
+    grown = peak_rss_under_flood(process, host, port, PING * 4096)  # each PING gets a PONG
     # per connection: the queued replies, the transport's buffer, one read's frames
     per_connection = PENDING_REPLY + (1 << 20) + (4 << 20)
-    assert peak - before < len(hogs) * per_connection + (64 << 20), (before, peak)
+    assert grown < 10 * per_connection + (64 << 20), grown

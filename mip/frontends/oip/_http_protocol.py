@@ -27,6 +27,8 @@ import orjson
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mip.net.peers import PeerCounts, longest_idle
+
 log = logging.getLogger("mip.frontends.oip.rest")
 
 _SLICE = 64 << 10  # octets parsed at a time when a read brings more
@@ -50,7 +52,7 @@ class Listener:
     def __init__(self, limits: HttpLimits):
         self.limits = limits
         self.connections: set[LimitedHttpProtocol] = set()
-        self.per_peer: dict[str, int] = {}
+        self.per_peer = PeerCounts()
         self.linger = 1.0  # seconds a refused connection drains before it closes
         self._sweeper: asyncio.Task | None = None
 
@@ -83,14 +85,11 @@ class Listener:
         """Why `conn` is refused ("" = admitted and counted)."""
         limits = self.limits
         host = conn.peer
-        if host is not None and self.per_peer.get(host, 0) >= limits.max_connections_per_peer:
+        if self.per_peer.full(host, limits.max_connections_per_peer):
             return (f"too many connections from this address (max_connections_per_peer "
                     f"{limits.max_connections_per_peer})")
         if len(self.connections) >= limits.max_connections:
-            oldest = None
-            for other in self.connections:
-                if other.idle and (oldest is None or other.last_activity < oldest.last_activity):
-                    oldest = other
+            oldest = longest_idle(self.connections)
             if oldest is None:
                 return (f"too many connections (max_connections {limits.max_connections}, "
                         "none idle)")
@@ -99,19 +98,13 @@ class Listener:
             self.forget(oldest)
             oldest.transport.close()
         self.connections.add(conn)
-        if host is not None:
-            self.per_peer[host] = self.per_peer.get(host, 0) + 1
+        self.per_peer.add(host)
         return ""
 
     def forget(self, conn: "LimitedHttpProtocol") -> None:
         if conn in self.connections:
             self.connections.discard(conn)
-            if conn.peer is not None:
-                left = self.per_peer[conn.peer] - 1
-                if left:
-                    self.per_peer[conn.peer] = left
-                else:
-                    del self.per_peer[conn.peer]
+            self.per_peer.remove(conn.peer)
 
 
 class _Flow(FlowControl):
