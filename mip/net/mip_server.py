@@ -55,7 +55,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.pending: collections.deque[asyncio.Future] = collections.deque()
         # Request octets each pending request holds (read, not yet answered), in order.
         self.pending_octets: collections.deque[int] = collections.deque()
-        self.buffered_octets = 0  # their sum
+        self.backlog: collections.deque[mip.Message] = collections.deque()  # not started yet
+        self.backlog_octets = 0  # request octets the backlog holds
+        self.buffered_octets = 0  # all request octets held: pending and backlog
         self.closing = False
         self.reading_paused = False
         self.writing_paused = False
@@ -91,15 +93,19 @@ class _Connection(asyncio.BufferedProtocol):
         self.closing = True
         self.server._forget(self)
         for fut in self.pending:
-            fut.cancel()  # the client is gone: drop its queued work
+            if not fut.cancel():  # the client is gone: drop its queued work
+                if not fut.cancelled():
+                    fut.exception()  # answered, never to be sent: not an unseen error
         self.pending.clear()
+        self.backlog.clear()
         self.pending_octets.clear()
         self.buffered_octets = 0
 
     @property
     def idle(self) -> bool:
         """Nothing in flight and no frame started: closing it loses nothing."""
-        return not self.pending and not self.parser.buffered and not self.closing
+        return (not self.pending and not self.backlog and not self.parser.buffered
+                and not self.closing)
 
     def pause_writing(self):
         self.writing_paused = True
@@ -129,15 +135,28 @@ class _Connection(asyncio.BufferedProtocol):
         buffered = parser.buffered
         if messages:
             # The octets of the frames completed now are held until their replies are
-            # written; the last request of the read carries them.
+            # written; the last request of the read carries them. Requests beyond
+            # max_pipeline in flight wait, parsed, in the backlog (one read can bring
+            # thousands): a connection never has more than that in the model queues.
             held = before + nbytes - buffered
+            backlog = self.backlog
+            limit = self.server.max_pipeline
             for message in messages:
                 if self.closing:
                     break
-                self._dispatch(message)
-            if self.pending and not self.closing:
-                self.pending_octets[-1] += held
+                if backlog or len(self.pending) >= limit:
+                    backlog.append(message)
+                else:
+                    self._dispatch(message)
+            if not self.closing:
                 self.buffered_octets += held
+                if backlog:
+                    self.backlog_octets += held
+                    self._pause_reading()
+                elif self.pending:
+                    self.pending_octets[-1] += held
+                else:
+                    self.buffered_octets -= held
                 if self.buffered_octets >= self.server.max_buffered_octets:
                     self._pause_reading()
             # What is left over started arriving in this read.
@@ -152,6 +171,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- internals ------------------------------------------------------------
     def _protocol_error(self, exc: ProtocolError) -> None:
+        backlog = self.backlog
+        while backlog and not self.closing:  # the requests before the error are answered
+            self._dispatch(backlog.popleft())
+        if self.closing:
+            return
         log.info("closing a connection after a protocol error: %s", exc)
         self.closing = True
         self._pause_reading()
@@ -240,10 +264,24 @@ class _Connection(asyncio.BufferedProtocol):
             # batch's worth of pipelined replies.
             transport.writelines(ready)
             self.last_activity = self.loop.time()
+        if self.backlog and not self.closing:
+            self._start_backlog()
         if not self.pending and self.closing and transport is not None and not transport.is_closing():
             self._linger_close()
             return
         self._maybe_resume_reading()
+
+    def _start_backlog(self) -> None:
+        """Start waiting requests while fewer than max_pipeline are in flight."""
+        backlog, limit = self.backlog, self.server.max_pipeline
+        while backlog and len(self.pending) < limit and not self.closing:
+            self._dispatch(backlog.popleft())
+        if not backlog and self.backlog_octets:
+            if self.pending:
+                self.pending_octets[-1] += self.backlog_octets
+            else:
+                self.buffered_octets -= self.backlog_octets
+            self.backlog_octets = 0
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None and not self.transport.is_closing():
@@ -253,7 +291,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _maybe_resume_reading(self) -> None:
         server = self.server
         if (self.reading_paused and not self.closing and not self.writing_paused
-                and len(self.pending) < server.max_pipeline
+                and not self.backlog and len(self.pending) < server.max_pipeline
                 and self.buffered_octets < server.max_buffered_octets):
             self.reading_paused = False
             if self.frame_started is not None:
