@@ -81,13 +81,28 @@ async def test_unix_socket(tmp_path):
     assert not path.exists()
 
 
-async def test_pipelined_replies_come_back_in_request_order():
-    server, url = await _start()
+@pytest.mark.parametrize("max_pipeline", [128, 4])
+async def test_pipelined_replies_come_back_in_request_order(max_pipeline):
+    server, url = await _start(max_pipeline=max_pipeline)
     try:
         async with AsyncClient(url, connections=1) as client:
             results = await asyncio.gather(*(
                 client.infer([[np.full((1, 2), i, np.int32)]], model="jitter") for i in range(200)))
         assert [r[0][0][0, 0] for r in results] == [2 * i for i in range(200)]
+        # all in one write: what is over max_pipeline waits in the backlog, in order
+        frames = b"".join(b"".join(bytes(part) for part in mip.encode_request_buffers(
+            [[np.full((1, 2), i, np.int32)]], model="jitter")) for i in range(100))
+        host, port = url.removeprefix("tcp://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(frames + mip.encode_ping())
+        parser, replies = mip.FrameParser(), []
+        while len(replies) < 101:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data
+            replies += parser.feed(data)
+        writer.close()
+        assert [m.batch[0][0][0, 0] for m in replies[:100]] == [2 * i for i in range(100)]
+        assert replies[100].kind == mip.KIND_PING and not replies[100].is_request
     finally:
         await server.stop()
 
