@@ -254,7 +254,9 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self.partial_since = None
         b._flush_dirty()
-        if self.paused and self.qbytes > b.queue_bytes and not self.closing:
+        if self.paused and not self.closing and (
+                self.qbytes > b.queue_bytes
+                or len(self.urgent) + len(self.queue) > b.queue_limit):
             # The client does not read its replies: read no more of its requests until
             # it does.
             self.reading_paused = True
@@ -393,8 +395,8 @@ class Broker:
         read_timeout: a frame that started arriving must be complete within this time.
         queue_limit: outgoing frames queued per connection while its socket is not writable.
         queue_bytes: outgoing octets queued per connection while its socket is not writable;
-            beyond it, EVENTs overflow (see ``overflow``) and the broker stops reading the
-            connection's frames until its replies drain.
+            beyond it (or beyond ``queue_limit`` frames), EVENTs overflow (see ``overflow``)
+            and the broker stops reading the connection's frames until its replies drain.
         overflow: ``"drop_oldest"`` (drop the oldest queued event, counted) or ``"disconnect"``.
         write_buffer_high: transport write-buffer high-water mark before queueing starts.
         redelivery_timeout: an at-least-once event not acknowledged within this time is resent.
