@@ -179,14 +179,28 @@ def _parser() -> argparse.ArgumentParser:
                             "--no-strict-readiness: every model that loaded)")
     serve.add_argument("--max-frame-size", type=_size, default=64 << 20, metavar="OCTETS",
                        help="largest MIP request accepted, e.g. 64M (default 64M)")
-    serve.add_argument("--max-connections", type=int, default=1024,
-                       help="connections served at once (default 1024)")
+    serve.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                       help="connections per MIP and REST listener; when all are open the "
+                            "longest-idle one is closed for a new one (default 1024)")
+    serve.add_argument("--max-connections-per-peer", type=int, default=256, metavar="N",
+                       help="connections per client address on each listener (default 256)")
+    serve.add_argument("--max-queued-per-peer", type=int, default=None, metavar="N",
+                       help="requests one client address may have waiting in a model's queue "
+                            "(default: a quarter of the model's max_queue_size)")
+    serve.add_argument("--max-pending-reply", type=_size, default=1 << 20, metavar="OCTETS",
+                       help="reply octets a MIP or REST connection may leave unread before "
+                            "the server stops reading its requests (default 1M)")
+    serve.add_argument("--max-buffered-request", type=_size, default=128 << 20,
+                       metavar="OCTETS",
+                       help="MIP request octets a connection may have unanswered before "
+                            "reading pauses (default 128M)")
     serve.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
-                       help="close connections silent this long with nothing in flight "
+                       help="close MIP connections silent this long with nothing in flight "
                             "(0 = never; default 300)")
-    serve.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="close connections stuck this long in the middle of a frame "
-                            "(0 = never; default 30)")
+    serve.add_argument("--frame-timeout", "--read-timeout", dest="frame_timeout", type=float,
+                       default=30.0, metavar="SECONDS",
+                       help="a MIP frame must arrive within this time of its first octet, or "
+                            "the connection is closed (0 = never; default 30)")
     serve.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                        help="fail requests not answered within this time (default: no limit)")
     serve.add_argument("--http", metavar="HOST:PORT", default=DEFAULT_HTTP_ADDRESS,
@@ -204,6 +218,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-max-body-size", type=_size, default=64 << 20, metavar="OCTETS",
                        help="largest REST request body after decompression, e.g. 64M "
                             "(default 64M)")
+    serve.add_argument("--http-header-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="a REST request's header block must arrive within this time of "
+                            "its first octet (408, then close; 0 = never; default 10)")
+    serve.add_argument("--http-body-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="a REST request's body must arrive within this time of its "
+                            "headers (0 = never; default 60)")
+    serve.add_argument("--http-idle-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="close REST connections idle this long between requests "
+                            "(default 5)")
     _add_tls(serve)
     _add_miaas(serve)
 
@@ -226,6 +249,24 @@ def _parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="run an MSIP pub/sub broker")
     broker.add_argument("--msip", metavar="URL", default=DEFAULT_MSIP_URL,
                         help=f"listen URL (default {DEFAULT_MSIP_URL})")
+    broker.add_argument("--max-connections", type=int, default=10_000, metavar="N",
+                        help="connections at once; when all are open, the longest-silent one "
+                             "that has not sent a frame yet is closed for a new one "
+                             "(default 10000)")
+    broker.add_argument("--max-connections-per-peer", type=int, default=256, metavar="N",
+                        help="connections per client address (default 256)")
+    broker.add_argument("--max-payload", type=_size, default=16 << 20, metavar="OCTETS",
+                        help="largest frame payload (default 16M)")
+    broker.add_argument("--max-pending-reply", type=_size, default=8 << 20, metavar="OCTETS",
+                        help="octets queued for a client that does not read; beyond them "
+                             "events are dropped (oldest first) and its frames are not read "
+                             "until it does (default 8M)")
+    broker.add_argument("--frame-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a frame must arrive within this time of its first octet "
+                             "(0 = never; default 30)")
+    broker.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="PING a client silent this long, close it after twice this long "
+                             "(0 = never; default 120)")
     _add_tls(broker)
 
     worker = sub.add_parser(
@@ -291,7 +332,8 @@ async def _serve(args) -> int:
         root = build_demo_repository()
         log.info("serving the built-in demo repository at %s", root)
     engine = Engine(ModelRepository(root), models=args.models, default_model=args.mip_model,
-                    strict_readiness=args.strict_readiness)
+                    strict_readiness=args.strict_readiness,
+                    max_queued_per_peer=args.max_queued_per_peer)
     await engine.start()
     for entry in engine.index():
         log.info("model %s version %s: %s%s", entry.name, entry.version, entry.state,
@@ -304,8 +346,12 @@ async def _serve(args) -> int:
     if args.mip.lower() != "none":
         handler = MipHandler(engine, request_timeout=args.request_timeout)
         server = MipServer(handler, max_frame_size=args.max_frame_size,
-                           max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-                           read_timeout=args.read_timeout, ssl=_server_ssl(args))
+                           max_connections=args.max_connections,
+                           max_connections_per_peer=args.max_connections_per_peer,
+                           max_buffered_octets=args.max_buffered_request,
+                           max_pending_reply=args.max_pending_reply,
+                           idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
+                           ssl=_server_ssl(args))
         address = await server.start(args.mip)
         servers.append(server)
         print(f"mip: serving MIP on {address} (default model: {engine.default_model()})",
@@ -382,7 +428,7 @@ async def _start_oip(args, engine) -> list:
                   flush=True)
         if http_on:
             from mip.frontends.miaas import mount_miaas
-            from mip.frontends.oip.rest import HttpServer, build_app
+            from mip.frontends.oip.rest import HttpLimits, HttpServer, build_app
 
             routes, miaas = mount_miaas(engine, args)  # the /v1 API on the same listener
             app = build_app(engine, extra_routes=routes, metrics=metrics,
@@ -390,7 +436,13 @@ async def _start_oip(args, engine) -> list:
                             request_timeout=args.request_timeout)
             # REST carries its own credentials (API keys, JWT): --tls-ca applies to the
             # binary protocols only.
-            server = HttpServer(app, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
+            limits = HttpLimits(max_connections=args.max_connections,
+                                max_connections_per_peer=args.max_connections_per_peer,
+                                max_pending_reply=args.max_pending_reply,
+                                header_timeout=args.http_header_timeout,
+                                body_timeout=args.http_body_timeout)
+            server = HttpServer(app, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                                timeout_keep_alive=args.http_idle_timeout, limits=limits)
             await miaas.start()
             try:
                 address = await server.start(args.http)
@@ -421,7 +473,12 @@ async def _wait_for_signal() -> None:
 async def _broker(args) -> int:
     from mip.net.msip_broker import Broker
 
-    broker = Broker(ssl=_server_ssl(args)) if args.tls_cert else Broker()
+    broker = Broker(max_connections=args.max_connections,
+                    max_connections_per_peer=args.max_connections_per_peer,
+                    max_payload=args.max_payload, queue_bytes=args.max_pending_reply,
+                    read_timeout=args.frame_timeout or None,
+                    idle_timeout=args.idle_timeout or None,
+                    ssl=_server_ssl(args) if args.tls_cert else None)
     address = await broker.start(args.msip)
     print(f"mip: MSIP broker on {address}", flush=True)
     await _wait_for_signal()

@@ -73,8 +73,9 @@ class MipHandler:
         self.request_timeout = request_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self, message: mip.Message) -> asyncio.Future:
-        """Start serving `message`: a future of its reply buffers.
+    def start(self, message: mip.Message, source=None) -> asyncio.Future:
+        """Start serving `message` (read from `source`, the peer's address): a future of
+        its reply buffers.
 
         No coroutine and no task a request: the request goes straight into the model's
         batch queue and the reply is encoded in a callback when its outputs arrive.
@@ -98,7 +99,7 @@ class MipHandler:
         else:
             inputs, rows = self._inputs(served, message)
             work = self.engine.submit(model, inputs, version=served.version,
-                                      deadline=self._deadline())
+                                      deadline=self._deadline(), source=source)
 
             def encode(result):
                 items = _split(served, result, rows)

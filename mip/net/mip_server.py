@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import mip
 from mip.errors import ErrorCode, ProtocolError, ServingError
+from mip.net.peers import PeerCounts, longest_idle
 from mip.net.urls import Address, parse_url
 
 __all__ = ["MipServer", "Handler"]
@@ -51,12 +53,20 @@ class _Connection(asyncio.BufferedProtocol):
         self.parser = mip.FrameParser(max_frame_size=server.max_frame_size)
         self.transport: asyncio.Transport | None = None
         self.pending: collections.deque[asyncio.Future] = collections.deque()
+        # Request octets each pending request holds (read, not yet answered), in order.
+        self.pending_octets: collections.deque[int] = collections.deque()
+        self.backlog: collections.deque[mip.Message] = collections.deque()  # not started yet
+        self.backlog_octets = 0  # request octets the backlog holds
+        self.buffered_octets = 0  # all request octets held: pending and backlog
         self.closing = False
         self.reading_paused = False
         self.writing_paused = False
         self.last_activity = 0.0
+        self.frame_started: float | None = None  # when the first octet of a partial frame came
         self.discarding = False
         self.flush_scheduled = False
+        self.peer: str | None = None
+        self.source = None
         self.loop = asyncio.get_running_loop()
 
     # -- asyncio.BaseProtocol -------------------------------------------------
@@ -64,20 +74,38 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = transport
         self.last_activity = self.loop.time()
         server = self.server
-        if len(server._connections) >= server.max_connections:
-            log.warning("refusing a connection: max_connections=%d reached", server.max_connections)
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else None  # a Unix socket has no peer host
+        refusal = server._admit(host)
+        if refusal:
+            log.warning("refusing a connection from %s: %s", host, refusal)
             transport.write(mip.encode_error(ErrorCode.MEMORY))
             self.closing = True
             self._linger_close()
             return
+        transport.set_write_buffer_limits(high=server.max_pending_reply)
+        self.peer = host
+        self.source = self if host is None else host  # whose share of a model's queue
         server._connections.add(self)
+        server._per_peer.add(host)
 
     def connection_lost(self, exc):
         self.closing = True
-        self.server._connections.discard(self)
+        self.server._forget(self)
         for fut in self.pending:
-            fut.cancel()  # the client is gone: drop its queued work
+            if not fut.cancel():  # the client is gone: drop its queued work
+                if not fut.cancelled():
+                    fut.exception()  # answered, never to be sent: not an unseen error
         self.pending.clear()
+        self.backlog.clear()
+        self.pending_octets.clear()
+        self.buffered_octets = 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and no frame started: closing it loses nothing."""
+        return (not self.pending and not self.backlog and not self.parser.buffered
+                and not self.closing)
 
     def pause_writing(self):
         self.writing_paused = True
@@ -96,16 +124,45 @@ class _Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes):
         if self.discarding:
             return
-        self.last_activity = self.loop.time()
+        now = self.last_activity = self.loop.time()
+        parser = self.parser
+        before = parser.buffered
         try:
-            messages = self.parser.buffer_updated(nbytes)
+            messages = parser.buffer_updated(nbytes)
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        for message in messages:
-            if self.closing:
-                break
-            self._dispatch(message)
+        buffered = parser.buffered
+        if messages:
+            # The octets of the frames completed now are held until their replies are
+            # written; the last request of the read carries them. Requests beyond
+            # max_pipeline in flight wait, parsed, in the backlog (one read can bring
+            # thousands): a connection never has more than that in the model queues.
+            held = before + nbytes - buffered
+            backlog = self.backlog
+            limit = self.server.max_pipeline
+            for message in messages:
+                if self.closing:
+                    break
+                if backlog or len(self.pending) >= limit:
+                    backlog.append(message)
+                else:
+                    self._dispatch(message)
+            if not self.closing:
+                self.buffered_octets += held
+                if backlog:
+                    self.backlog_octets += held
+                    self._pause_reading()
+                elif self.pending:
+                    self.pending_octets[-1] += held
+                else:
+                    self.buffered_octets -= held
+                if self.buffered_octets >= self.server.max_buffered_octets:
+                    self._pause_reading()
+            # What is left over started arriving in this read.
+            self.frame_started = now if buffered else None
+        elif buffered and self.frame_started is None:
+            self.frame_started = now
 
     def eof_received(self):
         # A peer that stops sending is taken as gone (as HTTP servers do): its
@@ -114,6 +171,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- internals ------------------------------------------------------------
     def _protocol_error(self, exc: ProtocolError) -> None:
+        backlog = self.backlog
+        while backlog and not self.closing:  # the requests before the error are answered
+            self._dispatch(backlog.popleft())
+        if self.closing:
+            return
         log.info("closing a connection after a protocol error: %s", exc)
         self.closing = True
         self._pause_reading()
@@ -123,7 +185,7 @@ class _Connection(asyncio.BufferedProtocol):
             # `closing` makes _flush close the transport once this is sent.
             fut = self.loop.create_future()
             fut.set_result([reply])
-            self.pending.append(fut)
+            self._append(fut)
             self._flush()
         else:
             self.transport.write(reply)
@@ -152,7 +214,7 @@ class _Connection(asyncio.BufferedProtocol):
             if message.is_request:
                 fut = self.loop.create_future()
                 fut.set_result([mip.encode_pong()])
-                self.pending.append(fut)
+                self._append(fut)
                 self._flush()
                 return
         if message.kind == mip.KIND_ERROR or not message.is_request:
@@ -162,16 +224,20 @@ class _Connection(asyncio.BufferedProtocol):
         if start is not None:
             # The handler's callback form: no task a request.
             try:
-                work = start(message)
+                work = start(message, self.source) if self.server.pass_source else start(message)
             except Exception as exc:
                 work = self.loop.create_future()
                 work.set_exception(exc)
         else:
             work = self.loop.create_task(self.server.handler(message))
-        self.pending.append(work)
+        self._append(work)
         work.add_done_callback(self._on_done)
         if len(self.pending) >= self.server.max_pipeline:
             self._pause_reading()
+
+    def _append(self, fut: asyncio.Future) -> None:
+        self.pending.append(fut)
+        self.pending_octets.append(0)
 
     def _on_done(self, _fut) -> None:
         # Replies of one batch finish in the same loop turn: flush once after all of them.
@@ -185,6 +251,7 @@ class _Connection(asyncio.BufferedProtocol):
         ready = []
         while self.pending and self.pending[0].done():
             fut = self.pending.popleft()
+            self.buffered_octets -= self.pending_octets.popleft()
             if fut.cancelled():
                 continue
             exc = fut.exception()
@@ -197,10 +264,24 @@ class _Connection(asyncio.BufferedProtocol):
             # batch's worth of pipelined replies.
             transport.writelines(ready)
             self.last_activity = self.loop.time()
+        if self.backlog and not self.closing:
+            self._start_backlog()
         if not self.pending and self.closing and transport is not None and not transport.is_closing():
             self._linger_close()
             return
         self._maybe_resume_reading()
+
+    def _start_backlog(self) -> None:
+        """Start waiting requests while fewer than max_pipeline are in flight."""
+        backlog, limit = self.backlog, self.server.max_pipeline
+        while backlog and len(self.pending) < limit and not self.closing:
+            self._dispatch(backlog.popleft())
+        if not backlog and self.backlog_octets:
+            if self.pending:
+                self.pending_octets[-1] += self.backlog_octets
+            else:
+                self.buffered_octets -= self.backlog_octets
+            self.backlog_octets = 0
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None and not self.transport.is_closing():
@@ -208,25 +289,44 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def _maybe_resume_reading(self) -> None:
+        server = self.server
         if (self.reading_paused and not self.closing and not self.writing_paused
-                and len(self.pending) < self.server.max_pipeline):
+                and not self.backlog and len(self.pending) < server.max_pipeline
+                and self.buffered_octets < server.max_buffered_octets):
             self.reading_paused = False
+            if self.frame_started is not None:
+                self.frame_started = self.loop.time()  # the wait was this server's own
             self.transport.resume_reading()
 
     def check_timeouts(self, now: float) -> None:
-        """Close a connection that has been silent (idle) or stuck mid-frame (read) too long."""
+        """Close a connection whose frame is late (counted from its first octet) or that has
+        been idle too long."""
         if self.closing or self.transport is None:
             return
-        quiet = now - self.last_activity
         server = self.server
-        if self.parser.buffered and server.read_timeout and quiet > server.read_timeout:
-            log.info("closing a connection: no octets for %.1fs in the middle of a frame", quiet)
-            self._protocol_error(_ReadTimeout())
-        elif (not self.pending and not self.parser.buffered and server.idle_timeout
-              and quiet > server.idle_timeout):
-            log.debug("closing an idle connection after %.1fs", quiet)
-            self.closing = True
-            self.transport.close()
+        started = self.frame_started
+        if (started is not None and server.frame_timeout and not self.reading_paused
+                and now - started > server.frame_timeout):
+            log.info("closing a connection from %s: a frame started %.1fs ago is not complete",
+                     self.peer, now - started)
+            self._protocol_error(_FrameTimeout(server.frame_timeout))
+        elif self.idle and server.idle_timeout and now - self.last_activity > server.idle_timeout:
+            log.debug("closing an idle connection after %.1fs", now - self.last_activity)
+            self.close_idle()
+
+    def close_idle(self) -> None:
+        self.closing = True
+        self.transport.close()
+
+
+def _takes_source(start) -> bool:
+    """Whether a handler's ``start`` takes the request's source as a second argument."""
+    if start is None:
+        return False
+    try:
+        return len(inspect.signature(start).parameters) >= 2
+    except (TypeError, ValueError):
+        return False
 
 
 def _error_reply(exc: BaseException) -> bytes:
@@ -248,11 +348,11 @@ class _NotARequest(ProtocolError):
         super().__init__("a server accepts only requests")
 
 
-class _ReadTimeout(ProtocolError):
+class _FrameTimeout(ProtocolError):
     error_code = ErrorCode.PROTOCOL
 
-    def __init__(self):
-        super().__init__("read timeout in the middle of a frame")
+    def __init__(self, seconds: float):
+        super().__init__(f"a frame was not complete {seconds:g}s after its first octet")
 
 
 class MipServer:
@@ -264,31 +364,48 @@ class MipServer:
             a larger one is answered with ERROR/MEMORY and the connection closed.
         max_connections: connections served at once; more are answered with
             ERROR/MEMORY and closed.
+            When they are all open, the longest-idle connection (nothing in flight, no
+            frame started) is closed to make room; with none idle the new one is refused.
+        max_connections_per_peer: connections one peer address may hold; more are
+            answered with ERROR/MEMORY and closed (Unix-socket peers are not counted).
         max_pipeline: requests in flight per connection before reading pauses.
+        max_buffered_octets: request octets a connection may hold unanswered (frames read
+            whose replies are not written yet) before reading pauses.
+        max_pending_reply: reply octets waiting in a connection's send buffer (the peer
+            is not reading) before reading pauses, until they drain.
         idle_timeout: seconds a connection may stay silent with nothing in
             flight before it is closed (0 = never).
-        read_timeout: seconds a partly received frame may wait for its next
-            octets before the connection is closed (0 = never).
+        frame_timeout: seconds a frame may take to arrive, counted from its first
+            octet; a late frame is answered with ERROR/PROTOCOL and the connection
+            closed (0 = never).
         ssl: an ``ssl.SSLContext`` to serve TLS.
     """
 
     def __init__(self, handler: Callable[[mip.Message], Awaitable[Buffers]], *,
                  max_frame_size: int = 64 * 1024 * 1024, max_connections: int = 1024,
-                 max_pipeline: int = 128, idle_timeout: float = 300.0, read_timeout: float = 30.0,
-                 ssl: _ssl.SSLContext | None = None):
+                 max_connections_per_peer: int = 256, max_pipeline: int = 128,
+                 max_buffered_octets: int = 128 * 1024 * 1024,
+                 max_pending_reply: int = 1024 * 1024, idle_timeout: float = 300.0,
+                 frame_timeout: float = 30.0, ssl: _ssl.SSLContext | None = None):
         self.handler = handler
         # A handler may also offer start(message) -> Future of the reply buffers, which
-        # serves a request without a task of its own.
+        # serves a request without a task of its own; if it takes a second argument, that
+        # is the request's source (the peer address), for fair queueing.
         self.start_handler = getattr(handler, "start", None)
+        self.pass_source = _takes_source(self.start_handler)
         self.max_frame_size = max_frame_size
         self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.max_pipeline = max_pipeline
+        self.max_buffered_octets = max_buffered_octets
+        self.max_pending_reply = max_pending_reply
         self.idle_timeout = idle_timeout
-        self.read_timeout = read_timeout
+        self.frame_timeout = frame_timeout
         self.ssl = ssl
         self.linger = 1.0  # seconds a refused or failed connection drains before closing
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[_Connection] = set()
+        self._per_peer = PeerCounts()
         self._sweeper: asyncio.Task | None = None
         self._unix_paths: list[str] = []
         self.addresses: list[Address] = []
@@ -318,8 +435,28 @@ class MipServer:
         log.info("MIP listening on %s", bound)
         return bound
 
+    def _admit(self, host: str | None) -> str:
+        """Why a new connection from `host` is refused ("" = admitted): its address holds
+        too many, or every connection is busy. An idle one is closed to make room."""
+        if self._per_peer.full(host, self.max_connections_per_peer):
+            return f"max_connections_per_peer={self.max_connections_per_peer} reached"
+        if len(self._connections) < self.max_connections:
+            return ""
+        oldest = longest_idle(self._connections)
+        if oldest is None:
+            return f"max_connections={self.max_connections} reached, none idle"
+        log.info("closing the longest-idle connection (from %s) to make room", oldest.peer)
+        self._forget(oldest)
+        oldest.close_idle()
+        return ""
+
+    def _forget(self, conn: "_Connection") -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            self._per_peer.remove(conn.peer)
+
     async def _sweep(self) -> None:
-        timeouts = [t for t in (self.idle_timeout, self.read_timeout) if t]
+        timeouts = [t for t in (self.idle_timeout, self.frame_timeout) if t]
         if not timeouts:
             return
         interval = max(0.02, min(1.0, min(timeouts) / 4))

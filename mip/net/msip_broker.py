@@ -55,6 +55,7 @@ from typing import Iterable
 
 from mip import msip
 from mip.errors import FrameTooLarge, ProtocolError
+from mip.net.peers import PeerCounts
 from mip.net.urls import Address, parse_url
 
 __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
@@ -182,6 +183,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.consumed = 0
         self.partial_since: float | None = None
         self.peer = None
+        self.host: str | None = None  # counted against max_connections_per_peer
+        self.reading_paused = False
 
     # -- asyncio.BufferedProtocol ------------------------------------------------------
     def connection_made(self, transport):
@@ -194,14 +197,21 @@ class _Connection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=b.write_buffer_high)
         b._conns.add(self)
         b.stats.connections_total += 1
+        host = self.peer[0] if isinstance(self.peer, tuple) else None  # None: Unix socket
         if b._stopping:
             self.fail("broker is shutting down")
-        elif len(b._conns) > b.max_connections:
+        elif b._per_peer.full(host, b.max_connections_per_peer):
+            self.fail(f"too many connections from this address "
+                      f"(limit {b.max_connections_per_peer})")
+        elif len(b._conns) > b.max_connections and not b._make_room(self):
             self.fail(f"too many connections (limit {b.max_connections})")
+        else:
+            self.host = host
+            b._per_peer.add(host)
 
     def connection_lost(self, exc):
         b = self.broker
-        b._conns.discard(self)
+        b._forget_conn(self)
         self.closing = True
         self.urgent.clear()
         self.queue.clear()
@@ -244,6 +254,13 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self.partial_since = None
         b._flush_dirty()
+        if self.paused and not self.closing and (
+                self.qbytes > b.queue_bytes
+                or len(self.urgent) + len(self.queue) > b.queue_limit):
+            # The client does not read its replies: read no more of its requests until
+            # it does.
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     def eof_received(self):
         return False
@@ -332,6 +349,11 @@ class _Connection(asyncio.BufferedProtocol):
                 t.write(chunks[0])
             else:
                 t.writelines(chunks)
+        if self.reading_paused and not self.paused and not self.closing:
+            self.reading_paused = False
+            if self.partial_since is not None:
+                self.partial_since = time.monotonic()  # the wait was the broker's own
+            t.resume_reading()
 
     def fail(self, reason: str) -> None:
         """Send an ERROR frame with ``reason`` (UTF-8) after what is queued, then close."""
@@ -362,13 +384,19 @@ class Broker:
         max_payload: largest payload a frame may declare; larger -> ERROR and close.
         max_topic_length: longest topic or pattern (UTF-8 octets).
         max_subscriptions: subscriptions per session.
-        max_connections: connections open at once; more -> ERROR and close.
+        max_connections: connections open at once; for one more, the longest-silent
+            connection that has not sent a complete frame yet is closed to make room, and
+            with none such the new one gets an ERROR and is closed.
+        max_connections_per_peer: connections one client address may hold; more -> ERROR
+            and close (Unix-socket clients are not counted).
         max_sessions: identified sessions kept while away; the longest-away are forgotten first.
         idle_timeout: after this long without a frame from a client the broker sends it a PING,
             and closes it (ERROR "idle timeout") after twice this long.
         read_timeout: a frame that started arriving must be complete within this time.
         queue_limit: outgoing frames queued per connection while its socket is not writable.
-        queue_bytes: outgoing octets queued per connection while its socket is not writable.
+        queue_bytes: outgoing octets queued per connection while its socket is not writable;
+            beyond it (or beyond ``queue_limit`` frames), EVENTs overflow (see ``overflow``)
+            and the broker stops reading the connection's frames until its replies drain.
         overflow: ``"drop_oldest"`` (drop the oldest queued event, counted) or ``"disconnect"``.
         write_buffer_high: transport write-buffer high-water mark before queueing starts.
         redelivery_timeout: an at-least-once event not acknowledged within this time is resent.
@@ -388,6 +416,7 @@ class Broker:
         max_topic_length: int = 1024,
         max_subscriptions: int = 1024,
         max_connections: int = 10_000,
+        max_connections_per_peer: int = 256,
         max_sessions: int = 10_000,
         idle_timeout: float | None = 120.0,
         read_timeout: float | None = 30.0,
@@ -410,6 +439,7 @@ class Broker:
         self.max_topic_length = max_topic_length
         self.max_subscriptions = max_subscriptions
         self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
@@ -427,6 +457,7 @@ class Broker:
         self.ssl = ssl
         self.stats = BrokerStats()
         self._conns: set[_Connection] = set()
+        self._per_peer = PeerCounts()
         self._sessions: dict[int, _Session] = {}
         self._next_id = 1
         self._exact: dict[str, dict[_Session, bool]] = {}
@@ -821,6 +852,28 @@ class Broker:
         for conn in dirty:
             conn.flush()
 
+    # -- connections ----------------------------------------------------------------------
+    def _make_room(self, newcomer: _Connection) -> bool:
+        """Close the longest-silent connection that has not sent a complete frame (so has
+        no session state), to make room for `newcomer`; False if there is none."""
+        oldest = None
+        for conn in self._conns:
+            if (conn is not newcomer and conn.consumed == 0 and not conn.closing
+                    and conn.transport is not None):
+                if oldest is None or conn.last_rx < oldest.last_rx:
+                    oldest = conn
+        if oldest is None:
+            return False
+        log.info("closing %s to make room: no frame from it yet", oldest.peer)
+        self._forget_conn(oldest)
+        oldest.fail("closed to make room for another connection: no frame received")
+        return True
+
+    def _forget_conn(self, conn: _Connection) -> None:
+        self._conns.discard(conn)
+        host, conn.host = conn.host, None
+        self._per_peer.remove(host)
+
     # -- timers ---------------------------------------------------------------------------
     def _tick_interval(self) -> float:
         candidates = [1.0, self.redelivery_timeout / 4]
@@ -840,6 +893,7 @@ class Broker:
                 if conn.closing:
                     continue
                 if (self.read_timeout and conn.partial_since is not None
+                        and not conn.reading_paused
                         and now - conn.partial_since > self.read_timeout):
                     conn.fail(f"read timeout: frame incomplete after {self.read_timeout} s")
                     continue

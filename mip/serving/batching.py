@@ -14,6 +14,14 @@ from the head of the queue:
 * requests whose tensors cannot be concatenated with the head's (different trailing
   dims or dtypes) wait for the next batch, so order is kept.
 
+Fairness: each request names its *source* (the peer address a frontend read it from;
+``None`` for callers that do not say). Each source has its own FIFO sub-queue, and a
+batch takes requests round-robin across the sources (the first of each, then the second
+of each, ...), starting where the previous batch stopped; a source other than ``None`` may
+hold at most ``max_queued_per_source`` queued requests, so one client can neither take a
+model's whole queue nor make the others wait behind its backlog. With one source (the
+usual case) this is the single FIFO queue above.
+
 A request whose future is cancelled (its client went away, or its deadline passed) is
 removed from the queue at once. A batch runs in a worker thread, so the event loop keeps
 doing I/O while the model computes; ``instance_count`` batches may run at the same time.
@@ -30,6 +38,7 @@ import asyncio
 import collections
 import concurrent.futures
 import functools
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -72,9 +81,12 @@ class BatchRecord:
 
 
 class _Request:
-    __slots__ = ("inputs", "rows", "nbytes", "signature", "future", "enqueued", "queued")
+    __slots__ = ("inputs", "rows", "nbytes", "signature", "future", "enqueued", "queued",
+                 "source")
 
-    def __init__(self, inputs: Tensors, rows: int, future: asyncio.Future, enqueued: float):
+    def __init__(self, inputs: Tensors, rows: int, future: asyncio.Future, enqueued: float,
+                 source):
+        self.source = source
         self.inputs = inputs
         self.rows = rows
         self.nbytes = sum(a.nbytes for a in inputs.values())
@@ -98,12 +110,15 @@ class Batcher:
         name: used in thread names and error messages.
         inline_below: seconds; batches the model is expected to finish sooner run on the
             event loop's thread (0 = always in a worker thread).
+        max_queued_per_source: requests one source (other than ``None``) may have queued;
+            ``None`` = a quarter of ``max_queue_size`` (at least 1).
     """
 
     def __init__(self, run: Callable[[Tensors], Tensors], *, max_batch_size: int = 0,
                  dynamic_batching: DynamicBatching | None = None, instance_count: int = 1,
                  on_batch: Callable[[BatchRecord], None] | None = None, name: str = "model",
-                 inline_below: float = DEFAULT_INLINE_BELOW):
+                 inline_below: float = DEFAULT_INLINE_BELOW,
+                 max_queued_per_source: int | None = None):
         self._run = run
         self.inline_below = inline_below
         # Compute-time estimates from batches run so far (None until one ran in a thread).
@@ -119,7 +134,12 @@ class Batcher:
         self.max_batch_bytes = policy.max_batch_bytes or float("inf")  # None, 0: no limit
         self.instance_count = instance_count
         self._on_batch = on_batch
-        self._queue: collections.deque[_Request] = collections.deque()
+        self.max_queued_per_source = max(1, max_queued_per_source or self.max_queue_size // 4)
+        # One FIFO sub-queue per source, and the sources with queued requests in the
+        # round-robin order of the next batch.
+        self._queues: dict[object, collections.deque[_Request]] = {}
+        self._order: collections.deque = collections.deque()
+        self._depth = 0  # requests queued, all sources
         self._idle = instance_count
         self._running: set[asyncio.Future] = set()  # batches in worker threads
         self._soon: asyncio.Handle | None = None  # the scheduler's next pass, when due
@@ -132,7 +152,7 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         """Requests waiting (not yet in a running batch)."""
-        return len(self._queue)
+        return self._depth
 
     def start(self) -> None:
         """Start taking requests on the running event loop."""
@@ -149,14 +169,14 @@ class Batcher:
         """
         self._closing = True
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queue or self._running:
+        while self._depth or self._running:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             self._pump()
             waiters = list(self._running) or [asyncio.ensure_future(asyncio.sleep(0.005))]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             await asyncio.wait(waiters, timeout=remaining)
-        for request in list(self._queue):
+        for request in [r for q in list(self._queues.values()) for r in q]:
             self._fail(request, ModelNotReady(f"model {self.name} was unloaded"))
         self._started = False
         for handle in (self._soon, self._timer):
@@ -182,27 +202,39 @@ class Batcher:
         # Cancelling the caller cancels the awaited future, which drops the request.
         return await self.enqueue(inputs, rows, deadline)
 
-    def enqueue(self, inputs: Tensors, rows: int, deadline: float | None = None) -> asyncio.Future:
+    def enqueue(self, inputs: Tensors, rows: int, deadline: float | None = None,
+                source=None) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets its outputs.
 
         The same as :meth:`submit` for callers that chain callbacks instead of awaiting
         (no coroutine and no task a request). Cancelling the future drops the request from
-        the queue; errors found at once (see :meth:`submit`) are raised here.
+        the queue; errors found at once (see :meth:`submit`) are raised here. ``source``
+        (hashable: the client's address) picks the request's sub-queue; ``QueueFull`` also
+        when that source has ``max_queued_per_source`` requests queued.
         """
         if self._closing or not self._started:
             raise ModelNotReady(f"model {self.name} is not accepting requests")
         if self.batching and rows > self.max_batch_size:
             raise InvalidInput(f"request has {rows} rows; model {self.name} takes at most "
                                f"{self.max_batch_size} rows a batch")
-        if len(self._queue) >= self.max_queue_size:
-            raise QueueFull(f"model {self.name} has {len(self._queue)} requests queued "
+        if self._depth >= self.max_queue_size:
+            raise QueueFull(f"model {self.name} has {self._depth} requests queued "
                             f"(max_queue_size {self.max_queue_size})")
+        queue = self._queues.get(source)
+        if (queue is not None and source is not None
+                and len(queue) >= self.max_queued_per_source):
+            raise QueueFull(f"model {self.name} has {len(queue)} requests of this client "
+                            f"queued (max_queued_per_source {self.max_queued_per_source})")
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"deadline passed before model {self.name} was reached")
         future = self._loop.create_future()
-        request = _Request(inputs, rows, future, now)
-        self._queue.append(request)
+        request = _Request(inputs, rows, future, now, source)
+        if queue is None:
+            queue = self._queues[source] = collections.deque()
+            self._order.append(source)
+        queue.append(request)
+        self._depth += 1
         future.add_done_callback(functools.partial(self._forget, request))
         if self._soon is None:
             # One pass of the scheduler after this pass of the loop, so that the requests
@@ -222,20 +254,43 @@ class Batcher:
     def _forget(self, request: _Request, future: asyncio.Future) -> None:
         if request.queued:
             request.queued = False
-            self._queue.remove(request)
+            queue = self._queues[request.source]
+            queue.remove(request)
+            self._depth -= 1
+            if not queue:
+                del self._queues[request.source]
+                self._order.remove(request.source)
 
     def _fail(self, request: _Request, error: Exception) -> None:
         if not request.future.done():
             request.future.set_exception(error)
 
+    def _candidates(self):
+        """The queued requests in the order batches take them: the one source's queue, or
+        round-robin across the sources (the first of each, then the second of each, ...)."""
+        queues = self._queues
+        if len(queues) == 1:
+            yield from next(iter(queues.values()))
+            return
+        order = [queues[source] for source in self._order]
+        depth = 0
+        while order:
+            for queue in order:
+                yield queue[depth]
+            depth += 1
+            order = [queue for queue in order if len(queue) > depth]
+
     def _choose(self, now: float) -> tuple[int, float]:
-        """Requests to take from the head now (0 = wait), and seconds to wait otherwise."""
+        """Requests to take from the candidates now (0 = wait), and seconds to wait
+        otherwise."""
         if not self.batching:
             return 1, 0.0
-        head = self._queue[0]
+        queues = self._queues
+        head = queues[self._order[0]][0]
         rows = count = preferred_count = nbytes = 0
         can_grow = True
-        for request in self._queue:  # stops within max_batch_size rows
+        candidates = queues[head.source] if len(queues) == 1 else self._candidates()
+        for request in candidates:  # stops within max_batch_size rows
             if (request.signature != head.signature or rows + request.rows > self.max_batch_size
                     or (count and nbytes + request.nbytes > self.max_batch_bytes)):
                 can_grow = False
@@ -249,7 +304,9 @@ class Batcher:
             can_grow = False
         if preferred_count:
             return preferred_count, 0.0
-        wait = head.enqueued + self.max_queue_delay - now
+        oldest = head.enqueued if len(queues) == 1 else min(
+            queue[0].enqueued for queue in queues.values())
+        wait = oldest + self.max_queue_delay - now
         if not can_grow or wait <= 0 or self._closing:
             return count, 0.0
         return 0, wait
@@ -260,17 +317,39 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._queue and self._idle and self._started:
+        while self._depth and self._idle and self._started:
             count, wait = self._choose(time.monotonic())
             if not count:
                 self._timer = self._loop.call_later(wait, self._pump)
                 return
-            batch = []
-            for _ in range(count):
-                request = self._queue.popleft()
-                request.queued = False
-                batch.append(request)
-            self._execute(batch)
+            self._execute(self._take(count))
+
+    def _take(self, count: int) -> list[_Request]:
+        """Take the first `count` candidates off their queues; the next batch starts with
+        the source after the last one served."""
+        queues = self._queues
+        if len(queues) == 1:
+            source = self._order[0]
+            queue = queues[source]
+            batch = [queue.popleft() for _ in range(count)]
+            if not queue:
+                del queues[source]
+                self._order.clear()
+        else:
+            batch = list(itertools.islice(self._candidates(), count))
+            last = batch[-1].source
+            for request in batch:
+                queues[request.source].popleft()
+            order = self._order
+            order.rotate(-order.index(last) - 1)
+            for source in {r.source for r in batch}:
+                if not queues[source]:
+                    del queues[source]
+                    order.remove(source)
+        for request in batch:
+            request.queued = False
+        self._depth -= count
+        return batch
 
     def _execute(self, batch: list[_Request]) -> None:
         """Run one batch: at once on this thread when it is expected to be quick, else in

@@ -87,14 +87,17 @@ class Engine:
             startup models, then those loaded and not unloaded through the API) has a ready
             version, as Triton's ``--strict-readiness``; without it, when every model that
             did load has one.
+        max_queued_per_peer: requests one client address may have waiting in a model's
+            queue (``None``: a quarter of the model's ``max_queue_size``).
     """
 
     def __init__(self, repository: ModelRepository, *, models: Iterable[str] | None = None,
                  default_model: str | None = None, drain_timeout: float = 30.0,
-                 strict_readiness: bool = True):
+                 strict_readiness: bool = True, max_queued_per_peer: int | None = None):
         self.repository = repository
         self.strict_readiness = strict_readiness
         self._expected: set[str] = set()  # models meant to be served
+        self.max_queued_per_peer = max_queued_per_peer
         self._startup_models = None if models is None else list(models)
         self._default_model = default_model
         self._default: str | None | object = _UNSETTLED
@@ -190,7 +193,8 @@ class Engine:
         batcher = Batcher(version.run, max_batch_size=version.max_batch_size,
                           dynamic_batching=version.dynamic_batching,
                           instance_count=version.config.instance_count, on_batch=on_batch,
-                          name=f"{version.name}/{version.version}")
+                          name=f"{version.name}/{version.version}",
+                          max_queued_per_source=self.max_queued_per_peer)
         batcher.start()
         self._served[key] = _Served(version, batcher, stats)
 
@@ -245,12 +249,14 @@ class Engine:
         return {name: result[name] for name in wanted}
 
     def submit(self, model: str, inputs: Tensors, *, version: str | None = None,
-               deadline: float | None = None) -> asyncio.Future:
+               deadline: float | None = None, source=None) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets every output.
 
         The same checks and errors as :meth:`infer` (raised here when found at once, set on
         the future otherwise), for frontends that chain callbacks rather than run a
         coroutine per request. Cancelling the future drops the request from the queue.
+        ``source`` (the client's address) picks the request's fair share of the queue (see
+        :mod:`mip.serving.batching`).
         """
         served = self._lookup(model, version)
         batching = served.version.dynamic_batching
@@ -261,7 +267,7 @@ class Engine:
         stats.queue_depth = served.batcher.queue_depth
         try:
             rows = self._check_inputs(served, inputs)
-            future = served.batcher.enqueue(inputs, rows, deadline)
+            future = served.batcher.enqueue(inputs, rows, deadline, source)
         except BaseException:
             stats.failures += 1
             raise

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,32 +16,7 @@ import mip
 from mip.net.mip_client import Client
 from mip.serving.demo import build_demo_repository
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _start(args, pattern_count: int, timeout: float = 30.0):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING",
-                                "serve", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    deadline = time.monotonic() + timeout
-    while len([x for x in lines if x.startswith("mip: serving")]) < pattern_count:
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise AssertionError("mip serve did not start:\n" + "".join(lines)
-                                 + (process.stdout.read() if process.stdout else ""))
-        lines.append(process.stdout.readline())
-    return process, "".join(lines)
-
-
-def _stop(process) -> int:
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(20)
-    finally:
-        if process.poll() is None:
-            process.kill()
+from _serve_process import ROOT, start as _start, stop as _stop
 
 
 def test_all_three_protocols_on_one_engine(tmp_path):

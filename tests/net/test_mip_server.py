@@ -81,13 +81,28 @@ async def test_unix_socket(tmp_path):
     assert not path.exists()
 
 
-async def test_pipelined_replies_come_back_in_request_order():
-    server, url = await _start()
+@pytest.mark.parametrize("max_pipeline", [128, 4])
+async def test_pipelined_replies_come_back_in_request_order(max_pipeline):
+    server, url = await _start(max_pipeline=max_pipeline)
     try:
         async with AsyncClient(url, connections=1) as client:
             results = await asyncio.gather(*(
                 client.infer([[np.full((1, 2), i, np.int32)]], model="jitter") for i in range(200)))
         assert [r[0][0][0, 0] for r in results] == [2 * i for i in range(200)]
+        # all in one write: what is over max_pipeline waits in the backlog, in order
+        frames = b"".join(b"".join(bytes(part) for part in mip.encode_request_buffers(
+            [[np.full((1, 2), i, np.int32)]], model="jitter")) for i in range(100))
+        host, port = url.removeprefix("tcp://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(frames + mip.encode_ping())
+        parser, replies = mip.FrameParser(), []
+        while len(replies) < 101:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data
+            replies += parser.feed(data)
+        writer.close()
+        assert [m.batch[0][0][0, 0] for m in replies[:100]] == [2 * i for i in range(100)]
+        assert replies[100].kind == mip.KIND_PING and not replies[100].is_request
     finally:
         await server.stop()
 
@@ -144,20 +159,29 @@ async def test_oversized_frame_is_refused_from_its_header_alone():
         await server.stop()
 
 
-async def test_max_connections():
+async def test_max_connections_refuses_when_none_is_idle_and_closes_an_idle_one():
     server, url = await _start(max_connections=1)
     try:
         async with AsyncClient(url) as first:
             await first.ping()
+            busy = asyncio.ensure_future(first.infer([[np.ones((1, 2), np.float32)]],
+                                                     model="slow", version="1"))
+            while not server._connections or next(iter(server._connections)).idle:
+                await asyncio.sleep(0.01)
             reply = await asyncio.to_thread(_raw_exchange, url, mip.encode_ping())
             assert reply == mip.encode_error(ErrorCode.MEMORY)
-            assert await first.ping() > 0
+            (item,) = await busy
+            np.testing.assert_array_equal(item[0], np.full((1, 2), 2, np.float32))
+            # now the first connection is idle: it makes room for a new client
+            async with AsyncClient(url) as second:
+                assert await second.ping() > 0
+                assert server.connections == 1
     finally:
         await server.stop()
 
 
 async def test_idle_and_read_timeouts_close_connections():
-    server, url = await _start(idle_timeout=0.2, read_timeout=0.2)
+    server, url = await _start(idle_timeout=0.2, frame_timeout=0.2)
     server.linger = 0.05
     try:
         host, port = url.removeprefix("tcp://").rsplit(":", 1)

@@ -242,6 +242,39 @@ def test_queue_full_is_rejected():
     assert model.rows == [1, 2]
 
 
+def test_sources_share_the_queue_round_robin_and_each_has_a_cap():
+    model = GatedModel()
+    batcher = make(model, max_batch_size=4, max_queue_size=16)  # a source may queue 4
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        hog = [asyncio.ensure_future(batcher.enqueue({"x": rows_of(1, 100 + i)}, 1,
+                                                     source="10.0.0.1")) for i in range(4)]
+        with pytest.raises(QueueFull, match="max_queued_per_source 4"):
+            batcher.enqueue({"x": rows_of(1, 0)}, 1, source="10.0.0.1")
+        others = [asyncio.ensure_future(batcher.enqueue({"x": rows_of(1, v)}, 1, source=peer))
+                  for v, peer in ((1, "10.0.0.2"), (2, "10.0.0.2"), (3, "10.0.0.3"))]
+        unnamed = [asyncio.ensure_future(batcher.enqueue({"x": rows_of(1, 50 + i)}, 1))
+                   for i in range(5)]  # no source: no cap of its own
+        assert batcher.queue_depth == 12
+        # a cancelled request leaves its sub-queue
+        others[1].cancel()
+        await asyncio.sleep(0)
+        assert batcher.queue_depth == 11
+        model.release()
+        results = await asyncio.gather(first, *hog, others[0], others[2], *unnamed)
+        await batcher.stop()
+        return results
+
+    results = run(scenario())
+    assert batcher.queue_depth == 0
+    # the first of each source, then the second of each, ...: the queued sources are
+    # 10.0.0.1, 10.0.0.2, 10.0.0.3 and the unnamed one, in the order they came
+    assert [list(b[:, 0]) for b in model.batches[1:]] == [
+        [100, 1, 3, 50], [101, 51, 102, 52], [103, 53, 54]]
+    assert [float(r["y"][0, 0]) for r in results[1:5]] == [200, 202, 204, 206]
+
+
 def test_deadline_drops_the_request_from_the_queue():
     model = GatedModel()
     batcher = make(model)

@@ -91,7 +91,7 @@ class DataPlane:
                inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
                timeout: float | None = None, then: Callable | None = None,
                error: Callable[[BaseException], BaseException] | None = None,
-               classes: dict[str, int] | None = None) -> asyncio.Future:
+               classes: dict[str, int] | None = None, source=None) -> asyncio.Future:
         """Queue one request without waiting: a future of its :class:`InferResult`.
 
         What :meth:`infer` does, for frontends that chain callbacks instead of running a
@@ -102,7 +102,8 @@ class DataPlane:
         the same callback, so the future holds ``then(result)``: one hand-off a request.
 
         ``classes`` (output name -> class count, from :func:`codec.check_parameters`)
-        answers those outputs with Triton's classification extension.
+        answers those outputs with Triton's classification extension. ``source`` (the
+        client's address) picks the request's fair share of the queue.
         """
         started = time.perf_counter()
         engine = self.engine
@@ -117,7 +118,8 @@ class DataPlane:
             wanted = engine.check_outputs(chosen, outputs) if outputs else None
             limits = [t for t in (timeout, self.request_timeout) if t is not None]
             deadline = time.monotonic() + min(limits) if limits else None
-            work = engine.submit(model, inputs, version=served_version, deadline=deadline)
+            work = engine.submit(model, inputs, version=served_version, deadline=deadline,
+                                 source=source)
         except BaseException:
             if metrics is not None:
                 metrics.observe_request(model, served_version, protocol, False,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import ssl
 import zlib
@@ -44,10 +45,11 @@ from starlette.routing import BaseRoute, Route
 
 from mip.errors import Cancelled, InvalidInput, ModelNotFound, ServingError
 from mip.frontends.oip import codec
+from mip.frontends.oip._http_protocol import HttpLimits, Listener
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
 from mip.protocol._jsonnum import PLACEHOLDER, parse_numbers, split_numeric_arrays
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "HttpServer", "build_app"]
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "HttpLimits", "HttpServer", "build_app"]
 
 log = logging.getLogger("mip.frontends.oip.rest")
 
@@ -281,8 +283,10 @@ class _Endpoints:
             body = await self._receive_body(receive, length, encoding)
             doc, inputs, wanted, binary_default, timeout, classes = await self._parse_off_loop(
                 body, header_length)
+            client = scope.get("client")
             work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
-                                         timeout, classes=classes)
+                                         timeout, classes=classes,
+                                         source=client[0] if client else None)
             result = await _unless_disconnected(receive, work)
             header, parts = self._reply_parts(doc.get("id"), result, wanted, binary_default)
         except Cancelled:
@@ -628,16 +632,21 @@ class HttpServer:
 
     Args:
         app: the ASGI application.
-        timeout_keep_alive: seconds an idle keep-alive connection stays open.
+        timeout_keep_alive: seconds an idle keep-alive connection (or a new one that has
+            sent nothing) stays open.
         graceful_timeout: seconds :meth:`stop` waits for requests in progress.
+        limits: connection, backpressure and timeout limits (:class:`HttpLimits`; its
+            ``idle_timeout`` is ``timeout_keep_alive``).
         ssl_certfile / ssl_keyfile: serve HTTPS with this PEM certificate and key.
         ssl_ca_certs: require client certificates signed by these CAs (mutual TLS).
     """
 
     def __init__(self, app, *, timeout_keep_alive: float = 5.0, graceful_timeout: float = 5.0,
                  ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-                 ssl_ca_certs: str | None = None):
+                 ssl_ca_certs: str | None = None, limits: HttpLimits | None = None):
         self.app = app
+        limits = dataclasses.replace(limits or HttpLimits(), idle_timeout=timeout_keep_alive)
+        self.listener = Listener(limits)
         self.ssl = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
                     "ssl_ca_certs": ssl_ca_certs} if ssl_certfile else {}
         self.timeout_keep_alive = timeout_keep_alive
@@ -654,7 +663,8 @@ class HttpServer:
         if not host or not port.isdigit():
             raise ValueError(f"HTTP address must be HOST:PORT, not {address!r}")
         host = host.strip("[]")
-        config = uvicorn.Config(self.app, host=host, port=int(port), http="auto", ws="none",
+        config = uvicorn.Config(self.app, host=host, port=int(port),
+                                http=self.listener.protocol_class(), ws="none",
                                 lifespan="off", log_level="warning", access_log=False,
                                 proxy_headers=False,
                                 server_header=False, timeout_keep_alive=self.timeout_keep_alive,
@@ -673,6 +683,7 @@ class HttpServer:
         if not server.started:
             raise OSError(f"cannot listen for HTTP on {address}")
         self._server = server
+        self.listener.start()
         self._ticker = asyncio.ensure_future(server.main_loop())  # keeps the Date header fresh
         bound = server.servers[0].sockets[0].getsockname()[1]
         self.address = f"{host}:{bound}"
@@ -684,6 +695,7 @@ class HttpServer:
         if server is None:
             return
         server.should_exit = True
+        self.listener.stop()
         if self._ticker is not None:
             await asyncio.gather(self._ticker, return_exceptions=True)
         await server.shutdown()

@@ -1,0 +1,324 @@
+"""uvicorn's httptools protocol with the limits a public HTTP/1.1 listener needs.
+
+What it adds to ``uvicorn.protocols.http.httptools_impl.HttpToolsProtocol``:
+
+* a header block must arrive within ``header_timeout`` seconds of its first octet, and a
+  body within ``body_timeout`` seconds of the end of its headers (a peer sending one
+  octet at a time cannot hold a connection); a fresh connection that sends nothing is
+  closed after the keep-alive timeout, as an idle keep-alive connection is;
+* backpressure: uvicorn resumes reading whenever the application awaits ``receive()``
+  and after every response, whether or not the peer reads its replies, and parses every
+  pipelined request of each read into its queue. A peer that pipelines requests and never
+  reads piles up parsed requests and their replies without bound. Here, octets that come
+  while a request of the connection is being answered are held unparsed (reading pauses
+  until that request's reply is written), and reading stays paused while the replies not
+  yet taken by the peer exceed ``max_pending_reply`` octets;
+* ``max_connections`` per listener, closing the longest-idle connection to make room
+  (503 when none is idle), and ``max_connections_per_peer`` per client address (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import orjson
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from mip.net.peers import PeerCounts, longest_idle
+
+log = logging.getLogger("mip.frontends.oip.rest")
+
+_SLICE = 64 << 10  # octets parsed at a time when a read brings more
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The limits of one HTTP listener (sizes in octets, times in seconds, 0 = none)."""
+
+    max_connections: int = 1024
+    max_connections_per_peer: int = 256
+    max_pending_reply: int = 1 << 20
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 5.0
+
+
+class Listener:
+    """What the connections of one HTTP listener share: limits and connection counts."""
+
+    def __init__(self, limits: HttpLimits):
+        self.limits = limits
+        self.connections: set[LimitedHttpProtocol] = set()
+        self.per_peer = PeerCounts()
+        self.linger = 1.0  # seconds a refused connection drains before it closes
+        self._sweeper: asyncio.Task | None = None
+
+    def protocol_class(self) -> type:
+        """A protocol class for ``uvicorn.Config(http=...)`` bound to this listener."""
+        return type("HttpProtocol", (LimitedHttpProtocol,), {"listener": self})
+
+    def start(self) -> None:
+        limits = self.limits
+        timeouts = [t for t in (limits.header_timeout, limits.body_timeout,
+                                limits.idle_timeout) if t]
+        if timeouts:
+            interval = max(0.02, min(1.0, min(timeouts) / 4))
+            self._sweeper = asyncio.ensure_future(self._sweep(interval))
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    async def _sweep(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.check_timeouts(now)
+
+    def admit(self, conn: "LimitedHttpProtocol") -> str:
+        """Why `conn` is refused ("" = admitted and counted)."""
+        limits = self.limits
+        host = conn.peer
+        if self.per_peer.full(host, limits.max_connections_per_peer):
+            return (f"too many connections from this address (max_connections_per_peer "
+                    f"{limits.max_connections_per_peer})")
+        if len(self.connections) >= limits.max_connections:
+            oldest = longest_idle(self.connections)
+            if oldest is None:
+                return (f"too many connections (max_connections {limits.max_connections}, "
+                        "none idle)")
+            log.info("closing the longest-idle HTTP connection (from %s) to make room",
+                     oldest.peer)
+            self.forget(oldest)
+            oldest.transport.close()
+        self.connections.add(conn)
+        self.per_peer.add(host)
+        return ""
+
+    def forget(self, conn: "LimitedHttpProtocol") -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.per_peer.remove(conn.peer)
+
+
+class _Flow(FlowControl):
+    """uvicorn's flow control, except that reading resumes only when the connection may
+    read: nothing held back and the peer taking its replies."""
+
+    def __init__(self, transport, protocol: "LimitedHttpProtocol"):
+        super().__init__(transport)
+        self.protocol = protocol
+
+    def resume_reading(self) -> None:
+        if self.protocol.held:
+            self.protocol.feed_held_soon()  # the application wants more of its request
+        elif self.read_paused and not self.write_paused:
+            self.read_paused = False
+            self._transport.resume_reading()
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    listener: Listener  # set on the class made by Listener.protocol_class()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held = bytearray()  # octets read while a request is answered, not parsed yet
+        self.in_message = False  # a request's octets have started and not all came
+        self.headers_done = False  # ... and its header block is complete
+        self.feed_due = False
+        self.deadline: float | None = None  # of the header block or body arriving
+        self.deadline_what = ""
+        self.last_activity = self.loop.time()
+        self.peer: str | None = None
+        self.refused = False
+        self.next_due = False  # a response completed while the peer was not reading
+
+    # -- connection ------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.flow = _Flow(transport, self)
+        self.last_activity = self.loop.time()
+        self.peer = self.client[0] if self.client else None
+        reason = self.listener.admit(self)
+        if reason:
+            log.warning("refusing an HTTP connection from %s: %s", self.peer, reason)
+            self._refuse(reason)
+            return
+        transport.set_write_buffer_limits(high=self.listener.limits.max_pending_reply)
+
+    def connection_lost(self, exc) -> None:
+        self.listener.forget(self)
+        self.held = bytearray()
+        super().connection_lost(exc)
+
+    def _refuse(self, reason: str) -> None:
+        """Answer 503 and close, letting the reply reach the peer before the socket goes."""
+        self.refused = True
+        body = orjson.dumps({"error": reason})
+        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: "
+                             b"application/json\r\ncontent-length: %d\r\nconnection: close"
+                             b"\r\n\r\n%s" % (len(body), body))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(self.listener.linger, self.transport.close)
+
+    @property
+    def idle(self) -> bool:
+        """No request in progress and none started: closing it loses nothing."""
+        cycle = self.cycle
+        return (not self.in_message and not self.held and not self.pipeline
+                and (cycle is None or cycle.response_complete)
+                and not self.transport.is_closing())
+
+    def check_timeouts(self, now: float) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        deadline = self.deadline
+        if deadline is not None and now > deadline and not self.flow.read_paused:
+            log.info("closing an HTTP connection from %s: %s", self.peer, self.deadline_what)
+            cycle = self.cycle
+            if self.deadline_what.startswith("header") and (
+                    cycle is None or cycle.response_complete):
+                self._send_408(self.deadline_what)
+            else:
+                self.transport.close()
+        elif (self.idle and self.listener.limits.idle_timeout
+              and now - self.last_activity > self.listener.limits.idle_timeout):
+            self.transport.close()
+
+    def _send_408(self, reason: str) -> None:
+        body = orjson.dumps({"error": reason})
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json"
+                             b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                             % (len(body), body))
+        self.transport.close()
+
+    # -- input -----------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        self.last_activity = self.loop.time()
+        if self.held or self._answering():
+            # Pipelined octets: parsed once the replies before them are written.
+            self.held += data
+            self.flow.pause_reading()
+            return
+        if len(data) <= _SLICE:
+            super().data_received(data)
+        else:
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse `data` a slice at a time, holding what follows a complete request that is
+        being answered (one read can hold thousands of small pipelined requests)."""
+        view = memoryview(data)
+        position, size = 0, len(view)
+        while position < size:
+            if self._answering():
+                self.held += view[position:]
+                self.flow.pause_reading()
+                return
+            super().data_received(view[position:position + _SLICE])
+            position += _SLICE
+            if self.parser is None or self.transport.is_closing():
+                return
+
+    def _answering(self) -> bool:
+        """Whether octets that come now must wait: requests read before them are not
+        answered yet, or the peer leaves more than ``max_pending_reply`` octets of
+        replies untaken. The rest of the body of the request being answered is wanted."""
+        if self.pipeline or self.flow.write_paused:
+            return True
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return False
+        return not (self.in_message and self.headers_done)
+
+    def feed_held_soon(self) -> None:
+        if not self.feed_due:
+            self.feed_due = True
+            self.loop.call_soon(self._feed_held)
+
+    def _feed_held(self) -> None:
+        self.feed_due = False
+        if not self.held or self._answering() or self.parser is None:
+            return
+        if self.transport.is_closing():
+            self.held = bytearray()
+            return
+        data, self.held = bytes(self.held), bytearray()
+        self._feed(data)
+        if not self.held:
+            self.flow.resume_reading()
+
+    # -- parser callbacks --------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_message = True
+        self.headers_done = False
+        timeout = self.listener.limits.header_timeout
+        if timeout:
+            self.deadline = self.loop.time() + timeout
+            self.deadline_what = f"header block not complete {timeout:g}s after its first octet"
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        timeout = self.listener.limits.body_timeout
+        if timeout:
+            self.deadline = self.loop.time() + timeout
+            self.deadline_what = f"request body not complete {timeout:g}s after its headers"
+        else:
+            self.deadline = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self.deadline = None
+        super().on_message_complete()
+
+    # -- output ------------------------------------------------------------------------
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.last_activity = self.loop.time()
+        if self.flow.write_paused:
+            self.next_due = True  # resume_writing goes on once the peer takes its replies
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """Start the next pipelined request, or parse what was held, or wait for more."""
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            if self.held and not self.pipeline:
+                self.feed_held_soon()  # the rest of this request's body may be there
+            return
+        if self.held:
+            self.feed_held_soon()
+            return
+        self.flow.resume_reading()
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.flow.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.transport.is_closing():
+            return
+        if self.next_due:
+            self.next_due = False
+            self._next()
+        else:
+            self.flow.resume_reading()

@@ -1,0 +1,45 @@
+"""What the listeners share to bound connections: counts per peer address, and the
+connection to close first when a listener is full."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+__all__ = ["PeerCounts", "longest_idle"]
+
+
+class PeerCounts:
+    """Open connections per peer address (``None``, a Unix-socket peer, is not counted)."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def full(self, host: str | None, limit: int) -> bool:
+        """Whether `host` already holds `limit` connections."""
+        return host is not None and self._counts.get(host, 0) >= limit
+
+    def add(self, host: str | None) -> None:
+        if host is not None:
+            self._counts[host] = self._counts.get(host, 0) + 1
+
+    def remove(self, host: str | None) -> None:
+        if host is not None:
+            left = self._counts[host] - 1
+            if left:
+                self._counts[host] = left
+            else:
+                del self._counts[host]
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+def longest_idle(connections: Iterable):
+    """The connection whose ``idle`` is true with the oldest ``last_activity``, or None."""
+    oldest = None
+    for conn in connections:
+        if conn.idle and (oldest is None or conn.last_activity < oldest.last_activity):
+            oldest = conn
+    return oldest
