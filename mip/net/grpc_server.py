@@ -116,12 +116,13 @@ def stream_stream(handler, request_deserializer=None, response_serializer=None) 
 class Context:
     """What a handler knows of its call (a subset of grpc.aio's ``ServicerContext``)."""
 
-    __slots__ = ("_call", "_deadline", "_loop", "_trailers")
+    __slots__ = ("_call", "_deadline", "_loop", "_peer", "_trailers")
 
-    def __init__(self, call, deadline: float | None, loop):
+    def __init__(self, call, deadline: float | None, loop, peer: str = ""):
         self._call = call
         self._deadline = deadline
         self._loop = loop
+        self._peer = peer
         self._trailers = ()
 
     async def abort(self, code, details: str = ""):
@@ -139,7 +140,9 @@ class Context:
         return tuple(self._call.metadata)
 
     def peer(self) -> str:
-        return ""
+        """The client's address as grpc.aio writes it: ``ipv4:HOST:PORT``,
+        ``ipv6:[HOST]:PORT`` or ``unix:PATH``."""
+        return self._peer
 
     def set_trailing_metadata(self, metadata) -> None:
         self._trailers = tuple(metadata)
@@ -217,12 +220,20 @@ class H2Protocol(asyncio.BufferedProtocol):
         self.flush_scheduled = False
         self.closed = False
         self.paused = False
+        self.peer = ""  # the client's address, grpc.aio style (Context.peer())
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        name = transport.get_extra_info("peername")
+        if isinstance(name, tuple) and sock is not None and sock.family == socket.AF_INET6:
+            self.peer = f"ipv6:[{name[0]}]:{name[1]}"
+        elif isinstance(name, tuple):
+            self.peer = f"ipv4:{name[0]}:{name[1]}"
+        else:
+            self.peer = f"unix:{name or ''}"
         self.flush()
 
     def get_buffer(self, sizehint: int):
@@ -470,7 +481,8 @@ class _Connection(H2Protocol):
 
     def _context(self, call) -> Context:
         timeout = call.timeout
-        return Context(call, None if timeout is None else self.loop.time() + timeout, self.loop)
+        return Context(call, None if timeout is None else self.loop.time() + timeout, self.loop,
+                       self.peer)
 
     def _failed(self, call, error: BaseException, trailers=()) -> None:
         """End ``call`` for a handler's exception: an RpcError's status, else INTERNAL."""

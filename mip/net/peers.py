@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-__all__ = ["PeerCounts", "longest_idle"]
+__all__ = ["PeerCounts", "grpc_peer_host", "longest_idle"]
 
 
 class PeerCounts:
@@ -43,3 +43,17 @@ def longest_idle(connections: Iterable):
         if conn.idle and (oldest is None or conn.last_activity < oldest.last_activity):
             oldest = conn
     return oldest
+
+
+def grpc_peer_host(peer: str) -> str | None:
+    """The client's IP address in a gRPC peer string (``ipv4:HOST:PORT``,
+    ``ipv6:[HOST]:PORT``, ``ipv6:%5B..%5D:PORT`` as grpcio writes it), None for a Unix socket
+    or an empty string."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or None
+    if kind == "ipv6":
+        host = rest.rpartition(":")[0].replace("%5B", "[").replace("%5D", "]")
+        return host.strip("[]") or None
+    return None
+

@@ -44,6 +44,9 @@ async def served():
     async def metadata(request, context):
         return repr(sorted(context.invocation_metadata())).encode()
 
+    async def peer(request, context):
+        return context.peer().encode()
+
     async def chat(requests, context):
         async for request in requests:
             yield request.upper()
@@ -55,6 +58,7 @@ async def served():
         "/test.Echo/Fail": unary(fail),
         "/test.Echo/Slow": unary(slow),
         "/test.Echo/Metadata": unary(metadata),
+        "/test.Echo/Peer": unary(peer),
         "/test.Echo/Chat": stream_stream(chat),
     }, max_message_size=LIMIT)
     host, port = await server.start("127.0.0.1", 0)
@@ -267,3 +271,14 @@ async def test_our_channel_through_a_graceful_shutdown():
             await channel.unary("/test.Echo/Slow", b"")
         if isinstance(info.value, RpcError):
             assert info.value.code == Status.UNAVAILABLE
+
+
+async def test_context_names_the_peer_as_grpcio_does(served):
+    from mip.net.peers import grpc_peer_host
+
+    address, _ = served
+    async with GrpcChannel(address) as channel:
+        peer = (await channel.unary("/test.Echo/Peer", b"")).decode()
+    assert peer.startswith("ipv4:127.0.0.1:") and grpc_peer_host(peer) == "127.0.0.1"
+    assert grpc_peer_host("ipv6:[::1]:5000") == grpc_peer_host("ipv6:%5B::1%5D:5000") == "::1"
+    assert grpc_peer_host("unix:/tmp/s") is None and grpc_peer_host("") is None

@@ -29,6 +29,7 @@ from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
 from mip.net.grpc_limits import GrpcLimits
+from mip.net.peers import grpc_peer_host
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "IMPLEMENTATIONS", "STREAM_WINDOW", "GrpcServer",
            "native_available", "native_unavailable_reason"]
@@ -325,7 +326,7 @@ class _Service:
             error = _rpc_error
         work = self.dataplane.submit("grpc", request.model_name, request.model_version,
                                      inputs, outputs, timeout, then=then, error=error,
-                                     classes=classes)
+                                     classes=classes, source=grpc_peer_host(context.peer()))
         return request, raw, work
 
     async def model_stream_infer(self, request_iterator, context):
