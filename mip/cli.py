@@ -295,6 +295,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="client certificate for Redis and MSIP (mutual TLS)")
     worker.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
 
+    sub.add_parser(
+        "proto", help="print the paths of the .proto files of mip's gRPC service",
+        description="Print where the installed package keeps inference.proto (the KServe v2 "
+                    "service, with Triton's extensions) and model_config.proto (Triton's "
+                    "model configuration), for protoc, grpcurl or Kubernetes' gRPC probes.")
+
     bench = sub.add_parser(
         "bench", help="load-test inference servers (MIP, KServe v2 gRPC/REST) and MSIP brokers",
         description="Load generators with tables, JSON and plots: 'mip bench infer URL', "
@@ -398,6 +404,15 @@ class ModelLoadFailed(MipError):
         hint = (f" (pip install 'mip-toolkit[{extra}]')" if extra else "")
         super().__init__(f"{len(failures)} model(s) failed to load: {reasons}{hint}; "
                          "--no-exit-on-error serves the models that did load")
+
+
+def _proto() -> int:
+    from importlib import resources
+
+    for package, name in (("mip.frontends.oip", "inference.proto"),
+                          ("mip.serving", "model_config.proto")):
+        print(resources.files(package) / name)
+    return 0
 
 
 async def _start_oip(args, engine) -> list:
@@ -583,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             return _infer(args)
         if args.command == "ping":
             return _ping(args)
+        if args.command == "proto":
+            return _proto()
         if args.command == "bench":
             from mip.bench import main as bench_main
             return bench_main(args)

@@ -23,10 +23,13 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 from grpc import aio
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from mip.errors import InvalidInput, NotAvailable, ServingError
 from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
+from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
 from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
 from mip.net.grpc_limits import GrpcLimits
 from mip.net.peers import grpc_peer_host
@@ -203,6 +206,8 @@ class _Service:
         self.dataplane = dataplane
         self.engine = dataplane.engine
         self.max_message_size = max_message_size
+        self.health = Health(self.engine, [_SERVICE])
+        self.reflection = reflection(pb.POOL, [_SERVICE, HEALTH_SERVICE, *REFLECTION_SERVICES])
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -453,44 +458,68 @@ def _request_id(data: bytes) -> str:
 
 
 def _methods(service: _Service) -> list[tuple]:
-    """``(name, kind, function, request type, response type)`` of every RPC; inference works
-    on the serialized bytes (see split_raw_inputs and _reply), so its types are None."""
+    """``(path, kind, function, request type, response type)`` of every RPC of the listener:
+    the KServe v2 service, health and reflection. Inference works on the serialized bytes
+    (see split_raw_inputs and _reply), so its types are None."""
+    def kserve(name):
+        return f"/{_SERVICE}/{name}"
+
+    health, reflection = service.health, service.reflection
     return [
-        ("ServerLive", "unary", service.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
-        ("ServerReady", "unary", service.server_ready, pb.ServerReadyRequest,
+        (kserve("ServerLive"), "unary", service.server_live, pb.ServerLiveRequest,
+         pb.ServerLiveResponse),
+        (kserve("ServerReady"), "unary", service.server_ready, pb.ServerReadyRequest,
          pb.ServerReadyResponse),
-        ("ModelReady", "unary", service.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
-        ("ServerMetadata", "unary", service.server_metadata, pb.ServerMetadataRequest,
+        (kserve("ModelReady"), "unary", service.model_ready, pb.ModelReadyRequest,
+         pb.ModelReadyResponse),
+        (kserve("ServerMetadata"), "unary", service.server_metadata, pb.ServerMetadataRequest,
          pb.ServerMetadataResponse),
-        ("ModelMetadata", "unary", service.model_metadata, pb.ModelMetadataRequest,
+        (kserve("ModelMetadata"), "unary", service.model_metadata, pb.ModelMetadataRequest,
          pb.ModelMetadataResponse),
-        ("ModelInfer", "infer", None, None, None),
-        ("ModelStreamInfer", "stream", service.model_stream_infer, None, None),
-        ("RepositoryIndex", "unary", service.repository_index, pb.RepositoryIndexRequest,
+        (kserve("ModelInfer"), "infer", None, None, None),
+        (kserve("ModelStreamInfer"), "stream", service.model_stream_infer, None, None),
+        (kserve("RepositoryIndex"), "unary", service.repository_index, pb.RepositoryIndexRequest,
          pb.RepositoryIndexResponse),
-        ("RepositoryModelLoad", "unary", service.repository_model_load,
+        (kserve("RepositoryModelLoad"), "unary", service.repository_model_load,
          pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
-        ("RepositoryModelUnload", "unary", service.repository_model_unload,
+        (kserve("RepositoryModelUnload"), "unary", service.repository_model_unload,
          pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse),
-        ("ModelConfig", "unary", service.model_config, pb.ModelConfigRequest,
+        (kserve("ModelConfig"), "unary", service.model_config, pb.ModelConfigRequest,
          pb.ModelConfigResponse),
-        ("ModelStatistics", "unary", service.model_statistics, pb.ModelStatisticsRequest,
+        (kserve("ModelStatistics"), "unary", service.model_statistics, pb.ModelStatisticsRequest,
          pb.ModelStatisticsResponse),
+        (f"/{HEALTH_SERVICE}/Check", "unary", health.check, health_pb2.HealthCheckRequest,
+         health_pb2.HealthCheckResponse),
+        (f"/{HEALTH_SERVICE}/Watch", "server_stream", health.watch,
+         health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse),
+        *((f"/{name}/ServerReflectionInfo", "stream", reflection.ServerReflectionInfo,
+           reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse)
+          for name in REFLECTION_SERVICES),
     ]
 
 
-def _handlers(service: _Service) -> grpc.GenericRpcHandler:
-    handlers = {}
-    for name, kind, function, request_type, response_type in _methods(service):
+def _serializers(request_type, response_type) -> dict:
+    return {"request_deserializer": request_type and request_type.FromString,
+            "response_serializer": response_type and response_type.SerializeToString}
+
+
+def _handlers(service: _Service) -> list[grpc.GenericRpcHandler]:
+    """grpcio's handlers of every RPC, one generic handler a service."""
+    by_service: dict[str, dict] = {}
+    for path, kind, function, request_type, response_type in _methods(service):
+        name, method = path[1:].rsplit("/", 1)
+        codecs = _serializers(request_type, response_type)
         if kind == "unary":
-            handlers[name] = grpc.unary_unary_rpc_method_handler(
-                function, request_deserializer=request_type.FromString,
-                response_serializer=response_type.SerializeToString)
+            handler = grpc.unary_unary_rpc_method_handler(function, **codecs)
         elif kind == "infer":
-            handlers[name] = grpc.unary_unary_rpc_method_handler(service.model_infer)
+            handler = grpc.unary_unary_rpc_method_handler(service.model_infer)
+        elif kind == "server_stream":
+            handler = grpc.unary_stream_rpc_method_handler(function, **codecs)
         else:
-            handlers[name] = grpc.stream_stream_rpc_method_handler(function)
-    return grpc.method_handlers_generic_handler(_SERVICE, handlers)
+            handler = grpc.stream_stream_rpc_method_handler(function, **codecs)
+        by_service.setdefault(name, {})[method] = handler
+    return [grpc.method_handlers_generic_handler(name, handlers)
+            for name, handlers in by_service.items()]
 
 
 def native_available() -> bool:
@@ -521,16 +550,28 @@ def _native_methods(service: _Service) -> dict:
     from mip.net.grpc_server import stream_stream, unary, unary_future
 
     methods = {}
-    for name, kind, function, request_type, response_type in _methods(service):
-        path = f"/{_SERVICE}/{name}"
+    for path, kind, function, request_type, response_type in _methods(service):
         if kind == "unary":
             methods[path] = unary(function, request_type.FromString,
                                   response_type.SerializeToString)
         elif kind == "infer":
             methods[path] = unary_future(service.start_infer)
+        elif kind == "server_stream":  # on HTTP/2 a bidirectional stream that reads one request
+            methods[path] = stream_stream(_first_request(function), request_type.FromString,
+                                          response_type.SerializeToString)
         else:
-            methods[path] = stream_stream(function)
+            methods[path] = stream_stream(function, **_serializers(request_type, response_type))
     return methods
+
+
+def _first_request(handler):
+    """A server-streaming ``handler(request, context)`` as a streaming one."""
+    async def stream(requests, context):
+        async for request in requests:
+            async for reply in handler(request, context):
+                yield reply
+            return
+    return stream
 
 
 class GrpcServer:
@@ -577,6 +618,7 @@ class GrpcServer:
         self.limits = limits or GrpcLimits()
         self._tls = (tls_cert, tls_key, tls_ca) if tls_cert else None
         self._server: aio.Server | None = None
+        self._service: _Service | None = None
         self.address: str | None = None
 
     async def start(self, address: str) -> str:
@@ -590,8 +632,8 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
             *self.limits.grpcio_options(),
         ])
-        server.add_generic_rpc_handlers((_handlers(_Service(self.dataplane,
-                                                            self.max_message_size)),))
+        self._service = _Service(self.dataplane, self.max_message_size)
+        server.add_generic_rpc_handlers(_handlers(self._service))
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"gRPC address must be HOST:PORT, not {address!r}")
@@ -621,8 +663,9 @@ class GrpcServer:
             cert, key, ca = self._tls
             context = tls_context(server=True, cert=cert, key=key, ca=ca)
         limit = self.max_message_size
+        self._service = _Service(self.dataplane, limit)
         server = Transport(
-            _native_methods(_Service(self.dataplane, limit)), max_message_size=limit, ssl=context,
+            _native_methods(self._service), max_message_size=limit, ssl=context,
             limits=self.limits,
             too_large=lambda n: (f"request of {n} octets is over the gRPC message limit of "
                                  f"{limit} octets (--grpc-max-message-size)"))
@@ -632,7 +675,10 @@ class GrpcServer:
         return self.address
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Stop accepting calls; calls in progress get ``grace`` seconds to finish."""
+        """Stop accepting calls; calls in progress get ``grace`` seconds to finish (health
+        answers NOT_SERVING from now on, and its watchers are told so and end)."""
+        if self._service is not None:
+            self._service.health.close()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
