@@ -348,27 +348,32 @@ async def _serve(args) -> int:
     if failed and args.exit_on_error:
         await engine.stop()
         raise ModelLoadFailed(failed)
-    servers = []
-    if args.mip.lower() != "none":
-        handler = MipHandler(engine, request_timeout=args.request_timeout)
-        server = MipServer(handler, max_frame_size=args.max_frame_size,
-                           max_connections=args.max_connections,
-                           max_connections_per_peer=args.max_connections_per_peer,
-                           max_buffered_octets=args.max_buffered_request,
-                           max_pending_reply=args.max_pending_reply,
-                           idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
-                           ssl=_server_ssl(args))
-        address = await server.start(args.mip)
-        servers.append(server)
-        print(f"mip: serving MIP on {address} (default model: {engine.default_model()})",
-              flush=True)
+    from mip.frontends.oip.metrics import Metrics
+
+    metrics = Metrics(engine)  # every protocol's requests, labelled by protocol
+    servers, announcements = [], []
     try:
-        servers += await _start_oip(args, engine)
+        if args.mip.lower() != "none":
+            handler = MipHandler(engine, request_timeout=args.request_timeout, metrics=metrics)
+            server = MipServer(handler, max_frame_size=args.max_frame_size,
+                               max_connections=args.max_connections,
+                               max_connections_per_peer=args.max_connections_per_peer,
+                               max_buffered_octets=args.max_buffered_request,
+                               max_pending_reply=args.max_pending_reply,
+                               idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
+                               ssl=_server_ssl(args))
+            address = await server.start(args.mip)
+            servers.append(server)
+            announcements.append(
+                f"mip: serving MIP on {address} (default model: {engine.default_model()})")
+        servers += await _start_oip(args, engine, metrics, announcements)
     except BaseException:
         for server in servers:
             await server.stop()
         await engine.stop()
         raise
+    for line in announcements:  # every listener is bound before any is announced
+        print(line, flush=True)
     if not servers:
         log.error("every listener is off: nothing to serve")
         await engine.stop()
@@ -415,15 +420,13 @@ def _proto() -> int:
     return 0
 
 
-async def _start_oip(args, engine) -> list:
-    """Start the KServe v2 listeners that are not 'none', sharing one metrics registry."""
+async def _start_oip(args, engine, metrics, announcements: list[str]) -> list:
+    """Start the KServe v2 listeners that are not 'none' (sharing the server's metrics);
+    what to announce once every listener is bound goes in ``announcements``."""
     grpc_on = args.grpc.lower() != "none"
     http_on = args.http.lower() != "none"
     if not (grpc_on or http_on):
         return []
-    from mip.frontends.oip.metrics import Metrics
-
-    metrics = Metrics(engine)
     started = []
     try:
         if grpc_on:
@@ -439,13 +442,13 @@ async def _start_oip(args, engine) -> list:
                                     idle_timeout=args.idle_timeout))
             address = await server.start(args.grpc)
             started.append(server)
-            print(f"mip: serving KServe v2 gRPC on {address} ({server.implementation})",
-                  flush=True)
+            announcements.append(
+                f"mip: serving KServe v2 gRPC on {address} ({server.implementation})")
         if http_on:
             from mip.frontends.miaas import mount_miaas
             from mip.frontends.oip.rest import HttpLimits, HttpServer, build_app
 
-            routes, miaas = mount_miaas(engine, args)  # the /v1 API on the same listener
+            routes, miaas = mount_miaas(engine, args, metrics)  # /v1 on the same listener
             app = build_app(engine, extra_routes=routes, metrics=metrics,
                             max_body_size=args.http_max_body_size,
                             request_timeout=args.request_timeout)
@@ -466,9 +469,9 @@ async def _start_oip(args, engine) -> list:
                 raise
             started.extend([server, miaas])  # stopped in this order: listener, then jobs
             scheme = "https" if args.tls_cert else "http"
-            print(f"mip: serving KServe v2 REST and /metrics on {scheme}://{address}",
-                  flush=True)
-            print(f"mip: MIaaS jobs API on {scheme}://{address}/v1", flush=True)
+            announcements.append(f"mip: serving KServe v2 REST and /metrics on "
+                                 f"{scheme}://{address}")
+            announcements.append(f"mip: MIaaS jobs API on {scheme}://{address}/v1")
     except BaseException:
         for server in started:
             await server.stop()

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import numpy as np
 
 import mip
 from mip.errors import InvalidInput, ModelNotFound
 from mip.frontends._futures import chain
+from mip.frontends.dataplane import DataPlane
 
 __all__ = ["MipHandler"]
 
@@ -61,16 +61,18 @@ def _output_value(column: np.ndarray):
 
 
 class MipHandler:
-    """Serve MIP requests from an :class:`~mip.serving.engine.Engine`.
+    """Serve MIP requests from an :class:`~mip.serving.engine.Engine`, through the data
+    plane every frontend shares (requests counted with ``protocol="mip"``).
 
     Args:
         engine: the engine every frontend shares.
         request_timeout: seconds a request may take, queueing included (None = no limit).
+        metrics: a :class:`~mip.frontends.oip.metrics.Metrics` to count requests in.
     """
 
-    def __init__(self, engine, *, request_timeout: float | None = None):
+    def __init__(self, engine, *, request_timeout: float | None = None, metrics=None):
         self.engine = engine
-        self.request_timeout = request_timeout
+        self.dataplane = DataPlane(engine, metrics, request_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, message: mip.Message, source=None) -> asyncio.Future:
@@ -93,19 +95,16 @@ class MipHandler:
         if served.max_batch_size == 0 and len(message) > 1:
             # A model that does not batch runs each item on its own.
             work = loop.create_task(self._each_item(model, served, message.batch))
+            return chain(work, lambda items: mip.encode_response_buffers(
+                items, n_input=n_input, kind=kind))
+        inputs, rows = self._inputs(served, message)
 
-            def encode(items):
-                return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
-        else:
-            inputs, rows = self._inputs(served, message)
-            work = self.engine.submit(model, inputs, version=served.version,
-                                      deadline=self._deadline(), source=source)
+        def encode(result):
+            items = _split(served, result.outputs, rows)
+            return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
 
-            def encode(result):
-                items = _split(served, result, rows)
-                return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
-
-        return chain(work, encode)
+        return self.dataplane.submit("mip", model, served.version, inputs, then=encode,
+                                     source=source, chosen=served)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -127,15 +126,12 @@ class MipHandler:
                 raise ModelNotFound("this server has several models and no default one: send a "
                                     "routed (kind 3) request naming the model, or start the "
                                     "server with --mip-model")
-        served = self.engine.repository.get(model, message.version or None)
+        served = self.dataplane.resolve(model, message.version)
         n_inputs = len(served.inputs)
         if message.n_input != n_inputs:
             raise InvalidInput(f"model {model!r} takes {n_inputs} inputs, the request has "
                                f"{message.n_input} per item")
         return model, served
-
-    def _deadline(self) -> float | None:
-        return None if self.request_timeout is None else time.monotonic() + self.request_timeout
 
     @staticmethod
     def _inputs(served, source) -> tuple[dict, list[int]]:
@@ -147,13 +143,11 @@ class MipHandler:
 
     async def _each_item(self, model, served, batch) -> list[tuple]:
         """Run every item as a request of its own (for a model without a batch axis)."""
-        deadline = self._deadline()
-
         async def one(item):
             inputs, rows = self._inputs(served, _single(item))
-            outputs = await self.engine.infer(model, inputs, version=served.version,
-                                              deadline=deadline)
-            return _split(served, outputs, rows)
+            result = await self.dataplane.submit("mip", model, served.version, inputs,
+                                                 chosen=served)
+            return _split(served, result.outputs, rows)
 
         results = await asyncio.gather(*(one(item) for item in batch))
         return [row for result in results for row in result]

@@ -274,6 +274,16 @@ class Engine:
         future.add_done_callback(stats.count_outcome)
         return future
 
+    def resolve(self, model: str, version: str | None = None) -> ModelVersion:
+        """The version of ``model`` a request reaches: ``version``, or the latest one
+        served. Frontends look a request's model up here, once, and pass the result on.
+
+        Raises:
+            ModelNotFound: no such model or version.
+            ModelNotReady: it is not loaded.
+        """
+        return self.repository.get(model, version or None)
+
     def _lookup(self, model: str, version: str | None) -> _Served:
         chosen = self.repository.get(model, version or None)
         served = self._served.get((model, chosen.version))

@@ -185,3 +185,60 @@ def test_a_model_that_fails_to_load_stops_the_start_unless_told_otherwise(tmp_pa
             assert rest.is_model_ready("identity") and not rest.is_model_ready("broken")
         finally:
             _stop(process)
+
+
+def test_every_protocol_is_counted_in_the_metrics(tmp_path):
+    """MIP, gRPC, REST and /v1 jobs all go through the one data plane: each request appears
+    in the per-request counters under its protocol, beside the executions they caused."""
+    import json
+    import time
+    import urllib.request
+
+    repo = build_demo_repository(tmp_path / "demo")
+    os.environ["MIP_API_KEYS"] = key = "metrics-test-key-0123456789"
+    try:
+        process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
+                               "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"], 3)
+    finally:
+        del os.environ["MIP_API_KEYS"]
+    try:
+        mip_url = re.search(r"serving MIP on (\S+)", out).group(1)
+        grpc_url = re.search(r"KServe v2 gRPC on (\S+)", out).group(1)
+        http_url = re.search(r"REST and /metrics on http://(\S+)", out).group(1)
+        x = np.ones((1, 16), np.float32)
+        with Client(mip_url) as client:
+            for _ in range(5):
+                client.infer([[x]], model="identity")
+        with grpcclient.InferenceServerClient(grpc_url) as g:
+            for _ in range(2):
+                i = grpcclient.InferInput("input", [1, 16], "FP32")
+                i.set_data_from_numpy(x)
+                g.infer("identity", [i])
+        rest = httpclient.InferenceServerClient(http_url)
+        for _ in range(3):
+            i = httpclient.InferInput("input", [1, 16], "FP32")
+            i.set_data_from_numpy(x)
+            rest.infer("identity", [i])
+        auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        job = json.dumps({"model_id": "identity", "input_data": {"inputs": [
+            {"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}]}})
+        with urllib.request.urlopen(urllib.request.Request(
+                f"http://{http_url}/v1/inference", data=job.encode(), headers=auth)) as r:
+            request_id = json.load(r)["request_id"]
+        for _ in range(100):  # the job runs in the server's own worker
+            with urllib.request.urlopen(urllib.request.Request(
+                    f"http://{http_url}/v1/inference/{request_id}", headers=auth)) as r:
+                if json.load(r)["status"] == "completed":
+                    break
+            time.sleep(0.1)
+        with urllib.request.urlopen(f"http://{http_url}/metrics") as r:
+            text = r.read().decode()
+        counts = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'nv_inference_request_success\{[^}]*model="identity"[^}]*protocol="(\w+)"[^}]*\} (\S+)',
+            text)}
+        assert counts == {"mip": 5.0, "grpc": 2.0, "http": 3.0, "jobs": 1.0}, counts
+        executions = float(re.search(r'nv_inference_exec_count\{[^}]*model="identity"[^}]*\} (\S+)',
+                                     text).group(1))
+        assert 1 <= executions <= 11
+    finally:
+        _stop(process)

@@ -135,8 +135,9 @@ class MiaasService:
     """The API's state: authenticator, rate limiter, job queue, in-process workers and the
     outcome publisher. :meth:`start` / :meth:`stop` open and close them."""
 
-    def __init__(self, engine, config: MiaasConfig | None = None):
+    def __init__(self, engine, config: MiaasConfig | None = None, metrics=None):
         self.engine = engine
+        self.metrics = metrics  # the server's, so jobs are counted with the other protocols
         self.config = config or MiaasConfig()
         c = self.config
         self.auth = Authenticator(c.api_keys, jwt_issuer=c.jwt_issuer,
@@ -167,7 +168,7 @@ class MiaasService:
         await self.queue.open()
         if self.config.job_workers > 0:
             self.worker = JobWorker(self.engine, self.queue, concurrency=self.config.job_workers,
-                                    publisher=self.publisher)
+                                    publisher=self.publisher, metrics=self.metrics)
             self.worker.start()
         self.started = True
 
@@ -305,7 +306,7 @@ class MiaasService:
         for entry in self.engine.index():
             if entry.name not in active:
                 try:
-                    active[entry.name] = self.engine.repository.get(entry.name).version
+                    active[entry.name] = self.engine.resolve(entry.name).version
                 except ServingError:
                     active[entry.name] = None
         return [(e.name, e.version, str(e.state), active[e.name] == e.version and bool(
@@ -322,9 +323,9 @@ class MiaasService:
         model_id = request.path_params["model_id"]
         name, version = split_model_id(model_id)
         metadata = self.engine.model_metadata(name, version)
-        served = self.engine.repository.get(name, version).version
+        served = self.engine.resolve(name, version).version
         try:
-            active = self.engine.repository.get(name).version == served
+            active = self.engine.resolve(name).version == served
         except ServingError:
             active = False
 
@@ -367,11 +368,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def build_miaas_app(engine, config: MiaasConfig | None = None, *,
-                    service: MiaasService | None = None) -> Starlette:
+                    service: MiaasService | None = None, metrics=None) -> Starlette:
     """The ``/v1`` app (routes relative to its mount point). ``app.state.service`` is its
     :class:`MiaasService`; its lifespan starts and stops the service when the app is run
     directly, and a parent that mounts it must call ``service.start()`` / ``stop()``."""
-    service = service or MiaasService(engine, config)
+    service = service or MiaasService(engine, config, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -425,7 +426,7 @@ def config_from_args(args) -> MiaasConfig:
     return config
 
 
-def mount_miaas(engine, args) -> tuple[list[Mount], MiaasService]:
+def mount_miaas(engine, args, metrics=None) -> tuple[list[Mount], MiaasService]:
     """The ``/v1`` routes for ``mip serve`` and the service to start with the listener::
 
         routes, service = mount_miaas(engine, args)
@@ -445,5 +446,5 @@ def mount_miaas(engine, args) -> tuple[list[Mount], MiaasService]:
         config.api_keys = [hash_key(key)]
         print(f"mip: /v1 API key for this run (choose your own with --api-keys FILE or "
               f"MIP_API_KEYS): {key}", flush=True)
-    app = build_miaas_app(engine, config)
+    app = build_miaas_app(engine, config, metrics=metrics)
     return [Mount("/v1", app=app)], app.state.service

@@ -16,9 +16,9 @@ import os
 import re
 import secrets
 import socket
-import time
 
 from mip.errors import ModelNotReady, QueueFull, ServingError
+from mip.frontends.dataplane import DataPlane
 from mip.frontends.miaas.queue import JobQueue, JobRecord, Lease
 from mip.frontends.miaas.tensors import decode_inputs, encode_outputs
 
@@ -65,7 +65,8 @@ def default_consumer_name() -> str:
 
 
 class JobWorker:
-    """Runs queued jobs through an engine.
+    """Runs queued jobs through an engine, by the data plane every frontend shares (counted
+    with ``protocol="jobs"``).
 
     Args:
         engine: a started ``mip.serving.engine.Engine``.
@@ -75,12 +76,14 @@ class JobWorker:
         consumer: this worker's name in the queue (default: host, pid and a random part).
         poll: seconds a task waits in one :meth:`JobQueue.take` before looking again.
         purge_interval: seconds between deletions of finished jobs past retention.
+        metrics: a :class:`~mip.frontends.oip.metrics.Metrics` to count jobs in.
     """
 
     def __init__(self, engine, queue: JobQueue, *, concurrency: int = 4, publisher=None,
                  consumer: str | None = None, poll: float = 1.0,
-                 purge_interval: float = 60.0):
+                 purge_interval: float = 60.0, metrics=None):
         self.engine = engine
+        self.dataplane = DataPlane(engine, metrics)
         self.queue = queue
         self.concurrency = concurrency
         self.publisher = publisher
@@ -161,12 +164,11 @@ class JobWorker:
             name, version = split_model_id(job.model_id)
             inputs, outputs = decode_inputs(job.input_data)
             timeout = (job.parameters or {}).get("timeout")
-            deadline = time.monotonic() + float(timeout) if isinstance(
+            timeout_seconds = float(timeout) if isinstance(
                 timeout, (int, float)) and timeout > 0 else None
-            tensors = await self.engine.infer(name, inputs, version=version, outputs=outputs,
-                                              deadline=deadline)
-            served = version or self._served_version(name)
-            result = encode_outputs(tensors, name, served)
+            done = await self.dataplane.infer("jobs", name, version, inputs, outputs,
+                                              timeout=timeout_seconds)
+            result = encode_outputs(done.outputs, name, done.version)
         except _TRANSIENT as exc:
             log.warning("job %s: %s; it will be delivered again", job.request_id, exc)
             return
@@ -188,12 +190,6 @@ class JobWorker:
             done = await self.queue.get(job.request_id)
             if done is not None:
                 await self.publisher.publish(job.request_id, job_document(done))
-
-    def _served_version(self, name: str) -> str:
-        try:
-            return self.engine.repository.get(name).version
-        except Exception:  # unloaded meanwhile: the result still stands
-            return ""
 
 
 async def run_worker(engine, queue: JobQueue, *, concurrency: int = 4, publisher=None,

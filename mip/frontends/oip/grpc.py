@@ -30,7 +30,7 @@ from mip.errors import InvalidInput, NotAvailable, ServingError
 from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
-from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
+from mip.frontends.dataplane import DataPlane, TooLarge, timeout_parameter
 from mip.net.grpc_limits import GrpcLimits
 from mip.net.peers import grpc_peer_host
 

@@ -2,7 +2,8 @@
 
 Served at ``GET /metrics`` of the HTTP listener, in the Prometheus text format.
 
-Per request (labels ``model``, ``version``, ``protocol``: ``grpc`` or ``http``):
+Per request (labels ``model``, ``version``, ``protocol``: ``mip``, ``grpc``, ``http`` or
+``jobs``):
 
 * ``nv_inference_request_success`` / ``nv_inference_request_failure`` (counters, requests)
 * ``nv_inference_count`` (counter, inferences: rows of the successful requests)
@@ -40,10 +41,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "PROTOCOLS", "Metrics"]
 
 #: the media type of :meth:`Metrics.render`.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: the ``protocol`` label of the per-request series: every frontend of the data plane
+PROTOCOLS = ("mip", "grpc", "http", "jobs")
 
 #: histogram bounds of durations, in microseconds.
 DURATION_BUCKETS_US = (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000,
@@ -159,7 +162,7 @@ class Metrics:
 
         Args:
             model / version: what served it (``version`` may be ``""`` when unknown).
-            protocol: ``"grpc"`` or ``"http"``.
+            protocol: ``"mip"``, ``"grpc"``, ``"http"`` or ``"jobs"``.
             ok: whether it succeeded.
             seconds: from its arrival to its answer, in seconds.
             rows: inferences it carried (its batch dimension; 1 for unbatched models).
@@ -218,7 +221,7 @@ class Metrics:
                 continue
             success = failure = count = 0
             success_us = fail_us = last = 0.0
-            for protocol in ("grpc", "http"):
+            for protocol in PROTOCOLS:
                 series = self._requests.get((name, ver, protocol))
                 if series is not None:
                     success += series.success

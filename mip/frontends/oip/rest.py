@@ -46,7 +46,7 @@ from starlette.routing import BaseRoute, Route
 from mip.errors import Cancelled, InvalidInput, ModelNotFound, ServingError
 from mip.frontends.oip import codec
 from mip.frontends.oip._http_protocol import HttpLimits, Listener
-from mip.frontends.oip.dataplane import DataPlane, TooLarge, timeout_parameter
+from mip.frontends.dataplane import DataPlane, TooLarge, timeout_parameter
 from mip.protocol._jsonnum import PLACEHOLDER, parse_numbers, split_numeric_arrays
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "HttpLimits", "HttpServer", "build_app"]
@@ -161,7 +161,7 @@ class _Endpoints:
         if self.engine.model_ready(name, version):
             return _Json({"name": name, "ready": True})
         try:
-            self.engine.repository.get(name, version)
+            self.engine.resolve(name, version)
         except ModelNotFound as exc:
             return _error(str(exc), exc.http_status)
         except ServingError:

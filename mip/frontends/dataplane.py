@@ -1,8 +1,11 @@
-"""The one data plane under the gRPC and REST frontends of the Open Inference Protocol.
+"""The one data plane under every frontend: MIP, KServe v2 gRPC and REST, and the ``/v1``
+job worker.
 
-Both frontends decode their wire form into tensors, call :meth:`DataPlane.infer`, and
-encode what it returns; deadlines, the version that answered, and metrics are decided
-here once, so both protocols behave the same.
+Each frontend decodes its wire form into tensors, calls :meth:`DataPlane.submit` (or
+:meth:`DataPlane.infer`), and encodes what it returns; the model is looked up once, and
+deadlines, the version that answered and metrics (labelled ``protocol="mip"``, ``"grpc"``,
+``"http"`` or ``"jobs"``) are decided here, so every protocol behaves, and is counted, the
+same. No frontend reaches past it into the repository.
 """
 
 from __future__ import annotations
@@ -87,11 +90,16 @@ class DataPlane:
         """``name``, ``version`` and ``extensions`` of this server."""
         return {"name": SERVER_NAME, "version": mip.__version__, "extensions": list(EXTENSIONS)}
 
+    def resolve(self, model: str, version: str | None = None):
+        """The version of ``model`` a request reaches (see :meth:`Engine.resolve`)."""
+        return self.engine.resolve(model, version or None)
+
     def submit(self, protocol: str, model: str, version: str | None,
                inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
                timeout: float | None = None, then: Callable | None = None,
                error: Callable[[BaseException], BaseException] | None = None,
-               classes: dict[str, int] | None = None, source=None) -> asyncio.Future:
+               classes: dict[str, int] | None = None, source=None,
+               chosen=None) -> asyncio.Future:
         """Queue one request without waiting: a future of its :class:`InferResult`.
 
         What :meth:`infer` does, for frontends that chain callbacks instead of running a
@@ -103,11 +111,13 @@ class DataPlane:
 
         ``classes`` (output name -> class count, from :func:`codec.check_parameters`)
         answers those outputs with Triton's classification extension. ``source`` (the
-        client's address) picks the request's fair share of the queue.
+        client's address) picks the request's fair share of the queue. ``chosen``: the
+        version :meth:`resolve` gave, when the frontend needed it first (no second lookup).
         """
         started = time.perf_counter()
         engine = self.engine
-        chosen = engine.repository.get(model, version or None)  # ModelNotFound: no series
+        if chosen is None:
+            chosen = engine.resolve(model, version or None)  # ModelNotFound: no series
         served_version = chosen.version
         rows = 1
         if chosen.max_batch_size and inputs:
@@ -175,7 +185,7 @@ class DataPlane:
         """
         from mip.serving.triton import to_triton
 
-        return to_triton(self.engine.repository.get(model, version or None))
+        return to_triton(self.engine.resolve(model, version or None))
 
     def statistics(self, model: str | None = None, version: str | None = None) -> dict:
         """Triton's statistics (``{"model_stats": [...]}``) of every served version, or of
@@ -200,7 +210,7 @@ class DataPlane:
         """Run one request.
 
         Args:
-            protocol: ``"grpc"`` or ``"http"`` (a metrics label).
+            protocol: ``"mip"``, ``"grpc"``, ``"http"`` or ``"jobs"`` (a metrics label).
             model / version: what to run (``version`` ``None`` or ``""``: the highest
                 ready one).
             inputs: input name -> tensor.
