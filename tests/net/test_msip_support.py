@@ -17,6 +17,8 @@ MAGIC = b"MSIP"
 HELLO, SUBSCRIBE, UNSUBSCRIBE, PUBLISH, EVENT, ACK, ERROR, PING, PONG, CLOSE = range(1, 11)
 K_EVENT, K_COMMAND, K_STATE, K_LOG, K_METRIC = range(1, 6)
 ACK_REQUIRED, COMPRESSED, URGENT = 1, 2, 4
+AT_LEAST_ONCE, PATTERNS, TAKEOVER = 8, 16, 32  # mip's extension bits (ignored by the reference)
+CAP_AT_LEAST_ONCE, CAP_PATTERNS, CAP_TAKEOVER = 1, 2, 4  # after the client id in HELLO's ACK
 
 
 def frame(frame_type, payload=b"", msg_id=0, flags=0, kind=K_EVENT, *, magic=MAGIC, version=1,
@@ -86,12 +88,15 @@ class RefClient:
         raise AssertionError("frame not seen")
 
     def hello(self, client_id: int | None = None, token: bytes = b"", msg_id=1, flags=0) -> int:
-        """HELLO; ``flags=ACK_REQUIRED`` declares that this client acknowledges events."""
+        """HELLO; ``flags=ACK_REQUIRED`` asks for an at-least-once session. Returns the client
+        id; the capabilities granted (None: not answered) are left in ``self.caps``."""
         payload = b"" if client_id is None and not token else struct.pack(">Q", client_id or 0) + token
         self.send(HELLO, payload, msg_id, flags)
         h, p = self.recv()
         assert h["type"] == ACK, (h, p)
-        return struct.unpack(">Q", p)[0]
+        assert len(p) == (12 if flags & (ACK_REQUIRED | PATTERNS | TAKEOVER) else 8), p
+        self.caps = struct.unpack(">I", p[8:])[0] if len(p) == 12 else None
+        return struct.unpack(">Q", p[:8])[0]
 
     def subscribe(self, topic: str, msg_id=2, flags=ACK_REQUIRED) -> None:
         self.send(SUBSCRIBE, topic.encode(), msg_id, flags)
