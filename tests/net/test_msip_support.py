@@ -184,3 +184,90 @@ def wait_for(predicate, timeout: float = 3.0, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+class ReferenceBroker:
+    """An asyncio stand-in for the reference broker (DoctorPok42/MIP), written from the spec
+    and the observed behaviour (docs/msip.md): literal topics, subscriptions kept per client
+    id (events for an id go to its first connection), SUBSCRIBE/UNSUBSCRIBE without
+    ACK_REQUIRED and any ACK, PONG, ERROR or EVENT from a client answered with ERROR + close,
+    EVENT always flagged COMPRESSED, no PING of its own, a bad header closes silently.
+    ``errors`` lists the ERROR texts it sent."""
+
+    UNSUPPORTED = b"Invalid frame or unsupported operation"
+
+    def __init__(self):
+        self.next_id = 1
+        self.conns: dict[int, asyncio.StreamWriter] = {}  # client id -> first connection
+        self.subs: dict[str, set[int]] = {}  # topic -> client ids
+        self.errors: list[bytes] = []
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server = None
+        self.port = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return f"tcp://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        self.server.close()
+        for wr in list(self.writers):
+            wr.transport.abort()
+        await self.server.wait_closed()
+
+    def drop_all(self) -> None:
+        """Cut every connection (as a broker restart would, without forgetting anything)."""
+        for wr in list(self.writers):
+            wr.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        client_id = None
+        try:
+            while True:
+                head = await reader.readexactly(24)
+                magic, version, flags, ft, kind, _, n, msg_id = HEADER.unpack(head)
+                if magic != MAGIC or version != 1 or not 1 <= ft <= 10 or not 1 <= kind <= 5:
+                    return
+                payload = await reader.readexactly(n)
+                if ft == HELLO:
+                    if len(payload) >= 8:
+                        client_id = struct.unpack_from(">Q", payload)[0]
+                    else:
+                        client_id = self.next_id
+                        self.next_id += 1
+                    self.conns.setdefault(client_id, writer)
+                    writer.write(frame(ACK, struct.pack(">Q", client_id), msg_id, 0, K_STATE))
+                elif ft in (SUBSCRIBE, UNSUBSCRIBE) and flags & ACK_REQUIRED:
+                    topic = payload.decode("utf-8")
+                    if client_id is not None:
+                        if ft == SUBSCRIBE:
+                            self.subs.setdefault(topic, set()).add(client_id)
+                        else:
+                            self.subs.get(topic, set()).discard(client_id)
+                    writer.write(frame(ACK, b"", msg_id, 0, K_STATE))
+                elif ft == PUBLISH and len(payload) >= 2:
+                    tlen = struct.unpack_from(">H", payload)[0]
+                    topic = payload[2:2 + tlen].decode("utf-8")
+                    event = frame(EVENT, payload, msg_id, COMPRESSED, K_EVENT)
+                    for cid in self.subs.get(topic, ()):
+                        target = self.conns.get(cid)
+                        if target is not None and not target.is_closing():
+                            target.write(event)
+                    writer.write(frame(ACK, b"", msg_id, 0, K_STATE))
+                elif ft == PING:
+                    writer.write(frame(PONG, b"", msg_id, 0, K_EVENT))
+                elif ft == CLOSE:
+                    return
+                else:
+                    self.errors.append(self.UNSUPPORTED)
+                    writer.write(frame(ERROR, self.UNSUPPORTED, 0, 0, K_EVENT))
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            self.writers.discard(writer)
+            if client_id is not None and self.conns.get(client_id) is writer:
+                del self.conns[client_id]
+            writer.close()
