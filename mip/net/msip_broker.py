@@ -428,6 +428,15 @@ class Broker:
     ):
         if overflow not in (OVERFLOW_DROP_OLDEST, OVERFLOW_DISCONNECT):
             raise ValueError(f"overflow must be {OVERFLOW_DROP_OLDEST!r} or {OVERFLOW_DISCONNECT!r}")
+        for name, value in (("max_payload", max_payload), ("max_topic_length", max_topic_length),
+                            ("session_ttl", session_ttl), ("backlog_limit", backlog_limit),
+                            ("backlog_bytes", backlog_bytes),
+                            ("max_backlog_bytes", max_backlog_bytes)):
+            if value < 0 or (value == 0 and name.startswith("max_")):
+                raise ValueError(f"{name} must be {'positive' if name.startswith('max_') else '0 or more'}, "
+                                 f"not {value}")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout}")
         self.max_payload = max_payload
         self.max_topic_length = max_topic_length
         self.max_subscriptions = max_subscriptions
