@@ -125,14 +125,15 @@ class _Pending:
 class _Session:
     """Subscriptions, unacknowledged events and the away backlog of one client id."""
 
-    __slots__ = ("client_id", "subs", "conn", "inflight", "by_msg_id", "seq", "backlog",
-                 "backlog_bytes", "detached_at", "durable", "patterns")
+    __slots__ = ("client_id", "subs", "conn", "inflight", "inflight_bytes", "by_msg_id", "seq",
+                 "backlog", "backlog_bytes", "detached_at", "durable", "patterns")
 
     def __init__(self, client_id: int | None):
         self.client_id = client_id  # None: anonymous (a connection before HELLO)
         self.subs: dict[str, bool] = {}  # topic or pattern -> at-least-once
         self.conn: _Connection | None = None
         self.inflight: dict[int, _Pending] = {}  # delivery sequence number -> pending event
+        self.inflight_bytes = 0
         self.by_msg_id: dict[int, collections.deque] = {}
         self.seq = 0
         self.backlog: collections.deque = collections.deque()  # of _Kept
@@ -384,6 +385,7 @@ class Broker:
         redelivery_timeout: an at-least-once event not acknowledged within this time is resent.
         max_redeliveries: resends of one event before it is given up (counted); None: no limit.
         max_inflight: unacknowledged events kept per session (oldest given up first, counted).
+        max_inflight_bytes: octets of unacknowledged events kept per session (same policy).
         backlog_limit: events kept per session while it is away (oldest dropped first, counted).
         backlog_bytes: octets of events kept per session while it is away (oldest dropped).
         max_backlog_bytes: octets of events kept by all away sessions together (the oldest
@@ -416,6 +418,7 @@ class Broker:
         redelivery_timeout: float = 30.0,
         max_redeliveries: int | None = 10,
         max_inflight: int = 10_000,
+        max_inflight_bytes: int = 16 * 1024 * 1024,
         backlog_limit: int = 1000,
         backlog_bytes: int = 1024 * 1024,
         max_backlog_bytes: int = 64 * 1024 * 1024,
@@ -451,6 +454,7 @@ class Broker:
         self.redelivery_timeout = redelivery_timeout
         self.max_redeliveries = max_redeliveries
         self.max_inflight = max_inflight
+        self.max_inflight_bytes = max_inflight_bytes
         self.backlog_limit = backlog_limit
         self.backlog_bytes = backlog_bytes
         self.max_backlog_bytes = max_backlog_bytes
@@ -726,6 +730,7 @@ class Broker:
         self._away.pop(session, None)
         self._clear_backlog(session)
         session.inflight.clear()
+        session.inflight_bytes = 0
         session.by_msg_id.clear()
         session.durable = False
         self.stats.sessions = len(self._sessions)
@@ -908,13 +913,15 @@ class Broker:
         session.inflight[seq] = _Pending(msg_id, item, size, urgent,
                                          time.monotonic() + self.redelivery_timeout)
         session.by_msg_id.setdefault(msg_id, collections.deque()).append(seq)
-        if len(session.inflight) > self.max_inflight:
-            old_seq = next(iter(session.inflight))
-            self._untrack(session, old_seq)
+        session.inflight_bytes += size
+        while len(session.inflight) > 1 and (len(session.inflight) > self.max_inflight
+                                             or session.inflight_bytes > self.max_inflight_bytes):
+            self._untrack(session, next(iter(session.inflight)))
             self.stats.dropped_inflight += 1
 
     def _untrack(self, session: _Session, seq: int) -> None:
         p = session.inflight.pop(seq)
+        session.inflight_bytes -= p.size
         seqs = session.by_msg_id.get(p.msg_id)
         if seqs is not None:
             try:
@@ -931,7 +938,9 @@ class Broker:
         seq = seqs.popleft()
         if not seqs:
             del session.by_msg_id[msg_id]
-        session.inflight.pop(seq, None)
+        p = session.inflight.pop(seq, None)
+        if p is not None:
+            session.inflight_bytes -= p.size
         self.stats.acked += 1
 
     def _resume_delivery(self, session: _Session) -> None:

@@ -263,3 +263,16 @@ def test_reference_clients_that_never_ack_are_not_redelivered(broker):
     with pytest.raises(TimeoutError):
         sub.recv(timeout=0.8)  # the broker's redelivery timeout in these tests is 0.3 s
     assert broker.broker.stats.redelivered == 0
+
+
+def test_unacknowledged_events_bounded_in_octets():
+    with w.BrokerThread(redelivery_timeout=30, max_inflight_bytes=3 * 1100) as b:
+        sub = w.RefClient(b.port)
+        cid = sub.hello(flags=w.ACK_REQUIRED)
+        sub.subscribe("big", flags=w.ACK_REQUIRED | w.AT_LEAST_ONCE)
+        pub = w.RefClient(b.port)
+        for i in range(5):
+            _pub(pub, "big", b"\x05" * 1000, i + 1)
+        assert [sub.recv()[0]["msg_id"] for _ in range(5)] == [1, 2, 3, 4, 5]
+        assert b.call(lambda: b.broker.session_info(cid)["inflight"]) == 3  # the newest three
+        assert b.broker.stats.dropped_inflight == 2
