@@ -108,18 +108,21 @@ class BrokerStats:
     takeovers: int = 0  #: connections closed because a newer one took their session
 
 
-class _Pending:
-    """An at-least-once event waiting for its subscriber's ACK."""
+class _Held:
+    """An event a session holds: at-least-once and waiting for its ACK (``deadline``,
+    ``attempts``), or kept in an away session's backlog (``alive`` false once taken out)."""
 
-    __slots__ = ("msg_id", "item", "size", "urgent", "deadline", "attempts")
+    __slots__ = ("msg_id", "item", "size", "urgent", "reliable", "deadline", "attempts", "alive")
 
-    def __init__(self, msg_id, item, size, urgent, deadline):
+    def __init__(self, msg_id, item, size, urgent, reliable, deadline=0.0):
         self.msg_id = msg_id
         self.item = item
         self.size = size
         self.urgent = urgent
+        self.reliable = reliable
         self.deadline = deadline
         self.attempts = 1
+        self.alive = True
 
 
 class _Session:
@@ -132,29 +135,15 @@ class _Session:
         self.client_id = client_id  # None: anonymous (a connection before HELLO)
         self.subs: dict[str, bool] = {}  # topic or pattern -> at-least-once
         self.conn: _Connection | None = None
-        self.inflight: dict[int, _Pending] = {}  # delivery sequence number -> pending event
+        self.inflight: dict[int, _Held] = {}  # delivery sequence number -> pending event
         self.inflight_bytes = 0
         self.by_msg_id: dict[int, collections.deque] = {}
         self.seq = 0
-        self.backlog: collections.deque = collections.deque()  # of _Kept
+        self.backlog: collections.deque = collections.deque()  # of _Held
         self.backlog_bytes = 0
         self.detached_at = 0.0
         self.durable = False  # HELLO asked for at-least-once: acks, kept while away
         self.patterns = False  # wildcard topics for this session's subscriptions
-
-
-class _Kept:
-    """An event kept in an away session's backlog (``alive`` false once taken out)."""
-
-    __slots__ = ("item", "size", "urgent", "reliable", "msg_id", "alive")
-
-    def __init__(self, item, size, urgent, reliable, msg_id):
-        self.item = item
-        self.size = size
-        self.urgent = urgent
-        self.reliable = reliable
-        self.msg_id = msg_id
-        self.alive = True
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -468,7 +457,7 @@ class Broker:
         self._conns: set[_Connection] = set()
         self._sessions: dict[int, _Session] = {}  # client id -> attached or durable away session
         self._away: dict[_Session, None] = {}  # durable sessions without a connection, oldest first
-        self._kept: collections.deque = collections.deque()  # (session, _Kept) of every backlog
+        self._kept: collections.deque = collections.deque()  # (session, _Held) of every backlog
         self._kept_live = 0
         self._next_id = 1
         self._exact: dict[str, dict[_Session, bool]] = {}
@@ -665,8 +654,6 @@ class Broker:
         if client_id not in self._sessions:
             self._sessions[client_id] = session
             session.durable = durable
-            if durable:
-                self._evict_sessions()
         else:
             session.durable = False  # the id is held by another connection or an away session
         self.stats.sessions = len(self._sessions)
@@ -715,12 +702,10 @@ class Broker:
     def _set_away(self, session: _Session) -> None:
         session.detached_at = time.monotonic()
         self._away[session] = None
-        self.stats.sessions_away = len(self._away)
-
-    def _evict_sessions(self) -> None:
-        while len(self._sessions) > self.max_sessions and self._away:
+        while len(self._away) > self.max_sessions:  # the longest away are forgotten first
             self._forget(next(iter(self._away)))
             self.stats.sessions_expired += 1
+        self.stats.sessions_away = len(self._away)
 
     def _forget(self, session: _Session) -> None:
         for topic in list(session.subs):
@@ -863,10 +848,10 @@ class Broker:
             self.stats.delivered += 1
             c.enqueue(item, size, urgent)
         elif session.durable:
-            self._keep(session, _Kept(item, size, urgent, reliable, msg_id))
+            self._keep(session, _Held(msg_id, item, size, urgent, reliable))
 
     # -- away backlogs: bounded per session (messages, octets) and in total (octets) -------
-    def _keep(self, session: _Session, kept: _Kept) -> None:
+    def _keep(self, session: _Session, kept: _Held) -> None:
         if kept.size > self.backlog_bytes or kept.size > self.max_backlog_bytes:
             self.stats.dropped_backlog += 1
             return
@@ -893,7 +878,7 @@ class Broker:
         if len(kept_order) > 2 * self._kept_live + 1024:  # forget entries taken out since
             self._kept = collections.deque(e for e in kept_order if e[1].alive)
 
-    def _unkeep(self, session: _Session, kept: _Kept) -> None:
+    def _unkeep(self, session: _Session, kept: _Held) -> None:
         """Account for ``kept`` having left ``session.backlog``."""
         kept.alive = False
         session.backlog_bytes -= kept.size
@@ -910,8 +895,8 @@ class Broker:
 
     def _track(self, session: _Session, msg_id, item, size, urgent) -> None:
         seq = session.seq = session.seq + 1
-        session.inflight[seq] = _Pending(msg_id, item, size, urgent,
-                                         time.monotonic() + self.redelivery_timeout)
+        session.inflight[seq] = _Held(msg_id, item, size, urgent, True,
+                                      time.monotonic() + self.redelivery_timeout)
         session.by_msg_id.setdefault(msg_id, collections.deque()).append(seq)
         session.inflight_bytes += size
         while len(session.inflight) > 1 and (len(session.inflight) > self.max_inflight

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import struct
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -18,7 +14,6 @@ try:
 except ImportError:
     import test_msip_support as w
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPARTED = 10_000
 
 
@@ -71,59 +66,31 @@ def test_departed_reference_clients_leave_no_session_and_no_publish_cost():
         assert [live.recv(timeout=5.0)[0]["msg_id"] for _ in range(500)] == list(range(1, 501))
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
 def test_broker_rss_flat_after_departed_clients_and_publishes():
     """`mip broker` on its defaults: 10,000 clients come and go, then 5,000 publishes of
     1 KiB: the broker's memory stays flat (it grew by gigaoctets when every departed client
     left a session that buffered every event for an hour)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "broker",
-                             "--msip", f"tcp://127.0.0.1:{port}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                live = w.RefClient(port)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "broker did not start"
-                time.sleep(0.05)
+    with w.BrokerProcess() as broker:
+        live = broker.connect()
         live.hello()
         live.subscribe("load")
-        pub = w.RefClient(port)
+        pub = w.RefClient(broker.port)
         _publish_all(pub, "load", 500, 1024)  # warm up allocators and caches
         for _ in range(500):
             live.recv(timeout=5.0)
-        before = _rss_kib(proc.pid)
-        asyncio.run(_come_and_go(port, DEPARTED, b"load"))
+        before = broker.rss_kib()
+        asyncio.run(_come_and_go(broker.port, DEPARTED, b"load"))
         _publish_all(pub, "load", 5000, 1024)
         got = 0
         for _ in range(5000):
             h, _ = live.recv(timeout=10.0)
             got += h["type"] == w.EVENT
         assert got == 5000
-        after = _rss_kib(proc.pid)
+        after = broker.rss_kib()
         # 10,000 sessions each keeping 5,000 events would be gigaoctets; allow 48 MiB of
         # allocator noise (connection objects freed in bulk, read buffers)
         assert after - before < 48 * 1024, (before, after)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ it: write order, no idle PING, new ids for a HELLO without one."""
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import subprocess
@@ -89,11 +88,8 @@ def test_hello_answer_carries_capabilities_only_when_asked():
         assert struct.unpack(">QI", p)[1] == w.CAP_AT_LEAST_ONCE | w.CAP_PATTERNS
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def _mip(*args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "mip.cli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mip.cli", *args], cwd=w.ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -111,35 +107,18 @@ def test_broker_help_lists_every_limit_with_default_and_unit():
 
 
 def test_broker_flags_reach_the_broker():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "broker",
-                             "--msip", f"tcp://127.0.0.1:{port}", "--max-payload", "1K",
-                             "--max-topic-length", "16", "--topic-patterns",
-                             "--idle-timeout", "0.3"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                sub = w.RefClient(port)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
+    with w.BrokerProcess("--max-payload", "1K", "--max-topic-length", "16", "--topic-patterns",
+                         "--idle-timeout", "0.3") as broker:
+        sub = broker.connect()
         sub.hello()
         sub.subscribe("a.>")
-        pub = w.RefClient(port)
+        pub = w.RefClient(broker.port)
         pub.send(w.PUBLISH, w.publish_payload("a.b", b"x"), 1)
         assert sub.recv_until(w.EVENT)[1] == w.publish_payload("a.b", b"x")  # patterns on
         pub.send(w.SUBSCRIBE, b"t" * 17, 2, w.ACK_REQUIRED)
         assert b"too long" in pub.expect_eof()[-1][1]
-        big = w.RefClient(port)
+        big = w.RefClient(broker.port)
         big.send(w.PUBLISH, w.publish_payload("t", b"\0" * 1100), 3)
         assert b"too large" in big.expect_eof()[-1][1]
         h, _ = sub.recv_until(w.PING, timeout=5.0)  # idle PING after 0.3 s of silence
         assert h["type"] == w.PING
-    finally:
-        proc.terminate()
-        proc.wait(10)

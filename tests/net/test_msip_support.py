@@ -7,10 +7,15 @@ that byte-exact checks do not depend on our own codec.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEADER = struct.Struct(">4sBBHHHIQ")  # magic, version, flags, frame_type, msg_kind, reserved, len, id
 MAGIC = b"MSIP"
@@ -159,6 +164,52 @@ class BrokerThread:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def run(coro, timeout: float = 10.0):
+    """Run a coroutine on a fresh event loop, bounded in time."""
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+class BrokerProcess:
+    """``mip broker`` in a subprocess on a free loopback port (``args``: more flags); the
+    first connection is made to know it listens. ``rss_kib()``: its resident memory."""
+
+    def __init__(self, *args: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "broker", "--msip",
+             f"tcp://127.0.0.1:{self.port}", *args], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def connect(self, startup: float = 30.0) -> "RefClient":
+        deadline = time.monotonic() + startup
+        while True:
+            try:
+                return RefClient(self.port)
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, \
+                    "the broker did not start"
+                time.sleep(0.05)
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def shrink_send_buffers(bt: BrokerThread, client: RefClient, size: int = 8192) -> None:
