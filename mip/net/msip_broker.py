@@ -75,9 +75,11 @@ ZSTD_MAGIC = msip.ZSTD_MAGIC
 _HELLO, _SUBSCRIBE, _UNSUBSCRIBE, _PUBLISH, _EVENT, _ACK, _ERROR, _PING, _PONG, _CLOSE = range(1, 11)
 _K_EVENT, _K_STATE = 1, 3
 _F_ACK_REQUIRED, _F_COMPRESSED, _F_URGENT = 1, 2, 4
-_F_AT_LEAST_ONCE, _F_PATTERNS, _F_TAKEOVER = 8, 16, 32  # mip.msip.Flags extensions
+_F_AT_LEAST_ONCE, _F_PATTERNS, _F_TAKEOVER = (int(msip.Flags.AT_LEAST_ONCE), int(msip.Flags.PATTERNS),
+                                              int(msip.Flags.TAKEOVER))
 _F_HELLO_EXT = _F_ACK_REQUIRED | _F_PATTERNS | _F_TAKEOVER  # any of these: answer capabilities
-_CAP_AT_LEAST_ONCE, _CAP_PATTERNS, _CAP_TAKEOVER = 1, 2, 4  # mip.msip.Capability
+_CAP_AT_LEAST_ONCE, _CAP_PATTERNS, _CAP_TAKEOVER = (
+    int(msip.Capability.AT_LEAST_ONCE), int(msip.Capability.PATTERNS), int(msip.Capability.TAKEOVER))
 _HDR = msip.HEADER_SIZE
 _INLINE_MAX = 16 * 1024  # octets: smaller events are sent as one joined bytes object
 _BURST = 256 * 1024  # octets handed to one writelines() call at most

@@ -41,8 +41,9 @@ log = logging.getLogger("mip.msip.client")
 _HELLO, _SUBSCRIBE, _UNSUBSCRIBE, _PUBLISH, _EVENT, _ACK, _ERROR, _PING, _PONG, _CLOSE = range(1, 11)
 _K_EVENT = 1
 _F_ACK_REQUIRED, _F_COMPRESSED, _F_URGENT = 1, 2, 4
-_F_AT_LEAST_ONCE, _F_PATTERNS, _F_TAKEOVER = msip.Flags.AT_LEAST_ONCE, msip.Flags.PATTERNS, msip.Flags.TAKEOVER
-_CAP_AT_LEAST_ONCE, _CAP_PATTERNS = msip.Capability.AT_LEAST_ONCE, msip.Capability.PATTERNS
+_F_AT_LEAST_ONCE, _F_PATTERNS, _F_TAKEOVER = (int(msip.Flags.AT_LEAST_ONCE), int(msip.Flags.PATTERNS),
+                                              int(msip.Flags.TAKEOVER))
+_CAP_AT_LEAST_ONCE, _CAP_PATTERNS = int(msip.Capability.AT_LEAST_ONCE), int(msip.Capability.PATTERNS)
 _TOPIC_LEN = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -250,6 +251,7 @@ class AsyncClient:
         #: what the broker granted this session in its answer to HELLO (``msip.Capability``);
         #: NONE from the reference broker
         self.capabilities = msip.Capability.NONE
+        self._acks = False  # the broker expects ACK frames for at-least-once events
 
     # -- connection ----------------------------------------------------------------------
     async def connect(self, resume: bool = True) -> int:
@@ -450,7 +452,7 @@ class AsyncClient:
         self.client_id = _U64.unpack(reply[:8])[0]
         caps = _U32.unpack(reply[8:12])[0] if len(reply) >= 12 else 0
         self.capabilities = msip.Capability(caps & 7)
-        self._resumable = bool(caps & _CAP_AT_LEAST_ONCE)  # the broker keeps the session
+        self._acks = self._resumable = bool(caps & _CAP_AT_LEAST_ONCE)  # acks; session kept
         self._routes.clear()
 
     def _on_event(self, f) -> None:
@@ -470,7 +472,7 @@ class AsyncClient:
             self._routes[topic] = matched
         # only a broker that granted at-least-once expects ACK frames (the reference closes
         # the connection on one)
-        reliable = bool(self.capabilities & _CAP_AT_LEAST_ONCE) and any(s.reliable for s in matched)
+        reliable = self._acks and any(s.reliable for s in matched)
         event = Event(topic, data, f.msg_id, f.flags, reliable)
         acked_later = False
         for sub in matched:
@@ -546,7 +548,7 @@ class AsyncClient:
         # ACK_REQUIRED always: the reference refuses a SUBSCRIBE without it
         flags = _F_ACK_REQUIRED
         if reliable:
-            if self.capabilities & _CAP_AT_LEAST_ONCE:
+            if self._acks:
                 flags |= _F_AT_LEAST_ONCE
             else:
                 log.warning("the broker did not grant at-least-once delivery: %r is at-most-once",
