@@ -507,6 +507,8 @@ class AsyncClient:
         return done
 
     def _send_ack(self, msg_id: int) -> None:
+        if not self._acks:
+            return  # a broker that did not grant at-least-once refuses ACK frames
         try:
             self._write(msip.encode_header(_ACK, _K_EVENT, 0, msg_id, 0))
         except ConnectionError:
@@ -647,7 +649,8 @@ class AsyncClient:
         return time.perf_counter() - t0
 
     def ack(self, msg_id: int) -> None:
-        """Acknowledge an at-least-once event by its msg_id (when ``auto_ack`` is off)."""
+        """Acknowledge an at-least-once event by its msg_id (when ``auto_ack`` is off); nothing
+        is sent to a broker that did not grant at-least-once delivery."""
         self._send_ack(msg_id)
 
 
