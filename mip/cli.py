@@ -255,8 +255,6 @@ def _parser() -> argparse.ArgumentParser:
                              "(default 10000)")
     broker.add_argument("--max-connections-per-peer", type=int, default=256, metavar="N",
                         help="connections per client address (default 256)")
-    broker.add_argument("--max-payload", type=_size, default=16 << 20, metavar="OCTETS",
-                        help="largest frame payload (default 16M)")
     broker.add_argument("--max-pending-reply", type=_size, default=8 << 20, metavar="OCTETS",
                         help="octets queued for a client that does not read; beyond them "
                              "events are dropped (oldest first) and its frames are not read "
@@ -264,9 +262,29 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--frame-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="a frame must arrive within this time of its first octet "
                              "(0 = never; default 30)")
-    broker.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="PING a client silent this long, close it after twice this long "
-                             "(0 = never; default 120)")
+    opt = broker.add_argument
+    opt("--max-payload", type=_size, default=16 << 20, metavar="OCTETS",
+        help="largest frame payload accepted, e.g. 16M (default 16M)")
+    opt("--max-topic-length", type=int, default=1024, metavar="OCTETS",
+        help="longest topic, in UTF-8 octets (default 1024)")
+    opt("--session-ttl", type=float, default=60.0, metavar="SECONDS",
+        help="how long an at-least-once session is kept after its connection dropped "
+             "(default 60; other sessions end with their connection)")
+    opt("--backlog-messages", type=int, default=1000, metavar="N",
+        help="events kept per away session, oldest dropped first (default 1000)")
+    opt("--backlog-bytes", type=_size, default=1 << 20, metavar="OCTETS",
+        help="octets of events kept per away session (default 1M)")
+    opt("--max-backlog-bytes", type=_size, default=64 << 20, metavar="OCTETS",
+        help="octets of events kept by all away sessions together (default 64M)")
+    opt("--idle-timeout", type=float, default=None, metavar="SECONDS",
+        help="PING connections silent this long, close them at twice this "
+             "(default: never, as the reference broker)")
+    opt("--topic-patterns", action="store_true",
+        help="'*' and a final '>' are wildcards for every client (default: only for clients "
+             "that ask in HELLO; topics are literal, as on the reference broker)")
+    opt("--session-takeover", action="store_true",
+        help="a HELLO naming a client id in use closes the older connection (default: only "
+             "when the HELLO asks; both are served, as on the reference broker)")
     _add_tls(broker)
 
     worker = sub.add_parser(
@@ -493,9 +511,12 @@ async def _broker(args) -> int:
 
     broker = Broker(max_connections=args.max_connections,
                     max_connections_per_peer=args.max_connections_per_peer,
-                    max_payload=args.max_payload, queue_bytes=args.max_pending_reply,
-                    read_timeout=args.frame_timeout or None,
-                    idle_timeout=args.idle_timeout or None,
+                    queue_bytes=args.max_pending_reply, read_timeout=args.frame_timeout or None,
+                    max_payload=args.max_payload, max_topic_length=args.max_topic_length,
+                    session_ttl=args.session_ttl, backlog_limit=args.backlog_messages,
+                    backlog_bytes=args.backlog_bytes, max_backlog_bytes=args.max_backlog_bytes,
+                    idle_timeout=args.idle_timeout or None, topic_patterns=args.topic_patterns,
+                    session_takeover=args.session_takeover,
                     ssl=_server_ssl(args) if args.tls_cert else None)
     address = await broker.start(args.msip)
     print(f"mip: MSIP broker on {address}", flush=True)

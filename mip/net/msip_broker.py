@@ -1,37 +1,42 @@
 """An asyncio MSIP broker, wire-compatible with the reference broker.
 
-Reference clients see the reference's bytes for every exchange the reference serves
-(HELLO, SUBSCRIBE/UNSUBSCRIBE, PUBLISH/EVENT, PING, CLOSE, ERROR), with one deliberate
-difference: EVENT frames carry COMPRESSED only when the payload data really is a zstd frame.
-
-Beyond the reference:
+Faithful by default: a reference client sees the reference's behaviour, except for fixes no
+client can break on (see docs/msip.md for the full list):
 
 * TCP_NODELAY, and every frame or burst of frames leaves in one ``writelines`` call;
-* limits (payload, topic length, subscriptions per session, connections), a read timeout for
-  a frame that started arriving and an idle timeout with a broker PING;
+* EVENT frames carry COMPRESSED only when the payload data really is a zstd frame;
+* bounded frames and topics, and a read timeout for a frame that started arriving, each
+  refused with an ERROR that says why;
 * subscriptions made before HELLO are delivered (the connection is an anonymous session);
-* session takeover: the newest connection with a client id owns the session, the older one
-  gets an ERROR and is closed;
 * a bounded outgoing queue per connection with an overflow policy (drop the oldest event and
-  count it, or disconnect), so a slow subscriber never grows memory nor slows the others;
-* NATS-style patterns: ``*`` matches one dot-separated token, a final ``>`` one or more;
-* at-least-once delivery for subscriptions made with ACK_REQUIRED by a session whose HELLO
-  carried ACK_REQUIRED (see below): the subscriber answers each
-  EVENT with an ACK frame carrying the EVENT's msg_id; unacknowledged events are sent again
-  after ``redelivery_timeout`` and when the session resumes; events published to a session's
-  subscriptions while it is away are kept, up to ``backlog_limit`` (oldest dropped, counted);
-* URGENT events jump the queue of each subscriber;
-* optional token authentication (the octets after the 8-octet client id in HELLO);
-* graceful shutdown: CLOSE to every client, then the buffered frames are flushed.
+  count it, or disconnect), so a slow subscriber never grows memory nor slows the others.
 
-Two consequences of staying byte-compatible: EVENT frames always carry msg_kind EVENT (the
-publisher's msg_kind is not forwarded, as in the reference), and ACK_REQUIRED on SUBSCRIBE
-cannot by itself ask for at-least-once delivery, since reference clients set it on every
-SUBSCRIBE only to get the ACK reply and never acknowledge events. So a session opts in to
-acknowledging events in its HELLO, by setting ACK_REQUIRED on the HELLO frame (the reference
-ignores HELLO flags); its SUBSCRIBE frames with ACK_REQUIRED then make at-least-once
-subscriptions. Reference clients keep the reference's at-most-once delivery, and
-``Broker(at_least_once=False)`` turns the feature off for everyone.
+As on the reference, topics are literal, no connection is ever pinged or timed out for being
+quiet, two connections may use the same client id, frames leave a connection in the order
+they were produced, and a session ends with its connection.
+
+Opt-in, per broker (constructor / ``mip broker`` flags) or per session (HELLO flags the
+reference ignores, see ``mip.msip.Flags``):
+
+* ``topic_patterns`` / ``Flags.PATTERNS``: NATS-style patterns (``mip.net.msip_topics``);
+* ``idle_timeout``: PING a connection silent that long, close it at twice that;
+* ``session_takeover`` / ``Flags.TAKEOVER``: a HELLO naming a client id in use closes the
+  older connection (ERROR "taken over") instead of serving both;
+* at-least-once sessions (``Flags.ACK_REQUIRED`` on HELLO): the client acknowledges events;
+  its subscriptions made with ``Flags.AT_LEAST_ONCE`` get each EVENT again after
+  ``redelivery_timeout`` until an ACK carrying its msg_id arrives; the session outlives a
+  dropped connection for ``session_ttl`` seconds, keeping what is published to it in a backlog
+  bounded in messages and octets per session and in octets for the whole broker (oldest
+  dropped, counted). CLOSE ends any session at once. ``at_least_once=False`` turns this off.
+
+A HELLO that sets any of those flags is answered with the client id followed by the u32
+``Capability`` set granted; reference clients never set them and get the reference's 8 octets.
+Also beyond the reference: URGENT events overtake the events waiting for a slow subscriber's
+socket, optional token authentication (the octets after the 8-octet client id in HELLO), and a
+graceful shutdown (CLOSE to every client, then the buffered frames are flushed).
+
+EVENT frames always carry msg_kind EVENT (the publisher's msg_kind is not forwarded, as in the
+reference).
 
 Embed it::
 
@@ -55,6 +60,7 @@ from typing import Iterable
 
 from mip import msip
 from mip.errors import FrameTooLarge, ProtocolError
+from mip.net.msip_topics import match_tokens, pattern_tokens
 from mip.net.peers import PeerCounts
 from mip.net.urls import Address, parse_url
 
@@ -65,15 +71,21 @@ log = logging.getLogger("mip.msip.broker")
 OVERFLOW_DROP_OLDEST = "drop_oldest"
 OVERFLOW_DISCONNECT = "disconnect"
 
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_MAGIC = msip.ZSTD_MAGIC
 
 _HELLO, _SUBSCRIBE, _UNSUBSCRIBE, _PUBLISH, _EVENT, _ACK, _ERROR, _PING, _PONG, _CLOSE = range(1, 11)
 _K_EVENT, _K_STATE = 1, 3
 _F_ACK_REQUIRED, _F_COMPRESSED, _F_URGENT = 1, 2, 4
+_F_AT_LEAST_ONCE, _F_PATTERNS, _F_TAKEOVER = (int(msip.Flags.AT_LEAST_ONCE), int(msip.Flags.PATTERNS),
+                                              int(msip.Flags.TAKEOVER))
+_F_HELLO_EXT = _F_ACK_REQUIRED | _F_PATTERNS | _F_TAKEOVER  # any of these: answer capabilities
+_CAP_AT_LEAST_ONCE, _CAP_PATTERNS, _CAP_TAKEOVER = (
+    int(msip.Capability.AT_LEAST_ONCE), int(msip.Capability.PATTERNS), int(msip.Capability.TAKEOVER))
 _HDR = msip.HEADER_SIZE
 _INLINE_MAX = 16 * 1024  # octets: smaller events are sent as one joined bytes object
 _BURST = 256 * 1024  # octets handed to one writelines() call at most
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
 _UNSUPPORTED = "Invalid frame or unsupported operation"  # the reference's ERROR text
 
 
@@ -83,80 +95,58 @@ class BrokerStats:
 
     connections: int = 0  #: connections open now
     connections_total: int = 0  #: connections accepted in total
-    sessions: int = 0  #: identified sessions known now (attached or away)
+    sessions: int = 0  #: sessions known by client id now (attached, or away for at-least-once)
+    sessions_away: int = 0  #: at-least-once sessions kept now without a connection
+    sessions_expired: int = 0  #: away sessions forgotten (session TTL, or too many sessions)
     published: int = 0  #: PUBLISH frames accepted
     delivered: int = 0  #: EVENT frames queued to connected subscribers (redeliveries included)
     redelivered: int = 0  #: EVENT frames sent again because they were not acknowledged
     acked: int = 0  #: at-least-once events acknowledged by their subscriber
     dropped_overflow: int = 0  #: events dropped from full outgoing queues
     dropped_backlog: int = 0  #: events dropped from full away-session backlogs
+    backlog_bytes: int = 0  #: octets held now in away-session backlogs (all sessions)
     dropped_inflight: int = 0  #: unacknowledged events given up on (bound or attempts reached)
     slow_disconnects: int = 0  #: connections closed by the ``disconnect`` overflow policy
     errors: int = 0  #: ERROR frames sent
     takeovers: int = 0  #: connections closed because a newer one took their session
 
 
-class _Pending:
-    """An at-least-once event waiting for its subscriber's ACK."""
+class _Held:
+    """An event a session holds: at-least-once and waiting for its ACK (``deadline``,
+    ``attempts``), or kept in an away session's backlog (``alive`` false once taken out)."""
 
-    __slots__ = ("msg_id", "item", "size", "urgent", "deadline", "attempts")
+    __slots__ = ("msg_id", "item", "size", "urgent", "reliable", "deadline", "attempts", "alive")
 
-    def __init__(self, msg_id, item, size, urgent, deadline):
+    def __init__(self, msg_id, item, size, urgent, reliable, deadline=0.0):
         self.msg_id = msg_id
         self.item = item
         self.size = size
         self.urgent = urgent
+        self.reliable = reliable
         self.deadline = deadline
         self.attempts = 1
+        self.alive = True
 
 
 class _Session:
     """Subscriptions, unacknowledged events and the away backlog of one client id."""
 
-    __slots__ = ("client_id", "subs", "conn", "inflight", "by_msg_id", "seq", "backlog",
-                 "detached_at", "acking")
+    __slots__ = ("client_id", "subs", "conn", "inflight", "inflight_bytes", "by_msg_id", "seq",
+                 "backlog", "backlog_bytes", "detached_at", "durable", "patterns")
 
     def __init__(self, client_id: int | None):
         self.client_id = client_id  # None: anonymous (a connection before HELLO)
         self.subs: dict[str, bool] = {}  # topic or pattern -> at-least-once
         self.conn: _Connection | None = None
-        self.inflight: dict[int, _Pending] = {}  # delivery sequence number -> pending event
+        self.inflight: dict[int, _Held] = {}  # delivery sequence number -> pending event
+        self.inflight_bytes = 0
         self.by_msg_id: dict[int, collections.deque] = {}
         self.seq = 0
-        self.backlog: collections.deque = collections.deque()  # (item, size, urgent, reliable, msg_id)
+        self.backlog: collections.deque = collections.deque()  # of _Held
+        self.backlog_bytes = 0
         self.detached_at = 0.0
-        self.acking = False  # HELLO said: this client acknowledges events (at-least-once)
-
-
-def _is_pattern(topic: str) -> bool:
-    return "*" in topic or ">" in topic
-
-
-def _pattern_tokens(pattern: str) -> tuple[str, ...] | None:
-    """Tokens of a NATS-style pattern, or None when the text is used as an exact topic."""
-    tokens = tuple(pattern.split("."))
-    if not any(t in ("*", ">") for t in tokens):
-        return None
-    return tokens
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """Whether ``topic`` matches ``pattern`` (``*``: one token, final ``>``: one or more)."""
-    tokens = _pattern_tokens(pattern)
-    if tokens is None:
-        return pattern == topic
-    return _match(tokens, topic.split("."))
-
-
-def _match(pat: tuple[str, ...], topic: list[str]) -> bool:
-    for i, p in enumerate(pat):
-        if p == ">":
-            return len(topic) > i
-        if i >= len(topic):
-            return False
-        if p != "*" and p != topic[i]:
-            return False
-    return len(pat) == len(topic)
+        self.durable = False  # HELLO asked for at-least-once: acks, kept while away
+        self.patterns = False  # wildcard topics for this session's subscriptions
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -172,7 +162,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.closing = False
         self.paused = False
         self.dirty = False
-        self.urgent: collections.deque = collections.deque()  # (item, size)
+        # (item, size, is_event) in the order produced; urgent: URGENT events that arrived
+        # while the socket was not writable, sent before the queue
+        self.urgent: collections.deque = collections.deque()
         self.queue: collections.deque = collections.deque()
         self.qbytes = 0
         self.dropped = 0
@@ -274,10 +266,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- output ------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
-        """Queue a control frame (reply) ahead of the queued events."""
+        """Queue a control frame (reply) after what is queued: frames leave in the order
+        they were produced, as on the reference."""
         if self.closing:
             return
-        self.urgent.append((data, len(data)))
+        self.queue.append((data, len(data), False))
         self.qbytes += len(data)
         self._mark()
 
@@ -285,7 +278,8 @@ class _Connection(asyncio.BufferedProtocol):
         """Queue one EVENT (``item`` is bytes or a (header, payload) tuple of ``size`` octets)."""
         if self.closing:
             return
-        (self.urgent if urgent else self.queue).append((item, size))
+        # URGENT overtakes only events held back by a slow socket, never a reply
+        (self.urgent if urgent and self.paused else self.queue).append((item, size, True))
         self.qbytes += size
         b = self.broker
         if self.paused and (len(self.urgent) + len(self.queue) > b.queue_limit
@@ -305,14 +299,20 @@ class _Connection(asyncio.BufferedProtocol):
             if self.transport is not None:
                 self.transport.abort()
             return
+        replies = []  # replies are never dropped: only events are
         while (len(self.urgent) + len(self.queue) > b.queue_limit or self.qbytes > b.queue_bytes):
             q = self.queue if self.queue else self.urgent
             if len(q) == 0:
                 break
-            _, size = q.popleft()
-            self.qbytes -= size
+            entry = q.popleft()
+            if not entry[2]:
+                replies.append(entry)
+                continue
+            self.qbytes -= entry[1]
             self.dropped += 1
             b.stats.dropped_overflow += 1
+        if replies:
+            self.queue.extendleft(reversed(replies))
 
     def _mark(self):
         if not self.dirty:
@@ -331,14 +331,14 @@ class _Connection(asyncio.BufferedProtocol):
             chunks = []
             n = 0
             while urgent and n < _BURST:
-                item, size = urgent.popleft()
+                item, size, _ = urgent.popleft()
                 n += size
                 if type(item) is tuple:
                     chunks.extend(item)
                 else:
                     chunks.append(item)
             while queue and n < _BURST:
-                item, size = queue.popleft()
+                item, size, _ = queue.popleft()
                 n += size
                 if type(item) is tuple:
                     chunks.extend(item)
@@ -389,9 +389,11 @@ class Broker:
             with none such the new one gets an ERROR and is closed.
         max_connections_per_peer: connections one client address may hold; more -> ERROR
             and close (Unix-socket clients are not counted).
-        max_sessions: identified sessions kept while away; the longest-away are forgotten first.
+        max_sessions: at-least-once sessions kept while away; the longest-away are forgotten
+            first.
         idle_timeout: after this long without a frame from a client the broker sends it a PING,
-            and closes it (ERROR "idle timeout") after twice this long.
+            and closes it (ERROR "idle timeout") after twice this long. None (the default, as
+            on the reference): never.
         read_timeout: a frame that started arriving must be complete within this time.
         queue_limit: outgoing frames queued per connection while its socket is not writable.
         queue_bytes: outgoing octets queued per connection while its socket is not writable;
@@ -402,10 +404,19 @@ class Broker:
         redelivery_timeout: an at-least-once event not acknowledged within this time is resent.
         max_redeliveries: resends of one event before it is given up (counted); None: no limit.
         max_inflight: unacknowledged events kept per session (oldest given up first, counted).
+        max_inflight_bytes: octets of unacknowledged events kept per session (same policy).
         backlog_limit: events kept per session while it is away (oldest dropped first, counted).
-        session_ttl: how long a session is kept after its last connection closed.
+        backlog_bytes: octets of events kept per session while it is away (oldest dropped).
+        max_backlog_bytes: octets of events kept by all away sessions together (the oldest
+            kept event of the broker dropped first, counted).
+        session_ttl: how long an at-least-once session is kept after its connection dropped
+            (a CLOSE ends it at once; other sessions end with their connection).
         tokens: accepted authentication tokens (bytes); None disables authentication.
-        at_least_once: whether SUBSCRIBE with ACK_REQUIRED makes an at-least-once subscription.
+        at_least_once: whether a HELLO with ACK_REQUIRED gets an at-least-once session.
+        topic_patterns: ``*`` and a final ``>`` are wildcards for every session (otherwise only
+            for sessions whose HELLO set ``Flags.PATTERNS``).
+        session_takeover: a HELLO naming a client id in use closes the older connection, for
+            every session (otherwise only when the HELLO set ``Flags.TAKEOVER``).
         ssl: an ``ssl.SSLContext`` to serve TLS with (None: plain TCP).
     """
 
@@ -418,7 +429,7 @@ class Broker:
         max_connections: int = 10_000,
         max_connections_per_peer: int = 256,
         max_sessions: int = 10_000,
-        idle_timeout: float | None = 120.0,
+        idle_timeout: float | None = None,
         read_timeout: float | None = 30.0,
         queue_limit: int = 10_000,
         queue_bytes: int = 8 * 1024 * 1024,
@@ -427,14 +438,28 @@ class Broker:
         redelivery_timeout: float = 30.0,
         max_redeliveries: int | None = 10,
         max_inflight: int = 10_000,
-        backlog_limit: int = 10_000,
-        session_ttl: float = 3600.0,
+        max_inflight_bytes: int = 16 * 1024 * 1024,
+        backlog_limit: int = 1000,
+        backlog_bytes: int = 1024 * 1024,
+        max_backlog_bytes: int = 64 * 1024 * 1024,
+        session_ttl: float = 60.0,
         tokens: Iterable[bytes] | None = None,
         at_least_once: bool = True,
+        topic_patterns: bool = False,
+        session_takeover: bool = False,
         ssl=None,
     ):
         if overflow not in (OVERFLOW_DROP_OLDEST, OVERFLOW_DISCONNECT):
             raise ValueError(f"overflow must be {OVERFLOW_DROP_OLDEST!r} or {OVERFLOW_DISCONNECT!r}")
+        for name, value in (("max_payload", max_payload), ("max_topic_length", max_topic_length),
+                            ("session_ttl", session_ttl), ("backlog_limit", backlog_limit),
+                            ("backlog_bytes", backlog_bytes),
+                            ("max_backlog_bytes", max_backlog_bytes)):
+            if value < 0 or (value == 0 and name.startswith("max_")):
+                raise ValueError(f"{name} must be {'positive' if name.startswith('max_') else '0 or more'}, "
+                                 f"not {value}")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout}")
         self.max_payload = max_payload
         self.max_topic_length = max_topic_length
         self.max_subscriptions = max_subscriptions
@@ -450,15 +475,23 @@ class Broker:
         self.redelivery_timeout = redelivery_timeout
         self.max_redeliveries = max_redeliveries
         self.max_inflight = max_inflight
+        self.max_inflight_bytes = max_inflight_bytes
         self.backlog_limit = backlog_limit
+        self.backlog_bytes = backlog_bytes
+        self.max_backlog_bytes = max_backlog_bytes
         self.session_ttl = session_ttl
         self.tokens = None if tokens is None else frozenset(bytes(t) for t in tokens)
         self.at_least_once = at_least_once
+        self.topic_patterns = topic_patterns
+        self.session_takeover = session_takeover
         self.ssl = ssl
         self.stats = BrokerStats()
         self._conns: set[_Connection] = set()
         self._per_peer = PeerCounts()
-        self._sessions: dict[int, _Session] = {}
+        self._sessions: dict[int, _Session] = {}  # client id -> attached or durable away session
+        self._away: dict[_Session, None] = {}  # durable sessions without a connection, oldest first
+        self._kept: collections.deque = collections.deque()  # (session, _Held) of every backlog
+        self._kept_live = 0
         self._next_id = 1
         self._exact: dict[str, dict[_Session, bool]] = {}
         self._patterns: dict[str, tuple[tuple[str, ...], dict[_Session, bool]]] = {}
@@ -537,6 +570,8 @@ class Broker:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        for session in list(self._sessions.values()):
+            self._forget(session)
         self._sessions.clear()
         self._exact.clear()
         self._patterns.clear()
@@ -571,6 +606,7 @@ class Broker:
         elif ft == _HELLO:
             self._hello(conn, f)
         elif ft == _CLOSE:
+            self._end_session(conn)
             conn.close()
         elif ft == _PONG:
             pass  # answer to our idle PING; last_rx is already updated
@@ -590,53 +626,104 @@ class Broker:
                 conn.fail("authentication failed: missing or unknown token")
                 return
             conn.authenticated = True
-        previous = self._sessions.get(client_id) if client_id else None
-        moved = previous is not None and previous.conn is not conn
-        session = self._bind(conn, client_id or None)
-        session.acking = bool(f.flags & _F_ACK_REQUIRED)
-        conn.send(msip.encode(_ACK, _K_STATE, _U64.pack(session.client_id), f.msg_id, 0))
-        if moved:  # the session comes back on a new connection
+        flags = f.flags
+        durable = self.at_least_once and bool(flags & _F_ACK_REQUIRED)
+        takeover = self.session_takeover or bool(flags & _F_TAKEOVER)
+        session, resumed, took_over = self._bind(conn, client_id or None, durable, takeover)
+        self._set_patterns(session, bool(flags & _F_PATTERNS))
+        reply = _U64.pack(session.client_id)
+        if flags & _F_HELLO_EXT:
+            caps = ((_CAP_AT_LEAST_ONCE if session.durable else 0)
+                    | (_CAP_PATTERNS if session.patterns or self.topic_patterns else 0)
+                    | (_CAP_TAKEOVER if took_over else 0))
+            reply += _U32.pack(caps)
+        conn.send(msip.encode(_ACK, _K_STATE, reply, f.msg_id, 0))
+        if resumed:  # the session comes back on a new connection
             self._resume_delivery(session)
 
-    def _bind(self, conn: _Connection, client_id: int | None) -> _Session:
+    def _bind(self, conn: _Connection, client_id: int | None, durable: bool,
+              takeover: bool) -> tuple[_Session, bool, bool]:
+        """The session a HELLO gives ``conn``: (session, resumed, took over a connection).
+
+        What the connection did before (subscriptions of an anonymous or plain session) moves
+        into it; an at-least-once session the connection had is left away."""
         current = conn.session
         if client_id is None:
-            if current.client_id is not None:
-                return current  # a second HELLO without id keeps the session
-            client_id = self._new_id()
-        session = self._sessions.get(client_id)
-        if session is current:
-            return session
-        if session is None:
-            if current.client_id is None:
-                session = current  # the anonymous session becomes the named one
-                session.client_id = client_id
-                self._sessions[client_id] = session
-                self.stats.sessions = len(self._sessions)
-                self._evict_sessions()
-                return session
-            session = _Session(client_id)
-            self._sessions[client_id] = session
-            self.stats.sessions = len(self._sessions)
-            self._evict_sessions()
-        old = session.conn
-        if old is not None and old is not conn:
-            # takeover: the newest connection owns the session
-            self.stats.takeovers += 1
-            old.session = _Session(None)
-            old.fail(f"session {client_id} taken over by a newer connection")
-        # move what this connection did before (anonymous subscriptions) into the session
-        if current.client_id is None:
-            for topic, reliable in list(current.subs.items()):
-                self._unsubscribe(current, topic)
-                if topic not in session.subs or reliable:
-                    self._subscribe(session, topic, reliable)
+            if current.durable:
+                return current, False, False  # a second HELLO without id keeps the session
+            client_id = self._new_id()  # as the reference: a new id for every HELLO without one
+        existing = self._sessions.get(client_id)
+        if existing is current:
+            return current, False, False
+        took_over = False
+        if existing is not None and existing.conn is not None:
+            if not takeover:
+                existing = None  # as the reference: both connections are served
+            else:
+                took_over = True
+                self._take_over(existing)
+                if not (durable and existing.durable):
+                    self._forget(existing)  # nothing to resume: the old session ends
+                    existing = None
+        if existing is not None and not durable:
+            existing = None  # an away session is resumed only by an at-least-once HELLO
+        if existing is not None:
+            self._away.pop(existing, None)
+            self.stats.sessions_away = len(self._away)
+            self._leave(current, existing)
+            existing.conn = conn
+            conn.session = existing
+            return existing, True, took_over
+        if current.durable:
+            self._leave(current, None)
+            session = _Session(None)
         else:
-            current.conn = None
-            current.detached_at = time.monotonic()
+            session = current  # anonymous or plain: the same object takes the new id
+            if current.client_id is not None and self._sessions.get(current.client_id) is current:
+                del self._sessions[current.client_id]
+        session.client_id = client_id
         session.conn = conn
         conn.session = session
-        return session
+        if client_id not in self._sessions:
+            self._sessions[client_id] = session
+            session.durable = durable
+        else:
+            session.durable = False  # the id is held by another connection or an away session
+        self.stats.sessions = len(self._sessions)
+        return session, False, took_over
+
+    def _take_over(self, session: _Session) -> None:
+        """Close the connection that holds ``session`` (a newer one named its client id)."""
+        old = session.conn
+        self.stats.takeovers += 1
+        session.conn = None
+        old.session = fresh = _Session(None)
+        fresh.conn = old
+        old.fail(f"session {session.client_id} taken over by a newer connection")
+
+    def _leave(self, current: _Session, into: _Session | None) -> None:
+        """The connection of ``current`` moves on: an at-least-once session goes away, any
+        other has its subscriptions moved ``into`` the connection's next session (or ended)."""
+        if current.durable:
+            current.conn = None
+            self._set_away(current)
+            return
+        if into is not None:
+            for topic, reliable in list(current.subs.items()):
+                self._unsubscribe(current, topic)
+                if topic not in into.subs or reliable:
+                    self._subscribe(into, topic, reliable)
+        self._forget(current)
+
+    def _set_patterns(self, session: _Session, patterns: bool) -> None:
+        if session.patterns == patterns:
+            return
+        subs = list(session.subs.items())
+        for topic, _ in subs:
+            self._unsubscribe(session, topic)
+        session.patterns = patterns
+        for topic, reliable in subs:
+            self._subscribe(session, topic, reliable)
 
     def _new_id(self) -> int:
         while self._next_id in self._sessions:
@@ -645,32 +732,45 @@ class Broker:
         self._next_id += 1
         return cid
 
-    def _evict_sessions(self) -> None:
-        if len(self._sessions) <= self.max_sessions:
-            return
-        away = sorted((s.detached_at, cid) for cid, s in self._sessions.items() if s.conn is None)
-        for _, cid in away[: len(self._sessions) - self.max_sessions]:
-            self._forget(self._sessions[cid])
+    def _set_away(self, session: _Session) -> None:
+        session.detached_at = time.monotonic()
+        self._away[session] = None
+        while len(self._away) > self.max_sessions:  # the longest away are forgotten first
+            self._forget(next(iter(self._away)))
+            self.stats.sessions_expired += 1
+        self.stats.sessions_away = len(self._away)
 
     def _forget(self, session: _Session) -> None:
         for topic in list(session.subs):
             self._unsubscribe(session, topic)
-        if session.client_id is not None:
-            self._sessions.pop(session.client_id, None)
-        session.backlog.clear()
+        if session.client_id is not None and self._sessions.get(session.client_id) is session:
+            del self._sessions[session.client_id]
+        self._away.pop(session, None)
+        self._clear_backlog(session)
         session.inflight.clear()
+        session.inflight_bytes = 0
         session.by_msg_id.clear()
+        session.durable = False
         self.stats.sessions = len(self._sessions)
+        self.stats.sessions_away = len(self._away)
 
     def _detach(self, conn: _Connection) -> None:
         session = conn.session
         if session.conn is not conn:
             return
         session.conn = None
-        if session.client_id is None:
-            self._forget(session)
+        if session.durable:
+            self._set_away(session)
         else:
-            session.detached_at = time.monotonic()
+            self._forget(session)
+
+    def _end_session(self, conn: _Connection) -> None:
+        """CLOSE: the connection's session ends now, whatever it asked for."""
+        session = conn.session
+        if session.conn is conn:
+            self._forget(session)
+            conn.session = fresh = _Session(None)
+            fresh.conn = conn
 
     def _subscribe_frame(self, conn: _Connection, f, subscribe: bool) -> None:
         raw = f.payload
@@ -684,16 +784,10 @@ class Broker:
             return
         session = conn.session
         if subscribe:
-            tokens = topic.split(".")
-            if _is_pattern(topic) and (">" in tokens[:-1] or any(
-                    ("*" in t or ">" in t) and t not in ("*", ">") for t in tokens)):
-                conn.fail(f"invalid topic pattern {topic!r}: '*' and '>' must be whole tokens, "
-                          "'>' only last")
-                return
             if topic not in session.subs and len(session.subs) >= self.max_subscriptions:
                 conn.fail(f"too many subscriptions (limit {self.max_subscriptions} a session)")
                 return
-            reliable = self.at_least_once and session.acking and bool(f.flags & _F_ACK_REQUIRED)
+            reliable = session.durable and bool(f.flags & _F_AT_LEAST_ONCE)
             self._subscribe(session, topic, reliable)
         else:
             self._unsubscribe(session, topic)
@@ -702,7 +796,7 @@ class Broker:
 
     def _subscribe(self, session: _Session, topic: str, reliable: bool) -> None:
         session.subs[topic] = reliable
-        tokens = _pattern_tokens(topic)
+        tokens = pattern_tokens(topic) if session.patterns or self.topic_patterns else None
         if tokens is None:
             self._exact.setdefault(topic, {})[session] = reliable
         else:
@@ -733,7 +827,7 @@ class Broker:
         if self._patterns:
             parts = topic.split(".")
             for tokens, table in self._patterns.values():
-                if _match(tokens, parts):
+                if match_tokens(tokens, parts):
                     for s, reliable in table.items():
                         found[s] = found.get(s, False) or reliable
         route = tuple(found.items())
@@ -772,7 +866,11 @@ class Broker:
             item = header + payload if len(payload) <= _INLINE_MAX else (header, payload)
             urgent = bool(f.flags & _F_URGENT)
             for session, reliable in route:
+                if session.conn is None and type(item) is tuple:
+                    # kept for an away session: its own octets, not a view of a read buffer
+                    item = header + bytes(payload)
                 self._deliver(session, item, size, urgent, reliable, msg_id)
+        # after the events it produced, as on the reference
         conn.send(msip.encode_header(_ACK, _K_STATE, 0, msg_id, 0))
 
     def _deliver(self, session: _Session, item, size, urgent, reliable, msg_id) -> None:
@@ -782,25 +880,66 @@ class Broker:
                 self._track(session, msg_id, item, size, urgent)
             self.stats.delivered += 1
             c.enqueue(item, size, urgent)
-        elif session.client_id is not None:
-            backlog = session.backlog
-            backlog.append((item, size, urgent, reliable, msg_id))
-            if len(backlog) > self.backlog_limit:
-                backlog.popleft()
+        elif session.durable:
+            self._keep(session, _Held(msg_id, item, size, urgent, reliable))
+
+    # -- away backlogs: bounded per session (messages, octets) and in total (octets) -------
+    def _keep(self, session: _Session, kept: _Held) -> None:
+        if kept.size > self.backlog_bytes or kept.size > self.max_backlog_bytes:
+            self.stats.dropped_backlog += 1
+            return
+        backlog = session.backlog
+        while backlog and (len(backlog) >= self.backlog_limit
+                           or session.backlog_bytes + kept.size > self.backlog_bytes):
+            self._unkeep(session, backlog.popleft())
+            self.stats.dropped_backlog += 1
+        if self.backlog_limit <= 0:
+            self.stats.dropped_backlog += 1
+            return
+        backlog.append(kept)
+        session.backlog_bytes += kept.size
+        self.stats.backlog_bytes += kept.size
+        self._kept.append((session, kept))
+        self._kept_live += 1
+        kept_order = self._kept
+        while self.stats.backlog_bytes > self.max_backlog_bytes and kept_order:
+            owner, oldest = kept_order.popleft()
+            if oldest.alive:  # the oldest kept event of the broker (it heads its backlog)
+                owner.backlog.popleft()
+                self._unkeep(owner, oldest)
                 self.stats.dropped_backlog += 1
+        if len(kept_order) > 2 * self._kept_live + 1024:  # forget entries taken out since
+            self._kept = collections.deque(e for e in kept_order if e[1].alive)
+
+    def _unkeep(self, session: _Session, kept: _Held) -> None:
+        """Account for ``kept`` having left ``session.backlog``."""
+        kept.alive = False
+        session.backlog_bytes -= kept.size
+        self.stats.backlog_bytes -= kept.size
+        self._kept_live -= 1
+
+    def _clear_backlog(self, session: _Session) -> list:
+        """Take every event out of the session's backlog; returns them, oldest first."""
+        taken = list(session.backlog)
+        session.backlog.clear()
+        for kept in taken:
+            self._unkeep(session, kept)
+        return taken
 
     def _track(self, session: _Session, msg_id, item, size, urgent) -> None:
         seq = session.seq = session.seq + 1
-        session.inflight[seq] = _Pending(msg_id, item, size, urgent,
-                                         time.monotonic() + self.redelivery_timeout)
+        session.inflight[seq] = _Held(msg_id, item, size, urgent, True,
+                                      time.monotonic() + self.redelivery_timeout)
         session.by_msg_id.setdefault(msg_id, collections.deque()).append(seq)
-        if len(session.inflight) > self.max_inflight:
-            old_seq = next(iter(session.inflight))
-            self._untrack(session, old_seq)
+        session.inflight_bytes += size
+        while len(session.inflight) > 1 and (len(session.inflight) > self.max_inflight
+                                             or session.inflight_bytes > self.max_inflight_bytes):
+            self._untrack(session, next(iter(session.inflight)))
             self.stats.dropped_inflight += 1
 
     def _untrack(self, session: _Session, seq: int) -> None:
         p = session.inflight.pop(seq)
+        session.inflight_bytes -= p.size
         seqs = session.by_msg_id.get(p.msg_id)
         if seqs is not None:
             try:
@@ -817,7 +956,9 @@ class Broker:
         seq = seqs.popleft()
         if not seqs:
             del session.by_msg_id[msg_id]
-        session.inflight.pop(seq, None)
+        p = session.inflight.pop(seq, None)
+        if p is not None:
+            session.inflight_bytes -= p.size
         self.stats.acked += 1
 
     def _resume_delivery(self, session: _Session) -> None:
@@ -831,10 +972,8 @@ class Broker:
             self.stats.redelivered += 1
             self.stats.delivered += 1
             conn.enqueue(p.item, p.size, p.urgent)
-        backlog = session.backlog
-        while backlog:
-            item, size, urgent, reliable, msg_id = backlog.popleft()
-            self._deliver(session, item, size, urgent, reliable, msg_id)
+        for k in self._clear_backlog(session):
+            self._deliver(session, k.item, k.size, k.urgent, k.reliable, k.msg_id)
 
     # -- output scheduling -----------------------------------------------------------------
     def _schedule_flush(self) -> None:
@@ -907,10 +1046,11 @@ class Broker:
                         ping_id += 1
                         conn.send(msip.encode_header(_PING, _K_EVENT, 0, ping_id, 0))
             self._redeliver(now)
-            expired = [s for s in self._sessions.values()
-                       if s.conn is None and now - s.detached_at > self.session_ttl]
-            for s in expired:
+            for s in list(self._away):  # oldest first
+                if now - s.detached_at <= self.session_ttl:
+                    break
                 self._forget(s)
+                self.stats.sessions_expired += 1
             self._flush_dirty()
 
     def _redeliver(self, now: float) -> None:
@@ -942,7 +1082,8 @@ class Broker:
             return None
         return {"client_id": client_id, "connected": s.conn is not None,
                 "subscriptions": dict(s.subs), "inflight": len(s.inflight),
-                "backlog": len(s.backlog)}
+                "backlog": len(s.backlog), "backlog_bytes": s.backlog_bytes,
+                "at_least_once": s.durable}
 
     def connection_stats(self) -> list[dict]:
         """Per-connection queue state: peer, client id, queued frames and octets, dropped."""

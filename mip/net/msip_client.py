@@ -1,12 +1,16 @@
 """MSIP clients: :class:`AsyncClient` (asyncio) and :class:`Client` (blocking, own loop thread).
 
-Both speak the reference layout, so they work against the reference broker too (where the
-features it lacks, such as at-least-once delivery, simply do not happen).
+Both speak the reference layout and work against the reference broker unchanged: every
+SUBSCRIBE and UNSUBSCRIBE asks for its ACK, and the extensions of ``mip broker``
+(at-least-once delivery with event ACKs, session resume, topic patterns) are used only once the
+broker has granted them in its answer to HELLO (:attr:`AsyncClient.capabilities`). Against a
+broker that grants nothing, ``reliable`` subscriptions are at-most-once, a reconnection starts
+a new session (subscriptions are sent again) and topics are literal.
 
 ::
 
     async with AsyncClient("tcp://127.0.0.1:7000") as c:
-        sub = await c.subscribe("sensors.>")
+        sub = await c.subscribe("sensors.>")  # a pattern where the broker grants PATTERNS
         await c.publish("sensors.t", b"21.5", wait=True)
         async for event in sub:
             print(event.topic, bytes(event.data))
@@ -27,7 +31,7 @@ from typing import Any, AsyncIterator, Callable
 
 from mip import msip
 from mip.errors import MipError, ProtocolError
-from mip.net.msip_broker import ZSTD_MAGIC, topic_matches
+from mip.net.msip_topics import topic_matches
 from mip.net.urls import parse_url
 
 __all__ = ["AsyncClient", "Client", "Event", "Subscription", "BrokerError"]
@@ -37,8 +41,12 @@ log = logging.getLogger("mip.msip.client")
 _HELLO, _SUBSCRIBE, _UNSUBSCRIBE, _PUBLISH, _EVENT, _ACK, _ERROR, _PING, _PONG, _CLOSE = range(1, 11)
 _K_EVENT = 1
 _F_ACK_REQUIRED, _F_COMPRESSED, _F_URGENT = 1, 2, 4
+_F_AT_LEAST_ONCE, _F_PATTERNS, _F_TAKEOVER = (int(msip.Flags.AT_LEAST_ONCE), int(msip.Flags.PATTERNS),
+                                              int(msip.Flags.TAKEOVER))
+_CAP_AT_LEAST_ONCE, _CAP_PATTERNS = int(msip.Capability.AT_LEAST_ONCE), int(msip.Capability.PATTERNS)
 _TOPIC_LEN = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
 
 
 class BrokerError(MipError):
@@ -237,7 +245,13 @@ class AsyncClient:
         self._established = False
         self._compressor = None
         self._decompressor = None
+        self._resumable = client_id is not None  # send client_id in HELLO
+        self._hello_id: int | None = None
         self.reconnects = 0  #: successful reconnections
+        #: what the broker granted this session in its answer to HELLO (``msip.Capability``);
+        #: NONE from the reference broker
+        self.capabilities = msip.Capability.NONE
+        self._acks = False  # the broker expects ACK frames for at-least-once events
 
     # -- connection ----------------------------------------------------------------------
     async def connect(self, resume: bool = True) -> int:
@@ -248,6 +262,7 @@ class AsyncClient:
         self._closing = False
         if not resume:
             self.client_id = None
+            self._resumable = False
         await self._open()
         if self.ping_interval and self._ping_task is None:
             self._ping_task = asyncio.get_running_loop().create_task(self._ping_loop())
@@ -265,16 +280,18 @@ class AsyncClient:
         self._proto = proto
         self._error = None
         msg_id = next(self._ids)
-        if self.client_id is None and self.token is None:
+        resume = self._resumable and self.client_id is not None
+        if not resume and self.token is None:
             hello = b""
         else:
-            hello = msip.encode_hello_payload(self.client_id or 0, self.token)
+            hello = msip.encode_hello_payload(self.client_id if resume else 0, self.token)
         fut = self._expect(msg_id)
-        # ACK_REQUIRED on HELLO: this client acknowledges events, so its ACK_REQUIRED
-        # subscriptions are at-least-once.
-        self._write(msip.encode(_HELLO, _K_EVENT, hello, msg_id, _F_ACK_REQUIRED))
-        frame = await self._wait(fut, msg_id)
-        self.client_id = _U64.unpack(bytes(frame.payload[:8]))[0]
+        # extensions the reference ignores: this client acknowledges events and wants its
+        # session kept (ACK_REQUIRED), uses patterns, and owns the id it resumes (TAKEOVER)
+        flags = _F_ACK_REQUIRED | _F_PATTERNS | (_F_TAKEOVER if resume else 0)
+        self._hello_id = msg_id
+        self._write(msip.encode(_HELLO, _K_EVENT, hello, msg_id, flags))
+        await self._wait(fut, msg_id)
         # the broker keeps a session's subscriptions; a restarted broker does not: send them
         for sub in list(self._subs.values()):
             await self._send_subscribe(sub.topic, sub.reliable)
@@ -413,6 +430,8 @@ class AsyncClient:
         if ft == _EVENT:
             self._on_event(f)
         elif ft == _ACK or ft == _PONG:
+            if ft == _ACK and f.msg_id == self._hello_id:
+                self._on_hello_ack(f)
             fut = self._pending.pop(f.msg_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(f)
@@ -426,21 +445,34 @@ class AsyncClient:
         elif ft == _CLOSE:
             proto.transport.close()
 
+    def _on_hello_ack(self, f) -> None:
+        # at once, before the events that follow it in the same read (a resumed session's)
+        self._hello_id = None
+        reply = bytes(f.payload)
+        self.client_id = _U64.unpack(reply[:8])[0]
+        caps = _U32.unpack(reply[8:12])[0] if len(reply) >= 12 else 0
+        self.capabilities = msip.Capability(caps & 7)
+        self._acks = self._resumable = bool(caps & _CAP_AT_LEAST_ONCE)  # acks; session kept
+        self._routes.clear()
+
     def _on_event(self, f) -> None:
         try:
             topic, data = msip.decode_publish_payload(f.payload)
         except ProtocolError as exc:
             log.warning("dropping an EVENT with a bad payload: %s", exc)
             return
-        if f.flags & _F_COMPRESSED and bytes(data[:4]) == ZSTD_MAGIC:
+        if f.flags & _F_COMPRESSED and bytes(data[:4]) == msip.ZSTD_MAGIC:
             data = self._decompress(data)
         matched = self._routes.get(topic)
         if matched is None:
-            matched = [s for s in self._subs.values() if topic_matches(s.topic, topic)]
+            patterns = bool(self.capabilities & _CAP_PATTERNS)
+            matched = [s for s in self._subs.values() if topic_matches(s.topic, topic, patterns)]
             if len(self._routes) > 10_000:
                 self._routes.clear()
             self._routes[topic] = matched
-        reliable = any(s.reliable for s in matched)
+        # only a broker that granted at-least-once expects ACK frames (the reference closes
+        # the connection on one)
+        reliable = self._acks and any(s.reliable for s in matched)
         event = Event(topic, data, f.msg_id, f.flags, reliable)
         acked_later = False
         for sub in matched:
@@ -475,6 +507,8 @@ class AsyncClient:
         return done
 
     def _send_ack(self, msg_id: int) -> None:
+        if not self._acks:
+            return  # a broker that did not grant at-least-once refuses ACK frames
         try:
             self._write(msip.encode_header(_ACK, _K_EVENT, 0, msg_id, 0))
         except ConnectionError:
@@ -495,7 +529,9 @@ class AsyncClient:
         ``callback(event)`` (a function or a coroutine function) is called for each event;
         without one, iterate the returned :class:`Subscription`. ``reliable`` asks for
         at-least-once delivery: events are acknowledged after the callback returned (or when
-        the iterator hands them out), and are sent again if the client dies before.
+        the iterator hands them out), and are sent again if the client dies before (only
+        where the broker granted ``Capability.AT_LEAST_ONCE``; at-most-once otherwise).
+        ``*`` and ``>`` are wildcards only where the broker granted ``Capability.PATTERNS``.
 
         Called before :meth:`connect`, it only registers the subscription, which connect
         then sends: this is how a resumed session gets its redelivered events handled."""
@@ -511,17 +547,18 @@ class AsyncClient:
         return sub
 
     async def _send_subscribe(self, topic: str, reliable: bool) -> None:
+        # ACK_REQUIRED always: the reference refuses a SUBSCRIBE without it
+        flags = _F_ACK_REQUIRED
+        if reliable:
+            if self._acks:
+                flags |= _F_AT_LEAST_ONCE
+            else:
+                log.warning("the broker did not grant at-least-once delivery: %r is at-most-once",
+                            topic)
         msg_id = next(self._ids)
-        if reliable:  # ACK_REQUIRED: at-least-once, and the broker answers with an ACK
-            wait_id = msg_id
-            fut = self._expect(msg_id)
-            self._write(msip.encode(_SUBSCRIBE, _K_EVENT, topic.encode(), msg_id, _F_ACK_REQUIRED))
-        else:  # no reply without ACK_REQUIRED: a PING behind it confirms it was applied
-            ping_id = wait_id = next(self._ids)
-            fut = self._expect(ping_id)
-            self._write(msip.encode(_SUBSCRIBE, _K_EVENT, topic.encode(), msg_id, 0),
-                        msip.encode(_PING, _K_EVENT, b"", ping_id, 0))
-        await self._wait(fut, wait_id)
+        fut = self._expect(msg_id)
+        self._write(msip.encode(_SUBSCRIBE, _K_EVENT, topic.encode(), msg_id, flags))
+        await self._wait(fut, msg_id)
 
     async def unsubscribe(self, topic: str) -> None:
         """Stop a subscription (waits for the broker's ACK)."""
@@ -612,7 +649,8 @@ class AsyncClient:
         return time.perf_counter() - t0
 
     def ack(self, msg_id: int) -> None:
-        """Acknowledge an at-least-once event by its msg_id (when ``auto_ack`` is off)."""
+        """Acknowledge an at-least-once event by its msg_id (when ``auto_ack`` is off); nothing
+        is sent to a broker that did not grant at-least-once delivery."""
         self._send_ack(msg_id)
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "FrameType",
     "MsgKind",
     "Flags",
+    "Capability",
+    "ZSTD_MAGIC",
     "Frame",
     "FrameParser",
     "decode",
@@ -71,10 +73,39 @@ class MsgKind(enum.IntEnum):
     METRIC = 5
 
 
+#: the first octets of a zstd frame: the only data an EVENT is marked COMPRESSED for
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 class Flags(enum.IntFlag):
-    """MSIP header flags (octet 5); other bits are ignored."""
+    """MSIP header flags (octet 5). Bits 0-2 are the spec's; the reference ignores the others,
+    which mip uses for opt-in extensions (a reference client never sets them):
+
+    * ``AT_LEAST_ONCE`` on SUBSCRIBE: an at-least-once subscription (the session must have
+      been granted ``Capability.AT_LEAST_ONCE``);
+    * ``ACK_REQUIRED`` on HELLO: the client acknowledges events and wants its session kept
+      for the broker's session TTL after a dropped connection;
+    * ``PATTERNS`` on HELLO: ``*`` and a final ``>`` in this session's topics are wildcards;
+    * ``TAKEOVER`` on HELLO: a connection already using the client id is closed.
+
+    A HELLO with any of these bits set is answered with the client id followed by a u32
+    :class:`Capability` set: what the broker grants the session.
+    """
 
     NONE = 0
     ACK_REQUIRED = 1
     COMPRESSED = 2
     URGENT = 4
+    AT_LEAST_ONCE = 8
+    PATTERNS = 16
+    TAKEOVER = 32
+
+
+class Capability(enum.IntFlag):
+    """What a broker of ours grants a session: the u32 after the client id in the HELLO's ACK
+    (absent when the HELLO set none of the extension flags, and from the reference broker)."""
+
+    NONE = 0
+    AT_LEAST_ONCE = 1  #: event ACKs, redelivery, the session kept after a dropped connection
+    PATTERNS = 2  #: wildcard topics
+    TAKEOVER = 4  #: the HELLO took the client id over from another connection, if any

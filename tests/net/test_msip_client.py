@@ -16,12 +16,7 @@ try:
 except ImportError:
     import test_msip_support as w
 
-
-def run(coro, timeout: float = 10.0):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
+run = w.run
 
 
 async def _broker(**options) -> tuple[Broker, str]:

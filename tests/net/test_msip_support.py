@@ -7,16 +7,23 @@ that byte-exact checks do not depend on our own codec.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEADER = struct.Struct(">4sBBHHHIQ")  # magic, version, flags, frame_type, msg_kind, reserved, len, id
 MAGIC = b"MSIP"
 HELLO, SUBSCRIBE, UNSUBSCRIBE, PUBLISH, EVENT, ACK, ERROR, PING, PONG, CLOSE = range(1, 11)
 K_EVENT, K_COMMAND, K_STATE, K_LOG, K_METRIC = range(1, 6)
 ACK_REQUIRED, COMPRESSED, URGENT = 1, 2, 4
+AT_LEAST_ONCE, PATTERNS, TAKEOVER = 8, 16, 32  # mip's extension bits (ignored by the reference)
+CAP_AT_LEAST_ONCE, CAP_PATTERNS, CAP_TAKEOVER = 1, 2, 4  # after the client id in HELLO's ACK
 
 
 def frame(frame_type, payload=b"", msg_id=0, flags=0, kind=K_EVENT, *, magic=MAGIC, version=1,
@@ -86,12 +93,15 @@ class RefClient:
         raise AssertionError("frame not seen")
 
     def hello(self, client_id: int | None = None, token: bytes = b"", msg_id=1, flags=0) -> int:
-        """HELLO; ``flags=ACK_REQUIRED`` declares that this client acknowledges events."""
+        """HELLO; ``flags=ACK_REQUIRED`` asks for an at-least-once session. Returns the client
+        id; the capabilities granted (None: not answered) are left in ``self.caps``."""
         payload = b"" if client_id is None and not token else struct.pack(">Q", client_id or 0) + token
         self.send(HELLO, payload, msg_id, flags)
         h, p = self.recv()
         assert h["type"] == ACK, (h, p)
-        return struct.unpack(">Q", p)[0]
+        assert len(p) == (12 if flags & (ACK_REQUIRED | PATTERNS | TAKEOVER) else 8), p
+        self.caps = struct.unpack(">I", p[8:])[0] if len(p) == 12 else None
+        return struct.unpack(">Q", p[:8])[0]
 
     def subscribe(self, topic: str, msg_id=2, flags=ACK_REQUIRED) -> None:
         self.send(SUBSCRIBE, topic.encode(), msg_id, flags)
@@ -156,6 +166,52 @@ class BrokerThread:
         self.stop()
 
 
+def run(coro, timeout: float = 10.0):
+    """Run a coroutine on a fresh event loop, bounded in time."""
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+class BrokerProcess:
+    """``mip broker`` in a subprocess on a free loopback port (``args``: more flags); the
+    first connection is made to know it listens. ``rss_kib()``: its resident memory."""
+
+    def __init__(self, *args: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "broker", "--msip",
+             f"tcp://127.0.0.1:{self.port}", *args], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def connect(self, startup: float = 30.0) -> "RefClient":
+        deadline = time.monotonic() + startup
+        while True:
+            try:
+                return RefClient(self.port)
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, \
+                    "the broker did not start"
+                time.sleep(0.05)
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def shrink_send_buffers(bt: BrokerThread, client: RefClient, size: int = 8192) -> None:
     """Make the kernel send buffer of the broker's socket to ``client`` small, so that a
     subscriber that does not read fills it quickly and the broker's own queue takes over."""
@@ -179,3 +235,90 @@ def wait_for(predicate, timeout: float = 3.0, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+class ReferenceBroker:
+    """An asyncio stand-in for the reference broker (DoctorPok42/MIP), written from the spec
+    and the observed behaviour (docs/msip.md): literal topics, subscriptions kept per client
+    id (events for an id go to its first connection), SUBSCRIBE/UNSUBSCRIBE without
+    ACK_REQUIRED and any ACK, PONG, ERROR or EVENT from a client answered with ERROR + close,
+    EVENT always flagged COMPRESSED, no PING of its own, a bad header closes silently.
+    ``errors`` lists the ERROR texts it sent."""
+
+    UNSUPPORTED = b"Invalid frame or unsupported operation"
+
+    def __init__(self):
+        self.next_id = 1
+        self.conns: dict[int, asyncio.StreamWriter] = {}  # client id -> first connection
+        self.subs: dict[str, set[int]] = {}  # topic -> client ids
+        self.errors: list[bytes] = []
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server = None
+        self.port = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return f"tcp://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        self.server.close()
+        for wr in list(self.writers):
+            wr.transport.abort()
+        await self.server.wait_closed()
+
+    def drop_all(self) -> None:
+        """Cut every connection (as a broker restart would, without forgetting anything)."""
+        for wr in list(self.writers):
+            wr.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        client_id = None
+        try:
+            while True:
+                head = await reader.readexactly(24)
+                magic, version, flags, ft, kind, _, n, msg_id = HEADER.unpack(head)
+                if magic != MAGIC or version != 1 or not 1 <= ft <= 10 or not 1 <= kind <= 5:
+                    return
+                payload = await reader.readexactly(n)
+                if ft == HELLO:
+                    if len(payload) >= 8:
+                        client_id = struct.unpack_from(">Q", payload)[0]
+                    else:
+                        client_id = self.next_id
+                        self.next_id += 1
+                    self.conns.setdefault(client_id, writer)
+                    writer.write(frame(ACK, struct.pack(">Q", client_id), msg_id, 0, K_STATE))
+                elif ft in (SUBSCRIBE, UNSUBSCRIBE) and flags & ACK_REQUIRED:
+                    topic = payload.decode("utf-8")
+                    if client_id is not None:
+                        if ft == SUBSCRIBE:
+                            self.subs.setdefault(topic, set()).add(client_id)
+                        else:
+                            self.subs.get(topic, set()).discard(client_id)
+                    writer.write(frame(ACK, b"", msg_id, 0, K_STATE))
+                elif ft == PUBLISH and len(payload) >= 2:
+                    tlen = struct.unpack_from(">H", payload)[0]
+                    topic = payload[2:2 + tlen].decode("utf-8")
+                    event = frame(EVENT, payload, msg_id, COMPRESSED, K_EVENT)
+                    for cid in self.subs.get(topic, ()):
+                        target = self.conns.get(cid)
+                        if target is not None and not target.is_closing():
+                            target.write(event)
+                    writer.write(frame(ACK, b"", msg_id, 0, K_STATE))
+                elif ft == PING:
+                    writer.write(frame(PONG, b"", msg_id, 0, K_EVENT))
+                elif ft == CLOSE:
+                    return
+                else:
+                    self.errors.append(self.UNSUPPORTED)
+                    writer.write(frame(ERROR, self.UNSUPPORTED, 0, 0, K_EVENT))
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            self.writers.discard(writer)
+            if client_id is not None and self.conns.get(client_id) is writer:
+                del self.conns[client_id]
+            writer.close()
