@@ -211,14 +211,17 @@ class RemoteError(MipError):
 
     Attributes:
         error_code: the :class:`ErrorCode` the peer sent.
+        detail: what the peer said about it (the text an ERROR frame may carry), or None.
     """
 
-    def __init__(self, error_code: int, message: str | None = None):
+    def __init__(self, error_code: int, detail: str | None = None):
         try:
             code = ErrorCode(error_code)
             name = code.name
         except ValueError:
             code = error_code
             name = str(error_code)
-        super().__init__(message or f"peer answered with MIP error {name} ({error_code})")
+        said = f": {detail}" if detail else ""
+        super().__init__(f"peer answered with MIP error {name} ({error_code}){said}")
         self.error_code = code
+        self.detail = detail

@@ -51,7 +51,7 @@ class _ClosedBeforeReply(ConnectionError):
 
 def _reply(message: mip.Message) -> mip.Message:
     if message.kind == mip.KIND_ERROR:
-        raise RemoteError(message.error_code)
+        raise RemoteError(message.error_code, message.error_message)
     if not message.is_response:
         raise ProtocolError("the peer sent a request where a response was expected")
     return message

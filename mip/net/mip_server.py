@@ -79,7 +79,7 @@ class _Connection(asyncio.BufferedProtocol):
         refusal = server._admit(host)
         if refusal:
             log.warning("refusing a connection from %s: %s", host, refusal)
-            transport.write(mip.encode_error(ErrorCode.MEMORY))
+            transport.write(mip.encode_error(ErrorCode.MEMORY, refusal))
             self.closing = True
             self._linger_close()
             return
@@ -179,7 +179,7 @@ class _Connection(asyncio.BufferedProtocol):
         log.info("closing a connection after a protocol error: %s", exc)
         self.closing = True
         self._pause_reading()
-        reply = mip.encode_error(exc.error_code)
+        reply = mip.encode_error(exc.error_code, str(exc))
         if self.pending:
             # Answer in order: the error goes after the replies still owed.
             # `closing` makes _flush close the transport once this is sent.
@@ -333,9 +333,9 @@ def _error_reply(exc: BaseException) -> bytes:
     """The ERROR frame that answers a request that failed with `exc`."""
     if isinstance(exc, (ServingError, ProtocolError)):
         log.debug("request failed: %s", exc)
-        return mip.encode_error(exc.error_code)
+        return mip.encode_error(exc.error_code, str(exc))
     log.error("handler failed", exc_info=exc)
-    return mip.encode_error(ErrorCode.INTERNAL)
+    return mip.encode_error(ErrorCode.INTERNAL, f"the server failed: {type(exc).__name__}")
 
 
 _DISCARD = memoryview(bytearray(65536))  # where octets after an error are read and dropped

@@ -22,6 +22,7 @@ from mip.protocol._mip import (  # noqa: E402
     KIND_PING,
     KIND_ROUTED,
     REQUEST,
+    MAX_ERROR_MESSAGE,
     RESPONSE,
     TENSOR,
     TEXT,
@@ -42,6 +43,7 @@ from mip.protocol._mip import (  # noqa: E402
     encode_response_buffers,
 )
 __all__ = [
+    "MAX_ERROR_MESSAGE",
     "DATATYPE_NAMES",
     "DATATYPES",
     "DEFAULT_COPY_THRESHOLD",

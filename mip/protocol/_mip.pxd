@@ -10,6 +10,7 @@ cdef class Message:
     cdef readonly int n_input
     cdef readonly int n_output
     cdef readonly object error_code
+    cdef readonly object error_message
     cdef readonly object model
     cdef readonly object version
     # The frame stays referenced: values are made from it on first access.

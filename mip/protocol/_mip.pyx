@@ -318,6 +318,8 @@ cdef class Message:
         n_input, n_output: the inference header's counts (0 for other kinds).
         batch: list of items, each a tuple of values (numpy arrays for tensors).
         error_code: the error code of an ERROR frame, else None.
+        error_message: what an ERROR frame says after its header (an extension of the
+            protocol: UTF-8 text, invalid octets replaced), or None when it says nothing.
         model, version: the route of a kind-3 request, else None.
 
     Decoding checks the whole frame at once; the value objects of ``batch``
@@ -362,7 +364,8 @@ cdef class Message:
 
     def __repr__(self):
         if self.kind == MIP_KIND_ERROR:
-            return f"Message(kind=ERROR, error_code={self.error_code})"
+            said = f", error_message={self.error_message!r}" if self.error_message else ""
+            return f"Message(kind=ERROR, error_code={self.error_code}{said})"
         names = {0: "ERROR", 1: "PING", 2: "INFERENCE", 3: "ROUTED"}
         sub = "REQUEST" if self.subtype == MIP_REQUEST else "RESPONSE"
         route = f", model={self.model!r}, version={self.version!r}" if self.model is not None else ""
@@ -380,6 +383,7 @@ cdef inline Message _new_message(int kind, int subtype):
     m._bsize = 0
     m._per_item = 0
     m.error_code = None
+    m.error_message = None
     m.model = None
     m.version = None
     return m
@@ -536,6 +540,9 @@ cdef Message decode_frame_at(object owner, const unsigned char *base, Py_ssize_t
     m = _new_message(h.kind, h.subtype)
     if h.kind == MIP_KIND_ERROR:
         m.error_code = h.subtype
+        if length > MIP_HEADER_SIZE:
+            m.error_message = PyUnicode_DecodeUTF8(<const char *>(base + MIP_HEADER_SIZE),
+                                                   length - MIP_HEADER_SIZE, "replace")
         return m
     if h.kind == MIP_KIND_PING:
         if length != MIP_HEADER_SIZE:
@@ -1292,8 +1299,22 @@ def encode_pong():
     return _PONG
 
 
-def encode_error(int code):
-    """An ERROR frame carrying `code` (a ``mip.ErrorCode``) in its subtype: 8 octets."""
+#: octets of UTF-8 an ERROR frame carries at most after its header
+MAX_ERROR_MESSAGE = 1024
+
+
+def encode_error(int code, message=None):
+    """An ERROR frame carrying `code` (a ``mip.ErrorCode``) in its subtype: 8 octets, then,
+    with `message`, that text in UTF-8 (at most :data:`MAX_ERROR_MESSAGE` octets, cut at a
+    character boundary) counted by ``remaining``. The text is this implementation's
+    extension: KubeMo's client reads and discards it, mip's clients raise with it."""
     if not 0 <= code <= 255:
         raise ValueError("an error code is in 0..255")
-    return bytes([MIP_VERSION, MIP_KIND_ERROR, code, 0, 0, 0, 0, 0])
+    if not message:
+        return bytes([MIP_VERSION, MIP_KIND_ERROR, code, 0, 0, 0, 0, 0])
+    text = str(message).encode("utf-8")
+    if len(text) > MAX_ERROR_MESSAGE:
+        text = text[:MAX_ERROR_MESSAGE].decode("utf-8", "ignore").encode("utf-8")
+    n = len(text)
+    return bytes([MIP_VERSION, MIP_KIND_ERROR, code, 0,
+                  (n >> 24) & 0xFF, (n >> 16) & 0xFF, (n >> 8) & 0xFF, n & 0xFF]) + text

@@ -18,7 +18,7 @@ import numpy as np
 
 from mip.errors import InvalidInput, ModelNotFound, ModelNotReady
 from mip.serving.batching import Batcher, BatchRecord
-from mip.serving.datatypes import to_numpy
+from mip.serving.datatypes import from_numpy, to_numpy
 from mip.serving.repository import (IndexEntry, ModelLoadError, ModelMetadata, ModelRepository,
                                     ModelVersion)
 
@@ -26,6 +26,14 @@ __all__ = ["Engine", "ModelStats"]
 
 log = logging.getLogger("mip.serving")
 _UNSETTLED = object()  # Engine._default before start()
+
+
+def _datatype(dtype: np.dtype) -> str:
+    """A numpy dtype by its protocol name (FP64, BYTES), for messages clients read."""
+    try:
+        return from_numpy(dtype)
+    except ValueError:
+        return f"numpy {dtype}"
 
 Tensors = dict[str, np.ndarray]
 BatchHook = Callable[[str, str, BatchRecord], None]
@@ -311,7 +319,7 @@ class Engine:
                                    f"not {type(array).__name__}")
             dtype = served.dtypes[spec.name]
             if array.dtype != dtype and not (dtype == object and array.dtype.kind in "SU"):
-                raise InvalidInput(f"input {spec.name!r} has datatype {array.dtype}, "
+                raise InvalidInput(f"input {spec.name!r} has datatype {_datatype(array.dtype)}, "
                                    f"the model wants {spec.datatype}")
             if array.ndim != len(spec.shape) or any(
                     d != -1 and d != n for d, n in zip(spec.shape, array.shape)):

@@ -120,6 +120,7 @@ async def test_plain_request_without_default_model_is_a_clear_error(demo_repo):
             with pytest.raises(RemoteError) as info:
                 await client.infer([[np.ones((1, 16), np.float32)]])
             assert info.value.error_code == ErrorCode.METHOD
+            assert "--mip-model" in info.value.detail  # the reason travels with the code
     finally:
         await served.close()
 
@@ -141,6 +142,13 @@ async def test_error_codes_for_what_the_engine_refuses(demo_repo):
         assert wrong_shape.value.error_code == ErrorCode.SHAPE
         assert wrong_count.value.error_code == ErrorCode.SHAPE
         assert wrong_dtype.value.error_code == ErrorCode.SHAPE
+        # each says why, in the protocol's terms
+        assert "nope" in unknown.value.detail
+        assert "15" in wrong_shape.value.detail and "16" in wrong_shape.value.detail
+        assert "2 inputs" in wrong_count.value.detail or "inputs" in wrong_count.value.detail
+        assert "FP64" in wrong_dtype.value.detail and "FP32" in wrong_dtype.value.detail
+        assert "float64" not in wrong_dtype.value.detail
+        assert str(wrong_dtype.value).startswith("peer answered with MIP error SHAPE (4): ")
     finally:
         await served.close()
 
@@ -164,6 +172,38 @@ async def test_a_failing_python_model_answers_internal(tmp_path):
             with pytest.raises(RemoteError) as info:
                 await client.infer([["hello"]], model="broken")
         assert info.value.error_code == ErrorCode.INTERNAL
+        assert "model failure" in info.value.detail
+    finally:
+        await served.close()
+
+
+async def test_kubemo_client_reads_errors_that_say_why(demo_repo):
+    """KubeMo's unmodified client against error frames with text: it discards the text and
+    raises its own error with the code, as it always did, and the connection stays usable."""
+    import threading
+
+    kubemo = pytest.importorskip("kubemo")
+    from kubemo.errors import InvocationError
+
+    served = await _serve(demo_repo)  # two models, no default: a plain request is METHOD
+    try:
+        outcome = {}
+
+        def call():
+            client = kubemo.Client()
+            try:
+                client.inference(served.url, ((kubemo.Text("x"),),))
+            except InvocationError as exc:
+                outcome["error"] = str(exc)
+            outcome["ping"] = client.ping(served.url)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        while thread.is_alive():
+            await asyncio.sleep(0.05)
+        thread.join()
+        assert outcome["error"] == f"responded with error code: {int(ErrorCode.METHOD)}"
+        assert outcome["ping"] > 0
     finally:
         await served.close()
 

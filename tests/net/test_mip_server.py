@@ -34,6 +34,13 @@ async def _start(handler=_double, url="tcp://127.0.0.1:0", **kwargs) -> tuple[Mi
     return server, str(address)
 
 
+def _error_code(reply: bytes) -> int:
+    """The code of the one ERROR frame `reply` holds, which must also say why."""
+    message = mip.decode(reply)
+    assert message.kind == mip.KIND_ERROR and message.error_message, message
+    return message.error_code
+
+
 def _raw_exchange(url: str, payload: bytes, timeout: float = 5.0) -> bytes:
     """Send raw octets, read until the server closes (bounded by `timeout`)."""
     host, port = url.removeprefix("tcp://").rsplit(":", 1)
@@ -144,7 +151,7 @@ async def test_protocol_errors_get_the_specified_error_frame_then_close(frame, c
     server, url = await _start()
     try:
         reply = await asyncio.to_thread(_raw_exchange, url, frame)
-        assert reply == mip.encode_error(code)
+        assert _error_code(reply) == code
     finally:
         await server.stop()
 
@@ -154,7 +161,8 @@ async def test_oversized_frame_is_refused_from_its_header_alone():
     try:
         # Only the header is sent: it claims 4 GiB - 1, nothing is allocated for it.
         reply = await asyncio.to_thread(_raw_exchange, url, bytes([0, 2, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]))
-        assert reply == mip.encode_error(ErrorCode.MEMORY)
+        assert _error_code(reply) == ErrorCode.MEMORY
+        assert "1024" in mip.decode(reply).error_message
     finally:
         await server.stop()
 
@@ -169,7 +177,7 @@ async def test_max_connections_refuses_when_none_is_idle_and_closes_an_idle_one(
             while not server._connections or next(iter(server._connections)).idle:
                 await asyncio.sleep(0.01)
             reply = await asyncio.to_thread(_raw_exchange, url, mip.encode_ping())
-            assert reply == mip.encode_error(ErrorCode.MEMORY)
+            assert _error_code(reply) == ErrorCode.MEMORY
             (item,) = await busy
             np.testing.assert_array_equal(item[0], np.full((1, 2), 2, np.float32))
             # now the first connection is idle: it makes room for a new client
@@ -194,7 +202,7 @@ async def test_idle_and_read_timeouts_close_connections():
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"\x00\x02\x00")
         start = loop.time()
-        assert await asyncio.wait_for(reader.read(), 5) == mip.encode_error(ErrorCode.PROTOCOL)
+        assert _error_code(await asyncio.wait_for(reader.read(), 5)) == ErrorCode.PROTOCOL
         assert loop.time() - start < 3
         writer.close()
         for _ in range(100):
