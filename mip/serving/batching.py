@@ -55,6 +55,8 @@ __all__ = ["DEFAULT_INLINE_BELOW", "Batcher", "BatchRecord"]
 #: batches expected to compute in less than this many seconds (250 µs) run on the event loop.
 DEFAULT_INLINE_BELOW = 250e-6
 _EWMA = 0.1  # weight of the newest batch in the compute-time estimates
+#: seconds between two WARNING lines about one model's failures
+FAILURE_LOG_INTERVAL = 10.0
 
 Tensors = dict[str, np.ndarray]
 
@@ -141,6 +143,8 @@ class Batcher:
         self._order: collections.deque = collections.deque()
         self._depth = 0  # requests queued, all sources
         self._idle = instance_count
+        self._warned_at = float("-inf")  # when a failure of this model was last logged
+        self._unlogged = 0  # failed batches since, not logged
         self._running: set[asyncio.Future] = set()  # batches in worker threads
         self._soon: asyncio.Handle | None = None  # the scheduler's next pass, when due
         self._timer: asyncio.TimerHandle | None = None  # ... or its pass at a queue delay
@@ -400,6 +404,8 @@ class Batcher:
             except Exception as exc:
                 error = exc
         if error is not None:
+            if not isinstance(error, ServingError) or isinstance(error, InternalError):
+                self._warn_failure(error, len(live))
             if not isinstance(error, ServingError):
                 error = InternalError(f"model {self.name} failed: "
                                       f"{type(error).__name__}: {error}")
@@ -411,6 +417,19 @@ class Batcher:
                                            time.monotonic() - started, error is not None))
             except Exception:
                 log.exception("batch callback of model %s failed", self.name)
+
+    def _warn_failure(self, error: BaseException, requests: int) -> None:
+        """Log a model's failure at WARNING: at most one line every
+        :data:`FAILURE_LOG_INTERVAL` seconds per model, with the count of those left out,
+        so a flood of bad requests cannot flood the log."""
+        now = time.monotonic()
+        if now - self._warned_at < FAILURE_LOG_INTERVAL:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more failed batches not logged)" if self._unlogged else ""
+        log.warning("model %s failed on a batch of %d request(s): %s: %s%s", self.name,
+                    requests, type(error).__name__, error, more)
+        self._warned_at, self._unlogged = now, 0
 
     def _timed(self, inputs: Tensors) -> tuple[Tensors, float]:
         started = time.monotonic()

@@ -464,3 +464,34 @@ def test_inline_below_zero_keeps_every_batch_in_a_thread():
                           name="test", inline_below=0), 4)
     assert all(name.startswith("mip-test") for name in model.threads)
     assert len(model.threads) == 4
+
+
+def test_model_failures_are_logged_at_warning_rate_limited(caplog):
+    """A model that raises is logged at WARNING with its name and the error, once per
+    interval however many requests fail; the next line counts those left out."""
+    import logging
+
+    from mip.serving import batching
+
+    def broken(inputs):
+        raise ValueError("weights are missing")
+
+    async def scenario():
+        batcher = Batcher(broken, max_batch_size=4, name="broken/1")
+        batcher.start()
+        try:
+            for _ in range(20):
+                with pytest.raises(InternalError, match="weights are missing"):
+                    await batcher.submit({"x": np.ones((1, 2), np.float32)}, 1)
+            batcher._warned_at -= batching.FAILURE_LOG_INTERVAL  # the interval has passed
+            with pytest.raises(InternalError):
+                await batcher.submit({"x": np.ones((1, 2), np.float32)}, 1)
+        finally:
+            await batcher.stop(1.0)
+
+    with caplog.at_level(logging.WARNING, logger="mip.serving.batching"):
+        asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.name == "mip.serving.batching"]
+    assert len(lines) == 2, lines
+    assert "model broken/1 failed" in lines[0] and "ValueError: weights are missing" in lines[0]
+    assert "(19 more failed batches not logged)" in lines[1]
