@@ -178,6 +178,7 @@ cdef enum:
     E_OUT_OF_RANGE
     E_UNBALANCED_OPEN
     E_NO_MEMORY
+    E_VALUE_AFTER_COMMA
 
 
 cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t end,
@@ -205,6 +206,8 @@ cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py
         return f"element {k} is not an integer: {text!r}"
     if error == E_OUT_OF_RANGE:
         return f"element {k} is out of range: {text!r}"
+    if error == E_VALUE_AFTER_COMMA:
+        return "a value is missing after the last ','"
     return "unbalanced '['"
 
 
@@ -221,6 +224,7 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
     cdef int depth = 0
     cdef bint want_value = True  # after '[' or ',': a number or '['; else ',' or ']'
     cdef bint just_opened = False  # the last token was '[' (spaces aside): ']' may follow
+    cdef bint after_comma = False  # the last token was ','
     cdef unsigned char c
     while i < end:
         c = p[i]
@@ -245,14 +249,18 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
                     return E_VALUE_BEFORE_COMMA
                 want_value = True
                 just_opened = False
+                after_comma = True
             elif not _space(c):
                 return E_UNEXPECTED
+            if c != 44 and not _space(c):
+                after_comma = False
             i += 1
             continue
         if not want_value:
             return E_NUMBER_NEEDS_COMMA
         want_value = False
         just_opened = False
+        after_comma = False
         j = _scan(p, i, end, &num)
         if j < 0:
             return E_NOT_NUMBER
@@ -292,6 +300,9 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
     count[0] = k
     if depth != 0:
         return E_UNBALANCED_OPEN
+    if after_comma:
+        at[0] = end
+        return E_VALUE_AFTER_COMMA
     return 0
 
 

@@ -302,7 +302,12 @@ cdef class StreamParser:
                     memcpy(self.chunk.mem + self.end, <unsigned char *>view.buf + pos, n)
                     pos += n
                     self.end += n
-                more = self.parse()
+                try:
+                    more = self.parse()
+                except BaseException:
+                    if out:  # frames of earlier rounds first; the error comes on the next call
+                        return out
+                    raise
                 if out is None:
                     out = more
                 else:
