@@ -409,7 +409,7 @@ def jsonnum(data: bytes) -> None:
 def _tokens(text: bytes):
     """The numbers of a span as JSON reads them, each ("i"|"f", its text); None when the span
     is not a list of numbers and lists; "deep" when it nests deeper than json can read."""
-    if not text.strip():
+    if not text.strip(b" \t\n\r"):  # JSON's white space
         return []
     try:
         ref = json.loads(b"[" + text + b"]", parse_int=lambda t: ("i", t),

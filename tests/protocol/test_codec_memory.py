@@ -240,3 +240,26 @@ def test_idle_parsers_cost_little():
     assert all(p.buffer_size == IDLE_SIZE for p in parsers)
     # IDLE_SIZE + alignment per parser, plus the objects: far below one 64 KiB buffer each
     assert used < 1000 * (IDLE_SIZE + 2048)
+
+
+# ---- frames before an error are not lost ----------------------------------------------
+@pytest.mark.parametrize("parser, good, count, bad", [
+    (lambda: msip.FrameParser(max_payload=8), msip.encode(msip.FrameType.ACK, msip.MsgKind.STATE, msg_id=3), 3,
+     msip.encode(msip.FrameType.ERROR, msip.MsgKind.LOG, b"x" * 9)),
+    (lambda: mip.FrameParser(max_frame_size=40), mip.encode_ping(), 5,
+     mip.encode_request([[np.ones(100, np.uint8)]])),
+])
+def test_feed_returns_the_frames_before_an_error(parser, good, count, bad):
+    """feed() copies in rounds when its input is larger than the buffer: frames of earlier
+    rounds come back, the error on the next call."""
+    p = parser()
+    got = p.feed(good * count + bad)
+    assert len(got) == count
+    with pytest.raises(mip.ProtocolError):
+        p.feed(b"")
+
+
+def test_trailing_comma_is_refused():
+    for bad in (b"1,", b"1, ", b"[1],"):
+        with pytest.raises(ValueError, match="after the last ','"):
+            parse_numbers(bad, 0, len(bad), np.int64)
