@@ -175,6 +175,29 @@ def _parse_all(parser, stream: bytes, rnd: random.Random, limit: int, read) -> t
     return got, None
 
 
+def _chunk_size(data: bytes) -> int:
+    return 256 if data[0] & 0x80 else 65536
+
+
+def _agree(parser, data: bytes, limit: int, read, header: int, length_of, decode) -> None:
+    """The streaming parser fed ``data[2:]`` in pieces cut by ``data[1]`` and whole-frame
+    decoding read the same frames and stop at the same error; a parser that failed stays
+    failed."""
+    stream = data[2:]
+    got, error = _parse_all(parser, stream, random.Random(data[1]), limit, read)
+    want, want_error = _decode_each(stream, header, length_of, decode)
+    assert got == want, "the streaming parser and whole-frame decoding read different frames"
+    assert type(error) is type(want_error), (error, want_error)
+    if error is not None:
+        for call in (lambda: parser.feed(b"\0"), lambda: parser.get_buffer(-1)):
+            try:
+                call()
+            except ProtocolError as again:
+                assert type(again) is type(error)
+            else:
+                raise AssertionError("a failed parser took more input")
+
+
 def _decode_each(stream: bytes, header: int, length_of, decode) -> tuple[list, object]:
     """The frames of `stream` decoded one at a time: (results, the error that ends them).
     A frame whose octets have not all arrived is decoded too: a header the parser refuses
@@ -211,23 +234,9 @@ def mip_stream(data: bytes) -> None:
     if len(data) < 2:
         return
     limit = _MIP_LIMITS[data[0] % len(_MIP_LIMITS)]
-    chunk_size = 256 if data[0] & 0x80 else 65536
-    rnd = random.Random(data[1])
-    stream = data[2:]
-    parser = mip.FrameParser(max_frame_size=limit, chunk_size=chunk_size)
-    got, error = _parse_all(parser, stream, rnd, limit, summary)
-    want, want_error = _decode_each(stream, 8, _mip_length,
-                                    lambda b: summary(mip.decode(b, max_frame_size=limit)))
-    assert got == want, "the streaming parser and mip.decode read different frames"
-    assert type(error) is type(want_error), (error, want_error)
-    if error is not None:  # a broken parser stays broken, with the same error
-        for call in (lambda: parser.feed(b"\0"), lambda: parser.get_buffer(-1)):
-            try:
-                call()
-            except ProtocolError as again:
-                assert type(again) is type(error)
-            else:
-                raise AssertionError("a failed parser took more input")
+    parser = mip.FrameParser(max_frame_size=limit, chunk_size=_chunk_size(data))
+    _agree(parser, data, limit, summary, 8, _mip_length,
+           lambda b: summary(mip.decode(b, max_frame_size=limit)))
 
 
 _MSIP_LIMITS = (0, 1, 24, 100, 1000, 65536, msip.DEFAULT_MAX_PAYLOAD)
@@ -260,16 +269,9 @@ def msip_stream(data: bytes) -> None:
     if len(data) < 2:
         return
     max_payload = _MSIP_LIMITS[data[0] % len(_MSIP_LIMITS)]
-    limit = max_payload + msip.HEADER_SIZE
-    chunk_size = 256 if data[0] & 0x80 else 65536
-    rnd = random.Random(data[1])
-    stream = data[2:]
-    parser = msip.FrameParser(max_payload=max_payload, chunk_size=chunk_size)
-    got, error = _parse_all(parser, stream, rnd, limit, _frame_summary)
-    want, want_error = _decode_each(stream, 24, _msip_length,
-                                    lambda b: _frame_summary(msip.decode(b, max_payload=max_payload)))
-    assert got == want, "the streaming parser and msip.decode read different frames"
-    assert type(error) is type(want_error), (error, want_error)
+    parser = msip.FrameParser(max_payload=max_payload, chunk_size=_chunk_size(data))
+    _agree(parser, data, max_payload + msip.HEADER_SIZE, _frame_summary, 24, _msip_length,
+           lambda b: _frame_summary(msip.decode(b, max_payload=max_payload)))
 
 
 def msip_decode(data: bytes) -> None:
