@@ -10,12 +10,12 @@ fit gets a chunk of exactly its size, so large tensors land in their final
 memory straight from the socket and no chunk is ever larger than the
 configured maximum frame (header included).
 
-Receive memory follows the traffic: a parser with nothing pending holds a
-small chunk (``IDLE_SIZE`` octets, or the maximum frame when that is smaller);
-while reads fill what was handed out, the next chunk doubles, up to
-``chunk_size``; once a read leaves no partial frame behind without filling
-its buffer, the parser goes back to the small chunk and lets the large one go
-(the values decoded from it keep it alive as long as they need it).
+Receive memory follows the traffic: a parser with nothing pending holds at
+most a small chunk (``IDLE_SIZE`` octets, or the maximum frame when that is
+smaller); while reads fill what was handed out and leave part of a frame, the
+next chunk doubles, up to ``chunk_size``; once a read leaves no partial frame
+behind, the parser lets a larger chunk go at once (the values decoded from it
+keep it alive as long as they need it) and the next read gets the small size.
 """
 
 from cpython.buffer cimport PyBuffer_FillInfo, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
@@ -160,10 +160,14 @@ cdef class StreamParser:
 
     cdef void _settle(self, bint filled):
         """After the frames of a read were taken: with nothing partial left the peer has
-        nothing more on the way (back to the idle size); a read that filled its buffer and
-        left part of a frame means more is queued (grow)."""
+        nothing more on the way (back to the idle size, and a larger chunk is let go now:
+        the transport asks for memory again only when the next octets arrive); a read that
+        filled its buffer and left part of a frame means more is queued (grow)."""
         if self.end == self.start:
             self.recv_size = self.idle_size
+            if self.chunk is not None and self.chunk.size > self.idle_size:
+                self.chunk = None
+                self.start = self.end = 0
         elif filled:
             self._grow()
 

@@ -176,16 +176,36 @@ def test_msip_buffer_never_exceeds_max_payload_and_header():
     assert len(got) == 12 and parser.buffer_size <= 1024
 
 
-def test_buffer_shrinks_after_a_large_frame():
+def test_buffer_is_let_go_after_a_large_frame():
     big = mip.encode_request([[np.ones(1 << 20, np.uint8)]])
     parser = mip.FrameParser()
-    (m,) = _feed_through_buffers(parser, big, 1 << 16, mip.DEFAULT_MAX_FRAME_SIZE, [])
-    assert parser.buffer_size >= len(big)  # the frame got memory of its own size
+    sizes: list[int] = []
+    (m,) = _feed_through_buffers(parser, big, 1 << 16, mip.DEFAULT_MAX_FRAME_SIZE, sizes)
+    assert max(sizes) == len(big)  # the frame got memory of exactly its size
+    # the frame is out: the parser holds nothing while the connection waits (asyncio asks
+    # for a buffer again only when the next octets arrive); the message keeps its memory
+    assert parser.buffer_size == 0
     assert m.batch[0][0].sum() == 1 << 20
     parser.get_buffer(-1)
     assert parser.buffer_size == IDLE_SIZE  # the next read gets the small buffer
-    del m
-    gc.collect()
+
+
+def test_idle_connection_holds_no_frame_memory():
+    """The memory of a decoded frame is freed once its message is dropped: the parser
+    does not keep it for the next read."""
+    frame = mip.encode_request([[np.ones(200_000, np.uint8)]])
+    tracemalloc.start()
+    try:
+        parser = mip.FrameParser()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            (m,) = _feed_through_buffers(parser, frame, 1 << 16, mip.DEFAULT_MAX_FRAME_SIZE, [])
+            del m
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert parser.buffer_size == 0
+    assert held < 64 * 1024, held
 
 
 def test_buffer_grows_while_reads_fill_it_and_shrinks_when_quiet():
