@@ -14,7 +14,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_Check
 from libc.string cimport memcpy, memset
@@ -35,9 +35,7 @@ cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
 
 cdef extern from "numpy/arrayobject.h":
-    ctypedef struct PyArray_Descr:
-        pass
-    object PyArray_NewFromDescr(PyTypeObject *subtype, PyArray_Descr *descr, int nd,
+    object PyArray_NewFromDescr(PyObject *subtype, PyObject *descr, int nd,
                                 cnp.npy_intp *dims, cnp.npy_intp *strides,
                                 void *data, int flags, PyObject *obj)
 
@@ -439,7 +437,7 @@ cdef object _make_tensor(mip_tensor_header *t, const unsigned char *data, object
     if writable:
         flags |= cnp.NPY_ARRAY_WRITEABLE
     Py_INCREF(<object>descr)  # PyArray_NewFromDescr steals it
-    arr = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <PyArray_Descr *>descr, t.ndim, dims, NULL,
+    arr = PyArray_NewFromDescr(<PyObject *>cnp.ndarray, descr, t.ndim, dims, NULL,
                                <void *>data, flags, NULL)
     # A frame placed at an odd address by its caller gives an unaligned view
     # (flags.aligned is False): still no copy; numpy and ONNX Runtime cope.
@@ -797,7 +795,7 @@ cdef object _column(Message m, Py_ssize_t j):
             flags = cnp.NPY_ARRAY_WRITEABLE if m._writable else 0
             descr = _descr_ptr[first.dtype]
             Py_INCREF(<object>descr)
-            arr = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <PyArray_Descr *>descr, first.ndim, dims, strides,
+            arr = PyArray_NewFromDescr(<PyObject *>cnp.ndarray, descr, first.ndim, dims, strides,
                                        <void *>data0, flags, NULL)
             cnp.PyArray_UpdateFlags(<cnp.ndarray>arr, cnp.NPY_ARRAY_UPDATE_ALL)
             cnp.set_array_base(<cnp.ndarray>arr, m._owner)
