@@ -6,12 +6,24 @@ Environment switches:
   code: yellow lines call into Python);
 - ``MIP_DEBUG=1`` builds with -O0 -g and Cython's bounds checks on (release builds carry no
   debug information);
+- ``MIP_DEBUG=asan`` builds with AddressSanitizer (-fsanitize=address -fno-omit-frame-pointer
+  -g -O1; Cython's directives as in a release build, so the code checked is the code
+  shipped). An ASan build is loaded into a Python that is not itself instrumented, so the
+  runtime must come first::
+
+      LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python ...
+
+  (detect_leaks=0: the interpreter keeps memory until exit);
+- ``MIP_FUZZ=1`` adds -fsanitize=fuzzer-no-link, libFuzzer's coverage instrumentation for
+  Atheris; it needs clang (CC=clang LDSHARED="clang -shared") and the ASan runtime that
+  Atheris ships, asan_with_fuzzer.so. Build either into its own folder so the in-place build
+  stays as it is: ``make asan-test`` and ``make fuzz`` do that (docs/fuzzing.md);
 - ``MIP_NO_NATIVE_GRPC=1`` builds without ``mip.protocol._h2``, the native gRPC transport;
   without it the build needs libnghttp2's headers (Debian/Ubuntu ``libnghttp2-dev``, Fedora
   ``libnghttp2-devel``, Alpine ``nghttp2-dev``) and fails, naming them, where they are missing.
 
 Every extension compiles with ``-Wall -Wextra -Werror=incompatible-pointer-types``; the
-packaging tests check that the build prints no warning.
+packaging tests check that a release build prints no warning.
 """
 
 import os
@@ -25,13 +37,19 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 DEBUG = os.environ.get("MIP_DEBUG") == "1"
+ASAN = os.environ.get("MIP_DEBUG") == "asan"
+FUZZ = os.environ.get("MIP_FUZZ") == "1"
 ANNOTATE = os.environ.get("MIP_ANNOTATE") == "1"
 NO_NATIVE_GRPC = os.environ.get("MIP_NO_NATIVE_GRPC") == "1"
 
 compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
-compile_args += ["-Wall", "-Wextra", "-Werror=incompatible-pointer-types"]
 # release builds: no debug sections in the shared objects (the interpreter's own flags add -g)
 link_args = [] if DEBUG else ["-Wl,--strip-debug"]
+if ASAN or FUZZ:
+    sanitizers = "address,fuzzer-no-link" if FUZZ else "address"
+    compile_args = [f"-fsanitize={sanitizers}", "-fno-omit-frame-pointer", "-g", "-O1"]
+    link_args = [f"-fsanitize={sanitizers}"]
+compile_args += ["-Wall", "-Wextra", "-Werror=incompatible-pointer-types"]
 macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 # Warnings in Cython's own utility code, not in ours: GCC 12 at -O3 sees an atomic decrement
 # of a typed memoryview's acquisition count (__Pyx_XCLEAR_MEMVIEW) write "into a region of

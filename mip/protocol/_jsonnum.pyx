@@ -15,6 +15,7 @@ cimport numpy as cnp
 from libc cimport errno as cerrno
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc, realloc, strtod, strtoll
+from libc.string cimport memcpy
 
 cnp.import_array()
 
@@ -145,6 +146,8 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     cdef int error
     with nogil:
         error = _parse_span(p, start, end, is_float, exact, dout, iout, &k, &at)
+    if error == E_NO_MEMORY:
+        raise MemoryError()
     if error:
         raise ValueError(_message(error, body, start, end, at, k))
     wide = wide[:k]
@@ -157,7 +160,7 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
             return wide.astype(dtype)
     if dtype != np.int64:
         info = np.iinfo(dtype)
-        if count and (wide.min() < info.min or wide.max() > info.max):
+        if k and (wide.min() < info.min or wide.max() > info.max):
             raise ValueError(f"a value does not fit {dtype}")
         return wide.astype(dtype)
     return wide
@@ -174,6 +177,8 @@ cdef enum:
     E_NOT_INTEGER
     E_OUT_OF_RANGE
     E_UNBALANCED_OPEN
+    E_NO_MEMORY
+    E_VALUE_AFTER_COMMA
 
 
 cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t end,
@@ -201,6 +206,8 @@ cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py
         return f"element {k} is not an integer: {text!r}"
     if error == E_OUT_OF_RANGE:
         return f"element {k} is out of range: {text!r}"
+    if error == E_VALUE_AFTER_COMMA:
+        return "a value is missing after the last ','"
     return "unbalanced '['"
 
 
@@ -210,10 +217,14 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
     """Numbers of ``p[start:end]`` into ``dout`` (floats) or ``iout``; 0, or an E_ code
     with ``at`` (octet) and ``count`` (element) where it went wrong."""
     cdef char *stop
+    cdef char *text
+    cdef char small[SHORT_NUMBER]
     cdef Py_ssize_t i = start, j, k = 0
     cdef _Number num
     cdef int depth = 0
     cdef bint want_value = True  # after '[' or ',': a number or '['; else ',' or ']'
+    cdef bint just_opened = False  # the last token was '[' (spaces aside): ']' may follow
+    cdef bint after_comma = False  # the last token was ','
     cdef unsigned char c
     while i < end:
         c = p[i]
@@ -224,24 +235,32 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
                 if not want_value:
                     return E_LIST_NEEDS_COMMA
                 depth += 1
+                just_opened = True
             elif c == 93:  # ]
-                if want_value and not (i > start and p[i - 1] == 91):
+                if want_value and not just_opened:
                     return E_VALUE_BEFORE_CLOSE
                 depth -= 1
                 want_value = False
+                just_opened = False
                 if depth < 0:
                     return E_UNBALANCED_CLOSE
             elif c == 44:  # ,
                 if want_value:
                     return E_VALUE_BEFORE_COMMA
                 want_value = True
+                just_opened = False
+                after_comma = True
             elif not _space(c):
                 return E_UNEXPECTED
+            if c != 44 and not _space(c):
+                after_comma = False
             i += 1
             continue
         if not want_value:
             return E_NUMBER_NEEDS_COMMA
         want_value = False
+        just_opened = False
+        after_comma = False
         j = _scan(p, i, end, &num)
         if j < 0:
             return E_NOT_NUMBER
@@ -255,13 +274,23 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
                 if num.negative:
                     dout[k] = -dout[k]
             else:
-                dout[k] = strtod(<const char *>(p + i), &stop)
+                text = _terminated(p + i, j - i, small)
+                if text == NULL:
+                    return E_NO_MEMORY
+                dout[k] = strtod(text, &stop)
+                if text != small:
+                    free(text)
         else:
             if not num.integral:
                 return E_NOT_INTEGER
             if num.digits > 18:
+                text = _terminated(p + i, j - i, small)
+                if text == NULL:
+                    return E_NO_MEMORY
                 cerrno.errno = 0
-                iout[k] = strtoll(<const char *>(p + i), &stop, 10)
+                iout[k] = strtoll(text, &stop, 10)
+                if text != small:
+                    free(text)
                 if cerrno.errno == cerrno.ERANGE:
                     return E_OUT_OF_RANGE
             else:
@@ -271,7 +300,26 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
     count[0] = k
     if depth != 0:
         return E_UNBALANCED_OPEN
+    if after_comma:
+        at[0] = end
+        return E_VALUE_AFTER_COMMA
     return 0
+
+
+cdef enum:
+    SHORT_NUMBER = 64  # numbers of fewer octets are copied to the stack for strtod
+
+
+cdef char *_terminated(const unsigned char *p, Py_ssize_t n, char *small) noexcept nogil:
+    """``p[:n]`` with a NUL after it, for strtod/strtoll, which read until a character
+    that cannot continue the number: without it they could read past the span and past
+    the end of a buffer that is not NUL-terminated. In ``small`` when it fits, else in
+    memory the caller frees; NULL when there is none."""
+    cdef char *s = small if n < SHORT_NUMBER else <char *>malloc(n + 1)
+    if s != NULL:
+        memcpy(s, p, n)
+        s[n] = 0
+    return s
 
 
 cdef double _POW10[23]

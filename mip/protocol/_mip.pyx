@@ -230,13 +230,26 @@ cdef class Json:
 
     def __eq__(self, other):
         if isinstance(other, Json):
-            return self.value == (<Json>other).value
+            if self._valid() and (<Json>other)._valid():
+                return self.value == (<Json>other).value
+            return self.data == (<Json>other).data  # octets that are not JSON: as octets
         return NotImplemented
 
     __hash__ = None
 
+    cdef int _valid(self) except -1:
+        """Whether ``value`` parses (it is then parsed)."""
+        if not self._parsed:
+            try:
+                self.value
+            except _errors.InvalidValue:
+                return False
+        return True
+
     def __repr__(self):
-        return f"Json({self.value!r})"
+        if self._valid():
+            return f"Json({self._value!r})"
+        return f"Json.from_bytes({bytes(self._data[:64])!r}{'...' if len(self._data) > 64 else ''})"
 
 
 cdef class Image:
@@ -609,6 +622,7 @@ cdef list _walk(Message m, bint build):
     cdef _FrameView fv = None
     cdef list batch = None
     cdef tuple item = None
+    cdef object value
     if build:
         fv = _FrameView.__new__(_FrameView)
         fv.base = base
@@ -712,6 +726,9 @@ cdef list _rows(Message m, Py_ssize_t j):
     cdef Py_ssize_t *sizes = offsets + max(n, 1)
     cdef uint32_t *types = <uint32_t *>(offsets + 2 * max(n, 1))
     cdef list out = PyList_New(n)
+    # A Python object, declared: PyList_SET_ITEM steals the reference taken by Py_INCREF,
+    # which must be the object stored (an inferred C integer would give a temporary).
+    cdef object r
     try:
         for i in range(n):
             r = 1
@@ -831,17 +848,20 @@ def decode(buffer, max_frame_size=None):
     cdef uint64_t limit
     cdef bint writable = False
     cdef int rc
+    cdef object owner
     if PyBytes_CheckExact(buffer):
         p = <const unsigned char *>PyBytes_AS_STRING(buffer)
         n = PyBytes_GET_SIZE(buffer)
         owner = buffer
     else:
-        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+        # The memoryview pins the exporter's memory for the views; the pointer is taken
+        # from it, so it is the memory that stays pinned.
+        owner = memoryview(buffer)
+        PyObject_GetBuffer(owner, &view, PyBUF_SIMPLE)
         p = <const unsigned char *>view.buf
         n = view.len
         writable = not view.readonly
         PyBuffer_Release(&view)
-        owner = memoryview(buffer)  # keeps the exporter's memory pinned for the views
         if not writable:
             owner = owner.toreadonly()
     limit = <uint64_t>-1 if max_frame_size is None else <uint64_t>max_frame_size
@@ -888,7 +908,7 @@ cdef class FrameParser(StreamParser):
                  Py_ssize_t chunk_size=65536):
         if max_frame_size < MIP_HEADER_SIZE:
             raise ValueError("max_frame_size must be at least 8 octets")
-        self.set_chunk_size(chunk_size)
+        self.set_sizes(chunk_size, max_frame_size)
         self.max_frame = max_frame_size
         self.align_frames = True
 
@@ -1058,6 +1078,7 @@ cdef _Plan _plan(object batch, int kind, int subtype, int n_input, object n_outp
     cdef Py_ssize_t bsize, per_item, i, j, k, off, hdr
     cdef _Enc *e
     cdef list items = []
+    cdef object item, value
     plan.keep = []
     # Lists and tuples are read in place (PySequence_Fast); other sequences are copied once.
     items = [item if type(item) is tuple or type(item) is list else tuple(item) for item in batch]
@@ -1113,7 +1134,10 @@ cdef _Plan _plan(object batch, int kind, int subtype, int n_input, object n_outp
             e.segment_src = NULL
             if PySequence_Fast_GET_SIZE(item) != per_item:  # a list changed while encoding
                 raise ValueError(f"item {i} changed size while it was being encoded")
-            _normalize(e, <object>PySequence_Fast_GET_ITEM(item, j), plan.keep)
+            # A reference of our own: the item is the caller's list, which code run while
+            # normalising (str() of an element of an object array) could change.
+            value = <object>PySequence_Fast_GET_ITEM(item, j)
+            _normalize(e, value, plan.keep)
             off += MIP_TLV_HEADER_SIZE
             if e.type == T_TENSOR:
                 hdr = 4 + 4 * e.ndim

@@ -213,7 +213,7 @@ cdef class FrameParser(StreamParser):
     def __init__(self, Py_ssize_t max_payload=DEFAULT_MAX_PAYLOAD, Py_ssize_t chunk_size=65536):
         if max_payload < 0:
             raise ValueError("max_payload must be >= 0")
-        self.set_chunk_size(chunk_size)
+        self.set_sizes(chunk_size, min(max_payload, MAX_U32) + MSIP_HEADER_SIZE)
         self.max_payload = max_payload
 
     @property

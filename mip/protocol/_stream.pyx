@@ -8,7 +8,14 @@ the chunk alive.  A chunk is reused only when no decoded value refers to it;
 otherwise the unconsumed tail moves to a fresh chunk.  A frame that does not
 fit gets a chunk of exactly its size, so large tensors land in their final
 memory straight from the socket and no chunk is ever larger than the
-configured maximum frame.
+configured maximum frame (header included).
+
+Receive memory follows the traffic: a parser with nothing pending holds at
+most a small chunk (``IDLE_SIZE`` octets, or the maximum frame when that is
+smaller); while reads fill what was handed out and leave part of a frame, the
+next chunk doubles, up to ``chunk_size``; once a read leaves no partial frame
+behind, the parser lets a larger chunk go at once (the values decoded from it
+keep it alive as long as they need it) and the next read gets the small size.
 """
 
 from cpython.buffer cimport PyBuffer_FillInfo, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
@@ -39,6 +46,10 @@ cdef object _ProtocolError = _errors.ProtocolError
 
 cdef enum:
     ALIGN = 64  # chunk memory alignment, in octets
+
+#: Receive memory of a parser with no partial frame, in octets (at most the maximum frame).
+IDLE_SIZE = 4096
+cdef Py_ssize_t _IDLE_SIZE = IDLE_SIZE
 
 
 cdef int raise_wire_error(int code, Py_ssize_t offset, str detail) except -1:
@@ -120,17 +131,45 @@ cdef class StreamParser:
         self.end = 0
         self.want = 0
         self.chunk_size = 65536
-        self.min_free = 4096
+        self.limit = 65536
+        self.cap = 65536
+        self.idle_size = _IDLE_SIZE
+        self.recv_size = _IDLE_SIZE
+        self.offered = 0
+        self.min_free = _IDLE_SIZE // 4
         self.error = None
         self.align_frames = False
 
-    cdef int set_chunk_size(self, Py_ssize_t chunk_size) except -1:
-        """Receive memory comes in chunks of `chunk_size` octets (larger frames get their own)."""
+    cdef int set_sizes(self, Py_ssize_t chunk_size, Py_ssize_t limit) except -1:
+        """Receive memory comes in chunks of at most `chunk_size` octets, and never more than
+        `limit` (the largest frame, header included); a frame larger than `chunk_size` gets
+        a chunk of exactly its size."""
         if chunk_size < 256:
             raise ValueError("chunk_size must be at least 256 octets")
         self.chunk_size = chunk_size
-        self.min_free = min(4096, chunk_size // 4)
+        self.limit = limit
+        self.cap = min(chunk_size, limit)
+        self.idle_size = min(_IDLE_SIZE, self.cap)
+        self.recv_size = self.idle_size
+        self.min_free = max(1, self.idle_size // 4)
         return 0
+
+    cdef void _grow(self):
+        """A read filled what it was given: more is queued, offer more next time."""
+        self.recv_size = min(2 * self.recv_size, self.cap)
+
+    cdef void _settle(self, bint filled):
+        """After the frames of a read were taken: with nothing partial left the peer has
+        nothing more on the way (back to the idle size, and a larger chunk is let go now:
+        the transport asks for memory again only when the next octets arrive); a read that
+        filled its buffer and left part of a frame means more is queued (grow)."""
+        if self.end == self.start:
+            self.recv_size = self.idle_size
+            if self.chunk is not None and self.chunk.size > self.idle_size:
+                self.chunk = None
+                self.start = self.end = 0
+        elif filled:
+            self._grow()
 
     cdef Py_ssize_t frame_length(self, const unsigned char *p, Py_ssize_t avail) except -2:
         raise NotImplementedError
@@ -145,12 +184,19 @@ cdef class StreamParser:
         cdef Chunk c = self.chunk
         cdef bint reusable
         if c is None:
-            self.chunk = new_chunk(max(self.chunk_size, self.want))
+            self.chunk = new_chunk(max(self.recv_size, self.want))
             self.start = self.end = 0
             return 0
         # Only the parser refers to the chunk: its memory can be rewritten.
         reusable = Py_REFCNT(c) == 2 and c.exports == 0  # self.chunk + local `c`
         if pending == 0:
+            if c.size > self.recv_size or (reusable and c.size < self.recv_size):
+                # Nothing pending and the chunk is not the size wanted now (a large frame's
+                # own, or the end of a burst): the parser lets it go.
+                c = None
+                self.chunk = new_chunk(self.recv_size)
+                self.start = self.end = 0
+                return 0
             if reusable:
                 self.start = self.end = 0
             elif self.start % 8:
@@ -166,7 +212,7 @@ cdef class StreamParser:
             memmove(c.mem + self.start + shift, c.mem + self.start, pending)
             self.start += shift
             self.end += shift
-        need = self.want if self.want > pending else pending + self.min_free
+        need = self.want if self.want > pending else min(pending + self.min_free, self.limit)
         if self.start + need <= c.size and c.size - self.end >= min(self.min_free, need - pending):
             return 0
         if reusable and need <= c.size:
@@ -175,9 +221,9 @@ cdef class StreamParser:
             self.start = 0
             self.end = pending
             return 0
-        size = max(self.chunk_size, need)
-        if self.want and self.want > self.chunk_size:
-            size = self.want  # a large frame gets memory of exactly its size
+        size = min(max(self.recv_size, need), self.limit)
+        if self.want > self.recv_size:
+            size = self.want  # a frame larger than the receive size gets memory of exactly its size
         cdef Chunk fresh = new_chunk(size)
         if pending:
             memcpy(fresh.mem, c.mem + self.start, pending)
@@ -229,6 +275,7 @@ cdef class StreamParser:
         if self.error is not None:
             raise self.error
         self.ensure_space()
+        self.offered = self.chunk.size - self.end
         return memoryview(self.chunk)[self.end:]
 
     def buffer_updated(self, Py_ssize_t nbytes):
@@ -238,12 +285,14 @@ cdef class StreamParser:
         if self.chunk is None or nbytes < 0 or nbytes > self.chunk.size - self.end:
             raise ValueError(f"buffer_updated({nbytes}) does not match the buffer handed out")
         self.end += nbytes
-        return self.parse()
+        out = self.parse()
+        self._settle(nbytes == self.offered)
+        return out
 
     def feed(self, data):
         """Append received octets (any bytes-like object); return the complete frames."""
         cdef Py_buffer view
-        cdef Py_ssize_t pos = 0, n
+        cdef Py_ssize_t pos = 0, n, room
         cdef list out = None, more
         if self.error is not None:
             raise self.error
@@ -251,18 +300,26 @@ cdef class StreamParser:
         try:
             while True:
                 self.ensure_space()
-                n = min(view.len - pos, self.chunk.size - self.end)
+                room = self.chunk.size - self.end
+                n = min(view.len - pos, room)
                 if n:
                     memcpy(self.chunk.mem + self.end, <unsigned char *>view.buf + pos, n)
                     pos += n
                     self.end += n
-                more = self.parse()
+                try:
+                    more = self.parse()
+                except BaseException:
+                    if out:  # frames of earlier rounds first; the error comes on the next call
+                        return out
+                    raise
                 if out is None:
                     out = more
                 else:
                     out.extend(more)
                 if pos >= view.len or self.error is not None:
+                    self._settle(n == room)
                     break
+                self._grow()
         finally:
             PyBuffer_Release(&view)
         return out
@@ -271,3 +328,9 @@ cdef class StreamParser:
     def buffered(self):
         """Octets received but not yet part of a complete frame."""
         return self.end - self.start
+
+    @property
+    def buffer_size(self):
+        """Octets of receive memory the parser holds (0 before the first receive); never more
+        than the largest frame allowed, header included."""
+        return 0 if self.chunk is None else self.chunk.size
