@@ -14,7 +14,8 @@ list of events back; whatever the connection wants to send is collected by
 :meth:`GrpcConnection.data_to_send` as a list of buffers for ``writelines``.
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t, uint64_t
@@ -579,12 +580,15 @@ cdef class GrpcConnection:
         """A gRPC message (prefix + payload) onto ``call``'s outgoing buffers; ``message``
         is a bytes-like object or a list of them (sent one after the other, not joined)."""
         cdef Py_buffer view
-        cdef Py_ssize_t n = 0
-        parts = message if isinstance(message, list) else (message,)
-        for part in parts:
+        cdef Py_ssize_t n = 0, size
+        cdef list octets = []  # the parts as octets: len() and slices count octets, not items
+        for part in (message if isinstance(message, list) else (message,)):
             PyObject_GetBuffer(part, &view, PyBUF_SIMPLE)
-            n += view.len
+            size = view.len
             PyBuffer_Release(&view)
+            if size:
+                octets.append(part if PyBytes_CheckExact(part) else memoryview(part).cast("B"))
+            n += size
         if n > 0xFFFFFFFF:
             raise ValueError("a gRPC message is at most 4 GiB")
         cdef uint8_t prefix[PREFIX]
@@ -594,9 +598,7 @@ cdef class GrpcConnection:
         prefix[3] = (n >> 8) & 0xFF
         prefix[4] = n & 0xFF
         call.out.append((<char *>prefix)[:PREFIX])
-        for part in parts:
-            if len(part):
-                call.out.append(part)
+        call.out.extend(octets)
         call.out_octets += n + PREFIX
         self.pending_out += n + PREFIX
 
@@ -1027,17 +1029,25 @@ cdef str _percent_decode(bytes value):
 
 
 cdef nghttp2_nv *_nva(list fields) except NULL:
-    cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * max(1, len(fields)))
+    """The header fields (``(bytes, bytes)`` pairs, checked before any memory is taken) as
+    nghttp2's array, which the caller frees; the pointers borrow the list's bytes."""
+    cdef Py_ssize_t i, n = len(fields)
+    for i in range(n):
+        field = fields[i]
+        if (not isinstance(field, tuple) or len(<tuple>field) != 2
+                or not PyBytes_CheckExact((<tuple>field)[0])
+                or not PyBytes_CheckExact((<tuple>field)[1])):
+            raise TypeError(f"header field {i} must be a (bytes, bytes) pair, not {field!r}")
+    cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * max(1, n))
     if nva == NULL:
         raise MemoryError()
-    cdef Py_ssize_t i
     cdef bytes name, value
-    for i in range(len(fields)):
+    for i in range(n):
         name, value = fields[i]
         nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
-        nva[i].namelen = len(name)
+        nva[i].namelen = PyBytes_GET_SIZE(name)
         nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
-        nva[i].valuelen = len(value)
+        nva[i].valuelen = PyBytes_GET_SIZE(value)
         nva[i].flags = NGHTTP2_NV_FLAG_NONE
     return nva
 

@@ -47,6 +47,11 @@ async def served():
     async def peer(request, context):
         return context.peer().encode()
 
+    async def floats(request, context):
+        import numpy as np
+
+        return np.arange(8, dtype=np.float32)  # a buffer of 4-octet items
+
     async def chat(requests, context):
         async for request in requests:
             yield request.upper()
@@ -59,6 +64,7 @@ async def served():
         "/test.Echo/Slow": unary(slow),
         "/test.Echo/Metadata": unary(metadata),
         "/test.Echo/Peer": unary(peer),
+        "/test.Echo/Floats": unary(floats),
         "/test.Echo/Chat": stream_stream(chat),
     }, max_message_size=LIMIT)
     host, port = await server.start("127.0.0.1", 0)
@@ -282,3 +288,23 @@ async def test_context_names_the_peer_as_grpcio_does(served):
     assert peer.startswith("ipv4:127.0.0.1:") and grpc_peer_host(peer) == "127.0.0.1"
     assert grpc_peer_host("ipv6:[::1]:5000") == grpc_peer_host("ipv6:%5B::1%5D:5000") == "::1"
     assert grpc_peer_host("unix:/tmp/s") is None and grpc_peer_host("") is None
+
+
+async def test_a_reply_of_multi_octet_items_is_sent_whole(served):
+    import numpy as np
+
+    address, _ = served
+    async with GrpcChannel(address) as channel:
+        reply = await channel.unary("/test.Echo/Floats", b"")
+    assert np.frombuffer(reply, np.float32).tolist() == list(range(8))
+
+
+def test_header_fields_that_are_not_bytes_are_refused_before_any_memory_is_taken():
+    from mip.protocol import _h2
+
+    client = _h2.GrpcConnection(client=True, max_message_size=1024)
+    for bad in ([("k", 5)], [("k", None)], [(None, "v")]):
+        with pytest.raises((TypeError, AttributeError)):
+            client.start_call(b"/test.Echo/Echo", b"localhost", b"x", metadata=bad)
+    call = client.start_call(b"/test.Echo/Echo", b"localhost", b"x", metadata=[("k", "v")])
+    assert call.stream_id == 1  # the connection is still usable
