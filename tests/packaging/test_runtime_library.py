@@ -10,21 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from wheel_smoke import system_nghttp2
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _system_nghttp2() -> str | None:
-    listing = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True, text=True).stdout
-    for line in listing.splitlines():
-        if "libnghttp2.so.14 " in line and "=>" in line:
-            return os.path.realpath(line.split("=>", 1)[1].strip())
-    return None
-
-
 def _without_nghttp2(argv: list[str]) -> subprocess.CompletedProcess:
     """Run ``argv`` in a private mount namespace where libnghttp2.so.14 is an empty file."""
-    lib = _system_nghttp2()
+    lib = system_nghttp2()
     if lib is None or os.geteuid() != 0 or not shutil.which("unshare") or subprocess.run(
             ["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("hiding libnghttp2 needs root, unshare -m and the system's libnghttp2")
