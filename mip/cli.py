@@ -38,7 +38,7 @@ def _size(text: str) -> int:
 
 def _rate(text: str) -> str:
     """Check a rate such as ``10/min`` (see ``ratelimit.parse_rate``) and keep its text."""
-    from mip.frontends.miaas.ratelimit import parse_rate
+    from mip.net.ratelimit import parse_rate
 
     try:
         parse_rate(text)

@@ -51,6 +51,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
+import hmac
 import logging
 import os
 import socket
@@ -62,6 +64,7 @@ from mip import msip
 from mip.errors import FrameTooLarge, ProtocolError
 from mip.net.msip_topics import match_tokens, pattern_tokens
 from mip.net.peers import PeerCounts
+from mip.net.ratelimit import FailureLimit, peer_of
 from mip.net.urls import Address, parse_url
 
 __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
@@ -87,6 +90,11 @@ _BURST = 256 * 1024  # octets handed to one writelines() call at most
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _UNSUPPORTED = "Invalid frame or unsupported operation"  # the reference's ERROR text
+
+
+def _digest(token) -> bytes:
+    """What the broker keeps of an authentication token: its SHA-256."""
+    return hashlib.sha256(bytes(token)).digest()
 
 
 @dataclasses.dataclass
@@ -411,7 +419,12 @@ class Broker:
             kept event of the broker dropped first, counted).
         session_ttl: how long an at-least-once session is kept after its connection dropped
             (a CLOSE ends it at once; other sessions end with their connection).
-        tokens: accepted authentication tokens (bytes); None disables authentication.
+        tokens: accepted authentication tokens (bytes); None disables authentication. A
+            presented token is compared with every accepted one in constant time.
+        auth_failures: failed authentications per client address (IPv6: per /64), ``"N"``
+            per minute or ``"N/unit"``; past it, a HELLO from that address is refused before
+            its token is looked at, and failures are logged at WARNING within limits
+            (:class:`~mip.net.ratelimit.FailureLimit`).
         at_least_once: whether a HELLO with ACK_REQUIRED gets an at-least-once session.
         topic_patterns: ``*`` and a final ``>`` are wildcards for every session (otherwise only
             for sessions whose HELLO set ``Flags.PATTERNS``).
@@ -444,6 +457,7 @@ class Broker:
         max_backlog_bytes: int = 64 * 1024 * 1024,
         session_ttl: float = 60.0,
         tokens: Iterable[bytes] | None = None,
+        auth_failures: str | int = "10/min",
         at_least_once: bool = True,
         topic_patterns: bool = False,
         session_takeover: bool = False,
@@ -480,7 +494,8 @@ class Broker:
         self.backlog_bytes = backlog_bytes
         self.max_backlog_bytes = max_backlog_bytes
         self.session_ttl = session_ttl
-        self.tokens = None if tokens is None else frozenset(bytes(t) for t in tokens)
+        self.tokens = None if tokens is None else [_digest(t) for t in tokens]
+        self._auth_failures = None if tokens is None else FailureLimit(auth_failures, logger=log)
         self.at_least_once = at_least_once
         self.topic_patterns = topic_patterns
         self.session_takeover = session_takeover
@@ -615,6 +630,15 @@ class Broker:
         else:
             conn.fail(f"{_UNSUPPORTED}: frame type {int(ft)} is sent by the broker, not to it")
 
+    def _token_accepted(self, token: bytes) -> bool:
+        """Whether ``token`` is an accepted one, compared with every accepted token's digest
+        in constant time (no early exit that would tell which, or how close)."""
+        presented = _digest(token)
+        accepted = False
+        for digest in self.tokens:
+            accepted |= hmac.compare_digest(presented, digest)
+        return accepted
+
     def _hello(self, conn: _Connection, f) -> None:
         payload = f.payload
         client_id = None
@@ -622,7 +646,15 @@ class Broker:
         if len(payload) >= 8:
             client_id, token = msip.decode_hello_payload(payload)
         if self.tokens is not None:
-            if token is None or bytes(token) not in self.tokens:
+            peer = peer_of(conn.host)
+            refusal = self._auth_failures.refuse_now(peer)
+            if refusal is not None:
+                conn.fail(f"too many failed authentications from this address: retry in "
+                          f"{max(1, round(refusal.retry_after))} s")
+                return
+            if token is None or not self._token_accepted(bytes(token)):
+                self._auth_failures.failed_now(peer, "missing token" if token is None
+                                               else "unknown token")
                 conn.fail("authentication failed: missing or unknown token")
                 return
             conn.authenticated = True

@@ -12,7 +12,7 @@ from _miaas import API_KEY, AUTH, engine, redis_url, repository, serve  # noqa: 
 
 from mip.frontends.miaas import MiaasConfig, standalone_app
 from mip.frontends.miaas.auth import Authenticator, AuthError, hash_key, load_api_keys
-from mip.frontends.miaas.ratelimit import (
+from mip.net.ratelimit import (
     MemoryRateLimiter,
     RedisRateLimiter,
     parse_rate,

@@ -15,8 +15,8 @@ import pytest
 from _miaas import API_KEY, AUTH, engine, redis_url, repository, serve  # noqa: F401
 
 from mip.frontends.miaas import MiaasConfig, config_from_args, standalone_app
-from mip.frontends.miaas.auth import Authenticator, FailureLimit, hash_key, peer_of
-from mip.frontends.miaas.ratelimit import MemoryRateLimiter, RedisRateLimiter
+from mip.frontends.miaas.auth import Authenticator, hash_key
+from mip.net.ratelimit import FailureLimit, MemoryRateLimiter, RedisRateLimiter, peer_of
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,7 +33,7 @@ def _client(base: str, address: str | None = None) -> httpx.AsyncClient:
 
 def _lines(caplog, start: str) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "mip.miaas" and r.getMessage().startswith(start)]
+            if r.name in ("mip.miaas", "mip.auth") and r.getMessage().startswith(start)]
 
 
 def _count_comparisons(service) -> list[int]:
@@ -53,7 +53,7 @@ async def test_wrong_keys_from_one_address(engine, tmp_path, caplog):
     """1,500 wrong keys from 127.0.0.1: the first 10 get 401, every later one 429 with
     Retry-After and without a key comparison (even the right key), while the right key from
     127.0.0.2 keeps working. The log has one line for the peer and one summary."""
-    caplog.set_level(logging.WARNING, logger="mip.miaas")
+    caplog.set_level(logging.WARNING)
     cfg = MiaasConfig(api_keys=[hash_key(API_KEY)], queue=str(tmp_path / "q.sqlite3"),
                       auth_failures="10/hour", job_workers=0)
     app = standalone_app(engine, cfg)
@@ -188,7 +188,7 @@ async def test_failure_table_bounded_over_http(engine, tmp_path):
 
 async def test_log_is_limited_across_addresses(caplog):
     """One line per peer per interval, at most log_lines in all, then one summary."""
-    caplog.set_level(logging.WARNING, logger="mip.miaas")
+    caplog.set_level(logging.WARNING)
     limit = FailureLimit("100/min", log_lines=3)
     for peer in range(10):
         for _ in range(4):
@@ -202,7 +202,7 @@ async def test_log_is_limited_across_addresses(caplog):
 
 
 async def test_reason_is_printable_and_short(caplog):
-    caplog.set_level(logging.WARNING, logger="mip.miaas")
+    caplog.set_level(logging.WARNING)
     limit = FailureLimit("5/min")
     await limit.failed("10.0.0.1", "invalid token: kid 'a\nb\x1b[31m'" + "x" * 1000)
     await limit.close()
@@ -261,7 +261,7 @@ def test_auth_failures_option():
 
 
 async def test_summary_comes_one_interval_after_the_first_left_out(caplog):
-    caplog.set_level(logging.WARNING, logger="mip.miaas")
+    caplog.set_level(logging.WARNING)
     limit = FailureLimit("2/hour", log_interval=0.3)
     for _ in range(5):
         await limit.failed("10.0.0.1", "invalid API key")

@@ -162,6 +162,30 @@ def test_token_auth():
         _error_then_eof(early, b"authentication required")
 
 
+def test_failed_authentications_are_limited_per_address(caplog):
+    """Past the budget, a HELLO from that address is refused before its token is looked at
+    (a right token too), while another address keeps authenticating; failures are logged
+    with the address and never the token."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    with w.BrokerThread(idle_timeout=None, tokens=[b"s3cret"], auth_failures="3/min") as b:
+        for _ in range(3):
+            bad = w.RefClient(b.port)
+            bad.send(w.HELLO, struct.pack(">Q", 0) + b"guess", 1)
+            _error_then_eof(bad, b"authentication failed")
+        for token in (b"guess", b"s3cret"):
+            late = w.RefClient(b.port)
+            late.send(w.HELLO, struct.pack(">Q", 0) + token, 1)
+            _error_then_eof(late, b"too many failed authentications from this address")
+        other = w.RefClient(b.port, source="127.0.0.2")
+        assert other.hello(0, b"s3cret") >= 1
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("failed authentication from")]
+    assert lines and all("127.0.0.1" in line for line in lines)
+    assert "guess" not in caplog.text and "s3cret" not in caplog.text
+
+
 def _drain_ids(c, limit: int, timeout: float = 1.0) -> list[int]:
     ids = []
     for _ in range(limit):

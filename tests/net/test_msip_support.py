@@ -41,8 +41,10 @@ def publish_payload(topic: str, data: bytes) -> bytes:
 class RefClient:
     """A blocking reference-layout client over a plain socket (timeouts in seconds)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 3.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 3.0,
+                 source: str | None = None):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
 

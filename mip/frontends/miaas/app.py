@@ -28,15 +28,13 @@ from mip.errors import InvalidInput, ServingError
 from mip.frontends.miaas.auth import (
     Authenticator,
     AuthError,
-    FailureLimit,
     Identity,
     InvalidCredentials,
     load_api_keys,
-    peer_of,
 )
 from mip.frontends.miaas.openapi import openapi_document
 from mip.frontends.miaas.queue import JobQueue, open_queue
-from mip.frontends.miaas.ratelimit import RateLimiter, open_rate_limiter
+from mip.net.ratelimit import FailureLimit, RateLimiter, open_rate_limiter, peer_of
 from mip.frontends.miaas.tensors import check_inputs_against, decode_inputs
 from mip.frontends.miaas.worker import (
     JobWorker,
@@ -149,7 +147,7 @@ class MiaasService:
         limiter_redis = c.rate_limit_redis or (
             c.queue if c.queue and c.queue.startswith(("redis://", "rediss://")) else None)
         self.limiter: RateLimiter = open_rate_limiter(c.rate_limit, limiter_redis, c.client_ssl)
-        self.failures = FailureLimit(c.auth_failures, limiter_redis, c.client_ssl,
+        self.failures = FailureLimit(c.auth_failures, limiter_redis, c.client_ssl, logger=log,
                                      max_peers=c.auth_failure_peers)
         self.publisher = None
         if c.msip_push:

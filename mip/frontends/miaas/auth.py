@@ -26,22 +26,17 @@ import hmac
 import json
 import logging
 import os
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mip.frontends.miaas.ratelimit import Decision, MemoryRateLimiter, open_rate_limiter
 
 __all__ = [
     "AuthError",
     "Authenticator",
-    "FailureLimit",
     "Identity",
     "InvalidCredentials",
     "hash_key",
     "load_api_keys",
-    "peer_of",
 ]
 
 log = logging.getLogger("mip.miaas")
@@ -226,106 +221,3 @@ class Authenticator:
             subject = claims.get("sub") or claims.get("client_id") or "?"
             return Identity(f"jwt:{claims.get('iss', '')}:{subject}", "jwt", claims)
         raise InvalidCredentials("invalid API key")
-
-
-_V4_MAPPED = bytes(10) + b"\xff\xff"
-
-
-def peer_of(host: str | None) -> str:
-    """The address whose failed authentications are counted together: the IPv4 address,
-    or the /64 network of an IPv6 address (the block one host usually holds)."""
-    if not host:
-        return "unknown"
-    if ":" not in host:
-        return host
-    try:  # inet_pton: a fraction of the ipaddress module's cost, on every request
-        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
-    except OSError:
-        return host
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
-
-
-class FailureLimit:
-    """Failed authentications per peer, with GCRA (:mod:`~mip.frontends.miaas.ratelimit`):
-    bursts of up to N failures, then one every period/N; a peer past its budget is refused
-    (429) without its credentials being looked at. Successes neither count nor reset.
-
-    Every failure is logged at WARNING with the peer and the reason (never the credential),
-    at most one line per peer per ``log_interval`` seconds and, in all, a burst of
-    ``log_lines`` lines then one per ``log_interval / log_lines`` seconds; what is left out
-    is summed up in one line ``log_interval`` seconds after the first thing left out (and
-    at :meth:`close`).
-
-    Args:
-        rate: failures per peer, ``"N"`` (per minute) or ``"N/unit"``.
-        redis_url: share the budgets through this Redis (keys ``mip:authfail:{peer}``,
-            expiring when a peer's budget is whole again); else they live in this process.
-        ssl_context: TLS for ``rediss://``.
-        max_peers: peers tracked in this process (the least recently failed are forgotten
-            first; about 250 octets each). The log remembers at most 10,000 peers.
-        log_interval / log_lines: the log's limits (seconds, lines).
-    """
-
-    def __init__(self, rate: str | int = "10/min", redis_url: str | None = None,
-                 ssl_context=None, *, max_peers: int = 100_000, log_interval: float = 60.0,
-                 log_lines: int = 10):
-        self.limiter = open_rate_limiter(rate, redis_url, ssl_context, prefix="mip:authfail",
-                                         max_identities=max_peers)
-        self.log_interval = log_interval
-        self._log_peer = MemoryRateLimiter(1, log_interval,
-                                           max_identities=min(max_peers, 10_000))
-        self._log_all = MemoryRateLimiter(log_lines, log_interval)
-        self._unlogged = 0  # failures left out of the log since _since
-        self._refused = 0  # requests refused unexamined since _since
-        self._since = 0.0
-        self._summary: asyncio.TimerHandle | None = None
-
-    async def refuse(self, peer: str) -> Decision | None:
-        """The refusal (with ``retry_after``) when ``peer`` has spent its failure budget,
-        else ``None``. Counts nothing."""
-        decision = await self.limiter.check(peer, count=False)
-        if decision.allowed:
-            return None
-        self._refused += 1
-        self._left_out()
-        return decision
-
-    async def failed(self, peer: str, reason: str) -> Decision:
-        """Count one failed authentication of ``peer`` and log it (within the log's
-        limits). A refused decision means the failure was past the budget: requests racing
-        the budget's end are answered 429 too, so no more than N are ever answered 401."""
-        decision = await self.limiter.check(peer)
-        if (await self._log_peer.check(peer)).allowed and (await self._log_all.check("")).allowed:
-            log.warning("failed authentication from %s: %s", peer, _printable(reason))
-        else:
-            self._unlogged += 1
-            self._left_out()
-        return decision
-
-    def _left_out(self) -> None:
-        if self._summary is None:  # the first thing left out: sum up one interval from now
-            self._since = time.monotonic()
-            self._summary = asyncio.get_running_loop().call_later(self.log_interval,
-                                                                  self._summarize)
-
-    def _summarize(self) -> None:
-        self._summary = None
-        if self._unlogged or self._refused:
-            log.warning("failed authentications in the last %.0f s: %d more not logged; "
-                        "refused for too many failures: %d", time.monotonic() - self._since,
-                        self._unlogged, self._refused)
-            self._unlogged = self._refused = 0
-
-    async def close(self) -> None:
-        """Log what is left to sum up and release the limiter's connections."""
-        if self._summary is not None:
-            self._summary.cancel()
-            self._summarize()
-        await self.limiter.close()
-
