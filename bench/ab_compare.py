@@ -135,8 +135,9 @@ def summarize(results: list[dict], base_label: str) -> str:
         key = (r["model"], r["protocol"], r["concurrency"], r["side"])
         old = best.get(key)
         if old is None or r["rps"] > old["rps"]:
-            cpu = min(x["cpu_us"] for x in results if (x["model"], x["protocol"],
-                      x["concurrency"], x["side"]) == key and x["cpu_us"] is not None)
+            cpu = min((x["cpu_us"] for x in results if (x["model"], x["protocol"],
+                       x["concurrency"], x["side"]) == key and x["cpu_us"] is not None),
+                      default=None)
             best[key] = dict(r, cpu_us=cpu)
     lines = [f"| cell | protocol | c | base ({base_label}) req/s, p99 ms, CPU µs/req "
              "| new req/s, p99 ms, CPU µs/req | req/s new/base | CPU new/base |",
@@ -150,9 +151,14 @@ def summarize(results: list[dict], base_label: str) -> str:
 
         def cell(x):
             err = f", {x['errors']} errors" if x["errors"] else ""
-            return f"{x['rps']:,.0f}, {x['p99_ms']:.2f}, {x['cpu_us']:.0f}{err}"
+            p99 = "-" if x["p99_ms"] is None else f"{x['p99_ms']:.2f}"
+            cpu = "-" if x["cpu_us"] is None else f"{x['cpu_us']:.0f}"
+            return f"{x['rps']:,.0f}, {p99}, {cpu}{err}"
+
+        def ratio(a, b):
+            return "-" if a is None or not b else f"{a / b:.2f}x"
         lines.append(f"| {model} | {protocol} | {c} | {cell(b)} | {cell(n)} | "
-                     f"{n['rps'] / b['rps']:.2f}x | {n['cpu_us'] / b['cpu_us']:.2f}x |")
+                     f"{ratio(n['rps'], b['rps'])} | {ratio(n['cpu_us'], b['cpu_us'])} |")
     return "\n".join(lines)
 
 
@@ -194,12 +200,13 @@ def main() -> int:
             log(f"round {number + 1} of {args.rounds}: {side}")
             server = serve(python, repo, side, logs, protocols)
             results += measure(server, side, cells, args, args.out)
-    table = summarize(results, args.base if len(args.base) < 20 else sha[:12])
+    document = {"base": args.base, "base_sha": sha, "rounds": args.rounds,
+                "duration_s": args.duration, "results": results}
+    (args.out / "ab_compare.json").write_text(json.dumps(document, indent=2) + "\n")
+    document["table"] = table = summarize(results, args.base if len(args.base) < 20 else sha[:12])
     print()
     print(table)
-    (args.out / "ab_compare.json").write_text(json.dumps(
-        {"base": args.base, "base_sha": sha, "rounds": args.rounds, "duration_s": args.duration,
-         "results": results, "table": table}, indent=2) + "\n")
+    (args.out / "ab_compare.json").write_text(json.dumps(document, indent=2) + "\n")
     return 0
 
 

@@ -19,7 +19,6 @@ import numpy as np
 
 import mip
 from mip.errors import ErrorCode, InvalidInput, ModelNotFound, ServingError
-from mip.frontends._futures import chain
 from mip.frontends.oip import codec
 
 __all__ = [
@@ -126,8 +125,10 @@ class DataPlane:
         metrics = self.metrics
         try:
             wanted = engine.check_outputs(chosen, outputs) if outputs else None
-            limits = [t for t in (timeout, self.request_timeout) if t is not None]
-            deadline = time.monotonic() + min(limits) if limits else None
+            limit = self.request_timeout
+            if timeout is not None and (limit is None or timeout < limit):
+                limit = timeout
+            deadline = None if limit is None else time.monotonic() + limit
             work = engine.submit(model, inputs, version=served_version, deadline=deadline,
                                  source=source)
         except BaseException:
@@ -135,18 +136,37 @@ class DataPlane:
                 metrics.observe_request(model, served_version, protocol, False,
                                         time.perf_counter() - started, rows)
             raise
-        def transform(result):
-            done = InferResult(model, served_version,
-                               result if wanted is None else {name: result[name] for name in wanted})
-            if classes:
-                _classify(done.outputs, classes, chosen)
-            return done if then is None else then(done)
+        reply = work.get_loop().create_future()
 
-        reply = chain(work, transform, error)
-        if metrics is not None:
-            reply.add_done_callback(lambda r: metrics.observe_request(
-                model, served_version, protocol, not r.cancelled() and r.exception() is None,
-                time.perf_counter() - started, rows))
+        def settle(done: asyncio.Future) -> None:
+            """One callback a request: outputs, classification, the frontend's encoder and
+            the metrics (a cancelled request counts as failed, as before it answered)."""
+            if reply.done():
+                ok = False
+            elif done.cancelled():
+                reply.cancel()
+                ok = False
+            else:
+                exc = done.exception()
+                if exc is None:
+                    try:
+                        result = done.result()
+                        result = InferResult(model, served_version, result if wanted is None
+                                             else {name: result[name] for name in wanted})
+                        if classes:
+                            _classify(result.outputs, classes, chosen)
+                        reply.set_result(result if then is None else then(result))
+                    except Exception as failure:  # an encoding failure is the request's
+                        exc = failure
+                if exc is not None:
+                    reply.set_exception(error(exc) if error is not None else exc)
+                ok = exc is None
+            if metrics is not None:
+                metrics.observe_request(model, served_version, protocol, ok,
+                                        time.perf_counter() - started, rows)
+
+        work.add_done_callback(settle)
+        reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)
         return reply
 
     async def load(self, model: str, parameters: dict) -> None:
