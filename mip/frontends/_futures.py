@@ -9,29 +9,36 @@ __all__ = ["chain"]
 
 
 def chain(source: asyncio.Future, transform: Callable,
-          error: Callable[[BaseException], BaseException] | None = None) -> asyncio.Future:
+          error: Callable[[BaseException], BaseException] | None = None,
+          settled: Callable[[bool], None] | None = None) -> asyncio.Future:
     """A future of ``transform(source.result())``, completed from ``source``'s callback.
 
     ``source``'s exception (through ``error`` when given) becomes the new future's, and so
     does one raised by ``transform``; cancelling the new future cancels ``source`` (so a
-    request whose client left drops out of the batch queue).
+    request whose client left drops out of the batch queue). ``settled(ok)``, when given,
+    is called in the same callback once the outcome is known (``ok``: a result was set;
+    a cancelled request is not ok).
     """
     reply = source.get_loop().create_future()
 
     def settle(done: asyncio.Future) -> None:
+        ok = False
         if reply.done():
-            return
-        if done.cancelled():
+            pass
+        elif done.cancelled():
             reply.cancel()
-            return
-        exc = done.exception()
-        if exc is None:
-            try:
-                reply.set_result(transform(done.result()))
-                return
-            except Exception as failure:  # an encoding failure is the request's, not the loop's
-                exc = failure
-        reply.set_exception(error(exc) if error is not None else exc)
+        else:
+            exc = done.exception()
+            if exc is None:
+                try:
+                    reply.set_result(transform(done.result()))
+                    ok = True
+                except Exception as failure:  # an encoding failure is the request's
+                    exc = failure
+            if exc is not None:
+                reply.set_exception(error(exc) if error is not None else exc)
+        if settled is not None:
+            settled(ok)
 
     source.add_done_callback(settle)
     reply.add_done_callback(lambda r: source.cancel() if r.cancelled() else None)

@@ -19,6 +19,7 @@ import numpy as np
 
 import mip
 from mip.errors import ErrorCode, InvalidInput, ModelNotFound, ServingError
+from mip.frontends._futures import chain
 from mip.frontends.oip import codec
 
 __all__ = [
@@ -71,7 +72,7 @@ def _classify(outputs: dict, classes: dict[str, int], version) -> None:
 
 
 class DataPlane:
-    """Inference, metadata and repository calls on one engine, for every OIP frontend.
+    """Inference, metadata and repository calls on one engine, for every frontend.
 
     Args:
         engine: the :class:`~mip.serving.engine.Engine` every frontend shares.
@@ -136,38 +137,19 @@ class DataPlane:
                 metrics.observe_request(model, served_version, protocol, False,
                                         time.perf_counter() - started, rows)
             raise
-        reply = work.get_loop().create_future()
+        def transform(result):
+            done = InferResult(model, served_version,
+                               result if wanted is None else {name: result[name] for name in wanted})
+            if classes:
+                _classify(done.outputs, classes, chosen)
+            return done if then is None else then(done)
 
-        def settle(done: asyncio.Future) -> None:
-            """One callback a request: outputs, classification, the frontend's encoder and
-            the metrics (a cancelled request counts as failed, as before it answered)."""
-            if reply.done():
-                ok = False
-            elif done.cancelled():
-                reply.cancel()
-                ok = False
-            else:
-                exc = done.exception()
-                if exc is None:
-                    try:
-                        result = done.result()
-                        result = InferResult(model, served_version, result if wanted is None
-                                             else {name: result[name] for name in wanted})
-                        if classes:
-                            _classify(result.outputs, classes, chosen)
-                        reply.set_result(result if then is None else then(result))
-                    except Exception as failure:  # an encoding failure is the request's
-                        exc = failure
-                if exc is not None:
-                    reply.set_exception(error(exc) if error is not None else exc)
-                ok = exc is None
-            if metrics is not None:
+        settled = None
+        if metrics is not None:
+            def settled(ok: bool) -> None:  # in the same callback: one hand-off a request
                 metrics.observe_request(model, served_version, protocol, ok,
                                         time.perf_counter() - started, rows)
-
-        work.add_done_callback(settle)
-        reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)
-        return reply
+        return chain(work, transform, error, settled)
 
     async def load(self, model: str, parameters: dict) -> None:
         """Triton's load call: ``parameters`` may hold ``config`` (Triton's JSON form of
