@@ -126,7 +126,7 @@ async def _run(args) -> list[dict]:
     import uvicorn
 
     from mip.frontends.miaas import MiaasConfig, build_miaas_app
-    from mip.frontends.miaas.auth import hash_key
+    from mip.frontends.auth import hash_key
     from mip.frontends.oip.rest import build_app
     from mip.serving.demo import build_demo_repository
     from mip.serving.engine import Engine

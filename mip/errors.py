@@ -38,6 +38,8 @@ __all__ = [
     "Cancelled",
     "InternalError",
     "RemoteError",
+    "Unauthenticated",
+    "TooManyAuthFailures",
 ]
 
 
@@ -198,6 +200,27 @@ class Cancelled(ServingError):
 
 class InternalError(ServingError):
     """The model or the server failed while serving a valid request."""
+
+
+class Unauthenticated(ServingError):
+    """The request needs credentials (an API key or a token) and brought none that verify."""
+
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+    error_code = ErrorCode.METHOD
+
+
+class TooManyAuthFailures(ServingError):
+    """The client's address failed to authenticate too often: it is refused, credentials
+    unexamined, for ``retry_after`` seconds."""
+
+    http_status = 429
+    grpc_status = "RESOURCE_EXHAUSTED"
+    error_code = ErrorCode.METHOD
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NotAvailable(MipError, RuntimeError):

@@ -275,6 +275,12 @@ class FailureLimit:
         self._log_failure(peer, reason)
         return decision
 
+    @property
+    def in_process(self) -> bool:
+        """Whether the budgets live in this process (so :meth:`refuse_now` and
+        :meth:`failed_now` may be used)."""
+        return isinstance(self.limiter, MemoryRateLimiter)
+
     def refuse_now(self, peer: str) -> Decision | None:
         """:meth:`refuse` for budgets kept in this process."""
         return self._refusal(self._memory().decide(peer, count=False))

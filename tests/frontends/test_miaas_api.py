@@ -24,7 +24,7 @@ from _miaas import (  # noqa: F401
 )
 
 from mip.frontends.miaas import MiaasConfig, standalone_app
-from mip.frontends.miaas.auth import hash_key
+from mip.frontends.auth import hash_key
 from mip.frontends.miaas.openapi import PATHS
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,7 +15,7 @@ import pytest
 from _miaas import API_KEY, AUTH, engine, redis_url, repository, serve  # noqa: F401
 
 from mip.frontends.miaas import MiaasConfig, config_from_args, standalone_app
-from mip.frontends.miaas.auth import Authenticator, hash_key
+from mip.frontends.auth import Authenticator, hash_key
 from mip.net.ratelimit import FailureLimit, MemoryRateLimiter, RedisRateLimiter, peer_of
 
 pytestmark = pytest.mark.timeout(90)
@@ -224,7 +224,7 @@ def test_key_comparison_examines_every_digest(monkeypatch):
     """The presented key's digest is compared with every stored digest, with
     hmac.compare_digest, whether it matches the first, the last or none; keys configured
     plainly or as sha256: digests behave the same."""
-    from mip.frontends.miaas.auth import load_api_keys
+    from mip.frontends.auth import load_api_keys
 
     keys = [f"key-{i}" for i in range(5)]
     digests = load_api_keys(env=",".join(
@@ -287,7 +287,7 @@ async def test_jwt_failures_count_unreachable_key_source_does_not(engine, tmp_pa
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from mip.frontends.miaas.auth import AuthError, InvalidCredentials
+    from mip.frontends.auth import AuthError, InvalidCredentials
 
     key, trusted = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
         ec.SECP256R1())

@@ -30,7 +30,7 @@ from _miaas import (  # noqa: F401
 
 from mip.errors import QueueFull
 from mip.frontends.miaas import MiaasConfig, standalone_app
-from mip.frontends.miaas.auth import hash_key
+from mip.frontends.auth import hash_key
 from mip.frontends.miaas.queue import SQLiteQueue, open_queue, open_redis
 
 pytestmark = pytest.mark.timeout(90)

@@ -24,17 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from mip.errors import InvalidInput, ServingError
-from mip.frontends.miaas.auth import (
-    Authenticator,
-    AuthError,
-    Identity,
-    InvalidCredentials,
-    load_api_keys,
-)
+from mip.errors import InvalidInput, ServingError, TooManyAuthFailures, Unauthenticated
+from mip.frontends.auth import Authenticator, Guard, Identity, load_api_keys
 from mip.frontends.miaas.openapi import openapi_document
 from mip.frontends.miaas.queue import JobQueue, open_queue
-from mip.net.ratelimit import FailureLimit, RateLimiter, open_rate_limiter, peer_of
+from mip.net.ratelimit import FailureLimit, RateLimiter, open_rate_limiter
 from mip.frontends.miaas.tensors import check_inputs_against, decode_inputs
 from mip.frontends.miaas.worker import (
     JobWorker,
@@ -130,16 +124,20 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
 
 
 class MiaasService:
-    """The API's state: authenticator, rate limiter, job queue, in-process workers and the
-    outcome publisher. :meth:`start` / :meth:`stop` open and close them."""
+    """The API's state: credentials, rate limiter, job queue, in-process workers and the
+    outcome publisher. :meth:`start` / :meth:`stop` open and close them.
 
-    def __init__(self, engine, config: MiaasConfig | None = None, metrics=None):
+    ``guard``: the server's :class:`~mip.frontends.auth.Guard`, shared with its other
+    frontends (its credentials and failure budgets then come from it, not from
+    ``config``); ``None`` makes one from ``config`` for this API alone.
+    """
+
+    def __init__(self, engine, config: MiaasConfig | None = None, metrics=None,
+                 guard: Guard | None = None):
         self.engine = engine
         self.metrics = metrics  # the server's, so jobs are counted with the other protocols
         self.config = config or MiaasConfig()
         c = self.config
-        self.auth = Authenticator(c.api_keys, jwt_issuer=c.jwt_issuer,
-                                  jwt_audience=c.jwt_audience, jwt_keys=c.jwt_keys)
         self.queue: JobQueue = open_queue(c.queue, owner=c.queue_owner, max_jobs=c.max_jobs,
                                           retention=c.retention,
                                           lease=c.lease, max_attempts=c.max_attempts,
@@ -147,8 +145,15 @@ class MiaasService:
         limiter_redis = c.rate_limit_redis or (
             c.queue if c.queue and c.queue.startswith(("redis://", "rediss://")) else None)
         self.limiter: RateLimiter = open_rate_limiter(c.rate_limit, limiter_redis, c.client_ssl)
-        self.failures = FailureLimit(c.auth_failures, limiter_redis, c.client_ssl, logger=log,
-                                     max_peers=c.auth_failure_peers)
+        self._own_guard = guard is None
+        if guard is None:
+            guard = Guard(Authenticator(c.api_keys, jwt_issuer=c.jwt_issuer,
+                                        jwt_audience=c.jwt_audience, jwt_keys=c.jwt_keys),
+                          failures=FailureLimit(c.auth_failures, limiter_redis, c.client_ssl,
+                                                logger=log, max_peers=c.auth_failure_peers))
+        self.guard = guard
+        self.auth = guard.authenticator
+        self.failures = guard.failures
         self.publisher = None
         if c.msip_push:
             from mip.frontends.miaas.push import OutcomePublisher
@@ -181,7 +186,8 @@ class MiaasService:
             self.worker = None
         await self.queue.close()
         await self.limiter.close()
-        await self.failures.close()
+        if self._own_guard:
+            await self.guard.close()
         if self.publisher is not None:
             await self.publisher.close()
 
@@ -213,23 +219,16 @@ class MiaasService:
         return response
 
     async def _authenticate(self, request: Request) -> Identity:
-        """The request's identity. A peer past its failure budget gets 429 before its
-        credentials are examined; a failure past the budget (requests racing its end) gets
-        429 too, so a budget of N failures never yields more than N answers of 401."""
-        peer = peer_of(request.client.host if request.client else None)
-        refusal = await self.failures.refuse(peer)
-        if refusal is None:
-            try:
-                return await self.auth.authenticate(request.headers)
-            except AuthError as exc:  # missing or malformed credentials are not counted
-                if isinstance(exc, InvalidCredentials):
-                    refusal = await self.failures.failed(peer, str(exc))
-                if refusal is None or refusal.allowed:
-                    raise ApiError(401, "unauthorized", str(exc), headers=_CHALLENGE) from None
-        retry = refusal.headers()["Retry-After"]
-        raise ApiError(429, "too_many_auth_failures",
-                       f"too many failed authentications from this address; retry after "
-                       f"{retry} s", headers={"Retry-After": retry})
+        """The request's identity (see :meth:`Guard.authenticate`), or the API's 401 or
+        429 error."""
+        try:
+            return await self.guard.authenticate(request.headers,
+                                                 request.client.host if request.client else None)
+        except Unauthenticated as exc:
+            raise ApiError(401, "unauthorized", str(exc), headers=_CHALLENGE) from None
+        except TooManyAuthFailures as exc:
+            raise ApiError(429, "too_many_auth_failures", str(exc),
+                           headers={"Retry-After": str(exc.retry_after)}) from None
 
     async def _read_json(self, request: Request):
         limit = self.config.max_body
@@ -424,25 +423,24 @@ def config_from_args(args) -> MiaasConfig:
     return config
 
 
-def mount_miaas(engine, args, metrics=None) -> tuple[list[Mount], MiaasService]:
+def mount_miaas(engine, args, metrics=None,
+                guard: Guard | None = None) -> tuple[list[Mount], MiaasService]:
     """The ``/v1`` routes for ``mip serve`` and the service to start with the listener::
 
-        routes, service = mount_miaas(engine, args)
+        routes, service = mount_miaas(engine, args, guard=guard)
         app = build_app(engine, extra_routes=routes)      # the /v2 app
         await service.start() ... serve ... await service.stop()
 
-    When no API key, ``MIP_API_KEYS`` or JWT key set is configured, a random API key is
-    made for this run and printed once, so the API is never open by accident.
+    ``guard``: the server's credentials (:func:`~mip.frontends.auth.guard_from_args`),
+    shared with its other listeners. Without one, the API's own come from ``args``; when
+    no API key, ``MIP_API_KEYS`` or JWT key set is configured, a random API key is made
+    for this run and printed once, so the API is never open by accident.
     """
-    import secrets
-
-    from mip.frontends.miaas.auth import hash_key
-
     config = config_from_args(args)
-    if not config.api_keys and not config.jwt_keys:
-        key = secrets.token_urlsafe(32)
-        config.api_keys = [hash_key(key)]
-        print(f"mip: /v1 API key for this run (choose your own with --api-keys FILE or "
-              f"MIP_API_KEYS): {key}", flush=True)
-    app = build_miaas_app(engine, config, metrics=metrics)
-    return [Mount("/v1", app=app)], app.state.service
+    if guard is None:
+        from mip.frontends.auth import guard_from_args
+
+        config.api_keys = guard_from_args(args).authenticator.digests
+    service = MiaasService(engine, config, metrics, guard)
+    app = build_miaas_app(engine, config, service=service)
+    return [Mount("/v1", app=app)], service
