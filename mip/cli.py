@@ -103,13 +103,25 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
                         "binary protocols (MIP, MSIP, gRPC)")
 
 
+def _auth_scope(text: str) -> frozenset:
+    """Check an ``--auth-scope`` list (see ``auth.parse_scope``)."""
+    from mip.frontends.auth import parse_scope
+
+    try:
+        return parse_scope(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_miaas(p: argparse.ArgumentParser) -> None:
-    """Options of the /v1 MIaaS API (jobs, registry) served on the HTTP listener."""
-    g = p.add_argument_group("MIaaS /v1 API")
+    """Options of the /v1 MIaaS API (jobs, registry) served on the HTTP listener, and of the
+    credentials it shares with the other HTTP and gRPC endpoints (--auth-scope)."""
+    g = p.add_argument_group("MIaaS /v1 API and credentials")
     g.add_argument("--api-keys", metavar="FILE",
                    help="accepted API keys: one key or 'sha256:HEX' digest a line (also "
                         "$MIP_API_KEYS, comma-separated); with neither nor --jwt-keys, a key "
-                        "is made for the run and printed")
+                        "is made for the run and printed. Required by /v1 and the areas of "
+                        "--auth-scope")
     g.add_argument("--jwt-issuer", metavar="ISS", help="accept OAuth2 JWTs from this issuer")
     g.add_argument("--jwt-audience", metavar="AUD", help="audience a JWT must name")
     g.add_argument("--jwt-keys", metavar="FILE|URL",
@@ -123,6 +135,14 @@ def _add_miaas(p: argparse.ArgumentParser) -> None:
                    help="failed authentications per client address (IPv6: per /64) before it "
                         "gets 429 whatever it sends, e.g. 10/min (default 10/min; shared "
                         "like --rate-limit)")
+    g.add_argument("--auth-scope", metavar="AREA[,AREA...]", type=_auth_scope,
+                   default=frozenset({"v1"}),
+                   help="what needs the API keys or JWTs, as Authorization: Bearer or "
+                        "X-API-Key headers or gRPC metadata: v1 (always), inference (REST "
+                        "and gRPC infer), metadata (server and model metadata, config), "
+                        "control (/v2/repository, gRPC Repository*), metrics (/metrics, "
+                        "statistics), or all; health, readiness and reflection stay open "
+                        "(default v1: KServe v2 and /metrics open)")
     g.add_argument("--queue", metavar="PATH|URL",
                    help="job queue: a SQLite file or redis://HOST:PORT/DB (default: this "
                         "server's own file, jobs-HOST-PORT.sqlite3 of its --http address in "
@@ -370,7 +390,9 @@ async def _serve(args) -> int:
 
     metrics = Metrics(engine)  # every protocol's requests, labelled by protocol
     servers, announcements = [], []
+    guard = None
     try:
+        guard = _guard(args, announcements)
         if args.mip.lower() != "none":
             handler = MipHandler(engine, request_timeout=args.request_timeout, metrics=metrics)
             server = MipServer(handler, max_frame_size=args.max_frame_size,
@@ -384,16 +406,19 @@ async def _serve(args) -> int:
             servers.append(server)
             announcements.append(
                 f"mip: serving MIP on {address} (default model: {engine.default_model()})")
-        servers += await _start_oip(args, engine, metrics, announcements)
+        servers += await _start_oip(args, engine, metrics, announcements, guard)
     except BaseException:
         for server in servers:
             await server.stop()
+        if guard is not None:
+            await guard.close()
         await engine.stop()
         raise
     for line in announcements:  # every listener is bound before any is announced
         print(line, flush=True)
     if not servers:
         log.error("every listener is off: nothing to serve")
+        await guard.close()
         await engine.stop()
         return 2
     # What start-up made (modules, models, sessions) lives as long as the server: keep it
@@ -404,6 +429,7 @@ async def _serve(args) -> int:
     log.info("shutting down: finishing requests in flight")
     for server in servers:
         await server.stop()
+    await guard.close()
     await engine.stop()
     return 0
 
@@ -438,14 +464,30 @@ def _proto() -> int:
     return 0
 
 
-async def _start_oip(args, engine, metrics, announcements: list[str]) -> list:
-    """Start the KServe v2 listeners that are not 'none' (sharing the server's metrics);
-    what to announce once every listener is bound goes in ``announcements``."""
+def _guard(args, announcements: list[str]):
+    """The credentials every HTTP and gRPC endpoint of ``mip serve`` checks (the areas of
+    --auth-scope); their failure budgets are shared through the queue's Redis when
+    --queue is one. A key made for the run (none configured) joins ``announcements``."""
+    from mip.frontends.auth import guard_from_args
+
+    queue = args.queue or ""
+    redis_url = queue if queue.startswith(("redis://", "rediss://")) else None
+    used = args.http.lower() != "none" or (args.grpc.lower() != "none"
+                                           and args.auth_scope - {"v1"})
+    return guard_from_args(args, redis_url=redis_url,
+                           announce=announcements.append if used else lambda line: None)
+
+
+async def _start_oip(args, engine, metrics, announcements: list[str], guard=None) -> list:
+    """Start the KServe v2 listeners that are not 'none' (sharing the server's metrics and
+    its credentials, ``guard``); what to announce once every listener is bound goes in
+    ``announcements``."""
     grpc_on = args.grpc.lower() != "none"
     http_on = args.http.lower() != "none"
     if not (grpc_on or http_on):
         return []
     started = []
+    v2_guard = guard if guard is not None and guard.scope - {"v1"} else None
     try:
         if grpc_on:
             from mip.frontends.oip.grpc import GrpcServer
@@ -457,7 +499,8 @@ async def _start_oip(args, engine, metrics, announcements: list[str]) -> list:
                                 implementation=args.grpc_impl,
                                 limits=grpc_limits.from_arguments(
                                     args, max_connections=args.max_connections,
-                                    idle_timeout=args.idle_timeout))
+                                    idle_timeout=args.idle_timeout),
+                                guard=v2_guard)
             address = await server.start(args.grpc)
             started.append(server)
             announcements.append(
@@ -466,10 +509,11 @@ async def _start_oip(args, engine, metrics, announcements: list[str]) -> list:
             from mip.frontends.miaas import mount_miaas
             from mip.frontends.oip.rest import HttpLimits, HttpServer, build_app
 
-            routes, miaas = mount_miaas(engine, args, metrics)  # /v1 on the same listener
+            # /v1 on the same listener
+            routes, miaas = mount_miaas(engine, args, metrics, guard=guard)
             app = build_app(engine, extra_routes=routes, metrics=metrics,
                             max_body_size=args.http_max_body_size,
-                            request_timeout=args.request_timeout)
+                            request_timeout=args.request_timeout, guard=v2_guard)
             # REST carries its own credentials (API keys, JWT): --tls-ca applies to the
             # binary protocols only.
             limits = HttpLimits(max_connections=args.max_connections,

@@ -273,8 +273,8 @@ def _credential(headers) -> str:
             raise AuthError("the Authorization header must be 'Bearer <API key or token>'")
         key = value.strip()
     if not key:
-        raise AuthError("credentials required: 'Authorization: Bearer <API key or "
-                        "token>' or 'X-API-Key: <API key>'")
+        raise AuthError("credentials required: 'authorization: Bearer <API key or token>' or "
+                        "'x-api-key: <API key>' (an HTTP header, or gRPC metadata)")
     return key
 
 

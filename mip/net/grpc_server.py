@@ -75,12 +75,14 @@ def _status(code) -> int:
 
 
 class RpcError(Exception):
-    """Ends the call with ``code`` and ``details``; raised by :meth:`Context.abort`."""
+    """Ends the call with ``code``, ``details`` and ``trailers`` (trailing metadata,
+    ``[(name, value)]``); raised by :meth:`Context.abort`."""
 
-    def __init__(self, code, details: str = ""):
+    def __init__(self, code, details: str = "", trailers=()):
         super().__init__(details)
         self.code = _status(code)
         self.details = details
+        self.trailers = tuple(trailers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +127,9 @@ class Context:
         self._peer = peer
         self._trailers = ()
 
-    async def abort(self, code, details: str = ""):
+    async def abort(self, code, details: str = "", trailing_metadata=()):
         """End the call with ``code`` (a :class:`Status` or ``grpc.StatusCode``)."""
-        raise RpcError(code, details)
+        raise RpcError(code, details, trailing_metadata)
 
     def time_remaining(self) -> float | None:
         """Seconds left before the client's deadline, or ``None`` without one."""
@@ -487,7 +489,7 @@ class _Connection(H2Protocol):
     def _failed(self, call, error: BaseException, trailers=()) -> None:
         """End ``call`` for a handler's exception: an RpcError's status, else INTERNAL."""
         if isinstance(error, RpcError):
-            self._end(call, error.code, error.details, trailers)
+            self._end(call, error.code, error.details, error.trailers or trailers)
             return
         log.error("gRPC handler for %s failed", call.path, exc_info=error)
         self._end(call, Status.INTERNAL, f"internal error: {type(error).__name__}: {error}")

@@ -67,11 +67,17 @@ class OipServer:
     Attributes:
         grpc_url / http_url: ``127.0.0.1:PORT`` of each listener.
         engine, metrics: the live objects (touch them only through :meth:`call`).
+
+    ``guard``: a function returning the :class:`~mip.frontends.auth.Guard` both listeners
+    check (called on the server's loop; closed with the server).
     """
 
     def __init__(self, repo: Path, *, models=None, grpc_max_message_size: int = 64 << 20,
-                 http_max_body_size: int = 64 << 20, grpc_implementation: str | None = None):
+                 http_max_body_size: int = 64 << 20, grpc_implementation: str | None = None,
+                 guard=None):
         self.repo = repo
+        self._make_guard = guard
+        self.guard = None
         self._grpc_impl = grpc_implementation
         self._models = models
         self._grpc_max = grpc_max_message_size
@@ -88,18 +94,22 @@ class OipServer:
         self.engine = Engine(ModelRepository(self.repo), models=self._models)
         await self.engine.start()
         self.metrics = Metrics(self.engine)
+        if self._make_guard is not None:
+            self.guard = self._make_guard()
         self.grpc = GrpcServer(self.engine, metrics=self.metrics,
                                max_message_size=self._grpc_max,
-                               implementation=self._grpc_impl)
+                               implementation=self._grpc_impl, guard=self.guard)
         self.grpc_url = await self.grpc.start("127.0.0.1:0")
         self.app = build_app(self.engine, metrics=self.metrics,
-                             max_body_size=self._http_max)
+                             max_body_size=self._http_max, guard=self.guard)
         self.http = HttpServer(self.app)
         self.http_url = await self.http.start("127.0.0.1:0")
 
     async def _stop(self):
         await self.http.stop()
         await self.grpc.stop(0.5)
+        if self.guard is not None:
+            await self.guard.close()
         await self.engine.stop()
 
     def __enter__(self) -> OipServer:

@@ -12,6 +12,12 @@ have no typed form, make the reply raw).
 Errors: a :class:`~mip.errors.ServingError` ends the call with its ``grpc_status``
 (NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...).
 A cancelled call cancels its engine request, which leaves the batch queue.
+
+Credentials: with a :class:`~mip.frontends.auth.Guard`, the RPCs of the areas it protects
+(:data:`RPC_AREAS`) read ``authorization: Bearer KEY`` or ``x-api-key: KEY`` from the call's
+metadata and end with UNAUTHENTICATED without credentials that verify, or with
+RESOURCE_EXHAUSTED (trailing metadata ``retry-after``, in seconds) from an address past
+its failure budget. Liveness, readiness, ``grpc.health.v1`` and reflection never ask.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from mip.errors import InvalidInput, NotAvailable, ServingError
+from mip.errors import (InvalidInput, NotAvailable, ServingError, TooManyAuthFailures,
+                        Unauthenticated)
 from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
@@ -34,8 +41,8 @@ from mip.frontends.dataplane import DataPlane, TooLarge, timeout_parameter
 from mip.net.grpc_limits import GrpcLimits
 from mip.net.peers import grpc_peer_host
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "IMPLEMENTATIONS", "STREAM_WINDOW", "GrpcServer",
-           "native_available", "native_unavailable_reason"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "IMPLEMENTATIONS", "RPC_AREAS", "STREAM_WINDOW",
+           "GrpcServer", "native_available", "native_unavailable_reason"]
 
 log = logging.getLogger("mip.frontends.oip.grpc")
 
@@ -62,6 +69,14 @@ _CONTENTS = {
     "FP32": ("fp32_contents", np.float32),
     "FP64": ("fp64_contents", np.float64),
     "BYTES": ("bytes_contents", None),
+}
+#: the area (see mip.frontends.auth.AREAS) of each RPC of the KServe v2 service that may
+#: need credentials; ServerLive, ServerReady, ModelReady, health and reflection are open.
+RPC_AREAS = {
+    "ModelInfer": "inference", "ModelStreamInfer": "inference",
+    "ServerMetadata": "metadata", "ModelMetadata": "metadata", "ModelConfig": "metadata",
+    "RepositoryIndex": "control", "RepositoryModelLoad": "control",
+    "RepositoryModelUnload": "control", "ModelStatistics": "metrics",
 }
 _RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
 #: requests shorter than this are parsed whole by protobuf (copying raw contents out is
@@ -202,7 +217,8 @@ def _typed_contents(contents: pb.InferTensorContents, datatype: str, array: np.n
 class _Service:
     """The RPC implementations; each takes a request and the call's context."""
 
-    def __init__(self, dataplane: DataPlane, max_message_size: int):
+    def __init__(self, dataplane: DataPlane, max_message_size: int, guard=None):
+        self.guard = guard
         self.dataplane = dataplane
         self.engine = dataplane.engine
         self.max_message_size = max_message_size
@@ -423,6 +439,56 @@ class _Service:
             return header
         return b"".join([header, *parts]) if join else [header, *parts]
 
+    # -- credentials --------------------------------------------------------------------
+
+    def protects(self, path: str) -> bool:
+        """Whether calls of ``path`` (``/package.Service/Method``) need credentials."""
+        if self.guard is None or not path.startswith(f"/{_SERVICE}/"):
+            return False
+        return self.guard.protects(RPC_AREAS.get(path[len(_SERVICE) + 2:]))
+
+    def guarded(self, kind: str, function):
+        """``function`` (an RPC of ``kind``: ``unary``, ``stream`` or ``future``, the
+        native transport's ModelInfer) behind the guard's check of the call's metadata."""
+        if kind == "unary":
+            async def unary(request, context):
+                await self._authenticate(context)
+                return await function(request, context)
+            return unary
+        if kind == "stream":
+            async def stream(requests, context):
+                await self._authenticate(context)
+                async for reply in function(requests, context):
+                    yield reply
+            return stream
+        guard = self.guard
+
+        async def checked_first(data, context):
+            await self._authenticate(context)
+            return await function(data, context)
+
+        def start(data, context):
+            if not guard.immediate:
+                return asyncio.ensure_future(checked_first(data, context))
+            try:
+                guard.authenticate_now(*_credentials(context))
+            except (Unauthenticated, TooManyAuthFailures) as exc:
+                raise _rpc_error(exc) from None
+            return function(data, context)
+        return start
+
+    async def _authenticate(self, context) -> None:
+        """End the call (UNAUTHENTICATED, or RESOURCE_EXHAUSTED with ``retry-after``) unless
+        its metadata carries credentials the guard accepts."""
+        guard = self.guard
+        try:
+            if guard.immediate:
+                guard.authenticate_now(*_credentials(context))
+            else:
+                await guard.authenticate(*_credentials(context))
+        except (Unauthenticated, TooManyAuthFailures) as exc:
+            await self._abort(context, exc)
+
     # -- errors -------------------------------------------------------------------------
 
     async def _call(self, context, function, *args):
@@ -437,7 +503,23 @@ class _Service:
     @staticmethod
     async def _abort(context, exc: ServingError):
         code = getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
-        await context.abort(code, str(exc))
+        await context.abort(code, str(exc), _trailers(exc))
+
+
+def _trailers(exc: ServingError) -> tuple:
+    """The trailing metadata of an error: ``retry-after`` (seconds) when it has one."""
+    retry_after = getattr(exc, "retry_after", None)
+    return () if retry_after is None else (("retry-after", str(retry_after)),)
+
+
+def _credentials(context) -> tuple[dict, str | None]:
+    """``(headers, host)`` for :meth:`Guard.authenticate`: the call's ``authorization``
+    and ``x-api-key`` metadata and the client's address."""
+    headers = {}
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" or key == "x-api-key":
+            headers[key] = value
+    return headers, grpc_peer_host(context.peer())
 
 
 def _rpc_error(exc: BaseException) -> BaseException:
@@ -447,7 +529,7 @@ def _rpc_error(exc: BaseException) -> BaseException:
         return exc
     from mip.net.grpc_server import RpcError
 
-    return RpcError(exc.grpc_status, str(exc))
+    return RpcError(exc.grpc_status, str(exc), _trailers(exc))
 
 
 def _request_id(data: bytes) -> str:
@@ -465,7 +547,7 @@ def _methods(service: _Service) -> list[tuple]:
         return f"/{_SERVICE}/{name}"
 
     health, reflection = service.health, service.reflection
-    return [
+    methods = [
         (kserve("ServerLive"), "unary", service.server_live, pb.ServerLiveRequest,
          pb.ServerLiveResponse),
         (kserve("ServerReady"), "unary", service.server_ready, pb.ServerReadyRequest,
@@ -496,6 +578,10 @@ def _methods(service: _Service) -> list[tuple]:
            reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse)
           for name in REFLECTION_SERVICES),
     ]
+    # the RPCs of the areas the guard protects check the call's credentials first
+    return [(path, kind, service.guarded(kind, function) if function is not None
+             and service.protects(path) else function, request_type, response_type)
+            for path, kind, function, request_type, response_type in methods]
 
 
 def _serializers(request_type, response_type) -> dict:
@@ -512,7 +598,9 @@ def _handlers(service: _Service) -> list[grpc.GenericRpcHandler]:
         if kind == "unary":
             handler = grpc.unary_unary_rpc_method_handler(function, **codecs)
         elif kind == "infer":
-            handler = grpc.unary_unary_rpc_method_handler(service.model_infer)
+            handler = grpc.unary_unary_rpc_method_handler(
+                service.guarded("unary", service.model_infer) if service.protects(path)
+                else service.model_infer)
         elif kind == "server_stream":
             handler = grpc.unary_stream_rpc_method_handler(function, **codecs)
         else:
@@ -555,7 +643,9 @@ def _native_methods(service: _Service) -> dict:
             methods[path] = unary(function, request_type.FromString,
                                   response_type.SerializeToString)
         elif kind == "infer":
-            methods[path] = unary_future(service.start_infer)
+            methods[path] = unary_future(
+                service.guarded("future", service.start_infer) if service.protects(path)
+                else service.start_infer)
         elif kind == "server_stream":  # on HTTP/2 a bidirectional stream that reads one request
             methods[path] = stream_stream(_first_request(function), request_type.FromString,
                                           response_type.SerializeToString)
@@ -591,12 +681,15 @@ class GrpcServer:
             native where it is built and grpcio otherwise.
         limits: the connections' bounds (:class:`~mip.net.grpc_limits.GrpcLimits`); grpcio
             is given those it has a setting for.
+        guard: a :class:`~mip.frontends.auth.Guard` whose protected areas need credentials
+            in the call's metadata (``None``: every RPC is open).
     """
 
     def __init__(self, engine, *, metrics=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  request_timeout: float | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, tls_ca: str | None = None,
-                 implementation: str | None = None, limits: GrpcLimits | None = None):
+                 implementation: str | None = None, limits: GrpcLimits | None = None,
+                 guard=None):
         if max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
         if tls_cert and not tls_key:
@@ -616,6 +709,7 @@ class GrpcServer:
         self.dataplane = DataPlane(engine, metrics, request_timeout)
         self.max_message_size = max_message_size
         self.limits = limits or GrpcLimits()
+        self.guard = guard
         self._tls = (tls_cert, tls_key, tls_ca) if tls_cert else None
         self._server: aio.Server | None = None
         self._service: _Service | None = None
@@ -632,7 +726,7 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
             *self.limits.grpcio_options(),
         ])
-        self._service = _Service(self.dataplane, self.max_message_size)
+        self._service = _Service(self.dataplane, self.max_message_size, self.guard)
         server.add_generic_rpc_handlers(_handlers(self._service))
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
@@ -663,7 +757,7 @@ class GrpcServer:
             cert, key, ca = self._tls
             context = tls_context(server=True, cert=cert, key=key, ca=ca)
         limit = self.max_message_size
-        self._service = _Service(self.dataplane, limit)
+        self._service = _Service(self.dataplane, limit, self.guard)
         server = Transport(
             _native_methods(self._service), max_message_size=limit, ssl=context,
             limits=self.limits,

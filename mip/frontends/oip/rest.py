@@ -22,7 +22,10 @@ asked for with the ``binary_data`` output parameter (or all of them, with the re
 parameter ``binary_data_output``) are sent the same way after the JSON header.
 
 Errors answer ``{"error": "..."}`` with the ``http_status`` of the
-:class:`~mip.errors.ServingError`. A client that disconnects while its request waits has
+:class:`~mip.errors.ServingError`. With a :class:`~mip.frontends.auth.Guard`, the areas it
+protects (:func:`area_of`) answer 401 (``WWW-Authenticate: Bearer``) without credentials
+that verify, and 429 (``Retry-After``) to an address past its failure budget; health
+endpoints never ask. A client that disconnects while its request waits has
 the request cancelled, so it leaves the batch queue.
 """
 
@@ -43,13 +46,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from mip.errors import Cancelled, InvalidInput, ModelNotFound, ServingError
+from mip.errors import (Cancelled, InvalidInput, ModelNotFound, ServingError, TooManyAuthFailures,
+                        Unauthenticated)
 from mip.frontends.oip import codec
 from mip.frontends.oip._http_protocol import HttpLimits, Listener
 from mip.frontends.dataplane import DataPlane, TooLarge, timeout_parameter
 from mip.protocol._jsonnum import PLACEHOLDER, parse_numbers, split_numeric_arrays
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "HttpLimits", "HttpServer", "build_app"]
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "HttpLimits", "HttpServer", "area_of", "build_app"]
 
 log = logging.getLogger("mip.frontends.oip.rest")
 
@@ -544,18 +548,87 @@ class _InferRoute:
                                         params.get("version"))
 
 
+#: the last path segment of a model's endpoints -> its area (see mip.frontends.auth.AREAS)
+_MODEL_AREAS = {"infer": "inference", "ready": None, "config": "metadata", "stats": "metrics"}
+
+
+def area_of(path: str) -> str | None:
+    """The area of :data:`mip.frontends.auth.AREAS` a REST path is in (``None``: health,
+    and ``/v1``, which checks its own credentials). Paths under ``/v2`` that no endpoint
+    serves are ``metadata``."""
+    if path == "/metrics":
+        return "metrics"
+    if path != "/v2" and not path.startswith("/v2/"):
+        return None
+    parts = path.split("/")  # "", "v2", ...
+    if len(parts) < 3:
+        return "metadata"
+    if parts[2] == "health":
+        return None
+    if parts[2] == "repository":
+        return "control"
+    if parts[2] == "models":
+        if len(parts) == 4:  # /v2/models/stats, or a model's metadata
+            return "metrics" if parts[3] == "stats" else "metadata"
+        if len(parts) == 5:
+            return _MODEL_AREAS.get(parts[4], "metadata")
+        if len(parts) == 7 and parts[4] == "versions":
+            return _MODEL_AREAS.get(parts[6], "metadata")
+    return "metadata"
+
+
+_CHALLENGE = (b"www-authenticate", b'Bearer realm="mip"')
+
+
+async def _refused(send, exc: ServingError) -> None:
+    """Answer 401 (with the challenge) or 429 (with Retry-After) for a refused request."""
+    body = orjson.dumps({"error": str(exc)})
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    retry_after = getattr(exc, "retry_after", None)
+    headers.append(_CHALLENGE if retry_after is None
+                   else (b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class _InferFront:
     """The ASGI app: ``POST .../infer`` goes straight to :meth:`_Endpoints.fast_infer`,
-    everything else to the Starlette app (whose attributes this object shows)."""
+    everything else to the Starlette app (whose attributes this object shows); with a
+    guard, requests to the areas it protects are authenticated first."""
 
-    def __init__(self, app: Starlette, endpoints: _Endpoints):
+    def __init__(self, app: Starlette, endpoints: _Endpoints, guard=None):
         self.app = app
         self.endpoints = endpoints
+        self.guard = guard
 
     def __getattr__(self, name):
         return getattr(self.app, name)
 
+    async def _authenticate(self, scope) -> ServingError | None:
+        """Why a request to a protected area is refused, or ``None`` when it may go on."""
+        guard = self.guard
+        headers = {}
+        for key, value in scope["headers"]:
+            if key == b"authorization" or key == b"x-api-key":
+                headers[key.decode("latin-1")] = value.decode("latin-1")
+        client = scope.get("client")
+        host = client[0] if client else None
+        try:
+            if guard.immediate:
+                guard.authenticate_now(headers, host)
+            else:
+                await guard.authenticate(headers, host)
+        except (Unauthenticated, TooManyAuthFailures) as exc:
+            return exc
+        return None
+
     async def __call__(self, scope, receive, send) -> None:
+        if (self.guard is not None and scope["type"] == "http"
+                and self.guard.protects(area_of(scope["path"]))):
+            refusal = await self._authenticate(scope)
+            if refusal is not None:
+                return await _refused(send, refusal)
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             if path.startswith("/v2/models/") and path.endswith("/infer"):
@@ -570,7 +643,7 @@ class _InferFront:
 
 def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] = (),
               metrics=None, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-              request_timeout: float | None = None):
+              request_timeout: float | None = None, guard=None):
     """The Starlette app of the protocol's REST form, for uvicorn or any ASGI server.
 
     Args:
@@ -582,6 +655,8 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
         max_body_size: largest request body, in octets (after decompression).
         request_timeout: seconds a request may take, queueing included (``None``: no
             limit beyond the request's ``timeout`` parameter).
+        guard: a :class:`~mip.frontends.auth.Guard` whose protected areas need
+            credentials (``None``: every ``/v2`` endpoint and ``/metrics`` are open).
     """
     if metrics is None:
         from mip.frontends.oip.metrics import Metrics
@@ -624,7 +699,7 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
     })
     app.state.metrics = metrics
     app.state.engine = engine
-    return _InferFront(app, endpoints)
+    return _InferFront(app, endpoints, guard)
 
 
 class HttpServer:
