@@ -146,19 +146,25 @@ class Engine:
 
     async def load(self, model: str, config=None) -> None:
         """Load or reload every version of ``model``; a reload swaps versions without
-        dropping requests (new requests reach the new versions, old ones finish).
-        ``config`` (a :class:`~mip.serving.config.ModelConfig`) replaces the folder's
-        configuration for this load (Triton's load with a config).
+        failing a request: the old versions serve (and stay ready) while the new ones
+        load, then new requests reach the new versions and the old ones finish the
+        requests they hold before they are closed. ``config`` (a
+        :class:`~mip.serving.config.ModelConfig`) replaces the folder's configuration for
+        this load (Triton's load with a config).
 
         Raises:
             ModelNotFound: no such model in the repository.
-            ModelLoadError: no version loaded; the message has every version's reason.
+            ModelLoadError: no version loaded (the old versions, if any, keep serving); the
+                message has every version's reason.
         """
         async with self._lock:
             self._expected.add(model)
-            new, old = await asyncio.to_thread(self.repository.load, model, config)
-            # Take the old versions' batchers out before the new ones take their keys (a
-            # reload keeps the version names), so that they are drained, not lost.
+            new = await asyncio.to_thread(self.repository.prepare, model, config)
+            # From here to the new batchers nothing awaits: the repository and the batchers
+            # switch in one step of the event loop, so no request finds one switched and
+            # the other not. The old versions' batchers are taken out before the new ones
+            # take their keys (a reload keeps the version names): drained, not lost.
+            old = self.repository.install(model, new)
             retiring = self._withdraw(model, old)
             for version in new:
                 if version.ready:

@@ -307,7 +307,8 @@ class ModelRepository:
     def load(self, name: str, config: ModelConfig | None = None,
              ) -> tuple[list[ModelVersion], list[ModelVersion]]:
         """Load (or reload) every version of ``name`` (``config``: with this configuration
-        instead of the folder's, until the next load).
+        instead of the folder's, until the next load): :meth:`prepare`, then
+        :meth:`install`.
 
         Returns ``(new, old)``: the versions now installed (each READY or UNAVAILABLE with
         a reason) and the ones they replace, still open so in-flight work can finish; the
@@ -316,6 +317,18 @@ class ModelRepository:
         Raises:
             ModelNotFound: no folder of that name.
             ModelLoadError: no version could be loaded (the old versions stay installed).
+        """
+        versions = self.prepare(name, config)
+        return versions, self.install(name, versions)
+
+    def prepare(self, name: str, config: ModelConfig | None = None) -> list[ModelVersion]:
+        """Load every version of ``name`` without installing them: the versions in service
+        (if any) keep serving meanwhile. Returns the new versions (each READY or
+        UNAVAILABLE with a reason), for :meth:`install`.
+
+        Raises:
+            ModelNotFound: no folder of that name.
+            ModelLoadError: no version could be loaded (nothing changes).
         """
         try:
             versions = self.discover(name, config)
@@ -331,11 +344,16 @@ class ModelRepository:
                 if name not in self._loaded:
                     self._errors[name] = reasons
             raise ModelLoadError(f"failed to load {name}: {reasons}")
+        return versions
+
+    def install(self, name: str, versions: list[ModelVersion]) -> list[ModelVersion]:
+        """Put ``versions`` (from :meth:`prepare`) in service in place of ``name``'s
+        current ones, in one step; returns those (still open: the caller closes them)."""
         with self._lock:
             old = self._loaded.get(name, [])
             self._loaded[name] = versions
             self._errors.pop(name, None)
-        return versions, old
+        return old
 
     def unload(self, name: str) -> list[ModelVersion]:
         """Remove ``name`` from service; returns its versions (the caller closes them).

@@ -1,4 +1,5 @@
-"""A reload while requests run: the old version finishes its work before it is closed."""
+"""A reload while requests run: the old version serves (and stays ready) until the new one is
+loaded, the switch is one step, and the old version finishes its work before it is closed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,55 @@ from mip.serving.repository import ModelRepository
 
 from ._models import add_model, identity_model, run
 
+#: an identity whose construction (the load) takes 0.2 s
+SLOW_TO_LOAD = '''
+import time
+
+
+class Identity:
+    inputs = [("input", "FP32", [-1, 16])]
+    outputs = [("output", "FP32", [-1, 16])]
+
+    def __init__(self):
+        time.sleep(0.2)
+
+    def infer(self, inputs):
+        return {"output": inputs["input"]}
+'''
+
+
+async def _under_load(engine: Engine, reload, clients: int = 16) -> tuple[list, list]:
+    """Run ``reload()`` while ``clients`` tasks send requests and one watches readiness;
+    returns every request's outcome and every readiness seen."""
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    outcomes, readiness = [], []
+    stop = asyncio.Event()
+
+    async def client():
+        while not stop.is_set():
+            try:
+                out = await engine.infer("identity", {"input": x})
+                outcomes.append("ok" if np.array_equal(out["output"], x) else "wrong")
+            except Exception as exc:  # every failure is recorded with its kind
+                outcomes.append(type(exc).__name__)
+                await asyncio.sleep(0.001)  # a refusal comes back at once: let others run
+
+    async def watch():
+        while not stop.is_set():
+            readiness.append((engine.model_ready("identity"), engine.ready()))
+            await asyncio.sleep(0.001)
+
+    tasks = [asyncio.ensure_future(client()) for _ in range(clients)]
+    tasks.append(asyncio.ensure_future(watch()))
+    try:
+        await asyncio.sleep(0.05)
+        await reload()
+        await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    return outcomes, readiness
+
 
 def test_reload_under_load_drops_and_fails_nothing(repo):
     add_model(repo, "identity", identity_model(), config={
@@ -19,34 +69,67 @@ def test_reload_under_load_drops_and_fails_nothing(repo):
     async def go():
         engine = Engine(ModelRepository(repo))
         await engine.start()
-        x = np.arange(16, dtype=np.float32).reshape(1, 16)
-        outcomes = []
-        stop = asyncio.Event()
 
-        async def client():
-            while not stop.is_set():
-                try:
-                    out = await engine.infer("identity", {"input": x})
-                    outcomes.append("ok" if np.array_equal(out["output"], x) else "wrong")
-                except Exception as exc:  # every failure is recorded with its kind
-                    outcomes.append(type(exc).__name__)
-                    # a refusal comes back at once: let the reload (and everyone else) run
-                    await asyncio.sleep(0.001)
-
-        clients = [asyncio.ensure_future(client()) for _ in range(16)]
-        try:
-            for _ in range(5):
-                await asyncio.sleep(0.05)
+        async def reload():
+            for _ in range(20):
                 await engine.load("identity")  # reload: same version name, new objects
-            await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
+        try:
+            return await _under_load(engine, reload)
         finally:
-            stop.set()
-            await asyncio.gather(*clients)
             await engine.stop()
-        return outcomes
 
-    outcomes = run(go(), timeout=60)
+    outcomes, readiness = run(go(), timeout=60)
     assert outcomes.count("ok") > 50
-    # between the swap and the new batcher a request may be told to retry (503),
-    # but none fails inside the model and none gets a wrong answer
-    assert set(outcomes) <= {"ok", "ModelNotReady"}, set(outcomes)
+    assert set(outcomes) == {"ok"}, set(outcomes)
+    assert set(readiness) == {(True, True)}
+
+
+def test_a_slow_reload_keeps_the_old_version_serving(repo):
+    """While the new version takes 0.2 s to load, the old one answers and is ready."""
+    add_model(repo, "identity", SLOW_TO_LOAD.encode(), filename="model.py", config={
+        "max_batch_size": 8, "dynamic_batching": {"max_queue_delay_us": 1000}})
+
+    async def go():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        before = engine.resolve("identity")
+        try:
+            outcomes, readiness = await _under_load(engine, lambda: engine.load("identity"))
+        finally:
+            after = engine.resolve("identity")
+            await engine.stop()
+        return outcomes, readiness, before, after
+
+    outcomes, readiness, before, after = run(go(), timeout=60)
+    assert after is not before and not before.ready  # replaced, and the old one closed
+    assert set(outcomes) == {"ok"}, set(outcomes)
+    assert outcomes.count("ok") > 50  # answered during the load, by the old version
+    assert len(readiness) > 50 and set(readiness) == {(True, True)}
+
+
+def test_a_failed_reload_keeps_the_old_version(repo):
+    path = add_model(repo, "identity", identity_model())
+
+    async def go():
+        engine = Engine(ModelRepository(repo))
+        await engine.start()
+        path.write_bytes(b"not an ONNX model")
+
+        async def reload():
+            try:
+                await engine.load("identity")
+            except Exception as exc:
+                return exc
+            raise AssertionError("a broken model loaded")
+        try:
+            outcomes, readiness = await _under_load(engine, reload)
+            index = engine.index()
+        finally:
+            await engine.stop()
+        return outcomes, readiness, index
+
+    outcomes, readiness, index = run(go(), timeout=60)
+    assert set(outcomes) == {"ok"}, set(outcomes)
+    assert set(readiness) == {(True, True)}
+    assert [(e.name, str(e.state)) for e in index] == [("identity", "READY")]
