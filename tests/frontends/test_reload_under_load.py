@@ -1,6 +1,7 @@
-"""A model reloaded 20 times through the repository API (tritonclient's ``load_model``) while
-MIP, KServe v2 gRPC (tritonclient) and REST (httpx) requests run against ``mip serve``: no
-request fails, every answer is right, and the model and the server stay ready throughout."""
+"""A model reloaded 20 times through the repository API (tritonclient's ``load_model``, over
+HTTP and gRPC in turn) while MIP, KServe v2 gRPC (tritonclient) and REST (httpx) requests run
+against ``mip serve``: no request fails, every answer is right, and the model and the server
+stay ready throughout."""
 
 from __future__ import annotations
 
@@ -117,13 +118,16 @@ def test_reloads_under_mixed_load_fail_nothing(tmp_path, implementation):
             thread.start()
         try:
             time.sleep(0.3)  # every protocol under way before the first reload
-            control = httpclient.InferenceServerClient(http_url)
+            # the repository API of both protocols, in turn
+            controls = [httpclient.InferenceServerClient(http_url),
+                        grpcclient.InferenceServerClient(grpc_url)]
             try:
-                for _ in range(RELOADS):
-                    control.load_model("identity")
+                for reload in range(RELOADS):
+                    controls[reload % 2].load_model("identity")
                     time.sleep(0.02)
             finally:
-                control.close()
+                for control in controls:
+                    control.close()
             time.sleep(0.2)
         finally:
             stop.set()
