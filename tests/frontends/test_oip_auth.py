@@ -479,6 +479,15 @@ def test_mip_serve_auth_scope(tmp_path, monkeypatch):
             assert http.get("/metrics", headers=_http_auth()).status_code == 200
             assert http.get("/v1/models").status_code == 401  # /v1 as ever
             assert http.get("/v1/models", headers=_http_auth()).status_code == 200
+            # one failure budget for the address, whichever endpoint the failures hit
+            wrong = {"Authorization": f"Bearer {WRONG}"}
+            codes = [http.get("/v1/models", headers=wrong).status_code for _ in range(10)]
+            assert codes == [401] * 10
+            assert http.post("/v2/repository/index", headers=_http_auth()).status_code == 429
+        with grpcclient.InferenceServerClient(grpc_url) as g:
+            _refused(lambda: g.load_model("identity", headers=GRPC_AUTH),
+                     "StatusCode.RESOURCE_EXHAUSTED")
+            g.infer("identity", _grpc_input())  # inference is open: nothing to refuse
     finally:
         assert _stop(process) == 0
 
