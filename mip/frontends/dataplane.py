@@ -131,7 +131,7 @@ class DataPlane:
                 limit = timeout
             deadline = None if limit is None else time.monotonic() + limit
             work = engine.submit(model, inputs, version=served_version, deadline=deadline,
-                                 source=source)
+                                 source=source, chosen=chosen)
         except BaseException:
             if metrics is not None:
                 metrics.observe_request(model, served_version, protocol, False,

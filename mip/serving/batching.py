@@ -91,9 +91,14 @@ class _Request:
         self.source = source
         self.inputs = inputs
         self.rows = rows
-        self.nbytes = sum(a.nbytes for a in inputs.values())
         # Requests batch together only when their tensors concatenate on axis 0.
-        self.signature = tuple((name, a.dtype, a.shape[1:]) for name, a in inputs.items())
+        if len(inputs) == 1:
+            ((name, a),) = inputs.items()
+            self.nbytes = a.nbytes
+            self.signature = ((name, a.dtype, a.shape[1:]),)
+        else:
+            self.nbytes = sum(a.nbytes for a in inputs.values())
+            self.signature = tuple((name, a.dtype, a.shape[1:]) for name, a in inputs.items())
         self.future = future
         self.enqueued = enqueued
         self.queued = True

@@ -73,13 +73,20 @@ class ModelStats:
 class _Served:
     """A loaded version with its batcher and counters."""
 
-    __slots__ = ("version", "batcher", "stats", "dtypes")
+    __slots__ = ("version", "batcher", "stats", "dtypes", "names", "checks")
 
     def __init__(self, version: ModelVersion, batcher: Batcher, stats: ModelStats):
         self.version = version
         self.batcher = batcher
         self.stats = stats
         self.dtypes = {spec.name: to_numpy(spec.datatype) for spec in version.inputs}
+        self.names = frozenset(self.dtypes)
+        # Per input, what a request's tensor is checked against: name, numpy dtype, rank,
+        # and the fixed dimensions as (axis, size) pairs (-1 dimensions take any size).
+        self.checks = tuple(
+            (spec.name, self.dtypes[spec.name], len(spec.shape),
+             tuple((axis, d) for axis, d in enumerate(spec.shape) if d != -1))
+            for spec in version.inputs)
 
 
 class Engine:
@@ -263,16 +270,18 @@ class Engine:
         return {name: result[name] for name in wanted}
 
     def submit(self, model: str, inputs: Tensors, *, version: str | None = None,
-               deadline: float | None = None, source=None) -> asyncio.Future:
+               deadline: float | None = None, source=None,
+               chosen: ModelVersion | None = None) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets every output.
 
         The same checks and errors as :meth:`infer` (raised here when found at once, set on
         the future otherwise), for frontends that chain callbacks rather than run a
         coroutine per request. Cancelling the future drops the request from the queue.
         ``source`` (the client's address) picks the request's fair share of the queue (see
-        :mod:`mip.serving.batching`).
+        :mod:`mip.serving.batching`). ``chosen``: the version :meth:`resolve` gave for
+        this request (``model`` and ``version`` are then not looked up again).
         """
-        served = self._lookup(model, version)
+        served = self._lookup(model, version) if chosen is None else self._serving(chosen)
         batching = served.version.dynamic_batching
         if batching is not None and batching.default_timeout_us:
             deadline = batching.deadline(deadline, time.monotonic())  # Triton's queue policy
@@ -299,10 +308,12 @@ class Engine:
         return self.repository.get(model, version or None)
 
     def _lookup(self, model: str, version: str | None) -> _Served:
-        chosen = self.repository.get(model, version or None)
-        served = self._served.get((model, chosen.version))
+        return self._serving(self.repository.get(model, version or None))
+
+    def _serving(self, chosen: ModelVersion) -> _Served:
+        served = self._served.get((chosen.name, chosen.version))
         if served is None or served.version is not chosen:
-            raise ModelNotReady(f"model {model!r} version {chosen.version} is not serving")
+            raise ModelNotReady(f"model {chosen.name!r} version {chosen.version} is not serving")
         return served
 
     @staticmethod
@@ -310,33 +321,35 @@ class Engine:
         version = served.version
         if not isinstance(inputs, dict):
             raise InvalidInput("inputs must be a dict of name -> numpy array")
-        expected = {spec.name for spec in version.inputs}
-        if inputs.keys() != expected:
+        if inputs.keys() != served.names:
+            expected = served.names
             missing = sorted(expected - inputs.keys())
             extra = sorted(inputs.keys() - expected)
             raise InvalidInput(f"model {version.name!r} takes inputs {sorted(expected)}"
                                + (f"; missing {missing}" if missing else "")
                                + (f"; unknown {extra}" if extra else ""))
         rows = None
-        for spec in version.inputs:
-            array = inputs[spec.name]
-            if not isinstance(array, np.ndarray):
-                raise InvalidInput(f"input {spec.name!r} must be a numpy array, "
+        batched = version.max_batch_size
+        for name, dtype, rank, fixed in served.checks:
+            array = inputs[name]
+            if type(array) is not np.ndarray and not isinstance(array, np.ndarray):
+                raise InvalidInput(f"input {name!r} must be a numpy array, "
                                    f"not {type(array).__name__}")
-            dtype = served.dtypes[spec.name]
             if array.dtype != dtype and not (dtype == object and array.dtype.kind in "SU"):
-                raise InvalidInput(f"input {spec.name!r} has datatype {_datatype(array.dtype)}, "
+                spec = next(s for s in version.inputs if s.name == name)
+                raise InvalidInput(f"input {name!r} has datatype {_datatype(array.dtype)}, "
                                    f"the model wants {spec.datatype}")
-            if array.ndim != len(spec.shape) or any(
-                    d != -1 and d != n for d, n in zip(spec.shape, array.shape)):
-                raise InvalidInput(f"input {spec.name!r} has shape {list(array.shape)}, "
+            shape = array.shape
+            if len(shape) != rank or any(shape[axis] != d for axis, d in fixed):
+                spec = next(s for s in version.inputs if s.name == name)
+                raise InvalidInput(f"input {name!r} has shape {list(shape)}, "
                                    f"the model wants {list(spec.shape)}")
-            if version.max_batch_size:
+            if batched:
                 if rows is None:
-                    rows = array.shape[0]
-                elif array.shape[0] != rows:
-                    raise InvalidInput(f"inputs disagree on the batch size: {spec.name!r} has "
-                                       f"{array.shape[0]} rows, another has {rows}")
+                    rows = shape[0]
+                elif shape[0] != rows:
+                    raise InvalidInput(f"inputs disagree on the batch size: {name!r} has "
+                                       f"{shape[0]} rows, another has {rows}")
         return rows if rows is not None else 1
 
     def check_outputs(self, version: ModelVersion, outputs: list[str] | None) -> list[str] | None:

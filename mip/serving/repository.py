@@ -59,6 +59,9 @@ class ModelState(str, enum.Enum):
         return self.value  # logs and JSON bodies show "READY", not "ModelState.READY"
 
 
+_READY = ModelState.READY  # read once: enum attribute access is slow on a hot path
+
+
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
     """One row of the repository index: ``reason`` says why a version is not ready."""
@@ -112,7 +115,7 @@ class ModelVersion:
     @property
     def ready(self) -> bool:
         """Whether the version serves requests."""
-        return self.state is ModelState.READY
+        return self.state is _READY
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch through the loaded runner (blocking; call from a worker thread)."""
@@ -386,8 +389,7 @@ class ModelRepository:
             ModelNotFound: unknown model or version.
             ModelNotReady: the model or version exists but does not serve now.
         """
-        with self._lock:
-            versions = self._loaded.get(name)
+        versions = self._loaded.get(name)  # one dict read: atomic, no lock needed
         if versions is None:
             if (self.root / name).is_dir():
                 reason = self._errors.get(name, "not loaded")
@@ -401,10 +403,10 @@ class ModelRepository:
                                             f"{candidate.reason or candidate.state.value}")
                     return candidate
             raise ModelNotFound(f"model {name!r} has no version {version!r}")
-        ready = [v for v in versions if v.ready]
-        if not ready:
-            raise ModelNotReady(f"model {name!r} has no ready version")
-        return ready[-1]
+        for candidate in reversed(versions):  # highest first
+            if candidate.state is _READY:
+                return candidate
+        raise ModelNotReady(f"model {name!r} has no ready version")
 
     def metadata(self, name: str, version: str | None = None) -> ModelMetadata:
         """Metadata of the version that would serve ``name`` / ``version``."""
