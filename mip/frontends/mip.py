@@ -103,8 +103,9 @@ class MipHandler:
             items = _split(served, result.outputs, rows)
             return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
 
+        # More rows than the model's max_batch_size: run as several batches, one reply.
         return self.dataplane.submit("mip", model, served.version, inputs, then=encode,
-                                     source=source, chosen=served)
+                                     source=source, chosen=served, split=True)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
