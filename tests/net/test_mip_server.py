@@ -145,7 +145,7 @@ async def test_serving_error_becomes_an_error_frame_and_connection_stays_usable(
     (bytes([0, 2, 7, 0, 0, 0, 0, 0]), ErrorCode.SUBTYPE),         # subtype 7
     (bytes([0, 2, 0, 0, 0, 0, 0, 4, 1, 0, 0, 1]), ErrorCode.SHAPE),  # 1 item of 1 value, no TLV
     (bytes([0, 2, 0, 0]) + struct.pack("!I", 12) + bytes([1, 0, 0, 1])
-     + struct.pack("!II", 9, 0), ErrorCode.SHAPE),                # reserved TLV type 9
+     + struct.pack("!II", 0, 0), ErrorCode.SHAPE),                # reserved TLV type 0
 ])
 async def test_protocol_errors_get_the_specified_error_frame_then_close(frame, code):
     server, url = await _start()
