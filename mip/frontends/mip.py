@@ -5,8 +5,13 @@ tensors for one input are stacked on axis 0 (as KubeMo's ``concat`` does)
 with ``Message.column``: one row per item gives a strided view of the frame
 with no per-item objects, a single item is passed as the view it is, other
 batches are concatenated.  Outputs are split back per item as views.
-Non-tensor values (TEXT, JSON, IMAGE) travel to Python models as one-row
-object arrays holding the value objects.
+Non-tensor values (TEXT, JSON, IMAGE, and the application-defined types KubeMo's
+applications register) travel to Python models as one-row object arrays holding the
+value objects; an ONNX model, which takes tensors, refuses application values.
+
+A request of more rows than the model's ``max_batch_size`` is run as several batches
+and answered as one (KubeMo's server takes batches of any size); the KServe v2
+frontends refuse it, as Triton does.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import mip
 from mip.errors import InvalidInput, ModelNotFound
 from mip.frontends._futures import chain
 from mip.frontends.dataplane import DataPlane
+from mip.serving.config import PLATFORM_PYTHON
 
 __all__ = ["MipHandler"]
 
@@ -139,7 +145,10 @@ class MipHandler:
         inputs = {}
         rows = None
         for index, spec in enumerate(served.inputs):
-            inputs[spec.name], rows = _columns(source, index)
+            column, rows = _columns(source, index)
+            if column.dtype == object and served.platform != PLATFORM_PYTHON:
+                _refuse_application_values(served, column, index)
+            inputs[spec.name] = column
         return inputs, rows
 
     async def _each_item(self, model, served, batch) -> list[tuple]:
@@ -152,6 +161,15 @@ class MipHandler:
 
         results = await asyncio.gather(*(one(item) for item in batch))
         return [row for result in results for row in result]
+
+
+def _refuse_application_values(served, column: np.ndarray, index: int) -> None:
+    """Application-defined values reach Python models only: say so to any other."""
+    for i, value in enumerate(column.reshape(-1)):
+        if isinstance(value, mip.Value):
+            raise InvalidInput(f"item {i} value {index} is an application-defined value (type "
+                               f"{value.type}): model {served.name!r} ({served.platform}) takes "
+                               "tensors; application values reach Python models only")
 
 
 def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
