@@ -103,6 +103,80 @@ async def test_concurrent_clients_are_batched_together(demo_repo):
         await served.close()
 
 
+async def test_a_request_over_max_batch_size_runs_as_batches_and_is_answered_as_one(demo_repo):
+    """KubeMo's server takes batches of any size: items of 1 and 3 rows, 250 rows in all,
+    against max_batch_size 64 (parts end inside items too)."""
+    served = await _serve(demo_repo)
+    try:
+        rng = np.random.default_rng(5)
+        counts = [1, 3] * 62 + [1, 1]
+        x = rng.standard_normal((sum(counts), 784)).astype(np.float32)
+        bounds = np.cumsum([0] + counts)
+        items = [[x[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+        async with AsyncClient(served.url) as client:
+            replies = await client.infer(items, model="mlp")
+            one_row = await client.infer([[row[None]] for row in x[:65]], model="mlp")
+        assert [r[0].shape[0] for r in replies] == counts
+        expected = _direct(demo_repo, "mlp", x)
+        np.testing.assert_allclose(np.concatenate([r[0] for r in replies]), expected, rtol=1e-5)
+        np.testing.assert_allclose(np.concatenate([r[0] for r in one_row]), expected[:65],
+                                   rtol=1e-5)
+        stats = served.engine.stats()[("mlp", "1")]
+        assert max(stats.batch_sizes) <= 64 and stats.rows == 250 + 65
+        assert stats.requests == stats.successes == 2  # each answered as one request
+    finally:
+        await served.close()
+
+
+async def test_a_failing_part_fails_the_whole_request_with_one_error(tmp_path):
+    model_dir = tmp_path / "repo" / "picky" / "1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.py").write_text(
+        "from mip.kubemo.inference import Inference\n"
+        "from mip.kubemo.serialize import Text\n"
+        "class Picky(Inference):\n"
+        "    def preprocess(self, inputs):\n"
+        "        if inputs[0].decode() == 'boom':\n"
+        "            raise ValueError('item boom is refused')\n"
+        "        return (inputs[0].decode(),)\n"
+        "    def concat(self, batch):\n"
+        "        return tuple(zip(*batch))\n"
+        "    def forward(self, inputs):\n"
+        "        return inputs\n"
+        "    def postprocess(self, outputs):\n"
+        "        return tuple(Text(x) for x in outputs)\n")
+    (tmp_path / "repo" / "picky" / "config.json").write_text('{"max_batch_size": 4}')
+    served = await _serve(tmp_path / "repo")
+    try:
+        async with AsyncClient(served.url) as client:
+            words = [f"w{i}" for i in range(10)]
+            assert await client.infer([[w] for w in words], model="picky") == [
+                (mip.Text(w),) for w in words]
+            with pytest.raises(RemoteError) as info:
+                await client.infer([[w] for w in words[:6] + ["boom"] + words[7:]],
+                                   model="picky")
+            assert info.value.error_code == ErrorCode.INTERNAL
+            assert "item boom is refused" in info.value.detail
+            assert await client.ping() > 0  # one ERROR frame, and the connection goes on
+        assert served.engine.stats()[("picky", "1")].batch_sizes.keys() <= {1, 2, 3, 4}
+    finally:
+        await served.close()
+
+
+async def test_onnx_models_refuse_application_values_naming_them(demo_repo):
+    served = await _serve(demo_repo)
+    try:
+        async with AsyncClient(served.url) as client:
+            for value_type in (7, 300):
+                with pytest.raises(RemoteError) as info:
+                    await client.infer([[mip.Value(value_type, b"ab")]], model="identity")
+                assert info.value.error_code == ErrorCode.SHAPE
+                assert f"application-defined value (type {value_type})" in info.value.detail
+                assert "Python models only" in info.value.detail
+    finally:
+        await served.close()
+
+
 async def test_plain_requests_reach_the_default_model(demo_repo):
     served = await _serve(demo_repo, default_model="identity")
     try:
