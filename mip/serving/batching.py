@@ -78,6 +78,8 @@ class BatchRecord:
         queue_seconds: how long the oldest request of the batch waited, in seconds.
         compute_seconds: time spent in the model, in seconds.
         failed: whether the model raised.
+        waited_seconds: the waits of all the batch's requests (each from its arrival in
+            the queue to the batch's start), summed, in seconds.
     """
 
     rows: int
@@ -85,6 +87,7 @@ class BatchRecord:
     queue_seconds: float
     compute_seconds: float
     failed: bool = False
+    waited_seconds: float = 0.0
 
 
 class _Request:
@@ -431,8 +434,10 @@ class Batcher:
                 self._fail(request, error)
         if self._on_batch is not None:
             try:
+                waited = started * len(live) - sum(r.enqueued for r in live)
                 self._on_batch(BatchRecord(rows, len(live), started - live[0].enqueued,
-                                           time.monotonic() - started, error is not None))
+                                           time.monotonic() - started, error is not None,
+                                           waited))
             except Exception:
                 log.exception("batch callback of model %s failed", self.name)
 

@@ -177,6 +177,42 @@ async def test_onnx_models_refuse_application_values_naming_them(demo_repo):
         await served.close()
 
 
+async def test_statistics_count_queue_time_per_request_as_triton_does(demo_repo):
+    """Ten requests read at once run as one batch: the queue is counted ten times (each
+    request's wait from its arrival to the batch's start), not once per batch."""
+    from mip.frontends.oip.metrics import Metrics
+
+    engine = Engine(ModelRepository(demo_repo))
+    await engine.start()
+    handler = MipHandler(engine, metrics=Metrics(engine))
+    server = MipServer(handler)
+    address = await server.start("tcp://127.0.0.1:0")
+    try:
+        x = np.arange(16, dtype=np.float32).reshape(1, 16)
+        frames = b"".join(mip.encode_request([[x + i]], model="identity") for i in range(10))
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(frames)  # one write: one read on the server, one batch
+        parser, replies = mip.FrameParser(), []
+        while len(replies) < 10:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data
+            replies += parser.feed(data)
+        writer.close()
+        assert [r.batch[0][0][0, 0] for r in replies] == list(range(10))
+        (entry,) = handler.dataplane.statistics("identity")["model_stats"]
+        stats = entry["inference_stats"]
+        assert entry["execution_count"] == 1 and entry["batch_stats"][0]["batch_size"] == 10
+        assert stats["queue"]["count"] == stats["success"]["count"] == 10
+        assert 0 < stats["queue"]["ns"] <= stats["success"]["ns"]
+        text = handler.dataplane.metrics.render().decode()
+        queue_us = float(next(line.split()[-1] for line in text.splitlines() if line.startswith(
+            'nv_inference_queue_duration_us{model="identity"')))
+        assert abs(queue_us * 1000 - stats["queue"]["ns"]) <= 1000
+    finally:
+        await server.stop()
+        await engine.stop()
+
+
 async def test_plain_requests_reach_the_default_model(demo_repo):
     served = await _serve(demo_repo, default_model="identity")
     try:

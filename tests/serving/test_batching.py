@@ -615,3 +615,24 @@ def test_a_split_request_refused_at_once_leaves_nothing_queued():
 
     run(scenario())
     assert model.rows == [1]
+
+
+def test_batch_records_carry_every_requests_wait():
+    model = GatedModel()
+    batcher = make(model)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(1, i)}, 1))
+                 for i in range(3)]
+        await asyncio.sleep(0.05)
+        model.release()
+        await asyncio.gather(first, *tasks)
+        await batcher.stop()
+
+    run(scenario())
+    held, batch = batcher.records
+    assert (held.requests, batch.requests) == (1, 3)
+    assert held.waited_seconds == held.queue_seconds
+    # the oldest waited longest: the sum of three waits is within [oldest, 3 x oldest]
+    assert 0 < batch.queue_seconds <= batch.waited_seconds <= 3 * batch.queue_seconds
