@@ -146,7 +146,7 @@ class MipHandler:
         rows = None
         for index, spec in enumerate(served.inputs):
             column, rows = _columns(source, index)
-            if column.dtype == object and served.platform != PLATFORM_PYTHON:
+            if served.platform != PLATFORM_PYTHON and column.dtype.hasobject:
                 _refuse_application_values(served, column, index)
             inputs[spec.name] = column
         return inputs, rows
