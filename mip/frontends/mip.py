@@ -100,7 +100,7 @@ class MipHandler:
         kind, n_input = message.kind, message.n_input
         if served.max_batch_size == 0 and len(message) > 1:
             # A model that does not batch runs each item on its own.
-            work = loop.create_task(self._each_item(model, served, message.batch))
+            work = loop.create_task(self._each_item(model, served, message.batch, source))
             return chain(work, lambda items: mip.encode_response_buffers(
                 items, n_input=n_input, kind=kind))
         inputs, rows = self._inputs(served, message)
@@ -151,15 +151,35 @@ class MipHandler:
             inputs[spec.name] = column
         return inputs, rows
 
-    async def _each_item(self, model, served, batch) -> list[tuple]:
-        """Run every item as a request of its own (for a model without a batch axis)."""
-        async def one(item):
+    async def _each_item(self, model, served, batch, source=None) -> list[tuple]:
+        """Run every item as a request of its own (for a model without a batch axis),
+        ``instance_count + 1`` at a time, as the parts of a split request: a batch of any
+        size neither fills the model's queue nor shuts other clients out. The first
+        failure fails the request and drops the items still running."""
+        def one(item) -> asyncio.Future:
             inputs, rows = self._inputs(served, _single(item))
-            result = await self.dataplane.submit("mip", model, served.version, inputs,
-                                                 chosen=served)
-            return _split(served, result.outputs, rows)
+            return self.dataplane.submit("mip", model, served.version, inputs,
+                                         then=lambda result: _split(served, result.outputs, rows),
+                                         source=source, chosen=served)
 
-        results = await asyncio.gather(*(one(item) for item in batch))
+        window = served.config.instance_count + 1
+        results: list = [None] * len(batch)
+        running: dict[asyncio.Future, int] = {}
+        following = iter(enumerate(batch))
+        try:
+            while True:
+                for index, item in following:
+                    running[one(item)] = index
+                    if len(running) >= window:
+                        break
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    results[running.pop(future)] = future.result()  # the first error raises
+        finally:
+            for future in running:
+                future.cancel()
         return [row for result in results for row in result]
 
 

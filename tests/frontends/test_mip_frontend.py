@@ -163,6 +163,40 @@ async def test_a_failing_part_fails_the_whole_request_with_one_error(tmp_path):
         await served.close()
 
 
+async def test_a_model_without_batching_runs_any_number_of_items_a_few_at_a_time(tmp_path):
+    """max_batch_size 0: each item runs on its own, instance_count + 1 at a time, so more
+    items than the model's queue holds (1,024) are answered, in order."""
+    model_dir = tmp_path / "repo" / "single" / "1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.py").write_text(
+        "from mip.kubemo.inference import Inference\n"
+        "from mip.kubemo.serialize import Text\n"
+        "class Single(Inference):\n"
+        "    def preprocess(self, inputs):\n"
+        "        return (inputs[0].decode(),)\n"
+        "    def concat(self, batch):\n"
+        "        assert len(batch) == 1\n"
+        "        return tuple(zip(*batch))\n"
+        "    def forward(self, inputs):\n"
+        "        return inputs\n"
+        "    def postprocess(self, outputs):\n"
+        "        return tuple(Text(x.upper()) for x in outputs)\n")
+    (tmp_path / "repo" / "single" / "config.json").write_text('{"max_batch_size": 0}')
+    served = await _serve(tmp_path / "repo")
+    try:
+        async with AsyncClient(served.url, timeout=60) as client:
+            words = [f"w{i}" for i in range(1100)]
+            replies = await client.infer([[w] for w in words])
+            assert replies == [(mip.Text(w.upper()),) for w in words]
+            with pytest.raises(RemoteError) as info:  # one bad item fails the request
+                await client.infer([["a"], [np.ones((1, 2), np.float32)], ["b"]])
+            assert info.value.error_code == ErrorCode.SHAPE
+        stats = served.engine.stats()[("single", "1")]
+        assert set(stats.batch_sizes) == {1} and stats.batch_sizes[1] >= 1100
+    finally:
+        await served.close()
+
+
 async def test_onnx_models_refuse_application_values_naming_them(demo_repo):
     served = await _serve(demo_repo)
     try:
