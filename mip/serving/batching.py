@@ -499,7 +499,7 @@ class _Split:
     :meth:`Batcher.enqueue_split`)."""
 
     __slots__ = ("batcher", "inputs", "rows", "deadline", "source", "future", "outputs",
-                 "pending", "issued", "finished", "count")
+                 "pending", "sent", "finished", "count")
 
     def __init__(self, batcher: Batcher, inputs: Tensors, rows: int, deadline: float | None,
                  source):
@@ -508,26 +508,26 @@ class _Split:
         self.count = -(-rows // batcher.max_batch_size)
         self.outputs: list[Tensors | None] = [None] * self.count
         self.pending: set[asyncio.Future] = set()
-        self.issued = self.finished = 0
+        self.sent = self.finished = 0
         self.future = batcher._loop.create_future()
         try:
             for _ in range(min(batcher.instance_count + 1, self.count)):
-                self._issue()
+                self._queue_next()
         except BaseException:
             self.future.cancel()  # nobody waits for it: the error is raised to the caller
             self._drop()
             raise
         self.future.add_done_callback(self._settled)
 
-    def _issue(self) -> None:
+    def _queue_next(self) -> None:
         """Queue the next part: rows [start, stop) of every input, as views."""
         size = self.batcher.max_batch_size
-        index = self.issued
+        index = self.sent
         start = index * size
         stop = min(start + size, self.rows)
         part = {name: array[start:stop] for name, array in self.inputs.items()}
         future = self.batcher.enqueue(part, stop - start, self.deadline, self.source)
-        self.issued += 1
+        self.sent += 1
         self.pending.add(future)
         future.add_done_callback(functools.partial(self._part_done, index))
 
@@ -544,8 +544,8 @@ class _Split:
                 raise error
             self.outputs[index] = part.result()
             self.finished += 1
-            if self.issued < self.count:
-                self._issue()
+            if self.sent < self.count:
+                self._queue_next()
             elif self.finished == self.count:
                 future.set_result(self._join())
         except Exception as exc:  # the request fails as a whole, with the part's reason
