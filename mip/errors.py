@@ -131,7 +131,7 @@ class InvalidValue(ProtocolError):
 
 
 class UnknownValueType(ProtocolError):
-    """A TLV type in the range reserved by the protocol (0-255) that is not defined."""
+    """A TLV type the protocol reserves (0)."""
 
     error_code = ErrorCode.SHAPE
 

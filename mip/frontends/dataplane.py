@@ -99,7 +99,7 @@ class DataPlane:
                timeout: float | None = None, then: Callable | None = None,
                error: Callable[[BaseException], BaseException] | None = None,
                classes: dict[str, int] | None = None, source=None,
-               chosen=None) -> asyncio.Future:
+               chosen=None, split: bool = False) -> asyncio.Future:
         """Queue one request without waiting: a future of its :class:`InferResult`.
 
         What :meth:`infer` does, for frontends that chain callbacks instead of running a
@@ -113,6 +113,9 @@ class DataPlane:
         answers those outputs with Triton's classification extension. ``source`` (the
         client's address) picks the request's fair share of the queue. ``chosen``: the
         version :meth:`resolve` gave, when the frontend needed it first (no second lookup).
+        ``split``: a request of more rows than the model's ``max_batch_size`` runs as
+        several batches and is answered (and counted) as one request, as MIP serves
+        KubeMo's clients; without it such a request is refused, as Triton does.
         """
         started = time.perf_counter()
         engine = self.engine
@@ -131,7 +134,7 @@ class DataPlane:
                 limit = timeout
             deadline = None if limit is None else time.monotonic() + limit
             work = engine.submit(model, inputs, version=served_version, deadline=deadline,
-                                 source=source, chosen=chosen)
+                                 source=source, chosen=chosen, split=split)
         except BaseException:
             if metrics is not None:
                 metrics.observe_request(model, served_version, protocol, False,

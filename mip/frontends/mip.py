@@ -5,8 +5,13 @@ tensors for one input are stacked on axis 0 (as KubeMo's ``concat`` does)
 with ``Message.column``: one row per item gives a strided view of the frame
 with no per-item objects, a single item is passed as the view it is, other
 batches are concatenated.  Outputs are split back per item as views.
-Non-tensor values (TEXT, JSON, IMAGE) travel to Python models as one-row
-object arrays holding the value objects.
+Non-tensor values (TEXT, JSON, IMAGE, and the application-defined types KubeMo's
+applications register) travel to Python models as one-row object arrays holding the
+value objects; an ONNX model, which takes tensors, refuses application values.
+
+A request of more rows than the model's ``max_batch_size`` is run as several batches
+and answered as one (KubeMo's server takes batches of any size); the KServe v2
+frontends refuse it, as Triton does.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import mip
 from mip.errors import InvalidInput, ModelNotFound
 from mip.frontends._futures import chain
 from mip.frontends.dataplane import DataPlane
+from mip.serving.config import PLATFORM_PYTHON
 
 __all__ = ["MipHandler"]
 
@@ -94,7 +100,7 @@ class MipHandler:
         kind, n_input = message.kind, message.n_input
         if served.max_batch_size == 0 and len(message) > 1:
             # A model that does not batch runs each item on its own.
-            work = loop.create_task(self._each_item(model, served, message.batch))
+            work = loop.create_task(self._each_item(model, served, message.batch, source))
             return chain(work, lambda items: mip.encode_response_buffers(
                 items, n_input=n_input, kind=kind))
         inputs, rows = self._inputs(served, message)
@@ -103,8 +109,9 @@ class MipHandler:
             items = _split(served, result.outputs, rows)
             return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
 
+        # More rows than the model's max_batch_size: run as several batches, one reply.
         return self.dataplane.submit("mip", model, served.version, inputs, then=encode,
-                                     source=source, chosen=served)
+                                     source=source, chosen=served, split=True)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -138,19 +145,51 @@ class MipHandler:
         inputs = {}
         rows = None
         for index, spec in enumerate(served.inputs):
-            inputs[spec.name], rows = _columns(source, index)
+            column, rows = _columns(source, index)
+            if served.platform != PLATFORM_PYTHON and column.dtype.hasobject:
+                _refuse_application_values(served, column, index)
+            inputs[spec.name] = column
         return inputs, rows
 
-    async def _each_item(self, model, served, batch) -> list[tuple]:
-        """Run every item as a request of its own (for a model without a batch axis)."""
-        async def one(item):
+    async def _each_item(self, model, served, batch, source=None) -> list[tuple]:
+        """Run every item as a request of its own (for a model without a batch axis),
+        ``instance_count + 1`` at a time, as the parts of a split request: a batch of any
+        size neither fills the model's queue nor shuts other clients out. The first
+        failure fails the request and drops the items still running."""
+        def one(item) -> asyncio.Future:
             inputs, rows = self._inputs(served, _single(item))
-            result = await self.dataplane.submit("mip", model, served.version, inputs,
-                                                 chosen=served)
-            return _split(served, result.outputs, rows)
+            return self.dataplane.submit("mip", model, served.version, inputs,
+                                         then=lambda result: _split(served, result.outputs, rows),
+                                         source=source, chosen=served)
 
-        results = await asyncio.gather(*(one(item) for item in batch))
+        window = served.config.instance_count + 1
+        results: list = [None] * len(batch)
+        running: dict[asyncio.Future, int] = {}
+        following = iter(enumerate(batch))
+        try:
+            while True:
+                for index, item in following:
+                    running[one(item)] = index
+                    if len(running) >= window:
+                        break
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    results[running.pop(future)] = future.result()  # the first error raises
+        finally:
+            for future in running:
+                future.cancel()
         return [row for result in results for row in result]
+
+
+def _refuse_application_values(served, column: np.ndarray, index: int) -> None:
+    """Application-defined values reach Python models only: say so to any other."""
+    for i, value in enumerate(column.reshape(-1)):
+        if isinstance(value, mip.Value):
+            raise InvalidInput(f"item {i} value {index} is an application-defined value (type "
+                               f"{value.type}): model {served.name!r} ({served.platform}) takes "
+                               "tensors; application values reach Python models only")
 
 
 def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:

@@ -65,18 +65,27 @@ class Serial(Generic[T]):
         return self.encode()
 
 
+def _decode_registered(value: Serial) -> Any:
+    factory = _default_serializations.get(value.kind)
+    if factory is None:
+        raise TypeError(f"no serialization is registered for kind {value.kind}: register "
+                        "one with mip.kubemo.serialize.register")
+    return factory(io.BytesIO(value.encode())).decode()
+
+
 class Input(Serial):
-    """A model input of any kind: ``Input(IMAGE, open("photo.jpg", "rb"))``."""
+    """A model input of any kind: ``Input(IMAGE, open("photo.jpg", "rb"))``; ``decode()``
+    uses the class registered for its kind."""
 
     def decode(self) -> Any:
-        return Dynamic(self.kind, io.BytesIO(self.encode())).decode()
+        return _decode_registered(self)
 
 
 class Output(Serial):
-    """A model output of any kind."""
+    """A model output of any kind; ``decode()`` uses the class registered for its kind."""
 
     def decode(self) -> Any:
-        return Dynamic(self.kind, io.BytesIO(self.encode())).decode()
+        return _decode_registered(self)
 
 
 class _CodecValue:
@@ -206,7 +215,12 @@ _default_serializations: Dict[int, Type[Serial]] = {TEXT: Text, JSON: Json, IMAG
 
 
 def register(s: Type[Serial]) -> None:
-    """Make ``Dynamic`` build values of ``s.kind`` with ``s``."""
+    """Make ``Dynamic`` build values of ``s.kind`` with ``s`` (called as ``s(reader)``).
+
+    An application's kinds are 4-15 and 17 and up (the codec's ``mip.Value`` types); a
+    server gives a model's ``preprocess`` such a value as ``Dynamic``, whose ``decode()``
+    is ``s``'s.
+    """
     _default_serializations[s.kind] = s
 
 

@@ -16,6 +16,7 @@ import queue
 import select
 import socket
 import ssl as _ssl
+import struct
 import threading
 import time
 from typing import Sequence
@@ -292,6 +293,20 @@ class _AsyncConnection(asyncio.BufferedProtocol):
             first = False
 
 
+def _reset(transport: asyncio.Transport) -> None:
+    """Drop a connection whose replies are no longer wanted with a TCP reset: a server
+    takes a plain close (FIN) for a half-close and still answers, a reset makes it drop
+    the work in hand."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 seconds: close sends a reset
+
+
 class AsyncClient:
     """An asyncio MIP client pipelining requests over a few persistent connections.
 
@@ -384,7 +399,7 @@ class AsyncClient:
             return await asyncio.wait_for(fut, self.timeout) if self.timeout else await fut
         except asyncio.TimeoutError:
             # The stream is now out of step with its waiters: drop the connection.
-            conn.transport.abort()
+            _reset(conn.transport)
             raise
 
     async def ping(self) -> float:
@@ -407,7 +422,10 @@ class AsyncClient:
         for conn in self._conns:
             if conn is not None and conn.transport is not None:
                 conn.closed_here = True
-                conn.transport.close()
+                if conn.waiters:
+                    _reset(conn.transport)
+                else:
+                    conn.transport.close()
         self._conns = [None] * len(self._conns)
 
     async def __aenter__(self):

@@ -6,7 +6,9 @@ Each connection receives through ``asyncio.BufferedProtocol`` into the
 parser's own memory and sends replies with ``writelines`` (headers and tensor
 memory, no copy).  A connection may pipeline: requests run concurrently and
 replies leave in request order.  A KubeMo client (one request per connection,
-then close) is served unchanged.
+then close) is served unchanged, and so is a client that half-closes after sending
+(``shutdown(SHUT_WR)``, as ``nc -N`` and socat do): what it sent is answered, then the
+connection closes.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.backlog_octets = 0  # request octets the backlog holds
         self.buffered_octets = 0  # all request octets held: pending and backlog
         self.closing = False
+        self.eof = False  # the peer half-closed: answer what it sent, then close
         self.reading_paused = False
         self.writing_paused = False
         self.last_activity = 0.0
@@ -165,9 +168,14 @@ class _Connection(asyncio.BufferedProtocol):
             self.frame_started = now
 
     def eof_received(self):
-        # A peer that stops sending is taken as gone (as HTTP servers do): its
-        # queued work is dropped in connection_lost and the socket closes.
-        return False
+        # A half-close: the peer has sent all it will but may still read. The requests
+        # read so far are answered in order, then _flush closes. With nothing owed (or
+        # only part of a frame, which can no longer complete) the socket closes now.
+        if not self.pending and not self.backlog:
+            return False
+        self.eof = True
+        self.reading_paused = True  # nothing more can come: reading never resumes
+        return True
 
     # -- internals ------------------------------------------------------------
     def _protocol_error(self, exc: ProtocolError) -> None:
@@ -269,7 +277,35 @@ class _Connection(asyncio.BufferedProtocol):
         if not self.pending and self.closing and transport is not None and not transport.is_closing():
             self._linger_close()
             return
+        if self.eof and not self.pending and not self.closing:
+            self._close_after_eof()
+            return
         self._maybe_resume_reading()
+
+    def _close_after_eof(self) -> None:
+        """Close a half-closed connection once every reply it is owed is written: the
+        socket closes when they have left the send buffer. A peer that stops reading them
+        is dropped after ``idle_timeout`` seconds without progress, as an idle one is."""
+        self.closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if self.server.idle_timeout:
+            self._drop_unread(transport, transport.get_write_buffer_size())
+
+    def _drop_unread(self, transport: asyncio.Transport, unread: int) -> None:
+        if not unread:
+            return  # all sent: the transport has closed, or is closing
+        def check() -> None:
+            left = transport.get_write_buffer_size()
+            if left and left >= unread:
+                log.info("dropping a half-closed connection from %s: %d reply octets "
+                         "unread for %.1fs", self.peer, left, self.server.idle_timeout)
+                transport.abort()
+            else:
+                self._drop_unread(transport, left)
+        self.loop.call_later(self.server.idle_timeout, check)
 
     def _start_backlog(self) -> None:
         """Start waiting requests while fewer than max_pipeline are in flight."""
@@ -290,7 +326,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _maybe_resume_reading(self) -> None:
         server = self.server
-        if (self.reading_paused and not self.closing and not self.writing_paused
+        if (self.reading_paused and not self.closing and not self.eof and not self.writing_paused
                 and not self.backlog and len(self.pending) < server.max_pipeline
                 and self.buffered_octets < server.max_buffered_octets):
             self.reading_paused = False

@@ -292,17 +292,19 @@ cdef class Image:
 cdef class Value:
     """A value of an explicit TLV type with raw octets.
 
-    Types 256 and up are free for applications and decode as ``Value``;
-    0-255 are the protocol's (1 TEXT, 2 JSON, 3 IMAGE, 16 TENSOR).
+    Every type but 0 (reserved), 1 TEXT, 2 JSON, 3 IMAGE and 16 TENSOR is the
+    application's (as KubeMo's ``kubemo.serialize.register`` allows: 4-15, 17 and up)
+    and decodes as ``Value``.
     """
 
     cdef readonly unsigned int type
     cdef readonly object data
 
     def __init__(self, unsigned int type, data):
-        if type == 0 or (3 < type < 256):
+        if type == 0 or type == T_TENSOR:
             raise ValueError(f"TLV type {type} is reserved by the protocol: use 1 (TEXT), "
-                             "2 (JSON), 3 (IMAGE), 256 and up, or a numpy array for a tensor")
+                             "2 (JSON), 3 (IMAGE), an application type (4-15, 17 and up), "
+                             "or a numpy array for a tensor")
         memoryview(data)
         self.type = type
         self.data = data
@@ -509,7 +511,7 @@ cdef object _decode_value(_FrameView fv, uint32_t vtype, Py_ssize_t off, Py_ssiz
         img = Image.__new__(Image)
         (<Image>img).data = fv.slice(off, off + size)
         return img
-    if vtype >= 256:
+    if vtype != 0:  # an application's type (4-15, 17 and up)
         v = Value.__new__(Value)
         (<Value>v).type = vtype
         (<Value>v).data = fv.slice(off, off + size)
@@ -675,7 +677,7 @@ cdef int _check_value(const unsigned char *base, uint32_t vtype, Py_ssize_t off,
     if vtype == T_TEXT:
         _decode_utf8(p, size, off, "TEXT value")
         return 0
-    if vtype == T_JSON or vtype == T_IMAGE or vtype >= 256:
+    if vtype != 0:  # JSON, IMAGE and the application's types are octets as they come
         return 0
     raise_wire_error(MIP_E_VALUE_TYPE, off - 8, f"TLV type {vtype} is reserved and not defined")
 

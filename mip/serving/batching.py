@@ -26,6 +26,11 @@ A request whose future is cancelled (its client went away, or its deadline passe
 removed from the queue at once. A batch runs in a worker thread, so the event loop keeps
 doing I/O while the model computes; ``instance_count`` batches may run at the same time.
 
+A request of more rows than ``max_batch_size`` is refused (as Triton does), unless it is
+queued with :meth:`Batcher.enqueue_split` (MIP's rule: KubeMo's clients send batches of any
+size): it is then queued as parts of at most ``max_batch_size`` rows (views of its tensors),
+a few at a time, each batched like any request, and answered as one.
+
 Batches that the model has shown to take less than ``inline_below`` seconds (measured on
 earlier batches, per row and per call) run on the event loop's thread instead: handing
 a few microseconds of work to another thread and back costs more than the work, and
@@ -73,6 +78,8 @@ class BatchRecord:
         queue_seconds: how long the oldest request of the batch waited, in seconds.
         compute_seconds: time spent in the model, in seconds.
         failed: whether the model raised.
+        waited_seconds: the waits of all the batch's requests (each from its arrival in
+            the queue to the batch's start), summed, in seconds.
     """
 
     rows: int
@@ -80,6 +87,7 @@ class BatchRecord:
     queue_seconds: float
     compute_seconds: float
     failed: bool = False
+    waited_seconds: float = 0.0
 
 
 class _Request:
@@ -223,7 +231,7 @@ class Batcher:
         """
         if self._closing or not self._started:
             raise ModelNotReady(f"model {self.name} is not accepting requests")
-        if self.batching and rows > self.max_batch_size:
+        if rows > self.max_batch_size > 0:
             raise InvalidInput(f"request has {rows} rows; model {self.name} takes at most "
                                f"{self.max_batch_size} rows a batch")
         if self._depth >= self.max_queue_size:
@@ -253,6 +261,19 @@ class Batcher:
             timer = self._loop.call_later(deadline - now, self._expire, future)
             future.add_done_callback(lambda _: timer.cancel())
         return future
+
+    def enqueue_split(self, inputs: Tensors, rows: int, deadline: float | None = None,
+                      source=None) -> asyncio.Future:
+        """Queue a request of more rows than ``max_batch_size`` as parts of at most that
+        many rows: the returned future gets every output, the parts' rows joined in order.
+
+        The parts are views of ``inputs``; ``instance_count + 1`` of them are queued or
+        running at a time (enough to keep every instance busy without filling the queue),
+        each batched with other requests as any request is. If a part fails, the request
+        fails with that part's error and its other parts leave the queue; cancelling the
+        future drops them too. Errors found at once are raised here, as by :meth:`enqueue`.
+        """
+        return _Split(self, inputs, rows, deadline, source).future
 
     def _expire(self, future: asyncio.Future) -> None:
         if not future.done():
@@ -418,8 +439,10 @@ class Batcher:
                 self._fail(request, error)
         if self._on_batch is not None:
             try:
+                waited = started * len(live) - sum(r.enqueued for r in live)
                 self._on_batch(BatchRecord(rows, len(live), started - live[0].enqueued,
-                                           time.monotonic() - started, error is not None))
+                                           time.monotonic() - started, error is not None,
+                                           waited))
             except Exception:
                 log.exception("batch callback of model %s failed", self.name)
 
@@ -474,3 +497,90 @@ class Batcher:
             start = stop
             if not request.future.done():
                 request.future.set_result(result)
+
+
+class _Split:
+    """One request queued as parts of at most ``max_batch_size`` rows (see
+    :meth:`Batcher.enqueue_split`)."""
+
+    __slots__ = ("batcher", "inputs", "rows", "deadline", "source", "future", "outputs",
+                 "pending", "sent", "finished", "count")
+
+    def __init__(self, batcher: Batcher, inputs: Tensors, rows: int, deadline: float | None,
+                 source):
+        self.batcher, self.inputs, self.rows = batcher, inputs, rows
+        self.deadline, self.source = deadline, source
+        self.count = -(-rows // batcher.max_batch_size)
+        self.outputs: list[Tensors | None] = [None] * self.count
+        self.pending: set[asyncio.Future] = set()
+        self.sent = self.finished = 0
+        self.future = batcher._loop.create_future()
+        try:
+            for _ in range(min(batcher.instance_count + 1, self.count)):
+                self._queue_next()
+        except BaseException:
+            self.future.cancel()  # nobody waits for it: the error is raised to the caller
+            self._drop()
+            raise
+        self.future.add_done_callback(self._settled)
+
+    def _queue_next(self) -> None:
+        """Queue the next part: rows [start, stop) of every input, as views."""
+        size = self.batcher.max_batch_size
+        index = self.sent
+        start = index * size
+        stop = min(start + size, self.rows)
+        part = {name: array[start:stop] for name, array in self.inputs.items()}
+        future = self.batcher.enqueue(part, stop - start, self.deadline, self.source)
+        self.sent += 1
+        self.pending.add(future)
+        future.add_done_callback(functools.partial(self._part_done, index))
+
+    def _part_done(self, index: int, part: asyncio.Future) -> None:
+        self.pending.discard(part)
+        future = self.future
+        if future.done():
+            return
+        try:
+            if part.cancelled():
+                raise ModelNotReady(f"model {self.batcher.name} dropped part of the request")
+            error = part.exception()
+            if error is not None:
+                raise error
+            self.outputs[index] = part.result()
+            self.finished += 1
+            if self.sent < self.count:
+                self._queue_next()
+            elif self.finished == self.count:
+                future.set_result(self._join())
+        except Exception as exc:  # the request fails as a whole, with the part's reason
+            if not future.done():
+                future.set_exception(exc)
+
+    def _join(self) -> Tensors:
+        """Every output with the parts' rows in order (one copy of the outputs)."""
+        size, outputs = self.batcher.max_batch_size, self.outputs
+        self.outputs = []
+        joined = {}
+        for name in outputs[0]:
+            arrays = []
+            for index, part in enumerate(outputs):
+                array = part.get(name) if index else part[name]
+                rows = min(size, self.rows - index * size)
+                if array is None or np.ndim(array) == 0 or array.shape[0] != rows:
+                    raise InternalError(f"model {self.batcher.name} returned {name} with "
+                                        f"shape {np.shape(array)} for a batch of {rows} rows")
+                arrays.append(array)
+            joined[name] = np.concatenate(arrays, axis=0)
+        return joined
+
+    def _settled(self, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self._drop()
+        self.inputs = {}
+
+    def _drop(self) -> None:
+        """Take the parts still queued or running off the queue."""
+        pending, self.pending = self.pending, set()
+        for part in pending:
+            part.cancel()

@@ -271,7 +271,8 @@ class Engine:
 
     def submit(self, model: str, inputs: Tensors, *, version: str | None = None,
                deadline: float | None = None, source=None,
-               chosen: ModelVersion | None = None) -> asyncio.Future:
+               chosen: ModelVersion | None = None,
+               split: bool = False) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets every output.
 
         The same checks and errors as :meth:`infer` (raised here when found at once, set on
@@ -279,7 +280,10 @@ class Engine:
         coroutine per request. Cancelling the future drops the request from the queue.
         ``source`` (the client's address) picks the request's fair share of the queue (see
         :mod:`mip.serving.batching`). ``chosen``: the version :meth:`resolve` gave for
-        this request (``model`` and ``version`` are then not looked up again).
+        this request (``model`` and ``version`` are then not looked up again). With
+        ``split``, a request of more rows than the model's ``max_batch_size`` runs as
+        several batches and is answered as one (:meth:`Batcher.enqueue_split`);
+        without, it is refused (``InvalidInput``).
         """
         served = self._lookup(model, version) if chosen is None else self._serving(chosen)
         batching = served.version.dynamic_batching
@@ -290,7 +294,11 @@ class Engine:
         stats.queue_depth = served.batcher.queue_depth
         try:
             rows = self._check_inputs(served, inputs)
-            future = served.batcher.enqueue(inputs, rows, deadline, source)
+            batcher = served.batcher
+            if split and rows > batcher.max_batch_size > 0:
+                future = batcher.enqueue_split(inputs, rows, deadline, source)
+            else:
+                future = batcher.enqueue(inputs, rows, deadline, source)
         except BaseException:
             stats.failures += 1
             raise

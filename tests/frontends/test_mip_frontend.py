@@ -103,6 +103,150 @@ async def test_concurrent_clients_are_batched_together(demo_repo):
         await served.close()
 
 
+async def test_a_request_over_max_batch_size_runs_as_batches_and_is_answered_as_one(demo_repo):
+    """KubeMo's server takes batches of any size: items of 1 and 3 rows, 250 rows in all,
+    against max_batch_size 64 (parts end inside items too)."""
+    served = await _serve(demo_repo)
+    try:
+        rng = np.random.default_rng(5)
+        counts = [1, 3] * 62 + [1, 1]
+        x = rng.standard_normal((sum(counts), 784)).astype(np.float32)
+        bounds = np.cumsum([0] + counts)
+        items = [[x[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+        async with AsyncClient(served.url) as client:
+            replies = await client.infer(items, model="mlp")
+            one_row = await client.infer([[row[None]] for row in x[:65]], model="mlp")
+        assert [r[0].shape[0] for r in replies] == counts
+        expected = _direct(demo_repo, "mlp", x)
+        np.testing.assert_allclose(np.concatenate([r[0] for r in replies]), expected, rtol=1e-5)
+        np.testing.assert_allclose(np.concatenate([r[0] for r in one_row]), expected[:65],
+                                   rtol=1e-5)
+        stats = served.engine.stats()[("mlp", "1")]
+        assert max(stats.batch_sizes) <= 64 and stats.rows == 250 + 65
+        assert stats.requests == stats.successes == 2  # each answered as one request
+    finally:
+        await served.close()
+
+
+async def test_a_failing_part_fails_the_whole_request_with_one_error(tmp_path):
+    model_dir = tmp_path / "repo" / "picky" / "1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.py").write_text(
+        "from mip.kubemo.inference import Inference\n"
+        "from mip.kubemo.serialize import Text\n"
+        "class Picky(Inference):\n"
+        "    def preprocess(self, inputs):\n"
+        "        if inputs[0].decode() == 'boom':\n"
+        "            raise ValueError('item boom is refused')\n"
+        "        return (inputs[0].decode(),)\n"
+        "    def concat(self, batch):\n"
+        "        return tuple(zip(*batch))\n"
+        "    def forward(self, inputs):\n"
+        "        return inputs\n"
+        "    def postprocess(self, outputs):\n"
+        "        return tuple(Text(x) for x in outputs)\n")
+    (tmp_path / "repo" / "picky" / "config.json").write_text('{"max_batch_size": 4}')
+    served = await _serve(tmp_path / "repo")
+    try:
+        async with AsyncClient(served.url) as client:
+            words = [f"w{i}" for i in range(10)]
+            assert await client.infer([[w] for w in words], model="picky") == [
+                (mip.Text(w),) for w in words]
+            with pytest.raises(RemoteError) as info:
+                await client.infer([[w] for w in words[:6] + ["boom"] + words[7:]],
+                                   model="picky")
+            assert info.value.error_code == ErrorCode.INTERNAL
+            assert "item boom is refused" in info.value.detail
+            assert await client.ping() > 0  # one ERROR frame, and the connection goes on
+        assert served.engine.stats()[("picky", "1")].batch_sizes.keys() <= {1, 2, 3, 4}
+    finally:
+        await served.close()
+
+
+async def test_a_model_without_batching_runs_any_number_of_items_a_few_at_a_time(tmp_path):
+    """max_batch_size 0: each item runs on its own, instance_count + 1 at a time, so more
+    items than the model's queue holds (1,024) are answered, in order."""
+    model_dir = tmp_path / "repo" / "single" / "1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.py").write_text(
+        "from mip.kubemo.inference import Inference\n"
+        "from mip.kubemo.serialize import Text\n"
+        "class Single(Inference):\n"
+        "    def preprocess(self, inputs):\n"
+        "        return (inputs[0].decode(),)\n"
+        "    def concat(self, batch):\n"
+        "        assert len(batch) == 1\n"
+        "        return tuple(zip(*batch))\n"
+        "    def forward(self, inputs):\n"
+        "        return inputs\n"
+        "    def postprocess(self, outputs):\n"
+        "        return tuple(Text(x.upper()) for x in outputs)\n")
+    (tmp_path / "repo" / "single" / "config.json").write_text('{"max_batch_size": 0}')
+    served = await _serve(tmp_path / "repo")
+    try:
+        async with AsyncClient(served.url, timeout=60) as client:
+            words = [f"w{i}" for i in range(1100)]
+            replies = await client.infer([[w] for w in words])
+            assert replies == [(mip.Text(w.upper()),) for w in words]
+            with pytest.raises(RemoteError) as info:  # one bad item fails the request
+                await client.infer([["a"], [np.ones((1, 2), np.float32)], ["b"]])
+            assert info.value.error_code == ErrorCode.SHAPE
+        stats = served.engine.stats()[("single", "1")]
+        assert set(stats.batch_sizes) == {1} and stats.batch_sizes[1] >= 1100
+    finally:
+        await served.close()
+
+
+async def test_onnx_models_refuse_application_values_naming_them(demo_repo):
+    served = await _serve(demo_repo)
+    try:
+        async with AsyncClient(served.url) as client:
+            for value_type in (7, 300):
+                with pytest.raises(RemoteError) as info:
+                    await client.infer([[mip.Value(value_type, b"ab")]], model="identity")
+                assert info.value.error_code == ErrorCode.SHAPE
+                assert f"application-defined value (type {value_type})" in info.value.detail
+                assert "Python models only" in info.value.detail
+    finally:
+        await served.close()
+
+
+async def test_statistics_count_queue_time_per_request_as_triton_does(demo_repo):
+    """Ten requests read at once run as one batch: the queue is counted ten times (each
+    request's wait from its arrival to the batch's start), not once per batch."""
+    from mip.frontends.oip.metrics import Metrics
+
+    engine = Engine(ModelRepository(demo_repo))
+    await engine.start()
+    handler = MipHandler(engine, metrics=Metrics(engine))
+    server = MipServer(handler)
+    address = await server.start("tcp://127.0.0.1:0")
+    try:
+        x = np.arange(16, dtype=np.float32).reshape(1, 16)
+        frames = b"".join(mip.encode_request([[x + i]], model="identity") for i in range(10))
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(frames)  # one write: one read on the server, one batch
+        parser, replies = mip.FrameParser(), []
+        while len(replies) < 10:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data
+            replies += parser.feed(data)
+        writer.close()
+        assert [r.batch[0][0][0, 0] for r in replies] == list(range(10))
+        (entry,) = handler.dataplane.statistics("identity")["model_stats"]
+        stats = entry["inference_stats"]
+        assert entry["execution_count"] == 1 and entry["batch_stats"][0]["batch_size"] == 10
+        assert stats["queue"]["count"] == stats["success"]["count"] == 10
+        assert 0 < stats["queue"]["ns"] <= stats["success"]["ns"]
+        text = handler.dataplane.metrics.render().decode()
+        queue_us = float(next(line.split()[-1] for line in text.splitlines() if line.startswith(
+            'nv_inference_queue_duration_us{model="identity"')))
+        assert abs(queue_us * 1000 - stats["queue"]["ns"]) <= 1000
+    finally:
+        await server.stop()
+        await engine.stop()
+
+
 async def test_plain_requests_reach_the_default_model(demo_repo):
     served = await _serve(demo_repo, default_model="identity")
     try:

@@ -126,6 +126,10 @@ def test_statistics_match_metrics(server):
     executions = _sum(metrics, "nv_inference_exec_count", "plain", "2")
     assert int(entry["execution_count"]) == executions == success
     assert int(inference["compute_infer"]["count"]) == executions
+    # the queue per request that succeeded, as Triton counts it
+    assert int(inference["queue"]["count"]) == success
+    queue_us = _sum(metrics, "nv_inference_queue_duration_us", "plain", "2")
+    assert abs(int(inference["queue"]["ns"]) / 1000 - queue_us) <= 1
     compute_us = _sum(metrics, "nv_inference_compute_infer_duration_us", "plain", "2")
     assert abs(int(inference["compute_infer"]["ns"]) / 1000 - compute_us) <= 1
     duration_us = _sum(metrics, "nv_inference_request_duration_us", "plain", "2")

@@ -145,7 +145,7 @@ async def test_serving_error_becomes_an_error_frame_and_connection_stays_usable(
     (bytes([0, 2, 7, 0, 0, 0, 0, 0]), ErrorCode.SUBTYPE),         # subtype 7
     (bytes([0, 2, 0, 0, 0, 0, 0, 4, 1, 0, 0, 1]), ErrorCode.SHAPE),  # 1 item of 1 value, no TLV
     (bytes([0, 2, 0, 0]) + struct.pack("!I", 12) + bytes([1, 0, 0, 1])
-     + struct.pack("!II", 9, 0), ErrorCode.SHAPE),                # reserved TLV type 9
+     + struct.pack("!II", 0, 0), ErrorCode.SHAPE),                # reserved TLV type 0
 ])
 async def test_protocol_errors_get_the_specified_error_frame_then_close(frame, code):
     server, url = await _start()
@@ -247,6 +247,117 @@ async def test_client_gone_cancels_its_work():
         await client.close()
         await asyncio.wait_for(cancelled.wait(), 5)
         task.cancel()
+    finally:
+        await server.stop()
+
+
+def _half_closed_exchange(url: str, payload: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw octets, shut the sending side (as `nc -N` does), read until the server
+    closes."""
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+def _request(i: int, model: str | None = "jitter") -> bytes:
+    return b"".join(bytes(part) for part in mip.encode_request_buffers(
+        [[np.full((1, 2), i, np.int32)]], model=model))
+
+
+@pytest.mark.parametrize("max_pipeline", [128, 2])
+async def test_a_half_closed_client_gets_every_reply_then_the_close(max_pipeline):
+    server, url = await _start(max_pipeline=max_pipeline)
+    try:
+        # one request, then the sending side shut: answered, then closed
+        reply = await asyncio.to_thread(_half_closed_exchange, url, _request(3, model=None))
+        (message,) = mip.FrameParser().feed(reply)
+        assert message.batch[0][0].tolist() == [[6, 6]]
+        # pipelined ones (more than max_pipeline: some wait in the backlog) and a PING
+        payload = b"".join(_request(i) for i in range(20)) + mip.encode_ping()
+        replies = mip.FrameParser().feed(await asyncio.to_thread(_half_closed_exchange, url,
+                                                                 payload))
+        assert [m.batch[0][0][0, 0] for m in replies[:20]] == [2 * i for i in range(20)]
+        assert replies[20].kind == mip.KIND_PING and len(replies) == 21
+        # nothing sent, or only part of a frame: closed at once (the part cannot complete)
+        assert await asyncio.to_thread(_half_closed_exchange, url, b"") == b""
+        partial = _request(1)[:-3]
+        assert await asyncio.to_thread(_half_closed_exchange, url, partial) == b""
+        replies = mip.FrameParser().feed(await asyncio.to_thread(
+            _half_closed_exchange, url, _request(5) + partial))
+        assert [m.batch[0][0][0, 0] for m in replies] == [10]
+        for _ in range(100):
+            if server.connections == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.connections == 0
+    finally:
+        await server.stop()
+
+
+async def test_a_half_closed_client_that_never_reads_is_dropped():
+    """Its replies fill the socket buffers; without progress for idle_timeout the
+    connection is dropped, so such a peer cannot hold the replies' memory forever."""
+    big = np.zeros((1, 1 << 20), np.float32)  # 4 MiB a reply: more than the socket buffers
+
+    answered = []
+
+    async def large(message):
+        answered.append(message)
+        return mip.encode_response_buffers([(big,)], n_input=message.n_input, kind=message.kind)
+
+    server, url = await _start(large, idle_timeout=0.3, frame_timeout=0.3)
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(_request(1, model=None) * 4)
+        sock.shutdown(socket.SHUT_WR)  # and never read
+        for _ in range(500):
+            if len(answered) == 4:
+                break
+            await asyncio.sleep(0.02)
+        assert len(answered) == 4 and server.connections == 1
+        for _ in range(500):
+            if server.connections == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.connections == 0
+    finally:
+        sock.close()
+        await server.stop()
+
+
+async def test_a_reset_connection_drops_its_work():
+    """A client that resets (mip's AsyncClient closing with calls outstanding, or
+    SO_LINGER 0) drops its work at once, unlike a half-close, which is answered."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(message):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return [mip.encode_error(0)]
+
+    server, url = await _start(handler)
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    try:
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(_request(1, model=None))
+        await asyncio.wait_for(started.wait(), 5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        await asyncio.wait_for(cancelled.wait(), 5)
     finally:
         await server.stop()
 

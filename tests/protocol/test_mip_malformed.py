@@ -342,7 +342,7 @@ def test_all_error_codes_decode():
 
 # -- value types ---------------------------------------------------------------
 
-RESERVED_TYPES = [0, 4, 5, 15, 17, 100, 254, 255]
+RESERVED_TYPES = [0]
 
 
 @pytest.mark.parametrize("value_type", RESERVED_TYPES)
@@ -358,9 +358,20 @@ def test_reserved_value_types(value_type):
 
 
 def test_application_defined_types_are_not_reserved():
-    for value_type in (256, 257, 0x10000, 0xFFFFFFFF):
-        (item,) = mip.decode(_single(value_type, b"ok")).batch
+    # 4-15 and 17-255 too: KubeMo's applications register kinds there
+    for value_type in (4, 5, 15, 17, 100, 254, 255, 256, 257, 0x10000, 0xFFFFFFFF):
+        frame = _single(value_type, b"ok")
+        (item,) = mip.decode(frame).batch
         assert item[0].type == value_type and bytes(item[0].data) == b"ok"
+        (message,) = mip.FrameParser().feed(frame)
+        assert message.batch[0][0] == mip.Value(value_type, b"ok")
+        assert mip.encode_request([[mip.Value(value_type, b"ok")]]) == frame
+
+
+def test_the_protocols_own_types_cannot_be_made_as_application_values():
+    for value_type in (0, 16):
+        with pytest.raises(ValueError, match=f"TLV type {value_type} is reserved"):
+            mip.Value(value_type, b"")
 
 
 @pytest.mark.parametrize(

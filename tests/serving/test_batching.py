@@ -495,3 +495,144 @@ def test_model_failures_are_logged_at_warning_rate_limited(caplog):
     assert len(lines) == 2, lines
     assert "model broken/1 failed" in lines[0] and "ValueError: weights are missing" in lines[0]
     assert "(19 more failed batches not logged)" in lines[1]
+
+
+# -- requests larger than max_batch_size (MIP's rule) ------------------------------------
+
+
+def test_a_request_over_max_batch_size_is_refused_with_or_without_dynamic_batching():
+    async def scenario(batching):
+        batcher = Batcher(GatedModel(hold_first=False), max_batch_size=4,
+                          dynamic_batching=batching, name="plain")
+        batcher.start()
+        with pytest.raises(InvalidInput, match="5 rows; model plain takes at most 4"):
+            batcher.enqueue({"x": rows_of(5, 0)}, 5)
+        await batcher.stop()
+
+    run(scenario(None))
+    run(scenario(DynamicBatching()))
+
+
+def test_a_split_request_runs_as_parts_and_is_answered_in_row_order():
+    model = GatedModel()
+    batcher = make(model, max_batch_size=4)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        x = np.arange(30, dtype=np.float32).reshape(10, 3)
+        whole = batcher.enqueue_split({"x": x}, 10)
+        other = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 100)}, 1))
+        await asyncio.sleep(0.01)
+        # instance_count + 1 parts queued at a time, not all of them
+        assert batcher.queue_depth == 3
+        model.release()
+        y = (await whole)["y"]
+        np.testing.assert_array_equal(y, x * 2)
+        assert (await other)["y"][0, 0] == 200
+        await first
+        await batcher.stop()
+        return x
+
+    x = run(scenario())
+    # parts of at most 4 rows, in order; the other request joined one of the batches
+    assert max(model.rows) <= 4 and sum(model.rows) == 1 + 10 + 1
+    rows = np.concatenate(model.batches[1:])
+    np.testing.assert_array_equal(rows[rows[:, 0] != 100], x)
+    assert len(model.batches) == 1 + 3  # the held one, then 4 + 4 + (2 and the other)
+
+
+def test_a_split_request_fails_whole_when_a_part_fails():
+    calls = []
+
+    def fails_on_the_second_part(inputs):
+        calls.append(len(inputs["x"]))
+        if len(calls) == 2:
+            raise RuntimeError("part two broke")
+        return {"y": inputs["x"]}
+
+    async def scenario():
+        batcher = Batcher(fails_on_the_second_part, max_batch_size=2, dynamic_batching=None,
+                          name="test")
+        batcher.start()
+        with pytest.raises(InternalError, match="part two broke"):
+            await batcher.enqueue_split({"x": rows_of(7, 1)}, 7)
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 0  # the parts not run left the queue
+        await batcher.stop()
+
+    run(scenario())
+    assert len(calls) <= 3  # the failure stopped the request: no part after it was queued
+
+
+def test_a_split_request_checks_every_part_of_the_outputs():
+    def drops_a_row(inputs):
+        return {"y": inputs["x"][1:]}
+
+    async def scenario():
+        batcher = Batcher(drops_a_row, max_batch_size=2, dynamic_batching=None, name="test")
+        batcher.start()
+        with pytest.raises(InternalError, match="for a batch of 2 rows"):
+            await batcher.enqueue_split({"x": rows_of(3, 1)}, 3)
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_a_cancelled_split_request_leaves_the_queue():
+    model = GatedModel()
+    batcher = make(model, max_batch_size=2)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        whole = batcher.enqueue_split({"x": rows_of(9, 5)}, 9)
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 2
+        whole.cancel()
+        for _ in range(3):  # the cancellation reaches the parts in callbacks
+            await asyncio.sleep(0)
+        assert batcher.queue_depth == 0
+        model.release()
+        await first
+        await batcher.stop()
+
+    run(scenario())
+    assert model.rows == [1]
+
+
+def test_a_split_request_refused_at_once_leaves_nothing_queued():
+    model = GatedModel()
+    batcher = make(model, max_batch_size=2, max_queue_size=1)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        with pytest.raises(QueueFull):
+            batcher.enqueue_split({"x": rows_of(6, 5)}, 6)  # its second part does not fit
+        await asyncio.sleep(0)  # the first part, cancelled, leaves in its callback
+        assert batcher.queue_depth == 0
+        model.release()
+        await first
+        await batcher.stop()
+
+    run(scenario())
+    assert model.rows == [1]
+
+
+def test_batch_records_carry_every_requests_wait():
+    model = GatedModel()
+    batcher = make(model)
+
+    async def scenario():
+        first = await start_held(model, batcher)
+        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(1, i)}, 1))
+                 for i in range(3)]
+        await asyncio.sleep(0.05)
+        model.release()
+        await asyncio.gather(first, *tasks)
+        await batcher.stop()
+
+    run(scenario())
+    held, batch = batcher.records
+    assert (held.requests, batch.requests) == (1, 3)
+    assert held.waited_seconds == held.queue_seconds
+    # the oldest waited longest: the sum of three waits is within [oldest, 3 x oldest]
+    assert 0 < batch.queue_seconds <= batch.waited_seconds <= 3 * batch.queue_seconds

@@ -14,8 +14,9 @@ Per request (labels ``model``, ``version``, ``protocol``: ``mip``, ``grpc``, ``h
 Per executed batch (labels ``model``, ``version``; batches mix protocols):
 
 * ``nv_inference_exec_count`` (counter, model executions)
-* ``nv_inference_queue_duration_us`` (counter, microseconds: for each batch, the wait of its
-  oldest request)
+* ``nv_inference_queue_duration_us`` (counter, microseconds: the wait of every request of
+  the batches that succeeded, from its arrival in the model's queue to its batch's start, as
+  Triton counts it; a MIP request run as several batches counts each part)
 * ``nv_inference_compute_infer_duration_us`` (counter, microseconds of model time)
 * ``nv_inference_queue_histogram_us`` / ``nv_inference_compute_infer_histogram_us``
   (histograms of the same per batch, microseconds)
@@ -64,7 +65,7 @@ _REQUEST_COUNTERS = (
 _BATCH_COUNTERS = (
     ("nv_inference_exec_count", "Number of model executions performed (batches)"),
     ("nv_inference_queue_duration_us",
-     "Cumulative queue duration in microseconds (oldest request of each batch)"),
+     "Cumulative queue duration in microseconds (every request, arrival to batch start)"),
     ("nv_inference_compute_infer_duration_us",
      "Cumulative compute inference duration in microseconds"),
 )
@@ -108,12 +109,14 @@ class _BatchSeries:
         "compute_us",
         "executions",
         "queue_hist",
+        "queued",
         "queue_us",
         "sizes",
     )
 
     def __init__(self):
         self.executions = 0
+        self.queued = 0  # requests of the batches that succeeded (Triton's queue count)
         self.sizes: dict[int, list] = {}  # rows -> [batches, compute microseconds]
         self.queue_us = self.compute_us = 0.0
         self.queue_hist = _Histogram(DURATION_BUCKETS_US)
@@ -187,12 +190,13 @@ class Metrics:
         series = self._batches.get(key)
         if series is None:
             series = self._batches[key] = _BatchSeries()
-        queue_us = record.queue_seconds * 1e6
         compute_us = record.compute_seconds * 1e6
         series.executions += 1
-        series.queue_us += queue_us
+        if not record.failed:  # as Triton: a request's queue time counts when it succeeds
+            series.queued += record.requests
+            series.queue_us += record.waited_seconds * 1e6
         series.compute_us += compute_us
-        series.queue_hist.observe(queue_us)
+        series.queue_hist.observe(record.queue_seconds * 1e6)
         series.compute_hist.observe(compute_us)
         series.batch_hist.observe(record.rows)
         size = series.sizes.get(record.rows)
@@ -210,9 +214,11 @@ class Metrics:
         Per version: ``inference_count`` (rows of successful requests, all protocols),
         ``execution_count`` (batches), ``last_inference`` (milliseconds since the epoch),
         ``inference_stats`` ``success``/``fail`` (requests, and their durations from
-        arrival to answer), ``queue`` and ``compute_infer`` (per batch: the wait of its
-        oldest request, and model time), ``compute_input``/``compute_output`` (counted per
-        batch; their time is inside ``compute_infer``), and ``batch_stats`` per batch size.
+        arrival to answer), ``queue`` (per request of the batches that succeeded, as Triton
+        counts it: the wait from its arrival in the model's queue to its batch's start),
+        ``compute_infer`` (per batch: model time), ``compute_input``/``compute_output``
+        (counted per batch; their time is inside ``compute_infer``), and ``batch_stats``
+        per batch size.
         Durations in nanoseconds.
         """
         entries = []
@@ -238,7 +244,7 @@ class Metrics:
                 "inference_stats": {
                     "success": _duration(success, success_us),
                     "fail": _duration(failure, fail_us),
-                    "queue": _duration(runs, batches.queue_us),
+                    "queue": _duration(batches.queued, batches.queue_us),
                     "compute_input": _duration(runs, 0.0),
                     "compute_infer": _duration(runs, batches.compute_us),
                     "compute_output": _duration(runs, 0.0),

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+import mip as codec
 from mip.errors import InternalError
 from mip.serving.config import PLATFORM_PYTHON, ConfigError, ModelConfig, TensorSpec
 from mip.serving.datatypes import to_numpy
@@ -40,6 +41,7 @@ from mip.serving.providers.onnx import parse_device
 __all__ = ["PythonRunner", "load_python_model"]
 
 _LIFECYCLE = ("preprocess", "forward", "postprocess", "concat")
+_CODEC_VALUES = (codec.Text, codec.Json, codec.Image, codec.Value, str, np.ndarray)
 # A reload imports the file again while the old module still serves: names must differ.
 _module_numbers = itertools.count(1)
 
@@ -116,13 +118,40 @@ def _specs(configured: tuple, declared: Any, default_prefix: str) -> list[Tensor
     return [TensorSpec(f"{default_prefix}_0", "BYTES", (-1,))]
 
 
-def _kubemo_converters(model: Any) -> tuple[Any, Any]:
-    """For a model written against the ``kubemo`` package itself: functions that wrap
-    input values in its own ``Dynamic`` (its lifecycle does not accept codec values) and
-    turn its output values into the codec's; ``(None, None)`` for any other model."""
+def _wire_value(value: Any) -> Any:
+    """A lifecycle model's output value as the codec's: KubeMo values (``kind`` and
+    ``encode()``: the ``kubemo`` package's, or an application's registered kind) become
+    ``Text``/``Json``/``Image`` or ``Value(kind, octets)``; codec values pass as they are."""
+    if isinstance(value, _CODEC_VALUES):
+        return value
+    serial = getattr(value, "serial", None)  # KubeMo's Dynamic holds its value here
+    if serial is not None and getattr(value, "kind", None) is None:
+        value = serial
+    kind, encode = getattr(value, "kind", None), getattr(value, "encode", None)
+    if not isinstance(kind, int) or not callable(encode):
+        return value
+    data = encode()
+    if isinstance(data, str):
+        data = data.encode()
+    if kind == 1:
+        return codec.Text(bytes(data).decode())
+    if kind == 2:
+        return codec.Json.from_bytes(bytes(data))
+    if kind == 3:
+        return codec.Image(data)
+    try:
+        return codec.Value(kind, data)
+    except (ValueError, OverflowError) as exc:
+        raise InternalError(f"the model returned a value of kind {kind}: {exc}") from None
+
+
+def _kubemo_input(model: Any) -> Any:
+    """For a model written against the ``kubemo`` package itself: a function that wraps
+    input values in its own ``Dynamic`` (its lifecycle does not accept codec values), as
+    KubeMo's server does (a kind the model registered reaches its class); ``None`` for any
+    other model."""
     if not any(c.__module__.split(".")[0] == "kubemo" for c in type(model).__mro__):
-        return None, None
-    import mip as codec  # only KubeMo's own values need translating for the wire
+        return None
     from kubemo.serialize import Dynamic  # the user's model already imported kubemo
 
     def convert_input(value: Any) -> Any:
@@ -132,20 +161,7 @@ def _kubemo_converters(model: Any) -> tuple[Any, Any]:
             return value
         return Dynamic(value.type, io.BytesIO(bytes(value.data)))
 
-    def convert_output(value: Any) -> Any:
-        kind, encode = getattr(value, "kind", None), getattr(value, "encode", None)
-        if kind is None or not callable(encode):
-            return value
-        data = encode()
-        if kind == 1:
-            return codec.Text(data.decode())
-        if kind == 2:
-            return codec.Json.from_bytes(data)
-        if kind == 3:
-            return codec.Image(data)
-        return codec.Value(kind, data)
-
-    return convert_input, convert_output
+    return convert_input
 
 
 class PythonRunner:
@@ -166,8 +182,7 @@ class PythonRunner:
                              if not self.lifecycle else None, "input")
         self.outputs = _specs(config.outputs, getattr(model, "outputs", None)
                               if not self.lifecycle else None, "output")
-        self._convert, self._convert_output = (
-            _kubemo_converters(model) if self.lifecycle else (None, None))
+        self._convert = _kubemo_input(model) if self.lifecycle else None
         self._dtypes = {s.name: to_numpy(s.datatype) for s in self.outputs}
 
     def run(self, inputs: dict[str, np.ndarray],
@@ -201,9 +216,8 @@ class PythonRunner:
                 continue
             if spec.datatype == "BYTES":
                 column = np.empty(rows, dtype=object)
-                convert = self._convert_output
                 for i, item in enumerate(results):
-                    column[i] = convert(item[j]) if convert else item[j]
+                    column[i] = _wire_value(item[j])
             else:
                 column = np.stack([np.asarray(item[j]) for item in results]).astype(
                     self._dtypes[spec.name], copy=False)
