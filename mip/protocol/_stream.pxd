@@ -32,7 +32,7 @@ cdef class StreamParser:
     cdef object decode_frame(self, Chunk chunk, Py_ssize_t offset, Py_ssize_t length)
     cdef int ensure_space(self) except -1
     cdef void _grow(self)
-    cdef void _settle(self, bint filled)
+    cdef void _settle(self, Py_ssize_t nbytes, bint filled)
     cdef list parse(self)
 
 

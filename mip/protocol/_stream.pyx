@@ -15,7 +15,9 @@ most a small chunk (``IDLE_SIZE`` octets, or the maximum frame when that is
 smaller); while reads fill what was handed out and leave part of a frame, the
 next chunk doubles, up to ``chunk_size``; once a read leaves no partial frame
 behind, the parser lets a larger chunk go at once (the values decoded from it
-keep it alive as long as they need it) and the next read gets the small size.
+keep it alive as long as they need it) and sizes the next read by this one (at
+least twice what it brought): a busy connection keeps reading in large pieces,
+a quiet one is back at the small size after one small read.
 """
 
 from cpython.buffer cimport PyBuffer_FillInfo, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
@@ -158,16 +160,27 @@ cdef class StreamParser:
         """A read filled what it was given: more is queued, offer more next time."""
         self.recv_size = min(2 * self.recv_size, self.cap)
 
-    cdef void _settle(self, bint filled):
-        """After the frames of a read were taken: with nothing partial left the peer has
-        nothing more on the way (back to the idle size, and a larger chunk is let go now:
-        the transport asks for memory again only when the next octets arrive); a read that
-        filled its buffer and left part of a frame means more is queued (grow)."""
+    cdef void _settle(self, Py_ssize_t nbytes, bint filled):
+        """After the frames of a read (of `nbytes`; `filled`: all that was handed out) were
+        taken. With nothing partial left, a chunk larger than the idle size is let go now
+        (the values decoded from it keep it alive as long as they need it; the transport
+        asks for memory again only when the next octets arrive), and the next read is
+        sized by this one: at least twice what it brought, from the idle size up to
+        ``cap``, so a busy connection keeps reading in large pieces and a quiet one is back
+        at the idle size after one small read. A read into a frame's own chunk says
+        nothing of the traffic (the next read gets the idle size). A read that filled its
+        buffer and left part of a frame means more is queued (grow)."""
+        cdef Py_ssize_t size
         if self.end == self.start:
-            self.recv_size = self.idle_size
             if self.chunk is not None and self.chunk.size > self.idle_size:
+                if self.chunk.size > self.recv_size:
+                    nbytes = 0  # a frame's own chunk
                 self.chunk = None
                 self.start = self.end = 0
+            size = self.idle_size
+            while size < 2 * nbytes and size < self.cap:
+                size *= 2
+            self.recv_size = min(size, self.cap)
         elif filled:
             self._grow()
 
@@ -286,7 +299,7 @@ cdef class StreamParser:
             raise ValueError(f"buffer_updated({nbytes}) does not match the buffer handed out")
         self.end += nbytes
         out = self.parse()
-        self._settle(nbytes == self.offered)
+        self._settle(nbytes, nbytes == self.offered)
         return out
 
     def feed(self, data):
@@ -317,7 +330,7 @@ cdef class StreamParser:
                 else:
                     out.extend(more)
                 if pos >= view.len or self.error is not None:
-                    self._settle(n == room)
+                    self._settle(n, n == room)
                     break
                 self._grow()
         finally:

@@ -222,6 +222,26 @@ def test_buffer_grows_while_reads_fill_it_and_shrinks_when_quiet():
     assert parser.buffer_size == IDLE_SIZE
 
 
+def test_a_busy_connection_keeps_reading_in_large_pieces():
+    """A read that brought whole frames and left nothing pending sizes the next one (at
+    least twice what it brought, in powers of two from the idle size up to chunk_size): a
+    pipelining client is not read in idle-sized pieces between its bursts."""
+    (frame,) = _mip_frames([3136])  # a 784-float request
+    parser = mip.FrameParser(chunk_size=65536)
+    sizes = []
+    for count in (1, 2, 4, 9, 12, 12):
+        buf = parser.get_buffer(-1)
+        sizes.append(len(buf))
+        data = frame * count
+        buf[: len(data)] = data
+        assert len(parser.buffer_updated(len(data))) == count
+    assert sizes == [IDLE_SIZE, 8192, 16384, 32768, 65536, 65536]
+    # one small request: back to the idle size
+    (m,) = parser.buffer_updated(_write(parser, _mip_frames([10])[0]))
+    parser.get_buffer(-1)
+    assert parser.buffer_size == IDLE_SIZE
+
+
 def _write(parser, data: bytes) -> int:
     buf = parser.get_buffer(-1)
     assert len(buf) > len(data)
