@@ -261,6 +261,10 @@ class ModelRepository:
         self._lock = threading.Lock()
         self._loaded: dict[str, list[ModelVersion]] = {}
         self._errors: dict[str, str] = {}  # model -> why it has no versions at all
+        # Versions in flux, shown by index(): being loaded (not yet installed), and taken
+        # out of service but still finishing their requests (until closed).
+        self._loading: dict[str, list[ModelVersion]] = {}
+        self._unloading: dict[str, list[ModelVersion]] = {}
 
     def names(self) -> list[str]:
         """Model names present in the folder (sorted), loaded or not."""
@@ -339,8 +343,14 @@ class ModelRepository:
             with self._lock:
                 self._errors[name] = str(exc)
             raise ModelLoadError(f"failed to load {name}: {exc}") from None
-        for version in versions:
-            version.load()
+        with self._lock:
+            self._loading[name] = versions
+        try:
+            for version in versions:
+                version.load()
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
         if not any(v.ready for v in versions):
             reasons = "; ".join(f"version {v.version}: {v.reason}" for v in versions)
             with self._lock:
@@ -356,7 +366,18 @@ class ModelRepository:
             old = self._loaded.get(name, [])
             self._loaded[name] = versions
             self._errors.pop(name, None)
+        self._retiring(name, old)
         return old
+
+    def _retiring(self, name: str, versions: list[ModelVersion]) -> None:
+        """``versions`` left service and finish their requests: UNLOADING in the index
+        until they are closed."""
+        retiring = [v for v in versions if v.ready]
+        for version in retiring:
+            version.state, version.reason = ModelState.UNLOADING, "finishing its requests"
+        if retiring:
+            with self._lock:
+                self._unloading.setdefault(name, []).extend(retiring)
 
     def unload(self, name: str) -> list[ModelVersion]:
         """Remove ``name`` from service; returns its versions (the caller closes them).
@@ -368,9 +389,7 @@ class ModelRepository:
             versions = self._loaded.pop(name, None)
         if versions is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
-        for version in versions:
-            if version.ready:
-                version.state, version.reason = ModelState.UNLOADING, ""
+        self._retiring(name, versions)
         return versions
 
     def versions(self, name: str) -> list[ModelVersion]:
@@ -420,12 +439,29 @@ class ModelRepository:
         with self._lock:
             loaded = {name: list(v) for name, v in self._loaded.items()}
             errors = dict(self._errors)
+            loading = {name: list(v) for name, v in self._loading.items()}
+            for name, versions in list(self._unloading.items()):
+                versions[:] = [v for v in versions if v.state is ModelState.UNLOADING]
+                if not versions:
+                    del self._unloading[name]
+            unloading = {name: list(v) for name, v in self._unloading.items()}
         entries = []
-        for name in sorted(set(self.names()) | set(loaded)):
-            if name in loaded:
-                entries.extend(IndexEntry(name, v.version, v.state, v.reason)
-                               for v in loaded[name])
-            else:
+        for name in sorted(set(self.names()) | set(loaded) | set(loading) | set(unloading)):
+            # A reload: the versions in service keep serving (and say so) while the new
+            # ones load; a first load shows the versions loading.
+            for v in loaded.get(name, ()):
+                reason = "serving while a reload loads" if name in loading and v.ready else v.reason
+                entries.append(IndexEntry(name, v.version, v.state, reason))
+            if name in loading and name not in loaded:
+                for v in loading[name]:
+                    waiting = v.state is ModelState.UNAVAILABLE and v.runner is None \
+                        and v.reason == "not loaded"  # next in line: loading too
+                    entries.append(IndexEntry(name, v.version,
+                                              ModelState.LOADING if waiting else v.state,
+                                              "" if waiting else v.reason))
+            entries.extend(IndexEntry(name, v.version, v.state, v.reason)
+                           for v in unloading.get(name, ()))
+            if name not in loaded and name not in loading and name not in unloading:
                 entries.append(IndexEntry(name, "", ModelState.UNAVAILABLE,
                                           errors.get(name, "not loaded")))
         return entries

@@ -133,3 +133,66 @@ def test_a_failed_reload_keeps_the_old_version(repo):
     assert set(outcomes) == {"ok"}, set(outcomes)
     assert set(readiness) == {(True, True)}
     assert [(e.name, str(e.state)) for e in index] == [("identity", "READY")]
+
+
+#: an identity that takes 0.3 s to answer
+SLOW_TO_ANSWER = '''
+import time
+
+
+class Identity:
+    inputs = [("input", "FP32", [-1, 16])]
+    outputs = [("output", "FP32", [-1, 16])]
+
+    def infer(self, inputs):
+        time.sleep(0.3)
+        return {"output": inputs["input"]}
+'''
+
+
+def _states(engine: Engine, name: str) -> list[tuple[str, str, str]]:
+    return [(e.version, e.state.value, e.reason) for e in engine.index() if e.name == name]
+
+
+def test_the_index_shows_loads_reloads_and_unloads_in_progress(repo):
+    """Triton's repository index states: LOADING while a model loads, the version in
+    service still READY (saying so) while a reload loads, UNLOADING while an unloaded
+    version finishes its requests."""
+    add_model(repo, "identity", SLOW_TO_LOAD.encode(), filename="model.py")
+    add_model(repo, "slow", SLOW_TO_ANSWER.encode(), filename="model.py")
+
+    async def go():
+        engine = Engine(ModelRepository(repo), models=["slow"])
+        await engine.start()
+        seen = {}
+        try:
+            load = asyncio.ensure_future(engine.load("identity"))
+            await asyncio.sleep(0.1)
+            seen["first load"] = _states(engine, "identity")
+            await load
+            seen["loaded"] = _states(engine, "identity")
+            reload = asyncio.ensure_future(engine.load("identity"))
+            await asyncio.sleep(0.1)
+            seen["reload"] = _states(engine, "identity")
+            await reload
+            seen["reloaded"] = _states(engine, "identity")
+            request = engine.infer("slow", {"input": np.zeros((1, 16), np.float32)})
+            request = asyncio.ensure_future(request)
+            await asyncio.sleep(0.05)  # running
+            unload = asyncio.ensure_future(engine.unload("slow"))
+            await asyncio.sleep(0.05)
+            seen["unload"] = _states(engine, "slow")
+            await request
+            await unload
+            seen["unloaded"] = _states(engine, "slow")
+        finally:
+            await engine.stop()
+        return seen
+
+    seen = run(go(), timeout=30)
+    assert seen["first load"] == [("1", "LOADING", "")]
+    assert seen["loaded"] == [("1", "READY", "")]
+    assert seen["reload"] == [("1", "READY", "serving while a reload loads")]
+    assert seen["reloaded"] == [("1", "READY", "")]
+    assert seen["unload"] == [("1", "UNLOADING", "finishing its requests")]
+    assert seen["unloaded"] == [("", "UNAVAILABLE", "not loaded")]
