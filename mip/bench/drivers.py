@@ -281,11 +281,9 @@ class NativeGrpcDriver(GrpcDriver):
 
 def _raw_bytes(arr: np.ndarray) -> bytes:
     if arr.dtype == object:  # BYTES: u32 little-endian length + octets per element
-        out = bytearray()
-        for v in arr.reshape(-1):
-            b = v if isinstance(v, bytes) else str(v).encode()
-            out += len(b).to_bytes(4, "little") + b
-        return bytes(out)
+        from mip.protocol import encode_bytes
+
+        return encode_bytes(arr)
     return np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
 
 

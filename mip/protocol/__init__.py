@@ -9,9 +9,8 @@ import sys as _sys
 if _sys.byteorder != "little":  # tensor data on the wire is little-endian, decoded as views
     raise ImportError("mip's codec needs a little-endian host")
 
+from mip.protocol.dtypes import DATATYPE_NAMES, DATATYPES, numpy_dtype  # noqa: E402
 from mip.protocol._mip import (  # noqa: E402
-    DATATYPE_NAMES,
-    DATATYPES,
     DEFAULT_COPY_THRESHOLD,
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_SIZE,
@@ -32,8 +31,11 @@ from mip.protocol._mip import (  # noqa: E402
     Message,
     Text,
     Value,
+    bytes_elements,
     datatype_of,
     decode,
+    decode_bytes,
+    encode_bytes,
     encode_error,
     encode_ping,
     encode_pong,
@@ -65,8 +67,11 @@ __all__ = [
     "Message",
     "Text",
     "Value",
+    "bytes_elements",
     "datatype_of",
     "decode",
+    "decode_bytes",
+    "encode_bytes",
     "encode_error",
     "encode_ping",
     "encode_pong",
@@ -74,6 +79,7 @@ __all__ = [
     "encode_request_buffers",
     "encode_response",
     "encode_response_buffers",
+    "numpy_dtype",
 ]
 # `msip` stays out of __all__: `mip` re-exports this list with `*`, and its own `mip.msip`
 # namespace (the codec plus Broker, Client, AsyncClient) must not be shadowed by this module.

@@ -17,13 +17,14 @@ TENSOR: int
 HEADER_SIZE: int
 DEFAULT_MAX_FRAME_SIZE: int
 DEFAULT_COPY_THRESHOLD: int
-DATATYPE_NAMES: dict[int, str]
-DATATYPES: dict[str, np.dtype]
 
 Buffer = bytes | bytearray | memoryview
 ValueLike = np.ndarray | np.generic | str | "Text" | "Json" | "Image" | "Value"
 
 def datatype_of(array: np.ndarray | np.dtype | type) -> str: ...
+def bytes_elements(array: Any) -> list[bytes]: ...
+def encode_bytes(array: Any) -> bytes: ...
+def decode_bytes(buffer: Buffer, count: int) -> np.ndarray: ...
 
 class Text:
     value: str

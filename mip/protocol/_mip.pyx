@@ -29,6 +29,7 @@ import numpy as np
 import ml_dtypes as _ml_dtypes
 
 from mip import errors as _errors
+from mip.protocol import dtypes as _dtypes
 
 cnp.import_array()
 
@@ -68,39 +69,30 @@ cdef enum:
 cdef Py_ssize_t MAX_U32 = 0xFFFFFFFF
 
 # ---- datatype tables -------------------------------------------------------
-#: Wire datatype code -> Open Inference Protocol name.
-DATATYPE_NAMES = {
-    MIP_DT_BOOL: "BOOL", MIP_DT_UINT8: "UINT8", MIP_DT_UINT16: "UINT16",
-    MIP_DT_UINT32: "UINT32", MIP_DT_UINT64: "UINT64", MIP_DT_INT8: "INT8",
-    MIP_DT_INT16: "INT16", MIP_DT_INT32: "INT32", MIP_DT_INT64: "INT64",
-    MIP_DT_FP16: "FP16", MIP_DT_FP32: "FP32", MIP_DT_FP64: "FP64",
-    MIP_DT_BYTES: "BYTES", MIP_DT_BF16: "BF16",
-}
-
+# Built from the one table, mip.protocol.dtypes: C arrays indexed by wire code and by
+# numpy type number, so a lookup per tensor is an array read.
 cdef list _descr_objs = [None] * (MIP_DT_MAX + 1)
 cdef PyObject *_descr_ptr[16]
 cdef cnp.npy_intp _descr_align[16]
 cdef int _typenum_to_code[256]
 cdef int _bf16_typenum
+cdef str _KNOWN_DATATYPES = ", ".join(_dtypes.BY_NAME)
 
 def _init_tables():
     global _bf16_typenum
     cdef int i
-    table = {
-        MIP_DT_BOOL: np.dtype(np.bool_), MIP_DT_UINT8: np.dtype(np.uint8),
-        MIP_DT_UINT16: np.dtype(np.uint16), MIP_DT_UINT32: np.dtype(np.uint32),
-        MIP_DT_UINT64: np.dtype(np.uint64), MIP_DT_INT8: np.dtype(np.int8),
-        MIP_DT_INT16: np.dtype(np.int16), MIP_DT_INT32: np.dtype(np.int32),
-        MIP_DT_INT64: np.dtype(np.int64), MIP_DT_FP16: np.dtype(np.float16),
-        MIP_DT_FP32: np.dtype(np.float32), MIP_DT_FP64: np.dtype(np.float64),
-        MIP_DT_BYTES: np.dtype(object), MIP_DT_BF16: np.dtype(_ml_dtypes.bfloat16),
-    }
+    if len(_dtypes.TABLE) != MIP_DT_MAX:
+        raise ImportError("mip.protocol.dtypes and csrc/mip_wire.h disagree on the datatypes")
     for i in range(256):
         _typenum_to_code[i] = 0
     for i in range(MIP_DT_MAX + 1):
         _descr_ptr[i] = NULL
         _descr_align[i] = 1
-    for code, dt in table.items():
+    for entry in _dtypes.TABLE:
+        code = entry.code
+        dt = entry.numpy
+        if not 0 < code <= MIP_DT_MAX or mip_dtype_size[code] != entry.itemsize:
+            raise ImportError(f"mip.protocol.dtypes and csrc/mip_wire.h disagree on {entry.name}")
         _descr_objs[code] = dt
         _descr_ptr[code] = <PyObject *>dt
         _descr_align[code] = dt.alignment
@@ -113,23 +105,47 @@ def _init_tables():
     _typenum_to_code[np.dtype(np.ulonglong).num] = MIP_DT_UINT64
     _typenum_to_code[np.dtype(np.intc).num] = MIP_DT_INT32
     _typenum_to_code[np.dtype(np.uintc).num] = MIP_DT_UINT32
-    _bf16_typenum = np.dtype(_ml_dtypes.bfloat16).num
+    _bf16_typenum = _dtypes.BY_NAME["BF16"].numpy.num
 
 _init_tables()
 
-#: Open Inference Protocol name -> numpy dtype.
-DATATYPES = {name: _descr_objs[code] for code, name in DATATYPE_NAMES.items()}
+cdef object _NAMES = _dtypes.DATATYPE_NAMES
+
+
+cdef inline int _code_of(int typenum):
+    """The wire code of a numpy type number, 0 for none."""
+    if typenum == _bf16_typenum:
+        return MIP_DT_BF16
+    if 0 <= typenum < 256:
+        return _typenum_to_code[typenum]
+    return 0
+
+
+cdef _no_datatype(dt):
+    return TypeError(f"numpy dtype {dt} has no Open Inference Protocol datatype "
+                     f"(the datatypes are {_KNOWN_DATATYPES})")
 
 
 def datatype_of(array):
-    """Return the Open Inference Protocol datatype name of a numpy array or dtype."""
-    dt = np.dtype(array.dtype if hasattr(array, "dtype") else array)
-    if dt.num == _bf16_typenum:
-        return "BF16"
-    code = _typenum_to_code[dt.num] if 0 <= dt.num < 256 else 0
+    """The Open Inference Protocol datatype name (``"FP32"``, ``"BYTES"``, ...) of a numpy
+    array or dtype; ``S``/``U`` strings and object arrays are ``"BYTES"``.
+
+    Raises:
+        TypeError: the dtype has no datatype (complex, datetime, ...).
+    """
+    cdef int code
+    if cnp.PyArray_Check(array):
+        code = _code_of(cnp.PyArray_TYPE(<cnp.ndarray>array))
+        if code:
+            return _NAMES[code]
+        raise _no_datatype(array.dtype)
+    dt = array if isinstance(array, np.dtype) else getattr(array, "dtype", None)
+    if not isinstance(dt, np.dtype):  # a scalar type (np.float32), a name ("f4"), ...
+        dt = np.dtype(array)
+    code = _code_of(dt.num)
     if code == 0:
-        raise TypeError(f"numpy dtype {dt} has no Open Inference Protocol datatype")
-    return DATATYPE_NAMES[code]
+        raise _no_datatype(dt)
+    return _NAMES[code]
 
 
 # ---- values ----------------------------------------------------------------
@@ -979,26 +995,48 @@ cdef inline int _set_buffer(_Enc *e, object obj, list keep) except -1:
     return 0
 
 
-cdef bytes _serialize_bytes_tensor(cnp.ndarray arr):
-    """BYTES elements as u32 little-endian length + octets each, in row-major order."""
-    cdef list parts = []
-    cdef Py_ssize_t total = 0, n, ln
-    cdef unsigned char *out
-    cdef const char *src
+cdef inline bytes _element_bytes(object x):
+    """One BYTES element's octets: ``bytes`` as they are, ``str`` as UTF-8, buffers copied,
+    KubeMo values (``Text``, ``Json``, ``Image``, ``Value``) by their ``data``, anything
+    else as the UTF-8 of ``str()`` (what Triton's clients do)."""
+    if isinstance(x, bytes):
+        return x
+    if PyUnicode_Check(x):
+        return (<str>x).encode("utf-8")
+    if isinstance(x, (bytearray, memoryview)):
+        return bytes(x)
+    data = getattr(x, "data", None)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    return str(x).encode("utf-8")
+
+
+def bytes_elements(array):
+    """The elements of a BYTES array (object, ``S`` or ``U``) as a list of ``bytes``, in
+    row-major order (see :func:`encode_bytes` for what an element may be)."""
+    arr = np.asarray(array)
     flat = arr.reshape(-1).tolist() if arr.ndim else [arr.item()]
-    for x in flat:
-        if isinstance(x, bytes):
-            b = x
-        elif PyUnicode_Check(x):
-            b = (<str>x).encode("utf-8")
-        elif isinstance(x, (bytearray, memoryview)):
-            b = bytes(x)
-        else:
-            b = str(x).encode("utf-8")
-        if len(b) > MAX_U32:
+    return [_element_bytes(x) for x in flat]
+
+
+def encode_bytes(array):
+    """A BYTES tensor's octets on every wire (MIP, KServe v2 raw contents): each element,
+    row-major, as a u32 little-endian length and that many octets.
+
+    Elements are ``bytes``, ``str`` (sent as UTF-8), bytes-like objects, KubeMo values
+    (their ``data``) or anything else (the UTF-8 of ``str()``).
+
+    Raises:
+        ValueError: an element larger than 4 GiB.
+    """
+    cdef list parts = bytes_elements(array)
+    cdef Py_ssize_t total = 0, ln
+    cdef unsigned char *out
+    for b in parts:
+        ln = PyBytes_GET_SIZE(b)
+        if ln > MAX_U32:
             raise ValueError("a BYTES element is larger than 4 GiB")
-        parts.append(b)
-        total += 4 + len(b)
+        total += 4 + ln
     res = PyBytes_FromStringAndSize(NULL, total)
     out = <unsigned char *>PyBytes_AS_STRING(res)
     for b in parts:
@@ -1007,6 +1045,35 @@ cdef bytes _serialize_bytes_tensor(cnp.ndarray arr):
         memcpy(out + 4, PyBytes_AS_STRING(b), ln)
         out += 4 + ln
     return res
+
+
+def decode_bytes(buffer, Py_ssize_t count):
+    """``count`` BYTES elements read from ``buffer`` (u32 little-endian length + octets
+    each, exactly filling it): a 1-D object array of ``bytes``. Every length is checked
+    against the octets present before anything is taken, and a count that cannot fit is
+    refused before the array is made.
+
+    Raises:
+        InvalidValue: a length runs past the end, or octets are left over (the message
+            says which element, and the offset in ``buffer``).
+    """
+    cdef Py_buffer view
+    cdef mip_tensor_header t
+    cdef cnp.npy_intp dims[1]
+    if count < 0:
+        raise ValueError("a negative element count")
+    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+    try:
+        if count > view.len // 4:
+            raise_wire_error(MIP_E_VALUE, 0, f"{count} BYTES elements need at least "
+                             f"{count * 4} octets, {view.len} were sent")
+        t.ndim = 1
+        t.nelem = count
+        t.data_len = view.len
+        dims[0] = count
+        return _make_bytes_tensor(&t, <const unsigned char *>view.buf, dims, 0)
+    finally:
+        PyBuffer_Release(&view)
 
 
 cdef int _normalize(_Enc *e, object v, list keep) except -1:
@@ -1018,15 +1085,9 @@ cdef int _normalize(_Enc *e, object v, list keep) except -1:
         v = np.asarray(v)
     if cnp.PyArray_Check(v):
         arr = <cnp.ndarray>v
-        typenum = cnp.PyArray_TYPE(arr)
-        if typenum == _bf16_typenum:
-            code = MIP_DT_BF16
-        elif 0 <= typenum < 256:
-            code = _typenum_to_code[typenum]
-        else:
-            code = 0
+        code = _code_of(cnp.PyArray_TYPE(arr))
         if code == 0:
-            raise TypeError(f"numpy dtype {arr.dtype} has no Open Inference Protocol datatype")
+            raise _no_datatype(arr.dtype)
         if cnp.PyArray_NDIM(arr) > MIP_TENSOR_MAX_NDIM:
             raise ValueError(f"tensor has {arr.ndim} dimensions, at most 32 are allowed")
         for i in range(cnp.PyArray_NDIM(arr)):
@@ -1038,7 +1099,7 @@ cdef int _normalize(_Enc *e, object v, list keep) except -1:
         if code == MIP_DT_BYTES:
             keep.append(arr)
             e.shape = cnp.PyArray_DIMS(arr)
-            _set_buffer(e, _serialize_bytes_tensor(arr), keep)
+            _set_buffer(e, encode_bytes(arr), keep)
             return 0
         if not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISNOTSWAPPED(arr)):
             arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mip.serving.datatypes import DATATYPES
+from mip.protocol.dtypes import DATATYPES
 
 __all__ = ["TensorSpec", "DynamicBatching", "ModelConfig", "ConfigError", "read_config",
            "PLATFORM_ONNX", "PLATFORM_PYTHON", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_BATCH_BYTES"]

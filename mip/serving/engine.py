@@ -17,8 +17,9 @@ from typing import Callable, Iterable
 import numpy as np
 
 from mip.errors import InvalidInput, ModelNotFound, ModelNotReady
+from mip.protocol import datatype_of
+from mip.protocol.dtypes import numpy_dtype
 from mip.serving.batching import Batcher, BatchRecord
-from mip.serving.datatypes import from_numpy, to_numpy
 from mip.serving.repository import (IndexEntry, ModelLoadError, ModelMetadata, ModelRepository,
                                     ModelVersion)
 
@@ -31,8 +32,8 @@ _UNSETTLED = object()  # Engine._default before start()
 def _datatype(dtype: np.dtype) -> str:
     """A numpy dtype by its protocol name (FP64, BYTES), for messages clients read."""
     try:
-        return from_numpy(dtype)
-    except ValueError:
+        return datatype_of(dtype)
+    except TypeError:
         return f"numpy {dtype}"
 
 Tensors = dict[str, np.ndarray]
@@ -79,7 +80,7 @@ class _Served:
         self.version = version
         self.batcher = batcher
         self.stats = stats
-        self.dtypes = {spec.name: to_numpy(spec.datatype) for spec in version.inputs}
+        self.dtypes = {spec.name: numpy_dtype(spec.datatype) for spec in version.inputs}
         self.names = frozenset(self.dtypes)
         # Per input, what a request's tensor is checked against: name, numpy dtype, rank,
         # and the fixed dimensions as (axis, size) pairs (-1 dimensions take any size).

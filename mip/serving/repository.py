@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from mip.errors import ModelNotFound, ModelNotReady, ServingError
+from mip.protocol.dtypes import numpy_dtype
 from mip.serving.config import (DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_SIZE, PLATFORM_ONNX,
                                 PLATFORM_PYTHON, ConfigError, DynamicBatching, ModelConfig,
                                 TensorSpec, read_config)
-from mip.serving.datatypes import to_numpy
 from mip.serving.triton import read_labels
 
 __all__ = ["ModelRepository", "ModelVersion", "ModelState", "ModelMetadata", "IndexEntry",
@@ -224,7 +224,7 @@ def _warmup_inputs(specs: tuple[TensorSpec, ...], rows: int, batching: bool) -> 
         shape = [1 if d < 0 else d for d in spec.shape]
         if batching:
             shape[0] = rows
-        inputs[spec.name] = np.zeros(shape, dtype=to_numpy(spec.datatype))
+        inputs[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
     return inputs
 
 

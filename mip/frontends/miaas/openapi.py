@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mip.protocol.dtypes import BY_NAME
+
 __all__ = ["PATHS", "openapi_document"]
 
 #: every path the API serves (the test suite checks these against the routes).
@@ -56,9 +58,7 @@ _RATE_HEADERS = {
 def _tensor(with_data: bool) -> dict:
     properties: dict[str, Any] = {
         "name": {"type": "string"},
-        "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32",
-                                                "UINT64", "INT8", "INT16", "INT32", "INT64",
-                                                "FP16", "FP32", "FP64", "BYTES"]},
+        "datatype": {"type": "string", "enum": list(BY_NAME)},
         "shape": {"type": "array", "items": {"type": "integer"}},
     }
     required = ["name", "datatype", "shape"]

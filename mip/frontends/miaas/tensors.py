@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mip.errors import InvalidInput
-from mip.serving.datatypes import from_numpy, to_numpy
+from mip.protocol import datatype_of, numpy_dtype
 
 __all__ = ["check_inputs_against", "decode_inputs", "encode_outputs"]
 
@@ -65,10 +65,7 @@ def decode_inputs(body: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
         shape = _shape(item.get("shape"), name)
         if "data" not in item:
             raise InvalidInput(f"input {name!r}: 'data' is missing")
-        try:
-            dtype = to_numpy(datatype)
-        except ValueError:
-            raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}") from None
+        dtype = numpy_dtype(datatype, f"input {name!r}")
         if datatype == "BF16":
             raise InvalidInput(f"input {name!r}: BF16 has no JSON form")
         try:
@@ -145,7 +142,7 @@ def encode_outputs(outputs: dict[str, np.ndarray], model: str, version: str) -> 
             datatype = "BYTES"
             data = [_json_element(v) for v in array.reshape(-1).tolist()]
         else:
-            datatype = from_numpy(array.dtype)
+            datatype = datatype_of(array)
             if datatype == "BF16":
                 array = array.astype(np.float32)
             data = array.reshape(-1).tolist()
@@ -167,9 +164,9 @@ def check_inputs_against(tensors: dict[str, np.ndarray], metadata) -> None:
                            f"got {sorted(tensors)}")
     for name, array in tensors.items():
         spec = expected[name]
-        want = to_numpy(spec.datatype)
+        want = numpy_dtype(spec.datatype)
         if array.dtype != want:
-            raise InvalidInput(f"input {name!r} is {from_numpy(array.dtype)}, the model wants "
+            raise InvalidInput(f"input {name!r} is {datatype_of(array)}, the model wants "
                                f"{spec.datatype}")
         if array.ndim != len(spec.shape) or any(
                 d != -1 and d != n for d, n in zip(spec.shape, array.shape)):

@@ -3,8 +3,10 @@
 Raw tensor data (gRPC ``raw_input_contents``, REST binary extension) is little-endian,
 row-major, without padding; it becomes a numpy **view** of the received buffer
 (``np.frombuffer``), never a copy. ``BYTES`` tensors are a sequence of elements, each a
-4-octet little-endian length and that many octets; :func:`decode_bytes` reads them with
-every length checked against the octets present before anything is taken.
+4-octet little-endian length and that many octets, read and written by the codec's
+:func:`mip.protocol.decode_bytes` / :func:`mip.protocol.encode_bytes` (every length
+checked against the octets present before anything is taken). Datatype names and their
+numpy dtypes come from the one table, :mod:`mip.protocol.dtypes`.
 
 Everything here raises :class:`mip.errors.InvalidInput` on bad input, so each frontend
 answers with its protocol's "invalid argument" status.
@@ -13,18 +15,21 @@ answers with its protocol's "invalid argument" status.
 from __future__ import annotations
 
 import math
-import struct
 import sys
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from mip.errors import InvalidInput
-from mip.serving.datatypes import from_numpy, to_numpy
+from mip.errors import InvalidInput, ProtocolError
+from mip.protocol import bytes_elements as _bytes_elements
+from mip.protocol import datatype_of, numpy_dtype
+from mip.protocol import decode_bytes as _decode_bytes
+from mip.protocol import encode_bytes as _encode_bytes
 
 __all__ = [
     "MAX_DIMS",
     "UNSUPPORTED_PARAMETERS",
+    "bytes_elements",
     "check_parameters",
     "check_shape",
     "classify",
@@ -43,31 +48,6 @@ if sys.byteorder != "little":  # raw tensor data is little-endian and decoded as
 
 #: dimensions a tensor may have (Triton's limit is the same order of magnitude).
 MAX_DIMS = 32
-
-_LENGTH = struct.Struct("<I")
-_DTYPES: dict[str, np.dtype] = {}
-
-
-def numpy_dtype(datatype: str, name: str = "tensor") -> np.dtype:
-    """The numpy dtype of a protocol datatype name such as ``"FP32"``.
-
-    Raises:
-        InvalidInput: an unknown name.
-    """
-    dtype = _DTYPES.get(datatype)
-    if dtype is None:
-        try:
-            dtype = to_numpy(datatype)
-        except (ValueError, ImportError):
-            raise InvalidInput(f"{name} has unknown datatype {datatype!r}") from None
-        _DTYPES[datatype] = dtype
-    return dtype
-
-
-def datatype_of(array: np.ndarray) -> str:
-    """The protocol datatype name of a numpy array (object arrays are ``"BYTES"``)."""
-    return from_numpy(array.dtype)
-
 
 def check_shape(shape: Iterable[int], name: str = "tensor") -> tuple[int, ...]:
     """``shape`` as a tuple of non-negative ints, at most :data:`MAX_DIMS` of them.
@@ -93,78 +73,36 @@ def element_count(shape: tuple[int, ...]) -> int:
 
 
 def decode_bytes(buffer, count: int, name: str = "tensor") -> np.ndarray:
-    """Read ``count`` BYTES elements (u32 little-endian length + octets each).
-
-    Args:
-        buffer: a bytes-like object holding exactly the elements.
-        count: elements expected (from the tensor's shape).
-        name: the tensor's name, for error messages.
-
-    Returns:
-        a 1-D numpy object array of ``bytes``.
+    """Read ``count`` BYTES elements (u32 little-endian length + octets each) with the
+    codec's :func:`mip.protocol.decode_bytes`: a 1-D numpy object array of ``bytes``.
 
     Raises:
         InvalidInput: a length runs past the end, fewer or more elements than ``count``,
             or octets left over.
     """
-    view = memoryview(buffer).cast("B")
-    total = len(view)
-    # Each element takes at least 4 octets: reject absurd counts before allocating.
-    if count * 4 > total:
-        raise InvalidInput(f"{name}: {count} BYTES elements need at least {count * 4} octets, "
-                           f"{total} were sent")
-    out = np.empty(count, dtype=object)
-    pos = 0
-    unpack = _LENGTH.unpack_from
-    for i in range(count):
-        if total - pos < 4:
-            raise InvalidInput(f"{name}: BYTES element {i} has no room for its length "
-                               f"(at octet {pos} of {total})")
-        (length,) = unpack(view, pos)
-        pos += 4
-        if length > total - pos:
-            raise InvalidInput(f"{name}: BYTES element {i} claims {length} octets, "
-                               f"{total - pos} remain")
-        out[i] = bytes(view[pos:pos + length])
-        pos += length
-    if pos != total:
-        raise InvalidInput(f"{name}: {total - pos} octets follow its {count} BYTES elements")
-    return out
-
-
-def _element_bytes(element, name: str) -> bytes:
-    if isinstance(element, bytes):
-        return element
-    if isinstance(element, str):
-        return element.encode("utf-8")
-    if isinstance(element, (bytearray, memoryview, np.bytes_)):
-        return bytes(element)
-    data = getattr(element, "data", None)  # KubeMo values (Text, Json, Image) carry .data
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    raise InvalidInput(f"{name}: a BYTES element of type {type(element).__name__} has no "
-                       "octets to send")
+    try:
+        return _decode_bytes(buffer, count)
+    except ProtocolError as exc:
+        raise InvalidInput(f"{name}: {exc}") from None
 
 
 def bytes_elements(array: np.ndarray, name: str = "tensor") -> list[bytes]:
-    """The elements of a BYTES (object, ``S`` or ``U``) array as ``bytes``, row-major."""
-    return [_element_bytes(e, name) for e in np.asarray(array).ravel(order="C")]
+    """The elements of a BYTES (object, ``S`` or ``U``) array as ``bytes``, row-major
+    (:func:`mip.protocol.bytes_elements`; ``name`` is the tensor's, as elsewhere here)."""
+    return _bytes_elements(array)
 
 
 def encode_bytes(array: np.ndarray, name: str = "tensor") -> bytes:
-    """A BYTES array as u32 little-endian length + octets per element, row-major.
+    """A BYTES array as u32 little-endian length + octets per element, row-major
+    (:func:`mip.protocol.encode_bytes`).
 
     Raises:
-        InvalidInput: an element larger than 4 GiB or without octets.
+        InvalidInput: an element larger than 4 GiB.
     """
-    parts = []
-    pack = _LENGTH.pack
-    for element in bytes_elements(array, name):
-        if len(element) > 0xFFFFFFFF:
-            raise InvalidInput(f"{name}: a BYTES element is larger than 4 GiB")
-        parts.append(pack(len(element)))
-        parts.append(element)
-    return b"".join(parts)
+    try:
+        return _encode_bytes(array)
+    except ValueError as exc:
+        raise InvalidInput(f"{name}: {exc}") from None
 
 
 def from_raw(name: str, datatype: str, shape: Sequence[int], buffer) -> np.ndarray:
@@ -180,7 +118,7 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], buffer) -> np.ndarr
         InvalidInput: the size does not match the shape and datatype.
     """
     dims = check_shape(shape, name)
-    dtype = _DTYPES.get(datatype) or numpy_dtype(datatype, name)
+    dtype = numpy_dtype(datatype, name)
     count = math.prod(dims)
     if dtype.hasobject:
         return decode_bytes(buffer, count, name).reshape(dims)

@@ -40,6 +40,7 @@ from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health
 from mip.frontends.dataplane import DataPlane, TooLarge, timeout_parameter
 from mip.net.grpc_limits import GrpcLimits
 from mip.net.peers import grpc_peer_host
+from mip.protocol.dtypes import BY_NAME, TABLE
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "IMPLEMENTATIONS", "RPC_AREAS", "STREAM_WINDOW",
            "GrpcServer", "native_available", "native_unavailable_reason"]
@@ -54,22 +55,14 @@ STREAM_WINDOW = 64
 _SERVICE = "inference.GRPCInferenceService"
 _MAX_GRPC_LIMIT = (1 << 31) - 1
 
-# Typed contents: the field of InferTensorContents for each datatype, and the numpy
-# type the field's values are read as before the range check.
-_CONTENTS = {
-    "BOOL": ("bool_contents", np.bool_),
-    "INT8": ("int_contents", np.int32),
-    "INT16": ("int_contents", np.int32),
-    "INT32": ("int_contents", np.int32),
-    "INT64": ("int64_contents", np.int64),
-    "UINT8": ("uint_contents", np.uint32),
-    "UINT16": ("uint_contents", np.uint32),
-    "UINT32": ("uint_contents", np.uint32),
-    "UINT64": ("uint64_contents", np.uint64),
-    "FP32": ("fp32_contents", np.float32),
-    "FP64": ("fp64_contents", np.float64),
-    "BYTES": ("bytes_contents", None),
-}
+# Typed contents: the field of InferTensorContents for each datatype that has one (from
+# the datatype table), and the numpy type the field's values are read as before the range
+# check (None: BYTES, read as a list).
+_FIELD_TYPES = {"bool_contents": np.bool_, "int_contents": np.int32,
+                "int64_contents": np.int64, "uint_contents": np.uint32,
+                "uint64_contents": np.uint64, "fp32_contents": np.float32,
+                "fp64_contents": np.float64, "bytes_contents": None}
+_CONTENTS = {d.name: (d.contents, _FIELD_TYPES[d.contents]) for d in TABLE if d.contents}
 #: the area (see mip.frontends.auth.AREAS) of each RPC of the KServe v2 service that may
 #: need credentials; ServerLive, ServerReady, ModelReady, health and reflection are open.
 RPC_AREAS = {
@@ -183,7 +176,7 @@ def _from_contents(tensor) -> np.ndarray:
     shape = codec.check_shape(tensor.shape, name)
     entry = _CONTENTS.get(datatype)
     if entry is None:
-        if datatype in ("FP16", "BF16"):
+        if datatype in BY_NAME:  # a datatype without typed contents (FP16, BF16)
             raise InvalidInput(f"input {name!r}: {datatype} has no typed contents; send it "
                                "in raw_input_contents")
         codec.numpy_dtype(datatype, f"input {name!r}")  # raises for unknown names

@@ -14,14 +14,30 @@ from typing import Any
 import numpy as np
 
 from mip.errors import InvalidInput
-
+from mip.protocol.dtypes import TABLE
 from mip.serving.config import PLATFORM_ONNX, TensorSpec
-from mip.serving.datatypes import from_onnx_type
 
 __all__ = ["OnnxRunner", "DeviceUnavailable", "parse_device", "session_options"]
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
+
+
+#: ONNX element type name -> protocol datatype name.
+_FROM_ONNX = {d.onnx: d.name for d in TABLE}
+
+
+def from_onnx_type(onnx_type: str) -> str:
+    """The protocol datatype name of an ONNX Runtime type string such as ``"tensor(float)"``.
+
+    Raises:
+        ValueError: not a tensor type the protocol has.
+    """
+    inner = onnx_type[len("tensor("):-1] if onnx_type.startswith("tensor(") else onnx_type
+    try:
+        return _FROM_ONNX[inner]
+    except KeyError:
+        raise ValueError(f"ONNX type {onnx_type!r} is not a supported tensor type") from None
 
 
 class DeviceUnavailable(RuntimeError):

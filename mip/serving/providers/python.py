@@ -34,8 +34,8 @@ import numpy as np
 
 import mip as codec
 from mip.errors import InternalError
+from mip.protocol.dtypes import numpy_dtype
 from mip.serving.config import PLATFORM_PYTHON, ConfigError, ModelConfig, TensorSpec
-from mip.serving.datatypes import to_numpy
 from mip.serving.providers.onnx import parse_device
 
 __all__ = ["PythonRunner", "load_python_model"]
@@ -183,7 +183,7 @@ class PythonRunner:
         self.outputs = _specs(config.outputs, getattr(model, "outputs", None)
                               if not self.lifecycle else None, "output")
         self._convert = _kubemo_input(model) if self.lifecycle else None
-        self._dtypes = {s.name: to_numpy(s.datatype) for s in self.outputs}
+        self._dtypes = {s.name: numpy_dtype(s.datatype) for s in self.outputs}
 
     def run(self, inputs: dict[str, np.ndarray],
             outputs: list[str] | None = None) -> dict[str, np.ndarray]:
