@@ -209,6 +209,21 @@ class DataPlane:
             raise ModelNotFound(f"requested {what} is not available")
         return {"model_stats": entries}
 
+    def validate(self, chosen, inputs: dict[str, np.ndarray],
+                 outputs: list[str] | None = None) -> list[str] | None:
+        """The checks :meth:`submit` makes, without running anything: ``inputs`` against
+        the inputs of ``chosen`` (the version :meth:`resolve` gave) and ``outputs`` against
+        its outputs. For work accepted now and run later (the ``/v1`` jobs).
+
+        Returns:
+            the output names in order, or ``None`` for all.
+
+        Raises:
+            ModelNotReady, InvalidInput.
+        """
+        self.engine.validate(chosen, inputs)
+        return self.engine.check_outputs(chosen, outputs) if outputs else None
+
     async def infer(self, protocol: str, model: str, version: str | None,
                     inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
                     timeout: float | None = None) -> InferResult:

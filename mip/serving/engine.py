@@ -306,6 +306,20 @@ class Engine:
         future.add_done_callback(stats.count_outcome)
         return future
 
+    def validate(self, chosen: ModelVersion, inputs: Tensors) -> int:
+        """Check ``inputs`` as :meth:`submit` does, without queueing them: names, datatypes,
+        ranks and fixed dimensions against the inputs of ``chosen`` (what :meth:`resolve`
+        gave), and one batch size. For work accepted now and run later (``/v1`` jobs).
+
+        Returns:
+            the request's row count (1 for a model that does not batch).
+
+        Raises:
+            ModelNotReady: ``chosen`` is not serving.
+            InvalidInput: the first mismatch, named.
+        """
+        return self._check_inputs(self._serving(chosen), inputs)
+
     def resolve(self, model: str, version: str | None = None) -> ModelVersion:
         """The version of ``model`` a request reaches: ``version``, or the latest one
         served. Frontends look a request's model up here, once, and pass the result on.

@@ -24,12 +24,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from mip.errors import InvalidInput, ServingError, TooManyAuthFailures, Unauthenticated
+from mip.errors import ServingError, TooManyAuthFailures, Unauthenticated
 from mip.frontends.auth import Authenticator, Guard, Identity, load_api_keys
+from mip.frontends.dataplane import DataPlane
 from mip.frontends.miaas.openapi import openapi_document
 from mip.frontends.miaas.queue import JobQueue, open_queue
 from mip.net.ratelimit import FailureLimit, RateLimiter, open_rate_limiter
-from mip.frontends.miaas.tensors import check_inputs_against, decode_inputs
+from mip.frontends.miaas.tensors import decode_inputs
 from mip.frontends.miaas.worker import (
     JobWorker,
     error_code,
@@ -136,6 +137,7 @@ class MiaasService:
                  guard: Guard | None = None):
         self.engine = engine
         self.metrics = metrics  # the server's, so jobs are counted with the other protocols
+        self.dataplane = DataPlane(engine, metrics)
         self.config = config or MiaasConfig()
         c = self.config
         self.queue: JobQueue = open_queue(c.queue, owner=c.queue_owner, max_jobs=c.max_jobs,
@@ -276,14 +278,9 @@ class MiaasService:
             raise ApiError(400, "invalid_request",
                            "'parameters.timeout' must be a positive number of seconds")
         name, version = split_model_id(model_id)
-        metadata = self.engine.model_metadata(name, version)  # 404 / 503 for unknown/unready
+        chosen = self.dataplane.resolve(name, version)  # 404 / 503 for unknown/unready
         tensors, outputs = decode_inputs(body["input_data"])
-        check_inputs_against(tensors, metadata)
-        if outputs:
-            known = {spec.name for spec in metadata.outputs}
-            missing = [o for o in outputs if o not in known]
-            if missing:
-                raise InvalidInput(f"model {name!r} has no output {', '.join(missing)}")
+        self.dataplane.validate(chosen, tensors, outputs)  # the engine's checks, now
         job = await self.queue.submit(model_id, body["input_data"], parameters)
         return JSONResponse({"request_id": job.request_id, "status": job.status},
                             status_code=202,

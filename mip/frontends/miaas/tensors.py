@@ -9,35 +9,37 @@ Jobs carry their inputs and results as the JSON bodies of the Open Inference Pro
     {"model_name": "identity", "model_version": "1",
      "outputs": [{"name": "output", "shape": [1, 16], "datatype": "FP32", "data": [...]}]}
 
-``data`` is row-major, flat or nested. ``BYTES`` elements are strings (UTF-8).
+``data`` is row-major, flat or nested. ``BYTES`` elements are strings (UTF-8). Inputs are
+decoded as ``/v2`` decodes them and checked by the engine (:meth:`DataPlane.validate`):
+only the job envelope is this module's.
 """
 
 from __future__ import annotations
 
 import base64
-import math
 from typing import Any
 
 import numpy as np
 
 from mip.errors import InvalidInput
-from mip.protocol import datatype_of, numpy_dtype
+from mip.frontends.oip import codec
+from mip.protocol import datatype_of
 
-__all__ = ["check_inputs_against", "decode_inputs", "encode_outputs"]
-
-_MAX_DIMS = 32
+__all__ = ["decode_inputs", "encode_outputs"]
 
 
-def _shape(value: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) > _MAX_DIMS or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
-        raise InvalidInput(f"input {name!r}: 'shape' must be a list of at most {_MAX_DIMS} "
+def _shape(value: Any, name: str) -> list[int]:
+    # JSON's types checked here: codec.check_shape would also take 1.5 or "2" for a dimension.
+    if not isinstance(value, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of at most {codec.MAX_DIMS} "
                            f"non-negative integers")
-    return tuple(value)
+    return value
 
 
 def decode_inputs(body: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
-    """Turn an OIP REST inference request body into tensors.
+    """Turn an OIP REST inference request body into tensors, with the decoder of the
+    ``/v2`` REST frontend (:func:`mip.frontends.oip.codec.from_list`).
 
     Returns:
         (input name -> array, names of the outputs asked for or ``None`` for all).
@@ -65,27 +67,7 @@ def decode_inputs(body: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
         shape = _shape(item.get("shape"), name)
         if "data" not in item:
             raise InvalidInput(f"input {name!r}: 'data' is missing")
-        dtype = numpy_dtype(datatype, f"input {name!r}")
-        if datatype == "BF16":
-            raise InvalidInput(f"input {name!r}: BF16 has no JSON form")
-        try:
-            if dtype == object:
-                values = _flatten(item["data"])
-                flat = np.empty(len(values), dtype=object)
-                for j, value in enumerate(values):
-                    if not isinstance(value, str):
-                        raise InvalidInput(f"input {name!r}: BYTES elements must be strings, "
-                                           f"not {type(value).__name__}")
-                    flat[j] = value.encode("utf-8")
-            else:
-                flat = np.asarray(item["data"], dtype=dtype).reshape(-1)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidInput(f"input {name!r}: 'data' is not a list of {datatype} "
-                               f"values ({exc})") from None
-        if flat.size != math.prod(shape):
-            raise InvalidInput(f"input {name!r}: shape {list(shape)} holds {math.prod(shape)} "
-                               f"elements, 'data' has {flat.size}")
-        tensors[name] = flat.reshape(shape)
+        tensors[name] = codec.from_list(f"input {name!r}", datatype, shape, item["data"])
     outputs = body.get("outputs")
     wanted = None
     if outputs is not None:
@@ -94,22 +76,6 @@ def decode_inputs(body: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
             raise InvalidInput("'input_data.outputs' must be a list of {\"name\": ...} objects")
         wanted = [o["name"] for o in outputs] or None
     return tensors, wanted
-
-
-def _flatten(data: Any) -> list:
-    if not isinstance(data, list):
-        return [data]
-    out: list = []
-    stack = [iter(data)]
-    while stack:
-        for value in stack[-1]:
-            if isinstance(value, list):
-                stack.append(iter(value))
-                break
-            out.append(value)
-        else:
-            stack.pop()
-    return out
 
 
 def _json_element(value: Any) -> Any:
@@ -149,26 +115,3 @@ def encode_outputs(outputs: dict[str, np.ndarray], model: str, version: str) -> 
         encoded.append({"name": name, "datatype": datatype, "shape": list(array.shape),
                         "data": data})
     return {"model_name": model, "model_version": version, "outputs": encoded}
-
-
-def check_inputs_against(tensors: dict[str, np.ndarray], metadata) -> None:
-    """Check names, datatypes and ranks/fixed dims of decoded inputs against a model's
-    metadata (``mip.serving.repository.ModelMetadata``), so bad jobs fail at submit time.
-
-    Raises:
-        InvalidInput: with a message naming the first mismatch.
-    """
-    expected = {spec.name: spec for spec in metadata.inputs}
-    if tensors.keys() != expected.keys():
-        raise InvalidInput(f"model {metadata.name!r} takes inputs {sorted(expected)}, "
-                           f"got {sorted(tensors)}")
-    for name, array in tensors.items():
-        spec = expected[name]
-        want = numpy_dtype(spec.datatype)
-        if array.dtype != want:
-            raise InvalidInput(f"input {name!r} is {datatype_of(array)}, the model wants "
-                               f"{spec.datatype}")
-        if array.ndim != len(spec.shape) or any(
-                d != -1 and d != n for d, n in zip(spec.shape, array.shape)):
-            raise InvalidInput(f"input {name!r} has shape {list(array.shape)}, the model wants "
-                               f"{list(spec.shape)}")
