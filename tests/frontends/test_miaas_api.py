@@ -171,6 +171,9 @@ MALFORMED = [
      "invalid_input"),
     (json.dumps(identity_job() | {"input_data": identity_job()["input_data"] | {
         "outputs": [{"name": "nope"}]}}).encode(), "invalid_input"),
+    # data nested deeper than a tensor can have dimensions: refused as /v2 refuses it
+    (json.dumps(identity_job(json.loads("[" * 40 + "0" + "]" * 40))).encode(),
+     "invalid_input"),
 ]
 
 

@@ -3,6 +3,8 @@ round-trips through the MIP codec, the KServe v2 REST and gRPC mappings, the /v1
 bodies, the ONNX and Triton configuration names, and the independent names of numpy,
 ONNX and the KServe v2 protobuf."""
 
+import json
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -137,3 +139,12 @@ def test_unknown_names_and_dtypes_fail_the_same_way_everywhere():
         mip.datatype_of(np.zeros(1, np.complex64))
     with pytest.raises(TypeError, match="complex64 has no Open Inference Protocol datatype"):
         mip.encode_request([[np.zeros(1, np.complex64)]])
+
+
+def test_job_bodies_have_the_rest_decoders_nesting_bound():
+    deep = json.loads("[" * 40 + "0" + "]" * 40)
+    for decode in (lambda: codec.from_list("x", "FP32", [1], deep),
+                   lambda: decode_inputs({"inputs": [{"name": "x", "datatype": "FP32",
+                                                      "shape": [1], "data": deep}]})):
+        with pytest.raises(InvalidInput, match="nested deeper than 32 lists"):
+            decode()
