@@ -308,3 +308,37 @@ def test_header_fields_that_are_not_bytes_are_refused_before_any_memory_is_taken
             client.start_call(b"/test.Echo/Echo", b"localhost", b"x", metadata=bad)
     call = client.start_call(b"/test.Echo/Echo", b"localhost", b"x", metadata=[("k", "v")])
     assert call.stream_id == 1  # the connection is still usable
+
+
+def _exchange(client, server) -> list:
+    """Move octets between two in-memory connections until neither has any to send;
+    returns the client's events."""
+    events = []
+    moved = True
+    while moved:
+        moved = False
+        for source, sink in ((client, server), (server, client)):
+            for data in source.data_to_send():
+                moved = True
+                got = sink.receive(data)
+                if sink is client:
+                    events += got
+    return events
+
+
+@pytest.mark.parametrize("window", [5, 105, 305, 16384])
+def test_a_reply_is_whole_when_the_window_ends_at_one_of_its_pieces(window):
+    """The stream ends only after every queued octet, also when the peer's window ends
+    exactly where one queued piece does (after the 5-octet prefix, after the first part)."""
+    server = _h2.GrpcConnection()
+    client = _h2.GrpcConnection(client=True, window_size=window)
+    _exchange(client, server)
+    call = client.start_call(b"/test.Echo/Echo", b"localhost", b"request")
+    server_events = []
+    for data in client.data_to_send():
+        server_events += server.receive(data)
+    served = next(c for event, c, _ in server_events if event == _h2.EV_CALL)
+    server.unary(served, [b"a" * 100, b"b" * 200])
+    events = _exchange(client, server)
+    assert [v[1] for e, _, v in events if e == _h2.EV_MESSAGE] == [b"a" * 100 + b"b" * 200]
+    assert call.grpc_status == 0
