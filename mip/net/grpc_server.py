@@ -268,13 +268,19 @@ class H2Protocol(asyncio.BufferedProtocol):
             self._unpark()
 
     def pause_writing(self) -> None:
-        """The peer does not read: stop reading it, and stop queuing for it."""
+        """The socket's write buffer is full: hand nothing more to the transport until it
+        drains (what waits stays in the connection, counted against its limits).
+
+        Reading goes on. Both ends of a connection may be writing at once (requests one
+        way, replies the other); an end that stopped reading while its own writes are
+        blocked would leave the other end's writes blocked too, and two such ends wait for
+        each other forever. What a peer that does not read may make this end hold is
+        bounded by HTTP/2 flow control and the connection's limits instead (the server
+        holds back request DATA and parks new calls past ``max_pending_out``)."""
         self.paused = True
-        self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
-        self.transport.resume_reading()
         self._flush_now()
 
 
