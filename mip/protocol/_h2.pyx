@@ -287,6 +287,12 @@ cdef class Call:
         """The application has ended the call (trailers submitted or reset)."""
         return self.ended
 
+    @property
+    def incomplete(self) -> bool:
+        """Part of an incoming message has arrived and not the rest (at the stream's end:
+        the peer ended it inside a message)."""
+        return self.prefix_have > 0 and not self.discard
+
     def __repr__(self):
         return f"Call(stream_id={self.stream_id}, path={self.path!r})"
 

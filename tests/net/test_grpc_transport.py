@@ -342,3 +342,37 @@ def test_a_reply_is_whole_when_the_window_ends_at_one_of_its_pieces(window):
     events = _exchange(client, server)
     assert [v[1] for e, _, v in events if e == _h2.EV_MESSAGE] == [b"a" * 100 + b"b" * 200]
     assert call.grpc_status == 0
+
+
+async def test_our_channel_refuses_a_reply_cut_inside_its_message():
+    """A server that ends the stream with status OK after part of its message: INTERNAL,
+    not a short reply."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async def handle(reader, writer):
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.StreamEnded):
+                    sid = event.stream_id
+                    conn.send_headers(sid, [(":status", "200"),
+                                            ("content-type", "application/grpc")])
+                    conn.send_data(sid, b"\x00\x00\x00\x00\x0a" + b"abc")  # 3 of 10 octets
+                    conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+            writer.write(conn.data_to_send())
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with GrpcChannel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(RpcError) as excinfo:
+                await asyncio.wait_for(channel.unary("/test.Echo/Echo", b"x"), 10)
+        assert excinfo.value.code == Status.INTERNAL
+        assert "inside a message" in excinfo.value.details
+    finally:
+        server.close()
+        await server.wait_closed()
