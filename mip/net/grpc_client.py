@@ -53,6 +53,9 @@ class _ClientProtocol(H2Protocol):
                         f"HTTP status {call.http_status})"))
                 elif status != 0:
                     future.set_exception(RpcError(status, call.grpc_message or ""))
+                elif call.incomplete:
+                    future.set_exception(RpcError(
+                        Status.INTERNAL, "the reply's stream ended inside a message"))
                 else:
                     future.set_result(call.data if call.data is not None else b"")
             elif event == _h2.EV_TOO_LARGE:

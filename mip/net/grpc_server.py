@@ -264,17 +264,26 @@ class H2Protocol(asyncio.BufferedProtocol):
                 self.transport.writelines(out)
         if not self.h2.want_read and not self.h2.want_write:
             self.transport.close()
-        elif self.parked and self.h2.pending_out <= self.h2.max_pending_out // 2:
+        elif (self.parked and not self.paused
+              and self.h2.pending_out <= self.h2.max_pending_out // 2):
             self._unpark()
 
     def pause_writing(self) -> None:
-        """The peer does not read: stop reading it, and stop queuing for it."""
+        """The socket's write buffer is full: hand nothing more to the transport until it
+        drains (what waits stays in the connection, counted against its limits).
+
+        Reading goes on. Both ends of a connection may be writing at once (requests one
+        way, replies the other); an end that stopped reading while its own writes are
+        blocked would leave the other end's writes blocked too, and two such ends wait for
+        each other forever. What a peer that does not read may make this end hold is
+        bounded by HTTP/2 flow control and the connection's limits instead: nothing is
+        sent while paused, WINDOW_UPDATEs included, so the peer can send no more than the
+        window it has; the server parks new calls meanwhile, and holds back request DATA
+        past ``max_pending_out``."""
         self.paused = True
-        self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
-        self.transport.resume_reading()
         self._flush_now()
 
 
@@ -407,8 +416,10 @@ class _Connection(H2Protocol):
                 state.queue.put_nowait(_EOF)
             elif state.message is None:
                 self._end(call, Status.UNIMPLEMENTED, "the call carries no request message")
-            elif self.h2.pending_out > self.h2.max_pending_out:
-                self.parked.append(call)  # replies are not being read: wait for them
+            elif self.paused or self.h2.pending_out > self.h2.max_pending_out:
+                # replies are not being read (the socket's write buffer is full, or
+                # max_pending_out octets wait): start no more work until they drain
+                self.parked.append(call)
             else:
                 self._run(call, state)
         elif event == _h2.EV_TOO_LARGE:

@@ -287,6 +287,12 @@ cdef class Call:
         """The application has ended the call (trailers submitted or reset)."""
         return self.ended
 
+    @property
+    def incomplete(self) -> bool:
+        """Part of an incoming message has arrived and not the rest (at the stream's end:
+        the peer ended it inside a message)."""
+        return self.prefix_have > 0 and not self.discard
+
     def __repr__(self):
         return f"Call(stream_id={self.stream_id}, path={self.path!r})"
 
@@ -929,15 +935,9 @@ cdef class GrpcConnection:
         cdef Call call = self._live(stream_id)
         if call is None:
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
-        cdef Py_ssize_t have = 0
-        cdef Py_ssize_t piece
-        for item in call.out:
-            piece = len(item)
-            if have == 0:
-                piece -= call.out_offset
-            have += piece
-            if <size_t>have >= length:
-                break
+        # every octet queued and not yet sent (call.out past out_offset): the stream may
+        # end in this frame only if all of it fits, not merely the pieces up to `length`
+        cdef Py_ssize_t have = call.out_octets
         if have == 0:
             if call.trailers is None:
                 call.deferred = True

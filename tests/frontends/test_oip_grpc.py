@@ -17,8 +17,10 @@ from _oip_server import (
     DATATYPES,
     FASHION_MNIST,
     OipServer,
+    add_model,
     build_repository,
     grpc_implementations,
+    identity,
     sample,
     wait_until,
 )
@@ -363,3 +365,54 @@ def test_client_deadline_is_deadline_exceeded(client):
 @pytest.fixture
 def rng():
     return np.random.default_rng(11)
+
+
+@pytest.mark.parametrize("impl", grpc_implementations())
+@pytest.mark.parametrize("client_kind", ["native", "tritonclient"])
+def test_32_concurrent_1mib_calls_on_one_connection(tmp_path, impl, client_kind):
+    """What ``mip bench infer --model identity_1m --concurrency 32`` does: 32 calls of a
+    1 MiB FP32 tensor in flight on one HTTP/2 connection, dynamic batching on; every one
+    answered whole (a few rounds, bounded)."""
+    from onnx import TensorProto
+
+    from mip.frontends.oip import inference_pb2
+    from mip.net.grpc_client import GrpcChannel
+
+    add_model(tmp_path, "identity_1m", identity(TensorProto.FLOAT, ("batch", 262144)),
+              config={"max_batch_size": 64,
+                      "dynamic_batching": {"max_queue_delay_us": 0, "max_queue_size": 1024}})
+    data = np.arange(262144, dtype=np.float32).reshape(1, 262144)
+    workers, calls_each = 32, 4
+
+    async def run(server) -> list:
+        if client_kind == "native":
+            request = inference_pb2.ModelInferRequest(model_name="identity_1m")
+            request.inputs.add(name="input", datatype="FP32", shape=[1, 262144])
+            request.raw_input_contents.append(data.tobytes())
+            payload = request.SerializeToString()
+            async with GrpcChannel(server.grpc_url) as channel:
+                async def call():
+                    reply = inference_pb2.ModelInferResponse.FromString(await channel.unary(
+                        "/inference.GRPCInferenceService/ModelInfer", payload))
+                    return reply.raw_output_contents[0] == data.tobytes()
+                return await rounds(call)
+        async with aioclient.InferenceServerClient(server.grpc_url) as client:
+            tensor = aioclient.InferInput("input", [1, 262144], "FP32")
+            tensor.set_data_from_numpy(data)
+
+            async def call():
+                result = await client.infer("identity_1m", [tensor], client_timeout=60)
+                return np.array_equal(result.as_numpy("output"), data)
+            return await rounds(call)
+
+    async def rounds(call) -> list:
+        await call()  # the connection and its windows are set up
+
+        async def worker():
+            return [await call() for _ in range(calls_each)]
+        results = await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(workers))), 60)
+        return [ok for result in results for ok in result]
+
+    with OipServer(tmp_path, models=["identity_1m"], grpc_implementation=impl) as server:
+        results = asyncio.run(run(server))
+    assert results == [True] * (workers * calls_each)

@@ -268,3 +268,44 @@ def test_header_list_over_the_limit(serve):
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         # the connection goes on
         assert _stub(channel, "Echo")(b"ok", timeout=10) == b"ok"
+
+
+@pytest.mark.parametrize("client", ["native", "grpcio"])
+def test_32_large_calls_at_once_on_one_connection(serve, client):
+    """32 calls of 1 MiB each way in flight on one HTTP/2 connection, in a closed loop:
+    both ends are writing at once (requests one way, replies the other), so neither may
+    stop reading while its own writes wait, or each waits for the other for ever; and
+    every reply arrives whole whatever the client's flow-control windows (grpcio's
+    change with its bandwidth estimate)."""
+    import asyncio
+
+    server = serve()
+    path = f"/{echo.SERVICE}/Echo"
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    workers, calls_each = 32, 6
+
+    async def run(call) -> list:
+        await call(b"warm-up")  # the server's SETTINGS (its 16 MiB windows) have arrived
+
+        async def worker():
+            return [await call(payload) == payload for _ in range(calls_each)]
+
+        results = await asyncio.wait_for(
+            asyncio.gather(*(worker() for _ in range(workers))), 60)
+        return [ok for result in results for ok in result]
+
+    async def native() -> list:
+        from mip.net.grpc_client import GrpcChannel
+
+        async with GrpcChannel(server.address) as channel:
+            return await run(lambda message: channel.unary(path, message))
+
+    async def grpcio() -> list:
+        options = [("grpc.max_receive_message_length", echo.MAX_MESSAGE),
+                   ("grpc.max_send_message_length", echo.MAX_MESSAGE)]
+        async with grpc.aio.insecure_channel(server.address, options=options) as channel:
+            stub = channel.unary_unary(path)
+            return await run(lambda message: stub(message, timeout=60))
+
+    results = asyncio.run(native() if client == "native" else grpcio())
+    assert results == [True] * (workers * calls_each)

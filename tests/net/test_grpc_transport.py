@@ -308,3 +308,71 @@ def test_header_fields_that_are_not_bytes_are_refused_before_any_memory_is_taken
             client.start_call(b"/test.Echo/Echo", b"localhost", b"x", metadata=bad)
     call = client.start_call(b"/test.Echo/Echo", b"localhost", b"x", metadata=[("k", "v")])
     assert call.stream_id == 1  # the connection is still usable
+
+
+def _exchange(client, server) -> list:
+    """Move octets between two in-memory connections until neither has any to send;
+    returns the client's events."""
+    events = []
+    moved = True
+    while moved:
+        moved = False
+        for source, sink in ((client, server), (server, client)):
+            for data in source.data_to_send():
+                moved = True
+                got = sink.receive(data)
+                if sink is client:
+                    events += got
+    return events
+
+
+@pytest.mark.parametrize("window", [5, 105, 305, 16384])
+def test_a_reply_is_whole_when_the_window_ends_at_one_of_its_pieces(window):
+    """The stream ends only after every queued octet, also when the peer's window ends
+    exactly where one queued piece does (after the 5-octet prefix, after the first part)."""
+    server = _h2.GrpcConnection()
+    client = _h2.GrpcConnection(client=True, window_size=window)
+    _exchange(client, server)
+    call = client.start_call(b"/test.Echo/Echo", b"localhost", b"request")
+    server_events = []
+    for data in client.data_to_send():
+        server_events += server.receive(data)
+    served = next(c for event, c, _ in server_events if event == _h2.EV_CALL)
+    server.unary(served, [b"a" * 100, b"b" * 200])
+    events = _exchange(client, server)
+    assert [v[1] for e, _, v in events if e == _h2.EV_MESSAGE] == [b"a" * 100 + b"b" * 200]
+    assert call.grpc_status == 0
+
+
+async def test_our_channel_refuses_a_reply_cut_inside_its_message():
+    """A server that ends the stream with status OK after part of its message: INTERNAL,
+    not a short reply."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async def handle(reader, writer):
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.StreamEnded):
+                    sid = event.stream_id
+                    conn.send_headers(sid, [(":status", "200"),
+                                            ("content-type", "application/grpc")])
+                    conn.send_data(sid, b"\x00\x00\x00\x00\x0a" + b"abc")  # 3 of 10 octets
+                    conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+            writer.write(conn.data_to_send())
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with GrpcChannel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(RpcError) as excinfo:
+                await asyncio.wait_for(channel.unary("/test.Echo/Echo", b"x"), 10)
+        assert excinfo.value.code == Status.INTERNAL
+        assert "inside a message" in excinfo.value.details
+    finally:
+        server.close()
+        await server.wait_closed()
