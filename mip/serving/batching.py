@@ -57,6 +57,7 @@ DEFAULT_INLINE_BELOW = 250e-6
 _EWMA = 0.1  # weight of the newest batch in the compute-time estimates
 #: seconds between two WARNING lines about one model's failures
 FAILURE_LOG_INTERVAL = 10.0
+_IDS_NAMED = 8  # request ids a failure warning names, at most
 
 Tensors = dict[str, np.ndarray]
 
@@ -84,11 +85,12 @@ class BatchRecord:
 
 class _Request:
     __slots__ = ("inputs", "rows", "nbytes", "signature", "future", "enqueued", "queued",
-                 "source")
+                 "source", "request_id")
 
     def __init__(self, inputs: Tensors, rows: int, future: asyncio.Future, enqueued: float,
-                 source):
+                 source, request_id: str | None = None):
         self.source = source
+        self.request_id = request_id
         self.inputs = inputs
         self.rows = rows
         self.nbytes = sum(a.nbytes for a in inputs.values())
@@ -207,14 +209,15 @@ class Batcher:
         return await self.enqueue(inputs, rows, deadline)
 
     def enqueue(self, inputs: Tensors, rows: int, deadline: float | None = None,
-                source=None) -> asyncio.Future:
+                source=None, request_id: str | None = None) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets its outputs.
 
         The same as :meth:`submit` for callers that chain callbacks instead of awaiting
         (no coroutine and no task a request). Cancelling the future drops the request from
         the queue; errors found at once (see :meth:`submit`) are raised here. ``source``
         (hashable: the client's address) picks the request's sub-queue; ``QueueFull`` also
-        when that source has ``max_queued_per_source`` requests queued.
+        when that source has ``max_queued_per_source`` requests queued. ``request_id``
+        (the client's id of the request) is named when the model fails on it.
         """
         if self._closing or not self._started:
             raise ModelNotReady(f"model {self.name} is not accepting requests")
@@ -233,7 +236,7 @@ class Batcher:
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"deadline passed before model {self.name} was reached")
         future = self._loop.create_future()
-        request = _Request(inputs, rows, future, now, source)
+        request = _Request(inputs, rows, future, now, source, request_id)
         if queue is None:
             queue = self._queues[source] = collections.deque()
             self._order.append(source)
@@ -405,7 +408,7 @@ class Batcher:
                 error = exc
         if error is not None:
             if not isinstance(error, ServingError) or isinstance(error, InternalError):
-                self._warn_failure(error, len(live))
+                self._warn_failure(error, live)
             if not isinstance(error, ServingError):
                 error = InternalError(f"model {self.name} failed: "
                                       f"{type(error).__name__}: {error}")
@@ -418,17 +421,23 @@ class Batcher:
             except Exception:
                 log.exception("batch callback of model %s failed", self.name)
 
-    def _warn_failure(self, error: BaseException, requests: int) -> None:
-        """Log a model's failure at WARNING: at most one line every
-        :data:`FAILURE_LOG_INTERVAL` seconds per model, with the count of those left out,
-        so a flood of bad requests cannot flood the log."""
+    def _warn_failure(self, error: BaseException, live: list[_Request]) -> None:
+        """Log a model's failure at WARNING, naming the request ids its clients gave (at
+        most :data:`_IDS_NAMED`): at most one line every :data:`FAILURE_LOG_INTERVAL`
+        seconds per model, with the count of those left out, so a flood of bad requests
+        cannot flood the log."""
         now = time.monotonic()
         if now - self._warned_at < FAILURE_LOG_INTERVAL:
             self._unlogged += 1
             return
         more = f" ({self._unlogged} more failed batches not logged)" if self._unlogged else ""
-        log.warning("model %s failed on a batch of %d request(s): %s: %s%s", self.name,
-                    requests, type(error).__name__, error, more)
+        ids = [r.request_id for r in live if r.request_id]
+        named = ""
+        if ids:
+            named = " [request id(s) " + ", ".join(repr(i[:128]) for i in ids[:_IDS_NAMED])
+            named += f" and {len(ids) - _IDS_NAMED} more]" if len(ids) > _IDS_NAMED else "]"
+        log.warning("model %s failed on a batch of %d request(s)%s: %s: %s%s", self.name,
+                    len(live), named, type(error).__name__, error, more)
         self._warned_at, self._unlogged = now, 0
 
     def _timed(self, inputs: Tensors) -> tuple[Tensors, float]:

@@ -257,14 +257,16 @@ class Engine:
         return {name: result[name] for name in wanted}
 
     def submit(self, model: str, inputs: Tensors, *, version: str | None = None,
-               deadline: float | None = None, source=None) -> asyncio.Future:
+               deadline: float | None = None, source=None,
+               request_id: str | None = None) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets every output.
 
         The same checks and errors as :meth:`infer` (raised here when found at once, set on
         the future otherwise), for frontends that chain callbacks rather than run a
         coroutine per request. Cancelling the future drops the request from the queue.
         ``source`` (the client's address) picks the request's fair share of the queue (see
-        :mod:`mip.serving.batching`).
+        :mod:`mip.serving.batching`); ``request_id`` (the client's id of the request) is named
+        in the warning logged when the model fails on it.
         """
         served = self._lookup(model, version)
         batching = served.version.dynamic_batching
@@ -275,7 +277,7 @@ class Engine:
         stats.queue_depth = served.batcher.queue_depth
         try:
             rows = self._check_inputs(served, inputs)
-            future = served.batcher.enqueue(inputs, rows, deadline, source)
+            future = served.batcher.enqueue(inputs, rows, deadline, source, request_id)
         except BaseException:
             stats.failures += 1
             raise

@@ -133,9 +133,11 @@ class MiaasService:
     """The API's state: authenticator, rate limiter, job queue, in-process workers and the
     outcome publisher. :meth:`start` / :meth:`stop` open and close them."""
 
-    def __init__(self, engine, config: MiaasConfig | None = None, metrics=None):
+    def __init__(self, engine, config: MiaasConfig | None = None, metrics=None,
+                 access_log=None):
         self.engine = engine
         self.metrics = metrics  # the server's, so jobs are counted with the other protocols
+        self.access_log = access_log  # ... and logged with them
         self.config = config or MiaasConfig()
         c = self.config
         self.auth = Authenticator(c.api_keys, jwt_issuer=c.jwt_issuer,
@@ -155,6 +157,7 @@ class MiaasService:
 
             self.publisher = OutcomePublisher(c.msip_push, ssl=c.client_ssl)
         self.worker: JobWorker | None = None
+        self._collector = None
         self._openapi = openapi_document(open_health=c.open_health, rate=c.rate_limit,
                                          auth_failures=c.auth_failures)
         self.started = False
@@ -164,9 +167,15 @@ class MiaasService:
         if self.started:
             return
         await self.queue.open()
+        if self.metrics is not None:  # the queue's depth in /metrics
+            from mip.frontends.oip.metrics import JobQueueCollector
+
+            self._collector = JobQueueCollector(self.queue)
+            self.metrics.add_collector(self._collector)
         if self.config.job_workers > 0:
             self.worker = JobWorker(self.engine, self.queue, concurrency=self.config.job_workers,
-                                    publisher=self.publisher, metrics=self.metrics)
+                                    publisher=self.publisher, metrics=self.metrics,
+                                    access_log=self.access_log)
             self.worker.start()
         self.started = True
 
@@ -179,6 +188,9 @@ class MiaasService:
         if self.worker is not None:
             await self.worker.stop(grace)
             self.worker = None
+        if self._collector is not None:
+            self.metrics.remove_collector(self._collector)
+            self._collector = None
         await self.queue.close()
         await self.limiter.close()
         await self.failures.close()
@@ -366,11 +378,12 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def build_miaas_app(engine, config: MiaasConfig | None = None, *,
-                    service: MiaasService | None = None, metrics=None) -> Starlette:
+                    service: MiaasService | None = None, metrics=None,
+                    access_log=None) -> Starlette:
     """The ``/v1`` app (routes relative to its mount point). ``app.state.service`` is its
     :class:`MiaasService`; its lifespan starts and stops the service when the app is run
     directly, and a parent that mounts it must call ``service.start()`` / ``stop()``."""
-    service = service or MiaasService(engine, config, metrics)
+    service = service or MiaasService(engine, config, metrics, access_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -424,7 +437,8 @@ def config_from_args(args) -> MiaasConfig:
     return config
 
 
-def mount_miaas(engine, args, metrics=None) -> tuple[list[Mount], MiaasService]:
+def mount_miaas(engine, args, metrics=None,
+                access_log=None) -> tuple[list[Mount], MiaasService]:
     """The ``/v1`` routes for ``mip serve`` and the service to start with the listener::
 
         routes, service = mount_miaas(engine, args)
@@ -444,5 +458,5 @@ def mount_miaas(engine, args, metrics=None) -> tuple[list[Mount], MiaasService]:
         config.api_keys = [hash_key(key)]
         print(f"mip: /v1 API key for this run (choose your own with --api-keys FILE or "
               f"MIP_API_KEYS): {key}", flush=True)
-    app = build_miaas_app(engine, config, metrics=metrics)
+    app = build_miaas_app(engine, config, metrics=metrics, access_log=access_log)
     return [Mount("/v1", app=app)], app.state.service

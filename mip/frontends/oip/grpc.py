@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import numpy as np
@@ -69,6 +70,7 @@ _RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
 _SPLIT_ABOVE = 64 << 10
 _RAW_OUTPUT_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, length-delimited
 _STREAM_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 2
+_REQUEST_ID = "x-request-id"  # metadata: echoed in the trailing metadata, logged
 
 
 def _varint(value: int) -> bytes:
@@ -296,42 +298,59 @@ class _Service:
         return reply
 
     def _submit(self, data: bytes, context, encode: bool = False):
-        """Parse a ModelInferRequest and queue it: ``(request, raw, future of the result)``;
-        with ``encode``, a future of the reply's bytes instead (encoded, and errors mapped
-        to RpcError, in the callback that completes the request)."""
-        if len(data) > self.max_message_size:
-            raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
-                           f"of {self.max_message_size} octets (--grpc-max-message-size)")
+        """Parse a ModelInferRequest and queue it: ``(request, raw, future of the reply)``,
+        the reply encoded in the callback that completes the request: its bytes, or with
+        ``encode`` a list of buffers and errors mapped to RpcError. A request refused here
+        is reported to the access log. An ``x-request-id`` in the call's metadata comes
+        back in its trailing metadata and names the request (else its ``id`` does)."""
+        started = time.perf_counter()
+        peer = context.peer()
+        request = None
+        request_id = _metadata_request_id(context)
+        if request_id is not None:
+            context.set_trailing_metadata(((_REQUEST_ID, request_id),))
         try:
-            if len(data) < _SPLIT_ABOVE:
-                request = pb.ModelInferRequest.FromString(data)
-                raws = request.raw_input_contents
-                rest = data
-            else:
-                rest, raws = split_raw_inputs(data)
-                request = pb.ModelInferRequest.FromString(rest)
-        except InvalidInput:
-            raise
-        except Exception as exc:  # protobuf's DecodeError and friends
-            raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
-        classes = _extension_parameters(request, rest)
-        inputs = self._inputs(request, raws)
-        outputs = [o.name for o in request.outputs] or None
-        timeout = None
-        if "timeout" in request.parameters:
-            timeout = timeout_parameter(_parameter(request.parameters["timeout"]))
-        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
-        if remaining is not None:
-            timeout = remaining if timeout is None else min(timeout, remaining)
-        raw = bool(len(raws))
-        then = error = None
-        if encode:
+            if len(data) > self.max_message_size:
+                raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
+                               f"of {self.max_message_size} octets (--grpc-max-message-size)")
+            try:
+                if len(data) < _SPLIT_ABOVE:
+                    request = pb.ModelInferRequest.FromString(data)
+                    raws = request.raw_input_contents
+                    rest = data
+                else:
+                    rest, raws = split_raw_inputs(data)
+                    request = pb.ModelInferRequest.FromString(rest)
+            except InvalidInput:
+                raise
+            except Exception as exc:  # protobuf's DecodeError and friends
+                raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+            if request_id is None and request.id:
+                request_id = request.id
+            classes = _extension_parameters(request, rest)
+            inputs = self._inputs(request, raws)
+            outputs = [o.name for o in request.outputs] or None
+            timeout = None
+            if "timeout" in request.parameters:
+                timeout = timeout_parameter(_parameter(request.parameters["timeout"]))
+            remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+            if remaining is not None:
+                timeout = remaining if timeout is None else min(timeout, remaining)
+            raw = bool(len(raws))
+
             def then(result):
-                return self._checked_reply(request, result, raw, join=False)
-            error = _rpc_error
-        work = self.dataplane.submit("grpc", request.model_name, request.model_version,
-                                     inputs, outputs, timeout, then=then, error=error,
-                                     classes=classes, source=grpc_peer_host(context.peer()))
+                return self._checked_reply(request, result, raw, join=not encode)
+
+            work = self.dataplane.submit("grpc", request.model_name, request.model_version,
+                                         inputs, outputs, timeout, then=then,
+                                         error=_rpc_error if encode else None, classes=classes,
+                                         source=grpc_peer_host(peer), peer=peer,
+                                         request_id=request_id, started=started)
+        except Exception as exc:
+            self.dataplane.refused("grpc", request and request.model_name,
+                                   request and request.model_version, exc, peer=peer,
+                                   request_id=request_id, started=started)
+            raise
         return request, raw, work
 
     async def model_stream_infer(self, request_iterator, context):
@@ -379,8 +398,7 @@ class _Service:
                 task.cancel()
 
     async def _infer(self, data: bytes, context) -> bytes:
-        request, raw, work = self._submit(data, context)
-        return self._checked_reply(request, await work, raw)
+        return await self._submit(data, context)[2]
 
     @staticmethod
     def _inputs(request, raws: list[memoryview]) -> dict[str, np.ndarray]:
@@ -448,6 +466,14 @@ def _rpc_error(exc: BaseException) -> BaseException:
     from mip.net.grpc_server import RpcError
 
     return RpcError(exc.grpc_status, str(exc))
+
+
+def _metadata_request_id(context) -> str | None:
+    """The call's ``x-request-id`` metadata, or ``None``."""
+    for key, value in context.invocation_metadata() or ():
+        if key == _REQUEST_ID:
+            return value if isinstance(value, str) else None
+    return None
 
 
 def _request_id(data: bytes) -> str:
@@ -591,12 +617,15 @@ class GrpcServer:
             native where it is built and grpcio otherwise.
         limits: the connections' bounds (:class:`~mip.net.grpc_limits.GrpcLimits`); grpcio
             is given those it has a setting for.
+        access_log: an :class:`~mip.frontends.access.AccessLog` for the inference
+            requests, or ``None``.
     """
 
     def __init__(self, engine, *, metrics=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  request_timeout: float | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, tls_ca: str | None = None,
-                 implementation: str | None = None, limits: GrpcLimits | None = None):
+                 implementation: str | None = None, limits: GrpcLimits | None = None,
+                 access_log=None):
         if max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
         if tls_cert and not tls_key:
@@ -613,7 +642,7 @@ class GrpcServer:
             raise NotAvailable(f"the native gRPC transport cannot be used: {unavailable}; "
                                "or serve gRPC through grpcio with --grpc-impl grpcio")
         self.implementation = implementation
-        self.dataplane = DataPlane(engine, metrics, request_timeout)
+        self.dataplane = DataPlane(engine, metrics, request_timeout, access_log)
         self.max_message_size = max_message_size
         self.limits = limits or GrpcLimits()
         self._tls = (tls_cert, tls_key, tls_ca) if tls_cert else None
