@@ -116,6 +116,19 @@ async def test_bounded_length(make_queue):
     await queue.submit("m", BODY, {})  # a finished job frees its place
 
 
+async def test_counts_by_status(make_queue):
+    """What /metrics shows as mip_job_queue_depth: unfinished jobs, queued or processing."""
+    queue = await make_queue()
+    assert await queue.counts() == {"queued": 0, "processing": 0}
+    for _ in range(3):
+        await queue.submit("m", BODY, {})
+    lease = await queue.take("w", wait=1.0)
+    assert await queue.counts() == {"queued": 2, "processing": 1}
+    await queue.finish(lease, result={})
+    assert await queue.counts() == {"queued": 2, "processing": 0}
+    assert await queue.depth() == 2
+
+
 async def test_retention(make_queue, request):
     queue = await make_queue(retention=1.0)
     done = await queue.submit("m", BODY, {})

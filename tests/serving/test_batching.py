@@ -495,3 +495,30 @@ def test_model_failures_are_logged_at_warning_rate_limited(caplog):
     assert len(lines) == 2, lines
     assert "model broken/1 failed" in lines[0] and "ValueError: weights are missing" in lines[0]
     assert "(19 more failed batches not logged)" in lines[1]
+
+
+def test_model_failure_warning_names_the_request_ids(caplog):
+    """The warning names the ids the clients gave the requests of the failed batch."""
+    import logging
+
+    def broken(inputs):
+        raise ValueError("weights are missing")
+
+    async def scenario():
+        batcher = Batcher(broken, max_batch_size=4, dynamic_batching=DynamicBatching(),
+                          name="broken/1")
+        batcher.start()
+        try:
+            futures = [batcher.enqueue({"x": np.ones((1, 2), np.float32)}, 1,
+                                       request_id=request_id)
+                       for request_id in ("req-1", None, "req\n3")]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            assert all(isinstance(r, InternalError) for r in results)
+        finally:
+            await batcher.stop(1.0)
+
+    with caplog.at_level(logging.WARNING, logger="mip.serving.batching"):
+        asyncio.run(scenario())
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "mip.serving.batching"]
+    assert ("model broken/1 failed on a batch of 3 request(s) [request id(s) 'req-1', "
+            "'req\\n3']: ValueError: weights are missing") in line, line
