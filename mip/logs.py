@@ -50,10 +50,15 @@ except ImportError:  # the base install: mip's commands other than serve
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
+_second = [-1, ""]  # the last second formatted, and its text (records come in bursts)
+
+
 def _utc(record: logging.LogRecord) -> str:
     """``record``'s time, ISO 8601 in UTC with milliseconds: ``2024-01-01T00:00:00.000Z``."""
-    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z")
+    second = int(record.created)
+    if second != _second[0]:
+        _second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int(record.msecs):03d}Z"
 
 
 class TextAccessFormatter(logging.Formatter):
