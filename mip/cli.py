@@ -316,6 +316,9 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="SECONDS", help="how long results are kept (default 86400)")
     worker.add_argument("--msip-push", metavar="URL",
                         help="publish each job's outcome to this MSIP broker")
+    worker.add_argument("--access-log", metavar="-|FILE", default=None,
+                        help="write one line per job run (as mip serve's access log) to "
+                             "standard error ('-') or append it to FILE (default: off)")
     worker.add_argument("--tls-ca", metavar="FILE",
                         help="verify the Redis and MSIP servers with these CAs (PEM)")
     worker.add_argument("--tls-cert", metavar="FILE",
@@ -585,8 +588,13 @@ async def _worker(args) -> int:
             loop.add_signal_handler(sig, stop.set)
     print(f"mip: worker taking jobs from {args.queue}", flush=True)
     try:
+        access = None
+        if args.access_log:  # the mip.access logger, set up by main()
+            from mip.frontends.access import AccessLog
+
+            access = AccessLog()
         await run_worker(engine, queue, concurrency=args.concurrency, publisher=publisher,
-                         stop=stop)
+                         stop=stop, access_log=access)
     finally:
         await queue.close()
         if publisher is not None:

@@ -3,9 +3,10 @@ job worker.
 
 Each frontend decodes its wire form into tensors, calls :meth:`DataPlane.submit` (or
 :meth:`DataPlane.infer`), and encodes what it returns; the model is looked up once, and
-deadlines, the version that answered and metrics (labelled ``protocol="mip"``, ``"grpc"``,
-``"http"`` or ``"jobs"``) are decided here, so every protocol behaves, and is counted, the
-same. No frontend reaches past it into the repository.
+deadlines, the version that answered, metrics (labelled ``protocol="mip"``, ``"grpc"``,
+``"http"`` or ``"jobs"``) and the access log's line are decided here, so every protocol
+behaves, and is counted and logged, the same. No frontend reaches past it into the
+repository.
 """
 
 from __future__ import annotations

@@ -203,10 +203,12 @@ class JobWorker:
 
 
 async def run_worker(engine, queue: JobQueue, *, concurrency: int = 4, publisher=None,
-                     stop: asyncio.Event | None = None, grace: float = 10.0) -> JobWorker:
+                     stop: asyncio.Event | None = None, grace: float = 10.0,
+                     access_log=None) -> JobWorker:
     """Run a :class:`JobWorker` until ``stop`` is set (``mip worker``). The queue must be
     open and the engine started; both are left so. Returns the stopped worker."""
-    worker = JobWorker(engine, queue, concurrency=concurrency, publisher=publisher)
+    worker = JobWorker(engine, queue, concurrency=concurrency, publisher=publisher,
+                       access_log=access_log)
     worker.start()
     log.info("worker %s taking jobs from %r (%d at once)", worker.consumer, queue, concurrency)
     try:
