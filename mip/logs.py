@@ -6,9 +6,10 @@
 process, access lines included, so a log shipper needs no parsing rules.
 
 The access log (``mip serve --access-log -|FILE``) is the ``mip.access`` logger: one
-record an inference request, written by :class:`LineHandler`, which gathers the lines of
-one pass of the event loop and writes them at its end in one call (under load, many
-requests finish in one pass), instead of a write and a flush for every request.
+record an inference request, written by :class:`LineHandler`, which holds the lines logged
+on the event loop for at most :data:`FLUSH_INTERVAL` seconds (or :data:`HOLD_AT_MOST`
+octets) and writes them in one call, as nginx's ``access_log ... buffer= flush=`` does,
+instead of a write and a flush for every request.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ ACCESS_FIELDS = ("protocol", "peer", "model", "version", "status", "latency_ms",
 #: the text form of an access record (its message, formatted from its ``args``)
 ACCESS_MESSAGE = "%s %s %s %s %s %.3fms %s"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-#: octets of access lines held before they are written even within one loop pass
-_HOLD_AT_MOST = 64 << 10
+#: seconds a line logged on the event loop may wait to be written (with the others)
+FLUSH_INTERVAL = 0.5
+#: octets of lines held before they are written at once
+HOLD_AT_MOST = 64 << 10
 #: seconds between two checks that a log file was not moved away (logrotate)
 _REOPEN_CHECK = 1.0
 
@@ -75,13 +78,18 @@ class JsonFormatter(logging.Formatter):
     record has its :data:`ACCESS_FIELDS` instead of ``message`` (``null`` when unknown)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        document = {"time": _utc(record), "level": record.levelname, "logger": record.name}
         if record.name == ACCESS_LOGGER and len(record.args) == len(ACCESS_FIELDS):
-            for key, value in zip(ACCESS_FIELDS, record.args):
-                document[key] = None if value == "-" else value
-            document["latency_ms"] = round(document["latency_ms"], 3)
+            protocol, peer, model, version, status, latency, request_id = record.args
+            document = {"time": _utc(record), "level": record.levelname,
+                        "logger": record.name, "protocol": protocol,
+                        "peer": None if peer == "-" else peer,
+                        "model": None if model == "-" else model,
+                        "version": None if version == "-" else version, "status": status,
+                        "latency_ms": round(latency, 3),
+                        "request_id": None if request_id == "-" else request_id}
         else:
-            document["message"] = record.getMessage()
+            document = {"time": _utc(record), "level": record.levelname,
+                        "logger": record.name, "message": record.getMessage()}
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -95,9 +103,10 @@ class LineHandler(logging.Handler):
     """Writes formatted records to a stream (``-``: standard error) or a file (appended
     to, and opened again when it is moved away, as logrotate does), one line each.
 
-    Records logged on an event loop's thread are held until the end of that pass of the
-    loop (or until :data:`_HOLD_AT_MOST` octets are held) and written in one call; records
-    from other threads are written at once.
+    Records logged on an event loop's thread are held for at most :data:`FLUSH_INTERVAL`
+    seconds (or until :data:`HOLD_AT_MOST` octets are held) and written in one call;
+    records from other threads are written at once, and so is everything held when the
+    handler is flushed or closed (as logging does when the process exits).
     """
 
     def __init__(self, target: str):
@@ -127,15 +136,15 @@ class LineHandler(logging.Handler):
             return
         self._held.append(line)
         self._held_octets += len(line)
-        if self._held_octets >= _HOLD_AT_MOST:
+        if self._held_octets >= HOLD_AT_MOST:
+            self._write()
+            return
+        loop = self._loop_now()
+        if loop is None:
             self._write()
         elif not self._flush_due:
-            loop = self._loop_now()
-            if loop is None:
-                self._write()
-            else:
-                self._flush_due = True
-                loop.call_soon(self.flush)
+            self._flush_due = True
+            loop.call_later(FLUSH_INTERVAL, self.flush)
 
     def _loop_now(self):
         """The event loop running on this thread (remembered: looking it up costs a system
@@ -145,8 +154,9 @@ class LineHandler(logging.Handler):
         if loop is not None and ident == self._loop_thread and not loop.is_closed():
             return loop
         loop = asyncio._get_running_loop()
-        if loop is not None:
+        if loop is not None and loop is not self._loop:
             self._loop, self._loop_thread = loop, ident
+            self._flush_due = False  # a flush due on another loop will not come
         return loop
 
     def flush(self) -> None:

@@ -245,15 +245,15 @@ def test_request_ids_come_back_to_grpc_and_rest_clients(tmp_path, implementation
         assert "x-request-id" not in anonymous.headers and "id" not in anonymous.json()
 
 
-def test_access_lines_of_one_loop_pass_leave_in_one_write_and_follow_a_moved_file(
-        tmp_path, monkeypatch):
-    """The handler writes what one pass of the event loop logged at its end, and opens its
-    file again once logrotate has moved it away."""
+def test_access_lines_leave_together_and_follow_a_moved_file(tmp_path, monkeypatch):
+    """The handler holds the lines logged on the event loop for FLUSH_INTERVAL and writes
+    them together, and opens its file again once logrotate has moved it away."""
     import asyncio
 
     from mip import logs
 
     monkeypatch.setattr(logs, "_REOPEN_CHECK", 0.0)
+    monkeypatch.setattr(logs, "FLUSH_INTERVAL", 0.05)
     path = tmp_path / "access.log"
     handler = logs.LineHandler(str(path))
     handler.setFormatter(logs.TextAccessFormatter())
@@ -264,11 +264,12 @@ def test_access_lines_of_one_loop_pass_leave_in_one_write_and_follow_a_moved_fil
     args = ("http", "127.0.0.1:1", "identity", "1", 200, 0.5, "id")
     try:
         async def burst() -> list[str]:
-            for _ in range(3):
+            logger.info(logs.ACCESS_MESSAGE, *args)
+            await asyncio.sleep(0)
+            for _ in range(2):
                 logger.info(logs.ACCESS_MESSAGE, *args)
-            held = path.read_text()  # nothing written within the pass
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            held = path.read_text()  # nothing written yet
+            await asyncio.sleep(0.2)
             return [held, path.read_text()]
 
         held, written = asyncio.run(burst())

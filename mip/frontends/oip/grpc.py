@@ -304,53 +304,69 @@ class _Service:
         is reported to the access log. An ``x-request-id`` in the call's metadata comes
         back in its trailing metadata and names the request (else its ``id`` does)."""
         started = time.perf_counter()
-        peer = context.peer()
-        request = None
         request_id = _metadata_request_id(context)
         if request_id is not None:
             context.set_trailing_metadata(((_REQUEST_ID, request_id),))
         try:
-            if len(data) > self.max_message_size:
-                raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
-                               f"of {self.max_message_size} octets (--grpc-max-message-size)")
-            try:
-                if len(data) < _SPLIT_ABOVE:
-                    request = pb.ModelInferRequest.FromString(data)
-                    raws = request.raw_input_contents
-                    rest = data
-                else:
-                    rest, raws = split_raw_inputs(data)
-                    request = pb.ModelInferRequest.FromString(rest)
-            except InvalidInput:
-                raise
-            except Exception as exc:  # protobuf's DecodeError and friends
-                raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
-            if request_id is None and request.id:
-                request_id = request.id
-            classes = _extension_parameters(request, rest)
-            inputs = self._inputs(request, raws)
-            outputs = [o.name for o in request.outputs] or None
-            timeout = None
-            if "timeout" in request.parameters:
-                timeout = timeout_parameter(_parameter(request.parameters["timeout"]))
-            remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
-            if remaining is not None:
-                timeout = remaining if timeout is None else min(timeout, remaining)
-            raw = bool(len(raws))
-
-            def then(result):
-                return self._checked_reply(request, result, raw, join=not encode)
-
-            work = self.dataplane.submit("grpc", request.model_name, request.model_version,
-                                         inputs, outputs, timeout, then=then,
-                                         error=_rpc_error if encode else None, classes=classes,
-                                         source=grpc_peer_host(peer), peer=peer,
-                                         request_id=request_id, started=started)
+            return self._queue(data, context, encode, started, request_id)
         except Exception as exc:
-            self.dataplane.refused("grpc", request and request.model_name,
-                                   request and request.model_version, exc, peer=peer,
-                                   request_id=request_id, started=started)
+            if self.dataplane.access_log is not None:
+                self._refused(data, context, exc, started, request_id)
             raise
+
+    def _refused(self, data: bytes, context, exc: Exception, started: float,
+                 request_id: str | None) -> None:
+        """Report a request :meth:`_queue` refused (read again for its model's name)."""
+        request = None
+        if len(data) <= self.max_message_size:
+            try:
+                request = pb.ModelInferRequest.FromString(split_raw_inputs(data)[0])
+            except Exception:  # it did not parse: no model to name
+                pass
+        self.dataplane.refused("grpc", request and request.model_name,
+                               request and request.model_version, exc, peer=context.peer(),
+                               request_id=request_id or (request and request.id) or None,
+                               started=started)
+
+    def _queue(self, data: bytes, context, encode: bool, started: float,
+               request_id: str | None):
+        if len(data) > self.max_message_size:
+            raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
+                           f"of {self.max_message_size} octets (--grpc-max-message-size)")
+        try:
+            if len(data) < _SPLIT_ABOVE:
+                request = pb.ModelInferRequest.FromString(data)
+                raws = request.raw_input_contents
+                rest = data
+            else:
+                rest, raws = split_raw_inputs(data)
+                request = pb.ModelInferRequest.FromString(rest)
+        except InvalidInput:
+            raise
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+        if request_id is None and request.id:
+            request_id = request.id
+        classes = _extension_parameters(request, rest)
+        inputs = self._inputs(request, raws)
+        outputs = [o.name for o in request.outputs] or None
+        timeout = None
+        if "timeout" in request.parameters:
+            timeout = timeout_parameter(_parameter(request.parameters["timeout"]))
+        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+        if remaining is not None:
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        raw = bool(len(raws))
+
+        def then(result):
+            return self._checked_reply(request, result, raw, join=not encode)
+
+        peer = context.peer()
+        work = self.dataplane.submit("grpc", request.model_name, request.model_version,
+                                     inputs, outputs, timeout, then=then,
+                                     error=_rpc_error if encode else None, classes=classes,
+                                     source=grpc_peer_host(peer), peer=peer,
+                                     request_id=request_id, started=started)
         return request, raw, work
 
     async def model_stream_infer(self, request_iterator, context):
