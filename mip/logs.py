@@ -64,6 +64,13 @@ def _utc(record: logging.LogRecord) -> str:
     return f"{_second[1]}.{int(record.msecs):03d}Z"
 
 
+def _utc_at(created: float) -> str:
+    second = int(created)
+    if second != _second[0]:
+        _second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int((created - second) * 1000):03d}Z"
+
+
 class TextAccessFormatter(logging.Formatter):
     """An access record as ``TIME PROTOCOL PEER MODEL VERSION STATUS LATENCYms REQUEST_ID``
     (``-`` for what is unknown)."""
@@ -71,22 +78,32 @@ class TextAccessFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"{_utc(record)} {record.getMessage()}"
 
+    def access_line(self, created: float, args: tuple, name: str = ACCESS_LOGGER) -> str:
+        """:meth:`format` of an access record made at ``created`` with ``args``, without
+        the record."""
+        return f"{_utc_at(created)} {ACCESS_MESSAGE % args}"
+
 
 class JsonFormatter(logging.Formatter):
     """Every record as one JSON object: ``time`` (ISO 8601, UTC), ``level``, ``logger``
     and ``message`` (and ``exception``: the traceback, when there is one); an access
-    record has its :data:`ACCESS_FIELDS` instead of ``message`` (``null`` when unknown)."""
+    record (its message :data:`ACCESS_MESSAGE`) has its :data:`ACCESS_FIELDS` instead of
+    ``message`` (``null`` when unknown)."""
+
+    def access_line(self, created: float, args: tuple, name: str = ACCESS_LOGGER) -> str:
+        """The line of an access record of logger ``name`` made at ``created`` with
+        ``args``, without the record."""
+        protocol, peer, model, version, status, latency, request_id = args
+        return _dumps({"time": _utc_at(created), "level": "INFO", "logger": name,
+                       "protocol": protocol, "peer": None if peer == "-" else peer,
+                       "model": None if model == "-" else model,
+                       "version": None if version == "-" else version, "status": status,
+                       "latency_ms": round(latency, 3),
+                       "request_id": None if request_id == "-" else request_id})
 
     def format(self, record: logging.LogRecord) -> str:
-        if record.name == ACCESS_LOGGER and len(record.args) == len(ACCESS_FIELDS):
-            protocol, peer, model, version, status, latency, request_id = record.args
-            document = {"time": _utc(record), "level": record.levelname,
-                        "logger": record.name, "protocol": protocol,
-                        "peer": None if peer == "-" else peer,
-                        "model": None if model == "-" else model,
-                        "version": None if version == "-" else version, "status": status,
-                        "latency_ms": round(latency, 3),
-                        "request_id": None if request_id == "-" else request_id}
+        if record.msg is ACCESS_MESSAGE and len(record.args) == len(ACCESS_FIELDS):
+            return self.access_line(record.created, record.args, record.name)
         else:
             document = {"time": _utc(record), "level": record.levelname,
                         "logger": record.name, "message": record.getMessage()}
@@ -134,6 +151,17 @@ class LineHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self._hold(line)
+
+    def access(self, args: tuple, name: str = ACCESS_LOGGER) -> None:
+        """Write an access line (fields :data:`ACCESS_FIELDS`) of logger ``name`` made now:
+        what logging a record of it does, without the record (see
+        :class:`mip.frontends.access.AccessLog`)."""
+        line = self.formatter.access_line(time.time(), args, name) + "\n"
+        with self.lock:
+            self._hold(line)
+
+    def _hold(self, line: str) -> None:
         self._held.append(line)
         self._held_octets += len(line)
         if self._held_octets >= HOLD_AT_MOST:

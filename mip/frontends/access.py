@@ -30,7 +30,7 @@ import re
 import time
 
 from mip.errors import Cancelled, ProtocolError, ServingError
-from mip.logs import ACCESS_LOGGER, ACCESS_MESSAGE
+from mip.logs import ACCESS_LOGGER, ACCESS_MESSAGE, LineHandler
 
 __all__ = ["MAX_FIELD", "AccessLog", "status"]
 
@@ -93,20 +93,23 @@ def _peer(peer) -> str:
     return "-"
 
 
-class _AccessRecord(logging.LogRecord):
-    """A ``LogRecord`` of an access line, built in a fraction of the time (the
-    attributes no access line has, such as the caller's file and line, are the class's)."""
+#: what an access record has that no access line shows (formatters read them from the
+#: record's __dict__, so they are set on each record)
+_RECORD_DEFAULTS = {
+    "pathname": "", "filename": "", "module": "", "lineno": 0, "funcName": None,
+    "exc_info": None, "exc_text": None, "stack_info": None, "thread": None,
+    "threadName": None, "process": None, "processName": None, "levelno": logging.INFO,
+    "levelname": "INFO", "msg": ACCESS_MESSAGE,
+}
 
-    pathname = filename = module = ""
-    lineno = 0
-    funcName = exc_info = exc_text = stack_info = None
-    thread = threadName = process = processName = None
-    levelno = logging.INFO
-    levelname = "INFO"
-    msg = ACCESS_MESSAGE
+
+class _AccessRecord(logging.LogRecord):
+    """A ``LogRecord`` of an access line, built without the look-ups of the caller,
+    thread and process that no access line shows."""
 
     def __init__(self, name: str, args: tuple):  # noqa: D107 (LogRecord's own is skipped)
         created = time.time()
+        self.__dict__.update(_RECORD_DEFAULTS)
         self.name = name
         self.args = args
         self.created = created
@@ -121,10 +124,18 @@ class AccessLog:
         logger: where records go (default: the ``mip.access`` logger).
     """
 
-    __slots__ = ("logger",)
+    __slots__ = ("logger", "_direct")
 
     def __init__(self, logger: logging.Logger | None = None):
-        self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self.logger = logger = logger or logging.getLogger(ACCESS_LOGGER)
+        # As mip serve sets it up (one LineHandler, no filters, not propagated), a line
+        # goes straight to the handler: what logging would do with it, without the record.
+        handlers = logger.handlers
+        self._direct = None
+        if (len(handlers) == 1 and isinstance(handlers[0], LineHandler)
+                and hasattr(handlers[0].formatter, "access_line") and not logger.filters
+                and not handlers[0].filters and not logger.propagate):
+            self._direct = handlers[0]
 
     def request(self, protocol: str, peer, model, version, failure: BaseException | None,
                 seconds: float, request_id) -> None:
@@ -133,6 +144,10 @@ class AccessLog:
         logger = self.logger
         if not logger.isEnabledFor(logging.INFO):
             return
-        logger.handle(_AccessRecord(logger.name, (
-            protocol, _peer(peer), _clean(model), _clean(version), status(protocol, failure),
-            seconds * 1e3, _clean(request_id))))
+        args = (protocol, _peer(peer), _clean(model), _clean(version),
+                status(protocol, failure), seconds * 1e3, _clean(request_id))
+        direct = self._direct
+        if direct is not None and not logger.disabled:
+            direct.access(args, logger.name)
+        else:
+            logger.handle(_AccessRecord(logger.name, args))

@@ -282,3 +282,42 @@ def test_access_lines_leave_together_and_follow_a_moved_file(tmp_path, monkeypat
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+@pytest.mark.parametrize("formatter", ["text", "json"])
+def test_a_line_is_the_same_through_logging_or_straight_to_the_handler(tmp_path, formatter):
+    """AccessLog hands a line straight to mip serve's handler; through logging (a logger
+    with other handlers or filters) the same record gives the same line."""
+    from mip import logs
+    from mip.frontends.access import AccessLog
+
+    lines = {}
+    for route in ("direct", "logging"):
+        path = tmp_path / f"{route}.log"
+        handler = logs.LineHandler(str(path))
+        handler.setFormatter(logs.JsonFormatter() if formatter == "json"
+                             else logs.TextAccessFormatter())
+        logger = logging.getLogger(f"mip.access.{route}.{formatter}")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = route == "logging"  # not as mip serve sets it: the record path
+        try:
+            access = AccessLog(logger)
+            assert (access._direct is not None) == (route == "direct")
+            access.request("grpc", "ipv6:[::1]:5000", "m\n", "2", KeyError("x"), 0.0012, "r 1")
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+        lines[route] = path.read_text()
+    direct, through = lines["direct"], lines["logging"]
+    assert direct.count("\n") == 1 and through.count("\n") == 1
+    if formatter == "json":
+        direct, through = json.loads(direct), json.loads(through)
+        assert direct.pop("time")[:4] == through.pop("time")[:4]
+        assert through.pop("logger").startswith("mip.access") and direct.pop("logger")
+        assert direct == through == {"level": "INFO", "protocol": "grpc", "peer": "[::1]:5000",
+                                     "model": "m\\n", "version": "2", "status": "INTERNAL",
+                                     "latency_ms": 1.2, "request_id": "r\\x201"}
+    else:
+        assert direct.split(" ", 1)[1] == through.split(" ", 1)[1] == (
+            "grpc [::1]:5000 m\\n 2 INTERNAL 1.200ms r\\x201\n")
