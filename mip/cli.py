@@ -13,7 +13,9 @@ import signal
 import ssl
 import sys
 
+from mip import logs
 from mip.errors import MipError
+from mip.logs import LOG_FORMATS
 from mip.net import grpc_limits
 
 __all__ = ["main"]
@@ -168,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="mip", description="Wire-protocol toolkit for model inference: MIP and MSIP.")
     parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
                         help="logging level (default INFO; also accepted after the command)")
+    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                        help="log lines as text or as one JSON object each, access log "
+                             "included (default text; also accepted after the command)")
     from mip import __version__
 
     parser.add_argument("--version", action="version", version=f"mip {__version__}")
@@ -223,6 +228,10 @@ def _parser() -> argparse.ArgumentParser:
                             "the connection is closed (0 = never; default 30)")
     serve.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                        help="fail requests not answered within this time (default: no limit)")
+    serve.add_argument("--access-log", metavar="-|FILE", default=None,
+                       help="write one line per inference request, every protocol (time, "
+                            "protocol, peer, model, version, status, latency, request id) "
+                            "to standard error ('-') or append it to FILE (default: off)")
     serve.add_argument("--http", metavar="HOST:PORT", default=DEFAULT_HTTP_ADDRESS,
                        help=f"KServe v2 REST listener (also GET /metrics), or 'none' "
                             f"(default {DEFAULT_HTTP_ADDRESS})")
@@ -327,6 +336,9 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="SECONDS", help="how long results are kept (default 86400)")
     worker.add_argument("--msip-push", metavar="URL",
                         help="publish each job's outcome to this MSIP broker")
+    worker.add_argument("--access-log", metavar="-|FILE", default=None,
+                        help="write one line per job run (as mip serve's access log) to "
+                             "standard error ('-') or append it to FILE (default: off)")
     worker.add_argument("--tls-ca", metavar="FILE",
                         help="verify the Redis and MSIP servers with these CAs (PEM)")
     worker.add_argument("--tls-cert", metavar="FILE",
@@ -357,6 +369,9 @@ def _log_level_after_commands(parser: argparse.ArgumentParser) -> None:
             for command in action.choices.values():
                 command.add_argument("--log-level", default=argparse.SUPPRESS,
                                      choices=LOG_LEVELS, help="logging level (default INFO)")
+                command.add_argument("--log-format", default=argparse.SUPPRESS,
+                                     choices=LOG_FORMATS,
+                                     help="log lines as text or JSON (default text)")
                 _log_level_after_commands(command)
 
 
@@ -389,12 +404,18 @@ async def _serve(args) -> int:
     from mip.frontends.oip.metrics import Metrics
 
     metrics = Metrics(engine)  # every protocol's requests, labelled by protocol
+    args.access = None
+    if args.access_log:  # the mip.access logger, set up by main()
+        from mip.frontends.access import AccessLog
+
+        args.access = AccessLog()  # every protocol's requests, one line each
     servers, announcements = [], []
     guard = None
     try:
         guard = _guard(args, announcements)
         if args.mip.lower() != "none":
-            handler = MipHandler(engine, request_timeout=args.request_timeout, metrics=metrics)
+            handler = MipHandler(engine, request_timeout=args.request_timeout, metrics=metrics,
+                                 access_log=args.access)
             server = MipServer(handler, max_frame_size=args.max_frame_size,
                                max_connections=args.max_connections,
                                max_connections_per_peer=args.max_connections_per_peer,
@@ -500,7 +521,7 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
                                 limits=grpc_limits.from_arguments(
                                     args, max_connections=args.max_connections,
                                     idle_timeout=args.idle_timeout),
-                                guard=v2_guard)
+                                guard=v2_guard, access_log=args.access)
             address = await server.start(args.grpc)
             started.append(server)
             announcements.append(
@@ -510,10 +531,12 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
             from mip.frontends.oip.rest import HttpLimits, HttpServer, build_app
 
             # /v1 on the same listener
-            routes, miaas = mount_miaas(engine, args, metrics, guard=guard)
+            routes, miaas = mount_miaas(engine, args, metrics, guard=guard,
+                                        access_log=args.access)
             app = build_app(engine, extra_routes=routes, metrics=metrics,
                             max_body_size=args.http_max_body_size,
-                            request_timeout=args.request_timeout, guard=v2_guard)
+                            request_timeout=args.request_timeout, guard=v2_guard,
+                            access_log=args.access)
             # REST carries its own credentials (API keys, JWT): --tls-ca applies to the
             # binary protocols only.
             limits = HttpLimits(max_connections=args.max_connections,
@@ -609,8 +632,13 @@ async def _worker(args) -> int:
             loop.add_signal_handler(sig, stop.set)
     print(f"mip: worker taking jobs from {args.queue}", flush=True)
     try:
+        access = None
+        if args.access_log:  # the mip.access logger, set up by main()
+            from mip.frontends.access import AccessLog
+
+            access = AccessLog()
         await run_worker(engine, queue, concurrency=args.concurrency, publisher=publisher,
-                         stop=stop)
+                         stop=stop, access_log=access)
     finally:
         await queue.close()
         if publisher is not None:
@@ -655,8 +683,11 @@ def _ping(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mip`` command."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logs.configure(args.log_level, args.log_format, getattr(args, "access_log", None))
+    except OSError as exc:
+        print(f"mip: error: cannot open the access log: {exc}", file=sys.stderr)
+        return 1
     if args.command in ("serve", "broker", "worker", "bench"):
         # long-lived processes that move large messages: reuse their buffers' memory
         from mip.net import allocator

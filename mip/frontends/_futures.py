@@ -5,24 +5,27 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-__all__ = ["chain"]
+__all__ = ["CANCELLED", "chain"]
+
+#: what ``settled`` is given for a request whose future was cancelled (its client left).
+CANCELLED = asyncio.CancelledError("the request was cancelled")
 
 
 def chain(source: asyncio.Future, transform: Callable,
           error: Callable[[BaseException], BaseException] | None = None,
-          settled: Callable[[bool], None] | None = None) -> asyncio.Future:
+          settled: Callable[[BaseException | None], None] | None = None) -> asyncio.Future:
     """A future of ``transform(source.result())``, completed from ``source``'s callback.
 
     ``source``'s exception (through ``error`` when given) becomes the new future's, and so
     does one raised by ``transform``; cancelling the new future cancels ``source`` (so a
-    request whose client left drops out of the batch queue). ``settled(ok)``, when given,
-    is called in the same callback once the outcome is known (``ok``: a result was set;
-    a cancelled request is not ok).
+    request whose client left drops out of the batch queue). ``settled(failure)``, when
+    given, is called in the same callback once the outcome is known: ``None`` when a
+    result was set, else the exception (before ``error`` maps it), or :data:`CANCELLED`.
     """
     reply = source.get_loop().create_future()
 
     def settle(done: asyncio.Future) -> None:
-        ok = False
+        exc = CANCELLED
         if reply.done():
             pass
         elif done.cancelled():
@@ -32,13 +35,12 @@ def chain(source: asyncio.Future, transform: Callable,
             if exc is None:
                 try:
                     reply.set_result(transform(done.result()))
-                    ok = True
                 except Exception as failure:  # an encoding failure is the request's
                     exc = failure
             if exc is not None:
                 reply.set_exception(error(exc) if error is not None else exc)
         if settled is not None:
-            settled(ok)
+            settled(exc)
 
     source.add_done_callback(settle)
     reply.add_done_callback(lambda r: source.cancel() if r.cancelled() else None)

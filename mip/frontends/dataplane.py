@@ -3,9 +3,10 @@ job worker.
 
 Each frontend decodes its wire form into tensors, calls :meth:`DataPlane.submit` (or
 :meth:`DataPlane.infer`), and encodes what it returns; the model is looked up once, and
-deadlines, the version that answered and metrics (labelled ``protocol="mip"``, ``"grpc"``,
-``"http"`` or ``"jobs"``) are decided here, so every protocol behaves, and is counted, the
-same. No frontend reaches past it into the repository.
+deadlines, the version that answered, metrics (labelled ``protocol="mip"``, ``"grpc"``,
+``"http"`` or ``"jobs"``) and the access log's line are decided here, so every protocol
+behaves, and is counted and logged, the same. No frontend reaches past it into the
+repository.
 """
 
 from __future__ import annotations
@@ -79,12 +80,16 @@ class DataPlane:
         metrics: a :class:`~mip.frontends.oip.metrics.Metrics`, or ``None``.
         request_timeout: seconds a request may take, queueing included (``None``: no
             limit beyond what the client asks for).
+        access_log: an :class:`~mip.frontends.access.AccessLog` to record every request
+            in, or ``None`` (off: nothing about it is done per request).
     """
 
-    def __init__(self, engine, metrics=None, request_timeout: float | None = None):
+    def __init__(self, engine, metrics=None, request_timeout: float | None = None,
+                 access_log=None):
         self.engine = engine
         self.metrics = metrics
         self.request_timeout = request_timeout
+        self.access_log = access_log
 
     def server_metadata(self) -> dict:
         """``name``, ``version`` and ``extensions`` of this server."""
@@ -99,7 +104,8 @@ class DataPlane:
                timeout: float | None = None, then: Callable | None = None,
                error: Callable[[BaseException], BaseException] | None = None,
                classes: dict[str, int] | None = None, source=None,
-               chosen=None, split: bool = False) -> asyncio.Future:
+               chosen=None, split: bool = False, peer=None, request_id: str | None = None,
+               started: float | None = None) -> asyncio.Future:
         """Queue one request without waiting: a future of its :class:`InferResult`.
 
         What :meth:`infer` does, for frontends that chain callbacks instead of running a
@@ -116,8 +122,15 @@ class DataPlane:
         ``split``: a request of more rows than the model's ``max_batch_size`` runs as
         several batches and is answered (and counted) as one request, as MIP serves
         KubeMo's clients; without it such a request is refused, as Triton does.
+
+        ``peer`` (the client's address as the frontend knows it) and ``request_id`` (the
+        client's id for the request) are for the access log and the model's failure
+        warning; ``started`` is the request's arrival (``time.perf_counter()``; default:
+        now), from which its latency is counted. Errors raised here (rather than set on
+        the future) are the frontend's to report with :meth:`refused`.
         """
-        started = time.perf_counter()
+        if started is None:
+            started = time.perf_counter()
         engine = self.engine
         if chosen is None:
             chosen = engine.resolve(model, version or None)  # ModelNotFound: no series
@@ -134,7 +147,8 @@ class DataPlane:
                 limit = timeout
             deadline = None if limit is None else time.monotonic() + limit
             work = engine.submit(model, inputs, version=served_version, deadline=deadline,
-                                 source=source, chosen=chosen, split=split)
+                                 source=source, chosen=chosen, split=split,
+                                 request_id=request_id)
         except BaseException:
             if metrics is not None:
                 metrics.observe_request(model, served_version, protocol, False,
@@ -148,11 +162,29 @@ class DataPlane:
             return done if then is None else then(done)
 
         settled = None
-        if metrics is not None:
-            def settled(ok: bool) -> None:  # in the same callback: one hand-off a request
-                metrics.observe_request(model, served_version, protocol, ok,
-                                        time.perf_counter() - started, rows)
+        access = self.access_log
+        if metrics is not None or access is not None:
+            def settled(failure) -> None:  # in the same callback: one hand-off a request
+                seconds = time.perf_counter() - started
+                if metrics is not None:
+                    metrics.observe_request(model, served_version, protocol, failure is None,
+                                            seconds, rows)
+                if access is not None:
+                    access.request(protocol, peer, model, served_version, failure, seconds,
+                                   request_id)
         return chain(work, transform, error, settled)
+
+    def refused(self, protocol: str, model, version, failure: BaseException, *,
+                peer=None, request_id: str | None = None,
+                started: float | None = None) -> None:
+        """A request the frontend refused before :meth:`submit` gave it a future (it did
+        not parse, named no model that is served, ...): recorded in the access log, when
+        there is one. Arguments as :meth:`submit`'s; ``model`` and ``version`` as the
+        request named them (``None`` when it could not be read)."""
+        access = self.access_log
+        if access is not None:
+            seconds = 0.0 if started is None else time.perf_counter() - started
+            access.request(protocol, peer, model, version, failure, seconds, request_id)
 
     async def load(self, model: str, parameters: dict) -> None:
         """Triton's load call: ``parameters`` may hold ``config`` (Triton's JSON form of
@@ -226,7 +258,8 @@ class DataPlane:
 
     async def infer(self, protocol: str, model: str, version: str | None,
                     inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
-                    timeout: float | None = None) -> InferResult:
+                    timeout: float | None = None,
+                    request_id: str | None = None) -> InferResult:
         """Run one request.
 
         Args:
@@ -236,9 +269,18 @@ class DataPlane:
             inputs: input name -> tensor.
             outputs: output names wanted, in the order to answer them (``None``: all).
             timeout: seconds the client allows, queueing included (``None``: no limit).
+            request_id: the client's id of the request (access log, failure warning).
 
         Raises:
             ServingError subclasses (and ``asyncio.CancelledError`` when the caller is
             cancelled: the request then leaves the batch queue).
         """
-        return await self.submit(protocol, model, version, inputs, outputs, timeout)
+        started = time.perf_counter()
+        try:
+            work = self.submit(protocol, model, version, inputs, outputs, timeout,
+                               request_id=request_id, started=started)
+        except Exception as exc:
+            self.refused(protocol, model, version, exc, request_id=request_id,
+                         started=started)
+            raise
+        return await work

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 
@@ -74,11 +75,14 @@ class MipHandler:
         engine: the engine every frontend shares.
         request_timeout: seconds a request may take, queueing included (None = no limit).
         metrics: a :class:`~mip.frontends.oip.metrics.Metrics` to count requests in.
+        access_log: an :class:`~mip.frontends.access.AccessLog` for every request (MIP
+            carries no request id: its lines show ``-``), or ``None``.
     """
 
-    def __init__(self, engine, *, request_timeout: float | None = None, metrics=None):
+    def __init__(self, engine, *, request_timeout: float | None = None, metrics=None,
+                 access_log=None):
         self.engine = engine
-        self.dataplane = DataPlane(engine, metrics, request_timeout)
+        self.dataplane = DataPlane(engine, metrics, request_timeout, access_log)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, message: mip.Message, source=None) -> asyncio.Future:
@@ -88,8 +92,18 @@ class MipHandler:
         No coroutine and no task a request: the request goes straight into the model's
         batch queue and the reply is encoded in a callback when its outputs arrive.
         Cancelling the future (the client went away) drops the request from the queue.
-        Errors found at once are raised; later ones are set on the future.
+        Errors found at once are raised (and reported to the access log); later ones are
+        set on the future.
         """
+        started = time.perf_counter()
+        try:
+            return self._start(message, source, started)
+        except Exception as exc:
+            self.dataplane.refused("mip", message.model or self.engine.default_model(),
+                                   message.version, exc, peer=source, started=started)
+            raise
+
+    def _start(self, message: mip.Message, source, started: float) -> asyncio.Future:
         model, served = self._route(message)
         loop = self._event_loop()
         if not len(message):
@@ -111,7 +125,8 @@ class MipHandler:
 
         # More rows than the model's max_batch_size: run as several batches, one reply.
         return self.dataplane.submit("mip", model, served.version, inputs, then=encode,
-                                     source=source, chosen=served, split=True)
+                                     source=source, chosen=served, split=True, peer=source,
+                                     started=started)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

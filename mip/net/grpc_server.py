@@ -518,22 +518,24 @@ class _Connection(H2Protocol):
 
     def _start_future(self, call, state: _State) -> None:
         request, state.message = state.message, None
+        context = self._context(call)
         try:
-            future = state.method.handler(request, self._context(call))
+            future = state.method.handler(request, context)
         except Exception as exc:
-            self._failed(call, exc)
+            self._failed(call, exc, context._trailers)
             return
         state.task = future
-        future.add_done_callback(lambda done: self._future_done(call, state, done))
+        future.add_done_callback(lambda done: self._future_done(call, state, done, context))
 
-    def _future_done(self, call, state: _State, future: asyncio.Future) -> None:
+    def _future_done(self, call, state: _State, future: asyncio.Future,
+                     context: Context) -> None:
         if future.cancelled() or call.finished:
             return  # reset by the client, or past its deadline: answered already
         error = future.exception()
         if error is None:
-            self._answer(call, state, future.result())
+            self._answer(call, state, future.result(), context._trailers)
         else:
-            self._failed(call, error)
+            self._failed(call, error, context._trailers)
 
     async def _unary(self, call, state: _State) -> None:
         method = state.method

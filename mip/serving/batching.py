@@ -62,6 +62,7 @@ DEFAULT_INLINE_BELOW = 250e-6
 _EWMA = 0.1  # weight of the newest batch in the compute-time estimates
 #: seconds between two WARNING lines about one model's failures
 FAILURE_LOG_INTERVAL = 10.0
+_IDS_NAMED = 8  # request ids a failure warning names, at most
 
 Tensors = dict[str, np.ndarray]
 
@@ -92,11 +93,12 @@ class BatchRecord:
 
 class _Request:
     __slots__ = ("inputs", "rows", "nbytes", "signature", "future", "enqueued", "queued",
-                 "source")
+                 "source", "request_id")
 
     def __init__(self, inputs: Tensors, rows: int, future: asyncio.Future, enqueued: float,
-                 source):
+                 source, request_id: str | None = None):
         self.source = source
+        self.request_id = request_id
         self.inputs = inputs
         self.rows = rows
         # Requests batch together only when their tensors concatenate on axis 0.
@@ -220,14 +222,15 @@ class Batcher:
         return await self.enqueue(inputs, rows, deadline)
 
     def enqueue(self, inputs: Tensors, rows: int, deadline: float | None = None,
-                source=None) -> asyncio.Future:
+                source=None, request_id: str | None = None) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets its outputs.
 
         The same as :meth:`submit` for callers that chain callbacks instead of awaiting
         (no coroutine and no task a request). Cancelling the future drops the request from
         the queue; errors found at once (see :meth:`submit`) are raised here. ``source``
         (hashable: the client's address) picks the request's sub-queue; ``QueueFull`` also
-        when that source has ``max_queued_per_source`` requests queued.
+        when that source has ``max_queued_per_source`` requests queued. ``request_id``
+        (the client's id of the request) is named when the model fails on it.
         """
         if self._closing or not self._started:
             raise ModelNotReady(f"model {self.name} is not accepting requests")
@@ -246,7 +249,7 @@ class Batcher:
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"deadline passed before model {self.name} was reached")
         future = self._loop.create_future()
-        request = _Request(inputs, rows, future, now, source)
+        request = _Request(inputs, rows, future, now, source, request_id)
         if queue is None:
             queue = self._queues[source] = collections.deque()
             self._order.append(source)
@@ -263,7 +266,7 @@ class Batcher:
         return future
 
     def enqueue_split(self, inputs: Tensors, rows: int, deadline: float | None = None,
-                      source=None) -> asyncio.Future:
+                      source=None, request_id: str | None = None) -> asyncio.Future:
         """Queue a request of more rows than ``max_batch_size`` as parts of at most that
         many rows: the returned future gets every output, the parts' rows joined in order.
 
@@ -273,7 +276,7 @@ class Batcher:
         fails with that part's error and its other parts leave the queue; cancelling the
         future drops them too. Errors found at once are raised here, as by :meth:`enqueue`.
         """
-        return _Split(self, inputs, rows, deadline, source).future
+        return _Split(self, inputs, rows, deadline, source, request_id).future
 
     def _expire(self, future: asyncio.Future) -> None:
         if not future.done():
@@ -431,7 +434,7 @@ class Batcher:
                 error = exc
         if error is not None:
             if not isinstance(error, ServingError) or isinstance(error, InternalError):
-                self._warn_failure(error, len(live))
+                self._warn_failure(error, live)
             if not isinstance(error, ServingError):
                 error = InternalError(f"model {self.name} failed: "
                                       f"{type(error).__name__}: {error}")
@@ -446,17 +449,23 @@ class Batcher:
             except Exception:
                 log.exception("batch callback of model %s failed", self.name)
 
-    def _warn_failure(self, error: BaseException, requests: int) -> None:
-        """Log a model's failure at WARNING: at most one line every
-        :data:`FAILURE_LOG_INTERVAL` seconds per model, with the count of those left out,
-        so a flood of bad requests cannot flood the log."""
+    def _warn_failure(self, error: BaseException, live: list[_Request]) -> None:
+        """Log a model's failure at WARNING, naming the request ids its clients gave (at
+        most :data:`_IDS_NAMED`): at most one line every :data:`FAILURE_LOG_INTERVAL`
+        seconds per model, with the count of those left out, so a flood of bad requests
+        cannot flood the log."""
         now = time.monotonic()
         if now - self._warned_at < FAILURE_LOG_INTERVAL:
             self._unlogged += 1
             return
         more = f" ({self._unlogged} more failed batches not logged)" if self._unlogged else ""
-        log.warning("model %s failed on a batch of %d request(s): %s: %s%s", self.name,
-                    requests, type(error).__name__, error, more)
+        ids = [r.request_id for r in live if r.request_id]
+        named = ""
+        if ids:
+            named = " [request id(s) " + ", ".join(repr(i[:128]) for i in ids[:_IDS_NAMED])
+            named += f" and {len(ids) - _IDS_NAMED} more]" if len(ids) > _IDS_NAMED else "]"
+        log.warning("model %s failed on a batch of %d request(s)%s: %s: %s%s", self.name,
+                    len(live), named, type(error).__name__, error, more)
         self._warned_at, self._unlogged = now, 0
 
     def _timed(self, inputs: Tensors) -> tuple[Tensors, float]:
@@ -503,13 +512,13 @@ class _Split:
     """One request queued as parts of at most ``max_batch_size`` rows (see
     :meth:`Batcher.enqueue_split`)."""
 
-    __slots__ = ("batcher", "inputs", "rows", "deadline", "source", "future", "outputs",
-                 "pending", "sent", "finished", "count")
+    __slots__ = ("batcher", "inputs", "rows", "deadline", "source", "request_id", "future",
+                 "outputs", "pending", "sent", "finished", "count")
 
     def __init__(self, batcher: Batcher, inputs: Tensors, rows: int, deadline: float | None,
-                 source):
+                 source, request_id: str | None = None):
         self.batcher, self.inputs, self.rows = batcher, inputs, rows
-        self.deadline, self.source = deadline, source
+        self.deadline, self.source, self.request_id = deadline, source, request_id
         self.count = -(-rows // batcher.max_batch_size)
         self.outputs: list[Tensors | None] = [None] * self.count
         self.pending: set[asyncio.Future] = set()
@@ -531,7 +540,8 @@ class _Split:
         start = index * size
         stop = min(start + size, self.rows)
         part = {name: array[start:stop] for name, array in self.inputs.items()}
-        future = self.batcher.enqueue(part, stop - start, self.deadline, self.source)
+        future = self.batcher.enqueue(part, stop - start, self.deadline, self.source,
+                                      self.request_id)
         self.sent += 1
         self.pending.add(future)
         future.add_done_callback(functools.partial(self._part_done, index))

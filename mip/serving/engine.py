@@ -273,7 +273,7 @@ class Engine:
     def submit(self, model: str, inputs: Tensors, *, version: str | None = None,
                deadline: float | None = None, source=None,
                chosen: ModelVersion | None = None,
-               split: bool = False) -> asyncio.Future:
+               split: bool = False, request_id: str | None = None) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets every output.
 
         The same checks and errors as :meth:`infer` (raised here when found at once, set on
@@ -284,7 +284,8 @@ class Engine:
         this request (``model`` and ``version`` are then not looked up again). With
         ``split``, a request of more rows than the model's ``max_batch_size`` runs as
         several batches and is answered as one (:meth:`Batcher.enqueue_split`);
-        without, it is refused (``InvalidInput``).
+        without, it is refused (``InvalidInput``). ``request_id`` (the client's id of the
+        request) is named in the warning logged when the model fails on it.
         """
         served = self._lookup(model, version) if chosen is None else self._serving(chosen)
         batching = served.version.dynamic_batching
@@ -297,9 +298,9 @@ class Engine:
             rows = self._check_inputs(served, inputs)
             batcher = served.batcher
             if split and rows > batcher.max_batch_size > 0:
-                future = batcher.enqueue_split(inputs, rows, deadline, source)
+                future = batcher.enqueue_split(inputs, rows, deadline, source, request_id)
             else:
-                future = batcher.enqueue(inputs, rows, deadline, source)
+                future = batcher.enqueue(inputs, rows, deadline, source, request_id)
         except BaseException:
             stats.failures += 1
             raise

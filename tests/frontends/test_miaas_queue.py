@@ -6,6 +6,7 @@ one Redis queue, a worker reaching Redis over mutual TLS."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import ssl
 import time
@@ -116,6 +117,19 @@ async def test_bounded_length(make_queue):
     await queue.submit("m", BODY, {})  # a finished job frees its place
 
 
+async def test_counts_by_status(make_queue):
+    """What /metrics shows as mip_job_queue_depth: unfinished jobs, queued or processing."""
+    queue = await make_queue()
+    assert await queue.counts() == {"queued": 0, "processing": 0}
+    for _ in range(3):
+        await queue.submit("m", BODY, {})
+    lease = await queue.take("w", wait=1.0)
+    assert await queue.counts() == {"queued": 2, "processing": 1}
+    await queue.finish(lease, result={})
+    assert await queue.counts() == {"queued": 2, "processing": 0}
+    assert await queue.depth() == 2
+
+
 async def test_retention(make_queue, request):
     queue = await make_queue(retention=1.0)
     done = await queue.submit("m", BODY, {})
@@ -178,6 +192,24 @@ async def test_worker_killed_mid_job(engine, repository, tmp_path, request, back
     assert job["attempts"] == 2
     assert job["result"]["outputs"][0]["data"] == [5.0]  # 2 * 2 + 1 (version 2)
     assert time.monotonic() - started < 15
+
+
+async def test_worker_writes_an_access_line_a_job(engine, repository, tmp_path):
+    """``mip worker --access-log FILE``: each job it runs is one line, named by the job's id."""
+    queue, log_file = str(tmp_path / "jobs.sqlite3"), tmp_path / "access.log"
+    async with serve(standalone_app(engine, _cfg(queue))) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            worker = start_worker(queue, repository, extra=("--access-log", str(log_file)))
+            try:
+                await asyncio.to_thread(wait_ready, worker)
+                r = await client.post("/v1/inference", json=sleepy_job(0.0), headers=AUTH)
+                request_id = r.json()["request_id"]
+                job = await wait_job(client, request_id)
+            finally:
+                stop_process(worker)
+    assert job["status"] == "completed", job
+    (line,) = log_file.read_text().splitlines()
+    assert re.fullmatch(rf"\S+Z jobs - sleepy 2 completed \d+\.\d{{3}}ms {request_id}", line), line
 
 
 async def test_two_worker_processes_share_one_redis_queue(engine, repository, fresh_redis):

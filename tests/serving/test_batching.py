@@ -636,3 +636,30 @@ def test_batch_records_carry_every_requests_wait():
     assert held.waited_seconds == held.queue_seconds
     # the oldest waited longest: the sum of three waits is within [oldest, 3 x oldest]
     assert 0 < batch.queue_seconds <= batch.waited_seconds <= 3 * batch.queue_seconds
+
+
+def test_model_failure_warning_names_the_request_ids(caplog):
+    """The warning names the ids the clients gave the requests of the failed batch."""
+    import logging
+
+    def broken(inputs):
+        raise ValueError("weights are missing")
+
+    async def scenario():
+        batcher = Batcher(broken, max_batch_size=4, dynamic_batching=DynamicBatching(),
+                          name="broken/1")
+        batcher.start()
+        try:
+            futures = [batcher.enqueue({"x": np.ones((1, 2), np.float32)}, 1,
+                                       request_id=request_id)
+                       for request_id in ("req-1", None, "req\n3")]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            assert all(isinstance(r, InternalError) for r in results)
+        finally:
+            await batcher.stop(1.0)
+
+    with caplog.at_level(logging.WARNING, logger="mip.serving.batching"):
+        asyncio.run(scenario())
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "mip.serving.batching"]
+    assert ("model broken/1 failed on a batch of 3 request(s) [request id(s) 'req-1', "
+            "'req\\n3']: ValueError: weights are missing") in line, line

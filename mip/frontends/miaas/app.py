@@ -134,9 +134,10 @@ class MiaasService:
     """
 
     def __init__(self, engine, config: MiaasConfig | None = None, metrics=None,
-                 guard: Guard | None = None):
+                 guard: Guard | None = None, access_log=None):
         self.engine = engine
         self.metrics = metrics  # the server's, so jobs are counted with the other protocols
+        self.access_log = access_log  # ... and logged with them
         self.dataplane = DataPlane(engine, metrics)
         self.config = config or MiaasConfig()
         c = self.config
@@ -162,6 +163,7 @@ class MiaasService:
 
             self.publisher = OutcomePublisher(c.msip_push, ssl=c.client_ssl)
         self.worker: JobWorker | None = None
+        self._collector = None
         self._openapi = openapi_document(open_health=c.open_health, rate=c.rate_limit,
                                          auth_failures=c.auth_failures)
         self.started = False
@@ -171,9 +173,15 @@ class MiaasService:
         if self.started:
             return
         await self.queue.open()
+        if self.metrics is not None:  # the queue's depth in /metrics
+            from mip.frontends.oip.metrics import JobQueueCollector
+
+            self._collector = JobQueueCollector(self.queue)
+            self.metrics.add_collector(self._collector)
         if self.config.job_workers > 0:
             self.worker = JobWorker(self.engine, self.queue, concurrency=self.config.job_workers,
-                                    publisher=self.publisher, metrics=self.metrics)
+                                    publisher=self.publisher, metrics=self.metrics,
+                                    access_log=self.access_log)
             self.worker.start()
         self.started = True
 
@@ -186,6 +194,9 @@ class MiaasService:
         if self.worker is not None:
             await self.worker.stop(grace)
             self.worker = None
+        if self._collector is not None:
+            self.metrics.remove_collector(self._collector)
+            self._collector = None
         await self.queue.close()
         await self.limiter.close()
         if self._own_guard:
@@ -362,11 +373,12 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def build_miaas_app(engine, config: MiaasConfig | None = None, *,
-                    service: MiaasService | None = None, metrics=None) -> Starlette:
+                    service: MiaasService | None = None, metrics=None,
+                    access_log=None) -> Starlette:
     """The ``/v1`` app (routes relative to its mount point). ``app.state.service`` is its
     :class:`MiaasService`; its lifespan starts and stops the service when the app is run
     directly, and a parent that mounts it must call ``service.start()`` / ``stop()``."""
-    service = service or MiaasService(engine, config, metrics)
+    service = service or MiaasService(engine, config, metrics, access_log=access_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -421,7 +433,8 @@ def config_from_args(args) -> MiaasConfig:
 
 
 def mount_miaas(engine, args, metrics=None,
-                guard: Guard | None = None) -> tuple[list[Mount], MiaasService]:
+                guard: Guard | None = None,
+                access_log=None) -> tuple[list[Mount], MiaasService]:
     """The ``/v1`` routes for ``mip serve`` and the service to start with the listener::
 
         routes, service = mount_miaas(engine, args, guard=guard)
@@ -438,6 +451,6 @@ def mount_miaas(engine, args, metrics=None,
         from mip.frontends.auth import guard_from_args
 
         config.api_keys = guard_from_args(args).authenticator.digests
-    service = MiaasService(engine, config, metrics, guard)
+    service = MiaasService(engine, config, metrics, guard, access_log=access_log)
     app = build_miaas_app(engine, config, service=service)
     return [Mount("/v1", app=app)], service

@@ -153,6 +153,11 @@ class JobQueue(abc.ABC):
     async def depth(self) -> int:
         """Unfinished jobs (queued or processing)."""
 
+    @abc.abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """Unfinished jobs by status: ``{"queued": N, "processing": M}`` (one cheap query,
+        for the metrics)."""
+
     async def purge(self) -> int:
         """Delete finished jobs older than the retention; returns how many."""
         return 0
@@ -421,6 +426,12 @@ class SQLiteQueue(JobQueue):
             "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'processing')").fetchone())
         return row[0]
 
+    async def counts(self) -> dict[str, int]:
+        rows = await self._call(lambda: self._db.execute(
+            "SELECT status, COUNT(*) FROM jobs WHERE status IN ('queued', 'processing') "
+            "GROUP BY status").fetchall())
+        return {QUEUED: 0, PROCESSING: 0} | dict(rows)
+
     async def purge(self) -> int:
         return await self._call(self._execute_count,
                                 "DELETE FROM jobs WHERE status IN ('completed', 'failed') "
@@ -614,6 +625,16 @@ class RedisQueue(JobQueue):
 
     async def depth(self) -> int:
         return await self.redis.xlen(self.stream)
+
+    async def counts(self) -> dict[str, int]:
+        # The stream holds the unfinished jobs; the group's pending list those delivered
+        # to a worker and not yet finished.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.stream)
+            pipe.xpending(self.stream, self.group)
+            length, pending = await pipe.execute()
+        processing = int(pending["pending"]) if pending else 0
+        return {QUEUED: max(int(length) - processing, 0), PROCESSING: processing}
 
 
 def open_queue(spec: str | None, *, owner: str | None = None, **kwargs) -> JobQueue:

@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import socket
+import time
 
 from mip.errors import ModelNotReady, QueueFull, ServingError
 from mip.frontends.dataplane import DataPlane
@@ -77,13 +78,15 @@ class JobWorker:
         poll: seconds a task waits in one :meth:`JobQueue.take` before looking again.
         purge_interval: seconds between deletions of finished jobs past retention.
         metrics: a :class:`~mip.frontends.oip.metrics.Metrics` to count jobs in.
+        access_log: an :class:`~mip.frontends.access.AccessLog` to record every job run
+            in (its request id: the job's), or ``None``.
     """
 
     def __init__(self, engine, queue: JobQueue, *, concurrency: int = 4, publisher=None,
                  consumer: str | None = None, poll: float = 1.0,
-                 purge_interval: float = 60.0, metrics=None):
+                 purge_interval: float = 60.0, metrics=None, access_log=None):
         self.engine = engine
-        self.dataplane = DataPlane(engine, metrics)
+        self.dataplane = DataPlane(engine, metrics, access_log=access_log)
         self.queue = queue
         self.concurrency = concurrency
         self.publisher = publisher
@@ -160,14 +163,21 @@ class JobWorker:
         job = lease.job
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(lease))
         result = error = None
+        started = time.perf_counter()
         try:
             name, version = split_model_id(job.model_id)
-            inputs, outputs = decode_inputs(job.input_data)
+            try:
+                inputs, outputs = decode_inputs(job.input_data)
+            except Exception as exc:
+                self.dataplane.refused("jobs", name, version, exc, request_id=job.request_id,
+                                       started=started)
+                raise
             timeout = (job.parameters or {}).get("timeout")
             timeout_seconds = float(timeout) if isinstance(
                 timeout, (int, float)) and timeout > 0 else None
             done = await self.dataplane.infer("jobs", name, version, inputs, outputs,
-                                              timeout=timeout_seconds)
+                                              timeout=timeout_seconds,
+                                              request_id=job.request_id)
             result = encode_outputs(done.outputs, name, done.version)
         except _TRANSIENT as exc:
             log.warning("job %s: %s; it will be delivered again", job.request_id, exc)
@@ -193,10 +203,12 @@ class JobWorker:
 
 
 async def run_worker(engine, queue: JobQueue, *, concurrency: int = 4, publisher=None,
-                     stop: asyncio.Event | None = None, grace: float = 10.0) -> JobWorker:
+                     stop: asyncio.Event | None = None, grace: float = 10.0,
+                     access_log=None) -> JobWorker:
     """Run a :class:`JobWorker` until ``stop`` is set (``mip worker``). The queue must be
     open and the engine started; both are left so. Returns the stopped worker."""
-    worker = JobWorker(engine, queue, concurrency=concurrency, publisher=publisher)
+    worker = JobWorker(engine, queue, concurrency=concurrency, publisher=publisher,
+                       access_log=access_log)
     worker.start()
     log.info("worker %s taking jobs from %r (%d at once)", worker.consumer, queue, concurrency)
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import numpy as np
@@ -77,6 +78,7 @@ _RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
 _SPLIT_ABOVE = 64 << 10
 _RAW_OUTPUT_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, length-delimited
 _STREAM_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 2
+_REQUEST_ID = "x-request-id"  # metadata: echoed in the trailing metadata, logged
 
 
 def _varint(value: int) -> bytes:
@@ -305,9 +307,38 @@ class _Service:
         return reply
 
     def _submit(self, data: bytes, context, encode: bool = False):
-        """Parse a ModelInferRequest and queue it: ``(request, raw, future of the result)``;
-        with ``encode``, a future of the reply's bytes instead (encoded, and errors mapped
-        to RpcError, in the callback that completes the request)."""
+        """Parse a ModelInferRequest and queue it: ``(request, raw, future of the reply)``,
+        the reply encoded in the callback that completes the request: its bytes, or with
+        ``encode`` a list of buffers and errors mapped to RpcError. A request refused here
+        is reported to the access log. An ``x-request-id`` in the call's metadata comes
+        back in its trailing metadata and names the request (else its ``id`` does)."""
+        started = time.perf_counter()
+        request_id = _metadata_request_id(context)
+        if request_id is not None:
+            context.set_trailing_metadata(((_REQUEST_ID, request_id),))
+        try:
+            return self._queue(data, context, encode, started, request_id)
+        except Exception as exc:
+            if self.dataplane.access_log is not None:
+                self._refused(data, context, exc, started, request_id)
+            raise
+
+    def _refused(self, data: bytes, context, exc: Exception, started: float,
+                 request_id: str | None) -> None:
+        """Report a request :meth:`_queue` refused (read again for its model's name)."""
+        request = None
+        if len(data) <= self.max_message_size:
+            try:
+                request = pb.ModelInferRequest.FromString(split_raw_inputs(data)[0])
+            except Exception:  # it did not parse: no model to name
+                pass
+        self.dataplane.refused("grpc", request and request.model_name,
+                               request and request.model_version, exc, peer=context.peer(),
+                               request_id=request_id or (request and request.id) or None,
+                               started=started)
+
+    def _queue(self, data: bytes, context, encode: bool, started: float,
+               request_id: str | None):
         if len(data) > self.max_message_size:
             raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
                            f"of {self.max_message_size} octets (--grpc-max-message-size)")
@@ -323,6 +354,8 @@ class _Service:
             raise
         except Exception as exc:  # protobuf's DecodeError and friends
             raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+        if request_id is None and request.id:
+            request_id = request.id
         classes = _extension_parameters(request, rest)
         inputs = self._inputs(request, raws)
         outputs = [o.name for o in request.outputs] or None
@@ -333,14 +366,16 @@ class _Service:
         if remaining is not None:
             timeout = remaining if timeout is None else min(timeout, remaining)
         raw = bool(len(raws))
-        then = error = None
-        if encode:
-            def then(result):
-                return self._checked_reply(request, result, raw, join=False)
-            error = _rpc_error
+
+        def then(result):
+            return self._checked_reply(request, result, raw, join=not encode)
+
+        peer = context.peer()
         work = self.dataplane.submit("grpc", request.model_name, request.model_version,
-                                     inputs, outputs, timeout, then=then, error=error,
-                                     classes=classes, source=grpc_peer_host(context.peer()))
+                                     inputs, outputs, timeout, then=then,
+                                     error=_rpc_error if encode else None, classes=classes,
+                                     source=grpc_peer_host(peer), peer=peer,
+                                     request_id=request_id, started=started)
         return request, raw, work
 
     async def model_stream_infer(self, request_iterator, context):
@@ -388,8 +423,7 @@ class _Service:
                 task.cancel()
 
     async def _infer(self, data: bytes, context) -> bytes:
-        request, raw, work = self._submit(data, context)
-        return self._checked_reply(request, await work, raw)
+        return await self._submit(data, context)[2]
 
     @staticmethod
     def _inputs(request, raws: list[memoryview]) -> dict[str, np.ndarray]:
@@ -523,6 +557,14 @@ def _rpc_error(exc: BaseException) -> BaseException:
     from mip.net.grpc_server import RpcError
 
     return RpcError(exc.grpc_status, str(exc), _trailers(exc))
+
+
+def _metadata_request_id(context) -> str | None:
+    """The call's ``x-request-id`` metadata, or ``None``."""
+    for key, value in context.invocation_metadata() or ():
+        if key == _REQUEST_ID:
+            return value if isinstance(value, str) else None
+    return None
 
 
 def _request_id(data: bytes) -> str:
@@ -676,13 +718,15 @@ class GrpcServer:
             is given those it has a setting for.
         guard: a :class:`~mip.frontends.auth.Guard` whose protected areas need credentials
             in the call's metadata (``None``: every RPC is open).
+        access_log: an :class:`~mip.frontends.access.AccessLog` for the inference
+            requests, or ``None``.
     """
 
     def __init__(self, engine, *, metrics=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  request_timeout: float | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, tls_ca: str | None = None,
                  implementation: str | None = None, limits: GrpcLimits | None = None,
-                 guard=None):
+                 guard=None, access_log=None):
         if max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
         if tls_cert and not tls_key:
@@ -699,7 +743,7 @@ class GrpcServer:
             raise NotAvailable(f"the native gRPC transport cannot be used: {unavailable}; "
                                "or serve gRPC through grpcio with --grpc-impl grpcio")
         self.implementation = implementation
-        self.dataplane = DataPlane(engine, metrics, request_timeout)
+        self.dataplane = DataPlane(engine, metrics, request_timeout, access_log)
         self.max_message_size = max_message_size
         self.limits = limits or GrpcLimits()
         self.guard = guard

@@ -23,7 +23,16 @@ Per executed batch (labels ``model``, ``version``; batches mix protocols):
 * ``mip_inference_batch_size`` (histogram, rows per batch)
 
 Gauges, read when scraped: ``nv_inference_pending_request_count`` (requests waiting in the
-batch queue, per model and version) and ``mip_models_loaded`` (model versions ready).
+batch queue, per model and version) and ``mip_models_loaded`` (model versions ready); with
+a ``/v1`` job queue, ``mip_job_queue_depth`` (unfinished jobs, label ``status``: ``queued``
+or ``processing``; see :class:`JobQueueCollector`).
+
+The process (where ``/proc`` is, as on Linux): ``process_cpu_seconds_total``,
+``process_resident_memory_bytes``, ``process_virtual_memory_bytes``,
+``process_open_fds``, ``process_max_fds`` and ``process_start_time_seconds``, from
+``prometheus_client``'s ``ProcessCollector``.
+
+docs/metrics.md lists every metric with its labels.
 
 The same series answer Triton's statistics extension (:meth:`Metrics.statistics`: the
 ``ModelStatistics`` RPC and ``GET /v2/models/{m}/stats``), so both show the same numbers.
@@ -34,15 +43,23 @@ with little change; histograms and gauges are rendered by ``prometheus_client``.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import logging
 import time
 from collections.abc import Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["CONTENT_TYPE", "PROTOCOLS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "PROTOCOLS", "JobQueueCollector", "Metrics"]
+
+log = logging.getLogger("mip.frontends.oip.metrics")
+
+#: seconds a scrape waits for a sampled collector (such as the job queue's) to answer.
+SAMPLE_TIMEOUT = 2.0
 
 #: the media type of :meth:`Metrics.render`.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -157,7 +174,32 @@ class Metrics:
         self._batches: dict[tuple[str, str], _BatchSeries] = {}
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self)
+        ProcessCollector(registry=self._registry)  # process_cpu_seconds_total, memory, fds
+        self._sampled: list = []
         engine.add_batch_hook(self._on_batch)
+
+    def add_collector(self, collector) -> None:
+        """Render ``collector``'s metric families (its ``collect()``) with these; one that
+        also has a coroutine ``sample()`` has it awaited by :meth:`sample` before each
+        scrape (for values read from elsewhere, such as a job queue's depth)."""
+        self._registry.register(collector)
+        if hasattr(collector, "sample"):
+            self._sampled.append(collector)
+
+    def remove_collector(self, collector) -> None:
+        """Stop rendering a collector given to :meth:`add_collector`."""
+        self._registry.unregister(collector)
+        if collector in self._sampled:
+            self._sampled.remove(collector)
+
+    async def sample(self, timeout: float = SAMPLE_TIMEOUT) -> None:
+        """Let every sampled collector read its values (each within ``timeout`` seconds;
+        one that fails or is late shows no value in this scrape)."""
+        for collector in list(self._sampled):
+            try:
+                await asyncio.wait_for(collector.sample(), timeout)
+            except Exception as exc:
+                log.debug("metrics: %r could not be sampled: %s", collector, exc)
 
     def observe_request(self, model: str, version: str, protocol: str, ok: bool,
                         seconds: float, rows: int = 1) -> None:
@@ -315,3 +357,31 @@ class Metrics:
     def render(self) -> bytes:
         """Every metric in the Prometheus text format (media type :data:`CONTENT_TYPE`)."""
         return self._counters().encode() + generate_latest(self._registry)
+
+
+class JobQueueCollector:
+    """``mip_job_queue_depth`` of a ``/v1`` job queue (:class:`~mip.frontends.miaas.queue.
+    JobQueue`): unfinished jobs by ``status`` (``queued``, ``processing``), read with one
+    query when ``/metrics`` is scraped, never per request. A queue shared by several
+    servers (Redis, or one SQLite file named on purpose) shows the same numbers on each.
+    """
+
+    def __init__(self, queue):
+        self.queue = queue
+        self._counts: dict[str, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"<JobQueueCollector {self.queue!r}>"
+
+    async def sample(self) -> None:
+        """Read the queue's counts (kept for :meth:`collect`); none while it fails."""
+        self._counts = None
+        self._counts = await self.queue.counts()
+
+    def collect(self):
+        family = GaugeMetricFamily("mip_job_queue_depth",
+                                   "Unfinished /v1 jobs in the job queue, by status",
+                                   labels=("status",))
+        for status, count in sorted((self._counts or {}).items()):
+            family.add_metric((status,), count)
+        yield family

@@ -36,6 +36,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import ssl
+import time
 import zlib
 
 import numpy as np
@@ -88,7 +89,7 @@ def _error(message: str, status: int) -> Response:
 class _PartsResponse(Response):
     """A reply written as several buffers (JSON header, then tensor octets), no join."""
 
-    def __init__(self, parts: list, header_length: int):
+    def __init__(self, parts: list, header_length: int, headers: list = ()):
         total = sum(len(p) for p in parts)
         if total < _JOIN_BELOW:
             parts = [b"".join(parts)]
@@ -99,6 +100,7 @@ class _PartsResponse(Response):
             (b"content-type", b"application/octet-stream"),
             (b"content-length", str(total).encode()),
             (b"inference-header-content-length", str(header_length).encode()),
+            *headers,
         ]
 
     async def __call__(self, scope, receive, send) -> None:
@@ -188,6 +190,7 @@ class _Endpoints:
 
         if self.metrics is None:
             return _error("metrics are off", 404)
+        await self.metrics.sample()  # what is read from elsewhere (the job queue's depth)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     # -- repository ---------------------------------------------------------------------
@@ -274,7 +277,12 @@ class _Endpoints:
     async def fast_infer(self, scope, receive, send, name: str, version: str | None) -> None:
         """``POST /v2/models/{name}[/versions/{v}]/infer`` straight on ASGI: body, checks,
         errors (``{"error": ...}`` with the ServingError's status) and cancellation, without
-        the framework's per-request objects."""
+        the framework's per-request objects. An ``X-Request-ID`` header is answered with
+        the same header, and names the request in the access log (else its ``id`` does)."""
+        started = time.perf_counter()
+        client = scope.get("client")
+        request_id = work = None
+        echo = ()
         try:
             length = encoding = header_length = None
             for key, value in scope["headers"]:
@@ -284,31 +292,49 @@ class _Endpoints:
                     header_length = value.decode("latin-1")
                 elif key == b"content-encoding":
                     encoding = value.decode("latin-1")
+                elif key == b"x-request-id":
+                    request_id = value.decode("latin-1")
+                    echo = ((b"x-request-id", value),)
             body = await self._receive_body(receive, length, encoding)
             doc, inputs, wanted, binary_default, timeout, classes = await self._parse_off_loop(
                 body, header_length)
-            client = scope.get("client")
+            oip_id = doc.get("id")
+            if request_id is None and oip_id is not None and oip_id != "":
+                request_id = str(oip_id)
+
+            def reply(result):
+                return self._reply_parts(oip_id, result, wanted, binary_default)
+
             work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
-                                         timeout, classes=classes,
-                                         source=client[0] if client else None)
-            result = await _unless_disconnected(receive, work)
-            header, parts = self._reply_parts(doc.get("id"), result, wanted, binary_default)
-        except Cancelled:
+                                         timeout, then=reply, classes=classes,
+                                         source=client[0] if client else None, peer=client,
+                                         request_id=request_id, started=started)
+            header, parts = await _unless_disconnected(receive, work)
+        except Cancelled as exc:
+            if work is None:
+                self.dataplane.refused("http", name, version, exc, peer=client,
+                                       request_id=request_id, started=started)
             return  # the client is gone: nobody to answer
         except ServingError as exc:
-            await _send_error(send, str(exc), exc.http_status)
+            if work is None:
+                self.dataplane.refused("http", name, version, exc, peer=client,
+                                       request_id=request_id, started=started)
+            await _send_error(send, str(exc), exc.http_status, echo)
             return
         except Exception as exc:
+            if work is None:
+                self.dataplane.refused("http", name, version, exc, peer=client,
+                                       request_id=request_id, started=started)
             log.error("POST %s failed", scope.get("path"), exc_info=exc)
-            await _send_error(send, f"internal error: {type(exc).__name__}: {exc}", 500)
+            await _send_error(send, f"internal error: {type(exc).__name__}: {exc}", 500, echo)
             return
         if not parts:
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(header)).encode())]})
+                (b"content-length", str(len(header)).encode()), *echo]})
             await send({"type": "http.response.body", "body": header})
             return
-        await _PartsResponse([header, *parts], len(header))(scope, receive, send)
+        await _PartsResponse([header, *parts], len(header), echo)(scope, receive, send)
 
     async def _receive_body(self, receive, length: bytes | None, encoding: str | None) -> bytes:
         limit = self.max_body_size
@@ -469,10 +495,11 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
                        "(gzip, deflate, identity)")
 
 
-async def _send_error(send, message: str, status: int) -> None:
+async def _send_error(send, message: str, status: int, headers=()) -> None:
     body = orjson.dumps({"error": message})
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -643,7 +670,7 @@ class _InferFront:
 
 def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] = (),
               metrics=None, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-              request_timeout: float | None = None, guard=None):
+              request_timeout: float | None = None, guard=None, access_log=None):
     """The Starlette app of the protocol's REST form, for uvicorn or any ASGI server.
 
     Args:
@@ -657,12 +684,15 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
             limit beyond the request's ``timeout`` parameter).
         guard: a :class:`~mip.frontends.auth.Guard` whose protected areas need
             credentials (``None``: every ``/v2`` endpoint and ``/metrics`` are open).
+        access_log: an :class:`~mip.frontends.access.AccessLog` for the inference
+            requests, or ``None``.
     """
     if metrics is None:
         from mip.frontends.oip.metrics import Metrics
 
         metrics = Metrics(engine)
-    endpoints = _Endpoints(DataPlane(engine, metrics, request_timeout), max_body_size, metrics)
+    endpoints = _Endpoints(DataPlane(engine, metrics, request_timeout, access_log),
+                           max_body_size, metrics)
     infer = _InferRoute(endpoints)
     routes = [
         Route("/v2/health/live", endpoints.live, methods=["GET"]),
@@ -741,6 +771,7 @@ class HttpServer:
         config = uvicorn.Config(self.app, host=host, port=int(port),
                                 http=self.listener.protocol_class(), ws="none",
                                 lifespan="off", log_level="warning", access_log=False,
+                                log_config=None,  # the process's logging stays as it is
                                 proxy_headers=False,
                                 server_header=False, timeout_keep_alive=self.timeout_keep_alive,
                                 timeout_graceful_shutdown=self.graceful_timeout, **self.ssl)
