@@ -97,6 +97,17 @@ class _Warn:
         log.warning(msg, *args)
 
 
+def _open(url: str, **options):
+    """An asyncio Redis client that never retries a command by itself: a PUBLISH retried
+    after a lost connection could reach the other brokers twice."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return aioredis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2.0,
+                             **options)
+
+
 class RedisCluster:
     """The Redis link of one broker (created by :class:`~mip.net.msip_broker.Broker`).
 
@@ -180,10 +191,8 @@ class RedisCluster:
     async def start(self) -> None:
         """Start both connections' tasks; says whether Redis answers now (the broker starts
         either way)."""
-        import redis.asyncio as aioredis
-
         loop = asyncio.get_running_loop()
-        probe = aioredis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=2.0)
+        probe = _open(self.url, socket_timeout=2.0)
         try:
             await probe.ping()
             log.info("cluster: Redis at %s answers; broker id %016x", self._where(), self.origin)
@@ -198,7 +207,8 @@ class RedisCluster:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: closing a connection to a Redis that vanished may hang
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
         self._queue.clear()
         self.stats.cluster_pending_bytes = 0
@@ -209,8 +219,6 @@ class RedisCluster:
 
     # -- outgoing ----------------------------------------------------------------------------
     async def _publisher(self) -> None:
-        import redis.asyncio as aioredis
-
         backoff = _BACKOFF_MIN
         client = None
         queue = self._queue
@@ -222,8 +230,7 @@ class RedisCluster:
             batch = []
             try:
                 if client is None:
-                    client = aioredis.from_url(self.url, socket_connect_timeout=2.0,
-                                               socket_timeout=10.0)
+                    client = _open(self.url, socket_timeout=10.0)
                     await client.ping()
                 pipe = client.pipeline(transaction=False)
                 n = 0
@@ -246,7 +253,7 @@ class RedisCluster:
                                "dropped, retrying in %.1f s", self._where(), exc, lost, backoff)
                 if client is not None:
                     try:
-                        await client.aclose()
+                        await asyncio.wait_for(client.aclose(), 1.0)
                     except Exception:  # noqa: BLE001 - the connection is broken already
                         pass
                     client = None
@@ -255,12 +262,10 @@ class RedisCluster:
 
     # -- incoming ----------------------------------------------------------------------------
     async def _subscriber(self) -> None:
-        import redis.asyncio as aioredis
-
         backoff = _BACKOFF_MIN
         stats = self.stats
         while True:
-            client = aioredis.from_url(self.url, socket_connect_timeout=2.0)
+            client = _open(self.url)
             pubsub = client.pubsub()
             self._sub_channels = set()
             self._sub_globs = {}
@@ -298,8 +303,8 @@ class RedisCluster:
                                exc, backoff)
             finally:
                 try:
-                    await pubsub.aclose()
-                    await client.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
+                    await asyncio.wait_for(client.aclose(), 1.0)
                 except Exception:  # noqa: BLE001 - the connection is broken already
                     pass
             await asyncio.sleep(backoff)
