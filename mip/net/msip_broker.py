@@ -29,6 +29,9 @@ reference ignores, see ``mip.msip.Flags``):
   bounded in messages and octets per session and in octets for the whole broker (oldest
   dropped, counted). CLOSE ends any session at once. ``at_least_once=False`` turns this off.
 
+Several brokers, on one machine or many, form one service through Redis with
+``cluster="redis://HOST:PORT[/DB]"`` (``mip broker --cluster``; see ``mip.net.msip_cluster``).
+
 A HELLO that sets any of those flags is answered with the client id followed by the u32
 ``Capability`` set granted; reference clients never set them and get the reference's 8 octets.
 Also beyond the reference: URGENT events overtake the events waiting for a slow subscriber's
@@ -963,12 +966,12 @@ class Broker:
             self.stats.cluster_invalid += 1
             return
         tlen = (payload[0] << 8) | payload[1]
+        if n < 2 + tlen:
+            self.stats.cluster_invalid += 1
+            return
         try:
             topic = bytes(payload[2:2 + tlen]).decode("utf-8")
         except UnicodeDecodeError:
-            self.stats.cluster_invalid += 1
-            return
-        if n < 2 + tlen:
             self.stats.cluster_invalid += 1
             return
         self.stats.cluster_received += 1

@@ -143,6 +143,33 @@ def test_unsubscribing_stops_cluster_traffic(redis_port):
     w.run(main(), 30)
 
 
+def test_foreign_messages_on_a_channel_are_counted_not_delivered(redis_port):
+    from mip.net.msip_cluster import ENVELOPE
+
+    async def main():
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with brokers(2, url) as (a, b):
+            sub = AsyncClient(_url(b), reconnect=False)
+            await sub.connect()
+            s = await sub.subscribe("t")
+            await until(lambda: numsub(redis_port, "t") == 1)
+            env = ENVELOPE.pack(1, 1, 0, 42, 7)
+            bad = [b"", b"junk", b"\x09" + env[1:] + b"\x00\x01t",  # unknown version
+                   env, env + b"\x00", env + b"\x00\x09t",  # topic length past the end
+                   env + b"\x00\x02\xff\xfe"]  # topic not UTF-8
+            with contextlib.closing(_redis(redis_port)) as r:
+                for data in bad:
+                    r.publish("msip:t", data)
+                r.publish("msip:t", env + b"\x00\x01tok")  # a well-formed one from "broker 42"
+            event = await s.get(5)
+            assert (event.topic, bytes(event.data), event.msg_id) == ("t", b"ok", 7)
+            assert b.stats.cluster_invalid == len(bad) and b.stats.cluster_received == 1
+            await _nothing_more(s)
+            await sub.close()
+
+    w.run(main(), 30)
+
+
 def test_patterns_map_to_psubscribe_and_deliver_once(redis_port):
     async def main():
         url = f"redis://127.0.0.1:{redis_port}/0"
@@ -327,6 +354,18 @@ def test_help_lists_the_cluster_flags():
     for flag in ("--cluster URL", "--cluster-prefix TEXT", "--cluster-max-pending OCTETS"):
         assert flag in out
     assert "(default 8M)" in " ".join(out.split())
+
+
+def test_cluster_without_the_redis_package_names_the_extra():
+    code = ("import sys; sys.modules['redis'] = None; from mip.cli import main; "
+            "sys.exit(main(['broker', '--msip', 'tcp://127.0.0.1:0', '--cluster', "
+            "'redis://127.0.0.1:1/0']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=w.ROOT)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "mip: error: --cluster needs the Python package 'redis', which is not installed: "
+        "pip install 'mip-toolkit[broker]'"]
 
 
 class _Broker(w.BrokerProcess):
