@@ -428,3 +428,21 @@ def test_mip_broker_processes_and_a_killed_broker(redis_port):
     finally:
         for p in procs:
             p.stop()
+
+
+def test_bench_pubsub_across_brokers(redis_port):
+    from mip.bench.pubsub import run_pubsub
+
+    async def main():
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with brokers(2, url) as (a, b):
+            doc = await run_pubsub(_url(a), subscribers=4, subscriber_urls=[_url(a), _url(b)],
+                                   settle=0.3, duration=0.3, warmup=0.1, ping_duration=0,
+                                   max_messages=2000)
+            ps = doc["pubsub"]
+            assert ps["published"] > 0 and ps["lost"] == 0
+            assert ps["delivered"] == 4 * ps["published"]
+            assert doc["target"]["subscriber_urls"] == [_url(a), _url(b)]
+            assert b.stats.cluster_received == ps["published"]
+
+    w.run(main(), 30)
