@@ -5,7 +5,8 @@ connections to Redis:
 
 * a publishing connection: every PUBLISH a local client makes is sent, after local delivery,
   as a Redis ``PUBLISH`` on the channel ``PREFIX + topic`` (one channel per MSIP topic), in
-  pipelined batches, from an outgoing queue bounded in octets (``max_pending``). What does not
+  batches (a Lua script that publishes a batch: one command and one reply for up to 1,024
+  messages), from an outgoing queue bounded in octets (``max_pending``). What does not
   fit while Redis is slow or down is dropped and counted (``BrokerStats.cluster_dropped``), with
   a rate-limited WARNING; local delivery never waits for Redis.
 * a subscribing connection that listens only to what local sessions subscribed to: a literal
@@ -49,8 +50,15 @@ log = logging.getLogger("mip.msip.cluster")
 #: version, msg_kind, EVENT flags, origin broker id, msg_id; then the PUBLISH payload
 ENVELOPE = struct.Struct(">BBBQQ")
 _VERSION = 1
-_BATCH_MESSAGES = 1024  # PUBLISH commands in one pipeline at most
-_BATCH_OCTETS = 1 << 20  # envelope octets in one pipeline at most (one message may be more)
+_BATCH_MESSAGES = 1024  # messages in one batch at most
+_BATCH_OCTETS = 1 << 20  # envelope octets in one batch at most (one message may be more)
+# one command and one reply for a batch: PUBLISH channel envelope, for each pair of arguments
+_PUBLISH_ALL = """
+for i = 1, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"""
 _SUB_BATCH = 1000  # channels or patterns in one SUBSCRIBE/UNSUBSCRIBE command at most
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 _WARN_EVERY = 10.0  # seconds between two WARNINGs of one kind
@@ -232,14 +240,15 @@ class RedisCluster:
                 if client is None:
                     client = _open(self.url, socket_timeout=10.0)
                     await client.ping()
-                pipe = client.pipeline(transaction=False)
+                    script = client.register_script(_PUBLISH_ALL)
+                args = []
                 n = 0
                 while queue and len(batch) < _BATCH_MESSAGES and n < _BATCH_OCTETS:
                     entry = queue.popleft()
                     batch.append(entry)
                     n += len(entry[1])
-                    pipe.publish(entry[0], entry[1])
-                await pipe.execute()
+                    args += entry
+                await script(args=args)
                 stats.cluster_pending_bytes -= n
                 stats.cluster_published += len(batch)
                 backoff = _BACKOFF_MIN
