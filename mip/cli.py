@@ -314,6 +314,17 @@ def _parser() -> argparse.ArgumentParser:
     opt("--session-takeover", action="store_true",
         help="a HELLO naming a client id in use closes the older connection (default: only "
              "when the HELLO asks; both are served, as on the reference broker)")
+    opt("--cluster", metavar="URL", default=None,
+        help="redis://HOST:PORT[/DB] (rediss:// for TLS): form one MSIP service with the other "
+             "brokers using this Redis; a client on any broker receives what is published on "
+             "any other (default: none, this broker alone)")
+    opt("--cluster-prefix", metavar="TEXT", default="msip:",
+        help="Redis channel of a topic: this prefix + the topic; brokers of different services "
+             "on one Redis need different prefixes (default msip:)")
+    opt("--cluster-max-pending", type=_size, default=8 << 20, metavar="OCTETS",
+        help="local publishes queued for Redis at most; beyond them, while Redis is slow or "
+             "down, publishes are not sent to the other brokers (counted, logged; local "
+             "delivery goes on) (default 8M)")
     _add_tls(broker)
 
     worker = sub.add_parser(
@@ -576,6 +587,13 @@ async def _wait_for_signal() -> None:
 async def _broker(args) -> int:
     from mip.net.msip_broker import Broker
 
+    if args.cluster:
+        try:
+            import redis.asyncio  # noqa: F401
+        except ImportError:
+            print("mip: error: --cluster needs the Python package 'redis', which is not "
+                  "installed: pip install 'mip-toolkit[broker]'", file=sys.stderr)
+            return 1
     broker = Broker(max_connections=args.max_connections,
                     max_connections_per_peer=args.max_connections_per_peer,
                     queue_bytes=args.max_pending_reply, read_timeout=args.frame_timeout or None,
@@ -584,9 +602,14 @@ async def _broker(args) -> int:
                     backlog_bytes=args.backlog_bytes, max_backlog_bytes=args.max_backlog_bytes,
                     idle_timeout=args.idle_timeout or None, topic_patterns=args.topic_patterns,
                     session_takeover=args.session_takeover,
-                    ssl=_server_ssl(args) if args.tls_cert else None)
+                    ssl=_server_ssl(args) if args.tls_cert else None, cluster=args.cluster,
+                    cluster_prefix=args.cluster_prefix,
+                    cluster_max_pending=args.cluster_max_pending)
     address = await broker.start(args.msip)
     print(f"mip: MSIP broker on {address}", flush=True)
+    if args.cluster:
+        state = "connected" if broker.stats.cluster_connected else "not reachable yet, retrying"
+        print(f"mip: cluster through {args.cluster.split('@')[-1]} ({state})", flush=True)
     await _wait_for_signal()
     await broker.stop()
     return 0

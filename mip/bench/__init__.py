@@ -131,6 +131,12 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     pubsub.add_argument("--topic", default="mip.bench", help="default mip.bench")
     pubsub.add_argument("--max-messages", type=int, default=10_000_000,
                         help="most messages published (default 10,000,000)")
+    pubsub.add_argument("--subscribe-url", action="append", metavar="URL",
+                        help="connect the subscribers to these brokers in turn (repeat the "
+                             "flag; default: URL), e.g. the other brokers of a --cluster")
+    pubsub.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long after subscribing before publishing (default 0; "
+                             "give a cluster time to subscribe in Redis)")
     pubsub.add_argument("--label", help="name of this run")
     pubsub.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
     pubsub.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -200,7 +206,8 @@ def _pubsub(args) -> int:
             args.url, publishers=args.publishers, subscribers=args.subscribers, size=args.size,
             rate=args.rate, duration=args.duration, warmup=args.warmup, topic=args.topic,
             ping_duration=args.ping_duration, window=args.window,
-            max_messages=args.max_messages, label=args.label, progress=progress))
+            max_messages=args.max_messages, label=args.label,
+            subscriber_urls=args.subscribe_url, settle=args.settle, progress=progress))
     finally:
         if progress is not None:
             progress.close()

@@ -43,6 +43,7 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
                      topic: str = "mip.bench", ping_duration: float = 1.0,
                      window: int = 1000, max_messages: int = 10_000_000,
                      drain_timeout: float = 2.0, label: str | None = None,
+                     subscriber_urls: list[str] | None = None, settle: float = 0.0,
                      progress=None) -> dict:
     """Run the pub/sub and PING measurements and return the JSON document.
 
@@ -56,6 +57,10 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
         max_messages: most messages published in one run.
         drain_timeout: seconds to wait, after publishing stops, for the last deliveries.
         ping_duration: seconds of PING round trips (0: none).
+        subscriber_urls: brokers the subscribers connect to, in turn (default: ``url``; the
+            publishers always use ``url``): for brokers joined with ``--cluster``.
+        settle: seconds to wait after subscribing before publishing (a cluster's brokers
+            subscribe in Redis asynchronously).
     """
     import mip
     from mip.bench.infer import machine_info
@@ -87,7 +92,8 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
     def _in_flight() -> int:
         return state["published"] - state["delivered"] // max(subscribers, 1)
 
-    subs = [AsyncClient(url, reconnect=False) for _ in range(subscribers)]
+    sub_urls = list(subscriber_urls or [url])
+    subs = [AsyncClient(sub_urls[k % len(sub_urls)], reconnect=False) for k in range(subscribers)]
     pubs = [AsyncClient(url, reconnect=False) for _ in range(publishers)]
     clients = subs + pubs
     cpu0 = time.process_time()
@@ -97,6 +103,8 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
             await c.connect()
         for c in subs:
             await c.subscribe(topic, on_event)
+        if settle > 0:
+            await asyncio.sleep(settle)
         t_start = pc()
         t_warm = t_start + warmup
         t_end = t_warm + duration
@@ -179,7 +187,7 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
         "mip_version": mip.__version__,
         "label": label or f"msip {url}",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "target": {"url": url},
+        "target": {"url": url, "subscriber_urls": sub_urls},
         "config": {"publishers": publishers, "subscribers": subscribers, "size": size,
                    "rate": rate, "duration_s": duration, "warmup_s": warmup, "topic": topic,
                    "window": window, "max_messages": max_messages,

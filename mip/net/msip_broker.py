@@ -29,6 +29,9 @@ reference ignores, see ``mip.msip.Flags``):
   bounded in messages and octets per session and in octets for the whole broker (oldest
   dropped, counted). CLOSE ends any session at once. ``at_least_once=False`` turns this off.
 
+Several brokers, on one machine or many, form one service through Redis with
+``cluster="redis://HOST:PORT[/DB]"`` (``mip broker --cluster``; see ``mip.net.msip_cluster``).
+
 A HELLO that sets any of those flags is answered with the client id followed by the u32
 ``Capability`` set granted; reference clients never set them and get the reference's 8 octets.
 Also beyond the reference: URGENT events overtake the events waiting for a slow subscriber's
@@ -117,6 +120,14 @@ class BrokerStats:
     slow_disconnects: int = 0  #: connections closed by the ``disconnect`` overflow policy
     errors: int = 0  #: ERROR frames sent
     takeovers: int = 0  #: connections closed because a newer one took their session
+    # with ``cluster`` (a Redis backplane joining brokers; see mip.net.msip_cluster):
+    cluster_connected: bool = False  #: the subscribing connection to Redis is up now
+    cluster_published: int = 0  #: local publishes sent to Redis for the other brokers
+    cluster_received: int = 0  #: publishes of other brokers received from Redis
+    cluster_dropped: int = 0  #: local publishes not sent (outgoing queue full, Redis failing)
+    cluster_pending_bytes: int = 0  #: octets queued for Redis now
+    cluster_reconnects: int = 0  #: times the subscribing connection to Redis was lost
+    cluster_invalid: int = 0  #: messages from Redis that were not a broker's envelope
 
 
 class _Held:
@@ -431,6 +442,13 @@ class Broker:
         session_takeover: a HELLO naming a client id in use closes the older connection, for
             every session (otherwise only when the HELLO set ``Flags.TAKEOVER``).
         ssl: an ``ssl.SSLContext`` to serve TLS with (None: plain TCP).
+        cluster: ``redis://HOST:PORT[/DB]`` (or ``rediss://``): join the other brokers using
+            this Redis as one MSIP service (:mod:`mip.net.msip_cluster`); None: alone.
+        cluster_prefix: put before a topic to name its Redis channel (brokers of different
+            services sharing one Redis need different prefixes).
+        cluster_max_pending: octets of local publishes queued for Redis at most; beyond it
+            (Redis slow or down) they are not sent to the other brokers, counted in
+            ``stats.cluster_dropped``.
     """
 
     def __init__(
@@ -462,6 +480,9 @@ class Broker:
         topic_patterns: bool = False,
         session_takeover: bool = False,
         ssl=None,
+        cluster: str | None = None,
+        cluster_prefix: str = "msip:",
+        cluster_max_pending: int = 8 * 1024 * 1024,
     ):
         if overflow not in (OVERFLOW_DROP_OLDEST, OVERFLOW_DISCONNECT):
             raise ValueError(f"overflow must be {OVERFLOW_DROP_OLDEST!r} or {OVERFLOW_DISCONNECT!r}")
@@ -519,6 +540,11 @@ class Broker:
         self._stopping = False
         self._all_closed: asyncio.Event | None = None
         self.address: Address | None = None
+        self._cluster = None
+        if cluster is not None:
+            from mip.net.msip_cluster import RedisCluster
+            self._cluster = RedisCluster(self, cluster, prefix=cluster_prefix,
+                                         max_pending=cluster_max_pending)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, url: str | None = None, *, host: str | None = None,
@@ -548,6 +574,8 @@ class Broker:
             self.address = Address("tcp", host=addr.host, port=sockname[1])
         self._tick_task = loop.create_task(self._tick())
         log.info("MSIP broker listening on %s", self.address)
+        if self._cluster is not None:
+            await self._cluster.start()
         return self.address
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -556,6 +584,8 @@ class Broker:
         self._stopping = True
         if self._server is not None:
             self._server.close()
+        if self._cluster is not None:
+            await self._cluster.stop()
         if self._tick_task is not None:
             self._tick_task.cancel()
             try:
@@ -830,9 +860,19 @@ class Broker:
         session.subs[topic] = reliable
         tokens = pattern_tokens(topic) if session.patterns or self.topic_patterns else None
         if tokens is None:
-            self._exact.setdefault(topic, {})[session] = reliable
+            table = self._exact.get(topic)
+            if table is None:
+                table = self._exact[topic] = {}
+                if self._cluster is not None:
+                    self._cluster.interest(topic, False, True)
         else:
-            self._patterns.setdefault(topic, (tokens, {}))[1][session] = reliable
+            entry = self._patterns.get(topic)
+            if entry is None:
+                entry = self._patterns[topic] = (tokens, {})
+                if self._cluster is not None:
+                    self._cluster.interest(topic, True, True)
+            table = entry[1]
+        table[session] = reliable
         self._routes.clear()
 
     def _unsubscribe(self, session: _Session, topic: str) -> None:
@@ -843,11 +883,15 @@ class Broker:
             table.pop(session, None)
             if not table:
                 del self._exact[topic]
+                if self._cluster is not None:
+                    self._cluster.interest(topic, False, False)
         entry = self._patterns.get(topic)
         if entry is not None:
             entry[1].pop(session, None)
             if not entry[1]:
                 del self._patterns[topic]
+                if self._cluster is not None:
+                    self._cluster.interest(topic, True, False)
         self._routes.clear()
 
     def _route(self, topic: str) -> tuple:
@@ -902,8 +946,44 @@ class Broker:
                     # kept for an away session: its own octets, not a view of a read buffer
                     item = header + bytes(payload)
                 self._deliver(session, item, size, urgent, reliable, msg_id)
+        if self._cluster is not None:
+            self._cluster_publish(f, payload, tlen)
         # after the events it produced, as on the reference
         conn.send(msip.encode_header(_ACK, _K_STATE, 0, msg_id, 0))
+
+    # -- cluster: publishes to and from the other brokers --------------------------------
+    def _cluster_publish(self, f, payload, tlen: int) -> None:
+        flags = f.flags & _F_URGENT
+        if f.flags & _F_COMPRESSED and payload[2 + tlen:6 + tlen] == ZSTD_MAGIC:
+            flags |= _F_COMPRESSED
+        self._cluster.publish(bytes(payload[2:2 + tlen]), payload, f.msg_kind, flags, f.msg_id)
+
+    def _deliver_remote(self, payload, kind: int, flags: int, msg_id: int) -> None:
+        """Deliver a publish another broker received (``payload``: its PUBLISH payload) to
+        this broker's subscribers, as a local one is."""
+        n = len(payload)
+        if n < 2 or n > self.max_payload:
+            self.stats.cluster_invalid += 1
+            return
+        tlen = (payload[0] << 8) | payload[1]
+        if n < 2 + tlen:
+            self.stats.cluster_invalid += 1
+            return
+        try:
+            topic = bytes(payload[2:2 + tlen]).decode("utf-8")
+        except UnicodeDecodeError:
+            self.stats.cluster_invalid += 1
+            return
+        self.stats.cluster_received += 1
+        route = self._route(topic)
+        if route:
+            header = msip.encode_header(_EVENT, _K_EVENT, n, msg_id, flags & _F_COMPRESSED)
+            item = header + payload if n <= _INLINE_MAX else (header, payload)
+            urgent = bool(flags & _F_URGENT)
+            for session, reliable in route:
+                if session.conn is None and type(item) is tuple:
+                    item = header + bytes(payload)
+                self._deliver(session, item, _HDR + n, urgent, reliable, msg_id)
 
     def _deliver(self, session: _Session, item, size, urgent, reliable, msg_id) -> None:
         c = session.conn

@@ -1,0 +1,98 @@
+"""Delivered messages per second for 1, 2 and 3 ``mip broker --cluster`` brokers.
+
+A private redis-server and N brokers (``mip broker --cluster redis://…``) run in their own
+processes; one publisher connects to the first broker and the subscribers are spread over all
+of them in turn (``mip bench pubsub --subscribe-url``), so with N > 1 most events cross Redis.
+With N = 1 the broker still has ``--cluster`` (its publishes also go to Redis). Prints, per N,
+delivered msg/s, p50/p99 latency and the CPU seconds used by the brokers and by Redis per
+million delivered messages.
+
+    python bench/msip_cluster.py [--seconds 3] [--subscribers 6] [--size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from msip_pubsub import free_port, wait_port  # noqa: E402
+
+from mip.bench.pubsub import run_pubsub  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(n: int, redis_port: int, args) -> dict:
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    ports = [free_port() for _ in range(n)]
+    procs = [subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING",
+                               "broker", "--msip", f"tcp://127.0.0.1:{p}", "--cluster", url],
+                              cwd=ROOT, stdout=subprocess.DEVNULL)
+             for p in ports]
+    try:
+        for p in ports:
+            wait_port(p, 30)
+        urls = [f"tcp://127.0.0.1:{p}" for p in ports]
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
+        doc = asyncio.run(run_pubsub(urls[0], subscribers=args.subscribers, size=args.size,
+                                     duration=args.seconds, subscriber_urls=urls, settle=0.5,
+                                     ping_duration=0))
+        cpu = sum(cpu_seconds(p.pid) - c for p, c in zip(procs, cpu0))
+        return {"doc": doc, "broker_cpu": cpu}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--subscribers", type=int, default=6)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--brokers", type=int, nargs="+", default=[1, 2, 3])
+    args = ap.parse_args()
+    binary = shutil.which("redis-server")
+    if binary is None:
+        print("redis-server is not installed (apt-get install redis-server)", file=sys.stderr)
+        return 1
+    port = free_port()
+    redis = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        print(f"1 publisher on broker 1, {args.subscribers} subscribers spread over the brokers, "
+              f"{args.size} B, {args.seconds:g} s a run, os.cpu_count()={os.cpu_count()}")
+        print(f"{'brokers':>7} {'delivered/s':>12} {'lost':>6} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'broker CPU s/1M':>16} {'redis CPU s/1M':>15}")
+        for n in args.brokers:
+            r0 = cpu_seconds(redis.pid)
+            out = run(n, port, args)
+            rcpu = cpu_seconds(redis.pid) - r0
+            ps = out["doc"]["pubsub"]
+            per_m = 1e6 / max(ps["delivered"], 1)
+            print(f"{n:>7} {ps['delivered_per_s']:>12,.0f} {ps['lost']:>6} "
+                  f"{ps['latency_ms']['p50']:>8.2f} {ps['latency_ms']['p99']:>8.2f} "
+                  f"{out['broker_cpu'] * per_m:>16.1f} {rcpu * per_m:>15.1f}")
+    finally:
+        redis.terminate()
+        redis.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""Brokers joined through a real redis-server (``cluster=``, ``mip broker --cluster``): what is
+published on one broker reaches the subscribers of the others, once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mip.net import AsyncClient, Broker
+
+try:
+    from . import test_msip_support as w
+except ImportError:
+    import test_msip_support as w
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "frontends"))
+from _miaas import redis_server  # noqa: E402
+
+redis = pytest.importorskip("redis")
+
+
+@pytest.fixture(scope="module")
+def redis_port():
+    with redis_server() as port:
+        yield port
+
+
+def _redis(port: int):
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+
+def numsub(port: int, topic: str, prefix: str = "msip:") -> int:
+    """Brokers subscribed in Redis to ``topic``'s channel."""
+    with contextlib.closing(_redis(port)) as r:
+        return dict(r.pubsub_numsub(prefix + topic))[(prefix + topic).encode()]
+
+
+def numpat(port: int) -> int:
+    with contextlib.closing(_redis(port)) as r:
+        return r.pubsub_numpat()
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    """Wait (bounded) until ``predicate()`` holds; predicates may block briefly (Redis)."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def brokers(n: int, url: str, **options):
+    started = [Broker(cluster=url, **options) for _ in range(n)]
+    try:
+        for b in started:
+            await b.start("tcp://127.0.0.1:0")
+            assert b.stats.cluster_connected
+        yield started
+    finally:
+        for b in started:
+            await b.stop(grace=1.0)
+
+
+def _url(b: Broker) -> str:
+    return f"tcp://127.0.0.1:{b.port}"
+
+
+async def _collect(sub, count: int, timeout: float = 5.0) -> list[bytes]:
+    return [bytes((await sub.get(timeout)).data) for _ in range(count)]
+
+
+async def _nothing_more(*subs, wait: float = 0.2) -> None:
+    await asyncio.sleep(wait)
+    for s in subs:
+        with pytest.raises(asyncio.TimeoutError):
+            await s.get(0.01)
+
+
+def test_publish_on_one_broker_reaches_the_others_once_in_order(redis_port):
+    async def main():
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with brokers(3, url) as (a, b, c):
+            clients = [AsyncClient(_url(x), reconnect=False) for x in (a, b, c, a)]
+            local, on_b, on_c, pub = clients
+            for cl in clients:
+                await cl.connect()
+            subs = [await cl.subscribe("orders") for cl in (local, on_b, on_c)]
+            await until(lambda: numsub(redis_port, "orders") == 3)
+            sent = [b"order %d" % i for i in range(300)]
+            for data in sent:
+                await pub.publish("orders", data)
+            for s in subs:  # the publishing broker's own subscriber too: once, not twice
+                assert await _collect(s, len(sent)) == sent
+            await _nothing_more(*subs)
+            assert a.stats.cluster_published == 300 and a.stats.cluster_received == 0
+            assert b.stats.cluster_received == c.stats.cluster_received == 300
+            assert b.stats.cluster_published == c.stats.cluster_published == 0
+            assert a.stats.cluster_dropped == 0
+            # and from the other side: B publishes, A and C receive
+            await on_b.publish("orders", b"from b")
+            for s in subs:
+                assert bytes((await s.get(5)).data) == b"from b"
+            await _nothing_more(*subs)
+            for cl in clients:
+                await cl.close()
+
+    w.run(main(), 30)
+
+
+def test_unsubscribing_stops_cluster_traffic(redis_port):
+    async def main():
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with brokers(2, url) as (a, b):
+            pub, sub = AsyncClient(_url(a), reconnect=False), AsyncClient(_url(b), reconnect=False)
+            await pub.connect()
+            await sub.connect()
+            await sub.subscribe("quiet")
+            marker = await sub.subscribe("marker")
+            await until(lambda: numsub(redis_port, "quiet") == 1)
+            await sub.unsubscribe("quiet")
+            await until(lambda: numsub(redis_port, "quiet") == 0)
+            for i in range(20):
+                await pub.publish("quiet", b"%d" % i)
+            await until(lambda: numsub(redis_port, "marker") == 1)
+            await pub.publish("marker", b"m")
+            # Redis keeps one connection's order: the marker comes after the quiet publishes
+            assert bytes((await marker.get(5)).data) == b"m"
+            assert b.stats.cluster_received == 1  # nothing of "quiet" came to B
+            assert a.stats.cluster_published == 21
+            await sub.close()
+            await pub.close()
+
+    w.run(main(), 30)
+
+
+def test_foreign_messages_on_a_channel_are_counted_not_delivered(redis_port):
+    from mip.net.msip_cluster import ENVELOPE
+
+    async def main():
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with brokers(2, url) as (a, b):
+            sub = AsyncClient(_url(b), reconnect=False)
+            await sub.connect()
+            s = await sub.subscribe("t")
+            await until(lambda: numsub(redis_port, "t") == 1)
+            env = ENVELOPE.pack(1, 1, 0, 42, 7)
+            bad = [b"", b"junk", b"\x09" + env[1:] + b"\x00\x01t",  # unknown version
+                   env, env + b"\x00", env + b"\x00\x09t",  # topic length past the end
+                   env + b"\x00\x02\xff\xfe"]  # topic not UTF-8
+            with contextlib.closing(_redis(redis_port)) as r:
+                for data in bad:
+                    r.publish("msip:t", data)
+                r.publish("msip:t", env + b"\x00\x01tok")  # a well-formed one from "broker 42"
+            event = await s.get(5)
+            assert (event.topic, bytes(event.data), event.msg_id) == ("t", b"ok", 7)
+            assert b.stats.cluster_invalid == len(bad) and b.stats.cluster_received == 1
+            await _nothing_more(s)
+            await sub.close()
+
+    w.run(main(), 30)
+
+
+def test_patterns_map_to_psubscribe_and_deliver_once(redis_port):
+    async def main():
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with brokers(2, url, topic_patterns=True) as (a, b):
+            pub = AsyncClient(_url(a), reconnect=False)
+            await pub.connect()
+            subs = {}
+            # four sessions; s.* and s.> share the glob msip:s.*, and an event on s.a comes
+            # from Redis three times (its channel, msip:s.*, msip:*.a)
+            for topic in ("s.*", "s.>", "s.a", "*.a"):
+                cl = AsyncClient(_url(b), reconnect=False)
+                await cl.connect()
+                subs[topic] = await cl.subscribe(topic)
+            await until(lambda: numpat(redis_port) == 2 and numsub(redis_port, "s.a") == 1)
+            await pub.publish("s.a", b"1")
+            await pub.publish("s.b.c", b"2")  # the glob of s.* matches it; s.* does not
+            await pub.publish("t.x", b"3")  # nobody's
+            assert await _collect(subs["s.*"], 1) == [b"1"]
+            assert await _collect(subs["s.>"], 2) == [b"1", b"2"]
+            assert await _collect(subs["s.a"], 1) == [b"1"]
+            assert await _collect(subs["*.a"], 1) == [b"1"]
+            await _nothing_more(*subs.values())
+            assert b.stats.cluster_received == 2  # once each, whatever matched in Redis
+            for s in subs.values():
+                await s.client.close()
+            await until(lambda: numpat(redis_port) == 0 and numsub(redis_port, "s.a") == 0)
+            await pub.close()
+
+    w.run(main(), 30)
+
+
+def test_reference_layout_clients_across_brokers(redis_port):
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    threads = [w.BrokerThread(cluster=url) for _ in range(3)]
+    try:
+        a, b, c = threads
+        subs = []
+        for t in (b, c):
+            s = w.RefClient(t.port)
+            s.hello()
+            s.subscribe("sensors.t")
+            subs.append(s)
+        assert w.wait_for(lambda: numsub(redis_port, "sensors.t") == 2, 5)
+        pub = w.RefClient(a.port)
+        pub.hello(msg_id=3)
+        for i in range(50):
+            payload = w.publish_payload("sensors.t", b"%d" % i)
+            pub.send(w.PUBLISH, payload, msg_id=1000 + i, flags=w.URGENT)
+            assert pub.recv_raw() == w.frame(w.ACK, b"", 1000 + i, 0, w.K_STATE)
+        for s in subs:  # the same EVENT a local publish gives, in order
+            for i in range(50):
+                payload = w.publish_payload("sensors.t", b"%d" % i)
+                assert s.recv_raw() == w.frame(w.EVENT, payload, 1000 + i, 0, w.K_EVENT)
+            with pytest.raises(TimeoutError):  # and nothing more
+                s.recv_raw(timeout=0.2)
+        zstd = pytest.importorskip("zstandard")
+        data = zstd.ZstdCompressor().compress(b"x" * 1000)
+        payload = w.publish_payload("sensors.t", data)
+        pub.send(w.PUBLISH, payload, msg_id=7, flags=w.COMPRESSED)
+        for s in subs:
+            assert s.recv_raw() == w.frame(w.EVENT, payload, 7, w.COMPRESSED, w.K_EVENT)
+    finally:
+        for t in threads:
+            t.stop()
+
+
+def _start_redis(port: int) -> subprocess.Popen:
+    """redis-server on ``port`` (as ``redis_server`` starts it), for a restart on one port."""
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--protected-mode", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_redis_restart_local_traffic_goes_on_and_cluster_resumes():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _start_redis(port)
+
+    async def main():
+        nonlocal proc
+        url = f"redis://127.0.0.1:{port}/0"
+        async with brokers(2, url, cluster_max_pending=4096) as (a, b):
+            pub = AsyncClient(_url(a), reconnect=False)
+            local = AsyncClient(_url(a), reconnect=False)
+            remote = AsyncClient(_url(b), reconnect=False)
+            for cl in (pub, local, remote):
+                await cl.connect()
+            lsub, rsub = await local.subscribe("t"), await remote.subscribe("t")
+            await until(lambda: numsub(port, "t") == 2)
+            await pub.publish("t", b"before")
+            assert bytes((await lsub.get(5)).data) == b"before"
+            assert bytes((await rsub.get(5)).data) == b"before"
+
+            await asyncio.to_thread(_stop, proc)
+            await until(lambda: not a.stats.cluster_connected and not b.stats.cluster_connected)
+            for i in range(200):  # 200 * ~40 octets: more than the 4096 octets queued at most
+                await pub.publish("t", b"down %03d" % i)
+            assert await _collect(lsub, 200) == [b"down %03d" % i for i in range(200)]
+            assert 0 < a.stats.cluster_pending_bytes <= 4096
+            assert a.stats.cluster_dropped > 0
+
+            proc = await asyncio.to_thread(_start_redis, port)
+            await until(lambda: a.stats.cluster_connected and b.stats.cluster_connected, 15)
+            await until(lambda: numsub(port, "t") == 2, 10)
+            assert b.stats.cluster_reconnects >= 1
+            await until(lambda: a.stats.cluster_pending_bytes == 0, 10)
+            await pub.publish("t", b"after")
+            assert bytes((await lsub.get(5)).data) == b"after"
+            # what was queued (within the bound) while Redis was down went out when it came
+            # back, possibly before B subscribed again: B sees a subset of it, then "after"
+            seen = []
+            while True:
+                data = bytes((await rsub.get(5)).data)
+                if data == b"after":
+                    break
+                seen.append(data)
+            assert seen == sorted(seen) and all(d.startswith(b"down") for d in seen)
+            for cl in (pub, local, remote):
+                await cl.close()
+
+    try:
+        w.run(main(), 60)
+    finally:
+        _stop(proc)
+
+
+def test_broker_starts_without_redis_and_bounds_its_queue():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+
+    async def main():
+        b = Broker(cluster=f"redis://127.0.0.1:{port}/0", cluster_max_pending=1000)
+        await b.start("tcp://127.0.0.1:0")
+        try:
+            assert not b.stats.cluster_connected
+            cl = AsyncClient(_url(b), reconnect=False)
+            await cl.connect()
+            sub = await cl.subscribe("x")
+            for i in range(100):
+                await cl.publish("x", b"%d" % i)
+            assert await _collect(sub, 100) == [b"%d" % i for i in range(100)]
+            assert b.stats.cluster_pending_bytes <= 1000
+            assert b.stats.cluster_dropped > 0
+            assert b.stats.cluster_published == 0
+            await cl.close()
+        finally:
+            await b.stop(grace=1.0)
+
+    w.run(main(), 20)
+
+
+def test_cluster_url_is_checked():
+    with pytest.raises(ValueError, match="redis://"):
+        Broker(cluster="nats://127.0.0.1:4222")
+    with pytest.raises(ValueError, match="max_pending"):
+        Broker(cluster="redis://127.0.0.1:1/0", cluster_max_pending=0)
+
+
+def test_help_lists_the_cluster_flags():
+    out = subprocess.run([sys.executable, "-m", "mip.cli", "broker", "--help"],
+                         capture_output=True, text=True, timeout=60, cwd=w.ROOT).stdout
+    for flag in ("--cluster URL", "--cluster-prefix TEXT", "--cluster-max-pending OCTETS"):
+        assert flag in out
+    assert "(default 8M)" in " ".join(out.split())
+
+
+def test_cluster_without_the_redis_package_names_the_extra():
+    code = ("import sys; sys.modules['redis'] = None; from mip.cli import main; "
+            "sys.exit(main(['broker', '--msip', 'tcp://127.0.0.1:0', '--cluster', "
+            "'redis://127.0.0.1:1/0']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=w.ROOT)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "mip: error: --cluster needs the Python package 'redis', which is not installed: "
+        "pip install 'mip-toolkit[broker]'"]
+
+
+class _Broker(w.BrokerProcess):
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(10)
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def test_mip_broker_processes_and_a_killed_broker(redis_port):
+    """Three ``mip broker --cluster`` processes; the broker of a subscriber is killed
+    mid-stream; the subscriber reconnects to another broker and receives what is published
+    from then on. At most once: what was published while it had no subscription anywhere
+    (between the kill and its SUBSCRIBE on the other broker) is not delivered to it."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    procs = [_Broker("--cluster", url) for _ in range(3)]
+    try:
+        for p in procs:
+            p.connect().close()
+        a, b, c = procs
+
+        async def main():
+            pub = AsyncClient(f"tcp://127.0.0.1:{a.port}", reconnect=False)
+            sub = AsyncClient(f"tcp://127.0.0.1:{b.port}", reconnect=False)
+            other = AsyncClient(f"tcp://127.0.0.1:{c.port}", reconnect=False)
+            for cl in (pub, sub, other):
+                await cl.connect()
+            s_b = await sub.subscribe("stream")
+            s_c = await other.subscribe("stream")
+            await until(lambda: numsub(redis_port, "stream") == 2, 10)
+            got_b, got_c = [], []
+            for i in range(100):
+                await pub.publish("stream", b"%05d" % i)
+            got_b += await _collect(s_b, 100)
+            b.stop(signal.SIGKILL)  # mid-stream: A keeps publishing
+            for i in range(100, 150):
+                await pub.publish("stream", b"%05d" % i)
+            with contextlib.suppress(Exception):
+                await sub.close()
+            got_c += await _collect(s_c, 150)  # all of it reached C before the move
+            moved = AsyncClient(f"tcp://127.0.0.1:{c.port}", reconnect=False)
+            await moved.connect()
+            s_moved = await moved.subscribe("stream")
+            await until(lambda: numsub(redis_port, "stream") == 1, 10)  # B's is gone
+            for i in range(150, 250):
+                await pub.publish("stream", b"%05d" % i)
+            got_moved = await _collect(s_moved, 100)
+            got_c += await _collect(s_c, 100)
+            assert got_b == [b"%05d" % i for i in range(100)]
+            assert got_moved == [b"%05d" % i for i in range(150, 250)]
+            assert got_c == [b"%05d" % i for i in range(250)]  # C's own subscriber: all
+            await _nothing_more(s_moved, s_c)
+            for cl in (pub, other, moved):
+                await cl.close()
+
+        w.run(main(), 60)
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_bench_pubsub_across_brokers(redis_port):
+    from mip.bench.pubsub import run_pubsub
+
+    async def main():
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with brokers(2, url) as (a, b):
+            doc = await run_pubsub(_url(a), subscribers=4, subscriber_urls=[_url(a), _url(b)],
+                                   settle=0.3, duration=0.3, warmup=0.1, ping_duration=0,
+                                   max_messages=2000)
+            ps = doc["pubsub"]
+            assert ps["published"] > 0 and ps["lost"] == 0
+            assert ps["delivered"] == 4 * ps["published"]
+            assert doc["target"]["subscriber_urls"] == [_url(a), _url(b)]
+            assert b.stats.cluster_received == ps["published"]
+
+    w.run(main(), 30)
