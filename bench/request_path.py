@@ -3,10 +3,10 @@
 Runs the MIP frontend, the data plane, the engine and the batcher in one process, without
 sockets: rounds of 32 decoded requests are started together (one batch of 32, as pipelined
 clients make), awaited, and their replies encoded. Every batch runs on the event loop's thread,
-so the count does not depend on thread scheduling. Under ``valgrind --tool=callgrind`` the
-instruction count is the same from run to run whatever else the machine does; the count per
-request is the difference between a long and a short run divided by the requests between them
-(start-up cancels out)::
+so the count does not depend on thread scheduling. Under ``valgrind --tool=callgrind`` only the
+measured rounds are counted (they run inside a call of libc's ``qsort``, which callgrind is
+told to count: ``--toggle-collect=qsort``), on the thread that runs them; the count is the
+same from run to run whatever else the machine does::
 
     python bench/request_path.py                       # this checkout, identity model
     python bench/request_path.py --python ~/.cache/mip-bench/revisions/1f44a448c2a4/bin/python
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import inspect
 import os
 import re
@@ -46,7 +47,7 @@ def _inner(repository: str, model: str, rounds: int) -> None:
 
     batching.Batcher._inline = lambda self, rows: True  # every batch on the loop's thread
 
-    async def main() -> None:
+    async def setup():
         engine = Engine(ModelRepository(repository), models=[model])
         await engine.start()
         options = {}
@@ -59,29 +60,49 @@ def _inner(repository: str, model: str, rounds: int) -> None:
         frame = mip.encode_request([[np.ones((1, width), np.float32)]], model=model)
         messages = [mip.FrameParser().feed(frame)[0] for _ in range(ROUND)]
         with_source = "source" in inspect.signature(handler.start).parameters
-        started = time.process_time()
-        for _ in range(rounds + 20):
+        return engine, handler, messages, with_source
+
+    async def rounds_of(count, handler, messages, with_source):
+        for _ in range(count):
             replies = [handler.start(m, "127.0.0.1") if with_source else handler.start(m)
                        for m in messages]
             for reply in replies:
                 await reply
-        seconds = time.process_time() - started
-        print(f"seconds {seconds / ((rounds + 20) * ROUND)}")
-        await engine.stop()
 
     try:
         import uvloop
-        uvloop.run(main())
+        loop = uvloop.new_event_loop()
     except ImportError:
-        asyncio.run(main())
+        loop = asyncio.new_event_loop()
+    engine, handler, messages, with_source = loop.run_until_complete(setup())
+    loop.run_until_complete(rounds_of(20, handler, messages, with_source))  # warm-up
+    measured = {}
+
+    def measure(a, b):
+        # Run inside libc's qsort, so that callgrind (--toggle-collect=qsort) counts this
+        # and nothing else.
+        started = time.process_time()
+        loop.run_until_complete(rounds_of(rounds, handler, messages, with_source))
+        measured["seconds"] = time.process_time() - started
+        return 0
+
+    libc = ctypes.CDLL(None)
+    compare = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(measure)
+    pair = (ctypes.c_int * 2)(0, 1)
+    libc.qsort(pair, 2, ctypes.sizeof(ctypes.c_int), compare)
+    print(f"seconds {measured['seconds'] / (rounds * ROUND)}")
+    loop.run_until_complete(engine.stop())
+    loop.close()
 
 
 def _callgrind(python: str, repository: str, model: str, rounds: int) -> int:
+    """Instructions of the measured rounds alone, on the thread that runs them."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         run = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python, __file__,
-             "--inner", repository, model, str(rounds)],
+            ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=qsort_r",
+             f"--callgrind-out-file={out}", python, __file__, "--inner", repository, model,
+             str(rounds)],
             capture_output=True, text=True, check=True)
     found = re.search(r"Collected : (\d+)", run.stderr)
     if not found:
@@ -97,8 +118,7 @@ def main() -> int:
     p.add_argument("--python", default=sys.executable,
                    help="the Python of the mip installation to measure (default: this one)")
     p.add_argument("--model", default="identity", help="identity, mlp or identity_1m")
-    p.add_argument("--rounds", type=int, default=100,
-                   help="rounds of 32 requests between the short and the long run")
+    p.add_argument("--rounds", type=int, default=100, help="rounds of 32 requests measured")
     p.add_argument("--time", action="store_true",
                    help="CPU seconds a request instead of instructions (no valgrind)")
     args = p.parse_args()
@@ -113,9 +133,8 @@ def main() -> int:
             seconds = float(out.stdout.split()[-1])
             print(f"{args.model}: {seconds * 1e6:.1f} µs CPU a request ({args.python})")
             return 0
-        short = _callgrind(args.python, repository, args.model, 0)
-        long = _callgrind(args.python, repository, args.model, args.rounds)
-    per_request = (long - short) / (args.rounds * ROUND)
+        counted = _callgrind(args.python, repository, args.model, args.rounds)
+    per_request = counted / (args.rounds * ROUND)
     print(f"{args.model}: {per_request:,.0f} instructions a request ({args.python})")
     return 0
 
