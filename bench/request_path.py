@@ -4,9 +4,9 @@ Runs the MIP frontend, the data plane, the engine and the batcher in one process
 sockets: rounds of 32 decoded requests are started together (one batch of 32, as pipelined
 clients make), awaited, and their replies encoded. Every batch runs on the event loop's thread,
 so the count does not depend on thread scheduling. Under ``valgrind --tool=callgrind`` only the
-measured rounds are counted (they run inside a call of libc's ``qsort``, which callgrind is
-told to count: ``--toggle-collect=qsort``), on the thread that runs them; the count is the
-same from run to run whatever else the machine does::
+measured rounds are counted (they run inside a call of libc's ``qsort``, whose ``qsort_r``
+callgrind is told to count: ``--toggle-collect=qsort_r``), on the thread that runs them; the
+count is the same from run to run (to 0.1%) whatever else the machine does::
 
     python bench/request_path.py                       # this checkout, identity model
     python bench/request_path.py --python ~/.cache/mip-bench/revisions/1f44a448c2a4/bin/python
