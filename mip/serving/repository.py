@@ -377,7 +377,10 @@ class ModelRepository:
             version.state, version.reason = ModelState.UNLOADING, "finishing its requests"
         if retiring:
             with self._lock:
-                self._unloading.setdefault(name, []).extend(retiring)
+                # Closed ones leave the list here too, not only when the index is read: a
+                # server reloaded again and again without anyone reading the index keeps none.
+                held = [v for v in self._unloading.get(name, ()) if v.state is ModelState.UNLOADING]
+                self._unloading[name] = held + retiring
 
     def unload(self, name: str) -> list[ModelVersion]:
         """Remove ``name`` from service; returns its versions (the caller closes them).
