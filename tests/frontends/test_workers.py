@@ -1,0 +1,383 @@
+"""`mip serve --workers N`: N processes on the same MIP, gRPC and REST ports; a worker that
+dies is started again, SIGTERM drains them all, /metrics counts every worker's requests."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from mip.net.mip_client import Client
+from mip.serving.demo import build_demo_repository
+
+from _oip_server import add_python_model
+from _serve_process import ROOT, start as _start, stop as _stop
+from mip.workers import parse_workers
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="reads /proc to see which worker holds a connection")
+
+X = np.arange(16, dtype=np.float32).reshape(1, 16)
+ROUNDS = 40  # connections opened, at most, until each worker has held one
+
+# y = x after sleeping x seconds; first leaves a file started-PID-X in FOLDER, so that a test
+# knows the request is in a worker (and which one).
+MARKED_MODEL = """
+import os
+import time
+import numpy as np
+
+class Marked:
+    inputs = [("x", "FP32", [-1, 1])]
+    outputs = [("y", "FP32", [-1, 1])]
+
+    def infer(self, inputs):
+        x = inputs["x"]
+        open(os.path.join(FOLDER, f"started-{os.getpid()}-{float(x.max())}"), "w").close()
+        time.sleep(min(float(x.max()), 30.0))
+        return {"y": np.array(x, copy=True)}
+"""
+
+
+def _serve(tmp_path, *extra):
+    repo = build_demo_repository(tmp_path / "repo")
+    (tmp_path / "marks").mkdir()
+    add_python_model(repo, "marked", MARKED_MODEL.replace("FOLDER", repr(str(tmp_path / "marks"))))
+    env_tmp = tmp_path / "tmp"
+    env_tmp.mkdir()
+    os.environ["TMPDIR"] = str(env_tmp)  # the metrics folder the supervisor makes
+    try:
+        process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
+                               "--mip-model", "identity", "--http", "127.0.0.1:0",
+                               "--grpc", "127.0.0.1:0", "--workers", "2", *extra], 1,
+                              pattern="mip: 2 worker processes serving")
+    finally:
+        del os.environ["TMPDIR"]
+    pids = [int(p) for p in re.search(r"\(pids ([\d, ]+)\)", out).group(1).split(", ")]
+    urls = {"mip": re.search(r"serving MIP on (\S+)", out).group(1),
+            "grpc": re.search(r"KServe v2 gRPC on (\S+)", out).group(1),
+            "http": re.search(r"REST and /metrics on http://(\S+)", out).group(1)}
+    return process, pids, urls, env_tmp
+
+
+def _socket_inodes(pid) -> set[str]:
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:  # a worker that was killed
+        return inodes
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return inodes
+
+
+def _held(pids, address: str) -> dict[int, int]:
+    """Client port -> the worker holding the other end, of each of this process's open
+    connections to ``address`` (HOST:PORT), read from /proc."""
+    server_port = int(address.rsplit(":", 1)[1])
+    mine = _socket_inodes("self")
+    rows = []
+    for name in ("tcp", "tcp6"):  # gRPC's client sockets are IPv6 ones, v4-mapped
+        with open(f"/proc/net/{name}") as table:
+            rows += [line.split() for line in table.readlines()[1:]]
+
+    def port(field):
+        return int(field.split(":")[1], 16)
+
+    client_ports = {port(r[1]) for r in rows if r[9] in mine and port(r[2]) == server_port}
+    server_ends = {r[9]: port(r[2]) for r in rows
+                   if port(r[1]) == server_port and port(r[2]) in client_ports}
+    held = {}
+    for pid in pids:
+        for inode in _socket_inodes(pid) & set(server_ends):
+            held[server_ends[inode]] = pid
+    return held
+
+
+def _holders(pids, address: str) -> set[int]:
+    """The workers holding this process's open connections to ``address``."""
+    return set(_held(pids, address).values())
+
+
+def _rest_request(address):
+    """One inference over a new connection, left open (the caller closes it)."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32",
+                                   "data": X.ravel().tolist()}]})
+    connection.request("POST", "/v2/models/identity/infer", body,
+                       {"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    assert answer.status == 200, answer.read()
+    assert json.loads(answer.read())["outputs"][0]["data"] == X.ravel().tolist()
+    return connection
+
+
+def _grpc_client(address):
+    # a subchannel pool of its own: a new connection, not one shared with earlier clients
+    return grpcclient.InferenceServerClient(
+        address, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _grpc_request(client):
+    tensor = grpcclient.InferInput("input", [1, 16], "FP32")
+    tensor.set_data_from_numpy(X)
+    np.testing.assert_array_equal(client.infer("identity", [tensor]).as_numpy("output"), X)
+
+
+def _one_of_each(urls, pids) -> dict[str, set[int]]:
+    """One request per protocol, each on a new connection: which worker held each."""
+    held = {}
+    with Client(urls["mip"]) as client:
+        (item,) = client.infer([[X]])
+        np.testing.assert_array_equal(item[0], X)
+        held["mip"] = _holders(pids, urls["mip"].removeprefix("tcp://"))
+    connection = _rest_request(urls["http"])
+    try:
+        held["http"] = _holders(pids, urls["http"])
+    finally:
+        connection.close()
+    client = _grpc_client(urls["grpc"])
+    try:
+        _grpc_request(client)
+        held["grpc"] = _holders(pids, urls["grpc"])
+    finally:
+        client.close()
+    return held
+
+
+def _metrics(address) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def _successes(text: str, protocol: str) -> int:
+    return sum(int(float(v)) for v in re.findall(
+        r'^nv_inference_request_success\{model="identity",protocol="' + protocol
+        + r'",version="1"\} (\S+)$', text, re.M))
+
+
+def _wait(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_two_workers_serve_every_protocol_and_metrics_count_both(tmp_path):
+    process, pids, urls, _ = _serve(tmp_path)
+    try:
+        held = {"mip": set(), "grpc": set(), "http": set()}
+        rounds = 0
+        while rounds < ROUNDS and any(len(h) < 2 for h in held.values()):
+            for protocol, holders in _one_of_each(urls, pids).items():
+                assert len(holders) == 1, (protocol, holders)
+                held[protocol] |= holders
+            rounds += 1
+        assert held == {"mip": set(pids), "grpc": set(pids), "http": set(pids)}
+        # one /metrics for both: the other worker's series are published within a second
+        assert _wait(lambda: all(_successes(_metrics(urls["http"]), p) == rounds
+                                 for p in held)), (rounds, _metrics(urls["http"]))
+        text = _metrics(urls["http"])
+        assert text.count("# TYPE nv_inference_request_success counter") == 1
+        assert re.search(r"^mip_models_loaded 3(\.0)?$", text, re.M), text
+    finally:
+        assert _stop(process) == 0
+
+
+def _marks(tmp_path) -> dict[int, list[str]]:
+    """pid -> the x of each marked request that started in it."""
+    found: dict[int, list[str]] = {}
+    for name in os.listdir(tmp_path / "marks"):
+        _, pid, x = name.split("-", 2)
+        found.setdefault(int(pid), []).append(x)
+    return found
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a thread; returns (thread, outcome list: [result] or [exception])."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(fn())
+        except BaseException as exc:  # the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _marked(url, x: float, client=None):
+    def call():
+        own = client is None
+        c = Client(url) if own else client
+        try:
+            (item,) = c.infer([[np.full((1, 1), x, np.float32)]], model="marked")
+            return float(item[0][0, 0])
+        finally:
+            if own:
+                c.close()
+    return call
+
+
+def _read_lines(process) -> list[str]:
+    lines: list[str] = []
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def test_a_killed_worker_fails_its_requests_and_is_started_again(tmp_path):
+    process, pids, urls, _ = _serve(tmp_path)
+    lines = _read_lines(process)
+    try:
+        # a request in a worker when it is killed: the client gets an error, at once
+        thread, outcome = _in_thread(_marked(urls["mip"], 30.0))
+        assert _wait(lambda: _marks(tmp_path))
+        (victim,) = _marks(tmp_path)
+        index = pids.index(victim)
+        os.kill(victim, signal.SIGKILL)
+        thread.join(15)
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], ConnectionError), outcome
+        # meanwhile the other worker answers every protocol on the same ports
+        survivor = {pid for pid in pids if pid != victim}
+        for _ in range(3):  # (or by the new worker, once it serves: not among pids)
+            assert all(h <= survivor for h in _one_of_each(urls, pids).values())
+        assert _wait(lambda: any("started again" in line for line in lines))
+        text = "".join(lines)
+        assert re.search(rf"worker {index} \(pid {victim}\) killed by signal 9 \(SIGKILL\); "
+                         r"starting it again in [\d.]+ s", text), text
+        new = int(re.search(rf"worker {index} started again \(pid (\d+)\)", text).group(1))
+        pids = [new if pid == victim else pid for pid in pids]
+        held = {"mip": set(), "grpc": set(), "http": set()}
+        for _ in range(ROUNDS):
+            for protocol, holders in _one_of_each(urls, pids).items():
+                held[protocol] |= holders
+            if all(new in h for h in held.values()):
+                break
+        assert all(new in h for h in held.values()), held
+    finally:
+        assert _stop(process) == 0, "".join(lines)
+
+
+def test_sigterm_drains_every_worker(tmp_path):
+    process, pids, urls, _ = _serve(tmp_path)
+    clients = {}
+    try:
+        address = urls["mip"].removeprefix("tcp://")
+        for _ in range(ROUNDS):  # a connection held by each worker
+            before = _held(pids, address)
+            client = Client(urls["mip"])
+            client.ping()
+            (holder,) = {p for port, p in _held(pids, address).items() if port not in before}
+            if holder in clients:
+                client.close()
+                continue
+            clients[holder] = client
+            if len(clients) == 2:
+                break
+        assert set(clients) == set(pids)
+        calls = [_in_thread(_marked(urls["mip"], 1.5, client)) for client in clients.values()]
+        assert _wait(lambda: set(_marks(tmp_path)) == set(pids))
+        process.send_signal(signal.SIGTERM)
+        for thread, outcome in calls:
+            thread.join(20)
+            assert outcome == [1.5]
+        assert process.wait(20) == 0
+    finally:
+        for client in clients.values():
+            client.close()
+        if process.poll() is None:
+            process.kill()
+
+
+def test_model_control_is_refused_with_several_workers(tmp_path):
+    process, pids, urls, _ = _serve(tmp_path)
+    try:
+        request = urllib.request.Request(
+            f"http://{urls['http']}/v2/repository/models/identity/unload", data=b"{}",
+            method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 400
+        assert "--workers" in json.loads(refused.value.read())["error"]
+        client = _grpc_client(urls["grpc"])
+        try:
+            with pytest.raises(grpcclient.InferenceServerException) as refused:
+                client.load_model("identity")
+            assert "--workers" in refused.value.message()
+        finally:
+            client.close()
+        for _ in range(4):  # still served by both
+            _one_of_each(urls, pids)
+    finally:
+        assert _stop(process) == 0
+
+
+def test_unix_socket_is_shared(tmp_path):
+    path = tmp_path / "mip.sock"
+    repo = build_demo_repository(tmp_path / "repo")
+    process, _ = _start(["--model-repository", str(repo), "--mip", f"unix://{path}",
+                         "--mip-model", "identity", "--http", "none", "--grpc", "none",
+                         "--workers", "2"], 1, pattern="mip: 2 worker processes serving")
+    try:
+        for _ in range(8):
+            with Client(f"unix://{path}") as client:
+                (item,) = client.infer([[X]])
+                np.testing.assert_array_equal(item[0], X)
+    finally:
+        assert _stop(process) == 0
+    assert not path.exists()
+
+
+def _mip(*args, timeout: float = 60.0):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "mip.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", ""])
+def test_bad_worker_counts_are_command_line_errors(value):
+    result = _mip("serve", "--workers", value)
+    assert result.returncode == 2
+    assert "expected a number of worker processes of at least 1, or 'auto'" in result.stderr
+
+
+def test_auto_is_one_worker_per_usable_core():
+    assert parse_workers("auto") == len(os.sched_getaffinity(0))
+    assert parse_workers(" 3 ") == 3
+
+
+def test_a_start_error_is_reported_once(tmp_path):
+    result = _mip("serve", "--workers", "2", "--model-repository", str(tmp_path / "missing"),
+                  "--mip", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0", "--grpc",
+                  "127.0.0.1:0")
+    assert result.returncode == 1
+    assert result.stderr.count("does not exist") == 1, result.stderr
+    assert "Traceback" not in result.stderr
