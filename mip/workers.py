@@ -252,11 +252,11 @@ class Supervisor:
         first = self.slots[0]
         self._start(first, announce=True)
         if not self._wait_ready([first]):
-            return self._failed_start()
+            return self._drain() if self._stopping else self._failed_start()
         for slot in self.slots[1:]:
             self._start(slot, announce=False)
         if not self._wait_ready(self.slots[1:]):
-            return self._failed_start()
+            return self._drain() if self._stopping else self._failed_start()
         print(f"mip: {self.count} worker processes serving (pids "
               f"{', '.join(str(s.pid) for s in self.slots)})", flush=True)
         self._serving = True

@@ -381,3 +381,38 @@ def test_a_start_error_is_reported_once(tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("does not exist") == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _exposition(success: int, pending: int, loaded: int, started: float) -> bytes:
+    return (f'# HELP nv_inference_request_success Number of successful inference requests\n'
+            f'# TYPE nv_inference_request_success counter\n'
+            f'nv_inference_request_success{{model="m",protocol="mip",version="1"}} {success}\n'
+            f'# HELP nv_inference_pending_request_count Requests waiting\n'
+            f'# TYPE nv_inference_pending_request_count gauge\n'
+            f'nv_inference_pending_request_count{{model="m",version="1"}} {pending}.0\n'
+            f'# HELP mip_models_loaded Model versions ready to serve\n'
+            f'# TYPE mip_models_loaded gauge\n'
+            f'mip_models_loaded {loaded}.0\n'
+            f'# HELP process_start_time_seconds Start time\n'
+            f'# TYPE process_start_time_seconds gauge\n'
+            f'process_start_time_seconds {started}\n').encode()
+
+
+def test_merged_metrics_keep_dead_workers_counts_and_live_workers_gauges():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mip.frontends.oip.worker_metrics import merge
+
+    own = _exposition(success=3, pending=1, loaded=2, started=200.5)
+    live = _exposition(success=4, pending=2, loaded=1, started=100.5)
+    dead = _exposition(success=5, pending=7, loaded=9, started=50.5)
+    text = merge(own, [(live, True), (dead, False)]).decode()
+    values = {sample.name: sample.value
+              for family in text_string_to_metric_families(text) for sample in family.samples}
+    # (the parser adds _total to counters)
+    assert values == {"nv_inference_request_success_total": 12,  # every worker's, the dead one too
+                      "nv_inference_pending_request_count": 3,  # the live workers'
+                      "mip_models_loaded": 2,  # the answering worker's
+                      "process_start_time_seconds": 100.5}  # the oldest live worker's
+    assert 'nv_inference_request_success{model="m",protocol="mip",version="1"} 12\n' in text
+    assert text.count("# TYPE") == 4
