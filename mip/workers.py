@@ -334,6 +334,9 @@ class Supervisor:
             os.close(slot.ready_fd)
             slot.ready_fd = -1
         _retire_metrics(self.metrics_dir, slot)
+        if (self._stopping and not was_ready and os.WIFSIGNALED(status)
+                and os.WTERMSIG(status) == signal.SIGTERM):
+            slot.status = 0  # stopped while it was starting, before it could drain: no error
         if self._stopping or not self._serving:
             return
         lived = time.monotonic() - slot.started

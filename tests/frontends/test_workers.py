@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -22,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from mip.net.mip_client import Client
 from mip.serving.demo import build_demo_repository
 
-from _oip_server import add_python_model
+from _oip_server import add_python_model, wait_until
 from _serve_process import ROOT, start as _start, stop as _stop
 from mip.workers import parse_workers
 
@@ -31,6 +30,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 
 X = np.arange(16, dtype=np.float32).reshape(1, 16)
 ROUNDS = 40  # connections opened, at most, until each worker has held one
+WAIT = 20.0  # seconds, at most, for what the server does on its own
 
 # y = x after sleeping x seconds; first leaves a file started-PID-X in FOLDER, so that a test
 # knows the request is in a worker (and which one).
@@ -174,15 +174,6 @@ def _successes(text: str, protocol: str) -> int:
         + r'",version="1"\} (\S+)$', text, re.M))
 
 
-def _wait(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_two_workers_serve_every_protocol_and_metrics_count_both(tmp_path):
     process, pids, urls, _ = _serve(tmp_path)
     try:
@@ -195,8 +186,8 @@ def test_two_workers_serve_every_protocol_and_metrics_count_both(tmp_path):
             rounds += 1
         assert held == {"mip": set(pids), "grpc": set(pids), "http": set(pids)}
         # one /metrics for both: the other worker's series are published within a second
-        assert _wait(lambda: all(_successes(_metrics(urls["http"]), p) == rounds
-                                 for p in held)), (rounds, _metrics(urls["http"]))
+        assert wait_until(lambda: all(_successes(_metrics(urls["http"]), p) == rounds
+                                     for p in held), WAIT, 0.1), (rounds, _metrics(urls["http"]))
         text = _metrics(urls["http"])
         assert text.count("# TYPE nv_inference_request_success counter") == 1
         assert re.search(r"^mip_models_loaded 3(\.0)?$", text, re.M), text
@@ -258,7 +249,7 @@ def test_a_killed_worker_fails_its_requests_and_is_started_again(tmp_path):
     try:
         # a request in a worker when it is killed: the client gets an error, at once
         thread, outcome = _in_thread(_marked(urls["mip"], 30.0))
-        assert _wait(lambda: _marks(tmp_path))
+        assert wait_until(lambda: _marks(tmp_path), WAIT)
         (victim,) = _marks(tmp_path)
         index = pids.index(victim)
         os.kill(victim, signal.SIGKILL)
@@ -269,7 +260,7 @@ def test_a_killed_worker_fails_its_requests_and_is_started_again(tmp_path):
         survivor = {pid for pid in pids if pid != victim}
         for _ in range(3):  # (or by the new worker, once it serves: not among pids)
             assert all(h <= survivor for h in _one_of_each(urls, pids).values())
-        assert _wait(lambda: any("started again" in line for line in lines))
+        assert wait_until(lambda: any("started again" in line for line in lines), WAIT)
         text = "".join(lines)
         assert re.search(rf"worker {index} \(pid {victim}\) killed by signal 9 \(SIGKILL\); "
                          r"starting it again in [\d.]+ s", text), text
@@ -304,7 +295,7 @@ def test_sigterm_drains_every_worker(tmp_path):
                 break
         assert set(clients) == set(pids)
         calls = [_in_thread(_marked(urls["mip"], 1.5, client)) for client in clients.values()]
-        assert _wait(lambda: set(_marks(tmp_path)) == set(pids))
+        assert wait_until(lambda: set(_marks(tmp_path)) == set(pids), WAIT)
         process.send_signal(signal.SIGTERM)
         for thread, outcome in calls:
             thread.join(20)
