@@ -477,8 +477,9 @@ async def _serve(args) -> int:
 
         if role.count > 1:
             _refuse_model_control(engine, role.count)
-        publisher = WorkerMetrics(metrics, role.metrics_dir)
-        publisher.start()
+        if args.http.lower() != "none":  # where /metrics is served
+            publisher = WorkerMetrics(metrics, role.metrics_dir)
+            publisher.start()
         role.ready()
     await _wait_for_signal()
     log.info("shutting down: finishing requests in flight")

@@ -306,8 +306,7 @@ class Supervisor:
             if data:
                 slot.ready = True
                 if self._serving:
-                    print(f"mip: worker {slot.index} started again (pid {slot.pid})",
-                          file=sys.stderr, flush=True)
+                    log.info("worker %d started again (pid %d)", slot.index, slot.pid)
             self._selector.unregister(key.fd)  # one message, or the end of the worker
             os.close(key.fd)
             slot.ready_fd = -1
@@ -343,9 +342,9 @@ class Supervisor:
         slot.quick_exits = slot.quick_exits + 1 if lived < HEALTHY_AFTER else 0
         delay = (0.0 if not slot.quick_exits
                  else min(FIRST_BACKOFF * 2 ** (slot.quick_exits - 1), MAX_BACKOFF))
-        print(f"mip: worker {slot.index} (pid {slot.last_pid}) {describe_exit(status)}"
-              f"{'' if was_ready else ' before it was ready'}; starting it again in "
-              f"{delay:.1f} s", file=sys.stderr, flush=True)
+        log.warning("worker %d (pid %d) %s%s; starting it again in %.1f s", slot.index,
+                    slot.last_pid, describe_exit(status),
+                    "" if was_ready else " before it was ready", delay)
         slot.restart_at = time.monotonic() + delay
 
     def _drain(self) -> int:
@@ -358,9 +357,8 @@ class Supervisor:
             if remaining <= 0:
                 for slot in self.slots:
                     if slot.pid:
-                        print(f"mip: worker {slot.index} (pid {slot.pid}) still draining "
-                              f"after {DRAIN_LIMIT:.0f} s: killed", file=sys.stderr,
-                              flush=True)
+                        log.error("worker %d (pid %d) still draining after %.0f s: killed",
+                                  slot.index, slot.pid, DRAIN_LIMIT)
                 self._kill_all()
                 break
             self._step(min(remaining, 1.0))

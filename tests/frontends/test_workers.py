@@ -61,7 +61,8 @@ def _serve(tmp_path, *extra):
     try:
         process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
                                "--mip-model", "identity", "--http", "127.0.0.1:0",
-                               "--grpc", "127.0.0.1:0", "--workers", "2", *extra], 1,
+                               "--grpc", "127.0.0.1:0", "--workers", "2", "--log-level", "INFO",
+                               *extra], 1,
                               pattern="mip: 2 worker processes serving")
     finally:
         del os.environ["TMPDIR"]
