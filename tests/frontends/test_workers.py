@@ -51,26 +51,24 @@ class Marked:
 """
 
 
-def _serve(tmp_path, *extra):
+def _serve(tmp_path, monkeypatch, *extra):
     repo = build_demo_repository(tmp_path / "repo")
     (tmp_path / "marks").mkdir()
     add_python_model(repo, "marked", MARKED_MODEL.replace("FOLDER", repr(str(tmp_path / "marks"))))
-    env_tmp = tmp_path / "tmp"
-    env_tmp.mkdir()
-    os.environ["TMPDIR"] = str(env_tmp)  # the metrics folder the supervisor makes
-    try:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setenv("TMPDIR", str(temporary))  # where the supervisor makes its metrics folder
         process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
                                "--mip-model", "identity", "--http", "127.0.0.1:0",
                                "--grpc", "127.0.0.1:0", "--workers", "2", "--log-level", "INFO",
-                               *extra], 1,
-                              pattern="mip: 2 worker processes serving")
-    finally:
-        del os.environ["TMPDIR"]
+                               *extra], 1, pattern="mip: 2 worker processes serving")
     pids = [int(p) for p in re.search(r"\(pids ([\d, ]+)\)", out).group(1).split(", ")]
     urls = {"mip": re.search(r"serving MIP on (\S+)", out).group(1),
             "grpc": re.search(r"KServe v2 gRPC on (\S+)", out).group(1),
             "http": re.search(r"REST and /metrics on http://(\S+)", out).group(1)}
-    return process, pids, urls, env_tmp
+    process.output = _read_lines(process)  # read on: a full pipe would stall the server
+    return process, pids, urls, temporary
 
 
 def _socket_inodes(pid) -> set[str]:
@@ -175,9 +173,10 @@ def _successes(text: str, protocol: str) -> int:
         + r'",version="1"\} (\S+)$', text, re.M))
 
 
-def test_two_workers_serve_every_protocol_and_metrics_count_both(tmp_path):
-    process, pids, urls, _ = _serve(tmp_path)
+def test_two_workers_serve_every_protocol_and_metrics_count_both(tmp_path, monkeypatch):
+    process, pids, urls, temporary = _serve(tmp_path, monkeypatch)
     try:
+        assert len(list(temporary.glob("mip-metrics-*"))) == 1
         held = {"mip": set(), "grpc": set(), "http": set()}
         rounds = 0
         while rounds < ROUNDS and any(len(h) < 2 for h in held.values()):
@@ -194,6 +193,7 @@ def test_two_workers_serve_every_protocol_and_metrics_count_both(tmp_path):
         assert re.search(r"^mip_models_loaded 3(\.0)?$", text, re.M), text
     finally:
         assert _stop(process) == 0
+    assert not list(temporary.glob("mip-metrics-*"))  # removed at exit
 
 
 def _marks(tmp_path) -> dict[int, list[str]]:
@@ -244,9 +244,9 @@ def _read_lines(process) -> list[str]:
     return lines
 
 
-def test_a_killed_worker_fails_its_requests_and_is_started_again(tmp_path):
-    process, pids, urls, _ = _serve(tmp_path)
-    lines = _read_lines(process)
+def test_a_killed_worker_fails_its_requests_and_is_started_again(tmp_path, monkeypatch):
+    process, pids, urls, _ = _serve(tmp_path, monkeypatch)
+    lines = process.output
     try:
         # a request in a worker when it is killed: the client gets an error, at once
         thread, outcome = _in_thread(_marked(urls["mip"], 30.0))
@@ -278,8 +278,8 @@ def test_a_killed_worker_fails_its_requests_and_is_started_again(tmp_path):
         assert _stop(process) == 0, "".join(lines)
 
 
-def test_sigterm_drains_every_worker(tmp_path):
-    process, pids, urls, _ = _serve(tmp_path)
+def test_sigterm_drains_every_worker(tmp_path, monkeypatch):
+    process, pids, urls, _ = _serve(tmp_path, monkeypatch)
     clients = {}
     try:
         address = urls["mip"].removeprefix("tcp://")
@@ -309,8 +309,8 @@ def test_sigterm_drains_every_worker(tmp_path):
             process.kill()
 
 
-def test_model_control_is_refused_with_several_workers(tmp_path):
-    process, pids, urls, _ = _serve(tmp_path)
+def test_model_control_is_refused_with_several_workers(tmp_path, monkeypatch):
+    process, pids, urls, _ = _serve(tmp_path, monkeypatch)
     try:
         request = urllib.request.Request(
             f"http://{urls['http']}/v2/repository/models/identity/unload", data=b"{}",
