@@ -423,6 +423,14 @@ async def _serve(args) -> int:
     if failed and args.exit_on_error:
         await engine.stop()
         raise ModelLoadFailed(failed)
+    role = getattr(args, "worker_role", None)
+    relay = None
+    if role is not None and role.count > 1:  # load and unload reach every worker
+        from mip.model_relay import WorkerModels
+
+        relay = WorkerModels(engine, role.control, role.index)
+        await relay.replay(role.changes)
+        relay.start()
     from mip.frontends.oip.metrics import Metrics
 
     metrics = Metrics(engine)  # every protocol's requests, labelled by protocol
@@ -433,7 +441,6 @@ async def _serve(args) -> int:
         args.access = AccessLog()  # every protocol's requests, one line each
     servers, announcements = [], []
     guard = None
-    role = getattr(args, "worker_role", None)
     sockets = role.sockets if role is not None else {}
     try:
         guard = _guard(args, announcements) if role is None else role.guard
@@ -475,8 +482,6 @@ async def _serve(args) -> int:
     if role is not None:
         from mip.frontends.oip.worker_metrics import WorkerMetrics
 
-        if role.count > 1:
-            _refuse_model_control(engine, role.count)
         if args.http.lower() != "none":  # where /metrics is served
             publisher = WorkerMetrics(metrics, role.metrics_dir)
             publisher.start()
@@ -487,24 +492,11 @@ async def _serve(args) -> int:
         await server.stop()
     if publisher is not None:
         publisher.stop()  # after the last request: the final counts stay in the merge
+    if relay is not None:
+        relay.stop()
     await guard.close()
     await engine.stop()
     return 0
-
-
-def _refuse_model_control(engine, workers: int) -> None:
-    """Load and unload over the API would change one worker's models only: refuse them,
-    as Triton does when its model control is off."""
-    from mip.errors import ModelControlDisabled
-
-    async def refuse(model: str, *args) -> None:
-        raise ModelControlDisabled(
-            f"cannot load or unload {model!r}: this server runs {workers} worker processes "
-            "(--workers), each with its own models, and a change over the API would reach "
-            "one of them; change the repository and restart the server, or serve with "
-            "--workers 1")
-
-    engine.load = engine.unload = refuse
 
 
 def _serve_workers(args) -> int:

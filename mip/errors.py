@@ -36,7 +36,6 @@ __all__ = [
     "QueueFull",
     "DeadlineExceeded",
     "Cancelled",
-    "ModelControlDisabled",
     "InternalError",
     "RemoteError",
     "Unauthenticated",
@@ -197,15 +196,6 @@ class Cancelled(ServingError):
     http_status = 499
     grpc_status = "CANCELLED"
     error_code = ErrorCode.INTERNAL
-
-
-class ModelControlDisabled(ServingError):
-    """Loading and unloading models over the API is off on this server (as on Triton
-    without explicit model control); the message says why."""
-
-    http_status = 400
-    grpc_status = "FAILED_PRECONDITION"
-    error_code = ErrorCode.METHOD
 
 
 class InternalError(ServingError):

@@ -32,6 +32,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from mip.model_relay import MAX_MESSAGE, ModelRelay
+
 __all__ = ["WorkerRole", "Supervisor", "parse_workers", "usable_cores"]
 
 log = logging.getLogger("mip.workers")
@@ -86,6 +88,9 @@ class WorkerRole:
         metrics_dir: where every worker publishes its metrics for the others to merge.
         guard: the credentials made once by the parent (one API key for every worker).
         ready: called once every listener serves.
+        control: this worker's end of the socket pair of model changes
+            (:class:`~mip.model_relay.WorkerModels`).
+        changes: the model changes made over the API before this worker started.
     """
 
     index: int
@@ -95,6 +100,8 @@ class WorkerRole:
     metrics_dir: str
     guard: object
     ready: Callable[[], None]
+    control: socket.socket
+    changes: list
 
 
 def bind_listeners(args) -> dict[str, socket.socket]:
@@ -184,6 +191,7 @@ class _Slot:
     quick_exits: int = 0
     restart_at: float | None = None
     status: int | None = None
+    control: socket.socket | None = None  # the supervisor's end of the model-change pair
     last_pid: int = 0  # the pid of the slot's latest worker, for the line of its exit
 
 
@@ -206,6 +214,7 @@ class Supervisor:
         self.serve = serve
         self.guard = guard
         self.slots = [_Slot(i) for i in range(count)]
+        self.relay = ModelRelay()
         self.metrics_dir = ""
         self._selector = selectors.DefaultSelector()
         self._stopping = False
@@ -299,7 +308,10 @@ class Supervisor:
                     while os.read(self._wake_r, 512):
                         pass
                 continue
-            slot = key.data
+            slot, channel = key.data
+            if channel == "control":
+                self._on_control(slot)
+                continue
             data = b""
             with contextlib.suppress(OSError):
                 data = os.read(key.fd, 16)
@@ -311,6 +323,31 @@ class Supervisor:
             os.close(key.fd)
             slot.ready_fd = -1
         self._reap()
+
+    def _controls(self) -> dict[int, socket.socket]:
+        return {s.index: s.control for s in self.slots if s.pid and s.control is not None}
+
+    def _on_control(self, slot: _Slot) -> None:
+        try:
+            data = slot.control.recv(MAX_MESSAGE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the worker is exiting: its exit is reaped
+            self._close_control(slot)
+            return
+        try:
+            self.relay.on_message(slot.index, data, self._controls())
+        except Exception:
+            log.exception("worker %d sent a model change that could not be handled",
+                          slot.index)
+
+    def _close_control(self, slot: _Slot) -> None:
+        if slot.control is not None:
+            self._selector.unregister(slot.control)
+            slot.control.close()
+            slot.control = None
 
     def _reap(self) -> None:
         while True:
@@ -332,6 +369,8 @@ class Supervisor:
             self._selector.unregister(slot.ready_fd)
             os.close(slot.ready_fd)
             slot.ready_fd = -1
+        self._close_control(slot)
+        self.relay.forget(slot.index, self._controls())
         _retire_metrics(self.metrics_dir, slot)
         if (self._stopping and not was_ready and os.WIFSIGNALED(status)
                 and os.WTERMSIG(status) == signal.SIGTERM):
@@ -376,6 +415,7 @@ class Supervisor:
 
     def _start(self, slot: _Slot, announce: bool) -> None:
         read_fd, write_fd = os.pipe()
+        control, worker_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sys.stdout.flush()
         sys.stderr.flush()
         # Signals wait until the worker has its own handlers (not the supervisor's).
@@ -383,9 +423,10 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(read_fd)
+            control.close()
             code = 1
             try:
-                code = self._child(slot, announce, write_fd)
+                code = self._child(slot, announce, write_fd, worker_control)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -398,12 +439,17 @@ class Supervisor:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         os.close(write_fd)
+        worker_control.close()
         slot.pid = slot.last_pid = pid
         slot.ready, slot.status, slot.started = False, None, time.monotonic()
         slot.ready_fd = read_fd
-        self._selector.register(read_fd, selectors.EVENT_READ, slot)
+        self._selector.register(read_fd, selectors.EVENT_READ, (slot, "ready"))
+        control.setblocking(False)
+        slot.control = control
+        self._selector.register(control, selectors.EVENT_READ, (slot, "control"))
 
-    def _child(self, slot: _Slot, announce: bool, ready_fd: int) -> int:
+    def _child(self, slot: _Slot, announce: bool, ready_fd: int,
+               control: socket.socket) -> int:
         signal.set_wakeup_fd(-1)
         for sig in _HANDLED:
             signal.signal(sig, signal.SIG_DFL)
@@ -415,6 +461,8 @@ class Supervisor:
         for other in self.slots:
             if other.ready_fd >= 0:
                 os.close(other.ready_fd)
+            if other.control is not None:
+                other.control.close()
 
         def ready() -> None:
             os.write(ready_fd, b"r")
@@ -422,7 +470,7 @@ class Supervisor:
 
         role = WorkerRole(index=slot.index, count=self.count, sockets=self.sockets,
                           announce=announce, metrics_dir=self.metrics_dir, guard=self.guard,
-                          ready=ready)
+                          ready=ready, control=control, changes=list(self.relay.changes))
         return self.serve(role)
 
 

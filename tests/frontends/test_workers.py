@@ -309,27 +309,60 @@ def test_sigterm_drains_every_worker(tmp_path, monkeypatch):
             process.kill()
 
 
-def test_model_control_is_refused_with_several_workers(tmp_path, monkeypatch):
-    process, pids, urls, _ = _serve(tmp_path, monkeypatch)
+def _ready_on_each(urls, pids, model: str) -> dict[int, int]:
+    """Worker pid -> the status of GET /v2/models/{model}/ready it answers, over new
+    connections until every worker has answered."""
+    host, port = urls["http"].rsplit(":", 1)
+    statuses: dict[int, int] = {}
+    for _ in range(ROUNDS):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request("GET", f"/v2/models/{model}/ready")
+            answer = connection.getresponse()
+            answer.read()
+            (holder,) = _holders(pids, urls["http"])
+            statuses[holder] = answer.status
+        finally:
+            connection.close()
+        if len(statuses) == len(pids):
+            break
+    return statuses
+
+
+def _repository(urls, model: str, action: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://{urls['http']}/v2/repository/models/{model}/{action}", data=b"{}",
+        method="POST")
     try:
-        request = urllib.request.Request(
-            f"http://{urls['http']}/v2/repository/models/identity/unload", data=b"{}",
-            method="POST")
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=10)
-        assert refused.value.code == 400
-        assert "--workers" in json.loads(refused.value.read())["error"]
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, {}
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+def test_model_load_and_unload_reach_every_worker(tmp_path, monkeypatch):
+    process, pids, urls, _ = _serve(tmp_path, monkeypatch)
+    lines = process.output
+    try:
+        assert _ready_on_each(urls, pids, "mlp") == dict.fromkeys(pids, 200)
+        assert _repository(urls, "mlp", "unload") == (200, {})
+        assert 200 not in _ready_on_each(urls, pids, "mlp").values()
+        status, body = _repository(urls, "nosuch", "load")
+        assert status == 404 and "nosuch" in body["error"], (status, body)
+        # a worker started again applies the changes made before it started
+        os.kill(pids[1], signal.SIGKILL)
+        assert wait_until(lambda: any("started again" in line for line in lines), WAIT)
+        new = int(re.search(r"worker 1 started again \(pid (\d+)\)", "".join(lines)).group(1))
+        pids = [pids[0], new]
+        assert 200 not in _ready_on_each(urls, pids, "mlp").values()
         client = _grpc_client(urls["grpc"])
         try:
-            with pytest.raises(grpcclient.InferenceServerException) as refused:
-                client.load_model("identity")
-            assert "--workers" in refused.value.message()
+            client.load_model("mlp")
         finally:
             client.close()
-        for _ in range(4):  # still served by both
-            _one_of_each(urls, pids)
+        assert _ready_on_each(urls, pids, "mlp") == dict.fromkeys(pids, 200)
     finally:
-        assert _stop(process) == 0
+        assert _stop(process) == 0, "".join(lines)
 
 
 def test_unix_socket_is_shared(tmp_path):
