@@ -10,9 +10,11 @@ moment, while a worker restarts, when the port is unbound. (``SO_REUSEPORT``, on
 worker, would balance by a hash of the client's address instead, but the kernel resets the
 connections queued on the socket of a worker that dies.)
 
-The parent does nothing else: it starts the workers, starts again (after a back-off) one
-that dies, forwards SIGTERM and SIGINT so that every worker drains, and removes what it
-made (the metrics folder, a unix socket's path) when they are all gone.
+The parent serves no request: it starts the workers, starts again (after a back-off) one
+that dies, relays the model changes made over the API to every worker
+(:mod:`mip.model_relay`), forwards SIGTERM and SIGINT so that every worker drains, and
+removes what it made (the metrics folder, a unix socket's path) when they are all gone.
+docs/workers.md says what is per worker.
 """
 
 from __future__ import annotations

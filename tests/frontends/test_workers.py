@@ -1,5 +1,6 @@
 """`mip serve --workers N`: N processes on the same MIP, gRPC and REST ports; a worker that
-dies is started again, SIGTERM drains them all, /metrics counts every worker's requests."""
+dies is started again, SIGTERM drains them all, /metrics counts every worker's requests, model
+load and unload reach every worker."""
 
 from __future__ import annotations
 
