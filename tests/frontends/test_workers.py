@@ -111,11 +111,6 @@ def _held(pids, address: str) -> dict[int, int]:
     return held
 
 
-def _holders(pids, address: str) -> set[int]:
-    """The workers holding this process's open connections to ``address``."""
-    return set(_held(pids, address).values())
-
-
 def _rest_request(address):
     """One inference over a new connection, left open (the caller closes it)."""
     host, port = address.rsplit(":", 1)
@@ -142,22 +137,32 @@ def _grpc_request(client):
     np.testing.assert_array_equal(client.infer("identity", [tensor]).as_numpy("output"), X)
 
 
+def _new_holders(pids, address: str, before: dict[int, int]) -> set[int]:
+    """The workers holding this process's connections to ``address`` opened since
+    ``before`` (a :func:`_held`): one closed earlier may take a moment to go."""
+    return {pid for port, pid in _held(pids, address).items() if port not in before}
+
+
 def _one_of_each(urls, pids) -> dict[str, set[int]]:
     """One request per protocol, each on a new connection: which worker held each."""
     held = {}
+    address = urls["mip"].removeprefix("tcp://")
+    before = _held(pids, address)
     with Client(urls["mip"]) as client:
         (item,) = client.infer([[X]])
         np.testing.assert_array_equal(item[0], X)
-        held["mip"] = _holders(pids, urls["mip"].removeprefix("tcp://"))
+        held["mip"] = _new_holders(pids, address, before)
+    before = _held(pids, urls["http"])
     connection = _rest_request(urls["http"])
     try:
-        held["http"] = _holders(pids, urls["http"])
+        held["http"] = _new_holders(pids, urls["http"], before)
     finally:
         connection.close()
+    before = _held(pids, urls["grpc"])
     client = _grpc_client(urls["grpc"])
     try:
         _grpc_request(client)
-        held["grpc"] = _holders(pids, urls["grpc"])
+        held["grpc"] = _new_holders(pids, urls["grpc"], before)
     finally:
         client.close()
     return held
@@ -288,7 +293,7 @@ def test_sigterm_drains_every_worker(tmp_path, monkeypatch):
             before = _held(pids, address)
             client = Client(urls["mip"])
             client.ping()
-            (holder,) = {p for port, p in _held(pids, address).items() if port not in before}
+            (holder,) = _new_holders(pids, address, before)
             if holder in clients:
                 client.close()
                 continue
@@ -316,12 +321,13 @@ def _ready_on_each(urls, pids, model: str) -> dict[int, int]:
     host, port = urls["http"].rsplit(":", 1)
     statuses: dict[int, int] = {}
     for _ in range(ROUNDS):
+        before = _held(pids, urls["http"])
         connection = http.client.HTTPConnection(host, int(port), timeout=10)
         try:
             connection.request("GET", f"/v2/models/{model}/ready")
             answer = connection.getresponse()
             answer.read()
-            (holder,) = _holders(pids, urls["http"])
+            (holder,) = _new_holders(pids, urls["http"], before)
             statuses[holder] = answer.status
         finally:
             connection.close()
