@@ -330,6 +330,8 @@ class Supervisor:
         return {s.index: s.control for s in self.slots if s.pid and s.control is not None}
 
     def _on_control(self, slot: _Slot) -> None:
+        if slot.control is None:
+            return
         try:
             data = slot.control.recv(MAX_MESSAGE)
         except BlockingIOError:
