@@ -391,6 +391,10 @@ class Supervisor:
         slot.restart_at = time.monotonic() + delay
 
     def _drain(self) -> int:
+        # The listeners close once the last worker has closed its copy too: new
+        # connections are refused from then on instead of waiting for the end.
+        close_listeners(self.sockets)
+        self.sockets = {}
         for slot in self.slots:
             if not slot.pid:  # its exit was reported already
                 slot.status = None
