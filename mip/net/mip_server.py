@@ -448,7 +448,8 @@ class MipServer:
 
     async def start(self, url: str, sock: socket.socket | None = None) -> Address:
         """Listen on `url` (``tcp://HOST:PORT``, port 0 picks one, or ``unix:///PATH``), or
-        accept on `sock`, a listening socket bound to `url` elsewhere (kept on stop).
+        accept on `sock`, a listening socket bound to `url` elsewhere (whose unix path, if
+        any, stop leaves to its owner).
 
         Returns the bound address.
         """
