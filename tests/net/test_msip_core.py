@@ -211,6 +211,23 @@ def test_route_follows_writability_and_subscriptions():
     assert [mid for mid, _ in events(wire.frames(sub))] == [1, 2]
 
 
+def test_away_session_leaves_the_fast_path():
+    """An at-least-once session's plain subscription is served from the cached route while
+    connected; once its connection drops, what is published is kept for it instead."""
+    wire = Wire()
+    sub, pub = wire.open(), wire.open()
+    cid = hello(wire, sub, flags=w.ACK_REQUIRED)
+    wire.send(sub, w.SUBSCRIBE, b"t")
+    wire.publish(pub, "t", b"1", 1)
+    assert [mid for mid, _ in events(wire.frames(sub))] == [1]
+    wire.lose(sub)
+    wire.publish(pub, "t", b"2", 2)
+    assert wire.core.session_info(cid)["backlog"] == 1 and wire.received[sub] == []
+    back = wire.open()
+    hello(wire, back, cid, w.ACK_REQUIRED)
+    assert [mid for mid, _ in events(wire.frames(back))] == [2]
+
+
 def test_malformed_frames_end_the_connection_with_a_reason():
     wire = Wire(max_payload=64)
     c = wire.open()
