@@ -82,7 +82,7 @@ __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT
 log = logging.getLogger("mip.msip.broker")
 
 _BURST = 256 * 1024  # octets handed to one writelines() call at most
-_CLOSE_FRAME = msip.encode(10, 1, b"", 0, 0)  # CLOSE, kind EVENT
+_CLOSE_FRAME = msip.encode(msip.FrameType.CLOSE, msip.MsgKind.EVENT, b"", 0, 0)
 
 
 def _digest(token) -> bytes:
@@ -316,6 +316,7 @@ class Broker:
         self._tick_task: asyncio.Task | None = None
         self._stopping = False
         self._all_closed: asyncio.Event | None = None
+        self._write_soon: asyncio.Handle | None = None
         self.address: Address | None = None
         self._cluster = None
         if cluster is not None:
@@ -397,6 +398,9 @@ class Broker:
             except asyncio.TimeoutError:
                 pass
             self._server = None
+        if self._write_soon is not None:
+            self._write_soon.cancel()
+            self._write_soon = None
         self.core.reset()
 
     async def __aenter__(self) -> "Broker":
@@ -459,6 +463,11 @@ class Broker:
         """Deliver a publish another broker received (``payload``: its PUBLISH payload) to
         this broker's subscribers, as a local one is."""
         self.core.deliver_remote(payload, kind, flags, msg_id, time.monotonic())
+        if self._write_soon is None:  # one write per connection for a batch from Redis
+            self._write_soon = asyncio.get_running_loop().call_soon(self._write_out_soon)
+
+    def _write_out_soon(self) -> None:
+        self._write_soon = None
         self._write_out()
 
     # -- connections ----------------------------------------------------------------------

@@ -142,8 +142,7 @@ class Peer:
 
     __slots__ = ("core", "parser", "session", "host", "authenticated", "closing", "close_mode",
                  "paused", "urgent", "queue", "qbytes", "dropped", "last_rx", "pinged",
-                 "rx_total", "consumed", "partial_since", "reading_paused", "handle",
-                 "__weakref__")
+                 "rx_total", "consumed", "partial_since", "reading_paused", "handle")
 
     def __init__(self, core: "BrokerCore", host: str | None, now: float, handle=None):
         self.core = core
@@ -794,6 +793,8 @@ class BrokerCore:
                 append(entry)
             self.stats.delivered += len(appends)
             self.dirty.update(peers)
+        if not others:
+            return
         urgent = bool(urgent)
         for session, reliable in others:
             if session.conn is None and type(item) is tuple:

@@ -418,7 +418,7 @@ class Model:
     def hello(self, conn, cid, flags, msg_id):
         cur = conn.session
         durable = self.cfg["at_least_once"] and bool(flags & w.ACK_REQUIRED)
-        takeover = bool(flags & w.TAKEOVER)
+        takeover = self.cfg.get("session_takeover", False) or bool(flags & w.TAKEOVER)
         took = resumed = False
         s = None
         if not cid:
@@ -473,7 +473,8 @@ class Model:
         s.patterns = bool(flags & w.PATTERNS)
         reply = struct.pack(">Q", s.cid)
         if flags & (w.ACK_REQUIRED | w.PATTERNS | w.TAKEOVER):
-            reply += struct.pack(">I", (1 if s.durable else 0) | (2 if s.patterns else 0)
+            patterns = s.patterns or self.cfg.get("topic_patterns", False)
+            reply += struct.pack(">I", (1 if s.durable else 0) | (2 if patterns else 0)
                                  | (4 if took else 0))
         self.write(conn, wire_frame(w.ACK, reply, msg_id, kind=w.K_STATE))
         if resumed:
@@ -519,7 +520,8 @@ class Model:
         frame = wire_frame(w.EVENT, payload, msg_id)
         urgent = bool(flags & w.URGENT)
         for s in self.sessions():
-            matched = [r for t, r in s.subs.items() if topic_matches(t, topic, s.patterns)]
+            patterns = s.patterns or self.cfg.get("topic_patterns", False)
+            matched = [r for t, r in s.subs.items() if topic_matches(t, topic, patterns)]
             if matched:
                 self.deliver(s, msg_id, frame, urgent, any(matched))
         self.write(conn, wire_frame(w.ACK, b"", msg_id, kind=w.K_STATE))
@@ -598,10 +600,12 @@ CONFIGS = {
     "sessions": dict(max_sessions=3, backlog_limit=3, backlog_bytes=130, max_backlog_bytes=1 << 30,
                      session_ttl=10.0, redelivery_timeout=4.0, max_redeliveries=2, max_inflight=3,
                      max_inflight_bytes=140, max_subscriptions=3, at_least_once=True),
-    # one away session at a time, whose backlog the total bound cuts
+    # one away session at a time, whose backlog the total bound cuts; patterns and takeover
+    # for every session
     "total": dict(max_sessions=1, backlog_limit=4, backlog_bytes=1000, max_backlog_bytes=100,
                   session_ttl=10.0, redelivery_timeout=4.0, max_redeliveries=1, max_inflight=10,
-                  max_inflight_bytes=1000, max_subscriptions=4, at_least_once=True),
+                  max_inflight_bytes=1000, max_subscriptions=4, at_least_once=True,
+                  topic_patterns=True, session_takeover=True),
 }
 
 
