@@ -174,6 +174,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self):
         self.broker.core.set_writable(self.state, True)
+        self.flush()  # (and reads again, if it had stopped)
         self.broker._write_out()
 
     # -- output ------------------------------------------------------------------------

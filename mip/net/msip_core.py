@@ -9,7 +9,8 @@ monotonic origin), and its effects are
   in the order the frames were produced; :attr:`BrokerCore.dirty` holds the peers that have
   frames to write;
 * connections to close (:attr:`BrokerCore.closing`): ``peer.close_mode`` is ``"close"`` (write
-  what is queued, ERROR included, then close) or ``"abort"`` (drop it, abort).
+  what is queued, ERROR included, then close) or ``"abort"`` (drop it, abort), and
+  ``peer.close_reason`` says why (None for a CLOSE or ERROR from the client, or a shutdown).
 
 The transport (``mip.net.msip_broker``) admits connections, hands received octets to
 :meth:`BrokerCore.data_received`, reports a socket that stops or starts accepting writes
@@ -141,6 +142,7 @@ class Peer:
     entry point)."""
 
     __slots__ = ("core", "parser", "session", "host", "authenticated", "closing", "close_mode",
+                 "close_reason",
                  "paused", "urgent", "queue", "qbytes", "dropped", "last_rx", "pinged",
                  "rx_total", "consumed", "partial_since", "reading_paused", "handle")
 
@@ -153,6 +155,7 @@ class Peer:
         self.authenticated = core.authenticate is None
         self.closing = False
         self.close_mode: str | None = None
+        self.close_reason: str | None = None  # what the ERROR said, or why it was aborted
         self.paused = False
         self.urgent: collections.deque = collections.deque()
         self.queue: collections.deque = collections.deque()
@@ -230,7 +233,7 @@ class Peer:
             self.urgent.clear()
             self.queue.clear()
             self.qbytes = 0
-            core._set_closing(self, ABORT)
+            core._set_closing(self, ABORT, "outgoing queue full")
             return
         replies = []  # replies are never dropped: only events are
         while (len(self.urgent) + len(self.queue) > core.queue_limit
@@ -406,7 +409,7 @@ class BrokerCore:
         self.stats.errors += 1
         log.debug("closing %r: %s", peer.handle, reason)
         peer.send(msip.encode(_ERROR, _K_EVENT, reason.encode("utf-8", "replace"), 0, 0))
-        self._set_closing(peer, CLOSE)
+        self._set_closing(peer, CLOSE, reason)
 
     def close(self, peer: Peer, frame: bytes | None = None) -> None:
         """Send ``frame`` (if any) after what is queued, then close."""
@@ -416,9 +419,10 @@ class BrokerCore:
             peer.send(frame)
         self._set_closing(peer, CLOSE)
 
-    def _set_closing(self, peer: Peer, mode: str) -> None:
+    def _set_closing(self, peer: Peer, mode: str, reason: str | None = None) -> None:
         peer.closing = True
         peer.close_mode = mode
+        peer.close_reason = reason
         self.closing.append(peer)
         self._routes.clear()
 

@@ -193,6 +193,7 @@ def test_overflow_disconnect_aborts():
     for i in range(3):
         wire.publish(pub, "t", b"e", i + 1)
     assert wire.closed[sub] == ABORT and wire.frames(sub) == []
+    assert sub.close_reason == "outgoing queue full"
     assert wire.core.stats.slow_disconnects == 1
     wire.publish(pub, "t", b"e", 4)  # the route no longer names it
     assert wire.core.stats.delivered == 3
@@ -235,7 +236,7 @@ def test_malformed_frames_end_the_connection_with_a_reason():
     wire.write_out()
     (ft, _, _, reason), = wire.frames(c)
     assert ft == w.ERROR and reason.startswith(b"frame too large")
-    assert wire.closed[c] == CLOSE
+    assert wire.closed[c] == CLOSE and c.close_reason == reason.decode()
     c2 = wire.open()
     wire.send(c2, w.PUBLISH, b"\x00\x09abc", 1)
     (ft, _, _, reason), = wire.frames(c2)
