@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 
 .PHONY: serve test bench build wheel annotate clean sysdeps asan-test fuzz fuzz-long
 
-# Debian packages: libnghttp2's headers (the native gRPC transport), redis-server (tests).
+# Debian packages: libnghttp2's headers (the native gRPC transport), redis-server and
+# iproute2 (tests: the job queue, network namespaces as hosts).
 # Installed when missing, as root or with password-less sudo; otherwise left to the user.
 APT_PACKAGES ?= libnghttp2-dev
 define apt_install
@@ -42,7 +43,7 @@ serve: $(VENV)/.installed-serve
 
 ## test: install mip (editable, extensions built in place) with test extras; run the whole suite
 test: $(VENV)/.installed-test
-	$(call apt_install,redis-server)
+	$(call apt_install,redis-server iproute2)
 	$(BIN)/python -m pytest
 
 ## bench: the codec comparison (ours vs struct, protobuf and memcpy), ratios printed
