@@ -54,6 +54,8 @@ class _Balancer:
         self._expires = 0.0
         self._turn = 0
         self._failed: dict[Address, float] = {}
+        #: addresses the last look-up no longer gave (their idle connections are closed)
+        self.removed: set[Address] = set()
 
     def stale(self) -> bool:
         return time.monotonic() >= self._expires
@@ -82,6 +84,9 @@ class _Balancer:
                         found.append(pair)
         if not found:
             raise errors[0]
+        current = {address for address, _ in found}
+        self.removed = {address for address, _ in self.addresses} - current
+        self._failed = {a: t for a, t in self._failed.items() if a in current}
         self.addresses = found
         self._expires = time.monotonic() + self.resolve_every
 
@@ -211,6 +216,14 @@ def _sendall_buffers(sock: socket.socket, buffers: Sequence) -> None:
                 sent = 0
 
 
+def _close_idle(pool: queue.Queue) -> None:
+    while True:
+        try:
+            pool.get_nowait().close()
+        except queue.Empty:
+            return
+
+
 class Client:
     """A blocking MIP client with a pool of persistent connections (thread-safe).
 
@@ -247,7 +260,12 @@ class Client:
     def _order(self) -> list[tuple[Address, str | None]]:
         with self._lock:
             _resolve(self._balancer)
-            return self._balancer.order()
+            gone = [self._idle.pop(a) for a in self._balancer.removed if a in self._idle]
+            self._balancer.removed = set()
+            order = self._balancer.order()
+        for pool in gone:
+            _close_idle(pool)
+        return order
 
     def _pool(self, address: Address) -> queue.LifoQueue:
         pool = self._idle.get(address)
@@ -338,11 +356,7 @@ class Client:
         with self._lock:
             pools = list(self._idle.values())
         for pool in pools:
-            while True:
-                try:
-                    pool.get_nowait().close()
-                except queue.Empty:
-                    break
+            _close_idle(pool)
 
     def __enter__(self):
         return self
@@ -484,6 +498,13 @@ class AsyncClient:
             results = iter(results)
             balancer.update([next(results) if args else None
                              for _, args in balancer.lookups()])
+            for address in balancer.removed:
+                self._next.pop(address, None)
+                for conn in self._conns.pop(address, ()):
+                    if conn is not None and conn.transport is not None and not conn.waiters:
+                        conn.closed_here = True
+                        conn.transport.close()
+            balancer.removed = set()
         return balancer.order()
 
     async def _open(self, address: Address, name: str | None) -> _AsyncConnection:
