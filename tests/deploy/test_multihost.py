@@ -96,7 +96,9 @@ def test_a_client_balancing_across_replicas_keeps_answering_while_one_restarts(t
         _replica(net, "two", repo, logs["two"])
         client = _Client(net, "client", "tcp://replicas:7070")
         _until(lambda: client.ask()[0] >= 50, 30, "answers from the replicas")
-        assert _lines(logs["one"]) > 0 and _lines(logs["two"]) > 0  # both take requests
+        # both take requests (access lines reach the file within half a second)
+        _until(lambda: _lines(logs["one"]) > 0 and _lines(logs["two"]) > 0, 10,
+               "access lines of both replicas")
 
         one.send_signal(signal.SIGKILL)
         one.wait(10)
