@@ -86,6 +86,12 @@ def _missing_extra(exc: ImportError) -> str | None:
             f"pip install 'mip-toolkit[{extra}]'")
 
 
+def _workers(text: str) -> int:
+    from mip.workers import parse_workers
+
+    return parse_workers(text)
+
+
 def _server_ssl(args) -> ssl.SSLContext | None:
     if not args.tls_cert:
         return None
@@ -256,6 +262,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-idle-timeout", type=float, default=5.0, metavar="SECONDS",
                        help="close REST connections idle this long between requests "
                             "(default 5)")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                       help="processes serving every listener on the same ports, each with "
+                            "its own engine and models; 'auto': one per usable core "
+                            "(default 1: this process alone)")
     _add_tls(serve)
     _add_miaas(serve)
 
@@ -387,6 +397,7 @@ def _log_level_after_commands(parser: argparse.ArgumentParser) -> None:
 
 
 async def _serve(args) -> int:
+    """``mip serve``'s process, or one worker of ``--workers`` (``args.worker_role``)."""
     from mip.frontends.mip import MipHandler
     from mip.net.mip_server import MipServer
     from mip.serving.engine import Engine
@@ -412,6 +423,14 @@ async def _serve(args) -> int:
     if failed and args.exit_on_error:
         await engine.stop()
         raise ModelLoadFailed(failed)
+    role = getattr(args, "worker_role", None)
+    relay = None
+    if role is not None and role.count > 1:  # load and unload reach every worker
+        from mip.model_relay import WorkerModels
+
+        relay = WorkerModels(engine, role.control, role.index)
+        await relay.replay(role.changes)
+        relay.start()
     from mip.frontends.oip.metrics import Metrics
 
     metrics = Metrics(engine)  # every protocol's requests, labelled by protocol
@@ -422,8 +441,9 @@ async def _serve(args) -> int:
         args.access = AccessLog()  # every protocol's requests, one line each
     servers, announcements = [], []
     guard = None
+    sockets = role.sockets if role is not None else {}
     try:
-        guard = _guard(args, announcements)
+        guard = _guard(args, announcements) if role is None else role.guard
         if args.mip.lower() != "none":
             handler = MipHandler(engine, request_timeout=args.request_timeout, metrics=metrics,
                                  access_log=args.access)
@@ -434,11 +454,11 @@ async def _serve(args) -> int:
                                max_pending_reply=args.max_pending_reply,
                                idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
                                ssl=_server_ssl(args))
-            address = await server.start(args.mip)
+            address = await server.start(args.mip, sockets.get("mip"))
             servers.append(server)
             announcements.append(
                 f"mip: serving MIP on {address} (default model: {engine.default_model()})")
-        servers += await _start_oip(args, engine, metrics, announcements, guard)
+        servers += await _start_oip(args, engine, metrics, announcements, guard, sockets)
     except BaseException:
         for server in servers:
             await server.stop()
@@ -447,7 +467,8 @@ async def _serve(args) -> int:
         await engine.stop()
         raise
     for line in announcements:  # every listener is bound before any is announced
-        print(line, flush=True)
+        if role is None or role.announce:
+            print(line, flush=True)
     if not servers:
         log.error("every listener is off: nothing to serve")
         await guard.close()
@@ -457,13 +478,52 @@ async def _serve(args) -> int:
     # out of the cyclic garbage collector's scans, which otherwise revisit it on every
     # full collection while requests churn short-lived objects.
     gc.freeze()
+    publisher = None
+    if role is not None:
+        from mip.frontends.oip.worker_metrics import WorkerMetrics
+
+        if args.http.lower() != "none":  # where /metrics is served
+            publisher = WorkerMetrics(metrics, role.metrics_dir)
+            publisher.start()
+        role.ready()
     await _wait_for_signal()
     log.info("shutting down: finishing requests in flight")
     for server in servers:
         await server.stop()
+    if publisher is not None:
+        publisher.stop()  # after the last request: the final counts stay in the merge
+    if relay is not None:
+        relay.stop()
     await guard.close()
     await engine.stop()
     return 0
+
+
+def _serve_workers(args) -> int:
+    """``mip serve --workers N`` (N > 1): bind every listener here, fork the workers."""
+    from mip.workers import Supervisor, bind_listeners
+
+    if args.grpc.lower() != "none" and args.grpc_impl == "grpcio":
+        print("mip: error: --grpc-impl grpcio binds its own sockets, which the worker "
+              "processes of --workers cannot share: use --grpc-impl native or --workers 1",
+              file=sys.stderr)
+        return 2
+    if args.queue is None and args.http.lower() != "none":
+        from mip.frontends.miaas.queue import default_sqlite_path
+
+        # one job queue for every worker: this server's own file (named after its port)
+        args.queue = str(default_sqlite_path(args.http))
+    announcements: list[str] = []
+    guard = _guard(args, announcements)  # one API key for every worker, when one is made
+    sockets = bind_listeners(args)
+    for line in announcements:
+        print(line, flush=True)
+
+    def serve(role) -> int:
+        args.worker_role = role
+        return _run(args)
+
+    return Supervisor(args.workers, sockets, serve, guard=guard).run()
 
 
 def _load_failures(engine, wanted: list[str] | None) -> list[str]:
@@ -510,10 +570,12 @@ def _guard(args, announcements: list[str]):
                            announce=announcements.append if used else lambda line: None)
 
 
-async def _start_oip(args, engine, metrics, announcements: list[str], guard=None) -> list:
+async def _start_oip(args, engine, metrics, announcements: list[str], guard=None,
+                     sockets: dict | None = None) -> list:
     """Start the KServe v2 listeners that are not 'none' (sharing the server's metrics and
-    its credentials, ``guard``); what to announce once every listener is bound goes in
-    ``announcements``."""
+    its credentials, ``guard``; on the listening ``sockets`` given by listener name, if
+    any); what to announce once every listener is bound goes in ``announcements``."""
+    sockets = sockets or {}
     grpc_on = args.grpc.lower() != "none"
     http_on = args.http.lower() != "none"
     if not (grpc_on or http_on):
@@ -533,7 +595,7 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
                                     args, max_connections=args.max_connections,
                                     idle_timeout=args.idle_timeout),
                                 guard=v2_guard, access_log=args.access)
-            address = await server.start(args.grpc)
+            address = await server.start(args.grpc, sockets.get("grpc"))
             started.append(server)
             announcements.append(
                 f"mip: serving KServe v2 gRPC on {address} ({server.implementation})")
@@ -559,7 +621,7 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
                                 timeout_keep_alive=args.http_idle_timeout, limits=limits)
             await miaas.start()
             try:
-                address = await server.start(args.http)
+                address = await server.start(args.http, sockets.get("http"))
             except BaseException:
                 await miaas.stop()
                 raise
@@ -715,6 +777,11 @@ def main(argv: list[str] | None = None) -> int:
         # long-lived processes that move large messages: reuse their buffers' memory
         from mip.net import allocator
         allocator.tune()
+    return _run(args)
+
+
+def _run(args) -> int:
+    """Run the command of ``args``; errors users make end in a one-line message."""
     try:
         if args.command == "infer":
             return _infer(args)
@@ -725,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from mip.bench import main as bench_main
             return bench_main(args)
+        if (args.command == "serve" and args.workers > 1
+                and getattr(args, "worker_role", None) is None):
+            return _serve_workers(args)
         if args.command == "worker":
             coro = _worker(args)
         else:

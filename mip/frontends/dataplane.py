@@ -20,7 +20,7 @@ import numpy as np
 
 import mip
 from mip.errors import ErrorCode, InvalidInput, ModelNotFound, ServingError
-from mip.frontends._futures import chain
+from mip.frontends._futures import Link
 from mip.frontends.oip import codec
 
 __all__ = [
@@ -72,6 +72,49 @@ def _classify(outputs: dict, classes: dict[str, int], version) -> None:
                                            version.labels.get(name, ()), name)
 
 
+def _rows(chosen, inputs: dict) -> int:
+    """A request's inferences: its batch dimension (1 for a model that does not batch)."""
+    if chosen.max_batch_size and inputs:
+        first = next(iter(inputs.values()))
+        return first.shape[0] if first.ndim else 1
+    return 1
+
+
+class _Call(Link):
+    """One request from the engine's future to the frontend's reply: the outputs asked
+    for, classified, the frontend's encoder (``then``) and error mapping applied, and the
+    outcome counted and logged, in one callback."""
+
+    __slots__ = ("plane", "protocol", "model", "chosen", "wanted", "classes", "then",
+                 "map_error", "inputs", "started", "peer", "request_id")
+
+    def transform(self, result):
+        wanted = self.wanted
+        done = InferResult(self.model, self.chosen.version,
+                           result if wanted is None else {name: result[name] for name in wanted})
+        if self.classes:
+            _classify(done.outputs, self.classes, self.chosen)
+        then = self.then
+        return done if then is None else then(done)
+
+    def error(self, failure: BaseException) -> BaseException:
+        return failure if self.map_error is None else self.map_error(failure)
+
+    def settled(self, failure: BaseException | None) -> None:
+        plane = self.plane
+        metrics, access = plane.metrics, plane.access_log
+        if metrics is None and access is None:
+            return
+        seconds = time.perf_counter() - self.started
+        version = self.chosen.version
+        if metrics is not None:
+            metrics.observe_request(self.model, version, self.protocol, failure is None,
+                                    seconds, _rows(self.chosen, self.inputs))
+        if access is not None:
+            access.request(self.protocol, self.peer, self.model, version, failure, seconds,
+                           self.request_id)
+
+
 class DataPlane:
     """Inference, metadata and repository calls on one engine, for every frontend.
 
@@ -90,14 +133,13 @@ class DataPlane:
         self.metrics = metrics
         self.request_timeout = request_timeout
         self.access_log = access_log
+        #: ``resolve(model, version=None)``: the version of ``model`` a request reaches
+        #: (:meth:`Engine.resolve <mip.serving.engine.Engine.resolve>`).
+        self.resolve = engine.resolve
 
     def server_metadata(self) -> dict:
         """``name``, ``version`` and ``extensions`` of this server."""
         return {"name": SERVER_NAME, "version": mip.__version__, "extensions": list(EXTENSIONS)}
-
-    def resolve(self, model: str, version: str | None = None):
-        """The version of ``model`` a request reaches (see :meth:`Engine.resolve`)."""
-        return self.engine.resolve(model, version or None)
 
     def submit(self, protocol: str, model: str, version: str | None,
                inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
@@ -134,45 +176,25 @@ class DataPlane:
         engine = self.engine
         if chosen is None:
             chosen = engine.resolve(model, version or None)  # ModelNotFound: no series
-        served_version = chosen.version
-        rows = 1
-        if chosen.max_batch_size and inputs:
-            first = next(iter(inputs.values()))
-            rows = first.shape[0] if first.ndim else 1
-        metrics = self.metrics
+        limit = self.request_timeout
+        if timeout is not None and (limit is None or timeout < limit):
+            limit = timeout
         try:
             wanted = engine.check_outputs(chosen, outputs) if outputs else None
-            limit = self.request_timeout
-            if timeout is not None and (limit is None or timeout < limit):
-                limit = timeout
-            deadline = None if limit is None else time.monotonic() + limit
-            work = engine.submit(model, inputs, version=served_version, deadline=deadline,
-                                 source=source, chosen=chosen, split=split,
-                                 request_id=request_id)
+            work = engine.submit(model, inputs, chosen.version,
+                                 None if limit is None else time.monotonic() + limit,
+                                 source, chosen, split, request_id)
         except BaseException:
-            if metrics is not None:
-                metrics.observe_request(model, served_version, protocol, False,
-                                        time.perf_counter() - started, rows)
+            if self.metrics is not None:
+                self.metrics.observe_request(model, chosen.version, protocol, False,
+                                             time.perf_counter() - started,
+                                             _rows(chosen, inputs))
             raise
-        def transform(result):
-            done = InferResult(model, served_version,
-                               result if wanted is None else {name: result[name] for name in wanted})
-            if classes:
-                _classify(done.outputs, classes, chosen)
-            return done if then is None else then(done)
-
-        settled = None
-        access = self.access_log
-        if metrics is not None or access is not None:
-            def settled(failure) -> None:  # in the same callback: one hand-off a request
-                seconds = time.perf_counter() - started
-                if metrics is not None:
-                    metrics.observe_request(model, served_version, protocol, failure is None,
-                                            seconds, rows)
-                if access is not None:
-                    access.request(protocol, peer, model, served_version, failure, seconds,
-                                   request_id)
-        return chain(work, transform, error, settled)
+        call = _Call(work)
+        call.plane, call.protocol, call.model, call.chosen = self, protocol, model, chosen
+        call.wanted, call.classes, call.then, call.map_error = wanted, classes, then, error
+        call.inputs, call.started, call.peer, call.request_id = inputs, started, peer, request_id
+        return call.reply
 
     def refused(self, protocol: str, model, version, failure: BaseException, *,
                 peer=None, request_id: str | None = None,

@@ -97,36 +97,54 @@ class MipHandler:
         """
         started = time.perf_counter()
         try:
-            return self._start(message, source, started)
+            model = message.model
+            if model is None:
+                model = self._default_model()
+            served = self.dataplane.resolve(model, message.version)
+            n_input = message.n_input
+            if n_input != len(served.inputs):
+                raise InvalidInput(f"model {model!r} takes {len(served.inputs)} inputs, the "
+                                   f"request has {n_input} per item")
+            items = len(message)
+            kind = message.kind
+            if not items or (served.max_batch_size == 0 and items > 1):
+                return self._start_apart(message, model, served, source)
+            inputs, rows = self._inputs(served, message)
+
+            def encode(result):
+                return mip.encode_response_buffers(_split(served, result.outputs, rows),
+                                                   n_input=n_input, kind=kind)
+
+            # More rows than the model's max_batch_size: run as several batches, one reply.
+            return self.dataplane.submit("mip", model, served.version, inputs, then=encode,
+                                         source=source, chosen=served, split=True, peer=source,
+                                         started=started)
         except Exception as exc:
             self.dataplane.refused("mip", message.model or self.engine.default_model(),
                                    message.version, exc, peer=source, started=started)
             raise
 
-    def _start(self, message: mip.Message, source, started: float) -> asyncio.Future:
-        model, served = self._route(message)
+    def _default_model(self) -> str:
+        model = self.engine.default_model()
+        if model is None:
+            raise ModelNotFound("this server has several models and no default one: send a "
+                                "routed (kind 3) request naming the model, or start the "
+                                "server with --mip-model")
+        return model
+
+    def _start_apart(self, message: mip.Message, model: str, served, source) -> asyncio.Future:
+        """A request of no items, or of several for a model that does not batch (each item
+        runs on its own)."""
         loop = self._event_loop()
+        kind, n_input = message.kind, message.n_input
         if not len(message):
             reply = loop.create_future()
             reply.set_result(mip.encode_response_buffers(
-                [], n_input=message.n_input, kind=message.kind, n_output=len(served.outputs)))
+                [], n_input=n_input, kind=kind, n_output=len(served.outputs)))
             return reply
-        kind, n_input = message.kind, message.n_input
-        if served.max_batch_size == 0 and len(message) > 1:
-            # A model that does not batch runs each item on its own.
-            work = loop.create_task(self._each_item(model, served, message.batch, source))
-            return chain(work, lambda items: mip.encode_response_buffers(
-                items, n_input=n_input, kind=kind))
-        inputs, rows = self._inputs(served, message)
-
-        def encode(result):
-            items = _split(served, result.outputs, rows)
-            return mip.encode_response_buffers(items, n_input=n_input, kind=kind)
-
-        # More rows than the model's max_batch_size: run as several batches, one reply.
-        return self.dataplane.submit("mip", model, served.version, inputs, then=encode,
-                                     source=source, chosen=served, split=True, peer=source,
-                                     started=started)
+        work = loop.create_task(self._each_item(model, served, message.batch, source))
+        return chain(work, lambda items: mip.encode_response_buffers(
+            items, n_input=n_input, kind=kind))
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -136,24 +154,6 @@ class MipHandler:
     async def __call__(self, message: mip.Message) -> list:
         """Serve `message` and return its reply buffers (the coroutine form of :meth:`start`)."""
         return await self.start(message)
-
-    def _route(self, message: mip.Message):
-        """The model a message reaches and the version that serves it, looked up once:
-        its inputs, outputs and batching decide the request's shape, and the engine is
-        asked for exactly that version."""
-        model = message.model
-        if model is None:
-            model = self.engine.default_model()
-            if model is None:
-                raise ModelNotFound("this server has several models and no default one: send a "
-                                    "routed (kind 3) request naming the model, or start the "
-                                    "server with --mip-model")
-        served = self.dataplane.resolve(model, message.version)
-        n_inputs = len(served.inputs)
-        if message.n_input != n_inputs:
-            raise InvalidInput(f"model {model!r} takes {n_inputs} inputs, the request has "
-                               f"{message.n_input} per item")
-        return model, served
 
     @staticmethod
     def _inputs(served, source) -> tuple[dict, list[int]]:

@@ -666,13 +666,16 @@ class GrpcServer:
                 connection.check(now)
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on ``host:port`` (port 0: a free one); returns the bound address."""
+    async def start(self, host: str, port: int,
+                    sock: socket.socket | None = None) -> tuple[str, int]:
+        """Listen on ``host:port`` (port 0: a free one), or accept on ``sock``, a listening
+        socket bound elsewhere; returns the bound address."""
         self._loop = asyncio.get_running_loop()
         handshake = self.limits.handshake_timeout
+        where = {"sock": sock} if sock is not None else {
+            "host": host, "port": port, "reuse_address": True}
         self._server = await self._loop.create_server(
-            lambda: _Connection(self), host, port, ssl=self.ssl, reuse_address=True,
-            backlog=1024,
+            lambda: _Connection(self), ssl=self.ssl, backlog=1024, **where,
             ssl_handshake_timeout=(handshake or None) if self.ssl is not None else None)
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         bound = self._server.sockets[0].getsockname()

@@ -446,15 +446,21 @@ class MipServer:
         self._unix_paths: list[str] = []
         self.addresses: list[Address] = []
 
-    async def start(self, url: str) -> Address:
-        """Listen on `url` (``tcp://HOST:PORT``, port 0 picks one, or ``unix:///PATH``).
+    async def start(self, url: str, sock: socket.socket | None = None) -> Address:
+        """Listen on `url` (``tcp://HOST:PORT``, port 0 picks one, or ``unix:///PATH``), or
+        accept on `sock`, a listening socket bound to `url` elsewhere (whose unix path, if
+        any, stop leaves to its owner).
 
         Returns the bound address.
         """
         loop = asyncio.get_running_loop()
         addr = parse_url(url)
         factory = lambda: _Connection(self)  # noqa: E731
-        if addr.scheme == "unix":
+        if sock is not None:
+            server = await loop.create_server(factory, sock=sock, ssl=self.ssl, backlog=1024)
+            bound = addr if addr.scheme == "unix" else Address(
+                "tcp", host=addr.host, port=sock.getsockname()[1])
+        elif addr.scheme == "unix":
             _remove_stale_socket(addr.path)
             server = await loop.create_unix_server(factory, addr.path, ssl=self.ssl, backlog=1024)
             self._unix_paths.append(addr.path)

@@ -270,7 +270,7 @@ class Engine:
             return result
         return {name: result[name] for name in wanted}
 
-    def submit(self, model: str, inputs: Tensors, *, version: str | None = None,
+    def submit(self, model: str, inputs: Tensors, version: str | None = None,
                deadline: float | None = None, source=None,
                chosen: ModelVersion | None = None,
                split: bool = False, request_id: str | None = None) -> asyncio.Future:

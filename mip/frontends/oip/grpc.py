@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 import grpc
@@ -752,10 +753,16 @@ class GrpcServer:
         self._service: _Service | None = None
         self.address: str | None = None
 
-    async def start(self, address: str) -> str:
-        """Listen on ``HOST:PORT`` (port 0: a free port); returns the bound ``HOST:PORT``."""
+    async def start(self, address: str, sock: socket.socket | None = None) -> str:
+        """Listen on ``HOST:PORT`` (port 0: a free port), or accept on ``sock``, a listening
+        socket bound to it elsewhere (native transport only); returns the bound
+        ``HOST:PORT``."""
         if self.implementation == "native":
-            return await self._start_native(address)
+            return await self._start_native(address, sock)
+        if sock is not None:
+            raise NotAvailable("the grpcio transport binds its own sockets and cannot serve "
+                               "one bound by another process (as every worker of --workers "
+                               "does): use --grpc-impl native")
         limit = min(2 * self.max_message_size, _MAX_GRPC_LIMIT)
         server = aio.server(options=[
             ("grpc.max_receive_message_length", limit),
@@ -782,7 +789,7 @@ class GrpcServer:
         self.address = f"{host}:{bound}"
         return self.address
 
-    async def _start_native(self, address: str) -> str:
+    async def _start_native(self, address: str, sock: socket.socket | None = None) -> str:
         from mip.net.grpc_server import GrpcServer as Transport
         from mip.net.grpc_server import tls_context
 
@@ -800,7 +807,7 @@ class GrpcServer:
             limits=self.limits,
             too_large=lambda n: (f"request of {n} octets is over the gRPC message limit of "
                                  f"{limit} octets (--grpc-max-message-size)"))
-        bound_host, bound_port = await server.start(host.strip("[]"), int(port))
+        bound_host, bound_port = await server.start(host.strip("[]"), int(port), sock)
         self._server = server
         self.address = f"{host}:{bound_port}"
         return self.address

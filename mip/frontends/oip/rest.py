@@ -35,6 +35,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import socket
 import ssl
 import time
 import zlib
@@ -760,8 +761,9 @@ class HttpServer:
         self._server = None
         self._ticker: asyncio.Task | None = None
 
-    async def start(self, address: str) -> str:
-        """Listen on ``HOST:PORT`` (port 0: a free port); returns the bound ``HOST:PORT``."""
+    async def start(self, address: str, sock: socket.socket | None = None) -> str:
+        """Listen on ``HOST:PORT`` (port 0: a free port), or accept on ``sock``, a listening
+        socket bound to it elsewhere; returns the bound ``HOST:PORT``."""
         import uvicorn
 
         host, _, port = address.rpartition(":")
@@ -783,7 +785,7 @@ class HttpServer:
         # and the process that embeds this server owns those.
         server.lifespan = config.lifespan_class(config)
         try:
-            await server.startup()
+            await server.startup(sockets=None if sock is None else [sock])
         except SystemExit:  # uvicorn exits when it cannot bind
             raise OSError(f"cannot listen for HTTP on {address}") from None
         if not server.started:

@@ -1,0 +1,450 @@
+"""`mip serve --workers N`: N processes on the same MIP, gRPC and REST ports; a worker that
+dies is started again, SIGTERM drains them all, /metrics counts every worker's requests, model
+load and unload reach every worker."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from mip.net.mip_client import Client
+from mip.serving.demo import build_demo_repository
+
+from _oip_server import add_python_model, wait_until
+from _serve_process import ROOT, start as _start, stop as _stop
+from mip.workers import parse_workers
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="reads /proc to see which worker holds a connection")
+
+X = np.arange(16, dtype=np.float32).reshape(1, 16)
+ROUNDS = 40  # connections opened, at most, until each worker has held one
+WAIT = 20.0  # seconds, at most, for what the server does on its own
+
+# y = x after sleeping x seconds; first leaves a file started-PID-X in FOLDER, so that a test
+# knows the request is in a worker (and which one).
+MARKED_MODEL = """
+import os
+import time
+import numpy as np
+
+class Marked:
+    inputs = [("x", "FP32", [-1, 1])]
+    outputs = [("y", "FP32", [-1, 1])]
+
+    def infer(self, inputs):
+        x = inputs["x"]
+        open(os.path.join(FOLDER, f"started-{os.getpid()}-{float(x.max())}"), "w").close()
+        time.sleep(min(float(x.max()), 30.0))
+        return {"y": np.array(x, copy=True)}
+"""
+
+
+def _serve(tmp_path, monkeypatch, *extra):
+    repo = build_demo_repository(tmp_path / "repo")
+    (tmp_path / "marks").mkdir()
+    add_python_model(repo, "marked", MARKED_MODEL.replace("FOLDER", repr(str(tmp_path / "marks"))))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setenv("TMPDIR", str(temporary))  # where the supervisor makes its metrics folder
+        process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
+                               "--mip-model", "identity", "--http", "127.0.0.1:0",
+                               "--grpc", "127.0.0.1:0", "--workers", "2", "--log-level", "INFO",
+                               *extra], 1, pattern="mip: 2 worker processes serving")
+    pids = [int(p) for p in re.search(r"\(pids ([\d, ]+)\)", out).group(1).split(", ")]
+    urls = {"mip": re.search(r"serving MIP on (\S+)", out).group(1),
+            "grpc": re.search(r"KServe v2 gRPC on (\S+)", out).group(1),
+            "http": re.search(r"REST and /metrics on http://(\S+)", out).group(1)}
+    process.output = _read_lines(process)  # read on: a full pipe would stall the server
+    return process, pids, urls, temporary
+
+
+def _socket_inodes(pid) -> set[str]:
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:  # a worker that was killed
+        return inodes
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return inodes
+
+
+def _held(pids, address: str) -> dict[int, int]:
+    """Client port -> the worker holding the other end, of each of this process's open
+    connections to ``address`` (HOST:PORT), read from /proc."""
+    server_port = int(address.rsplit(":", 1)[1])
+    mine = _socket_inodes("self")
+    rows = []
+    for name in ("tcp", "tcp6"):  # gRPC's client sockets are IPv6 ones, v4-mapped
+        with open(f"/proc/net/{name}") as table:
+            rows += [line.split() for line in table.readlines()[1:]]
+
+    def port(field):
+        return int(field.split(":")[1], 16)
+
+    client_ports = {port(r[1]) for r in rows if r[9] in mine and port(r[2]) == server_port}
+    server_ends = {r[9]: port(r[2]) for r in rows
+                   if port(r[1]) == server_port and port(r[2]) in client_ports}
+    held = {}
+    for pid in pids:
+        for inode in _socket_inodes(pid) & set(server_ends):
+            held[server_ends[inode]] = pid
+    return held
+
+
+def _rest_request(address):
+    """One inference over a new connection, left open (the caller closes it)."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32",
+                                   "data": X.ravel().tolist()}]})
+    connection.request("POST", "/v2/models/identity/infer", body,
+                       {"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    assert answer.status == 200, answer.read()
+    assert json.loads(answer.read())["outputs"][0]["data"] == X.ravel().tolist()
+    return connection
+
+
+def _grpc_client(address):
+    # a subchannel pool of its own: a new connection, not one shared with earlier clients
+    return grpcclient.InferenceServerClient(
+        address, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _grpc_request(client):
+    tensor = grpcclient.InferInput("input", [1, 16], "FP32")
+    tensor.set_data_from_numpy(X)
+    np.testing.assert_array_equal(client.infer("identity", [tensor]).as_numpy("output"), X)
+
+
+def _new_holders(pids, address: str, before: dict[int, int]) -> set[int]:
+    """The workers holding this process's connections to ``address`` opened since
+    ``before`` (a :func:`_held`): one closed earlier may take a moment to go."""
+    return {pid for port, pid in _held(pids, address).items() if port not in before}
+
+
+def _one_of_each(urls, pids) -> dict[str, set[int]]:
+    """One request per protocol, each on a new connection: which worker held each."""
+    held = {}
+    address = urls["mip"].removeprefix("tcp://")
+    before = _held(pids, address)
+    with Client(urls["mip"]) as client:
+        (item,) = client.infer([[X]])
+        np.testing.assert_array_equal(item[0], X)
+        held["mip"] = _new_holders(pids, address, before)
+    before = _held(pids, urls["http"])
+    connection = _rest_request(urls["http"])
+    try:
+        held["http"] = _new_holders(pids, urls["http"], before)
+    finally:
+        connection.close()
+    before = _held(pids, urls["grpc"])
+    client = _grpc_client(urls["grpc"])
+    try:
+        _grpc_request(client)
+        held["grpc"] = _new_holders(pids, urls["grpc"], before)
+    finally:
+        client.close()
+    return held
+
+
+def _metrics(address) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def _successes(text: str, protocol: str) -> int:
+    return sum(int(float(v)) for v in re.findall(
+        r'^nv_inference_request_success\{model="identity",protocol="' + protocol
+        + r'",version="1"\} (\S+)$', text, re.M))
+
+
+def test_two_workers_serve_every_protocol_and_metrics_count_both(tmp_path, monkeypatch):
+    process, pids, urls, temporary = _serve(tmp_path, monkeypatch)
+    try:
+        assert len(list(temporary.glob("mip-metrics-*"))) == 1
+        held = {"mip": set(), "grpc": set(), "http": set()}
+        rounds = 0
+        while rounds < ROUNDS and any(len(h) < 2 for h in held.values()):
+            for protocol, holders in _one_of_each(urls, pids).items():
+                assert len(holders) == 1, (protocol, holders)
+                held[protocol] |= holders
+            rounds += 1
+        assert held == {"mip": set(pids), "grpc": set(pids), "http": set(pids)}
+        # one /metrics for both: the other worker's series are published within a second
+        assert wait_until(lambda: all(_successes(_metrics(urls["http"]), p) == rounds
+                                     for p in held), WAIT, 0.1), (rounds, _metrics(urls["http"]))
+        text = _metrics(urls["http"])
+        assert text.count("# TYPE nv_inference_request_success counter") == 1
+        assert re.search(r"^mip_models_loaded 3(\.0)?$", text, re.M), text
+    finally:
+        assert _stop(process) == 0
+    assert not list(temporary.glob("mip-metrics-*"))  # removed at exit
+
+
+def _marks(tmp_path) -> dict[int, list[str]]:
+    """pid -> the x of each marked request that started in it."""
+    found: dict[int, list[str]] = {}
+    for name in os.listdir(tmp_path / "marks"):
+        _, pid, x = name.split("-", 2)
+        found.setdefault(int(pid), []).append(x)
+    return found
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a thread; returns (thread, outcome list: [result] or [exception])."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(fn())
+        except BaseException as exc:  # the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _marked(url, x: float, client=None):
+    def call():
+        own = client is None
+        c = Client(url) if own else client
+        try:
+            (item,) = c.infer([[np.full((1, 1), x, np.float32)]], model="marked")
+            return float(item[0][0, 0])
+        finally:
+            if own:
+                c.close()
+    return call
+
+
+def _read_lines(process) -> list[str]:
+    lines: list[str] = []
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def test_a_killed_worker_fails_its_requests_and_is_started_again(tmp_path, monkeypatch):
+    process, pids, urls, _ = _serve(tmp_path, monkeypatch)
+    lines = process.output
+    try:
+        # a request in a worker when it is killed: the client gets an error, at once
+        thread, outcome = _in_thread(_marked(urls["mip"], 30.0))
+        assert wait_until(lambda: _marks(tmp_path), WAIT)
+        (victim,) = _marks(tmp_path)
+        index = pids.index(victim)
+        os.kill(victim, signal.SIGKILL)
+        thread.join(15)
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], ConnectionError), outcome
+        # meanwhile the other worker answers every protocol on the same ports
+        survivor = {pid for pid in pids if pid != victim}
+        for _ in range(3):  # (or by the new worker, once it serves: not among pids)
+            assert all(h <= survivor for h in _one_of_each(urls, pids).values())
+        assert wait_until(lambda: any("started again" in line for line in lines), WAIT)
+        text = "".join(lines)
+        assert re.search(rf"worker {index} \(pid {victim}\) killed by signal 9 \(SIGKILL\); "
+                         r"starting it again in [\d.]+ s", text), text
+        new = int(re.search(rf"worker {index} started again \(pid (\d+)\)", text).group(1))
+        pids = [new if pid == victim else pid for pid in pids]
+        held = {"mip": set(), "grpc": set(), "http": set()}
+        for _ in range(ROUNDS):
+            for protocol, holders in _one_of_each(urls, pids).items():
+                held[protocol] |= holders
+            if all(new in h for h in held.values()):
+                break
+        assert all(new in h for h in held.values()), held
+    finally:
+        assert _stop(process) == 0, "".join(lines)
+
+
+def test_sigterm_drains_every_worker(tmp_path, monkeypatch):
+    process, pids, urls, _ = _serve(tmp_path, monkeypatch)
+    clients = {}
+    try:
+        address = urls["mip"].removeprefix("tcp://")
+        for _ in range(ROUNDS):  # a connection held by each worker
+            before = _held(pids, address)
+            client = Client(urls["mip"])
+            client.ping()
+            (holder,) = _new_holders(pids, address, before)
+            if holder in clients:
+                client.close()
+                continue
+            clients[holder] = client
+            if len(clients) == 2:
+                break
+        assert set(clients) == set(pids)
+        calls = [_in_thread(_marked(urls["mip"], 1.5, client)) for client in clients.values()]
+        assert wait_until(lambda: set(_marks(tmp_path)) == set(pids), WAIT)
+        process.send_signal(signal.SIGTERM)
+        for thread, outcome in calls:
+            thread.join(20)
+            assert outcome == [1.5]
+        assert process.wait(20) == 0
+    finally:
+        for client in clients.values():
+            client.close()
+        if process.poll() is None:
+            process.kill()
+
+
+def _ready_on_each(urls, pids, model: str) -> dict[int, int]:
+    """Worker pid -> the status of GET /v2/models/{model}/ready it answers, over new
+    connections until every worker has answered."""
+    host, port = urls["http"].rsplit(":", 1)
+    statuses: dict[int, int] = {}
+    for _ in range(ROUNDS):
+        before = _held(pids, urls["http"])
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request("GET", f"/v2/models/{model}/ready")
+            answer = connection.getresponse()
+            answer.read()
+            (holder,) = _new_holders(pids, urls["http"], before)
+            statuses[holder] = answer.status
+        finally:
+            connection.close()
+        if len(statuses) == len(pids):
+            break
+    return statuses
+
+
+def _repository(urls, model: str, action: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://{urls['http']}/v2/repository/models/{model}/{action}", data=b"{}",
+        method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, {}
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+def test_model_load_and_unload_reach_every_worker(tmp_path, monkeypatch):
+    process, pids, urls, _ = _serve(tmp_path, monkeypatch)
+    lines = process.output
+    try:
+        assert _ready_on_each(urls, pids, "mlp") == dict.fromkeys(pids, 200)
+        assert _repository(urls, "mlp", "unload") == (200, {})
+        assert 200 not in _ready_on_each(urls, pids, "mlp").values()
+        status, body = _repository(urls, "nosuch", "load")
+        assert status == 404 and "nosuch" in body["error"], (status, body)
+        # a worker started again applies the changes made before it started
+        os.kill(pids[1], signal.SIGKILL)
+        assert wait_until(lambda: any("started again" in line for line in lines), WAIT)
+        new = int(re.search(r"worker 1 started again \(pid (\d+)\)", "".join(lines)).group(1))
+        pids = [pids[0], new]
+        assert 200 not in _ready_on_each(urls, pids, "mlp").values()
+        client = _grpc_client(urls["grpc"])
+        try:
+            client.load_model("mlp")
+        finally:
+            client.close()
+        assert _ready_on_each(urls, pids, "mlp") == dict.fromkeys(pids, 200)
+    finally:
+        assert _stop(process) == 0, "".join(lines)
+
+
+def test_unix_socket_is_shared(tmp_path):
+    path = tmp_path / "mip.sock"
+    repo = build_demo_repository(tmp_path / "repo")
+    process, _ = _start(["--model-repository", str(repo), "--mip", f"unix://{path}",
+                         "--mip-model", "identity", "--http", "none", "--grpc", "none",
+                         "--workers", "2"], 1, pattern="mip: 2 worker processes serving")
+    try:
+        for _ in range(8):
+            with Client(f"unix://{path}") as client:
+                (item,) = client.infer([[X]])
+                np.testing.assert_array_equal(item[0], X)
+    finally:
+        assert _stop(process) == 0
+    assert not path.exists()
+
+
+def _mip(*args, timeout: float = 60.0):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "mip.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", ""])
+def test_bad_worker_counts_are_command_line_errors(value):
+    result = _mip("serve", "--workers", value)
+    assert result.returncode == 2
+    assert "expected a number of worker processes of at least 1, or 'auto'" in result.stderr
+
+
+def test_auto_is_one_worker_per_usable_core():
+    assert parse_workers("auto") == len(os.sched_getaffinity(0))
+    assert parse_workers(" 3 ") == 3
+
+
+def test_a_start_error_is_reported_once(tmp_path):
+    result = _mip("serve", "--workers", "2", "--model-repository", str(tmp_path / "missing"),
+                  "--mip", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0", "--grpc",
+                  "127.0.0.1:0")
+    assert result.returncode == 1
+    assert result.stderr.count("does not exist") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _exposition(success: int, pending: int, loaded: int, started: float) -> bytes:
+    return (f'# HELP nv_inference_request_success Number of successful inference requests\n'
+            f'# TYPE nv_inference_request_success counter\n'
+            f'nv_inference_request_success{{model="m",protocol="mip",version="1"}} {success}\n'
+            f'# HELP nv_inference_pending_request_count Requests waiting\n'
+            f'# TYPE nv_inference_pending_request_count gauge\n'
+            f'nv_inference_pending_request_count{{model="m",version="1"}} {pending}.0\n'
+            f'# HELP mip_models_loaded Model versions ready to serve\n'
+            f'# TYPE mip_models_loaded gauge\n'
+            f'mip_models_loaded {loaded}.0\n'
+            f'# HELP process_start_time_seconds Start time\n'
+            f'# TYPE process_start_time_seconds gauge\n'
+            f'process_start_time_seconds {started}\n').encode()
+
+
+def test_merged_metrics_keep_dead_workers_counts_and_live_workers_gauges():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mip.frontends.oip.worker_metrics import merge
+
+    own = _exposition(success=3, pending=1, loaded=2, started=200.5)
+    live = _exposition(success=4, pending=2, loaded=1, started=100.5)
+    dead = _exposition(success=5, pending=7, loaded=9, started=50.5)
+    text = merge(own, [(live, True), (dead, False)]).decode()
+    values = {sample.name: sample.value
+              for family in text_string_to_metric_families(text) for sample in family.samples}
+    # (the parser adds _total to counters)
+    assert values == {"nv_inference_request_success_total": 12,  # every worker's, the dead one too
+                      "nv_inference_pending_request_count": 3,  # the live workers'
+                      "mip_models_loaded": 2,  # the answering worker's
+                      "process_start_time_seconds": 100.5}  # the oldest live worker's
+    assert 'nv_inference_request_success{model="m",protocol="mip",version="1"} 12\n' in text
+    assert text.count("# TYPE") == 4
