@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench build wheel annotate clean sysdeps asan-test fuzz fuzz-long
+.PHONY: serve test bench build wheel image annotate clean sysdeps asan-test fuzz fuzz-long
 
-# Debian packages: libnghttp2's headers (the native gRPC transport), redis-server (tests).
+# Debian packages: libnghttp2's headers (the native gRPC transport), redis-server and
+# iproute2 (tests: the job queue, network namespaces as hosts).
 # Installed when missing, as root or with password-less sudo; otherwise left to the user.
 APT_PACKAGES ?= libnghttp2-dev
 define apt_install
@@ -42,7 +43,7 @@ serve: $(VENV)/.installed-serve
 
 ## test: install mip (editable, extensions built in place) with test extras; run the whole suite
 test: $(VENV)/.installed-test
-	$(call apt_install,redis-server)
+	$(call apt_install,redis-server iproute2)
 	$(BIN)/python -m pytest
 
 ## bench: the codec comparison (ours vs struct, protobuf and memcpy), ratios printed
@@ -66,6 +67,13 @@ wheel: $(BIN)/python
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --strip --wheel-dir dist dist/raw/mip_toolkit-*.whl
 	$(BIN)/auditwheel show dist/mip_toolkit-*.whl
 	$(BIN)/python tests/packaging/wheel_smoke.py dist/mip_toolkit-*.whl
+
+## image: the container image of deploy/Dockerfile, built by podman from a Debian base made with
+##        debootstrap (no registry of images needed), run in a network namespace of its own and
+##        smoke-tested: REST readiness, MIP, gRPC health, its HEALTHCHECK, its user (docs/deploying.md)
+image: $(VENV)/.installed-serve
+	$(call apt_install,podman debootstrap)
+	$(BIN)/python tests/deploy/image_smoke.py
 
 ## annotate: Cython's HTML annotation of the codec (mip/protocol/*.html)
 annotate: $(BIN)/python

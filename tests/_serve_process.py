@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start(args, pattern_count: int, timeout: float = 30.0, command: str = "serve",
-          pattern: str = "mip: serving"):
+          pattern: str = "mip: serving", prefix=(), env=None):
     """Run ``mip COMMAND ARGS`` until `pattern_count` lines starting with `pattern` are
-    printed; returns the process and its output so far."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING",
-                                command, *args], stdout=subprocess.PIPE,
+    printed; returns the process and its output so far. `prefix`: a command that runs it
+    (``ip netns exec NS``); `env`: more environment variables."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
+    process = subprocess.Popen([*prefix, sys.executable, "-m", "mip.cli", "--log-level",
+                                "WARNING", command, *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     deadline = time.monotonic() + timeout

@@ -5,6 +5,12 @@ large tensors) and decode replies with tensors as numpy views of the memory
 the socket wrote.  A named model travels as a routed request (kind 3);
 ``model=None`` sends a plain KubeMo request (kind 2) to the server's default
 model.  An ERROR reply raises ``mip.RemoteError`` carrying its code.
+
+Several servers: both clients take a URL, or a list of URLs, whose host names may each
+resolve to several addresses (a Kubernetes headless Service, a DNS round robin). Requests go
+to the addresses in turn; an address that refuses a connection (or whose connection fails) is
+skipped for a second while the request goes to the next one. Names are looked up again every
+``resolve_every`` seconds and after such a failure, so replicas that come and go are followed.
 """
 
 from __future__ import annotations
@@ -23,14 +29,102 @@ from typing import Sequence
 
 import mip
 from mip.errors import ProtocolError, RemoteError
-from mip.net.urls import parse_url
+from mip.net.urls import Address, parse_url
 
 __all__ = ["Client", "AsyncClient"]
 
+#: seconds an address that failed is skipped (unless every address has failed)
+_SKIP_FAILED = 1.0
 
-def _connect(url: str, timeout: float | None, ssl: _ssl.SSLContext | None,
+
+class _Balancer:
+    """The addresses a client takes in turn: every address each TCP URL's host resolves to
+    (in the resolver's order, duplicates dropped) and the unix URLs as given. Names are
+    looked up again once the last look-up is ``resolve_every`` seconds old, or after a
+    connection failed; a failed address goes last for :data:`_SKIP_FAILED` seconds."""
+
+    def __init__(self, urls: str | Sequence[str], resolve_every: float):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls:
+            raise ValueError("no server URL")
+        self.urls = [parse_url(url) for url in urls]  # fail early on a bad URL
+        self.resolve_every = resolve_every
+        #: (address to connect to, host name for TLS) pairs
+        self.addresses: list[tuple[Address, str | None]] = []
+        self._expires = 0.0
+        self._turn = 0
+        self._failed: dict[Address, float] = {}
+        #: addresses the last look-up no longer gave (their idle connections are closed)
+        self.removed: set[Address] = set()
+
+    def stale(self) -> bool:
+        return time.monotonic() >= self._expires
+
+    def lookups(self) -> list[tuple[Address, tuple | None]]:
+        """``(url, (host, port) to look up)`` for each URL; ``None`` for a unix URL."""
+        return [(url, (url.host, url.port) if url.scheme == "tcp" else None)
+                for url in self.urls]
+
+    def update(self, results: list) -> None:
+        """Take the look-ups' results (a getaddrinfo list, or the exception it raised, per
+        URL). A URL whose look-up failed keeps its former addresses; when no URL has any,
+        the first failure is raised."""
+        found: list[tuple[Address, str | None]] = []
+        errors = []
+        for (url, args), result in zip(self.lookups(), results):
+            if args is None:
+                found.append((url, None))
+            elif isinstance(result, BaseException):
+                errors.append(result)
+                found += [pair for pair in self.addresses if pair[1] == url.host]
+            else:
+                for *_, sockaddr in result:
+                    pair = (Address("tcp", host=sockaddr[0], port=sockaddr[1]), url.host)
+                    if pair not in found:
+                        found.append(pair)
+        if not found:
+            raise errors[0]
+        current = {address for address, _ in found}
+        self.removed = {address for address, _ in self.addresses} - current
+        self._failed = {a: t for a, t in self._failed.items() if a in current}
+        self.addresses = found
+        self._expires = time.monotonic() + self.resolve_every
+
+    def order(self) -> list[tuple[Address, str | None]]:
+        """Every address, from the next one in turn on; those that failed lately last."""
+        n = len(self.addresses)
+        if n == 1:
+            return self.addresses
+        start, self._turn = self._turn % n, self._turn + 1
+        turn = self.addresses[start:] + self.addresses[:start]
+        now = time.monotonic()
+        return ([pair for pair in turn if self._failed.get(pair[0], 0.0) <= now]
+                + [pair for pair in turn if self._failed.get(pair[0], 0.0) > now])
+
+    def failed(self, address: Address) -> None:
+        self._failed[address] = time.monotonic() + _SKIP_FAILED
+        self._expires = 0.0  # look the names up again: the servers may have moved
+
+    def several(self) -> bool:
+        return len(self.addresses) > 1
+
+
+def _resolve(balancer: _Balancer) -> None:
+    """Look ``balancer``'s names up (blocking) when they are stale."""
+    if not balancer.stale():
+        return
+    results = []
+    for _, args in balancer.lookups():
+        try:
+            results.append(socket.getaddrinfo(*args, type=socket.SOCK_STREAM) if args else None)
+        except OSError as exc:
+            results.append(exc)
+    balancer.update(results)
+
+
+def _connect(url: str | Address, timeout: float | None, ssl: _ssl.SSLContext | None,
              server_hostname: str | None) -> socket.socket:
-    addr = parse_url(url)
+    addr = parse_url(url) if isinstance(url, str) else url
     if addr.scheme == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -59,8 +153,9 @@ def _reply(message: mip.Message) -> mip.Message:
 
 
 class _BlockingConnection:
-    def __init__(self, sock: socket.socket, max_frame_size: int):
+    def __init__(self, sock: socket.socket, max_frame_size: int, address: Address):
         self.sock = sock
+        self.address = address
         self.max_frame_size = max_frame_size
         self.header = bytearray(8)
 
@@ -121,52 +216,94 @@ def _sendall_buffers(sock: socket.socket, buffers: Sequence) -> None:
                 sent = 0
 
 
+def _close_idle(pool: queue.Queue) -> None:
+    while True:
+        try:
+            pool.get_nowait().close()
+        except queue.Empty:
+            return
+
+
 class Client:
     """A blocking MIP client with a pool of persistent connections (thread-safe).
 
     Args:
-        url: ``tcp://HOST:PORT`` or ``unix:///PATH``.
-        pool_size: connections kept open for reuse.
+        url: ``tcp://HOST:PORT`` or ``unix:///PATH``, or a list of them: requests go to
+            every address of every URL in turn (see the module's documentation).
+        pool_size: connections kept open for reuse, per address.
         timeout: seconds to wait on connect and on each socket operation (None = forever).
         max_frame_size: largest reply accepted, in octets.
         ssl: an ``ssl.SSLContext`` for TLS.
+        server_hostname: the name TLS checks (default: the URL's host).
+        resolve_every: seconds between look-ups of the URLs' host names.
+
+    A request whose connection ends before any octet of its reply arrived is sent once more
+    on a new connection: when the connection came from the pool (the server closed it while
+    idle), or when there are several addresses (to the next one in turn).
     """
 
-    def __init__(self, url: str, *, pool_size: int = 4, timeout: float | None = 30.0,
-                 max_frame_size: int = 1 << 30, ssl: _ssl.SSLContext | None = None,
-                 server_hostname: str | None = None):
-        parse_url(url)  # fail early on a bad URL
+    def __init__(self, url: str | Sequence[str], *, pool_size: int = 4,
+                 timeout: float | None = 30.0, max_frame_size: int = 1 << 30,
+                 ssl: _ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 resolve_every: float = 30.0):
+        self._balancer = _Balancer(url, resolve_every)
         self.url = url
         self.timeout = timeout
         self.max_frame_size = max_frame_size
         self.ssl = ssl
         self.server_hostname = server_hostname
-        self._idle: queue.LifoQueue[_BlockingConnection] = queue.LifoQueue(maxsize=pool_size)
+        self.pool_size = pool_size
+        self._idle: dict[Address, queue.LifoQueue[_BlockingConnection]] = {}
         self._closed = False
         self._lock = threading.Lock()
 
-    def _acquire(self) -> tuple[_BlockingConnection, bool]:
-        """A connection, and whether it was reused from the pool."""
-        while True:
+    def _order(self) -> list[tuple[Address, str | None]]:
+        with self._lock:
+            _resolve(self._balancer)
+            gone = [self._idle.pop(a) for a in self._balancer.removed if a in self._idle]
+            self._balancer.removed = set()
+            order = self._balancer.order()
+        for pool in gone:
+            _close_idle(pool)
+        return order
+
+    def _pool(self, address: Address) -> queue.LifoQueue:
+        pool = self._idle.get(address)
+        if pool is None:
+            with self._lock:
+                pool = self._idle.setdefault(address, queue.LifoQueue(maxsize=self.pool_size))
+        return pool
+
+    def _acquire(self, fresh: bool = False) -> tuple[_BlockingConnection, bool]:
+        """A connection to the next address in turn (past those that refuse one), and
+        whether it was reused from the pool; ``fresh``: a new connection."""
+        error: OSError | None = None
+        for address, name in self._order():
+            pool = self._pool(address)
+            while not fresh:
+                try:
+                    conn = pool.get_nowait()
+                except queue.Empty:
+                    break
+                if not conn.dropped():
+                    return conn, True
+                conn.close()
             try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                return self._acquire_new()
-            if not conn.dropped():
-                return conn, True
-            conn.close()
-
-
-    def _acquire_new(self) -> tuple[_BlockingConnection, bool]:
-        sock = _connect(self.url, self.timeout, self.ssl, self.server_hostname)
-        return _BlockingConnection(sock, self.max_frame_size), False
+                sock = _connect(address, self.timeout, self.ssl, self.server_hostname or name)
+            except OSError as exc:
+                error = exc
+                with self._lock:
+                    self._balancer.failed(address)
+                continue
+            return _BlockingConnection(sock, self.max_frame_size, address), False
+        raise error
 
     def _release(self, conn: _BlockingConnection) -> None:
         if self._closed:
             conn.close()
             return
         try:
-            self._idle.put_nowait(conn)
+            self._pool(conn.address).put_nowait(conn)
         except queue.Full:
             conn.close()
 
@@ -176,11 +313,14 @@ class Client:
             message = conn.roundtrip(buffers)
         except (ConnectionResetError, BrokenPipeError, _ClosedBeforeReply):
             conn.close()
-            if not reused:
+            if not (reused or self._balancer.several()):
                 raise
             # A pooled connection the server closed just before we used it (KubeMo's
-            # server closes after every reply): the server never read the request.
-            conn, _ = self._acquire_new()
+            # server closes after every reply), or a server that went away: no reply came.
+            if not reused:
+                with self._lock:
+                    self._balancer.failed(conn.address)
+            conn, _ = self._acquire(fresh=True)
             try:
                 message = conn.roundtrip(buffers)
             except BaseException:
@@ -213,11 +353,10 @@ class Client:
     def close(self) -> None:
         """Close every pooled connection."""
         self._closed = True
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                break
+        with self._lock:
+            pools = list(self._idle.values())
+        for pool in pools:
+            _close_idle(pool)
 
     def __enter__(self):
         return self
@@ -227,7 +366,8 @@ class Client:
 
 
 class _AsyncConnection(asyncio.BufferedProtocol):
-    def __init__(self, max_frame_size: int):
+    def __init__(self, max_frame_size: int, address: Address):
+        self.address = address
         self.parser = mip.FrameParser(max_frame_size=max_frame_size)
         self.waiters: collections.deque[asyncio.Future] = collections.deque()
         self.transport: asyncio.Transport | None = None
@@ -315,70 +455,111 @@ class AsyncClient:
     :meth:`close`.
 
     A request whose connection ends before any octet of its reply arrived is sent once more
-    on a new connection. A server seen to close connections after replying (KubeMo's server
-    closes after every reply) gets one connection per request from then on, never a pipeline.
+    on a new connection (with several addresses, to the next one in turn). A server seen to
+    close connections after replying (KubeMo's server closes after every reply) gets one
+    connection per request from then on, never a pipeline.
 
     Args:
-        url: ``tcp://HOST:PORT`` or ``unix:///PATH``.
-        connections: connections opened lazily and used round-robin.
+        url: ``tcp://HOST:PORT`` or ``unix:///PATH``, or a list of them: requests go to
+            every address of every URL in turn (see the module's documentation).
+        connections: connections opened lazily and used round-robin, per address.
         timeout: seconds to wait for each reply (None = forever).
         max_frame_size: largest reply accepted, in octets.
         ssl: an ``ssl.SSLContext`` for TLS.
+        server_hostname: the name TLS checks (default: the URL's host).
+        resolve_every: seconds between look-ups of the URLs' host names.
     """
 
-    def __init__(self, url: str, *, connections: int = 1, timeout: float | None = 30.0,
-                 max_frame_size: int = 1 << 30, ssl: _ssl.SSLContext | None = None,
-                 server_hostname: str | None = None):
-        self.address = parse_url(url)
+    def __init__(self, url: str | Sequence[str], *, connections: int = 1,
+                 timeout: float | None = 30.0, max_frame_size: int = 1 << 30,
+                 ssl: _ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 resolve_every: float = 30.0):
+        self._balancer = _Balancer(url, resolve_every)
+        self.address = self._balancer.urls[0]
         self.timeout = timeout
         self.max_frame_size = max_frame_size
         self.ssl = ssl
         self.server_hostname = server_hostname
-        self._conns: list[_AsyncConnection | None] = [None] * max(1, connections)
-        self._next = 0
+        self.connections = max(1, connections)
+        #: per address: its connections (None: not opened yet) and the next one's index
+        self._conns: dict[Address, list[_AsyncConnection | None]] = {}
+        self._next: dict[Address, int] = {}
         self._connect_lock = asyncio.Lock()
         self._one_shot = False  # one request per connection: the server closes after replies
 
-    async def _open(self) -> _AsyncConnection:
+    async def _order(self) -> list[tuple[Address, str | None]]:
+        balancer = self._balancer
+        if balancer.stale():
+            loop = asyncio.get_running_loop()
+            results = await asyncio.gather(
+                *(loop.getaddrinfo(*args, type=socket.SOCK_STREAM)
+                  for _, args in balancer.lookups() if args),
+                return_exceptions=True)
+            results = iter(results)
+            balancer.update([next(results) if args else None
+                             for _, args in balancer.lookups()])
+            for address in balancer.removed:
+                self._next.pop(address, None)
+                for conn in self._conns.pop(address, ()):
+                    if conn is not None and conn.transport is not None and not conn.waiters:
+                        conn.closed_here = True
+                        conn.transport.close()
+            balancer.removed = set()
+        return balancer.order()
+
+    async def _open(self, address: Address, name: str | None) -> _AsyncConnection:
         loop = asyncio.get_running_loop()
-        factory = lambda: _AsyncConnection(self.max_frame_size)  # noqa: E731
-        addr = self.address
-        if addr.scheme == "unix":
+        factory = lambda: _AsyncConnection(self.max_frame_size, address)  # noqa: E731
+        hostname = (self.server_hostname or name or address.host) if self.ssl else None
+        if address.scheme == "unix":
             _, conn = await loop.create_unix_connection(
-                factory, addr.path, ssl=self.ssl,
+                factory, address.path, ssl=self.ssl,
                 server_hostname=self.server_hostname if self.ssl else None)
         else:
             _, conn = await loop.create_connection(
-                factory, addr.host, addr.port, ssl=self.ssl,
-                server_hostname=(self.server_hostname or addr.host) if self.ssl else None)
+                factory, address.host, address.port, ssl=self.ssl, server_hostname=hostname)
         return conn
 
     async def _connection(self) -> _AsyncConnection:
-        i = self._next
-        self._next = (i + 1) % len(self._conns)
-        conn = self._conns[i]
-        if conn is not None and conn.lost is None:
-            return conn
-        async with self._connect_lock:
-            conn = self._conns[i]
-            if conn is not None and conn.lost is None:
-                return conn
-            if conn is not None and conn.closed_after_reply:
-                self._one_shot = True
-            conn = await self._open()
-            if not self._one_shot:
-                self._conns[i] = conn
-            return conn
+        """A connection to the next address in turn, past those that refuse one: one of
+        its pipelines, or a new connection of its own (one request a connection)."""
+        error: OSError | None = None
+        for address, name in await self._order():
+            try:
+                if self._one_shot:
+                    return await self._open(address, name)
+                slots = self._conns.setdefault(address, [None] * self.connections)
+                i = self._next.get(address, 0)
+                self._next[address] = (i + 1) % len(slots)
+                conn = slots[i]
+                if conn is not None and conn.lost is None:
+                    return conn
+                async with self._connect_lock:
+                    conn = slots[i]
+                    if conn is not None and conn.lost is None:
+                        return conn
+                    if conn is not None and conn.closed_after_reply:
+                        self._one_shot = True
+                    conn = await self._open(address, name)
+                    if not self._one_shot:
+                        slots[i] = conn
+                    return conn
+            except OSError as exc:
+                error = exc
+                self._balancer.failed(address)
+        raise error
 
     async def _call(self, buffers: Sequence) -> mip.Message:
         retried = False
         while True:
-            conn = await (self._open() if self._one_shot else self._connection())
+            conn = await self._connection()
             try:
                 return _reply(await self._roundtrip(conn, buffers))
             except _ClosedBeforeReply as exc:
                 if conn.closed_after_reply:
                     self._one_shot = True
+                elif self._balancer.several():
+                    self._balancer.failed(conn.address)
                 if retried:
                     raise ConnectionError(
                         f"the server closed the connection before replying: {exc}") from exc
@@ -419,14 +600,15 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close every connection; calls still waiting fail with ConnectionError."""
-        for conn in self._conns:
-            if conn is not None and conn.transport is not None:
-                conn.closed_here = True
-                if conn.waiters:
-                    _reset(conn.transport)
-                else:
-                    conn.transport.close()
-        self._conns = [None] * len(self._conns)
+        for slots in self._conns.values():
+            for conn in slots:
+                if conn is not None and conn.transport is not None:
+                    conn.closed_here = True
+                    if conn.waiters:
+                        _reset(conn.transport)
+                    else:
+                        conn.transport.close()
+        self._conns = {}
 
     async def __aenter__(self):
         return self

@@ -109,24 +109,32 @@ async def wait_job(client, request_id: str, *, timeout: float = 15.0,
         await asyncio.sleep(0.02)
 
 
+def _reachable(host: str, port: int) -> None:
+    """Returns once a TCP connection to host:port opens (raises OSError otherwise)."""
+    socket.create_connection((host, port), 0.2).close()
+
+
 @contextlib.contextmanager
-def redis_server(*options: str):
+def redis_server(*options: str, bind: str = "127.0.0.1", prefix=(), reachable=_reachable):
     """A private redis-server on 127.0.0.1 (skipped when the binary is missing); yields the
     port it listens on: a free port, plain TCP by default, or TLS with ``"tls"`` as the
-    first option followed by the ``--tls-*`` options."""
+    first option followed by the ``--tls-*`` options. Elsewhere: `bind` (the address),
+    `prefix` (the command that runs it, such as ``ip netns exec NS``) and `reachable`
+    (``reachable(bind, port)`` raises OSError until the server accepts connections)."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     ports = (["--port", "0", "--tls-port", str(port), *options[1:]] if options[:1] == ("tls",)
              else ["--port", str(port), *options])
-    proc = subprocess.Popen([binary, *ports, "--bind", "127.0.0.1", "--save", "",
+    proc = subprocess.Popen([*prefix, binary, *ports, "--bind", bind, "--save", "",
                              "--appendonly", "no", "--protected-mode", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 10
         while time.monotonic() < end:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            with contextlib.suppress(OSError):
+                reachable(bind, port)
                 break
             time.sleep(0.05)
         else:
