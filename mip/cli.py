@@ -509,7 +509,7 @@ def _serve_workers(args) -> int:
               file=sys.stderr)
         return 2
     if args.queue is None and args.http.lower() != "none":
-        from mip.frontends.miaas.queue import default_sqlite_path
+        from mip.jobs.queue import default_sqlite_path
 
         # one job queue for every worker: this server's own file (named after its port)
         args.queue = str(default_sqlite_path(args.http))
@@ -687,8 +687,9 @@ def _client_ssl(args) -> ssl.SSLContext | None:
 
 
 async def _worker(args) -> int:
-    from mip.frontends.miaas.queue import open_queue
-    from mip.frontends.miaas.worker import run_worker
+    from mip.frontends.miaas.runner import JobRunner
+    from mip.jobs.queue import open_queue
+    from mip.jobs.worker import run_worker
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository
 
@@ -708,7 +709,7 @@ async def _worker(args) -> int:
     await queue.open()
     publisher = None
     if args.msip_push:
-        from mip.frontends.miaas.push import OutcomePublisher
+        from mip.jobs.push import OutcomePublisher
         publisher = OutcomePublisher(args.msip_push, ssl=client_ssl)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -722,8 +723,8 @@ async def _worker(args) -> int:
             from mip.frontends.access import AccessLog
 
             access = AccessLog()
-        await run_worker(engine, queue, concurrency=args.concurrency, publisher=publisher,
-                         stop=stop, access_log=access)
+        await run_worker(queue, JobRunner(engine, access_log=access),
+                         concurrency=args.concurrency, publisher=publisher, stop=stop)
     finally:
         await queue.close()
         if publisher is not None:

@@ -154,7 +154,7 @@ def _http(method: str, url: str, body: dict | None = None) -> dict:
 
 async def _consumers(queue_url: str, ids: list[str]) -> list[str]:
     """The consumer (worker) whose outcome the queue stored, of each job."""
-    from mip.frontends.miaas.queue import open_queue
+    from mip.jobs.queue import open_queue
 
     queue = open_queue(queue_url)
     await queue.open()

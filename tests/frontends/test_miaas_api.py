@@ -292,8 +292,9 @@ async def test_outcome_pushed_over_msip(engine, tmp_path):
                 request_id = r.json()["request_id"]
                 subscription = await subscriber.subscribe(f"jobs.{request_id}")
                 service = app.state.service
-                from mip.frontends.miaas.worker import JobWorker
-                worker = JobWorker(engine, service.queue, concurrency=1,
+                from mip.frontends.miaas.runner import JobRunner
+                from mip.jobs.worker import JobWorker
+                worker = JobWorker(service.queue, JobRunner(engine), concurrency=1,
                                    publisher=service.publisher, poll=0.1)
                 worker.start()
                 try:

@@ -32,7 +32,8 @@ from _miaas import (  # noqa: F401
 from mip.errors import QueueFull
 from mip.frontends.miaas import MiaasConfig, standalone_app
 from mip.frontends.auth import hash_key
-from mip.frontends.miaas.queue import SQLiteQueue, open_queue, open_redis
+from mip.jobs.queue import SQLiteQueue, open_queue
+from mip.net.redis_client import open_redis
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -295,7 +296,7 @@ async def test_worker_over_tls_redis(engine, repository, tls_redis):
 async def test_default_queue_belongs_to_its_server(tmp_path, monkeypatch):
     """With no --queue, a server's SQLite file is named after its listener and held
     exclusively: a second server asking for the same one is refused, saying why."""
-    from mip.frontends.miaas.queue import QueueInUse, default_sqlite_path
+    from mip.jobs.queue import QueueInUse, default_sqlite_path
 
     monkeypatch.setenv("MIP_STATE_DIR", str(tmp_path))
     a = open_queue(None, owner="127.0.0.1:8000")

@@ -28,16 +28,11 @@ from mip.errors import ServingError, TooManyAuthFailures, Unauthenticated
 from mip.frontends.auth import Authenticator, Guard, Identity, load_api_keys
 from mip.frontends.dataplane import DataPlane
 from mip.frontends.miaas.openapi import openapi_document
-from mip.frontends.miaas.queue import JobQueue, open_queue
-from mip.net.ratelimit import FailureLimit, RateLimiter, open_rate_limiter
+from mip.frontends.miaas.runner import JobRunner, split_model_id
 from mip.frontends.miaas.tensors import decode_inputs
-from mip.frontends.miaas.worker import (
-    JobWorker,
-    error_code,
-    isotime,
-    job_document,
-    split_model_id,
-)
+from mip.jobs.queue import JobQueue, open_queue
+from mip.jobs.worker import JobWorker, error_code, isotime, job_document
+from mip.net.ratelimit import FailureLimit, RateLimiter, open_rate_limiter
 
 __all__ = [
     "MiaasConfig",
@@ -159,7 +154,7 @@ class MiaasService:
         self.failures = guard.failures
         self.publisher = None
         if c.msip_push:
-            from mip.frontends.miaas.push import OutcomePublisher
+            from mip.jobs.push import OutcomePublisher
 
             self.publisher = OutcomePublisher(c.msip_push, ssl=c.client_ssl)
         self.worker: JobWorker | None = None
@@ -179,9 +174,9 @@ class MiaasService:
             self._collector = JobQueueCollector(self.queue)
             self.metrics.add_collector(self._collector)
         if self.config.job_workers > 0:
-            self.worker = JobWorker(self.engine, self.queue, concurrency=self.config.job_workers,
-                                    publisher=self.publisher, metrics=self.metrics,
-                                    access_log=self.access_log)
+            run_job = JobRunner(self.engine, self.metrics, access_log=self.access_log)
+            self.worker = JobWorker(self.queue, run_job, concurrency=self.config.job_workers,
+                                    publisher=self.publisher)
             self.worker.start()
         self.started = True
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mip.errors import QueueFull
+from mip.net.redis_client import open_redis
 
 __all__ = [
     "COMPLETED",
@@ -47,7 +48,6 @@ __all__ = [
     "SQLiteQueue",
     "default_sqlite_path",
     "open_queue",
-    "open_redis",
 ]
 
 QUEUED, PROCESSING, COMPLETED, FAILED = "queued", "processing", "completed", "failed"
@@ -463,28 +463,6 @@ redis.call('XACK', KEYS[2], ARGV[7], ARGV[8])
 redis.call('XDEL', KEYS[2], ARGV[8])
 return stored
 """
-
-
-def open_redis(url: str, ssl_context=None):
-    """An asyncio Redis client for ``url`` (replies decoded as text). For ``rediss://``,
-    ``ssl_context`` (an ``ssl.SSLContext``: the CAs to trust, a client certificate) is
-    the TLS set-up; without it redis-py builds one from the URL's ``ssl_*`` query options
-    (``?ssl_ca_certs=FILE``, ``ssl_certfile``, ``ssl_keyfile``) or the system CAs."""
-    import redis.asyncio as aioredis
-
-    if ssl_context is None or not url.startswith("rediss://"):
-        return aioredis.from_url(url, decode_responses=True)
-    from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection, parse_url
-
-    class ContextSSLConnection(SSLConnection):
-        # redis-py's asyncio connections take TLS settings only as file names: hand the
-        # context to asyncio.open_connection() directly.
-        def _connection_arguments(self):
-            return {**Connection._connection_arguments(self), "ssl": ssl_context}
-
-    options = parse_url(url) | {"connection_class": ContextSSLConnection,
-                                "decode_responses": True}
-    return aioredis.Redis.from_pool(ConnectionPool(**options))
 
 
 class RedisQueue(JobQueue):
