@@ -56,7 +56,7 @@ def status(protocol: str, failure: BaseException | None):
         if protocol == "http":
             return failure.http_status
         if protocol == "grpc":
-            return failure.grpc_status
+            return failure.grpc_status.name
         if protocol == "jobs":
             return _snake(type(failure).__name__)  # the job's error.code
         return failure.error_code.name

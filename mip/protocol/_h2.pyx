@@ -24,6 +24,8 @@ from libc.stdlib cimport malloc, free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 import binascii
 
+from mip.errors import H2Error
+
 # nghttp2 1.61 deprecated the ssize_t entry points for *2 ones taking nghttp2_ssize; use
 # them where the installed library has them, the older ones otherwise.
 cdef extern from *:
@@ -330,10 +332,6 @@ cdef inline int _check(int rv) except -1:
     if rv < 0:
         raise H2Error(nghttp2_strerror(rv).decode())
     return 0
-
-
-class H2Error(Exception):
-    """The HTTP/2 connection failed (a protocol violation by the peer, or a library error)."""
 
 
 cdef object _parse_timeout(const uint8_t *value, size_t n):

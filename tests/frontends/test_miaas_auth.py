@@ -11,7 +11,8 @@ import pytest
 from _miaas import API_KEY, AUTH, engine, redis_url, repository, serve  # noqa: F401
 
 from mip.frontends.miaas import MiaasConfig, standalone_app
-from mip.frontends.auth import Authenticator, AuthError, hash_key, load_api_keys
+from mip.errors import AuthError
+from mip.frontends.auth import Authenticator, hash_key, load_api_keys
 from mip.net.ratelimit import (
     MemoryRateLimiter,
     RedisRateLimiter,

@@ -287,7 +287,7 @@ async def test_jwt_failures_count_unreachable_key_source_does_not(engine, tmp_pa
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from mip.frontends.auth import AuthError, InvalidCredentials
+    from mip.errors import AuthError, InvalidCredentials
 
     key, trusted = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
         ec.SECP256R1())

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from mip.errors import ServingError, TooManyAuthFailures, Unauthenticated
+from mip.errors import ApiError, ServingError, TooManyAuthFailures, Unauthenticated
 from mip.frontends.auth import Authenticator, Guard, Identity, load_api_keys
 from mip.frontends.dataplane import DataPlane
 from mip.frontends.miaas.openapi import openapi_document
@@ -99,15 +99,6 @@ class MiaasConfig:
     msip_push: str | None = None
     max_body: int = 64 << 20
     client_ssl: object = None
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {...}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, details: dict | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.details, self.headers = status, code, details, headers
 
 
 def error_response(status: int, code: str, message: str, details: dict | None = None,
@@ -215,7 +206,7 @@ class MiaasService:
                                    f"{headers['Retry-After']} s", headers=headers)
             response = await handler(request)
         except ApiError as exc:
-            return error_response(exc.status, exc.code, str(exc), exc.details,
+            return error_response(exc.http_status, exc.code, str(exc), exc.details,
                                   exc.headers or headers)
         except ServingError as exc:
             return error_response(exc.http_status, error_code(exc), str(exc), headers=headers)

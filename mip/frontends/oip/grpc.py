@@ -34,12 +34,12 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from mip.errors import (InvalidInput, NotAvailable, ServingError, TooManyAuthFailures,
-                        Unauthenticated)
+from mip.errors import (InvalidInput, NotAvailable, RpcError, ServingError, TooLarge,
+                        TooManyAuthFailures, Unauthenticated)
 from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
-from mip.frontends.dataplane import DataPlane, TooLarge, timeout_parameter
+from mip.frontends.dataplane import DataPlane, timeout_parameter
 from mip.net.grpc_limits import GrpcLimits
 from mip.net.peers import grpc_peer_host
 from mip.protocol.dtypes import BY_NAME, TABLE
@@ -530,7 +530,7 @@ class _Service:
 
     @staticmethod
     async def _abort(context, exc: ServingError):
-        code = getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
+        code = getattr(grpc.StatusCode, exc.grpc_status.name)
         await context.abort(code, str(exc), _trailers(exc))
 
 
@@ -555,8 +555,6 @@ def _rpc_error(exc: BaseException) -> BaseException:
     they are (the transport answers INTERNAL)."""
     if not isinstance(exc, ServingError):
         return exc
-    from mip.net.grpc_server import RpcError
-
     return RpcError(exc.grpc_status, str(exc), _trailers(exc))
 
 
