@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 from _netns import Network, require
+from _redis import redis_server
 from _serve_process import start, stop
 
-from frontends._miaas import API_KEY, AUTH, redis_server
+from frontends._miaas import API_KEY, AUTH
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 

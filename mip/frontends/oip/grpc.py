@@ -1,4 +1,8 @@
-"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on grpcio asyncio.
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService``.
+
+Two transports carry the one service (:data:`IMPLEMENTATIONS`): mip's own HTTP/2 on
+libnghttp2 (``native``: :mod:`mip.net.grpc_server`, the default where it is built) and
+grpcio's asyncio server (``grpcio``, ``mip serve --grpc-impl grpcio``).
 
 All nine RPCs of the protocol and Triton's ``ModelStreamInfer``, ``ModelConfig`` and
 ``ModelStatistics``. Inference requests are
@@ -9,8 +13,9 @@ A request that used ``raw_input_contents`` is answered with ``raw_output_content
 one that used typed ``contents`` is answered with typed contents (FP16/BF16 outputs, which
 have no typed form, make the reply raw).
 
-Errors: a :class:`~mip.errors.ServingError` ends the call with its ``grpc_status``
-(NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...).
+Errors: a :class:`~mip.errors.ServingError` ends the call with its ``grpc_status`` (a
+:class:`~mip.errors.GrpcStatus`, the same on either transport: NOT_FOUND, INVALID_ARGUMENT,
+UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...).
 A cancelled call cancels its engine request, which leaves the batch queue.
 
 Credentials: with a :class:`~mip.frontends.auth.Guard`, the RPCs of the areas it protects
