@@ -396,6 +396,19 @@ def _log_level_after_commands(parser: argparse.ArgumentParser) -> None:
                 _log_level_after_commands(command)
 
 
+def _repository_root(args) -> str:
+    """``--model-repository``, which must be a folder, or the built-in demo repository."""
+    if not args.model_repository:
+        from mip.serving.demo import build_demo_repository
+
+        return build_demo_repository()
+    root = args.model_repository
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"the model repository {root} does not exist or is not a "
+                                "folder")
+    return root
+
+
 async def _serve(args) -> int:
     """``mip serve``'s process, or one worker of ``--workers`` (``args.worker_role``)."""
     from mip.frontends.mip import MipHandler
@@ -403,14 +416,8 @@ async def _serve(args) -> int:
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository
 
-    if args.model_repository:
-        root = args.model_repository
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"the model repository {root} does not exist or is not a "
-                                    "folder")
-    else:
-        from mip.serving.demo import build_demo_repository
-        root = build_demo_repository()
+    root = _repository_root(args)
+    if not args.model_repository:
         log.info("serving the built-in demo repository at %s", root)
     engine = Engine(ModelRepository(root), models=args.models, default_model=args.mip_model,
                     strict_readiness=args.strict_readiness,
@@ -693,14 +700,7 @@ async def _worker(args) -> int:
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository
 
-    if args.model_repository:
-        root = args.model_repository
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"the model repository {root} does not exist or is not a "
-                                    "folder")
-    else:
-        from mip.serving.demo import build_demo_repository
-        root = build_demo_repository()
+    root = _repository_root(args)
     client_ssl = _client_ssl(args)
     engine = Engine(ModelRepository(root), models=args.models)
     await engine.start()

@@ -8,20 +8,5 @@
 processes elsewhere.
 """
 
-from mip.frontends.miaas.app import (
-                                     MiaasConfig,
-                                     MiaasService,
-                                     build_miaas_app,
-                                     config_from_args,
-                                     mount_miaas,
-                                     standalone_app,
-)
-
-__all__ = [
-                                     "MiaasConfig",
-                                     "MiaasService",
-                                     "build_miaas_app",
-                                     "config_from_args",
-                                     "mount_miaas",
-                                     "standalone_app",
-]
+from mip.frontends.miaas.app import *  # noqa: F401,F403  (the names of app.__all__)
+from mip.frontends.miaas.app import __all__ as __all__

@@ -358,14 +358,8 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
                           str(exc.detail), headers=getattr(exc, "headers", None))
 
 
-def build_miaas_app(engine, config: MiaasConfig | None = None, *,
-                    service: MiaasService | None = None, metrics=None,
-                    access_log=None) -> Starlette:
-    """The ``/v1`` app (routes relative to its mount point). ``app.state.service`` is its
-    :class:`MiaasService`; its lifespan starts and stops the service when the app is run
-    directly, and a parent that mounts it must call ``service.start()`` / ``stop()``."""
-    service = service or MiaasService(engine, config, metrics, access_log=access_log)
-
+def _lifespan(service: MiaasService):
+    """A Starlette lifespan that starts ``service`` with the app and stops it after."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await service.start()
@@ -374,7 +368,17 @@ def build_miaas_app(engine, config: MiaasConfig | None = None, *,
         finally:
             await service.stop()
 
-    app = Starlette(routes=service.routes(), lifespan=lifespan,
+    return lifespan
+
+
+def build_miaas_app(engine, config: MiaasConfig | None = None, *,
+                    service: MiaasService | None = None, metrics=None,
+                    access_log=None) -> Starlette:
+    """The ``/v1`` app (routes relative to its mount point). ``app.state.service`` is its
+    :class:`MiaasService`; its lifespan starts and stops the service when the app is run
+    directly, and a parent that mounts it must call ``service.start()`` / ``stop()``."""
+    service = service or MiaasService(engine, config, metrics, access_log=access_log)
+    app = Starlette(routes=service.routes(), lifespan=_lifespan(service),
                     exception_handlers={HTTPException: _http_error})
     app.state.service = service
     return app
@@ -384,16 +388,7 @@ def standalone_app(engine, config: MiaasConfig | None = None) -> Starlette:
     """An app serving only ``/v1/…`` (for tests, benchmarks and embedding)."""
     miaas = build_miaas_app(engine, config)
     service = miaas.state.service
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        await service.start()
-        try:
-            yield
-        finally:
-            await service.stop()
-
-    app = Starlette(routes=[Mount("/v1", app=miaas)], lifespan=lifespan,
+    app = Starlette(routes=[Mount("/v1", app=miaas)], lifespan=_lifespan(service),
                     exception_handlers={HTTPException: _http_error})
     app.state.service = service
     return app
