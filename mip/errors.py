@@ -25,7 +25,9 @@ __all__ = [
     "NotAvailable",
     "DeviceUnavailable",
     "ConfigError",
+    "QueueInUse",
     "RpcError",
+    "BrokerError",
     "ProtocolError",
     "FrameTooLarge",
     "TruncatedFrame",
@@ -338,6 +340,18 @@ class DeviceUnavailable(NotAvailable):
 class ConfigError(MipError, ValueError):
     """A model configuration (``config.json``, ``config.pbtxt``, a load's config) that
     cannot be used; the message says which key and why."""
+
+
+class QueueInUse(MipError, OSError):
+    """Another live process holds the job queue this server was to own."""
+
+
+class BrokerError(MipError):
+    """An MSIP broker answered with an ERROR frame (``reason``: its UTF-8 text) and closed."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"broker error: {reason}")
+        self.reason = reason
 
 
 class RpcError(MipError):

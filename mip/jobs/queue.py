@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mip.errors import QueueFull
+from mip.errors import QueueFull, QueueInUse
 from mip.net.redis_client import open_redis
 
 __all__ = [
@@ -223,10 +223,6 @@ def default_sqlite_path(address: str | None = None) -> Path:
     host = "".join(c if c.isalnum() or c in ".-" else "_" for c in host.strip("[]")) or "any"
     suffix = f"-{os.getpid()}" if port in ("", "0") else ""
     return folder / f"jobs-{host}-{port or 0}{suffix}.sqlite3"
-
-
-class QueueInUse(OSError):
-    """Another live process holds the job queue this server was to own."""
 
 
 def _record(row) -> JobRecord:

@@ -293,7 +293,8 @@ async def test_worker_over_tls_redis(engine, repository, tls_redis):
 async def test_default_queue_belongs_to_its_server(tmp_path, monkeypatch):
     """With no --queue, a server's SQLite file is named after its listener and held
     exclusively: a second server asking for the same one is refused, saying why."""
-    from mip.jobs.queue import QueueInUse, default_sqlite_path
+    from mip.errors import QueueInUse
+    from mip.jobs.queue import default_sqlite_path
 
     monkeypatch.setenv("MIP_STATE_DIR", str(tmp_path))
     a = open_queue(None, owner="127.0.0.1:8000")
