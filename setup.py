@@ -95,7 +95,7 @@ if not NO_NATIVE_GRPC:
             "transport with MIP_NO_NATIVE_GRPC=1 (gRPC is then served through grpcio).")
     extensions.append(Extension(
         "mip.protocol._h2", ["mip/protocol/_h2.pyx"],
-        include_dirs=NGHTTP2, libraries=["nghttp2"],
+        include_dirs=NGHTTP2, libraries=["nghttp2"], depends=["mip/protocol/_nghttp2.pxd"],
         extra_compile_args=compile_args, extra_link_args=link_args, define_macros=macros))
 
 

@@ -2,7 +2,7 @@
  * Plain C helpers for the MIP and MSIP codecs: byte order, bounds-checked
  * header and tensor-header parsing. No Python.h: every function works on
  * (pointer, length) and returns a status code that the Cython layer maps to
- * one exception class in one place (mip/protocol/_errors.pxi).
+ * one exception class in one place (raise_wire_error, mip/protocol/_stream.pyx).
  *
  * All header integers on both wires are big-endian; tensor data is
  * little-endian (the codec rejects big-endian hosts at import time).

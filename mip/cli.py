@@ -396,6 +396,19 @@ def _log_level_after_commands(parser: argparse.ArgumentParser) -> None:
                 _log_level_after_commands(command)
 
 
+def _repository_root(args) -> str:
+    """``--model-repository``, which must be a folder, or the built-in demo repository."""
+    if not args.model_repository:
+        from mip.serving.demo import build_demo_repository
+
+        return build_demo_repository()
+    root = args.model_repository
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"the model repository {root} does not exist or is not a "
+                                "folder")
+    return root
+
+
 async def _serve(args) -> int:
     """``mip serve``'s process, or one worker of ``--workers`` (``args.worker_role``)."""
     from mip.frontends.mip import MipHandler
@@ -403,14 +416,8 @@ async def _serve(args) -> int:
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository
 
-    if args.model_repository:
-        root = args.model_repository
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"the model repository {root} does not exist or is not a "
-                                    "folder")
-    else:
-        from mip.serving.demo import build_demo_repository
-        root = build_demo_repository()
+    root = _repository_root(args)
+    if not args.model_repository:
         log.info("serving the built-in demo repository at %s", root)
     engine = Engine(ModelRepository(root), models=args.models, default_model=args.mip_model,
                     strict_readiness=args.strict_readiness,
@@ -509,7 +516,7 @@ def _serve_workers(args) -> int:
               file=sys.stderr)
         return 2
     if args.queue is None and args.http.lower() != "none":
-        from mip.frontends.miaas.queue import default_sqlite_path
+        from mip.jobs.queue import default_sqlite_path
 
         # one job queue for every worker: this server's own file (named after its port)
         args.queue = str(default_sqlite_path(args.http))
@@ -687,19 +694,13 @@ def _client_ssl(args) -> ssl.SSLContext | None:
 
 
 async def _worker(args) -> int:
-    from mip.frontends.miaas.queue import open_queue
-    from mip.frontends.miaas.worker import run_worker
+    from mip.frontends.miaas.runner import JobRunner
+    from mip.jobs.queue import open_queue
+    from mip.jobs.worker import run_worker
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository
 
-    if args.model_repository:
-        root = args.model_repository
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"the model repository {root} does not exist or is not a "
-                                    "folder")
-    else:
-        from mip.serving.demo import build_demo_repository
-        root = build_demo_repository()
+    root = _repository_root(args)
     client_ssl = _client_ssl(args)
     engine = Engine(ModelRepository(root), models=args.models)
     await engine.start()
@@ -708,7 +709,7 @@ async def _worker(args) -> int:
     await queue.open()
     publisher = None
     if args.msip_push:
-        from mip.frontends.miaas.push import OutcomePublisher
+        from mip.jobs.push import OutcomePublisher
         publisher = OutcomePublisher(args.msip_push, ssl=client_ssl)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -722,8 +723,8 @@ async def _worker(args) -> int:
             from mip.frontends.access import AccessLog
 
             access = AccessLog()
-        await run_worker(engine, queue, concurrency=args.concurrency, publisher=publisher,
-                         stop=stop, access_log=access)
+        await run_worker(queue, JobRunner(engine, access_log=access),
+                         concurrency=args.concurrency, publisher=publisher, stop=stop)
     finally:
         await queue.close()
         if publisher is not None:

@@ -5,8 +5,13 @@ carry the offset (in octets from the start of the frame or stream) where the
 problem was found and the MIP error code a server should answer with.
 
 ``ServingError`` and its subclasses mean *the request was well formed but could
-not be served*: they carry an HTTP status, a gRPC status name and a MIP error
-code, so that every frontend maps them the same way.
+not be served*: they carry an HTTP status, a :class:`GrpcStatus` and a MIP error
+code, so that every frontend (and both gRPC transports) maps them the same way.
+
+The others say what failed outside a request: a model's configuration
+(``ConfigError``), a device or package this installation lacks (``NotAvailable``,
+``DeviceUnavailable``), an HTTP/2 connection (``H2Error``), a gRPC call that ended
+with a status (``RpcError``), a peer's MIP ERROR frame (``RemoteError``).
 """
 
 from __future__ import annotations
@@ -15,8 +20,14 @@ import enum
 
 __all__ = [
     "ErrorCode",
+    "GrpcStatus",
     "MipError",
     "NotAvailable",
+    "DeviceUnavailable",
+    "ConfigError",
+    "QueueInUse",
+    "RpcError",
+    "BrokerError",
     "ProtocolError",
     "FrameTooLarge",
     "TruncatedFrame",
@@ -29,17 +40,23 @@ __all__ = [
     "InconsistentCounts",
     "InvalidValue",
     "UnknownValueType",
+    "H2Error",
     "ServingError",
     "ModelNotFound",
     "ModelNotReady",
     "InvalidInput",
+    "ModelLoadError",
     "QueueFull",
+    "TooLarge",
     "DeadlineExceeded",
     "Cancelled",
     "InternalError",
     "RemoteError",
     "Unauthenticated",
+    "AuthError",
+    "InvalidCredentials",
     "TooManyAuthFailures",
+    "ApiError",
 ]
 
 
@@ -52,6 +69,39 @@ class ErrorCode(enum.IntEnum):
     MEMORY = 3  #: too large for the configured limits, or out of memory
     SHAPE = 4  #: inconsistent batch: counts, sizes or shapes do not agree
     INTERNAL = 5  #: the server failed while serving a valid request
+
+
+class GrpcStatus(enum.IntEnum):
+    """gRPC status codes: the number in ``grpc-status``, the name of ``grpc.StatusCode``."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+    @classmethod
+    def of(cls, code) -> GrpcStatus:
+        """The status ``code`` names: a :class:`GrpcStatus`, an int, a name or a
+        ``grpc.StatusCode`` (whose value is ``(number, name)``)."""
+        if isinstance(code, str):
+            return cls[code]
+        value = getattr(code, "value", code)
+        if isinstance(value, tuple):
+            value = value[0]
+        return cls(int(value))
 
 
 class MipError(Exception):
@@ -136,17 +186,21 @@ class UnknownValueType(ProtocolError):
     error_code = ErrorCode.SHAPE
 
 
+class H2Error(ProtocolError):
+    """The HTTP/2 connection failed (a protocol violation by the peer, or a library error)."""
+
+
 class ServingError(MipError):
     """A well-formed request that could not be served.
 
     Attributes:
         http_status: the HTTP status a REST frontend answers with.
-        grpc_status: the name of the ``grpc.StatusCode`` a gRPC frontend answers with.
+        grpc_status: the :class:`GrpcStatus` a gRPC frontend answers with.
         error_code: the MIP :class:`ErrorCode` a MIP frontend answers with.
     """
 
     http_status: int = 500
-    grpc_status: str = "INTERNAL"
+    grpc_status: GrpcStatus = GrpcStatus.INTERNAL
     error_code: ErrorCode = ErrorCode.INTERNAL
 
 
@@ -154,7 +208,7 @@ class ModelNotFound(ServingError):
     """No model (or version) of that name is in the repository."""
 
     http_status = 404
-    grpc_status = "NOT_FOUND"
+    grpc_status = GrpcStatus.NOT_FOUND
     error_code = ErrorCode.METHOD
 
 
@@ -162,7 +216,7 @@ class ModelNotReady(ServingError):
     """The model exists but is not loaded or is still warming up."""
 
     http_status = 503
-    grpc_status = "UNAVAILABLE"
+    grpc_status = GrpcStatus.UNAVAILABLE
     error_code = ErrorCode.INTERNAL
 
 
@@ -170,15 +224,30 @@ class InvalidInput(ServingError):
     """Inputs do not match the model: names, datatypes, shapes or batch size."""
 
     http_status = 400
-    grpc_status = "INVALID_ARGUMENT"
+    grpc_status = GrpcStatus.INVALID_ARGUMENT
     error_code = ErrorCode.SHAPE
+
+
+class ModelLoadError(ServingError):
+    """A model could not be loaded; the message carries the reason of every version."""
+
+    http_status = 400
+    grpc_status = GrpcStatus.INVALID_ARGUMENT
+
+
+class TooLarge(ServingError):
+    """A request or reply over a configured size limit; the message names the setting."""
+
+    http_status = 413
+    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
+    error_code = ErrorCode.MEMORY
 
 
 class QueueFull(ServingError):
     """The model's batch queue is at its configured bound."""
 
     http_status = 503
-    grpc_status = "RESOURCE_EXHAUSTED"
+    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
     error_code = ErrorCode.MEMORY
 
 
@@ -186,7 +255,7 @@ class DeadlineExceeded(ServingError):
     """The request's deadline passed before it could be served."""
 
     http_status = 504
-    grpc_status = "DEADLINE_EXCEEDED"
+    grpc_status = GrpcStatus.DEADLINE_EXCEEDED
     error_code = ErrorCode.INTERNAL
 
 
@@ -194,7 +263,7 @@ class Cancelled(ServingError):
     """The request was cancelled by its client."""
 
     http_status = 499
-    grpc_status = "CANCELLED"
+    grpc_status = GrpcStatus.CANCELLED
     error_code = ErrorCode.INTERNAL
 
 
@@ -206,8 +275,18 @@ class Unauthenticated(ServingError):
     """The request needs credentials (an API key or a token) and brought none that verify."""
 
     http_status = 401
-    grpc_status = "UNAUTHENTICATED"
+    grpc_status = GrpcStatus.UNAUTHENTICATED
     error_code = ErrorCode.METHOD
+
+
+class AuthError(Unauthenticated):
+    """Credentials missing or malformed (answered as :class:`Unauthenticated`, not counted
+    against the client's failure budget)."""
+
+
+class InvalidCredentials(AuthError):
+    """Credentials were presented and did not verify (a failed authentication: counted
+    against the peer's failure budget and logged)."""
 
 
 class TooManyAuthFailures(ServingError):
@@ -215,7 +294,7 @@ class TooManyAuthFailures(ServingError):
     unexamined, for ``retry_after`` seconds."""
 
     http_status = 429
-    grpc_status = "RESOURCE_EXHAUSTED"
+    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
     error_code = ErrorCode.METHOD
 
     def __init__(self, message: str, retry_after: int = 1):
@@ -223,10 +302,71 @@ class TooManyAuthFailures(ServingError):
         self.retry_after = retry_after
 
 
+class ApiError(ServingError):
+    """An error of the ``/v1`` API, answered as ``{"error": {"code", "message",
+    "details"?}}`` with HTTP ``status``; its gRPC and MIP codes are those of the tree's error
+    for that status (:class:`InternalError`'s for another).
+
+    Attributes:
+        code: the ``error.code`` string, e.g. ``"invalid_request"``.
+        details: the ``error.details`` object, or ``None``.
+        headers: extra response headers, or ``None``.
+    """
+
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        kind = _BY_HTTP_STATUS.get(status, InternalError)
+        self.http_status, self.grpc_status, self.error_code = (
+            status, kind.grpc_status, kind.error_code)
+        self.code, self.details, self.headers = code, details, headers
+
+
+_BY_HTTP_STATUS: dict[int, type[ServingError]] = {
+    cls.http_status: cls for cls in (InvalidInput, Unauthenticated, ModelNotFound, TooLarge,
+                                     TooManyAuthFailures, ModelNotReady, DeadlineExceeded)}
+
+
 class NotAvailable(MipError, RuntimeError):
     """This installation cannot provide what was asked for: an optional package or a run-time
     library is missing, or the package was built without the feature. The message names what
     to install."""
+
+
+class DeviceUnavailable(NotAvailable):
+    """The configured device cannot be used by this ONNX Runtime installation."""
+
+
+class ConfigError(MipError, ValueError):
+    """A model configuration (``config.json``, ``config.pbtxt``, a load's config) that
+    cannot be used; the message says which key and why."""
+
+
+class QueueInUse(MipError, OSError):
+    """Another live process holds the job queue this server was to own."""
+
+
+class BrokerError(MipError):
+    """An MSIP broker answered with an ERROR frame (``reason``: its UTF-8 text) and closed."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"broker error: {reason}")
+        self.reason = reason
+
+
+class RpcError(MipError):
+    """A gRPC call ended with ``code`` (a :class:`GrpcStatus`), ``details`` and
+    ``trailers`` (trailing metadata, ``[(name, value)]``): raised by a handler (or its
+    ``context.abort``) to end the call so, and by the client with the server's status."""
+
+    def __init__(self, code, details: str = "", trailers=()):
+        super().__init__(details)
+        try:
+            self.code = self.grpc_status = GrpcStatus.of(code)
+        except ValueError:  # a number this table does not name: kept as the peer sent it
+            self.code = self.grpc_status = int(code)
+        self.details = details
+        self.trailers = tuple(trailers)
 
 
 class RemoteError(MipError):

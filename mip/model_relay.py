@@ -154,7 +154,7 @@ class WorkerModels:
         await self._request(("unload", model))
 
     async def _request(self, change: tuple) -> None:
-        from mip.serving.repository import ModelLoadError
+        from mip.errors import ModelLoadError
 
         self._next += 1
         number = self._next

@@ -37,7 +37,27 @@ def start(args, pattern_count: int, timeout: float = 30.0, command: str = "serve
     return process, "".join(lines)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Clean-up: SIGTERM, then SIGKILL after 10 s; reaped either way (see :func:`stop` for
+    a test that the process stops)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def stop(process) -> int:
+    """SIGTERM; the exit status, or ``TimeoutExpired`` after 20 s (the process killed)."""
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(20)

@@ -264,7 +264,7 @@ class NativeGrpcDriver(GrpcDriver):
             self.channels.append(channel)
         # one call on each, so connection set-up is not measured (a refused request is
         # fine here: the step counts it)
-        from mip.net.grpc_client import RpcError
+        from mip.errors import RpcError
 
         for ch in self.channels:
             try:

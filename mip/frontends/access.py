@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 
 from mip.errors import Cancelled, ProtocolError, ServingError
+from mip.jobs.worker import error_code
 from mip.logs import ACCESS_LOGGER, ACCESS_MESSAGE, LineHandler
 
 __all__ = ["MAX_FIELD", "AccessLog", "status"]
@@ -39,10 +39,6 @@ MAX_FIELD = 128
 _SUCCESS = {"http": 200, "jobs": "completed"}
 _CANCELLED = {"http": 499, "jobs": "cancelled"}
 _INTERNAL = {"http": 500, "jobs": "internal_error"}
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def status(protocol: str, failure: BaseException | None):
@@ -56,9 +52,9 @@ def status(protocol: str, failure: BaseException | None):
         if protocol == "http":
             return failure.http_status
         if protocol == "grpc":
-            return failure.grpc_status
+            return failure.grpc_status.name
         if protocol == "jobs":
-            return _snake(type(failure).__name__)  # the job's error.code
+            return error_code(failure)  # the job's error.code
         return failure.error_code.name
     if isinstance(failure, ProtocolError) and protocol == "mip":
         return failure.error_code.name

@@ -35,16 +35,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mip.errors import TooManyAuthFailures, Unauthenticated
+from mip.errors import AuthError, InvalidCredentials, TooManyAuthFailures, Unauthenticated
 from mip.net.ratelimit import FailureLimit, peer_of
 
 __all__ = [
     "AREAS",
-    "AuthError",
     "Authenticator",
     "Guard",
     "Identity",
-    "InvalidCredentials",
     "guard_from_args",
     "hash_key",
     "load_api_keys",
@@ -70,15 +68,6 @@ AREAS = {
 #: asymmetric signature algorithms accepted in JWTs (never HS*, never "none").
 JWT_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                   "ES256", "ES384", "ES512", "EdDSA"]
-
-
-class AuthError(Exception):
-    """A request without valid credentials (answered with 401)."""
-
-
-class InvalidCredentials(AuthError):
-    """Credentials were presented and did not verify (a failed authentication: counted
-    against the peer's failure budget and logged)."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 import mip
-from mip.errors import ErrorCode, InvalidInput, ModelNotFound, ServingError
+from mip.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound
 from mip.frontends._futures import Link
 from mip.frontends.oip import codec
 
@@ -28,7 +28,6 @@ __all__ = [
     "SERVER_NAME",
     "DataPlane",
     "InferResult",
-    "TooLarge",
     "timeout_parameter",
 ]
 
@@ -36,14 +35,6 @@ SERVER_NAME = "mip"
 #: protocol extensions this server speaks (names as Triton reports them).
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration",
               "model_repository", "parameters", "statistics", "streaming")
-
-
-class TooLarge(ServingError):
-    """A request or reply over a configured size limit; the message names the setting."""
-
-    http_status = 413
-    grpc_status = "RESOURCE_EXHAUSTED"
-    error_code = ErrorCode.MEMORY
 
 
 @dataclass(slots=True)
@@ -222,8 +213,6 @@ class DataPlane:
                                "(only 'config' is)")
         config = None
         if "config" in parameters:
-            from mip.serving.config import ConfigError
-            from mip.serving.repository import ModelLoadError
             from mip.serving.triton import config_from_json
 
             text = parameters["config"]

@@ -1,7 +1,8 @@
 """asyncio servers and clients: the MSIP broker and its clients, URL parsing."""
 
 from mip.net.msip_broker import Broker, BrokerStats
-from mip.net.msip_client import AsyncClient, BrokerError, Client, Event, Subscription
+from mip.errors import BrokerError
+from mip.net.msip_client import AsyncClient, Client, Event, Subscription
 from mip.net.urls import Address, parse_url
 
 __all__ = [

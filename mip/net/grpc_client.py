@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import ssl as _ssl
 
-from mip.net.grpc_server import _RECEIVE_BUFFER, H2Protocol, RpcError, Status, tls_context
+from mip.errors import GrpcStatus, H2Error, RpcError
+from mip.net.grpc_server import _RECEIVE_BUFFER, H2Protocol, tls_context
 from mip.protocol import _h2
 
-__all__ = ["GrpcChannel", "RpcError", "Status"]
+__all__ = ["GrpcChannel"]
 
 
 class _ClientProtocol(H2Protocol):
@@ -31,7 +32,7 @@ class _ClientProtocol(H2Protocol):
     def buffer_updated(self, nbytes: int) -> None:
         try:
             events = self.h2.receive(self.buffer[:nbytes])
-        except _h2.H2Error as exc:
+        except H2Error as exc:
             self._fail(ConnectionError(f"HTTP/2 error: {exc}"))
             self.transport.close()
             return
@@ -48,19 +49,19 @@ class _ClientProtocol(H2Protocol):
                 status = call.grpc_status
                 if status is None:
                     future.set_exception(RpcError(  # NO_ERROR or REFUSED_STREAM: UNAVAILABLE
-                        Status.UNAVAILABLE if value in (0, 7) else Status.CANCELLED,
+                        GrpcStatus.UNAVAILABLE if value in (0, 7) else GrpcStatus.CANCELLED,
                         f"stream closed without a status (HTTP/2 error {value}, "
                         f"HTTP status {call.http_status})"))
                 elif status != 0:
                     future.set_exception(RpcError(status, call.grpc_message or ""))
                 elif call.incomplete:
                     future.set_exception(RpcError(
-                        Status.INTERNAL, "the reply's stream ended inside a message"))
+                        GrpcStatus.INTERNAL, "the reply's stream ended inside a message"))
                 else:
                     future.set_result(call.data if call.data is not None else b"")
             elif event == _h2.EV_TOO_LARGE:
                 call.tag = None
-                future.set_exception(RpcError(Status.RESOURCE_EXHAUSTED,
+                future.set_exception(RpcError(GrpcStatus.RESOURCE_EXHAUSTED,
                                               f"reply of {abs(value)} octets is over the limit"))
                 self.h2.reset(call)
         self._flush_now()
@@ -125,8 +126,8 @@ class GrpcChannel:
         future = self._loop.create_future()
         try:
             call = protocol.h2.start_call(path, self.authority, payload, metadata, timeout)
-        except _h2.H2Error as exc:  # e.g. the server has sent GOAWAY: no new streams
-            raise RpcError(Status.UNAVAILABLE, f"cannot start a call: {exc}") from None
+        except H2Error as exc:  # e.g. the server has sent GOAWAY: no new streams
+            raise RpcError(GrpcStatus.UNAVAILABLE, f"cannot start a call: {exc}") from None
         call.tag = future
         protocol.flush()
         return future

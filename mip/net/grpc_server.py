@@ -21,7 +21,6 @@ so an idle connection costs its nghttp2 session and a few Python objects.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import socket
 import ssl as _ssl
@@ -29,10 +28,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net.grpc_limits import GrpcLimits
 from mip.protocol import _h2
 
-__all__ = ["Context", "GrpcLimits", "GrpcServer", "H2Protocol", "Method", "RpcError", "Status",
+__all__ = ["Context", "GrpcLimits", "GrpcServer", "H2Protocol", "Method",
            "stream_stream", "tls_context", "unary", "unary_future"]
 
 log = logging.getLogger("mip.net.grpc_server")
@@ -40,49 +40,6 @@ log = logging.getLogger("mip.net.grpc_server")
 _RECEIVE_BUFFER = 256 << 10
 _STREAM_QUEUE = 4096  # messages of one streaming call waiting for its handler
 _EOF = object()
-
-
-class Status(enum.IntEnum):
-    """gRPC status codes."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
-
-
-def _status(code) -> int:
-    """A status from a :class:`Status`, an int, a name or a ``grpc.StatusCode``."""
-    if isinstance(code, str):
-        return int(Status[code])
-    value = getattr(code, "value", code)
-    if isinstance(value, tuple):  # grpc.StatusCode: (number, name)
-        value = value[0]
-    return int(value)
-
-
-class RpcError(Exception):
-    """Ends the call with ``code``, ``details`` and ``trailers`` (trailing metadata,
-    ``[(name, value)]``); raised by :meth:`Context.abort`."""
-
-    def __init__(self, code, details: str = "", trailers=()):
-        super().__init__(details)
-        self.code = _status(code)
-        self.details = details
-        self.trailers = tuple(trailers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +85,8 @@ class Context:
         self._trailers = ()
 
     async def abort(self, code, details: str = "", trailing_metadata=()):
-        """End the call with ``code`` (a :class:`Status` or ``grpc.StatusCode``)."""
+        """End the call with ``code`` (a :class:`~mip.errors.GrpcStatus`, its name or
+        number, or a ``grpc.StatusCode``)."""
         raise RpcError(code, details, trailing_metadata)
 
     def time_remaining(self) -> float | None:
@@ -159,15 +117,15 @@ def _decompress(data: bytes, encoding: str | None, limit: int) -> bytes:
     elif encoding == "deflate":
         inflater = zlib.decompressobj()
     else:
-        raise RpcError(Status.UNIMPLEMENTED,
+        raise RpcError(GrpcStatus.UNIMPLEMENTED,
                        f"compressed message with grpc-encoding {encoding or 'identity'!r}; "
                        "this server reads identity, gzip and deflate")
     try:
         out = inflater.decompress(data, limit + 1)
     except zlib.error as exc:
-        raise RpcError(Status.INTERNAL, f"bad {encoding} message: {exc}") from None
+        raise RpcError(GrpcStatus.INTERNAL, f"bad {encoding} message: {exc}") from None
     if len(out) > limit:
-        raise RpcError(Status.RESOURCE_EXHAUSTED,
+        raise RpcError(GrpcStatus.RESOURCE_EXHAUSTED,
                        f"decompressed message is over the limit of {limit} octets")
     return out
 
@@ -253,7 +211,7 @@ class H2Protocol(asyncio.BufferedProtocol):
             return
         try:
             out = self.h2.data_to_send()
-        except _h2.H2Error as exc:
+        except H2Error as exc:
             log.warning("HTTP/2 connection failed: %s", exc)
             self.transport.close()
             return
@@ -321,7 +279,7 @@ class _Connection(H2Protocol):
             self.h2.goaway(0, reason)
             self.paused = False
             self._flush_now()
-        except _h2.H2Error:
+        except H2Error:
             pass
         self.closed = True
         self.server._connections.discard(self)
@@ -358,7 +316,7 @@ class _Connection(H2Protocol):
     def buffer_updated(self, nbytes: int) -> None:
         try:
             events = self.h2.receive(self.buffer[:nbytes])
-        except _h2.H2Error as exc:
+        except H2Error as exc:
             log.debug("HTTP/2 error from the peer: %s", exc)
             self.paused = False
             self._flush_now()
@@ -370,7 +328,7 @@ class _Connection(H2Protocol):
             except Exception:  # one call's problem must not end the connection
                 log.exception("gRPC call %r failed", call)
                 if not call.finished:
-                    self.h2.finish(call, Status.INTERNAL, "internal error")
+                    self.h2.finish(call, GrpcStatus.INTERNAL, "internal error")
         self._flush_now()
 
     def connection_lost(self, exc) -> None:
@@ -403,19 +361,19 @@ class _Connection(H2Protocol):
             if state.method.streaming:
                 state.queued += 1
                 if state.queued > _STREAM_QUEUE:
-                    self._end(call, Status.RESOURCE_EXHAUSTED,
+                    self._end(call, GrpcStatus.RESOURCE_EXHAUSTED,
                               f"more than {_STREAM_QUEUE} stream messages wait for the server")
                     return
                 state.queue.put_nowait(data)
             elif state.message is not None:
-                self._end(call, Status.UNIMPLEMENTED, "a unary call carries one request message")
+                self._end(call, GrpcStatus.UNIMPLEMENTED, "a unary call carries one request message")
             else:
                 state.message = data
         elif event == _h2.EV_HALF_CLOSED:
             if state.method.streaming:
                 state.queue.put_nowait(_EOF)
             elif state.message is None:
-                self._end(call, Status.UNIMPLEMENTED, "the call carries no request message")
+                self._end(call, GrpcStatus.UNIMPLEMENTED, "the call carries no request message")
             elif self.paused or self.h2.pending_out > self.h2.max_pending_out:
                 # replies are not being read (the socket's write buffer is full, or
                 # max_pending_out octets wait): start no more work until they drain
@@ -423,7 +381,7 @@ class _Connection(H2Protocol):
             else:
                 self._run(call, state)
         elif event == _h2.EV_TOO_LARGE:
-            self._end(call, Status.RESOURCE_EXHAUSTED, self.server.too_large(value) if value > 0
+            self._end(call, GrpcStatus.RESOURCE_EXHAUSTED, self.server.too_large(value) if value > 0
                       else f"message of {-value} octets: {self.h2.buffered} octets of other "
                            f"requests are being received on this connection, and the limit is "
                            f"{self.h2.max_buffered} (max_buffered, --grpc-max-buffered)")
@@ -449,18 +407,18 @@ class _Connection(H2Protocol):
     def _begin(self, call) -> None:
         # as grpc-core: 405 for a method other than POST, 415 for another content type
         if call.method != "POST":
-            self.h2.refuse(call, 405, Status.INTERNAL,
+            self.h2.refuse(call, 405, GrpcStatus.INTERNAL,
                            f"a gRPC call is a POST, not a {call.method}")
             return
         content_type = call.content_type or ""
         if not (content_type == "application/grpc"
                 or content_type.startswith(("application/grpc+", "application/grpc;"))):
-            self.h2.refuse(call, 415, Status.INTERNAL,
+            self.h2.refuse(call, 415, GrpcStatus.INTERNAL,
                            f"a gRPC call carries application/grpc, not {content_type!r}")
             return
         method = self.server.methods.get(call.path)
         if method is None:
-            self._end(call, Status.UNIMPLEMENTED, f"unknown method {call.path}")
+            self._end(call, GrpcStatus.UNIMPLEMENTED, f"unknown method {call.path}")
             return
         state = call.tag = _State(method)
         if call.timeout is not None:
@@ -472,7 +430,7 @@ class _Connection(H2Protocol):
     def _deadline(self, call) -> None:
         if not call.finished:
             state = call.tag
-            self._end(call, Status.DEADLINE_EXCEEDED, "deadline exceeded")
+            self._end(call, GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded")
             if state is not None and state.task is not None:
                 state.task.cancel()
 
@@ -503,13 +461,13 @@ class _Connection(H2Protocol):
             self._end(call, error.code, error.details, error.trailers or trailers)
             return
         log.error("gRPC handler for %s failed", call.path, exc_info=error)
-        self._end(call, Status.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+        self._end(call, GrpcStatus.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
     def _answer(self, call, state: _State, response, trailers=()) -> None:
         """A unary call's reply with status OK (and the handler's trailing metadata)."""
         if trailers:
             self.h2.send_message(call, response)
-            self._end(call, Status.OK, "", trailers)
+            self._end(call, GrpcStatus.OK, "", trailers)
             return
         self.h2.unary(call, response)
         if state.timer is not None:
@@ -547,7 +505,7 @@ class _Connection(H2Protocol):
                 try:
                     request = method.request_deserializer(request)
                 except Exception as exc:
-                    raise RpcError(Status.INTERNAL, f"cannot parse the request: {exc}") from None
+                    raise RpcError(GrpcStatus.INTERNAL, f"cannot parse the request: {exc}") from None
             response = await method.handler(request, context)
             if method.response_serializer is not None:
                 response = method.response_serializer(response)
@@ -574,7 +532,7 @@ class _Connection(H2Protocol):
                     try:
                         item = deserialize(item)
                     except Exception as exc:
-                        raise RpcError(Status.INTERNAL, f"cannot parse a request: {exc}") from None
+                        raise RpcError(GrpcStatus.INTERNAL, f"cannot parse a request: {exc}") from None
                 yield item
 
         try:
@@ -593,7 +551,7 @@ class _Connection(H2Protocol):
         except Exception as exc:
             self._failed(call, exc, context._trailers)
             return
-        self._end(call, Status.OK, "", context._trailers)
+        self._end(call, GrpcStatus.OK, "", context._trailers)
 
 
 class GrpcServer:

@@ -30,11 +30,11 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from mip import msip
-from mip.errors import MipError, ProtocolError
+from mip.errors import BrokerError, ProtocolError
 from mip.net.msip_topics import topic_matches
 from mip.net.urls import parse_url
 
-__all__ = ["AsyncClient", "Client", "Event", "Subscription", "BrokerError"]
+__all__ = ["AsyncClient", "Client", "Event", "Subscription"]
 
 log = logging.getLogger("mip.msip.client")
 
@@ -47,14 +47,6 @@ _CAP_AT_LEAST_ONCE, _CAP_PATTERNS = int(msip.Capability.AT_LEAST_ONCE), int(msip
 _TOPIC_LEN = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
-
-
-class BrokerError(MipError):
-    """The broker answered with an ERROR frame (``reason``: its UTF-8 text) and closed."""
-
-    def __init__(self, reason: str):
-        super().__init__(f"broker error: {reason}")
-        self.reason = reason
 
 
 class Event:

@@ -20,6 +20,8 @@ import socket
 import time
 from dataclasses import dataclass
 
+from mip.net.redis_client import open_redis
+
 __all__ = [
     "Decision",
     "FailureLimit",
@@ -169,8 +171,6 @@ class RedisRateLimiter(RateLimiter):
     def __init__(self, url: str, limit: int = 1000, period: float = 60.0, *,
                  prefix: str = "mip:ratelimit", ssl_context=None):
         super().__init__(limit, period)
-        from mip.frontends.miaas.queue import open_redis
-
         self.redis = open_redis(url, ssl_context)
         self.prefix = prefix
         self._script = self.redis.register_script(_GCRA)

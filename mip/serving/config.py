@@ -52,9 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mip.errors import ConfigError
 from mip.protocol.dtypes import DATATYPES
 
-__all__ = ["TensorSpec", "DynamicBatching", "ModelConfig", "ConfigError", "read_config",
+__all__ = ["TensorSpec", "DynamicBatching", "ModelConfig", "read_config",
            "PLATFORM_ONNX", "PLATFORM_PYTHON", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_BATCH_BYTES"]
 
 PLATFORM_ONNX = "onnxruntime_onnx"
@@ -87,10 +88,6 @@ _TRITON_KEYS = {"version_policy", "instance_group", "parameters", "model_warmup"
 #: octet. On a GPU, or for Python models (which may use one), batches have no such limit.
 DEFAULT_MAX_BATCH_BYTES = 4 << 20
 _SESSION_KEYS = {"intra_op_threads", "inter_op_threads", "graph_optimization_level", "spin_wait"}
-
-
-class ConfigError(ValueError):
-    """A ``config.json`` that cannot be used; the message says which key and why."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from mip.errors import InvalidInput, ModelNotFound, ModelNotReady
+from mip.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from mip.protocol import datatype_of
 from mip.protocol.dtypes import numpy_dtype
 from mip.serving.batching import Batcher, BatchRecord
-from mip.serving.repository import (IndexEntry, ModelLoadError, ModelMetadata, ModelRepository,
-                                    ModelVersion)
+from mip.serving.repository import IndexEntry, ModelMetadata, ModelRepository, ModelVersion
 
 __all__ = ["Engine", "ModelStats"]
 

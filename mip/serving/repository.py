@@ -27,24 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from mip.errors import ModelNotFound, ModelNotReady, ServingError
+from mip.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady, ServingError
 from mip.protocol.dtypes import numpy_dtype
 from mip.serving.config import (DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_SIZE, PLATFORM_ONNX,
-                                PLATFORM_PYTHON, ConfigError, DynamicBatching, ModelConfig,
-                                TensorSpec, read_config)
+                                PLATFORM_PYTHON, DynamicBatching, ModelConfig, TensorSpec,
+                                read_config)
 from mip.serving.triton import read_labels
 
 __all__ = ["ModelRepository", "ModelVersion", "ModelState", "ModelMetadata", "IndexEntry",
-           "ModelLoadError", "TensorSpec"]
+           "TensorSpec"]
 
 _MODEL_FILES = {"model.onnx": PLATFORM_ONNX, "model.py": PLATFORM_PYTHON}
-
-
-class ModelLoadError(ServingError):
-    """A model could not be loaded; the message carries the reason of every version."""
-
-    http_status = 400
-    grpc_status = "INVALID_ARGUMENT"
 
 
 class ModelState(str, enum.Enum):

@@ -19,9 +19,10 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import FieldDescriptor
 
+from mip.errors import ConfigError
 from mip.serving import model_config_pb2 as mc
 from mip.serving.config import (DEFAULT_MAX_QUEUE_SIZE, PLATFORM_ONNX, PLATFORM_PYTHON,
-                                ConfigError, DynamicBatching, ModelConfig, TensorSpec)
+                                DynamicBatching, ModelConfig, TensorSpec)
 
 __all__ = ["HONOURED", "MAX_CONFIG_SIZE", "config_from_json", "from_triton", "message_to_json", "read_labels",
            "read_pbtxt", "to_triton"]

@@ -11,17 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from _serve_process import free_port
 
 from mip.bench import infer, pubsub, report
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -67,7 +62,7 @@ def server(tmp_path_factory):
     from mip.serving.demo import build_demo_repository
 
     repo = build_demo_repository(tmp_path_factory.mktemp("repo"))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "serve",
                              "--model-repository", str(repo), "--mip", f"tcp://127.0.0.1:{port}",
                              *_listeners_off()],
@@ -209,7 +204,7 @@ def test_cli_mip_without_shape_is_a_clear_error(server):
 
 
 def test_cli_reports_a_refused_connection():
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     proc = _mip("bench", "infer", f"tcp://127.0.0.1:{port}", "--shape", "1,16",
                 "--concurrency", "1", "--duration", "0.2", "--warmup", "0")
     assert proc.returncode == 1 and "error" in proc.stderr
@@ -247,7 +242,7 @@ def test_oip_protocols_against_mip_serve(protocol, flag, tmp_path):
     if not _serve_has(flag):
         pytest.skip(f"mip serve has no {flag} listener in this build")
     pytest.importorskip("grpc" if protocol == "grpc" else "aiohttp")
-    mip_port, port = _free_port(), _free_port()
+    mip_port, port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "serve",
                              "--mip", f"tcp://127.0.0.1:{mip_port}", flag, f"127.0.0.1:{port}",
                              *_listeners_off(keep=flag)],
@@ -309,7 +304,7 @@ async def test_pubsub_delivers_everything(broker, rate):
 
 def test_cli_pubsub(tmp_path):
     pytest.importorskip("mip.net.msip_broker")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "broker",
                              "--msip", f"tcp://127.0.0.1:{port}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

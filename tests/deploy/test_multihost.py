@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 from _netns import Network, require
+from _redis import redis_server
 from _serve_process import start, stop
 
-from frontends._miaas import API_KEY, AUTH, redis_server
+from frontends._miaas import API_KEY, AUTH
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -154,7 +155,7 @@ def _http(method: str, url: str, body: dict | None = None) -> dict:
 
 async def _consumers(queue_url: str, ids: list[str]) -> list[str]:
     """The consumer (worker) whose outcome the queue stored, of each job."""
-    from mip.frontends.miaas.queue import open_queue
+    from mip.jobs.queue import open_queue
 
     queue = open_queue(queue_url)
     await queue.open()

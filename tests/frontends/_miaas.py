@@ -1,19 +1,19 @@
-"""Shared pieces of the /v1 tests: a real redis-server, a uvicorn server on a free port,
-a model repository with a Python model that sleeps, and bounded polling."""
+"""Shared pieces of the /v1 tests: a uvicorn server on a free port, a model repository
+with a Python model that sleeps, ``mip worker`` processes, and bounded polling (Redis:
+the ``redis_url`` and ``tls_redis`` fixtures of tests/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _serve_process import free_port
 
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -34,12 +34,6 @@ class Sleepy:
         time.sleep(float(min(max(x.max(), 0.0), 30.0)))
         return {"y": (x * 2 + OFFSET).astype(np.float32)}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_repository(root: Path) -> Path:
@@ -109,85 +103,6 @@ async def wait_job(client, request_id: str, *, timeout: float = 15.0,
         await asyncio.sleep(0.02)
 
 
-def _reachable(host: str, port: int) -> None:
-    """Returns once a TCP connection to host:port opens (raises OSError otherwise)."""
-    socket.create_connection((host, port), 0.2).close()
-
-
-@contextlib.contextmanager
-def redis_server(*options: str, bind: str = "127.0.0.1", prefix=(), reachable=_reachable):
-    """A private redis-server on 127.0.0.1 (skipped when the binary is missing); yields the
-    port it listens on: a free port, plain TCP by default, or TLS with ``"tls"`` as the
-    first option followed by the ``--tls-*`` options. Elsewhere: `bind` (the address),
-    `prefix` (the command that runs it, such as ``ip netns exec NS``) and `reachable`
-    (``reachable(bind, port)`` raises OSError until the server accepts connections)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    ports = (["--port", "0", "--tls-port", str(port), *options[1:]] if options[:1] == ("tls",)
-             else ["--port", str(port), *options])
-    proc = subprocess.Popen([*prefix, binary, *ports, "--bind", bind, "--save", "",
-                             "--appendonly", "no", "--protected-mode", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            with contextlib.suppress(OSError):
-                reachable(bind, port)
-                break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@pytest.fixture(scope="session")
-def redis_url():
-    """A private redis-server on a free port."""
-    with redis_server() as port:
-        yield f"redis://127.0.0.1:{port}/0"
-
-
-@pytest.fixture(scope="session")
-def tls_redis(tmp_path_factory):
-    """A private redis-server that speaks only TLS and requires client certificates, with
-    certificates made by trustme: ``(url, files)``, ``files`` holding the PEM paths ``ca``,
-    ``cert`` and ``key`` of a client certificate the server accepts."""
-    import trustme
-
-    folder = tmp_path_factory.mktemp("redis-tls")
-    ca = trustme.CA()
-    server, client = ca.issue_cert("127.0.0.1"), ca.issue_cert("mip-worker")
-    files = {name: str(folder / f"{name}.pem") for name in
-             ("ca", "server-cert", "server-key", "cert", "key")}
-    ca.cert_pem.write_to_path(files["ca"])
-    server.cert_chain_pems[0].write_to_path(files["server-cert"])
-    server.private_key_pem.write_to_path(files["server-key"])
-    client.cert_chain_pems[0].write_to_path(files["cert"])
-    client.private_key_pem.write_to_path(files["key"])
-    with redis_server("tls", "--tls-cert-file", files["server-cert"], "--tls-key-file",
-                      files["server-key"], "--tls-ca-cert-file", files["ca"],
-                      "--tls-auth-clients", "yes") as port:
-        yield f"rediss://127.0.0.1:{port}/0", files
-
-
-@pytest.fixture
-def fresh_redis(redis_url):
-    """``redis_url`` with its database emptied first."""
-    import redis
-
-    with redis.Redis.from_url(redis_url) as client:
-        client.flushdb()
-    return redis_url
-
-
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory) -> Path:
     return build_repository(tmp_path_factory.mktemp("miaas-models"))
@@ -230,13 +145,3 @@ def wait_ready(proc: subprocess.Popen, timeout: float = 30.0) -> None:
             if not line:
                 break
     raise RuntimeError(f"worker did not start: {proc.stderr.read1(4096) if proc.poll() else ''}")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)

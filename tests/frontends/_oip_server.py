@@ -215,18 +215,6 @@ def build_repository(repo: Path) -> Path:
     return repo
 
 
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; returns its last value."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
 def sample(datatype: str, shape, seed: int = 0):
     """A tensor for ``datatype`` that survives the client's conversions exactly."""
     import numpy as np

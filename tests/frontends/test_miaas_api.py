@@ -16,7 +16,6 @@ from _miaas import (  # noqa: F401
     AUTH,
     engine,
     identity_job,
-    redis_url,
     repository,
     serve,
     sleepy_job,
@@ -220,11 +219,6 @@ async def test_queue_full_is_503(engine, tmp_path):
 
 
 async def test_queue_full_is_503_on_redis(engine, redis_url):  # noqa: F811
-    import redis.asyncio as aioredis
-
-    r0 = aioredis.from_url(redis_url)
-    await r0.flushdb()
-    await r0.aclose()
     cfg = MiaasConfig(api_keys=[hash_key(API_KEY)], queue=redis_url, job_workers=0, max_jobs=1)
     async with serve(standalone_app(engine, cfg)) as url:
         async with httpx.AsyncClient(base_url=url) as client:
@@ -292,8 +286,9 @@ async def test_outcome_pushed_over_msip(engine, tmp_path):
                 request_id = r.json()["request_id"]
                 subscription = await subscriber.subscribe(f"jobs.{request_id}")
                 service = app.state.service
-                from mip.frontends.miaas.worker import JobWorker
-                worker = JobWorker(engine, service.queue, concurrency=1,
+                from mip.frontends.miaas.runner import JobRunner
+                from mip.jobs.worker import JobWorker
+                worker = JobWorker(service.queue, JobRunner(engine), concurrency=1,
                                    publisher=service.publisher, poll=0.1)
                 worker.start()
                 try:
@@ -333,7 +328,8 @@ async def test_mip_serve_end_to_end(repository, tmp_path):  # noqa: F811
     import subprocess
     import sys
 
-    from _miaas import MAIN, free_port, stop_process
+    from _miaas import MAIN
+    from _serve_process import free_port, stop_process
 
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()

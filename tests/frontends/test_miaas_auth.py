@@ -8,10 +8,11 @@ import time
 
 import httpx
 import pytest
-from _miaas import API_KEY, AUTH, engine, redis_url, repository, serve  # noqa: F401
+from _miaas import API_KEY, AUTH, engine, repository, serve  # noqa: F401
 
 from mip.frontends.miaas import MiaasConfig, standalone_app
-from mip.frontends.auth import Authenticator, AuthError, hash_key, load_api_keys
+from mip.errors import AuthError
+from mip.frontends.auth import Authenticator, hash_key, load_api_keys
 from mip.net.ratelimit import (
     MemoryRateLimiter,
     RedisRateLimiter,
@@ -197,11 +198,6 @@ async def test_rate_limit_over_http(engine, tmp_path):
 
 async def test_rate_limit_across_replicas(engine, tmp_path, redis_url):
     """Two control planes sharing one Redis share each client's budget."""
-    import redis.asyncio as aioredis
-
-    r0 = aioredis.from_url(redis_url)
-    await r0.flushdb()
-    await r0.aclose()
     configs = [MiaasConfig(api_keys=[hash_key(API_KEY)], rate_limit="4/min", queue=redis_url,
                            job_workers=0) for _ in range(2)]
     async with serve(standalone_app(engine, configs[0])) as a, \

@@ -12,7 +12,7 @@ import logging
 
 import httpx
 import pytest
-from _miaas import API_KEY, AUTH, engine, redis_url, repository, serve  # noqa: F401
+from _miaas import API_KEY, AUTH, engine, repository, serve  # noqa: F401
 
 from mip.frontends.miaas import MiaasConfig, config_from_args, standalone_app
 from mip.frontends.auth import Authenticator, hash_key
@@ -105,11 +105,6 @@ async def test_concurrent_attempts_never_get_more_than_the_budget(engine, tmp_pa
 async def test_budget_shared_through_redis(engine, redis_url):
     """Two control planes sharing a Redis queue share each address's failure budget, also
     under concurrent attempts through both; other addresses are unaffected."""
-    import redis.asyncio as aioredis
-
-    r0 = aioredis.from_url(redis_url)
-    await r0.flushdb()
-    await r0.aclose()
     configs = [MiaasConfig(api_keys=[hash_key(API_KEY)], queue=redis_url, job_workers=0,
                            auth_failures="6/hour") for _ in range(2)]
     async with serve(standalone_app(engine, configs[0])) as a, \
@@ -131,6 +126,8 @@ async def test_budget_shared_through_redis(engine, redis_url):
                                                   for i in range(10))), [])
             assert collections.Counter(together) == {401: 6, 429: 94}
     # the budgets live in Redis, expiring once whole again
+    import redis.asyncio as aioredis
+
     r0 = aioredis.from_url(redis_url, decode_responses=True)
     try:
         keys = sorted(await r0.keys("mip:authfail:*"))
@@ -281,13 +278,13 @@ async def test_summary_comes_one_interval_after_the_first_left_out(caplog):
 async def test_jwt_failures_count_unreachable_key_source_does_not(engine, tmp_path):
     """A token that does not verify is a failure; a token that cannot be checked because
     the JWKS URL does not answer is not the client's: it is refused without counting."""
-    from _miaas import free_port
+    from _serve_process import free_port
 
     jwt = pytest.importorskip("jwt")
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from mip.frontends.auth import AuthError, InvalidCredentials
+    from mip.errors import AuthError, InvalidCredentials
 
     key, trusted = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
         ec.SECP256R1())

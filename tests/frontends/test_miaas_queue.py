@@ -17,22 +17,20 @@ from _miaas import (  # noqa: F401
     API_KEY,
     AUTH,
     engine,
-    fresh_redis,
-    redis_url,
     repository,
     serve,
     sleepy_job,
     start_worker,
-    stop_process,
-    tls_redis,
     wait_job,
     wait_ready,
 )
+from _serve_process import stop_process
 
 from mip.errors import QueueFull
 from mip.frontends.miaas import MiaasConfig, standalone_app
 from mip.frontends.auth import hash_key
-from mip.frontends.miaas.queue import SQLiteQueue, open_queue, open_redis
+from mip.jobs.queue import SQLiteQueue, open_queue
+from mip.net.redis_client import open_redis
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -43,7 +41,7 @@ BODY = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [0
 async def make_queue(request, tmp_path):
     """Opens queues of one backend on one store (the same file or Redis database)."""
     if request.param == "redis":
-        url = request.getfixturevalue("fresh_redis")
+        url = request.getfixturevalue("redis_url")
     else:
         url = str(tmp_path / "jobs.sqlite3")
     opened = []
@@ -165,7 +163,7 @@ def _cfg(queue: str, **kwargs) -> MiaasConfig:
 async def test_worker_killed_mid_job(engine, repository, tmp_path, request, backend):
     """A worker SIGKILLed while running a job: another worker takes it after the lease, and
     the job completes once."""
-    queue = request.getfixturevalue("fresh_redis") if backend == "redis" else str(
+    queue = request.getfixturevalue("redis_url") if backend == "redis" else str(
         tmp_path / "jobs.sqlite3")
     async with serve(standalone_app(engine, _cfg(queue, lease=1.0))) as url:
         async with httpx.AsyncClient(base_url=url) as client:
@@ -212,10 +210,10 @@ async def test_worker_writes_an_access_line_a_job(engine, repository, tmp_path):
     assert re.fullmatch(rf"\S+Z jobs - sleepy 2 completed \d+\.\d{{3}}ms {request_id}", line), line
 
 
-async def test_two_worker_processes_share_one_redis_queue(engine, repository, fresh_redis):
-    async with serve(standalone_app(engine, _cfg(fresh_redis, lease=5.0))) as url:
+async def test_two_worker_processes_share_one_redis_queue(engine, repository, redis_url):
+    async with serve(standalone_app(engine, _cfg(redis_url, lease=5.0))) as url:
         async with httpx.AsyncClient(base_url=url) as client:
-            workers = [start_worker(fresh_redis, repository, lease=5.0) for _ in range(2)]
+            workers = [start_worker(redis_url, repository, lease=5.0) for _ in range(2)]
             try:
                 for w in workers:
                     await asyncio.to_thread(wait_ready, w)
@@ -230,7 +228,7 @@ async def test_two_worker_processes_share_one_redis_queue(engine, repository, fr
                     stop_process(w)
     assert [j["status"] for j in jobs] == ["completed"] * 8
     # which process ran each job: the store keeps the consumer (host:pid:random)
-    queue = open_queue(fresh_redis)
+    queue = open_queue(redis_url)
     await queue.open()
     try:
         consumers = {(await queue.get(i)).worker.split(":")[1] for i in ids}
@@ -295,7 +293,8 @@ async def test_worker_over_tls_redis(engine, repository, tls_redis):
 async def test_default_queue_belongs_to_its_server(tmp_path, monkeypatch):
     """With no --queue, a server's SQLite file is named after its listener and held
     exclusively: a second server asking for the same one is refused, saying why."""
-    from mip.frontends.miaas.queue import QueueInUse, default_sqlite_path
+    from mip.errors import QueueInUse
+    from mip.jobs.queue import default_sqlite_path
 
     monkeypatch.setenv("MIP_STATE_DIR", str(tmp_path))
     a = open_queue(None, owner="127.0.0.1:8000")
@@ -325,7 +324,8 @@ async def test_two_servers_on_one_host_keep_their_own_jobs(repository, tmp_path)
     import subprocess
     import sys
 
-    from _miaas import MAIN, free_port, identity_job
+    from _miaas import MAIN, identity_job
+    from _serve_process import free_port
 
     env = dict(os.environ, MIP_API_KEYS=API_KEY, PYTHONPATH=str(MAIN),
                MIP_STATE_DIR=str(tmp_path / "state"))

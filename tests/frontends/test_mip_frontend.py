@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -33,12 +34,30 @@ class Served:
         await self.engine.stop()
 
 
-async def _serve(root: Path, default_model: str | None = None, **server_options) -> Served:
+@contextlib.asynccontextmanager
+async def _serving(root: Path, default_model: str | None = None, **server_options):
+    """An engine on ``root`` behind a MIP server on 127.0.0.1, for the ``async with`` block."""
     engine = Engine(ModelRepository(root), default_model=default_model)
     await engine.start()
     server = MipServer(MipHandler(engine), **server_options)
     address = await server.start("tcp://127.0.0.1:0")
-    return Served(engine, server, str(address))
+    served = Served(engine, server, str(address))
+    try:
+        yield served
+    finally:
+        await served.close()
+
+
+def _python_repo(tmp_path: Path, name: str, body: str, config: str | None = None) -> Path:
+    """A repository of one KubeMo-style Python model ``name`` (version 1): ``body`` after
+    the imports of ``Inference`` and ``Text``, and ``config`` as its config.json."""
+    folder = tmp_path / "repo" / name
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.py").write_text("from mip.kubemo.inference import Inference\n"
+                                           "from mip.kubemo.serialize import Text\n" + body)
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    return tmp_path / "repo"
 
 
 @pytest.fixture
@@ -53,8 +72,7 @@ def _direct(repo: Path, model: str, x: np.ndarray) -> np.ndarray:
 
 
 async def test_demo_models_answer_as_onnxruntime_does(demo_repo):
-    served = await _serve(demo_repo)
-    try:
+    async with _serving(demo_repo) as served:
         rng = np.random.default_rng(7)
         x = rng.standard_normal((3, 784)).astype(np.float32)
         async with AsyncClient(served.url) as client:
@@ -64,13 +82,10 @@ async def test_demo_models_answer_as_onnxruntime_does(demo_repo):
         np.testing.assert_allclose(np.concatenate([items[0][0], items[1][0]]), expected, rtol=1e-5)
         assert items[0][0].shape == (1, 10) and items[1][0].shape == (2, 10)
         np.testing.assert_array_equal(ident[0][0], x[:2, :16])
-    finally:
-        await served.close()
 
 
 async def test_a_batch_of_one_row_items_runs_as_one_strided_input(demo_repo):
-    served = await _serve(demo_repo)
-    try:
+    async with _serving(demo_repo) as served:
         x = np.random.default_rng(11).standard_normal((32, 784)).astype(np.float32)
         async with AsyncClient(served.url) as client:
             items = await client.infer([[row[None, :]] for row in x], model="mlp")
@@ -78,13 +93,10 @@ async def test_a_batch_of_one_row_items_runs_as_one_strided_input(demo_repo):
         np.testing.assert_allclose(np.concatenate([i[0] for i in items]), _direct(demo_repo, "mlp", x),
                                    rtol=1e-5)
         assert served.engine.stats()[("mlp", "1")].batch_sizes == {32: 1}
-    finally:
-        await served.close()
 
 
 async def test_concurrent_clients_are_batched_together(demo_repo):
-    served = await _serve(demo_repo)
-    try:
+    async with _serving(demo_repo) as served:
         rng = np.random.default_rng(3)
         inputs = [rng.standard_normal((1, 784)).astype(np.float32) for _ in range(64)]
         clients = [AsyncClient(served.url) for _ in range(16)]
@@ -99,15 +111,12 @@ async def test_concurrent_clients_are_batched_together(demo_repo):
         stats = served.engine.stats()[("mlp", "1")]
         assert stats.rows == 64
         assert max(stats.batch_sizes) > 1, stats.batch_sizes
-    finally:
-        await served.close()
 
 
 async def test_a_request_over_max_batch_size_runs_as_batches_and_is_answered_as_one(demo_repo):
     """KubeMo's server takes batches of any size: items of 1 and 3 rows, 250 rows in all,
     against max_batch_size 64 (parts end inside items too)."""
-    served = await _serve(demo_repo)
-    try:
+    async with _serving(demo_repo) as served:
         rng = np.random.default_rng(5)
         counts = [1, 3] * 62 + [1, 1]
         x = rng.standard_normal((sum(counts), 784)).astype(np.float32)
@@ -124,16 +133,10 @@ async def test_a_request_over_max_batch_size_runs_as_batches_and_is_answered_as_
         stats = served.engine.stats()[("mlp", "1")]
         assert max(stats.batch_sizes) <= 64 and stats.rows == 250 + 65
         assert stats.requests == stats.successes == 2  # each answered as one request
-    finally:
-        await served.close()
 
 
 async def test_a_failing_part_fails_the_whole_request_with_one_error(tmp_path):
-    model_dir = tmp_path / "repo" / "picky" / "1"
-    model_dir.mkdir(parents=True)
-    (model_dir / "model.py").write_text(
-        "from mip.kubemo.inference import Inference\n"
-        "from mip.kubemo.serialize import Text\n"
+    repo = _python_repo(tmp_path, "picky", (
         "class Picky(Inference):\n"
         "    def preprocess(self, inputs):\n"
         "        if inputs[0].decode() == 'boom':\n"
@@ -144,10 +147,8 @@ async def test_a_failing_part_fails_the_whole_request_with_one_error(tmp_path):
         "    def forward(self, inputs):\n"
         "        return inputs\n"
         "    def postprocess(self, outputs):\n"
-        "        return tuple(Text(x) for x in outputs)\n")
-    (tmp_path / "repo" / "picky" / "config.json").write_text('{"max_batch_size": 4}')
-    served = await _serve(tmp_path / "repo")
-    try:
+        "        return tuple(Text(x) for x in outputs)\n"), '{"max_batch_size": 4}')
+    async with _serving(repo) as served:
         async with AsyncClient(served.url) as client:
             words = [f"w{i}" for i in range(10)]
             assert await client.infer([[w] for w in words], model="picky") == [
@@ -159,18 +160,12 @@ async def test_a_failing_part_fails_the_whole_request_with_one_error(tmp_path):
             assert "item boom is refused" in info.value.detail
             assert await client.ping() > 0  # one ERROR frame, and the connection goes on
         assert served.engine.stats()[("picky", "1")].batch_sizes.keys() <= {1, 2, 3, 4}
-    finally:
-        await served.close()
 
 
 async def test_a_model_without_batching_runs_any_number_of_items_a_few_at_a_time(tmp_path):
     """max_batch_size 0: each item runs on its own, instance_count + 1 at a time, so more
     items than the model's queue holds (1,024) are answered, in order."""
-    model_dir = tmp_path / "repo" / "single" / "1"
-    model_dir.mkdir(parents=True)
-    (model_dir / "model.py").write_text(
-        "from mip.kubemo.inference import Inference\n"
-        "from mip.kubemo.serialize import Text\n"
+    repo = _python_repo(tmp_path, "single", (
         "class Single(Inference):\n"
         "    def preprocess(self, inputs):\n"
         "        return (inputs[0].decode(),)\n"
@@ -180,10 +175,8 @@ async def test_a_model_without_batching_runs_any_number_of_items_a_few_at_a_time
         "    def forward(self, inputs):\n"
         "        return inputs\n"
         "    def postprocess(self, outputs):\n"
-        "        return tuple(Text(x.upper()) for x in outputs)\n")
-    (tmp_path / "repo" / "single" / "config.json").write_text('{"max_batch_size": 0}')
-    served = await _serve(tmp_path / "repo")
-    try:
+        "        return tuple(Text(x.upper()) for x in outputs)\n"), '{"max_batch_size": 0}')
+    async with _serving(repo) as served:
         async with AsyncClient(served.url, timeout=60) as client:
             words = [f"w{i}" for i in range(1100)]
             replies = await client.infer([[w] for w in words])
@@ -193,13 +186,10 @@ async def test_a_model_without_batching_runs_any_number_of_items_a_few_at_a_time
             assert info.value.error_code == ErrorCode.SHAPE
         stats = served.engine.stats()[("single", "1")]
         assert set(stats.batch_sizes) == {1} and stats.batch_sizes[1] >= 1100
-    finally:
-        await served.close()
 
 
 async def test_onnx_models_refuse_application_values_naming_them(demo_repo):
-    served = await _serve(demo_repo)
-    try:
+    async with _serving(demo_repo) as served:
         async with AsyncClient(served.url) as client:
             for value_type in (7, 300):
                 with pytest.raises(RemoteError) as info:
@@ -207,8 +197,6 @@ async def test_onnx_models_refuse_application_values_naming_them(demo_repo):
                 assert info.value.error_code == ErrorCode.SHAPE
                 assert f"application-defined value (type {value_type})" in info.value.detail
                 assert "Python models only" in info.value.detail
-    finally:
-        await served.close()
 
 
 async def test_statistics_count_queue_time_per_request_as_triton_does(demo_repo):
@@ -248,30 +236,23 @@ async def test_statistics_count_queue_time_per_request_as_triton_does(demo_repo)
 
 
 async def test_plain_requests_reach_the_default_model(demo_repo):
-    served = await _serve(demo_repo, default_model="identity")
-    try:
+    async with _serving(demo_repo, default_model="identity") as served:
         x = np.arange(16, dtype=np.float32).reshape(1, 16)
         out = await asyncio.to_thread(lambda: Client(served.url).infer([[x]]))
         np.testing.assert_array_equal(out[0][0], x)
-    finally:
-        await served.close()
 
 
 async def test_plain_request_without_default_model_is_a_clear_error(demo_repo):
-    served = await _serve(demo_repo)  # two models, no default
-    try:
+    async with _serving(demo_repo) as served:  # two models, no default
         async with AsyncClient(served.url) as client:
             with pytest.raises(RemoteError) as info:
                 await client.infer([[np.ones((1, 16), np.float32)]])
             assert info.value.error_code == ErrorCode.METHOD
             assert "--mip-model" in info.value.detail  # the reason travels with the code
-    finally:
-        await served.close()
 
 
 async def test_error_codes_for_what_the_engine_refuses(demo_repo):
-    served = await _serve(demo_repo)
-    try:
+    async with _serving(demo_repo) as served:
         async with AsyncClient(served.url) as client:
             with pytest.raises(RemoteError) as unknown:
                 await client.infer([[np.ones((1, 16), np.float32)]], model="nope")
@@ -293,32 +274,23 @@ async def test_error_codes_for_what_the_engine_refuses(demo_repo):
         assert "FP64" in wrong_dtype.value.detail and "FP32" in wrong_dtype.value.detail
         assert "float64" not in wrong_dtype.value.detail
         assert str(wrong_dtype.value).startswith("peer answered with MIP error SHAPE (4): ")
-    finally:
-        await served.close()
 
 
 async def test_a_failing_python_model_answers_internal(tmp_path):
-    model_dir = tmp_path / "repo" / "broken" / "1"
-    model_dir.mkdir(parents=True)
-    (model_dir / "model.py").write_text(
-        "from mip.kubemo.inference import Inference\n"
-        "from mip.kubemo.serialize import Text\n"
+    repo = _python_repo(tmp_path, "broken", (
         "class Broken(Inference):\n"
         "    def preprocess(self, inputs):\n"
         "        raise RuntimeError('model failure')\n"
         "    def forward(self, inputs):\n"
         "        return inputs\n"
         "    def postprocess(self, outputs):\n"
-        "        return outputs\n")
-    served = await _serve(tmp_path / "repo")
-    try:
+        "        return outputs\n"))
+    async with _serving(repo) as served:
         async with AsyncClient(served.url) as client:
             with pytest.raises(RemoteError) as info:
                 await client.infer([["hello"]], model="broken")
         assert info.value.error_code == ErrorCode.INTERNAL
         assert "model failure" in info.value.detail
-    finally:
-        await served.close()
 
 
 async def test_kubemo_client_reads_errors_that_say_why(demo_repo):
@@ -329,8 +301,7 @@ async def test_kubemo_client_reads_errors_that_say_why(demo_repo):
     kubemo = pytest.importorskip("kubemo")
     from kubemo.errors import InvocationError
 
-    served = await _serve(demo_repo)  # two models, no default: a plain request is METHOD
-    try:
+    async with _serving(demo_repo) as served:  # two models, no default: a plain request is METHOD
         outcome = {}
 
         def call():
@@ -348,8 +319,6 @@ async def test_kubemo_client_reads_errors_that_say_why(demo_repo):
         thread.join()
         assert outcome["error"] == f"responded with error code: {int(ErrorCode.METHOD)}"
         assert outcome["ping"] > 0
-    finally:
-        await served.close()
 
 
 @pytest.fixture
@@ -376,8 +345,7 @@ def _expected_top3(image_path: Path) -> dict:
 
 async def test_kubemo_client_unchanged_against_the_ported_fashion_mnist(fashion_repo):
     kubemo = pytest.importorskip("kubemo")
-    served = await _serve(fashion_repo)
-    try:
+    async with _serving(fashion_repo) as served:
         photos = [FASHION / "t-shirt.jpg", FASHION / "ankle-boot.jpg"]
 
         def call():
@@ -393,17 +361,11 @@ async def test_kubemo_client_unchanged_against_the_ported_fashion_mnist(fashion_
         async with AsyncClient(served.url) as client:
             ours = await client.infer([[mip.Image.open(photos[0])]], model="fashion_mnist")
         assert ours[0][0].value.keys() == _expected_top3(photos[0]).keys()
-    finally:
-        await served.close()
 
 
 async def test_a_request_whose_client_left_is_dropped_from_the_queue(tmp_path):
-    model_dir = tmp_path / "repo" / "slow" / "1"
-    model_dir.mkdir(parents=True)
-    (model_dir / "model.py").write_text(
+    repo = _python_repo(tmp_path, "slow", (
         "import time\n"
-        "from mip.kubemo.inference import Inference\n"
-        "from mip.kubemo.serialize import Text\n"
         "class Slow(Inference):\n"
         "    def preprocess(self, inputs):\n"
         "        return tuple(x.decode() for x in inputs)\n"
@@ -413,10 +375,8 @@ async def test_a_request_whose_client_left_is_dropped_from_the_queue(tmp_path):
         "        time.sleep(0.4)\n"
         "        return inputs\n"
         "    def postprocess(self, outputs):\n"
-        "        return tuple(Text(x) for x in outputs)\n")
-    (tmp_path / "repo" / "slow" / "config.json").write_text('{"max_batch_size": 1}')
-    served = await _serve(tmp_path / "repo")
-    try:
+        "        return tuple(Text(x) for x in outputs)\n"), '{"max_batch_size": 1}')
+    async with _serving(repo) as served:
         stats = served.engine.stats()[("slow", "1")]
         first, gone = AsyncClient(served.url), AsyncClient(served.url)
         running = asyncio.ensure_future(first.infer([["a"]], model="slow"))
@@ -441,8 +401,6 @@ async def test_a_request_whose_client_left_is_dropped_from_the_queue(tmp_path):
         with pytest.raises(ConnectionError):
             await queued
         await first.close()
-    finally:
-        await served.close()
 
 
 def test_clients_at_the_top_level():

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from _miaas are arguments here)
 """Credentials on the KServe v2 endpoints and /metrics (``--auth-scope``): tritonclient over
 HTTP and gRPC (both transports) passing ``headers``, grpcio's health and reflection clients
 with none, httpx for the raw answers; failures limited per address across REST and gRPC;
@@ -21,7 +20,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from _miaas import redis_url  # noqa: F401
 from _oip_server import OipServer, grpc_implementations
 from tritonclient.utils import InferenceServerException
 

@@ -22,8 +22,8 @@ from _oip_server import (
     grpc_implementations,
     identity,
     sample,
-    wait_until,
 )
+from _wait import wait_until
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 

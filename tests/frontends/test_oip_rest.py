@@ -21,8 +21,8 @@ from _oip_server import (
     OipServer,
     build_repository,
     sample,
-    wait_until,
 )
+from _wait import wait_until
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from tritonclient.utils import InferenceServerException

@@ -22,8 +22,9 @@ import tritonclient.grpc as grpcclient
 from mip.net.mip_client import Client
 from mip.serving.demo import build_demo_repository
 
-from _oip_server import add_python_model, wait_until
+from _oip_server import add_python_model
 from _serve_process import ROOT, start as _start, stop as _stop
+from _wait import wait_until
 from mip.workers import parse_workers
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),

@@ -26,7 +26,7 @@ import numpy as np
 
 import mip
 from mip import msip
-from mip.errors import ProtocolError, TruncatedFrame
+from mip.errors import H2Error, ProtocolError, TruncatedFrame
 
 try:
     from mip.protocol import _h2
@@ -363,7 +363,7 @@ def grpc_messages(data: bytes) -> None:
             pos += k
             for piece in server.data_to_send():
                 bytes(piece)
-    except _h2.H2Error:
+    except H2Error:
         return
     if data[0] % 2 == 0:
         want, want_too_large, held = _split_grpc(body, limit)

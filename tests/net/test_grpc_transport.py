@@ -11,8 +11,9 @@ _h2 = pytest.importorskip("mip.protocol._h2", reason="mip.protocol._h2 not built
 
 import grpc  # noqa: E402
 
-from mip.net.grpc_client import GrpcChannel, RpcError  # noqa: E402
-from mip.net.grpc_server import GrpcServer, Status, stream_stream, unary, unary_future  # noqa: E402
+from mip.errors import GrpcStatus, RpcError  # noqa: E402
+from mip.net.grpc_client import GrpcChannel  # noqa: E402
+from mip.net.grpc_server import GrpcServer, stream_stream, unary, unary_future  # noqa: E402
 
 LIMIT = 1 << 20
 
@@ -31,7 +32,7 @@ async def served():
         return future
 
     async def fail(request, context):
-        await context.abort(Status.INVALID_ARGUMENT, "bad input: \u00e9t\u00e9 100%")
+        await context.abort(GrpcStatus.INVALID_ARGUMENT, "bad input: \u00e9t\u00e9 100%")
 
     async def slow(request, context):
         try:
@@ -118,11 +119,11 @@ async def test_statuses_reach_our_client(served):
     async with GrpcChannel(address) as channel:
         with pytest.raises(RpcError) as excinfo:
             await channel.unary("/test.Echo/Fail", b"")
-        assert excinfo.value.code == Status.INVALID_ARGUMENT
+        assert excinfo.value.code == GrpcStatus.INVALID_ARGUMENT
         assert excinfo.value.details == "bad input: \u00e9t\u00e9 100%"
         with pytest.raises(RpcError) as excinfo:
             await channel.unary("/test.Echo/Missing", b"")
-        assert excinfo.value.code == Status.UNIMPLEMENTED
+        assert excinfo.value.code == GrpcStatus.UNIMPLEMENTED
 
 
 async def test_message_over_the_limit_is_refused_before_it_is_buffered(served):
@@ -276,7 +277,7 @@ async def test_our_channel_through_a_graceful_shutdown():
         with pytest.raises((RpcError, ConnectionError)) as info:
             await channel.unary("/test.Echo/Slow", b"")
         if isinstance(info.value, RpcError):
-            assert info.value.code == Status.UNAVAILABLE
+            assert info.value.code == GrpcStatus.UNAVAILABLE
 
 
 async def test_context_names_the_peer_as_grpcio_does(served):
@@ -371,7 +372,7 @@ async def test_our_channel_refuses_a_reply_cut_inside_its_message():
         async with GrpcChannel(f"127.0.0.1:{port}") as channel:
             with pytest.raises(RpcError) as excinfo:
                 await asyncio.wait_for(channel.unary("/test.Echo/Echo", b"x"), 10)
-        assert excinfo.value.code == Status.INTERNAL
+        assert excinfo.value.code == GrpcStatus.INTERNAL
         assert "inside a message" in excinfo.value.details
     finally:
         server.close()

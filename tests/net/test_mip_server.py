@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import random
 import socket
 import struct
@@ -34,6 +36,33 @@ async def _start(handler=_double, url="tcp://127.0.0.1:0", **kwargs) -> tuple[Mi
     return server, str(address)
 
 
+@contextlib.asynccontextmanager
+async def _serving(handler=_double, url="tcp://127.0.0.1:0", **kwargs):
+    """:func:`_start` for the ``async with`` block: ``(server, url)``, stopped after it."""
+    server, url = await _start(handler, url, **kwargs)
+    try:
+        yield server, url
+    finally:
+        await server.stop()
+
+
+def _hanging():
+    """A handler that never answers, and the events it sets: ``started`` when a request
+    reaches it, ``cancelled`` when that request is cancelled."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(message):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return [mip.encode_error(0)]
+
+    return handler, started, cancelled
+
+
 def _error_code(reply: bytes) -> int:
     """The code of the one ERROR frame `reply` holds, which must also say why."""
     message = mip.decode(reply)
@@ -41,11 +70,14 @@ def _error_code(reply: bytes) -> int:
     return message.error_code
 
 
-def _raw_exchange(url: str, payload: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw octets, read until the server closes (bounded by `timeout`)."""
+def _raw_exchange(url: str, payload: bytes, timeout: float = 5.0, half_close: bool = False) -> bytes:
+    """Send raw octets (then, with ``half_close``, shut the sending side as `nc -N` does),
+    read until the server closes (each read bounded by `timeout`)."""
     host, port = url.removeprefix("tcp://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(payload)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
         chunks = []
         while True:
             data = sock.recv(65536)
@@ -55,8 +87,7 @@ def _raw_exchange(url: str, payload: bytes, timeout: float = 5.0) -> bytes:
 
 
 async def test_ping_and_infer_over_tcp_with_both_clients():
-    server, url = await _start()
-    try:
+    async with _serving() as (server, url):
         async with AsyncClient(url) as client:
             assert await client.ping() > 0
             out = await client.infer([[np.arange(16, dtype=np.float32).reshape(1, 16)]])
@@ -71,27 +102,21 @@ async def test_ping_and_infer_over_tcp_with_both_clients():
                 assert [item[0].tolist() for item in reply.batch] == [[[2] * 3] * 2, [[0] * 3]]
                 return c.infer([["text stays text"]])
         assert (await asyncio.to_thread(blocking)) == [(mip.Text("text stays text"),)]
-    finally:
-        await server.stop()
 
 
 async def test_unix_socket(tmp_path):
     path = tmp_path / "mip.sock"
-    server, url = await _start(url=f"unix://{path}")
-    try:
+    async with _serving(url=f"unix://{path}") as (server, url):
         assert url == f"unix://{path}"
         async with AsyncClient(url) as client:
             out = await client.infer([[np.full((1, 4), 3, np.float64)]])
             assert out[0][0].tolist() == [[6.0] * 4]
-    finally:
-        await server.stop()
     assert not path.exists()
 
 
 @pytest.mark.parametrize("max_pipeline", [128, 4])
 async def test_pipelined_replies_come_back_in_request_order(max_pipeline):
-    server, url = await _start(max_pipeline=max_pipeline)
-    try:
+    async with _serving(max_pipeline=max_pipeline) as (server, url):
         async with AsyncClient(url, connections=1) as client:
             results = await asyncio.gather(*(
                 client.infer([[np.full((1, 2), i, np.int32)]], model="jitter") for i in range(200)))
@@ -110,32 +135,24 @@ async def test_pipelined_replies_come_back_in_request_order(max_pipeline):
         writer.close()
         assert [m.batch[0][0][0, 0] for m in replies[:100]] == [2 * i for i in range(100)]
         assert replies[100].kind == mip.KIND_PING and not replies[100].is_request
-    finally:
-        await server.stop()
 
 
 async def test_large_tensor_round_trip_is_intact_and_aligned():
-    server, url = await _start()
-    try:
+    async with _serving() as (server, url):
         big = np.random.default_rng(1).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB
         async with AsyncClient(url) as client:
             out = (await client.infer([[big]]))[0][0]
         np.testing.assert_array_equal(out, big * 2)
         assert out.ctypes.data % 8 == 0
-    finally:
-        await server.stop()
 
 
 async def test_serving_error_becomes_an_error_frame_and_connection_stays_usable():
-    server, url = await _start()
-    try:
+    async with _serving() as (server, url):
         async with AsyncClient(url) as client:
             with pytest.raises(RemoteError) as info:
                 await client.infer([[np.ones(1)]], model="missing")
             assert info.value.error_code == ErrorCode.METHOD
             assert await client.ping() > 0  # same connection, still in step
-    finally:
-        await server.stop()
 
 
 @pytest.mark.parametrize("frame, code", [
@@ -148,28 +165,21 @@ async def test_serving_error_becomes_an_error_frame_and_connection_stays_usable(
      + struct.pack("!II", 0, 0), ErrorCode.SHAPE),                # reserved TLV type 0
 ])
 async def test_protocol_errors_get_the_specified_error_frame_then_close(frame, code):
-    server, url = await _start()
-    try:
+    async with _serving() as (server, url):
         reply = await asyncio.to_thread(_raw_exchange, url, frame)
         assert _error_code(reply) == code
-    finally:
-        await server.stop()
 
 
 async def test_oversized_frame_is_refused_from_its_header_alone():
-    server, url = await _start(max_frame_size=1024)
-    try:
+    async with _serving(max_frame_size=1024) as (server, url):
         # Only the header is sent: it claims 4 GiB - 1, nothing is allocated for it.
         reply = await asyncio.to_thread(_raw_exchange, url, bytes([0, 2, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]))
         assert _error_code(reply) == ErrorCode.MEMORY
         assert "1024" in mip.decode(reply).error_message
-    finally:
-        await server.stop()
 
 
 async def test_max_connections_refuses_when_none_is_idle_and_closes_an_idle_one():
-    server, url = await _start(max_connections=1)
-    try:
+    async with _serving(max_connections=1) as (server, url):
         async with AsyncClient(url) as first:
             await first.ping()
             busy = asyncio.ensure_future(first.infer([[np.ones((1, 2), np.float32)]],
@@ -184,8 +194,6 @@ async def test_max_connections_refuses_when_none_is_idle_and_closes_an_idle_one(
             async with AsyncClient(url) as second:
                 assert await second.ping() > 0
                 assert server.connections == 1
-    finally:
-        await server.stop()
 
 
 async def test_idle_and_read_timeouts_close_connections():
@@ -228,42 +236,18 @@ async def test_graceful_stop_finishes_requests_in_flight():
 
 
 async def test_client_gone_cancels_its_work():
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def handler(message):
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return [mip.encode_error(0)]
-
-    server, url = await _start(handler)
-    try:
+    handler, started, cancelled = _hanging()
+    async with _serving(handler) as (server, url):
         client = AsyncClient(url, timeout=None)
         task = asyncio.ensure_future(client.infer([[np.ones(1)]]))
         await asyncio.wait_for(started.wait(), 5)
         await client.close()
         await asyncio.wait_for(cancelled.wait(), 5)
         task.cancel()
-    finally:
-        await server.stop()
 
 
-def _half_closed_exchange(url: str, payload: bytes, timeout: float = 10.0) -> bytes:
-    """Send raw octets, shut the sending side (as `nc -N` does), read until the server
-    closes."""
-    host, port = url.removeprefix("tcp://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return b"".join(chunks)
-            chunks.append(data)
+#: send, shut the sending side, read until the server closes
+_half_closed_exchange = functools.partial(_raw_exchange, timeout=10.0, half_close=True)
 
 
 def _request(i: int, model: str | None = "jitter") -> bytes:
@@ -273,8 +257,7 @@ def _request(i: int, model: str | None = "jitter") -> bytes:
 
 @pytest.mark.parametrize("max_pipeline", [128, 2])
 async def test_a_half_closed_client_gets_every_reply_then_the_close(max_pipeline):
-    server, url = await _start(max_pipeline=max_pipeline)
-    try:
+    async with _serving(max_pipeline=max_pipeline) as (server, url):
         # one request, then the sending side shut: answered, then closed
         reply = await asyncio.to_thread(_half_closed_exchange, url, _request(3, model=None))
         (message,) = mip.FrameParser().feed(reply)
@@ -297,8 +280,6 @@ async def test_a_half_closed_client_gets_every_reply_then_the_close(max_pipeline
                 break
             await asyncio.sleep(0.02)
         assert server.connections == 0
-    finally:
-        await server.stop()
 
 
 async def test_a_half_closed_client_that_never_reads_is_dropped():
@@ -338,42 +319,26 @@ async def test_a_half_closed_client_that_never_reads_is_dropped():
 async def test_a_reset_connection_drops_its_work():
     """A client that resets (mip's AsyncClient closing with calls outstanding, or
     SO_LINGER 0) drops its work at once, unlike a half-close, which is answered."""
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def handler(message):
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return [mip.encode_error(0)]
-
-    server, url = await _start(handler)
-    host, port = url.removeprefix("tcp://").rsplit(":", 1)
-    try:
+    handler, started, cancelled = _hanging()
+    async with _serving(handler) as (server, url):
+        host, port = url.removeprefix("tcp://").rsplit(":", 1)
         sock = socket.create_connection((host, int(port)))
         sock.sendall(_request(1, model=None))
         await asyncio.wait_for(started.wait(), 5)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
         await asyncio.wait_for(cancelled.wait(), 5)
-    finally:
-        await server.stop()
 
 
 async def test_kubemo_client_against_our_server():
     kubemo = pytest.importorskip("kubemo")
-    server, url = await _start()
-    try:
+    async with _serving() as (server, url):
         def call():
             client = kubemo.Client()
             assert client.ping(url) > 0
             return client.inference(url, ((kubemo.Text("hello"),), (kubemo.Text("world"),)))
         out = await asyncio.to_thread(call)
         assert [item[0].decode() for item in out] == ["hello", "world"]
-    finally:
-        await server.stop()
 
 
 def _kubemo_server(tmp_path):

@@ -12,10 +12,7 @@ from mip import msip
 from mip.bench import pubsub
 from mip.net import AsyncClient, Broker
 
-try:
-    from . import test_msip_support as w
-except ImportError:
-    import test_msip_support as w
+import _msip_support as w
 
 run = w.run
 

@@ -11,10 +11,7 @@ import pytest
 
 from mip.net import AsyncClient, Broker, BrokerError, Client
 
-try:
-    from . import test_msip_support as w
-except ImportError:
-    import test_msip_support as w
+import _msip_support as w
 
 run = w.run
 

@@ -6,33 +6,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from mip.net import AsyncClient, Broker
 
-try:
-    from . import test_msip_support as w
-except ImportError:
-    import test_msip_support as w
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "frontends"))
-from _miaas import redis_server  # noqa: E402
+import _msip_support as w
+from _redis import start_redis
+from _serve_process import free_port, stop_process
 
 redis = pytest.importorskip("redis")
 
 
-@pytest.fixture(scope="module")
-def redis_port():
-    with redis_server() as port:
-        yield port
+@pytest.fixture
+def redis_port(redis_url) -> int:
+    """The port of the run's redis-server (``redis_url``)."""
+    return int(redis_url.rsplit(":", 1)[1].split("/")[0])
 
 
 def _redis(port: int):
@@ -236,36 +229,9 @@ def test_reference_layout_clients_across_brokers(redis_port):
             t.stop()
 
 
-def _start_redis(port: int) -> subprocess.Popen:
-    """redis-server on ``port`` (as ``redis_server`` starts it), for a restart on one port."""
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind",
-                             "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--protected-mode", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc
-        assert time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 def test_redis_restart_local_traffic_goes_on_and_cluster_resumes():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = _start_redis(port)
+    port = free_port()
+    proc = start_redis(port)
 
     async def main():
         nonlocal proc
@@ -282,7 +248,7 @@ def test_redis_restart_local_traffic_goes_on_and_cluster_resumes():
             assert bytes((await lsub.get(5)).data) == b"before"
             assert bytes((await rsub.get(5)).data) == b"before"
 
-            await asyncio.to_thread(_stop, proc)
+            await asyncio.to_thread(stop_process, proc)
             await until(lambda: not a.stats.cluster_connected and not b.stats.cluster_connected)
             for i in range(200):  # 200 * ~40 octets: more than the 4096 octets queued at most
                 await pub.publish("t", b"down %03d" % i)
@@ -290,7 +256,7 @@ def test_redis_restart_local_traffic_goes_on_and_cluster_resumes():
             assert 0 < a.stats.cluster_pending_bytes <= 4096
             assert a.stats.cluster_dropped > 0
 
-            proc = await asyncio.to_thread(_start_redis, port)
+            proc = await asyncio.to_thread(start_redis, port)
             await until(lambda: a.stats.cluster_connected and b.stats.cluster_connected, 15)
             await until(lambda: numsub(port, "t") == 2, 10)
             assert b.stats.cluster_reconnects >= 1
@@ -312,13 +278,11 @@ def test_redis_restart_local_traffic_goes_on_and_cluster_resumes():
     try:
         w.run(main(), 60)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def test_broker_starts_without_redis_and_bounds_its_queue():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there
+    port = free_port()  # nothing listens there
 
     async def main():
         b = Broker(cluster=f"redis://127.0.0.1:{port}/0", cluster_max_pending=1000)

@@ -23,10 +23,7 @@ from hypothesis.stateful import (
 from mip.net.msip_core import ABORT, CLOSE, BrokerCore
 from mip.net.msip_topics import topic_matches
 
-try:
-    from . import test_msip_support as w
-except ImportError:
-    import test_msip_support as w
+import _msip_support as w
 
 
 # -- a socket-less transport ----------------------------------------------------------------

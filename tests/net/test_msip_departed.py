@@ -9,10 +9,7 @@ import struct
 
 import pytest
 
-try:
-    from . import test_msip_support as w
-except ImportError:
-    import test_msip_support as w
+import _msip_support as w
 
 DEPARTED = 10_000
 

@@ -9,10 +9,7 @@ import subprocess
 import sys
 import time
 
-try:
-    from . import test_msip_support as w
-except ImportError:
-    import test_msip_support as w
+import _msip_support as w
 
 
 def test_pipelined_publish_to_own_topic_event_before_ack():

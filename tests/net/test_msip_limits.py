@@ -9,10 +9,7 @@ import time
 
 import pytest
 
-try:
-    from . import test_msip_support as w
-except ImportError:
-    import test_msip_support as w
+import _msip_support as w
 
 
 def _error_then_eof(c, contains: bytes = b""):

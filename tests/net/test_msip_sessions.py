@@ -7,10 +7,7 @@ import struct
 
 import pytest
 
-try:
-    from . import test_msip_support as w
-except ImportError:
-    import test_msip_support as w
+import _msip_support as w
 
 
 def _pub(c, topic, data, msg_id, flags=0):

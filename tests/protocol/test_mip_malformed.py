@@ -27,6 +27,7 @@ from mip.errors import (
 )
 
 from . import _wire
+from ._parsers import expect_error
 
 ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 4, 12: 8, 14: 2}
 SIZE_ERRORS = (TruncatedFrame, InconsistentCounts)
@@ -78,15 +79,7 @@ def decode_error(frame, expected, **kw):
 
 def parser_error(frame, expected, **kw):
     """A complete bad frame makes the parser raise (now, or on the next call)."""
-    parser = mip.FrameParser(**kw)
-    try:
-        got = parser.feed(frame)
-    except expected as exc:
-        return exc
-    assert got == []
-    with pytest.raises(expected) as info:
-        parser.feed(b"")
-    return info.value
+    return expect_error(mip.FrameParser(**kw), frame, expected)
 
 
 def both(frame, expected, low=0, high=None):

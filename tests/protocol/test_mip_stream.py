@@ -11,6 +11,7 @@ import mip
 from mip.errors import FrameTooLarge, ProtocolError, UnknownKind, UnsupportedVersion
 
 from . import _wire
+from ._parsers import expect_error
 from ._values import FAST, QUICK, batches, expected_batch, mip_batch, observed_batch, ref_batch, tensors_in
 
 ITEMS = [
@@ -232,18 +233,6 @@ def test_nothing_before_a_full_frame():
             assert parser.feed(frame[cut : cut + 1]) == []
         (m,) = parser.feed(frame[limit:])
         assert summary(m) == summary(mip.decode(frame))
-
-
-def expect_error(parser, data, exc):
-    """Feeding ``data`` raises ``exc`` now, or returns nothing and raises on the next call."""
-    try:
-        got = parser.feed(data)
-    except exc as e:
-        return e
-    assert got == []
-    with pytest.raises(exc) as info:
-        parser.feed(b"")
-    return info.value
 
 
 def test_errors_come_after_the_good_messages():

@@ -27,6 +27,7 @@ from mip.errors import (
 )
 
 from . import _wire
+from ._parsers import expect_error
 from ._values import FAST, QUICK
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -288,17 +289,6 @@ def test_parser_copies_incomplete_input():
     scratch[:] = b"\x00" * 100
     (f,) = parser.feed(frame[100:])
     assert summary(f) == EXPECTED[2]
-
-
-def expect_error(parser, data, exc):
-    try:
-        got = parser.feed(data)
-    except exc as e:
-        return e
-    assert got == []
-    with pytest.raises(exc) as info:
-        parser.feed(b"")
-    return info.value
 
 
 def test_parser_max_payload():

@@ -56,6 +56,21 @@ async def start_held(model: GatedModel, batcher: Batcher) -> asyncio.Task:
     return first
 
 
+def run_held(model: GatedModel, batcher: Batcher, body):
+    """Run ``await body()`` while one request (:func:`start_held`) occupies the model (the
+    body may release it); then release the model, wait for that request and stop the
+    batcher. Returns what the body returned."""
+    async def scenario():
+        first = await start_held(model, batcher)
+        result = await body()
+        model.release()
+        await first
+        await batcher.stop()
+        return result
+
+    return run(scenario())
+
+
 def make(model, max_batch_size=64, **policy) -> Batcher:
     batching = DynamicBatching(**policy)
     records = []
@@ -69,8 +84,7 @@ def test_concurrent_requests_batch_and_split_in_order():
     model = GatedModel()
     batcher = make(model)
 
-    async def scenario():
-        first = await start_held(model, batcher)
+    async def held():
         sizes = [1, 2, 1, 3, 1]
         tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(n, i)}, n))
                  for i, n in enumerate(sizes)]
@@ -78,11 +92,9 @@ def test_concurrent_requests_batch_and_split_in_order():
         assert batcher.queue_depth == 5
         model.release()
         results = await asyncio.gather(*tasks)
-        await first
-        await batcher.stop()
         return sizes, results
 
-    sizes, results = run(scenario())
+    sizes, results = run_held(model, batcher, held)
     assert model.rows == [1, 8]
     for i, (n, result) in enumerate(zip(sizes, results)):
         assert result["y"].shape == (n, 3)
@@ -172,18 +184,15 @@ def test_largest_preferred_size_then_the_rest_after_the_delay():
     batcher = make(model, max_batch_size=8, preferred_batch_sizes=(2, 4),
                    max_queue_delay_us=50_000)
 
-    async def scenario():
-        first = await start_held(model, batcher)
+    async def held():
         tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(1, i)}, 1))
                  for i in range(5)]
         await asyncio.sleep(0.01)
         model.release()
         results = await asyncio.gather(*tasks)
-        await first
-        await batcher.stop()
         return results
 
-    results = run(scenario())
+    results = run_held(model, batcher, held)
     assert model.rows == [1, 4, 1]
     assert [float(r["y"][0, 0]) for r in results] == [0, 2, 4, 6, 8]
 
@@ -279,18 +288,14 @@ def test_deadline_drops_the_request_from_the_queue():
     model = GatedModel()
     batcher = make(model)
 
-    async def scenario():
-        first = await start_held(model, batcher)
+    async def held():
         with pytest.raises(DeadlineExceeded):
             await batcher.submit({"x": rows_of(1, 42)}, 1, deadline=time.monotonic() + 0.05)
         assert batcher.queue_depth == 0
         with pytest.raises(DeadlineExceeded):
             await batcher.submit({"x": rows_of(1, 43)}, 1, deadline=time.monotonic() - 1)
-        model.release()
-        await first
-        await batcher.stop()
 
-    run(scenario())
+    run_held(model, batcher, held)
     assert model.rows == [1]
 
 
@@ -298,8 +303,7 @@ def test_cancelled_request_is_dropped_from_the_queue():
     model = GatedModel()
     batcher = make(model)
 
-    async def scenario():
-        first = await start_held(model, batcher)
+    async def held():
         gone = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 42)}, 1))
         kept = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 7)}, 1))
         await asyncio.sleep(0.01)
@@ -309,11 +313,9 @@ def test_cancelled_request_is_dropped_from_the_queue():
         assert batcher.queue_depth == 1
         model.release()
         result = await kept
-        await first
-        await batcher.stop()
         return result
 
-    result = run(scenario())
+    result = run_held(model, batcher, held)
     assert model.rows == [1, 1]
     assert float(model.batches[1][0, 0]) == 7  # the cancelled request never reached the model
     assert float(result["y"][0, 0]) == 14
@@ -341,19 +343,16 @@ def test_requests_with_different_trailing_shapes_batch_separately():
     model = GatedModel()
     batcher = make(model)
 
-    async def scenario():
-        first = await start_held(model, batcher)
+    async def held():
         a = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 1, width=3)}, 1))
         b = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 2, width=5)}, 1))
         c = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 3, width=3)}, 1))
         await asyncio.sleep(0.01)
         model.release()
         results = await asyncio.gather(a, b, c)
-        await first
-        await batcher.stop()
         return results
 
-    results = run(scenario())
+    results = run_held(model, batcher, held)
     assert model.rows == [1, 1, 1, 1]  # FIFO: a, then b, then c
     assert [r["y"].shape[1] for r in results] == [3, 5, 3]
 
@@ -517,8 +516,7 @@ def test_a_split_request_runs_as_parts_and_is_answered_in_row_order():
     model = GatedModel()
     batcher = make(model, max_batch_size=4)
 
-    async def scenario():
-        first = await start_held(model, batcher)
+    async def held():
         x = np.arange(30, dtype=np.float32).reshape(10, 3)
         whole = batcher.enqueue_split({"x": x}, 10)
         other = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 100)}, 1))
@@ -529,11 +527,9 @@ def test_a_split_request_runs_as_parts_and_is_answered_in_row_order():
         y = (await whole)["y"]
         np.testing.assert_array_equal(y, x * 2)
         assert (await other)["y"][0, 0] == 200
-        await first
-        await batcher.stop()
         return x
 
-    x = run(scenario())
+    x = run_held(model, batcher, held)
     # parts of at most 4 rows, in order; the other request joined one of the batches
     assert max(model.rows) <= 4 and sum(model.rows) == 1 + 10 + 1
     rows = np.concatenate(model.batches[1:])
@@ -582,8 +578,7 @@ def test_a_cancelled_split_request_leaves_the_queue():
     model = GatedModel()
     batcher = make(model, max_batch_size=2)
 
-    async def scenario():
-        first = await start_held(model, batcher)
+    async def held():
         whole = batcher.enqueue_split({"x": rows_of(9, 5)}, 9)
         await asyncio.sleep(0.01)
         assert batcher.queue_depth == 2
@@ -591,11 +586,8 @@ def test_a_cancelled_split_request_leaves_the_queue():
         for _ in range(3):  # the cancellation reaches the parts in callbacks
             await asyncio.sleep(0)
         assert batcher.queue_depth == 0
-        model.release()
-        await first
-        await batcher.stop()
 
-    run(scenario())
+    run_held(model, batcher, held)
     assert model.rows == [1]
 
 

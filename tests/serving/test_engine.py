@@ -9,10 +9,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mip.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
+from mip.errors import DeadlineExceeded, InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from mip.serving.demo import build_demo_repository
 from mip.serving.engine import Engine
-from mip.serving.repository import ModelLoadError, ModelRepository, ModelState
+from mip.serving.repository import ModelRepository, ModelState
 
 from ._models import add_model, identity_model, run, two_output_model
 

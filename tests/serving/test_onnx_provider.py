@@ -6,7 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mip.serving.providers.onnx import DeviceUnavailable, OnnxRunner, parse_device
+from mip.errors import DeviceUnavailable
+from mip.serving.providers.onnx import OnnxRunner, parse_device
 from mip.serving.repository import ModelRepository, ModelState
 
 from ._models import add_model, two_output_model

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 
 import mip
-from mip.errors import InternalError
+from mip.errors import InternalError, ModelLoadError
 from mip.serving.config import DEFAULT_MAX_BATCH_BYTES
 from mip.serving.engine import Engine
-from mip.serving.repository import ModelLoadError, ModelRepository, ModelState
+from mip.serving.repository import ModelRepository, ModelState
 
 from ._models import FASHION, add_model, identity_model, run
 

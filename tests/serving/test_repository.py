@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from mip.errors import ModelNotFound, ModelNotReady
-from mip.serving.repository import ModelLoadError, ModelRepository, ModelState
+from mip.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from mip.serving.repository import ModelRepository, ModelState
 from ._models import add_model, identity_model, two_output_model
 
 

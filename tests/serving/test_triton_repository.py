@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mip.serving.engine import Engine
-from mip.serving.repository import ModelLoadError, ModelRepository
+from mip.errors import ModelLoadError
+from mip.serving.repository import ModelRepository
 from mip.serving.triton import message_to_json, to_triton
 from ._models import add_model, identity_model, run, two_output_model
 

@@ -2,25 +2,11 @@
 
 ``build_miaas_app(engine, config)`` gives the Starlette app to mount at ``/v1``;
 ``mount_miaas(engine, args)`` builds it from ``mip serve`` options. Jobs go through a
-:class:`~mip.frontends.miaas.queue.JobQueue` (SQLite by default, or Redis Streams) and
-are run by :class:`~mip.frontends.miaas.worker.JobWorker` tasks in this process or by
-``mip worker`` processes elsewhere.
+:class:`~mip.jobs.queue.JobQueue` (SQLite by default, or Redis Streams) and are run by
+:class:`~mip.jobs.worker.JobWorker` tasks (each job by a
+:class:`~mip.frontends.miaas.runner.JobRunner`) in this process or by ``mip worker``
+processes elsewhere.
 """
 
-from mip.frontends.miaas.app import (
-                                     MiaasConfig,
-                                     MiaasService,
-                                     build_miaas_app,
-                                     config_from_args,
-                                     mount_miaas,
-                                     standalone_app,
-)
-
-__all__ = [
-                                     "MiaasConfig",
-                                     "MiaasService",
-                                     "build_miaas_app",
-                                     "config_from_args",
-                                     "mount_miaas",
-                                     "standalone_app",
-]
+from mip.frontends.miaas.app import *  # noqa: F401,F403  (the names of app.__all__)
+from mip.frontends.miaas.app import __all__ as __all__

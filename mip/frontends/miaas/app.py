@@ -24,20 +24,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from mip.errors import ServingError, TooManyAuthFailures, Unauthenticated
+from mip.errors import ApiError, ServingError, TooManyAuthFailures, Unauthenticated
 from mip.frontends.auth import Authenticator, Guard, Identity, load_api_keys
 from mip.frontends.dataplane import DataPlane
 from mip.frontends.miaas.openapi import openapi_document
-from mip.frontends.miaas.queue import JobQueue, open_queue
-from mip.net.ratelimit import FailureLimit, RateLimiter, open_rate_limiter
+from mip.frontends.miaas.runner import JobRunner, split_model_id
 from mip.frontends.miaas.tensors import decode_inputs
-from mip.frontends.miaas.worker import (
-    JobWorker,
-    error_code,
-    isotime,
-    job_document,
-    split_model_id,
-)
+from mip.jobs.queue import JobQueue, open_queue
+from mip.jobs.worker import JobWorker, error_code, isotime, job_document
+from mip.net.ratelimit import FailureLimit, RateLimiter, open_rate_limiter
 
 __all__ = [
     "MiaasConfig",
@@ -106,15 +101,6 @@ class MiaasConfig:
     client_ssl: object = None
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": {...}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, details: dict | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.details, self.headers = status, code, details, headers
-
-
 def error_response(status: int, code: str, message: str, details: dict | None = None,
                    headers: dict | None = None) -> JSONResponse:
     """The error body every failure of this API answers with."""
@@ -159,7 +145,7 @@ class MiaasService:
         self.failures = guard.failures
         self.publisher = None
         if c.msip_push:
-            from mip.frontends.miaas.push import OutcomePublisher
+            from mip.jobs.push import OutcomePublisher
 
             self.publisher = OutcomePublisher(c.msip_push, ssl=c.client_ssl)
         self.worker: JobWorker | None = None
@@ -179,9 +165,9 @@ class MiaasService:
             self._collector = JobQueueCollector(self.queue)
             self.metrics.add_collector(self._collector)
         if self.config.job_workers > 0:
-            self.worker = JobWorker(self.engine, self.queue, concurrency=self.config.job_workers,
-                                    publisher=self.publisher, metrics=self.metrics,
-                                    access_log=self.access_log)
+            run_job = JobRunner(self.engine, self.metrics, access_log=self.access_log)
+            self.worker = JobWorker(self.queue, run_job, concurrency=self.config.job_workers,
+                                    publisher=self.publisher)
             self.worker.start()
         self.started = True
 
@@ -220,7 +206,7 @@ class MiaasService:
                                    f"{headers['Retry-After']} s", headers=headers)
             response = await handler(request)
         except ApiError as exc:
-            return error_response(exc.status, exc.code, str(exc), exc.details,
+            return error_response(exc.http_status, exc.code, str(exc), exc.details,
                                   exc.headers or headers)
         except ServingError as exc:
             return error_response(exc.http_status, error_code(exc), str(exc), headers=headers)
@@ -372,14 +358,8 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
                           str(exc.detail), headers=getattr(exc, "headers", None))
 
 
-def build_miaas_app(engine, config: MiaasConfig | None = None, *,
-                    service: MiaasService | None = None, metrics=None,
-                    access_log=None) -> Starlette:
-    """The ``/v1`` app (routes relative to its mount point). ``app.state.service`` is its
-    :class:`MiaasService`; its lifespan starts and stops the service when the app is run
-    directly, and a parent that mounts it must call ``service.start()`` / ``stop()``."""
-    service = service or MiaasService(engine, config, metrics, access_log=access_log)
-
+def _lifespan(service: MiaasService):
+    """A Starlette lifespan that starts ``service`` with the app and stops it after."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await service.start()
@@ -388,7 +368,17 @@ def build_miaas_app(engine, config: MiaasConfig | None = None, *,
         finally:
             await service.stop()
 
-    app = Starlette(routes=service.routes(), lifespan=lifespan,
+    return lifespan
+
+
+def build_miaas_app(engine, config: MiaasConfig | None = None, *,
+                    service: MiaasService | None = None, metrics=None,
+                    access_log=None) -> Starlette:
+    """The ``/v1`` app (routes relative to its mount point). ``app.state.service`` is its
+    :class:`MiaasService`; its lifespan starts and stops the service when the app is run
+    directly, and a parent that mounts it must call ``service.start()`` / ``stop()``."""
+    service = service or MiaasService(engine, config, metrics, access_log=access_log)
+    app = Starlette(routes=service.routes(), lifespan=_lifespan(service),
                     exception_handlers={HTTPException: _http_error})
     app.state.service = service
     return app
@@ -398,16 +388,7 @@ def standalone_app(engine, config: MiaasConfig | None = None) -> Starlette:
     """An app serving only ``/v1/…`` (for tests, benchmarks and embedding)."""
     miaas = build_miaas_app(engine, config)
     service = miaas.state.service
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        await service.start()
-        try:
-            yield
-        finally:
-            await service.stop()
-
-    app = Starlette(routes=[Mount("/v1", app=miaas)], lifespan=lifespan,
+    app = Starlette(routes=[Mount("/v1", app=miaas)], lifespan=_lifespan(service),
                     exception_handlers={HTTPException: _http_error})
     app.state.service = service
     return app

@@ -1,4 +1,8 @@
-"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on grpcio asyncio.
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService``.
+
+Two transports carry the one service (:data:`IMPLEMENTATIONS`): mip's own HTTP/2 on
+libnghttp2 (``native``: :mod:`mip.net.grpc_server`, the default where it is built) and
+grpcio's asyncio server (``grpcio``, ``mip serve --grpc-impl grpcio``).
 
 All nine RPCs of the protocol and Triton's ``ModelStreamInfer``, ``ModelConfig`` and
 ``ModelStatistics``. Inference requests are
@@ -9,8 +13,9 @@ A request that used ``raw_input_contents`` is answered with ``raw_output_content
 one that used typed ``contents`` is answered with typed contents (FP16/BF16 outputs, which
 have no typed form, make the reply raw).
 
-Errors: a :class:`~mip.errors.ServingError` ends the call with its ``grpc_status``
-(NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...).
+Errors: a :class:`~mip.errors.ServingError` ends the call with its ``grpc_status`` (a
+:class:`~mip.errors.GrpcStatus`, the same on either transport: NOT_FOUND, INVALID_ARGUMENT,
+UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...).
 A cancelled call cancels its engine request, which leaves the batch queue.
 
 Credentials: with a :class:`~mip.frontends.auth.Guard`, the RPCs of the areas it protects
@@ -34,12 +39,12 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from mip.errors import (InvalidInput, NotAvailable, ServingError, TooManyAuthFailures,
-                        Unauthenticated)
+from mip.errors import (InvalidInput, NotAvailable, RpcError, ServingError, TooLarge,
+                        TooManyAuthFailures, Unauthenticated)
 from mip.frontends.oip import codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
-from mip.frontends.dataplane import DataPlane, TooLarge, timeout_parameter
+from mip.frontends.dataplane import DataPlane, timeout_parameter
 from mip.net.grpc_limits import GrpcLimits
 from mip.net.peers import grpc_peer_host
 from mip.protocol.dtypes import BY_NAME, TABLE
@@ -530,7 +535,7 @@ class _Service:
 
     @staticmethod
     async def _abort(context, exc: ServingError):
-        code = getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
+        code = getattr(grpc.StatusCode, exc.grpc_status.name)
         await context.abort(code, str(exc), _trailers(exc))
 
 
@@ -555,8 +560,6 @@ def _rpc_error(exc: BaseException) -> BaseException:
     they are (the transport answers INTERNAL)."""
     if not isinstance(exc, ServingError):
         return exc
-    from mip.net.grpc_server import RpcError
-
     return RpcError(exc.grpc_status, str(exc), _trailers(exc))
 
 

@@ -362,8 +362,8 @@ class Metrics:
 
 
 class JobQueueCollector:
-    """``mip_job_queue_depth`` of a ``/v1`` job queue (:class:`~mip.frontends.miaas.queue.
-    JobQueue`): unfinished jobs by ``status`` (``queued``, ``processing``), read with one
+    """``mip_job_queue_depth`` of a ``/v1`` job queue (:class:`~mip.jobs.queue.JobQueue`):
+    unfinished jobs by ``status`` (``queued``, ``processing``), read with one
     query when ``/metrics`` is scraped, never per request. A queue shared by several
     servers (Redis, or one SQLite file named on purpose) shows the same numbers on each.
     """

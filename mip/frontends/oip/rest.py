@@ -48,11 +48,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from mip.errors import (Cancelled, InvalidInput, ModelNotFound, ServingError, TooManyAuthFailures,
-                        Unauthenticated)
+from mip.errors import (Cancelled, InvalidInput, ModelNotFound, ServingError, TooLarge,
+                        TooManyAuthFailures, Unauthenticated)
 from mip.frontends.oip import codec
 from mip.frontends.oip._http_protocol import HttpLimits, Listener
-from mip.frontends.dataplane import DataPlane, TooLarge, timeout_parameter
+from mip.frontends.dataplane import DataPlane, timeout_parameter
 from mip.protocol._jsonnum import PLACEHOLDER, parse_numbers, split_numeric_arrays
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "HttpLimits", "HttpServer", "area_of", "build_app"]

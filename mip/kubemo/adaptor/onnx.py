@@ -11,7 +11,8 @@ from onnxruntime import InferenceSession
 
 from mip.kubemo.inference import Inference as BaseInference
 from mip.kubemo.serialize import Input, Output
-from mip.serving.providers.onnx import DeviceUnavailable, _providers
+from mip.errors import DeviceUnavailable
+from mip.serving.providers.onnx import _providers
 
 __all__ = ["Inference", "DeviceUnavailable"]
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from mip.errors import InvalidInput
+from mip.errors import DeviceUnavailable, InvalidInput
 from mip.protocol.dtypes import TABLE
 from mip.serving.config import PLATFORM_ONNX, TensorSpec
 
-__all__ = ["OnnxRunner", "DeviceUnavailable", "parse_device", "session_options"]
+__all__ = ["OnnxRunner", "parse_device", "session_options"]
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -38,10 +38,6 @@ def from_onnx_type(onnx_type: str) -> str:
         return _FROM_ONNX[inner]
     except KeyError:
         raise ValueError(f"ONNX type {onnx_type!r} is not a supported tensor type") from None
-
-
-class DeviceUnavailable(RuntimeError):
-    """The configured device cannot be used by this ONNX Runtime installation."""
 
 
 def parse_device(device: str) -> tuple[str, int | None]:

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 import mip as codec
-from mip.errors import InternalError
+from mip.errors import ConfigError, InternalError
 from mip.protocol.dtypes import numpy_dtype
-from mip.serving.config import PLATFORM_PYTHON, ConfigError, ModelConfig, TensorSpec
+from mip.serving.config import PLATFORM_PYTHON, ModelConfig, TensorSpec
 from mip.serving.providers.onnx import parse_device
 
 __all__ = ["PythonRunner", "load_python_model"]

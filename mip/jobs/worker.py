@@ -1,9 +1,12 @@
-"""Workers: take jobs from the queue, run them through the engine, store the outcome.
+"""Workers: take jobs from the queue, run them, store the outcome.
 
 :class:`JobWorker` runs ``concurrency`` asyncio tasks in the process that owns the
 engine (``mip serve`` starts one; ``mip worker`` runs one against a shared queue with
-its own engine). While a job runs its lease is renewed every third of the lease, so only
-a worker that died (or hung its event loop) loses its jobs to others.
+its own engine). What running a job means is the caller's: a coroutine function that
+turns a :class:`~mip.jobs.queue.JobRecord` into its result document (the ``/v1``
+frontend's :class:`~mip.frontends.miaas.runner.JobRunner` decodes the inputs and calls
+the engine). While a job runs its lease is renewed every third of the lease, so only a
+worker that died (or hung its event loop) loses its jobs to others.
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ import os
 import re
 import secrets
 import socket
-import time
+from collections.abc import Awaitable, Callable
 
 from mip.errors import ModelNotReady, QueueFull, ServingError
-from mip.frontends.dataplane import DataPlane
-from mip.frontends.miaas.queue import JobQueue, JobRecord, Lease
-from mip.frontends.miaas.tensors import decode_inputs, encode_outputs
+from mip.jobs.queue import JobQueue, JobRecord, Lease
 
-__all__ = ["JobWorker", "error_code", "isotime", "job_document", "run_worker", "split_model_id"]
+__all__ = ["JobWorker", "RunJob", "error_code", "isotime", "job_document", "run_worker"]
 
 log = logging.getLogger("mip.miaas")
+
+#: runs one job: its record in, its result document out (raises to fail it)
+RunJob = Callable[[JobRecord], Awaitable[dict]]
 
 #: errors that say "not now" rather than "never": the job is left to be delivered again.
 _TRANSIENT = (ModelNotReady, QueueFull)
@@ -35,13 +39,6 @@ def isotime(seconds: float) -> str:
     """ISO-8601 UTC time with milliseconds, e.g. ``2024-01-01T00:00:00.000Z``."""
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def split_model_id(model_id: str) -> tuple[str, str | None]:
-    """``"name"`` -> (name, None: the highest ready version); ``"name:version"`` ->
-    (name, version)."""
-    name, sep, version = model_id.partition(":")
-    return name, (version or None) if sep else None
 
 
 def error_code(exc: BaseException) -> str:
@@ -66,28 +63,27 @@ def default_consumer_name() -> str:
 
 
 class JobWorker:
-    """Runs queued jobs through an engine, by the data plane every frontend shares (counted
-    with ``protocol="jobs"``).
+    """Runs queued jobs with ``run_job`` and stores their outcomes.
 
     Args:
-        engine: a started ``mip.serving.engine.Engine``.
         queue: an open :class:`JobQueue`.
+        run_job: a :data:`RunJob`: the job's result document, or an exception. A
+            :class:`~mip.errors.ModelNotReady` or :class:`~mip.errors.QueueFull` leaves
+            the job to be delivered again; another :class:`~mip.errors.ServingError`
+            fails it with its code; any other exception fails it as ``internal_error``.
         concurrency: jobs run at once (each a task; the engine batches them together).
-        publisher: an ``OutcomePublisher`` to push outcomes to, or ``None``.
+        publisher: an :class:`~mip.jobs.push.OutcomePublisher` to push outcomes to, or
+            ``None``.
         consumer: this worker's name in the queue (default: host, pid and a random part).
         poll: seconds a task waits in one :meth:`JobQueue.take` before looking again.
         purge_interval: seconds between deletions of finished jobs past retention.
-        metrics: a :class:`~mip.frontends.oip.metrics.Metrics` to count jobs in.
-        access_log: an :class:`~mip.frontends.access.AccessLog` to record every job run
-            in (its request id: the job's), or ``None``.
     """
 
-    def __init__(self, engine, queue: JobQueue, *, concurrency: int = 4, publisher=None,
-                 consumer: str | None = None, poll: float = 1.0,
-                 purge_interval: float = 60.0, metrics=None, access_log=None):
-        self.engine = engine
-        self.dataplane = DataPlane(engine, metrics, access_log=access_log)
+    def __init__(self, queue: JobQueue, run_job: RunJob, *, concurrency: int = 4,
+                 publisher=None, consumer: str | None = None, poll: float = 1.0,
+                 purge_interval: float = 60.0):
         self.queue = queue
+        self.run_job = run_job
         self.concurrency = concurrency
         self.publisher = publisher
         self.consumer = consumer or default_consumer_name()
@@ -163,22 +159,8 @@ class JobWorker:
         job = lease.job
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(lease))
         result = error = None
-        started = time.perf_counter()
         try:
-            name, version = split_model_id(job.model_id)
-            try:
-                inputs, outputs = decode_inputs(job.input_data)
-            except Exception as exc:
-                self.dataplane.refused("jobs", name, version, exc, request_id=job.request_id,
-                                       started=started)
-                raise
-            timeout = (job.parameters or {}).get("timeout")
-            timeout_seconds = float(timeout) if isinstance(
-                timeout, (int, float)) and timeout > 0 else None
-            done = await self.dataplane.infer("jobs", name, version, inputs, outputs,
-                                              timeout=timeout_seconds,
-                                              request_id=job.request_id)
-            result = encode_outputs(done.outputs, name, done.version)
+            result = await self.run_job(job)
         except _TRANSIENT as exc:
             log.warning("job %s: %s; it will be delivered again", job.request_id, exc)
             return
@@ -202,13 +184,13 @@ class JobWorker:
                 await self.publisher.publish(job.request_id, job_document(done))
 
 
-async def run_worker(engine, queue: JobQueue, *, concurrency: int = 4, publisher=None,
-                     stop: asyncio.Event | None = None, grace: float = 10.0,
-                     access_log=None) -> JobWorker:
+async def run_worker(queue: JobQueue, run_job: RunJob, *, concurrency: int = 4,
+                     publisher=None, stop: asyncio.Event | None = None,
+                     grace: float = 10.0) -> JobWorker:
     """Run a :class:`JobWorker` until ``stop`` is set (``mip worker``). The queue must be
-    open and the engine started; both are left so. Returns the stopped worker."""
-    worker = JobWorker(engine, queue, concurrency=concurrency, publisher=publisher,
-                       access_log=access_log)
+    open (and whatever ``run_job`` needs started); it is left so. Returns the stopped
+    worker."""
+    worker = JobWorker(queue, run_job, concurrency=concurrency, publisher=publisher)
     worker.start()
     log.info("worker %s taking jobs from %r (%d at once)", worker.consumer, queue, concurrency)
     try:

@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from _wait import wait_until
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEADER = struct.Struct(">4sBBHHHIQ")  # magic, version, flags, frame_type, msg_kind, reserved, len, id
@@ -229,14 +231,9 @@ def shrink_send_buffers(bt: BrokerThread, client: RefClient, size: int = 8192) -
     bt.call(shrink)
 
 
-def wait_for(predicate, timeout: float = 3.0, interval: float = 0.01) -> bool:
+def wait_for(predicate, timeout: float = 3.0) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
+    return wait_until(predicate, timeout)
 
 
 class ReferenceBroker:

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mip.errors import QueueFull
+from mip.errors import QueueFull, QueueInUse
+from mip.net.redis_client import open_redis
 
 __all__ = [
     "COMPLETED",
@@ -47,7 +48,6 @@ __all__ = [
     "SQLiteQueue",
     "default_sqlite_path",
     "open_queue",
-    "open_redis",
 ]
 
 QUEUED, PROCESSING, COMPLETED, FAILED = "queued", "processing", "completed", "failed"
@@ -223,10 +223,6 @@ def default_sqlite_path(address: str | None = None) -> Path:
     host = "".join(c if c.isalnum() or c in ".-" else "_" for c in host.strip("[]")) or "any"
     suffix = f"-{os.getpid()}" if port in ("", "0") else ""
     return folder / f"jobs-{host}-{port or 0}{suffix}.sqlite3"
-
-
-class QueueInUse(OSError):
-    """Another live process holds the job queue this server was to own."""
 
 
 def _record(row) -> JobRecord:
@@ -463,28 +459,6 @@ redis.call('XACK', KEYS[2], ARGV[7], ARGV[8])
 redis.call('XDEL', KEYS[2], ARGV[8])
 return stored
 """
-
-
-def open_redis(url: str, ssl_context=None):
-    """An asyncio Redis client for ``url`` (replies decoded as text). For ``rediss://``,
-    ``ssl_context`` (an ``ssl.SSLContext``: the CAs to trust, a client certificate) is
-    the TLS set-up; without it redis-py builds one from the URL's ``ssl_*`` query options
-    (``?ssl_ca_certs=FILE``, ``ssl_certfile``, ``ssl_keyfile``) or the system CAs."""
-    import redis.asyncio as aioredis
-
-    if ssl_context is None or not url.startswith("rediss://"):
-        return aioredis.from_url(url, decode_responses=True)
-    from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection, parse_url
-
-    class ContextSSLConnection(SSLConnection):
-        # redis-py's asyncio connections take TLS settings only as file names: hand the
-        # context to asyncio.open_connection() directly.
-        def _connection_arguments(self):
-            return {**Connection._connection_arguments(self), "ssl": ssl_context}
-
-    options = parse_url(url) | {"connection_class": ContextSSLConnection,
-                                "decode_responses": True}
-    return aioredis.Redis.from_pool(ConnectionPool(**options))
 
 
 class RedisQueue(JobQueue):
