@@ -253,6 +253,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-max-body-size", type=_size, default=64 << 20, metavar="OCTETS",
                        help="largest REST request body after decompression, e.g. 64M "
                             "(default 64M)")
+    serve.add_argument("--max-shm-regions", type=int, default=64, metavar="N",
+                       help="system shared memory regions clients may register at once "
+                            "(Triton's /v2/systemsharedmemory; 0 = none; default 64)")
+    serve.add_argument("--max-shm-bytes", type=_size, default=1 << 30, metavar="OCTETS",
+                       help="octets the registered shared memory regions may map together, "
+                            "e.g. 1G (default 1G)")
     serve.add_argument("--http-header-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="a REST request's header block must arrive within this time of "
                             "its first octet (408, then close; 0 = never; default 10)")
@@ -577,6 +583,18 @@ def _guard(args, announcements: list[str]):
                            announce=announcements.append if used else lambda line: None)
 
 
+def _shared_memory(args):
+    """The system shared memory regions both KServe v2 listeners serve, as bounded by
+    --max-shm-regions and --max-shm-bytes. With several workers, registrations are refused:
+    each worker process would hold its own, and a request may reach another worker."""
+    from mip.frontends.oip.shm import SystemSharedMemory
+
+    workers = getattr(args, "workers", 1)
+    refused = (f"the server runs {workers} worker processes, each with its own registrations: "
+               "system shared memory needs --workers 1") if workers != 1 else None
+    return SystemSharedMemory(args.max_shm_regions, args.max_shm_bytes, refused)
+
+
 async def _start_oip(args, engine, metrics, announcements: list[str], guard=None,
                      sockets: dict | None = None) -> list:
     """Start the KServe v2 listeners that are not 'none' (sharing the server's metrics and
@@ -589,6 +607,7 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
         return []
     started = []
     v2_guard = guard if guard is not None and guard.scope - {"v1"} else None
+    shared_memory = _shared_memory(args)
     try:
         if grpc_on:
             from mip.frontends.oip.grpc import GrpcServer
@@ -601,7 +620,8 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
                                 limits=grpc_limits.from_arguments(
                                     args, max_connections=args.max_connections,
                                     idle_timeout=args.idle_timeout),
-                                guard=v2_guard, access_log=args.access)
+                                guard=v2_guard, access_log=args.access,
+                                shared_memory=shared_memory)
             address = await server.start(args.grpc, sockets.get("grpc"))
             started.append(server)
             announcements.append(
@@ -616,7 +636,7 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
             app = build_app(engine, extra_routes=routes, metrics=metrics,
                             max_body_size=args.http_max_body_size,
                             request_timeout=args.request_timeout, guard=v2_guard,
-                            access_log=args.access)
+                            access_log=args.access, shared_memory=shared_memory)
             # REST carries its own credentials (API keys, JWT): --tls-ca applies to the
             # binary protocols only.
             limits = HttpLimits(max_connections=args.max_connections,

@@ -34,7 +34,7 @@ __all__ = [
 SERVER_NAME = "mip"
 #: protocol extensions this server speaks (names as Triton reports them).
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration",
-              "model_repository", "parameters", "statistics", "streaming")
+              "model_repository", "parameters", "statistics", "streaming", "system_shared_memory")
 
 
 @dataclass(slots=True)

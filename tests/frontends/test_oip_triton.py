@@ -188,14 +188,6 @@ def test_unimplemented_parameters_are_refused(server):
             client.infer("classifier", _inputs(module), sequence_id=7, sequence_start=True)
         with pytest.raises(InferenceServerException, match="priority"):
             client.infer("classifier", _inputs(module), priority=2)
-        output = module.InferRequestedOutput("output")
-        output.set_shared_memory("region", 64)
-        with pytest.raises(InferenceServerException, match="shared_memory_region"):
-            client.infer("classifier", _inputs(module), outputs=[output])
-        tensor = module.InferInput("input", [2, 4], "FP32")
-        tensor.set_shared_memory("region", 32)
-        with pytest.raises(InferenceServerException, match="shared_memory_region"):
-            client.infer("classifier", [tensor])
         # a request without them still works
         assert client.infer("classifier", _inputs(module)).as_numpy("output").shape == (2, 4)
     try:

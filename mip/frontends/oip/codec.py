@@ -207,21 +207,18 @@ def to_raw(array: np.ndarray, name: str = "tensor"):
 #: Triton's request, input and output parameters that this server does not implement:
 #: a request that sets one is refused (INVALID_ARGUMENT / 400) naming it, rather than
 #: answered as if it were absent. A zero sequence_id and false sequence flags are
-#: what clients send for "no sequence" and pass.
+#: what clients send for "no sequence" and pass. (The shared-memory parameters are read
+#: by mip.frontends.oip.shm.)
 UNSUPPORTED_PARAMETERS = {
     "request": ("sequence_id", "sequence_start", "sequence_end", "priority"),
-    "input": ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"),
-    "output": ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"),
+    "input": (),
+    "output": (),
 }
 _EXPLANATIONS = {
     "sequence_id": "the model is not a sequence model (mip has no sequence batching)",
     "sequence_start": "the model is not a sequence model (mip has no sequence batching)",
     "sequence_end": "the model is not a sequence model (mip has no sequence batching)",
     "priority": "mip has no request priorities",
-    "shared_memory_region": "mip does not implement the shared-memory extensions; send the "
-                            "tensor in the request and read it from the reply",
-    "shared_memory_byte_size": "mip does not implement the shared-memory extensions",
-    "shared_memory_offset": "mip does not implement the shared-memory extensions",
 }
 
 

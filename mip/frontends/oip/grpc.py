@@ -4,8 +4,9 @@ Two transports carry the one service (:data:`IMPLEMENTATIONS`): mip's own HTTP/2
 libnghttp2 (``native``: :mod:`mip.net.grpc_server`, the default where it is built) and
 grpcio's asyncio server (``grpcio``, ``mip serve --grpc-impl grpcio``).
 
-All nine RPCs of the protocol and Triton's ``ModelStreamInfer``, ``ModelConfig`` and
-``ModelStatistics``. Inference requests are
+All nine RPCs of the protocol and Triton's ``ModelStreamInfer``, ``ModelConfig``,
+``ModelStatistics`` and ``SystemSharedMemory*`` (:mod:`mip.frontends.oip.shm`; the
+``CudaSharedMemory*`` calls are answered UNIMPLEMENTED). Inference requests are
 read as bytes: the raw tensor fields (``raw_input_contents``) are located in the received
 message and handed to the engine as numpy views of it, and the reply's raw tensor fields
 are appended to the serialized reply header, so tensor octets are not copied by protobuf.
@@ -41,7 +42,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from mip.errors import (InvalidInput, NotAvailable, RpcError, ServingError, TooLarge,
                         TooManyAuthFailures, Unauthenticated)
-from mip.frontends.oip import codec
+from mip.frontends.oip import codec, shm
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
 from mip.frontends.dataplane import DataPlane, timeout_parameter
@@ -77,6 +78,8 @@ RPC_AREAS = {
     "ServerMetadata": "metadata", "ModelMetadata": "metadata", "ModelConfig": "metadata",
     "RepositoryIndex": "control", "RepositoryModelLoad": "control",
     "RepositoryModelUnload": "control", "ModelStatistics": "metrics",
+    **{f"{kind}SharedMemory{call}": "inference" for kind in ("System", "Cuda")
+       for call in ("Status", "Register", "Unregister")},
 }
 _RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
 #: requests shorter than this are parsed whole by protobuf (copying raw contents out is
@@ -158,6 +161,11 @@ def _parameter(value: pb.InferParameter):
     return None if which is None else getattr(value, which)
 
 
+def _plain(parameters) -> dict:
+    """A protobuf map of InferParameter as name -> plain value."""
+    return {key: _parameter(value) for key, value in parameters.items()}
+
+
 def _extension_parameters(request, serialized: bytes) -> dict[str, int] | None:
     """:func:`codec.check_parameters` of a ModelInferRequest. Skipped when none of the
     parameter names it acts on occurs in ``serialized`` (the message without its raw
@@ -170,13 +178,9 @@ def _extension_parameters(request, serialized: bytes) -> dict[str, int] | None:
     wanted = [(o.name, o.parameters) for o in request.outputs if o.parameters]
     if not (request.parameters or tensors or wanted):
         return None
-
-    def plain(parameters) -> dict:
-        return {key: _parameter(value) for key, value in parameters.items()}
-
-    return codec.check_parameters(plain(request.parameters),
-                                  {name: plain(p) for name, p in tensors},
-                                  {name: plain(p) for name, p in wanted})
+    return codec.check_parameters(_plain(request.parameters),
+                                  {name: _plain(p) for name, p in tensors},
+                                  {name: _plain(p) for name, p in wanted})
 
 
 def _from_contents(tensor) -> np.ndarray:
@@ -218,10 +222,12 @@ def _typed_contents(contents: pb.InferTensorContents, datatype: str, array: np.n
 class _Service:
     """The RPC implementations; each takes a request and the call's context."""
 
-    def __init__(self, dataplane: DataPlane, max_message_size: int, guard=None):
+    def __init__(self, dataplane: DataPlane, max_message_size: int, guard=None,
+                 shared_memory=None):
         self.guard = guard
         self.dataplane = dataplane
         self.engine = dataplane.engine
+        self.shm = shm.registry_of(self.engine, shared_memory)
         self.max_message_size = max_message_size
         self.health = Health(self.engine, [_SERVICE])
         self.reflection = reflection(pb.POOL, [_SERVICE, HEALTH_SERVICE, *REFLECTION_SERVICES])
@@ -285,6 +291,27 @@ class _Service:
                                  request.version)
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
 
+    # -- Triton's shared-memory extensions ----------------------------------------------
+
+    async def system_shared_memory_register(self, request, context):
+        await self._call(context, self.shm.register, request.name, request.key, request.offset,
+                         request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def system_shared_memory_unregister(self, request, context):
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def system_shared_memory_status(self, request, context):
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in await self._call(context, self.shm.status, request.name):
+            response.regions[region["name"]].MergeFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return response
+
+    async def cuda_shared_memory(self, request, context):
+        await self._abort(context, shm.CudaUnsupported())
+
     # -- inference ----------------------------------------------------------------------
 
     async def model_infer(self, data: bytes, context) -> bytes:
@@ -303,9 +330,9 @@ class _Service:
         except ServingError as exc:
             raise _rpc_error(exc) from None
 
-    def _checked_reply(self, request, result, raw: bool, join: bool = True):
+    def _checked_reply(self, request, result, raw: bool, join: bool = True, targets=None):
         """:meth:`_reply`, refused with TooLarge when over the message limit."""
-        reply = self._reply(request, result, raw, join)
+        reply = self._reply(request, result, raw, join, targets)
         size = sum(map(len, reply)) if isinstance(reply, list) else len(reply)
         if size > self.max_message_size:
             raise TooLarge(f"reply of {size} octets is over the gRPC message limit of "
@@ -363,7 +390,10 @@ class _Service:
         if request_id is None and request.id:
             request_id = request.id
         classes = _extension_parameters(request, rest)
-        inputs = self._inputs(request, raws)
+        shared = b"shared_memory_" in rest  # else no tensor can be in shared memory
+        inputs = self._inputs(request, raws, shared)
+        targets = {o.name: self.shm.output(o.name, _plain(o.parameters)) for o in request.outputs
+                   if "shared_memory_region" in o.parameters} if shared else None
         outputs = [o.name for o in request.outputs] or None
         timeout = None
         if "timeout" in request.parameters:
@@ -371,10 +401,11 @@ class _Service:
         remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
         if remaining is not None:
             timeout = remaining if timeout is None else min(timeout, remaining)
-        raw = bool(len(raws))
+        raw = bool(len(raws)) or shared and not any(t.HasField("contents")
+                                                     for t in request.inputs)
 
         def then(result):
-            return self._checked_reply(request, result, raw, join=not encode)
+            return self._checked_reply(request, result, raw, join=not encode, targets=targets)
 
         peer = context.peer()
         work = self.dataplane.submit("grpc", request.model_name, request.model_version,
@@ -431,37 +462,60 @@ class _Service:
     async def _infer(self, data: bytes, context) -> bytes:
         return await self._submit(data, context)[2]
 
-    @staticmethod
-    def _inputs(request, raws: list[memoryview]) -> dict[str, np.ndarray]:
-        if raws and len(raws) != len(request.inputs):
-            raise InvalidInput(f"raw_input_contents has {len(raws)} entries for "
-                               f"{len(request.inputs)} inputs")
+    def _inputs(self, request, raws: list[memoryview],
+                shared: bool = False) -> dict[str, np.ndarray]:
+        """The request's inputs; with ``shared``, those whose parameters name a shared
+        memory region are read from it (and have no raw_input_contents entry)."""
+        placed = {i for i, t in enumerate(request.inputs)
+                  if "shared_memory_region" in t.parameters} if shared else ()
+        sent = len(request.inputs) - len(placed)
+        if raws and len(raws) != sent:
+            raise InvalidInput(f"raw_input_contents has {len(raws)} entries for {sent} inputs"
+                               + (" not in shared memory" if placed else ""))
         inputs: dict[str, np.ndarray] = {}
-        for index, tensor in enumerate(request.inputs):
+        index = 0
+        for position, tensor in enumerate(request.inputs):
             name = tensor.name
             if name in inputs:
                 raise InvalidInput(f"input {name!r} appears twice")
+            if position in placed:
+                inputs[name] = self.shm.input(name, tensor.datatype, tensor.shape,
+                                              _plain(tensor.parameters))
+                continue
             if raws:
                 if tensor.HasField("contents"):
                     raise InvalidInput(f"input {name!r} has contents and raw_input_contents; "
                                        "send one or the other")
                 inputs[name] = codec.from_raw(name, tensor.datatype, tensor.shape, raws[index])
+                index += 1
             else:
                 inputs[name] = _from_contents(tensor)
         return inputs
 
     @staticmethod
-    def _reply(request, result, raw: bool, join: bool = True):
+    def _reply(request, result, raw: bool, join: bool = True, targets=None):
         """The serialized ModelInferResponse: bytes, or (``join`` false, with raw outputs)
-        a list of buffers whose concatenation it is, the tensors' memory not copied."""
+        a list of buffers whose concatenation it is, the tensors' memory not copied.
+        Outputs with ``targets`` are written to shared memory and carry only parameters
+        (and, in a raw reply, an empty raw_output_contents entry, so entries stay in the
+        order of the outputs)."""
         response = pb.ModelInferResponse(model_name=result.model, model_version=result.version,
                                          id=request.id)
         datatypes = [codec.datatype_of(a) for a in result.outputs.values()]
         raw = raw or any(d in ("FP16", "BF16") for d in datatypes)
+        in_shm = shm.SystemSharedMemory.write(targets, result.outputs) if targets else {}
         parts = []
         for (name, array), datatype in zip(result.outputs.items(), datatypes):
             tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-            if raw:
+            if name in in_shm:
+                for key, value in in_shm[name].items():
+                    if isinstance(value, str):
+                        tensor.parameters[key].string_param = value
+                    else:
+                        tensor.parameters[key].int64_param = value
+                if raw:
+                    parts += (_RAW_OUTPUT_TAG, b"\x00")
+            elif raw:
                 content = codec.to_raw(array, name)
                 parts += (_RAW_OUTPUT_TAG, _varint(len(content)), content)
             else:
@@ -609,6 +663,16 @@ def _methods(service: _Service) -> list[tuple]:
          pb.ModelConfigResponse),
         (kserve("ModelStatistics"), "unary", service.model_statistics, pb.ModelStatisticsRequest,
          pb.ModelStatisticsResponse),
+        (kserve("SystemSharedMemoryStatus"), "unary", service.system_shared_memory_status,
+         pb.SystemSharedMemoryStatusRequest, pb.SystemSharedMemoryStatusResponse),
+        (kserve("SystemSharedMemoryRegister"), "unary", service.system_shared_memory_register,
+         pb.SystemSharedMemoryRegisterRequest, pb.SystemSharedMemoryRegisterResponse),
+        (kserve("SystemSharedMemoryUnregister"), "unary", service.system_shared_memory_unregister,
+         pb.SystemSharedMemoryUnregisterRequest, pb.SystemSharedMemoryUnregisterResponse),
+        *((kserve(f"CudaSharedMemory{call}"), "unary", service.cuda_shared_memory,
+           getattr(pb, f"CudaSharedMemory{call}Request"),
+           getattr(pb, f"CudaSharedMemory{call}Response"))
+          for call in ("Status", "Register", "Unregister")),
         (f"/{HEALTH_SERVICE}/Check", "unary", health.check, health_pb2.HealthCheckRequest,
          health_pb2.HealthCheckResponse),
         (f"/{HEALTH_SERVICE}/Watch", "server_stream", health.watch,
@@ -724,13 +788,15 @@ class GrpcServer:
             in the call's metadata (``None``: every RPC is open).
         access_log: an :class:`~mip.frontends.access.AccessLog` for the inference
             requests, or ``None``.
+        shared_memory: the :class:`~mip.frontends.oip.shm.SystemSharedMemory` regions
+            (``None``: those every frontend of ``engine`` shares).
     """
 
     def __init__(self, engine, *, metrics=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  request_timeout: float | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, tls_ca: str | None = None,
                  implementation: str | None = None, limits: GrpcLimits | None = None,
-                 guard=None, access_log=None):
+                 guard=None, access_log=None, shared_memory=None):
         if max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
         if tls_cert and not tls_key:
@@ -751,6 +817,7 @@ class GrpcServer:
         self.max_message_size = max_message_size
         self.limits = limits or GrpcLimits()
         self.guard = guard
+        self.shared_memory = shared_memory
         self._tls = (tls_cert, tls_key, tls_ca) if tls_cert else None
         self._server: aio.Server | None = None
         self._service: _Service | None = None
@@ -773,7 +840,8 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
             *self.limits.grpcio_options(),
         ])
-        self._service = _Service(self.dataplane, self.max_message_size, self.guard)
+        self._service = _Service(self.dataplane, self.max_message_size, self.guard,
+                                 self.shared_memory)
         server.add_generic_rpc_handlers(_handlers(self._service))
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
@@ -804,7 +872,7 @@ class GrpcServer:
             cert, key, ca = self._tls
             context = tls_context(server=True, cert=cert, key=key, ca=ca)
         limit = self.max_message_size
-        self._service = _Service(self.dataplane, limit, self.guard)
+        self._service = _Service(self.dataplane, limit, self.guard, self.shared_memory)
         server = Transport(
             _native_methods(self._service), max_message_size=limit, ssl=context,
             limits=self.limits,

@@ -13,6 +13,10 @@ Endpoints (``{v}`` parts optional)::
     POST /v2/repository/index                [{"name", "version", "state", "reason"}]
     POST /v2/repository/models/{name}/load
     POST /v2/repository/models/{name}/unload
+    POST /v2/systemsharedmemory/region/{region}/register   {"key", "offset", "byte_size"}
+    POST /v2/systemsharedmemory[/region/{region}]/unregister
+    GET  /v2/systemsharedmemory[/region/{region}]/status   [{"name", "key", "offset", "byte_size"}]
+    *    /v2/cudasharedmemory/...            400: CUDA shared memory is not supported
     GET  /metrics                            Prometheus text format
 
 Binary tensor data extension: a request whose ``Inference-Header-Content-Length`` header is
@@ -50,7 +54,7 @@ from starlette.routing import BaseRoute, Route
 
 from mip.errors import (Cancelled, InvalidInput, ModelNotFound, ServingError, TooLarge,
                         TooManyAuthFailures, Unauthenticated)
-from mip.frontends.oip import codec
+from mip.frontends.oip import codec, shm
 from mip.frontends.oip._http_protocol import HttpLimits, Listener
 from mip.frontends.dataplane import DataPlane, timeout_parameter
 from mip.protocol._jsonnum import PLACEHOLDER, parse_numbers, split_numeric_arrays
@@ -133,8 +137,9 @@ def _object(value, what: str) -> dict:
 
 
 class _Endpoints:
-    def __init__(self, dataplane: DataPlane, max_body_size: int, metrics):
+    def __init__(self, dataplane: DataPlane, max_body_size: int, metrics, shared_memory=None):
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
+        self.shm = shm.registry_of(dataplane.engine, shared_memory)
         self.dataplane = dataplane
         self.engine = dataplane.engine
         self.max_body_size = max_body_size
@@ -217,6 +222,26 @@ class _Endpoints:
         await self.engine.unload(request.path_params["name"])
         return Response(b"", media_type=_JSON_TYPE)
 
+    # -- Triton's shared-memory extensions ----------------------------------------------
+
+    async def shm_register(self, request: Request) -> Response:
+        body = await self._body(request)
+        options = _object(orjson.loads(body) if body.strip() else None, "the request body")
+        self.shm.register(request.path_params["region"], options.get("key"),
+                          options.get("offset", 0), options.get("byte_size"))
+        return Response(b"", media_type=_JSON_TYPE)
+
+    async def shm_unregister(self, request: Request) -> Response:
+        await self._body(request)
+        self.shm.unregister(request.path_params.get("region"))
+        return Response(b"", media_type=_JSON_TYPE)
+
+    async def shm_status(self, request: Request) -> Response:
+        return _Json(self.shm.status(request.path_params.get("region")))
+
+    async def cuda_shm(self, request: Request) -> Response:
+        raise shm.CudaUnsupported()
+
     # -- inference ----------------------------------------------------------------------
 
     async def _parse_off_loop(self, body: bytes, header_length: str | None):
@@ -235,7 +260,7 @@ class _Endpoints:
 
     def _parse(self, body: bytes, header_length: str | None):
         """A request body: ``(doc, inputs, wanted outputs, binary_data_output, timeout,
-        classification)``."""
+        classification, outputs to shared memory)``."""
         if header_length is None:
             header_end = len(body)
         else:
@@ -264,6 +289,7 @@ class _Endpoints:
             binary_default = bool(parameters.get("binary_data_output", False))
             timeout = timeout_parameter(parameters.get("timeout"))
         wanted: dict[str, bool] = {}
+        targets: dict[str, shm.OutputTarget] = {}
         for output in doc.get("outputs") or ():
             output = _object(output, "an output")
             output_name = output.get("name")
@@ -271,7 +297,9 @@ class _Endpoints:
                 raise InvalidInput("every requested output needs a name")
             output_params = _object(output.get("parameters"), f"output {output_name!r} parameters")
             wanted[output_name] = bool(output_params.get("binary_data", binary_default))
-        return doc, inputs, wanted, binary_default, timeout, classes
+            if "shared_memory_region" in output_params:
+                targets[output_name] = self.shm.output(output_name, output_params)
+        return doc, inputs, wanted, binary_default, timeout, classes, targets
 
     # -- the inference fast path: plain ASGI, no Starlette request or response objects ----
 
@@ -297,14 +325,14 @@ class _Endpoints:
                     request_id = value.decode("latin-1")
                     echo = ((b"x-request-id", value),)
             body = await self._receive_body(receive, length, encoding)
-            doc, inputs, wanted, binary_default, timeout, classes = await self._parse_off_loop(
-                body, header_length)
+            doc, inputs, wanted, binary_default, timeout, classes, targets = (
+                await self._parse_off_loop(body, header_length))
             oip_id = doc.get("id")
             if request_id is None and oip_id is not None and oip_id != "":
                 request_id = str(oip_id)
 
             def reply(result):
-                return self._reply_parts(oip_id, result, wanted, binary_default)
+                return self._reply_parts(oip_id, result, wanted, binary_default, targets)
 
             work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
                                          timeout, then=reply, classes=classes,
@@ -361,8 +389,7 @@ class _Endpoints:
             raise _too_large(len(body), limit)
         return _decompress(body, (encoding or "identity").lower(), limit)
 
-    @staticmethod
-    def _inputs(doc: dict, view: memoryview, position: int,
+    def _inputs(self, doc: dict, view: memoryview, position: int,
                 spans: list = ()) -> dict[str, np.ndarray]:
         specs = doc.get("inputs")
         if not isinstance(specs, list):
@@ -379,9 +406,11 @@ class _Endpoints:
             shape = spec.get("shape")
             if not isinstance(datatype, str) or not isinstance(shape, list):
                 raise InvalidInput(f"input {name!r} needs a datatype and a shape")
-            size = _object(spec.get("parameters"), f"input {name!r} parameters").get(
-                "binary_data_size")
-            if size is not None:
+            parameters = _object(spec.get("parameters"), f"input {name!r} parameters")
+            size = parameters.get("binary_data_size")
+            if "shared_memory_region" in parameters:
+                inputs[name] = self.shm.input(name, datatype, shape, parameters)
+            elif size is not None:
                 if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                     raise InvalidInput(f"input {name!r}: binary_data_size must be an octet count")
                 if size > len(view) - position:
@@ -404,13 +433,17 @@ class _Endpoints:
 
     @staticmethod
     def _reply_parts(request_id, result, wanted: dict[str, bool],
-                     binary_default: bool) -> tuple[bytes, list]:
-        """The reply's JSON header and the binary parts that follow it (maybe none)."""
+                     binary_default: bool, targets: dict | None = None) -> tuple[bytes, list]:
+        """The reply's JSON header and the binary parts that follow it (maybe none);
+        outputs with ``targets`` are written to shared memory, not sent."""
         outputs, parts = [], []
+        in_shm = shm.SystemSharedMemory.write(targets, result.outputs) if targets else {}
         for name, array in result.outputs.items():
             datatype = codec.datatype_of(array)
             entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-            if wanted.get(name, binary_default):
+            if name in in_shm:
+                entry["parameters"] = in_shm[name]
+            elif wanted.get(name, binary_default):
                 content = codec.to_raw(array, name)
                 entry["parameters"] = {"binary_data_size": len(content)}
                 parts.append(content)
@@ -595,6 +628,8 @@ def area_of(path: str) -> str | None:
         return None
     if parts[2] == "repository":
         return "control"
+    if parts[2] in ("systemsharedmemory", "cudasharedmemory"):
+        return "inference"  # what inference through shared memory needs
     if parts[2] == "models":
         if len(parts) == 4:  # /v2/models/stats, or a model's metadata
             return "metrics" if parts[3] == "stats" else "metadata"
@@ -671,7 +706,8 @@ class _InferFront:
 
 def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] = (),
               metrics=None, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-              request_timeout: float | None = None, guard=None, access_log=None):
+              request_timeout: float | None = None, guard=None, access_log=None,
+              shared_memory=None):
     """The Starlette app of the protocol's REST form, for uvicorn or any ASGI server.
 
     Args:
@@ -687,14 +723,18 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
             credentials (``None``: every ``/v2`` endpoint and ``/metrics`` are open).
         access_log: an :class:`~mip.frontends.access.AccessLog` for the inference
             requests, or ``None``.
+        shared_memory: the :class:`~mip.frontends.oip.shm.SystemSharedMemory` regions
+            (``None``: those every frontend of ``engine`` shares, see
+            :func:`~mip.frontends.oip.shm.registry_of`).
     """
     if metrics is None:
         from mip.frontends.oip.metrics import Metrics
 
         metrics = Metrics(engine)
     endpoints = _Endpoints(DataPlane(engine, metrics, request_timeout, access_log),
-                           max_body_size, metrics)
+                           max_body_size, metrics, shared_memory)
     infer = _InferRoute(endpoints)
+    shm_root = "/v2/systemsharedmemory"
     routes = [
         Route("/v2/health/live", endpoints.live, methods=["GET"]),
         Route("/v2/health/ready", endpoints.ready, methods=["GET"]),
@@ -719,6 +759,14 @@ def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] =
               methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", endpoints.repository_unload,
               methods=["POST"]),
+        Route(f"{shm_root}/region/{{region}}/register", endpoints.shm_register,
+              methods=["POST"]),
+        Route(f"{shm_root}/region/{{region}}/unregister", endpoints.shm_unregister,
+              methods=["POST"]),
+        Route(f"{shm_root}/unregister", endpoints.shm_unregister, methods=["POST"]),
+        Route(f"{shm_root}/region/{{region}}/status", endpoints.shm_status, methods=["GET"]),
+        Route(f"{shm_root}/status", endpoints.shm_status, methods=["GET"]),
+        Route("/v2/cudasharedmemory/{rest:path}", endpoints.cuda_shm, methods=["GET", "POST"]),
         Route("/metrics", endpoints.metrics_text, methods=["GET"]),
         *extra_routes,
     ]
