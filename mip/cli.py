@@ -259,6 +259,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-shm-bytes", type=_size, default=1 << 30, metavar="OCTETS",
                        help="octets the registered shared memory regions may map together, "
                             "e.g. 1G (default 1G)")
+    serve.add_argument("--shm-any-peer", action="store_true",
+                       help="accept shared memory registrations from clients on other hosts "
+                            "(default: from this host's addresses and Unix sockets only)")
     serve.add_argument("--http-header-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="a REST request's header block must arrive within this time of "
                             "its first octet (408, then close; 0 = never; default 10)")
@@ -592,7 +595,8 @@ def _shared_memory(args):
     workers = getattr(args, "workers", 1)
     refused = (f"the server runs {workers} worker processes, each with its own registrations: "
                "system shared memory needs --workers 1") if workers != 1 else None
-    return SystemSharedMemory(args.max_shm_regions, args.max_shm_bytes, refused)
+    return SystemSharedMemory(args.max_shm_regions, args.max_shm_bytes, refused,
+                              args.shm_any_peer)
 
 
 async def _start_oip(args, engine, metrics, announcements: list[str], guard=None,

@@ -231,3 +231,34 @@ def test_registry_bounds_and_lifetime(regions):
     refused = shm.SystemSharedMemory(refused="several workers")
     with pytest.raises(InvalidInput, match="several workers"):
         refused.register("a", _key("unit"), 0, SIZE)
+
+
+def test_registration_from_another_host_is_refused(regions):
+    regions("remote", SIZE)
+    registry = shm.SystemSharedMemory()
+    for peer in ("127.0.0.1", "::1", "::ffff:127.0.0.1", None):
+        registry.register("local", _key("remote"), 0, SIZE, peer)
+        registry.unregister("local")
+    for peer in ("10.1.2.3", "2001:db8::1", "not-an-address"):
+        with pytest.raises(InvalidInput, match="--shm-any-peer"):
+            registry.register("remote", _key("remote"), 0, SIZE, peer)
+    assert len(registry) == 0
+    anywhere = shm.SystemSharedMemory(any_peer=True)
+    anywhere.register("remote", _key("remote"), 0, SIZE, "10.1.2.3")
+    anywhere.unregister()
+
+
+def test_serve_flags():
+    from mip.cli import _parser, _shared_memory
+
+    args = _parser().parse_args(["serve", "--max-shm-regions", "3", "--max-shm-bytes", "2M",
+                                 "--shm-any-peer"])
+    registry = _shared_memory(args)
+    assert (registry.max_regions, registry.max_bytes, registry.any_peer) == (3, 2 << 20, True)
+    assert registry.refused is None
+    defaults = _shared_memory(_parser().parse_args(["serve"]))
+    assert (defaults.max_regions, defaults.max_bytes, defaults.any_peer) == (
+        shm.DEFAULT_MAX_REGIONS, shm.DEFAULT_MAX_BYTES, False)
+    several = _shared_memory(_parser().parse_args(["serve", "--workers", "2"]))
+    with pytest.raises(InvalidInput, match="--workers 1"):
+        several.register("a", "/anything", 0, 1)

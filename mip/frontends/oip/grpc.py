@@ -295,7 +295,7 @@ class _Service:
 
     async def system_shared_memory_register(self, request, context):
         await self._call(context, self.shm.register, request.name, request.key, request.offset,
-                         request.byte_size)
+                         request.byte_size, grpc_peer_host(context.peer()))
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def system_shared_memory_unregister(self, request, context):

@@ -228,7 +228,8 @@ class _Endpoints:
         body = await self._body(request)
         options = _object(orjson.loads(body) if body.strip() else None, "the request body")
         self.shm.register(request.path_params["region"], options.get("key"),
-                          options.get("offset", 0), options.get("byte_size"))
+                          options.get("offset", 0), options.get("byte_size"),
+                          request.client.host if request.client else None)
         return Response(b"", media_type=_JSON_TYPE)
 
     async def shm_unregister(self, request: Request) -> Response:

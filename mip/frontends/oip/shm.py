@@ -20,11 +20,15 @@ counting against ``max_bytes`` when it is unregistered.
 
 Shared memory is the client's to change: a region whose object was truncated below what
 was registered is refused when a request uses it (the size is checked each time) rather
-than read past its end. CUDA shared memory is refused (:class:`CudaUnsupported`).
+than read past its end. Registrations are accepted from this host only (a loopback
+address or a Unix socket), unless ``any_peer``: a remote client cannot share memory with
+the server, and would otherwise have outputs written into any object in ``/dev/shm`` the
+server may open. CUDA shared memory is refused (:class:`CudaUnsupported`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import mmap
 import os
 import threading
@@ -156,13 +160,16 @@ class SystemSharedMemory:
         max_bytes: octets of every registered region together.
         refused: when set, every registration is refused with this reason (e.g. the
             server runs several worker processes, each with its own registrations).
+        any_peer: accept registrations from any address, not only from this host's.
     """
 
     def __init__(self, max_regions: int = DEFAULT_MAX_REGIONS,
-                 max_bytes: int = DEFAULT_MAX_BYTES, refused: str | None = None):
+                 max_bytes: int = DEFAULT_MAX_BYTES, refused: str | None = None,
+                 any_peer: bool = False):
         self.max_regions = max_regions
         self.max_bytes = max_bytes
         self.refused = refused
+        self.any_peer = any_peer
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()  # the frontends may run on threads of their own
 
@@ -175,16 +182,22 @@ class SystemSharedMemory:
 
     # -- the control calls --------------------------------------------------------------
 
-    def register(self, name, key, offset=0, byte_size=None) -> None:
-        """Map ``byte_size`` octets from ``offset`` of the shared-memory object ``key``.
+    def register(self, name, key, offset=0, byte_size=None, peer: str | None = None) -> None:
+        """Map ``byte_size`` octets from ``offset`` of the shared-memory object ``key``, for
+        a client at the IP address ``peer`` (``None``: a Unix socket, or not known).
 
         Raises:
-            InvalidInput: a bad argument, or no such object (or too small);
-            AlreadyRegistered; TooManyRegions: over ``max_regions`` / ``max_bytes``.
+            InvalidInput: a bad argument, or no such object (or too small), or a client
+            on another host; AlreadyRegistered; TooManyRegions: over ``max_regions`` /
+            ``max_bytes``.
         """
         if self.refused:
             raise InvalidInput(f"failed to register shared memory region {name!r}: "
                                f"{self.refused}")
+        if peer is not None and not self.any_peer and not _loopback(peer):
+            raise InvalidInput(f"failed to register shared memory region {name!r}: the client "
+                               f"({peer}) is not on this host, and shared memory is shared "
+                               "with clients on this host only (--shm-any-peer allows it)")
         if not isinstance(name, str) or not name:
             raise InvalidInput("a shared memory region needs a name")
         if not isinstance(key, str) or not key:
@@ -332,6 +345,15 @@ def _map(name: str, key: str, plain: str, offset: int, byte_size: int) -> Region
         raise InvalidInput(f"failed to map shared memory region {name!r} ({key!r}): "
                            f"{exc}") from None
     return Region(name, key, offset, byte_size, fd, mapping, start)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 _REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
