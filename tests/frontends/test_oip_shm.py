@@ -13,9 +13,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm_util
-from _oip_server import OipServer, add_model, identity
-from _oip_server import grpc_implementations
-from onnx import TensorProto
+from _oip_server import OipServer, add_model, grpc_implementations, identity, onnx_model
+from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from mip.errors import InvalidInput
@@ -29,6 +28,12 @@ SIZE = X.nbytes  # 32
 def server(request, tmp_path_factory):
     repo = tmp_path_factory.mktemp("shm")
     add_model(repo, "identity", identity(TensorProto.FLOAT))
+    add_model(repo, "pair", onnx_model(  # output = input, negated = -input
+        [helper.make_node("Identity", ["input"], ["output"]),
+         helper.make_node("Neg", ["input"], ["negated"])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4])
+         for name in ("output", "negated")]))
     with OipServer(repo, grpc_implementation=request.param) as srv:
         yield srv
 
@@ -262,3 +267,33 @@ def test_serve_flags():
     several = _shared_memory(_parser().parse_args(["serve", "--workers", "2"]))
     with pytest.raises(InvalidInput, match="--workers 1"):
         several.register("a", "/anything", 0, 1)
+
+
+def test_one_output_in_shared_memory_the_other_in_the_reply(server, regions):
+    for client, module in _clients(server):
+        kind = module.__name__.rsplit(".", 1)[-1]
+        target = regions(f"pair-{kind}", SIZE)
+        client.register_system_shared_memory(f"pair-{kind}", _key(f"pair-{kind}"), SIZE)
+        plain = module.InferInput("input", [2, 4], "FP32")
+        plain.set_data_from_numpy(X)
+        first = module.InferRequestedOutput("output")
+        first.set_shared_memory(f"pair-{kind}", SIZE)
+        second = module.InferRequestedOutput("negated")
+        result = client.infer("pair", [plain], outputs=[first, second])
+        np.testing.assert_array_equal(result.as_numpy("negated"), -X)
+        np.testing.assert_array_equal(
+            shm_util.get_contents_as_numpy(target, np.float32, [2, 4]), X)
+        client.unregister_system_shared_memory()
+        client.close()
+
+
+def test_shared_memory_calls_are_in_the_inference_area():
+    from mip.frontends.oip.grpc import RPC_AREAS
+    from mip.frontends.oip.rest import area_of
+
+    for path in ("/v2/systemsharedmemory/status", "/v2/systemsharedmemory/region/a/register",
+                 "/v2/cudasharedmemory/region/a/unregister"):
+        assert area_of(path) == "inference"
+    for call in ("SystemSharedMemoryRegister", "SystemSharedMemoryStatus",
+                 "CudaSharedMemoryUnregister"):
+        assert RPC_AREAS[call] == "inference"
