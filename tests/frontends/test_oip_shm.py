@@ -227,7 +227,8 @@ def test_registry_bounds_and_lifetime(regions):
     np.testing.assert_array_equal(view, X)
     del view
     region.close()
-    assert region.mapping.closed
+    assert region.mapping.closed and region.fd == -1
+    region.close()  # again: nothing more to do
     # unregistered while unused: unmapped at once
     other = registry._regions["b"]
     registry.unregister()
@@ -297,3 +298,32 @@ def test_shared_memory_calls_are_in_the_inference_area():
     for call in ("SystemSharedMemoryRegister", "SystemSharedMemoryStatus",
                  "CudaSharedMemoryUnregister"):
         assert RPC_AREAS[call] == "inference"
+
+
+def test_streaming_infer_with_shared_memory(server, regions):
+    import queue
+
+    source = regions("stream-in", SIZE)
+    target = regions("stream-out", SIZE)
+    shm_util.set_shared_memory_region(source, [X + 1])
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.register_system_shared_memory("stream-in", _key("stream-in"), SIZE)
+    client.register_system_shared_memory("stream-out", _key("stream-out"), SIZE)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    tensor = grpcclient.InferInput("input", [2, 4], "FP32")
+    tensor.set_shared_memory("stream-in", SIZE)
+    output = grpcclient.InferRequestedOutput("output")
+    output.set_shared_memory("stream-out", SIZE)
+    client.async_stream_infer("identity", [tensor], outputs=[output], request_id="1")
+    result, error = answers.get(timeout=20)
+    assert error is None and result.get_response().id == "1"
+    np.testing.assert_array_equal(
+        shm_util.get_contents_as_numpy(target, np.float32, [2, 4]), X + 1)
+    tensor.set_shared_memory("nowhere", SIZE)
+    client.async_stream_infer("identity", [tensor], request_id="2")
+    result, error = answers.get(timeout=20)
+    assert result is None and "nowhere" in str(error)
+    client.stop_stream()
+    client.unregister_system_shared_memory()
+    client.close()

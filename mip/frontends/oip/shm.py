@@ -123,15 +123,17 @@ class Region:
         return memoryview(self.mapping)[begin:begin + size]
 
     def close(self) -> None:
-        """Unmap now, or (views of it in use) when the last view is released."""
+        """Unmap now, or (views of it in use) when the last view is released; close the
+        object's descriptor. Called again (or on collection), it does nothing more."""
         try:
             self.mapping.close()
         except BufferError:  # exported: the views keep it mapped, munmap on release
             pass
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    __del__ = close  # a server that stops with regions registered
 
 
 def _unsigned(value, what: str, default: int | None = None) -> int:
