@@ -213,6 +213,13 @@ def test_registry_bounds_and_lifetime(regions):
     for bad in ("../etc/passwd", "/a/b", "", "/"):
         with pytest.raises(InvalidInput):
             registry.register("c", bad, 0, SIZE)
+    fifo = f"mip-test-{os.getpid()}-fifo"
+    os.mkfifo(os.path.join(shm.SHM_DIRECTORY, fifo))
+    try:  # refused, not waited on
+        with pytest.raises(InvalidInput, match="not a shared memory object"):
+            shm.SystemSharedMemory().register("c", fifo, 0, SIZE)
+    finally:
+        os.unlink(os.path.join(shm.SHM_DIRECTORY, fifo))
 
     # an input is a read-only view of the mapping, not a copy
     view = registry.input("input", "FP32", [2, 4],

@@ -20,7 +20,9 @@ counting against ``max_bytes`` when it is unregistered.
 
 Shared memory is the client's to change: a region whose object was truncated below what
 was registered is refused when a request uses it (the size is checked each time) rather
-than read past its end. Registrations are accepted from this host only (a loopback
+than read past its end; one shrunk while a request reads it is the client's error and can
+still end the server (SIGBUS), as in Triton, so only trusted local clients should be given
+the extension. Registrations are accepted from this host only (a loopback
 address or a Unix socket), unless ``any_peer``: a remote client cannot share memory with
 the server, and would otherwise have outputs written into any object in ``/dev/shm`` the
 server may open. CUDA shared memory is refused (:class:`CudaUnsupported`).
@@ -31,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import mmap
 import os
+import stat
 import threading
 import weakref
 from dataclasses import dataclass
@@ -326,12 +329,18 @@ class _NotFound(ServingError):
 
 def _map(name: str, key: str, plain: str, offset: int, byte_size: int) -> Region:
     try:
-        fd = os.open(os.path.join(SHM_DIRECTORY, plain), os.O_RDWR | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO of that name must not hold the event loop in open()
+        fd = os.open(os.path.join(SHM_DIRECTORY, plain),
+                     os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise InvalidInput(f"Unable to open shared memory region: {key!r} "
                            f"({exc.strerror})") from None
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        size = info.st_size
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInput(f"failed to register shared memory region {name!r}: {key!r} is "
+                               "not a shared memory object")
         if offset + byte_size > size:
             raise InvalidInput(f"failed to register shared memory region {name!r}: offset "
                                f"{offset} + byte_size {byte_size} is past the end of {key!r} "
