@@ -172,7 +172,7 @@ def _extension_parameters(request, serialized: bytes) -> dict[str, int] | None:
     contents): the common case, found without reading the protobuf maps (which costs
     microseconds a tensor)."""
     if (b"sequence_" not in serialized and b"priority" not in serialized
-            and b"shared_memory_" not in serialized and b"classification" not in serialized):
+            and b"classification" not in serialized):
         return None
     tensors = [(t.name, t.parameters) for t in request.inputs if t.parameters]
     wanted = [(o.name, o.parameters) for o in request.outputs if o.parameters]
