@@ -56,6 +56,10 @@ __all__ = [
     "AuthError",
     "InvalidCredentials",
     "TooManyAuthFailures",
+    "Unsupported",
+    "RegionNotFound",
+    "RegionExists",
+    "TooManyRegions",
     "ApiError",
 ]
 
@@ -300,6 +304,39 @@ class TooManyAuthFailures(ServingError):
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Unsupported(ServingError):
+    """A call of an extension this server does not implement (CUDA shared memory)."""
+
+    http_status = 400
+    grpc_status = GrpcStatus.UNIMPLEMENTED
+    error_code = ErrorCode.METHOD
+
+
+class RegionNotFound(ServingError):
+    """No shared memory region of that name is registered (answered 400, as Triton does)."""
+
+    http_status = 400
+    grpc_status = GrpcStatus.NOT_FOUND
+    error_code = ErrorCode.METHOD
+
+
+class RegionExists(ServingError):
+    """A shared memory region of that name is already registered."""
+
+    http_status = 400
+    grpc_status = GrpcStatus.ALREADY_EXISTS
+    error_code = ErrorCode.METHOD
+
+
+class TooManyRegions(ServingError):
+    """A shared memory registration past the server's region or octet limit (the message
+    names the setting)."""
+
+    http_status = 400
+    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
+    error_code = ErrorCode.MEMORY
 
 
 class ApiError(ServingError):

@@ -17,7 +17,7 @@ from _oip_server import OipServer, add_model, grpc_implementations, identity, on
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from mip.errors import InvalidInput
+from mip.errors import InvalidInput, TooManyRegions
 from mip.frontends.oip import shm
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
@@ -206,7 +206,7 @@ def test_registry_bounds_and_lifetime(regions):
     regions("unit", 3 * SIZE)
     registry = shm.SystemSharedMemory(max_regions=4, max_bytes=2 * SIZE)
     registry.register("a", _key("unit"), 0, SIZE)
-    with pytest.raises(shm.TooManyRegions, match="--max-shm-bytes"):
+    with pytest.raises(TooManyRegions, match="--max-shm-bytes"):
         registry.register("b", _key("unit"), SIZE, 2 * SIZE)
     registry.register("b", _key("unit"), 4097 % SIZE, SIZE)  # an offset not on a page
     assert registry.mapped_bytes == 2 * SIZE and len(registry) == 2

@@ -310,7 +310,7 @@ class _Service:
         return response
 
     async def cuda_shared_memory(self, request, context):
-        await self._abort(context, shm.CudaUnsupported())
+        await self._abort(context, shm.cuda_unsupported())
 
     # -- inference ----------------------------------------------------------------------
 

@@ -241,7 +241,7 @@ class _Endpoints:
         return _Json(self.shm.status(request.path_params.get("region")))
 
     async def cuda_shm(self, request: Request) -> Response:
-        raise shm.CudaUnsupported()
+        raise shm.cuda_unsupported()
 
     # -- inference ----------------------------------------------------------------------
 

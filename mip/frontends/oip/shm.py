@@ -25,7 +25,7 @@ still end the server (SIGBUS), as in Triton, so only trusted local clients shoul
 the extension. Registrations are accepted from this host only (a loopback
 address or a Unix socket), unless ``any_peer``: a remote client cannot share memory with
 the server, and would otherwise have outputs written into any object in ``/dev/shm`` the
-server may open. CUDA shared memory is refused (:class:`CudaUnsupported`).
+server may open. CUDA shared memory is refused (:func:`cuda_unsupported`).
 """
 
 from __future__ import annotations
@@ -40,16 +40,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mip.errors import InvalidInput, ServingError
+from mip.errors import InvalidInput, RegionExists, RegionNotFound, TooManyRegions, Unsupported
 from mip.frontends.oip import codec
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_REGIONS",
     "PARAMETERS",
-    "CudaUnsupported",
+    "OutputTarget",
     "Region",
     "SystemSharedMemory",
+    "cuda_unsupported",
     "registry_of",
 ]
 
@@ -63,29 +64,10 @@ PARAMETERS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byt
 SHM_DIRECTORY = "/dev/shm"
 
 
-class CudaUnsupported(ServingError):
-    """A CUDA shared-memory call: this server has no GPU memory to share."""
-
-    http_status = 400
-    grpc_status = "UNIMPLEMENTED"
-
-    def __init__(self, what: str = "CUDA shared memory"):
-        super().__init__(f"{what} is not supported on this server: it has no CUDA support; "
-                         "use system shared memory (/v2/systemsharedmemory)")
-
-
-class AlreadyRegistered(ServingError):
-    """A region name that is already registered."""
-
-    http_status = 400
-    grpc_status = "ALREADY_EXISTS"
-
-
-class TooManyRegions(ServingError):
-    """A registration past ``max_regions`` or ``max_bytes``."""
-
-    http_status = 400
-    grpc_status = "RESOURCE_EXHAUSTED"
+def cuda_unsupported() -> Unsupported:
+    """The answer to every CUDA shared-memory call: this server has no GPU memory to share."""
+    return Unsupported("CUDA shared memory is not supported on this server: it has no CUDA "
+                       "support; use system shared memory (/v2/systemsharedmemory)")
 
 
 @dataclass(eq=False)
@@ -193,7 +175,7 @@ class SystemSharedMemory:
 
         Raises:
             InvalidInput: a bad argument, or no such object (or too small), or a client
-            on another host; AlreadyRegistered; TooManyRegions: over ``max_regions`` /
+            on another host; RegionExists; TooManyRegions: over ``max_regions`` /
             ``max_bytes``.
         """
         if self.refused:
@@ -217,7 +199,7 @@ class SystemSharedMemory:
                                "of a shared memory object (as given to shm_open)")
         with self._lock:
             if name in self._regions:
-                raise AlreadyRegistered(f"shared memory region {name!r} already in manager")
+                raise RegionExists(f"shared memory region {name!r} already in manager")
             if len(self._regions) >= self.max_regions:
                 raise TooManyRegions(f"failed to register shared memory region {name!r}: "
                                      f"{len(self._regions)} regions are registered, the limit "
@@ -245,7 +227,7 @@ class SystemSharedMemory:
         """``[{"name", "key", "offset", "byte_size"}]`` of every region, or of ``name``.
 
         Raises:
-            ServingError (gRPC NOT_FOUND, HTTP 400): no region ``name``.
+            RegionNotFound: no region ``name``.
         """
         if name:
             return [self._region(name, "").status()]
@@ -254,7 +236,7 @@ class SystemSharedMemory:
     def _region(self, name, what: str) -> Region:
         region = self._regions.get(name) if isinstance(name, str) else None
         if region is None:
-            raise _NotFound(f"{what}Unable to find system shared memory region: {name!r}")
+            raise RegionNotFound(f"{what}Unable to find system shared memory region: {name!r}")
         return region
 
     # -- tensors ------------------------------------------------------------------------
@@ -276,7 +258,7 @@ class SystemSharedMemory:
         view of the mapping (BYTES: decoded from it).
 
         Raises:
-            InvalidInput; ServingError (NOT_FOUND): no such region.
+            InvalidInput; RegionNotFound.
         """
         region, offset, size, what = self._span("input", name, parameters)
         array = codec.from_raw(name, datatype, shape, region.view(offset, size, what))
@@ -288,7 +270,7 @@ class SystemSharedMemory:
         """Where the output ``name`` goes (its span checked now, written by :meth:`write`).
 
         Raises:
-            InvalidInput; ServingError (NOT_FOUND): no such region.
+            InvalidInput; RegionNotFound.
         """
         region, offset, size, what = self._span("output", name, parameters)
         echo = {"shared_memory_region": region.name, "shared_memory_byte_size": size}
@@ -318,13 +300,6 @@ class SystemSharedMemory:
             target.view[:size] = raw
             written[name] = target.parameters
         return written
-
-
-class _NotFound(ServingError):
-    """No region of that name (Triton answers it as a bad request: 400)."""
-
-    http_status = 400
-    grpc_status = "NOT_FOUND"
 
 
 def _map(name: str, key: str, plain: str, offset: int, byte_size: int) -> Region:
