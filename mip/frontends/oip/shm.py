@@ -22,10 +22,10 @@ Shared memory is the client's to change: a region whose object was truncated bel
 was registered is refused when a request uses it (the size is checked each time) rather
 than read past its end; one shrunk while a request reads it is the client's error and can
 still end the server (SIGBUS), as in Triton, so only trusted local clients should be given
-the extension. Registrations are accepted from this host only (a loopback
-address or a Unix socket), unless ``any_peer``: a remote client cannot share memory with
-the server, and would otherwise have outputs written into any object in ``/dev/shm`` the
-server may open. CUDA shared memory is refused (:func:`cuda_unsupported`).
+the extension. Registrations are accepted from this host only (a loopback address or a
+Unix socket), unless ``any_peer``: a remote client cannot share memory with the server,
+and would otherwise have outputs written into any object in ``/dev/shm`` the server may
+open. CUDA shared memory is refused (:func:`cuda_unsupported`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from mip.frontends.oip import codec
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_REGIONS",
-    "PARAMETERS",
     "OutputTarget",
     "Region",
     "SystemSharedMemory",
@@ -58,8 +57,6 @@ __all__ = [
 DEFAULT_MAX_REGIONS = 64
 #: octets of every registered region together, unless configured (``--max-shm-bytes``).
 DEFAULT_MAX_BYTES = 1 << 30
-#: the tensor parameters that place an input or output in a region.
-PARAMETERS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
 #: where ``shm_open`` keeps its objects on Linux.
 SHM_DIRECTORY = "/dev/shm"
 
