@@ -161,6 +161,15 @@ class _Warn:
         log.warning(msg, *args)
 
 
+async def _close_quietly(client) -> None:
+    """Close a client whose connection failed (bounded: Redis may have vanished)."""
+    if client is not None:
+        try:
+            await asyncio.wait_for(client.aclose(), 1.0)
+        except Exception:  # noqa: BLE001 - the connection is broken already
+            pass
+
+
 def _open(url: str, **options):
     """An asyncio Redis client that never retries a command by itself: a PUBLISH retried
     after a lost connection could reach the other brokers twice."""
@@ -349,12 +358,8 @@ class RedisCluster:
                 stats.cluster_dropped += lost
                 self._warn_pub("cluster: publishing to Redis at %s failed (%s); %d publishes "
                                "dropped, retrying in %.1f s", self._where(), exc, lost, backoff)
-                if client is not None:
-                    try:
-                        await asyncio.wait_for(client.aclose(), 1.0)
-                    except Exception:  # noqa: BLE001 - the connection is broken already
-                        pass
-                    client = None
+                await _close_quietly(client)
+                client = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 
@@ -519,16 +524,13 @@ class RedisCluster:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis down or failing: retry
                 waiting = [op for op in waiting + ops if op[0] == "begin"]
+                self._ops[:0] = [op for op in ops if op[0] != "begin"]  # idempotent: again
                 for key, pos in positions.items():
                     self._positions.setdefault(key, pos)
                 self._warn_rec("cluster: recording sessions in Redis at %s failed (%s); "
                                "retrying in %.1f s", self._where(), exc, backoff)
-                if client is not None:
-                    try:
-                        await asyncio.wait_for(client.aclose(), 1.0)
-                    except Exception:  # noqa: BLE001 - the connection is broken already
-                        pass
-                    client = None
+                await _close_quietly(client)
+                client = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 

@@ -522,8 +522,14 @@ class BrokerCore:
 
     def stream_sessions(self) -> list[tuple[int, list[str]]]:
         """(client id, recorded topics) of the sessions whose subscriptions the backplane
-        records (connected or away), for it to keep their records alive."""
-        return [(s.client_id, list(s.streams)) for s in self._sessions.values() if s.streams]
+        records (connected or away), for it to keep their records alive: the topics whose
+        record is made (the stream read from it once)."""
+        found = []
+        for s in self._sessions.values():
+            topics = [t for t, st in s.streams.items() if st.catching is None]
+            if topics:
+                found.append((s.client_id, topics))
+        return found
 
     def _deliver_stream(self, session, topic, payload, compressed, urgent, msg_id, sid, now):
         n = len(payload)
