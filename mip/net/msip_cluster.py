@@ -46,7 +46,9 @@ can resume on another broker: their backlog lives in Redis, not in one broker's 
 * Such subscriptions get every event, local publishes included, from Redis, with its stream
   id: when one is made (a new subscription, or a session resuming here after its broker died),
   the broker reads the stream from the recorded position, holding back live events meanwhile,
-  then continues live, skipping ids it has delivered. At least once: what was delivered and
+  then continues live, skipping ids it has delivered. A session that resumes on a broker that
+  does not hold it gets the subscriptions of its record back (``HKEYS``), unless it makes
+  them again itself. At least once: what was delivered and
   not yet acknowledged when a broker died is delivered again.
 
 Both connections reconnect with exponential backoff (0.1 s to 5 s). The broker starts even
@@ -283,6 +285,10 @@ class RedisCluster:
         self._ops.append(("hdel", client_id, topic))
         self._session_wake.set()
 
+    def restore(self, session) -> None:
+        self._ops.append(("restore", session))
+        self._session_wake.set()
+
     def drop(self, client_id: int) -> None:
         self._ops.append(("del", client_id))
         self._session_wake.set()
@@ -484,6 +490,7 @@ class RedisCluster:
                     begin = client.register_script(_BEGIN)
                 pipe = client.pipeline(transaction=False)
                 begins = []
+                restores = []
                 for op in waiting + ops:
                     if op[0] == "begin":
                         session, topic = op[1], op[2]
@@ -497,6 +504,9 @@ class RedisCluster:
                         await begin(args=[self.prefix + b"want:" + t,
                                     self._session_key(session.client_id), t,
                                     self.prefix + b"stream:" + t, ttl_ms], client=pipe)
+                    elif op[0] == "restore":
+                        restores.append((op[1], len(pipe)))
+                        pipe.hkeys(self._session_key(op[1].client_id))
                     elif op[0] == "hdel":
                         pipe.hdel(self._session_key(op[1]), op[2])
                     else:
@@ -516,6 +526,14 @@ class RedisCluster:
                             pipe.pexpire(self.prefix + b"stream:" + t, 2 * ttl_ms)
                 results = await pipe.execute() if len(pipe) else []
                 waiting = [op for op, at in begins if at is None]
+                for session, at in restores:
+                    topics = []
+                    for raw in results[at]:
+                        try:
+                            topics.append(raw.decode("utf-8"))
+                        except UnicodeDecodeError:
+                            self.stats.cluster_invalid += 1
+                    self.broker.core.restore_subscriptions(session, topics)
                 for op, at in begins:
                     if at is not None:
                         await self._replay(client, op[1], op[2], results[at])
@@ -524,7 +542,8 @@ class RedisCluster:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis down or failing: retry
                 waiting = [op for op in waiting + ops if op[0] == "begin"]
-                self._ops[:0] = [op for op in ops if op[0] != "begin"]  # idempotent: again
+                # idempotent: again
+                self._ops[:0] = [op for op in ops if op[0] != "begin"]
                 for key, pos in positions.items():
                     self._positions.setdefault(key, pos)
                 self._warn_rec("cluster: recording sessions in Redis at %s failed (%s); "
@@ -551,11 +570,13 @@ class RedisCluster:
                 _, _, flags, _, msg_id = ENVELOPE.unpack_from(env)
                 entries.append((sid, memoryview(env)[ENVELOPE.size:], flags, msg_id))
             done = len(page) < _REPLAY_PAGE
-            core.stream_replay(session, topic, entries, done, time.monotonic())
+            on = core.stream_replay(session, topic, entries, done, time.monotonic())
             self.broker._write_out()
-            if done:
+            if on is None:
                 return
-            start = "(" + page[-1][0].decode("ascii")
+            if page:  # past malformed entries too
+                on = max(on, _stream_id(page[-1][0]) or on)
+            start = "(%d-%d" % on
 
     def _first_match(self, pattern: bytes, channel: bytes) -> bool:
         """Whether ``pattern`` is the one subscription of this broker that delivers an event

@@ -121,13 +121,14 @@ class _Stream:
     acknowledged (in order), the highest id delivered, and the live events held back while the
     stream is read from the session's recorded position (``catching``, None once caught up)."""
 
-    __slots__ = ("last", "unacked", "tracked", "catching")
+    __slots__ = ("last", "unacked", "tracked", "catching", "overflowed")
 
     def __init__(self):
         self.last = (0, 0)
         self.unacked: dict[tuple, None] = {}
         self.tracked = (0, 0)
         self.catching: list | None = []
+        self.overflowed = False  # live events held back were dropped: read the stream again
 
 
 class _Session:
@@ -500,25 +501,43 @@ class BrokerCore:
                           _OWN if own else _REMOTE, sid)
 
     def stream_replay(self, session: _Session, topic: str, entries, done: bool,
-                      now: float) -> None:
+                      now: float) -> tuple | None:
         """Events read from ``topic``'s stream from the session's recorded position
         (``entries``: (stream id, PUBLISH payload, EVENT flags, msg_id), in stream order);
-        ``done``: the stream is read to its end, the live events held back meanwhile follow."""
+        ``done``: the stream is read to its end, the live events held back meanwhile follow.
+        Returns the stream id to read on from (exclusive), or None: caught up, or the
+        subscription is gone."""
         st = session.streams.get(topic)
         if st is None or self._sessions.get(session.client_id) is not session:
-            return  # unsubscribed or ended meanwhile
+            return None  # unsubscribed or ended meanwhile
         for sid, payload, flags, msg_id in entries:
             if sid > st.last:
                 st.last = sid
                 self._deliver_stream(session, topic, payload, flags & _F_COMPRESSED,
                                      flags & _F_URGENT, msg_id, sid, now)
-        if done:
-            held, st.catching = st.catching, None
-            for sid, payload, compressed, urgent, msg_id in held or ():
-                if sid > st.last:
-                    st.last = sid
-                    self._deliver_stream(session, topic, payload, compressed, urgent, msg_id,
-                                         sid, now)
+        if not done:
+            return st.last
+        if st.overflowed:  # too many live events while reading: read on from the last one
+            st.overflowed = False
+            st.catching = []
+            return st.last
+        held, st.catching = st.catching, None
+        for sid, payload, compressed, urgent, msg_id in held:
+            if sid > st.last:
+                st.last = sid
+                self._deliver_stream(session, topic, payload, compressed, urgent, msg_id, sid,
+                                     now)
+        return None
+
+    def restore_subscriptions(self, session: _Session, topics) -> None:
+        """At-least-once subscriptions the backplane recorded for a session resuming here
+        (those it has not made again itself, within ``max_subscriptions``)."""
+        if self._sessions.get(session.client_id) is not session or not session.durable:
+            return
+        for topic in topics:
+            if (topic not in session.subs and len(session.subs) < self.max_subscriptions
+                    and len(topic.encode("utf-8")) <= self.max_topic_length):
+                self._subscribe(session, topic, True)
 
     def stream_sessions(self) -> list[tuple[int, list[str]]]:
         """(client id, recorded topics) of the sessions whose subscriptions the backplane
@@ -601,6 +620,10 @@ class BrokerCore:
         conn.send(msip.encode(_ACK, _K_STATE, reply, f.msg_id, 0))
         if resumed:  # the session comes back on a new connection
             self._resume_delivery(session, now)
+        elif (client_id and session.durable and session.client_id == client_id
+                and self.backplane is not None and self.backplane.streams):
+            # maybe a session whose broker died: its subscriptions may be recorded
+            self.backplane.restore(session)
 
     def _bind(self, conn: Peer, client_id: int | None, durable: bool,
               takeover: bool, now: float) -> tuple[_Session, bool, bool]:
@@ -907,6 +930,9 @@ class BrokerCore:
                 continue  # it comes back from the backplane with its stream id
             elif sid is not None:
                 if st.catching is not None:  # the stream is being read up to now: after it
+                    if len(st.catching) >= self.max_inflight:  # they are in the stream too
+                        st.catching.clear()
+                        st.overflowed = True
                     st.catching.append((sid, payload, compressed, urgent, msg_id))
                     continue
                 if sid <= st.last:

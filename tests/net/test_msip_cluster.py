@@ -548,3 +548,40 @@ def test_at_least_once_subscriber_gets_local_publishes_from_the_stream_once(redi
             await cl.close()
 
     w.run(main(), 30)
+
+
+def test_a_resuming_session_gets_its_recorded_subscriptions_back(redis_port):
+    """A session resuming on a broker that never saw it, without subscribing again (a raw
+    client relying on the broker to keep its session), has its at-least-once subscriptions
+    restored from Redis, and gets what was published since its last ACK."""
+    async def main():
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with brokers(2, url, cluster_prefix="back:") as (a, b):
+            pub = AsyncClient(_url(a), reconnect=False)
+            sub = AsyncClient(_url(a), reconnect=False)
+            await pub.connect()
+            await sub.connect()
+            s = await sub.subscribe("back", reliable=True)
+            key = "back:session:%d" % sub.client_id
+            await until(lambda: _redis(redis_port).hget(key, "back") is not None)
+            await pub.publish("back", b"seen")
+            assert bytes((await s.get(5)).data) == b"seen"
+            await until(lambda: _redis(redis_port).hget(key, "back").startswith(b"("))
+            sub._proto.transport.abort()  # gone without a CLOSE: the record stays
+            await pub.publish("back", b"missed", wait=True)
+
+            def resume():
+                rc = w.RefClient(b.port)
+                try:
+                    assert rc.hello(sub.client_id, flags=w.ACK_REQUIRED) == sub.client_id
+                    h, payload = rc.recv_until(w.EVENT, 5)
+                    rc.send(w.ACK, msg_id=h["msg_id"])
+                    return payload
+                finally:
+                    rc.close()
+
+            assert await asyncio.to_thread(resume) == w.publish_payload("back", b"missed")
+            assert b.session_info(sub.client_id)["subscriptions"] == {"back": True}
+            await pub.close()
+
+    w.run(main(), 30)
