@@ -7,7 +7,10 @@ With N = 1 the broker still has ``--cluster`` (its publishes also go to Redis). 
 delivered msg/s, p50/p99 latency and the CPU seconds used by the brokers and by Redis per
 million delivered messages.
 
-    python bench/msip_cluster.py [--seconds 3] [--subscribers 6] [--size 64]
+``--stream-max 0`` runs the brokers without Redis Streams (``--cluster-stream-max 0``), to
+compare the publish cost of the check every message then no longer makes.
+
+    python bench/msip_cluster.py [--seconds 3] [--subscribers 6] [--size 64] [--stream-max N]
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def run(n: int, redis_port: int, args) -> dict:
     url = f"redis://127.0.0.1:{redis_port}/0"
     ports = [free_port() for _ in range(n)]
     procs = [subprocess.Popen([sys.executable, "-m", "mip.cli", "--log-level", "WARNING",
-                               "broker", "--msip", f"tcp://127.0.0.1:{p}", "--cluster", url],
+                               "broker", "--msip", f"tcp://127.0.0.1:{p}", "--cluster", url,
+                               "--cluster-stream-max", str(args.stream_max)],
                               cwd=ROOT, stdout=subprocess.DEVNULL)
              for p in ports]
     try:
@@ -65,6 +69,8 @@ def main() -> int:
     ap.add_argument("--subscribers", type=int, default=6)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--brokers", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--stream-max", type=int, default=10_000,
+                    help="the brokers' --cluster-stream-max (0: no streams)")
     args = ap.parse_args()
     binary = shutil.which("redis-server")
     if binary is None:

@@ -344,6 +344,10 @@ def _parser() -> argparse.ArgumentParser:
         help="local publishes queued for Redis at most; beyond them, while Redis is slow or "
              "down, publishes are not sent to the other brokers (counted, logged; local "
              "delivery goes on) (default 8M)")
+    opt("--cluster-stream-max", type=int, default=10_000, metavar="EVENTS",
+        help="events kept in Redis (about) per topic that at-least-once sessions subscribe to, "
+             "so that such a session resumes on any broker, its backlog in Redis; 0: no "
+             "streams, at-least-once sessions live in one broker's memory (default 10000)")
     _add_tls(broker)
 
     worker = sub.add_parser(
@@ -697,7 +701,8 @@ async def _broker(args) -> int:
                     session_takeover=args.session_takeover,
                     ssl=_server_ssl(args) if args.tls_cert else None, cluster=args.cluster,
                     cluster_prefix=args.cluster_prefix,
-                    cluster_max_pending=args.cluster_max_pending)
+                    cluster_max_pending=args.cluster_max_pending,
+                    cluster_stream_max=args.cluster_stream_max)
     address = await broker.start(args.msip)
     print(f"mip: MSIP broker on {address}", flush=True)
     if args.cluster:

@@ -258,6 +258,9 @@ class Broker:
         cluster_max_pending: octets of local publishes queued for Redis at most; beyond it
             (Redis slow or down) they are not sent to the other brokers, counted in
             ``stats.cluster_dropped``.
+        cluster_stream_max: events kept in Redis per topic that at-least-once sessions
+            subscribe to (about: ``XADD MAXLEN ~``), so that such a session resumes on any
+            broker; 0: no streams, at-least-once sessions live in one broker's memory.
     """
 
     def __init__(
@@ -292,6 +295,7 @@ class Broker:
         cluster: str | None = None,
         cluster_prefix: str = "msip:",
         cluster_max_pending: int = 8 * 1024 * 1024,
+        cluster_stream_max: int = 10_000,
     ):
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer
@@ -323,7 +327,10 @@ class Broker:
         if cluster is not None:
             from mip.net.msip_cluster import RedisCluster
             self._cluster = self.core.backplane = RedisCluster(
-                self, cluster, prefix=cluster_prefix, max_pending=cluster_max_pending)
+                self, cluster, prefix=cluster_prefix, max_pending=cluster_max_pending,
+                stream_max=cluster_stream_max)
+            # client ids name sessions across brokers: start each broker's at a random place
+            self.core._next_id = (int.from_bytes(os.urandom(6), "big") << 14) + 1
 
     @property
     def _sessions(self):
@@ -460,10 +467,12 @@ class Broker:
             accepted |= hmac.compare_digest(presented, digest)
         return accepted
 
-    def _deliver_remote(self, payload, kind: int, flags: int, msg_id: int) -> None:
+    def _deliver_remote(self, payload, kind: int, flags: int, msg_id: int,
+                        sid: tuple | None = None, own: bool = False) -> None:
         """Deliver a publish another broker received (``payload``: its PUBLISH payload) to
-        this broker's subscribers, as a local one is."""
-        self.core.deliver_remote(payload, kind, flags, msg_id, time.monotonic())
+        this broker's subscribers, as a local one is (``sid``, ``own``: see
+        :meth:`BrokerCore.deliver_remote`)."""
+        self.core.deliver_remote(payload, kind, flags, msg_id, time.monotonic(), sid, own)
         if self._write_soon is None:  # one write per connection for a batch from Redis
             self._write_soon = asyncio.get_running_loop().call_soon(self._write_out_soon)
 

@@ -27,6 +27,30 @@ Redis pub/sub is at most once: what is published while a broker's subscribing co
 down (Redis restarting, a broker reconnecting) is not delivered to that broker's clients, and a
 client that moves to another broker receives what is published after it subscribed there.
 
+At-least-once sessions (``stream_max`` > 0, ``mip broker --cluster-stream-max``, the default)
+can resume on another broker: their backlog lives in Redis, not in one broker's memory.
+
+* A broker with an at-least-once subscription to a literal topic keeps the key
+  ``PREFIX + "want:" + topic`` alive in Redis (expiring ``session_ttl`` after its last
+  refresh). While it exists, every broker's publish batch script also appends the envelope to
+  the topic's stream ``PREFIX + "stream:" + topic`` (``XADD MAXLEN ~ stream_max``, in the same
+  script as the ``PUBLISH``, so the stream's order is the channel's) and publishes a version-2
+  envelope carrying the stream id. Topics nobody subscribes to at-least-once cost one
+  ``EXISTS`` a message and no stream. One stream per topic: a session replays only its
+  topics, with ``XRANGE`` from its position, and the bound is per topic.
+* The session's record is the hash ``PREFIX + "session:" + client id``: topic -> position in
+  the topic's stream (an ``XRANGE`` start: its oldest unacknowledged event, or ``(`` and the
+  last one delivered when all are acknowledged). Positions move as ACKs arrive, written in one
+  pipeline per pass of the session task; the record expires ``session_ttl`` after the last
+  refresh, and a CLOSE deletes it.
+* Such subscriptions get every event, local publishes included, from Redis, with its stream
+  id: when one is made (a new subscription, or a session resuming here after its broker died),
+  the broker reads the stream from the recorded position, holding back live events meanwhile,
+  then continues live, skipping ids it has delivered. A session that resumes on a broker that
+  does not hold it gets the subscriptions of its record back (``HKEYS``), unless it makes
+  them again itself. At least once: what was delivered and
+  not yet acknowledged when a broker died is delivered again.
+
 Both connections reconnect with exponential backoff (0.1 s to 5 s). The broker starts even
 when Redis is unreachable (it logs so and serves its local clients meanwhile).
 """
@@ -59,6 +83,40 @@ for i = 1, #ARGV, 2 do
 end
 return #ARGV / 2
 """
+# the same, and for a topic some at-least-once session records (its "want" key exists): XADD
+# the envelope to the topic's stream first, and publish a version-2 envelope with the stream id
+_PUBLISH_STREAMED = """
+local n = ARGV[1]
+local plen = #ARGV[2]
+for i = 3, #ARGV, 2 do
+  local channel, env = ARGV[i], ARGV[i + 1]
+  local topic = string.sub(channel, plen + 1)
+  if redis.call('EXISTS', ARGV[2] .. 'want:' .. topic) == 1 then
+    local id = redis.call('XADD', ARGV[2] .. 'stream:' .. topic, 'MAXLEN', '~', n, '*', 'e', env)
+    env = '\2' .. string.char(#id) .. id .. string.sub(env, 2)
+  end
+  redis.call('PUBLISH', channel, env)
+end
+return (#ARGV - 2) / 2
+"""
+# a session's subscription starts being recorded: want the topic, and return the session's
+# position in its stream (recorded before, or after the stream's last entry now)
+_BEGIN = """
+redis.call('SET', ARGV[1], '1', 'PX', ARGV[5])
+local pos = redis.call('HGET', ARGV[2], ARGV[3])
+if not pos then
+  pos = '-'
+  local last = redis.call('XREVRANGE', ARGV[4], '+', '-', 'COUNT', 1)
+  if #last > 0 then
+    pos = '(' .. last[1][1]
+  end
+  redis.call('HSET', ARGV[2], ARGV[3], pos)
+end
+redis.call('PEXPIRE', ARGV[2], ARGV[5])
+return pos
+"""
+_TAIL = struct.Struct(">BBQQ")  # a version-2 envelope after its stream id: as version 1's
+_REPLAY_PAGE = 1000  # stream entries read in one XRANGE
 _SUB_BATCH = 1000  # channels or patterns in one SUBSCRIBE/UNSUBSCRIBE command at most
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 _WARN_EVERY = 10.0  # seconds between two WARNINGs of one kind
@@ -105,6 +163,15 @@ class _Warn:
         log.warning(msg, *args)
 
 
+async def _close_quietly(client) -> None:
+    """Close a client whose connection failed (bounded: Redis may have vanished)."""
+    if client is not None:
+        try:
+            await asyncio.wait_for(client.aclose(), 1.0)
+        except Exception:  # noqa: BLE001 - the connection is broken already
+            pass
+
+
 def _open(url: str, **options):
     """An asyncio Redis client that never retries a command by itself: a PUBLISH retried
     after a lost connection could reach the other brokers twice."""
@@ -129,9 +196,12 @@ class RedisCluster:
         max_pending: octets of envelopes queued for Redis at most; more are dropped (counted).
     """
 
-    def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20):
+    def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20,
+                 stream_max: int = 10_000):
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"cluster URL must be redis://HOST:PORT[/DB] or rediss://, not {url!r}")
+        if stream_max < 0:
+            raise ValueError(f"cluster stream_max must be 0 or more, not {stream_max}")
         if max_pending <= 0:
             raise ValueError(f"cluster max_pending must be positive, not {max_pending}")
         try:
@@ -158,6 +228,12 @@ class RedisCluster:
         self._warn_pub = _Warn()
         self._warn_sub = _Warn()
         self._plen = len(self.prefix)
+        self.stream_max = stream_max
+        self.streams = stream_max > 0  # at-least-once sessions are recorded in Redis
+        self._ops: list = []  # ("begin", session, topic), ("hdel", id, topic), ("del", id)
+        self._positions: dict[tuple[int, str], str] = {}  # (client id, topic) -> position
+        self._session_wake = asyncio.Event()
+        self._warn_rec = _Warn()
 
     # -- from the broker (synchronous, on its loop) -----------------------------------------
     def publish(self, topic: bytes, payload, kind: int, flags: int, msg_id: int) -> None:
@@ -195,6 +271,31 @@ class RedisCluster:
             self._channels.discard(self.prefix + topic.encode("utf-8"))
         self._interest.set()
 
+    # -- at-least-once sessions' records (from the core, synchronous) -----------------------
+    def begin(self, session, topic: str) -> None:
+        self._ops.append(("begin", session, topic))
+        self._session_wake.set()
+
+    def position(self, client_id: int, topic: str, pos: str) -> None:
+        self._positions[(client_id, topic)] = pos
+        self._session_wake.set()
+
+    def unstream(self, client_id: int, topic: str) -> None:
+        self._positions.pop((client_id, topic), None)
+        self._ops.append(("hdel", client_id, topic))
+        self._session_wake.set()
+
+    def restore(self, session) -> None:
+        self._ops.append(("restore", session))
+        self._session_wake.set()
+
+    def drop(self, client_id: int) -> None:
+        self._ops.append(("del", client_id))
+        self._session_wake.set()
+
+    def _session_key(self, client_id: int) -> bytes:
+        return self.prefix + b"session:%d" % client_id
+
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Start both connections' tasks; says whether Redis answers now (the broker starts
@@ -211,6 +312,8 @@ class RedisCluster:
         finally:
             await probe.aclose()
         self._tasks = [loop.create_task(self._publisher()), loop.create_task(self._subscriber())]
+        if self.streams:
+            self._tasks.append(loop.create_task(self._recorder()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -240,8 +343,9 @@ class RedisCluster:
                 if client is None:
                     client = _open(self.url, socket_timeout=10.0)
                     await client.ping()
-                    script = client.register_script(_PUBLISH_ALL)
-                args = []
+                    script = client.register_script(
+                        _PUBLISH_STREAMED if self.streams else _PUBLISH_ALL)
+                args = [self.stream_max, self.prefix] if self.streams else []
                 n = 0
                 while queue and len(batch) < _BATCH_MESSAGES and n < _BATCH_OCTETS:
                     entry = queue.popleft()
@@ -260,12 +364,8 @@ class RedisCluster:
                 stats.cluster_dropped += lost
                 self._warn_pub("cluster: publishing to Redis at %s failed (%s); %d publishes "
                                "dropped, retrying in %.1f s", self._where(), exc, lost, backoff)
-                if client is not None:
-                    try:
-                        await asyncio.wait_for(client.aclose(), 1.0)
-                    except Exception:  # noqa: BLE001 - the connection is broken already
-                        pass
-                    client = None
+                await _close_quietly(client)
+                client = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 
@@ -344,13 +444,139 @@ class RedisCluster:
         elif kind != "message":
             return  # (un)subscribe confirmations
         data = msg["data"]
-        if len(data) < ENVELOPE.size or data[0] != _VERSION:
+        sid = None
+        if len(data) >= 2 and data[0] == 2:  # version 2: recorded in the topic's stream
+            at = 2 + data[1]
+            sid = _stream_id(data[2:at])
+            if sid is None or len(data) < at + _TAIL.size:
+                self.stats.cluster_invalid += 1
+                return
+            msg_kind, flags, origin, msg_id = _TAIL.unpack_from(data, at)
+            at += _TAIL.size
+        elif len(data) < ENVELOPE.size or data[0] != _VERSION:
             self.stats.cluster_invalid += 1
             return
-        _, msg_kind, flags, origin, msg_id = ENVELOPE.unpack_from(data)
-        if origin == self.origin:
+        else:
+            _, msg_kind, flags, origin, msg_id = ENVELOPE.unpack_from(data)
+            at = ENVELOPE.size
+        own = origin == self.origin
+        if own and not self.streams:
             return  # this broker's own publish: its clients have it already
-        self.broker._deliver_remote(memoryview(data)[ENVELOPE.size:], msg_kind, flags, msg_id)
+        self.broker._deliver_remote(memoryview(data)[at:], msg_kind, flags, msg_id, sid, own)
+
+    # -- at-least-once sessions' records -------------------------------------------------------
+    async def _recorder(self) -> None:
+        """Write sessions' records and positions, and read streams for new subscriptions."""
+        backoff = _BACKOFF_MIN
+        client = None
+        ttl = self.broker.core.session_ttl
+        refresh_every = max(0.5, min(ttl / 3, 10.0))
+        ttl_ms = int((ttl + refresh_every) * 1000)
+        next_refresh = 0.0
+        waiting: list = []  # begins whose channel the subscribing connection lacks yet
+        while True:
+            if not (self._ops or self._positions):
+                self._session_wake.clear()
+                try:
+                    await asyncio.wait_for(self._session_wake.wait(),
+                                           0.05 if waiting else refresh_every)
+                except asyncio.TimeoutError:
+                    pass
+            ops, self._ops = self._ops, []
+            positions, self._positions = self._positions, {}
+            try:
+                if client is None:
+                    client = _open(self.url, socket_timeout=10.0)
+                    begin = client.register_script(_BEGIN)
+                pipe = client.pipeline(transaction=False)
+                begins = []
+                restores = []
+                for op in waiting + ops:
+                    if op[0] == "begin":
+                        session, topic = op[1], op[2]
+                        if session.streams.get(topic) is None:
+                            continue  # unsubscribed meanwhile
+                        if self.prefix + topic.encode("utf-8") not in self._sub_channels:
+                            begins.append((op, None))  # not subscribed in Redis yet: later
+                            continue
+                        t = topic.encode("utf-8")
+                        begins.append((op, len(pipe)))
+                        await begin(args=[self.prefix + b"want:" + t,
+                                    self._session_key(session.client_id), t,
+                                    self.prefix + b"stream:" + t, ttl_ms], client=pipe)
+                    elif op[0] == "restore":
+                        restores.append((op[1], len(pipe)))
+                        pipe.hkeys(self._session_key(op[1].client_id))
+                    elif op[0] == "hdel":
+                        pipe.hdel(self._session_key(op[1]), op[2])
+                    else:
+                        pipe.delete(self._session_key(op[1]))
+                for (cid, topic), pos in positions.items():
+                    key = self._session_key(cid)
+                    pipe.hset(key, topic, pos)
+                    pipe.pexpire(key, ttl_ms)
+                now = time.monotonic()
+                if now >= next_refresh:
+                    next_refresh = now + refresh_every
+                    for cid, topics in self.broker.core.stream_sessions():
+                        pipe.pexpire(self._session_key(cid), ttl_ms)
+                        for topic in topics:
+                            t = topic.encode("utf-8")
+                            pipe.set(self.prefix + b"want:" + t, b"1", px=ttl_ms)
+                            pipe.pexpire(self.prefix + b"stream:" + t, 2 * ttl_ms)
+                results = await pipe.execute() if len(pipe) else []
+                waiting = [op for op, at in begins if at is None]
+                for session, at in restores:
+                    topics = []
+                    for raw in results[at]:
+                        try:
+                            topics.append(raw.decode("utf-8"))
+                        except UnicodeDecodeError:
+                            self.stats.cluster_invalid += 1
+                    self.broker.core.restore_subscriptions(session, topics)
+                for op, at in begins:
+                    if at is not None:
+                        await self._replay(client, op[1], op[2], results[at])
+                backoff = _BACKOFF_MIN
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis down or failing: retry
+                waiting = [op for op in waiting + ops if op[0] == "begin"]
+                # idempotent: again
+                self._ops[:0] = [op for op in ops if op[0] != "begin"]
+                for key, pos in positions.items():
+                    self._positions.setdefault(key, pos)
+                self._warn_rec("cluster: recording sessions in Redis at %s failed (%s); "
+                               "retrying in %.1f s", self._where(), exc, backoff)
+                await _close_quietly(client)
+                client = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _replay(self, client, session, topic: str, pos) -> None:
+        """Hand the session the events of ``topic``'s stream after its position ``pos``."""
+        start = pos.decode("ascii") if isinstance(pos, bytes) else str(pos)
+        key = self.prefix + b"stream:" + topic.encode("utf-8")
+        core = self.broker.core
+        while True:
+            page = await client.xrange(key, start, "+", count=_REPLAY_PAGE)
+            entries = []
+            for raw_id, fields in page:
+                sid = _stream_id(raw_id)
+                env = fields.get(b"e", b"")
+                if sid is None or len(env) < ENVELOPE.size or env[0] != _VERSION:
+                    self.stats.cluster_invalid += 1
+                    continue
+                _, _, flags, _, msg_id = ENVELOPE.unpack_from(env)
+                entries.append((sid, memoryview(env)[ENVELOPE.size:], flags, msg_id))
+            done = len(page) < _REPLAY_PAGE
+            on = core.stream_replay(session, topic, entries, done, time.monotonic())
+            self.broker._write_out()
+            if on is None:
+                return
+            if page:  # past malformed entries too
+                on = max(on, _stream_id(page[-1][0]) or on)
+            start = "(%d-%d" % on
 
     def _first_match(self, pattern: bytes, channel: bytes) -> bool:
         """Whether ``pattern`` is the one subscription of this broker that delivers an event
@@ -359,3 +585,11 @@ class RedisCluster:
             return False
         matches = [g for g, rx in self._sub_globs.items() if rx.fullmatch(channel)]
         return not matches or pattern == min(matches)
+
+
+def _stream_id(raw: bytes) -> tuple[int, int] | None:
+    """A Redis stream id ``MS-SEQ`` as a tuple that orders as the ids do (None if malformed)."""
+    ms, sep, seq = bytes(raw).partition(b"-")
+    if not (sep and ms.isdigit() and seq.isdigit()):
+        return None
+    return int(ms), int(seq)

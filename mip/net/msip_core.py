@@ -60,6 +60,8 @@ _INLINE_MAX = 16 * 1024  # octets: smaller events are queued as one joined bytes
 _ROUTES_MAX = 65536  # topics whose route is kept at most (the cache is emptied beyond)
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
+_LOCAL, _REMOTE, _OWN = range(3)  # where an event comes from: a client here, another broker,
+# or this broker's own publish back from the backplane (for its recorded subscriptions)
 _UNSUPPORTED = "Invalid frame or unsupported operation"  # the reference's ERROR text
 _AUTH_REQUIRED = "authentication required: send HELLO with a token first"
 
@@ -98,9 +100,10 @@ class _Held:
     """An event a session holds: at-least-once and waiting for its ACK (``deadline``,
     ``attempts``), or kept in an away session's backlog (``alive`` false once taken out)."""
 
-    __slots__ = ("msg_id", "item", "size", "urgent", "reliable", "deadline", "attempts", "alive")
+    __slots__ = ("msg_id", "item", "size", "urgent", "reliable", "deadline", "attempts", "alive",
+                 "stream")
 
-    def __init__(self, msg_id, item, size, urgent, reliable, deadline=0.0):
+    def __init__(self, msg_id, item, size, urgent, reliable, deadline=0.0, stream=None):
         self.msg_id = msg_id
         self.item = item
         self.size = size
@@ -109,13 +112,30 @@ class _Held:
         self.deadline = deadline
         self.attempts = 1
         self.alive = True
+        self.stream = stream  # (topic, stream id) of an event read from the backplane's stream
+
+
+class _Stream:
+    """Where an at-least-once session is in a topic's backplane stream (stream ids are
+    (milliseconds, sequence) tuples): the last id routed to it, the ids delivered and not yet
+    acknowledged (in order), the highest id delivered, and the live events held back while the
+    stream is read from the session's recorded position (``catching``, None once caught up)."""
+
+    __slots__ = ("last", "unacked", "tracked", "catching", "overflowed")
+
+    def __init__(self):
+        self.last = (0, 0)
+        self.unacked: dict[tuple, None] = {}
+        self.tracked = (0, 0)
+        self.catching: list | None = []
+        self.overflowed = False  # live events held back were dropped: read the stream again
 
 
 class _Session:
     """Subscriptions, unacknowledged events and the away backlog of one client id."""
 
     __slots__ = ("client_id", "subs", "conn", "inflight", "inflight_bytes", "by_msg_id", "seq",
-                 "backlog", "backlog_bytes", "detached_at", "durable", "patterns")
+                 "backlog", "backlog_bytes", "detached_at", "durable", "patterns", "streams")
 
     def __init__(self, client_id: int | None):
         self.client_id = client_id  # None: anonymous (a connection before HELLO)
@@ -130,6 +150,7 @@ class _Session:
         self.detached_at = 0.0
         self.durable = False  # HELLO asked for at-least-once: acks, kept while away
         self.patterns = False  # wildcard topics for this session's subscriptions
+        self.streams: dict[str, _Stream] = {}  # at-least-once topics recorded by the backplane
 
 
 class Peer:
@@ -326,6 +347,8 @@ class BrokerCore:
         # topic -> (appends of the fast subscribers' queues, their peers, (session, reliable)
         # of the others)
         self._routes: dict[str, tuple] = {}
+        # literal topic -> local at-least-once subscriptions fed from the backplane's stream
+        self._streamed: dict[str, int] = {}
 
     # -- entry points ---------------------------------------------------------------------
     def open(self, now: float, host: str | None = None, handle=None) -> Peer:
@@ -453,9 +476,12 @@ class BrokerCore:
                 self._ping_id += 1
                 peer.send(msip.encode_header(_PING, _K_EVENT, 0, self._ping_id, 0))
 
-    def deliver_remote(self, payload, kind: int, flags: int, msg_id: int, now: float) -> None:
+    def deliver_remote(self, payload, kind: int, flags: int, msg_id: int, now: float,
+                       sid: tuple | None = None, own: bool = False) -> None:
         """Deliver a publish another broker received (``payload``: its PUBLISH payload) to
-        this broker's subscribers, as a local one is."""
+        this broker's subscribers, as a local one is. ``sid``: its id in the topic's stream
+        (the backplane recorded it). ``own``: this broker's own publish coming back, for the
+        subscriptions fed from the stream only (the others had it at once)."""
         n = len(payload)
         if n < 2 or n > self.max_payload:
             self.stats.cluster_invalid += 1
@@ -469,8 +495,65 @@ class BrokerCore:
         except UnicodeDecodeError:
             self.stats.cluster_invalid += 1
             return
-        self.stats.cluster_received += 1
-        self._route_event(topic, payload, flags & _F_COMPRESSED, flags & _F_URGENT, msg_id, now)
+        if not own:
+            self.stats.cluster_received += 1
+        self._route_event(topic, payload, flags & _F_COMPRESSED, flags & _F_URGENT, msg_id, now,
+                          _OWN if own else _REMOTE, sid)
+
+    def stream_replay(self, session: _Session, topic: str, entries, done: bool,
+                      now: float) -> tuple | None:
+        """Events read from ``topic``'s stream from the session's recorded position
+        (``entries``: (stream id, PUBLISH payload, EVENT flags, msg_id), in stream order);
+        ``done``: the stream is read to its end, the live events held back meanwhile follow.
+        Returns the stream id to read on from (exclusive), or None: caught up, or the
+        subscription is gone."""
+        st = session.streams.get(topic)
+        if st is None or self._sessions.get(session.client_id) is not session:
+            return None  # unsubscribed or ended meanwhile
+        for sid, payload, flags, msg_id in entries:
+            if sid > st.last:
+                st.last = sid
+                self._deliver_stream(session, topic, payload, flags & _F_COMPRESSED,
+                                     flags & _F_URGENT, msg_id, sid, now)
+        if not done:
+            return st.last
+        if st.overflowed:  # too many live events while reading: read on from the last one
+            st.overflowed = False
+            st.catching = []
+            return st.last
+        held, st.catching = st.catching, None
+        for sid, payload, compressed, urgent, msg_id in held:
+            if sid > st.last:
+                st.last = sid
+                self._deliver_stream(session, topic, payload, compressed, urgent, msg_id, sid,
+                                     now)
+        return None
+
+    def restore_subscriptions(self, session: _Session, topics) -> None:
+        """At-least-once subscriptions the backplane recorded for a session resuming here
+        (those it has not made again itself, within ``max_subscriptions``)."""
+        if self._sessions.get(session.client_id) is not session or not session.durable:
+            return
+        for topic in topics:
+            if (topic not in session.subs and len(session.subs) < self.max_subscriptions
+                    and len(topic.encode("utf-8")) <= self.max_topic_length):
+                self._subscribe(session, topic, True)
+
+    def stream_sessions(self) -> list[tuple[int, list[str]]]:
+        """(client id, recorded topics) of the sessions whose subscriptions the backplane
+        records (connected or away), for it to keep their records alive: the topics whose
+        record is made (the stream read from it once)."""
+        found = []
+        for s in self._sessions.values():
+            topics = [t for t, st in s.streams.items() if st.catching is None]
+            if topics:
+                found.append((s.client_id, topics))
+        return found
+
+    def _deliver_stream(self, session, topic, payload, compressed, urgent, msg_id, sid, now):
+        n = len(payload)
+        item = msip.encode_header(_EVENT, _K_EVENT, n, msg_id, compressed) + bytes(payload)
+        self._deliver(session, item, _HDR + n, bool(urgent), True, msg_id, now, (topic, sid))
 
     def reset(self) -> None:
         """Forget every session and subscription (the broker stopped)."""
@@ -537,6 +620,10 @@ class BrokerCore:
         conn.send(msip.encode(_ACK, _K_STATE, reply, f.msg_id, 0))
         if resumed:  # the session comes back on a new connection
             self._resume_delivery(session, now)
+        elif (client_id and session.durable and session.client_id == client_id
+                and self.backplane is not None and self.backplane.streams):
+            # maybe a session whose broker died: its subscriptions may be recorded
+            self.backplane.restore(session)
 
     def _bind(self, conn: Peer, client_id: int | None, durable: bool,
               takeover: bool, now: float) -> tuple[_Session, bool, bool]:
@@ -639,6 +726,8 @@ class BrokerCore:
         self.stats.sessions_away = len(self._away)
 
     def _forget(self, session: _Session) -> None:
+        for topic in list(session.streams):  # the backplane's record outlives this broker's
+            self._unstream(session, topic, False)
         for topic in list(session.subs):
             self._unsubscribe(session, topic)
         if session.client_id is not None and self._sessions.get(session.client_id) is session:
@@ -656,6 +745,8 @@ class BrokerCore:
         """CLOSE: the connection's session ends now, whatever it asked for."""
         session = conn.session
         if session.conn is conn:
+            if session.streams:
+                self.backplane.drop(session.client_id)
             self._forget(session)
             conn.session = fresh = _Session(None)
             fresh.conn = conn
@@ -700,10 +791,33 @@ class BrokerCore:
             table = entry[1]
         table[session] = reliable
         self._routes.clear()
+        bp = self.backplane
+        if topic in session.streams:
+            if not reliable:
+                self._unstream(session, topic, True)
+        elif (reliable and tokens is None and bp is not None and bp.streams
+                and session.client_id is not None):
+            session.streams[topic] = _Stream()
+            self._streamed[topic] = self._streamed.get(topic, 0) + 1
+            bp.begin(session, topic)
+
+    def _unstream(self, session: _Session, topic: str, tell: bool) -> None:
+        """The backplane stops recording ``topic`` for the session (``tell``: forget its
+        position there too)."""
+        del session.streams[topic]
+        n = self._streamed[topic] - 1
+        if n:
+            self._streamed[topic] = n
+        else:
+            del self._streamed[topic]
+        if tell:
+            self.backplane.unstream(session.client_id, topic)
 
     def _unsubscribe(self, session: _Session, topic: str) -> None:
         if session.subs.pop(topic, None) is None:
             return
+        if topic in session.streams:
+            self._unstream(session, topic, True)
         table = self._exact.get(topic)
         if table is not None:
             table.pop(session, None)
@@ -781,8 +895,11 @@ class BrokerCore:
         conn.send(msip.encode_header(_ACK, _K_STATE, 0, msg_id, 0))
 
     def _route_event(self, topic: str, payload, compressed: int, urgent: int, msg_id: int,
-                     now: float) -> None:
-        """Queue the EVENT of a publish (``payload``: its PUBLISH payload) to its subscribers."""
+                     now: float, origin: int = _LOCAL, sid: tuple | None = None) -> None:
+        """Queue the EVENT of a publish (``payload``: its PUBLISH payload) to its subscribers.
+
+        Subscriptions the backplane records get a local publish only when it comes back from
+        the backplane (``origin`` ``_OWN``), in the stream's order, with its stream id."""
         appends, peers, others = self._route(topic)
         if not (appends or others):
             return
@@ -791,7 +908,7 @@ class BrokerCore:
         size = _HDR + n
         # small events: one joined object (a copy); large: header + the received view
         item = header + payload if n <= _INLINE_MAX else (header, payload)
-        if appends:
+        if appends and origin != _OWN:
             entry = (item, size, True)  # one entry shared by every queue
             for append in appends:
                 append(entry)
@@ -799,22 +916,44 @@ class BrokerCore:
             self.dirty.update(peers)
         if not others:
             return
+        streamed = topic in self._streamed
+        if origin == _OWN and not streamed:
+            return
         urgent = bool(urgent)
         for session, reliable in others:
+            st = session.streams.get(topic) if streamed and reliable else None
+            stream = None
+            if st is None:
+                if origin == _OWN:
+                    continue
+            elif origin == _LOCAL:
+                continue  # it comes back from the backplane with its stream id
+            elif sid is not None:
+                if st.catching is not None:  # the stream is being read up to now: after it
+                    if len(st.catching) >= self.max_inflight:  # they are in the stream too
+                        st.catching.clear()
+                        st.overflowed = True
+                    st.catching.append((sid, payload, compressed, urgent, msg_id))
+                    continue
+                if sid <= st.last:
+                    continue  # read from the stream already
+                st.last = sid
+                stream = (topic, sid)
             if session.conn is None and type(item) is tuple:
                 # kept for an away session: its own octets, not a view of a read buffer
                 item = header + bytes(payload)
-            self._deliver(session, item, size, urgent, reliable, msg_id, now)
+            self._deliver(session, item, size, urgent, reliable, msg_id, now, stream)
 
-    def _deliver(self, session: _Session, item, size, urgent, reliable, msg_id, now) -> None:
+    def _deliver(self, session: _Session, item, size, urgent, reliable, msg_id, now,
+                 stream=None) -> None:
         c = session.conn
         if c is not None:
             if reliable:
-                self._track(session, msg_id, item, size, urgent, now)
+                self._track(session, msg_id, item, size, urgent, now, stream)
             self.stats.delivered += 1
             c.enqueue(item, size, urgent)
         elif session.durable:
-            self._keep(session, _Held(msg_id, item, size, urgent, reliable))
+            self._keep(session, _Held(msg_id, item, size, urgent, reliable, stream=stream))
 
     # -- away backlogs: bounded per session (messages, octets) and in total (octets) -------
     def _keep(self, session: _Session, kept: _Held) -> None:
@@ -861,10 +1000,17 @@ class BrokerCore:
         return taken
 
     # -- in flight: at-least-once events waiting for their ACK ----------------------------
-    def _track(self, session: _Session, msg_id, item, size, urgent, now: float) -> None:
+    def _track(self, session: _Session, msg_id, item, size, urgent, now: float,
+               stream=None) -> None:
         seq = session.seq = session.seq + 1
         session.inflight[seq] = _Held(msg_id, item, size, urgent, True,
-                                      now + self.redelivery_timeout)
+                                      now + self.redelivery_timeout, stream)
+        if stream is not None:
+            st = session.streams.get(stream[0])
+            if st is not None:
+                st.unacked[stream[1]] = None
+                if stream[1] > st.tracked:
+                    st.tracked = stream[1]
         session.by_msg_id.setdefault(msg_id, collections.deque()).append(seq)
         session.inflight_bytes += size
         while len(session.inflight) > 1 and (len(session.inflight) > self.max_inflight
@@ -875,6 +1021,8 @@ class BrokerCore:
     def _untrack(self, session: _Session, seq: int) -> None:
         p = session.inflight.pop(seq)
         session.inflight_bytes -= p.size
+        if p.stream is not None:
+            self._stream_done(session, p.stream)
         seqs = session.by_msg_id.get(p.msg_id)
         if seqs is not None:
             try:
@@ -894,8 +1042,20 @@ class BrokerCore:
         p = session.inflight.pop(seq, None)
         if p is not None:
             session.inflight_bytes -= p.size
+            if p.stream is not None:
+                self._stream_done(session, p.stream)
         self.stats.acked += 1
 
+    def _stream_done(self, session: _Session, stream: tuple) -> None:
+        """An event read from a stream was acknowledged (or given up): the session's position
+        there moves to its oldest unacknowledged event, or past the last one delivered."""
+        topic, sid = stream
+        st = session.streams.get(topic)
+        if st is None or sid not in st.unacked:
+            return
+        del st.unacked[sid]
+        pos = "%d-%d" % next(iter(st.unacked)) if st.unacked else "(%d-%d" % st.tracked
+        self.backplane.position(session.client_id, topic, pos)
     def _resume_delivery(self, session: _Session, now: float) -> None:
         """After HELLO: resend unacknowledged events, then what arrived while away."""
         conn = session.conn
@@ -907,7 +1067,7 @@ class BrokerCore:
             self.stats.delivered += 1
             conn.enqueue(p.item, p.size, p.urgent)
         for k in self._clear_backlog(session):
-            self._deliver(session, k.item, k.size, k.urgent, k.reliable, k.msg_id, now)
+            self._deliver(session, k.item, k.size, k.urgent, k.reliable, k.msg_id, now, k.stream)
 
     def _redeliver(self, now: float) -> None:
         for session in self._sessions.values():
