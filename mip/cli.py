@@ -411,7 +411,7 @@ def _repository_root(args) -> str:
 
 async def _serve(args) -> int:
     """``mip serve``'s process, or one worker of ``--workers`` (``args.worker_role``)."""
-    from mip.frontends.mip import MipHandler
+    from mip.frontends.mip_handler import MipHandler
     from mip.net.mip_server import MipServer
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository
