@@ -15,7 +15,7 @@ import ssl as _ssl
 
 from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net.grpc_server import _RECEIVE_BUFFER, H2Protocol, tls_context
-from mip.protocol import _h2
+import mip.protocol._h2 as _h2
 
 __all__ = ["GrpcChannel"]
 

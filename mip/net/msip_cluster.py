@@ -235,7 +235,7 @@ class RedisCluster:
             if not queue:
                 self._wake.clear()
                 await self._wake.wait()
-            batch = []
+            batch: list = []
             try:
                 if client is None:
                     client = _open(self.url, socket_timeout=10.0)

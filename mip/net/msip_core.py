@@ -210,7 +210,7 @@ class Peer:
 
     def take(self, limit: int) -> tuple[list, int]:
         """Take queued frames (urgent first) of about ``limit`` octets: (chunks, octets)."""
-        chunks = []
+        chunks: list = []
         n = 0
         for q in (self.urgent, self.queue):
             while q and n < limit:
@@ -735,7 +735,7 @@ class BrokerCore:
                     for s, reliable in table.items():
                         found[s] = found.get(s, False) or reliable
         appends = []
-        peers = {}
+        peers: dict = {}
         others = []
         for s, reliable in found.items():
             c = s.conn
