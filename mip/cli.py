@@ -12,6 +12,7 @@ import re
 import signal
 import ssl
 import sys
+from pathlib import Path
 from typing import Any
 
 from mip import logs
@@ -397,7 +398,7 @@ def _log_level_after_commands(parser: argparse.ArgumentParser) -> None:
                 _log_level_after_commands(command)
 
 
-def _repository_root(args) -> str | os.PathLike:
+def _repository_root(args) -> str | Path:
     """``--model-repository``, which must be a folder, or the built-in demo repository."""
     if not args.model_repository:
         from mip.serving.demo import build_demo_repository
