@@ -145,6 +145,7 @@ class _JwtVerifier:
         if self._client is not None:
             return self._client.get_signing_key_from_jwt(token).key
         kid = self._jwt.get_unverified_header(token).get("kid")
+        assert self._jwks is not None  # one of the three sources is always set
         keys = self._jwks.keys
         if kid is None:
             if len(keys) != 1:
