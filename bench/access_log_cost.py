@@ -22,7 +22,7 @@ import orjson
 import mip
 from mip import logs
 from mip.frontends.access import AccessLog
-from mip.frontends.mip import MipHandler
+from mip.frontends.mip_handler import MipHandler
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.grpc import GrpcServer, _Service
 from mip.frontends.oip.metrics import Metrics

@@ -60,7 +60,7 @@ MIP_IMPLS = ("mip", "mip-column", "mip-buffers", "kubemo", "protobuf", "memcpy",
 def mip_decode_items(frame: bytes) -> mip.Message:
     """Decode and make every value object (``Message.batch``)."""
     message = mip.decode(frame)
-    message.batch
+    _ = message.batch
     return message
 
 

@@ -40,7 +40,10 @@ def _inner(repository: str, model: str, rounds: int) -> None:
     import numpy as np
 
     import mip
-    from mip.frontends.mip import MipHandler
+    try:
+        from mip.frontends.mip_handler import MipHandler
+    except ImportError:  # a revision from before the module's rename
+        from mip.frontends.mip import MipHandler
     from mip.serving import batching
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository

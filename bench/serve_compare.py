@@ -625,7 +625,7 @@ def best_rounds(docs: list[dict]) -> list[dict]:
     for doc in docs:
         groups.setdefault((doc["label"], doc["cell_model"]), []).append(doc)
     merged = []
-    for (label, model), group in groups.items():
+    for group in groups.values():
         doc = dict(group[0])
         steps = []
         for step in group[0]["steps"]:

@@ -12,6 +12,8 @@ import re
 import signal
 import ssl
 import sys
+from pathlib import Path
+from typing import Any
 
 from mip import logs
 from mip.errors import MipError
@@ -409,7 +411,7 @@ def _log_level_after_commands(parser: argparse.ArgumentParser) -> None:
                 _log_level_after_commands(command)
 
 
-def _repository_root(args) -> str:
+def _repository_root(args) -> str | Path:
     """``--model-repository``, which must be a folder, or the built-in demo repository."""
     if not args.model_repository:
         from mip.serving.demo import build_demo_repository
@@ -424,7 +426,7 @@ def _repository_root(args) -> str:
 
 async def _serve(args) -> int:
     """``mip serve``'s process, or one worker of ``--workers`` (``args.worker_role``)."""
-    from mip.frontends.mip import MipHandler
+    from mip.frontends.mip_handler import MipHandler
     from mip.net.mip_server import MipServer
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository
@@ -459,7 +461,8 @@ async def _serve(args) -> int:
         from mip.frontends.access import AccessLog
 
         args.access = AccessLog()  # every protocol's requests, one line each
-    servers, announcements = [], []
+    servers: list = []
+    announcements: list = []
     guard = None
     sockets = role.sockets if role is not None else {}
     try:
@@ -613,14 +616,14 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
     http_on = args.http.lower() != "none"
     if not (grpc_on or http_on):
         return []
-    started = []
+    started: list = []
     v2_guard = guard if guard is not None and guard.scope - {"v1"} else None
     shared_memory = _shared_memory(args)
     try:
         if grpc_on:
             from mip.frontends.oip.grpc import GrpcServer
 
-            server = GrpcServer(engine, metrics=metrics,
+            server: Any = GrpcServer(engine, metrics=metrics,
                                 max_message_size=args.grpc_max_message_size,
                                 request_timeout=args.request_timeout, tls_cert=args.tls_cert,
                                 tls_key=args.tls_key, tls_ca=args.tls_ca,

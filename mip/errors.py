@@ -398,6 +398,8 @@ class RpcError(MipError):
 
     def __init__(self, code, details: str = "", trailers=()):
         super().__init__(details)
+        self.code: GrpcStatus | int
+        self.grpc_status: GrpcStatus | int
         try:
             self.code = self.grpc_status = GrpcStatus.of(code)
         except ValueError:  # a number this table does not name: kept as the peer sent it
@@ -415,6 +417,7 @@ class RemoteError(MipError):
     """
 
     def __init__(self, error_code: int, detail: str | None = None):
+        code: ErrorCode | int
         try:
             code = ErrorCode(error_code)
             name = code.name

@@ -15,12 +15,12 @@ instead of a write and a flush for every request.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import sys
 import threading
 import time
+from typing import TextIO
 
 __all__ = ["ACCESS_FIELDS", "ACCESS_LOGGER", "LOG_FORMATS", "JsonFormatter", "LineHandler",
            "TextAccessFormatter", "configure"]
@@ -102,8 +102,9 @@ class JsonFormatter(logging.Formatter):
                        "request_id": None if request_id == "-" else request_id})
 
     def format(self, record: logging.LogRecord) -> str:
-        if record.msg is ACCESS_MESSAGE and len(record.args) == len(ACCESS_FIELDS):
-            return self.access_line(record.created, record.args, record.name)
+        args = record.args
+        if record.msg is ACCESS_MESSAGE and isinstance(args, tuple) and len(args) == len(ACCESS_FIELDS):
+            return self.access_line(record.created, args, record.name)
         else:
             document = {"time": _utc(record), "level": record.levelname,
                         "logger": record.name, "message": record.getMessage()}
@@ -126,11 +127,13 @@ class LineHandler(logging.Handler):
     handler is flushed or closed (as logging does when the process exits).
     """
 
+    lock: threading.RLock  # made by logging.Handler.__init__
+
     def __init__(self, target: str):
         super().__init__()
         self.path = None if target == "-" else os.path.abspath(target)
-        self.stream: io.TextIOBase = sys.stderr
-        self._identity = None
+        self.stream: TextIO = sys.stderr
+        self._identity: tuple[int, int] | None = None
         self._checked = 0.0
         if self.path is not None:
             self._open()
@@ -141,6 +144,7 @@ class LineHandler(logging.Handler):
         self._flush_due = False
 
     def _open(self) -> None:
+        assert self.path is not None  # a file, not standard error
         self.stream = open(self.path, "a", encoding="utf-8", buffering=1 << 16)
         status = os.fstat(self.stream.fileno())
         self._identity = (status.st_dev, status.st_ino)
@@ -157,7 +161,7 @@ class LineHandler(logging.Handler):
         """Write an access line (fields :data:`ACCESS_FIELDS`) of logger ``name`` made now:
         what logging a record of it does, without the record (see
         :class:`mip.frontends.access.AccessLog`)."""
-        line = self.formatter.access_line(time.time(), args, name) + "\n"
+        line = self.formatter.access_line(time.time(), args, name) + "\n"  # type: ignore[union-attr]
         with self.lock:
             self._hold(line)
 
@@ -214,7 +218,7 @@ class LineHandler(logging.Handler):
             return
         self._checked = now
         try:
-            status = os.stat(self.path)
+            status = os.stat(self.path)  # type: ignore[arg-type]  # called for a file only
             moved = (status.st_dev, status.st_ino) != self._identity
         except FileNotFoundError:
             moved = True

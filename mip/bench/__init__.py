@@ -22,7 +22,7 @@ def _levels(text: str) -> list[int]:
     try:
         levels = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not levels or any(x < 1 for x in levels):
         raise argparse.ArgumentTypeError("concurrency levels must be >= 1")
     return levels
@@ -32,7 +32,7 @@ def _rates(text: str) -> list[float]:
     try:
         rates = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not rates or any(x <= 0 for x in rates):
         raise argparse.ArgumentTypeError("request rates must be > 0")
     return rates
@@ -42,7 +42,7 @@ def _shape(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace("x", ",").split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a shape like 1,16, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a shape like 1,16, got {text!r}") from None
 
 
 def _output_args(p: argparse.ArgumentParser, run: bool = True) -> None:

@@ -245,6 +245,7 @@ async def measure_step(driver_factory: Callable[[int], Driver], *, concurrency: 
             done, pending = await asyncio.wait(workers, timeout=(t_end - time.perf_counter())
                                                + timeout + 1.0)
         else:
+            assert request_rate is not None  # exactly one of the two, checked above
             tasks = await _open_loop(driver.call, rec, request_rate, t_start, t_warm, t_end,
                                      max_inflight, budget)
             pending = set()

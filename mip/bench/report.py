@@ -109,7 +109,7 @@ def format_table(doc: dict, *, title: bool = True) -> str:
         out.append(f"{doc['label']}: {t['protocol']} {t['url']} model={t['model']} [{shapes}] "
                    f"({doc['steps'][0]['request_bytes'] if doc['steps'] else 0} B/request)")
     out.append(_table(head, rows))
-    errs = {}
+    errs: dict[str, object] = {}
     for s in doc["steps"]:
         for k, v in s.get("error_examples", {}).items():
             errs.setdefault(k, v)

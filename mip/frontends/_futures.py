@@ -38,7 +38,7 @@ class Link:
             if done.cancelled():
                 self.source.cancel()
             return
-        failure = CANCELLED
+        failure: BaseException | None = CANCELLED
         if reply.done():
             pass
         elif done.cancelled():
@@ -68,6 +68,9 @@ class Link:
 
 class _Chain(Link):
     __slots__ = ("_transform", "_error", "_settled")
+    _transform: Callable
+    _error: Callable[[BaseException], BaseException] | None
+    _settled: Callable[[BaseException | None], None] | None
 
     def transform(self, result):
         return self._transform(result)

@@ -110,7 +110,7 @@ class _AccessRecord(logging.LogRecord):
         self.args = args
         self.created = created
         self.msecs = int((created - int(created)) * 1000) + 0.0
-        self.relativeCreated = (created - logging._startTime) * 1000
+        self.relativeCreated = (created - logging._startTime) * 1000  # type: ignore[attr-defined]
 
 
 class AccessLog:

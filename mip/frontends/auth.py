@@ -32,6 +32,7 @@ import hmac
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,7 @@ class _JwtVerifier:
         if self._client is not None:
             return self._client.get_signing_key_from_jwt(token).key
         kid = self._jwt.get_unverified_header(token).get("kid")
+        assert self._jwks is not None  # one of the three sources is always set
         keys = self._jwks.keys
         if kid is None:
             if len(keys) != 1:
@@ -189,7 +191,7 @@ class Authenticator:
         jwt_leeway: seconds of clock skew tolerated on ``exp`` / ``nbf``.
     """
 
-    def __init__(self, key_hashes: list[str] = (), *, jwt_issuer: str | None = None,
+    def __init__(self, key_hashes: Sequence[str] = (), *, jwt_issuer: str | None = None,
                  jwt_audience: str | None = None, jwt_keys: str | None = None,
                  jwt_leeway: float = 30.0):
         self._digests = [bytes.fromhex(d) for d in key_hashes]

@@ -15,7 +15,7 @@ import ssl as _ssl
 
 from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net.grpc_server import _RECEIVE_BUFFER, H2Protocol, tls_context
-from mip.protocol import _h2
+import mip.protocol._h2 as _h2
 
 __all__ = ["GrpcChannel"]
 
@@ -98,11 +98,11 @@ class GrpcChannel:
         self.ssl = tls_context(server=False) if ssl is True else (ssl or None)
         self.max_message_size = max_message_size
         self._protocol: _ClientProtocol | None = None
-        self._loop = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        _, self._protocol = await self._loop.create_connection(
+        self._loop = loop = asyncio.get_running_loop()
+        _, self._protocol = await loop.create_connection(
             lambda: _ClientProtocol(self), self.host, self.port, ssl=self.ssl)
 
     async def __aenter__(self) -> GrpcChannel:
@@ -123,7 +123,7 @@ class GrpcChannel:
             raise protocol.lost
         if isinstance(path, str):
             path = path.encode()
-        future = self._loop.create_future()
+        future = protocol.loop.create_future()
         try:
             call = protocol.h2.start_call(path, self.authority, payload, metadata, timeout)
         except H2Error as exc:  # e.g. the server has sent GOAWAY: no new streams

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net.grpc_limits import GrpcLimits
-from mip.protocol import _h2
+import mip.protocol._h2 as _h2
 
 __all__ = ["Context", "GrpcLimits", "GrpcServer", "H2Protocol", "Method",
            "stream_stream", "tls_context", "unary", "unary_future"]

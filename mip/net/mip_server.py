@@ -1,7 +1,7 @@
 """An asyncio MIP server: octets from the socket straight into the codec, frames to a handler.
 
 The server knows nothing of models: a *handler* turns each decoded request into
-the buffers of its reply (``mip.frontends.mip.MipHandler`` serves an engine).
+the buffers of its reply (``mip.frontends.mip_handler.MipHandler`` serves an engine).
 Each connection receives through ``asyncio.BufferedProtocol`` into the
 parser's own memory and sends replies with ``writelines`` (headers and tensor
 memory, no copy).  A connection may pipeline: requests run concurrently and

@@ -338,7 +338,7 @@ class RedisCluster:
             if not queue:
                 self._wake.clear()
                 await self._wake.wait()
-            batch = []
+            batch: list = []
             try:
                 if client is None:
                     client = _open(self.url, socket_timeout=10.0)
@@ -526,17 +526,17 @@ class RedisCluster:
                             pipe.pexpire(self.prefix + b"stream:" + t, 2 * ttl_ms)
                 results = await pipe.execute() if len(pipe) else []
                 waiting = [op for op, at in begins if at is None]
-                for session, at in restores:
+                for restoring, at in restores:
                     topics = []
                     for raw in results[at]:
                         try:
                             topics.append(raw.decode("utf-8"))
                         except UnicodeDecodeError:
                             self.stats.cluster_invalid += 1
-                    self.broker.core.restore_subscriptions(session, topics)
-                for op, at in begins:
-                    if at is not None:
-                        await self._replay(client, op[1], op[2], results[at])
+                    self.broker.core.restore_subscriptions(restoring, topics)
+                for op, index in begins:
+                    if index is not None:
+                        await self._replay(client, op[1], op[2], results[index])
                 backoff = _BACKOFF_MIN
             except asyncio.CancelledError:
                 raise
@@ -544,8 +544,8 @@ class RedisCluster:
                 waiting = [op for op in waiting + ops if op[0] == "begin"]
                 # idempotent: again
                 self._ops[:0] = [op for op in ops if op[0] != "begin"]
-                for key, pos in positions.items():
-                    self._positions.setdefault(key, pos)
+                for where, pos in positions.items():
+                    self._positions.setdefault(where, pos)
                 self._warn_rec("cluster: recording sessions in Redis at %s failed (%s); "
                                "retrying in %.1f s", self._where(), exc, backoff)
                 await _close_quietly(client)

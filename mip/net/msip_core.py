@@ -231,7 +231,7 @@ class Peer:
 
     def take(self, limit: int) -> tuple[list, int]:
         """Take queued frames (urgent first) of about ``limit`` octets: (chunks, octets)."""
-        chunks = []
+        chunks: list = []
         n = 0
         for q in (self.urgent, self.queue):
             while q and n < limit:
@@ -546,7 +546,7 @@ class BrokerCore:
         found = []
         for s in self._sessions.values():
             topics = [t for t, st in s.streams.items() if st.catching is None]
-            if topics:
+            if topics and s.client_id is not None:
                 found.append((s.client_id, topics))
         return found
 
@@ -745,7 +745,7 @@ class BrokerCore:
         """CLOSE: the connection's session ends now, whatever it asked for."""
         session = conn.session
         if session.conn is conn:
-            if session.streams:
+            if session.streams and self.backplane is not None:
                 self.backplane.drop(session.client_id)
             self._forget(session)
             conn.session = fresh = _Session(None)
@@ -810,7 +810,7 @@ class BrokerCore:
             self._streamed[topic] = n
         else:
             del self._streamed[topic]
-        if tell:
+        if tell and self.backplane is not None:
             self.backplane.unstream(session.client_id, topic)
 
     def _unsubscribe(self, session: _Session, topic: str) -> None:
@@ -849,7 +849,7 @@ class BrokerCore:
                     for s, reliable in table.items():
                         found[s] = found.get(s, False) or reliable
         appends = []
-        peers = {}
+        peers: dict = {}
         others = []
         for s, reliable in found.items():
             c = s.conn
@@ -1055,7 +1055,8 @@ class BrokerCore:
             return
         del st.unacked[sid]
         pos = "%d-%d" % next(iter(st.unacked)) if st.unacked else "(%d-%d" % st.tracked
-        self.backplane.position(session.client_id, topic, pos)
+        if self.backplane is not None:
+            self.backplane.position(session.client_id, topic, pos)
     def _resume_delivery(self, session: _Session, now: float) -> None:
         """After HELLO: resend unacknowledged events, then what arrived while away."""
         conn = session.conn

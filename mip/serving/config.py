@@ -190,6 +190,8 @@ def _specs(value: Any, key: str, batch_axis: bool = False,
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ConfigError(f"each of {key} must be a name or an object with a name")
         datatype = item.get("datatype", item.get("data_type", "BYTES"))
+        if not isinstance(datatype, str):
+            raise ConfigError(f"{key} {item['name']!r}: datatype must be a name, not {datatype!r}")
         datatype = datatype.removeprefix("TYPE_").replace("STRING", "BYTES")
         if datatype not in DATATYPES:
             raise ConfigError(f"{key} {item['name']!r}: unknown datatype {datatype!r}")

@@ -13,7 +13,7 @@ import pytest
 
 import mip
 from mip.errors import ErrorCode, RemoteError
-from mip.frontends.mip import MipHandler
+from mip.frontends.mip_handler import MipHandler
 from mip.net.mip_client import AsyncClient, Client
 from mip.net.mip_server import MipServer
 from mip.serving.demo import build_demo_repository

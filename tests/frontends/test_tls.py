@@ -9,7 +9,7 @@ import ssl
 import numpy as np
 import pytest
 
-from mip.frontends.mip import MipHandler
+from mip.frontends.mip_handler import MipHandler
 from mip.net.mip_client import AsyncClient, Client
 from mip.net.mip_server import MipServer
 from mip.serving.demo import build_demo_repository

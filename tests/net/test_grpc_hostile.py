@@ -206,7 +206,7 @@ def test_hpack_bomb(guarded):
         send(sock, b"".join(frame(HEADERS, END_HEADERS | END_STREAM, i,
                                   REQUEST + (big if i == 1 else b"") + b"\xbe" * 10)
                             for i in ids))
-        frames += echo.read_frames(sock, lambda f: f.stream_id == ids[-1]
+        frames += echo.read_frames(sock, lambda f, last=ids[-1]: f.stream_id == last
                                    and "END_STREAM" in f.flags)
     sock.close()
     answered = [f for f in frames if isinstance(f, HeadersFrame)]

@@ -134,7 +134,7 @@ def test_idle_timeout_pings_then_closes():
         assert h["type"] == w.PING  # the broker probes first
         _error_then_eof(quiet, b"idle timeout")
         lively = w.RefClient(b.port)
-        for i in range(8):  # answering keeps the connection open
+        for _ in range(8):  # answering keeps the connection open
             got = lively.recv(timeout=2.0)
             assert got[0]["type"] == w.PING
             lively.send(w.PONG, b"", got[0]["msg_id"])

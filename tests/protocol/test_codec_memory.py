@@ -69,7 +69,7 @@ def test_repr_of_invalid_json_does_not_raise(data):
     text = repr(m.batch)
     assert "Json.from_bytes(" in text
     with pytest.raises(InvalidValue):
-        m.batch[0][0].value
+        _ = m.batch[0][0].value
 
 
 def test_repr_of_valid_json_shows_the_value():

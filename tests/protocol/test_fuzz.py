@@ -121,7 +121,7 @@ def touch_message(m) -> None:
             else:
                 bytes(v.data)
                 if isinstance(v, mip.Text):
-                    v.value
+                    _ = v.value
 
 
 def touch_frame(f) -> None:

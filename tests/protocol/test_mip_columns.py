@@ -91,6 +91,6 @@ def test_a_buffer_changed_after_decoding_never_leads_outside_the_frame():
     frame[12:16] = (0xFFFFFFF0).to_bytes(4, "big")  # first TLV type becomes reserved/unknown
     frame[16:20] = (0x7FFFFFFF).to_bytes(4, "big")  # and its size runs far past the frame
     with pytest.raises(mip.ProtocolError):
-        m.batch
+        _ = m.batch
     with pytest.raises(mip.ProtocolError):
         m.column(0)

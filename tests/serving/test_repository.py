@@ -147,3 +147,12 @@ def test_invalid_json_config_is_a_reason(repo):
     with pytest.raises(ModelLoadError, match="config.json"):
         repository.load("m")
     assert json.dumps([e.reason for e in repository.index()])
+
+
+@pytest.mark.parametrize("datatype", [5, None, ["FP32"]])
+def test_a_datatype_that_is_not_a_name_is_a_config_error(datatype):
+    from mip.errors import ConfigError
+    from mip.serving.config import parse_config
+
+    with pytest.raises(ConfigError, match="inputs 'x': datatype must be a name"):
+        parse_config({"inputs": [{"name": "x", "datatype": datatype, "shape": [1]}]})

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import time
+from typing import Any
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
@@ -104,7 +105,7 @@ class MiaasConfig:
 def error_response(status: int, code: str, message: str, details: dict | None = None,
                    headers: dict | None = None) -> JSONResponse:
     """The error body every failure of this API answers with."""
-    error = {"code": code, "message": message}
+    error: dict[str, object] = {"code": code, "message": message}
     if details:
         error["details"] = details
     return JSONResponse({"error": error}, status_code=status, headers=headers)
@@ -149,7 +150,7 @@ class MiaasService:
 
             self.publisher = OutcomePublisher(c.msip_push, ssl=c.client_ssl)
         self.worker: JobWorker | None = None
-        self._collector = None
+        self._collector: Any = None
         self._openapi = openapi_document(open_health=c.open_health, rate=c.rate_limit,
                                          auth_failures=c.auth_failures)
         self.started = False

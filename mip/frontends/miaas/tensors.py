@@ -80,11 +80,11 @@ def decode_inputs(body: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
 
 def _json_element(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
+        octets = bytes(value)
         try:
-            return data.decode("utf-8")
+            return octets.decode("utf-8")
         except UnicodeDecodeError:
-            return base64.b64encode(data).decode("ascii")
+            return base64.b64encode(octets).decode("ascii")
     if isinstance(value, str):
         return value
     inner = getattr(value, "value", None)  # mip.Text / mip.Json values

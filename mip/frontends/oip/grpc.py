@@ -427,10 +427,11 @@ class _Service:
                 reply = await self._infer(data, context)
                 replies.put_nowait(_STREAM_RESPONSE_TAG + _varint(len(reply)) + reply)
             except Exception as exc:  # every request gets an answer on the stream
+                said = str(exc)
                 if not isinstance(exc, ServingError):
                     log.exception("stream request failed")
-                    exc = f"internal error: {type(exc).__name__}: {exc}"
-                message = pb.ModelStreamInferResponse(error_message=str(exc))
+                    said = f"internal error: {type(exc).__name__}: {exc}"
+                message = pb.ModelStreamInferResponse(error_message=said)
                 message.infer_response.id = _request_id(data)
                 replies.put_nowait(message.SerializeToString())
             finally:
@@ -504,7 +505,7 @@ class _Service:
         datatypes = [codec.datatype_of(a) for a in result.outputs.values()]
         raw = raw or any(d in ("FP16", "BF16") for d in datatypes)
         in_shm = shm.SystemSharedMemory.write(targets, result.outputs) if targets else {}
-        parts = []
+        parts: list = []
         for (name, array), datatype in zip(result.outputs.items(), datatypes):
             tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
             if name in in_shm:
@@ -722,7 +723,7 @@ def native_unavailable_reason() -> str | None:
     """Why the native transport cannot be used here (None: it can): not built, or built
     but its run-time library (libnghttp2.so.14) is missing."""
     try:
-        from mip.protocol import _h2  # noqa: F401
+        import mip.protocol._h2  # noqa: F401
     except ModuleNotFoundError:
         return ("mip was built without the native gRPC transport (MIP_NO_NATIVE_GRPC=1, or "
                 "libnghttp2's headers were missing when it was built)")

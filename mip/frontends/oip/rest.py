@@ -43,6 +43,7 @@ import socket
 import ssl
 import time
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import orjson
@@ -94,7 +95,7 @@ def _error(message: str, status: int) -> Response:
 class _PartsResponse(Response):
     """A reply written as several buffers (JSON header, then tensor octets), no join."""
 
-    def __init__(self, parts: list, header_length: int, headers: list = ()):
+    def __init__(self, parts: list, header_length: int, headers: Sequence = ()):
         total = sum(len(p) for p in parts)
         if total < _JOIN_BELOW:
             parts = [b"".join(parts)]
@@ -391,7 +392,7 @@ class _Endpoints:
         return _decompress(body, (encoding or "identity").lower(), limit)
 
     def _inputs(self, doc: dict, view: memoryview, position: int,
-                spans: list = ()) -> dict[str, np.ndarray]:
+                spans: Sequence = ()) -> dict[str, np.ndarray]:
         specs = doc.get("inputs")
         if not isinstance(specs, list):
             raise InvalidInput("the request needs an 'inputs' list")
@@ -490,7 +491,7 @@ def _extension_parameters(doc: dict) -> dict[str, int] | None:
     return codec.check_parameters(request, tensors["inputs"], tensors["outputs"])
 
 
-def _from_span(name: str, datatype: str, shape, view: memoryview, spans: list,
+def _from_span(name: str, datatype: str, shape, view: memoryview, spans: Sequence,
                placeholder: str) -> np.ndarray:
     """An input whose ``data`` was a large numeric array, parsed from the body itself."""
     index = placeholder[len(PLACEHOLDER):]
@@ -705,7 +706,7 @@ class _InferFront:
         await self.app(scope, receive, send)
 
 
-def build_app(engine, *, extra_routes: tuple[BaseRoute, ...] | list[BaseRoute] = (),
+def build_app(engine, *, extra_routes: Sequence[BaseRoute] = (),
               metrics=None, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
               request_timeout: float | None = None, guard=None, access_log=None,
               shared_memory=None):

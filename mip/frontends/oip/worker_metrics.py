@@ -158,7 +158,7 @@ def merge(own: bytes, others: list[tuple[bytes, bool]]) -> bytes:
             else:
                 entry[0] += number
                 entry[1] = entry[1] and integral
-    out = []
+    out: list[str] = []
     for family, series in samples.items():
         out.extend(f"{line}\n" for line in headers.get(family, ()))
         for key, (number, integral) in series.items():

@@ -58,6 +58,7 @@ def _is_model_class(obj: Any, module: str) -> bool:
 def _import(path: Path, name: str) -> Any:
     module_name = f"_mip_model_{name}_{next(_module_numbers)}"
     spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None  # a path ending in .py always has both
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up here
     try:
@@ -250,7 +251,7 @@ def load_python_model(path: Path, config: ModelConfig, name: str = "model") -> P
             try:
                 parameters = inspect.signature(cls).parameters
             except (TypeError, ValueError):
-                parameters = {}
+                parameters = {}  # type: ignore[assignment]
             if "device_id" not in parameters:
                 raise ConfigError(f"{cls.__name__} takes no device_id, so it cannot be "
                                   f"placed on {config.device}")
