@@ -355,6 +355,7 @@ class BrokerCore:
         """A new connection (``host``: the client's address, for authentication limits)."""
         peer = Peer(self, host, now, handle)
         self.peers[peer] = None
+        self.stats.connections = len(self.peers)
         return peer
 
     def data_received(self, peer: Peer, nbytes: int, now: float) -> None:
@@ -415,6 +416,7 @@ class BrokerCore:
         peer.qbytes = 0
         self.dirty.pop(peer, None)
         self.peers.pop(peer, None)
+        self.stats.connections = len(self.peers)
         self._routes.clear()
         session = peer.session
         if session.conn is not peer:

@@ -124,6 +124,15 @@ def test_fan_out_queues_one_shared_entry():
     assert all(events(wire.frames(s)) == [(7, w.publish_payload("t", b"x" * 100))] for s in subs)
 
 
+def test_open_connections_are_counted():
+    wire = Wire()
+    peers = [wire.open() for _ in range(3)]
+    assert wire.core.stats.connections == 3
+    wire.core.lost(peers[0], wire.now)
+    wire.core.lost(peers[0], wire.now)  # told twice: counted once
+    assert wire.core.stats.connections == 2
+
+
 def test_large_event_shares_the_received_payload():
     wire = Wire()
     a, b = wire.open(), wire.open()
