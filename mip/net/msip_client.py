@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator, Callable
 from mip import msip
 from mip.errors import BrokerError, ProtocolError
 from mip.net.msip_topics import topic_matches
-from mip.net.urls import parse_url
+from mip.net.urls import UnixAddress, parse_url
 
 __all__ = ["AsyncClient", "Client", "Event", "Subscription"]
 
@@ -263,7 +263,7 @@ class AsyncClient:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         a = self.address
-        if a.scheme == "unix":
+        if isinstance(a, UnixAddress):
             _, proto = await loop.create_unix_connection(lambda: _Protocol(self), a.path,
                                                          ssl=self.ssl)
         else:
