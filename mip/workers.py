@@ -108,13 +108,13 @@ class WorkerRole:
 
 def bind_listeners(args) -> dict[str, socket.socket]:
     """One listening socket for each listener of ``args`` that is not ``none``."""
-    from mip.net.urls import parse_url
+    from mip.net.urls import UnixAddress, parse_url
 
     sockets = {}
     try:
         if args.mip.lower() != "none":
             address = parse_url(args.mip)
-            if address.scheme == "unix":
+            if isinstance(address, UnixAddress):
                 sockets["mip"] = _bind_unix(address.path)
             else:
                 sockets["mip"] = _bind_tcp(address.host, address.port)

@@ -65,13 +65,13 @@ class Client:
         pass
 
     def _connect(self, target: str) -> socket.socket:
-        from mip.net.urls import parse_url
+        from mip.net.urls import UnixAddress, parse_url
 
         try:
             address = parse_url(target)
         except ValueError as exc:
             raise ParseAddressError(str(exc)) from None
-        if address.scheme == "unix":
+        if isinstance(address, UnixAddress):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             where: Any = address.path
         else:

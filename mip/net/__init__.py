@@ -3,7 +3,7 @@
 from mip.net.msip_broker import Broker, BrokerStats
 from mip.errors import BrokerError
 from mip.net.msip_client import AsyncClient, Client, Event, Subscription
-from mip.net.urls import Address, parse_url
+from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
 
 __all__ = [
     "Address",
@@ -14,5 +14,7 @@ __all__ = [
     "Client",
     "Event",
     "Subscription",
+    "TcpAddress",
+    "UnixAddress",
     "parse_url",
 ]

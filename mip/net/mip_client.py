@@ -29,7 +29,7 @@ from typing import Sequence
 
 import mip
 from mip.errors import ProtocolError, RemoteError
-from mip.net.urls import Address, parse_url
+from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
 
 __all__ = ["Client", "AsyncClient"]
 
@@ -60,9 +60,9 @@ class _Balancer:
     def stale(self) -> bool:
         return time.monotonic() >= self._expires
 
-    def lookups(self) -> list[tuple[Address, tuple | None]]:
+    def lookups(self) -> list[tuple[Address, tuple[str, int] | None]]:
         """``(url, (host, port) to look up)`` for each URL; ``None`` for a unix URL."""
-        return [(url, (url.host, url.port) if url.scheme == "tcp" else None)
+        return [(url, (url.host, url.port) if isinstance(url, TcpAddress) else None)
                 for url in self.urls]
 
     def update(self, results: list) -> None:
@@ -71,15 +71,16 @@ class _Balancer:
         the first failure is raised."""
         found: list[tuple[Address, str | None]] = []
         errors = []
-        for (url, args), result in zip(self.lookups(), results):
-            if args is None:
+        for url, result in zip(self.urls, results):
+            if isinstance(url, UnixAddress):
                 found.append((url, None))
             elif isinstance(result, BaseException):
                 errors.append(result)
                 found += [pair for pair in self.addresses if pair[1] == url.host]
             else:
                 for *_, sockaddr in result:
-                    pair = (Address("tcp", host=sockaddr[0], port=sockaddr[1]), url.host)
+                    pair: tuple[Address, str | None] = (
+                        TcpAddress(sockaddr[0], sockaddr[1]), url.host)
                     if pair not in found:
                         found.append(pair)
         if not found:
@@ -125,15 +126,17 @@ def _resolve(balancer: _Balancer) -> None:
 def _connect(url: str | Address, timeout: float | None, ssl: _ssl.SSLContext | None,
              server_hostname: str | None) -> socket.socket:
     addr = parse_url(url) if isinstance(url, str) else url
-    if addr.scheme == "unix":
+    host = None
+    if isinstance(addr, UnixAddress):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         sock.connect(addr.path)
     else:
-        sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+        host = addr.host
+        sock = socket.create_connection((host, addr.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if ssl is not None:
-        sock = ssl.wrap_socket(sock, server_hostname=server_hostname or addr.host)
+        sock = ssl.wrap_socket(sock, server_hostname=server_hostname or host)
     return sock
 
 
@@ -510,12 +513,12 @@ class AsyncClient:
     async def _open(self, address: Address, name: str | None) -> _AsyncConnection:
         loop = asyncio.get_running_loop()
         factory = lambda: _AsyncConnection(self.max_frame_size, address)  # noqa: E731
-        hostname = (self.server_hostname or name or address.host) if self.ssl else None
-        if address.scheme == "unix":
+        if isinstance(address, UnixAddress):
             _, conn = await loop.create_unix_connection(
                 factory, address.path, ssl=self.ssl,
                 server_hostname=self.server_hostname if self.ssl else None)
         else:
+            hostname = (self.server_hostname or name or address.host) if self.ssl else None
             _, conn = await loop.create_connection(
                 factory, address.host, address.port, ssl=self.ssl, server_hostname=hostname)
         return conn

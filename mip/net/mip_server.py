@@ -26,7 +26,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 import mip
 from mip.errors import ErrorCode, ProtocolError, ServingError
 from mip.net.peers import PeerCounts, longest_idle
-from mip.net.urls import Address, parse_url
+from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
 
 __all__ = ["MipServer", "Handler"]
 
@@ -458,9 +458,9 @@ class MipServer:
         factory = lambda: _Connection(self)  # noqa: E731
         if sock is not None:
             server = await loop.create_server(factory, sock=sock, ssl=self.ssl, backlog=1024)
-            bound = addr if addr.scheme == "unix" else Address(
-                "tcp", host=addr.host, port=sock.getsockname()[1])
-        elif addr.scheme == "unix":
+            bound = addr if isinstance(addr, UnixAddress) else TcpAddress(
+                addr.host, sock.getsockname()[1])
+        elif isinstance(addr, UnixAddress):
             _remove_stale_socket(addr.path)
             server = await loop.create_unix_server(factory, addr.path, ssl=self.ssl, backlog=1024)
             self._unix_paths.append(addr.path)
@@ -469,7 +469,7 @@ class MipServer:
             server = await loop.create_server(factory, addr.host, addr.port, ssl=self.ssl,
                                               backlog=1024, reuse_address=True)
             host, port = server.sockets[0].getsockname()[:2]
-            bound = Address("tcp", host=host, port=port)
+            bound = TcpAddress(host, port)
         self._servers.append(server)
         self.addresses.append(bound)
         if self._sweeper is None:

@@ -75,7 +75,7 @@ from mip.net.msip_core import (
 )
 from mip.net.peers import PeerCounts
 from mip.net.ratelimit import FailureLimit, peer_of
-from mip.net.urls import Address, parse_url
+from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
 
 __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
 
@@ -346,15 +346,16 @@ class Broker:
         """Listen on ``url`` (``tcp://HOST:PORT``, port 0 = any free port, or
         ``unix:///PATH``), or on ``host``/``port``, or on the Unix socket ``path``.
         Returns the bound address (with the real port)."""
+        addr: Address
         if url is not None:
             addr = parse_url(url)
         elif path is not None:
-            addr = Address("unix", path=path)
+            addr = UnixAddress(path)
         else:
-            addr = Address("tcp", host=host or "127.0.0.1", port=port or 0)
+            addr = TcpAddress(host or "127.0.0.1", port or 0)
         loop = asyncio.get_running_loop()
         self._stopping = False
-        if addr.scheme == "unix":
+        if isinstance(addr, UnixAddress):
             if os.path.exists(addr.path) and not os.path.isfile(addr.path):
                 os.unlink(addr.path)
             self._server = await loop.create_unix_server(lambda: _Connection(self), addr.path,
@@ -365,7 +366,7 @@ class Broker:
                 lambda: _Connection(self), addr.host, addr.port, reuse_address=True, backlog=1024,
                 ssl=self.ssl)
             sockname = self._server.sockets[0].getsockname()
-            self.address = Address("tcp", host=addr.host, port=sockname[1])
+            self.address = TcpAddress(addr.host, sockname[1])
         self._tick_task = loop.create_task(self._tick())
         log.info("MSIP broker listening on %s", self.address)
         if self._cluster is not None:
@@ -535,7 +536,7 @@ class Broker:
     @property
     def port(self) -> int | None:
         """The TCP port listened on (after :meth:`start`)."""
-        return None if self.address is None else self.address.port
+        return self.address.port if isinstance(self.address, TcpAddress) else None
 
 
 def _core_setting(name: str) -> property:

@@ -27,12 +27,15 @@ import secrets
 import struct
 import threading
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from mip import msip
 from mip.errors import BrokerError, ProtocolError
 from mip.net.msip_topics import topic_matches
-from mip.net.urls import parse_url
+from mip.net.urls import UnixAddress, parse_url
+
+if TYPE_CHECKING:
+    import zstandard
 
 __all__ = ["AsyncClient", "Client", "Event", "Subscription"]
 
@@ -151,7 +154,7 @@ class _Protocol(asyncio.BufferedProtocol):
     def __init__(self, client: "AsyncClient"):
         self.client = client
         self.parser = msip.FrameParser(max_payload=client.max_payload)
-        self.transport = None
+        self.transport: asyncio.Transport | None = None
         self.paused = False
         self.drained: asyncio.Future | None = None
 
@@ -235,8 +238,8 @@ class AsyncClient:
         self._tasks: set[asyncio.Task] = set()
         self._error: BrokerError | None = None
         self._established = False
-        self._compressor = None
-        self._decompressor = None
+        self._compressor: zstandard.ZstdCompressor | None = None
+        self._decompressor: zstandard.ZstdDecompressor | None = None
         self._resumable = client_id is not None  # send client_id in HELLO
         self._hello_id: int | None = None
         self.reconnects = 0  #: successful reconnections
@@ -263,7 +266,7 @@ class AsyncClient:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         a = self.address
-        if a.scheme == "unix":
+        if isinstance(a, UnixAddress):
             _, proto = await loop.create_unix_connection(lambda: _Protocol(self), a.path,
                                                          ssl=self.ssl)
         else:

@@ -4,35 +4,51 @@ from __future__ import annotations
 
 import dataclasses
 import urllib.parse
+from typing import ClassVar, TypeAlias
 
-__all__ = ["Address", "parse_url"]
+__all__ = ["Address", "TcpAddress", "UnixAddress", "parse_url"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Address:
-    """A parsed address.
+class TcpAddress:
+    """A TCP address.
 
     Attributes:
-        scheme: ``"tcp"`` or ``"unix"``.
-        host: host name or IP literal (without brackets) for TCP, else ``None``.
-        port: TCP port number (0 lets the system choose when listening), else ``None``.
-        path: filesystem path of a Unix socket, else ``None``.
+        host: host name or IP literal (without brackets).
+        port: port number (0 lets the system choose when listening).
     """
 
-    scheme: str
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
+    host: str
+    port: int
+    scheme: ClassVar[str] = "tcp"
 
     def __str__(self) -> str:
-        if self.scheme == "unix":
-            return f"unix://{self.path}"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp://{host}:{self.port}"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnixAddress:
+    """A Unix socket address.
+
+    Attributes:
+        path: filesystem path of the socket.
+    """
+
+    path: str
+    scheme: ClassVar[str] = "unix"
+
+    def __str__(self) -> str:
+        return f"unix://{self.path}"
+
+
+#: a parsed address: ``scheme`` is ``"tcp"`` or ``"unix"``
+Address: TypeAlias = TcpAddress | UnixAddress
+
+
 def parse_url(url: str, default_port: int | None = None) -> Address:
-    """Parse ``tcp://HOST:PORT`` or ``unix:///PATH`` into an :class:`Address`.
+    """Parse ``tcp://HOST:PORT`` into a :class:`TcpAddress` or ``unix:///PATH`` into a
+    :class:`UnixAddress`.
 
     A bare ``HOST:PORT`` is read as TCP. ``default_port`` is used when a TCP URL has no
     port. Raises ``ValueError`` for anything else.
@@ -47,7 +63,7 @@ def parse_url(url: str, default_port: int | None = None) -> Address:
             path = parts.netloc + parts.path  # unix://relative/path
         if not path:
             raise ValueError(f"unix URL without a path: {url!r}")
-        return Address("unix", path=path)
+        return UnixAddress(path)
     if scheme != "tcp":
         raise ValueError(f"unsupported URL scheme {parts.scheme!r} in {url!r} (use tcp:// or unix://)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -61,4 +77,4 @@ def parse_url(url: str, default_port: int | None = None) -> Address:
         port = default_port
     if not host or port is None:
         raise ValueError(f"TCP URL needs a host and a port: {url!r}")
-    return Address("tcp", host=host, port=port)
+    return TcpAddress(host, port)

@@ -1,0 +1,30 @@
+"""parse_url: a TcpAddress or a UnixAddress, and back to the URL."""
+
+import pytest
+
+from mip.net import TcpAddress, UnixAddress, parse_url
+
+
+@pytest.mark.parametrize("url, address, text", [
+    ("tcp://127.0.0.1:7000", TcpAddress("127.0.0.1", 7000), "tcp://127.0.0.1:7000"),
+    ("localhost:0", TcpAddress("localhost", 0), "tcp://localhost:0"),
+    ("tcp://[::1]:8", TcpAddress("::1", 8), "tcp://[::1]:8"),
+    ("unix:///tmp/mip.sock", UnixAddress("/tmp/mip.sock"), "unix:///tmp/mip.sock"),
+    ("unix://relative/mip.sock", UnixAddress("relative/mip.sock"), "unix://relative/mip.sock"),
+])
+def test_parse_url(url, address, text):
+    parsed = parse_url(url)
+    assert parsed == address and type(parsed) is type(address)
+    assert parsed.scheme == text.partition("://")[0]
+    assert str(parsed) == text
+
+
+def test_default_port():
+    assert parse_url("tcp://example.org", default_port=9) == TcpAddress("example.org", 9)
+
+
+@pytest.mark.parametrize("url", ["tcp://example.org", "unix://", "http://h:1", "tcp://h:99999",
+                                 "tcp://h:1/path"])
+def test_bad_url(url):
+    with pytest.raises(ValueError):
+        parse_url(url)
