@@ -225,9 +225,7 @@ class Metrics:
             series.fail_us += micros
         series.duration_us += micros
         series.last = time.time()
-        histogram = series.histogram  # _Histogram.observe, inline: once a request
-        histogram.counts[bisect.bisect_left(histogram.bounds, micros)] += 1
-        histogram.total += micros
+        series.histogram.observe(micros)
 
     def _on_batch(self, model: str, version: str, record) -> None:
         key = (model, version)
