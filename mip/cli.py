@@ -336,20 +336,23 @@ def _parser() -> argparse.ArgumentParser:
         help="a HELLO naming a client id in use closes the older connection (default: only "
              "when the HELLO asks; both are served, as on the reference broker)")
     opt("--cluster", metavar="URL", default=None,
-        help="redis://HOST:PORT[/DB] (rediss:// for TLS): form one MSIP service with the other "
-             "brokers using this Redis; a client on any broker receives what is published on "
-             "any other (default: none, this broker alone)")
+        help="redis://HOST:PORT[/DB] (rediss:// for TLS) or nats://HOST:PORT (tls:// for TLS; "
+             "JetStream, nats-server -js, for at-least-once sessions): form one MSIP service "
+             "with the other brokers using this Redis or NATS; a client on any broker receives "
+             "what is published on any other (default: none, this broker alone)")
     opt("--cluster-prefix", metavar="TEXT", default="msip:",
-        help="Redis channel of a topic: this prefix + the topic; brokers of different services "
-             "on one Redis need different prefixes (default msip:)")
+        help="Redis channel of a topic: this prefix + the topic (NATS subject: the prefix "
+             "without its final ':' or '.', a dot, the escaped topic); brokers of different "
+             "services on one Redis or NATS need different prefixes (default msip:)")
     opt("--cluster-max-pending", type=_size, default=8 << 20, metavar="OCTETS",
         help="local publishes queued for Redis at most; beyond them, while Redis is slow or "
              "down, publishes are not sent to the other brokers (counted, logged; local "
              "delivery goes on) (default 8M)")
     opt("--cluster-stream-max", type=int, default=10_000, metavar="EVENTS",
-        help="events kept in Redis (about) per topic that at-least-once sessions subscribe to, "
-             "so that such a session resumes on any broker, its backlog in Redis; 0: no "
-             "streams, at-least-once sessions live in one broker's memory (default 10000)")
+        help="events kept in Redis (about) per topic that at-least-once sessions subscribe to "
+             "(NATS: in JetStream, per topic), so that such a session resumes on any broker, "
+             "its backlog in the engine; 0: no streams, at-least-once sessions live in one "
+             "broker's memory (default 10000)")
     _add_tls(broker)
 
     worker = sub.add_parser(
@@ -688,11 +691,16 @@ async def _broker(args) -> int:
     from mip.net.msip_broker import Broker
 
     if args.cluster:
+        use_nats = args.cluster.startswith(("nats://", "tls://"))
         try:
-            import redis.asyncio  # noqa: F401
+            if use_nats:
+                import nats  # noqa: F401
+            else:
+                import redis.asyncio  # noqa: F401
         except ImportError:
-            print("mip: error: --cluster needs the Python package 'redis', which is not "
-                  "installed: pip install 'mip-toolkit[broker]'", file=sys.stderr)
+            print(f"mip: error: --cluster needs the Python package "
+                  f"'{'nats-py' if use_nats else 'redis'}', which is not installed: "
+                  "pip install 'mip-toolkit[broker]'", file=sys.stderr)
             return 1
     broker = Broker(max_connections=args.max_connections,
                     max_connections_per_peer=args.max_connections_per_peer,

@@ -325,8 +325,8 @@ class Broker:
         self.address: Address | None = None
         self._cluster = None
         if cluster is not None:
-            from mip.net.msip_cluster import RedisCluster
-            self._cluster = self.core.backplane = RedisCluster(
+            from mip.net.msip_cluster import open_backplane
+            self._cluster = self.core.backplane = open_backplane(
                 self, cluster, prefix=cluster_prefix, max_pending=cluster_max_pending,
                 stream_max=cluster_stream_max)
             # client ids name sessions across brokers: start each broker's at a random place
@@ -469,11 +469,11 @@ class Broker:
         return accepted
 
     def _deliver_remote(self, payload, kind: int, flags: int, msg_id: int,
-                        sid: tuple | None = None, own: bool = False) -> None:
+                        sid: tuple | None = None, own: bool = False, apart: bool = False) -> None:
         """Deliver a publish another broker received (``payload``: its PUBLISH payload) to
-        this broker's subscribers, as a local one is (``sid``, ``own``: see
+        this broker's subscribers, as a local one is (``sid``, ``own``, ``apart``: see
         :meth:`BrokerCore.deliver_remote`)."""
-        self.core.deliver_remote(payload, kind, flags, msg_id, time.monotonic(), sid, own)
+        self.core.deliver_remote(payload, kind, flags, msg_id, time.monotonic(), sid, own, apart)
         if self._write_soon is None:  # one write per connection for a batch from Redis
             self._write_soon = asyncio.get_running_loop().call_soon(self._write_out_soon)
 
