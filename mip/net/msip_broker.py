@@ -29,8 +29,9 @@ reference ignores, see ``mip.msip.Flags``):
   bounded in messages and octets per session and in octets for the whole broker (oldest
   dropped, counted). CLOSE ends any session at once. ``at_least_once=False`` turns this off.
 
-Several brokers, on one machine or many, form one service through Redis with
-``cluster="redis://HOST:PORT[/DB]"`` (``mip broker --cluster``; see ``mip.net.msip_cluster``).
+Several brokers, on one machine or many, form one service through Redis or NATS with
+``cluster="redis://HOST:PORT[/DB]"`` or ``"nats://HOST:PORT"`` (``mip broker --cluster``; see
+``mip.net.msip_cluster``).
 
 A HELLO that sets any of those flags is answered with the client id followed by the u32
 ``Capability`` set granted; reference clients never set them and get the reference's 8 octets.
@@ -251,16 +252,18 @@ class Broker:
         session_takeover: a HELLO naming a client id in use closes the older connection, for
             every session (otherwise only when the HELLO set ``Flags.TAKEOVER``).
         ssl: an ``ssl.SSLContext`` to serve TLS with (None: plain TCP).
-        cluster: ``redis://HOST:PORT[/DB]`` (or ``rediss://``): join the other brokers using
-            this Redis as one MSIP service (:mod:`mip.net.msip_cluster`); None: alone.
-        cluster_prefix: put before a topic to name its Redis channel (brokers of different
-            services sharing one Redis need different prefixes).
+        cluster: ``redis://HOST:PORT[/DB]`` (or ``rediss://``) or ``nats://HOST:PORT`` (or
+            ``tls://``): join the other brokers using this Redis or NATS as one MSIP service
+            (:mod:`mip.net.msip_cluster`, :mod:`mip.net.msip_nats`); None: alone.
+        cluster_prefix: put before a topic to name its Redis channel or NATS subject (brokers
+            of different services sharing one engine need different prefixes).
         cluster_max_pending: octets of local publishes queued for Redis at most; beyond it
             (Redis slow or down) they are not sent to the other brokers, counted in
             ``stats.cluster_dropped``.
         cluster_stream_max: events kept in Redis per topic that at-least-once sessions
-            subscribe to (about: ``XADD MAXLEN ~``), so that such a session resumes on any
-            broker; 0: no streams, at-least-once sessions live in one broker's memory.
+            subscribe to (about: ``XADD MAXLEN ~``; NATS: in JetStream, every topic's), so that
+            such a session resumes on any broker; 0: no streams, at-least-once sessions live
+            in one broker's memory.
     """
 
     def __init__(

@@ -72,6 +72,7 @@ import os
 import re
 import struct
 import time
+from typing import Any
 
 from mip.net.msip_topics import pattern_tokens
 
@@ -260,8 +261,8 @@ class Backplane:
         raise NotImplementedError
 
     async def _connect(self) -> None:
-        """At start, the tasks started: whether the engine answers (raise if not; the
-        broker starts either way)."""
+        """At start: whether the engine answers (raise if not; the broker starts either
+        way). A task it starts goes into ``_tasks``."""
         raise NotImplementedError
 
     def _loops(self) -> list:
@@ -347,9 +348,6 @@ class Backplane:
         """Connect and start the tasks; logs whether the engine answers now (the broker
         starts either way)."""
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(c) for c in [self._publisher(), *self._loops()]]
-        if self.streams:
-            self._tasks.append(loop.create_task(self._recorder()))
         try:
             await self._connect()
             log.info("cluster: %s at %s answers; broker id %016x", self.engine, self._where(),
@@ -358,6 +356,9 @@ class Backplane:
         except Exception as exc:  # noqa: BLE001 - any failure: serve locally, keep trying
             log.warning("cluster: %s at %s is not reachable (%s): serving local clients, "
                         "retrying in the background", self.engine, self._where(), exc)
+        self._tasks += [loop.create_task(c) for c in [self._publisher(), *self._loops()]]
+        if self.streams:
+            self._tasks.append(loop.create_task(self._recorder()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -474,10 +475,10 @@ class RedisCluster(Backplane):
         self.prefix = prefix.encode("utf-8")
         self._sub_channels: set[bytes] = set()  # subscribed on the current connection
         self._sub_globs: dict[bytes, re.Pattern] = {}  # glob -> the regex of its channels
-        self._pub = None  # the publishing connection, and its batch script
-        self._script = None
-        self._rec = None  # the recording connection, and its begin script
-        self._begin = None
+        self._pub: Any = None  # the publishing connection, and its batch script
+        self._script: Any = None
+        self._rec: Any = None  # the recording connection, and its begin script
+        self._begin: Any = None
 
     def _channel(self, topic: bytes) -> bytes:
         return self.prefix + topic
@@ -576,7 +577,7 @@ class RedisCluster(Backplane):
     async def _sync(self, pubsub) -> None:
         """Bring the connection's subscriptions to what local sessions want, in batches."""
         channels = {self.prefix + t.encode("utf-8") for t in self._topics}
-        globs = dict(glob_of(self.prefix, pattern_tokens(p)) for p in self._patterns)
+        globs = dict(glob_of(self.prefix, pattern_tokens(p) or (p,)) for p in self._patterns)
         add = [c for c in channels if c not in self._sub_channels]
         drop = [c for c in self._sub_channels if c not in channels]
         padd = [g for g in globs if g not in self._sub_globs]
@@ -636,7 +637,7 @@ class RedisCluster(Backplane):
             self._begin = self._rec.register_script(_BEGIN)
         client = self._rec
         pipe = client.pipeline(transaction=False)
-        begins = []
+        begins: list[tuple[Any, int | None]] = []
         restores = []
         for op in ops:
             if op[0] == "begin":

@@ -55,6 +55,7 @@ import asyncio
 import re
 import time
 import zlib
+from typing import Any
 
 from mip.net.msip_cluster import (_BACKOFF_MAX, _BACKOFF_MIN, ENVELOPE, Backplane, _Warn, log,
                                   parse_envelope)
@@ -176,14 +177,14 @@ class NatsCluster(Backplane):
                               "installed: pip install 'mip-toolkit[broker]'", name="nats") from exc
         self.subject_prefix, self.stream_name, self.bucket = names(prefix)
         self._subjects: dict[bytes, str] = {}  # published topics' subjects, a bounded cache
-        self._nc = None
-        self._js = None
-        self._kv = None
+        self._nc: Any = None
+        self._js: Any = None
+        self._kv: Any = None
         self._connected = asyncio.Event()
         self._setup_due = False  # the stream and the bucket are to be made (again)
-        self._subs: dict[str, object] = {}  # subject -> its NATS subscription
+        self._subs: dict[str, Any] = {}  # subject -> its NATS subscription
         self._sub_patterns: dict[str, tuple[str, ...]] = {}  # wildcard subjects -> tokens
-        self._feeds: dict[bytes, object] = {}  # topic -> its ordered JetStream consumer
+        self._feeds: dict[bytes, Any] = {}  # topic -> its ordered JetStream consumer
         self._recorded: dict[tuple[int, str], str] = {}  # positions put, refreshed
         self._warn_js = _Warn()
 
@@ -203,6 +204,7 @@ class NatsCluster(Backplane):
 
     # -- connection ------------------------------------------------------------------------
     async def _connect(self) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(self._keeper()))
         try:  # the keeper connects
             await asyncio.wait_for(self._connected.wait(), 3.0)
         except asyncio.TimeoutError:
@@ -281,9 +283,6 @@ class NatsCluster(Backplane):
         ttl = self.broker.core.session_ttl
         return ttl + max(0.5, min(ttl / 3, 10.0))  # as the recorder's: seconds
 
-    def _loops(self) -> list:
-        return [self._keeper()]
-
     async def _keeper(self) -> None:
         """Connect (nats-py tries until it can, then reconnects by itself), and keep the
         NATS subscriptions what local sessions want."""
@@ -343,7 +342,7 @@ class NatsCluster(Backplane):
         nc = self._nc
         if nc is None:
             return
-        want = {self._subject(t): None for t in self._topics}
+        want: dict[str, tuple[str, ...] | None] = {self._subject(t): None for t in self._topics}
         for p in self._patterns:
             subject = self._subject(p, True)
             want[subject] = tuple(subject.split("."))
@@ -413,7 +412,7 @@ class NatsCluster(Backplane):
         js, kv = self._js, self._kv
         for topic in [t for t in self._feeds if t.decode("utf-8") not in self._topics]:
             await self._feeds.pop(topic).unsubscribe()  # nobody here subscribes any more
-        puts = {}
+        puts: dict[str, str] = {}
         for op in ops:
             if op[0] == "begin":
                 session, topic = op[1], op[2]
@@ -424,12 +423,12 @@ class NatsCluster(Backplane):
                 topics = []
                 for entry in await self._read(self._kv_subject(op[1].client_id, ">"),
                                               1, "KV_" + self.bucket, last_per_subject=True):
-                    topic = topic_of(self.subject_prefix, self.subject_prefix + "."
+                    found = topic_of(self.subject_prefix, self.subject_prefix + "."
                                      + entry.subject.split(".", 4)[4])
-                    if topic is None:
+                    if found is None:
                         self.stats.cluster_invalid += 1
                     else:
-                        topics.append(topic)
+                        topics.append(found)
                 self.broker.core.restore_subscriptions(op[1], topics)
             elif op[0] == "hdel":
                 self._recorded.pop((op[1], op[2]), None)
