@@ -149,6 +149,13 @@ class NatsPlane:
 
         return self._subjects().count(subject_of(prefix.rstrip(":."), topic))
 
+    def sent_to(self, broker: Broker) -> int:
+        """Messages the server sent a broker's connection."""
+        name = "mip broker %016x" % broker._cluster.origin
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/connz", timeout=5) as r:
+            doc = json.load(r)
+        return sum(c["out_msgs"] for c in doc["connections"] if c.get("name") == name)
+
     def numpat(self) -> int:
         return sum(1 for s in self._subjects()
                    if s.startswith("msip.") and ("*" in s.split(".") or s.endswith(".>")))
@@ -315,11 +322,15 @@ def test_publish_on_one_broker_reaches_the_others_once_in_order(plane):
             subs = [await cl.subscribe("orders") for cl in (local, on_b, on_c)]
             await until(lambda: plane.numsub("orders") == 3)
             sent = [b"order %d" % i for i in range(300)]
+            if plane.name == "nats":
+                before = await asyncio.to_thread(plane.sent_to, a)
             for data in sent:
                 await pub.publish("orders", data)
             for s in subs:  # the publishing broker's own subscriber too: once, not twice
                 assert await _collect(s, len(sent)) == sent
             await _nothing_more(*subs)
+            if plane.name == "nats":  # no_echo: NATS sent A none of its own
+                assert await asyncio.to_thread(plane.sent_to, a) == before
             assert a.stats.cluster_published == 300 and a.stats.cluster_received == 0
             assert b.stats.cluster_received == c.stats.cluster_received == 300
             assert b.stats.cluster_published == c.stats.cluster_published == 0
@@ -333,6 +344,91 @@ def test_publish_on_one_broker_reaches_the_others_once_in_order(plane):
                 await cl.close()
 
     w.run(main(), 30)
+
+
+def test_any_topic_crosses_the_engine_unchanged(plane):
+    """Topics are literal strings: empty tokens, wildcard characters, spaces, the escape
+    character and non-ASCII text all reach the other broker's subscribers as they were."""
+    topics = ["a..b", ".", "", "temp>30", "s.*x", "x=y", "=41", "é ü.\u2603", "a/b-c_d", "~!@#"]
+
+    async def main():
+        async with brokers(2, plane.url) as (a, b):
+            pub, sub = AsyncClient(_url(a), reconnect=False), AsyncClient(_url(b), reconnect=False)
+            await pub.connect()
+            await sub.connect()
+            subs = [await sub.subscribe(t) for t in topics]
+            await until(lambda: all(plane.numsub(t) == 1 for t in topics))
+            for t in topics:
+                await pub.publish(t, t.encode("utf-8") + b"!")
+            for t, s in zip(topics, subs):
+                event = await s.get(5)
+                assert (event.topic, bytes(event.data)) == (t, t.encode("utf-8") + b"!")
+            await _nothing_more(*subs)
+            assert b.stats.cluster_received == len(topics) and b.stats.cluster_invalid == 0
+            await sub.close()
+            await pub.close()
+
+    w.run(main(), 30)
+
+
+def test_nats_subjects_are_valid_and_give_the_topic_back():
+    from mip.net.msip_nats import names, subject_of, topic_of
+
+    for topic in ["orders", "a..b", ".x.", "", "*", ">", "a.>", "temp>30", "x=y", "é ü", "\x00"]:
+        subject = subject_of("msip", topic)
+        tokens = subject.split(".")
+        assert all(tokens) and not any(c.isspace() for c in subject)
+        assert "*" not in tokens and ">" not in tokens
+        assert topic_of("msip", subject) == topic
+    assert subject_of("msip", "s.*.x y.>", pattern=True) == "msip.s.*.x=20y.>"
+    assert subject_of("msip", "temp>30", pattern=True) == "msip.temp=3E30"  # not a pattern
+    for bad in ["other.x", "msip.=4", "msip.=zz", "msip.a b", "msip.=FF"]:
+        assert topic_of("msip", bad) is None
+    assert names("msip:") == ("msip", "msip_events", "msip_sessions")
+    assert names("my app.") [0] == "my=20app"
+
+
+def test_nats_without_jetstream_keeps_at_least_once_sessions_in_memory(tmp_path):
+    """A nats-server without JetStream: the brokers join all the same; an at-least-once
+    session is served from its broker's memory (as with ``cluster_stream_max=0``)."""
+    pytest.importorskip("nats")
+    port = free_port()
+    binary = shutil.which("nats-server")
+    if binary is None:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def main():
+        await until(lambda: _connects(port), 10)
+        async with brokers(2, f"nats://127.0.0.1:{port}") as (a, b):
+            assert not a._cluster.streams and not b._cluster.streams
+            pub, sub = AsyncClient(_url(a), reconnect=False), AsyncClient(_url(b), reconnect=False)
+            await pub.connect()
+            await sub.connect()
+            s = await sub.subscribe("t", reliable=True)
+            await until(lambda: b.session_info(sub.client_id)["subscriptions"] == {"t": True})
+            await asyncio.sleep(0.2)  # the NATS subscription is made
+            for i in range(20):
+                await pub.publish("t", b"%d" % i)
+            assert await _collect(s, 20) == [b"%d" % i for i in range(20)]
+            await sub.close()
+            await pub.close()
+
+    try:
+        w.run(main(), 30)
+    finally:
+        stop_process(proc)
+
+
+def _connects(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
 
 
 def test_unsubscribing_stops_cluster_traffic(plane):
