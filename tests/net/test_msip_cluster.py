@@ -28,8 +28,8 @@ from _serve_process import free_port, stop_process
 redis = pytest.importorskip("redis")
 
 
-def _redis(port: int):
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+def _redis(port: int, host: str = "127.0.0.1"):
+    return redis.Redis(host=host, port=port, socket_timeout=5)
 
 
 class RedisPlane:
@@ -38,73 +38,80 @@ class RedisPlane:
 
     name = "redis"
 
-    def __init__(self, port: int):
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        self.port, self.host = port, host
+        self.url = f"redis://{host}:{port}/0"
         self.proc = None
 
     def restart(self) -> None:  # for a private server (:func:`private_plane`)
-        self.proc = start_redis(self.port)
+        self.proc = start_redis(self.port, self.host)
 
     def stop(self) -> None:
         stop_process(self.proc)
 
     def numsub(self, topic: str, prefix: str = "msip:") -> int:
         """Brokers subscribed to ``topic``."""
-        with contextlib.closing(_redis(self.port)) as r:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
             return dict(r.pubsub_numsub(prefix + topic))[(prefix + topic).encode()]
 
     def numpat(self) -> int:
-        with contextlib.closing(_redis(self.port)) as r:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
             return r.pubsub_numpat()
 
     def raw_publish(self, topic: str, data: bytes, prefix: str = "msip:") -> None:
-        with contextlib.closing(_redis(self.port)) as r:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
             r.publish(prefix + topic, data)
 
     def position(self, client_id: int, topic: str, prefix: str) -> str | None:
         """The session's recorded position in ``topic``'s stream."""
-        with contextlib.closing(_redis(self.port)) as r:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
             pos = r.hget(f"{prefix}session:{client_id}", topic)
             return None if pos is None else pos.decode()
 
     def recorded(self, client_id: int, topic: str, prefix: str) -> bool:
         """The subscription is recorded, and the topic's events stored."""
-        with contextlib.closing(_redis(self.port)) as r:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
             return bool(r.exists(f"{prefix}want:{topic}")
                         and r.hexists(f"{prefix}session:{client_id}", topic))
 
     def record_exists(self, client_id: int, prefix: str) -> bool:
-        with contextlib.closing(_redis(self.port)) as r:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
             return bool(r.exists(f"{prefix}session:{client_id}"))
 
     def stream(self, topic: str, prefix: str) -> tuple[int, str]:
         """(events stored for ``topic``, the last one's id)."""
-        with contextlib.closing(_redis(self.port)) as r:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
             last = r.xrevrange(f"{prefix}stream:{topic}", count=1)
             return r.xlen(f"{prefix}stream:{topic}"), last[0][0].decode() if last else ""
 
     def stored(self, prefix: str) -> bool:
-        with contextlib.closing(_redis(self.port)) as r:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
             return bool(r.keys(prefix + "*"))
 
 
-def start_nats(port: int, monitor: int, store: str) -> subprocess.Popen:
-    """nats-server with JetStream (its files in ``store``) on ``port``, its monitoring
-    endpoint on ``monitor``; returns once it answers. Skips the test without the binary."""
+def start_nats(port: int, monitor: int, store: str, host: str = "127.0.0.1", prefix=(),
+               call=lambda f: f()) -> subprocess.Popen:
+    """nats-server with JetStream (its files in ``store``) on ``host``:``port``, its
+    monitoring endpoint on ``monitor``; returns once it answers. Skips the test without the
+    binary. Elsewhere than on this host: ``prefix`` (the command that runs it, such as ``ip
+    netns exec NS``) and ``call`` (``call(f)`` runs ``f`` where the server is reachable)."""
     binary = shutil.which("nats-server")
     if binary is None:
         pytest.skip("nats-server is not installed (apt-get install nats-server)")
-    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
+    proc = subprocess.Popen([*prefix, binary, "-a", host, "-p", str(port), "-m", str(monitor),
                              "-js", "-sd", store], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"http://{host}:{monitor}/healthz?js-enabled-only=true",
+                                    timeout=1) as r:
+            return r.status == 200
+
     end = time.monotonic() + 10
     while time.monotonic() < end:
         with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true",
-                                        timeout=1) as r:
-                if r.status == 200:
-                    return proc
+            if call(healthy):
+                return proc
         time.sleep(0.05)
     stop_process(proc)
     raise RuntimeError("nats-server did not start")
@@ -115,13 +122,13 @@ class NatsPlane:
 
     name = "nats"
 
-    def __init__(self, port: int, monitor: int, store: str):
-        self.port, self.monitor, self.store = port, monitor, store
-        self.url = f"nats://127.0.0.1:{port}"
+    def __init__(self, port: int, monitor: int, store: str, host: str = "127.0.0.1"):
+        self.port, self.monitor, self.store, self.host = port, monitor, store, host
+        self.url = f"nats://{host}:{port}"
         self.proc = None
 
     def restart(self) -> None:
-        self.proc = start_nats(self.port, self.monitor, self.store)
+        self.proc = start_nats(self.port, self.monitor, self.store, self.host)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -139,7 +146,7 @@ class NatsPlane:
         return asyncio.run(main())
 
     def _subjects(self) -> list[str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/connz?subs=1",
+        with urllib.request.urlopen(f"http://{self.host}:{self.monitor}/connz?subs=1",
                                     timeout=5) as r:
             doc = json.load(r)
         return [s for c in doc.get("connections") or [] for s in c.get("subscriptions_list", [])]
@@ -152,7 +159,7 @@ class NatsPlane:
     def sent_to(self, broker: Broker) -> int:
         """Messages the server sent a broker's connection."""
         name = "mip broker %016x" % broker._cluster.origin
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/connz", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{self.host}:{self.monitor}/connz", timeout=5) as r:
             doc = json.load(r)
         return sum(c["out_msgs"] for c in doc["connections"] if c.get("name") == name)
 
