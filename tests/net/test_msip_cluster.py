@@ -44,7 +44,7 @@ class RedisPlane:
         self.proc = None
 
     def restart(self) -> None:  # for a private server (:func:`private_plane`)
-        self.proc = start_redis(self.port, self.host)
+        self.proc = start_redis(self.port, bind=self.host)
 
     def stop(self) -> None:
         stop_process(self.proc)
