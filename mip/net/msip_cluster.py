@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib
 import logging
 import os
 import re
@@ -201,7 +202,7 @@ def open_backplane(broker, url: str, **options) -> Backplane:
         from mip.net.msip_nats import NatsCluster
 
         return NatsCluster(broker, url, **options)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(RedisCluster.schemes):
         return RedisCluster(broker, url, **options)
     raise ValueError("cluster URL must be redis://HOST:PORT[/DB], rediss://, or "
                      f"nats://HOST:PORT, not {url!r}")
@@ -227,13 +228,25 @@ class Backplane:
     """
 
     engine = "?"  #: the engine's name in log messages
+    schemes: tuple[str, ...] = ()  #: the schemes of its URLs
+    url_form = "?"  #: its URL, as an error message shows it
+    client = ("?", "?")  #: the module of its Python client, and the package that brings it
 
     def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20,
                  stream_max: int = 10_000):
+        if not url.startswith(self.schemes):
+            raise ValueError(f"cluster URL must be {self.url_form}, not {url!r}")
         if stream_max < 0:
             raise ValueError(f"cluster stream_max must be 0 or more, not {stream_max}")
         if max_pending <= 0:
             raise ValueError(f"cluster max_pending must be positive, not {max_pending}")
+        try:
+            importlib.import_module(self.client[0])
+        except ImportError as exc:
+            raise ImportError(f"a {self.engine} cluster needs the Python package "
+                              f"'{self.client[1]}', which is not installed: "
+                              "pip install 'mip-toolkit[broker]'",
+                              name=self.client[0].split(".")[0]) from exc
         self.broker = broker
         self.url = url
         self.max_pending = max_pending
@@ -460,18 +473,14 @@ class RedisCluster(Backplane):
     """
 
     engine = "Redis"
+    schemes = ("redis://", "rediss://", "unix://")
+    url_form = "redis://HOST:PORT[/DB] or rediss://"
+    client = ("redis.asyncio", "redis")
 
     def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20,
                  stream_max: int = 10_000):
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"cluster URL must be redis://HOST:PORT[/DB] or rediss://, not {url!r}")
         super().__init__(broker, url, prefix=prefix, max_pending=max_pending,
                          stream_max=stream_max)
-        try:
-            import redis.asyncio  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("a Redis cluster needs the Python package 'redis', which is not "
-                              "installed: pip install 'mip-toolkit[broker]'", name="redis") from exc
         self.prefix = prefix.encode("utf-8")
         self._sub_channels: set[bytes] = set()  # subscribed on the current connection
         self._sub_globs: dict[bytes, re.Pattern] = {}  # glob -> the regex of its channels

@@ -161,20 +161,16 @@ class NatsCluster(Backplane):
     """
 
     engine = "NATS"
+    schemes = ("nats://", "tls://")
+    url_form = "nats://HOST:PORT or tls://"
+    client = ("nats", "nats-py")
 
     def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20,
                  stream_max: int = 10_000):
-        if not url.startswith(("nats://", "tls://")):
-            raise ValueError(f"cluster URL must be nats://HOST:PORT or tls://, not {url!r}")
         if not prefix.rstrip(":."):
             raise ValueError(f"a NATS cluster needs a prefix, not {prefix!r}")
         super().__init__(broker, url, prefix=prefix, max_pending=max_pending,
                          stream_max=stream_max)
-        try:
-            import nats  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("a NATS cluster needs the Python package 'nats-py', which is not "
-                              "installed: pip install 'mip-toolkit[broker]'", name="nats") from exc
         self.subject_prefix, self.stream_name, self.bucket = names(prefix)
         self._subjects: dict[bytes, str] = {}  # published topics' subjects, a bounded cache
         self._nc: Any = None
