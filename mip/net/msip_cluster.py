@@ -306,6 +306,11 @@ class Backplane:
     def _where(self) -> str:
         return self.url.split("@")[-1].split("?")[0]  # no password in logs
 
+    def _refresh_every(self) -> float:
+        """Seconds between two refreshes of the live sessions' records, which expire the
+        session TTL plus this after the last one."""
+        return max(0.5, min(self.broker.core.session_ttl / 3, 10.0))
+
     # -- from the broker (synchronous, on its loop) -----------------------------------------
     def publish(self, topic: bytes, payload, kind: int, flags: int, msg_id: int) -> None:
         """Queue a local publish for the other brokers (``topic``: its UTF-8 octets,
@@ -422,9 +427,8 @@ class Backplane:
     async def _recorder(self) -> None:
         """Write sessions' records and positions, and read streams for new subscriptions."""
         backoff = _BACKOFF_MIN
-        ttl = self.broker.core.session_ttl
-        refresh_every = max(0.5, min(ttl / 3, 10.0))
-        ttl_ms = int((ttl + refresh_every) * 1000)
+        refresh_every = self._refresh_every()
+        ttl_ms = int((self.broker.core.session_ttl + refresh_every) * 1000)
         next_refresh = 0.0
         waiting: list = []  # begins the engine is not ready for yet
         while True:

@@ -255,7 +255,7 @@ class NatsCluster(Backplane):
         from nats.js.errors import BadRequestError, ServiceUnavailableError
 
         js = self._js
-        ttl = self._record_ttl()
+        ttl = self.broker.core.session_ttl + self._refresh_every()  # the records' lifetime
         config = StreamConfig(name=self.stream_name, subjects=[self.subject_prefix + ".>"],
                               max_msgs_per_subject=self.stream_max, max_age=2 * ttl,
                               storage=StorageType.FILE, discard=DiscardPolicy.OLD,
@@ -274,10 +274,6 @@ class NatsCluster(Backplane):
             log.warning("cluster: NATS at %s has no JetStream (nats-server -js): "
                         "at-least-once sessions stay in one broker's memory", self._where())
         self._setup_due = False
-
-    def _record_ttl(self) -> float:
-        ttl = self.broker.core.session_ttl
-        return ttl + max(0.5, min(ttl / 3, 10.0))  # as the recorder's: seconds
 
     async def _keeper(self) -> None:
         """Connect (nats-py tries until it can, then reconnects by itself), and keep the
@@ -355,7 +351,8 @@ class NatsCluster(Backplane):
                 sid = nc._sid + 1
                 nc.handlers[sid] = self._handler(subject, tokens is None)
                 sub = self._subs[subject] = await nc.subscribe(subject)
-                assert sub._id == sid, "nats-py numbers subscriptions in order"
+                if sub._id != sid:  # numbered otherwise: from now on, then
+                    nc.handlers[sub._id] = nc.handlers.pop(sid)
 
     def _handler(self, key: str, literal: bool):
         incoming = self._incoming
