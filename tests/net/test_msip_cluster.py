@@ -399,23 +399,23 @@ def test_nats_without_jetstream_keeps_at_least_once_sessions_in_memory(tmp_path)
     """A nats-server without JetStream: the brokers join all the same; an at-least-once
     session is served from its broker's memory (as with ``cluster_stream_max=0``)."""
     pytest.importorskip("nats")
-    port = free_port()
     binary = shutil.which("nats-server")
     if binary is None:
         pytest.skip("nats-server is not installed (apt-get install nats-server)")
-    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)],
+    plane = NatsPlane(free_port(), free_port(), str(tmp_path))
+    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(plane.port), "-m",
+                             str(plane.monitor)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     async def main():
-        await until(lambda: _connects(port), 10)
-        async with brokers(2, f"nats://127.0.0.1:{port}") as (a, b):
+        await until(lambda: _answers(plane), 10)
+        async with brokers(2, plane.url) as (a, b):
             assert not a._cluster.streams and not b._cluster.streams
             pub, sub = AsyncClient(_url(a), reconnect=False), AsyncClient(_url(b), reconnect=False)
             await pub.connect()
             await sub.connect()
             s = await sub.subscribe("t", reliable=True)
-            await until(lambda: b.session_info(sub.client_id)["subscriptions"] == {"t": True})
-            await asyncio.sleep(0.2)  # the NATS subscription is made
+            await until(lambda: plane.numsub("t") == 1)
             for i in range(20):
                 await pub.publish("t", b"%d" % i)
             assert await _collect(s, 20) == [b"%d" % i for i in range(20)]
@@ -428,11 +428,9 @@ def test_nats_without_jetstream_keeps_at_least_once_sessions_in_memory(tmp_path)
         stop_process(proc)
 
 
-def _connects(port: int) -> bool:
-    import socket
-
+def _answers(plane: NatsPlane) -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        plane.numsub("-")
         return True
     except OSError:
         return False
