@@ -428,6 +428,28 @@ def test_nats_without_jetstream_keeps_at_least_once_sessions_in_memory(tmp_path)
         stop_process(proc)
 
 
+def test_nats_stream_is_bounded_per_topic(_nats_server):
+    """JetStream keeps the last ``cluster_stream_max`` events of every topic (Redis keeps
+    streams only for topics wanted at least once, trimmed about: ``MAXLEN ~``)."""
+    pytest.importorskip("nats")
+    plane = _nats_server
+    plane.clear()
+
+    async def main():
+        async with brokers(2, plane.url, cluster_prefix="cap:", cluster_stream_max=50) as (a, b):
+            pub = AsyncClient(_url(a), reconnect=False)
+            await pub.connect()
+            for topic in ("t", "u"):
+                for i in range(120):
+                    await pub.publish(topic, b"%d" % i)
+            await pub.publish("t", b"last", wait=True)
+            await until(lambda: plane.stream("t", "cap:")[0] == 50)
+            assert (await asyncio.to_thread(plane.stream, "u", "cap:"))[0] == 50
+            await pub.close()
+
+    w.run(main(), 30)
+
+
 def _answers(plane: NatsPlane) -> bool:
     try:
         plane.numsub("-")
