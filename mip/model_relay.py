@@ -23,7 +23,7 @@ import logging
 import pickle
 import socket
 
-__all__ = ["ModelRelay", "WorkerModels"]
+__all__ = ["ModelRelay", "WorkerModels", "rebuild_error"]
 
 log = logging.getLogger("mip.workers")
 
@@ -64,6 +64,8 @@ class ModelRelay:
             self._pending[self._next] = {"origin": (index, message["id"]),
                                          "waiting": waiting, "outcomes": {}}
             self._answer_if_complete(self._next, workers)
+        elif message["kind"] == "record":  # made by the engine process (shared placement)
+            self.changes.append(message["change"])
         elif message["kind"] == "applied":
             pending = self._pending.get(message["id"])
             if pending is not None:
@@ -89,7 +91,7 @@ class ModelRelay:
                                    "outcomes": pending["outcomes"]})
 
 
-def _error(outcome: tuple) -> Exception:
+def rebuild_error(outcome: tuple) -> Exception:
     """The exception a worker's change raised, from ``(module, class name, message)``."""
     from mip.errors import InternalError
 
@@ -168,7 +170,7 @@ class WorkerModels:
             self._waiting.pop(number, None)
         own = outcomes.get(self.index)
         if own is not None:
-            raise _error(own)
+            raise rebuild_error(own)
         failed = sorted((i, o) for i, o in outcomes.items() if o is not None)
         if failed:
             reasons = "; ".join(f"worker {i}: {o[2]}" for i, o in failed)
