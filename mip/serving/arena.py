@@ -173,7 +173,7 @@ def write(arena: Arena, blocks: Blocks, tensors: dict[str, np.ndarray], what: st
         raise ArenaFull(f"{what} ({total} octets) do not fit in the shared arena now "
                         f"({blocks.size - blocks.used} of {blocks.size} octets free in this "
                         "part; --shared-arena-bytes sets its size): try again")
-    described = []
+    described: list[Description] = []
     for name, array, data, where, size in parts:
         offset = block + where
         if data is None:
@@ -203,6 +203,9 @@ class _Lease:
     block back."""
 
     __slots__ = ("__array_interface__", "block", "release")
+    __array_interface__: dict
+    block: int
+    release: Callable[[int], None]
 
     def __del__(self):
         try:

@@ -100,7 +100,8 @@ class _Link(asyncio.Protocol):
             (size,) = _HEADER.unpack_from(buffer, start)
             if size > MAX_MESSAGE:
                 log.error("a message of %d octets between engine and worker: closing", size)
-                self.transport.close()
+                if self.transport is not None:
+                    self.transport.close()
                 return
             if len(buffer) - start - 4 < size:
                 break
@@ -191,6 +192,8 @@ class EngineHost:
     def _sibling(self, link: _Link) -> bool:
         """Whether the peer of ``link`` is a process of this server (a child of the
         supervisor, run by the same user)."""
+        if link.transport is None:
+            return False
         sock = link.transport.get_extra_info("socket")
         try:
             pid, uid, _ = struct.unpack("3i", sock.getsockopt(
@@ -476,9 +479,9 @@ class RemoteEngine:
             if self._connected is not None:
                 self._connected.set()
         elif kind in ("changed", "synced"):
-            future = self._changes.pop(message[1], None)
-            if future is not None and not future.done():
-                future.set_result(message[2] if kind == "changed" else None)
+            waiting = self._changes.pop(message[1], None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message[2] if kind == "changed" else None)
         elif kind == "closed":
             if self._link is link or self._link is None:
                 self._lost("the engine process stopped; it is being started again")

@@ -208,8 +208,8 @@ def test_a_request_too_large_for_the_arena_is_refused_and_a_dead_worker_leaks_no
             with pytest.raises(InferenceServerException) as failed:
                 client.infer("identity", [tensor])
             assert failed.value.status() == "StatusCode.UNAVAILABLE", failed.value
-            small = grpcclient.InferInput("input", [100, 16], "FP32")  # 6400 octets: fits
-            data = np.ones((100, 16), np.float32)
+            small = grpcclient.InferInput("input", [64, 16], "FP32")  # 4096 octets: fits
+            data = np.ones((64, 16), np.float32)
             small.set_data_from_numpy(data)
             np.testing.assert_array_equal(client.infer("identity", [small]).as_numpy("output"),
                                           data)
