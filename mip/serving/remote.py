@@ -83,14 +83,23 @@ class _Link(asyncio.Protocol):
         self.handle = handle
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
+        self._out: list[bytes] = []
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def send(self, message) -> None:
+        """Queue ``message``; what one step of the event loop sends goes in one write."""
+        if not self._out:
+            self._loop.call_soon(self._write)
+        self._out.append(_encode(message))
+
+    def _write(self) -> None:
+        out, self._out = self._out, []
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_encode(message))
+            self.transport.write(b"".join(out))
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer

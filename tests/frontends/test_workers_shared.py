@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import urllib.error
@@ -47,6 +48,31 @@ class Recording:
             log.write(f"{os.getpid()} {x.shape[0]}\\n")
         return {"y": x + 1}
 """
+# BYTES in, the same out: object arrays pass through the arena pickled
+ECHO_MODEL = """
+class Echo:
+    inputs = [("s", "BYTES", [-1, 1])]
+    outputs = [("t", "BYTES", [-1, 1])]
+
+    def infer(self, inputs):
+        return {"t": inputs["s"]}
+"""
+# loads for 30 s (leaving FOLDER/loading-PID-0 when it starts)
+SLOW_MODEL = """
+import os
+import time
+
+class Slow:
+    inputs = [("x", "FP32", [-1, 1])]
+    outputs = [("y", "FP32", [-1, 1])]
+
+    def __init__(self):
+        open(os.path.join(FOLDER, f"loading-{os.getpid()}-0"), "w").close()
+        time.sleep(30)
+
+    def infer(self, inputs):
+        return {"y": inputs["x"]}
+"""
 #: a batch waits (up to a minute) for a second request: two requests make one batch of 2
 RECORDING_CONFIG = {"max_batch_size": 8,
                     "dynamic_batching": {"max_queue_delay_us": 60_000_000,
@@ -60,6 +86,7 @@ def _serve(tmp_path, *extra):
     add_python_model(repo, "marked", MARKED_MODEL.replace("FOLDER", folder))
     add_python_model(repo, "recording", RECORDING_MODEL.replace("FOLDER", folder),
                      RECORDING_CONFIG)
+    add_python_model(repo, "echo", ECHO_MODEL)
     process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
                            "--mip-model", "identity", "--http", "127.0.0.1:0",
                            "--grpc", "127.0.0.1:0", "--workers", "2", "--placement", "shared",
@@ -129,6 +156,13 @@ def test_one_engine_serves_every_protocol_and_batches_both_workers(tmp_path):
             np.testing.assert_array_equal(item[0], [[x + 1]])
         assert _recorded(tmp_path) == [(engine, 2)]
         # a BYTES tensor (pickled through the arena) and a large one
+        body = json.dumps({"inputs": [{"name": "s", "shape": [2, 1], "datatype": "BYTES",
+                                       "data": ["ab", "cde"]}]}).encode()
+        request = urllib.request.Request(f"http://{urls['http']}/v2/models/echo/infer",
+                                         data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=WAIT) as answer:
+            (output,) = json.loads(answer.read())["outputs"]
+        assert output["datatype"] == "BYTES" and output["data"] == ["ab", "cde"], output
         big = np.arange(64 * 784, dtype=np.float32).reshape(64, 784) / 1e5
         with Client(urls["mip"]) as client:
             (logits,) = client.infer([[big]], model="mlp")
@@ -157,14 +191,22 @@ def test_model_changes_are_made_once_and_outlive_the_engine_process(tmp_path):
         assert 200 not in _ready_on_each(urls, pids, "mlp").values()
         status, body = _repository(urls, "nosuch", "load")
         assert status == 404 and "nosuch" in body["error"], (status, body)
-        # a request in the engine process when it is killed fails at once, cleanly
+        # a request and a model load in the engine process when it is killed fail at once,
+        # cleanly
+        add_python_model(tmp_path / "repo", "slow",
+                         SLOW_MODEL.replace("FOLDER", repr(str(tmp_path / "marks"))))
+        loading, loaded = _in_thread(lambda: _repository(urls, "slow", "load"))
         thread, outcome = _in_thread(_marked(urls["mip"], 30.0))
-        assert wait_until(lambda: _marks(tmp_path), WAIT)
+        assert wait_until(lambda: len(os.listdir(tmp_path / "marks")) == 2, WAIT)
         assert list(_marks(tmp_path)) == [engine]
+        shutil.rmtree(tmp_path / "repo" / "slow")  # (not loaded again at the next start)
         os.kill(engine, signal.SIGKILL)
         thread.join(WAIT)
-        assert not thread.is_alive()
+        loading.join(WAIT)
+        assert not thread.is_alive() and not loading.is_alive()
         assert isinstance(outcome[0], MipError) and "engine process" in str(outcome[0]), outcome
+        status, body = loaded[0]
+        assert status == 503 and "engine process" in body["error"], loaded
         assert wait_until(lambda: any("the engine process started again" in line
                                       for line in lines), WAIT)
         # the workers reconnect: every protocol answers again, with the models as they were
