@@ -274,8 +274,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="close REST connections idle this long between requests "
                             "(default 5)")
     serve.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
-                       help="processes serving every listener on the same ports, each with "
-                            "its own engine and models; 'auto': one per usable core "
+                       help="processes serving every listener on the same ports (their "
+                            "engines as --placement says); 'auto': one per usable core "
                             "(default 1: this process alone)")
     serve.add_argument("--placement", choices=("worker", "shared"), default="worker",
                        help="where the models run with --workers: 'worker', in every worker "

@@ -271,3 +271,40 @@ def test_a_request_too_large_for_the_arena_is_refused_and_a_dead_worker_leaks_no
         assert wait_until(lambda: _arena_used(urls) == 0, WAIT, 0.2), _metrics(urls["http"])
     finally:
         assert _stop(process) == 0, "".join(lines)
+
+
+def test_arena_blocks_are_bounded_and_whole_again_when_freed():
+    from mip.serving.arena import ALIGN, Arena, ArenaFull, Blocks, leased, read, write
+
+    blocks = Blocks(1024, 4096)
+    first, second, third = blocks.alloc(100), blocks.alloc(ALIGN), blocks.alloc(200)
+    assert (first, second, third) == (1024, 1024 + 128, 1024 + 192)
+    assert blocks.alloc(4096) is None  # never more than the part
+    blocks.free(second)
+    assert blocks.alloc(ALIGN) == second  # first fit
+    for block in (first, second, third):
+        blocks.free(block)
+    assert blocks.used == 0 and blocks.alloc(4096) == 1024  # joined back into one range
+    blocks.free(1024)
+    assert blocks.reserve(2048, 100) and not blocks.reserve(2048, 1)
+    blocks.free(2048)
+    assert blocks.alloc(4096) == 1024
+
+    arena = Arena(1 << 16)
+    part = Blocks(0, 1024)
+    tensors = {"x": np.arange(6, dtype=np.float32).reshape(2, 3),
+               "s": np.array([b"a", b"bc"], dtype=object)}
+    block, described = write(arena, part, tensors, "the tensors")
+    seen = read(arena, described)
+    np.testing.assert_array_equal(seen["x"], tensors["x"])
+    assert list(seen["s"]) == [b"a", b"bc"]
+    released = []
+    views = leased(arena, block, part.size_of(block), described, released.append)
+    row = views["x"][1]
+    del views
+    assert released == []  # a view of the block is alive
+    np.testing.assert_array_equal(row, [3, 4, 5])
+    del row
+    assert released == [block]
+    with pytest.raises(ArenaFull, match="--shared-arena-bytes"):
+        write(arena, part, {"x": np.zeros(1024, np.uint8)}, "the tensors")
