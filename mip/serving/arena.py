@@ -135,6 +135,9 @@ class Arena:
         finally:
             os.close(fd)  # the mapping keeps the memory
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        #: every octet, as one numpy array (a slice of it is cheaper than a new view of
+        #: the mapping)
+        self.octets = np.frombuffer(self.map, np.uint8)
 
     def parts(self, workers: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
         """``(start, size)`` of the engine's part and of each worker's slice."""
@@ -142,9 +145,9 @@ class Arena:
         each = (self.size - half) // workers // ALIGN * ALIGN
         return (0, half), [(half + k * each, each) for k in range(workers)]
 
-    def array(self, offset: int, dtype, shape) -> np.ndarray:
-        """A numpy view of the arena at ``offset``."""
-        return np.ndarray(shape, dtype, self.map, offset)
+    def array(self, offset: int, dtype, shape, size: int) -> np.ndarray:
+        """A numpy view of the ``size`` octets of the arena at ``offset``."""
+        return self.octets[offset:offset + size].view(dtype).reshape(shape)
 
 
 #: one tensor as messages describe it: name, dtype (its ``str`` for numpy's own types; ``None``:
@@ -179,7 +182,8 @@ def write(arena: Arena, blocks: Blocks, tensors: dict[str, np.ndarray], what: st
         offset = block + where
         if data is None:
             if size:
-                np.copyto(arena.array(offset, array.dtype, array.shape), array, casting="no")
+                np.copyto(arena.array(offset, array.dtype, array.shape, size), array,
+                          casting="no")
             dtype = array.dtype
             # by name when numpy has it built in: a dtype object pickles 5x slower
             named = dtype.isbuiltin == 1 or dtype.kind in "SU"
@@ -197,7 +201,7 @@ def read(arena: Arena, described: list[Description]) -> dict[str, np.ndarray]:
         if dtype is None:
             tensors[name] = pickle.loads(arena.map[offset:offset + size])
         else:
-            tensors[name] = arena.array(offset, dtype, shape)
+            tensors[name] = arena.array(offset, dtype, shape, size)
     return tensors
 
 

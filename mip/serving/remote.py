@@ -53,6 +53,9 @@ _HEADER = struct.Struct("<I")
 MAX_MESSAGE = 16 << 20
 #: seconds between two attempts of a worker to reach the engine process
 RECONNECT_EVERY = 0.2
+#: seconds, at most, before a worker gives back an output block it no longer reads, when no
+#: request carries it back sooner
+FREE_AFTER = 0.005
 
 
 class SharedRole:
@@ -225,9 +228,7 @@ class EngineHost:
         if kind == "infer":
             self._infer(worker, message)
         elif kind == "free":
-            for block in message[1]:
-                worker.held.discard(block)
-                self.blocks.free(block)
+            self._free(worker, message[1])
         elif kind == "cancel":
             future = worker.pending.get(message[1])
             if future is not None:
@@ -238,6 +239,12 @@ class EngineHost:
             link.send(("synced", message[1]))
         elif kind == "closed":
             self._gone(worker)
+
+    def _free(self, worker: _Worker, blocks: list[int]) -> None:
+        for block in blocks:
+            if block in worker.held:
+                worker.held.discard(block)
+                self.blocks.free(block)
 
     def _hello(self, link: _Link, message: tuple) -> None:
         _, slot, held = message
@@ -261,7 +268,9 @@ class EngineHost:
         worker.held.clear()
 
     def _infer(self, worker: _Worker, message: tuple) -> None:
-        _, number, model, version, deadline, source, split, request_id, described = message
+        _, number, model, version, deadline, source, split, request_id, described, freed = message
+        if freed:
+            self._free(worker, freed)
         try:
             inputs = shm.read(self.arena, described)
             future = self.engine.submit(model, inputs, version, deadline, source, None,
@@ -506,23 +515,31 @@ class RemoteEngine:
                         if v.ready}
 
     def _release(self, block: int) -> None:
-        """The last view of output ``block`` is gone (from any thread)."""
+        """The last view of output ``block`` is gone (from any thread): the block goes back
+        with the next request, or on its own within :data:`FREE_AFTER` seconds."""
         self._freed.append(block)
         if not self._flush_soon and self._loop is not None:
             self._flush_soon = True
             if threading.get_ident() == self._thread:
-                self._loop.call_soon(self._flush)
+                self._loop.call_later(FREE_AFTER, self._flush)
             else:
                 with contextlib.suppress(RuntimeError):  # the loop is closed
-                    self._loop.call_soon_threadsafe(self._flush)
+                    self._loop.call_soon_threadsafe(self._loop.call_later, FREE_AFTER,
+                                                    self._flush)
+
+    def _given_back(self) -> list[int]:
+        """The output blocks released since the last call."""
+        blocks = []
+        freed, held = self._freed, self._held
+        while freed:
+            block = freed.popleft()
+            if held.pop(block, None) is not None:
+                blocks.append(block)
+        return blocks
 
     def _flush(self) -> None:
         self._flush_soon = False
-        blocks = []
-        while self._freed:
-            block = self._freed.popleft()
-            if self._held.pop(block, None) is not None:
-                blocks.append(block)
+        blocks = self._given_back()
         if blocks and self._link is not None:
             self._link.send(("free", blocks))
 
@@ -549,7 +566,7 @@ class RemoteEngine:
         future = self._loop.create_future()  # type: ignore[union-attr]
         self._pending[number] = (future, block)
         link.send(("infer", number, model, chosen.version, deadline, source, split,
-                   request_id, described))
+                   request_id, described, self._given_back() if self._freed else None))
         future.add_done_callback(lambda done: self._cancelled(number, done))
         return future
 
