@@ -308,3 +308,27 @@ def test_arena_blocks_are_bounded_and_whole_again_when_freed():
     assert released == [block]
     with pytest.raises(ArenaFull, match="--shared-arena-bytes"):
         write(arena, part, {"x": np.zeros(1024, np.uint8)}, "the tensors")
+
+
+def test_sigterm_drains_the_workers_then_the_engine_process(tmp_path):
+    process, pids, engine, urls = _serve(tmp_path)
+    clients = []
+    try:
+        clients = _clients_on_each_worker(urls, pids)
+        # the model runs one request at a time: one runs, the other waits in the engine's
+        # queue when SIGTERM comes, and both are answered
+        xs = (1.5, 1.25)
+        calls = [_in_thread(_marked(urls["mip"], x, client)) for client, x in zip(clients, xs)]
+        assert wait_until(lambda: _marks(tmp_path), WAIT)
+        assert list(_marks(tmp_path)) == [engine]
+        process.send_signal(signal.SIGTERM)
+        for (thread, outcome), x in zip(calls, xs):
+            thread.join(WAIT)
+            assert outcome == [x]
+        assert process.wait(WAIT) == 0
+        assert not os.path.exists(f"/proc/{engine}")
+    finally:
+        for client in clients:
+            client.close()
+        if process.poll() is None:
+            process.kill()
