@@ -450,12 +450,13 @@ async def _serve(args) -> int:
     else:
         engine = await _started_engine(args)
     relay = None
-    if role is not None and role.count > 1 and role.shared is None:  # every worker's models
+    if role is not None and role.count > 1:  # models (but shared ones) and shm: every worker's
         from mip.model_relay import WorkerModels
 
-        relay = WorkerModels(engine, role.control, role.index)
+        relay = WorkerModels(engine, role.control, role.index, models=role.shared is None)
         await relay.replay(role.changes)
         relay.start()
+    args.relay = relay
     from mip.frontends.oip.metrics import Metrics
 
     metrics = Metrics(engine)  # every protocol's requests, labelled by protocol
@@ -629,10 +630,18 @@ def _guard(args, announcements: list[str]):
 
 def _shared_memory(args):
     """The system shared memory regions both KServe v2 listeners serve, as bounded by
-    --max-shm-regions and --max-shm-bytes. With several workers, registrations are refused:
-    each worker process would hold its own, and a request may reach another worker."""
+    --max-shm-regions and --max-shm-bytes. With several workers, each registration is made
+    on every worker (``args.relay``)."""
     from mip.frontends.oip.shm import SystemSharedMemory
 
+    relay = getattr(args, "relay", None)
+    if relay is not None:  # --workers N: a registration reaches every worker
+        from mip.model_relay import RelayedSharedMemory
+
+        registry = RelayedSharedMemory(args.max_shm_regions, args.max_shm_bytes, None,
+                                       args.shm_any_peer)
+        relay.attach(registry)
+        return registry
     workers = getattr(args, "workers", 1)
     refused = (f"the server runs {workers} worker processes, each with its own registrations: "
                "system shared memory needs --workers 1") if workers != 1 else None

@@ -332,3 +332,74 @@ def test_sigterm_drains_the_workers_then_the_engine_process(tmp_path):
             client.close()
         if process.poll() is None:
             process.kill()
+
+
+def _shm_infer(urls, pids, x) -> tuple[int, object]:
+    """One gRPC inference on a new connection with its input and output in region "io":
+    the worker that served it, and the result (or the error)."""
+    before = _held(pids, urls["grpc"])
+    client = _grpc_client(urls["grpc"])
+    try:
+        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_shared_memory("io", x.nbytes)
+        output = grpcclient.InferRequestedOutput("output")
+        output.set_shared_memory("io", x.nbytes, offset=x.nbytes)
+        try:
+            outcome: object = client.infer("identity", [tensor], outputs=[output])
+        except InferenceServerException as exc:
+            outcome = exc
+        (holder,) = _new_holders(pids, urls["grpc"], before)
+        return holder, outcome
+    finally:
+        client.close()
+
+
+def test_shared_memory_regions_are_registered_on_every_worker(tmp_path):
+    import tritonclient.utils.shared_memory as shm_util
+
+    process, pids, engine, urls = _serve(tmp_path)
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    handle = shm_util.create_shared_memory_region("io", f"/mip-workers-{os.getpid()}",
+                                                  2 * x.nbytes)
+    try:
+        shm_util.set_shared_memory_region(handle, [x])
+        client = _grpc_client(urls["grpc"])
+        try:
+            client.register_system_shared_memory("io", f"/mip-workers-{os.getpid()}",
+                                                 2 * x.nbytes)
+        finally:
+            client.close()
+        served: set[int] = set()
+        for _ in range(ROUNDS):
+            shm_util.set_shared_memory_region(handle, [np.zeros_like(x)], offset=x.nbytes)
+            holder, outcome = _shm_infer(urls, pids, x)
+            assert not isinstance(outcome, Exception), outcome
+            np.testing.assert_array_equal(
+                shm_util.get_contents_as_numpy(handle, np.float32, [1, 16], offset=x.nbytes), x)
+            served.add(holder)
+            if served == set(pids):
+                break
+        assert served == set(pids)
+        # unregistered: on every worker
+        status, body = _unregister(urls, "io")
+        assert status == 200, body
+        refused: set[int] = set()
+        for _ in range(ROUNDS):
+            holder, outcome = _shm_infer(urls, pids, x)
+            assert isinstance(outcome, InferenceServerException), outcome
+            assert "io" in outcome.message()
+            refused.add(holder)
+            if refused == set(pids):
+                break
+        assert refused == set(pids)
+    finally:
+        shm_util.destroy_shared_memory_region(handle)
+        assert _stop(process) == 0, "".join(process.output)
+
+
+def _unregister(urls, region: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        f"http://{urls['http']}/v2/systemsharedmemory/region/{region}/unregister", data=b"",
+        method="POST")
+    with urllib.request.urlopen(request, timeout=WAIT) as answer:
+        return answer.status, answer.read()
