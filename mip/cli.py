@@ -642,11 +642,7 @@ def _shared_memory(args):
                                        args.shm_any_peer)
         relay.attach(registry)
         return registry
-    workers = getattr(args, "workers", 1)
-    refused = (f"the server runs {workers} worker processes, each with its own registrations: "
-               "system shared memory needs --workers 1") if workers != 1 else None
-    return SystemSharedMemory(args.max_shm_regions, args.max_shm_bytes, refused,
-                              args.shm_any_peer)
+    return SystemSharedMemory(args.max_shm_regions, args.max_shm_bytes, None, args.shm_any_peer)
 
 
 async def _start_oip(args, engine, metrics, announcements: list[str], guard=None,

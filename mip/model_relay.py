@@ -134,7 +134,7 @@ class WorkerModels:
         self.control = control
         self.index = index
         self.models = models
-        self.shm = None  # the worker's RelayedSharedMemory, once attached
+        self.shm: RelayedSharedMemory | None = None  # once attached
         self._shm_pending: list[tuple] = []  # registrations replayed before it was
         self._load, self._unload = engine.load, engine.unload
         self._waiting: dict[int, asyncio.Future] = {}
