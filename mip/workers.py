@@ -14,7 +14,9 @@ The parent serves no request: it starts the workers, starts again (after a back-
 that dies, relays the model changes made over the API to every worker
 (:mod:`mip.model_relay`), forwards SIGTERM and SIGINT so that every worker drains, and
 removes what it made (the metrics folder, a unix socket's path) when they are all gone.
-docs/workers.md says what is per worker.
+With the shared placement (:mod:`mip.serving.remote`) it also starts one engine process,
+before the workers, which runs the models for all of them; it is started again the same way
+when it dies, and stopped after the last worker. docs/workers.md says what is per worker.
 """
 
 from __future__ import annotations

@@ -182,6 +182,7 @@ class EngineHost:
         self._by_link: dict[_Link, _Worker] = {}
         self._server: asyncio.AbstractServer | None = None
         self._parent = os.getppid()
+        self._changing: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -234,7 +235,9 @@ class EngineHost:
             if future is not None:
                 future.cancel()
         elif kind in ("load", "unload"):
-            asyncio.get_running_loop().create_task(self._change(worker, message))
+            task = asyncio.get_running_loop().create_task(self._change(worker, message))
+            self._changing.add(task)  # (a task only the loop refers to may be collected)
+            task.add_done_callback(self._changing.discard)
         elif kind == "sync":
             link.send(("synced", message[1]))
         elif kind == "closed":
