@@ -418,7 +418,9 @@ class RemoteEngine:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self, timeout: float = 60.0) -> None:
-        """Connect to the engine process and take its catalogue (within ``timeout``)."""
+        """Connect to the engine process and take its catalogue; after ``timeout`` seconds
+        without it (the engine process is being started again), go on not ready, and
+        connect as soon as it serves."""
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._connected = asyncio.Event()
@@ -426,8 +428,8 @@ class RemoteEngine:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except asyncio.TimeoutError:
-            raise ModelNotReady(f"the engine process did not answer within {timeout:.0f} s") \
-                from None
+            log.warning("worker %d: the engine process did not answer within %.0f s; not "
+                        "ready until it does", self.slot, timeout)
 
     async def stop(self) -> None:
         self._stopping = True
