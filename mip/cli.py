@@ -553,7 +553,8 @@ async def _started_engine(args):
 
 
 def _serve_workers(args) -> int:
-    """``mip serve --workers N`` (N > 1): bind every listener here, fork the workers."""
+    """``mip serve --workers N`` (N > 1, or any N with ``--placement shared``): bind every
+    listener here, fork the workers (and the engine process)."""
     from mip.workers import Supervisor, bind_listeners
 
     if args.grpc.lower() != "none" and args.grpc_impl == "grpcio":
@@ -566,6 +567,11 @@ def _serve_workers(args) -> int:
 
         # one job queue for every worker: this server's own file (named after its port)
         args.queue = str(default_sqlite_path(args.http))
+    shared = None
+    if args.placement == "shared":  # the arena, mapped before anything is forked
+        from mip.serving.remote import SharedRole
+
+        shared = SharedRole(args.shared_arena_bytes, args.workers)
     announcements: list[str] = []
     guard = _guard(args, announcements)  # one API key for every worker, when one is made
     sockets = bind_listeners(args)
@@ -576,11 +582,6 @@ def _serve_workers(args) -> int:
         args.worker_role = role
         return _run(args)
 
-    shared = None
-    if args.placement == "shared":
-        from mip.serving.remote import SharedRole
-
-        shared = SharedRole(args.shared_arena_bytes, args.workers)
     return Supervisor(args.workers, sockets, serve, guard=guard, shared=shared).run()
 
 
