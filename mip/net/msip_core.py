@@ -36,6 +36,7 @@ from typing import Callable
 from mip import msip
 from mip.errors import FrameTooLarge, ProtocolError
 from mip.net.msip_topics import match_tokens, pattern_tokens
+from mip.protocol._msip import dispatch_frames, take_queued
 
 __all__ = ["BrokerCore", "BrokerStats", "Peer", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT"]
 
@@ -231,16 +232,7 @@ class Peer:
 
     def take(self, limit: int) -> tuple[list, int]:
         """Take queued frames (urgent first) of about ``limit`` octets: (chunks, octets)."""
-        chunks: list = []
-        n = 0
-        for q in (self.urgent, self.queue):
-            while q and n < limit:
-                item, size, _ = q.popleft()
-                n += size
-                if type(item) is tuple:
-                    chunks.extend(item)
-                else:
-                    chunks.append(item)
+        chunks, n = take_queued(self.urgent, self.queue, limit)  # bytes in a row joined
         if self.paused:
             self.qbytes -= n
         return chunks, n
@@ -256,8 +248,8 @@ class Peer:
             self.qbytes = 0
             core._set_closing(self, ABORT, "outgoing queue full")
             return
-        replies = []  # replies are never dropped: only events are
-        while (len(self.urgent) + len(self.queue) > core.queue_limit
+        replies = []  # replies are never dropped: only events are (set aside, still counted)
+        while (len(self.urgent) + len(self.queue) + len(replies) > core.queue_limit
                or self.qbytes > core.queue_bytes):
             q = self.queue if self.queue else self.urgent
             if len(q) == 0:
@@ -347,6 +339,9 @@ class BrokerCore:
         # topic -> (appends of the fast subscribers' queues, their peers, (session, reliable)
         # of the others)
         self._routes: dict[str, tuple] = {}
+        # the same routes by the topic's UTF-8 octets, for the compiled PUBLISH path
+        # (mip.protocol._msip.dispatch_frames)
+        self._broutes: dict[bytes, tuple] = {}
         # literal topic -> local at-least-once subscriptions fed from the backplane's stream
         self._streamed: dict[str, int] = {}
 
@@ -378,11 +373,8 @@ class BrokerCore:
         parser = peer.parser
         try:
             frames = parser.buffer_updated(nbytes) if data is None else parser.feed(data)
-            for frame in frames:
-                peer.consumed += _HDR + frame.payload_len
-                if peer.closing:
-                    break
-                self._dispatch(peer, frame, now)
+            if frames:
+                dispatch_frames(self, peer, frames, now)  # -> self._dispatch, frame by frame
             if frames and not peer.closing:
                 # the parser raises an error found after complete frames on its next call
                 parser.feed(b"")
@@ -404,7 +396,7 @@ class BrokerCore:
             return
         peer.paused = not writable
         peer.qbytes = 0 if writable else peer.queued_bytes()
-        self._routes.clear()
+        self._forget_routes()
         if writable and (peer.queue or peer.urgent):
             self.dirty[peer] = None
 
@@ -417,7 +409,7 @@ class BrokerCore:
         self.dirty.pop(peer, None)
         self.peers.pop(peer, None)
         self.stats.connections = len(self.peers)
-        self._routes.clear()
+        self._forget_routes()
         session = peer.session
         if session.conn is not peer:
             return
@@ -444,12 +436,17 @@ class BrokerCore:
             peer.send(frame)
         self._set_closing(peer, CLOSE)
 
+    def _forget_routes(self) -> None:
+        """A subscription, a session's connection or a connection's state changed."""
+        self._routes.clear()
+        self._broutes.clear()
+
     def _set_closing(self, peer: Peer, mode: str, reason: str | None = None) -> None:
         peer.closing = True
         peer.close_mode = mode
         peer.close_reason = reason
         self.closing.append(peer)
-        self._routes.clear()
+        self._forget_routes()
 
     def tick(self, now: float) -> None:
         """Timers: read and idle timeouts, idle PINGs, redelivery, away sessions' TTL."""
@@ -564,7 +561,7 @@ class BrokerCore:
         self._sessions.clear()
         self._exact.clear()
         self._patterns.clear()
-        self._routes.clear()
+        self._forget_routes()
         self.stats.sessions = 0
 
     # -- frames ----------------------------------------------------------------------------
@@ -653,7 +650,7 @@ class BrokerCore:
                     existing = None
         if existing is not None and not durable:
             existing = None  # an away session is resumed only by an at-least-once HELLO
-        self._routes.clear()
+        self._forget_routes()
         if existing is not None:
             self._away.pop(existing, None)
             self.stats.sessions_away = len(self._away)
@@ -792,7 +789,7 @@ class BrokerCore:
                     self.backplane.interest(topic, True, True)
             table = entry[1]
         table[session] = reliable
-        self._routes.clear()
+        self._forget_routes()
         bp = self.backplane
         if topic in session.streams:
             if not reliable:
@@ -834,7 +831,7 @@ class BrokerCore:
                 del self._patterns[topic]
                 if self.backplane is not None:
                     self.backplane.interest(topic, True, False)
-        self._routes.clear()
+        self._forget_routes()
 
     # -- routing ---------------------------------------------------------------------------
     def _route(self, topic: str) -> tuple:
@@ -884,6 +881,10 @@ class BrokerCore:
             self.fail(conn, f"{_UNSUPPORTED}: topic is not UTF-8")
             return
         self.stats.published += 1
+        if self.backplane is None:  # the compiled path takes the topic's next publishes
+            if len(self._broutes) > _ROUTES_MAX:
+                self._broutes.clear()
+            self._broutes[bytes(payload[2:2 + tlen])] = self._route(topic)
         fflags = f.flags
         compressed = 0
         if fflags & _F_COMPRESSED and payload[2 + tlen:6 + tlen] == ZSTD_MAGIC:
