@@ -248,6 +248,9 @@ class _Idle:
         return 0.0
 
 
+_IDLE = _Idle()
+
+
 class CpuMeter:
     """CPU seconds (user + system, all threads) a server process spends between start and
     stop, from /proc."""
@@ -287,7 +290,7 @@ class CallgrindMeter:
         raise RuntimeError(f"no totals in {dumps[-1]}")
 
 
-async def bench_ping(side, conns: int, seconds: float, meter=_Idle(),
+async def bench_ping(side, conns: int, seconds: float, meter=_IDLE,
                      count: int | None = None) -> tuple[float, float]:
     """Round trips per second, and what ``meter`` measured per round trip (``count``: that
     many round trips per connection instead of ``seconds``)."""
@@ -316,7 +319,7 @@ async def bench_ping(side, conns: int, seconds: float, meter=_Idle(),
     return done / elapsed, spent / done
 
 
-async def bench_pubsub(side, subs: int, size: int, seconds: float, meter=_Idle(),
+async def bench_pubsub(side, subs: int, size: int, seconds: float, meter=_IDLE,
                        count: int | None = None, window: int = 200) -> tuple[float, float]:
     """Delivered messages per second, and what ``meter`` measured per delivered message
     (``count``: publish that many messages instead of for ``seconds``)."""
@@ -443,7 +446,7 @@ def instructions(base: str | None) -> None:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mip-bench"
         sides.insert(0, (f"base ({base})", str(ab_compare.ensure_revision(cache, base)[0])))
     counts = []
-    for label, python in sides:
+    for _, python in sides:
         with tempfile.TemporaryDirectory() as tmp:
             port = free_port()
             env = dict(os.environ)
