@@ -76,6 +76,7 @@ from mip.net.msip_core import (
 from mip.net.peers import PeerCounts
 from mip.net.ratelimit import FailureLimit, peer_of
 from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
+from mip.protocol._msip import write_queued
 
 __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
 
@@ -160,7 +161,7 @@ class _Connection(asyncio.BufferedProtocol):
         b = self.broker
         b.core.data_received(self.state, nbytes, time.monotonic())
         b._write_out()
-        if self.state.backed_up() and self.transport is not None:
+        if self.state.paused and self.state.backed_up() and self.transport is not None:
             # The client does not read its replies: read no more of its requests until
             # it does.
             self.state.reading_paused = True
@@ -184,12 +185,7 @@ class _Connection(asyncio.BufferedProtocol):
         if t is None:
             return
         p = self.state
-        while (p.urgent or p.queue) and not p.paused:
-            chunks, _ = p.take(_BURST)
-            if len(chunks) == 1:
-                t.write(chunks[0])
-            else:
-                t.writelines(chunks)
+        write_queued(p, t, _BURST)  # (one write per burst; not counted in qbytes: writable)
         if p.reading_paused and not p.paused and not p.closing:
             p.reading_paused = False
             if p.partial_since is not None:

@@ -34,9 +34,8 @@ import struct
 from typing import Callable
 
 from mip import msip
-from mip.errors import FrameTooLarge, ProtocolError
 from mip.net.msip_topics import match_tokens, pattern_tokens
-from mip.protocol._msip import dispatch_frames, take_queued
+from mip.protocol._msip import receive, take_queued
 
 __all__ = ["BrokerCore", "BrokerStats", "Peer", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT"]
 
@@ -357,37 +356,13 @@ class BrokerCore:
         """``nbytes`` were written into ``peer.parser.get_buffer()``: handle the frames."""
         if peer.closing:
             return
-        self._received(peer, nbytes, None, now)
+        receive(self, peer, nbytes, None, now)  # frames -> self._dispatch
 
     def feed(self, peer: Peer, data, now: float) -> None:
         """Handle received octets (a copy into the parser; tests, or a plain ``Protocol``)."""
         if peer.closing:
             return
-        self._received(peer, len(data), data, now)
-
-    def _received(self, peer: Peer, nbytes: int, data, now: float) -> None:
-        peer.last_rx = now
-        peer.pinged = False
-        peer.rx_total += nbytes
-        consumed_before = peer.consumed
-        parser = peer.parser
-        try:
-            frames = parser.buffer_updated(nbytes) if data is None else parser.feed(data)
-            if frames:
-                dispatch_frames(self, peer, frames, now)  # -> self._dispatch, frame by frame
-            if frames and not peer.closing:
-                # the parser raises an error found after complete frames on its next call
-                parser.feed(b"")
-        except FrameTooLarge as exc:
-            self.fail(peer, f"frame too large: {exc}")
-        except ProtocolError as exc:
-            self.fail(peer, f"malformed frame: {exc}")
-        if peer.rx_total > peer.consumed:
-            # a frame has started arriving: it must be complete within read_timeout
-            if peer.consumed != consumed_before or peer.partial_since is None:
-                peer.partial_since = now
-        else:
-            peer.partial_since = None
+        receive(self, peer, len(data), data, now)
 
     def set_writable(self, peer: Peer, writable: bool) -> None:
         """The socket stopped (False) or started again (True) accepting writes (then the

@@ -10,6 +10,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from mip.protocol.wire cimport *
 from mip.protocol._stream cimport Chunk, StreamParser, raise_wire_error
 
+from mip import errors as _errors
+
 HEADER_SIZE = MSIP_HEADER_SIZE
 MAGIC = b"MSIP"
 VERSION = MSIP_VERSION
@@ -389,6 +391,47 @@ def dispatch_frames(core, peer, list frames, now):
         if dispatch is None:
             dispatch = core._dispatch
         dispatch(peer, f, now)
+
+
+def receive(core, peer, Py_ssize_t nbytes, data, now):
+    """``BrokerCore._received``: ``nbytes`` octets arrived for ``peer`` (``data``: a copy to
+    feed, or None when they were written into ``peer.parser.get_buffer()``)."""
+    cdef FrameParser parser = <FrameParser?>peer.parser
+    peer.last_rx = now
+    peer.pinged = False
+    peer.rx_total += nbytes
+    consumed_before = peer.consumed
+    try:
+        frames = parser.buffer_updated(nbytes) if data is None else parser.feed(data)
+        if frames:
+            dispatch_frames(core, peer, frames, now)
+            if not peer.closing:
+                # the parser raises an error found after complete frames on its next call
+                parser.feed(_EMPTY)
+    except _errors.FrameTooLarge as exc:
+        core.fail(peer, f"frame too large: {exc}")
+    except _errors.ProtocolError as exc:
+        core.fail(peer, f"malformed frame: {exc}")
+    consumed = peer.consumed
+    if peer.rx_total > consumed:
+        # a frame has started arriving: it must be complete within read_timeout
+        if consumed != consumed_before or peer.partial_since is None:
+            peer.partial_since = now
+    elif peer.partial_since is not None:
+        peer.partial_since = None
+
+
+def write_queued(peer, transport, Py_ssize_t burst):
+    """Write ``peer``'s queued frames (urgent first) to ``transport`` in writes of about
+    ``burst`` octets while it accepts them (``peer.paused`` false)."""
+    cdef list chunks
+    cdef Py_ssize_t n
+    while not peer.paused and (peer.urgent or peer.queue):
+        chunks, n = take_queued(peer.urgent, peer.queue, burst)
+        if len(chunks) == 1:
+            transport.write(chunks[0])
+        else:
+            transport.writelines(chunks)
 
 
 def take_queued(first, second, Py_ssize_t limit):
