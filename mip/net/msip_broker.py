@@ -96,6 +96,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def __init__(self, broker: "Broker"):
         self.broker = broker
+        # the loop takes get_buffer before connection_made: the parser's own, no call between
+        self.parser = msip.FrameParser(max_payload=broker.core.max_payload)
+        self.get_buffer = self.parser.get_buffer  # type: ignore[method-assign]
         self.transport: asyncio.Transport | None = None
         self.state: Peer | None = None  # the core's side of the connection
         self.peer = None  # the client's socket address
@@ -125,7 +128,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport):
         self.transport = transport
         b = self.broker
-        self.state = b.core.open(time.monotonic(), handle=self)
+        self.state = b.core.open(time.monotonic(), handle=self, parser=self.parser)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -154,8 +157,8 @@ class _Connection(asyncio.BufferedProtocol):
         if not b._conns and b._all_closed is not None:
             b._all_closed.set()
 
-    def get_buffer(self, sizehint):
-        return self.state.parser.get_buffer(sizehint)
+    def get_buffer(self, sizehint):  # (replaced by the parser's in __init__)
+        return self.parser.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes):
         b = self.broker

@@ -35,7 +35,7 @@ from typing import Callable
 
 from mip import msip
 from mip.net.msip_topics import match_tokens, pattern_tokens
-from mip.protocol._msip import receive, take_queued
+from mip.protocol._msip import PeerState, receive, take_queued
 
 __all__ = ["BrokerCore", "BrokerStats", "Peer", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT"]
 
@@ -153,7 +153,7 @@ class _Session:
         self.streams: dict[str, _Stream] = {}  # at-least-once topics recorded by the backplane
 
 
-class Peer:
+class Peer(PeerState):
     """One connection as the core sees it: its frame parser, session and outgoing queue.
 
     ``queue`` holds ``(item, size, is_event)`` entries in the order produced (``item``: bytes,
@@ -162,31 +162,29 @@ class Peer:
     (it is not kept while the socket accepts writes: the queue is then written out after every
     entry point)."""
 
-    __slots__ = ("core", "parser", "session", "host", "authenticated", "closing", "close_mode",
-                 "close_reason",
-                 "paused", "urgent", "queue", "qbytes", "dropped", "last_rx", "pinged",
-                 "rx_total", "consumed", "partial_since", "reading_paused", "handle")
+    __slots__ = ()  # the fields are PeerState's (compiled: the hot path reads them)
 
-    def __init__(self, core: "BrokerCore", host: str | None, now: float, handle=None):
+    def __init__(self, core: "BrokerCore", host: str | None, now: float, handle=None,
+                 parser: msip.FrameParser | None = None):
         self.core = core
-        self.parser = msip.FrameParser(max_payload=core.max_payload)
+        self.parser = msip.FrameParser(max_payload=core.max_payload) if parser is None else parser
         self.session = _Session(None)
         self.session.conn = self
         self.host = host
         self.authenticated = core.authenticate is None
         self.closing = False
-        self.close_mode: str | None = None
-        self.close_reason: str | None = None  # what the ERROR said, or why it was aborted
+        self.close_mode = None
+        self.close_reason = None  # what the ERROR said, or why it was aborted
         self.paused = False
-        self.urgent: collections.deque = collections.deque()
-        self.queue: collections.deque = collections.deque()
+        self.urgent = collections.deque()
+        self.queue = collections.deque()
         self.qbytes = 0
         self.dropped = 0
         self.last_rx = now
         self.pinged = False
         self.rx_total = 0
         self.consumed = 0
-        self.partial_since: float | None = None
+        self.partial_since = None
         self.reading_paused = False  # the transport stopped reading (its replies back up)
         self.handle = handle  # the transport's object for this connection
 
@@ -345,9 +343,11 @@ class BrokerCore:
         self._streamed: dict[str, int] = {}
 
     # -- entry points ---------------------------------------------------------------------
-    def open(self, now: float, host: str | None = None, handle=None) -> Peer:
-        """A new connection (``host``: the client's address, for authentication limits)."""
-        peer = Peer(self, host, now, handle)
+    def open(self, now: float, host: str | None = None, handle=None,
+             parser: msip.FrameParser | None = None) -> Peer:
+        """A new connection (``host``: the client's address, for authentication limits;
+        ``parser``: its frame parser, made with ``max_payload`` if None)."""
+        peer = Peer(self, host, now, handle, parser)
         self.peers[peer] = None
         self.stats.connections = len(self.peers)
         return peer

@@ -44,6 +44,28 @@ def encode_hello_payload(client_id: int | None = ..., token: bytes | None = ...)
 def decode_hello_payload(payload: Buffer) -> tuple[int | None, bytes | None]: ...
 
 # the broker's hot path (mip.net.msip_core)
+class PeerState:
+    core: Any
+    parser: FrameParser
+    session: Any
+    host: str | None
+    authenticated: bool
+    closing: bool
+    close_mode: str | None
+    close_reason: str | None
+    paused: bool
+    urgent: deque
+    queue: deque
+    qbytes: int
+    dropped: int
+    last_rx: float
+    pinged: bool
+    rx_total: int
+    consumed: int
+    partial_since: float | None
+    reading_paused: bool
+    handle: Any
+
 def dispatch_frames(core: Any, peer: Any, frames: list[Frame], now: float) -> None: ...
 def receive(core: Any, peer: Any, nbytes: int, data: Buffer | None, now: float) -> None: ...
 def write_queued(peer: Any, transport: Any, burst: int) -> None: ...

@@ -302,6 +302,32 @@ def decode_hello_payload(payload):
 # PUBLISH of a topic whose route is known and has only connected, writable, at-most-once
 # subscribers. Everything else goes to the core's Python code.
 
+cdef class PeerState:
+    """The fields of one broker connection (``mip.net.msip_core.Peer`` adds the methods),
+    kept as C fields for the functions below."""
+
+    cdef public object core
+    cdef public FrameParser parser
+    cdef public object session
+    cdef public object host
+    cdef public bint authenticated
+    cdef public bint closing
+    cdef public object close_mode
+    cdef public object close_reason
+    cdef public bint paused
+    cdef public object urgent
+    cdef public object queue
+    cdef public Py_ssize_t qbytes
+    cdef public Py_ssize_t dropped
+    cdef public double last_rx
+    cdef public bint pinged
+    cdef public Py_ssize_t rx_total
+    cdef public Py_ssize_t consumed
+    cdef public object partial_since
+    cdef public bint reading_paused
+    cdef public object handle
+
+
 cdef enum:
     _PUBLISH = 4
     _EVENT = 5
@@ -323,7 +349,7 @@ cdef inline bytes _header(int frame_type, int msg_kind, uint32_t n, uint64_t msg
     return <bytes>res
 
 
-cdef inline void _reply(dict dirty, object peer, bytes data) except *:
+cdef inline void _reply(dict dirty, PeerState peer, bytes data) except *:
     # Peer.send: a control frame after what is queued
     peer.queue.append((data, MSIP_HEADER_SIZE, False))
     if peer.paused:
@@ -331,7 +357,7 @@ cdef inline void _reply(dict dirty, object peer, bytes data) except *:
     dirty[peer] = None
 
 
-cdef bint _fast_publish(object core, dict dirty, object peer, Frame f) except -1:
+cdef bint _fast_publish(object core, dict dirty, PeerState peer, Frame f) except -1:
     """Route a PUBLISH whose topic has a cached route with only fast subscribers; False
     when the core's Python code must handle it."""
     cdef Py_ssize_t n = f.payload_len, tlen, size
@@ -369,7 +395,7 @@ cdef bint _fast_publish(object core, dict dirty, object peer, Frame f) except -1
     return True
 
 
-def dispatch_frames(core, peer, list frames, now):
+def dispatch_frames(core, PeerState peer, list frames, now):
     """Handle ``frames`` received on ``peer`` as ``BrokerCore._dispatch`` does, frame by
     frame (counting each in ``peer.consumed``, stopping once the peer is closing)."""
     cdef Frame f
@@ -393,10 +419,11 @@ def dispatch_frames(core, peer, list frames, now):
         dispatch(peer, f, now)
 
 
-def receive(core, peer, Py_ssize_t nbytes, data, now):
+def receive(core, PeerState peer, Py_ssize_t nbytes, data, double now):
     """``BrokerCore._received``: ``nbytes`` octets arrived for ``peer`` (``data``: a copy to
     feed, or None when they were written into ``peer.parser.get_buffer()``)."""
-    cdef FrameParser parser = <FrameParser?>peer.parser
+    cdef FrameParser parser = peer.parser
+    cdef Py_ssize_t consumed_before, consumed
     peer.last_rx = now
     peer.pinged = False
     peer.rx_total += nbytes
@@ -421,13 +448,22 @@ def receive(core, peer, Py_ssize_t nbytes, data, now):
         peer.partial_since = None
 
 
-def write_queued(peer, transport, Py_ssize_t burst):
+def write_queued(PeerState peer, transport, Py_ssize_t burst):
     """Write ``peer``'s queued frames (urgent first) to ``transport`` in writes of about
     ``burst`` octets while it accepts them (``peer.paused`` false)."""
     cdef list chunks
     cdef Py_ssize_t n
-    while not peer.paused and (peer.urgent or peer.queue):
-        chunks, n = take_queued(peer.urgent, peer.queue, burst)
+    cdef object urgent = peer.urgent, queue = peer.queue
+    cdef object item
+    while not peer.paused and (urgent or queue):
+        if not urgent and len(queue) == 1:  # one frame (a reply, or one event)
+            item = (<tuple>queue.popleft())[0]
+            if PyBytes_CheckExact(item):
+                transport.write(item)
+            else:
+                transport.writelines(item)
+            continue
+        chunks, n = _take(urgent, queue, burst)
         if len(chunks) == 1:
             transport.write(chunks[0])
         else:
@@ -437,6 +473,10 @@ def write_queued(peer, transport, Py_ssize_t burst):
 def take_queued(first, second, Py_ssize_t limit):
     """Take entries from the front of the deques ``first`` then ``second`` while fewer than
     ``limit`` octets are taken: (chunks, octets), consecutive bytes items joined into one."""
+    return _take(first, second, limit)
+
+
+cdef tuple _take(first, second, Py_ssize_t limit):
     cdef list chunks = []
     cdef list run = []
     cdef Py_ssize_t n = 0, run_len = 0, k, size
