@@ -98,7 +98,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.broker = broker
         # the loop takes get_buffer before connection_made: the parser's own, no call between
         self.parser = msip.FrameParser(max_payload=broker.core.max_payload)
-        self.get_buffer = self.parser.get_buffer  # type: ignore[method-assign]
+        self.get_buffer = self.parser.get_buffer
         self.transport: asyncio.Transport | None = None
         self.state: Peer | None = None  # the core's side of the connection
         self.peer = None  # the client's socket address

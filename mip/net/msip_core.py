@@ -605,7 +605,7 @@ class BrokerCore:
 
         What the connection did before (subscriptions of an anonymous or plain session) moves
         into it; an at-least-once session the connection had is left away."""
-        current = conn.session
+        current: _Session = conn.session
         if client_id is None:
             if current.durable:
                 return current, False, False  # a second HELLO without id keeps the session
