@@ -337,8 +337,8 @@ class BrokerCore:
         # of the others)
         self._routes: dict[str, tuple] = {}
         # the same routes by the topic's UTF-8 octets, for the compiled PUBLISH path
-        # (mip.protocol._msip.dispatch_frames)
-        self._broutes: dict[bytes, tuple] = {}
+        # (mip.protocol._msip.dispatch_frames): [appends, peers, any others, its own memo]
+        self._broutes: dict[bytes, list] = {}
         # literal topic -> local at-least-once subscriptions fed from the backplane's stream
         self._streamed: dict[str, int] = {}
 
@@ -859,7 +859,8 @@ class BrokerCore:
         if self.backplane is None:  # the compiled path takes the topic's next publishes
             if len(self._broutes) > _ROUTES_MAX:
                 self._broutes.clear()
-            self._broutes[bytes(payload[2:2 + tlen])] = self._route(topic)
+            appends, peers, others = self._route(topic)
+            self._broutes[bytes(payload[2:2 + tlen])] = [appends, peers, bool(others), None]
         fflags = f.flags
         compressed = 0
         if fflags & _F_COMPRESSED and payload[2 + tlen:6 + tlen] == ZSTD_MAGIC:

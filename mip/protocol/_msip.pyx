@@ -357,25 +357,40 @@ cdef inline void _reply(dict dirty, PeerState peer, bytes data) except *:
     dirty[peer] = None
 
 
-cdef bint _fast_publish(object core, dict dirty, PeerState peer, Frame f) except -1:
+cdef class _Batch:
+    """What ``dispatch_frames`` reads of the core once per batch of frames, and the counts
+    it adds to the core's statistics at its end."""
+    cdef dict dirty
+    cdef dict routes
+    cdef Py_ssize_t max_topic_length
+    cdef bint alone  # no backplane: a local publish is delivered here only
+    cdef Py_ssize_t published
+    cdef Py_ssize_t delivered
+
+
+cdef bint _fast_publish(_Batch b, PeerState peer, Frame f) except -1:
     """Route a PUBLISH whose topic has a cached route with only fast subscribers; False
     when the core's Python code must handle it."""
     cdef Py_ssize_t n = f.payload_len, tlen, size
     cdef const unsigned char *p
     cdef int compressed = 0
     cdef unsigned char *out
-    if n < 2 or n > _INLINE_MAX or type(f._owner) is not Chunk:
+    cdef list route
+    cdef dict dirty = b.dirty
+    if n < 2 or n > _INLINE_MAX or type(f._owner) is not Chunk or not b.alone:
         return False
     p = (<Chunk>f._owner).mem + f._offset
     tlen = (p[0] << 8) | p[1]
-    if n < 2 + tlen or tlen > core.max_topic_length or core.backplane is not None:
+    if n < 2 + tlen or tlen > b.max_topic_length:
         return False
-    route = (<dict>core._broutes).get(PyBytes_FromStringAndSize(<const char *>p + 2, tlen))
-    if route is None or (<tuple>route)[2]:
-        return False  # not known yet, or subscribers that are not plain fast ones
-    appends = <tuple>(<tuple>route)[0]
-    stats = core.stats
-    stats.published += 1
+    found = b.routes.get(PyBytes_FromStringAndSize(<const char *>p + 2, tlen))
+    if found is None:
+        return False  # not known yet
+    route = <list>found  # [appends, their peers, whether there are other subscribers, memo]
+    if route[2]:
+        return False  # subscribers that are not plain fast ones
+    appends = <tuple>route[0]
+    b.published += 1
     if appends:
         if f.flags & _F_COMPRESSED and n >= 6 + tlen and memcmp(p + 2 + tlen,
                                                                 PyBytes_AS_STRING(_ZSTD_MAGIC), 4) == 0:
@@ -388,8 +403,12 @@ cdef bint _fast_publish(object core, dict dirty, PeerState peer, Frame f) except
         entry = (item, size, True)  # one entry shared by every queue
         for append in appends:
             append(entry)
-        stats.delivered += len(appends)
-        dirty.update(<dict>(<tuple>route)[1])
+        b.delivered += len(appends)
+        # Peers leave ``dirty`` only when it is replaced by a new dict (written out) or when
+        # they close (and routes are forgotten): merged into this dict once is enough.
+        if route[3] is not dirty:
+            dirty.update(<dict>route[1])
+            route[3] = dirty
     # after the events it produced, as on the reference
     _reply(dirty, peer, _header(_ACK, _K_STATE, 0, f.msg_id, 0))
     return True
@@ -399,24 +418,34 @@ def dispatch_frames(core, PeerState peer, list frames, now):
     """Handle ``frames`` received on ``peer`` as ``BrokerCore._dispatch`` does, frame by
     frame (counting each in ``peer.consumed``, stopping once the peer is closing)."""
     cdef Frame f
-    cdef dict dirty
     cdef int ft
+    cdef _Batch b = _Batch.__new__(_Batch)
+    b.dirty = <dict?>core.dirty
+    b.routes = <dict?>core._broutes
+    b.max_topic_length = core.max_topic_length
+    b.alone = core.backplane is None
     dispatch = None
-    for frame in frames:
-        f = <Frame?>frame
-        peer.consumed += MSIP_HEADER_SIZE + f.payload_len
-        if peer.closing:
-            break
-        ft = f.frame_type
-        dirty = <dict?>core.dirty
-        if ft == _PING:
-            _reply(dirty, peer, _header(_PONG, _K_EVENT, 0, f.msg_id, 0))
-            continue
-        if ft == _PUBLISH and peer.authenticated and _fast_publish(core, dirty, peer, f):
-            continue
-        if dispatch is None:
-            dispatch = core._dispatch
-        dispatch(peer, f, now)
+    try:
+        for frame in frames:
+            f = <Frame?>frame
+            peer.consumed += MSIP_HEADER_SIZE + f.payload_len
+            if peer.closing:
+                break
+            ft = f.frame_type
+            if ft == _PING:
+                _reply(b.dirty, peer, _header(_PONG, _K_EVENT, 0, f.msg_id, 0))
+                continue
+            if ft == _PUBLISH and peer.authenticated and _fast_publish(b, peer, f):
+                continue
+            if dispatch is None:
+                dispatch = core._dispatch
+            dispatch(peer, f, now)
+            b.dirty = <dict?>core.dirty
+    finally:
+        if b.published:
+            stats = core.stats
+            stats.published += b.published
+            stats.delivered += b.delivered
 
 
 def receive(core, PeerState peer, Py_ssize_t nbytes, data, double now):

@@ -14,12 +14,12 @@ import os
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from _netns import Network, require
+from _netns import Network
 from _redis import redis_server
+from test_multihost import _root_and_ip, _until  # noqa: F401  (_root_and_ip: autouse)
 
 from mip.msip import Client
 
@@ -28,22 +28,6 @@ redis = pytest.importorskip("redis")
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 7171
-
-
-@pytest.fixture(autouse=True)
-def _root_and_ip():
-    require()
-
-
-def _until(predicate, timeout: float, what: str, every: float = 0.1):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
 
 
 def _listening(host: str, port: int) -> bool:
