@@ -76,7 +76,7 @@ from mip.net.msip_core import (
 from mip.net.peers import PeerCounts
 from mip.net.ratelimit import FailureLimit, peer_of
 from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
-from mip.protocol._msip import write_queued
+from mip.protocol._msip import receive, write_dirty, write_queued
 
 __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
 
@@ -162,9 +162,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes):
         b = self.broker
-        b.core.data_received(self.state, nbytes, time.monotonic())
+        p = self.state
+        if not p.closing:  # (BrokerCore.data_received, without its call)
+            receive(b.core, p, nbytes, None, time.monotonic())
         b._write_out()
-        if self.state.paused and self.state.backed_up() and self.transport is not None:
+        if p.paused and p.backed_up() and self.transport is not None:
             # The client does not read its replies: read no more of its requests until
             # it does.
             self.state.reading_paused = True
@@ -442,8 +444,7 @@ class Broker:
             dirty = core.dirty
             if dirty:
                 core.dirty = {}
-                for peer in dirty:
-                    peer.handle.flush()
+                write_dirty(dirty, _BURST)  # peer.handle.flush() for each, compiled
 
     def _authenticate(self, host: str | None, token: bytes | None) -> str | None:
         """The core's check of a HELLO's token: None (accepted) or why it is refused."""

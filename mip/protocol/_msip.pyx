@@ -421,9 +421,6 @@ def dispatch_frames(core, PeerState peer, list frames, now):
     cdef int ft
     cdef _Batch b = _Batch.__new__(_Batch)
     b.dirty = <dict?>core.dirty
-    b.routes = <dict?>core._broutes
-    b.max_topic_length = core.max_topic_length
-    b.alone = core.backplane is None
     dispatch = None
     try:
         for frame in frames:
@@ -435,8 +432,13 @@ def dispatch_frames(core, PeerState peer, list frames, now):
             if ft == _PING:
                 _reply(b.dirty, peer, _header(_PONG, _K_EVENT, 0, f.msg_id, 0))
                 continue
-            if ft == _PUBLISH and peer.authenticated and _fast_publish(b, peer, f):
-                continue
+            if ft == _PUBLISH and peer.authenticated:
+                if b.routes is None:  # the first PUBLISH of the batch
+                    b.routes = <dict?>core._broutes
+                    b.max_topic_length = core.max_topic_length
+                    b.alone = core.backplane is None
+                if _fast_publish(b, peer, f):
+                    continue
             if dispatch is None:
                 dispatch = core._dispatch
             dispatch(peer, f, now)
@@ -497,6 +499,22 @@ def write_queued(PeerState peer, transport, Py_ssize_t burst):
             transport.write(chunks[0])
         else:
             transport.writelines(chunks)
+
+
+def write_dirty(dict dirty, Py_ssize_t burst):
+    """``write_queued`` for each peer of ``dirty`` whose connection (``peer.handle``) has a
+    transport; a peer whose reading was paused goes through ``handle.flush()`` (which reads
+    it again once its queue drained)."""
+    cdef PeerState peer
+    for p in dirty:
+        peer = <PeerState?>p
+        conn = peer.handle
+        if peer.reading_paused:
+            conn.flush()
+            continue
+        transport = conn.transport
+        if transport is not None:
+            write_queued(peer, transport, burst)
 
 
 def take_queued(first, second, Py_ssize_t limit):
