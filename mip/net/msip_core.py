@@ -23,6 +23,12 @@ Routing one PUBLISH to N subscribers encodes the EVENT once; each connected, wri
 at-most-once subscriber then costs one append of the same shared entry to its queue (the
 route of a topic is computed once and kept until a subscription, a session's connection or a
 connection's writability changes).
+
+The hot path is compiled (``mip.protocol._msip``: ``receive``, ``dispatch_frames``,
+``write_queued``): a PING, and the PUBLISH of a topic whose route is kept and has only such
+subscribers (without a backplane), are handled there without calling back into this module;
+every other frame goes to :meth:`BrokerCore._dispatch`. A connection's fields are C fields
+(``PeerState``) so that path reads them directly.
 """
 
 from __future__ import annotations
