@@ -3,10 +3,22 @@
 Cells: PING round trips per second (1 and 16 connections); pub/sub delivered messages per second
 for 1 publisher to 1 and to 10 subscribers with 64 B and 4 KiB payloads; end-to-end latency
 p50/p99 at a steady 1,000 msg/s (64 B, 1 subscriber). The brokers run in their own processes
-(ours on uvloop when installed); the load generator is one asyncio process. Prints a table with
-ratios (MSIP / Redis). Every cell runs for ``--seconds`` (default 2 s).
+(ours on uvloop when installed); the load generator is one asyncio process; the cells alternate
+between the two servers. Prints a table with ratios (MSIP / Redis) and, beside each rate, the
+server's CPU time per delivered message (or round trip): user + system time of the server's
+process over the cell, from ``/proc``, which moves less than rates on a shared machine. Every
+cell runs for ``--seconds`` (default 2 s).
+
+``--instructions`` counts instead the instructions the broker's whole process executes per
+delivered message (or round trip) for a fixed amount of work: ``mip broker`` runs under
+``valgrind --tool=callgrind``, its counters zeroed before and dumped after each cell
+(``callgrind_control``), as ``serve_instructions.py`` does for ``mip serve``. Under valgrind the
+broker is far slower than its clients, so it reads full batches whatever the machine does: the
+count moves by about 1% between runs. ``--base REV`` counts that revision too (installed as
+``ab_compare.py`` installs it)::
 
     python bench/msip_pubsub.py [--seconds 2] [--quick]
+    python bench/msip_pubsub.py --instructions [--base main]
 """
 
 from __future__ import annotations
@@ -19,10 +31,15 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+
+from ab_compare import cpu_seconds  # noqa: E402  (bench/ is not a package)
 
 from mip.net import AsyncClient  # noqa: E402
 
@@ -221,26 +238,91 @@ class RedisSide:
         c.close()
 
 
-async def bench_ping(side, conns: int, seconds: float) -> float:
+class _Idle:
+    """A meter that measures nothing (warm-up rounds)."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> float:
+        return 0.0
+
+
+_IDLE = _Idle()
+
+
+class CpuMeter:
+    """CPU seconds (user + system, all threads) a server process spends between start and
+    stop, from /proc."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = cpu_seconds(self.pid)
+
+    def stop(self) -> float:
+        return cpu_seconds(self.pid) - self._t0
+
+
+class CallgrindMeter:
+    """Instructions a process running under callgrind executes between start and stop
+    (counters zeroed, then dumped, with ``callgrind_control``)."""
+
+    def __init__(self, pid: int, dumps: Path):
+        self.pid = pid
+        self.dumps = dumps
+
+    def _control(self, option: str) -> None:
+        subprocess.run(["callgrind_control", option, str(self.pid)], check=True,
+                       capture_output=True, timeout=600)
+
+    def start(self) -> None:
+        self._control("-z")
+
+    def stop(self) -> float:
+        self._control("-d")
+        dumps = sorted(self.dumps.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+        for line in dumps[-1].read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return float(line.split()[1])
+        raise RuntimeError(f"no totals in {dumps[-1]}")
+
+
+async def bench_ping(side, conns: int, seconds: float, meter=_IDLE,
+                     count: int | None = None) -> tuple[float, float]:
+    """Round trips per second, and what ``meter`` measured per round trip (``count``: that
+    many round trips per connection instead of ``seconds``)."""
     clients = [await side.client() for _ in range(conns)]
-    count = 0
+    done = 0
     stop = time.perf_counter() + seconds
 
     async def loop(c):
-        nonlocal count
+        nonlocal done
+        if count is not None:
+            for _ in range(count):
+                await side.ping(c)
+            done += count
+            return
         while time.perf_counter() < stop:
             await side.ping(c)
-            count += 1
+            done += 1
 
+    meter.start()
     t0 = time.perf_counter()
     await asyncio.gather(*(loop(c) for c in clients))
     elapsed = time.perf_counter() - t0
+    spent = meter.stop()
     for c in clients:
         await side.close(c)
-    return count / elapsed
+    return done / elapsed, spent / done
 
 
-async def bench_pubsub(side, subs: int, size: int, seconds: float, window: int = 200) -> float:
+async def bench_pubsub(side, subs: int, size: int, seconds: float, meter=_IDLE,
+                       count: int | None = None, window: int = 200) -> tuple[float, float]:
+    """Delivered messages per second, and what ``meter`` measured per delivered message
+    (``count``: publish that many messages instead of for ``seconds``)."""
     received = 0
 
     def on_data(_):
@@ -253,9 +335,10 @@ async def bench_pubsub(side, subs: int, size: int, seconds: float, window: int =
     pub = await side.client()
     data = b"x" * size
     sent = 0
+    meter.start()
     t0 = time.perf_counter()
     stop = t0 + seconds
-    while time.perf_counter() < stop:
+    while sent < count if count is not None else time.perf_counter() < stop:
         # publish a window, then let the subscribers catch up to within one window
         for _ in range(window):
             side.publish_nowait(pub, "bench", data)
@@ -265,14 +348,15 @@ async def bench_pubsub(side, subs: int, size: int, seconds: float, window: int =
             if received >= (sent - window) * subs:
                 break
             await asyncio.sleep(0)
-    for _ in range(2000):
+    for _ in range(2000 if count is None else 600_000):
         if received >= sent * subs:
             break
         await asyncio.sleep(0.001)
     elapsed = time.perf_counter() - t0
+    spent = meter.stop()
     for c in subscribers + [pub]:
         await side.close(c)
-    return received / elapsed
+    return received / elapsed, spent / max(received, 1)
 
 
 async def bench_latency(side, rate: float, seconds: float, size: int = 64) -> tuple[float, float]:
@@ -303,38 +387,119 @@ async def bench_latency(side, rate: float, seconds: float, size: int = 64) -> tu
     return lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
 
 
-async def run_all(msip_port, redis_port, seconds, quick):
-    sides = [MsipSide(msip_port), RedisSide(redis_port)]
+async def run_all(sides, meters, seconds):
+    """Every cell on each side in turn; prints the table."""
     rows = []
     for conns in (1, 16):
-        r = [await bench_ping(s, conns, seconds) for s in sides]
+        r = [await bench_ping(s, conns, seconds, m) for s, m in zip(sides, meters)]
         rows.append((f"PING round trips/s, {conns} conn", r, "{:,.0f}"))
     for subs in (1, 10):
         for size in (64, 4096):
-            r = [await bench_pubsub(s, subs, size, seconds) for s in sides]
+            r = [await bench_pubsub(s, subs, size, seconds, m) for s, m in zip(sides, meters)]
             rows.append((f"pub/sub delivered msg/s, 1->{subs}, {size} B", r, "{:,.0f}"))
     lat = [await bench_latency(s, 1000, seconds) for s in sides]
-    rows.append(("latency p50 ms @1,000 msg/s, 64 B", [x[0] for x in lat], "{:.3f}"))
-    rows.append(("latency p99 ms @1,000 msg/s, 64 B", [x[1] for x in lat], "{:.3f}"))
-    print("\n| cell | MSIP (mip) | Redis | ratio MSIP/Redis |\n|---|---|---|---|")
-    for name, (a, b), fmt in rows:
-        print(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} |")
+    rows.append(("latency p50 ms @1,000 msg/s, 64 B", [(x[0], None) for x in lat], "{:.3f}"))
+    rows.append(("latency p99 ms @1,000 msg/s, 64 B", [(x[1], None) for x in lat], "{:.3f}"))
+    print("\n| cell | MSIP (mip) | Redis | ratio MSIP/Redis | MSIP CPU µs/msg | Redis CPU µs/msg "
+          "| CPU ratio MSIP/Redis |\n|---|---|---|---|---|---|---|")
+    for name, ((a, ca), (b, cb)), fmt in rows:
+        cpu = ("| – | – | –" if ca is None else
+               f"| {ca * 1e6:.2f} | {cb * 1e6:.2f} | {ca / cb if cb else float('nan'):.2f}")
+        print(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} {cpu} |")
+
+
+#: the cells counted with --instructions: (name, coroutine function, its arguments)
+_COUNTED = [
+    ("PING, 1 conn, per round trip", bench_ping, dict(conns=1, count=2000)),
+    ("PING, 16 conn, per round trip", bench_ping, dict(conns=16, count=500)),
+    ("pub/sub 1->1, 64 B, per delivered message", bench_pubsub, dict(subs=1, size=64, count=10_000)),
+    ("pub/sub 1->10, 64 B, per delivered message", bench_pubsub,
+     dict(subs=10, size=64, count=4000)),
+    ("pub/sub 1->10, 4096 B, per delivered message", bench_pubsub,
+     dict(subs=10, size=4096, count=2000)),
+]
+
+
+async def count_all(port: int, pid: int, dumps: Path) -> list[float]:
+    """Instructions per unit of each counted cell, after one unmeasured round of each."""
+    side = MsipSide(port)
+    meter = CallgrindMeter(pid, dumps)
+    for _, bench, kw in _COUNTED:  # warm-up: caches, routes, the allocator's pools
+        await bench(side, seconds=0, **{**kw, "count": kw["count"] // 10})
+    return [(await bench(side, seconds=0, meter=meter, **kw))[1] for _, bench, kw in _COUNTED]
+
+
+def _broker_argv(python: str, port: int) -> list[str]:
+    return [python, "-c", "from mip.net.msip_broker import serve; "
+            f"serve('tcp://127.0.0.1:{port}', idle_timeout=None)"]
+
+
+def instructions(base: str | None) -> None:
+    """Print the instructions the broker executes per delivered message (or round trip), for
+    this checkout and, with ``base``, for that revision."""
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind not found: apt-get install -y valgrind")
+    sides = [("this tree", sys.executable)]
+    if base is not None:
+        import ab_compare
+
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mip-bench"
+        sides.insert(0, (f"base ({base})", str(ab_compare.ensure_revision(cache, base)[0])))
+    counts = []
+    for _, python in sides:
+        with tempfile.TemporaryDirectory() as tmp:
+            port = free_port()
+            env = dict(os.environ)
+            if python == sys.executable:
+                env["PYTHONPATH"] = ROOT
+            else:
+                env.pop("PYTHONPATH", None)  # the revision's installed package
+            proc = subprocess.Popen(["valgrind", "--tool=callgrind",
+                                     f"--callgrind-out-file={tmp}/callgrind.out",
+                                     *_broker_argv(python, port)],
+                                    cwd=tmp, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            try:
+                wait_port(port, 300)
+                runner = uvloop.run if uvloop is not None else asyncio.run
+                counts.append(runner(asyncio.wait_for(count_all(port, proc.pid, Path(tmp)),
+                                                      3000)))
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    print("\n| broker instructions | " + " | ".join(label for label, _ in sides)
+          + (" | new/base |" if len(sides) > 1 else " |"))
+    print("|---" * (len(sides) + 1 + (len(sides) > 1)) + "|")
+    for i, (name, _, _) in enumerate(_COUNTED):
+        cells = [f"{c[i]:,.0f}" for c in counts]
+        if len(counts) > 1:
+            cells.append(f"{counts[1][i] / counts[0][i]:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="duration of each cell (s)")
     ap.add_argument("--quick", action="store_true", help="0.5 s cells")
+    ap.add_argument("--instructions", action="store_true",
+                    help="count the broker's instructions per message under callgrind instead")
+    ap.add_argument("--base", help="with --instructions: count this git revision too")
     args = ap.parse_args()
+    if args.instructions:
+        instructions(args.base)
+        return
     seconds = 0.5 if args.quick else args.seconds
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
         sys.exit("redis-server not found: apt-get install -y redis-server")
+    load_before = os.getloadavg()
     msip_port, redis_port = free_port(), free_port()
     procs = [
-        subprocess.Popen([sys.executable, "-c",
-                          "from mip.net.msip_broker import serve; "
-                          f"serve('tcp://127.0.0.1:{msip_port}', idle_timeout=None)"],
+        subprocess.Popen(_broker_argv(sys.executable, msip_port),
                          env={**os.environ, "PYTHONPATH": ROOT}),
         subprocess.Popen([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1",
                           "--save", "", "--appendonly", "no", "--protected-mode", "no"],
@@ -343,8 +508,10 @@ def main():
     try:
         wait_port(msip_port)
         wait_port(redis_port)
+        sides = [MsipSide(msip_port), RedisSide(redis_port)]
+        meters = [CpuMeter(p.pid) for p in procs]
         runner = uvloop.run if uvloop is not None else asyncio.run
-        runner(asyncio.wait_for(run_all(msip_port, redis_port, seconds, args.quick), 600))
+        runner(asyncio.wait_for(run_all(sides, meters, seconds), 600))
     finally:
         for p in procs:
             p.terminate()
@@ -353,8 +520,11 @@ def main():
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
+    load = os.getloadavg()
     print(f"\n(cells of {seconds} s; load generator: one {'uvloop' if uvloop else 'asyncio'} "
-          f"process; {os.cpu_count()} CPUs)")
+          f"process; {os.cpu_count()} CPUs; 1-minute load average {load_before[0]:.1f} before "
+          f"the run, {load[0]:.1f} after; CPU: the server process's user + system time per "
+          "delivered message or round trip)")
 
 
 if __name__ == "__main__":

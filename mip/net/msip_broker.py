@@ -77,6 +77,7 @@ from mip.net.msip_core import (
 from mip.net.peers import PeerCounts
 from mip.net.ratelimit import FailureLimit, peer_of
 from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
+from mip.protocol._msip import receive, write_dirty, write_queued
 
 __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
 
@@ -96,6 +97,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def __init__(self, broker: "Broker"):
         self.broker = broker
+        # the loop takes get_buffer before connection_made: the parser's own, no call between
+        self.parser = msip.FrameParser(max_payload=broker.core.max_payload)
+        self.get_buffer = self.parser.get_buffer
         self.transport: asyncio.Transport | None = None
         self.state: Peer | None = None  # the core's side of the connection
         self.peer = None  # the client's socket address
@@ -125,7 +129,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport):
         self.transport = transport
         b = self.broker
-        self.state = b.core.open(time.monotonic(), handle=self)
+        self.state = b.core.open(time.monotonic(), handle=self, parser=self.parser)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -154,14 +158,16 @@ class _Connection(asyncio.BufferedProtocol):
         if not b._conns and b._all_closed is not None:
             b._all_closed.set()
 
-    def get_buffer(self, sizehint):
-        return self.state.parser.get_buffer(sizehint)
+    def get_buffer(self, sizehint):  # (replaced by the parser's in __init__)
+        return self.parser.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes):
         b = self.broker
-        b.core.data_received(self.state, nbytes, time.monotonic())
+        p = self.state
+        if not p.closing:  # (BrokerCore.data_received, without its call)
+            receive(b.core, p, nbytes, None, time.monotonic())
         b._write_out()
-        if self.state.backed_up() and self.transport is not None:
+        if p.paused and p.backed_up() and self.transport is not None:
             # The client does not read its replies: read no more of its requests until
             # it does.
             self.state.reading_paused = True
@@ -185,12 +191,7 @@ class _Connection(asyncio.BufferedProtocol):
         if t is None:
             return
         p = self.state
-        while (p.urgent or p.queue) and not p.paused:
-            chunks, _ = p.take(_BURST)
-            if len(chunks) == 1:
-                t.write(chunks[0])
-            else:
-                t.writelines(chunks)
+        write_queued(p, t, _BURST)  # (one write per burst; not counted in qbytes: writable)
         if p.reading_paused and not p.paused and not p.closing:
             p.reading_paused = False
             if p.partial_since is not None:
@@ -446,8 +447,7 @@ class Broker:
             dirty = core.dirty
             if dirty:
                 core.dirty = {}
-                for peer in dirty:
-                    peer.handle.flush()
+                write_dirty(dirty, _BURST)  # peer.handle.flush() for each, compiled
 
     def _authenticate(self, host: str | None, token: bytes | None) -> str | None:
         """The core's check of a HELLO's token: None (accepted) or why it is refused."""

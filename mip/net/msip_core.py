@@ -23,6 +23,12 @@ Routing one PUBLISH to N subscribers encodes the EVENT once; each connected, wri
 at-most-once subscriber then costs one append of the same shared entry to its queue (the
 route of a topic is computed once and kept until a subscription, a session's connection or a
 connection's writability changes).
+
+The hot path is compiled (``mip.protocol._msip``: ``receive``, ``dispatch_frames``,
+``write_queued``): a PING, and the PUBLISH of a topic whose route is kept and has only such
+subscribers (without a backplane), are handled there without calling back into this module;
+every other frame goes to :meth:`BrokerCore._dispatch`. A connection's fields are C fields
+(``PeerState``) so that path reads them directly.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ import struct
 from typing import Callable
 
 from mip import msip
-from mip.errors import FrameTooLarge, ProtocolError
 from mip.net.msip_topics import match_tokens, pattern_tokens
+from mip.protocol._msip import PeerState, receive, take_queued
 
 __all__ = ["BrokerCore", "BrokerStats", "Peer", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT"]
 
@@ -153,7 +159,7 @@ class _Session:
         self.streams: dict[str, _Stream] = {}  # at-least-once topics recorded by the backplane
 
 
-class Peer:
+class Peer(PeerState):
     """One connection as the core sees it: its frame parser, session and outgoing queue.
 
     ``queue`` holds ``(item, size, is_event)`` entries in the order produced (``item``: bytes,
@@ -162,31 +168,29 @@ class Peer:
     (it is not kept while the socket accepts writes: the queue is then written out after every
     entry point)."""
 
-    __slots__ = ("core", "parser", "session", "host", "authenticated", "closing", "close_mode",
-                 "close_reason",
-                 "paused", "urgent", "queue", "qbytes", "dropped", "last_rx", "pinged",
-                 "rx_total", "consumed", "partial_since", "reading_paused", "handle")
+    __slots__ = ()  # the fields are PeerState's (compiled: the hot path reads them)
 
-    def __init__(self, core: "BrokerCore", host: str | None, now: float, handle=None):
+    def __init__(self, core: "BrokerCore", host: str | None, now: float, handle=None,
+                 parser: msip.FrameParser | None = None):
         self.core = core
-        self.parser = msip.FrameParser(max_payload=core.max_payload)
+        self.parser = msip.FrameParser(max_payload=core.max_payload) if parser is None else parser
         self.session = _Session(None)
         self.session.conn = self
         self.host = host
         self.authenticated = core.authenticate is None
         self.closing = False
-        self.close_mode: str | None = None
-        self.close_reason: str | None = None  # what the ERROR said, or why it was aborted
+        self.close_mode = None
+        self.close_reason = None  # what the ERROR said, or why it was aborted
         self.paused = False
-        self.urgent: collections.deque = collections.deque()
-        self.queue: collections.deque = collections.deque()
+        self.urgent = collections.deque()
+        self.queue = collections.deque()
         self.qbytes = 0
         self.dropped = 0
         self.last_rx = now
         self.pinged = False
         self.rx_total = 0
         self.consumed = 0
-        self.partial_since: float | None = None
+        self.partial_since = None
         self.reading_paused = False  # the transport stopped reading (its replies back up)
         self.handle = handle  # the transport's object for this connection
 
@@ -231,16 +235,7 @@ class Peer:
 
     def take(self, limit: int) -> tuple[list, int]:
         """Take queued frames (urgent first) of about ``limit`` octets: (chunks, octets)."""
-        chunks: list = []
-        n = 0
-        for q in (self.urgent, self.queue):
-            while q and n < limit:
-                item, size, _ = q.popleft()
-                n += size
-                if type(item) is tuple:
-                    chunks.extend(item)
-                else:
-                    chunks.append(item)
+        chunks, n = take_queued(self.urgent, self.queue, limit)  # bytes in a row joined
         if self.paused:
             self.qbytes -= n
         return chunks, n
@@ -256,8 +251,8 @@ class Peer:
             self.qbytes = 0
             core._set_closing(self, ABORT, "outgoing queue full")
             return
-        replies = []  # replies are never dropped: only events are
-        while (len(self.urgent) + len(self.queue) > core.queue_limit
+        replies = []  # replies are never dropped: only events are (set aside, still counted)
+        while (len(self.urgent) + len(self.queue) + len(replies) > core.queue_limit
                or self.qbytes > core.queue_bytes):
             q = self.queue if self.queue else self.urgent
             if len(q) == 0:
@@ -347,13 +342,18 @@ class BrokerCore:
         # topic -> (appends of the fast subscribers' queues, their peers, (session, reliable)
         # of the others)
         self._routes: dict[str, tuple] = {}
+        # the same routes by the topic's UTF-8 octets, for the compiled PUBLISH path
+        # (mip.protocol._msip.dispatch_frames): [appends, peers, any others, its own memo]
+        self._broutes: dict[bytes, list] = {}
         # literal topic -> local at-least-once subscriptions fed from the backplane's stream
         self._streamed: dict[str, int] = {}
 
     # -- entry points ---------------------------------------------------------------------
-    def open(self, now: float, host: str | None = None, handle=None) -> Peer:
-        """A new connection (``host``: the client's address, for authentication limits)."""
-        peer = Peer(self, host, now, handle)
+    def open(self, now: float, host: str | None = None, handle=None,
+             parser: msip.FrameParser | None = None) -> Peer:
+        """A new connection (``host``: the client's address, for authentication limits;
+        ``parser``: its frame parser, made with ``max_payload`` if None)."""
+        peer = Peer(self, host, now, handle, parser)
         self.peers[peer] = None
         self.stats.connections = len(self.peers)
         return peer
@@ -362,40 +362,13 @@ class BrokerCore:
         """``nbytes`` were written into ``peer.parser.get_buffer()``: handle the frames."""
         if peer.closing:
             return
-        self._received(peer, nbytes, None, now)
+        receive(self, peer, nbytes, None, now)  # frames -> self._dispatch
 
     def feed(self, peer: Peer, data, now: float) -> None:
         """Handle received octets (a copy into the parser; tests, or a plain ``Protocol``)."""
         if peer.closing:
             return
-        self._received(peer, len(data), data, now)
-
-    def _received(self, peer: Peer, nbytes: int, data, now: float) -> None:
-        peer.last_rx = now
-        peer.pinged = False
-        peer.rx_total += nbytes
-        consumed_before = peer.consumed
-        parser = peer.parser
-        try:
-            frames = parser.buffer_updated(nbytes) if data is None else parser.feed(data)
-            for frame in frames:
-                peer.consumed += _HDR + frame.payload_len
-                if peer.closing:
-                    break
-                self._dispatch(peer, frame, now)
-            if frames and not peer.closing:
-                # the parser raises an error found after complete frames on its next call
-                parser.feed(b"")
-        except FrameTooLarge as exc:
-            self.fail(peer, f"frame too large: {exc}")
-        except ProtocolError as exc:
-            self.fail(peer, f"malformed frame: {exc}")
-        if peer.rx_total > peer.consumed:
-            # a frame has started arriving: it must be complete within read_timeout
-            if peer.consumed != consumed_before or peer.partial_since is None:
-                peer.partial_since = now
-        else:
-            peer.partial_since = None
+        receive(self, peer, len(data), data, now)
 
     def set_writable(self, peer: Peer, writable: bool) -> None:
         """The socket stopped (False) or started again (True) accepting writes (then the
@@ -404,7 +377,7 @@ class BrokerCore:
             return
         peer.paused = not writable
         peer.qbytes = 0 if writable else peer.queued_bytes()
-        self._routes.clear()
+        self._forget_routes()
         if writable and (peer.queue or peer.urgent):
             self.dirty[peer] = None
 
@@ -417,7 +390,7 @@ class BrokerCore:
         self.dirty.pop(peer, None)
         self.peers.pop(peer, None)
         self.stats.connections = len(self.peers)
-        self._routes.clear()
+        self._forget_routes()
         session = peer.session
         if session.conn is not peer:
             return
@@ -444,12 +417,17 @@ class BrokerCore:
             peer.send(frame)
         self._set_closing(peer, CLOSE)
 
+    def _forget_routes(self) -> None:
+        """A subscription, a session's connection or a connection's state changed."""
+        self._routes.clear()
+        self._broutes.clear()
+
     def _set_closing(self, peer: Peer, mode: str, reason: str | None = None) -> None:
         peer.closing = True
         peer.close_mode = mode
         peer.close_reason = reason
         self.closing.append(peer)
-        self._routes.clear()
+        self._forget_routes()
 
     def tick(self, now: float) -> None:
         """Timers: read and idle timeouts, idle PINGs, redelivery, away sessions' TTL."""
@@ -565,7 +543,7 @@ class BrokerCore:
         self._sessions.clear()
         self._exact.clear()
         self._patterns.clear()
-        self._routes.clear()
+        self._forget_routes()
         self.stats.sessions = 0
 
     # -- frames ----------------------------------------------------------------------------
@@ -634,7 +612,7 @@ class BrokerCore:
 
         What the connection did before (subscriptions of an anonymous or plain session) moves
         into it; an at-least-once session the connection had is left away."""
-        current = conn.session
+        current: _Session = conn.session
         if client_id is None:
             if current.durable:
                 return current, False, False  # a second HELLO without id keeps the session
@@ -654,7 +632,7 @@ class BrokerCore:
                     existing = None
         if existing is not None and not durable:
             existing = None  # an away session is resumed only by an at-least-once HELLO
-        self._routes.clear()
+        self._forget_routes()
         if existing is not None:
             self._away.pop(existing, None)
             self.stats.sessions_away = len(self._away)
@@ -793,7 +771,7 @@ class BrokerCore:
                     self.backplane.interest(topic, True, True)
             table = entry[1]
         table[session] = reliable
-        self._routes.clear()
+        self._forget_routes()
         bp = self.backplane
         if topic in session.streams:
             if not reliable:
@@ -835,7 +813,7 @@ class BrokerCore:
                 del self._patterns[topic]
                 if self.backplane is not None:
                     self.backplane.interest(topic, True, False)
-        self._routes.clear()
+        self._forget_routes()
 
     # -- routing ---------------------------------------------------------------------------
     def _route(self, topic: str) -> tuple:
@@ -885,6 +863,11 @@ class BrokerCore:
             self.fail(conn, f"{_UNSUPPORTED}: topic is not UTF-8")
             return
         self.stats.published += 1
+        if self.backplane is None:  # the compiled path takes the topic's next publishes
+            if len(self._broutes) > _ROUTES_MAX:
+                self._broutes.clear()
+            appends, peers, others = self._route(topic)
+            self._broutes[bytes(payload[2:2 + tlen])] = [appends, peers, bool(others), None]
         fflags = f.flags
         compressed = 0
         if fflags & _F_COMPRESSED and payload[2 + tlen:6 + tlen] == ZSTD_MAGIC:

@@ -1,5 +1,8 @@
 """Type stubs of the compiled MSIP codec (mip/protocol/_msip.pyx)."""
 
+from collections import deque
+from typing import Any
+
 Buffer = bytes | bytearray | memoryview
 
 HEADER_SIZE: int
@@ -39,3 +42,32 @@ def encode_publish_payload(topic: str, data: Buffer = ...) -> bytes: ...
 def decode_publish_payload(payload: Buffer) -> tuple[str, memoryview]: ...
 def encode_hello_payload(client_id: int | None = ..., token: bytes | None = ...) -> bytes: ...
 def decode_hello_payload(payload: Buffer) -> tuple[int | None, bytes | None]: ...
+
+# the broker's hot path (mip.net.msip_core)
+class PeerState:
+    core: Any
+    parser: FrameParser
+    session: Any
+    host: str | None
+    authenticated: bool
+    closing: bool
+    close_mode: str | None
+    close_reason: str | None
+    paused: bool
+    urgent: deque
+    queue: deque
+    qbytes: int
+    dropped: int
+    last_rx: float
+    pinged: bool
+    rx_total: int
+    consumed: int
+    partial_since: float | None
+    reading_paused: bool
+    handle: Any
+
+def dispatch_frames(core: Any, peer: Any, frames: list[Frame], now: float) -> None: ...
+def receive(core: Any, peer: Any, nbytes: int, data: Buffer | None, now: float) -> None: ...
+def write_queued(peer: Any, transport: Any, burst: int) -> None: ...
+def write_dirty(dirty: dict, burst: int) -> None: ...
+def take_queued(first: deque, second: deque, limit: int) -> tuple[list, int]: ...

@@ -4,11 +4,13 @@
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from mip.protocol.wire cimport *
 from mip.protocol._stream cimport Chunk, StreamParser, raise_wire_error
+
+from mip import errors as _errors
 
 HEADER_SIZE = MSIP_HEADER_SIZE
 MAGIC = b"MSIP"
@@ -291,3 +293,279 @@ def decode_hello_payload(payload):
     cid = int.from_bytes(mv[:8], "big")
     token = bytes(mv[8:]) if len(mv) > 8 else None
     return (cid or None), token
+
+
+# ---- the broker's hot path (mip.net.msip_core) -----------------------------
+# Each connection's outgoing queue is a deque of (item, size, is_event) entries, ``item``
+# being bytes or a (header, payload) tuple. These functions do, without the interpreter's
+# per-message work, what the core does for the frames most connections send: PING and the
+# PUBLISH of a topic whose route is known and has only connected, writable, at-most-once
+# subscribers. Everything else goes to the core's Python code.
+
+cdef class PeerState:
+    """The fields of one broker connection (``mip.net.msip_core.Peer`` adds the methods),
+    kept as C fields for the functions below."""
+
+    cdef public object core
+    cdef public FrameParser parser
+    cdef public object session
+    cdef public object host
+    cdef public bint authenticated
+    cdef public bint closing
+    cdef public object close_mode
+    cdef public object close_reason
+    cdef public bint paused
+    cdef public object urgent
+    cdef public object queue
+    cdef public Py_ssize_t qbytes
+    cdef public Py_ssize_t dropped
+    cdef public double last_rx
+    cdef public bint pinged
+    cdef public Py_ssize_t rx_total
+    cdef public Py_ssize_t consumed
+    cdef public object partial_since
+    cdef public bint reading_paused
+    cdef public object handle
+
+
+cdef enum:
+    _PUBLISH = 4
+    _EVENT = 5
+    _ACK = 6
+    _PING = 8
+    _PONG = 9
+    _K_EVENT = 1
+    _K_STATE = 3
+    _F_COMPRESSED = 2
+    _INLINE_MAX = 16 * 1024  # as msip_core: larger events are sent from the received octets
+
+cdef bytes _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+cdef inline bytes _header(int frame_type, int msg_kind, uint32_t n, uint64_t msg_id, int flags):
+    res = PyBytes_FromStringAndSize(NULL, MSIP_HEADER_SIZE)
+    msip_write_header(<unsigned char *>PyBytes_AS_STRING(res), <uint8_t>flags,
+                      <uint16_t>frame_type, <uint16_t>msg_kind, n, msg_id)
+    return <bytes>res
+
+
+cdef inline void _reply(dict dirty, PeerState peer, bytes data) except *:
+    # Peer.send: a control frame after what is queued
+    peer.queue.append((data, MSIP_HEADER_SIZE, False))
+    if peer.paused:
+        peer.qbytes += MSIP_HEADER_SIZE
+    dirty[peer] = None
+
+
+cdef class _Batch:
+    """What ``dispatch_frames`` reads of the core once per batch of frames, and the counts
+    it adds to the core's statistics at its end."""
+    cdef dict dirty
+    cdef dict routes
+    cdef Py_ssize_t max_topic_length
+    cdef bint alone  # no backplane: a local publish is delivered here only
+    cdef Py_ssize_t published
+    cdef Py_ssize_t delivered
+
+
+cdef bint _fast_publish(_Batch b, PeerState peer, Frame f) except -1:
+    """Route a PUBLISH whose topic has a cached route with only fast subscribers; False
+    when the core's Python code must handle it."""
+    cdef Py_ssize_t n = f.payload_len, tlen, size
+    cdef const unsigned char *p
+    cdef int compressed = 0
+    cdef unsigned char *out
+    cdef list route
+    cdef dict dirty = b.dirty
+    if n < 2 or n > _INLINE_MAX or type(f._owner) is not Chunk or not b.alone:
+        return False
+    p = (<Chunk>f._owner).mem + f._offset
+    tlen = (p[0] << 8) | p[1]
+    if n < 2 + tlen or tlen > b.max_topic_length:
+        return False
+    found = b.routes.get(PyBytes_FromStringAndSize(<const char *>p + 2, tlen))
+    if found is None:
+        return False  # not known yet
+    route = <list>found  # [appends, their peers, whether there are other subscribers, memo]
+    if route[2]:
+        return False  # subscribers that are not plain fast ones
+    appends = <tuple>route[0]
+    b.published += 1
+    if appends:
+        if f.flags & _F_COMPRESSED and n >= 6 + tlen and memcmp(p + 2 + tlen,
+                                                                PyBytes_AS_STRING(_ZSTD_MAGIC), 4) == 0:
+            compressed = _F_COMPRESSED
+        size = MSIP_HEADER_SIZE + n
+        item = PyBytes_FromStringAndSize(NULL, size)
+        out = <unsigned char *>PyBytes_AS_STRING(item)
+        msip_write_header(out, <uint8_t>compressed, _EVENT, _K_EVENT, <uint32_t>n, f.msg_id)
+        memcpy(out + MSIP_HEADER_SIZE, p, n)
+        entry = (item, size, True)  # one entry shared by every queue
+        for append in appends:
+            append(entry)
+        b.delivered += len(appends)
+        # Peers leave ``dirty`` only when it is replaced by a new dict (written out) or when
+        # they close (and routes are forgotten): merged into this dict once is enough.
+        if route[3] is not dirty:
+            dirty.update(<dict>route[1])
+            route[3] = dirty
+    # after the events it produced, as on the reference
+    _reply(dirty, peer, _header(_ACK, _K_STATE, 0, f.msg_id, 0))
+    return True
+
+
+def dispatch_frames(core, PeerState peer, list frames, now):
+    """Handle ``frames`` received on ``peer`` as ``BrokerCore._dispatch`` does, frame by
+    frame (counting each in ``peer.consumed``, stopping once the peer is closing)."""
+    cdef Frame f
+    cdef int ft
+    cdef _Batch b = _Batch.__new__(_Batch)
+    b.dirty = <dict?>core.dirty
+    dispatch = None
+    try:
+        for frame in frames:
+            f = <Frame?>frame
+            peer.consumed += MSIP_HEADER_SIZE + f.payload_len
+            if peer.closing:
+                break
+            ft = f.frame_type
+            if ft == _PING:
+                _reply(b.dirty, peer, _header(_PONG, _K_EVENT, 0, f.msg_id, 0))
+                continue
+            if ft == _PUBLISH and peer.authenticated:
+                if b.routes is None:  # the first PUBLISH of the batch
+                    b.routes = <dict?>core._broutes
+                    b.max_topic_length = core.max_topic_length
+                    b.alone = core.backplane is None
+                if _fast_publish(b, peer, f):
+                    continue
+            if dispatch is None:
+                dispatch = core._dispatch
+            dispatch(peer, f, now)
+            b.dirty = <dict?>core.dirty
+    finally:
+        if b.published:
+            stats = core.stats
+            stats.published += b.published
+            stats.delivered += b.delivered
+
+
+def receive(core, PeerState peer, Py_ssize_t nbytes, data, double now):
+    """``BrokerCore._received``: ``nbytes`` octets arrived for ``peer`` (``data``: a copy to
+    feed, or None when they were written into ``peer.parser.get_buffer()``)."""
+    cdef FrameParser parser = peer.parser
+    cdef Py_ssize_t consumed_before, consumed
+    peer.last_rx = now
+    peer.pinged = False
+    peer.rx_total += nbytes
+    consumed_before = peer.consumed
+    try:
+        frames = parser.buffer_updated(nbytes) if data is None else parser.feed(data)
+        if frames:
+            dispatch_frames(core, peer, frames, now)
+            if not peer.closing:
+                # the parser raises an error found after complete frames on its next call
+                parser.feed(_EMPTY)
+    except _errors.FrameTooLarge as exc:
+        core.fail(peer, f"frame too large: {exc}")
+    except _errors.ProtocolError as exc:
+        core.fail(peer, f"malformed frame: {exc}")
+    consumed = peer.consumed
+    if peer.rx_total > consumed:
+        # a frame has started arriving: it must be complete within read_timeout
+        if consumed != consumed_before or peer.partial_since is None:
+            peer.partial_since = now
+    elif peer.partial_since is not None:
+        peer.partial_since = None
+
+
+def write_queued(PeerState peer, transport, Py_ssize_t burst):
+    """Write ``peer``'s queued frames (urgent first) to ``transport`` in writes of about
+    ``burst`` octets while it accepts them (``peer.paused`` false)."""
+    cdef list chunks
+    cdef Py_ssize_t n
+    cdef object urgent = peer.urgent, queue = peer.queue
+    cdef object item
+    while not peer.paused and (urgent or queue):
+        if not urgent and len(queue) == 1:  # one frame (a reply, or one event)
+            item = (<tuple>queue.popleft())[0]
+            if PyBytes_CheckExact(item):
+                transport.write(item)
+            else:
+                transport.writelines(item)
+            continue
+        chunks, n = _take(urgent, queue, burst)
+        if len(chunks) == 1:
+            transport.write(chunks[0])
+        else:
+            transport.writelines(chunks)
+
+
+def write_dirty(dict dirty, Py_ssize_t burst):
+    """``write_queued`` for each peer of ``dirty`` whose connection (``peer.handle``) has a
+    transport; a peer whose reading was paused goes through ``handle.flush()`` (which reads
+    it again once its queue drained)."""
+    cdef PeerState peer
+    for p in dirty:
+        peer = <PeerState?>p
+        conn = peer.handle
+        if peer.reading_paused:
+            conn.flush()
+            continue
+        transport = conn.transport
+        if transport is not None:
+            write_queued(peer, transport, burst)
+
+
+def take_queued(first, second, Py_ssize_t limit):
+    """Take entries from the front of the deques ``first`` then ``second`` while fewer than
+    ``limit`` octets are taken: (chunks, octets), consecutive bytes items joined into one."""
+    return _take(first, second, limit)
+
+
+cdef tuple _take(first, second, Py_ssize_t limit):
+    cdef list chunks = []
+    cdef list run = []
+    cdef Py_ssize_t n = 0, run_len = 0, k, size
+    for q in (first, second):
+        if n >= limit or not q:
+            continue
+        k = 0
+        for entry in q:
+            if n >= limit:
+                break
+            item = (<tuple>entry)[0]
+            size = (<tuple>entry)[1]
+            n += size
+            k += 1
+            if PyBytes_CheckExact(item):
+                run.append(item)
+                run_len += PyBytes_GET_SIZE(item)
+            else:
+                if run:
+                    chunks.append(_joined(run, run_len))
+                    run = []
+                    run_len = 0
+                chunks.extend(<tuple>item)
+        if k == len(q):
+            q.clear()
+        else:
+            popleft = q.popleft
+            for _ in range(k):
+                popleft()
+    if run:
+        chunks.append(_joined(run, run_len))
+    return chunks, n
+
+
+cdef bytes _joined(list parts, Py_ssize_t total):
+    cdef Py_ssize_t i, at = 0, m
+    if len(parts) == 1:
+        return <bytes>parts[0]
+    res = PyBytes_FromStringAndSize(NULL, total)
+    cdef char *out = PyBytes_AS_STRING(res)
+    for i in range(len(parts)):
+        m = PyBytes_GET_SIZE(parts[i])
+        memcpy(out + at, PyBytes_AS_STRING(parts[i]), m)
+        at += m
+    return <bytes>res

@@ -184,11 +184,13 @@ def test_overflow_drops_oldest_events_keeps_replies():
     wire.send(sub, w.PING, b"", 9)
     for i in range(5):
         wire.publish(pub, "t", b"e", i + 1)
-    assert sub.backed_up() and sub.dropped == 2  # (the reply is not counted while dropping)
+    # the reply is kept and counts against the limit: 3 frames stay queued
+    assert sub.dropped == 3
+    assert len(sub.urgent) + len(sub.queue) == 3
     wire.set_writable(sub, True)
     assert [(ft, mid) for ft, mid, _, _ in wire.frames(sub)] == [
-        (w.PONG, 9), (w.EVENT, 3), (w.EVENT, 4), (w.EVENT, 5)]
-    assert wire.core.stats.dropped_overflow == 2
+        (w.PONG, 9), (w.EVENT, 4), (w.EVENT, 5)]
+    assert wire.core.stats.dropped_overflow == 3
 
 
 def test_overflow_disconnect_aborts():
