@@ -3,7 +3,11 @@ connection to close first when a listener is full."""
 
 from __future__ import annotations
 
+import functools
+import urllib.parse
 from typing import Iterable
+
+from mip.net.urls import TcpAddress, parse_url
 
 __all__ = ["PeerCounts", "grpc_peer_host", "longest_idle"]
 
@@ -45,15 +49,17 @@ def longest_idle(connections: Iterable):
     return oldest
 
 
+@functools.lru_cache(maxsize=4096)  # asked once a request, for a few peers at a time
 def grpc_peer_host(peer: str) -> str | None:
     """The client's IP address in a gRPC peer string (``ipv4:HOST:PORT``,
     ``ipv6:[HOST]:PORT``, ``ipv6:%5B..%5D:PORT`` as grpcio writes it), None for a Unix socket
     or an empty string."""
     kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0] or None
-    if kind == "ipv6":
-        host = rest.rpartition(":")[0].replace("%5B", "[").replace("%5D", "]")
-        return host.strip("[]") or None
-    return None
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    try:
+        address = parse_url(urllib.parse.unquote(rest))
+    except ValueError:
+        return None
+    return address.host if isinstance(address, TcpAddress) else None
 
