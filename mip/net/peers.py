@@ -3,13 +3,14 @@ connection to close first when a listener is full."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import urllib.parse
-from typing import Iterable
+from typing import Any, Collection, Iterable
 
 from mip.net.urls import TcpAddress, parse_url
 
-__all__ = ["PeerCounts", "grpc_peer_host", "longest_idle"]
+__all__ = ["PeerCounts", "grpc_peer_host", "longest_idle", "sweep_timeouts"]
 
 
 class PeerCounts:
@@ -47,6 +48,18 @@ def longest_idle(connections: Iterable):
         if conn.idle and (oldest is None or conn.last_activity < oldest.last_activity):
             oldest = conn
     return oldest
+
+
+async def sweep_timeouts(connections: Collection[Any], interval: float) -> None:
+    """Every ``interval`` seconds, ``check_timeouts(now)`` on each of a listener's
+    ``connections`` (the live collection, read afresh each round; ``now`` is the loop's
+    clock), until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        now = loop.time()
+        for conn in list(connections):
+            conn.check_timeouts(now)
 
 
 @functools.lru_cache(maxsize=4096)  # asked once a request, for a few peers at a time
