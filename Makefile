@@ -25,7 +25,7 @@ $(BIN)/python:
 
 # `make serve` and `make test` share one editable install (extensions built in place): pip runs
 # again, and the extensions compile again, only when an input of the build is newer than it.
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard mip/protocol/*.pyx mip/protocol/*.pxd csrc/*.h)
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard mip/protocol/*.pyx mip/protocol/*.pxd csrc/*.h proto/mip/*/*.proto proto/mip/*/*/*.proto)
 
 $(VENV)/.installed-serve: $(BUILD_INPUTS) | $(BIN)/python
 	$(call apt_install,$(APT_PACKAGES))

@@ -22,6 +22,14 @@ Environment switches:
   without it the build needs libnghttp2's headers (Debian/Ubuntu ``libnghttp2-dev``, Fedora
   ``libnghttp2-devel``, Alpine ``nghttp2-dev``) and fails, naming them, where they are missing.
 
+The gRPC service and Triton's model configuration are protobuf messages: their ``.proto``
+files live in ``proto/`` (laid out as their import paths, ``proto/mip/...``); every build copies
+them into the package (``mip proto`` prints where) and generates their modules
+(``inference_pb2``, ``inference_pb2_grpc``, ``model_config_pb2``) beside them with grpcio-tools,
+a build requirement pinned to the grpcio release the package requires at run time, since the
+generated code refuses an older grpcio or protobuf. Neither the copies nor the modules are
+tracked; a build makes them again when a ``.proto`` is newer.
+
 Every extension compiles with ``-Wall -Wextra -Werror=incompatible-pointer-types``; the
 packaging tests check that a release build prints no warning.
 """
@@ -97,6 +105,56 @@ if not NO_NATIVE_GRPC:
         "mip.protocol._h2", ["mip/protocol/_h2.pyx"],
         include_dirs=NGHTTP2, libraries=["nghttp2"], depends=["mip/protocol/_nghttp2.pxd"],
         extra_compile_args=compile_args, extra_link_args=link_args, define_macros=macros))
+
+
+# proto/'s files, each with the generated modules it gets: model_config first (inference imports it)
+PROTOS = {"mip/serving/model_config.proto": ("--python_out=.",),
+          "mip/frontends/oip/inference.proto": ("--python_out=.", "--grpc_python_out=.")}
+# The descriptors go into a private pool: the protocol's message names ("inference.ModelInferRequest",
+# "inference.ModelConfig", ...) are the same in every implementation, and protobuf's default pool
+# refuses a second file defining them, so without this a process could not hold this server and
+# a client such as tritonclient at once. model_config_pb2 creates the pool; inference_pb2 adds
+# its file to the same pool, where its import is found.
+POOLS = {"mip/serving/model_config.proto": "_descriptor_pool.DescriptorPool()",
+         "mip/frontends/oip/inference.proto": "mip_dot_serving_dot_model__config__pb2.POOL"}
+
+
+def _outputs(proto: str) -> list[str]:
+    stem = proto[:-len(".proto")]
+    return [proto, f"{stem}_pb2.py"] + ([f"{stem}_pb2_grpc.py"] if len(PROTOS[proto]) > 1 else [])
+
+
+def generate_protobuf_modules() -> None:
+    """Copy each of proto/'s files into the package and generate its modules, where a copy or
+    a module is missing or older than its source."""
+    for proto, outs in PROTOS.items():
+        source = os.path.join("proto", proto)
+        if all(os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(source)
+               for out in _outputs(proto)):
+            continue
+        try:
+            from grpc_tools import protoc
+        except ImportError:
+            raise SystemExit("mip: generating the protobuf modules needs grpcio-tools "
+                             "(pip install grpcio-tools, or build with pip or python -m build, "
+                             "which install it)") from None
+        shutil.copyfile(source, proto)
+        if protoc.main(["protoc", "-Iproto", *outs, source]) != 0:
+            raise SystemExit(f"mip: protoc failed on {source}")
+        module = f"{proto[:-len('.proto')]}_pb2.py"
+        with open(module) as f:
+            text = f.read()
+        old = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+        if text.count(old) != 1:
+            raise SystemExit(f"mip: protoc's output changed: update setup.py ({module})")
+        text = text.replace(old, "# A private pool, so that other copies of the protocol can be "
+                                 f"imported too.\nPOOL = {POOLS[proto]}\n"
+                                 "DESCRIPTOR = POOL.AddSerializedFile(")
+        with open(module, "w") as f:
+            f.write(text)
+
+
+generate_protobuf_modules()
 
 
 class BuildPyWithHeaders(build_py):

@@ -264,15 +264,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shm-any-peer", action="store_true",
                        help="accept shared memory registrations from clients on other hosts "
                             "(default: from this host's addresses and Unix sockets only)")
-    serve.add_argument("--http-header-timeout", type=float, default=10.0, metavar="SECONDS",
-                       help="a REST request's header block must arrive within this time of "
-                            "its first octet (408, then close; 0 = never; default 10)")
-    serve.add_argument("--http-body-timeout", type=float, default=60.0, metavar="SECONDS",
-                       help="a REST request's body must arrive within this time of its "
-                            "headers (0 = never; default 60)")
-    serve.add_argument("--http-idle-timeout", type=float, default=5.0, metavar="SECONDS",
-                       help="close REST connections idle this long between requests "
-                            "(default 5)")
+    for flag, seconds, text in (
+            ("--http-header-timeout", 10.0, "a REST request's header block must arrive within "
+             "this time of its first octet (408, then close; 0 = never; default 10)"),
+            ("--http-body-timeout", 60.0, "a REST request's body must arrive within this time "
+             "of its headers (0 = never; default 60)"),
+            ("--http-idle-timeout", 5.0, "close REST connections idle this long between "
+             "requests (default 5)")):
+        serve.add_argument(flag, type=float, default=seconds, metavar="SECONDS", help=text)
     serve.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
                        help="processes serving every listener on the same ports (their "
                             "engines as --placement says); 'auto': one per usable core "

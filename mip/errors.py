@@ -17,6 +17,7 @@ with a status (``RpcError``), a peer's MIP ERROR frame (``RemoteError``).
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 __all__ = [
     "ErrorCode",
@@ -111,6 +112,16 @@ class GrpcStatus(enum.IntEnum):
 class MipError(Exception):
     """Base class of every error raised by this package."""
 
+    def __init_subclass__(cls, *, http: int | None = None, grpc: GrpcStatus | None = None,
+                          mip: ErrorCode | None = None, **kwargs: Any) -> None:
+        """A subclass states its codes in its header, inheriting each one it leaves out:
+        ``class X(ServingError, http=404, grpc=GrpcStatus.NOT_FOUND, mip=ErrorCode.METHOD)``
+        sets ``X.http_status``, ``X.grpc_status`` and ``X.error_code``."""
+        super().__init_subclass__(**kwargs)
+        for attr, code in (("http_status", http), ("grpc_status", grpc), ("error_code", mip)):
+            if code is not None:
+                setattr(cls, attr, code)
+
 
 class ProtocolError(MipError, ValueError):
     """The bytes received do not form a valid frame.
@@ -130,38 +141,28 @@ class ProtocolError(MipError, ValueError):
         self.offset = offset
 
 
-class FrameTooLarge(ProtocolError):
+class FrameTooLarge(ProtocolError, mip=ErrorCode.MEMORY):
     """A declared size exceeds the configured maximum."""
 
-    error_code = ErrorCode.MEMORY
 
-
-class TruncatedFrame(ProtocolError):
+class TruncatedFrame(ProtocolError, mip=ErrorCode.SHAPE):
     """A declared size runs past the end of the octets present."""
-
-    error_code = ErrorCode.SHAPE
 
 
 class BadMagic(ProtocolError):
     """An MSIP header does not start with ``b"MSIP"``."""
 
 
-class UnsupportedVersion(ProtocolError):
+class UnsupportedVersion(ProtocolError, mip=ErrorCode.PROTOCOL):
     """The version field names a protocol version this codec does not speak."""
 
-    error_code = ErrorCode.PROTOCOL
 
-
-class UnknownKind(ProtocolError):
+class UnknownKind(ProtocolError, mip=ErrorCode.METHOD):
     """The MIP kind is not one of ERROR, PING, INFERENCE or ROUTED INFERENCE."""
 
-    error_code = ErrorCode.METHOD
 
-
-class BadSubtype(ProtocolError):
+class BadSubtype(ProtocolError, mip=ErrorCode.SUBTYPE):
     """The MIP subtype is neither REQUEST nor RESPONSE (or not valid for the kind)."""
-
-    error_code = ErrorCode.SUBTYPE
 
 
 class UnknownFrameType(ProtocolError):
@@ -172,22 +173,16 @@ class UnknownMessageKind(ProtocolError):
     """The MSIP msg_kind is not one of the five defined kinds."""
 
 
-class InconsistentCounts(ProtocolError):
+class InconsistentCounts(ProtocolError, mip=ErrorCode.SHAPE):
     """Counts and sizes inside a frame contradict each other (e.g. trailing octets)."""
 
-    error_code = ErrorCode.SHAPE
 
-
-class InvalidValue(ProtocolError):
+class InvalidValue(ProtocolError, mip=ErrorCode.SHAPE):
     """A value's content is malformed (bad UTF-8, bad tensor header, bad dtype, ...)."""
 
-    error_code = ErrorCode.SHAPE
 
-
-class UnknownValueType(ProtocolError):
+class UnknownValueType(ProtocolError, mip=ErrorCode.SHAPE):
     """A TLV type the protocol reserves (0)."""
-
-    error_code = ErrorCode.SHAPE
 
 
 class H2Error(ProtocolError):
@@ -208,79 +203,44 @@ class ServingError(MipError):
     error_code: ErrorCode = ErrorCode.INTERNAL
 
 
-class ModelNotFound(ServingError):
+class ModelNotFound(ServingError, http=404, grpc=GrpcStatus.NOT_FOUND, mip=ErrorCode.METHOD):
     """No model (or version) of that name is in the repository."""
 
-    http_status = 404
-    grpc_status = GrpcStatus.NOT_FOUND
-    error_code = ErrorCode.METHOD
 
-
-class ModelNotReady(ServingError):
+class ModelNotReady(ServingError, http=503, grpc=GrpcStatus.UNAVAILABLE, mip=ErrorCode.INTERNAL):
     """The model exists but is not loaded or is still warming up."""
 
-    http_status = 503
-    grpc_status = GrpcStatus.UNAVAILABLE
-    error_code = ErrorCode.INTERNAL
 
-
-class InvalidInput(ServingError):
+class InvalidInput(ServingError, http=400, grpc=GrpcStatus.INVALID_ARGUMENT, mip=ErrorCode.SHAPE):
     """Inputs do not match the model: names, datatypes, shapes or batch size."""
 
-    http_status = 400
-    grpc_status = GrpcStatus.INVALID_ARGUMENT
-    error_code = ErrorCode.SHAPE
 
-
-class ModelLoadError(ServingError):
+class ModelLoadError(ServingError, http=400, grpc=GrpcStatus.INVALID_ARGUMENT):
     """A model could not be loaded; the message carries the reason of every version."""
 
-    http_status = 400
-    grpc_status = GrpcStatus.INVALID_ARGUMENT
 
-
-class TooLarge(ServingError):
+class TooLarge(ServingError, http=413, grpc=GrpcStatus.RESOURCE_EXHAUSTED, mip=ErrorCode.MEMORY):
     """A request or reply over a configured size limit; the message names the setting."""
 
-    http_status = 413
-    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
-    error_code = ErrorCode.MEMORY
 
-
-class QueueFull(ServingError):
+class QueueFull(ServingError, http=503, grpc=GrpcStatus.RESOURCE_EXHAUSTED, mip=ErrorCode.MEMORY):
     """The model's batch queue is at its configured bound."""
 
-    http_status = 503
-    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
-    error_code = ErrorCode.MEMORY
 
-
-class DeadlineExceeded(ServingError):
+class DeadlineExceeded(ServingError, http=504, grpc=GrpcStatus.DEADLINE_EXCEEDED, mip=ErrorCode.INTERNAL):
     """The request's deadline passed before it could be served."""
 
-    http_status = 504
-    grpc_status = GrpcStatus.DEADLINE_EXCEEDED
-    error_code = ErrorCode.INTERNAL
 
-
-class Cancelled(ServingError):
+class Cancelled(ServingError, http=499, grpc=GrpcStatus.CANCELLED, mip=ErrorCode.INTERNAL):
     """The request was cancelled by its client."""
-
-    http_status = 499
-    grpc_status = GrpcStatus.CANCELLED
-    error_code = ErrorCode.INTERNAL
 
 
 class InternalError(ServingError):
     """The model or the server failed while serving a valid request."""
 
 
-class Unauthenticated(ServingError):
+class Unauthenticated(ServingError, http=401, grpc=GrpcStatus.UNAUTHENTICATED, mip=ErrorCode.METHOD):
     """The request needs credentials (an API key or a token) and brought none that verify."""
-
-    http_status = 401
-    grpc_status = GrpcStatus.UNAUTHENTICATED
-    error_code = ErrorCode.METHOD
 
 
 class AuthError(Unauthenticated):
@@ -293,50 +253,30 @@ class InvalidCredentials(AuthError):
     against the peer's failure budget and logged)."""
 
 
-class TooManyAuthFailures(ServingError):
+class TooManyAuthFailures(ServingError, http=429, grpc=GrpcStatus.RESOURCE_EXHAUSTED, mip=ErrorCode.METHOD):
     """The client's address failed to authenticate too often: it is refused, credentials
     unexamined, for ``retry_after`` seconds."""
-
-    http_status = 429
-    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
-    error_code = ErrorCode.METHOD
 
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
 
 
-class Unsupported(ServingError):
+class Unsupported(ServingError, http=400, grpc=GrpcStatus.UNIMPLEMENTED, mip=ErrorCode.METHOD):
     """A call of an extension this server does not implement (CUDA shared memory)."""
 
-    http_status = 400
-    grpc_status = GrpcStatus.UNIMPLEMENTED
-    error_code = ErrorCode.METHOD
 
-
-class RegionNotFound(ServingError):
+class RegionNotFound(ServingError, http=400, grpc=GrpcStatus.NOT_FOUND, mip=ErrorCode.METHOD):
     """No shared memory region of that name is registered (answered 400, as Triton does)."""
 
-    http_status = 400
-    grpc_status = GrpcStatus.NOT_FOUND
-    error_code = ErrorCode.METHOD
 
-
-class RegionExists(ServingError):
+class RegionExists(ServingError, http=400, grpc=GrpcStatus.ALREADY_EXISTS, mip=ErrorCode.METHOD):
     """A shared memory region of that name is already registered."""
 
-    http_status = 400
-    grpc_status = GrpcStatus.ALREADY_EXISTS
-    error_code = ErrorCode.METHOD
 
-
-class TooManyRegions(ServingError):
+class TooManyRegions(ServingError, http=400, grpc=GrpcStatus.RESOURCE_EXHAUSTED, mip=ErrorCode.MEMORY):
     """A shared memory registration past the server's region or octet limit (the message
     names the setting)."""
-
-    http_status = 400
-    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
-    error_code = ErrorCode.MEMORY
 
 
 class ApiError(ServingError):

@@ -117,7 +117,7 @@ class WorkerRole:
 
 def bind_listeners(args) -> dict[str, socket.socket]:
     """One listening socket for each listener of ``args`` that is not ``none``."""
-    from mip.net.urls import UnixAddress, parse_url
+    from mip.net.urls import UnixAddress, parse_url, tcp_address
 
     sockets = {}
     try:
@@ -131,10 +131,8 @@ def bind_listeners(args) -> dict[str, socket.socket]:
             value = getattr(args, name)
             if value.lower() == "none":
                 continue
-            host, _, port = value.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"--{name} must be HOST:PORT, not {value!r}")
-            sockets[name] = _bind_tcp(host.strip("[]"), int(port))
+            tcp = tcp_address(value, f"--{name}")
+            sockets[name] = _bind_tcp(tcp.host, tcp.port)
     except BaseException:
         close_listeners(sockets)
         raise

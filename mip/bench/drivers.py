@@ -12,9 +12,12 @@ import asyncio
 import dataclasses
 import json
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["PROTOCOLS", "CLIENTS", "InferTarget", "Driver", "MipDriver", "GrpcDriver",
            "NativeGrpcDriver", "HttpDriver", "NativeHttpDriver",
@@ -350,7 +353,7 @@ class HttpDriver(Driver):
             self.body = json.dumps(header, separators=(",", ":")).encode()
             self.headers = {"Content-Type": "application/json"}
         self.request_bytes = len(self.body)
-        self.session = None
+        self.session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
         import aiohttp
@@ -361,6 +364,7 @@ class HttpDriver(Driver):
             skip_auto_headers=("User-Agent",))
 
     async def call(self) -> None:
+        assert self.session is not None, "call() before open()"
         async with self.session.post(self.url, data=self.body, headers=self.headers) as r:
             body = await r.read()
             if r.status != 200:
@@ -427,8 +431,8 @@ class NativeHttpDriver(HttpDriver):
 
     async def open(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme != "http":
-            raise ValueError("the native HTTP client speaks plain http://; use "
+        if parts.scheme != "http" or parts.hostname is None:
+            raise ValueError("the native HTTP client speaks plain http://HOST[:PORT]/; use "
                              "--client library for https")
         self.host, self.port = parts.hostname, parts.port or 80
         path = parts.path + (f"?{parts.query}" if parts.query else "")

@@ -119,55 +119,50 @@ class _Recorder:
         self.error_examples.setdefault(kind, str(exc)[:300])
         self.last_done = t_done
 
-
-async def _closed_worker(call, rec: _Recorder, t_warm: float, t_end: float, budget: list) -> None:
-    pc = time.perf_counter
-    lat = rec.latencies
-    while budget[0] > 0:
-        t0 = pc()
-        if t0 >= t_end:
-            return
-        measured = t0 >= t_warm
-        rec.sent_total += 1
+    def sent(self, measured: bool, budget: list) -> None:
+        """Count a request sent; a measured one takes one from ``budget[0]``."""
+        self.sent_total += 1
         if measured:
             budget[0] -= 1
-            rec.requests += 1
+            self.requests += 1
+
+    async def run(self, call, t0: float, measured: bool) -> None:
+        """Await ``call()``; a measured call's latency from ``t0``, or its failure, is kept."""
         try:
             await call()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if measured:
-                rec.fail(exc, pc())
-            continue
+                self.fail(exc, time.perf_counter())
+            return
         if measured:
-            t1 = pc()
-            lat.append(t1 - t0)
-            rec.last_done = t1
+            t1 = time.perf_counter()
+            self.latencies.append(t1 - t0)
+            self.last_done = t1
+
+
+async def _closed_worker(call, rec: _Recorder, t_warm: float, t_end: float, budget: list) -> None:
+    while budget[0] > 0:
+        t0 = time.perf_counter()
+        if t0 >= t_end:
+            return
+        measured = t0 >= t_warm
+        rec.sent(measured, budget)
+        await rec.run(call, t0, measured)
 
 
 async def _open_loop(call, rec: _Recorder, rate: float, t_start: float, t_warm: float,
                      t_end: float, max_inflight: int, budget: list) -> set:
     pc = time.perf_counter
-    lat = rec.latencies
     sem = asyncio.Semaphore(max_inflight)
     tasks: set = set()
 
     async def one(t_sched: float, measured: bool) -> None:
-        try:
-            await call()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if measured:
-                rec.fail(exc, pc())
-            return
+        try:  # latency from the scheduled time: queueing delay included
+            await rec.run(call, t_sched, measured)
         finally:
             sem.release()
-        if measured:
-            t1 = pc()
-            lat.append(t1 - t_sched)  # from the scheduled time: queueing delay included
-            rec.last_done = t1
 
     interval = 1.0 / rate
     i = 0
@@ -187,10 +182,7 @@ async def _open_loop(call, rec: _Recorder, rate: float, t_start: float, t_warm: 
         else:
             await sem.acquire()
         measured = t_sched >= t_warm
-        rec.sent_total += 1
-        if measured:
-            budget[0] -= 1
-            rec.requests += 1
+        rec.sent(measured, budget)
         task = loop.create_task(one(t_sched, measured))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

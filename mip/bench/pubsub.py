@@ -16,6 +16,7 @@ is bounded in time and in count.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import struct
 import time
 
@@ -27,6 +28,17 @@ __all__ = ["run_pubsub", "SCHEMA"]
 SCHEMA = "mip-bench/pubsub/1"
 
 _STAMP = struct.Struct("<dQ")  # publish time (perf_counter seconds), sequence number
+
+
+@dataclasses.dataclass
+class _Counts:
+    """Messages published and delivered (all, and inside the measured window)."""
+
+    delivered: int = 0
+    measured_delivered: int = 0
+    published: int = 0
+    measured_published: int = 0
+    last_delivery: float | None = None  # perf_counter time of the last measured delivery
 
 
 def _percentiles(latencies) -> dict:
@@ -71,8 +83,7 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
     size = max(int(size), _STAMP.size)
     pad = b"\0" * (size - _STAMP.size)
     pc = time.perf_counter
-    state = {"delivered": 0, "measured_delivered": 0, "published": 0, "measured_published": 0,
-             "last_delivery": None}
+    state = _Counts()
     latencies: list[float] = []
     room = asyncio.Event()
     room.set()
@@ -81,16 +92,16 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
     def on_event(event) -> None:
         now = pc()
         t_pub = _STAMP.unpack_from(event.data)[0]
-        state["delivered"] += 1
+        state.delivered += 1
         if t_pub >= t_warm:
-            state["measured_delivered"] += 1
+            state.measured_delivered += 1
             latencies.append(now - t_pub)
-            state["last_delivery"] = now
+            state.last_delivery = now
         if not room.is_set() and _in_flight() <= window // 2:
             room.set()
 
     def _in_flight() -> int:
-        return state["published"] - state["delivered"] // max(subscribers, 1)
+        return state.published - state.delivered // max(subscribers, 1)
 
     sub_urls = list(subscriber_urls or [url])
     subs = [AsyncClient(sub_urls[k % len(sub_urls)], reconnect=False) for k in range(subscribers)]
@@ -114,7 +125,7 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
         async def publish_paced(client, rate_each: float, offset: float) -> None:
             interval = 1.0 / rate_each
             i = 0
-            while state["published"] < max_messages:
+            while state.published < max_messages:
                 t_sched = t_start + offset + i * interval
                 if t_sched >= t_end:
                     return
@@ -127,7 +138,7 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
 
         async def publish_windowed(client) -> None:
             i = 0
-            while state["published"] < max_messages:
+            while state.published < max_messages:
                 now = pc()
                 if now >= t_end:
                     return
@@ -145,9 +156,9 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
                     await asyncio.sleep(0)  # let deliveries in
 
         def _count(t: float) -> None:
-            state["published"] += 1
+            state.published += 1
             if t_warm <= t < t_end:
-                state["measured_published"] += 1
+                state.measured_published += 1
 
         if rate:
             tasks = [publish_paced(c, rate / publishers, k / rate) for k, c in enumerate(pubs)]
@@ -155,9 +166,9 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
             tasks = [publish_windowed(c) for c in pubs]
         await asyncio.wait_for(asyncio.gather(*tasks), duration + warmup + drain_timeout + 5.0)
         t_published = pc()
-        expected = state["published"] * subscribers
+        expected = state.published * subscribers
         deadline = pc() + drain_timeout
-        while state["delivered"] < expected and pc() < deadline:
+        while state.delivered < expected and pc() < deadline:
             await asyncio.sleep(0.01)
         t_drained = pc()
         if ticker is not None:
@@ -178,8 +189,8 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
                 await c.close()
             except Exception:  # pragma: no cover - closing a broken connection
                 pass
-    lost = max(0, state["published"] * subscribers - state["delivered"])
-    last = state["last_delivery"] if state["last_delivery"] is not None else t_drained
+    lost = max(0, state.published * subscribers - state.delivered)
+    last = state.last_delivery if state.last_delivery is not None else t_drained
     measured_window = max(last - t_warm, 1e-9)
     return {
         "schema": SCHEMA,
@@ -194,13 +205,13 @@ async def run_pubsub(url: str, *, publishers: int = 1, subscribers: int = 1, siz
                    "ping_duration_s": ping_duration},
         "machine": machine_info(),
         "pubsub": {
-            "published": state["published"],
-            "delivered": state["delivered"],
+            "published": state.published,
+            "delivered": state.delivered,
             "lost": lost,
-            "measured_published": state["measured_published"],
-            "measured_delivered": state["measured_delivered"],
-            "published_per_s": state["measured_published"] / duration,
-            "delivered_per_s": state["measured_delivered"] / measured_window,
+            "measured_published": state.measured_published,
+            "measured_delivered": state.measured_delivered,
+            "published_per_s": state.measured_published / duration,
+            "delivered_per_s": state.measured_delivered / measured_window,
             "publish_phase_s": t_published - t_start,
             "latency_ms": _percentiles(latencies),
         },

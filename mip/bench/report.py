@@ -13,7 +13,10 @@ import json
 import os
 import sys
 import time
-from typing import IO, Iterable
+from typing import IO, TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from mip.bench.pubsub import _Counts
 
 __all__ = ["StepProgress", "progress_factory", "format_table", "format_pubsub",
            "write_json", "load_runs", "plot_runs", "cell_key"]
@@ -47,11 +50,11 @@ class StepProgress:
             self.progress.refresh()
             await asyncio.sleep(self.interval)
 
-    async def follow_pubsub(self, state: dict, t_start: float, t_end: float) -> None:
+    async def follow_pubsub(self, state: _Counts, t_start: float, t_end: float) -> None:
         """Update the bar of a pub/sub run until cancelled (``state``: its counters)."""
         while True:
             now = time.perf_counter()
-            status = f"{state['published']:,} published  {state['delivered']:,} delivered"
+            status = f"{state.published:,} published  {state.delivered:,} delivered"
             self.progress.update(self.task, completed=min(now, t_end) - t_start, status=status)
             self.progress.refresh()
             await asyncio.sleep(self.interval)

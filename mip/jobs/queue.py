@@ -31,10 +31,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mip.errors import QueueFull, QueueInUse
 from mip.net.redis_client import open_redis
+from mip.net.urls import tcp_address
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 __all__ = [
     "COMPLETED",
@@ -219,10 +224,10 @@ def default_sqlite_path(address: str | None = None) -> Path:
         folder = Path(state) / "mip"
     if address is None:
         return folder / "jobs.sqlite3"
-    host, _, port = address.rpartition(":")
-    host = "".join(c if c.isalnum() or c in ".-" else "_" for c in host.strip("[]")) or "any"
-    suffix = f"-{os.getpid()}" if port in ("", "0") else ""
-    return folder / f"jobs-{host}-{port or 0}{suffix}.sqlite3"
+    tcp = tcp_address(address, "a queue's owner")
+    host = "".join(c if c.isalnum() or c in ".-" else "_" for c in tcp.host)
+    suffix = f"-{os.getpid()}" if tcp.port == 0 else ""
+    return folder / f"jobs-{host}-{tcp.port}{suffix}.sqlite3"
 
 
 def _record(row) -> JobRecord:
@@ -306,7 +311,7 @@ class SQLiteQueue(JobQueue):
             self._lock = None
 
     def _transaction(self, fn, *args):
-        db = self._db
+        db = self._open_db
         db.execute("BEGIN IMMEDIATE")
         try:
             value = fn(db, *args)
@@ -343,7 +348,7 @@ class SQLiteQueue(JobQueue):
         return None if row is None else _record(row)
 
     def _get(self, request_id: str):
-        return self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?",
+        return self._open_db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?",
                                 (request_id,)).fetchone()
 
     async def take(self, consumer: str, wait: float = 1.0) -> Lease | None:
@@ -401,8 +406,14 @@ class SQLiteQueue(JobQueue):
             lease.expires = expires
         return bool(changed)
 
+    @property
+    def _open_db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the job queue is not open")
+        return self._db
+
     def _execute_count(self, sql: str, params: tuple) -> int:
-        return self._db.execute(sql, params).rowcount
+        return self._open_db.execute(sql, params).rowcount
 
     async def finish(self, lease: Lease, *, result: Any = None,
                      error: dict | None = None) -> bool:
@@ -418,12 +429,12 @@ class SQLiteQueue(JobQueue):
         return bool(changed)
 
     async def depth(self) -> int:
-        row = await self._call(lambda: self._db.execute(
+        row = await self._call(lambda: self._open_db.execute(
             "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'processing')").fetchone())
         return row[0]
 
     async def counts(self) -> dict[str, int]:
-        rows = await self._call(lambda: self._db.execute(
+        rows = await self._call(lambda: self._open_db.execute(
             "SELECT status, COUNT(*) FROM jobs WHERE status IN ('queued', 'processing') "
             "GROUP BY status").fetchall())
         return {QUEUED: 0, PROCESSING: 0} | dict(rows)
@@ -461,6 +472,13 @@ return stored
 """
 
 
+class _Scripts(NamedTuple):
+    """The Lua scripts of a Redis queue, registered by ``open()``."""
+
+    submit: AsyncScript
+    finish: AsyncScript
+
+
 class RedisQueue(JobQueue):
     """Jobs in a Redis Stream (``{prefix}:stream``, consumer group ``workers``); each job's
     fields and outcome in a hash ``{prefix}:job:{id}`` that expires ``retention`` seconds
@@ -480,11 +498,23 @@ class RedisQueue(JobQueue):
         self.prefix = prefix
         self.stream = f"{prefix}:stream"
         self.ssl_context = ssl_context
-        self.redis = None
-        self._submit = self._finish = None
+        self.redis: Redis | None = None
+        self._scripts: _Scripts | None = None
 
     def __repr__(self) -> str:
         return f"<RedisQueue {self.url} {self.prefix}>"
+
+    @property
+    def _client(self) -> Redis:
+        if self.redis is None:
+            raise RuntimeError("the job queue is not open")
+        return self.redis
+
+    @property
+    def _loaded(self) -> _Scripts:
+        if self._scripts is None:
+            raise RuntimeError("the job queue is not open")
+        return self._scripts
 
     def _job_key(self, request_id: str) -> str:
         return f"{self.prefix}:job:{request_id}"
@@ -492,14 +522,13 @@ class RedisQueue(JobQueue):
     async def open(self) -> None:
         from redis.exceptions import ResponseError
 
-        self.redis = open_redis(self.url, self.ssl_context)
+        self.redis = redis = open_redis(self.url, self.ssl_context)
         try:
-            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            await redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        self._submit = self.redis.register_script(_SUBMIT)
-        self._finish = self.redis.register_script(_FINISH)
+        self._scripts = _Scripts(redis.register_script(_SUBMIT), redis.register_script(_FINISH))
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -509,7 +538,7 @@ class RedisQueue(JobQueue):
     async def submit(self, model_id: str, input_data: Any, parameters: dict) -> JobRecord:
         now = time.time()
         job = JobRecord(new_request_id(), model_id, input_data, parameters, QUEUED, now, now)
-        ok = await self._submit(keys=[self.stream, self._job_key(job.request_id)],
+        ok = await self._loaded.submit(keys=[self.stream, self._job_key(job.request_id)],
                                 args=[self.max_jobs, job.request_id, model_id,
                                       json.dumps(input_data), json.dumps(parameters), repr(now)])
         if not ok:
@@ -527,7 +556,7 @@ class RedisQueue(JobQueue):
                          error=json.loads(h["error"]) if h.get("error") else None)
 
     async def get(self, request_id: str) -> JobRecord | None:
-        h = await self.redis.hgetall(self._job_key(request_id))
+        h = await self._client.hgetall(self._job_key(request_id))
         return self._record(request_id, h) if h else None
 
     async def take(self, consumer: str, wait: float = 1.0) -> Lease | None:
@@ -535,13 +564,14 @@ class RedisQueue(JobQueue):
         lease_ms = max(int(self.lease * 1000), 1)
         while True:
             # expired leases first: entries idle in the pending list for longer than a lease
-            claimed = await self.redis.xautoclaim(self.stream, self.group, consumer, lease_ms,
+            claimed = await self._client.xautoclaim(self.stream, self.group, consumer, lease_ms,
                                                   start_id="0-0", count=1)
             entries = claimed[1] if claimed else []
             if not entries:
                 block = int(max(0.0, min(end - time.monotonic(), 1.0)) * 1000)
-                read = await self.redis.xreadgroup(self.group, consumer, {self.stream: ">"},
-                                                   count=1, block=block or None)
+                # RESP2's reply, [[stream, [(id, fields), ...]]] (redis-py's types allow RESP3's)
+                read: Any = await self._client.xreadgroup(self.group, consumer, {self.stream: ">"},
+                                                        count=1, block=block or None)
                 entries = read[0][1] if read else []
             for entry_id, fields in entries:
                 if fields is None:
@@ -554,19 +584,19 @@ class RedisQueue(JobQueue):
 
     async def _lease(self, consumer: str, entry_id: str, request_id: str) -> Lease | None:
         key = self._job_key(request_id)
-        h = await self.redis.hgetall(key)
+        h = await self._client.hgetall(key)
         if not h or h.get("status") in _DONE:  # purged, or finished before its ack
             await self._drop(entry_id)
             return None
         job = self._record(request_id, h)
         if job.attempts >= self.max_attempts:
-            await self._finish(keys=[key, self.stream],
+            await self._loaded.finish(keys=[key, self.stream],
                                args=[FAILED, "", json.dumps(_gave_up(job.attempts)), consumer,
                                      repr(time.time()), int(self.retention), self.group,
                                      entry_id])
             return None
         now = time.time()
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._client.pipeline(transaction=True) as pipe:
             pipe.hincrby(key, "attempts", 1)
             pipe.hset(key, mapping={"status": PROCESSING, "worker": consumer,
                                     "updated": repr(now)})
@@ -575,13 +605,13 @@ class RedisQueue(JobQueue):
         return Lease(job, consumer, entry_id, now + self.lease)
 
     async def _drop(self, entry_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._client.pipeline(transaction=True) as pipe:
             pipe.xack(self.stream, self.group, entry_id)
             pipe.xdel(self.stream, entry_id)
             await pipe.execute()
 
     async def extend(self, lease: Lease) -> bool:
-        claimed = await self.redis.xclaim(self.stream, self.group, lease.consumer, 0,
+        claimed = await self._client.xclaim(self.stream, self.group, lease.consumer, 0,
                                           [lease.token], justid=True)
         if claimed:
             lease.expires = time.time() + self.lease
@@ -590,7 +620,7 @@ class RedisQueue(JobQueue):
     async def finish(self, lease: Lease, *, result: Any = None,
                      error: dict | None = None) -> bool:
         status = FAILED if error is not None else COMPLETED
-        stored = await self._finish(
+        stored = await self._loaded.finish(
             keys=[self._job_key(lease.job.request_id), self.stream],
             args=[status, "" if result is None else json.dumps(result),
                   "" if error is None else json.dumps(error), lease.consumer,
@@ -598,12 +628,12 @@ class RedisQueue(JobQueue):
         return bool(stored)
 
     async def depth(self) -> int:
-        return await self.redis.xlen(self.stream)
+        return await self._client.xlen(self.stream)
 
     async def counts(self) -> dict[str, int]:
         # The stream holds the unfinished jobs; the group's pending list those delivered
         # to a worker and not yet finished.
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._client.pipeline(transaction=False) as pipe:
             pipe.xlen(self.stream)
             pipe.xpending(self.stream, self.group)
             length, pending = await pipe.execute()

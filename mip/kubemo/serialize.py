@@ -22,6 +22,7 @@ import numpy
 
 import mip as _codec
 from mip.kubemo.protocol import IMAGE, JSON, TEXT
+from mip.protocol import JsonEncoder
 
 __all__ = ["Serial", "Input", "Output", "Dynamic", "Text", "Json", "Image", "JsonEncoder",
            "register", "as_input"]
@@ -196,19 +197,6 @@ class Dynamic(Serial):
 
     def encode(self) -> bytes:
         return self.serial.encode()
-
-
-class JsonEncoder(json.JSONEncoder):
-    """A JSON encoder that also takes numpy integers, floats and arrays."""
-
-    def default(self, o: Any) -> Any:
-        if isinstance(o, numpy.integer):
-            return int(o)
-        if isinstance(o, numpy.floating):
-            return float(o)
-        if isinstance(o, numpy.ndarray):
-            return o.tolist()
-        return json.JSONEncoder.default(self, o)
 
 
 _default_serializations: Dict[int, Type[Serial]] = {TEXT: Text, JSON: Json, IMAGE: Image}

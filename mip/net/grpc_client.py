@@ -15,6 +15,7 @@ import ssl as _ssl
 
 from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net.grpc_server import _RECEIVE_BUFFER, H2Protocol, tls_context
+from mip.net.urls import tcp_address
 import mip.protocol._h2 as _h2
 
 __all__ = ["GrpcChannel"]
@@ -90,10 +91,8 @@ class GrpcChannel:
 
     def __init__(self, address: str, *, ssl: _ssl.SSLContext | bool | None = None,
                  max_message_size: int = 1 << 30):
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"gRPC address must be HOST:PORT, not {address!r}")
-        self.host, self.port = host.strip("[]"), int(port)
+        tcp = tcp_address(address, "gRPC address")
+        self.host, self.port = tcp.host, tcp.port
         self.authority = address.encode()
         self.ssl = tls_context(server=False) if ssl is True else (ssl or None)
         self.max_message_size = max_message_size

@@ -25,10 +25,11 @@ import ssl as _ssl
 import struct
 import threading
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import mip
 from mip.errors import ProtocolError, RemoteError
+from mip.net.framing import FramedProtocol
 from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
 
 __all__ = ["Client", "AsyncClient"]
@@ -114,7 +115,7 @@ def _resolve(balancer: _Balancer) -> None:
     """Look ``balancer``'s names up (blocking) when they are stale."""
     if not balancer.stale():
         return
-    results = []
+    results: list[Any] = []  # per URL: getaddrinfo's list, the OSError it raised, or None
     for _, args in balancer.lookups():
         try:
             results.append(socket.getaddrinfo(*args, type=socket.SOCK_STREAM) if args else None)
@@ -149,6 +150,7 @@ class _ClosedBeforeReply(ConnectionError):
 
 def _reply(message: mip.Message) -> mip.Message:
     if message.kind == mip.KIND_ERROR:
+        assert message.error_code is not None  # an ERROR frame's subtype
         raise RemoteError(message.error_code, message.error_message)
     if not message.is_response:
         raise ProtocolError("the peer sent a request where a response was expected")
@@ -299,7 +301,7 @@ class Client:
                     self._balancer.failed(address)
                 continue
             return _BlockingConnection(sock, self.max_frame_size, address), False
-        raise error
+        raise error or ConnectionError("no address to connect to")
 
     def _release(self, conn: _BlockingConnection) -> None:
         if self._closed:
@@ -368,12 +370,11 @@ class Client:
         self.close()
 
 
-class _AsyncConnection(asyncio.BufferedProtocol):
+class _AsyncConnection(FramedProtocol["mip.Message"]):
     def __init__(self, max_frame_size: int, address: Address):
         self.address = address
         self.parser = mip.FrameParser(max_frame_size=max_frame_size)
         self.waiters: collections.deque[asyncio.Future] = collections.deque()
-        self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
         self.can_write = asyncio.Event()
         self.can_write.set()
@@ -382,29 +383,19 @@ class _AsyncConnection(asyncio.BufferedProtocol):
         self.closed_after_reply = False  # the server ended it cleanly after replying
         self.closed_here = False    # this side closed it: nothing is sent again
 
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def get_buffer(self, sizehint):
-        return self.parser.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes):
-        try:
-            messages = self.parser.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self._fail(exc)
-            self.transport.close()
-            return
+    def frames_received(self, messages, nbytes):
         self.received = 0 if messages else self.received + nbytes
         for message in messages:
             if not self.waiters:
-                self._fail(ProtocolError("the server sent a reply nobody asked for"))
-                self.transport.close()
-                return
+                raise ProtocolError("the server sent a reply nobody asked for")
             self.replies += 1
             fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(message)
+
+    def bad_frames(self, exc):
+        self._fail(exc)
+        self.transport.close()
 
     def pause_writing(self):
         self.can_write.clear()
@@ -498,8 +489,8 @@ class AsyncClient:
                 *(loop.getaddrinfo(*args, type=socket.SOCK_STREAM)
                   for _, args in balancer.lookups() if args),
                 return_exceptions=True)
-            results = iter(results)
-            balancer.update([next(results) if args else None
+            found = iter(results)
+            balancer.update([next(found) if args else None
                              for _, args in balancer.lookups()])
             for address in balancer.removed:
                 self._next.pop(address, None)
@@ -550,7 +541,7 @@ class AsyncClient:
             except OSError as exc:
                 error = exc
                 self._balancer.failed(address)
-        raise error
+        raise error or ConnectionError("no address to connect to")
 
     async def _call(self, buffers: Sequence) -> mip.Message:
         retried = False
@@ -574,16 +565,17 @@ class AsyncClient:
     async def _roundtrip(self, conn: _AsyncConnection, buffers: Sequence) -> mip.Message:
         if not conn.can_write.is_set():
             await conn.can_write.wait()
-        if conn.lost is not None:
+        transport = conn.transport
+        if conn.lost is not None or transport is None:
             raise _ClosedBeforeReply(f"connection lost: {conn.lost}")
         fut = asyncio.get_running_loop().create_future()
         conn.waiters.append(fut)
-        conn.transport.writelines(buffers)
+        transport.writelines(buffers)
         try:
             return await asyncio.wait_for(fut, self.timeout) if self.timeout else await fut
         except asyncio.TimeoutError:
             # The stream is now out of step with its waiters: drop the connection.
-            _reset(conn.transport)
+            _reset(transport)
             raise
 
     async def ping(self) -> float:

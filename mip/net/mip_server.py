@@ -25,7 +25,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import mip
 from mip.errors import ErrorCode, ProtocolError, ServingError
-from mip.net.peers import PeerCounts, longest_idle
+from mip.net.peers import PeerCounts, longest_idle, sweep_timeouts
 from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
 
 __all__ = ["MipServer", "Handler"]
@@ -501,13 +501,7 @@ class MipServer:
         timeouts = [t for t in (self.idle_timeout, self.frame_timeout) if t]
         if not timeouts:
             return
-        interval = max(0.02, min(1.0, min(timeouts) / 4))
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            for conn in list(self._connections):
-                conn.check_timeouts(now)
+        await sweep_timeouts(self._connections, max(0.02, min(1.0, min(timeouts) / 4)))
 
     @property
     def connections(self) -> int:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from mip import msip
 from mip.errors import BrokerError, ProtocolError
+from mip.net.framing import FramedProtocol
 from mip.net.msip_topics import topic_matches
 from mip.net.urls import UnixAddress, parse_url
 
@@ -150,28 +151,20 @@ class Subscription:
             w.set_result(None)
 
 
-class _Protocol(asyncio.BufferedProtocol):
+class _Protocol(FramedProtocol["msip.Frame"]):
     def __init__(self, client: "AsyncClient"):
         self.client = client
         self.parser = msip.FrameParser(max_payload=client.max_payload)
-        self.transport: asyncio.Transport | None = None
         self.paused = False
         self.drained: asyncio.Future | None = None
 
-    def connection_made(self, transport):
-        self.transport = transport
+    def frames_received(self, frames, nbytes):
+        for f in frames:
+            self.client._on_frame(self, f)
 
-    def get_buffer(self, sizehint):
-        return self.parser.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes):
-        try:
-            frames = self.parser.buffer_updated(nbytes)
-            for f in frames:
-                self.client._on_frame(self, f)
-        except ProtocolError as exc:
-            log.warning("bad frame from broker: %s", exc)
-            self.transport.abort()
+    def bad_frames(self, exc):
+        log.warning("bad frame from broker: %s", exc)
+        self.transport.abort()
 
     def pause_writing(self):
         self.paused = True

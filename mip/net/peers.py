@@ -3,9 +3,14 @@ connection to close first when a listener is full."""
 
 from __future__ import annotations
 
-from typing import Iterable
+import asyncio
+import functools
+import urllib.parse
+from typing import Any, Collection, Iterable
 
-__all__ = ["PeerCounts", "grpc_peer_host", "longest_idle"]
+from mip.net.urls import TcpAddress, parse_url
+
+__all__ = ["PeerCounts", "grpc_peer_host", "longest_idle", "sweep_timeouts"]
 
 
 class PeerCounts:
@@ -45,15 +50,29 @@ def longest_idle(connections: Iterable):
     return oldest
 
 
+async def sweep_timeouts(connections: Collection[Any], interval: float) -> None:
+    """Every ``interval`` seconds, ``check_timeouts(now)`` on each of a listener's
+    ``connections`` (the live collection, read afresh each round; ``now`` is the loop's
+    clock), until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        now = loop.time()
+        for conn in list(connections):
+            conn.check_timeouts(now)
+
+
+@functools.lru_cache(maxsize=4096)  # asked once a request, for a few peers at a time
 def grpc_peer_host(peer: str) -> str | None:
     """The client's IP address in a gRPC peer string (``ipv4:HOST:PORT``,
     ``ipv6:[HOST]:PORT``, ``ipv6:%5B..%5D:PORT`` as grpcio writes it), None for a Unix socket
     or an empty string."""
     kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0] or None
-    if kind == "ipv6":
-        host = rest.rpartition(":")[0].replace("%5B", "[").replace("%5D", "]")
-        return host.strip("[]") or None
-    return None
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    try:
+        address = parse_url(urllib.parse.unquote(rest))
+    except ValueError:
+        return None
+    return address.host if isinstance(address, TcpAddress) else None
 

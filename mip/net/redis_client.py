@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["open_redis"]
 
 
@@ -23,6 +25,6 @@ def open_redis(url: str, ssl_context=None):
         def _connection_arguments(self):
             return {**Connection._connection_arguments(self), "ssl": ssl_context}
 
-    options = parse_url(url) | {"connection_class": ContextSSLConnection,
-                                "decode_responses": True}
+    options: dict[str, Any] = {**parse_url(url), "connection_class": ContextSSLConnection,
+                               "decode_responses": True}
     return aioredis.Redis.from_pool(ConnectionPool(**options))

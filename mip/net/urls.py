@@ -6,7 +6,7 @@ import dataclasses
 import urllib.parse
 from typing import ClassVar, TypeAlias
 
-__all__ = ["Address", "TcpAddress", "UnixAddress", "parse_url"]
+__all__ = ["Address", "TcpAddress", "UnixAddress", "parse_url", "tcp_address"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,3 +78,15 @@ def parse_url(url: str, default_port: int | None = None) -> Address:
     if not host or port is None:
         raise ValueError(f"TCP URL needs a host and a port: {url!r}")
     return TcpAddress(host, port)
+
+
+def tcp_address(text: str, what: str = "the address") -> TcpAddress:
+    """Parse ``HOST:PORT`` (or ``tcp://HOST:PORT``) into a :class:`TcpAddress`; anything else
+    raises ``ValueError`` saying that ``what`` (e.g. ``"--http"``) must be ``HOST:PORT``."""
+    try:
+        address = parse_url(text)
+    except ValueError:
+        address = None
+    if not isinstance(address, TcpAddress):
+        raise ValueError(f"{what} must be HOST:PORT, not {text!r}")
+    return address

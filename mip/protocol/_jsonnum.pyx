@@ -181,34 +181,30 @@ cdef enum:
     E_VALUE_AFTER_COMMA
 
 
+# What each error says: {offset} is where, in octets from the list's start, {k} the element's
+# index, {text} its first octets and {char} the one found (E_UNEXPECTED).
+cdef dict _MESSAGES = {
+    E_LIST_NEEDS_COMMA: "a ',' is missing before the list at octet {offset}",
+    E_VALUE_BEFORE_CLOSE: "a value is missing before ']' at octet {offset}",
+    E_UNBALANCED_CLOSE: "unbalanced ']'",
+    E_VALUE_BEFORE_COMMA: "a value is missing before ',' at octet {offset}",
+    E_UNEXPECTED: "unexpected {char!r} at octet {offset}",
+    E_NUMBER_NEEDS_COMMA: "a ',' is missing before element {k}",
+    E_NOT_NUMBER: "element {k} is not a JSON number: {text!r}",
+    E_NOT_INTEGER: "element {k} is not an integer: {text!r}",
+    E_OUT_OF_RANGE: "element {k} is out of range: {text!r}",
+    E_VALUE_AFTER_COMMA: "a value is missing after the last ','",
+}
+
+
 cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t end,
                   Py_ssize_t at, Py_ssize_t k):
     cdef Py_ssize_t j = at
     while j < end and _number_char(body[j]):
         j += 1
     text = bytes(body[at:min(j, at + 32)])
-    offset = at - start
-    if error == E_LIST_NEEDS_COMMA:
-        return f"a ',' is missing before the list at octet {offset}"
-    if error == E_VALUE_BEFORE_CLOSE:
-        return f"a value is missing before ']' at octet {offset}"
-    if error == E_UNBALANCED_CLOSE:
-        return "unbalanced ']'"
-    if error == E_VALUE_BEFORE_COMMA:
-        return f"a value is missing before ',' at octet {offset}"
-    if error == E_UNEXPECTED:
-        return f"unexpected {chr(body[at])!r} at octet {offset}"
-    if error == E_NUMBER_NEEDS_COMMA:
-        return f"a ',' is missing before element {k}"
-    if error == E_NOT_NUMBER:
-        return f"element {k} is not a JSON number: {text!r}"
-    if error == E_NOT_INTEGER:
-        return f"element {k} is not an integer: {text!r}"
-    if error == E_OUT_OF_RANGE:
-        return f"element {k} is out of range: {text!r}"
-    if error == E_VALUE_AFTER_COMMA:
-        return "a value is missing after the last ','"
-    return "unbalanced '['"
+    char = chr(body[at]) if error == E_UNEXPECTED else ""
+    return _MESSAGES.get(error, "unbalanced '['").format(offset=at - start, k=k, text=text, char=char)
 
 
 cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, bint is_float,

@@ -1,8 +1,11 @@
 """Type stubs of the compiled MIP codec (mip/protocol/_mip.pyx)."""
 
+import json
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from mip.protocol._stream import Buffer as Buffer, StreamParser
 
 KIND_ERROR: int
 KIND_PING: int
@@ -18,7 +21,6 @@ HEADER_SIZE: int
 DEFAULT_MAX_FRAME_SIZE: int
 DEFAULT_COPY_THRESHOLD: int
 
-Buffer = bytes | bytearray | memoryview
 ValueLike = np.ndarray | np.generic | str | "Text" | "Json" | "Image" | "Value"
 
 def datatype_of(array: np.ndarray | np.dtype | type) -> str: ...
@@ -33,6 +35,9 @@ class Text:
     def type(self) -> int: ...
     @property
     def data(self) -> bytes: ...
+
+class JsonEncoder(json.JSONEncoder):
+    def default(self, o: Any) -> Any: ...
 
 class Json:
     def __init__(self, value: Any) -> None: ...
@@ -77,15 +82,10 @@ class Message:
     def rows(self, j: int) -> list[int]: ...
     def column(self, j: int) -> np.ndarray: ...
 
-class FrameParser:
+class FrameParser(StreamParser[Message]):
     def __init__(self, max_frame_size: int = ..., chunk_size: int = ...) -> None: ...
     @property
     def max_frame_size(self) -> int: ...
-    @property
-    def buffered(self) -> int: ...
-    def feed(self, data: Buffer) -> list[Message]: ...
-    def get_buffer(self, sizehint: int = ...) -> memoryview: ...
-    def buffer_updated(self, nbytes: int) -> list[Message]: ...
 
 def decode(buffer: Buffer, max_frame_size: int | None = ...) -> Message: ...
 def encode_request(batch: Iterable[Sequence[ValueLike]], model: str | None = ...,

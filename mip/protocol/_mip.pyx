@@ -149,8 +149,9 @@ def datatype_of(array):
 
 
 # ---- values ----------------------------------------------------------------
-class _JsonEncoder(_json.JSONEncoder):
-    """JSON encoder that understands numpy scalars and arrays (as KubeMo's does)."""
+class JsonEncoder(_json.JSONEncoder):
+    """The JSON encoder of :class:`Json` values: it also takes numpy integers, floats and
+    arrays (as KubeMo's ``serialize.JsonEncoder``, which is this class)."""
 
     def default(self, o):
         if isinstance(o, np.integer):
@@ -238,7 +239,7 @@ cdef class Json:
     def data(self):
         """The UTF-8 JSON octets on the wire."""
         if self._data is None:
-            self._data = _json.dumps(self._value, cls=_JsonEncoder).encode("utf-8")
+            self._data = _json.dumps(self._value, cls=JsonEncoder).encode("utf-8")
         return self._data
 
     def __bytes__(self):
@@ -503,16 +504,22 @@ cdef int _bytes_elements(mip_tensor_header *t, const unsigned char *data,
     return 0
 
 
+cdef inline int _parse_tensor(const unsigned char *p, Py_ssize_t size, Py_ssize_t off,
+                              mip_tensor_header *t) except -1:
+    """Parse into ``t`` the header of the tensor value at [off, off+size) of a frame, or raise."""
+    cdef size_t err_off = 0
+    cdef int rc = mip_parse_tensor_header(p, size, t, &err_off)
+    if rc != MIP_OK:
+        raise_wire_error(rc, off + err_off, _tensor_header_problem(p, size, t, err_off))
+    return 0
+
+
 cdef object _decode_value(_FrameView fv, uint32_t vtype, Py_ssize_t off, Py_ssize_t size):
     """Decode the value of one TLV whose octets are at [off, off+size) of the frame."""
     cdef const unsigned char *p = fv.base + off
     cdef mip_tensor_header t
-    cdef size_t err_off = 0
-    cdef int rc
     if vtype == T_TENSOR:
-        rc = mip_parse_tensor_header(p, size, &t, &err_off)
-        if rc != MIP_OK:
-            raise_wire_error(rc, off + err_off, _tensor_header_problem(p, size, &t, err_off))
+        _parse_tensor(p, size, off, &t)
         return _make_tensor(&t, p + t.data_off, fv.owner, fv.writable, off + t.data_off)
     if vtype == T_TEXT:
         text = Text.__new__(Text)
@@ -681,12 +688,8 @@ cdef int _check_value(const unsigned char *base, uint32_t vtype, Py_ssize_t off,
     """Check one value without making its object (what _decode_value would refuse)."""
     cdef const unsigned char *p = base + off
     cdef mip_tensor_header t
-    cdef size_t err_off = 0
-    cdef int rc
     if vtype == T_TENSOR:
-        rc = mip_parse_tensor_header(p, size, &t, &err_off)
-        if rc != MIP_OK:
-            raise_wire_error(rc, off + err_off, _tensor_header_problem(p, size, &t, err_off))
+        _parse_tensor(p, size, off, &t)
         if t.dtype == MIP_DT_BYTES:
             _bytes_elements(&t, p + t.data_off, off + t.data_off, NULL)
         return 0
@@ -862,10 +865,8 @@ def decode(buffer, max_frame_size=None):
     cdef const unsigned char *p
     cdef Py_ssize_t n
     cdef mip_header h
-    cdef size_t err_off = 0
     cdef uint64_t limit
     cdef bint writable = False
-    cdef int rc
     cdef object owner
     if PyBytes_CheckExact(buffer):
         p = <const unsigned char *>PyBytes_AS_STRING(buffer)
@@ -883,11 +884,8 @@ def decode(buffer, max_frame_size=None):
         if not writable:
             owner = owner.toreadonly()
     limit = <uint64_t>-1 if max_frame_size is None else <uint64_t>max_frame_size
-    rc = mip_parse_header(p, n, limit, &h, &err_off)
-    if rc == MIP_NEED_MORE:
+    if not _parse_header(p, n, limit, &h):
         raise_wire_error(MIP_E_TRUNCATED, 0, f"{n} octets cannot hold the 8-octet MIP header")
-    if rc != MIP_OK:
-        raise_wire_error(rc, err_off, _header_problem(rc, &h, limit))
     if <uint64_t>h.remaining + MIP_HEADER_SIZE > <uint64_t>n:
         raise_wire_error(MIP_E_TRUNCATED, 4,
                          f"header declares {h.remaining} payload octets, {n - MIP_HEADER_SIZE} present")
@@ -895,6 +893,19 @@ def decode(buffer, max_frame_size=None):
         raise_wire_error(MIP_E_COUNTS, MIP_HEADER_SIZE + h.remaining,
                          f"{n - MIP_HEADER_SIZE - h.remaining} octets follow the frame")
     return decode_frame_at(owner, p, n, writable, 0)
+
+
+cdef inline int _parse_header(const unsigned char *p, Py_ssize_t n, uint64_t limit,
+                              mip_header *h) except -1:
+    """Parse the MIP header at ``p`` into ``h``: 0 while fewer than 8 octets are present, 1
+    for a valid header; a bad one (or one over ``limit``) raises."""
+    cdef size_t err_off = 0
+    cdef int rc = mip_parse_header(p, n, limit, h, &err_off)
+    if rc == MIP_NEED_MORE:
+        return 0
+    if rc != MIP_OK:
+        raise_wire_error(rc, err_off, _header_problem(rc, h, limit))
+    return 1
 
 
 cdef str _header_problem(int rc, mip_header *h, uint64_t limit):
@@ -936,12 +947,8 @@ cdef class FrameParser(StreamParser):
 
     cdef Py_ssize_t frame_length(self, const unsigned char *p, Py_ssize_t avail) except -2:
         cdef mip_header h
-        cdef size_t err_off = 0
-        cdef int rc = mip_parse_header(p, avail, self.max_frame, &h, &err_off)
-        if rc == MIP_NEED_MORE:
+        if not _parse_header(p, avail, self.max_frame, &h):
             return -1
-        if rc != MIP_OK:
-            raise_wire_error(rc, err_off, _header_problem(rc, &h, self.max_frame))
         return <Py_ssize_t>h.remaining + MIP_HEADER_SIZE
 
     cdef object decode_frame(self, Chunk chunk, Py_ssize_t offset, Py_ssize_t length):

@@ -33,18 +33,15 @@ from mip import errors as _errors
 cdef extern from "Python.h":
     Py_ssize_t Py_REFCNT(object o)
 
-cdef object _TruncatedFrame = _errors.TruncatedFrame
-cdef object _FrameTooLarge = _errors.FrameTooLarge
-cdef object _UnsupportedVersion = _errors.UnsupportedVersion
-cdef object _UnknownKind = _errors.UnknownKind
-cdef object _BadSubtype = _errors.BadSubtype
-cdef object _InconsistentCounts = _errors.InconsistentCounts
-cdef object _InvalidValue = _errors.InvalidValue
-cdef object _UnknownValueType = _errors.UnknownValueType
-cdef object _BadMagic = _errors.BadMagic
-cdef object _UnknownFrameType = _errors.UnknownFrameType
-cdef object _UnknownMessageKind = _errors.UnknownMessageKind
-cdef object _ProtocolError = _errors.ProtocolError
+# the exception of each status code of csrc/mip_wire.h (another code: ProtocolError)
+cdef dict _WIRE_ERRORS = {
+    MIP_E_TRUNCATED: _errors.TruncatedFrame, MIP_E_TOO_LARGE: _errors.FrameTooLarge,
+    MIP_E_VERSION: _errors.UnsupportedVersion, MIP_E_KIND: _errors.UnknownKind,
+    MIP_E_SUBTYPE: _errors.BadSubtype, MIP_E_COUNTS: _errors.InconsistentCounts,
+    MIP_E_VALUE: _errors.InvalidValue, MIP_E_VALUE_TYPE: _errors.UnknownValueType,
+    MIP_E_MAGIC: _errors.BadMagic, MIP_E_FRAME_TYPE: _errors.UnknownFrameType,
+    MIP_E_MSG_KIND: _errors.UnknownMessageKind,
+}
 
 cdef enum:
     ALIGN = 64  # chunk memory alignment, in octets
@@ -56,31 +53,7 @@ cdef Py_ssize_t _IDLE_SIZE = IDLE_SIZE
 
 cdef int raise_wire_error(int code, Py_ssize_t offset, str detail) except -1:
     """Map a status code of csrc/mip_wire.h to its exception: the one place it happens."""
-    if code == MIP_E_TRUNCATED:
-        cls = _TruncatedFrame
-    elif code == MIP_E_TOO_LARGE:
-        cls = _FrameTooLarge
-    elif code == MIP_E_VERSION:
-        cls = _UnsupportedVersion
-    elif code == MIP_E_KIND:
-        cls = _UnknownKind
-    elif code == MIP_E_SUBTYPE:
-        cls = _BadSubtype
-    elif code == MIP_E_COUNTS:
-        cls = _InconsistentCounts
-    elif code == MIP_E_VALUE:
-        cls = _InvalidValue
-    elif code == MIP_E_VALUE_TYPE:
-        cls = _UnknownValueType
-    elif code == MIP_E_MAGIC:
-        cls = _BadMagic
-    elif code == MIP_E_FRAME_TYPE:
-        cls = _UnknownFrameType
-    elif code == MIP_E_MSG_KIND:
-        cls = _UnknownMessageKind
-    else:
-        cls = _ProtocolError
-    raise cls(detail, offset)
+    raise _WIRE_ERRORS.get(code, _errors.ProtocolError)(detail, offset)
 
 
 cdef class Chunk:

@@ -1,8 +1,9 @@
-"""parse_url: a TcpAddress or a UnixAddress, and back to the URL."""
+"""parse_url: a TcpAddress or a UnixAddress, and back to the URL; tcp_address: HOST:PORT only."""
 
 import pytest
 
 from mip.net import TcpAddress, UnixAddress, parse_url
+from mip.net.urls import tcp_address
 
 
 @pytest.mark.parametrize("url, address, text", [
@@ -28,3 +29,18 @@ def test_default_port():
 def test_bad_url(url):
     with pytest.raises(ValueError):
         parse_url(url)
+
+
+@pytest.mark.parametrize("text, address", [
+    ("0.0.0.0:8000", TcpAddress("0.0.0.0", 8000)),
+    ("[::]:8001", TcpAddress("::", 8001)),
+    ("tcp://localhost:0", TcpAddress("localhost", 0)),
+])
+def test_tcp_address(text, address):
+    assert tcp_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["8000", "localhost", ":8000", "unix:///tmp/s", "h:99999", "h:x"])
+def test_tcp_address_names_what_must_be_host_port(text):
+    with pytest.raises(ValueError, match=f"--http must be HOST:PORT, not {text!r}"):
+        tcp_address(text, "--http")

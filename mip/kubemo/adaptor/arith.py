@@ -17,6 +17,7 @@ class Inference(BaseInference[ndarray]):
     """A model computed with numpy; ``concat`` joins items on axis 0."""
 
     def concat(self, batch: Tuple[Tuple[ndarray, ...], ...]) -> Tuple[ndarray, ...]:
+        # One copy per tensor; a batch of one item is passed as it is.
         if len(batch) == 1:
             return tuple(batch[0])
         return tuple(concatenate(x) for x in zip(*batch))

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import os
-from abc import abstractmethod
 from typing import Optional, Tuple, Union
 
-from numpy import concatenate, ndarray
+from numpy import ndarray
 from onnxruntime import InferenceSession
 
-from mip.kubemo.inference import Inference as BaseInference
-from mip.kubemo.serialize import Input, Output
+from mip.kubemo.adaptor import arith
 from mip.errors import DeviceUnavailable
 from mip.serving.providers.onnx import _providers
 
 __all__ = ["Inference", "DeviceUnavailable"]
 
 
-class Inference(BaseInference[ndarray]):
-    """A model whose ``forward`` is an ONNX Runtime session.
+class Inference(arith.Inference):
+    """A model whose ``forward`` is an ONNX Runtime session (``concat`` as the numpy
+    adaptor's: items joined on axis 0).
 
     Args:
         path: the ``.onnx`` file.
@@ -45,16 +44,4 @@ class Inference(BaseInference[ndarray]):
 
     def forward(self, inputs: Tuple[ndarray, ...]) -> Tuple[ndarray, ...]:
         names = list(self.output_names) if self.output_names else None
-        return tuple(self.session.run(names, dict(zip(self.input_names, inputs))))
-
-    def concat(self, batch: Tuple[Tuple[ndarray, ...], ...]) -> Tuple[ndarray, ...]:
-        # One copy per tensor; a batch of one item is passed as it is.
-        if len(batch) == 1:
-            return tuple(batch[0])
-        return tuple(concatenate(x) for x in zip(*batch))
-
-    @abstractmethod
-    def preprocess(self, inputs: Tuple[Input, ...]) -> Tuple[ndarray, ...]: ...
-
-    @abstractmethod
-    def postprocess(self, outputs: Tuple[ndarray, ...]) -> Tuple[Output, ...]: ...
+        return tuple(self.session.run(names, dict(zip(self.input_names or (), inputs))))
