@@ -628,10 +628,11 @@ def write_triton_repository(work: Path, onnx_from: Path) -> Path:
     return repo
 
 
-def triton_server(python: Path, repo: Path, logs: Path, wrap: list[str] | None = None) -> Server:
+def triton_server(python: Path, repo: Path, logs: Path,
+                  models: list[str] | None = None) -> Server:
     """The ``tritonserver`` binary of the PyTriton wheel, run directly on ``repo`` with the
     wheel's backends folder; KServe v2 HTTP (binary tensors) and gRPC, metrics off.
-    ``wrap`` goes before the binary (e.g. valgrind)."""
+    ``models``: load only these (explicit model control), else every model of ``repo``."""
     package = pytriton_package(python)
     tritonserver = package / "tritonserver"
     http_port, grpc_port = free_port(), free_port()
@@ -652,19 +653,22 @@ def triton_server(python: Path, repo: Path, logs: Path, wrap: list[str] | None =
     env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(libs),
                PYTHONPATH=str(package.parent),  # the stub's Python finds onnxruntime, numpy
                PATH=f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    argv = [*(wrap or []), str(tritonserver / "bin" / "tritonserver"),
+    argv = [str(tritonserver / "bin" / "tritonserver"),
             "--model-repository", str(repo),
             "--backend-directory", str(backends),
             "--http-address", "127.0.0.1", "--http-port", str(http_port),
             "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port),
             "--allow-metrics", "false", "--allow-gpu-metrics", "false",
             "--allow-cpu-metrics", "false", "--log-verbose", "0", "--log-info", "false"]
+    if models:
+        argv += ["--model-control-mode", "explicit", *[f"--load-model={m}" for m in models]]
     return Server("triton", argv,
                   [("grpc", f"grpc://127.0.0.1:{grpc_port}"),
                    ("http", f"http://127.0.0.1:{http_port}"),
                    ("http-binary", f"http://127.0.0.1:{http_port}")],
                   env=env, cwd=repo,
-                  ready=lambda proc: wait_ready(http_port, list(_SPECS), proc, timeout=180.0),
+                  ready=lambda proc: wait_ready(http_port, models or list(_SPECS), proc,
+                                                timeout=180.0),
                   log_path=logs / "triton.log")
 
 
@@ -1061,7 +1065,7 @@ PROFILE_RULES = [
                "_receive_body", "data_received", "_http_protocol")),
     ("dispatch", ("mip/", "oip/", "dataplane.py", "_futures.py", "starlette", "uvicorn")),
     ("event loop", ("loop.c", "uvloop", "asyncio", "_asynciomodule", "core.c", "linux.c",
-                    "loop-watcher.c", "stream.c")),
+                    "loop-watcher.c", "stream.c", "runpy", "mip/cli.py")),
 ]
 #: a sample whose innermost frame is one of these is a thread asleep (py-spy's --native
 #: samples do not tell idle threads apart here): left out
@@ -1069,6 +1073,8 @@ IDLE_FRAMES = ("epoll_pwait", "epoll_wait", "PyThread_acquire_lock_timed", "pthr
                "pthread_cond_timedwait", "sem_wait", "sem_clockwait", "sem_timedwait",
                "futex_wait", "nanosleep", "select (libc", "poll (libc")
 OTHER = "other (interpreter, allocator)"
+#: work that is no request's, wherever in its stack: mip serve's job worker polling its queue
+BACKGROUND = ("job queue poller (no request's)", ("mip/jobs/",))
 
 
 def categorize_stack(frames: list[str]) -> str | None:
@@ -1077,6 +1083,8 @@ def categorize_stack(frames: list[str]) -> str | None:
              if not f.startswith(("0x", "thread ("))]
     if not named or any(p in named[-1] for p in IDLE_FRAMES):
         return None
+    if any(p in frame for frame in named for p in BACKGROUND[1]):
+        return BACKGROUND[0]
     for frame in reversed(named):
         for category, patterns in PROFILE_RULES:
             if any(p in frame for p in patterns):
@@ -1085,10 +1093,11 @@ def categorize_stack(frames: list[str]) -> str | None:
 
 
 def profile_mip(args, repos: dict, logs: Path) -> int:
-    """``--profile``: ``mip serve`` (identity, c=32) sampled by ``py-spy record --native``
-    (every thread, idle threads left out) while h2load (gRPC, REST JSON) or mip bench (MIP)
-    loads it; the samples filed by :data:`PROFILE_RULES` and scaled to the server's CPU a
-    request (from /proc over the same requests)."""
+    """``--profile``: ``mip serve`` (identity, c=32) sampled by ``py-spy record`` (every
+    thread, idle threads left out; C frames too with ``--profile-native``) while h2load (gRPC,
+    REST JSON) or mip bench (MIP) loads it for 2 x ``--duration`` seconds; the samples filed
+    by :data:`PROFILE_RULES` and scaled to the server's CPU a request measured without the
+    profiler over ``--duration`` seconds just before."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).is_file():
         raise SystemExit("py-spy is missing: pip install py-spy")
@@ -1106,8 +1115,13 @@ def profile_mip(args, repos: dict, logs: Path) -> int:
             raw = work / f"{protocol}.txt"
             spy_log = work / f"{protocol}-py-spy.log"
             with open(spy_log, "w") as out:
-                spy = subprocess.Popen([py_spy, "record", "--native", "--threads", "--rate",
-                                        "250", "--format", "raw", "--output", str(raw),
+                # --native stops the process for every sample (it unwinds C frames). Without
+                # it py-spy reads the Python stacks of the running process; it does not tell
+                # idle threads apart here, so only the thread holding the GIL is sampled
+                # (uvloop's poll and ONNX Runtime's run release it: they are not seen)
+                mode = ["--native"] if args.profile_native else ["--nonblocking", "--gil"]
+                spy = subprocess.Popen([py_spy, "record", *mode, "--threads", "--rate", "250",
+                                        "--format", "raw", "--output", str(raw),
                                         "--pid", str(server.proc.pid)],
                                        stdout=out, stderr=subprocess.STDOUT)
             time.sleep(1.0)  # py-spy attaches
@@ -1141,7 +1155,7 @@ def profile_table(results: dict) -> str:
     names = list(results)
     lines = ["| where | " + " | ".join(f"{n}: µs a request (share)" for n in names) + " |",
              "| --- | " + " | ".join("---:" for _ in names) + " |"]
-    for category in [c for c, _ in PROFILE_RULES] + [OTHER]:
+    for category in [c for c, _ in PROFILE_RULES] + [OTHER, BACKGROUND[0]]:
         cells = []
         for n in names:
             samples = results[n]["samples"]
@@ -1158,10 +1172,11 @@ def profile_table(results: dict) -> str:
 
 # -- 8. instructions a request, mip serve and Triton, under callgrind ------------------------
 
-def _callgrind_wrap(server: Server, work: Path) -> Server:
-    """``server`` under ``valgrind --tool=callgrind`` (children too: Triton's Python backend
-    stubs are processes of their own), each process writing its own counts."""
-    server.argv = ["valgrind", "--tool=callgrind", "--trace-children=yes",
+def callgrind_wrap(server: Server, work: Path, children: bool) -> Server:
+    """``server`` under ``valgrind --tool=callgrind`` (and its child processes when
+    ``children``), each process writing ``work/callgrind.out.PID`` (and its dumps
+    ``.PID.N``); the server is waited for up to 15 minutes."""
+    server.argv = ["valgrind", "--tool=callgrind", f"--trace-children={'yes' if children else 'no'}",
                    f"--callgrind-out-file={work}/callgrind.out.%p", *server.argv]
     ready = server.ready
 
@@ -1233,17 +1248,24 @@ def instructions_compare(args, repos: dict, logs: Path) -> int:
     """``--instructions N``: mip serve and Triton's own server under callgrind, N requests
     of identity at ``--instructions-concurrency`` in flight by h2load (gRPC, REST JSON)."""
     python = ensure_venv(args.cache_dir, "pytriton")
-    triton_repo = write_triton_repository(args.cache_dir / "models", repos["mip-batching"])
-    lines = ["| protocol (h2load) | mip serve, instructions a request | Triton | mip / Triton |",
+    triton_repo = write_triton_repository(repos["mip-batching"].parent, repos["mip-batching"])
+    lines = ["| protocol (h2load) | mip serve (whole process: frontends, batcher, ONNX Runtime), "
+             "instructions a request | tritonserver (frontends, scheduler; not the Python "
+             "backend stub) | mip / tritonserver |",
              "| --- | ---: | ---: | ---: |"]
     for protocol in args.instructions_protocols.split(","):
         counts = []
         for name in ("mip", "triton"):
             work = Path(tempfile.mkdtemp(prefix=f"mip-callgrind-{name}-"))
             server = (mip_server(repos["mip-batching"], "mip batching", logs) if name == "mip"
-                      else triton_server(python, triton_repo, logs))
+                      else triton_server(python, triton_repo, logs, models=["identity"]))
             try:
-                counts.append(count_instructions(_callgrind_wrap(server, work), "h2load",
+                # Triton's Python backend stub dies under valgrind (a general protection
+                # fault reading Triton's shared memory; tritonserver then aborts on a
+                # boost::interprocess::lock_exception): only tritonserver itself is counted,
+                # not the stub that runs model.py and ONNX Runtime
+                counts.append(count_instructions(callgrind_wrap(server, work, name == "mip"),
+                                                 "h2load",
                                                  protocol, "identity", args.instructions,
                                                  args.instructions_concurrency, work))
             finally:
@@ -1329,7 +1351,10 @@ def main() -> int:
                         "alternated), by h2load and mip bench, with server CPU a request")
     p.add_argument("--profile", action="store_true",
                    help="only profile mip serve (identity, c=32; MIP, gRPC, REST JSON) with "
-                        "py-spy --native: where a request's CPU goes")
+                        "py-spy: where a request's CPU goes")
+    p.add_argument("--profile-native", action="store_true",
+                   help="with --profile: py-spy --native (C frames too; stops the process "
+                        "for every sample)")
     p.add_argument("--instructions", type=int, default=0, metavar="N",
                    help="only count instructions a request (callgrind, whole process tree) "
                         "of mip serve and Triton's own server over N requests of identity")
@@ -1357,7 +1382,9 @@ def main() -> int:
     logs.mkdir(exist_ok=True)
     for old in args.out.glob("*.json"):
         old.unlink()
-    repos = write_models(args.cache_dir / "models")
+    # --instructions runs for long: its models of its own, so that other runs can go on
+    models = (args.out if args.instructions else args.cache_dir) / "models"
+    repos = write_models(models)
     if args.against_triton:
         return triton_compare(args, repos, logs)
     if args.profile:
