@@ -3,7 +3,21 @@
 One command::
 
     python bench/serve_compare.py [--quick] [--duration 3] [--warmup 1] [--rounds 2] [--out DIR]
-                                  [--servers mip,mlserver,kserve,pytriton,echo]
+                                  [--servers mip,mlserver,kserve,pytriton,triton,echo]
+
+and three narrower ones (section 6 and after)::
+
+    python bench/serve_compare.py --against-triton [--rounds 2] [--duration 2]
+    python bench/serve_compare.py --profile [--duration 6] [--profile-native]
+    python bench/serve_compare.py --instructions 320 [--instructions-protocols grpc,http]
+
+``--against-triton``: ``mip serve`` and Triton's own C++ server (the ``tritonserver`` binary
+of the PyTriton wheel on a Triton repository of Python-backend models), both running, each
+cell measured on one then the other (the order swapped each round), by h2load (gRPC as
+HTTP/2 POSTs of a gRPC-framed body; REST with ``--h1``) and by ``mip bench``, with the
+server's CPU a request (its process tree, from /proc), ratios and the goals as PASS/MISS.
+``--profile``: where ``mip serve``'s CPU a request goes (py-spy), MIP, gRPC and REST.
+``--instructions``: instructions a request under callgrind, ``mip serve`` and ``tritonserver``.
 
 1. creates a venv per peer under ``--cache-dir`` (default ``~/.cache/mip-bench``) when
    missing: MLServer 1.7.1 (``mlserver onnxruntime 'uvloop<0.22'``), KServe 0.21
