@@ -48,8 +48,9 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 ## bench: the codec comparison (ours vs struct, protobuf and memcpy), ratios printed
+## (nghttp2-client: h2load and nghttp for bench/serve_compare.py --against-triton)
 bench: $(BIN)/python
-	$(call apt_install,$(APT_PACKAGES))
+	$(call apt_install,$(APT_PACKAGES) nghttp2-client)
 	$(BIN)/python -m pip install -e '.[bench]'
 	$(BIN)/python bench/compare_codec.py
 

@@ -3,7 +3,21 @@
 One command::
 
     python bench/serve_compare.py [--quick] [--duration 3] [--warmup 1] [--rounds 2] [--out DIR]
-                                  [--servers mip,mlserver,kserve,pytriton,echo]
+                                  [--servers mip,mlserver,kserve,pytriton,triton,echo]
+
+and three narrower ones (section 6 and after)::
+
+    python bench/serve_compare.py --against-triton [--rounds 2] [--duration 2]
+    python bench/serve_compare.py --profile [--duration 6] [--profile-native]
+    python bench/serve_compare.py --instructions 320 [--instructions-protocols grpc,http]
+
+``--against-triton``: ``mip serve`` and Triton's own C++ server (the ``tritonserver`` binary
+of the PyTriton wheel on a Triton repository of Python-backend models), both running, each
+cell measured on one then the other (the order swapped each round), by h2load (gRPC as
+HTTP/2 POSTs of a gRPC-framed body; REST with ``--h1``) and by ``mip bench``, with the
+server's CPU a request (its process tree, from /proc), ratios and the goals as PASS/MISS.
+``--profile``: where ``mip serve``'s CPU a request goes (py-spy), MIP, gRPC and REST.
+``--instructions``: instructions a request under callgrind, ``mip serve`` and ``tritonserver``.
 
 1. creates a venv per peer under ``--cache-dir`` (default ``~/.cache/mip-bench``) when
    missing: MLServer 1.7.1 (``mlserver onnxruntime 'uvloop<0.22'``), KServe 0.21
@@ -42,6 +56,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -55,14 +70,14 @@ CELLS = [  # (model, shape)
     ("mlp", [1, 784]),
     ("identity_1m", [1, 262144]),
 ]
-PEERS_MEASURED = ("mlserver", "kserve", "pytriton")
+PEERS_MEASURED = ("mlserver", "kserve", "pytriton", "triton")
 #: mip bench protocol -> the row label's protocol part
 PROTOCOL_NAMES = {"mip": "mip", "grpc": "grpc", "http": "rest-json", "http-binary": "rest-binary"}
 #: our row of each protocol compared with the peers' rows of the same protocol
 OURS = {"grpc": "mip/grpc batching", "rest-json": "mip/rest-json batching",
         "rest-binary": "mip/rest-binary batching"}  # the "best peer" is one of these
 SERVERS = ("mip", *PEERS_MEASURED, "echo")
-DEFAULT_SERVERS = "mip,mlserver,kserve,pytriton,echo"
+DEFAULT_SERVERS = "mip,mlserver,kserve,pytriton,triton,echo"
 PEER_PACKAGES = {
     "mlserver": ["mlserver==1.7.1", "onnxruntime", "uvloop<0.22"],
     "kserve": ["kserve==0.21.*", "onnxruntime"],
@@ -585,6 +600,699 @@ def check_goals(best: dict, concurrencies: list[int]) -> dict:
     return {"concurrency": c, "checks": checks}
 
 
+# -- 6. against Triton's own server, with h2load beside mip bench ---------------------------
+
+#: the Triton comparison's cells: (model, concurrency, protocols)
+TRITON_CELLS = [
+    ("identity", 32, ("mip", "grpc", "http", "http-binary")),
+    ("mlp", 32, ("mip", "grpc", "http", "http-binary")),
+    ("identity", 1, ("mip", "grpc", "http", "http-binary")),
+    ("identity_1m", 32, ("mip", "grpc", "http-binary")),  # JSON of 1 MiB: seconds a request
+]
+GENERATORS = ("h2load", "mip-bench")
+_GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def pytriton_package(python: Path) -> Path:
+    """The ``pytriton`` package folder of PyTriton's venv (the wheel's ``tritonserver``)."""
+    found = sorted(python.parent.parent.glob("lib/python*/site-packages/pytriton"))
+    if not found:
+        raise RuntimeError(f"no pytriton package beside {python}")
+    return found[0]
+
+
+def write_triton_repository(work: Path, onnx_from: Path) -> Path:
+    """A Triton model repository: ``NAME/config.pbtxt`` (Python backend, dynamic batching up
+    to 64 rows, one CPU instance) and ``NAME/1/model.py`` (``bench/peers/triton_model.py``)
+    beside ``NAME/1/model.onnx``, for every model of the comparison."""
+    repo = work / "triton"
+    if repo.exists():
+        shutil.rmtree(repo)
+    for name, ((iname, ishape), (oname, oshape)) in _SPECS.items():
+        version = repo / name / "1"
+        version.mkdir(parents=True)
+        shutil.copyfile(onnx_from / name / "1" / "model.onnx", version / "model.onnx")
+        shutil.copyfile(PEERS / "triton_model.py", version / "model.py")
+        (repo / name / "config.pbtxt").write_text(
+            f'name: "{name}"\nbackend: "python"\nmax_batch_size: 64\n'
+            f'input [ {{ name: "{iname}" data_type: TYPE_FP32 dims: [ {ishape[-1]} ] }} ]\n'
+            f'output [ {{ name: "{oname}" data_type: TYPE_FP32 dims: [ {oshape[-1]} ] }} ]\n'
+            'dynamic_batching { }\n'
+            'instance_group [ { count: 1 kind: KIND_CPU } ]\n')
+    return repo
+
+
+def triton_server(python: Path, repo: Path, logs: Path,
+                  models: list[str] | None = None) -> Server:
+    """The ``tritonserver`` binary of the PyTriton wheel, run directly on ``repo`` with the
+    wheel's backends folder; KServe v2 HTTP (binary tensors) and gRPC, metrics off.
+    ``models``: load only these (explicit model control), else every model of ``repo``."""
+    package = pytriton_package(python)
+    tritonserver = package / "tritonserver"
+    http_port, grpc_port = free_port(), free_port()
+    libdir, version = subprocess.run(
+        [str(python), "-c", "import sys, sysconfig; print(sysconfig.get_config_var('LIBDIR')); "
+                            "print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+        capture_output=True, text=True, check=True).stdout.split()
+    # The wheel's backends folder holds the Python backend without its stub, which comes
+    # per Python version (python_backend_stubs/3.X/): a copy of the folder gets the venv's.
+    backends = repo.parent / "triton-backends"
+    if backends.exists():
+        shutil.rmtree(backends)
+    shutil.copytree(tritonserver / "backends", backends)
+    shutil.copy(tritonserver / "python_backend_stubs" / version / "triton_python_backend_stub",
+                backends / "python" / "triton_python_backend_stub")
+    libs = [libdir, str(package.parent / "nvidia_pytriton.libs"),
+            *filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep))]
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(libs),
+               PYTHONPATH=str(package.parent),  # the stub's Python finds onnxruntime, numpy
+               PATH=f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    argv = [str(tritonserver / "bin" / "tritonserver"),
+            "--model-repository", str(repo),
+            "--backend-directory", str(backends),
+            "--http-address", "127.0.0.1", "--http-port", str(http_port),
+            "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port),
+            "--allow-metrics", "false", "--allow-gpu-metrics", "false",
+            "--allow-cpu-metrics", "false", "--log-verbose", "0", "--log-info", "false"]
+    if models:
+        argv += ["--model-control-mode", "explicit", *[f"--load-model={m}" for m in models]]
+    return Server("triton", argv,
+                  [("grpc", f"grpc://127.0.0.1:{grpc_port}"),
+                   ("http", f"http://127.0.0.1:{http_port}"),
+                   ("http-binary", f"http://127.0.0.1:{http_port}")],
+                  env=env, cwd=repo,
+                  ready=lambda proc: wait_ready(http_port, models or list(_SPECS), proc,
+                                                timeout=180.0),
+                  log_path=logs / "triton.log")
+
+
+def triton_peer(python: Path, peers: Path, logs: Path) -> Server:
+    """:func:`triton_server` on a repository written beside the peers' model folder."""
+    work = peers.parent  # beside the mip repositories (write_models)
+    return triton_server(python, write_triton_repository(work, work / "mip-batching"), logs)
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of ``pid`` and all its descendants, from
+    /proc (children that already exited are not counted: none do while a server runs)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, seconds)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2:].split()  # after "pid (comm) "
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, total = {pid}, 0.0
+    changed = True
+    while changed:
+        changed = False
+        for child, (parent, _) in stats.items():
+            if parent in tree and child not in tree:
+                tree.add(child)
+                changed = True
+    for member in tree:
+        total += stats.get(member, (0, 0.0))[1]
+    return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / tick, sum(values[:8]) / tick
+
+
+def children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def request_bodies(url: str, protocol: str, model: str, work: Path) -> tuple[Path, list[str], str]:
+    """The body file, extra headers and URL h2load sends for one cell: one gRPC-framed
+    ``ModelInferRequest`` (built by ``mip bench``'s own request code), or the REST JSON or
+    binary-tensor body."""
+    from mip.bench.drivers import GrpcDriver, HttpDriver, InferTarget, make_tensor
+
+    (iname, ishape), (oname, _) = _SPECS[model]
+    shape = [1, ishape[-1]]
+    target = InferTarget(url=url, protocol=protocol, model=model,
+                         inputs=[(iname, "FP32", shape)], outputs=[oname])
+    arrays = [make_tensor("FP32", shape)]
+    body = work / f"{model}-{protocol}.body"
+    base = url.split("://", 1)[1]
+    if protocol == "grpc":
+        payload = GrpcDriver(target, arrays).payload
+        body.write_bytes(b"\x00" + len(payload).to_bytes(4, "big") + payload)
+        return body, ["content-type: application/grpc", "te: trailers"], f"http://{base}{_GRPC_PATH}"
+    driver = HttpDriver(target, arrays, binary=protocol == "http-binary", concurrency=1)
+    body.write_bytes(driver.body)
+    headers = [f"{k.lower()}: {v}" for k, v in driver.headers.items()]
+    return body, headers, f"http://{base}/v2/models/{model}/infer"
+
+
+def check_grpc_status(body: Path, headers: list[str], url: str) -> str | None:
+    """Send the h2load body once with ``nghttp`` (a real HTTP/2 client) and read the gRPC
+    status from the trailers; None when it is 0, the problem otherwise."""
+    argv = ["nghttp", "-v", "-n", "-d", str(body), *[x for h in headers for x in ("-H", h)], url]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nghttp: {exc}"
+    statuses = [line.split("grpc-status:", 1)[1].strip() for line in out.splitlines()
+                if "grpc-status:" in line]
+    if statuses == ["0"]:
+        return None
+    message = [line.split("grpc-message:", 1)[1].strip() for line in out.splitlines()
+               if "grpc-message:" in line]
+    return f"grpc-status {statuses or 'missing'} {message}"
+
+
+def _h2load(body: Path, headers: list[str], url: str, protocol: str, concurrency: int,
+            count: int | None, duration: float | None, log_file: Path | None) -> dict:
+    """One h2load run: a fixed ``count`` of requests, or ``duration`` seconds."""
+    if protocol == "grpc":  # HTTP/2: 4 connections x 8 streams at 32 in flight
+        conns = min(4, concurrency)
+        shape = ["-c", str(conns), "-m", str(max(1, concurrency // conns))]
+    else:  # HTTP/1.1: one connection a request in flight
+        shape = ["--h1", "-c", str(concurrency), "-m", "1"]
+    argv = ["h2load", *shape, "-d", str(body), *[x for h in headers for x in ("-H", h)],
+            *(["-n", str(count)] if count else ["-D", f"{round(1000 * (duration or 1))}ms"]),
+            *(["--log-file", str(log_file)] if log_file else []), url]
+    proc = subprocess.run(argv, capture_output=True, text=True,
+                          timeout=(duration or 0) + 300)
+    out = proc.stdout
+    doc: dict = {"argv": argv}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("finished in"):
+            doc["throughput_rps"] = float(line.split(",")[1].split()[0])
+        elif line.startswith("requests:"):
+            parts = dict((k, int(v)) for v, k in
+                         (p.split()[:2] for p in line.split(":", 1)[1].split(",")))
+            doc.update(requests=parts.get("total", 0), succeeded=parts.get("succeeded", 0),
+                       failed=parts.get("failed", 0) + parts.get("errored", 0)
+                       + parts.get("timeout", 0))
+        elif line.startswith("status codes:"):
+            codes = dict((k, int(v)) for v, k in
+                         (p.split()[:2] for p in line.split(":", 1)[1].split(",")))
+            doc["non_2xx"] = sum(v for k, v in codes.items() if k != "2xx")
+    if "throughput_rps" not in doc:
+        raise RuntimeError(f"h2load failed ({proc.returncode}): "
+                           f"{(proc.stderr or out).strip()[-300:]}")
+    if log_file and log_file.is_file():
+        import numpy as np
+
+        elapsed = [int(line.split("\t")[2]) for line in log_file.read_text().splitlines()
+                   if line.count("\t") >= 2]
+        if elapsed:
+            a = np.asarray(elapsed) / 1000.0
+            doc["latency_ms"] = {"p50": float(np.percentile(a, 50)),
+                                 "p99": float(np.percentile(a, 99))}
+        log_file.unlink()
+    return doc
+
+
+def _mip_bench(protocol: str, url: str, model: str, concurrency: int, count: int | None,
+               duration: float | None, work: Path) -> dict:
+    """One ``mip bench infer`` run: a fixed ``count`` of requests, or ``duration`` s."""
+    path = work / "mip-bench.json"
+    argv = [sys.executable, "-m", "mip.cli", "--log-level", "ERROR", "bench", "infer", url,
+            "--protocol", protocol, "--model", model, "--concurrency", str(concurrency),
+            "--warmup", "0", "--json", str(path), "--no-progress"]
+    argv += (["--max-requests", str(count), "--duration", "3600"] if count
+             else ["--duration", str(duration)])
+    if protocol == "mip":
+        argv += ["--shape", f"1,{_SPECS[model][0][1][-1]}"]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if proc.returncode != 0 or not path.is_file():
+        raise RuntimeError(f"mip bench failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+    step = json.loads(path.read_text())["steps"][0]
+    path.unlink()
+    return {"throughput_rps": step["throughput_rps"], "requests": step["requests"],
+            "succeeded": step["responses"], "failed": step["errors"],
+            "latency_ms": {"p50": step["latency_ms"]["p50"], "p99": step["latency_ms"]["p99"]}}
+
+
+def measure_cpu_cell(server: Server, generator: str, protocol: str, model: str,
+                     concurrency: int, duration: float, work: Path) -> dict:
+    """One cell: a 1 s run (warms the server and finds its rate), then a fixed number of
+    requests (about ``duration`` seconds' worth) with the server's process-tree CPU read
+    from /proc before and after: CPU per request is that difference over the count."""
+    url = dict(server.endpoints)[protocol]
+    assert server.proc is not None
+    if generator == "h2load":
+        body, headers, target = request_bodies(url, protocol, model, work)
+
+        def run(count, seconds, log_file=None):
+            return _h2load(body, headers, target, protocol, concurrency, count, seconds, log_file)
+    else:
+        def run(count, seconds, log_file=None):
+            return _mip_bench(protocol, url, model, concurrency, count, seconds, work)
+    rate = run(None, 1.0)["throughput_rps"]
+    count = int(min(max(rate * duration, 20 * concurrency, 50), 200_000))
+    cpu0, busy0, client0 = process_tree_cpu(server.proc.pid), machine_busy(), children_cpu()
+    t0 = time.perf_counter()
+    doc = run(count, None, work / "h2load.log")
+    wall = time.perf_counter() - t0
+    cpu1, busy1, client1 = process_tree_cpu(server.proc.pid), machine_busy(), children_cpu()
+    done = max(doc.get("succeeded", 0), 1)
+    server_cpu = cpu1 - cpu0
+    client_cpu = client1 - client0
+    machine = busy1[0] - busy0[0]
+    doc.update(generator=generator, protocol=protocol, model=model, concurrency=concurrency,
+               count=count, wall_s=wall,
+               server_cpu_s=server_cpu, server_cpu_us=1e6 * server_cpu / done,
+               client_cpu_us=1e6 * client_cpu / done,
+               server_cores=server_cpu / wall, client_cores=client_cpu / wall,
+               other_cores=max(0.0, machine - server_cpu - client_cpu) / wall)
+    return doc
+
+
+def triton_compare(args, repos: dict, logs: Path) -> int:
+    """``--against-triton``: mip serve and Triton's own server, both running, measured cell by
+    cell in alternating order, by h2load and by mip bench; table, ratios, goals."""
+    python = ensure_venv(args.cache_dir, "pytriton")
+    for tool in ("h2load", "nghttp"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install nghttp2-client")
+    triton_repo = write_triton_repository(args.cache_dir / "models", repos["mip-batching"])
+    work = args.out / "triton"
+    work.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()
+    rows: list[dict] = []
+    problems: dict[str, str] = {}
+    servers = {"mip": mip_server(repos["mip-batching"], "mip batching", logs),
+               "triton": triton_server(python, triton_repo, logs)}
+    with servers["mip"], servers["triton"]:
+        for name, server in servers.items():  # h2load's gRPC must really succeed
+            for model in _SPECS:
+                body, headers, url = request_bodies(dict(server.endpoints)["grpc"], "grpc",
+                                                    model, work)
+                problem = check_grpc_status(body, headers, url)
+                if problem:
+                    problems[f"{name} grpc {model}"] = problem
+                    log(f"{name}: h2load's gRPC request to {model} fails: {problem}")
+        for number in range(1, args.rounds + 1):
+            order = ["mip", "triton"] if number % 2 else ["triton", "mip"]
+            log(f"round {number} of {args.rounds}")
+            for model, concurrency, protocols in TRITON_CELLS:
+                for protocol in protocols:
+                    for generator in GENERATORS:
+                        if generator == "h2load" and protocol == "mip":
+                            continue  # h2load speaks HTTP only
+                        for name in order:
+                            if protocol not in dict(servers[name].endpoints):
+                                continue
+                            key = f"{name} {generator} {protocol} {model} c={concurrency}"
+                            try:
+                                doc = measure_cpu_cell(servers[name], generator, protocol, model,
+                                                       concurrency, args.duration, work)
+                            except Exception as exc:
+                                problems[key] = str(exc)
+                                log(f"{key}: {exc}")
+                                continue
+                            doc.update(server=name, round=number)
+                            rows.append(doc)
+                            log(f"{key}: {doc['throughput_rps']:,.0f} req/s, "
+                                f"{doc['server_cpu_us']:,.0f} us server CPU a request")
+    load1 = os.getloadavg()
+    best = best_cpu_rows(rows)
+    table = triton_table(best)
+    goals = triton_goals(best)
+    other = [r["other_cores"] for r in rows]
+    load = (f"load average {load0[0]:.1f} before, {load1[0]:.1f} after; other processes used "
+            f"{min(other, default=0):.2f}-{max(other, default=0):.2f} cores "
+            f"(mean {sum(other) / max(len(other), 1):.2f}) of 2 during the cells")
+    print(table)
+    print()
+    print("Goals (h2load rows decide; mip bench rows in brackets):")
+    for g in goals:
+        print(f"  [{g['verdict']}] {g['goal']}: {g['measured']}")
+    print(f"\nMachine: {load}")
+    if problems:
+        print("\nProblems:")
+        for k, v in problems.items():
+            print(f"  {k}: {v}")
+    (args.out / "triton_compare.json").write_text(json.dumps(
+        {"rounds": args.rounds, "duration_s": args.duration, "machine_load": load,
+         "rows": rows, "goals": goals, "problems": problems, "table": table}, indent=2) + "\n")
+    print(f"\nJSON: {args.out / 'triton_compare.json'}")
+    return 0
+
+
+def best_cpu_rows(rows: list[dict]) -> dict:
+    """(server, generator, protocol, model, concurrency) -> the round with the most req/s,
+    with the lowest CPU per request of all rounds beside it (noise only ever adds CPU)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["server"], r["generator"], r["protocol"], r["model"],
+                           r["concurrency"]), []).append(r)
+    best = {}
+    for key, group in groups.items():
+        top = dict(max(group, key=lambda r: r["throughput_rps"]))
+        top["server_cpu_us_min"] = min(r["server_cpu_us"] for r in group)
+        top["rounds_rps"] = [round(r["throughput_rps"]) for r in group]
+        top["rounds_cpu_us"] = [round(r["server_cpu_us"], 1) for r in group]
+        best[key] = top
+    return best
+
+
+def _fmt_ms(doc: dict, key: str) -> str:
+    value = doc.get("latency_ms", {}).get(key)
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pair(m: dict | None, t: dict | None, fmt) -> str:
+    return " / ".join("-" if d is None else fmt(d) for d in (m, t))
+
+
+def triton_table(best: dict) -> str:
+    """Markdown: one row per (cell, protocol, generator): mip and Triton side by side."""
+    out = ["| cell | protocol | generator | req/s mip / Triton | ratio | p50 ms mip / Triton "
+           "| p99 ms mip / Triton | server CPU µs a request mip / Triton | ratio |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for model, concurrency, protocols in TRITON_CELLS:
+        for protocol in protocols:
+            for generator in GENERATORS:
+                m = best.get(("mip", generator, protocol, model, concurrency))
+                t = best.get(("triton", generator, protocol, model, concurrency))
+                if m is None and t is None:
+                    continue
+                name = PROTOCOL_NAMES[protocol]
+                rps = _pair(m, t, lambda d: f"{d['throughput_rps']:,.0f}")
+                cpu = _pair(m, t, lambda d: f"{d['server_cpu_us_min']:,.0f}")
+                r_rps = (f"{m['throughput_rps'] / t['throughput_rps']:.2f}x"
+                         if m and t and t["throughput_rps"] else "-")
+                r_cpu = (f"{m['server_cpu_us_min'] / t['server_cpu_us_min']:.2f}x"
+                         if m and t and t["server_cpu_us_min"] else "-")
+                fails = sum(d.get("failed", 0) + d.get("non_2xx", 0) for d in (m, t) if d)
+                out.append(f"| {model} c={concurrency} | {name} | {generator} | {rps} | {r_rps} | "
+                           f"{_pair(m, t, lambda d: _fmt_ms(d, 'p50'))} | "
+                           f"{_pair(m, t, lambda d: _fmt_ms(d, 'p99'))} | {cpu} | {r_cpu} |"
+                           + (f" {fails} failed" if fails else ""))
+    return "\n".join(out)
+
+
+def triton_goals(best: dict) -> list[dict]:
+    """The goals against Triton, per protocol; h2load's rows decide (mip bench's shown)."""
+    checks = []
+
+    def ratio(generator, protocol, model, c, field):
+        m = best.get(("mip", generator, protocol, model, c))
+        t = best.get(("triton", generator, protocol, model, c))
+        if not m or not t:
+            return None
+        if field == "cpu":
+            a, b = m["server_cpu_us_min"], t["server_cpu_us_min"]
+        elif field == "rps":
+            a, b = m["throughput_rps"], t["throughput_rps"]
+        else:
+            a, b = m.get("latency_ms", {}).get(field), t.get("latency_ms", {}).get(field)
+        return (a / b, a, b) if a is not None and b else None
+
+    def add(goal, generator, protocol, cells, field, ok):
+        found = [(cell, ratio(generator, protocol, cell[0], cell[1], field)) for cell in cells]
+        found = [(cell, r) for cell, r in found if r is not None]
+        other = "mip-bench" if generator == "h2load" else None
+        also = ""
+        if other:
+            o = [ratio(other, protocol, m, c, field) for m, c in cells]
+            o = [r[0] for r in o if r is not None]
+            also = f" [mip bench: {', '.join(f'{r:.2f}x' for r in o)}]" if o else ""
+        if not found:
+            checks.append({"goal": goal, "verdict": "n/a", "measured": "not measured" + also})
+            return
+        verdict = all(ok(r[0]) for _, r in found)
+        measured = "; ".join(f"{m} c={c}: {r[1]:,.1f} / {r[2]:,.1f} = {r[0]:.2f}x"
+                             for (m, c), r in found)
+        checks.append({"goal": goal, "verdict": "PASS" if verdict else "MISS",
+                       "measured": measured + also})
+
+    small = [("identity", 32), ("mlp", 32)]
+    for protocol in ("grpc", "http", "http-binary"):
+        name = PROTOCOL_NAMES[protocol]
+        add(f"{name}: server CPU a request <= 0.4x Triton's", "h2load", protocol, small,
+            "cpu", lambda r: r <= 0.4)
+        add(f"{name}: req/s >= 1.5x Triton's at 32 in flight", "h2load", protocol, small,
+            "rps", lambda r: r >= 1.5)
+        add(f"{name}: p99 <= Triton's at 32 in flight", "h2load", protocol, small,
+            "p99", lambda r: r <= 1.0)
+        add(f"{name}: c=1 p50 <= Triton's", "h2load", protocol, [("identity", 1)],
+            "p50", lambda r: r <= 1.0)
+    for protocol in ("grpc", "http-binary"):
+        add(f"{PROTOCOL_NAMES[protocol]}: 1 MiB req/s >= 1.5x Triton's at 32 in flight",
+            "h2load", protocol, [("identity_1m", 32)], "rps", lambda r: r >= 1.5)
+    return checks
+
+
+# -- 7. where a request's CPU goes in mip serve ---------------------------------------------
+
+#: (category, frame patterns): a sample is filed under the category of its innermost frame
+#: that matches one of these (searched leaf first; for each frame, categories in this order)
+PROFILE_RULES = [
+    ("ONNX Runtime", ("onnxruntime", "OrtRun")),
+    ("garbage collector", ("gc_collect",)),
+    ("write", ("write (libc", "writev (libc", "sendmsg (libc", "send (libc", "UVStream__try_write",
+               "UVStream_write", "nghttp2_session_mem_send", "data_to_send", "send_data",
+               "RequestResponseCycle.send", "_flush", "writelines")),
+    ("read", ("read (libc", "recv (libc", "recvmsg (libc", "uv__read", "buffer_updated",
+              "get_buffer")),
+    ("thread hand-off", ("sem_post", "pthread_cond_signal", "SimpleQueue", "ThreadPoolExecutor",
+                         "run_in_executor", "call_soon_threadsafe", "Semaphore", "_worker (",
+                         "_deliver", "_threaded", "wrap_future", "_copy_future_state")),
+    ("batcher", ("mip/serving/batching",)),
+    ("encode", ("_reply", "to_raw", "encode", "Encode", "SerializeToString", "dumps",
+                "_response", "Response")),
+    ("parse", ("nghttp2_session_mem_recv", "receive (mip/protocol", "from_raw", "_inputs",
+               "FromString", "split_raw_inputs", "decode", "Decode", "loads", "parser.c",
+               "on_headers_complete", "on_header", "on_body", "on_url", "on_message",
+               "_receive_body", "data_received", "_http_protocol")),
+    ("dispatch", ("mip/", "oip/", "dataplane.py", "_futures.py", "starlette", "uvicorn")),
+    ("event loop", ("loop.c", "uvloop", "asyncio", "_asynciomodule", "core.c", "linux.c",
+                    "loop-watcher.c", "stream.c", "runpy", "mip/cli.py")),
+]
+#: a sample whose innermost frame is one of these is a thread asleep (py-spy's --native
+#: samples do not tell idle threads apart here): left out
+IDLE_FRAMES = ("epoll_pwait", "epoll_wait", "PyThread_acquire_lock_timed", "pthread_cond_wait",
+               "pthread_cond_timedwait", "sem_wait", "sem_clockwait", "sem_timedwait",
+               "futex_wait", "nanosleep", "select (libc", "poll (libc")
+OTHER = "other (interpreter, allocator)"
+#: work that is no request's, wherever in its stack: mip serve's job worker polling its queue
+BACKGROUND = ("job queue poller (no request's)", ("mip/jobs/",))
+
+
+def categorize_stack(frames: list[str]) -> str | None:
+    """The category of one sampled stack (root first), or None for a thread asleep."""
+    named = [f for f in frames  # without the thread's name and unresolved libc addresses
+             if not f.startswith(("0x", "thread ("))]
+    if not named or any(p in named[-1] for p in IDLE_FRAMES):
+        return None
+    if any(p in frame for frame in named for p in BACKGROUND[1]):
+        return BACKGROUND[0]
+    for frame in reversed(named):
+        for category, patterns in PROFILE_RULES:
+            if any(p in frame for p in patterns):
+                return category
+    return OTHER
+
+
+def profile_mip(args, repos: dict, logs: Path) -> int:
+    """``--profile``: ``mip serve`` (identity, c=32) sampled by ``py-spy record`` (every
+    thread, idle threads left out; C frames too with ``--profile-native``) while h2load (gRPC,
+    REST JSON) or mip bench (MIP) loads it for 2 x ``--duration`` seconds; the samples filed
+    by :data:`PROFILE_RULES` and scaled to the server's CPU a request measured without the
+    profiler over ``--duration`` seconds just before."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).is_file():
+        raise SystemExit("py-spy is missing: pip install py-spy")
+    work = args.out / "profile"
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    server = mip_server(repos["mip-batching"], "mip batching", logs)
+    with server:
+        assert server.proc is not None
+        for generator, protocol in (("mip-bench", "mip"), ("h2load", "grpc"),
+                                    ("h2load", "http")):
+            # the CPU a request without the profiler (py-spy stops the process to sample)
+            plain = measure_cpu_cell(server, generator, protocol, "identity", 32,
+                                     args.duration, work)
+            raw = work / f"{protocol}.txt"
+            spy_log = work / f"{protocol}-py-spy.log"
+            with open(spy_log, "w") as out:
+                # --native stops the process for every sample (it unwinds C frames). Without
+                # it py-spy reads the Python stacks of the running process; it does not tell
+                # idle threads apart here, so only the thread holding the GIL is sampled
+                # (uvloop's poll and ONNX Runtime's run release it: they are not seen)
+                mode = ["--native"] if args.profile_native else ["--nonblocking", "--gil"]
+                spy = subprocess.Popen([py_spy, "record", *mode, "--threads", "--rate", "250",
+                                        "--format", "raw", "--output", str(raw),
+                                        "--pid", str(server.proc.pid)],
+                                       stdout=out, stderr=subprocess.STDOUT)
+            time.sleep(1.0)  # py-spy attaches
+            sampled = measure_cpu_cell(server, generator, protocol, "identity", 32,
+                                       2 * args.duration, work)
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            if not raw.is_file():
+                raise SystemExit(f"py-spy wrote no profile: {log_tail(spy_log)}")
+            totals: dict[str, int] = {}
+            for line in raw.read_text(errors="replace").splitlines():
+                stack, _, n = line.rpartition(" ")
+                category = categorize_stack(stack.split(";")) if n.isdigit() else None
+                if category is not None:
+                    totals[category] = totals.get(category, 0) + int(n)
+            results[PROTOCOL_NAMES[protocol]] = {"cell": plain, "sampled": sampled,
+                                                 "samples": totals}
+            log(f"{protocol}: {plain['throughput_rps']:,.0f} req/s, {plain['server_cpu_us']:.0f} "
+                f"us a request ({sampled['server_cpu_us']:.0f} while sampled); "
+                f"{sum(totals.values())} samples of a busy thread")
+    table = profile_table(results)
+    print(table)
+    (args.out / "profile_mip.json").write_text(json.dumps(
+        {"results": results, "table": table}, indent=2) + "\n")
+    return 0
+
+
+def profile_table(results: dict) -> str:
+    """Markdown: each category's share of the busy samples, times the CPU a request measured
+    without the profiler."""
+    names = list(results)
+    lines = ["| where | " + " | ".join(f"{n}: µs a request (share)" for n in names) + " |",
+             "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    for category in [c for c, _ in PROFILE_RULES] + [OTHER, BACKGROUND[0]]:
+        cells = []
+        for n in names:
+            samples = results[n]["samples"]
+            share = samples.get(category, 0) / max(sum(samples.values()), 1)
+            cells.append(f"{share * results[n]['cell']['server_cpu_us']:.1f} ({100 * share:.0f}%)")
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    lines.append("| **server CPU a request** (req/s) | " + " | ".join(
+        f"**{results[n]['cell']['server_cpu_us']:.1f}** ({results[n]['cell']['throughput_rps']:,.0f}/s)"
+        for n in names) + " |")
+    lines.append("| busy samples | " + " | ".join(
+        f"{sum(results[n]['samples'].values()):,}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+# -- 8. instructions a request, mip serve and Triton, under callgrind ------------------------
+
+def callgrind_wrap(server: Server, work: Path, children: bool) -> Server:
+    """``server`` under ``valgrind --tool=callgrind`` (and its child processes when
+    ``children``), each process writing ``work/callgrind.out.PID`` (and its dumps
+    ``.PID.N``); the server is waited for up to 15 minutes."""
+    server.argv = ["valgrind", "--tool=callgrind", f"--trace-children={'yes' if children else 'no'}",
+                   f"--callgrind-out-file={work}/callgrind.out.%p", *server.argv]
+    ready = server.ready
+
+    def slow_ready(proc):  # imports alone take minutes under valgrind
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                return ready(proc)
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(1.0)
+    server.ready = slow_ready
+    return server
+
+
+def _tree_pids(pid: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    raw = f.read()
+                parents[int(entry)] = int(raw[raw.rindex(b")") + 2:].split()[1])
+            except (OSError, ValueError):
+                continue
+    tree = [pid]
+    for member in tree:
+        tree.extend(p for p, parent in parents.items() if parent == member and p not in tree)
+    return tree
+
+
+def count_instructions(server: Server, generator: str, protocol: str, model: str,
+                       requests: int, concurrency: int, work: Path) -> float:
+    """Instructions of ``server``'s whole process tree a request: counters of every
+    process zeroed, ``requests`` sent, counters dumped and summed."""
+    from serve_instructions import _total  # noqa: PLC0415  (bench/ is not a package)
+
+    with server:
+        assert server.proc is not None
+        url = dict(server.endpoints)[protocol]
+        if generator == "h2load":
+            body, headers, target = request_bodies(url, protocol, model, work)
+
+            def run(count):
+                return _h2load(body, headers, target, protocol, concurrency, count, None, None)
+        else:
+            def run(count):
+                return _mip_bench(protocol, url, model, concurrency, count, None, work)
+        run(max(concurrency * 10, 200))  # warm-up: first requests load code and caches
+        pids = [p for p in _tree_pids(server.proc.pid)
+                if subprocess.run(["callgrind_control", "-z", str(p)],
+                                  capture_output=True).returncode == 0]
+        before = set(work.glob("callgrind.out.*"))
+        doc = run(requests)
+        for p in pids:
+            subprocess.run(["callgrind_control", "-d", str(p)], capture_output=True, check=False)
+        dumps = [d for d in work.glob("callgrind.out.*.*") if d not in before]
+        total = 0
+        for p in pids:  # each process's last dump
+            mine = sorted((d for d in dumps if d.name.startswith(f"callgrind.out.{p}.")),
+                          key=lambda d: d.stat().st_mtime)
+            if mine:
+                total += _total(mine[-1])
+        return total / max(doc.get("succeeded", requests), 1)
+
+
+def instructions_compare(args, repos: dict, logs: Path) -> int:
+    """``--instructions N``: mip serve and Triton's own server under callgrind, N requests
+    of identity at ``--instructions-concurrency`` in flight by h2load (gRPC, REST JSON)."""
+    python = ensure_venv(args.cache_dir, "pytriton")
+    triton_repo = write_triton_repository(repos["mip-batching"].parent, repos["mip-batching"])
+    lines = ["| protocol (h2load) | mip serve (whole process: frontends, batcher, ONNX Runtime), "
+             "instructions a request | tritonserver (frontends, scheduler; not the Python "
+             "backend stub) | mip / tritonserver |",
+             "| --- | ---: | ---: | ---: |"]
+    for protocol in args.instructions_protocols.split(","):
+        counts = []
+        for name in ("mip", "triton"):
+            work = Path(tempfile.mkdtemp(prefix=f"mip-callgrind-{name}-"))
+            server = (mip_server(repos["mip-batching"], "mip batching", logs) if name == "mip"
+                      else triton_server(python, triton_repo, logs, models=["identity"]))
+            try:
+                # Triton's Python backend stub dies under valgrind (a general protection
+                # fault reading Triton's shared memory; tritonserver then aborts on a
+                # boost::interprocess::lock_exception): only tritonserver itself is counted,
+                # not the stub that runs model.py and ONNX Runtime
+                counts.append(count_instructions(callgrind_wrap(server, work, name == "mip"),
+                                                 "h2load",
+                                                 protocol, "identity", args.instructions,
+                                                 args.instructions_concurrency, work))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            log(f"{name} {protocol}: {counts[-1]:,.0f} instructions a request")
+        lines.append(f"| {PROTOCOL_NAMES[protocol]} identity c={args.instructions_concurrency}, "
+                     f"{args.instructions} requests | {counts[0]:,.0f} | {counts[1]:,.0f} | "
+                     f"{counts[0] / counts[1]:.2f}x |")
+        print("\n".join(lines[-1:]), flush=True)
+    print("\n".join(lines))
+    return 0
+
+
 # -- main -----------------------------------------------------------------------------------
 
 def measure_server(name: str, server: Server, args, out: Path, problems: dict) -> list[dict]:
@@ -652,6 +1360,22 @@ def main() -> int:
                         "reversed each round; each cell keeps its best round (default 2)")
     p.add_argument("--servers", default=DEFAULT_SERVERS,
                    help=f"comma-separated, of {','.join(SERVERS)} (default {DEFAULT_SERVERS})")
+    p.add_argument("--against-triton", action="store_true",
+                   help="only mip serve against Triton's own server (both running, cells "
+                        "alternated), by h2load and mip bench, with server CPU a request")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile mip serve (identity, c=32; MIP, gRPC, REST JSON) with "
+                        "py-spy: where a request's CPU goes")
+    p.add_argument("--profile-native", action="store_true",
+                   help="with --profile: py-spy --native (C frames too; stops the process "
+                        "for every sample)")
+    p.add_argument("--instructions", type=int, default=0, metavar="N",
+                   help="only count instructions a request (callgrind, whole process tree) "
+                        "of mip serve and Triton's own server over N requests of identity")
+    p.add_argument("--instructions-protocols", default="grpc,http",
+                   help="with --instructions: grpc, http, http-binary (default grpc,http)")
+    p.add_argument("--instructions-concurrency", type=int, default=32,
+                   help="with --instructions: requests in flight (default 32)")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mip-bench",
                    help="venvs and models (default ~/.cache/mip-bench)")
@@ -672,7 +1396,15 @@ def main() -> int:
     logs.mkdir(exist_ok=True)
     for old in args.out.glob("*.json"):
         old.unlink()
-    repos = write_models(args.cache_dir / "models")
+    # --instructions runs for long: its models of its own, so that other runs can go on
+    models = (args.out if args.instructions else args.cache_dir) / "models"
+    repos = write_models(models)
+    if args.against_triton:
+        return triton_compare(args, repos, logs)
+    if args.profile:
+        return profile_mip(args, repos, logs)
+    if args.instructions:
+        return instructions_compare(args, repos, logs)
     problems: dict[str, str] = {}
     plan: list = []  # (label, server factory)
     if "mip" in servers:
@@ -680,11 +1412,11 @@ def main() -> int:
         plan.append(("mip no batching",
                      lambda: mip_server(repos["mip-no-batching"], "mip no batching", logs)))
     for name, factory in (("mlserver", mlserver_server), ("kserve", kserve_server),
-                          ("pytriton", pytriton_server)):
+                          ("pytriton", pytriton_server), ("triton", triton_peer)):
         if name not in servers:
             continue
-        try:
-            python = ensure_venv(args.cache_dir, name)
+        try:  # Triton's own server comes from the PyTriton wheel
+            python = ensure_venv(args.cache_dir, "pytriton" if name == "triton" else name)
         except Exception as exc:
             problems[name] = f"install failed: {exc}"
             log(f"{name}: {problems[name]}")
@@ -725,7 +1457,7 @@ def main() -> int:
     runs = sorted(str(pth) for pth in args.out.glob("*.json") if pth.name != "serve_compare.json")
     if runs:
         names = {"mip": "mip serve", "mlserver": "MLServer", "kserve": "KServe",
-                 "pytriton": "Triton"}
+                 "pytriton": "PyTriton", "triton": "Triton"}
         measured = {doc["label"].split("/")[0] for doc in docs}
         title = " vs ".join(v for k, v in names.items() if k in measured) or "mip bench"
         subprocess.run([sys.executable, "-m", "mip.cli", "--log-level", "WARNING", "bench",

@@ -23,7 +23,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,21 +54,8 @@ def count(python: Path, repo: Path, protocol: str, model: str, requests: int,
     """Instructions of ``mip serve`` (all threads) a request, after a warm-up."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        server = ab.serve(python, repo, label, work, [protocol])
-        out = work / "callgrind.out"
-        server.argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                       *server.argv]
-        ready = server.ready
-
-        def slow_ready(proc):  # onnxruntime's import alone takes a minute under valgrind
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    return ready(proc)
-                except Exception:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise
-        server.ready = slow_ready
+        server = sc.callgrind_wrap(ab.serve(python, repo, label, work, [protocol]), work,
+                                   children=False)
         with server:
             url = dict(server.endpoints)[protocol]
             _load(protocol, url, model, max(concurrency * 10, 200), concurrency)  # warm-up
