@@ -61,7 +61,7 @@ async def main(log_format: str) -> None:
     handler = MipHandler(engine, metrics=metrics)
     service = _Service(GrpcServer(engine, metrics=metrics).dataplane, 64 << 20)
     app = build_app(engine, metrics=metrics)
-    planes = [handler.dataplane, service.dataplane, app.endpoints.dataplane]
+    planes = [handler.dataplane, service.dataplane, app.dataplane]
     message = mip.decode(mip.encode_request([[X]], model="identity"))
     request = pb.ModelInferRequest(model_name="identity")
     request.inputs.add(name="input", datatype="FP32", shape=[1, 16])

@@ -681,7 +681,8 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
                 f"mip: serving KServe v2 gRPC on {address} ({server.implementation})")
         if http_on:
             from mip.frontends.miaas import mount_miaas
-            from mip.frontends.oip.rest import HttpLimits, HttpServer, build_app
+            from mip.frontends.oip.rest import build_app
+            from mip.net.http_server import HttpLimits, HttpServer
 
             # /v1 on the same listener
             routes, miaas = mount_miaas(engine, args, metrics, guard=guard,
@@ -879,11 +880,9 @@ def _run(args) -> int:
             coro = _worker(args)
         else:
             coro = _serve(args) if args.command == "serve" else _broker(args)
-        try:
-            import uvloop
-        except ImportError:
-            return asyncio.run(coro)
-        return uvloop.run(coro)
+        from mip.net.loop import run
+
+        return run(coro)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear message, not a traceback, for errors users make

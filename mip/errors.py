@@ -62,6 +62,8 @@ __all__ = [
     "RegionExists",
     "TooManyRegions",
     "ApiError",
+    "NoSuchEndpoint",
+    "MethodNotAllowed",
 ]
 
 
@@ -277,6 +279,20 @@ class RegionExists(ServingError, http=400, grpc=GrpcStatus.ALREADY_EXISTS, mip=E
 class TooManyRegions(ServingError, http=400, grpc=GrpcStatus.RESOURCE_EXHAUSTED, mip=ErrorCode.MEMORY):
     """A shared memory registration past the server's region or octet limit (the message
     names the setting)."""
+
+
+class NoSuchEndpoint(ServingError):
+    """An HTTP request for a path no endpoint serves."""
+
+    http_status = 404
+    grpc_status = GrpcStatus.UNIMPLEMENTED
+    error_code = ErrorCode.METHOD
+
+
+class MethodNotAllowed(NoSuchEndpoint):
+    """An HTTP request for an endpoint's path with a method the endpoint does not take."""
+
+    http_status = 405
 
 
 class ApiError(ServingError):

@@ -12,7 +12,6 @@ Targets are always given explicitly: nothing is measured by default.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 __all__ = ["add_arguments", "main"]
@@ -143,11 +142,9 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
 
 
 def _run(coro):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    from mip.net.loop import run
+
+    return run(coro)
 
 
 def _compare(args, docs: list[dict]) -> int:

@@ -74,6 +74,7 @@ from mip.net.msip_core import (
     BrokerStats,
     Peer,
 )
+from mip.net.loop import run
 from mip.net.peers import PeerCounts
 from mip.net.ratelimit import FailureLimit, peer_of
 from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
@@ -572,9 +573,4 @@ def serve(url: str = "tcp://127.0.0.1:7000", **options) -> None:
         finally:
             await broker.stop()
 
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    run(main())

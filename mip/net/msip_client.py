@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from mip import msip
 from mip.errors import BrokerError, ProtocolError
 from mip.net.framing import FramedProtocol
+from mip.net.loop import new_event_loop
 from mip.net.msip_topics import topic_matches
 from mip.net.urls import UnixAddress, parse_url
 
@@ -647,14 +648,6 @@ def _expire(fut: asyncio.Future) -> None:
         fut.set_exception(asyncio.TimeoutError("no reply from the broker in time"))
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 class _BlockingSubscription:
     """Iterate events in the calling thread: ``for event in sub`` or ``sub.get(timeout)``."""
 
@@ -688,7 +681,7 @@ class Client:
     when installed). Takes the same arguments. Callbacks run on that thread."""
 
     def __init__(self, url: str = "tcp://127.0.0.1:7000", **options):
-        self._loop = _new_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="msip-client",
                                         daemon=True)
         self._thread.start()

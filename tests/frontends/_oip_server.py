@@ -12,7 +12,8 @@ from pathlib import Path
 
 from mip.frontends.oip.grpc import GrpcServer
 from mip.frontends.oip.metrics import Metrics
-from mip.frontends.oip.rest import HttpServer, build_app
+from mip.frontends.oip.rest import build_app
+from mip.net.http_server import HttpServer
 from mip.serving.engine import Engine
 from mip.serving.repository import ModelRepository
 

@@ -27,7 +27,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from tritonclient.utils import InferenceServerException
 
-from mip.frontends.oip.rest import HttpServer, build_app
+from mip.frontends.oip.rest import build_app
+from mip.net.http_server import HttpServer
 
 LIMIT = 4 << 20  # octets: the server's body limit in these tests
 

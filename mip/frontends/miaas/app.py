@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from mip.errors import ApiError, ServingError, TooManyAuthFailures, Unauthenticated
+from mip.errors import ApiError, ServingError, TooLarge, TooManyAuthFailures, Unauthenticated
 from mip.frontends.auth import Authenticator, Guard, Identity, load_api_keys
 from mip.frontends.dataplane import DataPlane
 from mip.frontends.miaas.openapi import openapi_document
@@ -33,6 +33,7 @@ from mip.frontends.miaas.runner import JobRunner, split_model_id
 from mip.frontends.miaas.tensors import decode_inputs
 from mip.jobs.queue import JobQueue, open_queue
 from mip.jobs.worker import JobWorker, error_code, isotime, job_document
+from mip.net.http_body import request_body
 from mip.net.ratelimit import FailureLimit, RateLimiter, open_rate_limiter
 
 __all__ = [
@@ -74,7 +75,8 @@ class MiaasConfig:
         max_attempts: deliveries before a job that never finishes is failed.
         job_workers: jobs this process runs at once (0: none, workers run elsewhere).
         msip_push: MSIP broker URL to publish outcomes on ``jobs.{request_id}``.
-        max_body: largest request body accepted (413 beyond).
+        max_body: largest request body accepted, before and after its Content-Encoding
+            (gzip, deflate) is undone (413 beyond).
         client_ssl: an ``ssl.SSLContext`` for connections to Redis (``rediss://``) and
             the MSIP broker.
     """
@@ -231,18 +233,13 @@ class MiaasService:
                            headers={"Retry-After": str(exc.retry_after)}) from None
 
     async def _read_json(self, request: Request):
-        limit = self.config.max_body
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise ApiError(413, "payload_too_large", f"the body exceeds {limit} octets")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "payload_too_large", f"the body exceeds {limit} octets")
-            chunks.append(chunk)
+        """The body (see :func:`~mip.net.http_body.request_body`), parsed as JSON."""
         try:
-            return json.loads(b"".join(chunks))
+            body = await request_body(request.scope, request.receive, self.config.max_body)
+        except TooLarge as exc:
+            raise ApiError(413, "payload_too_large", str(exc)) from None
+        try:
+            return json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
 
@@ -353,7 +350,10 @@ class MiaasService:
         ]
 
 
-async def _http_error(request: Request, exc: HTTPException) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's :class:`HTTPException` (404, 405) in the API's error shape."""
+    if not isinstance(exc, HTTPException):
+        raise exc
     codes = {404: "not_found", 405: "method_not_allowed"}
     return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
                           str(exc.detail), headers=getattr(exc, "headers", None))

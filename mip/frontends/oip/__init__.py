@@ -2,8 +2,9 @@
 
 * :class:`GrpcServer` (``mip.frontends.oip.grpc``): ``inference.GRPCInferenceService``
   with the protocol's nine RPCs and Triton's ``ModelStreamInfer``.
-* :func:`build_app` (``mip.frontends.oip.rest``): the REST endpoints as a Starlette app
-  that other routes can be mounted on; :class:`HttpServer` serves it with uvicorn.
+* :func:`build_app` (``mip.frontends.oip.rest``): the REST endpoints as an ASGI app
+  that other routes can be mounted on; :class:`HttpServer` (``mip.net.http_server``)
+  serves it with uvicorn.
 * :class:`Metrics` (``mip.frontends.oip.metrics``): Triton-named Prometheus metrics,
   shared by both, at ``GET /metrics``.
 
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 __all__ = ["GrpcServer", "HttpServer", "Metrics", "build_app"]
 
-_WHERE = {"GrpcServer": "grpc", "build_app": "rest", "HttpServer": "rest",
-          "Metrics": "metrics"}
+_WHERE = {"GrpcServer": "mip.frontends.oip.grpc", "build_app": "mip.frontends.oip.rest",
+          "HttpServer": "mip.net.http_server", "Metrics": "mip.frontends.oip.metrics"}
 
 
 def __getattr__(name: str):
@@ -25,4 +26,4 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return getattr(importlib.import_module(module), name)

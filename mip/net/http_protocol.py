@@ -22,14 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import cast
 
-import orjson
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from mip.net.peers import PeerCounts, longest_idle
+from mip.net.http_router import error_body
+from mip.net.peers import PeerCounts, longest_idle, sweep_timeouts
 
-log = logging.getLogger("mip.frontends.oip.rest")
+log = logging.getLogger("mip.net.http")
 
 _SLICE = 64 << 10  # octets parsed at a time when a read brings more
 
@@ -65,21 +66,13 @@ class Listener:
         timeouts = [t for t in (limits.header_timeout, limits.body_timeout,
                                 limits.idle_timeout) if t]
         if timeouts:
-            interval = max(0.02, min(1.0, min(timeouts) / 4))
-            self._sweeper = asyncio.ensure_future(self._sweep(interval))
+            self._sweeper = asyncio.ensure_future(sweep_timeouts(
+                self.connections, max(0.02, min(1.0, min(timeouts) / 4))))
 
     def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-
-    async def _sweep(self, interval: float) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            for conn in list(self.connections):
-                conn.check_timeouts(now)
 
     def admit(self, conn: "LimitedHttpProtocol") -> str:
         """Why `conn` is refused ("" = admitted and counted)."""
@@ -160,10 +153,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, reason: str) -> None:
         """Answer 503 and close, letting the reply reach the peer before the socket goes."""
         self.refused = True
-        body = orjson.dumps({"error": reason})
-        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: "
-                             b"application/json\r\ncontent-length: %d\r\nconnection: close"
-                             b"\r\n\r\n%s" % (len(body), body))
+        self._write_error(b"503 Service Unavailable", reason)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(self.listener.linger, self.transport.close)
@@ -193,11 +183,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _send_408(self, reason: str) -> None:
-        body = orjson.dumps({"error": reason})
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json"
-                             b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-                             % (len(body), body))
+        self._write_error(b"408 Request Timeout", reason)
         self.transport.close()
+
+    def _write_error(self, status: bytes, reason: str) -> None:
+        """Write an error reply (``status``: code and reason phrase) that ends the
+        connection, straight to the transport: no request of it is being answered."""
+        body = error_body(reason)
+        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                             % (status, len(body), body))
 
     # -- input -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -224,7 +219,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self.held += view[position:]
                 self.flow.pause_reading()
                 return
-            super().data_received(view[position:position + _SLICE])
+            super().data_received(cast(bytes, view[position:position + _SLICE]))
             position += _SLICE
             if self.parser is None or self.transport.is_closing():
                 return

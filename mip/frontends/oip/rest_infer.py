@@ -1,0 +1,357 @@
+"""``POST /v2/models/{name}[/versions/{v}]/infer``: the inference endpoint of the REST
+frontend, straight on ASGI (no framework request or response objects on this path).
+
+Binary tensor data extension: a request whose ``Inference-Header-Content-Length`` header is
+N carries N octets of JSON followed by the raw data of every input whose parameters hold
+``binary_data_size``, in input order; those inputs become numpy views of the body. Outputs
+asked for with the ``binary_data`` output parameter (or all of them, with the request
+parameter ``binary_data_output``) are sent the same way after the JSON header. A client
+that disconnects while its request waits has the request cancelled, so it leaves the batch
+queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from mip.errors import Cancelled, InvalidInput
+from mip.frontends.dataplane import DataPlane, timeout_parameter
+from mip.frontends.oip import codec, shm
+from mip.net.http_body import read_body
+from mip.net.http_router import send_error
+from mip.protocol._jsonnum import PLACEHOLDER, parse_numbers, split_numeric_arrays
+
+__all__ = ["BODY_SIZE_SETTING", "InferEndpoint", "json_object"]
+
+#: what sets the largest request body (named in the 413 reply)
+BODY_SIZE_SETTING = "--http-max-body-size"
+#: JSON request headers from this many octets on have their large numeric arrays parsed
+#: straight into numpy (mip.protocol._jsonnum) instead of into Python numbers.
+_SPLIT_JSON_ABOVE = 64 << 10
+#: JSON request headers from this many octets on are parsed in a worker thread
+_THREAD_ABOVE = 512 << 10
+_DECODE_THREADS = 2
+#: replies whose binary parts add up to less than this many octets are sent in one write.
+_JOIN_BELOW = 64 << 10
+_JSON = (b"content-type", b"application/json")
+_OCTETS = (b"content-type", b"application/octet-stream")
+# orjson writes these numpy dtypes itself; others go through tolist().
+_ORJSON_KINDS = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64,
+                                       np.uint8, np.uint16, np.uint32, np.uint64,
+                                       np.float16, np.float32, np.float64)}
+
+
+def json_object(value, what: str) -> dict:
+    """``value``, a JSON object (``None``: an empty one); ``what`` names it in the error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return value
+
+
+
+
+class InferEndpoint:
+    """The ASGI endpoint of ``.../infer`` (``scope["path_params"]``: ``name``, maybe
+    ``version``): body, checks, errors (:func:`~mip.net.http_router.send_error`) and
+    cancellation. An ``X-Request-ID`` header is answered with the same header, and names
+    the request in the access log (else its ``id`` does).
+
+    Args:
+        dataplane: what requests are submitted to.
+        max_body_size: largest request body, in octets (after decompression).
+        shared_memory: the shared-memory regions inputs and outputs may name.
+    """
+
+    def __init__(self, dataplane: DataPlane, max_body_size: int,
+                 shared_memory: shm.SystemSharedMemory):
+        self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
+        self.dataplane = dataplane
+        self.max_body_size = max_body_size
+        self.shm = shared_memory
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope["path_params"]
+        name, version = params["name"], params.get("version")
+        started = time.perf_counter()
+        client = scope.get("client")
+        request_id = work = None
+        echo: tuple[tuple[bytes, bytes], ...] = ()
+        try:
+            length = encoding = None
+            header_length: str | None = None
+            for key, value in scope["headers"]:
+                if key == b"content-length":
+                    length = value
+                elif key == b"inference-header-content-length":
+                    header_length = value.decode("latin-1")
+                elif key == b"content-encoding":
+                    encoding = value
+                elif key == b"x-request-id":
+                    request_id = value.decode("latin-1")
+                    echo = ((b"x-request-id", value),)
+            body = await read_body(receive, self.max_body_size, length, encoding,
+                                   BODY_SIZE_SETTING)
+            doc, inputs, wanted, binary_default, timeout, classes, targets = (
+                await self._parse_off_loop(body, header_length))
+            oip_id = doc.get("id")
+            if request_id is None and oip_id is not None and oip_id != "":
+                request_id = str(oip_id)
+
+            def reply(result):
+                return self._reply_parts(oip_id, result, wanted, binary_default, targets)
+
+            work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
+                                         timeout, then=reply, classes=classes,
+                                         source=client[0] if client else None, peer=client,
+                                         request_id=request_id, started=started)
+            header, parts = await _unless_disconnected(receive, work)
+        except Exception as exc:
+            if work is None:
+                self.dataplane.refused("http", name, version, exc, peer=client,
+                                       request_id=request_id, started=started)
+            if not isinstance(exc, Cancelled):  # else the client is gone: nobody to answer
+                await send_error(send, exc, echo, scope)
+            return
+        if not parts:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                _JSON, (b"content-length", str(len(header)).encode()), *echo]})
+            await send({"type": "http.response.body", "body": header})
+            return
+        await _send_parts(send, [header, *parts], len(header), echo)
+
+    async def _parse_off_loop(self, body: bytes, header_length: str | None):
+        """:meth:`_parse`; for a JSON header of :data:`_THREAD_ABOVE` octets or more, in a
+        worker thread: its numbers are read without the GIL, so the event loop and other
+        requests go on meanwhile (and two large bodies parse on two cores)."""
+        size = len(body) if header_length is None or not header_length.isdigit() else min(
+            len(body), int(header_length))
+        if size < _THREAD_ABOVE:
+            return self._parse(body, header_length)
+        if self._decoder is None:
+            self._decoder = concurrent.futures.ThreadPoolExecutor(
+                _DECODE_THREADS, thread_name_prefix="mip-json")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._decoder, self._parse, body, header_length)
+
+    def _parse(self, body: bytes, header_length: str | None):
+        """A request body: ``(doc, inputs, wanted outputs, binary_data_output, timeout,
+        classification, outputs to shared memory)``."""
+        if header_length is None:
+            header_end = len(body)
+        else:
+            if not header_length.isdigit() or int(header_length) > len(body):
+                raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} does not "
+                                   f"fit a body of {len(body)} octets")
+            header_end = int(header_length)
+        view = memoryview(body)
+        text = view[:header_end] if header_end != len(body) else body
+        spans: list = []
+        if header_end >= _SPLIT_JSON_ABOVE:
+            # Large numeric arrays are read straight into numpy memory, not Python floats.
+            text, spans = split_numeric_arrays(text, _SPLIT_JSON_ABOVE // 4)
+        try:
+            doc = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"the request is not valid JSON: {exc}") from None
+        doc = json_object(doc, "the request")
+        classes = _extension_parameters(doc)
+        inputs = self._inputs(doc, view, header_end, spans)
+        parameters = doc.get("parameters")
+        binary_default = False
+        timeout = None
+        if parameters is not None:
+            parameters = json_object(parameters, "parameters")
+            binary_default = bool(parameters.get("binary_data_output", False))
+            timeout = timeout_parameter(parameters.get("timeout"))
+        wanted: dict[str, bool] = {}
+        targets: dict[str, shm.OutputTarget] = {}
+        for output in doc.get("outputs") or ():
+            output = json_object(output, "an output")
+            output_name = output.get("name")
+            if not isinstance(output_name, str):
+                raise InvalidInput("every requested output needs a name")
+            output_params = json_object(output.get("parameters"),
+                                        f"output {output_name!r} parameters")
+            wanted[output_name] = bool(output_params.get("binary_data", binary_default))
+            if "shared_memory_region" in output_params:
+                targets[output_name] = self.shm.output(output_name, output_params)
+        return doc, inputs, wanted, binary_default, timeout, classes, targets
+
+    def _inputs(self, doc: dict, view: memoryview, position: int,
+                spans: Sequence = ()) -> dict[str, np.ndarray]:
+        specs = doc.get("inputs")
+        if not isinstance(specs, list):
+            raise InvalidInput("the request needs an 'inputs' list")
+        inputs: dict[str, np.ndarray] = {}
+        for spec in specs:
+            spec = json_object(spec, "an input")
+            name = spec.get("name")
+            if not isinstance(name, str):
+                raise InvalidInput("every input needs a name")
+            if name in inputs:
+                raise InvalidInput(f"input {name!r} appears twice")
+            datatype = spec.get("datatype")
+            shape = spec.get("shape")
+            if not isinstance(datatype, str) or not isinstance(shape, list):
+                raise InvalidInput(f"input {name!r} needs a datatype and a shape")
+            parameters = json_object(spec.get("parameters"), f"input {name!r} parameters")
+            size = parameters.get("binary_data_size")
+            if "shared_memory_region" in parameters:
+                inputs[name] = self.shm.input(name, datatype, shape, parameters)
+            elif size is not None:
+                if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                    raise InvalidInput(f"input {name!r}: binary_data_size must be an octet count")
+                if size > len(view) - position:
+                    raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the "
+                                       f"end of the body ({len(view) - position} octets left)")
+                inputs[name] = codec.from_raw(name, datatype, shape,
+                                              view[position:position + size])
+                position += size
+            else:
+                if "data" not in spec:
+                    raise InvalidInput(f"input {name!r} has neither data nor binary_data_size")
+                data = spec["data"]
+                if spans and isinstance(data, str) and data.startswith(PLACEHOLDER):
+                    inputs[name] = _from_span(name, datatype, shape, view, spans, data)
+                else:
+                    inputs[name] = codec.from_list(name, datatype, shape, data)
+        if position != len(view):
+            raise InvalidInput(f"{len(view) - position} octets of binary data belong to no input")
+        return inputs
+
+    @staticmethod
+    def _reply_parts(request_id, result, wanted: dict[str, bool],
+                     binary_default: bool, targets: dict | None = None) -> tuple[bytes, list]:
+        """The reply's JSON header and the binary parts that follow it (maybe none);
+        outputs with ``targets`` are written to shared memory, not sent."""
+        outputs, parts = [], []
+        in_shm = shm.SystemSharedMemory.write(targets, result.outputs) if targets else {}
+        for name, array in result.outputs.items():
+            datatype = codec.datatype_of(array)
+            entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+            if name in in_shm:
+                entry["parameters"] = in_shm[name]
+            elif wanted.get(name, binary_default):
+                content = codec.to_raw(array, name)
+                entry["parameters"] = {"binary_data_size": len(content)}
+                parts.append(content)
+            else:
+                entry["data"] = _json_data(array, name)
+            outputs.append(entry)
+        reply = {"model_name": result.model, "model_version": result.version,
+                 "outputs": outputs}
+        if request_id is not None:
+            reply["id"] = request_id
+        return orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY), parts
+
+
+async def _send_parts(send, parts: list, header_length: int, headers: Sequence = ()) -> None:
+    """A reply of several buffers (JSON header, then tensor octets), joined only when
+    small."""
+    total = sum(len(p) for p in parts)
+    if total < _JOIN_BELOW:
+        parts = [b"".join(parts)]
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        _OCTETS, (b"content-length", str(total).encode()),
+        (b"inference-header-content-length", str(header_length).encode()), *headers]})
+    last = len(parts) - 1
+    for index, part in enumerate(parts):
+        await send({"type": "http.response.body", "body": part, "more_body": index < last})
+
+
+def _json_data(array: np.ndarray, name: str):
+    if array.dtype == object or array.dtype.kind in "SU":
+        try:
+            return [e.decode("utf-8") for e in codec.bytes_elements(array, name)]
+        except UnicodeDecodeError:
+            raise InvalidInput(f"output {name!r} holds BYTES that are not UTF-8: ask for it "
+                               "with the binary_data output parameter") from None
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if flat.dtype in _ORJSON_KINDS:
+        return flat  # orjson serializes it (OPT_SERIALIZE_NUMPY)
+    return flat.astype(np.float32).tolist() if flat.dtype.name == "bfloat16" else flat.tolist()
+
+
+def _extension_parameters(doc: dict) -> dict[str, int] | None:
+    """:func:`codec.check_parameters` of a JSON request (its tensors' parameters)."""
+    tensors = {}
+    for kind in ("inputs", "outputs"):
+        found = {}
+        for tensor in doc.get(kind) or ():
+            parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+            if parameters:
+                found[str(tensor.get("name"))] = json_object(parameters, f"{kind} parameters")
+        tensors[kind] = found
+    request = doc.get("parameters")
+    if not (request or tensors["inputs"] or tensors["outputs"]):
+        return None
+    return codec.check_parameters(request, tensors["inputs"], tensors["outputs"])
+
+
+def _from_span(name: str, datatype: str, shape, view: memoryview, spans: Sequence,
+               placeholder: str) -> np.ndarray:
+    """An input whose ``data`` was a large numeric array, parsed from the body itself."""
+    index = placeholder[len(PLACEHOLDER):]
+    if not index.isdigit() or int(index) >= len(spans):
+        raise InvalidInput(f"input {name!r}: data is not a list of values")
+    start, end = spans[int(index)]
+    dtype = codec.numpy_dtype(datatype, f"input {name!r}")
+    if dtype.kind not in "iuf" or datatype == "BF16":
+        # BOOL and BF16 through the general path
+        return codec.from_list(name, datatype, shape, orjson.loads(view[start:end]))
+    dims = codec.check_shape(shape, name)
+    try:
+        flat = parse_numbers(view, start, end, dtype)
+    except ValueError as exc:
+        raise InvalidInput(f"{name}: data does not fit {datatype}: {exc}") from None
+    count = codec.element_count(dims)
+    if flat.size != count:
+        raise InvalidInput(f"{name}: shape {list(dims)} holds {count} elements, "
+                           f"{flat.size} were sent")
+    return flat.reshape(dims)
+
+
+#: seconds a request runs before its client is watched for a disconnect: most requests
+#: are answered sooner and never pay for the watcher task.
+_WATCH_AFTER = 0.005
+
+
+async def _unless_disconnected(receive, work: asyncio.Future):
+    """Await ``work`` (a future); cancel it, so its request leaves the batch queue, when
+    the client disconnects first (then raise :class:`~mip.errors.Cancelled`). The client is
+    watched from :data:`_WATCH_AFTER` seconds on."""
+    watcher: list = []
+
+    async def disconnected() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    def watch() -> None:
+        if not work.done():
+            task = asyncio.ensure_future(disconnected())
+            task.add_done_callback(lambda w: work.cancel() if not w.cancelled() else None)
+            watcher.append(task)
+
+    timer = work.get_loop().call_later(_WATCH_AFTER, watch)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watcher and watcher[0].done() and not watcher[0].cancelled():
+            raise Cancelled("the client disconnected") from None
+        work.cancel()
+        raise
+    finally:
+        timer.cancel()
+        if watcher:
+            watcher[0].cancel()

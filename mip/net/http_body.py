@@ -1,0 +1,100 @@
+"""Reading an HTTP request body from ASGI: bounded in size, decompressed per its
+``Content-Encoding`` (gzip, deflate, identity), bounded again after decompression.
+
+Bad input raises from :mod:`mip.errors`' tree, so it is answered with that error's HTTP
+status: :class:`~mip.errors.TooLarge` (413) for a body over the limit before or after
+decompression, :class:`~mip.errors.InvalidInput` (400) for an unknown encoding or octets
+that do not decompress, :class:`~mip.errors.Cancelled` when the client goes away first.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+
+from starlette.types import Receive, Scope
+
+from mip.errors import Cancelled, InvalidInput, TooLarge
+
+__all__ = ["decompress", "read_body", "request_body", "too_large"]
+
+
+async def request_body(scope: Scope, receive: Receive, limit: int,
+                       setting: str = "") -> bytes:
+    """:func:`read_body` with the ``Content-Length`` and ``Content-Encoding`` of
+    ``scope``'s headers."""
+    length, encoding = _length_and_encoding(scope["headers"])
+    return await read_body(receive, limit, length, encoding, setting)
+
+
+async def read_body(receive: Receive, limit: int, length: bytes | None = None,
+                    encoding: bytes | None = None, setting: str = "") -> bytes:
+    """The request body, decompressed, at most ``limit`` octets before and after.
+
+    Args:
+        receive: the request's ASGI ``receive``.
+        limit: the largest body, in octets.
+        length: the ``Content-Length`` header's value (a body declared over the limit is
+            refused before it is read).
+        encoding: the ``Content-Encoding`` header's value (``None``: identity).
+        setting: what sets ``limit``, named in the 413 message (e.g. a command-line flag).
+    """
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large(int(length), limit, setting)
+    message = await receive()
+    body = message.get("body", b"")
+    if message.get("more_body", False):
+        chunks, size = [body], len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Cancelled("the client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large(size, limit, setting)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    elif message["type"] == "http.disconnect":
+        raise Cancelled("the client disconnected")
+    if len(body) > limit:
+        raise too_large(len(body), limit, setting)
+    if encoding is None:
+        return body
+    return decompress(body, encoding.decode("latin-1").lower(), limit, setting)
+
+
+def decompress(body: bytes, encoding: str, limit: int, setting: str = "") -> bytes:
+    """``body`` per its Content-Encoding (gzip, deflate, identity), at most ``limit``
+    octets once decompressed."""
+    if encoding == "identity":
+        return body
+    if encoding in ("gzip", "deflate"):
+        decompressor = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            plain = decompressor.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise InvalidInput(f"the {encoding} body does not decompress: {exc}") from None
+        if len(plain) > limit or decompressor.unconsumed_tail:
+            raise too_large(len(plain), limit, setting, "decompressed ")
+        return plain
+    raise InvalidInput(f"Content-Encoding {encoding!r} is not supported "
+                       "(gzip, deflate, identity)")
+
+
+def too_large(size: int, limit: int, setting: str = "", what: str = "") -> TooLarge:
+    """The error of a body of ``size`` octets (or more) over ``limit``."""
+    named = f" ({setting})" if setting else ""
+    return TooLarge(f"{what}request body of {size} octets (or more) is over the limit of "
+                    f"{limit} octets{named}")
+
+
+def _length_and_encoding(headers: Iterable[tuple[bytes, bytes]]
+                         ) -> tuple[bytes | None, bytes | None]:
+    length = encoding = None
+    for key, value in headers:
+        if key == b"content-length":
+            length = value
+        elif key == b"content-encoding":
+            encoding = value
+    return length, encoding
