@@ -154,10 +154,10 @@ def error_body(message: str) -> bytes:
 
 async def send_error(send: Send, exc: BaseException,
                      headers: Sequence[tuple[bytes, bytes]] = (), scope: Scope | None = None) -> None:
-    """Answer with ``exc`` (see :func:`error_reply`) and ``headers``; an error that is not
-    the request's fault is logged with the request's method and path (from ``scope``)."""
+    """Answer with ``exc`` (see :func:`error_reply`) and ``headers``; an exception outside
+    the error tree (a bug) is logged with the request's method and path (from ``scope``)."""
     status, message = error_reply(exc)
-    if status == 500:
+    if status == 500 and not isinstance(exc, ServingError):
         where = f"{scope.get('method')} {scope.get('path')}" if scope else "a request"
         log.error("%s failed", where, exc_info=exc)
     body = error_body(message)
