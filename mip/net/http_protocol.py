@@ -39,11 +39,18 @@ _SLICE = 64 << 10  # octets parsed at a time when a read brings more
 class HttpLimits:
     """The limits of one HTTP listener (sizes in octets, times in seconds, 0 = none)."""
 
+    #: connections open at once; at the limit the longest-idle one is closed for a new one
+    #: (503 when none is idle)
     max_connections: int = 1024
+    #: connections open at once from one address (503 beyond)
     max_connections_per_peer: int = 256
+    #: reply octets the peer has not taken before reading pauses
     max_pending_reply: int = 1 << 20
+    #: a header block must be complete this long after its first octet (408)
     header_timeout: float = 10.0
+    #: a body must be complete this long after its headers (the connection is closed)
     body_timeout: float = 60.0
+    #: an idle connection, or a new one that sends nothing, is closed after this long
     idle_timeout: float = 5.0
 
 
