@@ -14,7 +14,7 @@ import ssl
 from typing import Any
 
 from mip.net.http_protocol import HttpLimits, Listener
-from mip.net.urls import TcpAddress, parse_url
+from mip.net.urls import tcp_address
 
 __all__ = ["HttpLimits", "HttpServer"]
 
@@ -52,12 +52,7 @@ class HttpServer:
         socket bound to it elsewhere; returns the bound ``HOST:PORT``."""
         import uvicorn
 
-        try:
-            parsed = parse_url(address)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, TcpAddress):
-            raise ValueError(f"HTTP address must be HOST:PORT, not {address!r}")
+        parsed = tcp_address(address, "HTTP address")
         # uvicorn takes fractions of seconds, although its annotations say int
         seconds: dict[str, Any] = {"timeout_keep_alive": self.timeout_keep_alive,
                                    "timeout_graceful_shutdown": self.graceful_timeout}

@@ -5,6 +5,7 @@ push over MSIP, and a control-plane restart with queued SQLite jobs."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import ssl
 
@@ -204,6 +205,22 @@ async def test_body_size_limit(engine, tmp_path):
                               json=identity_job() | {"parameters": {"pad": "x" * 2000}})
         assert r.status_code == 413
         assert r.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_compressed_body_within_the_limit(engine, tmp_path):
+    app = standalone_app(engine, config(tmp_path, job_workers=0, max_body=1024))
+    gzipped = {**AUTH, "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.post("/v1/inference", headers=gzipped,
+                              content=gzip.compress(json.dumps(identity_job()).encode()))
+        assert r.status_code == 202
+        padded = identity_job() | {"parameters": {"pad": " " * 4000}}  # 1024 once compressed
+        r = await client.post("/v1/inference", headers=gzipped,
+                              content=gzip.compress(json.dumps(padded).encode()))
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "payload_too_large"
+        r = await client.post("/v1/inference", headers=gzipped, content=b"not gzip")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"
 
 
 async def test_queue_full_is_503(engine, tmp_path):

@@ -187,6 +187,8 @@ def test_errors_are_json_with_their_status(server, client):
         assert isinstance(json.loads(reply)["error"], str)
     code, _, reply = _request(server, "GET", "/v2/no/such/path")
     assert code == 404 and "error" in json.loads(reply)
+    code, reply_headers, reply = _request(server, "GET", "/v2/models/identity/infer")
+    assert code == 405 and reply_headers["allow"] == "POST" and "error" in json.loads(reply)
 
 
 def test_body_size_limit_names_the_setting(server, client):
