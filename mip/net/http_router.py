@@ -73,7 +73,8 @@ class Router:
         self.routes = list(routes)
         self.mounts = list(mounts)
         parts: list[str] = []
-        self._groups: dict[int, tuple[Route, tuple[str, ...], tuple[int, ...]]] = {}
+        #: the number of a route's group -> (route, its parameters' names, their first group)
+        self._groups: dict[int, tuple[Route, tuple[str, ...], int]] = {}
         group = 1
         for route in self.routes:
             names, pattern, position = [], [], 0
@@ -84,8 +85,7 @@ class Router:
                 position = parameter.end()
             pattern.append(re.escape(route.path[position:]))
             parts.append(f"({''.join(pattern)})")
-            self._groups[group] = (route, tuple(names),
-                                   tuple(range(group + 1, group + 1 + len(names))))
+            self._groups[group] = (route, tuple(names), group + 1)
             group += 1 + len(names)
         self._pattern = re.compile("|".join(parts))
 
@@ -94,16 +94,30 @@ class Router:
         found = self._pattern.fullmatch(path)
         if found is None:
             return None, {}
-        route, names, groups = self._groups[found.lastindex or 0]
-        return route, dict(zip(names, map(found.group, groups)))
+        route, names, first = self._groups[found.lastindex or 0]
+        if len(names) == 1:  # the most frequent (inference): no more than this
+            return route, {names[0]: found[first]}
+        if not names:
+            return route, {}
+        return route, dict(zip(names, found.groups()[first - 1:first - 1 + len(names)]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route, params = self.match(scope["path"])
-        await self.dispatch(route, params, scope, receive, send)
+        await self.endpoint_of(route, params, scope)(scope, receive, send)
 
-    async def dispatch(self, route: Route | None, params: dict[str, str],
-                       scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer with ``route`` (as :meth:`match` found it for this request's path)."""
+    def endpoint_of(self, route: Route | None, params: dict[str, str],
+                    scope: Scope) -> ASGIApp:
+        """What answers a request whose path :meth:`match` found ``route, params`` for:
+        the route's endpoint (``params`` are then the scope's ``path_params``), else a
+        mount's, else an error reply."""
+        if route is not None and scope["method"] in route.methods:
+            scope["path_params"] = params
+            return route.endpoint
+        return self._unrouted
+
+    async def _unrouted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request no route takes: a mount's, else 404, or 405 for a route's path."""
+        route, _ = self.match(scope["path"])
         if route is None:
             for mount in self.mounts:
                 matched, child = mount.matches(scope)
@@ -113,14 +127,10 @@ class Router:
                     return
             await send_error(send, NoSuchEndpoint(f"no endpoint at {scope['path']}"))
             return
-        if scope["method"] not in route.methods:
-            allowed = ", ".join(sorted(route.methods)).encode()
-            await send_error(send, MethodNotAllowed(
-                f"{route.path} does not take {scope['method']} (only {allowed.decode()})"),
-                headers=((b"allow", allowed),))
-            return
-        scope["path_params"] = params
-        await route.endpoint(scope, receive, send)
+        allowed = ", ".join(sorted(route.methods))
+        await send_error(send, MethodNotAllowed(
+            f"{route.path} does not take {scope['method']} (only {allowed})"),
+            headers=((b"allow", allowed.encode()),))
 
 
 def endpoint(handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:

@@ -141,7 +141,7 @@ class RestApp:
                 await send_error(send, refusal, (_CHALLENGE,) if retry_after is None
                                  else ((b"retry-after", str(retry_after).encode()),))
                 return
-        await self.router.dispatch(route, params, scope, receive, send)
+        await self.router.endpoint_of(route, params, scope)(scope, receive, send)
 
     @staticmethod
     async def _authenticate(guard: Guard, scope: Scope) -> ServingError | None:
