@@ -6,7 +6,7 @@ import dataclasses
 import urllib.parse
 from typing import ClassVar, TypeAlias
 
-__all__ = ["Address", "TcpAddress", "UnixAddress", "parse_url"]
+__all__ = ["Address", "TcpAddress", "UnixAddress", "parse_tcp", "parse_url"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -22,9 +22,13 @@ class TcpAddress:
     port: int
     scheme: ClassVar[str] = "tcp"
 
+    @property
+    def hostport(self) -> str:
+        """``HOST:PORT``, an IPv6 host in brackets."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
+        return f"tcp://{self.hostport}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,3 +82,15 @@ def parse_url(url: str, default_port: int | None = None) -> Address:
     if not host or port is None:
         raise ValueError(f"TCP URL needs a host and a port: {url!r}")
     return TcpAddress(host, port)
+
+
+def parse_tcp(url: str, what: str = "address") -> TcpAddress:
+    """:func:`parse_url` where only TCP will do (``HOST:PORT`` or ``tcp://HOST:PORT``);
+    raises ``ValueError`` naming ``what`` for anything else."""
+    try:
+        address = parse_url(url)
+    except ValueError:
+        address = None
+    if not isinstance(address, TcpAddress):
+        raise ValueError(f"{what} must be HOST:PORT, not {url!r}")
+    return address

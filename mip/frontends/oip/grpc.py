@@ -46,6 +46,7 @@ from mip.frontends.oip import codec, shm
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
 from mip.frontends.dataplane import DataPlane, timeout_parameter
+from mip.net import tls
 from mip.net.grpc_limits import GrpcLimits
 from mip.net.peers import grpc_peer_host
 from mip.protocol.dtypes import BY_NAME, TABLE
@@ -863,7 +864,6 @@ class GrpcServer:
 
     async def _start_native(self, address: str, sock: socket.socket | None = None) -> str:
         from mip.net.grpc_server import GrpcServer as Transport
-        from mip.net.grpc_server import tls_context
 
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
@@ -871,7 +871,7 @@ class GrpcServer:
         context = None
         if self._tls is not None:
             cert, key, ca = self._tls
-            context = tls_context(server=True, cert=cert, key=key, ca=ca)
+            context = tls.server_context(cert, key, client_ca=ca, alpn=["h2"])
         limit = self.max_message_size
         self._service = _Service(self.dataplane, limit, self.guard, self.shared_memory)
         server = Transport(
