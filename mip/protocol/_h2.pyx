@@ -10,9 +10,10 @@ not copied: large ones leave as memoryviews of the caller's buffer behind the fr
 headers (nghttp2's NO_COPY mode).
 
 The transport calls :meth:`GrpcConnection.receive` with what the socket read and gets a
-list of events back (:class:`Event`: :class:`RequestReceived`, :class:`MessageReceived`,
-:class:`StreamEnded`, :class:`StreamClosed`, :class:`MessageTooLarge`, and on the client
-side :class:`ResponseReceived` and :class:`TrailersReceived`); whatever the connection wants to send is collected by
+list of events back, each an :class:`Event` naming its call (:class:`RequestReceived`,
+:class:`MessageReceived`, :class:`StreamEnded`, :class:`StreamClosed`,
+:class:`MessageTooLarge`; on the client side also :class:`ResponseReceived` and
+:class:`TrailersReceived`); whatever the connection wants to send is collected by
 :meth:`GrpcConnection.data_to_send` as a list of buffers for ``writelines``.
 """
 

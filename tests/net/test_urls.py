@@ -28,3 +28,20 @@ def test_default_port():
 def test_bad_url(url):
     with pytest.raises(ValueError):
         parse_url(url)
+
+
+@pytest.mark.parametrize("url, hostport", [
+    ("127.0.0.1:50051", "127.0.0.1:50051"), ("[::1]:0", "[::1]:0"),
+    ("tcp://localhost:8001", "localhost:8001")])
+def test_parse_tcp(url, hostport):
+    from mip.net.urls import parse_tcp
+
+    assert parse_tcp(url, "gRPC address").hostport == hostport
+
+
+@pytest.mark.parametrize("url", ["localhost", "localhost:", "h:port", "unix:///tmp/s", ":80"])
+def test_parse_tcp_refuses_what_is_not_host_and_port(url):
+    from mip.net.urls import parse_tcp
+
+    with pytest.raises(ValueError, match=r"^gRPC address must be HOST:PORT, not "):
+        parse_tcp(url, "gRPC address")
