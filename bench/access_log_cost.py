@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/access_log_cost.py [text|json]
 
-MIP (``MipHandler.start``), KServe v2 gRPC (the native transport's ``start_infer``) and REST
+MIP (``MipHandler.start``), KServe v2 gRPC (``InferenceService.model_infer``) and REST
 (``fast_infer`` on ASGI events) serve waves of 32 requests for the demo repository's
 ``identity`` model, with the access log switched on and off every 50 waves; prints the
 event-loop thread's CPU per request (best of 5) each way, and what one line costs alone.
@@ -24,7 +24,8 @@ from mip import logs
 from mip.frontends.access import AccessLog
 from mip.frontends.mip_handler import MipHandler
 from mip.frontends.oip import inference_pb2 as pb
-from mip.frontends.oip.grpc import GrpcServer, _Service
+from mip.frontends.oip.grpc import GrpcServer
+from mip.frontends.oip.grpc_service import InferenceService
 from mip.frontends.oip.metrics import Metrics
 from mip.frontends.oip.rest import build_app
 from mip.serving.demo import build_demo_repository
@@ -59,7 +60,7 @@ async def main(log_format: str) -> None:
     await engine.start()
     metrics = Metrics(engine)
     handler = MipHandler(engine, metrics=metrics)
-    service = _Service(GrpcServer(engine, metrics=metrics).dataplane, 64 << 20)
+    service = InferenceService(GrpcServer(engine, metrics=metrics).dataplane, 64 << 20)
     app = build_app(engine, metrics=metrics)
     planes = [handler.dataplane, service.dataplane, app.dataplane]
     message = mip.decode(mip.encode_request([[X]], model="identity"))
@@ -92,7 +93,7 @@ async def main(log_format: str) -> None:
         if protocol == "mip":
             await asyncio.gather(*(handler.start(message, "127.0.0.1") for _ in range(WAVE)))
         elif protocol == "grpc":
-            await asyncio.gather(*(service.start_infer(grpc_data, context)
+            await asyncio.gather(*(service.model_infer(grpc_data, context)
                                    for _ in range(WAVE)))
         else:
             await asyncio.gather(*(app(dict(scope), receiver(), send) for _ in range(WAVE)))

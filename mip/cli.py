@@ -18,7 +18,7 @@ from typing import Any
 from mip import logs
 from mip.errors import MipError
 from mip.logs import LOG_FORMATS
-from mip.net import grpc_limits
+from mip.net import grpc_limits, tls
 
 __all__ = ["main"]
 
@@ -97,12 +97,7 @@ def _workers(text: str) -> int:
 def _server_ssl(args) -> ssl.SSLContext | None:
     if not args.tls_cert:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(args.tls_cert, args.tls_key)
-    if args.tls_ca:
-        ctx.load_verify_locations(args.tls_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    return tls.server_context(args.tls_cert, args.tls_key, client_ca=args.tls_ca)
 
 
 def _add_tls(p: argparse.ArgumentParser) -> None:
@@ -767,10 +762,7 @@ async def _broker(args) -> int:
 def _client_ssl(args) -> ssl.SSLContext | None:
     if not (args.tls_ca or args.tls_cert):
         return None
-    ctx = ssl.create_default_context(cafile=args.tls_ca)
-    if args.tls_cert:
-        ctx.load_cert_chain(args.tls_cert, args.tls_key)
-    return ctx
+    return tls.client_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 async def _worker(args) -> int:

@@ -14,9 +14,11 @@ import asyncio
 import ssl as _ssl
 
 from mip.errors import GrpcStatus, H2Error, RpcError
-from mip.net.grpc_server import _RECEIVE_BUFFER, H2Protocol, tls_context
+from mip.net import tls
+from mip.net.grpc_server import _RECEIVE_BUFFER, H2Protocol
 from mip.net.urls import tcp_address
 import mip.protocol._h2 as _h2
+from mip.protocol._h2 import Call, MessageReceived, MessageTooLarge, StreamClosed
 
 __all__ = ["GrpcChannel"]
 
@@ -37,34 +39,25 @@ class _ClientProtocol(H2Protocol):
             self._fail(ConnectionError(f"HTTP/2 error: {exc}"))
             self.transport.close()
             return
-        for event, call, value in events:
+        for event in events:
+            call = event.call
             future = call.tag
             if future is None:
                 continue
-            if event == _h2.EV_MESSAGE:
-                call.data = value[1]
-            elif event == _h2.EV_CLOSED:
-                call.tag = None
-                if future.done():
-                    continue
-                status = call.grpc_status
-                if status is None:
-                    future.set_exception(RpcError(  # NO_ERROR or REFUSED_STREAM: UNAVAILABLE
-                        GrpcStatus.UNAVAILABLE if value in (0, 7) else GrpcStatus.CANCELLED,
-                        f"stream closed without a status (HTTP/2 error {value}, "
-                        f"HTTP status {call.http_status})"))
-                elif status != 0:
-                    future.set_exception(RpcError(status, call.grpc_message or ""))
-                elif call.incomplete:
-                    future.set_exception(RpcError(
-                        GrpcStatus.INTERNAL, "the reply's stream ended inside a message"))
-                else:
-                    future.set_result(call.data if call.data is not None else b"")
-            elif event == _h2.EV_TOO_LARGE:
-                call.tag = None
-                future.set_exception(RpcError(GrpcStatus.RESOURCE_EXHAUSTED,
-                                              f"reply of {abs(value)} octets is over the limit"))
-                self.h2.reset(call)
+            match event:
+                case MessageReceived():
+                    call.data = event.data
+                case StreamClosed(error_code=code):
+                    call.tag = None
+                    if not future.done():
+                        _settle(future, call, code)
+                case MessageTooLarge(length=length):
+                    call.tag = None
+                    if not future.done():
+                        future.set_exception(RpcError(
+                            GrpcStatus.RESOURCE_EXHAUSTED,
+                            f"reply of {length} octets is over the limit"))
+                    self.h2.reset(call)
         self._flush_now()
 
     def connection_lost(self, exc) -> None:
@@ -78,23 +71,40 @@ class _ClientProtocol(H2Protocol):
                 future.set_exception(exc)
 
 
+def _settle(future: asyncio.Future, call: Call, error_code: int) -> None:
+    """Complete a unary call's future when its stream closed (with ``error_code``)."""
+    status = call.grpc_status
+    if status is None:
+        future.set_exception(RpcError(  # NO_ERROR or REFUSED_STREAM: UNAVAILABLE
+            GrpcStatus.UNAVAILABLE if error_code in (0, 7) else GrpcStatus.CANCELLED,
+            f"stream closed without a status (HTTP/2 error {error_code}, "
+            f"HTTP status {call.http_status})"))
+    elif status != 0:
+        future.set_exception(RpcError(status, call.grpc_message or ""))
+    elif call.incomplete:
+        future.set_exception(RpcError(
+            GrpcStatus.INTERNAL, "the reply's stream ended inside a message"))
+    else:
+        future.set_result(call.data if call.data is not None else b"")
+
+
 class GrpcChannel:
     """A client connection to a gRPC server at ``HOST:PORT``.
 
     Args:
         address: ``HOST:PORT``.
         ssl: ``True`` for TLS with the system's CAs, a client :class:`ssl.SSLContext`
-            offering ALPN ``h2`` (:func:`~mip.net.grpc_server.tls_context` makes one), or
-            ``None``; requests over TLS carry ``:scheme https``.
+            offering ALPN ``h2`` (:func:`mip.net.tls.client_context` with ``alpn=["h2"]``
+            makes one), or ``None``; requests over TLS carry ``:scheme https``.
         max_message_size: largest reply message accepted, in octets.
     """
 
     def __init__(self, address: str, *, ssl: _ssl.SSLContext | bool | None = None,
                  max_message_size: int = 1 << 30):
-        tcp = tcp_address(address, "gRPC address")
-        self.host, self.port = tcp.host, tcp.port
-        self.authority = address.encode()
-        self.ssl = tls_context(server=False) if ssl is True else (ssl or None)
+        where = tcp_address(address, "gRPC address")
+        self.host, self.port = where.host, where.port
+        self.authority = where.hostport.encode()
+        self.ssl = tls.client_context(alpn=["h2"]) if ssl is True else (ssl or None)
         self.max_message_size = max_message_size
         self._protocol: _ClientProtocol | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -26,14 +26,17 @@ import socket
 import ssl as _ssl
 import zlib
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net.grpc_limits import GrpcLimits
 import mip.protocol._h2 as _h2
+from mip.protocol._h2 import (Call, Event, MessageReceived, MessageTooLarge, RequestReceived,
+                              StreamClosed, StreamEnded)
 
 __all__ = ["Context", "GrpcLimits", "GrpcServer", "H2Protocol", "Method",
-           "stream_stream", "tls_context", "unary", "unary_future"]
+           "stream_stream", "unary", "unary_future"]
 
 log = logging.getLogger("mip.net.grpc_server")
 
@@ -137,29 +140,11 @@ class _State:
 
     def __init__(self, method: Method):
         self.method = method
-        self.message = None
-        self.queue: asyncio.Queue | None = None
-        self.task: asyncio.Task | None = None
-        self.timer = None
+        self.message: bytes | None = None
+        self.queue: asyncio.Queue | None = None  # streaming calls only
+        self.task: asyncio.Future | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.queued = 0
-
-
-def tls_context(*, server: bool, cert: str | None = None, key: str | None = None,
-                ca: str | None = None) -> _ssl.SSLContext:
-    """A TLS context for gRPC: ALPN ``h2``; a server with ``ca`` requires client
-    certificates signed by it, a client with ``ca`` trusts it (else the system's CAs)."""
-    if server:
-        context = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
-        if ca:
-            context.load_verify_locations(ca)
-            context.verify_mode = _ssl.CERT_REQUIRED
-    else:
-        context = _ssl.create_default_context(cafile=ca)
-        if cert:
-            context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["h2"])
-    return context
 
 
 class H2Protocol(asyncio.BufferedProtocol):
@@ -172,7 +157,8 @@ class H2Protocol(asyncio.BufferedProtocol):
 
     h2: _h2.GrpcConnection
     buffer: memoryview
-    parked = ()  # server: calls waiting for replies to drain (see _Connection._unpark)
+    parked: Sequence[Call | asyncio.Future] = ()  # server: calls waiting for replies to
+    # drain (see _Connection._unpark)
 
     def __init__(self, loop):
         self.loop = loop
@@ -226,6 +212,9 @@ class H2Protocol(asyncio.BufferedProtocol):
               and self.h2.pending_out <= self.h2.max_pending_out // 2):
             self._unpark()
 
+    def _unpark(self) -> None:
+        """Take up what waited for this end's replies to drain (the server's calls)."""
+
     def pause_writing(self) -> None:
         """The socket's write buffer is full: hand nothing more to the transport until it
         drains (what waits stays in the connection, counted against its limits).
@@ -249,13 +238,14 @@ class _Connection(H2Protocol):
     def __init__(self, server: GrpcServer):
         super().__init__(server._loop)
         self.server = server
-        self.h2 = None
+        self.h2 = server._new_h2()
         self.buffer = server._buffer
         now = server._loop.time()
         self.accepted = self.idle_since = self.ping_sent = now
         self.streams_seen = 0
-        self.parked = []  # unary calls (and futures of streaming handlers) waiting for
-        # this connection's replies to drain
+        # unary calls (and futures of streaming handlers) waiting for this connection's
+        # replies to drain
+        self.parked: list[Call | asyncio.Future] = []
 
     # -- asyncio -----------------------------------------------------------------------
 
@@ -267,7 +257,6 @@ class _Connection(H2Protocol):
             self.closed = True
             transport.abort()
             return
-        self.h2 = s._new_h2()
         s._connections.add(self)
         super().connection_made(transport)
 
@@ -322,10 +311,11 @@ class _Connection(H2Protocol):
             self._flush_now()
             self.transport.close()
             return
-        for event, call, value in events:
+        for event in events:
             try:
-                self._event(event, call, value)
+                self._event(event)
             except Exception:  # one call's problem must not end the connection
+                call = event.call
                 log.exception("gRPC call %r failed", call)
                 if not call.finished:
                     self.h2.finish(call, GrpcStatus.INTERNAL, "internal error")
@@ -334,57 +324,62 @@ class _Connection(H2Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.server._connections.discard(self)
-        if self.h2 is not None:
-            for call in self.h2.live_calls():
-                if not call.finished:
-                    self._cancel(call)
+        for call in self.h2.live_calls():
+            if not call.finished:
+                self._cancel(call)
 
     # -- calls -------------------------------------------------------------------------
 
-    def _event(self, event: int, call, value) -> None:
-        if event == _h2.EV_CALL:
-            self._begin(call)
-            return
+    def _event(self, event: Event) -> None:
+        call = event.call
         state = call.tag
-        if event == _h2.EV_CLOSED:
-            if state is not None and not call.finished:
-                self._cancel(call)
-            elif state is not None and state.timer is not None:
-                state.timer.cancel()
-            return
-        if state is None or call.finished:
-            return
-        if event == _h2.EV_MESSAGE:
-            compressed, data = value
-            if compressed:
-                data = _decompress(data, call.encoding, self.server.max_message_size)
-            if state.method.streaming:
-                state.queued += 1
-                if state.queued > _STREAM_QUEUE:
-                    self._end(call, GrpcStatus.RESOURCE_EXHAUSTED,
-                              f"more than {_STREAM_QUEUE} stream messages wait for the server")
-                    return
-                state.queue.put_nowait(data)
-            elif state.message is not None:
-                self._end(call, GrpcStatus.UNIMPLEMENTED, "a unary call carries one request message")
-            else:
-                state.message = data
-        elif event == _h2.EV_HALF_CLOSED:
-            if state.method.streaming:
-                state.queue.put_nowait(_EOF)
-            elif state.message is None:
-                self._end(call, GrpcStatus.UNIMPLEMENTED, "the call carries no request message")
-            elif self.paused or self.h2.pending_out > self.h2.max_pending_out:
-                # replies are not being read (the socket's write buffer is full, or
-                # max_pending_out octets wait): start no more work until they drain
-                self.parked.append(call)
-            else:
-                self._run(call, state)
-        elif event == _h2.EV_TOO_LARGE:
-            self._end(call, GrpcStatus.RESOURCE_EXHAUSTED, self.server.too_large(value) if value > 0
-                      else f"message of {-value} octets: {self.h2.buffered} octets of other "
-                           f"requests are being received on this connection, and the limit is "
-                           f"{self.h2.max_buffered} (max_buffered, --grpc-max-buffered)")
+        match event:
+            case RequestReceived():
+                self._begin(call)
+            case StreamClosed():
+                if state is not None and not call.finished:
+                    self._cancel(call)
+                elif state is not None and state.timer is not None:
+                    state.timer.cancel()
+            case _ if state is None or call.finished:
+                pass
+            case MessageReceived():
+                self._message(call, state, event)
+            case StreamEnded():
+                if state.queue is not None:  # a streaming call
+                    state.queue.put_nowait(_EOF)
+                elif state.message is None:
+                    self._end(call, GrpcStatus.UNIMPLEMENTED,
+                              "the call carries no request message")
+                elif self.paused or self.h2.pending_out > self.h2.max_pending_out:
+                    # replies are not being read (the socket's write buffer is full, or
+                    # max_pending_out octets wait): start no more work until they drain
+                    self.parked.append(call)
+                else:
+                    self._run(call, state)
+            case MessageTooLarge(length=length):
+                self._end(call, GrpcStatus.RESOURCE_EXHAUSTED, self.server.too_large(length)
+                          if not event.over_buffered
+                          else f"message of {length} octets: {self.h2.buffered} octets of "
+                               f"other requests are being received on this connection, and "
+                               f"the limit is {self.h2.max_buffered} (max_buffered, "
+                               f"--grpc-max-buffered)")
+
+    def _message(self, call: Call, state: _State, event: MessageReceived) -> None:
+        data = event.data
+        if event.compressed:
+            data = _decompress(data, call.encoding, self.server.max_message_size)
+        if state.queue is not None:  # a streaming call
+            state.queued += 1
+            if state.queued > _STREAM_QUEUE:
+                self._end(call, GrpcStatus.RESOURCE_EXHAUSTED,
+                          f"more than {_STREAM_QUEUE} stream messages wait for the server")
+                return
+            state.queue.put_nowait(data)
+        elif state.message is not None:
+            self._end(call, GrpcStatus.UNIMPLEMENTED, "a unary call carries one request message")
+        else:
+            state.message = data
 
     def _run(self, call, state: _State) -> None:
         """Start a unary call's handler."""
@@ -499,7 +494,7 @@ class _Connection(H2Protocol):
         method = state.method
         context = self._context(call)
         try:
-            request = state.message
+            request: Any = state.message
             state.message = None
             if method.request_deserializer is not None:
                 try:
@@ -522,9 +517,12 @@ class _Connection(H2Protocol):
         deserialize = method.request_deserializer
         serialize = method.response_serializer
 
+        queue = state.queue
+        assert queue is not None  # a streaming call has one
+
         async def requests():
             while True:
-                item = await state.queue.get()
+                item = await queue.get()
                 if item is _EOF:
                     return
                 state.queued -= 1
@@ -564,7 +562,7 @@ class GrpcServer:
         limits: what a connection may hold and how long it may idle
             (:class:`~mip.net.grpc_limits.GrpcLimits`; its defaults when ``None``).
         ssl: a server-side :class:`ssl.SSLContext` offering ALPN ``h2``
-            (:func:`tls_context` makes one), or ``None``.
+            (:func:`mip.net.tls.server_context` with ``alpn=["h2"]`` makes one), or ``None``.
         too_large: the RESOURCE_EXHAUSTED message for a request of N octets.
     """
 
@@ -577,10 +575,10 @@ class GrpcServer:
         self.ssl = ssl
         self.too_large = too_large or (
             lambda n: f"message of {n} octets is over the limit of {max_message_size} octets")
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
-        self._loop = None
-        self._sweeper = None
+        self._loop: asyncio.AbstractEventLoop  # set by start()
+        self._sweeper: asyncio.TimerHandle | None = None
         # every connection reads into this buffer: asyncio hands it to buffer_updated
         # right after the read, and receive() copies what it keeps
         self._buffer = memoryview(bytearray(_RECEIVE_BUFFER))

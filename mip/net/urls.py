@@ -22,9 +22,13 @@ class TcpAddress:
     port: int
     scheme: ClassVar[str] = "tcp"
 
+    @property
+    def hostport(self) -> str:
+        """``HOST:PORT``, an IPv6 host in brackets."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
+        return f"tcp://{self.hostport}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,10 +10,14 @@ not copied: large ones leave as memoryviews of the caller's buffer behind the fr
 headers (nghttp2's NO_COPY mode).
 
 The transport calls :meth:`GrpcConnection.receive` with what the socket read and gets a
-list of events back; whatever the connection wants to send is collected by
+list of events back, each an :class:`Event` naming its call (:class:`RequestReceived`,
+:class:`MessageReceived`, :class:`StreamEnded`, :class:`StreamClosed`,
+:class:`MessageTooLarge`; on the client side also :class:`ResponseReceived` and
+:class:`TrailersReceived`); whatever the connection wants to send is collected by
 :meth:`GrpcConnection.data_to_send` as a list of buffers for ``writelines``.
 """
 
+cimport cython
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
 from cpython.pyport cimport PY_SSIZE_T_MAX
@@ -28,15 +32,6 @@ from mip.protocol._nghttp2 cimport *
 import binascii
 
 from mip.errors import H2Error
-
-#: events returned by :meth:`GrpcConnection.receive`, as ``(event, call, value)``
-EV_CALL = 1        # server: a call's request headers arrived (value None)
-EV_MESSAGE = 2     # a complete message (value: (compressed, bytes))
-EV_HALF_CLOSED = 3 # the peer ended its side of the call (value None)
-EV_CLOSED = 4      # the stream is gone (value: HTTP/2 error code, 0 if it ended normally)
-EV_TOO_LARGE = 5   # a message announced more than the maximum (value: its length)
-EV_RESPONSE = 6    # client: the response headers (value: HTTP status)
-EV_TRAILERS = 7    # client: trailers, or a trailers-only response (value None)
 
 #: what :meth:`GrpcConnection.receive` raises for a peer that broke one of the
 #: connection's limits (a GOAWAY ENHANCE_YOUR_CALM with this debug data is queued)
@@ -119,6 +114,94 @@ cdef class Call:
         return f"Call(stream_id={self.stream_id}, path={self.path!r})"
 
 
+# -- events: what receive() found, one object a thing the peer did to one call -------------
+
+cdef class Event:
+    """Something the peer did to one call.
+
+    Attributes:
+        call: the :class:`Call`.
+    """
+
+    cdef readonly Call call
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.call!r})"
+
+
+@cython.final
+@cython.freelist(64)
+cdef class RequestReceived(Event):
+    """Server: a call's request headers arrived (its path, method, metadata are on the call)."""
+
+
+@cython.final
+@cython.freelist(64)
+cdef class MessageReceived(Event):
+    """One whole gRPC message.
+
+    Attributes:
+        data: the message, exactly its size.
+        compressed: its prefix's compressed flag (the call's ``encoding`` says how).
+    """
+
+    cdef readonly bytes data
+    cdef readonly bint compressed
+
+    def __repr__(self):
+        return f"MessageReceived({self.call!r}, {len(self.data)} octets)"
+
+
+@cython.final
+@cython.freelist(64)
+cdef class StreamEnded(Event):
+    """The peer ended its side of the call (END_STREAM)."""
+
+
+@cython.final
+@cython.freelist(64)
+cdef class StreamClosed(Event):
+    """The stream is gone.
+
+    Attributes:
+        error_code: its HTTP/2 error code (0: it ended normally).
+    """
+
+    cdef readonly uint32_t error_code
+
+    def __repr__(self):
+        return f"StreamClosed({self.call!r}, error_code={self.error_code})"
+
+
+@cython.final
+cdef class MessageTooLarge(Event):
+    """A message announced more octets than may be taken; the rest of its stream is
+    dropped.
+
+    Attributes:
+        length: the octets it announced.
+        over_buffered: it is within ``max_message_size``, but would take the connection's
+            held octets over ``max_buffered``.
+    """
+
+    cdef readonly Py_ssize_t length
+    cdef readonly bint over_buffered
+
+    def __repr__(self):
+        return (f"MessageTooLarge({self.call!r}, length={self.length}, "
+                f"over_buffered={self.over_buffered})")
+
+
+@cython.final
+cdef class ResponseReceived(Event):
+    """Client: the response headers arrived (``call.http_status`` is set)."""
+
+
+@cython.final
+cdef class TrailersReceived(Event):
+    """Client: the trailers, or a trailers-only response, arrived (``call.grpc_status``)."""
+
+
 cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -186,7 +269,7 @@ cdef class GrpcConnection:
     Args:
         client: ``True`` for the client side (the connection preface is sent first).
         max_message_size: largest incoming message, in octets; a longer one gives an
-            ``EV_TOO_LARGE`` event and the rest of its stream is dropped.
+            :class:`MessageTooLarge` event and the rest of its stream is dropped.
         max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS announced to the peer;
             nghttp2 refuses streams over it (REFUSED_STREAM), from the first one.
         window_size: the receive window per stream and for the connection, in octets.
@@ -199,7 +282,7 @@ cdef class GrpcConnection:
             (SETTINGS_HEADER_TABLE_SIZE).
         max_buffered: incoming octets held in unfinished messages on this connection at
             once; a message that would go over it is treated as too large (its
-            ``EV_TOO_LARGE`` event gives its length negated).
+            :class:`MessageTooLarge` event has ``over_buffered`` set).
         max_pending_out: server: reply octets queued on this connection and not yet
             written; over it, received DATA is not given back to the peer's flow-control
             window until the replies drain, so a peer that does not read its replies
@@ -399,6 +482,17 @@ cdef class GrpcConnection:
 
     cdef Call _live(self, int32_t stream_id):
         return self.calls.get(stream_id)
+
+    cdef int kept(self, object error) noexcept:
+        """Keep ``error``, raised inside an nghttp2 callback, for receive() or
+        data_to_send() to raise; nghttp2 is told the callback failed."""
+        self.error = error
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+    cdef int _emit(self, Event event, Call call) except -1:
+        event.call = call
+        self.events.append(event)
+        return 0
 
     cdef void _queue(self, Call call, object message) except *:
         """A gRPC message (prefix + payload) onto ``call``'s outgoing buffers; ``message``
@@ -645,19 +739,19 @@ cdef class GrpcConnection:
                 return 0
             if self.client:
                 if frame.headers.cat == NGHTTP2_HCAT_RESPONSE:
-                    self.events.append((EV_RESPONSE, call, call.http_status))
+                    self._emit(ResponseReceived.__new__(ResponseReceived), call)
                 if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
-                    self.events.append((EV_TRAILERS, call, None))
-                    self.events.append((EV_HALF_CLOSED, call, None))
+                    self._emit(TrailersReceived.__new__(TrailersReceived), call)
+                    self._emit(StreamEnded.__new__(StreamEnded), call)
             else:
                 if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
-                    self.events.append((EV_CALL, call, None))
+                    self._emit(RequestReceived.__new__(RequestReceived), call)
                 if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
-                    self.events.append((EV_HALF_CLOSED, call, None))
+                    self._emit(StreamEnded.__new__(StreamEnded), call)
         elif frame.hd.type == NGHTTP2_DATA and frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
             call = self._live(frame.hd.stream_id)
             if call is not None:
-                self.events.append((EV_HALF_CLOSED, call, None))
+                self._emit(StreamEnded.__new__(StreamEnded), call)
         elif frame.hd.type == NGHTTP2_SETTINGS:
             if not frame.hd.flags & NGHTTP2_FLAG_ACK:
                 self.handshaken = True
@@ -697,6 +791,8 @@ cdef class GrpcConnection:
             return 0
         cdef size_t take
         cdef Py_ssize_t size
+        cdef MessageReceived message
+        cdef MessageTooLarge too_large
         while length:
             if call.prefix_have < PREFIX:
                 take = min(<size_t>(PREFIX - call.prefix_have), length)
@@ -711,9 +807,10 @@ cdef class GrpcConnection:
                         | (<Py_ssize_t>call.prefix[3] << 8) | call.prefix[4])
                 if size > self.max_message_size or self.buffered + size > self.max_buffered:
                     call.discard = True
-                    # over max_buffered only: the length is given negative
-                    self.events.append((EV_TOO_LARGE, call,
-                                        size if size > self.max_message_size else -size))
+                    too_large = MessageTooLarge.__new__(MessageTooLarge)
+                    too_large.length = size
+                    too_large.over_buffered = size <= self.max_message_size
+                    self._emit(too_large, call)
                     return 0
                 call.message = PyBytes_FromStringAndSize(NULL, size)
                 call.message_len = size
@@ -727,7 +824,10 @@ cdef class GrpcConnection:
                 data += take
                 length -= take
             if call.message_have == call.message_len:
-                self.events.append((EV_MESSAGE, call, (call.compressed, call.message)))
+                message = MessageReceived.__new__(MessageReceived)
+                message.data = call.message
+                message.compressed = call.compressed
+                self._emit(message, call)
                 call.message = None
                 call.prefix_have = 0
                 self.buffered -= call.buffered
@@ -736,6 +836,7 @@ cdef class GrpcConnection:
 
     cdef int stream_close(self, int32_t stream_id, uint32_t error_code):
         cdef Call call = self.calls.pop(stream_id, None)
+        cdef StreamClosed closed
         if call is not None:
             self.pending_out -= call.out_octets
             call.out_octets = 0
@@ -746,7 +847,9 @@ cdef class GrpcConnection:
             call.buffered = 0
             call.message = None
             call.out = []
-            self.events.append((EV_CLOSED, call, error_code))
+            closed = StreamClosed.__new__(StreamClosed)
+            closed.error_code = error_code
+            self._emit(closed, call)
         return 0
 
     cdef ssize_t read_data(self, int32_t stream_id, size_t length, uint32_t *flags):
@@ -908,75 +1011,61 @@ cdef int _submit_trailer(nghttp2_session *session, int32_t stream_id, list field
 
 
 # nghttp2 calls these with the connection as user_data; exceptions are kept on the
-# connection and re-raised when receive() or data_to_send() returns.
+# connection (GrpcConnection.kept) and re-raised when receive() or data_to_send() returns.
 
 cdef int _on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void *user) noexcept:
-    cdef GrpcConnection conn = <GrpcConnection>user
     try:
-        return conn.begin_headers(frame)
+        return (<GrpcConnection>user).begin_headers(frame)
     except BaseException as exc:
-        conn.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
+        return (<GrpcConnection>user).kept(exc)
 
 
 cdef int _on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
                     size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
                     void *user) noexcept:
-    cdef GrpcConnection conn = <GrpcConnection>user
     try:
-        return conn.header(frame, name, namelen, value, valuelen)
+        return (<GrpcConnection>user).header(frame, name, namelen, value, valuelen)
     except BaseException as exc:
-        conn.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
+        return (<GrpcConnection>user).kept(exc)
 
 
 cdef int _on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *user) noexcept:
-    cdef GrpcConnection conn = <GrpcConnection>user
     try:
-        return conn.frame_recv(frame)
+        return (<GrpcConnection>user).frame_recv(frame)
     except BaseException as exc:
-        conn.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
+        return (<GrpcConnection>user).kept(exc)
 
 
 cdef int _on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t stream_id,
                         const uint8_t *data, size_t length, void *user) noexcept:
-    cdef GrpcConnection conn = <GrpcConnection>user
     try:
-        return conn.data_chunk(stream_id, data, length)
+        return (<GrpcConnection>user).data_chunk(stream_id, data, length)
     except BaseException as exc:
-        conn.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
+        return (<GrpcConnection>user).kept(exc)
 
 
 cdef int _on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error_code,
                           void *user) noexcept:
-    cdef GrpcConnection conn = <GrpcConnection>user
     try:
-        return conn.stream_close(stream_id, error_code)
+        return (<GrpcConnection>user).stream_close(stream_id, error_code)
     except BaseException as exc:
-        conn.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
+        return (<GrpcConnection>user).kept(exc)
 
 
 cdef mip_h2_ssize _read_data(nghttp2_session *s, int32_t stream_id, uint8_t *buf, size_t length,
                         uint32_t *flags, nghttp2_data_source *source, void *user) noexcept:
-    cdef GrpcConnection conn = <GrpcConnection>user
     try:
-        return conn.read_data(stream_id, length, flags)
+        return (<GrpcConnection>user).read_data(stream_id, length, flags)
     except BaseException as exc:
-        conn.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
+        return (<GrpcConnection>user).kept(exc)
 
 
 cdef int _send_data(nghttp2_session *s, nghttp2_frame *frame, const uint8_t *framehd,
                     size_t length, nghttp2_data_source *source, void *user) noexcept:
-    cdef GrpcConnection conn = <GrpcConnection>user
     try:
-        return conn.send_data(frame, framehd, length)
+        return (<GrpcConnection>user).send_data(frame, framehd, length)
     except BaseException as exc:
-        conn.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
+        return (<GrpcConnection>user).kept(exc)
 
 
 cdef int _on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *user) noexcept:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mip.frontends.mip_handler import MipHandler
+from mip.net import tls
 from mip.net.mip_client import AsyncClient, Client
 from mip.net.mip_server import MipServer
 from mip.serving.demo import build_demo_repository
@@ -43,17 +44,15 @@ async def engine(tmp_path):
 
 
 async def test_mip_over_mutual_tls(engine, pki):
-    ca, server_cert, client_cert, _ = pki
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_cert.configure_cert(server_ctx)
-    ca.configure_trust(server_ctx)
-    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    """The contexts of mip.net.tls (as mip serve and mip worker make them from --tls-*)."""
+    _, _, _, paths = pki
+    server_ctx = tls.server_context(str(paths["cert"]), str(paths["key"]),
+                                    client_ca=str(paths["ca"]))
+    assert server_ctx.verify_mode == ssl.CERT_REQUIRED
     server = MipServer(MipHandler(engine), ssl=server_ctx)
     url = str(await server.start("tcp://127.0.0.1:0"))
     try:
-        client_ctx = ssl.create_default_context()
-        ca.configure_trust(client_ctx)
-        client_cert.configure_cert(client_ctx)
+        client_ctx = tls.client_context(ca=str(paths["ca"]), cert=str(paths["client"]))
         x = np.arange(16, dtype=np.float32).reshape(1, 16)
         async with AsyncClient(url, ssl=client_ctx, server_hostname="127.0.0.1") as client:
             out = await client.infer([[x]], model="identity")
@@ -65,8 +64,7 @@ async def test_mip_over_mutual_tls(engine, pki):
         np.testing.assert_array_equal((await asyncio.to_thread(blocking))[0][0], x)
 
         # without a client certificate the handshake is refused
-        no_cert = ssl.create_default_context()
-        ca.configure_trust(no_cert)
+        no_cert = tls.client_context(ca=str(paths["ca"]))
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             await asyncio.to_thread(lambda: Client(url, ssl=no_cert, timeout=5,
                                                    server_hostname="127.0.0.1").ping())

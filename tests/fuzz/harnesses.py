@@ -332,7 +332,7 @@ def grpc_messages(data: bytes) -> None:
     preface, stream_id = _client_preface()
     events = server.receive(preface)
     server.data_to_send()
-    assert [e[0] for e in events] == [_h2.EV_CALL]
+    assert [type(e) for e in events] == [_h2.RequestReceived]
     body = data[3:]
     if data[0] % 2:
         wire = body
@@ -349,16 +349,19 @@ def grpc_messages(data: bytes) -> None:
         rnd = random.Random(len(data))
         while pos < len(wire):
             k = rnd.choice((1, 9, 100, 5000, 1 << 20))
-            for kind, call, value in server.receive(wire[pos:pos + k]):
-                assert kind in (_h2.EV_CALL, _h2.EV_MESSAGE, _h2.EV_HALF_CLOSED, _h2.EV_CLOSED,
-                                _h2.EV_TOO_LARGE), kind
-                if kind == _h2.EV_MESSAGE and call.stream_id == stream_id:
-                    compressed, payload = value
+            for event in server.receive(wire[pos:pos + k]):
+                assert isinstance(event, (_h2.RequestReceived, _h2.MessageReceived,
+                                          _h2.StreamEnded, _h2.StreamClosed,
+                                          _h2.MessageTooLarge)), event
+                if isinstance(event, _h2.MessageReceived) and event.call.stream_id == stream_id:
+                    payload = event.data
                     assert isinstance(payload, bytes) and len(payload) <= limit
-                    messages.append((compressed, payload))
-                elif kind == _h2.EV_TOO_LARGE:
-                    assert value > limit or server.buffered + value > server.max_buffered
-                    too_large = value
+                    messages.append((int(event.compressed), payload))
+                elif isinstance(event, _h2.MessageTooLarge):
+                    size = event.length
+                    assert event.over_buffered == (size <= limit)
+                    assert size > limit or server.buffered + size > server.max_buffered
+                    too_large = size
             assert 0 <= server.buffered <= server.max_buffered
             pos += k
             for piece in server.data_to_send():

@@ -148,7 +148,8 @@ async def test_a_message_announcing_4_gib_allocates_nothing():
     # a DATA frame by hand: length 5, type 0, no flags, the call's stream
     frame = (5).to_bytes(3, "big") + b"\x00\x00" + call.stream_id.to_bytes(4, "big")
     events = conn.receive(frame + b"\x00\xff\xff\xff\xff")
-    assert [e[0] for e in events if e[0] == _h2.EV_TOO_LARGE] == [_h2.EV_TOO_LARGE]
+    too_large = [e for e in events if isinstance(e, _h2.MessageTooLarge)]
+    assert [(e.length, e.over_buffered) for e in too_large] == [(0xFFFFFFFF, False)]
     assert conn.buffered == 0
 
 
@@ -198,10 +199,10 @@ async def test_connection_lost_mid_call_cancels_the_handler(served):
 
 @pytest.mark.parametrize("impl", ["native", "grpcio"])
 async def test_channel_over_tls(tmp_path, impl):
-    """GrpcChannel over TLS (ALPN h2 from tls_context, :scheme https) against both servers;
+    """GrpcChannel over TLS (ALPN h2 from mip.net.tls, :scheme https) against both servers;
     grpcio's refuses a TLS connection that did not negotiate h2."""
     trustme = pytest.importorskip("trustme")
-    from mip.net.grpc_server import tls_context
+    from mip.net import tls
 
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1")
@@ -215,7 +216,7 @@ async def test_channel_over_tls(tmp_path, impl):
 
     if impl == "native":
         server = GrpcServer({"/test.Echo/Echo": unary(echo)},
-                            ssl=tls_context(server=True, cert=str(cert_path), key=str(key_path)))
+                            ssl=tls.server_context(str(cert_path), str(key_path), alpn=["h2"]))
         _, port = await server.start("127.0.0.1", 0)
     else:
         server = grpc.aio.server()
@@ -225,7 +226,7 @@ async def test_channel_over_tls(tmp_path, impl):
             [(key_path.read_bytes(), cert_path.read_bytes())]))
         await server.start()
     try:
-        context = tls_context(server=False, ca=str(ca_path))
+        context = tls.client_context(ca=str(ca_path), alpn=["h2"])
         async with GrpcChannel(f"127.0.0.1:{port}", ssl=context) as channel:
             assert await channel.unary("/test.Echo/Echo", b"over tls") == b"over tls"
     finally:
@@ -338,10 +339,11 @@ def test_a_reply_is_whole_when_the_window_ends_at_one_of_its_pieces(window):
     server_events = []
     for data in client.data_to_send():
         server_events += server.receive(data)
-    served = next(c for event, c, _ in server_events if event == _h2.EV_CALL)
+    served = next(e.call for e in server_events if isinstance(e, _h2.RequestReceived))
     server.unary(served, [b"a" * 100, b"b" * 200])
     events = _exchange(client, server)
-    assert [v[1] for e, _, v in events if e == _h2.EV_MESSAGE] == [b"a" * 100 + b"b" * 200]
+    assert [e.data for e in events if isinstance(e, _h2.MessageReceived)] == [
+        b"a" * 100 + b"b" * 200]
     assert call.grpc_status == 0
 
 

@@ -44,3 +44,16 @@ def test_tcp_address(text, address):
 def test_tcp_address_names_what_must_be_host_port(text):
     with pytest.raises(ValueError, match=f"--http must be HOST:PORT, not {text!r}"):
         tcp_address(text, "--http")
+
+
+@pytest.mark.parametrize("url, hostport", [
+    ("127.0.0.1:50051", "127.0.0.1:50051"), ("[::1]:0", "[::1]:0"),
+    ("tcp://localhost:8001", "localhost:8001")])
+def test_tcp_address_hostport(url, hostport):
+    assert tcp_address(url, "gRPC address").hostport == hostport
+
+
+@pytest.mark.parametrize("url", ["localhost", "localhost:", "h:port", "unix:///tmp/s", ":80"])
+def test_tcp_address_refuses_what_is_not_host_and_port(url):
+    with pytest.raises(ValueError, match=r"^gRPC address must be HOST:PORT, not "):
+        tcp_address(url, "gRPC address")
