@@ -22,10 +22,9 @@ from mip.protocol.dtypes import numpy_dtype
 from mip.serving.batching import Batcher, BatchRecord
 from mip.serving.repository import IndexEntry, ModelMetadata, ModelRepository, ModelVersion
 
-__all__ = ["Engine", "ModelStats"]
+__all__ = ["Engine", "ModelStats", "ModelVersion"]  # ModelVersion: what resolve() gives
 
 log = logging.getLogger("mip.serving")
-_UNSETTLED = object()  # Engine._default before start()
 
 
 def _datatype(dtype: np.dtype) -> str:
@@ -115,7 +114,8 @@ class Engine:
         self.max_queued_per_peer = max_queued_per_peer
         self._startup_models = None if models is None else list(models)
         self._default_model = default_model
-        self._default: str | None | object = _UNSETTLED
+        self._default: str | None = None
+        self._default_settled = False  # _default is looked up until the models load
         self._drain_timeout = drain_timeout
         self._served: dict[tuple[str, str], _Served] = {}
         self._hooks: list[BatchHook] = []
@@ -133,6 +133,7 @@ class Engine:
             raise ModelNotFound(f"the default model {self._default_model!r} is not in the "
                                 f"repository (it has: {', '.join(available) or 'no model'})")
         self._default = self._settle_default(available)
+        self._default_settled = True
         names = self._startup_models if self._startup_models is not None else available
         self._expected = set(names)
         for name in names:
@@ -424,7 +425,7 @@ class Engine:
     def default_model(self) -> str | None:
         """The model reached by requests that name none: the configured default, or the
         repository's only model (settled when models load, not looked up per request)."""
-        if self._default is _UNSETTLED:
+        if not self._default_settled:
             return self._settle_default(self.repository.names())
         return self._default
 
