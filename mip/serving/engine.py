@@ -243,7 +243,8 @@ class Engine:
     async def infer(self, model: str, inputs: Tensors, *, version: str | None = None,
                     outputs: list[str] | None = None,
                     deadline: float | None = None) -> Tensors:
-        """Run one request through the model's batch queue.
+        """Run one request through the model's batch queue: the engine's API for code that
+        calls it directly (frontends use :meth:`submit`, its future form).
 
         Args:
             model: the model name.
@@ -262,10 +263,9 @@ class Engine:
             ModelNotFound, ModelNotReady, InvalidInput, QueueFull, DeadlineExceeded,
             InternalError (all ``mip.errors.ServingError``).
         """
-        wanted = None
-        if outputs:
-            wanted = self._check_outputs(self._lookup(model, version).version, outputs)
-        result = await self.submit(model, inputs, version=version, deadline=deadline)
+        chosen = self.resolve(model, version)
+        wanted = self._check_outputs(chosen, outputs)
+        result = await self.submit(model, inputs, deadline=deadline, chosen=chosen)
         if wanted is None:
             return result
         return {name: result[name] for name in wanted}
@@ -276,9 +276,9 @@ class Engine:
                split: bool = False, request_id: str | None = None) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets every output.
 
-        The same checks and errors as :meth:`infer` (raised here when found at once, set on
-        the future otherwise), for frontends that chain callbacks rather than run a
-        coroutine per request. Cancelling the future drops the request from the queue.
+        What :meth:`infer` runs (the same checks and errors: raised here when found at
+        once, set on the future otherwise), for frontends that chain callbacks rather than
+        run a coroutine per request. Cancelling the future drops the request from the queue.
         ``source`` (the client's address) picks the request's fair share of the queue (see
         :mod:`mip.serving.batching`). ``chosen``: the version :meth:`resolve` gave for
         this request (``model`` and ``version`` are then not looked up again). With
