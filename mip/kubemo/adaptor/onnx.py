@@ -45,7 +45,7 @@ class Inference(BaseInference[ndarray]):
 
     def forward(self, inputs: Tuple[ndarray, ...]) -> Tuple[ndarray, ...]:
         names = list(self.output_names) if self.output_names else None
-        return tuple(self.session.run(names, dict(zip(self.input_names, inputs))))
+        return tuple(self.session.run(names, dict(zip(self.input_names or (), inputs))))
 
     def concat(self, batch: Tuple[Tuple[ndarray, ...], ...]) -> Tuple[ndarray, ...]:
         # One copy per tensor; a batch of one item is passed as it is.
