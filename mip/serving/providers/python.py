@@ -16,8 +16,8 @@ Two kinds of class are served:
   gives it (a ``Dynamic`` of its kind and octets) and its outputs become engine values
   again; frontends turn engine values into their protocol's. A batch of rows is one call
   of the model, which runs ``preprocess`` per item, ``concat``, one ``forward`` and
-  ``postprocess`` per row, as KubeMo does. Names default to ``input_0``... and ``output_0``; ``config.json``
-  ``inputs``/``outputs`` rename them or declare tensors.
+  ``postprocess`` per row, as KubeMo does. Names default to ``input_0``... and
+  ``output_0``; ``config.json`` ``inputs``/``outputs`` rename them or declare tensors.
 * **Tensor models**: a class with ``infer(inputs: dict) -> dict`` and ``inputs`` /
   ``outputs`` attributes (lists of ``TensorSpec`` or ``(name, datatype, shape)``), or
   those lists in ``config.json``.
