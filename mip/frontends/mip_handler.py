@@ -85,17 +85,17 @@ def _engine_values(column: np.ndarray) -> np.ndarray:
 _VALUE_TYPES = {mip.Text, mip.Json, mip.Image, mip.Value}
 
 
-def _output_value(column: np.ndarray, row_values: bool):
+def _output_value(column: np.ndarray, served):
     """One item's slice of an output, as a MIP value: a one-row object column's element
-    (``str`` as TEXT; for a ``row_values`` model, bytes-like as IMAGE and any other object
-    but a tensor as JSON), else the column as a tensor."""
+    (``str`` as TEXT; for a model of ``row_values``, bytes-like as IMAGE and any other
+    object but a tensor as JSON), else the column as a tensor."""
     if column.dtype == object and column.shape == (1,):
         element = column[0]
         if isinstance(element, str):
             return mip.Text(element)
         if isinstance(element, mip.Value):
             return element
-        if row_values and not isinstance(element, np.ndarray):
+        if served.row_values and not isinstance(element, np.ndarray):
             if isinstance(element, (bytes, bytearray, memoryview)):
                 return mip.Image(element)
             return mip.Json(element)
@@ -244,13 +244,12 @@ def _refuse_application_values(served, column: np.ndarray, index: int) -> None:
 def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
     """The batch's outputs back as one tuple of values per item (views, no copies)."""
     names = [spec.name for spec in served.outputs if spec.name in outputs]
-    values = served.row_values
     if len(rows) == 1:
-        return [tuple(_output_value(outputs[name], values) for name in names)]
+        return [tuple(_output_value(outputs[name], served) for name in names)]
     items = []
     start = 0
     for count in rows:
-        items.append(tuple(_output_value(outputs[name][start:start + count], values)
+        items.append(tuple(_output_value(outputs[name][start:start + count], served)
                            for name in names))
         start += count
     return items
