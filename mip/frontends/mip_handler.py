@@ -189,7 +189,7 @@ class MipHandler:
     @staticmethod
     def _inputs(served, source) -> tuple[dict, list[int]]:
         inputs = {}
-        rows: list[int] | None = None
+        rows: list[int] = []
         for index, spec in enumerate(served.inputs):
             column, rows = _columns(source, index)
             if column.dtype.hasobject:
@@ -197,7 +197,6 @@ class MipHandler:
                     _refuse_application_values(served, column, index)
                 column = _engine_values(column)
             inputs[spec.name] = column
-        assert rows is not None  # a model has inputs
         return inputs, rows
 
     async def _each_item(self, model, served, batch, source=None) -> list[tuple]:

@@ -317,6 +317,11 @@ async def test_every_value_kind_travels_through_a_python_model_and_back(tmp_path
         async with AsyncClient(served.url) as client:
             replies = await client.infer(items, model="echo")
             single = await client.infer(items[:1], model="echo")
+            with pytest.raises(RemoteError) as info:  # refused before any model runs
+                await client.infer([[items[0][0], mip.Json.from_bytes(b"{not json"),
+                                     *items[0][2:]]], model="echo")
+            assert info.value.error_code == ErrorCode.SHAPE
+            assert "not valid JSON" in info.value.detail
     assert replies == [tuple(item) for item in items]
     assert single == [tuple(items[0])]
     assert [type(v) for v in replies[0]] == [mip.Text, mip.Json, mip.Image, mip.Value]
