@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: serve test bench build wheel image annotate clean sysdeps asan-test fuzz fuzz-long
 
-# Debian packages: libnghttp2's headers (the native gRPC transport), redis-server and
-# iproute2 (tests: the job queue, network namespaces as hosts).
+# Debian packages: libnghttp2's headers (the native gRPC transport), redis-server,
+# nats-server and iproute2 (tests: the job queue, the broker clusters, network namespaces as
+# hosts).
 # Installed when missing, as root or with password-less sudo; otherwise left to the user.
 APT_PACKAGES ?= libnghttp2-dev
 define apt_install
@@ -43,7 +44,7 @@ serve: $(VENV)/.installed-serve
 
 ## test: install mip (editable, extensions built in place) with test extras; run the whole suite
 test: $(VENV)/.installed-test
-	$(call apt_install,redis-server iproute2)
+	$(call apt_install,redis-server nats-server iproute2)
 	$(BIN)/python -m pytest
 
 ## bench: the codec comparison (ours vs struct, protobuf and memcpy), ratios printed

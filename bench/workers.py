@@ -1,23 +1,29 @@
-"""``mip serve --workers N``: requests/s and server CPU µs a request, per protocol and N.
+"""``mip serve --workers N``: requests/s and server CPU µs a request, per protocol, engine
+placement and N.
 
 One command::
 
-    python bench/workers.py [--workers 1,2,4] [--protocols mip,grpc,http] [--duration 3]
-                            [--warmup 1] [--concurrency 32] [--connections 8] [--json FILE]
+    python bench/workers.py [--workers 1,2,4] [--protocols mip,grpc,http]
+                            [--placements worker,shared] [--duration 3] [--warmup 1]
+                            [--concurrency 32] [--connections 8] [--json FILE]
 
-For each N (default 1 and 2; ``auto`` adds one per usable core) it starts ``mip serve
---workers N`` on the demo repository (127.0.0.1, free ports) and, per protocol, runs ``mip
+For each N (default 1 and 2; ``auto`` adds one per usable core) and placement (``worker``:
+each worker runs the model; ``shared``: one engine process runs it for every worker, tensors
+through the shared arena) it starts ``mip serve --workers N --placement P`` on the demo
+repository (127.0.0.1, free ports) and, per protocol, runs ``mip
 bench infer`` (the command a user runs) against the demo ``identity`` model with 1x16 FP32
 requests: small ones, where the protocol work is the cost.
 
 * Cores: when there are more usable cores than N, the server runs under ``taskset`` on the
   first N and the load generator on the others, so that the figures are the server's; on a
   smaller machine both share every core, and the table says so.
-* Server CPU a request: user + system time of the supervisor and every worker (read from
+* Server CPU a request: user + system time of the supervisor, every worker and the engine
+  process (read from
   ``/proc``) over the whole load run, warm-up included, divided by the requests the server
   counted over the same run (``nv_inference_request_success`` of its merged ``/metrics``).
-* ``scaling``: requests/s over N = 1's, per protocol (the goal on a machine with cores to
-  spare: at least 0.8 x N).
+* ``scaling``: requests/s over the first N's, per protocol and placement (the goal on a
+  machine with cores to spare: at least 0.8 x N). The engine process of ``shared`` runs on
+  the server's cores too.
 
 Every run is bounded: warm-up + duration seconds a cell, plus the start of the server.
 Linux only (``/proc``; ``taskset`` from util-linux when present).
@@ -82,15 +88,16 @@ def _pinned(cores: list[int] | None) -> list[str]:
     return ["taskset", "-c", ",".join(map(str, cores))]
 
 
-def _start_server(workers: int, cores: list[int] | None, repo: str):
+def _start_server(workers: int, cores: list[int] | None, repo: str, placement: str):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     command = [*_pinned(cores), sys.executable, "-m", "mip.cli", "--log-level", "WARNING",
                "serve", "--model-repository", repo, "--mip-model", "identity",
                "--mip", "tcp://127.0.0.1:0", "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
-               "--workers", str(workers)]
+               "--workers", str(workers), "--placement", placement]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=env)
-    ready = "mip: serving KServe v2 REST" if workers == 1 else "worker processes serving"
+    ready = ("mip: serving KServe v2 REST" if workers == 1 and placement == "worker"
+             else "worker processes serving")
     lines, deadline = [], time.monotonic() + 120
     while not any(ready in line for line in lines):
         line = process.stdout.readline()
@@ -135,6 +142,8 @@ def main(argv=None) -> int:
                         help="worker counts, comma-separated; 'auto' = usable cores "
                              "(default 1,2)")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--placements", default="worker,shared",
+                        help="engine placements, comma-separated (default worker,shared)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds a cell")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each cell")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
@@ -145,19 +154,20 @@ def main(argv=None) -> int:
     cores = _cores()
     counts = [len(cores) if w.strip() == "auto" else int(w) for w in args.workers.split(",")]
     protocols = [p.strip() for p in args.protocols.split(",")]
+    placements = [p.strip() for p in args.placements.split(",")]
     from mip.serving.demo import build_demo_repository
 
     rows, folder = [], tempfile.mkdtemp(prefix="mip-bench-workers-")
     try:
         repo = str(build_demo_repository(Path(folder) / "repo"))
-        for n in counts:
+        for placement, n in [(p, n) for p in placements for n in counts]:
             split = len(cores) > n
             server_cores, client_cores = (cores[:n], cores[n:]) if split else (None, None)
-            process, urls = _start_server(n, server_cores, repo)
+            process, urls = _start_server(n, server_cores, repo, placement)
             try:
                 for protocol in protocols:
                     cell = _run_cell(urls, protocol, args, client_cores, process.pid, folder)
-                    cell.update(workers=n, protocol=protocol,
+                    cell.update(workers=n, protocol=protocol, placement=placement,
                                 cores="server %s, load %s" % (
                                     ",".join(map(str, server_cores)),
                                     ",".join(map(str, client_cores))) if split
@@ -171,13 +181,16 @@ def main(argv=None) -> int:
                     process.kill()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    base = {r["protocol"]: r["rps"] for r in rows if r["workers"] == counts[0]}
-    print(f"{'protocol':8} {'N':>3} {'req/s':>9} {'scaling':>8} {'server CPU us/req':>18} "
-          f"{'errors':>6}  cores")
+    base = {(r["protocol"], r["placement"]): r["rps"] for r in rows
+            if r["workers"] == counts[0]}
+    print(f"{'protocol':8} {'placement':9} {'N':>3} {'req/s':>9} {'scaling':>8} "
+          f"{'server CPU us/req':>18} {'errors':>6}  cores")
     for r in rows:
-        scaling = r["rps"] / base[r["protocol"]] if base.get(r["protocol"]) else float("nan")
+        first = base.get((r["protocol"], r["placement"]))
+        scaling = r["rps"] / first if first else float("nan")
         r["scaling"] = scaling
-        print(f"{r['protocol']:8} {r['workers']:>3} {r['rps']:>9,.0f} {scaling:>7.2f}x "
+        print(f"{r['protocol']:8} {r['placement']:9} {r['workers']:>3} {r['rps']:>9,.0f} "
+              f"{scaling:>7.2f}x "
               f"{r['server_cpu_us_per_request']:>18.1f} {r['errors']:>6}  {r['cores']}")
     if args.json:
         with open(args.json, "w") as f:

@@ -274,9 +274,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="close REST connections idle this long between requests "
                             "(default 5)")
     serve.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
-                       help="processes serving every listener on the same ports, each with "
-                            "its own engine and models; 'auto': one per usable core "
+                       help="processes serving every listener on the same ports (their "
+                            "engines as --placement says); 'auto': one per usable core "
                             "(default 1: this process alone)")
+    serve.add_argument("--placement", choices=("worker", "shared"), default="worker",
+                       help="where the models run with --workers: 'worker', in every worker "
+                            "process; 'shared', in one engine process that batches for every "
+                            "worker, tensors passing through shared memory (default worker)")
+    serve.add_argument("--shared-arena-bytes", type=_size, default=256 << 20, metavar="OCTETS",
+                       help="shared memory for the tensors of --placement shared: half for "
+                            "the outputs, half split between the workers for their requests; "
+                            "a request that does not fit is refused (503) (default 256M)")
     _add_tls(serve)
     _add_miaas(serve)
 
@@ -336,20 +344,23 @@ def _parser() -> argparse.ArgumentParser:
         help="a HELLO naming a client id in use closes the older connection (default: only "
              "when the HELLO asks; both are served, as on the reference broker)")
     opt("--cluster", metavar="URL", default=None,
-        help="redis://HOST:PORT[/DB] (rediss:// for TLS): form one MSIP service with the other "
-             "brokers using this Redis; a client on any broker receives what is published on "
-             "any other (default: none, this broker alone)")
+        help="redis://HOST:PORT[/DB] (rediss:// for TLS) or nats://HOST:PORT (tls:// for TLS; "
+             "JetStream, nats-server -js, for at-least-once sessions): form one MSIP service "
+             "with the other brokers using this Redis or NATS; a client on any broker receives "
+             "what is published on any other (default: none, this broker alone)")
     opt("--cluster-prefix", metavar="TEXT", default="msip:",
-        help="Redis channel of a topic: this prefix + the topic; brokers of different services "
-             "on one Redis need different prefixes (default msip:)")
+        help="Redis channel of a topic: this prefix + the topic (NATS subject: the prefix "
+             "without its final ':' or '.', a dot, the escaped topic); brokers of different "
+             "services on one Redis or NATS need different prefixes (default msip:)")
     opt("--cluster-max-pending", type=_size, default=8 << 20, metavar="OCTETS",
         help="local publishes queued for Redis at most; beyond them, while Redis is slow or "
              "down, publishes are not sent to the other brokers (counted, logged; local "
              "delivery goes on) (default 8M)")
     opt("--cluster-stream-max", type=int, default=10_000, metavar="EVENTS",
-        help="events kept in Redis (about) per topic that at-least-once sessions subscribe to, "
-             "so that such a session resumes on any broker, its backlog in Redis; 0: no "
-             "streams, at-least-once sessions live in one broker's memory (default 10000)")
+        help="events kept in Redis (about) per topic that at-least-once sessions subscribe to "
+             "(NATS: in JetStream, per topic), so that such a session resumes on any broker, "
+             "its backlog in the engine; 0: no streams, at-least-once sessions live in one "
+             "broker's memory (default 10000)")
     _add_tls(broker)
 
     worker = sub.add_parser(
@@ -428,34 +439,34 @@ async def _serve(args) -> int:
     """``mip serve``'s process, or one worker of ``--workers`` (``args.worker_role``)."""
     from mip.frontends.mip_handler import MipHandler
     from mip.net.mip_server import MipServer
-    from mip.serving.engine import Engine
-    from mip.serving.repository import ModelRepository
 
-    root = _repository_root(args)
-    if not args.model_repository:
-        log.info("serving the built-in demo repository at %s", root)
-    engine = Engine(ModelRepository(root), models=args.models, default_model=args.mip_model,
-                    strict_readiness=args.strict_readiness,
-                    max_queued_per_peer=args.max_queued_per_peer)
-    await engine.start()
-    for entry in engine.index():
-        log.info("model %s version %s: %s%s", entry.name, entry.version, entry.state,
-                 f" ({entry.reason})" if getattr(entry, "reason", "") else "")
-    failed = _load_failures(engine, args.models)
-    if failed and args.exit_on_error:
-        await engine.stop()
-        raise ModelLoadFailed(failed)
     role = getattr(args, "worker_role", None)
+    if role is not None and role.kind == "engine":  # --placement shared: the models' process
+        from mip.serving.remote import serve_engine
+
+        return await serve_engine(args, role, _started_engine, _wait_for_signal)
+    if role is not None and role.shared is not None:  # a worker of --placement shared
+        from mip.serving.remote import RemoteEngine
+
+        engine: Any = RemoteEngine(_repository_root(args), role.shared, role.index)
+        await engine.start()
+    else:
+        engine = await _started_engine(args)
     relay = None
-    if role is not None and role.count > 1:  # load and unload reach every worker
+    if role is not None and role.count > 1:  # models (but shared ones) and shm: every worker's
         from mip.model_relay import WorkerModels
 
-        relay = WorkerModels(engine, role.control, role.index)
+        relay = WorkerModels(engine, role.control, role.index, models=role.shared is None)
         await relay.replay(role.changes)
         relay.start()
+    args.relay = relay
     from mip.frontends.oip.metrics import Metrics
 
     metrics = Metrics(engine)  # every protocol's requests, labelled by protocol
+    if role is not None and role.shared is not None:
+        from mip.serving.remote import ArenaCollector
+
+        metrics.add_collector(ArenaCollector(engine.used))
     args.access = None
     if args.access_log:  # the mip.access logger, set up by main()
         from mip.frontends.access import AccessLog
@@ -522,8 +533,31 @@ async def _serve(args) -> int:
     return 0
 
 
+async def _started_engine(args):
+    """The engine of ``args``' repository, started (its models loaded)."""
+    from mip.serving.engine import Engine
+    from mip.serving.repository import ModelRepository
+
+    root = _repository_root(args)
+    if not args.model_repository:
+        log.info("serving the built-in demo repository at %s", root)
+    engine = Engine(ModelRepository(root), models=args.models, default_model=args.mip_model,
+                    strict_readiness=args.strict_readiness,
+                    max_queued_per_peer=args.max_queued_per_peer)
+    await engine.start()
+    for entry in engine.index():
+        log.info("model %s version %s: %s%s", entry.name, entry.version, entry.state,
+                 f" ({entry.reason})" if getattr(entry, "reason", "") else "")
+    failed = _load_failures(engine, args.models)
+    if failed and args.exit_on_error:
+        await engine.stop()
+        raise ModelLoadFailed(failed)
+    return engine
+
+
 def _serve_workers(args) -> int:
-    """``mip serve --workers N`` (N > 1): bind every listener here, fork the workers."""
+    """``mip serve --workers N`` (N > 1, or any N with ``--placement shared``): bind every
+    listener here, fork the workers (and the engine process)."""
     from mip.workers import Supervisor, bind_listeners
 
     if args.grpc.lower() != "none" and args.grpc_impl == "grpcio":
@@ -536,6 +570,11 @@ def _serve_workers(args) -> int:
 
         # one job queue for every worker: this server's own file (named after its port)
         args.queue = str(default_sqlite_path(args.http))
+    shared = None
+    if args.placement == "shared":  # the arena, mapped before anything is forked
+        from mip.serving.remote import SharedRole
+
+        shared = SharedRole(args.shared_arena_bytes, args.workers)
     announcements: list[str] = []
     guard = _guard(args, announcements)  # one API key for every worker, when one is made
     sockets = bind_listeners(args)
@@ -546,7 +585,7 @@ def _serve_workers(args) -> int:
         args.worker_role = role
         return _run(args)
 
-    return Supervisor(args.workers, sockets, serve, guard=guard).run()
+    return Supervisor(args.workers, sockets, serve, guard=guard, shared=shared).run()
 
 
 def _load_failures(engine, wanted: list[str] | None) -> list[str]:
@@ -595,15 +634,19 @@ def _guard(args, announcements: list[str]):
 
 def _shared_memory(args):
     """The system shared memory regions both KServe v2 listeners serve, as bounded by
-    --max-shm-regions and --max-shm-bytes. With several workers, registrations are refused:
-    each worker process would hold its own, and a request may reach another worker."""
+    --max-shm-regions and --max-shm-bytes. With several workers, each registration is made
+    on every worker (``args.relay``)."""
     from mip.frontends.oip.shm import SystemSharedMemory
 
-    workers = getattr(args, "workers", 1)
-    refused = (f"the server runs {workers} worker processes, each with its own registrations: "
-               "system shared memory needs --workers 1") if workers != 1 else None
-    return SystemSharedMemory(args.max_shm_regions, args.max_shm_bytes, refused,
-                              args.shm_any_peer)
+    relay = getattr(args, "relay", None)
+    if relay is not None:  # --workers N: a registration reaches every worker
+        from mip.model_relay import RelayedSharedMemory
+
+        registry = RelayedSharedMemory(args.max_shm_regions, args.max_shm_bytes, None,
+                                       args.shm_any_peer)
+        relay.attach(registry)
+        return registry
+    return SystemSharedMemory(args.max_shm_regions, args.max_shm_bytes, None, args.shm_any_peer)
 
 
 async def _start_oip(args, engine, metrics, announcements: list[str], guard=None,
@@ -688,11 +731,16 @@ async def _broker(args) -> int:
     from mip.net.msip_broker import Broker
 
     if args.cluster:
+        use_nats = args.cluster.startswith(("nats://", "tls://"))
         try:
-            import redis.asyncio  # noqa: F401
+            if use_nats:
+                import nats  # noqa: F401
+            else:
+                import redis.asyncio  # noqa: F401
         except ImportError:
-            print("mip: error: --cluster needs the Python package 'redis', which is not "
-                  "installed: pip install 'mip-toolkit[broker]'", file=sys.stderr)
+            print(f"mip: error: --cluster needs the Python package "
+                  f"'{'nats-py' if use_nats else 'redis'}', which is not installed: "
+                  "pip install 'mip-toolkit[broker]'", file=sys.stderr)
             return 1
     broker = Broker(max_connections=args.max_connections,
                     max_connections_per_peer=args.max_connections_per_peer,
@@ -825,7 +873,7 @@ def _run(args) -> int:
         if args.command == "bench":
             from mip.bench import main as bench_main
             return bench_main(args)
-        if (args.command == "serve" and args.workers > 1
+        if (args.command == "serve" and (args.workers > 1 or args.placement == "shared")
                 and getattr(args, "worker_role", None) is None):
             return _serve_workers(args)
         if args.command == "worker":

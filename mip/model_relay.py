@@ -23,7 +23,9 @@ import logging
 import pickle
 import socket
 
-__all__ = ["ModelRelay", "WorkerModels"]
+from mip.frontends.oip.shm import SystemSharedMemory
+
+__all__ = ["ModelRelay", "RelayedSharedMemory", "WorkerModels", "rebuild_error"]
 
 log = logging.getLogger("mip.workers")
 
@@ -56,7 +58,7 @@ class ModelRelay:
         if message["kind"] == "request":
             self._next += 1
             change = message["change"]
-            self.changes.append(change)
+            self._keep(change)
             waiting = set()
             for other, sock in workers.items():
                 if _send(sock, {"kind": "apply", "id": self._next, "change": change}):
@@ -64,12 +66,23 @@ class ModelRelay:
             self._pending[self._next] = {"origin": (index, message["id"]),
                                          "waiting": waiting, "outcomes": {}}
             self._answer_if_complete(self._next, workers)
+        elif message["kind"] == "record":  # made by the engine process (shared placement)
+            self._keep(message["change"])
         elif message["kind"] == "applied":
             pending = self._pending.get(message["id"])
             if pending is not None:
                 pending["outcomes"][index] = message["error"]
                 pending["waiting"].discard(index)
                 self._answer_if_complete(message["id"], workers)
+
+    def _keep(self, change: tuple) -> None:
+        """Keep ``change`` for the workers started later; an unregistered shared-memory
+        region takes its registration away (so the list does not grow with them)."""
+        if change[0] == "shm_unregister":
+            self.changes = [c for c in self.changes if c[0] != "shm_register"
+                            or (change[1] and c[1] != change[1])]
+        else:
+            self.changes.append(change)
 
     def forget(self, index: int, workers: dict[int, socket.socket]) -> None:
         """Worker ``index`` has exited: stop waiting for it (its successor applies every
@@ -89,7 +102,7 @@ class ModelRelay:
                                    "outcomes": pending["outcomes"]})
 
 
-def _error(outcome: tuple) -> Exception:
+def rebuild_error(outcome: tuple) -> Exception:
     """The exception a worker's change raised, from ``(module, class name, message)``."""
     from mip.errors import InternalError
 
@@ -104,18 +117,25 @@ def _error(outcome: tuple) -> Exception:
 
 class WorkerModels:
     """A worker's side: its engine's ``load`` and ``unload`` go through the supervisor
-    (:class:`ModelRelay`), which applies them here too, with the engine's own methods.
+    (:class:`ModelRelay`), which applies them here too, with the engine's own methods; so
+    do the registrations of Triton's system shared memory (:class:`RelayedSharedMemory`,
+    once :meth:`attach` gives it).
 
     Args:
         engine: the worker's :class:`~mip.serving.engine.Engine` (started).
         control: this worker's end of the socket pair to the supervisor.
         index: this worker's slot.
+        models: relay the engine's ``load`` and ``unload`` (not with the shared placement,
+            where the engine process makes them once).
     """
 
-    def __init__(self, engine, control: socket.socket, index: int):
+    def __init__(self, engine, control: socket.socket, index: int, models: bool = True):
         self.engine = engine
         self.control = control
         self.index = index
+        self.models = models
+        self.shm: RelayedSharedMemory | None = None  # once attached
+        self._shm_pending: list[tuple] = []  # registrations replayed before it was
         self._load, self._unload = engine.load, engine.unload
         self._waiting: dict[int, asyncio.Future] = {}
         self._next = 0
@@ -134,7 +154,8 @@ class WorkerModels:
     def start(self) -> None:
         """From now on, the engine's load and unload reach every worker."""
         self.control.setblocking(False)
-        self.engine.load, self.engine.unload = self.load, self.unload
+        if self.models:
+            self.engine.load, self.engine.unload = self.load, self.unload
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._tasks = [loop.create_task(self._receive(queue)),
@@ -168,15 +189,39 @@ class WorkerModels:
             self._waiting.pop(number, None)
         own = outcomes.get(self.index)
         if own is not None:
-            raise _error(own)
+            raise rebuild_error(own)
         failed = sorted((i, o) for i, o in outcomes.items() if o is not None)
         if failed:
             reasons = "; ".join(f"worker {i}: {o[2]}" for i, o in failed)
             raise ModelLoadError(f"{change[0]} of {change[1]!r} failed on {len(failed)} of "
                                  f"{len(outcomes)} workers: {reasons}")
 
+    def attach(self, registry: RelayedSharedMemory) -> None:
+        """From now on, ``registry``'s registrations reach every worker; the ones made
+        before this worker started are applied now."""
+        self.shm, registry.relay = registry, self
+        pending, self._shm_pending = self._shm_pending, []
+        for change in pending:
+            try:
+                registry.apply(change)
+            except Exception as exc:
+                log.warning("worker %d: shared memory region %r again: %s", self.index,
+                            change[1], exc)
+
+    async def request(self, change: tuple) -> None:
+        """Make ``change`` on every worker (see :class:`ModelRelay`)."""
+        await self._request(change)
+
     async def _apply(self, change: tuple) -> None:
-        if change[0] == "load":
+        kind = change[0]
+        if kind.startswith("shm_"):
+            if self.shm is None:
+                self._shm_pending.append(change)
+            else:
+                self.shm.apply(change)
+        elif not self.models:  # the engine process of the shared placement made it
+            return
+        elif kind == "load":
             await self._load(change[1], change[2])
         else:
             await self._unload(change[1])
@@ -218,3 +263,30 @@ class WorkerModels:
             data = pickle.dumps({"kind": "applied", "id": message["id"], "error": error})
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(self.control, data)
+
+
+class RelayedSharedMemory(SystemSharedMemory):
+    """Triton's system shared-memory regions of a worker of ``mip serve --workers N``: a
+    registration (or its end) made over the API is made on every worker, through the
+    supervisor, before the call returns, so that any worker can serve the requests that name
+    the region; a worker started again registers the regions registered before. The calls
+    are then coroutines (the frontends await them)."""
+
+    relay: WorkerModels | None = None
+
+    def register(self, name, key, offset=0, byte_size=None, peer: str | None = None):
+        if self.relay is None:
+            return super().register(name, key, offset, byte_size, peer)
+        return self.relay.request(("shm_register", name, key, offset, byte_size, peer))
+
+    def unregister(self, name: str | None = None):
+        if self.relay is None:
+            return super().unregister(name)
+        return self.relay.request(("shm_unregister", name))
+
+    def apply(self, change: tuple) -> None:
+        """Make one relayed change here."""
+        if change[0] == "shm_register":
+            SystemSharedMemory.register(self, *change[1:])
+        else:
+            SystemSharedMemory.unregister(self, change[1])

@@ -14,7 +14,9 @@ The parent serves no request: it starts the workers, starts again (after a back-
 that dies, relays the model changes made over the API to every worker
 (:mod:`mip.model_relay`), forwards SIGTERM and SIGINT so that every worker drains, and
 removes what it made (the metrics folder, a unix socket's path) when they are all gone.
-docs/workers.md says what is per worker.
+With the shared placement (:mod:`mip.serving.remote`) it also starts one engine process,
+before the workers, which runs the models for all of them; it is started again the same way
+when it dies, and stopped after the last worker. docs/workers.md says what is per worker.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 from mip.model_relay import MAX_MESSAGE, ModelRelay
 
@@ -93,6 +96,10 @@ class WorkerRole:
         control: this worker's end of the socket pair of model changes
             (:class:`~mip.model_relay.WorkerModels`).
         changes: the model changes made over the API before this worker started.
+        kind: ``"worker"``, or ``"engine"`` for the engine process of the shared placement.
+        shared: the shared placement's arena and engine address
+            (:class:`~mip.serving.remote.SharedRole`), or ``None`` (each worker has its
+            own engine).
     """
 
     index: int
@@ -104,6 +111,8 @@ class WorkerRole:
     ready: Callable[[], None]
     control: socket.socket
     changes: list
+    kind: str = "worker"
+    shared: Any = None
 
 
 def bind_listeners(args) -> dict[str, socket.socket]:
@@ -196,6 +205,10 @@ class _Slot:
     control: socket.socket | None = None  # the supervisor's end of the model-change pair
     last_pid: int = 0  # the pid of the slot's latest worker, for the line of its exit
 
+    @property
+    def name(self) -> str:
+        return "the engine process" if self.index < 0 else f"worker {self.index}"
+
 
 class Supervisor:
     """Starts ``count`` workers, each running ``serve(role)`` in a forked process (its
@@ -207,15 +220,22 @@ class Supervisor:
         sockets: the listening sockets (:func:`bind_listeners`), closed by :meth:`run`.
         serve: runs one worker; called in the child with its :class:`WorkerRole`.
         guard: the credentials shared by every worker (made once, before the workers).
+        shared: the arena and address of the shared placement
+            (:class:`~mip.serving.remote.SharedRole`): one engine process, started first
+            and stopped last, also runs ``serve`` (with ``role.kind == "engine"``); or
+            ``None``: each worker has its own engine.
     """
 
     def __init__(self, count: int, sockets: dict[str, socket.socket],
-                 serve: Callable[[WorkerRole], int], guard=None):
+                 serve: Callable[[WorkerRole], int], guard=None, shared=None):
         self.count = count
         self.sockets = sockets
         self.serve = serve
         self.guard = guard
+        self.shared = shared
         self.slots = [_Slot(i) for i in range(count)]
+        #: the engine process's slot (index -1), with the shared placement
+        self.engine = _Slot(-1) if shared is not None else None
         self.relay = ModelRelay()
         self.metrics_dir = ""
         self._selector = selectors.DefaultSelector()
@@ -260,6 +280,10 @@ class Supervisor:
     def _supervise(self) -> int:
         # The first worker alone: an error every worker would meet (the model repository,
         # a model that does not load) is reported once, by it, and stops the server.
+        if self.engine is not None:  # the models load there, once, before any worker
+            self._start(self.engine, announce=False)
+            if not self._wait_ready([self.engine]):
+                return self._drain() if self._stopping else self._failed_start()
         first = self.slots[0]
         self._start(first, announce=True)
         if not self._wait_ready([first]):
@@ -269,20 +293,26 @@ class Supervisor:
         if not self._wait_ready(self.slots[1:]):
             return self._drain() if self._stopping else self._failed_start()
         print(f"mip: {self.count} worker processes serving (pids "
-              f"{', '.join(str(s.pid) for s in self.slots)})", flush=True)
+              f"{', '.join(str(s.pid) for s in self.slots)})"
+              + (f" on one engine process (pid {self.engine.pid})" if self.engine else ""),
+              flush=True)
         self._serving = True
         while not self._stopping:
             self._step(self._next_timeout())
             now = time.monotonic()
-            for slot in self.slots:
+            for slot in self._every():
                 if not slot.pid and slot.restart_at is not None and now >= slot.restart_at:
                     slot.restart_at = None
                     self._start(slot, announce=False)
         return self._drain()
 
+    def _every(self) -> list[_Slot]:
+        """The workers' slots, and the engine process's (last) if there is one."""
+        return self.slots + ([self.engine] if self.engine is not None else [])
+
     def _failed_start(self) -> int:
         self._stopping = True
-        statuses = [s.status for s in self.slots if s.status]
+        statuses = [s.status for s in self._every() if s.status]
         self._drain()
         code = next((os.waitstatus_to_exitcode(s) for s in statuses if os.WIFEXITED(s)), 1)
         return code or 1
@@ -299,7 +329,7 @@ class Supervisor:
         return False
 
     def _next_timeout(self) -> float | None:
-        times = [s.restart_at for s in self.slots if s.restart_at is not None]
+        times = [s.restart_at for s in self._every() if s.restart_at is not None]
         return None if not times else max(0.0, min(times) - time.monotonic())
 
     def _step(self, timeout: float | None) -> None:
@@ -320,7 +350,7 @@ class Supervisor:
             if data:
                 slot.ready = True
                 if self._serving:
-                    log.info("worker %d started again (pid %d)", slot.index, slot.pid)
+                    log.info("%s started again (pid %d)", slot.name, slot.pid)
             self._selector.unregister(key.fd)  # one message, or the end of the worker
             os.close(key.fd)
             slot.ready_fd = -1
@@ -344,8 +374,7 @@ class Supervisor:
         try:
             self.relay.on_message(slot.index, data, self._controls())
         except Exception:
-            log.exception("worker %d sent a model change that could not be handled",
-                          slot.index)
+            log.exception("%s sent a model change that could not be handled", slot.name)
 
     def _close_control(self, slot: _Slot) -> None:
         if slot.control is not None:
@@ -361,7 +390,7 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            slot = next((s for s in self.slots if s.pid == pid), None)
+            slot = next((s for s in self._every() if s.pid == pid), None)
             if slot is None:
                 continue
             self._exited(slot, status)
@@ -374,7 +403,8 @@ class Supervisor:
             os.close(slot.ready_fd)
             slot.ready_fd = -1
         self._close_control(slot)
-        self.relay.forget(slot.index, self._controls())
+        if slot is not self.engine:
+            self.relay.forget(slot.index, self._controls())
         _retire_metrics(self.metrics_dir, slot)
         if (self._stopping and not was_ready and os.WIFSIGNALED(status)
                 and os.WTERMSIG(status) == signal.SIGTERM):
@@ -385,7 +415,7 @@ class Supervisor:
         slot.quick_exits = slot.quick_exits + 1 if lived < HEALTHY_AFTER else 0
         delay = (0.0 if not slot.quick_exits
                  else min(FIRST_BACKOFF * 2 ** (slot.quick_exits - 1), MAX_BACKOFF))
-        log.warning("worker %d (pid %d) %s%s; starting it again in %.1f s", slot.index,
+        log.warning("%s (pid %d) %s%s; starting it again in %.1f s", slot.name,
                     slot.last_pid, describe_exit(status),
                     "" if was_ready else " before it was ready", delay)
         slot.restart_at = time.monotonic() + delay
@@ -409,11 +439,32 @@ class Supervisor:
                 self._kill_all()
                 break
             self._step(min(remaining, 1.0))
-        failed = [s for s in self.slots if s.status]
+        self._stop_engine(deadline)
+        failed = [s for s in self._every() if s.status]
         return 1 if failed else 0
 
+    def _stop_engine(self, deadline: float) -> None:
+        """Once every worker is gone: SIGTERM to the engine process, and wait for it."""
+        engine = self.engine
+        if engine is None:
+            return
+        engine.restart_at = None
+        if not engine.pid:
+            engine.status = None  # its exit was reported already
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine.pid, signal.SIGTERM)
+        while engine.pid:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.error("the engine process (pid %d) still stopping after %.0f s: killed",
+                          engine.pid, DRAIN_LIMIT)
+                self._kill_all()
+                break
+            self._step(min(remaining, 1.0))
+
     def _kill_all(self) -> None:
-        for slot in self.slots:
+        for slot in self._every():
             if slot.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.pid, signal.SIGKILL)
@@ -466,7 +517,7 @@ class Supervisor:
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        for other in self.slots:
+        for other in self._every():
             if other.ready_fd >= 0:
                 os.close(other.ready_fd)
             if other.control is not None:
@@ -476,10 +527,21 @@ class Supervisor:
             os.write(ready_fd, b"r")
             os.close(ready_fd)
 
-        role = WorkerRole(index=slot.index, count=self.count, sockets=self.sockets,
+        if slot is self.engine:  # it serves no listener
+            close_listeners_of_child(self.sockets)
+        role = WorkerRole(index=slot.index, count=self.count,
+                          sockets={} if slot is self.engine else self.sockets,
                           announce=announce, metrics_dir=self.metrics_dir, guard=self.guard,
-                          ready=ready, control=control, changes=list(self.relay.changes))
+                          ready=ready, control=control, changes=list(self.relay.changes),
+                          kind="engine" if slot is self.engine else "worker",
+                          shared=self.shared)
         return self.serve(role)
+
+
+def close_listeners_of_child(sockets: dict[str, socket.socket]) -> None:
+    """Close a forked process's copies of the listening sockets (the paths stay)."""
+    for sock in sockets.values():
+        sock.close()
 
 
 def _retire_metrics(folder: str, slot: _Slot) -> None:

@@ -29,8 +29,9 @@ reference ignores, see ``mip.msip.Flags``):
   bounded in messages and octets per session and in octets for the whole broker (oldest
   dropped, counted). CLOSE ends any session at once. ``at_least_once=False`` turns this off.
 
-Several brokers, on one machine or many, form one service through Redis with
-``cluster="redis://HOST:PORT[/DB]"`` (``mip broker --cluster``; see ``mip.net.msip_cluster``).
+Several brokers, on one machine or many, form one service through Redis or NATS with
+``cluster="redis://HOST:PORT[/DB]"`` or ``"nats://HOST:PORT"`` (``mip broker --cluster``; see
+``mip.net.msip_cluster``).
 
 A HELLO that sets any of those flags is answered with the client id followed by the u32
 ``Capability`` set granted; reference clients never set them and get the reference's 8 octets.
@@ -251,16 +252,18 @@ class Broker:
         session_takeover: a HELLO naming a client id in use closes the older connection, for
             every session (otherwise only when the HELLO set ``Flags.TAKEOVER``).
         ssl: an ``ssl.SSLContext`` to serve TLS with (None: plain TCP).
-        cluster: ``redis://HOST:PORT[/DB]`` (or ``rediss://``): join the other brokers using
-            this Redis as one MSIP service (:mod:`mip.net.msip_cluster`); None: alone.
-        cluster_prefix: put before a topic to name its Redis channel (brokers of different
-            services sharing one Redis need different prefixes).
+        cluster: ``redis://HOST:PORT[/DB]`` (or ``rediss://``) or ``nats://HOST:PORT`` (or
+            ``tls://``): join the other brokers using this Redis or NATS as one MSIP service
+            (:mod:`mip.net.msip_cluster`, :mod:`mip.net.msip_nats`); None: alone.
+        cluster_prefix: put before a topic to name its Redis channel or NATS subject (brokers
+            of different services sharing one engine need different prefixes).
         cluster_max_pending: octets of local publishes queued for Redis at most; beyond it
             (Redis slow or down) they are not sent to the other brokers, counted in
             ``stats.cluster_dropped``.
         cluster_stream_max: events kept in Redis per topic that at-least-once sessions
-            subscribe to (about: ``XADD MAXLEN ~``), so that such a session resumes on any
-            broker; 0: no streams, at-least-once sessions live in one broker's memory.
+            subscribe to (about: ``XADD MAXLEN ~``; NATS: in JetStream, every topic's), so that
+            such a session resumes on any broker; 0: no streams, at-least-once sessions live
+            in one broker's memory.
     """
 
     def __init__(
@@ -325,8 +328,8 @@ class Broker:
         self.address: Address | None = None
         self._cluster = None
         if cluster is not None:
-            from mip.net.msip_cluster import RedisCluster
-            self._cluster = self.core.backplane = RedisCluster(
+            from mip.net.msip_cluster import open_backplane
+            self._cluster = self.core.backplane = open_backplane(
                 self, cluster, prefix=cluster_prefix, max_pending=cluster_max_pending,
                 stream_max=cluster_stream_max)
             # client ids name sessions across brokers: start each broker's at a random place
@@ -469,11 +472,11 @@ class Broker:
         return accepted
 
     def _deliver_remote(self, payload, kind: int, flags: int, msg_id: int,
-                        sid: tuple | None = None, own: bool = False) -> None:
+                        sid: tuple | None = None, own: bool = False, apart: bool = False) -> None:
         """Deliver a publish another broker received (``payload``: its PUBLISH payload) to
-        this broker's subscribers, as a local one is (``sid``, ``own``: see
+        this broker's subscribers, as a local one is (``sid``, ``own``, ``apart``: see
         :meth:`BrokerCore.deliver_remote`)."""
-        self.core.deliver_remote(payload, kind, flags, msg_id, time.monotonic(), sid, own)
+        self.core.deliver_remote(payload, kind, flags, msg_id, time.monotonic(), sid, own, apart)
         if self._write_soon is None:  # one write per connection for a batch from Redis
             self._write_soon = asyncio.get_running_loop().call_soon(self._write_out_soon)
 

@@ -1,6 +1,14 @@
-"""A Redis backplane that joins several MSIP brokers into one service.
+"""A backplane that joins several MSIP brokers into one service: Redis, or NATS
+(:mod:`mip.net.msip_nats`).
 
-Each broker given ``cluster="redis://HOST:PORT[/DB]"`` (``mip broker --cluster``) keeps two
+:class:`Backplane` is what the broker and its core call, whatever the engine: a local
+publish goes out (:meth:`Backplane.publish`, queued and bounded in octets), the topics local
+sessions subscribe to come in (:meth:`Backplane.interest`), and at-least-once sessions'
+positions are recorded (:meth:`Backplane.begin`, :meth:`Backplane.position`, ...). The engine
+classes implement the sending, subscribing and recording. :func:`open_backplane` picks the
+engine from the URL's scheme.
+
+Redis: each broker given ``cluster="redis://HOST:PORT[/DB]"`` (``mip broker --cluster``) keeps two
 connections to Redis:
 
 * a publishing connection: every PUBLISH a local client makes is sent, after local delivery,
@@ -59,15 +67,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib
 import logging
 import os
 import re
 import struct
 import time
+from typing import Any
 
 from mip.net.msip_topics import pattern_tokens
 
-__all__ = ["RedisCluster", "ENVELOPE", "glob_of"]
+__all__ = ["Backplane", "RedisCluster", "ENVELOPE", "glob_of", "open_backplane"]
 
 log = logging.getLogger("mip.msip.cluster")
 
@@ -183,57 +193,123 @@ def _open(url: str, **options):
                              **options)
 
 
-class RedisCluster:
-    """The Redis link of one broker (created by :class:`~mip.net.msip_broker.Broker`).
 
-    Args:
-        broker: the broker whose local publishes go out and which delivers what comes in.
-        url: ``redis://[[USER]:PASSWORD@]HOST:PORT[/DB]`` or ``rediss://`` (TLS, redis-py's
-            ``ssl_*`` query options). Pub/sub channels are shared by every database of a
-            Redis server: brokers of different services on one Redis need different
-            ``prefix``.
-        prefix: put before each topic to name its channel.
-        max_pending: octets of envelopes queued for Redis at most; more are dropped (counted).
+
+def open_backplane(broker, url: str, **options) -> Backplane:
+    """The backplane of ``url``'s engine: ``redis://``, ``rediss://`` or ``unix://`` (Redis),
+    ``nats://`` or ``tls://`` (NATS); ``options``: the engine class's keywords."""
+    if url.startswith(("nats://", "tls://")):
+        from mip.net.msip_nats import NatsCluster
+
+        return NatsCluster(broker, url, **options)
+    if url.startswith(RedisCluster.schemes):
+        return RedisCluster(broker, url, **options)
+    raise ValueError("cluster URL must be redis://HOST:PORT[/DB], rediss://, or "
+                     f"nats://HOST:PORT, not {url!r}")
+
+
+def parse_envelope(data) -> tuple[int, int, int, int] | None:
+    """(msg_kind, EVENT flags, origin, msg_id) of a version-1 envelope, None if it is not one
+    (its PUBLISH payload starts at ``ENVELOPE.size``)."""
+    if len(data) < ENVELOPE.size or data[0] != _VERSION:
+        return None
+    return ENVELOPE.unpack_from(data)[1:]
+
+
+class Backplane:
+    """The link of one broker to the engine that joins it to the others (created by
+    :class:`~mip.net.msip_broker.Broker`, through :func:`open_backplane`).
+
+    What is shared by the engines lives here: the outgoing queue bounded in octets and the
+    task sending it in batches, the topics and patterns local sessions want, and the queue of
+    at-least-once sessions' records with the task writing it (retrying, refreshing records
+    before they expire). An engine provides ``_channel`` (a topic's name there), ``_send``
+    (a batch), ``_record`` (a pass of records), and the hooks named below.
     """
+
+    engine = "?"  #: the engine's name in log messages
+    schemes: tuple[str, ...] = ()  #: the schemes of its URLs
+    url_form = "?"  #: its URL, as an error message shows it
+    client = ("?", "?")  #: the module of its Python client, and the package that brings it
 
     def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20,
                  stream_max: int = 10_000):
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"cluster URL must be redis://HOST:PORT[/DB] or rediss://, not {url!r}")
+        if not url.startswith(self.schemes):
+            raise ValueError(f"cluster URL must be {self.url_form}, not {url!r}")
         if stream_max < 0:
             raise ValueError(f"cluster stream_max must be 0 or more, not {stream_max}")
         if max_pending <= 0:
             raise ValueError(f"cluster max_pending must be positive, not {max_pending}")
         try:
-            import redis.asyncio  # noqa: F401
+            importlib.import_module(self.client[0])
         except ImportError as exc:
-            raise ImportError("a Redis cluster needs the Python package 'redis', which is not "
-                              "installed: pip install 'mip-toolkit[broker]'", name="redis") from exc
+            raise ImportError(f"a {self.engine} cluster needs the Python package "
+                              f"'{self.client[1]}', which is not installed: "
+                              "pip install 'mip-toolkit[broker]'",
+                              name=self.client[0].split(".")[0]) from exc
         self.broker = broker
         self.url = url
-        self.prefix = prefix.encode("utf-8")
         self.max_pending = max_pending
         self.origin = int.from_bytes(os.urandom(8), "big")
         self.stats = broker.stats
         self._queue: collections.deque = collections.deque()  # (channel, envelope)
         self._wake = asyncio.Event()
         self._interest = asyncio.Event()
-        self._channels: set[bytes] = set()  # wanted: literal topics' channels
-        self._globs: dict[bytes, re.Pattern] = {}  # wanted: patterns' globs -> their regex
-        self._pattern_globs: dict[str, bytes] = {}  # pattern topic -> its glob
-        self._sub_channels: set[bytes] = set()  # subscribed on the current connection
-        self._sub_globs: dict[bytes, re.Pattern] = {}
+        self._topics: set[str] = set()  # wanted: literal topics
+        self._patterns: set[str] = set()  # wanted: wildcard patterns
         self._tasks: list[asyncio.Task] = []
         self._warn_drop = _Warn()
         self._warn_pub = _Warn()
         self._warn_sub = _Warn()
-        self._plen = len(self.prefix)
         self.stream_max = stream_max
-        self.streams = stream_max > 0  # at-least-once sessions are recorded in Redis
+        self.streams = stream_max > 0  # at-least-once sessions are recorded in the engine
         self._ops: list = []  # ("begin", session, topic), ("hdel", id, topic), ("del", id)
         self._positions: dict[tuple[int, str], str] = {}  # (client id, topic) -> position
         self._session_wake = asyncio.Event()
         self._warn_rec = _Warn()
+
+    # -- the engine's part -----------------------------------------------------------------
+    def _channel(self, topic: bytes):
+        """The name of ``topic`` (its UTF-8 octets) in the engine."""
+        raise NotImplementedError
+
+    async def _connect(self) -> None:
+        """At start: whether the engine answers (raise if not; the broker starts either
+        way). A task it starts goes into ``_tasks``."""
+        raise NotImplementedError
+
+    def _loops(self) -> list:
+        """The engine's own tasks' coroutines (besides the publisher and the recorder)."""
+        return []
+
+    async def _pub_open(self) -> None:
+        """Before a batch: the publishing connection is ready (raise: retried later)."""
+
+    async def _send(self, batch: list) -> None:
+        """Send a batch of (channel, envelope)."""
+        raise NotImplementedError
+
+    async def _pub_reset(self) -> None:
+        """A batch failed: drop the publishing connection (opened again for the next)."""
+
+    async def _record(self, ops: list, positions: dict, refresh: bool, ttl_ms: int) -> list:
+        """Write a pass of sessions' records (``refresh``: keep every live record from
+        expiring, ``ttl_ms`` more); returns the begins to do again on the next pass."""
+        raise NotImplementedError
+
+    async def _rec_reset(self) -> None:
+        """A pass of records failed: drop the recording connection."""
+
+    async def _close(self) -> None:
+        """At stop, after the tasks ended: close what is left open (bounded)."""
+
+    def _where(self) -> str:
+        return self.url.split("@")[-1].split("?")[0]  # no password in logs
+
+    def _refresh_every(self) -> float:
+        """Seconds between two refreshes of the live sessions' records, which expire the
+        session TTL plus this after the last one."""
+        return max(0.5, min(self.broker.core.session_ttl / 3, 10.0))
 
     # -- from the broker (synchronous, on its loop) -----------------------------------------
     def publish(self, topic: bytes, payload, kind: int, flags: int, msg_id: int) -> None:
@@ -244,11 +320,11 @@ class RedisCluster:
         stats = self.stats
         if stats.cluster_pending_bytes + size > self.max_pending:
             stats.cluster_dropped += 1
-            self._warn_drop("cluster: outgoing queue to Redis full (%d octets, limit %d): "
-                            "dropping publishes for the other brokers",
+            self._warn_drop("cluster: outgoing queue to %s full (%d octets, limit %d): "
+                            "dropping publishes for the other brokers", self.engine,
                             stats.cluster_pending_bytes, self.max_pending)
             return
-        self._queue.append((self.prefix + topic, envelope))
+        self._queue.append((self._channel(topic), envelope))
         stats.cluster_pending_bytes += size
         if not self._wake.is_set():
             self._wake.set()
@@ -256,19 +332,11 @@ class RedisCluster:
     def interest(self, topic: str, pattern: bool, wanted: bool) -> None:
         """Local sessions started (``wanted``) or stopped wanting ``topic`` (a literal topic,
         or a wildcard pattern when ``pattern``)."""
-        if pattern:
-            if wanted:
-                glob, rx = glob_of(self.prefix, pattern_tokens(topic))
-                self._pattern_globs[topic] = glob
-                self._globs[glob] = rx
-            else:
-                glob = self._pattern_globs.pop(topic, None)
-                if glob is not None and glob not in self._pattern_globs.values():
-                    self._globs.pop(glob, None)
-        elif wanted:
-            self._channels.add(self.prefix + topic.encode("utf-8"))
+        which = self._patterns if pattern else self._topics
+        if wanted:
+            which.add(topic)
         else:
-            self._channels.discard(self.prefix + topic.encode("utf-8"))
+            which.discard(topic)
         self._interest.set()
 
     # -- at-least-once sessions' records (from the core, synchronous) -----------------------
@@ -293,45 +361,37 @@ class RedisCluster:
         self._ops.append(("del", client_id))
         self._session_wake.set()
 
-    def _session_key(self, client_id: int) -> bytes:
-        return self.prefix + b"session:%d" % client_id
-
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start both connections' tasks; says whether Redis answers now (the broker starts
-        either way)."""
+        """Connect and start the tasks; logs whether the engine answers now (the broker
+        starts either way)."""
         loop = asyncio.get_running_loop()
-        probe = _open(self.url, socket_timeout=2.0)
         try:
-            await probe.ping()
-            log.info("cluster: Redis at %s answers; broker id %016x", self._where(), self.origin)
+            await self._connect()
+            log.info("cluster: %s at %s answers; broker id %016x", self.engine, self._where(),
+                     self.origin)
             self.stats.cluster_connected = True
         except Exception as exc:  # noqa: BLE001 - any failure: serve locally, keep trying
-            log.warning("cluster: Redis at %s is not reachable (%s): serving local clients, "
-                        "retrying in the background", self._where(), exc)
-        finally:
-            await probe.aclose()
-        self._tasks = [loop.create_task(self._publisher()), loop.create_task(self._subscriber())]
+            log.warning("cluster: %s at %s is not reachable (%s): serving local clients, "
+                        "retrying in the background", self.engine, self._where(), exc)
+        self._tasks += [loop.create_task(c) for c in [self._publisher(), *self._loops()]]
         if self.streams:
             self._tasks.append(loop.create_task(self._recorder()))
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        if self._tasks:  # bounded: closing a connection to a Redis that vanished may hang
+        if self._tasks:  # bounded: closing a connection to an engine that vanished may hang
             await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
+        await self._close()
         self._queue.clear()
         self.stats.cluster_pending_bytes = 0
         self.stats.cluster_connected = False
 
-    def _where(self) -> str:
-        return self.url.split("@")[-1].split("?")[0]  # no password in logs
-
     # -- outgoing ----------------------------------------------------------------------------
     async def _publisher(self) -> None:
         backoff = _BACKOFF_MIN
-        client = None
         queue = self._queue
         stats = self.stats
         while True:
@@ -340,34 +400,142 @@ class RedisCluster:
                 await self._wake.wait()
             batch: list = []
             try:
-                if client is None:
-                    client = _open(self.url, socket_timeout=10.0)
-                    await client.ping()
-                    script = client.register_script(
-                        _PUBLISH_STREAMED if self.streams else _PUBLISH_ALL)
-                args = [self.stream_max, self.prefix] if self.streams else []
+                await self._pub_open()
                 n = 0
                 while queue and len(batch) < _BATCH_MESSAGES and n < _BATCH_OCTETS:
                     entry = queue.popleft()
                     batch.append(entry)
                     n += len(entry[1])
-                    args += entry
-                await script(args=args)
+                await self._send(batch)
                 stats.cluster_pending_bytes -= n
                 stats.cluster_published += len(batch)
                 backoff = _BACKOFF_MIN
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - Redis down or failing: drop, retry
+            except Exception as exc:  # noqa: BLE001 - the engine down or failing: drop, retry
                 lost = len(batch)
                 stats.cluster_pending_bytes -= sum(len(e[1]) for e in batch)
                 stats.cluster_dropped += lost
-                self._warn_pub("cluster: publishing to Redis at %s failed (%s); %d publishes "
-                               "dropped, retrying in %.1f s", self._where(), exc, lost, backoff)
-                await _close_quietly(client)
-                client = None
+                self._warn_pub("cluster: publishing to %s at %s failed (%s); %d publishes "
+                               "dropped, retrying in %.1f s", self.engine, self._where(), exc,
+                               lost, backoff)
+                await self._pub_reset()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    # -- at-least-once sessions' records -------------------------------------------------------
+    async def _recorder(self) -> None:
+        """Write sessions' records and positions, and read streams for new subscriptions."""
+        backoff = _BACKOFF_MIN
+        refresh_every = self._refresh_every()
+        ttl_ms = int((self.broker.core.session_ttl + refresh_every) * 1000)
+        next_refresh = 0.0
+        waiting: list = []  # begins the engine is not ready for yet
+        while True:
+            if not (self._ops or self._positions):
+                self._session_wake.clear()
+                try:
+                    await asyncio.wait_for(self._session_wake.wait(),
+                                           0.05 if waiting else refresh_every)
+                except asyncio.TimeoutError:
+                    pass
+            ops, self._ops = self._ops, []
+            positions, self._positions = self._positions, {}
+            try:
+                now = time.monotonic()
+                refresh = now >= next_refresh
+                if refresh:
+                    next_refresh = now + refresh_every
+                waiting = await self._record(waiting + ops, positions, refresh, ttl_ms)
+                backoff = _BACKOFF_MIN
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the engine down or failing: retry
+                waiting = [op for op in waiting + ops if op[0] == "begin"]
+                # idempotent: again
+                self._ops[:0] = [op for op in ops if op[0] != "begin"]
+                for where, pos in positions.items():
+                    self._positions.setdefault(where, pos)
+                self._warn_rec("cluster: recording sessions in %s at %s failed (%s); "
+                               "retrying in %.1f s", self.engine, self._where(), exc, backoff)
+                await self._rec_reset()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+
+class RedisCluster(Backplane):
+    """The Redis link of one broker.
+
+    Args:
+        broker: the broker whose local publishes go out and which delivers what comes in.
+        url: ``redis://[[USER]:PASSWORD@]HOST:PORT[/DB]`` or ``rediss://`` (TLS, redis-py's
+            ``ssl_*`` query options). Pub/sub channels are shared by every database of a
+            Redis server: brokers of different services on one Redis need different
+            ``prefix``.
+        prefix: put before each topic to name its channel.
+        max_pending: octets of envelopes queued for Redis at most; more are dropped (counted).
+        stream_max: events kept per topic in its stream (``XADD MAXLEN ~``); 0: no streams.
+    """
+
+    engine = "Redis"
+    schemes = ("redis://", "rediss://", "unix://")
+    url_form = "redis://HOST:PORT[/DB] or rediss://"
+    client = ("redis.asyncio", "redis")
+
+    def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20,
+                 stream_max: int = 10_000):
+        super().__init__(broker, url, prefix=prefix, max_pending=max_pending,
+                         stream_max=stream_max)
+        self.prefix = prefix.encode("utf-8")
+        self._sub_channels: set[bytes] = set()  # subscribed on the current connection
+        self._sub_globs: dict[bytes, re.Pattern] = {}  # glob -> the regex of its channels
+        self._pub: Any = None  # the publishing connection, and its batch script
+        self._script: Any = None
+        self._rec: Any = None  # the recording connection, and its begin script
+        self._begin: Any = None
+
+    def _channel(self, topic: bytes) -> bytes:
+        return self.prefix + topic
+
+    def _session_key(self, client_id: int) -> bytes:
+        return self.prefix + b"session:%d" % client_id
+
+    async def _connect(self) -> None:
+        probe = _open(self.url, socket_timeout=2.0)
+        try:
+            await probe.ping()
+        finally:
+            await probe.aclose()
+
+    def _loops(self) -> list:
+        return [self._subscriber()]
+
+    async def _close(self) -> None:
+        for client in (self._pub, self._rec):
+            await _close_quietly(client)
+        self._pub = self._rec = None
+
+    # -- outgoing ----------------------------------------------------------------------------
+    async def _pub_open(self) -> None:
+        if self._pub is None:
+            client = _open(self.url, socket_timeout=10.0)
+            try:
+                await client.ping()
+            except BaseException:
+                await _close_quietly(client)
+                raise
+            self._pub = client
+            self._script = client.register_script(
+                _PUBLISH_STREAMED if self.streams else _PUBLISH_ALL)
+
+    async def _send(self, batch: list) -> None:
+        args = [self.stream_max, self.prefix] if self.streams else []
+        for entry in batch:
+            args += entry
+        await self._script(args=args)
+
+    async def _pub_reset(self) -> None:
+        await _close_quietly(self._pub)
+        self._pub = None
 
     # -- incoming ----------------------------------------------------------------------------
     async def _subscriber(self) -> None:
@@ -421,10 +589,12 @@ class RedisCluster:
 
     async def _sync(self, pubsub) -> None:
         """Bring the connection's subscriptions to what local sessions want, in batches."""
-        add = [c for c in self._channels if c not in self._sub_channels]
-        drop = [c for c in self._sub_channels if c not in self._channels]
-        padd = [g for g in self._globs if g not in self._sub_globs]
-        pdrop = [g for g in self._sub_globs if g not in self._globs]
+        channels = {self.prefix + t.encode("utf-8") for t in self._topics}
+        globs = dict(glob_of(self.prefix, pattern_tokens(p) or (p,)) for p in self._patterns)
+        add = [c for c in channels if c not in self._sub_channels]
+        drop = [c for c in self._sub_channels if c not in channels]
+        padd = [g for g in globs if g not in self._sub_globs]
+        pdrop = [g for g in self._sub_globs if g not in globs]
         for i in range(0, len(add), _SUB_BATCH):
             await pubsub.subscribe(*add[i:i + _SUB_BATCH])
         for i in range(0, len(padd), _SUB_BATCH):
@@ -433,8 +603,8 @@ class RedisCluster:
             await pubsub.unsubscribe(*drop[i:i + _SUB_BATCH])
         for i in range(0, len(pdrop), _SUB_BATCH):
             await pubsub.punsubscribe(*pdrop[i:i + _SUB_BATCH])
-        self._sub_channels = set(self._channels)
-        self._sub_globs = dict(self._globs)
+        self._sub_channels = channels
+        self._sub_globs = globs
 
     def _incoming(self, msg: dict) -> None:
         kind = msg["type"]
@@ -453,105 +623,83 @@ class RedisCluster:
                 return
             msg_kind, flags, origin, msg_id = _TAIL.unpack_from(data, at)
             at += _TAIL.size
-        elif len(data) < ENVELOPE.size or data[0] != _VERSION:
-            self.stats.cluster_invalid += 1
-            return
         else:
-            _, msg_kind, flags, origin, msg_id = ENVELOPE.unpack_from(data)
+            head = parse_envelope(data)
+            if head is None:
+                self.stats.cluster_invalid += 1
+                return
+            msg_kind, flags, origin, msg_id = head
             at = ENVELOPE.size
         own = origin == self.origin
         if own and not self.streams:
             return  # this broker's own publish: its clients have it already
         self.broker._deliver_remote(memoryview(data)[at:], msg_kind, flags, msg_id, sid, own)
 
+    def _first_match(self, pattern: bytes, channel: bytes) -> bool:
+        """Whether ``pattern`` is the one subscription of this broker that delivers an event
+        on ``channel`` (Redis sends one message per matching channel and glob)."""
+        if channel in self._sub_channels:
+            return False
+        matches = [g for g, rx in self._sub_globs.items() if rx.fullmatch(channel)]
+        return not matches or pattern == min(matches)
+
     # -- at-least-once sessions' records -------------------------------------------------------
-    async def _recorder(self) -> None:
-        """Write sessions' records and positions, and read streams for new subscriptions."""
-        backoff = _BACKOFF_MIN
-        client = None
-        ttl = self.broker.core.session_ttl
-        refresh_every = max(0.5, min(ttl / 3, 10.0))
-        ttl_ms = int((ttl + refresh_every) * 1000)
-        next_refresh = 0.0
-        waiting: list = []  # begins whose channel the subscribing connection lacks yet
-        while True:
-            if not (self._ops or self._positions):
-                self._session_wake.clear()
+    async def _record(self, ops: list, positions: dict, refresh: bool, ttl_ms: int) -> list:
+        if self._rec is None:
+            self._rec = _open(self.url, socket_timeout=10.0)
+            self._begin = self._rec.register_script(_BEGIN)
+        client = self._rec
+        pipe = client.pipeline(transaction=False)
+        begins: list[tuple[Any, int | None]] = []
+        restores = []
+        for op in ops:
+            if op[0] == "begin":
+                session, topic = op[1], op[2]
+                if session.streams.get(topic) is None:
+                    continue  # unsubscribed meanwhile
+                if self.prefix + topic.encode("utf-8") not in self._sub_channels:
+                    begins.append((op, None))  # not subscribed in Redis yet: later
+                    continue
+                t = topic.encode("utf-8")
+                begins.append((op, len(pipe)))
+                await self._begin(args=[self.prefix + b"want:" + t,
+                                  self._session_key(session.client_id), t,
+                                  self.prefix + b"stream:" + t, ttl_ms], client=pipe)
+            elif op[0] == "restore":
+                restores.append((op[1], len(pipe)))
+                pipe.hkeys(self._session_key(op[1].client_id))
+            elif op[0] == "hdel":
+                pipe.hdel(self._session_key(op[1]), op[2])
+            else:
+                pipe.delete(self._session_key(op[1]))
+        for (cid, topic), pos in positions.items():
+            key = self._session_key(cid)
+            pipe.hset(key, topic, pos)
+            pipe.pexpire(key, ttl_ms)
+        if refresh:
+            for cid, topics in self.broker.core.stream_sessions():
+                pipe.pexpire(self._session_key(cid), ttl_ms)
+                for topic in topics:
+                    t = topic.encode("utf-8")
+                    pipe.set(self.prefix + b"want:" + t, b"1", px=ttl_ms)
+                    pipe.pexpire(self.prefix + b"stream:" + t, 2 * ttl_ms)
+        results = await pipe.execute() if len(pipe) else []
+        for restoring, at in restores:
+            topics = []
+            for raw in results[at]:
                 try:
-                    await asyncio.wait_for(self._session_wake.wait(),
-                                           0.05 if waiting else refresh_every)
-                except asyncio.TimeoutError:
-                    pass
-            ops, self._ops = self._ops, []
-            positions, self._positions = self._positions, {}
-            try:
-                if client is None:
-                    client = _open(self.url, socket_timeout=10.0)
-                    begin = client.register_script(_BEGIN)
-                pipe = client.pipeline(transaction=False)
-                begins = []
-                restores = []
-                for op in waiting + ops:
-                    if op[0] == "begin":
-                        session, topic = op[1], op[2]
-                        if session.streams.get(topic) is None:
-                            continue  # unsubscribed meanwhile
-                        if self.prefix + topic.encode("utf-8") not in self._sub_channels:
-                            begins.append((op, None))  # not subscribed in Redis yet: later
-                            continue
-                        t = topic.encode("utf-8")
-                        begins.append((op, len(pipe)))
-                        await begin(args=[self.prefix + b"want:" + t,
-                                    self._session_key(session.client_id), t,
-                                    self.prefix + b"stream:" + t, ttl_ms], client=pipe)
-                    elif op[0] == "restore":
-                        restores.append((op[1], len(pipe)))
-                        pipe.hkeys(self._session_key(op[1].client_id))
-                    elif op[0] == "hdel":
-                        pipe.hdel(self._session_key(op[1]), op[2])
-                    else:
-                        pipe.delete(self._session_key(op[1]))
-                for (cid, topic), pos in positions.items():
-                    key = self._session_key(cid)
-                    pipe.hset(key, topic, pos)
-                    pipe.pexpire(key, ttl_ms)
-                now = time.monotonic()
-                if now >= next_refresh:
-                    next_refresh = now + refresh_every
-                    for cid, topics in self.broker.core.stream_sessions():
-                        pipe.pexpire(self._session_key(cid), ttl_ms)
-                        for topic in topics:
-                            t = topic.encode("utf-8")
-                            pipe.set(self.prefix + b"want:" + t, b"1", px=ttl_ms)
-                            pipe.pexpire(self.prefix + b"stream:" + t, 2 * ttl_ms)
-                results = await pipe.execute() if len(pipe) else []
-                waiting = [op for op, at in begins if at is None]
-                for restoring, at in restores:
-                    topics = []
-                    for raw in results[at]:
-                        try:
-                            topics.append(raw.decode("utf-8"))
-                        except UnicodeDecodeError:
-                            self.stats.cluster_invalid += 1
-                    self.broker.core.restore_subscriptions(restoring, topics)
-                for op, index in begins:
-                    if index is not None:
-                        await self._replay(client, op[1], op[2], results[index])
-                backoff = _BACKOFF_MIN
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Redis down or failing: retry
-                waiting = [op for op in waiting + ops if op[0] == "begin"]
-                # idempotent: again
-                self._ops[:0] = [op for op in ops if op[0] != "begin"]
-                for where, pos in positions.items():
-                    self._positions.setdefault(where, pos)
-                self._warn_rec("cluster: recording sessions in Redis at %s failed (%s); "
-                               "retrying in %.1f s", self._where(), exc, backoff)
-                await _close_quietly(client)
-                client = None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
+                    topics.append(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    self.stats.cluster_invalid += 1
+            self.broker.core.restore_subscriptions(restoring, topics)
+        for op, index in begins:
+            if index is not None:
+                await self._replay(client, op[1], op[2], results[index])
+        return [op for op, at in begins if at is None]
+
+    async def _rec_reset(self) -> None:
+        await _close_quietly(self._rec)
+        self._rec = None
 
     async def _replay(self, client, session, topic: str, pos) -> None:
         """Hand the session the events of ``topic``'s stream after its position ``pos``."""
@@ -564,11 +712,11 @@ class RedisCluster:
             for raw_id, fields in page:
                 sid = _stream_id(raw_id)
                 env = fields.get(b"e", b"")
-                if sid is None or len(env) < ENVELOPE.size or env[0] != _VERSION:
+                head = parse_envelope(env)
+                if sid is None or head is None:
                     self.stats.cluster_invalid += 1
                     continue
-                _, _, flags, _, msg_id = ENVELOPE.unpack_from(env)
-                entries.append((sid, memoryview(env)[ENVELOPE.size:], flags, msg_id))
+                entries.append((sid, memoryview(env)[ENVELOPE.size:], head[1], head[3]))
             done = len(page) < _REPLAY_PAGE
             on = core.stream_replay(session, topic, entries, done, time.monotonic())
             self.broker._write_out()
@@ -577,14 +725,6 @@ class RedisCluster:
             if page:  # past malformed entries too
                 on = max(on, _stream_id(page[-1][0]) or on)
             start = "(%d-%d" % on
-
-    def _first_match(self, pattern: bytes, channel: bytes) -> bool:
-        """Whether ``pattern`` is the one subscription of this broker that delivers an event
-        on ``channel`` (Redis sends one message per matching channel and glob)."""
-        if channel in self._sub_channels:
-            return False
-        matches = [g for g, rx in self._sub_globs.items() if rx.fullmatch(channel)]
-        return not matches or pattern == min(matches)
 
 
 def _stream_id(raw: bytes) -> tuple[int, int] | None:

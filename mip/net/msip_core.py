@@ -479,11 +479,12 @@ class BrokerCore:
                 peer.send(msip.encode_header(_PING, _K_EVENT, 0, self._ping_id, 0))
 
     def deliver_remote(self, payload, kind: int, flags: int, msg_id: int, now: float,
-                       sid: tuple | None = None, own: bool = False) -> None:
+                       sid: tuple | None = None, own: bool = False, apart: bool = False) -> None:
         """Deliver a publish another broker received (``payload``: its PUBLISH payload) to
         this broker's subscribers, as a local one is. ``sid``: its id in the topic's stream
         (the backplane recorded it). ``own``: this broker's own publish coming back, for the
-        subscriptions fed from the stream only (the others had it at once)."""
+        subscriptions fed from the stream only (the others had it at once). ``apart``: for
+        all but those (they get it from the stream, apart)."""
         n = len(payload)
         if n < 2 or n > self.max_payload:
             self.stats.cluster_invalid += 1
@@ -500,7 +501,7 @@ class BrokerCore:
         if not own:
             self.stats.cluster_received += 1
         self._route_event(topic, payload, flags & _F_COMPRESSED, flags & _F_URGENT, msg_id, now,
-                          _OWN if own else _REMOTE, sid)
+                          _OWN if own else _LOCAL if apart else _REMOTE, sid)
 
     def stream_replay(self, session: _Session, topic: str, entries, done: bool,
                       now: float) -> tuple | None:

@@ -1,15 +1,21 @@
-"""Brokers joined through a real redis-server (``cluster=``, ``mip broker --cluster``): what is
-published on one broker reaches the subscribers of the others, once, in order."""
+"""Brokers joined through a real redis-server or nats-server (``cluster=``, ``mip broker
+--cluster``): what is published on one broker reaches the subscribers of the others, once, in
+order; at-least-once sessions resume on another broker. Each test runs on both engines (the
+``plane`` fixture), against a server the tests start on a free loopback port."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 
 import pytest
 
@@ -22,25 +28,258 @@ from _serve_process import free_port, stop_process
 redis = pytest.importorskip("redis")
 
 
-@pytest.fixture
-def redis_port(redis_url) -> int:
-    """The port of the run's redis-server (``redis_url``)."""
-    return int(redis_url.rsplit(":", 1)[1].split("/")[0])
+def _redis(port: int, host: str = "127.0.0.1"):
+    return redis.Redis(host=host, port=port, socket_timeout=5)
 
 
-def _redis(port: int):
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+class RedisPlane:
+    """A redis-server as the backplane, and what the tests look up in it (blocking calls:
+    from a thread, ``asyncio.to_thread`` or :func:`until`)."""
+
+    name = "redis"
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        self.port, self.host = port, host
+        self.url = f"redis://{host}:{port}/0"
+        self.proc = None
+
+    def restart(self) -> None:  # for a private server (:func:`private_plane`)
+        self.proc = start_redis(self.port, bind=self.host)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def numsub(self, topic: str, prefix: str = "msip:") -> int:
+        """Brokers subscribed to ``topic``."""
+        with contextlib.closing(_redis(self.port, self.host)) as r:
+            return dict(r.pubsub_numsub(prefix + topic))[(prefix + topic).encode()]
+
+    def numpat(self) -> int:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
+            return r.pubsub_numpat()
+
+    def raw_publish(self, topic: str, data: bytes, prefix: str = "msip:") -> None:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
+            r.publish(prefix + topic, data)
+
+    def position(self, client_id: int, topic: str, prefix: str) -> str | None:
+        """The session's recorded position in ``topic``'s stream."""
+        with contextlib.closing(_redis(self.port, self.host)) as r:
+            pos = r.hget(f"{prefix}session:{client_id}", topic)
+            return None if pos is None else pos.decode()
+
+    def recorded(self, client_id: int, topic: str, prefix: str) -> bool:
+        """The subscription is recorded, and the topic's events stored."""
+        with contextlib.closing(_redis(self.port, self.host)) as r:
+            return bool(r.exists(f"{prefix}want:{topic}")
+                        and r.hexists(f"{prefix}session:{client_id}", topic))
+
+    def record_exists(self, client_id: int, prefix: str) -> bool:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
+            return bool(r.exists(f"{prefix}session:{client_id}"))
+
+    def stream(self, topic: str, prefix: str) -> tuple[int, str]:
+        """(events stored for ``topic``, the last one's id)."""
+        with contextlib.closing(_redis(self.port, self.host)) as r:
+            last = r.xrevrange(f"{prefix}stream:{topic}", count=1)
+            return r.xlen(f"{prefix}stream:{topic}"), last[0][0].decode() if last else ""
+
+    def stored(self, prefix: str) -> bool:
+        with contextlib.closing(_redis(self.port, self.host)) as r:
+            return bool(r.keys(prefix + "*"))
 
 
-def numsub(port: int, topic: str, prefix: str = "msip:") -> int:
-    """Brokers subscribed in Redis to ``topic``'s channel."""
-    with contextlib.closing(_redis(port)) as r:
-        return dict(r.pubsub_numsub(prefix + topic))[(prefix + topic).encode()]
+def start_nats(port: int, monitor: int, store: str, host: str = "127.0.0.1", prefix=(),
+               call=lambda f: f()) -> subprocess.Popen:
+    """nats-server with JetStream (its files in ``store``) on ``host``:``port``, its
+    monitoring endpoint on ``monitor``; returns once it answers. Skips the test without the
+    binary. Elsewhere than on this host: ``prefix`` (the command that runs it, such as ``ip
+    netns exec NS``) and ``call`` (``call(f)`` runs ``f`` where the server is reachable)."""
+    binary = shutil.which("nats-server")
+    if binary is None:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    proc = subprocess.Popen([*prefix, binary, "-a", host, "-p", str(port), "-m", str(monitor),
+                             "-js", "-sd", store], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"http://{host}:{monitor}/healthz?js-enabled-only=true",
+                                    timeout=1) as r:
+            return r.status == 200
+
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError):
+            if call(healthy):
+                return proc
+        time.sleep(0.05)
+    stop_process(proc)
+    raise RuntimeError("nats-server did not start")
 
 
-def numpat(port: int) -> int:
-    with contextlib.closing(_redis(port)) as r:
-        return r.pubsub_numpat()
+class NatsPlane:
+    """A nats-server (with JetStream) as the backplane, as :class:`RedisPlane`."""
+
+    name = "nats"
+
+    def __init__(self, port: int, monitor: int, store: str, host: str = "127.0.0.1"):
+        self.port, self.monitor, self.store, self.host = port, monitor, store, host
+        self.url = f"nats://{host}:{port}"
+        self.proc = None
+
+    def restart(self) -> None:
+        self.proc = start_nats(self.port, self.monitor, self.store, self.host)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def _run(self, work):
+        import nats
+
+        async def main():
+            nc = await nats.connect(self.url, allow_reconnect=False, connect_timeout=5)
+            try:
+                return await work(nc, nc.jetstream(timeout=5))
+            finally:
+                await nc.close()
+
+        return asyncio.run(main())
+
+    def _subjects(self) -> list[str]:
+        with urllib.request.urlopen(f"http://{self.host}:{self.monitor}/connz?subs=1",
+                                    timeout=5) as r:
+            doc = json.load(r)
+        return [s for c in doc.get("connections") or [] for s in c.get("subscriptions_list", [])]
+
+    def numsub(self, topic: str, prefix: str = "msip:") -> int:
+        from mip.net.msip_nats import subject_of
+
+        return self._subjects().count(subject_of(prefix.rstrip(":."), topic))
+
+    def sent_to(self, broker: Broker) -> int:
+        """Messages the server sent a broker's connection."""
+        name = "mip broker %016x" % broker._cluster.origin
+        with urllib.request.urlopen(f"http://{self.host}:{self.monitor}/connz", timeout=5) as r:
+            doc = json.load(r)
+        return sum(c["out_msgs"] for c in doc["connections"] if c.get("name") == name)
+
+    def numpat(self) -> int:
+        return sum(1 for s in self._subjects()
+                   if s.startswith("msip.") and ("*" in s.split(".") or s.endswith(".>")))
+
+    def raw_publish(self, topic: str, data: bytes, prefix: str = "msip:") -> None:
+        from mip.net.msip_nats import subject_of
+
+        async def work(nc, js):
+            await nc.publish(subject_of(prefix.rstrip(":."), topic), data)
+            await nc.flush()
+
+        self._run(work)
+
+    def _key(self, client_id: int, topic: str, prefix: str) -> tuple[str, str]:
+        from mip.net.msip_nats import names, subject_of
+
+        subject, _, bucket = names(prefix)
+        return bucket, "s.%d.%s" % (client_id, subject_of("", topic)[1:])
+
+    def position(self, client_id: int, topic: str, prefix: str) -> str | None:
+        from nats.js.errors import NotFoundError
+
+        bucket, key = self._key(client_id, topic, prefix)
+
+        async def work(nc, js):
+            try:
+                return (await js.get_last_msg("KV_" + bucket, f"$KV.{bucket}.{key}")).data.decode()
+            except NotFoundError:
+                return None
+
+        return self._run(work)
+
+    def recorded(self, client_id: int, topic: str, prefix: str) -> bool:
+        return self.position(client_id, topic, prefix) is not None
+
+    def record_exists(self, client_id: int, prefix: str) -> bool:
+        from mip.net.msip_nats import names
+        from nats.js.errors import NotFoundError
+
+        bucket = names(prefix)[2]
+
+        async def work(nc, js):
+            try:
+                info = await js.stream_info("KV_" + bucket, f"$KV.{bucket}.s.{client_id}.>")
+            except NotFoundError:
+                return False
+            return bool(info.state.subjects)
+
+        return self._run(work)
+
+    def stream(self, topic: str, prefix: str) -> tuple[int, str]:
+        from mip.net.msip_nats import names, subject_of
+
+        subject, stream, _ = names(prefix)
+
+        async def work(nc, js):
+            info = await js.stream_info(stream, subject_of(subject, topic))
+            count = (info.state.subjects or {}).get(subject_of(subject, topic), 0)
+            if not count:
+                return 0, ""
+            return count, "%d-0" % (await js.get_last_msg(stream, subject_of(subject, topic))).seq
+
+        return self._run(work)
+
+    def stored(self, prefix: str) -> bool:
+        from mip.net.msip_nats import names
+
+        async def work(nc, js):
+            return bool(set(names(prefix)[1:]) & {s.config.name.removeprefix("KV_")
+                                                  for s in await js.streams_info()})
+
+        return self._run(work)
+
+    def clear(self) -> None:
+        """Delete every stream (the events and sessions' records of the test before)."""
+        async def work(nc, js):
+            for info in await js.streams_info():
+                await js.delete_stream(info.config.name)
+
+        self._run(work)
+
+
+@pytest.fixture(scope="module")
+def _nats_server():
+    with tempfile.TemporaryDirectory(prefix="mip-nats-") as store:
+        plane = NatsPlane(free_port(), free_port(), store)
+        plane.restart()
+        try:
+            yield plane
+        finally:
+            plane.stop()
+
+
+@pytest.fixture(params=["redis", "nats"])
+def plane(request):
+    """The backplane the test runs on: the run's redis-server (its database emptied), or the
+    module's nats-server (its streams deleted)."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        return RedisPlane(int(url.rsplit(":", 1)[1].split("/")[0]))
+    nats_plane = request.getfixturevalue("_nats_server")
+    pytest.importorskip("nats")
+    nats_plane.clear()
+    return nats_plane
+
+
+@contextlib.contextmanager
+def private_plane(name: str):
+    """A server of its own for a test that stops and starts it (``plane.restart()``)."""
+    with tempfile.TemporaryDirectory(prefix="mip-plane-") as store:
+        made = (RedisPlane(free_port()) if name == "redis"
+                else NatsPlane(free_port(), free_port(), store))
+        made.restart()
+        try:
+            yield made
+        finally:
+            made.stop()
 
 
 async def until(predicate, timeout: float = 5.0) -> None:
@@ -79,22 +318,26 @@ async def _nothing_more(*subs, wait: float = 0.2) -> None:
             await s.get(0.01)
 
 
-def test_publish_on_one_broker_reaches_the_others_once_in_order(redis_port):
+def test_publish_on_one_broker_reaches_the_others_once_in_order(plane):
     async def main():
-        url = f"redis://127.0.0.1:{redis_port}/0"
+        url = plane.url
         async with brokers(3, url) as (a, b, c):
             clients = [AsyncClient(_url(x), reconnect=False) for x in (a, b, c, a)]
             local, on_b, on_c, pub = clients
             for cl in clients:
                 await cl.connect()
             subs = [await cl.subscribe("orders") for cl in (local, on_b, on_c)]
-            await until(lambda: numsub(redis_port, "orders") == 3)
+            await until(lambda: plane.numsub("orders") == 3)
             sent = [b"order %d" % i for i in range(300)]
+            if plane.name == "nats":
+                before = await asyncio.to_thread(plane.sent_to, a)
             for data in sent:
                 await pub.publish("orders", data)
             for s in subs:  # the publishing broker's own subscriber too: once, not twice
                 assert await _collect(s, len(sent)) == sent
             await _nothing_more(*subs)
+            if plane.name == "nats":  # no_echo: NATS sent A none of its own
+                assert await asyncio.to_thread(plane.sent_to, a) == before
             assert a.stats.cluster_published == 300 and a.stats.cluster_received == 0
             assert b.stats.cluster_received == c.stats.cluster_received == 300
             assert b.stats.cluster_published == c.stats.cluster_published == 0
@@ -110,23 +353,128 @@ def test_publish_on_one_broker_reaches_the_others_once_in_order(redis_port):
     w.run(main(), 30)
 
 
-def test_unsubscribing_stops_cluster_traffic(redis_port):
+def test_any_topic_crosses_the_engine_unchanged(plane):
+    """Topics are literal strings: empty tokens, wildcard characters, spaces, the escape
+    character and non-ASCII text all reach the other broker's subscribers as they were."""
+    topics = ["a..b", ".", "", "temp>30", "s.*x", "x=y", "=41", "é ü.\u2603", "a/b-c_d", "~!@#"]
+
     async def main():
-        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with brokers(2, plane.url) as (a, b):
+            pub, sub = AsyncClient(_url(a), reconnect=False), AsyncClient(_url(b), reconnect=False)
+            await pub.connect()
+            await sub.connect()
+            subs = [await sub.subscribe(t) for t in topics]
+            await until(lambda: all(plane.numsub(t) == 1 for t in topics))
+            for t in topics:
+                await pub.publish(t, t.encode("utf-8") + b"!")
+            for t, s in zip(topics, subs):
+                event = await s.get(5)
+                assert (event.topic, bytes(event.data)) == (t, t.encode("utf-8") + b"!")
+            await _nothing_more(*subs)
+            assert b.stats.cluster_received == len(topics) and b.stats.cluster_invalid == 0
+            await sub.close()
+            await pub.close()
+
+    w.run(main(), 30)
+
+
+def test_nats_subjects_are_valid_and_give_the_topic_back():
+    from mip.net.msip_nats import names, subject_of, topic_of
+
+    for topic in ["orders", "a..b", ".x.", "", "*", ">", "a.>", "temp>30", "x=y", "é ü", "\x00"]:
+        subject = subject_of("msip", topic)
+        tokens = subject.split(".")
+        assert all(tokens) and not any(c.isspace() for c in subject)
+        assert "*" not in tokens and ">" not in tokens
+        assert topic_of("msip", subject) == topic
+    assert subject_of("msip", "s.*.x y.>", pattern=True) == "msip.s.*.x=20y.>"
+    assert subject_of("msip", "temp>30", pattern=True) == "msip.temp=3E30"  # not a pattern
+    for bad in ["other.x", "msip.=4", "msip.=zz", "msip.a b", "msip.=FF"]:
+        assert topic_of("msip", bad) is None
+    assert names("msip:") == ("msip", "msip_events", "msip_sessions")
+    assert names("my app.") [0] == "my=20app"
+
+
+def test_nats_without_jetstream_keeps_at_least_once_sessions_in_memory(tmp_path):
+    """A nats-server without JetStream: the brokers join all the same; an at-least-once
+    session is served from its broker's memory (as with ``cluster_stream_max=0``)."""
+    pytest.importorskip("nats")
+    binary = shutil.which("nats-server")
+    if binary is None:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    plane = NatsPlane(free_port(), free_port(), str(tmp_path))
+    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(plane.port), "-m",
+                             str(plane.monitor)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def main():
+        await until(lambda: _answers(plane), 10)
+        async with brokers(2, plane.url) as (a, b):
+            assert not a._cluster.streams and not b._cluster.streams
+            pub, sub = AsyncClient(_url(a), reconnect=False), AsyncClient(_url(b), reconnect=False)
+            await pub.connect()
+            await sub.connect()
+            s = await sub.subscribe("t", reliable=True)
+            await until(lambda: plane.numsub("t") == 1)
+            for i in range(20):
+                await pub.publish("t", b"%d" % i)
+            assert await _collect(s, 20) == [b"%d" % i for i in range(20)]
+            await sub.close()
+            await pub.close()
+
+    try:
+        w.run(main(), 30)
+    finally:
+        stop_process(proc)
+
+
+def test_nats_stream_is_bounded_per_topic(_nats_server):
+    """JetStream keeps the last ``cluster_stream_max`` events of every topic (Redis keeps
+    streams only for topics wanted at least once, trimmed about: ``MAXLEN ~``)."""
+    pytest.importorskip("nats")
+    plane = _nats_server
+    plane.clear()
+
+    async def main():
+        async with brokers(2, plane.url, cluster_prefix="cap:", cluster_stream_max=50) as (a, b):
+            pub = AsyncClient(_url(a), reconnect=False)
+            await pub.connect()
+            for topic in ("t", "u"):
+                for i in range(120):
+                    await pub.publish(topic, b"%d" % i)
+            await pub.publish("t", b"last", wait=True)
+            await until(lambda: plane.stream("t", "cap:")[0] == 50)
+            assert (await asyncio.to_thread(plane.stream, "u", "cap:"))[0] == 50
+            await pub.close()
+
+    w.run(main(), 30)
+
+
+def _answers(plane: NatsPlane) -> bool:
+    try:
+        plane.numsub("-")
+        return True
+    except OSError:
+        return False
+
+
+def test_unsubscribing_stops_cluster_traffic(plane):
+    async def main():
+        url = plane.url
         async with brokers(2, url) as (a, b):
             pub, sub = AsyncClient(_url(a), reconnect=False), AsyncClient(_url(b), reconnect=False)
             await pub.connect()
             await sub.connect()
             await sub.subscribe("quiet")
             marker = await sub.subscribe("marker")
-            await until(lambda: numsub(redis_port, "quiet") == 1)
+            await until(lambda: plane.numsub("quiet") == 1)
             await sub.unsubscribe("quiet")
-            await until(lambda: numsub(redis_port, "quiet") == 0)
+            await until(lambda: plane.numsub("quiet") == 0)
             for i in range(20):
                 await pub.publish("quiet", b"%d" % i)
-            await until(lambda: numsub(redis_port, "marker") == 1)
+            await until(lambda: plane.numsub("marker") == 1)
             await pub.publish("marker", b"m")
-            # Redis keeps one connection's order: the marker comes after the quiet publishes
+            # the engine keeps one connection's order: the marker comes after the quiet publishes
             assert bytes((await marker.get(5)).data) == b"m"
             assert b.stats.cluster_received == 1  # nothing of "quiet" came to B
             assert a.stats.cluster_published == 21
@@ -136,24 +484,27 @@ def test_unsubscribing_stops_cluster_traffic(redis_port):
     w.run(main(), 30)
 
 
-def test_foreign_messages_on_a_channel_are_counted_not_delivered(redis_port):
+def test_foreign_messages_on_a_channel_are_counted_not_delivered(plane):
     from mip.net.msip_cluster import ENVELOPE
 
     async def main():
-        url = f"redis://127.0.0.1:{redis_port}/0"
+        url = plane.url
         async with brokers(2, url) as (a, b):
             sub = AsyncClient(_url(b), reconnect=False)
             await sub.connect()
             s = await sub.subscribe("t")
-            await until(lambda: numsub(redis_port, "t") == 1)
+            await until(lambda: plane.numsub("t") == 1)
             env = ENVELOPE.pack(1, 1, 0, 42, 7)
             bad = [b"", b"junk", b"\x09" + env[1:] + b"\x00\x01t",  # unknown version
                    env, env + b"\x00", env + b"\x00\x09t",  # topic length past the end
                    env + b"\x00\x02\xff\xfe"]  # topic not UTF-8
-            with contextlib.closing(_redis(redis_port)) as r:
+
+            def send():
                 for data in bad:
-                    r.publish("msip:t", data)
-                r.publish("msip:t", env + b"\x00\x01tok")  # a well-formed one from "broker 42"
+                    plane.raw_publish("t", data)
+                plane.raw_publish("t", env + b"\x00\x01tok")  # a well-formed one from "broker 42"
+
+            await asyncio.to_thread(send)
             event = await s.get(5)
             assert (event.topic, bytes(event.data), event.msg_id) == ("t", b"ok", 7)
             assert b.stats.cluster_invalid == len(bad) and b.stats.cluster_received == 1
@@ -163,20 +514,22 @@ def test_foreign_messages_on_a_channel_are_counted_not_delivered(redis_port):
     w.run(main(), 30)
 
 
-def test_patterns_map_to_psubscribe_and_deliver_once(redis_port):
+def test_patterns_map_to_wildcard_subscriptions_and_deliver_once(plane):
     async def main():
-        url = f"redis://127.0.0.1:{redis_port}/0"
+        url = plane.url
         async with brokers(2, url, topic_patterns=True) as (a, b):
             pub = AsyncClient(_url(a), reconnect=False)
             await pub.connect()
             subs = {}
-            # four sessions; s.* and s.> share the glob msip:s.*, and an event on s.a comes
-            # from Redis three times (its channel, msip:s.*, msip:*.a)
+            # four sessions; in Redis s.* and s.> share the glob msip:s.*, and an event on s.a
+            # comes three times (its channel, msip:s.*, msip:*.a); NATS has a subscription
+            # each (s.a comes four times)
             for topic in ("s.*", "s.>", "s.a", "*.a"):
                 cl = AsyncClient(_url(b), reconnect=False)
                 await cl.connect()
                 subs[topic] = await cl.subscribe(topic)
-            await until(lambda: numpat(redis_port) == 2 and numsub(redis_port, "s.a") == 1)
+            patterns = 2 if plane.name == "redis" else 3
+            await until(lambda: plane.numpat() == patterns and plane.numsub("s.a") == 1)
             await pub.publish("s.a", b"1")
             await pub.publish("s.b.c", b"2")  # the glob of s.* matches it; s.* does not
             await pub.publish("t.x", b"3")  # nobody's
@@ -185,17 +538,17 @@ def test_patterns_map_to_psubscribe_and_deliver_once(redis_port):
             assert await _collect(subs["s.a"], 1) == [b"1"]
             assert await _collect(subs["*.a"], 1) == [b"1"]
             await _nothing_more(*subs.values())
-            assert b.stats.cluster_received == 2  # once each, whatever matched in Redis
+            assert b.stats.cluster_received == 2  # once each, whatever matched in the engine
             for s in subs.values():
                 await s.client.close()
-            await until(lambda: numpat(redis_port) == 0 and numsub(redis_port, "s.a") == 0)
+            await until(lambda: plane.numpat() == 0 and plane.numsub("s.a") == 0)
             await pub.close()
 
     w.run(main(), 30)
 
 
-def test_reference_layout_clients_across_brokers(redis_port):
-    url = f"redis://127.0.0.1:{redis_port}/0"
+def test_reference_layout_clients_across_brokers(plane):
+    url = plane.url
     threads = [w.BrokerThread(cluster=url) for _ in range(3)]
     try:
         a, b, c = threads
@@ -205,7 +558,7 @@ def test_reference_layout_clients_across_brokers(redis_port):
             s.hello()
             s.subscribe("sensors.t")
             subs.append(s)
-        assert w.wait_for(lambda: numsub(redis_port, "sensors.t") == 2, 5)
+        assert w.wait_for(lambda: plane.numsub("sensors.t") == 2, 5)
         pub = w.RefClient(a.port)
         pub.hello(msg_id=3)
         for i in range(50):
@@ -229,63 +582,61 @@ def test_reference_layout_clients_across_brokers(redis_port):
             t.stop()
 
 
-def test_redis_restart_local_traffic_goes_on_and_cluster_resumes():
-    port = free_port()
-    proc = start_redis(port)
-
-    async def main():
-        nonlocal proc
-        url = f"redis://127.0.0.1:{port}/0"
-        async with brokers(2, url, cluster_max_pending=4096) as (a, b):
-            pub = AsyncClient(_url(a), reconnect=False)
-            local = AsyncClient(_url(a), reconnect=False)
-            remote = AsyncClient(_url(b), reconnect=False)
-            for cl in (pub, local, remote):
-                await cl.connect()
-            lsub, rsub = await local.subscribe("t"), await remote.subscribe("t")
-            await until(lambda: numsub(port, "t") == 2)
-            await pub.publish("t", b"before")
-            assert bytes((await lsub.get(5)).data) == b"before"
-            assert bytes((await rsub.get(5)).data) == b"before"
-
-            await asyncio.to_thread(stop_process, proc)
-            await until(lambda: not a.stats.cluster_connected and not b.stats.cluster_connected)
-            for i in range(200):  # 200 * ~40 octets: more than the 4096 octets queued at most
-                await pub.publish("t", b"down %03d" % i)
-            assert await _collect(lsub, 200) == [b"down %03d" % i for i in range(200)]
-            assert 0 < a.stats.cluster_pending_bytes <= 4096
-            assert a.stats.cluster_dropped > 0
-
-            proc = await asyncio.to_thread(start_redis, port)
-            await until(lambda: a.stats.cluster_connected and b.stats.cluster_connected, 15)
-            await until(lambda: numsub(port, "t") == 2, 10)
-            assert b.stats.cluster_reconnects >= 1
-            await until(lambda: a.stats.cluster_pending_bytes == 0, 10)
-            await pub.publish("t", b"after")
-            assert bytes((await lsub.get(5)).data) == b"after"
-            # what was queued (within the bound) while Redis was down went out when it came
-            # back, possibly before B subscribed again: B sees a subset of it, then "after"
-            seen = []
-            while True:
-                data = bytes((await rsub.get(5)).data)
-                if data == b"after":
-                    break
-                seen.append(data)
-            assert seen == sorted(seen) and all(d.startswith(b"down") for d in seen)
-            for cl in (pub, local, remote):
-                await cl.close()
-
-    try:
-        w.run(main(), 60)
-    finally:
-        stop_process(proc)
+@pytest.mark.parametrize("engine", ["redis", "nats"])
+def test_engine_restart_local_traffic_goes_on_and_cluster_resumes(engine):
+    with private_plane(engine) as plane:
+        w.run(_restart(plane), 60)
 
 
-def test_broker_starts_without_redis_and_bounds_its_queue():
+async def _restart(plane):
+    url = plane.url
+    async with brokers(2, url, cluster_max_pending=4096) as (a, b):
+        pub = AsyncClient(_url(a), reconnect=False)
+        local = AsyncClient(_url(a), reconnect=False)
+        remote = AsyncClient(_url(b), reconnect=False)
+        for cl in (pub, local, remote):
+            await cl.connect()
+        lsub, rsub = await local.subscribe("t"), await remote.subscribe("t")
+        await until(lambda: plane.numsub("t") == 2)
+        await pub.publish("t", b"before")
+        assert bytes((await lsub.get(5)).data) == b"before"
+        assert bytes((await rsub.get(5)).data) == b"before"
+
+        await asyncio.to_thread(plane.stop)
+        await until(lambda: not a.stats.cluster_connected and not b.stats.cluster_connected)
+        for i in range(200):  # 200 * ~40 octets: more than the 4096 octets queued at most
+            await pub.publish("t", b"down %03d" % i)
+        assert await _collect(lsub, 200) == [b"down %03d" % i for i in range(200)]
+        assert 0 < a.stats.cluster_pending_bytes <= 4096
+        assert a.stats.cluster_dropped > 0
+
+        await asyncio.to_thread(plane.restart)
+        await until(lambda: a.stats.cluster_connected and b.stats.cluster_connected, 15)
+        await until(lambda: plane.numsub("t") == 2, 10)
+        assert b.stats.cluster_reconnects >= 1
+        await until(lambda: a.stats.cluster_pending_bytes == 0, 10)
+        await pub.publish("t", b"after")
+        assert bytes((await lsub.get(5)).data) == b"after"
+        # what was queued (within the bound) while it was down went out when it came
+        # back, possibly before B subscribed again: B sees a subset of it, then "after"
+        seen = []
+        while True:
+            data = bytes((await rsub.get(5)).data)
+            if data == b"after":
+                break
+            seen.append(data)
+        assert seen == sorted(seen) and all(d.startswith(b"down") for d in seen)
+        for cl in (pub, local, remote):
+            await cl.close()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "nats"])
+def test_broker_starts_without_its_engine_and_bounds_its_queue(scheme):
     port = free_port()  # nothing listens there
+    pytest.importorskip(scheme)
 
     async def main():
-        b = Broker(cluster=f"redis://127.0.0.1:{port}/0", cluster_max_pending=1000)
+        b = Broker(cluster=f"{scheme}://127.0.0.1:{port}", cluster_max_pending=1000)
         await b.start("tcp://127.0.0.1:0")
         try:
             assert not b.stats.cluster_connected
@@ -306,10 +657,14 @@ def test_broker_starts_without_redis_and_bounds_its_queue():
 
 
 def test_cluster_url_is_checked():
-    with pytest.raises(ValueError, match="redis://"):
-        Broker(cluster="nats://127.0.0.1:4222")
+    with pytest.raises(ValueError, match="redis://.*nats://"):
+        Broker(cluster="amqp://127.0.0.1:5672")
     with pytest.raises(ValueError, match="max_pending"):
         Broker(cluster="redis://127.0.0.1:1/0", cluster_max_pending=0)
+    with pytest.raises(ValueError, match="max_pending"):
+        Broker(cluster="nats://127.0.0.1:1", cluster_max_pending=0)
+    with pytest.raises(ValueError, match="prefix"):
+        Broker(cluster="nats://127.0.0.1:1", cluster_prefix=":")
 
 
 def test_help_lists_the_cluster_flags():
@@ -318,17 +673,20 @@ def test_help_lists_the_cluster_flags():
     for flag in ("--cluster URL", "--cluster-prefix TEXT", "--cluster-max-pending OCTETS"):
         assert flag in out
     assert "(default 8M)" in " ".join(out.split())
+    assert "nats://HOST:PORT" in out
 
 
-def test_cluster_without_the_redis_package_names_the_extra():
-    code = ("import sys; sys.modules['redis'] = None; from mip.cli import main; "
+@pytest.mark.parametrize("module, package, url", [("redis", "redis", "redis://127.0.0.1:1/0"),
+                                                  ("nats", "nats-py", "nats://127.0.0.1:1")])
+def test_cluster_without_the_client_package_names_the_extra(module, package, url):
+    code = (f"import sys; sys.modules['{module}'] = None; from mip.cli import main; "
             "sys.exit(main(['broker', '--msip', 'tcp://127.0.0.1:0', '--cluster', "
-            "'redis://127.0.0.1:1/0']))")
+            f"'{url}']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=w.ROOT)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "mip: error: --cluster needs the Python package 'redis', which is not installed: "
+        f"mip: error: --cluster needs the Python package '{package}', which is not installed: "
         "pip install 'mip-toolkit[broker]'"]
 
 
@@ -355,12 +713,12 @@ def _broker_processes(*args, n: int = 3):
             p.stop()
 
 
-def test_mip_broker_processes_and_a_killed_broker(redis_port):
+def test_mip_broker_processes_and_a_killed_broker(plane):
     """Three ``mip broker --cluster`` processes; the broker of a subscriber is killed
     mid-stream; the subscriber reconnects to another broker and receives what is published
     from then on. At most once: what was published while it had no subscription anywhere
     (between the kill and its SUBSCRIBE on the other broker) is not delivered to it."""
-    url = f"redis://127.0.0.1:{redis_port}/0"
+    url = plane.url
     with _broker_processes("--cluster", url) as (a, b, c):
         async def main():
             pub = AsyncClient(f"tcp://127.0.0.1:{a.port}", reconnect=False)
@@ -370,7 +728,7 @@ def test_mip_broker_processes_and_a_killed_broker(redis_port):
                 await cl.connect()
             s_b = await sub.subscribe("stream")
             s_c = await other.subscribe("stream")
-            await until(lambda: numsub(redis_port, "stream") == 2, 10)
+            await until(lambda: plane.numsub("stream") == 2, 10)
             got_b, got_c = [], []
             for i in range(100):
                 await pub.publish("stream", b"%05d" % i)
@@ -384,7 +742,7 @@ def test_mip_broker_processes_and_a_killed_broker(redis_port):
             moved = AsyncClient(f"tcp://127.0.0.1:{c.port}", reconnect=False)
             await moved.connect()
             s_moved = await moved.subscribe("stream")
-            await until(lambda: numsub(redis_port, "stream") == 1, 10)  # B's is gone
+            await until(lambda: plane.numsub("stream") == 1, 10)  # B's is gone
             for i in range(150, 250):
                 await pub.publish("stream", b"%05d" % i)
             got_moved = await _collect(s_moved, 100)
@@ -399,11 +757,11 @@ def test_mip_broker_processes_and_a_killed_broker(redis_port):
         w.run(main(), 60)
 
 
-def test_bench_pubsub_across_brokers(redis_port):
+def test_bench_pubsub_across_brokers(plane):
     from mip.bench.pubsub import run_pubsub
 
     async def main():
-        url = f"redis://127.0.0.1:{redis_port}/0"
+        url = plane.url
         async with brokers(2, url) as (a, b):
             doc = await run_pubsub(_url(a), subscribers=4, subscriber_urls=[_url(a), _url(b)],
                                    settle=0.3, duration=0.3, warmup=0.1, ping_duration=0,
@@ -417,12 +775,12 @@ def test_bench_pubsub_across_brokers(redis_port):
     w.run(main(), 30)
 
 
-def test_at_least_once_session_resumes_on_another_broker_after_a_kill(redis_port):
+def test_at_least_once_session_resumes_on_another_broker_after_a_kill(plane):
     """Three ``mip broker --cluster`` processes: a publisher on A, an at-least-once subscriber
     on B and an at-most-once one on C. B is killed (SIGKILL) mid-stream; the subscriber comes
-    back on C with its client id and gets, from its last acknowledged position in Redis, every
+    back on C with its client id and gets, from its last acknowledged position in the engine, every
     event: in order, none lost (some again: what B delivered and saw no ACK for)."""
-    url = f"redis://127.0.0.1:{redis_port}/0"
+    url = plane.url
     n, kill_at, sent_before = 1000, 300, 600
     with _broker_processes("--cluster", url, "--cluster-prefix", "resume:") as (a, b, c):
         async def main():
@@ -433,14 +791,8 @@ def test_at_least_once_session_resumes_on_another_broker_after_a_kill(redis_port
                 await cl.connect()
             s_b = await sub.subscribe("feed", reliable=True)
             s_c = await plain.subscribe("feed")
-            await until(lambda: numsub(redis_port, "feed", "resume:") == 2, 10)
-            record = "resume:session:%d" % sub.client_id
-
-            def recorded() -> bool:  # the subscription is recorded in Redis, and wanted
-                with contextlib.closing(_redis(redis_port)) as r:
-                    return bool(r.exists("resume:want:feed") and r.hexists(record, "feed"))
-
-            await until(recorded, 10)
+            await until(lambda: plane.numsub("feed", "resume:") == 2, 10)
+            await until(lambda: plane.recorded(sub.client_id, "feed", "resume:"), 10)
             for i in range(sent_before):
                 await pub.publish("feed", b"%05d" % i)
             got_b = await _collect(s_b, kill_at, 10)  # acknowledged as they are taken
@@ -463,18 +815,18 @@ def test_at_least_once_session_resumes_on_another_broker_after_a_kill(redis_port
             await _nothing_more(s_moved, s_c)
             for cl in (pub, plain, moved):
                 await cl.close()
-            # a CLOSE ends the session: its record in Redis goes too
-            await until(lambda: not _redis(redis_port).exists(record), 10)
+            # a CLOSE ends the session: its record in the engine goes too
+            await until(lambda: not plane.record_exists(sub.client_id, "resume:"), 10)
 
         w.run(main(), 90)
 
 
-def test_at_least_once_subscriber_gets_local_publishes_from_the_stream_once(redis_port):
+def test_at_least_once_subscriber_gets_local_publishes_from_the_stream_once(plane):
     """An at-least-once subscriber on the publisher's own broker gets each event once, in
-    order, through Redis (with its stream id); its position follows its ACKs; at-most-once
+    order, through the engine (with its stream id); its position follows its ACKs; at-most-once
     subscribers are not slowed by it; ``--cluster-stream-max 0`` writes no stream."""
     async def main():
-        url = f"redis://127.0.0.1:{redis_port}/0"
+        url = plane.url
         async with brokers(2, url, cluster_prefix="own:") as (a, b):
             pub = AsyncClient(_url(a), reconnect=False)
             sub = AsyncClient(_url(a), reconnect=False)
@@ -483,54 +835,52 @@ def test_at_least_once_subscriber_gets_local_publishes_from_the_stream_once(redi
                 await cl.connect()
             reliable = await sub.subscribe("own", reliable=True)
             fast = await plain.subscribe("own")
-            key = "own:session:%d" % sub.client_id
-            await until(lambda: _redis(redis_port).hget(key, "own") is not None)
+            cid = sub.client_id
+            await until(lambda: plane.position(cid, "own", "own:") is not None)
             sent = [b"%03d" % i for i in range(200)]
             for data in sent:
                 await pub.publish("own", data)
             assert await _collect(reliable, 200) == sent
             assert await _collect(fast, 200) == sent
             await _nothing_more(reliable, fast)
-            with contextlib.closing(_redis(redis_port)) as r:
-                assert r.xlen("own:stream:own") == 200
-                last = r.xrevrange("own:stream:own", count=1)[0][0]
+            count, last = await asyncio.to_thread(plane.stream, "own", "own:")
+            assert count == 200
             # every event acknowledged: the position is just after the last one
-            await until(lambda: _redis(redis_port).hget(key, "own") == b"(" + last)
+            await until(lambda: plane.position(cid, "own", "own:") == "(" + last)
             await sub.close()
-            await until(lambda: not _redis(redis_port).exists(key))
+            await until(lambda: not plane.record_exists(cid, "own:"))
             for cl in (pub, plain):
                 await cl.close()
         async with brokers(1, url, cluster_prefix="off:", cluster_stream_max=0) as (c,):
             cl = AsyncClient(_url(c), reconnect=False)
             await cl.connect()
             s = await cl.subscribe("off", reliable=True)
-            await until(lambda: numsub(redis_port, "off", "off:") == 1)
+            await until(lambda: plane.numsub("off", "off:") == 1)
             await cl.publish("off", b"x")
             assert bytes((await s.get(5)).data) == b"x"
-            with contextlib.closing(_redis(redis_port)) as r:
-                assert r.keys("off:*") == []
+            assert not await asyncio.to_thread(plane.stored, "off:")
             await cl.close()
 
     w.run(main(), 30)
 
 
-def test_a_resuming_session_gets_its_recorded_subscriptions_back(redis_port):
+def test_a_resuming_session_gets_its_recorded_subscriptions_back(plane):
     """A session resuming on a broker that never saw it, without subscribing again (a raw
     client relying on the broker to keep its session), has its at-least-once subscriptions
-    restored from Redis, and gets what was published since its last ACK."""
+    restored from the engine, and gets what was published since its last ACK."""
     async def main():
-        url = f"redis://127.0.0.1:{redis_port}/0"
+        url = plane.url
         async with brokers(2, url, cluster_prefix="back:") as (a, b):
             pub = AsyncClient(_url(a), reconnect=False)
             sub = AsyncClient(_url(a), reconnect=False)
             await pub.connect()
             await sub.connect()
             s = await sub.subscribe("back", reliable=True)
-            key = "back:session:%d" % sub.client_id
-            await until(lambda: _redis(redis_port).hget(key, "back") is not None)
+            cid = sub.client_id
+            await until(lambda: plane.position(cid, "back", "back:") is not None)
             await pub.publish("back", b"seen")
             assert bytes((await s.get(5)).data) == b"seen"
-            await until(lambda: _redis(redis_port).hget(key, "back").startswith(b"("))
+            await until(lambda: plane.position(cid, "back", "back:").startswith("("))
             sub._proto.transport.abort()  # gone without a CLOSE: the record stays
             await pub.publish("back", b"missed", wait=True)
 

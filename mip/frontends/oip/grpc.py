@@ -299,7 +299,7 @@ class _Service:
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def system_shared_memory_unregister(self, request, context):
-        self.shm.unregister(request.name)
+        await self._call(context, self.shm.unregister, request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def system_shared_memory_status(self, request, context):

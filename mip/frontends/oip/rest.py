@@ -228,14 +228,18 @@ class _Endpoints:
     async def shm_register(self, request: Request) -> Response:
         body = await self._body(request)
         options = _object(orjson.loads(body) if body.strip() else None, "the request body")
-        self.shm.register(request.path_params["region"], options.get("key"),
-                          options.get("offset", 0), options.get("byte_size"),
-                          request.client.host if request.client else None)
+        relayed = self.shm.register(request.path_params["region"], options.get("key"),
+                                    options.get("offset", 0), options.get("byte_size"),
+                                    request.client.host if request.client else None)
+        if relayed is not None:  # --workers N: made on every worker
+            await relayed
         return Response(b"", media_type=_JSON_TYPE)
 
     async def shm_unregister(self, request: Request) -> Response:
         await self._body(request)
-        self.shm.unregister(request.path_params.get("region"))
+        relayed = self.shm.unregister(request.path_params.get("region"))
+        if relayed is not None:  # --workers N: made on every worker
+            await relayed
         return Response(b"", media_type=_JSON_TYPE)
 
     async def shm_status(self, request: Request) -> Response:

@@ -36,6 +36,7 @@ import os
 import stat
 import threading
 import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,7 +167,8 @@ class SystemSharedMemory:
 
     # -- the control calls --------------------------------------------------------------
 
-    def register(self, name, key, offset=0, byte_size=None, peer: str | None = None) -> None:
+    def register(self, name, key, offset=0, byte_size=None,
+                 peer: str | None = None) -> Awaitable[None] | None:
         """Map ``byte_size`` octets from ``offset`` of the shared-memory object ``key``, for
         a client at the IP address ``peer`` (``None``: a Unix socket, or not known).
 
@@ -207,8 +209,9 @@ class SystemSharedMemory:
                                      f"{self.max_bytes} octets registered regions may map "
                                      "(--max-shm-bytes)")
             self._regions[name] = _map(name, key, plain, offset, byte_size)
+        return None  # (a coroutine where the registration is relayed to other processes)
 
-    def unregister(self, name: str | None = None) -> None:
+    def unregister(self, name: str | None = None) -> Awaitable[None] | None:
         """Forget the region ``name`` (``None`` or empty: every region) and unmap it (see
         the module's notes on requests in flight). An unknown name is not an error, as in
         Triton."""
@@ -219,6 +222,7 @@ class SystemSharedMemory:
                 gone, self._regions = list(self._regions.values()), {}
         for region in gone:
             region.close()
+        return None
 
     def status(self, name: str | None = None) -> list[dict]:
         """``[{"name", "key", "offset", "byte_size"}]`` of every region, or of ``name``.

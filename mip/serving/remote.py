@@ -1,0 +1,659 @@
+"""The shared engine placement: one engine process serves the models for every worker of
+``mip serve --workers N --placement shared``.
+
+The engine process (:func:`serve_engine`) loads the repository and runs the
+:class:`~mip.serving.engine.Engine` (batch queues, providers) once. Each worker holds a
+:class:`RemoteEngine` instead of an engine of its own: the same calls the data plane and the
+frontends make (``submit``, ``resolve``, metadata, readiness, ``load``/``unload``), answered
+from a copy of the engine's model catalogue (pushed by the engine process whenever it
+changes) or sent to the engine process over a unix socket.
+
+Tensors do not travel on that socket. A worker copies a request's tensors into its slice of
+the shared arena (:mod:`mip.serving.arena`) and sends their offsets; the engine process
+queues numpy views of them, in place, in the model's batch queue, where requests of every
+worker batch together; it writes the outputs into its own part of the arena and sends their
+offsets back; the worker's reply is encoded from views of them, and the block is given back
+when the last view is gone. Messages are length-prefixed pickles between the processes of
+one server (the engine's socket is in the abstract namespace, and accepts only processes
+whose parent is its own: the supervisor's workers).
+
+When the engine process dies, the requests it held fail at once (``ModelNotReady``, 503 /
+``UNAVAILABLE``), every worker reports not ready and connects again until the supervisor
+has started it again; the blocks the workers still read are kept by the new one. When a
+worker dies, the engine process drops its queued requests and gives back its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import copy
+import logging
+import os
+import pickle
+import socket
+import struct
+import threading
+from typing import Any
+
+from mip.errors import ModelNotReady, ServingError
+from mip.model_relay import rebuild_error
+from mip.serving import arena as shm
+from mip.serving.engine import Engine, ModelStats, _Served
+from mip.serving.repository import ModelRepository
+
+__all__ = ["RemoteEngine", "SharedRole", "serve_engine"]
+
+log = logging.getLogger("mip.workers")
+
+_HEADER = struct.Struct("<I")
+#: octets of the largest control message (descriptions and model configurations, never
+#: tensors)
+MAX_MESSAGE = 16 << 20
+#: seconds between two attempts of a worker to reach the engine process
+RECONNECT_EVERY = 0.2
+#: seconds, at most, before a worker gives back an output block it no longer reads, when no
+#: request carries it back sooner
+FREE_AFTER = 0.005
+
+
+class SharedRole:
+    """What every process of the shared placement knows: the arena, its parts, and the
+    engine process's socket (made by the supervisor before it forks)."""
+
+    def __init__(self, arena_bytes: int, workers: int):
+        self.arena = shm.Arena(arena_bytes)
+        self.engine_part, self.slices = self.arena.parts(workers)
+        self.address = f"\0mip-engine-{os.getpid()}-{os.urandom(6).hex()}"
+
+
+def _encode(message) -> bytes:
+    data = pickle.dumps(message, protocol=5)
+    return _HEADER.pack(len(data)) + data
+
+
+def _failure(exc: BaseException) -> tuple[str, str, str]:
+    if isinstance(exc, asyncio.CancelledError):
+        return ("mip.errors", "Cancelled", "the request was cancelled")
+    return (type(exc).__module__, type(exc).__qualname__, str(exc))
+
+
+class _Link(asyncio.Protocol):
+    """One socket between a worker and the engine process: messages in, messages out."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
+        self._out: list[bytes] = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def send(self, message) -> None:
+        """Queue ``message``; what one step of the event loop sends goes in one write."""
+        if not self._out:
+            self._loop.call_soon(self._write)
+        self._out.append(_encode(message))
+
+    def _write(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= 4:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            if size > MAX_MESSAGE:
+                log.error("a message of %d octets between engine and worker: closing", size)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if len(buffer) - start - 4 < size:
+                break
+            message = pickle.loads(buffer[start + 4:start + 4 + size])
+            start += 4 + size
+            try:
+                self.handle(self, message)
+            except Exception:
+                log.exception("message %r could not be handled", message[0])
+        del buffer[:start]
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.handle(self, ("closed",))
+
+
+# -- the engine process -----------------------------------------------------------------
+
+def _stripped(version):
+    """A copy of a model version without its runner (what a worker needs to know)."""
+    copied = copy.copy(version)
+    copied.runner = None
+    return copied
+
+
+def catalogue(engine: Engine) -> dict:
+    """The engine's models as the workers see them (sent whenever they change)."""
+    repository = engine.repository
+    with repository._lock:
+        loaded = {name: [_stripped(v) for v in versions]
+                  for name, versions in repository._loaded.items()}
+        errors = dict(repository._errors)
+    return {"loaded": loaded, "errors": errors, "index": engine.index(),
+            "default": engine.default_model(), "ready": engine.ready()}
+
+
+class _Worker:
+    """The engine process's view of one connected worker."""
+
+    def __init__(self, link: _Link):
+        self.link = link
+        self.slot = -1
+        self.pending: dict[int, asyncio.Future] = {}
+        self.held: set[int] = set()  # output blocks it has not given back
+
+
+class EngineHost:
+    """Serves ``engine`` to the workers connecting to ``role.address``.
+
+    Args:
+        engine: the started engine.
+        role: the arena and address (:class:`SharedRole`).
+        record: called with each model change made over the API (for the supervisor to
+            replay on an engine process started again).
+    """
+
+    def __init__(self, engine: Engine, role: SharedRole, record):
+        self.engine = engine
+        self.role = role
+        self.arena = role.arena
+        self.blocks = shm.Blocks(*role.engine_part)
+        self.record = record
+        self.workers: set[_Worker] = set()
+        self._by_link: dict[_Link, _Worker] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._parent = os.getppid()
+        self._changing: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.role.address)
+        sock.listen(128)
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            self._accept, sock=sock)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for worker in list(self.workers):
+            if worker.link.transport is not None:
+                worker.link.transport.close()
+
+    def _accept(self) -> _Link:
+        link = _Link(self._on_message)
+        return link
+
+    def _sibling(self, link: _Link) -> bool:
+        """Whether the peer of ``link`` is a process of this server (a child of the
+        supervisor, run by the same user)."""
+        if link.transport is None:
+            return False
+        sock = link.transport.get_extra_info("socket")
+        try:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            with open(f"/proc/{pid}/stat") as stat:
+                parent = int(stat.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError):
+            return False
+        return uid == os.getuid() and parent == self._parent
+
+    def _on_message(self, link: _Link, message: tuple) -> None:
+        kind = message[0]
+        worker = self._by_link.get(link)
+        if worker is None:
+            if kind == "hello" and self._sibling(link):
+                self._hello(link, message)
+            elif link.transport is not None:
+                link.transport.close()
+            return
+        if kind == "infer":
+            self._infer(worker, message)
+        elif kind == "free":
+            self._free(worker, message[1])
+        elif kind == "cancel":
+            future = worker.pending.get(message[1])
+            if future is not None:
+                future.cancel()
+        elif kind in ("load", "unload"):
+            task = asyncio.get_running_loop().create_task(self._change(worker, message))
+            self._changing.add(task)  # (a task only the loop refers to may be collected)
+            task.add_done_callback(self._changing.discard)
+        elif kind == "sync":
+            link.send(("synced", message[1]))
+        elif kind == "closed":
+            self._gone(worker)
+
+    def _free(self, worker: _Worker, blocks: list[int]) -> None:
+        for block in blocks:
+            if block in worker.held:
+                worker.held.discard(block)
+                self.blocks.free(block)
+
+    def _hello(self, link: _Link, message: tuple) -> None:
+        _, slot, held = message
+        worker = _Worker(link)
+        worker.slot = slot
+        for block, size in held:  # blocks of an engine process before this one
+            if self.blocks.reserve(block, size):
+                worker.held.add(block)
+        self.workers.add(worker)
+        self._by_link[link] = worker
+        link.send(("catalogue", catalogue(self.engine)))
+
+    def _gone(self, worker: _Worker) -> None:
+        self.workers.discard(worker)
+        self._by_link.pop(worker.link, None)
+        for future in list(worker.pending.values()):
+            future.cancel()
+        worker.pending.clear()
+        for block in worker.held:
+            self.blocks.free(block)
+        worker.held.clear()
+
+    def _infer(self, worker: _Worker, message: tuple) -> None:
+        _, number, model, version, deadline, source, split, request_id, described, freed = message
+        if freed:
+            self._free(worker, freed)
+        try:
+            inputs = shm.read(self.arena, described)
+            future = self.engine.submit(model, inputs, version, deadline, source, None,
+                                        split, request_id)
+        except Exception as exc:
+            worker.link.send(("error", number, _failure(exc)))
+            return
+        worker.pending[number] = future
+        future.add_done_callback(lambda done: self._answer(worker, number, done))
+
+    def _answer(self, worker: _Worker, number: int, future: asyncio.Future) -> None:
+        if worker.pending.pop(number, None) is None:  # the worker is gone
+            return
+        if future.cancelled():
+            worker.link.send(("error", number, _failure(asyncio.CancelledError())))
+            return
+        failure = future.exception()
+        if failure is not None:
+            worker.link.send(("error", number, _failure(failure)))
+            return
+        try:
+            block, described = shm.write(self.arena, self.blocks, future.result(),
+                                         "the model's outputs")
+        except Exception as exc:
+            worker.link.send(("error", number, _failure(exc)))
+            return
+        worker.held.add(block)
+        worker.link.send(("done", number, block, self.blocks.size_of(block), described))
+
+    async def _change(self, worker: _Worker, message: tuple) -> None:
+        kind, number, model, config = message
+        error = None
+        try:
+            if kind == "load":
+                await self.engine.load(model, config)
+            else:
+                await self.engine.unload(model)
+        except Exception as exc:
+            error = _failure(exc)
+        self.record((kind, model, config) if kind == "load" else (kind, model))
+        self.broadcast()
+        worker.link.send(("changed", number, error))
+
+    def broadcast(self) -> None:
+        """Send the catalogue to every worker (after a model change)."""
+        current = catalogue(self.engine)
+        for worker in self.workers:
+            worker.link.send(("catalogue", current))
+
+    def used(self) -> int:
+        return self.blocks.used
+
+
+class ArenaCollector:
+    """``mip_shared_arena_used_bytes``: the octets of the shared arena held by this process's
+    part (summed over the live processes by the merged ``/metrics``)."""
+
+    def __init__(self, used):
+        self.used = used
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily("mip_shared_arena_used_bytes",
+                                   "Octets of the shared tensor arena in use")
+        family.add_metric((), self.used())
+        yield family
+
+
+async def serve_engine(args, role, make_engine, wait_for_signal) -> int:
+    """The engine process: load the repository, serve the workers until SIGTERM.
+
+    Args:
+        args: ``mip serve``'s arguments.
+        role: its :class:`~mip.workers.WorkerRole` (``role.shared``: the arena).
+        make_engine: a coroutine function: the engine of ``args``, started.
+        wait_for_signal: a coroutine function returning at SIGTERM or SIGINT.
+    """
+    from mip.model_relay import WorkerModels
+
+    engine = await make_engine(args)
+    replaying = WorkerModels(engine, role.control, role.index)
+    await replaying.replay(role.changes)
+
+    def record(change: tuple) -> None:
+        with contextlib.suppress(OSError):
+            role.control.send(pickle.dumps({"kind": "record", "change": change}))
+
+    host = EngineHost(engine, role.shared, record)
+    await host.start()
+    publisher = None
+    if args.http.lower() != "none":  # where /metrics is served
+        from mip.frontends.oip.metrics import Metrics
+        from mip.frontends.oip.worker_metrics import WorkerMetrics
+
+        metrics = Metrics(engine)  # the batches of every worker's requests
+        metrics.add_collector(ArenaCollector(host.used))
+        publisher = WorkerMetrics(metrics, role.metrics_dir)
+        publisher.start()
+    role.ready()
+    await wait_for_signal()
+    await host.stop()
+    await engine.stop()
+    if publisher is not None:
+        publisher.stop()
+    return 0
+
+
+# -- a worker ---------------------------------------------------------------------------
+
+class RemoteEngine:
+    """The engine of a worker of the shared placement: the calls of
+    :class:`~mip.serving.engine.Engine` the frontends make, served by the engine process.
+
+    Args:
+        root: the model repository's folder (for the messages naming it).
+        shared: the arena and the engine's address (:class:`SharedRole`).
+        slot: this worker's slot (its slice of the arena).
+    """
+
+    def __init__(self, root, shared: SharedRole, slot: int):
+        self.repository = ModelRepository(root)
+        self.shared = shared
+        self.arena = shared.arena
+        self.blocks = shm.Blocks(*shared.slices[slot])
+        self.slot = slot
+        self._link: _Link | None = None
+        self._catalogue: dict = {"index": [], "default": None, "ready": False}
+        self._served: dict[tuple[str, str], _Served] = {}
+        self._pending: dict[int, tuple[asyncio.Future, int]] = {}
+        self._changes: dict[int, asyncio.Future] = {}
+        self._next = 0
+        self._held: dict[int, int] = {}  # output blocks read by views here -> octets
+        self._freed: collections.deque = collections.deque()
+        self._flush_soon = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+        self._task: asyncio.Task | None = None
+        self._connected: asyncio.Event | None = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Connect to the engine process and take its catalogue; after ``timeout`` seconds
+        without it (the engine process is being started again), go on not ready, and
+        connect as soon as it serves."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._connected = asyncio.Event()
+        self._task = self._loop.create_task(self._stay_connected())
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("worker %d: the engine process did not answer within %.0f s; not "
+                        "ready until it does", self.slot, timeout)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._link is not None and self._link.transport is not None:
+            self._link.transport.close()
+        self._lost("the server is stopping")
+
+    async def _stay_connected(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.shared.address)  # local: at once, or refused
+                sock.setblocking(False)
+                _, link = await loop.create_unix_connection(
+                    lambda: _Link(self._on_message), sock=sock)
+            except OSError:
+                sock.close()
+                await asyncio.sleep(RECONNECT_EVERY)
+                continue
+            link.send(("hello", self.slot, list(self._held.items())))
+            await link.closed
+            if not self._stopping:
+                await asyncio.sleep(RECONNECT_EVERY)
+
+    def _lost(self, why: str) -> None:
+        self._link = None
+        self._catalogue = dict(self._catalogue, ready=False)
+        if self._connected is not None:
+            self._connected.clear()
+        pending, self._pending = self._pending, {}
+        for future, block in pending.values():
+            self.blocks.free(block)  # the engine process that read it is gone
+            if not future.done():
+                future.set_exception(ModelNotReady(why))
+        changes, self._changes = self._changes, {}
+        for future in changes.values():
+            if not future.done():
+                future.set_exception(ModelNotReady(why))
+
+    # -- messages from the engine process ---------------------------------------------
+
+    def _on_message(self, link: _Link, message: tuple) -> None:
+        kind = message[0]
+        if kind == "done":
+            _, number, block, size, described = message
+            entry = self._pending.pop(number, None)
+            self._held[block] = size
+            outputs = shm.leased(self.arena, block, size, described, self._release)
+            if entry is None:
+                return
+            future, inputs = entry
+            self.blocks.free(inputs)
+            if not future.done():
+                future.set_result(outputs)
+        elif kind == "error":
+            entry = self._pending.pop(message[1], None)
+            if entry is not None:
+                future, inputs = entry
+                self.blocks.free(inputs)
+                if not future.done():
+                    future.set_exception(rebuild_error(message[2]))
+        elif kind == "catalogue":
+            self._take(message[1])
+            self._link = link
+            if self._connected is not None:
+                self._connected.set()
+        elif kind in ("changed", "synced"):
+            waiting = self._changes.pop(message[1], None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message[2] if kind == "changed" else None)
+        elif kind == "closed":
+            if self._link is link or self._link is None:
+                self._lost("the engine process stopped; it is being started again")
+
+    def _take(self, current: dict) -> None:
+        self._catalogue = current
+        repository = self.repository
+        with repository._lock:
+            repository._loaded = current["loaded"]
+            repository._errors = current["errors"]
+        self._served = {(v.name, v.version): _Served(v, None, None)  # type: ignore[arg-type]
+                        for versions in current["loaded"].values() for v in versions
+                        if v.ready}
+
+    def _release(self, block: int) -> None:
+        """The last view of output ``block`` is gone (from any thread): the block goes back
+        with the next request, or on its own within :data:`FREE_AFTER` seconds."""
+        self._freed.append(block)
+        if not self._flush_soon and self._loop is not None:
+            self._flush_soon = True
+            if threading.get_ident() == self._thread:
+                self._loop.call_later(FREE_AFTER, self._flush)
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    self._loop.call_soon_threadsafe(self._loop.call_later, FREE_AFTER,
+                                                    self._flush)
+
+    def _given_back(self) -> list[int]:
+        """The output blocks released since the last call."""
+        blocks = []
+        freed, held = self._freed, self._held
+        while freed:
+            block = freed.popleft()
+            if held.pop(block, None) is not None:
+                blocks.append(block)
+        return blocks
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        blocks = self._given_back()
+        if blocks and self._link is not None:
+            self._link.send(("free", blocks))
+
+    # -- the engine's calls ------------------------------------------------------------
+
+    def submit(self, model: str, inputs: dict, version: str | None = None,
+               deadline: float | None = None, source=None, chosen=None,
+               split: bool = False, request_id: str | None = None) -> asyncio.Future:
+        """:meth:`Engine.submit <mip.serving.engine.Engine.submit>`, run by the engine
+        process (the inputs are checked here first, then copied into the arena)."""
+        link = self._link
+        if link is None:
+            raise ModelNotReady("the engine process is not reachable (it is being started "
+                                "again)")
+        if chosen is None:
+            chosen = self.repository.get(model, version or None)
+        served = self._served.get((chosen.name, chosen.version))
+        if served is None or served.version is not chosen:
+            raise ModelNotReady(f"model {chosen.name!r} version {chosen.version} is not serving")
+        Engine._check_inputs(served, inputs)
+        block, described = shm.write(self.arena, self.blocks, inputs, "the request's tensors")
+        self._next += 1
+        number = self._next
+        future = self._loop.create_future()  # type: ignore[union-attr]
+        self._pending[number] = (future, block)
+        link.send(("infer", number, model, chosen.version, deadline, source, split,
+                   request_id, described, self._given_back() if self._freed else None))
+        future.add_done_callback(lambda done: self._cancelled(number, done))
+        return future
+
+    def _cancelled(self, number: int, future: asyncio.Future) -> None:
+        if future.cancelled() and number in self._pending and self._link is not None:
+            self._link.send(("cancel", number))  # its inputs are freed on the answer
+
+    async def infer(self, model: str, inputs: dict, *, version: str | None = None,
+                    outputs: list[str] | None = None, deadline: float | None = None) -> dict:
+        """:meth:`Engine.infer <mip.serving.engine.Engine.infer>`."""
+        wanted = self.check_outputs(self.resolve(model, version), outputs) if outputs else None
+        result = await self.submit(model, inputs, version, deadline)
+        return result if wanted is None else {name: result[name] for name in wanted}
+
+    async def _ask(self, message: tuple) -> Any:
+        link = self._link
+        if link is None:
+            raise ModelNotReady("the engine process is not reachable (it is being started "
+                                "again)")
+        self._next += 1
+        future = self._loop.create_future()  # type: ignore[union-attr]
+        self._changes[self._next] = future
+        link.send((message[0], self._next, *message[1:]))
+        return await future
+
+    async def load(self, model: str, config=None) -> None:
+        """:meth:`Engine.load <mip.serving.engine.Engine.load>`, made once, by the engine
+        process, for every worker."""
+        error = await self._ask(("load", model, config))
+        if error is not None:
+            raise rebuild_error(error)
+
+    async def unload(self, model: str) -> None:
+        """:meth:`Engine.unload <mip.serving.engine.Engine.unload>`, for every worker."""
+        error = await self._ask(("unload", model, None))
+        if error is not None:
+            raise rebuild_error(error)
+
+    async def sync(self) -> None:
+        """Until every message the engine process sent before now has been handled."""
+        await self._ask(("sync",))
+
+    def resolve(self, model: str, version: str | None = None):
+        return self.repository.get(model, version or None)
+
+    def validate(self, chosen, inputs: dict) -> int:
+        served = self._served.get((chosen.name, chosen.version))
+        if served is None or served.version is not chosen:
+            raise ModelNotReady(f"model {chosen.name!r} version {chosen.version} is not serving")
+        return Engine._check_inputs(served, inputs)
+
+    check_outputs = staticmethod(Engine._check_outputs)
+
+    def model_metadata(self, model: str, version: str | None = None):
+        return self.repository.metadata(model, version or None)
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        if self._link is None:
+            return False
+        try:
+            chosen = self.repository.get(model, version or None)
+        except ServingError:
+            return False
+        return (chosen.name, chosen.version) in self._served
+
+    def ready(self) -> bool:
+        return self._link is not None and bool(self._catalogue["ready"])
+
+    def default_model(self) -> str | None:
+        return self._catalogue["default"]
+
+    def index(self) -> list:
+        return list(self._catalogue["index"])
+
+    def stats(self) -> dict[tuple[str, str], ModelStats]:
+        """The versions served, with no counts: the engine process publishes the batches'
+        series and the queue depths to the merged ``/metrics``."""
+        return {key: ModelStats() for key in self._served}
+
+    def add_batch_hook(self, hook) -> None:
+        """Batches run in the engine process, whose own metrics count them."""
+
+    def used(self) -> int:
+        """Octets of this worker's slice of the arena in use."""
+        return self.blocks.used
