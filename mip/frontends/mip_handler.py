@@ -83,22 +83,42 @@ def _engine_values(column: np.ndarray) -> np.ndarray:
 
 
 _VALUE_TYPES = {mip.Text, mip.Json, mip.Image, mip.Value}
+_NO_ROWS: list[int] = []  # (a model has inputs: replaced by the first one's rows)
 
 
-def _output_value(column: np.ndarray, served):
-    """One item's slice of an output, as a MIP value: a one-row object column's element
-    (``str`` as TEXT; for a model of ``row_values``, bytes-like as IMAGE and any other
-    object but a tensor as JSON), else the column as a tensor."""
+def _mip_value(element):
+    """One value of a model of ``row_values`` as a MIP value: ``str`` TEXT, bytes-like
+    IMAGE, ``mip.Value`` and tensors as they are, any other object JSON."""
+    if isinstance(element, str):
+        return mip.Text(element)
+    if isinstance(element, (mip.Value, np.ndarray)):
+        return element
+    if isinstance(element, (bytes, bytearray, memoryview)):
+        return mip.Image(element)
+    return mip.Json(element)
+
+
+def _mip_values(outputs: dict) -> dict:
+    """The object columns of a ``row_values`` model's outputs as columns of MIP values."""
+    converted = {}
+    for name, column in outputs.items():
+        if column.dtype == object:
+            values = np.empty(column.shape, dtype=object)
+            values.reshape(-1)[:] = [_mip_value(v) for v in column.reshape(-1)]
+            column = values
+        converted[name] = column
+    return converted
+
+
+def _output_value(column: np.ndarray):
+    """One item's slice of an output, as a MIP value: a one-row object column's MIP value
+    (``str`` as TEXT), else the column as a tensor."""
     if column.dtype == object and column.shape == (1,):
         element = column[0]
+        if isinstance(element, (mip.Text, mip.Json, mip.Image, mip.Value)):
+            return element
         if isinstance(element, str):
             return mip.Text(element)
-        if isinstance(element, mip.Value):
-            return element
-        if served.row_values and not isinstance(element, np.ndarray):
-            if isinstance(element, (bytes, bytearray, memoryview)):
-                return mip.Image(element)
-            return mip.Json(element)
     return column
 
 
@@ -189,7 +209,7 @@ class MipHandler:
     @staticmethod
     def _inputs(served, source) -> tuple[dict, list[int]]:
         inputs = {}
-        rows: list[int] = []
+        rows = _NO_ROWS
         for index, spec in enumerate(served.inputs):
             column, rows = _columns(source, index)
             if column.dtype.hasobject:
@@ -242,14 +262,15 @@ def _refuse_application_values(served, column: np.ndarray, index: int) -> None:
 
 def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
     """The batch's outputs back as one tuple of values per item (views, no copies)."""
+    if served.row_values:
+        outputs = _mip_values(outputs)
     names = [spec.name for spec in served.outputs if spec.name in outputs]
     if len(rows) == 1:
-        return [tuple(_output_value(outputs[name], served) for name in names)]
+        return [tuple(_output_value(outputs[name]) for name in names)]
     items = []
     start = 0
     for count in rows:
-        items.append(tuple(_output_value(outputs[name][start:start + count], served)
-                           for name in names))
+        items.append(tuple(_output_value(outputs[name][start:start + count]) for name in names))
         start += count
     return items
 
