@@ -1,8 +1,8 @@
 """The one data plane under every frontend: MIP, KServe v2 gRPC and REST, and the ``/v1``
 job worker.
 
-Each frontend decodes its wire form into tensors, calls :meth:`DataPlane.submit` (or
-:meth:`DataPlane.infer`), and encodes what it returns; the model is looked up once, and
+Each frontend decodes its wire form into tensors, calls :meth:`DataPlane.submit` (a
+future: awaited, or chained to the frontend's reply), and encodes what it returns; the model is looked up once, and
 deadlines, the version that answered, metrics (labelled ``protocol="mip"``, ``"grpc"``,
 ``"http"`` or ``"jobs"``) and the access log's line are decided here, so every protocol
 behaves, and is counted and logged, the same. No frontend reaches past it into the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -22,6 +22,9 @@ import mip
 from mip.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound
 from mip.frontends._futures import Link
 from mip.frontends.oip import codec
+
+if TYPE_CHECKING:
+    from mip.serving.engine import ModelVersion
 
 __all__ = [
     "EXTENSIONS",
@@ -78,6 +81,18 @@ class _Call(Link):
 
     __slots__ = ("plane", "protocol", "model", "chosen", "wanted", "classes", "then",
                  "map_error", "inputs", "started", "peer", "request_id")
+    plane: DataPlane
+    protocol: str
+    model: str
+    chosen: ModelVersion
+    wanted: list[str] | None
+    classes: dict[str, int] | None
+    then: Callable | None
+    map_error: Callable[[BaseException], BaseException] | None
+    inputs: dict[str, np.ndarray]
+    started: float
+    peer: Any
+    request_id: str | None
 
     def transform(self, result):
         wanted = self.wanted
@@ -141,9 +156,16 @@ class DataPlane:
                started: float | None = None) -> asyncio.Future:
         """Queue one request without waiting: a future of its :class:`InferResult`.
 
-        What :meth:`infer` does, for frontends that chain callbacks instead of running a
-        coroutine per request. Errors found at once are raised; later ones are set on the
-        future. Cancelling the future drops the request from the batch queue.
+        Await the future, or chain callbacks on it (no coroutine a request). Errors found
+        at once are raised; later ones are set on the future. Cancelling the future drops
+        the request from the batch queue.
+
+        ``protocol`` (``"mip"``, ``"grpc"``, ``"http"`` or ``"jobs"``) labels the request's
+        metrics and access-log line. ``model`` / ``version``: what to run (``version``
+        ``None`` or ``""``: the highest ready one). ``inputs``: input name -> tensor.
+        ``outputs``: the output names wanted, in the order to answer them (``None``: all).
+        ``timeout``: seconds the client allows, queueing included (``None``: no limit
+        beyond ``request_timeout``).
 
         ``then`` (the frontend's reply encoder) and ``error`` (its error mapping) apply in
         the same callback, so the future holds ``then(result)``: one hand-off a request.
@@ -266,32 +288,3 @@ class DataPlane:
         """
         self.engine.validate(chosen, inputs)
         return self.engine.check_outputs(chosen, outputs) if outputs else None
-
-    async def infer(self, protocol: str, model: str, version: str | None,
-                    inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
-                    timeout: float | None = None,
-                    request_id: str | None = None) -> InferResult:
-        """Run one request.
-
-        Args:
-            protocol: ``"mip"``, ``"grpc"``, ``"http"`` or ``"jobs"`` (a metrics label).
-            model / version: what to run (``version`` ``None`` or ``""``: the highest
-                ready one).
-            inputs: input name -> tensor.
-            outputs: output names wanted, in the order to answer them (``None``: all).
-            timeout: seconds the client allows, queueing included (``None``: no limit).
-            request_id: the client's id of the request (access log, failure warning).
-
-        Raises:
-            ServingError subclasses (and ``asyncio.CancelledError`` when the caller is
-            cancelled: the request then leaves the batch queue).
-        """
-        started = time.perf_counter()
-        try:
-            work = self.submit(protocol, model, version, inputs, outputs, timeout,
-                               request_id=request_id, started=started)
-        except Exception as exc:
-            self.refused(protocol, model, version, exc, request_id=request_id,
-                         started=started)
-            raise
-        return await work

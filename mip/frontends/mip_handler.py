@@ -5,9 +5,14 @@ tensors for one input are stacked on axis 0 (as KubeMo's ``concat`` does)
 with ``Message.column``: one row per item gives a strided view of the frame
 with no per-item objects, a single item is passed as the view it is, other
 batches are concatenated.  Outputs are split back per item as views.
-Non-tensor values (TEXT, JSON, IMAGE, and the application-defined types KubeMo's
-applications register) travel to Python models as one-row object arrays holding the
-value objects; an ONNX model, which takes tensors, refuses application values.
+Non-tensor values travel to the engine as one-row object arrays of engine values: TEXT
+as ``str``, JSON as the decoded object, IMAGE as its octets (a bytes-like view of the
+frame), and the application-defined types KubeMo's applications register as
+``mip.Value`` (they have no plain form); an ONNX model, which takes tensors, refuses
+application values. A KubeMo-lifecycle model's outputs (``row_values``) come back as
+MIP values the same way: ``str`` TEXT, bytes-like IMAGE, ``mip.Value`` as it is, any
+other object JSON. (A JSON value that is a lone string therefore reaches a model, and
+returns, as TEXT.)
 
 A request of more rows than the model's ``max_batch_size`` is run as several batches
 and answered as one (KubeMo's server takes batches of any size); the KServe v2
@@ -56,8 +61,58 @@ def _columns(message: mip.Message, index: int) -> tuple[np.ndarray, list[int]]:
         raise InvalidInput(f"items disagree on the shape or datatype of value {index}: {exc}") from None
 
 
+def _engine_value(value):
+    """One MIP value as the engine holds it (see the module's docstring)."""
+    kind = type(value)
+    if kind is mip.Text:
+        return value.value
+    if kind is mip.Json:
+        return value.value  # InvalidValue for octets that are not JSON
+    if kind is mip.Image:
+        return value.data
+    return value  # mip.Value, and the elements of BYTES tensors
+
+
+def _engine_values(column: np.ndarray) -> np.ndarray:
+    """An object column of MIP values as engine values (a BYTES tensor as it is)."""
+    if column.ndim != 1 or not len(column) or type(column[0]) not in _VALUE_TYPES:
+        return column
+    values = np.empty(len(column), dtype=object)
+    values[:] = [_engine_value(v) for v in column]
+    return values
+
+
+_VALUE_TYPES = {mip.Text, mip.Json, mip.Image, mip.Value}
+_NO_ROWS: list[int] = []  # (a model has inputs: replaced by the first one's rows)
+
+
+def _mip_value(element):
+    """One value of a model of ``row_values`` as a MIP value: ``str`` TEXT, bytes-like
+    IMAGE, ``mip.Value`` and tensors as they are, any other object JSON."""
+    if isinstance(element, str):
+        return mip.Text(element)
+    if isinstance(element, (mip.Value, np.ndarray)):
+        return element
+    if isinstance(element, (bytes, bytearray, memoryview)):
+        return mip.Image(element)
+    return mip.Json(element)
+
+
+def _mip_values(outputs: dict) -> dict:
+    """The object columns of a ``row_values`` model's outputs as columns of MIP values."""
+    converted = {}
+    for name, column in outputs.items():
+        if column.dtype == object:
+            values = np.empty(column.shape, dtype=object)
+            values.reshape(-1)[:] = [_mip_value(v) for v in column.reshape(-1)]
+            column = values
+        converted[name] = column
+    return converted
+
+
 def _output_value(column: np.ndarray):
-    """One item's slice of an output, as a MIP value."""
+    """One item's slice of an output, as a MIP value: a one-row object column's MIP value
+    (``str`` as TEXT), else the column as a tensor."""
     if column.dtype == object and column.shape == (1,):
         element = column[0]
         if isinstance(element, (mip.Text, mip.Json, mip.Image, mip.Value)):
@@ -151,18 +206,16 @@ class MipHandler:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    async def __call__(self, message: mip.Message) -> list:
-        """Serve `message` and return its reply buffers (the coroutine form of :meth:`start`)."""
-        return await self.start(message)
-
     @staticmethod
     def _inputs(served, source) -> tuple[dict, list[int]]:
         inputs = {}
-        rows = None
+        rows = _NO_ROWS
         for index, spec in enumerate(served.inputs):
             column, rows = _columns(source, index)
-            if served.platform != PLATFORM_PYTHON and column.dtype.hasobject:
-                _refuse_application_values(served, column, index)
+            if column.dtype.hasobject:
+                if served.platform != PLATFORM_PYTHON:
+                    _refuse_application_values(served, column, index)
+                column = _engine_values(column)
             inputs[spec.name] = column
         return inputs, rows
 
@@ -209,6 +262,8 @@ def _refuse_application_values(served, column: np.ndarray, index: int) -> None:
 
 def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
     """The batch's outputs back as one tuple of values per item (views, no copies)."""
+    if served.row_values:
+        outputs = _mip_values(outputs)
     names = [spec.name for spec in served.outputs if spec.name in outputs]
     if len(rows) == 1:
         return [tuple(_output_value(outputs[name]) for name in names)]

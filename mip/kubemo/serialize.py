@@ -25,7 +25,7 @@ from mip.kubemo.protocol import IMAGE, JSON, TEXT
 from mip.protocol import JsonEncoder
 
 __all__ = ["Serial", "Input", "Output", "Dynamic", "Text", "Json", "Image", "JsonEncoder",
-           "register", "as_input"]
+           "register", "as_input", "wire_form"]
 
 T = TypeVar("T")
 
@@ -212,25 +212,32 @@ def register(s: Type[Serial]) -> None:
     _default_serializations[s.kind] = s
 
 
-def as_input(value: Any) -> Any:
-    """The KubeMo view of one value a server received.
-
-    Codec values (anything with ``type`` and ``data``) become :class:`Dynamic` values, as
-    KubeMo's server gives them; ``str`` is TEXT, ``bytes`` IMAGE (KubeMo's binary type),
-    ``dict``/``list`` JSON. KubeMo values and numpy arrays pass through unchanged.
-    """
+def wire_form(value: Any) -> tuple[int, bytes] | None:
+    """The MIP kind and octets of one value a server received, as KubeMo's server reads
+    them off the wire: ``str`` is TEXT (UTF-8), bytes-like objects IMAGE (KubeMo's binary
+    type), codec values (anything with ``type`` and ``data``) their own kind, and other
+    objects (decoded JSON: ``dict``, ``list``, numbers, ``None``) JSON; ``None`` for
+    KubeMo values and numpy arrays, which a model takes as they are."""
     if isinstance(value, (Serial, numpy.ndarray)):
-        return value
-    if isinstance(value, _codec.Text):
-        return Dynamic(TEXT, io.StringIO(value.value))
-    if isinstance(value, _codec.Json):
-        return Dynamic(JSON, io.BytesIO(value.data))
+        return None
     if isinstance(value, str):
-        return Dynamic(TEXT, io.StringIO(value))
+        return TEXT, value.encode()
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return Dynamic(IMAGE, io.BytesIO(value))
-    if isinstance(value, (dict, list)):
-        return Json(value)
-    if hasattr(value, "type") and hasattr(value, "data"):
-        return Dynamic(value.type, io.BytesIO(bytes(value.data)))
-    raise TypeError(f"cannot give a {type(value).__name__} to a KubeMo model")
+        return IMAGE, bytes(value)
+    if isinstance(value, _codec.Text):
+        return TEXT, value.value.encode()
+    kind, data = getattr(value, "type", None), getattr(value, "data", None)
+    if isinstance(kind, int) and data is not None:
+        return kind, bytes(data)
+    try:
+        return JSON, json.dumps(value, cls=JsonEncoder).encode()
+    except (TypeError, ValueError):
+        raise TypeError(f"cannot give a {type(value).__name__} to a KubeMo model") from None
+
+
+def as_input(value: Any) -> Any:
+    """The KubeMo view of one value a server received: a :class:`Dynamic` of its kind and
+    octets (see :func:`wire_form`), as KubeMo's server gives it. KubeMo values and numpy
+    arrays pass through unchanged."""
+    wire = wire_form(value)
+    return value if wire is None else Dynamic(wire[0], io.BytesIO(wire[1]))

@@ -62,7 +62,8 @@ class InferenceHandler(Handler):
         batch_output = self.model(*message.batch)
         if len(batch_output) != len(message.batch) or len({len(o) for o in batch_output}) > 1:
             raise BatchShapeError("the model's outputs do not match the batch")
-        return _codec.encode_response(list(batch_output), n_input=message.n_input)
+        items: list[Any] = list(batch_output)  # mip.kubemo's values are codec values
+        return _codec.encode_response(items, n_input=message.n_input)
 
     def kind(self) -> int:
         return MESSAGE_INFERENCE
@@ -126,8 +127,10 @@ class Server:
         except OSError:
             pass
         self.socket.close()
-        if self.network == "unix" and os.path.exists(self.address):
-            os.remove(self.address)
+        address = self.address
+        if self.network == "unix" and isinstance(address, (str, os.PathLike)) and (
+                os.path.exists(address)):
+            os.remove(address)
 
     def handle(self, handler: Handler) -> None:
         """Register ``handler`` for its kind."""

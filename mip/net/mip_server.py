@@ -21,14 +21,14 @@ import os
 import socket
 import ssl as _ssl
 import stat
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import mip
 from mip.errors import ErrorCode, ProtocolError, ServingError
 from mip.net.peers import PeerCounts, longest_idle, sweep_timeouts
 from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
 
-__all__ = ["MipServer", "Handler"]
+__all__ = ["MipServer", "Handler", "StartHandler"]
 
 log = logging.getLogger("mip.net.server")
 
@@ -38,8 +38,8 @@ Buffers = Sequence["bytes | memoryview"]
 class Handler(Protocol):
     """What a MIP server calls for each request frame.
 
-    A handler may also have ``start(message) -> asyncio.Future`` of the same buffers; the
-    server then uses it instead of running the coroutine as a task.
+    A handler may instead have ``start(message[, source]) -> asyncio.Future`` of the same
+    buffers (:class:`StartHandler`); the server then uses it, no task a request.
     """
 
     async def __call__(self, message: mip.Message) -> Buffers:
@@ -47,6 +47,14 @@ class Handler(Protocol):
 
         Raise a ``ServingError`` to answer with its MIP error code.
         """
+
+
+class StartHandler(Protocol):
+    """A handler's callback form: ``start(message, source)`` (``source``: the peer's
+    address, for fair queueing) -> a future of the reply buffers."""
+
+    def start(self, message: mip.Message, source: Any = None) -> asyncio.Future:
+        """Start serving ``message``; errors found at once may be raised."""
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -237,7 +245,9 @@ class _Connection(asyncio.BufferedProtocol):
                 work = self.loop.create_future()
                 work.set_exception(exc)
         else:
-            work = self.loop.create_task(self.server.handler(message))
+            handler = self.server.handler
+            assert callable(handler)  # a handler without start is the coroutine form
+            work = self.loop.create_task(handler(message))
         self._append(work)
         work.add_done_callback(self._on_done)
         if len(self.pending) >= self.server.max_pipeline:
@@ -395,7 +405,8 @@ class MipServer:
     """Serve MIP on TCP or Unix-socket URLs.
 
     Args:
-        handler: ``async (Message) -> list of buffers``; see :class:`Handler`.
+        handler: ``async (Message) -> list of buffers``, or an object with ``start``; see
+            :class:`Handler` and :class:`StartHandler`.
         max_frame_size: largest request accepted, in octets (header included);
             a larger one is answered with ERROR/MEMORY and the connection closed.
         max_connections: connections served at once; more are answered with
@@ -417,7 +428,7 @@ class MipServer:
         ssl: an ``ssl.SSLContext`` to serve TLS.
     """
 
-    def __init__(self, handler: Callable[[mip.Message], Awaitable[Buffers]], *,
+    def __init__(self, handler: Callable[[mip.Message], Awaitable[Buffers]] | StartHandler, *,
                  max_frame_size: int = 64 * 1024 * 1024, max_connections: int = 1024,
                  max_connections_per_peer: int = 256, max_pipeline: int = 128,
                  max_buffered_octets: int = 128 * 1024 * 1024,

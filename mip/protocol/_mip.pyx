@@ -1004,14 +1004,17 @@ cdef inline int _set_buffer(_Enc *e, object obj, list keep) except -1:
 
 cdef inline bytes _element_bytes(object x):
     """One BYTES element's octets: ``bytes`` as they are, ``str`` as UTF-8, buffers copied,
-    KubeMo values (``Text``, ``Json``, ``Image``, ``Value``) by their ``data``, anything
-    else as the UTF-8 of ``str()`` (what Triton's clients do)."""
+    ``dict`` and ``list`` (decoded JSON) as JSON text, KubeMo values (``Text``, ``Json``,
+    ``Image``, ``Value``) by their ``data``, anything else as the UTF-8 of ``str()`` (what
+    Triton's clients do)."""
     if isinstance(x, bytes):
         return x
     if PyUnicode_Check(x):
         return (<str>x).encode("utf-8")
     if isinstance(x, (bytearray, memoryview)):
         return bytes(x)
+    if isinstance(x, (dict, list)):
+        return Json(x).data
     data = getattr(x, "data", None)
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
@@ -1030,8 +1033,9 @@ def encode_bytes(array):
     """A BYTES tensor's octets on every wire (MIP, KServe v2 raw contents): each element,
     row-major, as a u32 little-endian length and that many octets.
 
-    Elements are ``bytes``, ``str`` (sent as UTF-8), bytes-like objects, KubeMo values
-    (their ``data``) or anything else (the UTF-8 of ``str()``).
+    Elements are ``bytes``, ``str`` (sent as UTF-8), bytes-like objects, ``dict`` and
+    ``list`` (as JSON text), KubeMo values (their ``data``) or anything else (the UTF-8 of
+    ``str()``).
 
     Raises:
         ValueError: an element larger than 4 GiB.

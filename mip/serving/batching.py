@@ -204,33 +204,27 @@ class Batcher:
         self._soon = self._timer = None
         self._executor.shutdown(wait=False)
 
-    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
-        """Queue one request and wait for its outputs.
+    def enqueue(self, inputs: Tensors, rows: int, deadline: float | None = None,
+                source=None, request_id: str | None = None) -> asyncio.Future:
+        """Queue one request without waiting: the returned future gets its outputs (await
+        it, or chain callbacks on it: no coroutine and no task a request).
 
         Args:
             inputs: the request's tensors; for a batching model each has ``rows`` rows.
             rows: the request's first dimension (1 for a model without a batch axis).
             deadline: a ``time.monotonic()`` instant after which the request is abandoned
                 with ``DeadlineExceeded``.
+            source: hashable (the client's address): picks the request's sub-queue.
+            request_id: the client's id of the request, named when the model fails on it.
 
-        Raises:
-            QueueFull: ``max_queue_size`` requests are already waiting.
-            DeadlineExceeded: the deadline passed first.
+        Cancelling the future drops the request from the queue.
+
+        Raises (here, at once):
+            QueueFull: ``max_queue_size`` requests are already waiting, or ``source`` has
+                ``max_queued_per_source`` queued.
+            DeadlineExceeded: the deadline has passed (a later one fails the future).
             InvalidInput: the request alone has more rows than ``max_batch_size``.
-        """
-        # Cancelling the caller cancels the awaited future, which drops the request.
-        return await self.enqueue(inputs, rows, deadline)
-
-    def enqueue(self, inputs: Tensors, rows: int, deadline: float | None = None,
-                source=None, request_id: str | None = None) -> asyncio.Future:
-        """Queue one request without waiting: the returned future gets its outputs.
-
-        The same as :meth:`submit` for callers that chain callbacks instead of awaiting
-        (no coroutine and no task a request). Cancelling the future drops the request from
-        the queue; errors found at once (see :meth:`submit`) are raised here. ``source``
-        (hashable: the client's address) picks the request's sub-queue; ``QueueFull`` also
-        when that source has ``max_queued_per_source`` requests queued. ``request_id``
-        (the client's id of the request) is named when the model fails on it.
+            ModelNotReady: the batcher is not started, or stopping.
         """
         if self._closing or not self._started:
             raise ModelNotReady(f"model {self.name} is not accepting requests")

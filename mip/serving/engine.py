@@ -22,10 +22,9 @@ from mip.protocol.dtypes import numpy_dtype
 from mip.serving.batching import Batcher, BatchRecord
 from mip.serving.repository import IndexEntry, ModelMetadata, ModelRepository, ModelVersion
 
-__all__ = ["Engine", "ModelStats"]
+__all__ = ["Engine", "ModelStats", "ModelVersion"]  # ModelVersion: what resolve() gives
 
 log = logging.getLogger("mip.serving")
-_UNSETTLED = object()  # Engine._default before start()
 
 
 def _datatype(dtype: np.dtype) -> str:
@@ -115,7 +114,8 @@ class Engine:
         self.max_queued_per_peer = max_queued_per_peer
         self._startup_models = None if models is None else list(models)
         self._default_model = default_model
-        self._default: str | None | object = _UNSETTLED
+        self._default: str | None = None
+        self._default_settled = False  # _default is looked up until the models load
         self._drain_timeout = drain_timeout
         self._served: dict[tuple[str, str], _Served] = {}
         self._hooks: list[BatchHook] = []
@@ -133,6 +133,7 @@ class Engine:
             raise ModelNotFound(f"the default model {self._default_model!r} is not in the "
                                 f"repository (it has: {', '.join(available) or 'no model'})")
         self._default = self._settle_default(available)
+        self._default_settled = True
         names = self._startup_models if self._startup_models is not None else available
         self._expected = set(names)
         for name in names:
@@ -242,7 +243,8 @@ class Engine:
     async def infer(self, model: str, inputs: Tensors, *, version: str | None = None,
                     outputs: list[str] | None = None,
                     deadline: float | None = None) -> Tensors:
-        """Run one request through the model's batch queue.
+        """Run one request through the model's batch queue: the engine's API for code that
+        calls it directly (frontends use :meth:`submit`, its future form).
 
         Args:
             model: the model name.
@@ -261,10 +263,9 @@ class Engine:
             ModelNotFound, ModelNotReady, InvalidInput, QueueFull, DeadlineExceeded,
             InternalError (all ``mip.errors.ServingError``).
         """
-        wanted = None
-        if outputs:
-            wanted = self._check_outputs(self._lookup(model, version).version, outputs)
-        result = await self.submit(model, inputs, version=version, deadline=deadline)
+        chosen = self.resolve(model, version)
+        wanted = self._check_outputs(chosen, outputs)
+        result = await self.submit(model, inputs, deadline=deadline, chosen=chosen)
         if wanted is None:
             return result
         return {name: result[name] for name in wanted}
@@ -275,9 +276,9 @@ class Engine:
                split: bool = False, request_id: str | None = None) -> asyncio.Future:
         """Queue one request without waiting: the returned future gets every output.
 
-        The same checks and errors as :meth:`infer` (raised here when found at once, set on
-        the future otherwise), for frontends that chain callbacks rather than run a
-        coroutine per request. Cancelling the future drops the request from the queue.
+        What :meth:`infer` runs (the same checks and errors: raised here when found at
+        once, set on the future otherwise), for frontends that chain callbacks rather than
+        run a coroutine per request. Cancelling the future drops the request from the queue.
         ``source`` (the client's address) picks the request's fair share of the queue (see
         :mod:`mip.serving.batching`). ``chosen``: the version :meth:`resolve` gave for
         this request (``model`` and ``version`` are then not looked up again). With
@@ -424,7 +425,7 @@ class Engine:
     def default_model(self) -> str | None:
         """The model reached by requests that name none: the configured default, or the
         repository's only model (settled when models load, not looked up per request)."""
-        if self._default is _UNSETTLED:
+        if not self._default_settled:
             return self._settle_default(self.repository.names())
         return self._default
 

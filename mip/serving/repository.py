@@ -85,6 +85,9 @@ class ModelVersion:
     Attributes:
         max_batch_size: rows per batch (0 = no batch axis), after defaults are applied.
         dynamic_batching: the batching settings in force, or ``None``.
+        row_values: whether its ``BYTES`` inputs and outputs hold one value a row (a
+            KubeMo-lifecycle model: ``str`` text, bytes-like images, decoded JSON), rather
+            than tensors' elements.
     """
 
     def __init__(self, name: str, version: str, path: Path, platform: str, config: ModelConfig):
@@ -101,6 +104,7 @@ class ModelVersion:
         self.max_batch_size = 0
         self.dynamic_batching: DynamicBatching | None = None
         self.labels: dict[str, list[str]] = {}  # output name -> class labels
+        self.row_values = False
 
     def __repr__(self) -> str:
         return f"<ModelVersion {self.name}/{self.version} {self.state.value}>"
@@ -121,6 +125,7 @@ class ModelVersion:
             self.runner = _open_runner(self)
             self.inputs = tuple(self.runner.inputs)
             self.outputs = tuple(self.runner.outputs)
+            self.row_values = bool(getattr(self.runner, "lifecycle", False))
             self._settle_batching()
             self._check_declared()
             self.labels = {name: read_labels(self._model_folder(), filename)

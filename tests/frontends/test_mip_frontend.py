@@ -293,6 +293,40 @@ async def test_a_failing_python_model_answers_internal(tmp_path):
         assert "model failure" in info.value.detail
 
 
+async def test_every_value_kind_travels_through_a_python_model_and_back(tmp_path):
+    """TEXT, JSON, IMAGE and an application's kind reach a lifecycle model as KubeMo's
+    server gives them (Dynamic values of their kind and octets) and come back as the same
+    MIP values; the engine between holds plain values."""
+    repo = _python_repo(tmp_path, "echo", (
+        "from mip.kubemo.serialize import Dynamic\n"
+        "class Echo(Inference):\n"
+        "    def preprocess(self, inputs):\n"
+        "        assert all(isinstance(v, Dynamic) for v in inputs), inputs\n"
+        "        return ([inputs],)\n"
+        "    def concat(self, batch):\n"
+        "        return (sum((b[0] for b in batch), []),)\n"
+        "    def forward(self, inputs):\n"
+        "        return inputs\n"
+        "    def postprocess(self, outputs):\n"
+        "        return tuple(v.serial for v in outputs[0])\n"),
+        '{"max_batch_size": 8, "inputs": ["text", "json", "image", "point"], '
+        '"outputs": ["text", "json", "image", "point"]}')
+    items = [[mip.Text(f"t{i}"), mip.Json({"i": i, "l": [1.5, None]}), mip.Image(b"\x89PNG%d" % i),
+              mip.Value(7, b"\x00\x01%d" % i)] for i in range(3)]
+    async with _serving(repo) as served:
+        async with AsyncClient(served.url) as client:
+            replies = await client.infer(items, model="echo")
+            single = await client.infer(items[:1], model="echo")
+            with pytest.raises(RemoteError) as info:  # refused before any model runs
+                await client.infer([[items[0][0], mip.Json.from_bytes(b"{not json"),
+                                     *items[0][2:]]], model="echo")
+            assert info.value.error_code == ErrorCode.SHAPE
+            assert "not valid JSON" in info.value.detail
+    assert replies == [tuple(item) for item in items]
+    assert single == [tuple(items[0])]
+    assert [type(v) for v in replies[0]] == [mip.Text, mip.Json, mip.Image, mip.Value]
+
+
 async def test_kubemo_client_reads_errors_that_say_why(demo_repo):
     """KubeMo's unmodified client against error frames with text: it discards the text and
     raises its own error with the code, as it always did, and the connection stays usable."""

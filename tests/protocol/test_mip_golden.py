@@ -211,6 +211,13 @@ def test_bytes_tensor_hex():
     assert [bytes(x) for x in item[0]] == [b"ab", b"", b"xyz"]
 
 
+def test_bytes_elements_of_decoded_json_are_json_text():
+    # What a Python model's JSON outputs are in the engine, on every wire's BYTES.
+    arr = np.array([{"a": [1, None]}, ["x", 1.5], "text", b"raw"], dtype=object)
+    assert mip.protocol.bytes_elements(arr) == [b'{"a": [1, null]}', b'["x", 1.5]', b"text",
+                                                b"raw"]
+
+
 def test_routed_request_hex():
     # Route block: u8 len "resnet", u8 len "1" (9 octets), then the inference payload.
     # The TLV value starts at 8 + 9 + 4 + 8 = 29; header 8 -> 37; pad 3 -> data at 40.

@@ -48,10 +48,10 @@ def rows_of(n: int, value: float, width: int = 3) -> np.ndarray:
     return np.full((n, width), value, dtype=np.float32)
 
 
-async def start_held(model: GatedModel, batcher: Batcher) -> asyncio.Task:
+async def start_held(model: GatedModel, batcher: Batcher) -> asyncio.Future:
     """Submit one request that occupies the model until ``model.release()``."""
     batcher.start()
-    first = asyncio.ensure_future(batcher.submit({"x": rows_of(1, -1)}, 1))
+    first = batcher.enqueue({"x": rows_of(1, -1)}, 1)
     assert await asyncio.to_thread(model.started.wait, 5)
     return first
 
@@ -86,7 +86,7 @@ def test_concurrent_requests_batch_and_split_in_order():
 
     async def held():
         sizes = [1, 2, 1, 3, 1]
-        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(n, i)}, n))
+        tasks = [batcher.enqueue({"x": rows_of(n, i)}, n)
                  for i, n in enumerate(sizes)]
         await asyncio.sleep(0.01)
         assert batcher.queue_depth == 5
@@ -111,13 +111,13 @@ def test_max_batch_size_counts_rows_not_requests():
 
     async def scenario():
         first = await start_held(model, batcher)
-        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(n, n)}, n))
+        tasks = [batcher.enqueue({"x": rows_of(n, n)}, n)
                  for n in (2, 2, 1, 3)]
         await asyncio.sleep(0.01)
         model.release()
         await asyncio.gather(first, *tasks)
         with pytest.raises(InvalidInput, match="at most 4 rows"):
-            await batcher.submit({"x": rows_of(5, 0)}, 5)
+            await batcher.enqueue({"x": rows_of(5, 0)}, 5)
         await batcher.stop()
 
     run(scenario())
@@ -132,7 +132,7 @@ def test_max_batch_bytes_stops_a_batch_but_never_splits_a_request():
     async def scenario():
         first = await start_held(model, batcher)
         # 2+2 rows reach the limit; 5 rows exceed it alone and run alone; then 1+1.
-        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(n, n)}, n))
+        tasks = [batcher.enqueue({"x": rows_of(n, n)}, n)
                  for n in (2, 2, 5, 1, 1)]
         await asyncio.sleep(0.01)
         model.release()
@@ -151,7 +151,7 @@ def test_max_batch_bytes_zero_is_no_limit():
 
     async def scenario():
         first = await start_held(model, batcher)
-        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(8, n)}, 8)) for n in range(4)]
+        tasks = [batcher.enqueue({"x": rows_of(8, n)}, 8) for n in range(4)]
         await asyncio.sleep(0.01)
         model.release()
         await asyncio.gather(first, *tasks)
@@ -169,7 +169,7 @@ def test_preferred_batch_size_is_sent_at_once():
     async def scenario():
         batcher.start()
         began = time.monotonic()
-        await asyncio.gather(*(batcher.submit({"x": rows_of(1, i)}, 1) for i in range(2)))
+        await asyncio.gather(*(batcher.enqueue({"x": rows_of(1, i)}, 1) for i in range(2)))
         elapsed = time.monotonic() - began
         await batcher.stop()
         return elapsed
@@ -185,7 +185,7 @@ def test_largest_preferred_size_then_the_rest_after_the_delay():
                    max_queue_delay_us=50_000)
 
     async def held():
-        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(1, i)}, 1))
+        tasks = [batcher.enqueue({"x": rows_of(1, i)}, 1)
                  for i in range(5)]
         await asyncio.sleep(0.01)
         model.release()
@@ -204,9 +204,9 @@ def test_delay_counts_from_the_oldest_request():
     async def scenario():
         batcher.start()
         began = time.monotonic()
-        oldest = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 0)}, 1))
+        oldest = batcher.enqueue({"x": rows_of(1, 0)}, 1)
         await asyncio.sleep(0.2)
-        newest = asyncio.ensure_future(batcher.submit({"x": rows_of(2, 1)}, 2))
+        newest = batcher.enqueue({"x": rows_of(2, 1)}, 2)
         await asyncio.gather(oldest, newest)
         elapsed = time.monotonic() - began
         await batcher.stop()
@@ -224,7 +224,7 @@ def test_full_batch_is_sent_without_waiting_for_the_delay():
 
     async def scenario():
         batcher.start()
-        await asyncio.gather(*(batcher.submit({"x": rows_of(2, i)}, 2) for i in range(2)))
+        await asyncio.gather(*(batcher.enqueue({"x": rows_of(2, i)}, 2) for i in range(2)))
         await batcher.stop()
 
     run(scenario(), timeout=5)
@@ -237,11 +237,11 @@ def test_queue_full_is_rejected():
 
     async def scenario():
         first = await start_held(model, batcher)
-        queued = [asyncio.ensure_future(batcher.submit({"x": rows_of(1, i)}, 1))
+        queued = [batcher.enqueue({"x": rows_of(1, i)}, 1)
                   for i in range(2)]
         await asyncio.sleep(0.01)
         with pytest.raises(QueueFull) as info:
-            await batcher.submit({"x": rows_of(1, 9)}, 1)
+            await batcher.enqueue({"x": rows_of(1, 9)}, 1)
         assert info.value.http_status == 503
         model.release()
         await asyncio.gather(first, *queued)
@@ -257,13 +257,13 @@ def test_sources_share_the_queue_round_robin_and_each_has_a_cap():
 
     async def scenario():
         first = await start_held(model, batcher)
-        hog = [asyncio.ensure_future(batcher.enqueue({"x": rows_of(1, 100 + i)}, 1,
-                                                     source="10.0.0.1")) for i in range(4)]
+        hog = [batcher.enqueue({"x": rows_of(1, 100 + i)}, 1,
+                                                     source="10.0.0.1") for i in range(4)]
         with pytest.raises(QueueFull, match="max_queued_per_source 4"):
             batcher.enqueue({"x": rows_of(1, 0)}, 1, source="10.0.0.1")
-        others = [asyncio.ensure_future(batcher.enqueue({"x": rows_of(1, v)}, 1, source=peer))
+        others = [batcher.enqueue({"x": rows_of(1, v)}, 1, source=peer)
                   for v, peer in ((1, "10.0.0.2"), (2, "10.0.0.2"), (3, "10.0.0.3"))]
-        unnamed = [asyncio.ensure_future(batcher.enqueue({"x": rows_of(1, 50 + i)}, 1))
+        unnamed = [batcher.enqueue({"x": rows_of(1, 50 + i)}, 1)
                    for i in range(5)]  # no source: no cap of its own
         assert batcher.queue_depth == 12
         # a cancelled request leaves its sub-queue
@@ -290,10 +290,10 @@ def test_deadline_drops_the_request_from_the_queue():
 
     async def held():
         with pytest.raises(DeadlineExceeded):
-            await batcher.submit({"x": rows_of(1, 42)}, 1, deadline=time.monotonic() + 0.05)
+            await batcher.enqueue({"x": rows_of(1, 42)}, 1, deadline=time.monotonic() + 0.05)
         assert batcher.queue_depth == 0
         with pytest.raises(DeadlineExceeded):
-            await batcher.submit({"x": rows_of(1, 43)}, 1, deadline=time.monotonic() - 1)
+            await batcher.enqueue({"x": rows_of(1, 43)}, 1, deadline=time.monotonic() - 1)
 
     run_held(model, batcher, held)
     assert model.rows == [1]
@@ -304,8 +304,8 @@ def test_cancelled_request_is_dropped_from_the_queue():
     batcher = make(model)
 
     async def held():
-        gone = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 42)}, 1))
-        kept = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 7)}, 1))
+        gone = batcher.enqueue({"x": rows_of(1, 42)}, 1)
+        kept = batcher.enqueue({"x": rows_of(1, 7)}, 1)
         await asyncio.sleep(0.01)
         assert batcher.queue_depth == 2
         gone.cancel()
@@ -344,9 +344,9 @@ def test_requests_with_different_trailing_shapes_batch_separately():
     batcher = make(model)
 
     async def held():
-        a = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 1, width=3)}, 1))
-        b = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 2, width=5)}, 1))
-        c = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 3, width=3)}, 1))
+        a = batcher.enqueue({"x": rows_of(1, 1, width=3)}, 1)
+        b = batcher.enqueue({"x": rows_of(1, 2, width=5)}, 1)
+        c = batcher.enqueue({"x": rows_of(1, 3, width=3)}, 1)
         await asyncio.sleep(0.01)
         model.release()
         results = await asyncio.gather(a, b, c)
@@ -363,7 +363,7 @@ def test_without_dynamic_batching_each_request_runs_alone():
 
     async def scenario():
         first = await start_held(model, batcher)
-        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(2, i)}, 2))
+        tasks = [batcher.enqueue({"x": rows_of(2, i)}, 2)
                  for i in range(3)]
         await asyncio.sleep(0.01)
         model.release()
@@ -385,7 +385,7 @@ def test_model_errors_reach_every_request_of_the_batch():
         batcher = make(model, max_queue_delay_us=50_000)
         batcher.start()
         results = await asyncio.gather(
-            *(batcher.submit({"x": rows_of(1, i)}, 1) for i in range(2)),
+            *(batcher.enqueue({"x": rows_of(1, i)}, 1) for i in range(2)),
             return_exceptions=True)
         await batcher.stop()
         return results
@@ -401,12 +401,12 @@ def test_stop_drains_then_refuses():
 
     async def scenario():
         first = await start_held(model, batcher)
-        queued = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 5)}, 1))
+        queued = batcher.enqueue({"x": rows_of(1, 5)}, 1)
         await asyncio.sleep(0.01)
         stopping = asyncio.ensure_future(batcher.stop())
         await asyncio.sleep(0.01)
         with pytest.raises(ModelNotReady):
-            await batcher.submit({"x": rows_of(1, 6)}, 1)
+            await batcher.enqueue({"x": rows_of(1, 6)}, 1)
         model.release()
         await stopping
         return await first, await queued
@@ -435,7 +435,7 @@ def one_at_a_time(batcher: Batcher, n: int) -> str:
     async def scenario():
         batcher.start()
         for i in range(n):
-            out = await batcher.submit({"x": rows_of(1, i)}, 1)
+            out = await batcher.enqueue({"x": rows_of(1, i)}, 1)
             np.testing.assert_array_equal(out["y"], rows_of(1, 2 * i))
         await batcher.stop()
         return threading.current_thread().name
@@ -481,10 +481,10 @@ def test_model_failures_are_logged_at_warning_rate_limited(caplog):
         try:
             for _ in range(20):
                 with pytest.raises(InternalError, match="weights are missing"):
-                    await batcher.submit({"x": np.ones((1, 2), np.float32)}, 1)
+                    await batcher.enqueue({"x": np.ones((1, 2), np.float32)}, 1)
             batcher._warned_at -= batching.FAILURE_LOG_INTERVAL  # the interval has passed
             with pytest.raises(InternalError):
-                await batcher.submit({"x": np.ones((1, 2), np.float32)}, 1)
+                await batcher.enqueue({"x": np.ones((1, 2), np.float32)}, 1)
         finally:
             await batcher.stop(1.0)
 
@@ -519,7 +519,7 @@ def test_a_split_request_runs_as_parts_and_is_answered_in_row_order():
     async def held():
         x = np.arange(30, dtype=np.float32).reshape(10, 3)
         whole = batcher.enqueue_split({"x": x}, 10)
-        other = asyncio.ensure_future(batcher.submit({"x": rows_of(1, 100)}, 1))
+        other = batcher.enqueue({"x": rows_of(1, 100)}, 1)
         await asyncio.sleep(0.01)
         # instance_count + 1 parts queued at a time, not all of them
         assert batcher.queue_depth == 3
@@ -615,7 +615,7 @@ def test_batch_records_carry_every_requests_wait():
 
     async def scenario():
         first = await start_held(model, batcher)
-        tasks = [asyncio.ensure_future(batcher.submit({"x": rows_of(1, i)}, 1))
+        tasks = [batcher.enqueue({"x": rows_of(1, i)}, 1)
                  for i in range(3)]
         await asyncio.sleep(0.05)
         model.release()

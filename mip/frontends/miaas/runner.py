@@ -41,15 +41,17 @@ class JobRunner:
         """The result document of ``job`` (raises what the decoder or the engine raise)."""
         started = time.perf_counter()
         name, version = split_model_id(job.model_id)
+        timeout = (job.parameters or {}).get("timeout")
+        timeout_seconds = float(timeout) if isinstance(
+            timeout, (int, float)) and timeout > 0 else None
         try:
             inputs, outputs = decode_inputs(job.input_data)
+            work = self.dataplane.submit("jobs", name, version, inputs, outputs,
+                                         timeout_seconds, request_id=job.request_id,
+                                         started=started)
         except Exception as exc:
             self.dataplane.refused("jobs", name, version, exc, request_id=job.request_id,
                                    started=started)
             raise
-        timeout = (job.parameters or {}).get("timeout")
-        timeout_seconds = float(timeout) if isinstance(
-            timeout, (int, float)) and timeout > 0 else None
-        done = await self.dataplane.infer("jobs", name, version, inputs, outputs,
-                                          timeout=timeout_seconds, request_id=job.request_id)
+        done = await work
         return encode_outputs(done.outputs, name, done.version)

@@ -316,9 +316,9 @@ class Metrics:
         batch_values = (lambda s: s.executions, lambda s: s.queue_us, lambda s: s.compute_us)
         for (name, doc), value in zip(_BATCH_COUNTERS, batch_values):
             lines.append(f"# HELP {name} {doc}\n# TYPE {name} counter\n")
-            for (model, version), series in sorted(self._batches.items()):
+            for (model, version), batches in sorted(self._batches.items()):
                 labels = _labels((("model", model), ("version", version)))
-                lines.append(f"{name}{{{labels}}} {_number(value(series))}\n")
+                lines.append(f"{name}{{{labels}}} {_number(value(batches))}\n")
         return "".join(lines)
 
     def collect(self):

@@ -129,7 +129,8 @@ class OnnxRunner:
 
     def __init__(self, model: str | os.PathLike | bytes, device: str = "cpu",
                  options: dict[str, Any] | None = None,
-                 input_names: tuple[str, ...] = (), output_names: tuple[str, ...] = ()):
+                 input_names: tuple[str | TensorSpec, ...] = (),
+                 output_names: tuple[str | TensorSpec, ...] = ()):
         import onnxruntime as ort
 
         providers = _providers(device)

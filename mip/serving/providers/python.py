@@ -10,11 +10,14 @@ Two kinds of class are served:
 
 * **KubeMo lifecycle** (``preprocess``, ``forward``, ``postprocess``, ``concat``; e.g. a
   subclass of ``mip.kubemo.adaptor.onnx.Inference``). Every input and output is a
-  ``BYTES`` tensor of shape ``[-1]``: one TEXT/JSON/IMAGE value per row (item), passed
-  through as objects. A batch of rows is one call of the model, which runs
-  ``preprocess`` per item, ``concat``, one ``forward`` and ``postprocess`` per row, as
-  KubeMo does. Names default to ``input_0``... and ``output_0``; ``config.json``
-  ``inputs``/``outputs`` rename them or declare tensors.
+  ``BYTES`` tensor of shape ``[-1]``: one value per row (item), as the engine holds
+  values: ``str`` (text), bytes-like (an image), the decoded object (JSON), or
+  ``mip.Value`` (an application's kind). The model is given each input as KubeMo's server
+  gives it (a ``Dynamic`` of its kind and octets) and its outputs become engine values
+  again; frontends turn engine values into their protocol's. A batch of rows is one call
+  of the model, which runs ``preprocess`` per item, ``concat``, one ``forward`` and
+  ``postprocess`` per row, as KubeMo does. Names default to ``input_0``... and
+  ``output_0``; ``config.json`` ``inputs``/``outputs`` rename them or declare tensors.
 * **Tensor models**: a class with ``infer(inputs: dict) -> dict`` and ``inputs`` /
   ``outputs`` attributes (lists of ``TensorSpec`` or ``(name, datatype, shape)``), or
   those lists in ``config.json``.
@@ -26,6 +29,7 @@ import importlib.util
 import inspect
 import io
 import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,9 @@ from typing import Any
 import numpy as np
 
 import mip as codec
-from mip.errors import ConfigError, InternalError
+from mip.errors import ConfigError, InternalError, InvalidValue
+from mip.kubemo.protocol import IMAGE, JSON, TEXT
+from mip.kubemo.serialize import Dynamic, wire_form
 from mip.protocol.dtypes import numpy_dtype
 from mip.serving.config import PLATFORM_PYTHON, ModelConfig, TensorSpec
 from mip.serving.providers.onnx import parse_device
@@ -41,7 +47,9 @@ from mip.serving.providers.onnx import parse_device
 __all__ = ["PythonRunner", "load_python_model"]
 
 _LIFECYCLE = ("preprocess", "forward", "postprocess", "concat")
-_CODEC_VALUES = (codec.Text, codec.Json, codec.Image, codec.Value, str, np.ndarray)
+# Engine values a lifecycle model's output may already be (mip.kubemo's Text and Json are
+# codec values, not str or dict).
+_PLAIN = (str, bytes, bytearray, memoryview, np.ndarray, dict, list, int, float, type(None))
 # A reload imports the file again while the old module still serves: names must differ.
 _module_numbers = itertools.count(1)
 
@@ -119,48 +127,64 @@ def _specs(configured: tuple, declared: Any, default_prefix: str) -> list[Tensor
     return [TensorSpec(f"{default_prefix}_0", "BYTES", (-1,))]
 
 
-def _wire_value(value: Any) -> Any:
-    """A lifecycle model's output value as the codec's: KubeMo values (``kind`` and
-    ``encode()``: the ``kubemo`` package's, or an application's registered kind) become
-    ``Text``/``Json``/``Image`` or ``Value(kind, octets)``; codec values pass as they are."""
-    if isinstance(value, _CODEC_VALUES):
+def _engine_value(value: Any) -> Any:
+    """A lifecycle model's output value as the engine's: KubeMo values (``kind`` and
+    ``encode()``: ``mip.kubemo``'s, the ``kubemo`` package's, or an application's
+    registered kind) and codec values become ``str`` (TEXT), ``bytes`` (IMAGE), the decoded
+    object (JSON), or ``mip.Value`` (an application's kind: no plain form); plain values
+    pass as they are."""
+    if isinstance(value, _PLAIN):
         return value
     serial = getattr(value, "serial", None)  # KubeMo's Dynamic holds its value here
     if serial is not None and getattr(value, "kind", None) is None:
         value = serial
+    if isinstance(value, (codec.Text, codec.Json)):  # mip.kubemo's Text and Json too
+        try:
+            return value.value
+        except InvalidValue as exc:
+            raise InternalError(f"the model returned a JSON value that is not JSON: "
+                                f"{exc}") from None
+    if isinstance(value, codec.Image):
+        return value.data
+    if isinstance(value, codec.Value):
+        return value
     kind, encode = getattr(value, "kind", None), getattr(value, "encode", None)
     if not isinstance(kind, int) or not callable(encode):
         return value
     data = encode()
     if isinstance(data, str):
         data = data.encode()
-    if kind == 1:
-        return codec.Text(bytes(data).decode())
-    if kind == 2:
-        return codec.Json.from_bytes(bytes(data))
-    if kind == 3:
-        return codec.Image(data)
+    if kind == TEXT:
+        return bytes(data).decode()
+    if kind == JSON:
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise InternalError(f"the model returned a JSON value that is not JSON: "
+                                f"{exc}") from None
+    if kind == IMAGE:
+        return bytes(data)
     try:
         return codec.Value(kind, data)
     except (ValueError, OverflowError) as exc:
         raise InternalError(f"the model returned a value of kind {kind}: {exc}") from None
 
 
-def _kubemo_input(model: Any) -> Any:
-    """For a model written against the ``kubemo`` package itself: a function that wraps
-    input values in its own ``Dynamic`` (its lifecycle does not accept codec values), as
-    KubeMo's server does (a kind the model registered reaches its class); ``None`` for any
-    other model."""
-    if not any(c.__module__.split(".")[0] == "kubemo" for c in type(model).__mro__):
-        return None
-    from kubemo.serialize import Dynamic  # the user's model already imported kubemo
+def _model_input(model: Any) -> Any:
+    """The function that turns an engine value (``str``, bytes-like, decoded JSON,
+    ``mip.Value``) into what KubeMo's server gives ``model``'s ``preprocess``: a
+    ``Dynamic`` of its kind and octets, the ``kubemo`` package's for a model written
+    against that package (its lifecycle does not accept ``mip.kubemo``'s), else
+    ``mip.kubemo``'s (a kind the model registered reaches its class). Numpy arrays pass
+    as they are."""
+    dynamic: Any = Dynamic
+    if any(c.__module__.split(".")[0] == "kubemo" for c in type(model).__mro__):
+        # the user's model already imported kubemo
+        dynamic = importlib.import_module("kubemo.serialize").Dynamic
 
     def convert_input(value: Any) -> Any:
-        if isinstance(value, str):
-            return Dynamic(1, io.BytesIO(value.encode()))
-        if isinstance(value, np.ndarray) or not hasattr(value, "type"):
-            return value
-        return Dynamic(value.type, io.BytesIO(bytes(value.data)))
+        wire = wire_form(value)
+        return value if wire is None else dynamic(wire[0], io.BytesIO(wire[1]))
 
     return convert_input
 
@@ -183,7 +207,7 @@ class PythonRunner:
                              if not self.lifecycle else None, "input")
         self.outputs = _specs(config.outputs, getattr(model, "outputs", None)
                               if not self.lifecycle else None, "output")
-        self._convert = _kubemo_input(model) if self.lifecycle else None
+        self._convert = _model_input(model)
         self._dtypes = {s.name: numpy_dtype(s.datatype) for s in self.outputs}
 
     def run(self, inputs: dict[str, np.ndarray],
@@ -200,8 +224,7 @@ class PythonRunner:
         rows = len(columns[0])
         convert = self._convert
         # One Python object per item is KubeMo's model: values are not tensors.
-        items = [tuple(convert(col[i]) if convert else col[i] for col in columns)
-                 for i in range(rows)]
+        items = [tuple(convert(col[i]) for col in columns) for i in range(rows)]
         results = self.model(*items)
         if len(results) != rows:
             raise InternalError(f"the model returned {len(results)} items for {rows} inputs "
@@ -218,7 +241,7 @@ class PythonRunner:
             if spec.datatype == "BYTES":
                 column = np.empty(rows, dtype=object)
                 for i, item in enumerate(results):
-                    column[i] = _wire_value(item[j])
+                    column[i] = _engine_value(item[j])
             else:
                 column = np.stack([np.asarray(item[j]) for item in results]).astype(
                     self._dtypes[spec.name], copy=False)
