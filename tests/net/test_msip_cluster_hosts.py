@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -17,14 +16,12 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "deploy"))
+from mip.net import AsyncClient
 
-from mip.net import AsyncClient  # noqa: E402
-
-import _msip_support as w  # noqa: E402
-from _netns import Network, require  # noqa: E402
-from _redis import redis_server  # noqa: E402
-from test_msip_cluster import NatsPlane, RedisPlane, start_nats  # noqa: E402
+import _msip_support as w
+from _netns import Network, require
+from _redis import redis_server
+from test_msip_cluster import NatsPlane, RedisPlane, start_nats
 
 _PORT = 7000
 
