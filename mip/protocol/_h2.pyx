@@ -130,13 +130,11 @@ cdef class Event:
 
 
 @cython.final
-@cython.freelist(64)
 cdef class RequestReceived(Event):
     """Server: a call's request headers arrived (its path, method, metadata are on the call)."""
 
 
 @cython.final
-@cython.freelist(64)
 cdef class MessageReceived(Event):
     """One whole gRPC message.
 
@@ -153,13 +151,11 @@ cdef class MessageReceived(Event):
 
 
 @cython.final
-@cython.freelist(64)
 cdef class StreamEnded(Event):
     """The peer ended its side of the call (END_STREAM)."""
 
 
 @cython.final
-@cython.freelist(64)
 cdef class StreamClosed(Event):
     """The stream is gone.
 

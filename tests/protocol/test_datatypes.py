@@ -13,7 +13,7 @@ import pytest
 import mip
 from mip.errors import InvalidInput
 from mip.frontends.miaas.tensors import decode_inputs, encode_outputs
-from mip.frontends.oip import codec, grpc
+from mip.frontends.oip import codec, grpc_codec
 from mip.frontends.oip import inference_pb2 as pb
 from mip.protocol.dtypes import BY_NAME, DATATYPE_NAMES, DATATYPES, TABLE
 from mip.serving import model_config_pb2 as mc
@@ -90,13 +90,13 @@ def test_oip_grpc_typed_contents_follow_the_table(name):
     tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype=name,
                                                    shape=list(sample.shape))
     if entry.contents is None:
-        assert name not in grpc._CONTENTS
+        assert name not in grpc_codec._CONTENTS
         with pytest.raises(InvalidInput, match=f"{name} has no typed contents"):
-            grpc._from_contents(tensor)
+            grpc_codec._from_contents(tensor)
         return
     assert entry.contents in fields
-    grpc._typed_contents(tensor.contents, name, sample, "x")
-    assert grpc._from_contents(tensor).tolist() == sample.tolist()
+    grpc_codec._typed_contents(tensor.contents, name, sample, "x")
+    assert grpc_codec._from_contents(tensor).tolist() == sample.tolist()
 
 
 def test_grpc_typed_fields_are_exactly_the_protobuf_ones():
