@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
-import ssl
 from typing import Any
 
+from mip.net import tls
 from mip.net.http_protocol import HttpLimits, Listener
 from mip.net.urls import tcp_address
 
@@ -62,9 +62,10 @@ class HttpServer:
                                 log_config=None,  # the process's logging stays as it is
                                 proxy_headers=False, server_header=False, **seconds,
                                 **self.ssl)
-        if self.ssl.get("ssl_ca_certs"):
-            config.ssl_cert_reqs = ssl.CERT_REQUIRED
         config.load()
+        if self.ssl:  # the context itself is mip.net.tls's, as for every other listener
+            config.ssl = tls.server_context(self.ssl["ssl_certfile"], self.ssl["ssl_keyfile"],
+                                            client_ca=self.ssl["ssl_ca_certs"])
         server = uvicorn.Server(config)
         # startup/main_loop/shutdown rather than serve(): serve() installs signal handlers,
         # and the process that embeds this server owns those.
