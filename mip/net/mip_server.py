@@ -204,6 +204,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._append(fut)
             self._flush()
         else:
+            assert self.transport is not None
             self.transport.write(reply)
             self._linger_close()
 
@@ -247,7 +248,7 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             handler = self.server.handler
             assert callable(handler)  # a handler without start is the coroutine form
-            work = self.loop.create_task(handler(message))
+            work = asyncio.ensure_future(handler(message), loop=self.loop)
         self._append(work)
         work.add_done_callback(self._on_done)
         if len(self.pending) >= self.server.max_pipeline:
@@ -342,6 +343,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.reading_paused = False
             if self.frame_started is not None:
                 self.frame_started = self.loop.time()  # the wait was this server's own
+            assert self.transport is not None
             self.transport.resume_reading()
 
     def check_timeouts(self, now: float) -> None:
@@ -362,6 +364,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def close_idle(self) -> None:
         self.closing = True
+        assert self.transport is not None
         self.transport.close()
 
 

@@ -255,6 +255,7 @@ class AsyncClient:
         await self._open()
         if self.ping_interval and self._ping_task is None:
             self._ping_task = asyncio.get_running_loop().create_task(self._ping_loop())
+        assert self.client_id is not None  # the HELLO ACK gave it
         return self.client_id
 
     async def _open(self) -> None:
@@ -285,6 +286,7 @@ class AsyncClient:
         for sub in list(self._subs.values()):
             await self._send_subscribe(sub.topic, sub.reliable)
         self._established = True
+        assert self._connected is not None
         self._connected.set()
 
     async def close(self) -> None:
@@ -358,8 +360,10 @@ class AsyncClient:
             self._reconnect_task = None
 
     async def _ping_loop(self) -> None:
+        interval = self.ping_interval
+        assert interval is not None  # started only with a ping interval
         while not self._closing:
-            await asyncio.sleep(self.ping_interval)
+            await asyncio.sleep(interval)
             if self.connected:
                 try:
                     await self.ping()
@@ -425,6 +429,7 @@ class AsyncClient:
             if fut is not None and not fut.done():
                 fut.set_result(f)
         elif ft == _PING:
+            assert proto.transport is not None  # frames come from a connected transport
             proto.transport.write(msip.encode(_PONG, _K_EVENT, b"", f.msg_id, 0))
         elif ft == _ERROR:
             reason = bytes(f.payload).decode("utf-8", "replace")
@@ -432,6 +437,7 @@ class AsyncClient:
             self._error = BrokerError(reason)
             self._fail_pending(self._error)
         elif ft == _CLOSE:
+            assert proto.transport is not None
             proto.transport.close()
 
     def _on_hello_ack(self, f) -> None:

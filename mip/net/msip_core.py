@@ -331,7 +331,7 @@ class BrokerCore:
         self.closing: list[Peer] = []
         #: open connections
         self.peers: dict[Peer, None] = {}
-        self._sessions: dict[int, _Session] = {}  # client id -> attached or durable away session
+        self._sessions: dict[int | None, _Session] = {}  # client id -> attached or durable away session
         self._away: dict[_Session, None] = {}  # durable sessions without a connection, oldest first
         self._kept: collections.deque = collections.deque()  # (session, _Held) of every backlog
         self._kept_live = 0
@@ -502,7 +502,7 @@ class BrokerCore:
             st.overflowed = False
             st.catching = []
             return st.last
-        held, st.catching = st.catching, None
+        held, st.catching = st.catching or (), None
         for sid, payload, compressed, urgent, msg_id in held:
             if sid > st.last:
                 st.last = sid
@@ -661,6 +661,7 @@ class BrokerCore:
     def _take_over(self, session: _Session) -> None:
         """Close the connection that holds ``session`` (a newer one named its client id)."""
         old = session.conn
+        assert old is not None  # only an attached session is taken over
         self.stats.takeovers += 1
         session.conn = None
         old.session = fresh = _Session(None)

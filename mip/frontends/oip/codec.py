@@ -199,7 +199,7 @@ def to_raw(array: np.ndarray, name: str = "tensor"):
         array = array.astype(array.dtype.newbyteorder("="))
     flat = np.ascontiguousarray(array).reshape(-1)
     # Viewed as octets so every dtype (bfloat16 included) exports a plain buffer.
-    return memoryview(flat.view(np.uint8)) if flat.size else b""
+    return flat.view(np.uint8).data if flat.size else b""
 
 
 # -- parameters of Triton's extensions ---------------------------------------------------
