@@ -39,8 +39,8 @@ class HttpServer:
         self.app = app
         limits = dataclasses.replace(limits or HttpLimits(), idle_timeout=timeout_keep_alive)
         self.listener = Listener(limits)
-        self.ssl: dict[str, Any] = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
-                                    "ssl_ca_certs": ssl_ca_certs} if ssl_certfile else {}
+        #: (certificate, key, client CA) of HTTPS, or None
+        self.tls = (ssl_certfile, ssl_keyfile, ssl_ca_certs) if ssl_certfile else None
         self.timeout_keep_alive = timeout_keep_alive
         self.graceful_timeout = graceful_timeout
         self.address: str | None = None
@@ -60,12 +60,11 @@ class HttpServer:
                                 http=self.listener.protocol_class(), ws="none",
                                 lifespan="off", log_level="warning", access_log=False,
                                 log_config=None,  # the process's logging stays as it is
-                                proxy_headers=False, server_header=False, **seconds,
-                                **self.ssl)
+                                proxy_headers=False, server_header=False, **seconds)
         config.load()
-        if self.ssl:  # the context itself is mip.net.tls's, as for every other listener
-            config.ssl = tls.server_context(self.ssl["ssl_certfile"], self.ssl["ssl_keyfile"],
-                                            client_ca=self.ssl["ssl_ca_certs"])
+        if self.tls is not None:  # made by mip.net.tls, as every other listener's context
+            cert, key, client_ca = self.tls
+            config.ssl = tls.server_context(cert, key, client_ca=client_ca)
         server = uvicorn.Server(config)
         # startup/main_loop/shutdown rather than serve(): serve() installs signal handlers,
         # and the process that embeds this server owns those.
