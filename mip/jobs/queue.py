@@ -25,6 +25,7 @@ import collections
 import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import sqlite3
 import time
@@ -241,15 +242,21 @@ def _record(row) -> JobRecord:
 class SQLiteQueue(JobQueue):
     """Jobs in one SQLite file (WAL, ``synchronous=FULL``), driven from one thread.
 
-    Takers in this process wake as soon as a job is submitted here; jobs submitted by
-    other processes sharing the file are seen within ``poll`` seconds.
+    Takers in this process wake as soon as a job is submitted here, and when the earliest
+    lease held on the file runs out. An idle queue costs no query: only a file shared
+    with other processes (not ``exclusive``) is looked at, every ``poll`` seconds, and
+    then with one ``stat`` of the file and its write-ahead log; it is queried when they
+    changed (a commit by any process), and at least every ``recheck`` seconds.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, poll: float = 0.1,
-                 exclusive: bool = False, **kwargs):
+                 recheck: float = 2.0, exclusive: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.path = Path(path) if path is not None else default_sqlite_path()
         self.poll = poll
+        #: a shared file is queried at least this often even when its stamp did not move
+        #: (a stamp may not: a timestamp's granularity, a log rewound to the same size)
+        self.recheck = recheck
         #: hold ``PATH.lock`` while open: a second process that asks for the same file
         #: exclusively is refused (QueueInUse) instead of taking this server's jobs
         self.exclusive = exclusive
@@ -257,6 +264,11 @@ class SQLiteQueue(JobQueue):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._submitted = 0  # jobs submitted through this object
+        #: what the last query that found nothing deliverable saw: jobs submitted here by
+        #: then, the file's stamp, when (monotonic), and when (wall clock) the earliest
+        #: lease held then ends; None: query on the next take
+        self._quiet: tuple[int, tuple, float, float] | None = None
 
     def __repr__(self) -> str:
         return f"<SQLiteQueue {self.path}>"
@@ -326,6 +338,7 @@ class SQLiteQueue(JobQueue):
         job = JobRecord(new_request_id(), model_id, input_data, parameters, QUEUED, now, now)
         await self._call(self._transaction, self._insert, job,
                          json.dumps(input_data), json.dumps(parameters))
+        self._submitted += 1
         while self._waiters:  # wake one idle taker, not all of them
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -358,28 +371,62 @@ class SQLiteQueue(JobQueue):
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                lease = await self._call(self._transaction, self._take, consumer)
-                if lease is not None:
-                    return lease
+                if self._worth_a_query():
+                    quiet = (self._submitted, self._stamp(), time.monotonic())
+                    lease, due = await self._call(self._transaction, self._take, consumer)
+                    if lease is not None:
+                        self._quiet = None  # more may be waiting
+                        return lease
+                    self._quiet = (*quiet, due)
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     return None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(waiter, min(self.poll, remaining))
+                pause = remaining
+                if self._quiet is not None:  # the earliest lease ends, freeing its job
+                    pause = min(pause, max(self._quiet[3] - time.time(), 0.0))
+                if not self.exclusive:
+                    pause = min(pause, self.poll)
+                await asyncio.wait((waiter,), timeout=pause)
             finally:
                 if not waiter.done():
                     waiter.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
 
-    def _take(self, db, consumer: str) -> Lease | None:
+    def _worth_a_query(self) -> bool:
+        """Whether a job may have become deliverable since the last query found none."""
+        if self._quiet is None:
+            return True
+        submitted, stamp, queried, due = self._quiet
+        if submitted != self._submitted or time.time() >= due:
+            return True
+        return not self.exclusive and (time.monotonic() - queried >= self.recheck
+                                       or self._stamp() != stamp)
+
+    def _stamp(self) -> tuple:
+        """What a commit to the file by any process changes: the write-ahead log's (and the
+        file's, for a checkpoint) size and modification time."""
+        stamp: list[tuple[int, int, int] | None] = []
+        for path in (self.path, f"{self.path}-wal"):
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamp.append(None)
+            else:
+                stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamp)
+
+    def _take(self, db, consumer: str) -> tuple[Lease | None, float]:
+        """A lease, or none and when (wall clock) the earliest lease held now ends."""
         for _ in range(100):  # bounded: each pass either leases a job or fails one
             now = time.time()
             row = db.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE status IN ('queued', 'processing') "
                 f"AND lease_until <= ? ORDER BY created LIMIT 1", (now,)).fetchone()
             if row is None:
-                return None
+                (due,) = db.execute("SELECT MIN(lease_until) FROM jobs WHERE status IN "
+                                    "('queued', 'processing')").fetchone()
+                return None, math.inf if due is None else due
             job = _record(row)
             if job.attempts >= self.max_attempts:
                 db.execute("UPDATE jobs SET status = 'failed', error = ?, updated = ?, "
@@ -393,8 +440,8 @@ class SQLiteQueue(JobQueue):
                        (expires, token, consumer, now, job.request_id))
             job.status, job.attempts, job.worker, job.updated = (PROCESSING, job.attempts + 1,
                                                                  consumer, now)
-            return Lease(job, consumer, token, expires)
-        return None
+            return Lease(job, consumer, token, expires), expires
+        return None, 0.0  # failed 100 jobs: look again at once
 
     async def extend(self, lease: Lease) -> bool:
         expires = time.time() + self.lease

@@ -90,6 +90,7 @@ class JobWorker:
         self.poll = poll
         self.purge_interval = purge_interval
         self._tasks: list[asyncio.Task] = []
+        self._purger: asyncio.Task | None = None
         self._running = False
         self._busy = 0
         self.completed = 0  #: outcomes this worker stored
@@ -103,12 +104,16 @@ class JobWorker:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._loop(i), name=f"mip-job-worker-{i}")
                        for i in range(self.concurrency)]
-        self._tasks.append(loop.create_task(self._purge_loop(), name="mip-job-purge"))
+        self._purger = loop.create_task(self._purge_loop(), name="mip-job-purge")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking jobs; jobs running get up to ``grace`` seconds to finish, the others
         are cancelled and delivered again after their lease."""
         self._running = False
+        if self._purger is not None:  # holds nothing: stops at once
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
+            self._purger = None
         tasks, self._tasks = self._tasks, []
         if not tasks:
             return
@@ -135,15 +140,12 @@ class JobWorker:
                     self._busy -= 1
 
     async def _purge_loop(self) -> None:
-        while self._running:
+        while True:
             with contextlib.suppress(Exception):
                 removed = await self.queue.purge()
                 if removed:
                     log.info("deleted %d finished jobs past retention", removed)
-            for _ in range(int(self.purge_interval * 10)):
-                if not self._running:
-                    return
-                await asyncio.sleep(0.1)
+            await asyncio.sleep(self.purge_interval)
 
     async def _keep_lease(self, lease: Lease) -> None:
         interval = max(self.queue.lease / 3, 0.05)

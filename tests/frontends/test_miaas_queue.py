@@ -153,6 +153,64 @@ async def test_two_queues_share_one_store(make_queue):
     assert [(await a.get(i)).status for i in ids] == ["completed"] * 10
 
 
+
+async def _statements(queue: SQLiteQueue) -> list[str]:
+    """Every SQL statement the queue's connection runs from now on (SQLite's own trace)."""
+    seen: list[str] = []
+    await queue._call(queue._open_db.set_trace_callback, seen.append)
+    return seen
+
+
+async def test_an_idle_queue_costs_no_query(tmp_path):
+    """Takers waiting on an empty queue of this server's own file query it once, then only
+    when a job is submitted or a lease they saw ends."""
+    queue = SQLiteQueue(tmp_path / "jobs.sqlite3", exclusive=True, lease=0.4)
+    await queue.open()
+    try:
+        assert await queue.take("w", wait=0.05) is None
+        seen = await _statements(queue)
+        for _ in range(4):
+            assert await queue.take("w", wait=0.1) is None
+        assert seen == []
+        taker = asyncio.ensure_future(queue.take("w", wait=30.0))
+        await asyncio.sleep(0.1)
+        job = await queue.submit("m", BODY, {})
+        first = await asyncio.wait_for(taker, 10)
+        assert first.job.request_id == job.request_id
+        # nobody finishes it: the next taker queries once, finds it leased, and queries
+        # again when that lease ends
+        seen.clear()
+        second = await queue.take("w2", wait=30.0)
+        assert second.job.request_id == job.request_id and second.job.attempts == 2
+        assert seen.count("BEGIN IMMEDIATE") == 2
+    finally:
+        await queue.close()
+
+
+async def test_shared_file_sees_other_writers(tmp_path):
+    """On a file shared with other processes (each with its own connection and no way to
+    wake this one's takers), a waiting taker sees a job another writer commits."""
+    path = tmp_path / "jobs.sqlite3"
+    a, b = SQLiteQueue(path, poll=0.05), SQLiteQueue(path, poll=0.05)
+    await a.open()
+    await b.open()
+    try:
+        assert await b.take("w", wait=0.05) is None
+        taker = asyncio.ensure_future(b.take("w", wait=30.0))
+        await asyncio.sleep(0.2)
+        job = await a.submit("m", BODY, {})
+        lease = await asyncio.wait_for(taker, 10)
+        assert lease.job.request_id == job.request_id
+        # an idle shared file is looked at with a stat, and queried only when it changed
+        assert await b.take("w", wait=0.05) is None
+        seen = await _statements(b)
+        assert await b.take("w", wait=0.3) is None
+        assert seen == []
+    finally:
+        await a.close()
+        await b.close()
+
+
 # -- worker processes ----------------------------------------------------------------------
 
 def _cfg(queue: str, **kwargs) -> MiaasConfig:
