@@ -6,11 +6,10 @@ import os
 from typing import Optional, Tuple, Union
 
 from numpy import ndarray
-from onnxruntime import InferenceSession
 
 from mip.kubemo.adaptor import arith
 from mip.errors import DeviceUnavailable
-from mip.serving.providers.onnx import _providers
+from mip.serving.providers.onnx import inference_session
 
 __all__ = ["Inference", "DeviceUnavailable"]
 
@@ -33,9 +32,7 @@ class Inference(arith.Inference):
                  output_names: Optional[Tuple[str, ...]] = None) -> None:
         super().__init__(device_id, input_names, output_names)
         device = "cpu" if device_id is None else f"cuda:{device_id}"
-        self.session = InferenceSession(str(path), providers=_providers(device))
-        if device_id is not None and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise DeviceUnavailable(f"ONNX Runtime could not start CUDA device {device_id}")
+        self.session = inference_session(path, device)
         if self.input_names is None:
             self.input_names = tuple(i.name for i in self.session.get_inputs())
 

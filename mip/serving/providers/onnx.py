@@ -17,7 +17,7 @@ from mip.errors import DeviceUnavailable, InvalidInput
 from mip.protocol.dtypes import TABLE
 from mip.serving.config import PLATFORM_ONNX, TensorSpec
 
-__all__ = ["OnnxRunner", "parse_device", "session_options"]
+__all__ = ["OnnxRunner", "inference_session", "parse_device", "session_options"]
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -51,6 +51,26 @@ def parse_device(device: str) -> tuple[str, int | None]:
         if index.isdigit():
             return "cuda", int(index)
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+
+
+def inference_session(model: str | os.PathLike | bytes, device: str = "cpu",
+                      options: dict[str, Any] | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` of ``model`` (a file or its octets) on
+    ``device`` ('cpu', 'cuda' or 'cuda:N'), with :func:`session_options` of ``options``.
+
+    Raises :class:`~mip.errors.DeviceUnavailable` when ONNX Runtime cannot run on the
+    device: never a silent run on the CPU instead.
+    """
+    import onnxruntime as ort
+
+    source = model if isinstance(model, bytes) else str(Path(model))
+    session = ort.InferenceSession(source, sess_options=session_options(**(options or {})),
+                                   providers=_providers(device))
+    if parse_device(device)[0] == "cuda" and CUDA_PROVIDER not in session.get_providers():
+        raise DeviceUnavailable(
+            f"ONNX Runtime could not start {CUDA_PROVIDER} for device {device!r} "
+            f"(check the CUDA and cuDNN libraries); refusing to run on the CPU instead")
+    return session
 
 
 def _providers(device: str) -> list[Any]:
@@ -131,17 +151,8 @@ class OnnxRunner:
                  options: dict[str, Any] | None = None,
                  input_names: tuple[str | TensorSpec, ...] = (),
                  output_names: tuple[str | TensorSpec, ...] = ()):
-        import onnxruntime as ort
-
-        providers = _providers(device)
-        source = model if isinstance(model, bytes) else str(Path(model))
-        self.session = ort.InferenceSession(source, sess_options=session_options(**(options or {})),
-                                            providers=providers)
+        self.session = inference_session(model, device, options)
         self.device = device
-        if parse_device(device)[0] == "cuda" and CUDA_PROVIDER not in self.session.get_providers():
-            raise DeviceUnavailable(
-                f"ONNX Runtime could not start {CUDA_PROVIDER} for device {device!r} "
-                f"(check the CUDA and cuDNN libraries); refusing to run on the CPU instead")
         all_inputs = {i.name: TensorSpec(i.name, from_onnx_type(i.type), _dims(i.shape))
                       for i in self.session.get_inputs()}
         all_outputs = {o.name: TensorSpec(o.name, from_onnx_type(o.type), _dims(o.shape))
