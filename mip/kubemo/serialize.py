@@ -16,13 +16,16 @@ import io
 import json
 import os
 import sys
-from typing import IO, Any, Dict, Generic, Type, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Generic, Protocol, TypeVar
 
 import numpy
 
 import mip as _codec
 from mip.kubemo.protocol import IMAGE, JSON, TEXT
 from mip.protocol import JsonEncoder
+
+if TYPE_CHECKING:
+    from mip.protocol._stream import Buffer
 
 __all__ = ["Serial", "Input", "Output", "Dynamic", "Text", "Json", "Image", "JsonEncoder",
            "register", "as_input", "wire_form"]
@@ -36,6 +39,9 @@ class Serial(Generic[T]):
     Attributes ``type`` and ``data`` give the same as ``kind`` and ``encode()`` under
     the codec's names.
     """
+
+    kind: int
+    reader: IO[Any]
 
     def __init__(self, kind: int, reader: IO[Any]) -> None:
         self.kind = kind
@@ -61,9 +67,18 @@ class Serial(Generic[T]):
         return self.kind
 
     @property
-    def data(self) -> bytes:
-        """The octets on the wire."""
+    def data(self) -> Buffer:
+        """The octets on the wire (``bytes``, or for an ``Image`` the buffer it holds)."""
         return self.encode()
+
+
+class SerialClass(Protocol):
+    """What :func:`register` takes: a class built from a reader alone, with its kind as a
+    class attribute (``class Point(Serial): kind = 7``)."""
+
+    kind: int
+
+    def __call__(self, reader: IO[Any], /) -> Serial: ...
 
 
 def _decode_registered(value: Serial) -> Any:
@@ -89,27 +104,33 @@ class Output(Serial):
         return _decode_registered(self)
 
 
-class _CodecValue:
-    """KubeMo's interface over a codec value (which carries ``type`` and ``data``)."""
+class _CodecSerial(Serial[T]):
+    """KubeMo's interface over a codec value, which carries ``type`` and ``data``: a
+    subclass names the codec class first, so that its ``type`` and ``data`` are the ones
+    used. The value is fixed: ``kind`` and ``reader`` cannot be assigned."""
 
     @property
     def kind(self) -> int:
         return self.type
 
+    @kind.setter
+    def kind(self, kind: int) -> None:
+        raise AttributeError(f"cannot assign {type(self).__name__}.kind: the value is fixed")
+
     @property
-    def reader(self) -> io.BytesIO:
+    def reader(self) -> IO[Any]:
         """A fresh reader over the value's octets."""
         return io.BytesIO(bytes(self.data))
+
+    @reader.setter
+    def reader(self, reader: IO[Any]) -> None:
+        raise AttributeError(f"cannot assign {type(self).__name__}.reader: the value is fixed")
 
     def encode(self) -> bytes:
         return bytes(self.data)
 
 
-def _read(source: Any) -> Any:
-    return source.read() if hasattr(source, "read") else source
-
-
-class Text(_CodecValue, _codec.Text, Serial[str]):
+class Text(_codec.Text, _CodecSerial[str]):
     """A TEXT value from a ``str`` or a text/binary reader."""
 
     def __init__(self, s: Any) -> None:
@@ -128,7 +149,7 @@ class Text(_CodecValue, _codec.Text, Serial[str]):
         return self.value
 
 
-class Json(_CodecValue, _codec.Json, Serial[object]):
+class Json(_codec.Json, _CodecSerial[object]):
     """A JSON value from any object ``json`` can encode (numpy numbers and arrays
     included), or from a reader of JSON text."""
 
@@ -150,12 +171,13 @@ def _pil_image_class() -> Any:
     return None if module is None else module.Image
 
 
-class Image(_CodecValue, _codec.Image, Serial):
+class Image(_codec.Image, _CodecSerial[Any]):
     """An IMAGE value (an encoded image file) from a path, a binary reader, bytes or a
     Pillow image."""
 
     def __init__(self, fp: Any) -> None:
         pil_image = _pil_image_class()
+        data: Buffer
         if isinstance(fp, (str, os.PathLike)):
             with open(fp, "rb") as f:
                 data = f.read()
@@ -189,8 +211,22 @@ class Dynamic(Serial):
         return repr(self.decode())
 
     @property
-    def kind(self) -> int:  # type: ignore[override]
+    def kind(self) -> int:
+        """The kind of the value it holds (``serial``)."""
         return self.serial.kind
+
+    @kind.setter
+    def kind(self, kind: int) -> None:
+        self.serial.kind = kind
+
+    @property
+    def reader(self) -> IO[Any]:
+        """The reader of the value it holds (``serial``)."""
+        return self.serial.reader
+
+    @reader.setter
+    def reader(self, reader: IO[Any]) -> None:
+        self.serial.reader = reader
 
     def decode(self) -> Any:
         return self.serial.decode()
@@ -199,10 +235,11 @@ class Dynamic(Serial):
         return self.serial.encode()
 
 
-_default_serializations: Dict[int, Type[Serial]] = {TEXT: Text, JSON: Json, IMAGE: Image}
+_default_serializations: Dict[int, Callable[[IO[Any]], Serial]] = {TEXT: Text, JSON: Json,
+                                                                   IMAGE: Image}
 
 
-def register(s: Type[Serial]) -> None:
+def register(s: SerialClass) -> None:
     """Make ``Dynamic`` build values of ``s.kind`` with ``s`` (called as ``s(reader)``).
 
     An application's kinds are 4-15 and 17 and up (the codec's ``mip.Value`` types); a
