@@ -54,7 +54,8 @@ class RedisPlane:
         with contextlib.closing(_redis(self.port, self.host)) as r:
             return dict(r.pubsub_numsub(prefix + topic))[(prefix + topic).encode()]
 
-    def numpat(self) -> int:
+    def numpat(self, prefix: str = "msip:") -> int:
+        """Wildcard subscriptions (of any prefix)."""
         with contextlib.closing(_redis(self.port, self.host)) as r:
             return r.pubsub_numpat()
 
@@ -62,10 +63,12 @@ class RedisPlane:
         with contextlib.closing(_redis(self.port, self.host)) as r:
             r.publish(prefix + topic, data)
 
-    def position(self, client_id: int, topic: str, prefix: str) -> str | None:
-        """The session's recorded position in ``topic``'s stream."""
+    def position(self, client_id: int, topic: str, prefix: str,
+                 pattern: bool = False) -> str | None:
+        """The session's recorded position in ``topic``'s stream (or the pattern's)."""
+        field = (b"\xff" if pattern else b"") + topic.encode()
         with contextlib.closing(_redis(self.port, self.host)) as r:
-            pos = r.hget(f"{prefix}session:{client_id}", topic)
+            pos = r.hget(f"{prefix}session:{client_id}", field)
             return None if pos is None else pos.decode()
 
     def recorded(self, client_id: int, topic: str, prefix: str) -> bool:
@@ -163,9 +166,11 @@ class NatsPlane:
             doc = json.load(r)
         return sum(c["out_msgs"] for c in doc["connections"] if c.get("name") == name)
 
-    def numpat(self) -> int:
+    def numpat(self, prefix: str = "msip:") -> int:
+        """Wildcard subscriptions under ``prefix``."""
+        start = prefix.rstrip(":.") + "."
         return sum(1 for s in self._subjects()
-                   if s.startswith("msip.") and ("*" in s.split(".") or s.endswith(".>")))
+                   if s.startswith(start) and ("*" in s.split(".") or s.endswith(".>")))
 
     def raw_publish(self, topic: str, data: bytes, prefix: str = "msip:") -> None:
         from mip.net.msip_nats import subject_of
@@ -176,16 +181,19 @@ class NatsPlane:
 
         self._run(work)
 
-    def _key(self, client_id: int, topic: str, prefix: str) -> tuple[str, str]:
+    def _key(self, client_id: int, topic: str, prefix: str,
+             pattern: bool = False) -> tuple[str, str]:
         from mip.net.msip_nats import names, subject_of
 
         subject, _, bucket = names(prefix)
-        return bucket, "s.%d.%s" % (client_id, subject_of("", topic)[1:])
+        return bucket, "%s.%d.%s" % ("p" if pattern else "s", client_id,
+                                     subject_of("", topic)[1:])
 
-    def position(self, client_id: int, topic: str, prefix: str) -> str | None:
+    def position(self, client_id: int, topic: str, prefix: str,
+                 pattern: bool = False) -> str | None:
         from nats.js.errors import NotFoundError
 
-        bucket, key = self._key(client_id, topic, prefix)
+        bucket, key = self._key(client_id, topic, prefix, pattern)
 
         async def work(nc, js):
             try:
@@ -899,3 +907,76 @@ def test_a_resuming_session_gets_its_recorded_subscriptions_back(plane):
             await pub.close()
 
     w.run(main(), 30)
+
+
+def _by_topic(events) -> dict[str, list[bytes]]:
+    got: dict[str, list[bytes]] = {}
+    for e in events:
+        got.setdefault(e.topic, []).append(bytes(e.data))
+    return got
+
+
+async def _events(sub, count: int, timeout: float = 10.0) -> list:
+    return [await sub.get(timeout) for _ in range(count)]
+
+
+def test_at_least_once_pattern_session_resumes_on_another_broker(plane):
+    """An at-least-once subscription to a pattern on A, its client away (no CLOSE), events
+    published on C: on resuming on B with its client id, it gets every event that matched
+    while it was away, in order per topic, none that did not match, then the live ones; an
+    at-most-once pattern subscriber on B and an at-least-once one that stays on C get
+    everything once, in order."""
+    async def main():
+        async with brokers(3, plane.url, cluster_prefix="pat:") as (a, b, c):
+            pub = AsyncClient(_url(c), reconnect=False)
+            sub = AsyncClient(_url(a), reconnect=False)
+            plain = AsyncClient(_url(b), reconnect=False)
+            steady = AsyncClient(_url(c), reconnect=False)
+            for cl in (pub, sub, plain, steady):
+                await cl.connect()
+            s = await sub.subscribe("sensors.*", reliable=True)
+            s_plain = await plain.subscribe("sensors.*")
+            s_steady = await steady.subscribe("sensors.*", reliable=True)
+            cid = sub.client_id
+            for cl in (sub, steady):
+                await until(lambda cl=cl: plane.position(cl.client_id, "sensors.*", "pat:",
+                                                         True) is not None)
+            await until(lambda: plane.numpat("pat:") >= 1)
+            sent: dict[str, list[bytes]] = {"sensors.t": [], "sensors.u": []}
+
+            async def publish(first: int, last: int) -> None:
+                for i in range(first, last):
+                    for topic in ("sensors.t", "sensors.u"):
+                        sent[topic].append(b"%s %03d" % (topic[-1:].encode(), i))
+                        await pub.publish(topic, sent[topic][-1])
+                    await pub.publish("sensors.t.deep", b"no")  # not matched by sensors.*
+                    await pub.publish("other", b"no")
+
+            await publish(0, 10)
+            assert _by_topic(await _events(s, 20)) == sent
+            await until(lambda: plane.position(cid, "sensors.*", "pat:", True).startswith("("))
+            sub._proto.transport.abort()  # away without a CLOSE: the record stays
+            await until(lambda: a.stats.sessions_away == 1)
+            await publish(10, 60)
+            await pub.publish("sensors.t", b"marker", wait=True)
+            sent["sensors.t"].append(b"marker")
+
+            moved = AsyncClient(_url(b), client_id=cid, reconnect=False)
+            s_moved = await moved.subscribe("sensors.*", reliable=True)  # sent by connect
+            await moved.connect()
+            assert moved.client_id == cid
+            got = _by_topic(await _events(s_moved, 101))
+            assert got == {t: d[10:] for t, d in sent.items()}
+            await pub.publish("sensors.u", b"live")
+            assert bytes((await s_moved.get(5)).data) == b"live"
+            sent["sensors.u"].append(b"live")
+            for other in (s_plain, s_steady):
+                assert _by_topic(await _events(other, 122)) == sent
+            await _nothing_more(s_moved, s_plain, s_steady)
+            assert b.stats.dropped_backlog == 0
+            for cl in (pub, plain, steady, moved):
+                await cl.close()
+            # a CLOSE ends the session: its record in the engine goes too
+            await until(lambda: not plane.record_exists(cid, "pat:"))
+
+    w.run(main(), 60)
