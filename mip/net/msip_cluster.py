@@ -58,6 +58,23 @@ can resume on another broker: their backlog lives in Redis, not in one broker's 
   does not hold it gets the subscriptions of its record back (``HKEYS``), unless it makes
   them again itself. At least once: what was delivered and
   not yet acknowledged when a broker died is delivered again.
+* An at-least-once subscription to a wildcard pattern (a session with patterns) is recorded
+  the same way, with one stream per pattern rather than per topic. The broker keeps the
+  pattern in the hash ``PREFIX + "patterns"`` (pattern -> until when it is wanted, in Redis's
+  clock, refreshed with the records), and the publish script matches each topic against the
+  patterns there (one ``HGETALL`` a batch, then token comparisons with each pattern, a
+  message): for each that matches, it appends the envelope to the pattern's stream
+  ``PREFIX + "pstream:" + pattern`` (``MAXLEN ~ stream_max``) and publishes a version-3
+  envelope, with that stream's id, on the pattern's feed channel ``"\0" + PREFIX +
+  pattern`` (no topic's channel), which the brokers recording the pattern subscribe to; such
+  subscriptions get their events from there, in the stream's order (the broker's own matching
+  leaves them out). The position is the record's field 0xFF + pattern (no UTF-8 topic is such
+  a field). A resume reads that one stream from its position: ``stream_max`` entries at most
+  (about), whatever the number of topics; and hands the session at most the newest
+  ``backlog_limit`` events and ``backlog_bytes`` octets, as an away session's backlog keeps,
+  the older ones dropped and counted (``stats.dropped_backlog``). A broker records at most
+  ``max_patterns`` distinct patterns (``--cluster-max-patterns``; beyond, a subscription stays
+  in its memory), which bounds the publish script's work a message by the brokers' sum.
 
 Both connections reconnect with exponential backoff (0.1 s to 5 s). The broker starts even
 when Redis is unreachable (it logs so and serves its local clients meanwhile).
@@ -548,16 +565,17 @@ class Backplane:
                 self._held[where] = []
                 now = time.monotonic()
                 on = core.stream_replay(session, pattern, kept, False, now)
-                if on is None:
-                    return  # unsubscribed or ended meanwhile
-                if held is None:  # too many live events meanwhile: read on
+                if on is not None and held is None:  # too many live events meanwhile: read on
                     if kept:
                         after = on
                     continue
-                core.stream_replay(session, pattern, held, True, now)
+                if on is not None:
+                    core.stream_replay(session, pattern, held, True, now)
+                # caught up (or unsubscribed, or ended meanwhile); on a failure, live events
+                # are held until the read is done again
+                self._held.pop(where, None)
                 return
         finally:
-            self._held.pop(where, None)
             self.broker._write_out()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -673,7 +691,9 @@ class RedisCluster(Backplane):
             ``prefix``.
         prefix: put before each topic to name its channel.
         max_pending: octets of envelopes queued for Redis at most; more are dropped (counted).
-        stream_max: events kept per topic in its stream (``XADD MAXLEN ~``); 0: no streams.
+        stream_max: events kept per topic in its stream (``XADD MAXLEN ~``), and per recorded
+            pattern in its own; 0: no streams.
+        max_patterns: distinct patterns this broker records at most.
     """
 
     engine = "Redis"
@@ -778,9 +798,9 @@ class RedisCluster(Backplane):
                     msg = await pubsub.get_message(timeout=0.05)
                     while msg is not None:
                         self._incoming(msg)
-                        msg = await pubsub.get_message(timeout=0.0)
                         if self._interest.is_set():
-                            break
+                            break  # (after the message taken)
+                        msg = await pubsub.get_message(timeout=0.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis down or failing: reconnect

@@ -41,6 +41,16 @@ own publishes, so a broker's clients get a local publish once (locally).
   resuming on a broker that does not hold it gets the subscriptions of its record back.
   ``NAME`` is ``PREFIX`` with other characters than ``A-Z a-z 0-9 _ -`` replaced.
 
+  At-least-once subscriptions to wildcard patterns use the same stream: its sequence orders
+  every topic's events, so a pattern's position is one sequence. The pattern is read live from
+  an ordered consumer filtered by its wildcard subject, and a resume reads a pull consumer with
+  that filter from the position; the key is ``p.CLIENTID.PATTERN-TOKENS`` (the pattern escaped
+  as a literal topic). The read is bounded by the session's ``backlog_limit``: when more
+  matching messages are pending, it starts later, at a sequence found by bisection (about
+  log2 of the stream's length consumers made, each telling its pending count), the skipped
+  ones counted in ``stats.dropped_backlog``; octets are bounded as with Redis. A broker
+  records at most ``max_patterns`` distinct patterns (an ordered consumer each).
+
   A server without JetStream (no ``-js``): the broker says so and keeps at-least-once
   sessions in its memory, as with ``stream_max`` 0.
 
@@ -158,6 +168,7 @@ class NatsCluster(Backplane):
             different services on one NATS account need different prefixes.
         max_pending: octets of envelopes queued for NATS at most; more are dropped (counted).
         stream_max: events kept per topic in JetStream; 0: no JetStream.
+        max_patterns: distinct patterns this broker records at most.
     """
 
     engine = "NATS"

@@ -980,3 +980,82 @@ def test_at_least_once_pattern_session_resumes_on_another_broker(plane):
             await until(lambda: not plane.record_exists(cid, "pat:"))
 
     w.run(main(), 60)
+
+
+@pytest.mark.parametrize("bound", ["messages", "octets"])
+def test_pattern_catch_up_is_bounded_as_an_away_backlog(plane, bound):
+    """What a resuming pattern session is handed from the engine is bounded as an away
+    session's backlog: the newest ``backlog_limit`` events and ``backlog_bytes`` octets, the
+    older ones dropped and counted; a subscriber that stayed gets them all."""
+    size = 24 + 2 + 3 + 100  # an EVENT frame: header, topic length, topic, data
+    limits = ({"backlog_limit": 20} if bound == "messages"
+              else {"backlog_limit": 1000, "backlog_bytes": 10 * size + size // 2})
+    kept = 20 if bound == "messages" else 10
+    prefix = f"bound{bound}:"
+
+    async def main():
+        async with brokers(3, plane.url, cluster_prefix=prefix, **limits) as (a, b, c):
+            pub = AsyncClient(_url(c), reconnect=False)
+            sub = AsyncClient(_url(a), reconnect=False)
+            steady = AsyncClient(_url(b), reconnect=False)
+            for cl in (pub, sub, steady):
+                await cl.connect()
+            await sub.subscribe("b.>", reliable=True)
+            s_steady = await steady.subscribe("b.>", reliable=True)
+            cid = sub.client_id
+            for cl in (sub, steady):
+                await until(lambda cl=cl: plane.position(cl.client_id, "b.>", prefix, True)
+                            is not None)
+            sub._proto.transport.abort()
+            await until(lambda: a.stats.sessions_away == 1)
+            sent = []
+            for i in range(100):
+                topic = "b.x" if i % 3 else "b.y"
+                sent.append((topic, b"%03d" % i + b"." * 97))
+                await pub.publish(topic, sent[-1][1])
+                await pub.publish("c.x", b"no")
+            await pub.publish("b.x", b"m" * 100, wait=True)
+            sent.append(("b.x", b"m" * 100))
+
+            moved = AsyncClient(_url(b), client_id=cid, reconnect=False)
+            s_moved = await moved.subscribe("b.>", reliable=True)
+            await moved.connect()
+            got = [(e.topic, bytes(e.data)) for e in await _events(s_moved, kept)]
+            assert got == sent[-kept:]
+            assert b.stats.dropped_backlog == len(sent) - kept
+            got = [(e.topic, bytes(e.data)) for e in await _events(s_steady, len(sent))]
+            assert got == sent
+            await _nothing_more(s_moved, s_steady)
+            for cl in (pub, steady, moved):
+                await cl.close()
+
+    w.run(main(), 60)
+
+
+def test_recorded_patterns_are_bounded_per_broker(plane):
+    """Beyond ``cluster_max_patterns`` distinct recorded patterns, a broker keeps a new
+    at-least-once pattern subscription in its memory (as without a cluster): it is served
+    all the same, and not recorded in the engine."""
+    async def main():
+        async with brokers(2, plane.url, cluster_prefix="few:",
+                           cluster_max_patterns=1) as (a, b):
+            pub = AsyncClient(_url(b), reconnect=False)
+            sub = AsyncClient(_url(a), reconnect=False)
+            for cl in (pub, sub):
+                await cl.connect()
+            first = await sub.subscribe("x.*", reliable=True)
+            second = await sub.subscribe("y.*", reliable=True)
+            cid = sub.client_id
+            await until(lambda: plane.position(cid, "x.*", "few:", True) is not None)
+            await until(lambda: plane.numpat("few:") == 2)
+            for i in range(20):
+                await pub.publish("x.a", b"%d" % i)
+                await pub.publish("y.a", b"%d" % i)
+            assert await _collect(first, 20) == [b"%d" % i for i in range(20)]
+            assert await _collect(second, 20) == [b"%d" % i for i in range(20)]
+            await _nothing_more(first, second)
+            assert await asyncio.to_thread(plane.position, cid, "y.*", "few:", True) is None
+            for cl in (pub, sub):
+                await cl.close()
+
+    w.run(main(), 30)
