@@ -344,7 +344,8 @@ class Backplane:
         self.stream_max = stream_max
         self.streams = stream_max > 0  # at-least-once sessions are recorded in the engine
         self._ops: list = []  # ("begin", session, topic), ("hdel", id, topic), ("del", id)
-        self._positions: dict[tuple[int, str], str] = {}  # (client id, topic) -> position
+        # (client id, topic or pattern, is a pattern) -> position
+        self._positions: dict[tuple[int, str, bool], str] = {}
         self._session_wake = asyncio.Event()
         self._warn_rec = _Warn()
         self.max_patterns = max_patterns

@@ -455,11 +455,11 @@ class NatsCluster(Backplane):
                 for entry in await self._read(self._kv_subject(op[1].client_id, ">"),
                                               1, "KV_" + self.bucket, last_per_subject=True):
                     parts = entry.subject.split(".", 4)
-                    topic = topic_of(self.subject_prefix, self.subject_prefix + "." + parts[4])
-                    if topic is None or parts[2] not in found:
+                    name = topic_of(self.subject_prefix, self.subject_prefix + "." + parts[4])
+                    if name is None or parts[2] not in found:
                         self.stats.cluster_invalid += 1
                     else:
-                        found[parts[2]].append(topic)
+                        found[parts[2]].append(name)
                 self._restore(op[1], found["s"], found["p"])
             elif op[0] == "hdel":
                 self._recorded.pop((op[1], op[2]), None)
