@@ -1059,3 +1059,47 @@ def test_recorded_patterns_are_bounded_per_broker(plane):
                 await cl.close()
 
     w.run(main(), 30)
+
+
+def test_pattern_session_resumes_on_its_broker_and_after_its_restart(plane):
+    """Away and back on the same broker, a pattern session gets what matched meanwhile from
+    that broker's memory; away while that broker restarts (its memory lost), from the engine."""
+    async def main():
+        url = plane.url
+        async with brokers(2, url, cluster_prefix="home:") as (a, c):
+            pub = AsyncClient(_url(c), reconnect=False)
+            await pub.connect()
+            sub = AsyncClient(_url(a), reconnect=False)
+            await sub.connect()
+            await sub.subscribe("h.>", reliable=True)
+            cid = sub.client_id
+            await until(lambda: plane.position(cid, "h.>", "home:", True) is not None)
+            expected = []
+            for round_ in range(2):
+                sub._proto.transport.abort()
+                await until(lambda: a.stats.sessions_away == 1)
+                if round_ == 1:
+                    await a.stop(grace=1.0)  # its memory is gone; the record is not
+                for i in range(30):
+                    topic = "h.%d" % (i % 3)
+                    expected.append((topic, b"%d.%02d" % (round_, i)))
+                    await pub.publish(topic, expected[-1][1])
+                    await pub.publish("g.0", b"no")
+                await pub.publish("h.0", b"end", wait=True)
+                expected.append(("h.0", b"end"))
+                if round_ == 1:
+                    a = Broker(cluster=url, cluster_prefix="home:")
+                    await a.start("tcp://127.0.0.1:0")
+                sub = AsyncClient(_url(a), client_id=cid, reconnect=False)
+                s = await sub.subscribe("h.>", reliable=True)
+                await sub.connect()
+                got = [(e.topic, bytes(e.data)) for e in await _events(s, len(expected))]
+                assert got == expected
+                await _nothing_more(s)
+                await until(lambda: plane.position(cid, "h.>", "home:", True).startswith("("))
+                expected = []
+            for cl in (pub, sub):
+                await cl.close()
+            await a.stop(grace=1.0)
+
+    w.run(main(), 60)
