@@ -65,10 +65,10 @@ can resume on another broker: their backlog lives in Redis, not in one broker's 
   patterns there (one ``HGETALL`` a batch, then token comparisons with each pattern, a
   message): for each that matches, it appends the envelope to the pattern's stream
   ``PREFIX + "pstream:" + pattern`` (``MAXLEN ~ stream_max``) and publishes a version-3
-  envelope, with that stream's id, on the pattern's feed channel ``"\0" + PREFIX +
-  pattern`` (no topic's channel), which the brokers recording the pattern subscribe to; such
-  subscriptions get their events from there, in the stream's order (the broker's own matching
-  leaves them out). The position is the record's field 0xFF + pattern (no UTF-8 topic is such
+  envelope, with that stream's id, on the pattern's feed channel (a NUL octet, ``PREFIX``,
+  the pattern: no topic's channel), which the brokers recording the pattern subscribe to;
+  such subscriptions get their events from there, in the stream's order (the broker's own
+  matching leaves them out). The position is the record's field 0xFF + pattern (no UTF-8 topic is such
   a field). A resume reads that one stream from its position: ``stream_max`` entries at most
   (about), whatever the number of topics; and hands the session at most the newest
   ``backlog_limit`` events and ``backlog_bytes`` octets, as an away session's backlog keeps,

@@ -678,7 +678,8 @@ def test_cluster_url_is_checked():
 def test_help_lists_the_cluster_flags():
     out = subprocess.run([sys.executable, "-m", "mip.cli", "broker", "--help"],
                          capture_output=True, text=True, timeout=60, cwd=w.ROOT).stdout
-    for flag in ("--cluster URL", "--cluster-prefix TEXT", "--cluster-max-pending OCTETS"):
+    for flag in ("--cluster URL", "--cluster-prefix TEXT", "--cluster-max-pending OCTETS",
+                 "--cluster-max-patterns N"):
         assert flag in out
     assert "(default 8M)" in " ".join(out.split())
     assert "nats://HOST:PORT" in out
