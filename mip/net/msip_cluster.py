@@ -144,6 +144,7 @@ local function matches(pat, parts)
   return #pat == #parts
 end
 local pats = {}
+local matched = {}  -- topic -> the patterns it matches
 local wanted = redis.call('HGETALL', pre .. 'patterns')
 if #wanted > 0 then""" + _NOW_MS + """
   for i = 1, #wanted, 2 do
@@ -164,12 +165,20 @@ for i = 3, #ARGV, 2 do
   end
   redis.call('PUBLISH', channel, sent)
   if #pats > 0 then
-    local parts = tokens(topic)
-    for _, p in ipairs(pats) do
-      if matches(p[2], parts) then
-        local id = redis.call('XADD', pre .. 'pstream:' .. p[1], 'MAXLEN', '~', n, '*', 'e', env)
-        redis.call('PUBLISH', '\0' .. pre .. p[1], '\3' .. string.char(#id) .. id .. string.sub(env, 2))
+    local hits = matched[topic]
+    if hits == nil then  -- once a topic a batch
+      hits = {}
+      local parts = tokens(topic)
+      for _, p in ipairs(pats) do
+        if matches(p[2], parts) then
+          hits[#hits + 1] = p[1]
+        end
       end
+      matched[topic] = hits
+    end
+    for _, p in ipairs(hits) do
+      local id = redis.call('XADD', pre .. 'pstream:' .. p, 'MAXLEN', '~', n, '*', 'e', env)
+      redis.call('PUBLISH', '\0' .. pre .. p, '\3' .. string.char(#id) .. id .. string.sub(env, 2))
     end
   end
 end

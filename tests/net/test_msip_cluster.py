@@ -1104,3 +1104,37 @@ def test_pattern_session_resumes_on_its_broker_and_after_its_restart(plane):
             await a.stop(grace=1.0)
 
     w.run(main(), 60)
+
+
+def test_recorded_patterns_match_in_the_engine_as_in_the_broker(plane):
+    """The engine's matching of recorded patterns (Redis: the publish script's; NATS: its
+    wildcards) gives each at-least-once pattern subscriber exactly the topics the broker's
+    own matching gives, empty tokens included."""
+    from mip.net.msip_topics import topic_matches
+
+    patterns = ["a.*", "a.>", "*.b", "*", ">", "a.*.c", "*.*"]
+    topics = ["a", "a.b", "a.b.c", "b", "x.b", "a..c", "a.x.c", "", ".", "a.b.c.d", "é.b"]
+
+    async def main():
+        async with brokers(2, plane.url, cluster_prefix="shape:") as (a, b):
+            pub = AsyncClient(_url(b), reconnect=False)
+            await pub.connect()
+            subs = {}
+            for p in patterns:
+                cl = AsyncClient(_url(a), reconnect=False)
+                await cl.connect()
+                subs[p] = await cl.subscribe(p, reliable=True)
+                await until(lambda cl=cl, p=p: plane.position(cl.client_id, p, "shape:", True)
+                            is not None)
+            for t in topics:
+                await pub.publish(t, t.encode() + b"!")
+            for p, s in subs.items():
+                want = [t for t in topics if topic_matches(p, t)]
+                got = [e.topic for e in await _events(s, len(want))]
+                assert got == want, p
+            await _nothing_more(*subs.values())
+            for s in subs.values():
+                await s.client.close()
+            await pub.close()
+
+    w.run(main(), 60)
