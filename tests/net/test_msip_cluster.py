@@ -1078,7 +1078,7 @@ def test_pattern_session_resumes_on_its_broker_and_after_its_restart(plane):
             expected = []
             for round_ in range(2):
                 sub._proto.transport.abort()
-                await until(lambda: a.stats.sessions_away == 1)
+                await until(lambda a=a: a.stats.sessions_away == 1)
                 if round_ == 1:
                     await a.stop(grace=1.0)  # its memory is gone; the record is not
                 for i in range(30):
