@@ -784,35 +784,48 @@ def test_bench_pubsub_across_brokers(plane):
     w.run(main(), 30)
 
 
-def test_at_least_once_session_resumes_on_another_broker_after_a_kill(plane):
+@pytest.mark.parametrize("wanted", ["feed", "feed.*"])
+def test_at_least_once_session_resumes_on_another_broker_after_a_kill(plane, wanted):
     """Three ``mip broker --cluster`` processes: a publisher on A, an at-least-once subscriber
-    on B and an at-most-once one on C. B is killed (SIGKILL) mid-stream; the subscriber comes
-    back on C with its client id and gets, from its last acknowledged position in the engine, every
-    event: in order, none lost (some again: what B delivered and saw no ACK for)."""
+    on B and an at-most-once one on C, to a topic or a pattern. B is killed (SIGKILL)
+    mid-stream; the subscriber comes back on C with its client id and gets, from its last
+    acknowledged position in the engine, every event: in order, none lost (some again: what B
+    delivered and saw no ACK for), none its pattern does not match."""
     url = plane.url
     n, kill_at, sent_before = 1000, 300, 600
+    pattern = wanted != "feed"
+    topic = "feed.x" if pattern else "feed"
     with _broker_processes("--cluster", url, "--cluster-prefix", "resume:") as (a, b, c):
         async def main():
             pub = AsyncClient(f"tcp://127.0.0.1:{a.port}", reconnect=False)
+
+            async def publish(i: int) -> None:
+                await pub.publish(topic, b"%05d" % i)
+                if pattern:
+                    await pub.publish("feed.x.y", b"no")  # not matched by feed.*
             sub = AsyncClient(f"tcp://127.0.0.1:{b.port}", reconnect=False)
             plain = AsyncClient(f"tcp://127.0.0.1:{c.port}", reconnect=False)
             for cl in (pub, sub, plain):
                 await cl.connect()
-            s_b = await sub.subscribe("feed", reliable=True)
-            s_c = await plain.subscribe("feed")
-            await until(lambda: plane.numsub("feed", "resume:") == 2, 10)
-            await until(lambda: plane.recorded(sub.client_id, "feed", "resume:"), 10)
+            s_c = await plain.subscribe(wanted)
+            if pattern:
+                await until(lambda: plane.numpat("resume:") >= 1, 10)
+            s_b = await sub.subscribe(wanted, reliable=True)
+            if not pattern:
+                await until(lambda: plane.numsub("feed", "resume:") == 2, 10)
+            await until(lambda: plane.position(sub.client_id, wanted, "resume:", pattern)
+                        is not None, 10)
             for i in range(sent_before):
-                await pub.publish("feed", b"%05d" % i)
+                await publish(i)
             got_b = await _collect(s_b, kill_at, 10)  # acknowledged as they are taken
             b.stop(signal.SIGKILL)
             for i in range(sent_before, n):
-                await pub.publish("feed", b"%05d" % i)
+                await publish(i)
             with contextlib.suppress(Exception):
                 await sub.close()
             moved = AsyncClient(f"tcp://127.0.0.1:{c.port}", client_id=sub.client_id,
                                 reconnect=False)
-            s_moved = await moved.subscribe("feed", reliable=True)  # sent by connect
+            s_moved = await moved.subscribe(wanted, reliable=True)  # sent by connect
             await moved.connect()
             assert moved.client_id == sub.client_id
             first = int(bytes((await s_moved.get(10)).data))
