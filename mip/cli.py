@@ -355,6 +355,10 @@ def _parser() -> argparse.ArgumentParser:
              "(NATS: in JetStream, per topic), so that such a session resumes on any broker, "
              "its backlog in the engine; 0: no streams, at-least-once sessions live in one "
              "broker's memory (default 10000)")
+    opt("--cluster-max-patterns", type=int, default=256, metavar="N",
+        help="distinct patterns that this broker's at-least-once sessions record in the engine "
+             "at most (Redis matches every publish against all brokers' recorded patterns); "
+             "beyond, such a subscription is kept in this broker's memory only (default 256)")
     _add_tls(broker)
 
     worker = sub.add_parser(
@@ -748,7 +752,8 @@ async def _broker(args) -> int:
                     ssl=_server_ssl(args) if args.tls_cert else None, cluster=args.cluster,
                     cluster_prefix=args.cluster_prefix,
                     cluster_max_pending=args.cluster_max_pending,
-                    cluster_stream_max=args.cluster_stream_max)
+                    cluster_stream_max=args.cluster_stream_max,
+                    cluster_max_patterns=args.cluster_max_patterns)
     address = await broker.start(args.msip)
     print(f"mip: MSIP broker on {address}", flush=True)
     if args.cluster:

@@ -266,6 +266,8 @@ class Broker:
             subscribe to (about: ``XADD MAXLEN ~``; NATS: in JetStream, every topic's), so that
             such a session resumes on any broker; 0: no streams, at-least-once sessions live
             in one broker's memory.
+        cluster_max_patterns: distinct patterns this broker's at-least-once sessions have
+            recorded in the engine at most (beyond, such a subscription stays in memory).
     """
 
     def __init__(
@@ -301,6 +303,7 @@ class Broker:
         cluster_prefix: str = "msip:",
         cluster_max_pending: int = 8 * 1024 * 1024,
         cluster_stream_max: int = 10_000,
+        cluster_max_patterns: int = 256,
     ):
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer
@@ -333,7 +336,7 @@ class Broker:
             from mip.net.msip_cluster import open_backplane
             self._cluster = self.core.backplane = open_backplane(
                 self, cluster, prefix=cluster_prefix, max_pending=cluster_max_pending,
-                stream_max=cluster_stream_max)
+                stream_max=cluster_stream_max, max_patterns=cluster_max_patterns)
             # client ids name sessions across brokers: start each broker's at a random place
             self.core._next_id = (int.from_bytes(os.urandom(6), "big") << 14) + 1
 

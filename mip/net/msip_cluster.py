@@ -58,6 +58,23 @@ can resume on another broker: their backlog lives in Redis, not in one broker's 
   does not hold it gets the subscriptions of its record back (``HKEYS``), unless it makes
   them again itself. At least once: what was delivered and
   not yet acknowledged when a broker died is delivered again.
+* An at-least-once subscription to a wildcard pattern (a session with patterns) is recorded
+  the same way, with one stream per pattern rather than per topic. The broker keeps the
+  pattern in the hash ``PREFIX + "patterns"`` (pattern -> until when it is wanted, in Redis's
+  clock, refreshed with the records), and the publish script matches each topic against the
+  patterns there (one ``HGETALL`` a batch, then token comparisons with each pattern, a
+  message): for each that matches, it appends the envelope to the pattern's stream
+  ``PREFIX + "pstream:" + pattern`` (``MAXLEN ~ stream_max``) and publishes a version-3
+  envelope, with that stream's id, on the pattern's feed channel (a NUL octet, ``PREFIX``,
+  the pattern: no topic's channel), which the brokers recording the pattern subscribe to;
+  such subscriptions get their events from there, in the stream's order (the broker's own
+  matching leaves them out). The position is the record's field 0xFF + pattern (no UTF-8 topic is such
+  a field). A resume reads that one stream from its position: ``stream_max`` entries at most
+  (about), whatever the number of topics; and hands the session at most the newest
+  ``backlog_limit`` events and ``backlog_bytes`` octets, as an away session's backlog keeps,
+  the older ones dropped and counted (``stats.dropped_backlog``). A broker records at most
+  ``max_patterns`` distinct patterns (``--cluster-max-patterns``; beyond, a subscription stays
+  in its memory), which bounds the publish script's work a message by the brokers' sum.
 
 Both connections reconnect with exponential backoff (0.1 s to 5 s). The broker starts even
 when Redis is unreachable (it logs so and serves its local clients meanwhile).
@@ -75,6 +92,7 @@ import struct
 import time
 from typing import Any
 
+from mip.msip import HEADER_SIZE
 from mip.net.msip_topics import pattern_tokens
 
 __all__ = ["Backplane", "RedisCluster", "ENVELOPE", "glob_of", "open_backplane"]
@@ -93,26 +111,95 @@ for i = 1, #ARGV, 2 do
 end
 return #ARGV / 2
 """
+# Redis's clock in milliseconds, in a script
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
 # the same, and for a topic some at-least-once session records (its "want" key exists): XADD
-# the envelope to the topic's stream first, and publish a version-2 envelope with the stream id
+# the envelope to the topic's stream first, and publish a version-2 envelope with the stream id;
+# for each recorded pattern the topic matches (the hash "patterns": pattern -> until when it is
+# wanted), XADD it to the pattern's stream and publish a version-3 envelope with that stream's
+# id on the pattern's feed channel
 _PUBLISH_STREAMED = """
 local n = ARGV[1]
-local plen = #ARGV[2]
+local pre = ARGV[2]
+local plen = #pre
+local function tokens(text)
+  local out = {}
+  for tok in string.gmatch(text .. '.', '([^.]*)%.') do
+    out[#out + 1] = tok
+  end
+  return out
+end
+local function matches(pat, parts)
+  for i = 1, #pat do
+    if pat[i] == '>' then
+      return #parts >= i
+    end
+    if i > #parts or (pat[i] ~= '*' and pat[i] ~= parts[i]) then
+      return false
+    end
+  end
+  return #pat == #parts
+end
+local pats = {}
+local matched = {}  -- topic -> the patterns it matches
+local wanted = redis.call('HGETALL', pre .. 'patterns')
+if #wanted > 0 then""" + _NOW_MS + """
+  for i = 1, #wanted, 2 do
+    if tonumber(wanted[i + 1]) < now then
+      redis.call('HDEL', pre .. 'patterns', wanted[i])
+    else
+      pats[#pats + 1] = {wanted[i], tokens(wanted[i])}
+    end
+  end
+end
 for i = 3, #ARGV, 2 do
   local channel, env = ARGV[i], ARGV[i + 1]
   local topic = string.sub(channel, plen + 1)
-  if redis.call('EXISTS', ARGV[2] .. 'want:' .. topic) == 1 then
-    local id = redis.call('XADD', ARGV[2] .. 'stream:' .. topic, 'MAXLEN', '~', n, '*', 'e', env)
-    env = '\2' .. string.char(#id) .. id .. string.sub(env, 2)
+  local sent = env
+  if redis.call('EXISTS', pre .. 'want:' .. topic) == 1 then
+    local id = redis.call('XADD', pre .. 'stream:' .. topic, 'MAXLEN', '~', n, '*', 'e', env)
+    sent = '\2' .. string.char(#id) .. id .. string.sub(env, 2)
   end
-  redis.call('PUBLISH', channel, env)
+  redis.call('PUBLISH', channel, sent)
+  if #pats > 0 then
+    local hits = matched[topic]
+    if hits == nil then  -- once a topic a batch
+      hits = {}
+      local parts = tokens(topic)
+      for _, p in ipairs(pats) do
+        if matches(p[2], parts) then
+          hits[#hits + 1] = p[1]
+        end
+      end
+      matched[topic] = hits
+    end
+    for _, p in ipairs(hits) do
+      local id = redis.call('XADD', pre .. 'pstream:' .. p, 'MAXLEN', '~', n, '*', 'e', env)
+      redis.call('PUBLISH', '\0' .. pre .. p, '\3' .. string.char(#id) .. id .. string.sub(env, 2))
+    end
+  end
 end
 return (#ARGV - 2) / 2
 """
-# a session's subscription starts being recorded: want the topic, and return the session's
-# position in its stream (recorded before, or after the stream's last entry now)
+# patterns (ARGV[3] on) are wanted ARGV[2] milliseconds more, in the hash ARGV[1]
+_WANT_PATTERNS = _NOW_MS + """
+for i = 3, #ARGV do
+  redis.call('HSET', ARGV[1], ARGV[i], now + tonumber(ARGV[2]))
+end
+return #ARGV - 2
+"""
+# a session's subscription starts being recorded: want the topic (or, with ARGV[6], the
+# pattern ARGV[6] in the hash ARGV[1]), and return the session's position in its stream
+# (recorded before, or after the stream's last entry now)
 _BEGIN = """
-redis.call('SET', ARGV[1], '1', 'PX', ARGV[5])
+if ARGV[6] then""" + _NOW_MS + """
+  redis.call('HSET', ARGV[1], ARGV[6], now + tonumber(ARGV[5]))
+else
+  redis.call('SET', ARGV[1], '1', 'PX', ARGV[5])
+end
 local pos = redis.call('HGET', ARGV[2], ARGV[3])
 if not pos then
   pos = '-'
@@ -233,13 +320,15 @@ class Backplane:
     client = ("?", "?")  #: the module of its Python client, and the package that brings it
 
     def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20,
-                 stream_max: int = 10_000):
+                 stream_max: int = 10_000, max_patterns: int = 256):
         if not url.startswith(self.schemes):
             raise ValueError(f"cluster URL must be {self.url_form}, not {url!r}")
         if stream_max < 0:
             raise ValueError(f"cluster stream_max must be 0 or more, not {stream_max}")
         if max_pending <= 0:
             raise ValueError(f"cluster max_pending must be positive, not {max_pending}")
+        if max_patterns < 0:
+            raise ValueError(f"cluster max_patterns must be 0 or more, not {max_patterns}")
         try:
             importlib.import_module(self.client[0])
         except ImportError as exc:
@@ -264,9 +353,17 @@ class Backplane:
         self.stream_max = stream_max
         self.streams = stream_max > 0  # at-least-once sessions are recorded in the engine
         self._ops: list = []  # ("begin", session, topic), ("hdel", id, topic), ("del", id)
-        self._positions: dict[tuple[int, str], str] = {}  # (client id, topic) -> position
+        # (client id, topic or pattern, is a pattern) -> position
+        self._positions: dict[tuple[int, str, bool], str] = {}
         self._session_wake = asyncio.Event()
         self._warn_rec = _Warn()
+        self.max_patterns = max_patterns
+        # recorded patterns: pattern -> {client id: local session recording it}
+        self._recording: dict[str, dict[int, Any]] = {}
+        # (session, pattern) not caught up yet -> live events held meanwhile (None: too many)
+        self._held: dict[tuple, list | None] = {}
+        self._write_due = False
+        self._warn_pat = _Warn()
 
     # -- the engine's part -----------------------------------------------------------------
     def _channel(self, topic: bytes):
@@ -341,16 +438,39 @@ class Backplane:
 
     # -- at-least-once sessions' records (from the core, synchronous) -----------------------
     def begin(self, session, topic: str) -> None:
+        """The core records ``topic`` (a literal topic or, for a session with patterns, a
+        wildcard pattern) for an at-least-once session."""
+        cid = session.client_id
+        if self._is_pattern(session, topic):
+            sessions = self._recording.get(topic)
+            if sessions is None:
+                if len(self._recording) >= self.max_patterns:
+                    self._warn_pat("cluster: %d patterns recorded already (limit %d): the "
+                                   "at-least-once subscription to %r stays in this broker's "
+                                   "memory", len(self._recording), self.max_patterns, topic)
+                    core = self.broker.core
+                    core._unstream(session, topic, False)
+                    core._forget_routes()
+                    return
+                sessions = self._recording[topic] = {}
+                self._interest.set()  # its feed
+            sessions[cid] = session
+            self._held[(session, topic)] = []
+        else:
+            self._unrecord(cid, topic)
         self._ops.append(("begin", session, topic))
         self._session_wake.set()
 
     def position(self, client_id: int, topic: str, pos: str) -> None:
-        self._positions[(client_id, topic)] = pos
+        self._positions[(client_id, topic, self._recorded_pattern(client_id, topic))] = pos
         self._session_wake.set()
 
     def unstream(self, client_id: int, topic: str) -> None:
-        self._positions.pop((client_id, topic), None)
-        self._ops.append(("hdel", client_id, topic))
+        pattern = self._recorded_pattern(client_id, topic)
+        self._positions.pop((client_id, topic, pattern), None)
+        self._ops.append(("hdel", client_id, topic, pattern))
+        if pattern:
+            self._unrecord(client_id, topic)
         self._session_wake.set()
 
     def restore(self, session) -> None:
@@ -358,8 +478,115 @@ class Backplane:
         self._session_wake.set()
 
     def drop(self, client_id: int) -> None:
+        for topic in [t for t, sessions in self._recording.items() if client_id in sessions]:
+            self._unrecord(client_id, topic)
         self._ops.append(("del", client_id))
         self._session_wake.set()
+
+    # -- recorded patterns -------------------------------------------------------------------
+    def _is_pattern(self, session, topic: str) -> bool:
+        """Whether ``topic`` is a wildcard pattern for ``session``."""
+        return (bool(session.patterns or self.broker.core.topic_patterns)
+                and pattern_tokens(topic) is not None)
+
+    def _recorded_pattern(self, client_id: int, topic: str) -> bool:
+        return client_id in self._recording.get(topic, ())
+
+    def _unrecord(self, client_id: int, pattern: str) -> None:
+        sessions = self._recording.get(pattern)
+        if sessions is None:
+            return
+        session = sessions.pop(client_id, None)
+        if session is not None:
+            self._held.pop((session, pattern), None)
+        if not sessions:
+            del self._recording[pattern]
+            self._interest.set()
+
+    def _prune(self) -> None:
+        """Forget the sessions that stopped recording a pattern without saying so (ended on
+        this broker: the record in the engine outlives them)."""
+        for pattern, sessions in list(self._recording.items()):
+            for cid, session in list(sessions.items()):
+                if pattern not in session.streams:
+                    self._unrecord(cid, pattern)
+
+    def _restore(self, session, literal: list[str], patterns: list[str]) -> None:
+        """Give a resuming session its recorded subscriptions back (those that mean, for the
+        session, what they meant when recorded)."""
+        self.broker.core.restore_subscriptions(
+            session, [t for t in literal if not self._is_pattern(session, t)]
+            + [p for p in patterns if self._is_pattern(session, p)])
+
+    def _feed(self, pattern: str, sid: tuple, payload, flags: int, msg_id: int) -> None:
+        """An event of a recorded pattern's stream, for the local sessions recording it (held
+        while a session catches up)."""
+        sessions = self._recording.get(pattern)
+        if not sessions:
+            return
+        core = self.broker.core
+        entry = (sid, payload, flags, msg_id)
+        now = time.monotonic()
+        for session in list(sessions.values()):
+            where = (session, pattern)
+            if where in self._held:
+                held = self._held[where]
+                if held is not None:
+                    if len(held) >= core.max_inflight:  # they are in the stream too
+                        self._held[where] = None
+                    else:
+                        held.append(entry)
+            elif pattern in session.streams:
+                core.stream_replay(session, pattern, (entry,), True, now)
+        if not self._write_due:  # one write per connection for a batch
+            self._write_due = True
+            asyncio.get_running_loop().call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self._write_due = False
+        self.broker._write_out()
+
+    async def _catch_up(self, session, pattern: str, read) -> None:
+        """Hand a session what its recorded pattern missed, then the live events held
+        meanwhile, and let it go on live. ``read(after)`` iterates over pages of entries
+        (stream id, PUBLISH payload, EVENT flags, msg_id) in stream order, from the recorded
+        position (``after`` None) or after the stream id ``after``.
+
+        What is handed over is bounded as an away session's backlog is: the newest
+        ``backlog_limit`` events and ``backlog_bytes`` octets at most; older ones are dropped
+        and counted (``stats.dropped_backlog``)."""
+        core = self.broker.core
+        where = (session, pattern)
+        after = None
+        try:
+            while True:
+                kept: collections.deque = collections.deque()
+                octets = dropped = 0
+                async for page in read(after):
+                    for entry in page:
+                        kept.append(entry)
+                        octets += HEADER_SIZE + len(entry[1])
+                        while kept and (len(kept) > core.backlog_limit
+                                        or octets > core.backlog_bytes):
+                            octets -= HEADER_SIZE + len(kept.popleft()[1])
+                            dropped += 1
+                self.stats.dropped_backlog += dropped
+                held = self._held.get(where, [])
+                self._held[where] = []
+                now = time.monotonic()
+                on = core.stream_replay(session, pattern, kept, False, now)
+                if on is not None and held is None:  # too many live events meanwhile: read on
+                    if kept:
+                        after = on
+                    continue
+                if on is not None:
+                    core.stream_replay(session, pattern, held, True, now)
+                # caught up (or unsubscribed, or ended meanwhile); on a failure, live events
+                # are held until the read is done again
+                self._held.pop(where, None)
+                return
+        finally:
+            self.broker._write_out()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -446,6 +673,7 @@ class Backplane:
                 refresh = now >= next_refresh
                 if refresh:
                     next_refresh = now + refresh_every
+                    self._prune()
                 waiting = await self._record(waiting + ops, positions, refresh, ttl_ms)
                 backoff = _BACKOFF_MIN
             except asyncio.CancelledError:
@@ -473,7 +701,9 @@ class RedisCluster(Backplane):
             ``prefix``.
         prefix: put before each topic to name its channel.
         max_pending: octets of envelopes queued for Redis at most; more are dropped (counted).
-        stream_max: events kept per topic in its stream (``XADD MAXLEN ~``); 0: no streams.
+        stream_max: events kept per topic in its stream (``XADD MAXLEN ~``), and per recorded
+            pattern in its own; 0: no streams.
+        max_patterns: distinct patterns this broker records at most.
     """
 
     engine = "Redis"
@@ -482,22 +712,33 @@ class RedisCluster(Backplane):
     client = ("redis.asyncio", "redis")
 
     def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20,
-                 stream_max: int = 10_000):
+                 stream_max: int = 10_000, max_patterns: int = 256):
         super().__init__(broker, url, prefix=prefix, max_pending=max_pending,
-                         stream_max=stream_max)
+                         stream_max=stream_max, max_patterns=max_patterns)
         self.prefix = prefix.encode("utf-8")
         self._sub_channels: set[bytes] = set()  # subscribed on the current connection
+        self._feed_channels: dict[bytes, str] = {}  # of them: recorded patterns' feeds
         self._sub_globs: dict[bytes, re.Pattern] = {}  # glob -> the regex of its channels
         self._pub: Any = None  # the publishing connection, and its batch script
         self._script: Any = None
-        self._rec: Any = None  # the recording connection, and its begin script
+        self._rec: Any = None  # the recording connection, and its scripts
         self._begin: Any = None
+        self._want_patterns: Any = None
 
     def _channel(self, topic: bytes) -> bytes:
         return self.prefix + topic
 
     def _session_key(self, client_id: int) -> bytes:
         return self.prefix + b"session:%d" % client_id
+
+    def _feed_channel(self, pattern: str) -> bytes:
+        """The channel of a recorded pattern's feed (outside ``PREFIX`` + any topic)."""
+        return b"\0" + self.prefix + pattern.encode("utf-8")
+
+    @staticmethod
+    def _field(topic: str, pattern: bool) -> bytes:
+        """A session record's field: the topic, or (never UTF-8) 0xFF and the pattern."""
+        return (b"\xff" if pattern else b"") + topic.encode("utf-8")
 
     async def _connect(self) -> None:
         probe = _open(self.url, socket_timeout=2.0)
@@ -545,6 +786,7 @@ class RedisCluster(Backplane):
             client = _open(self.url)
             pubsub = client.pubsub()
             self._sub_channels = set()
+            self._feed_channels = {}
             self._sub_globs = {}
             try:
                 await client.ping()
@@ -566,9 +808,9 @@ class RedisCluster(Backplane):
                     msg = await pubsub.get_message(timeout=0.05)
                     while msg is not None:
                         self._incoming(msg)
-                        msg = await pubsub.get_message(timeout=0.0)
                         if self._interest.is_set():
-                            break
+                            break  # (after the message taken)
+                        msg = await pubsub.get_message(timeout=0.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis down or failing: reconnect
@@ -590,6 +832,8 @@ class RedisCluster(Backplane):
     async def _sync(self, pubsub) -> None:
         """Bring the connection's subscriptions to what local sessions want, in batches."""
         channels = {self.prefix + t.encode("utf-8") for t in self._topics}
+        feeds = {self._feed_channel(p): p for p in self._recording}
+        channels.update(feeds)
         globs = dict(glob_of(self.prefix, pattern_tokens(p) or (p,)) for p in self._patterns)
         add = [c for c in channels if c not in self._sub_channels]
         drop = [c for c in self._sub_channels if c not in channels]
@@ -604,18 +848,24 @@ class RedisCluster(Backplane):
         for i in range(0, len(pdrop), _SUB_BATCH):
             await pubsub.punsubscribe(*pdrop[i:i + _SUB_BATCH])
         self._sub_channels = channels
+        self._feed_channels = feeds
         self._sub_globs = globs
 
     def _incoming(self, msg: dict) -> None:
         kind = msg["type"]
+        data = msg["data"]
         if kind == "pmessage":
+            if data[:1] == b"\3":
+                return  # a pattern's feed that a glob matches too
             if not self._first_match(msg["pattern"], msg["channel"]):
                 return  # another of this broker's subscriptions delivers it
         elif kind != "message":
             return  # (un)subscribe confirmations
-        data = msg["data"]
+        elif data[:1] != b"\3" and msg["channel"] in self._feed_channels:
+            self.stats.cluster_invalid += 1
+            return
         sid = None
-        if len(data) >= 2 and data[0] == 2:  # version 2: recorded in the topic's stream
+        if len(data) >= 2 and (data[0] == 2 or data[0] == 3):  # recorded in a stream
             at = 2 + data[1]
             sid = _stream_id(data[2:at])
             if sid is None or len(data) < at + _TAIL.size:
@@ -623,6 +873,13 @@ class RedisCluster(Backplane):
                 return
             msg_kind, flags, origin, msg_id = _TAIL.unpack_from(data, at)
             at += _TAIL.size
+            if data[0] == 3:  # version 3: a recorded pattern's stream
+                pattern = self._feed_channels.get(msg["channel"])
+                if pattern is None:
+                    self.stats.cluster_invalid += 1
+                else:
+                    self._feed(pattern, sid, memoryview(data)[at:], flags, msg_id)
+                return
         else:
             head = parse_envelope(data)
             if head is None:
@@ -648,75 +905,119 @@ class RedisCluster(Backplane):
         if self._rec is None:
             self._rec = _open(self.url, socket_timeout=10.0)
             self._begin = self._rec.register_script(_BEGIN)
+            self._want_patterns = self._rec.register_script(_WANT_PATTERNS)
         client = self._rec
         pipe = client.pipeline(transaction=False)
         begins: list[tuple[Any, int | None]] = []
         restores = []
+        patterns_key = self.prefix + b"patterns"
         for op in ops:
             if op[0] == "begin":
                 session, topic = op[1], op[2]
                 if session.streams.get(topic) is None:
+                    self._held.pop((session, topic), None)
                     continue  # unsubscribed meanwhile
-                if self.prefix + topic.encode("utf-8") not in self._sub_channels:
+                t = topic.encode("utf-8")
+                pattern = self._recorded_pattern(session.client_id, topic)
+                channel = self._feed_channel(topic) if pattern else self.prefix + t
+                if channel not in self._sub_channels:
                     begins.append((op, None))  # not subscribed in Redis yet: later
                     continue
-                t = topic.encode("utf-8")
                 begins.append((op, len(pipe)))
-                await self._begin(args=[self.prefix + b"want:" + t,
-                                  self._session_key(session.client_id), t,
-                                  self.prefix + b"stream:" + t, ttl_ms], client=pipe)
+                if pattern:
+                    args = [patterns_key, self._session_key(session.client_id),
+                            self._field(topic, True), self.prefix + b"pstream:" + t, ttl_ms, t]
+                else:
+                    args = [self.prefix + b"want:" + t, self._session_key(session.client_id), t,
+                            self.prefix + b"stream:" + t, ttl_ms]
+                await self._begin(args=args, client=pipe)
             elif op[0] == "restore":
                 restores.append((op[1], len(pipe)))
                 pipe.hkeys(self._session_key(op[1].client_id))
             elif op[0] == "hdel":
-                pipe.hdel(self._session_key(op[1]), op[2])
+                pipe.hdel(self._session_key(op[1]), self._field(op[2], op[3]))
             else:
                 pipe.delete(self._session_key(op[1]))
-        for (cid, topic), pos in positions.items():
+        for (cid, topic, pattern), pos in positions.items():
             key = self._session_key(cid)
-            pipe.hset(key, topic, pos)
+            pipe.hset(key, self._field(topic, pattern), pos)
             pipe.pexpire(key, ttl_ms)
         if refresh:
+            wanted = set()
             for cid, topics in self.broker.core.stream_sessions():
                 pipe.pexpire(self._session_key(cid), ttl_ms)
                 for topic in topics:
                     t = topic.encode("utf-8")
+                    if self._recorded_pattern(cid, topic):
+                        if t not in wanted:
+                            wanted.add(t)
+                            pipe.pexpire(self.prefix + b"pstream:" + t, 2 * ttl_ms)
+                        continue
                     pipe.set(self.prefix + b"want:" + t, b"1", px=ttl_ms)
                     pipe.pexpire(self.prefix + b"stream:" + t, 2 * ttl_ms)
+            if wanted:
+                await self._want_patterns(args=[patterns_key, ttl_ms, *wanted], client=pipe)
         results = await pipe.execute() if len(pipe) else []
         for restoring, at in restores:
-            topics = []
+            topics, patterns = [], []
             for raw in results[at]:
                 try:
-                    topics.append(raw.decode("utf-8"))
+                    if raw[:1] == b"\xff":
+                        patterns.append(raw[1:].decode("utf-8"))
+                    else:
+                        topics.append(raw.decode("utf-8"))
                 except UnicodeDecodeError:
                     self.stats.cluster_invalid += 1
-            self.broker.core.restore_subscriptions(restoring, topics)
+            self._restore(restoring, topics, patterns)
         for op, index in begins:
-            if index is not None:
-                await self._replay(client, op[1], op[2], results[index])
+            if index is None:
+                continue
+            session, topic = op[1], op[2]
+            if self._recorded_pattern(session.client_id, topic):
+                await self._catch_up(session, topic, self._reader(
+                    client, self.prefix + b"pstream:" + topic.encode("utf-8"), results[index]))
+            else:
+                await self._replay(client, session, topic, results[index])
         return [op for op, at in begins if at is None]
 
     async def _rec_reset(self) -> None:
         await _close_quietly(self._rec)
         self._rec = None
 
+    def _entries(self, page) -> list:
+        """The (stream id, PUBLISH payload, EVENT flags, msg_id) of a page of stream entries."""
+        entries = []
+        for raw_id, fields in page:
+            sid = _stream_id(raw_id)
+            env = fields.get(b"e", b"")
+            head = parse_envelope(env)
+            if sid is None or head is None:
+                self.stats.cluster_invalid += 1
+                continue
+            entries.append((sid, memoryview(env)[ENVELOPE.size:], head[1], head[3]))
+        return entries
+
+    def _reader(self, client, key: bytes, pos):
+        """The pages of the stream ``key`` from the position ``pos``, for :meth:`_catch_up`
+        (as many as the stream holds: ``stream_max`` about)."""
+        async def read(after):
+            start = _as_text(pos) if after is None else "(%d-%d" % after
+            while True:
+                page = await client.xrange(key, start, "+", count=_REPLAY_PAGE)
+                yield self._entries(page)
+                if len(page) < _REPLAY_PAGE:
+                    return
+                start = "(" + _as_text(page[-1][0])
+        return read
+
     async def _replay(self, client, session, topic: str, pos) -> None:
         """Hand the session the events of ``topic``'s stream after its position ``pos``."""
-        start = pos.decode("ascii") if isinstance(pos, bytes) else str(pos)
+        start = _as_text(pos)
         key = self.prefix + b"stream:" + topic.encode("utf-8")
         core = self.broker.core
         while True:
             page = await client.xrange(key, start, "+", count=_REPLAY_PAGE)
-            entries = []
-            for raw_id, fields in page:
-                sid = _stream_id(raw_id)
-                env = fields.get(b"e", b"")
-                head = parse_envelope(env)
-                if sid is None or head is None:
-                    self.stats.cluster_invalid += 1
-                    continue
-                entries.append((sid, memoryview(env)[ENVELOPE.size:], head[1], head[3]))
+            entries = self._entries(page)
             done = len(page) < _REPLAY_PAGE
             on = core.stream_replay(session, topic, entries, done, time.monotonic())
             self.broker._write_out()
@@ -725,6 +1026,10 @@ class RedisCluster(Backplane):
             if page:  # past malformed entries too
                 on = max(on, _stream_id(page[-1][0]) or on)
             start = "(%d-%d" % on
+
+
+def _as_text(raw) -> str:
+    return raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
 
 
 def _stream_id(raw: bytes) -> tuple[int, int] | None:

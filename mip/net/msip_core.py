@@ -777,7 +777,7 @@ class BrokerCore:
         if topic in session.streams:
             if not reliable:
                 self._unstream(session, topic, True)
-        elif (reliable and tokens is None and bp is not None and bp.streams
+        elif (reliable and bp is not None and bp.streams
                 and session.client_id is not None):
             session.streams[topic] = _Stream()
             self._streamed[topic] = self._streamed.get(topic, 0) + 1
@@ -826,10 +826,11 @@ class BrokerCore:
         found: dict[_Session, bool] = dict(self._exact.get(topic, ()))
         if self._patterns:
             parts = topic.split(".")
-            for tokens, table in self._patterns.values():
+            for pattern, (tokens, table) in self._patterns.items():
                 if match_tokens(tokens, parts):
                     for s, reliable in table.items():
-                        found[s] = found.get(s, False) or reliable
+                        if not (reliable and pattern in s.streams):  # fed by the backplane
+                            found[s] = found.get(s, False) or reliable
         appends = []
         peers: dict = {}
         others = []

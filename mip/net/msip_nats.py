@@ -41,6 +41,16 @@ own publishes, so a broker's clients get a local publish once (locally).
   resuming on a broker that does not hold it gets the subscriptions of its record back.
   ``NAME`` is ``PREFIX`` with other characters than ``A-Z a-z 0-9 _ -`` replaced.
 
+  At-least-once subscriptions to wildcard patterns use the same stream: its sequence orders
+  every topic's events, so a pattern's position is one sequence. The pattern is read live from
+  an ordered consumer filtered by its wildcard subject, and a resume reads a pull consumer with
+  that filter from the position; the key is ``p.CLIENTID.PATTERN-TOKENS`` (the pattern escaped
+  as a literal topic). The read is bounded by the session's ``backlog_limit``: when more
+  matching messages are pending, it starts later, at a sequence found by bisection (about
+  log2 of the stream's length consumers made, each telling its pending count), the skipped
+  ones counted in ``stats.dropped_backlog``; octets are bounded as with Redis. A broker
+  records at most ``max_patterns`` distinct patterns (an ordered consumer each).
+
   A server without JetStream (no ``-js``): the broker says so and keeps at-least-once
   sessions in its memory, as with ``stream_max`` 0.
 
@@ -158,6 +168,7 @@ class NatsCluster(Backplane):
             different services on one NATS account need different prefixes.
         max_pending: octets of envelopes queued for NATS at most; more are dropped (counted).
         stream_max: events kept per topic in JetStream; 0: no JetStream.
+        max_patterns: distinct patterns this broker records at most.
     """
 
     engine = "NATS"
@@ -166,11 +177,11 @@ class NatsCluster(Backplane):
     client = ("nats", "nats-py")
 
     def __init__(self, broker, url: str, *, prefix: str = "msip:", max_pending: int = 8 << 20,
-                 stream_max: int = 10_000):
+                 stream_max: int = 10_000, max_patterns: int = 256):
         if not prefix.rstrip(":."):
             raise ValueError(f"a NATS cluster needs a prefix, not {prefix!r}")
         super().__init__(broker, url, prefix=prefix, max_pending=max_pending,
-                         stream_max=stream_max)
+                         stream_max=stream_max, max_patterns=max_patterns)
         self.subject_prefix, self.stream_name, self.bucket = names(prefix)
         self._subjects: dict[bytes, str] = {}  # published topics' subjects, a bounded cache
         self._nc: Any = None
@@ -181,6 +192,7 @@ class NatsCluster(Backplane):
         self._subs: dict[str, Any] = {}  # subject -> its NATS subscription
         self._sub_patterns: dict[str, tuple[str, ...]] = {}  # wildcard subjects -> tokens
         self._feeds: dict[bytes, Any] = {}  # topic -> its ordered JetStream consumer
+        self._pattern_feeds: dict[str, Any] = {}  # recorded pattern -> the same
         self._recorded: dict[tuple[int, str], str] = {}  # positions put, refreshed
         self._warn_js = _Warn()
 
@@ -195,8 +207,10 @@ class NatsCluster(Backplane):
     def _subject(self, topic: str, pattern: bool = False) -> str:
         return subject_of(self.subject_prefix, topic, pattern)
 
-    def _key(self, client_id: int, topic: str) -> str:
-        return "s.%d.%s" % (client_id, self._subject(topic)[len(self.subject_prefix) + 1:])
+    def _key(self, client_id: int, topic: str, pattern: bool = False) -> str:
+        """A session's key in the bucket for a topic (``s.``) or a pattern (``p.``)."""
+        return "%s.%d.%s" % ("p" if pattern else "s", client_id,
+                             self._subject(topic)[len(self.subject_prefix) + 1:])
 
     # -- connection ------------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -383,8 +397,9 @@ class NatsCluster(Backplane):
         self.broker._deliver_remote(memoryview(data)[ENVELOPE.size:], kind, flags, msg_id, None,
                                     False, self.streams)
 
-    async def _on_stream(self, msg) -> None:
-        """An event from a topic's ordered consumer: for the subscriptions it feeds."""
+    def _stream_entry(self, msg) -> tuple | None:
+        """(envelope head, stream sequence) of a message read from the stream, None (counted)
+        if it is not one."""
         head = parse_envelope(msg.data)
         try:
             seq = msg.metadata.sequence.stream
@@ -392,9 +407,26 @@ class NatsCluster(Backplane):
             seq = None
         if head is None or seq is None:
             self.stats.cluster_invalid += 1
-            return
-        self.broker._deliver_remote(memoryview(msg.data)[ENVELOPE.size:], head[0], head[1],
-                                    head[3], (seq, 0), True)
+            return None
+        return head, seq
+
+    async def _on_stream(self, msg) -> None:
+        """An event from a topic's ordered consumer: for the subscriptions it feeds."""
+        found = self._stream_entry(msg)
+        if found is not None:
+            head, seq = found
+            self.broker._deliver_remote(memoryview(msg.data)[ENVELOPE.size:], head[0], head[1],
+                                        head[3], (seq, 0), True)
+
+    def _on_pattern(self, pattern: str):
+        """The handler of a recorded pattern's ordered consumer."""
+        async def on_message(msg) -> None:
+            found = self._stream_entry(msg)
+            if found is not None:
+                head, seq = found
+                self._feed(pattern, (seq, 0), memoryview(msg.data)[ENVELOPE.size:], head[1],
+                           head[3])
+        return on_message
 
     # -- at-least-once sessions' records -------------------------------------------------------
     async def _record(self, ops: list, positions: dict, refresh: bool, ttl_ms: int) -> list:
@@ -405,36 +437,42 @@ class NatsCluster(Backplane):
         js, kv = self._js, self._kv
         for topic in [t for t in self._feeds if t.decode("utf-8") not in self._topics]:
             await self._feeds.pop(topic).unsubscribe()  # nobody here subscribes any more
+        for pattern in [p for p in self._pattern_feeds if p not in self._recording]:
+            await self._pattern_feeds.pop(pattern).unsubscribe()
         puts: dict[str, str] = {}
         for op in ops:
             if op[0] == "begin":
                 session, topic = op[1], op[2]
                 if session.streams.get(topic) is None:
+                    self._held.pop((session, topic), None)
                     continue  # unsubscribed meanwhile
-                await self._begin(session, topic)
+                if self._recorded_pattern(session.client_id, topic):
+                    await self._begin_pattern(session, topic)
+                else:
+                    await self._begin(session, topic)
             elif op[0] == "restore":
-                topics = []
+                found: dict[str, list[str]] = {"s": [], "p": []}
                 for entry in await self._read(self._kv_subject(op[1].client_id, ">"),
                                               1, "KV_" + self.bucket, last_per_subject=True):
-                    found = topic_of(self.subject_prefix, self.subject_prefix + "."
-                                     + entry.subject.split(".", 4)[4])
-                    if found is None:
+                    parts = entry.subject.split(".", 4)
+                    name = topic_of(self.subject_prefix, self.subject_prefix + "." + parts[4])
+                    if name is None or parts[2] not in found:
                         self.stats.cluster_invalid += 1
                     else:
-                        topics.append(found)
-                self.broker.core.restore_subscriptions(op[1], topics)
+                        found[parts[2]].append(name)
+                self._restore(op[1], found["s"], found["p"])
             elif op[0] == "hdel":
                 self._recorded.pop((op[1], op[2]), None)
-                puts.pop(self._key(op[1], op[2]), None)
-                await js.purge_stream("KV_" + self.bucket,
-                                      subject=self._kv_subject(op[1], self._key(op[1], op[2])))
+                key = self._key(op[1], op[2], op[3])
+                puts.pop(key, None)
+                await js.purge_stream("KV_" + self.bucket, subject=self._kv_subject(op[1], key))
             else:
                 for where in [w for w in self._recorded if w[0] == op[1]]:
                     del self._recorded[where]
                 await js.purge_stream("KV_" + self.bucket, subject=self._kv_subject(op[1], ">"))
-        for (cid, topic), pos in positions.items():
+        for (cid, topic, pattern), pos in positions.items():
             self._recorded[(cid, topic)] = pos
-            puts[self._key(cid, topic)] = pos
+            puts[self._key(cid, topic, pattern)] = pos
         if refresh:
             live = set()
             for cid, topics in self.broker.core.stream_sessions():
@@ -442,7 +480,8 @@ class NatsCluster(Backplane):
                     pos = self._recorded.get((cid, topic))
                     if pos is not None:
                         live.add((cid, topic))
-                        puts.setdefault(self._key(cid, topic), pos)
+                        puts.setdefault(self._key(cid, topic, self._recorded_pattern(cid, topic)),
+                                        pos)
             for where in [w for w in self._recorded if w not in live]:
                 del self._recorded[where]  # ended or gone: its record expires by itself
         if puts:
@@ -452,23 +491,26 @@ class NatsCluster(Backplane):
     def _kv_subject(self, client_id: int, key: str) -> str:
         """The bucket's subject of a session's key, or (``key`` ``>``) of all its keys."""
         if key == ">":
-            return "$KV.%s.s.%d.>" % (self.bucket, client_id)
+            return "$KV.%s.*.%d.>" % (self.bucket, client_id)
         return "$KV.%s.%s" % (self.bucket, key)
 
-    async def _begin(self, session, topic: str) -> None:
-        """A session's subscription starts being recorded: read the topic from the stream
-        live, and hand the session what it missed since its recorded position."""
+    async def _live(self, feeds: dict, name, subject: str, cb) -> None:
+        """Read ``subject`` (literal or wildcard) live from the stream, with an ordered
+        consumer kept in ``feeds[name]``."""
         from nats.js.api import DeliverPolicy
-        from nats.js.errors import NotFoundError
 
-        t = topic.encode("utf-8")
-        subject = self._subject(topic)
-        if t not in self._feeds:
-            self._feeds[t] = await self._js.subscribe(
-                subject, stream=self.stream_name, cb=self._on_stream, ordered_consumer=True,
+        if name not in feeds:
+            feeds[name] = await self._js.subscribe(
+                subject, stream=self.stream_name, cb=cb, ordered_consumer=True,
                 deliver_policy=DeliverPolicy.NEW, pending_msgs_limit=_SUB_PENDING_MSGS,
                 pending_bytes_limit=_SUB_PENDING_BYTES)
-        key = self._key(session.client_id, topic)
+
+    async def _position(self, session, topic: str, pattern: bool) -> int:
+        """The first stream sequence to read for a session's recorded subscription (its
+        record made now, after the stream's last message, if there is none)."""
+        from nats.js.errors import NotFoundError
+
+        key = self._key(session.client_id, topic, pattern)
         try:
             pos = (await self._kv.get(key)).value.decode("ascii")
         except NotFoundError:
@@ -480,25 +522,89 @@ class NatsCluster(Backplane):
         if start is None:
             self.stats.cluster_invalid += 1
             start = 1
+        return start
+
+    def _entries(self, msgs) -> list:
+        """The (stream id, PUBLISH payload, EVENT flags, msg_id) of messages read."""
+        entries = []
+        for m in msgs:
+            head = parse_envelope(m.data)
+            if head is None:
+                self.stats.cluster_invalid += 1
+                continue
+            entries.append(((m.metadata.sequence.stream, 0),
+                            memoryview(m.data)[ENVELOPE.size:], head[1], head[3]))
+        return entries
+
+    async def _begin(self, session, topic: str) -> None:
+        """A session's subscription starts being recorded: read the topic from the stream
+        live, and hand the session what it missed since its recorded position."""
+        subject = self._subject(topic)
+        await self._live(self._feeds, topic.encode("utf-8"), subject, self._on_stream)
+        start = await self._position(session, topic, False)
         core = self.broker.core
         psub = await self._pull(subject, start, self.stream_name)
         try:
             while True:
                 msgs, done = await self._fetch(psub)
-                entries = []
-                for m in msgs:
-                    head = parse_envelope(m.data)
-                    if head is None:
-                        self.stats.cluster_invalid += 1
-                        continue
-                    entries.append(((m.metadata.sequence.stream, 0),
-                                    memoryview(m.data)[ENVELOPE.size:], head[1], head[3]))
-                on = core.stream_replay(session, topic, entries, done, time.monotonic())
+                on = core.stream_replay(session, topic, self._entries(msgs), done,
+                                        time.monotonic())
                 self.broker._write_out()
                 if on is None:
                     return
         finally:
             await self._unpull(psub)
+
+    async def _begin_pattern(self, session, pattern: str) -> None:
+        """The same for a pattern: one ordered consumer and one pull consumer filtered by its
+        wildcard subject over the one stream (whose sequence orders every topic's events),
+        reading at most the session's ``backlog_limit`` newest events (see
+        :meth:`_newest`)."""
+        subject = self._subject(pattern, True)
+        await self._live(self._pattern_feeds, pattern, subject, self._on_pattern(pattern))
+        start = await self._position(session, pattern, True)
+        limit = self.broker.core.backlog_limit
+
+        async def read(after):
+            first = await self._newest(subject, start if after is None else after[0] + 1,
+                                       limit)
+            psub = await self._pull(subject, first, self.stream_name)
+            try:
+                while True:
+                    msgs, done = await self._fetch(psub)
+                    yield self._entries(msgs)
+                    if done:
+                        return
+            finally:
+                await self._unpull(psub)
+
+        await self._catch_up(session, pattern, read)
+
+    async def _pending(self, subject: str, start: int) -> int:
+        """Messages of the stream on ``subject`` from the sequence ``start`` on."""
+        psub = await self._pull(subject, start, self.stream_name)
+        try:
+            return (await psub.consumer_info()).num_pending
+        finally:
+            await self._unpull(psub)
+
+    async def _newest(self, subject: str, start: int, limit: int) -> int:
+        """The sequence to read ``subject`` from so as to read its ``limit`` newest messages
+        from ``start`` on (those before are counted as dropped): a bisection over the
+        sequences, O(log2(stream length)) consumers made, each telling its pending count."""
+        total = await self._pending(subject, start)
+        if total <= limit:
+            return start
+        lo = start + 1
+        hi = (await self._js.stream_info(self.stream_name)).state.last_seq + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if await self._pending(subject, mid) <= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        self.stats.dropped_backlog += max(0, total - await self._pending(subject, lo))
+        return lo
 
     async def _pull(self, subject: str, start: int, stream: str, last_per_subject=False):
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy

@@ -54,7 +54,8 @@ class RedisPlane:
         with contextlib.closing(_redis(self.port, self.host)) as r:
             return dict(r.pubsub_numsub(prefix + topic))[(prefix + topic).encode()]
 
-    def numpat(self) -> int:
+    def numpat(self, prefix: str = "msip:") -> int:
+        """Wildcard subscriptions (of any prefix)."""
         with contextlib.closing(_redis(self.port, self.host)) as r:
             return r.pubsub_numpat()
 
@@ -62,10 +63,12 @@ class RedisPlane:
         with contextlib.closing(_redis(self.port, self.host)) as r:
             r.publish(prefix + topic, data)
 
-    def position(self, client_id: int, topic: str, prefix: str) -> str | None:
-        """The session's recorded position in ``topic``'s stream."""
+    def position(self, client_id: int, topic: str, prefix: str,
+                 pattern: bool = False) -> str | None:
+        """The session's recorded position in ``topic``'s stream (or the pattern's)."""
+        field = (b"\xff" if pattern else b"") + topic.encode()
         with contextlib.closing(_redis(self.port, self.host)) as r:
-            pos = r.hget(f"{prefix}session:{client_id}", topic)
+            pos = r.hget(f"{prefix}session:{client_id}", field)
             return None if pos is None else pos.decode()
 
     def recorded(self, client_id: int, topic: str, prefix: str) -> bool:
@@ -163,9 +166,11 @@ class NatsPlane:
             doc = json.load(r)
         return sum(c["out_msgs"] for c in doc["connections"] if c.get("name") == name)
 
-    def numpat(self) -> int:
+    def numpat(self, prefix: str = "msip:") -> int:
+        """Wildcard subscriptions under ``prefix``."""
+        start = prefix.rstrip(":.") + "."
         return sum(1 for s in self._subjects()
-                   if s.startswith("msip.") and ("*" in s.split(".") or s.endswith(".>")))
+                   if s.startswith(start) and ("*" in s.split(".") or s.endswith(".>")))
 
     def raw_publish(self, topic: str, data: bytes, prefix: str = "msip:") -> None:
         from mip.net.msip_nats import subject_of
@@ -176,16 +181,19 @@ class NatsPlane:
 
         self._run(work)
 
-    def _key(self, client_id: int, topic: str, prefix: str) -> tuple[str, str]:
+    def _key(self, client_id: int, topic: str, prefix: str,
+             pattern: bool = False) -> tuple[str, str]:
         from mip.net.msip_nats import names, subject_of
 
         subject, _, bucket = names(prefix)
-        return bucket, "s.%d.%s" % (client_id, subject_of("", topic)[1:])
+        return bucket, "%s.%d.%s" % ("p" if pattern else "s", client_id,
+                                     subject_of("", topic)[1:])
 
-    def position(self, client_id: int, topic: str, prefix: str) -> str | None:
+    def position(self, client_id: int, topic: str, prefix: str,
+                 pattern: bool = False) -> str | None:
         from nats.js.errors import NotFoundError
 
-        bucket, key = self._key(client_id, topic, prefix)
+        bucket, key = self._key(client_id, topic, prefix, pattern)
 
         async def work(nc, js):
             try:
@@ -670,7 +678,8 @@ def test_cluster_url_is_checked():
 def test_help_lists_the_cluster_flags():
     out = subprocess.run([sys.executable, "-m", "mip.cli", "broker", "--help"],
                          capture_output=True, text=True, timeout=60, cwd=w.ROOT).stdout
-    for flag in ("--cluster URL", "--cluster-prefix TEXT", "--cluster-max-pending OCTETS"):
+    for flag in ("--cluster URL", "--cluster-prefix TEXT", "--cluster-max-pending OCTETS",
+                 "--cluster-max-patterns N"):
         assert flag in out
     assert "(default 8M)" in " ".join(out.split())
     assert "nats://HOST:PORT" in out
@@ -775,35 +784,48 @@ def test_bench_pubsub_across_brokers(plane):
     w.run(main(), 30)
 
 
-def test_at_least_once_session_resumes_on_another_broker_after_a_kill(plane):
+@pytest.mark.parametrize("wanted", ["feed", "feed.*"])
+def test_at_least_once_session_resumes_on_another_broker_after_a_kill(plane, wanted):
     """Three ``mip broker --cluster`` processes: a publisher on A, an at-least-once subscriber
-    on B and an at-most-once one on C. B is killed (SIGKILL) mid-stream; the subscriber comes
-    back on C with its client id and gets, from its last acknowledged position in the engine, every
-    event: in order, none lost (some again: what B delivered and saw no ACK for)."""
+    on B and an at-most-once one on C, to a topic or a pattern. B is killed (SIGKILL)
+    mid-stream; the subscriber comes back on C with its client id and gets, from its last
+    acknowledged position in the engine, every event: in order, none lost (some again: what B
+    delivered and saw no ACK for), none its pattern does not match."""
     url = plane.url
     n, kill_at, sent_before = 1000, 300, 600
+    pattern = wanted != "feed"
+    topic = "feed.x" if pattern else "feed"
     with _broker_processes("--cluster", url, "--cluster-prefix", "resume:") as (a, b, c):
         async def main():
             pub = AsyncClient(f"tcp://127.0.0.1:{a.port}", reconnect=False)
+
+            async def publish(i: int) -> None:
+                await pub.publish(topic, b"%05d" % i)
+                if pattern:
+                    await pub.publish("feed.x.y", b"no")  # not matched by feed.*
             sub = AsyncClient(f"tcp://127.0.0.1:{b.port}", reconnect=False)
             plain = AsyncClient(f"tcp://127.0.0.1:{c.port}", reconnect=False)
             for cl in (pub, sub, plain):
                 await cl.connect()
-            s_b = await sub.subscribe("feed", reliable=True)
-            s_c = await plain.subscribe("feed")
-            await until(lambda: plane.numsub("feed", "resume:") == 2, 10)
-            await until(lambda: plane.recorded(sub.client_id, "feed", "resume:"), 10)
+            s_c = await plain.subscribe(wanted)
+            if pattern:
+                await until(lambda: plane.numpat("resume:") >= 1, 10)
+            s_b = await sub.subscribe(wanted, reliable=True)
+            if not pattern:
+                await until(lambda: plane.numsub("feed", "resume:") == 2, 10)
+            await until(lambda: plane.position(sub.client_id, wanted, "resume:", pattern)
+                        is not None, 10)
             for i in range(sent_before):
-                await pub.publish("feed", b"%05d" % i)
+                await publish(i)
             got_b = await _collect(s_b, kill_at, 10)  # acknowledged as they are taken
             b.stop(signal.SIGKILL)
             for i in range(sent_before, n):
-                await pub.publish("feed", b"%05d" % i)
+                await publish(i)
             with contextlib.suppress(Exception):
                 await sub.close()
             moved = AsyncClient(f"tcp://127.0.0.1:{c.port}", client_id=sub.client_id,
                                 reconnect=False)
-            s_moved = await moved.subscribe("feed", reliable=True)  # sent by connect
+            s_moved = await moved.subscribe(wanted, reliable=True)  # sent by connect
             await moved.connect()
             assert moved.client_id == sub.client_id
             first = int(bytes((await s_moved.get(10)).data))
@@ -899,3 +921,234 @@ def test_a_resuming_session_gets_its_recorded_subscriptions_back(plane):
             await pub.close()
 
     w.run(main(), 30)
+
+
+def _by_topic(events) -> dict[str, list[bytes]]:
+    got: dict[str, list[bytes]] = {}
+    for e in events:
+        got.setdefault(e.topic, []).append(bytes(e.data))
+    return got
+
+
+async def _events(sub, count: int, timeout: float = 10.0) -> list:
+    return [await sub.get(timeout) for _ in range(count)]
+
+
+def test_at_least_once_pattern_session_resumes_on_another_broker(plane):
+    """An at-least-once subscription to a pattern on A, its client away (no CLOSE), events
+    published on C: on resuming on B with its client id, it gets every event that matched
+    while it was away, in order per topic, none that did not match, then the live ones; an
+    at-most-once pattern subscriber on B and an at-least-once one that stays on C get
+    everything once, in order."""
+    async def main():
+        async with brokers(3, plane.url, cluster_prefix="pat:") as (a, b, c):
+            pub = AsyncClient(_url(c), reconnect=False)
+            sub = AsyncClient(_url(a), reconnect=False)
+            plain = AsyncClient(_url(b), reconnect=False)
+            steady = AsyncClient(_url(c), reconnect=False)
+            for cl in (pub, sub, plain, steady):
+                await cl.connect()
+            s = await sub.subscribe("sensors.*", reliable=True)
+            s_plain = await plain.subscribe("sensors.*")
+            s_steady = await steady.subscribe("sensors.*", reliable=True)
+            cid = sub.client_id
+            for cl in (sub, steady):
+                await until(lambda cl=cl: plane.position(cl.client_id, "sensors.*", "pat:",
+                                                         True) is not None)
+            await until(lambda: plane.numpat("pat:") >= 1)
+            sent: dict[str, list[bytes]] = {"sensors.t": [], "sensors.u": []}
+
+            async def publish(first: int, last: int) -> None:
+                for i in range(first, last):
+                    for topic in ("sensors.t", "sensors.u"):
+                        sent[topic].append(b"%s %03d" % (topic[-1:].encode(), i))
+                        await pub.publish(topic, sent[topic][-1])
+                    await pub.publish("sensors.t.deep", b"no")  # not matched by sensors.*
+                    await pub.publish("other", b"no")
+
+            await publish(0, 10)
+            assert _by_topic(await _events(s, 20)) == sent
+            await until(lambda: plane.position(cid, "sensors.*", "pat:", True).startswith("("))
+            sub._proto.transport.abort()  # away without a CLOSE: the record stays
+            await until(lambda: a.stats.sessions_away == 1)
+            await publish(10, 60)
+            await pub.publish("sensors.t", b"marker", wait=True)
+            sent["sensors.t"].append(b"marker")
+
+            moved = AsyncClient(_url(b), client_id=cid, reconnect=False)
+            s_moved = await moved.subscribe("sensors.*", reliable=True)  # sent by connect
+            await moved.connect()
+            assert moved.client_id == cid
+            got = _by_topic(await _events(s_moved, 101))
+            assert got == {t: d[10:] for t, d in sent.items()}
+            await pub.publish("sensors.u", b"live")
+            assert bytes((await s_moved.get(5)).data) == b"live"
+            sent["sensors.u"].append(b"live")
+            for other in (s_plain, s_steady):
+                assert _by_topic(await _events(other, 122)) == sent
+            await _nothing_more(s_moved, s_plain, s_steady)
+            assert b.stats.dropped_backlog == 0
+            for cl in (pub, plain, steady, moved):
+                await cl.close()
+            # a CLOSE ends the session: its record in the engine goes too
+            await until(lambda: not plane.record_exists(cid, "pat:"))
+
+    w.run(main(), 60)
+
+
+@pytest.mark.parametrize("bound", ["messages", "octets"])
+def test_pattern_catch_up_is_bounded_as_an_away_backlog(plane, bound):
+    """What a resuming pattern session is handed from the engine is bounded as an away
+    session's backlog: the newest ``backlog_limit`` events and ``backlog_bytes`` octets, the
+    older ones dropped and counted; a subscriber that stayed gets them all."""
+    size = 24 + 2 + 3 + 100  # an EVENT frame: header, topic length, topic, data
+    limits = ({"backlog_limit": 20} if bound == "messages"
+              else {"backlog_limit": 1000, "backlog_bytes": 10 * size + size // 2})
+    kept = 20 if bound == "messages" else 10
+    prefix = f"bound{bound}:"
+
+    async def main():
+        async with brokers(3, plane.url, cluster_prefix=prefix, **limits) as (a, b, c):
+            pub = AsyncClient(_url(c), reconnect=False)
+            sub = AsyncClient(_url(a), reconnect=False)
+            steady = AsyncClient(_url(b), reconnect=False)
+            for cl in (pub, sub, steady):
+                await cl.connect()
+            await sub.subscribe("b.>", reliable=True)
+            s_steady = await steady.subscribe("b.>", reliable=True)
+            cid = sub.client_id
+            for cl in (sub, steady):
+                await until(lambda cl=cl: plane.position(cl.client_id, "b.>", prefix, True)
+                            is not None)
+            sub._proto.transport.abort()
+            await until(lambda: a.stats.sessions_away == 1)
+            sent = []
+            for i in range(100):
+                topic = "b.x" if i % 3 else "b.y"
+                sent.append((topic, b"%03d" % i + b"." * 97))
+                await pub.publish(topic, sent[-1][1])
+                await pub.publish("c.x", b"no")
+            await pub.publish("b.x", b"m" * 100)
+            sent.append(("b.x", b"m" * 100))
+            # all in the engine (the steady subscriber has them from there): then resume
+            got = [(e.topic, bytes(e.data)) for e in await _events(s_steady, len(sent))]
+            assert got == sent
+
+            moved = AsyncClient(_url(b), client_id=cid, reconnect=False)
+            s_moved = await moved.subscribe("b.>", reliable=True)
+            await moved.connect()
+            got = [(e.topic, bytes(e.data)) for e in await _events(s_moved, kept)]
+            assert got == sent[-kept:]
+            assert b.stats.dropped_backlog == len(sent) - kept
+            await _nothing_more(s_moved, s_steady)
+            for cl in (pub, steady, moved):
+                await cl.close()
+
+    w.run(main(), 60)
+
+
+def test_recorded_patterns_are_bounded_per_broker(plane):
+    """Beyond ``cluster_max_patterns`` distinct recorded patterns, a broker keeps a new
+    at-least-once pattern subscription in its memory (as without a cluster): it is served
+    all the same, and not recorded in the engine."""
+    async def main():
+        async with brokers(2, plane.url, cluster_prefix="few:",
+                           cluster_max_patterns=1) as (a, b):
+            pub = AsyncClient(_url(b), reconnect=False)
+            sub = AsyncClient(_url(a), reconnect=False)
+            for cl in (pub, sub):
+                await cl.connect()
+            first = await sub.subscribe("x.*", reliable=True)
+            second = await sub.subscribe("y.*", reliable=True)
+            cid = sub.client_id
+            await until(lambda: plane.position(cid, "x.*", "few:", True) is not None)
+            await until(lambda: plane.numpat("few:") == 2)
+            for i in range(20):
+                await pub.publish("x.a", b"%d" % i)
+                await pub.publish("y.a", b"%d" % i)
+            assert await _collect(first, 20) == [b"%d" % i for i in range(20)]
+            assert await _collect(second, 20) == [b"%d" % i for i in range(20)]
+            await _nothing_more(first, second)
+            assert await asyncio.to_thread(plane.position, cid, "y.*", "few:", True) is None
+            for cl in (pub, sub):
+                await cl.close()
+
+    w.run(main(), 30)
+
+
+def test_pattern_session_resumes_on_its_broker_and_after_its_restart(plane):
+    """Away and back on the same broker, a pattern session gets what matched meanwhile from
+    that broker's memory; away while that broker restarts (its memory lost), from the engine."""
+    async def main():
+        url = plane.url
+        async with brokers(2, url, cluster_prefix="home:") as (a, c):
+            pub = AsyncClient(_url(c), reconnect=False)
+            await pub.connect()
+            sub = AsyncClient(_url(a), reconnect=False)
+            await sub.connect()
+            await sub.subscribe("h.>", reliable=True)
+            cid = sub.client_id
+            await until(lambda: plane.position(cid, "h.>", "home:", True) is not None)
+            expected = []
+            for round_ in range(2):
+                sub._proto.transport.abort()
+                await until(lambda a=a: a.stats.sessions_away == 1)
+                if round_ == 1:
+                    await a.stop(grace=1.0)  # its memory is gone; the record is not
+                for i in range(30):
+                    topic = "h.%d" % (i % 3)
+                    expected.append((topic, b"%d.%02d" % (round_, i)))
+                    await pub.publish(topic, expected[-1][1])
+                    await pub.publish("g.0", b"no")
+                await pub.publish("h.0", b"end", wait=True)
+                expected.append(("h.0", b"end"))
+                if round_ == 1:
+                    a = Broker(cluster=url, cluster_prefix="home:")
+                    await a.start("tcp://127.0.0.1:0")
+                sub = AsyncClient(_url(a), client_id=cid, reconnect=False)
+                s = await sub.subscribe("h.>", reliable=True)
+                await sub.connect()
+                got = [(e.topic, bytes(e.data)) for e in await _events(s, len(expected))]
+                assert got == expected
+                await _nothing_more(s)
+                await until(lambda: plane.position(cid, "h.>", "home:", True).startswith("("))
+                expected = []
+            for cl in (pub, sub):
+                await cl.close()
+            await a.stop(grace=1.0)
+
+    w.run(main(), 60)
+
+
+def test_recorded_patterns_match_in_the_engine_as_in_the_broker(plane):
+    """The engine's matching of recorded patterns (Redis: the publish script's; NATS: its
+    wildcards) gives each at-least-once pattern subscriber exactly the topics the broker's
+    own matching gives, empty tokens included."""
+    from mip.net.msip_topics import topic_matches
+
+    patterns = ["a.*", "a.>", "*.b", "*", ">", "a.*.c", "*.*"]
+    topics = ["a", "a.b", "a.b.c", "b", "x.b", "a..c", "a.x.c", "", ".", "a.b.c.d", "é.b"]
+
+    async def main():
+        async with brokers(2, plane.url, cluster_prefix="shape:") as (a, b):
+            pub = AsyncClient(_url(b), reconnect=False)
+            await pub.connect()
+            subs = {}
+            for p in patterns:
+                cl = AsyncClient(_url(a), reconnect=False)
+                await cl.connect()
+                subs[p] = await cl.subscribe(p, reliable=True)
+                await until(lambda cl=cl, p=p: plane.position(cl.client_id, p, "shape:", True)
+                            is not None)
+            for t in topics:
+                await pub.publish(t, t.encode() + b"!")
+            for p, s in subs.items():
+                want = [t for t in topics if topic_matches(p, t)]
+                got = [e.topic for e in await _events(s, len(want))]
+                assert got == want, p
+            await _nothing_more(*subs.values())
+            for s in subs.values():
+                await s.client.close()
+            await pub.close()
+
+    w.run(main(), 60)
