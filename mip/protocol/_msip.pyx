@@ -468,43 +468,63 @@ cdef int _dispatch_frames(CoreState core, PeerState peer, list frames, double no
     return 0
 
 
-cdef bint _answer_pings(PeerState peer, list frames, transport) except -1:
-    """Answer a batch of PINGs on a connection with nothing queued with one write of the PONGs
-    (nothing is queued: they overtake no EVENT); False, having done nothing, for any other
-    batch or connection."""
-    cdef Py_ssize_t i, n = len(frames)
-    cdef Frame f
+cdef bytes _ping_batch(FrameParser parser, Py_ssize_t nbytes, Py_ssize_t *consumed):
+    """``parser.take(nbytes)`` when what it holds, with the ``nbytes`` received, is PING frames
+    only (each whole, its header valid): the PONGs that answer them, the octets taken in
+    ``consumed``. None, having changed nothing, for anything else (the frames go through
+    ``take`` then)."""
+    cdef Chunk c = parser.chunk
+    cdef msip_header h
+    cdef size_t err_off = 0
+    cdef Py_ssize_t at, end, n = 0, i
     cdef unsigned char *out
-    if peer.closing or peer.paused or peer.urgent or peer.queue:
-        return False
+    if parser.error is not None or c is None or nbytes <= 0 or nbytes > c.size - parser.end:
+        return None
+    end = parser.end + nbytes
+    at = parser.start
+    while at < end:
+        if (msip_parse_header(c.mem + at, end - at, parser.max_payload, &h, &err_off) != MIP_OK
+                or h.frame_type != _PING or <uint64_t>h.payload_len > <uint64_t>(end - at - MSIP_HEADER_SIZE)):
+            return None
+        at += MSIP_HEADER_SIZE + <Py_ssize_t>h.payload_len
+        n += 1
+    pongs = PyBytes_FromStringAndSize(NULL, n * MSIP_HEADER_SIZE)
+    out = <unsigned char *>PyBytes_AS_STRING(pongs)
+    at = parser.start
     for i in range(n):
-        if (<Frame?>frames[i]).frame_type != _PING:
-            return False
-    data = PyBytes_FromStringAndSize(NULL, n * MSIP_HEADER_SIZE)
-    out = <unsigned char *>PyBytes_AS_STRING(data)
-    for i in range(n):
-        f = <Frame>frames[i]
-        peer.consumed += MSIP_HEADER_SIZE + f.payload_len
-        msip_write_header(out + i * MSIP_HEADER_SIZE, 0, _PONG, _K_EVENT, 0, f.msg_id)
-    transport.write(data)
-    return True
+        msip_parse_header(c.mem + at, end - at, parser.max_payload, &h, &err_off)
+        msip_write_header(out + i * MSIP_HEADER_SIZE, 0, _PONG, _K_EVENT, 0, h.msg_id)
+        at += MSIP_HEADER_SIZE + <Py_ssize_t>h.payload_len
+    consumed[0] = end - parser.start
+    parser.start = parser.end = end
+    parser.want = 0
+    parser._settle(nbytes, nbytes == parser.offered)
+    return <bytes>pongs
 
 
 cdef int _received(CoreState core, PeerState peer, Py_ssize_t nbytes, data, double now,
                    transport) except -1:
     """``receive``; with ``transport`` (the peer's, writable when its ``paused`` is false) a
-    batch of PINGs may be answered on it at once (``_answer_pings``)."""
+    read of PINGs only is answered on it at once (``_ping_batch``)."""
     cdef FrameParser parser = peer.parser
-    cdef Py_ssize_t consumed_before, consumed
+    cdef Py_ssize_t consumed_before, consumed, taken = 0
     cdef list frames
     peer.last_rx = now
     peer.pinged = False
     peer.rx_total += nbytes
     consumed_before = peer.consumed
     try:
-        frames = parser.take(nbytes) if data is None else parser.feed(data)
-        if frames:
-            if transport is None or not _answer_pings(peer, frames, transport):
+        pongs = None
+        if (transport is not None and data is None and not peer.closing and not peer.paused
+                and not peer.urgent and not peer.queue):
+            # nothing is queued: PONGs written now overtake no EVENT
+            pongs = _ping_batch(parser, nbytes, &taken)
+        if pongs is not None:
+            peer.consumed += taken
+            transport.write(pongs)
+        else:
+            frames = parser.take(nbytes) if data is None else parser.feed(data)
+            if frames:
                 _dispatch_frames(core, peer, frames, now)
             if parser.error is not None and not peer.closing:
                 raise parser.error  # found after the complete frames
