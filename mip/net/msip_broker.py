@@ -67,7 +67,6 @@ from typing import Iterable
 
 from mip import msip
 from mip.net.msip_core import (
-    ABORT,
     OVERFLOW_DISCONNECT,
     OVERFLOW_DROP_OLDEST,
     BrokerCore,
