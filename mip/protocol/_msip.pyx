@@ -526,8 +526,11 @@ cdef int _received(CoreState core, PeerState peer, Py_ssize_t nbytes, data, doub
             frames = parser.take(nbytes) if data is None else parser.feed(data)
             if frames:
                 _dispatch_frames(core, peer, frames, now)
-            if parser.error is not None and not peer.closing:
-                raise parser.error  # found after the complete frames
+                if not peer.closing:
+                    # the parser raises an error found after complete frames on its next
+                    # call; this call also settles the size of its next receive (a stream of
+                    # 4 KiB frames is read in large reads with it, one frame a read without)
+                    parser.feed(_EMPTY)
     except _errors.FrameTooLarge as exc:
         core.fail(peer, f"frame too large: {exc}")
     except _errors.ProtocolError as exc:
