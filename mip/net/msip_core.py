@@ -347,7 +347,7 @@ class BrokerCore(CoreState):
         # of the others)
         self._routes: dict[str, tuple] = {}
         # the same routes by the topic's UTF-8 octets, for the compiled PUBLISH path
-        # (mip.protocol._msip.dispatch_frames): [appends, peers, any others, its own memo]
+        # (mip.protocol._msip._dispatch_frames): [appends, peers, any others, its own memo]
         self._broutes: dict[bytes, list] = {}
         # literal topic -> local at-least-once subscriptions fed from the backplane's stream
         self._streamed: dict[str, int] = {}

@@ -375,7 +375,7 @@ cdef inline void _reply(dict dirty, PeerState peer, bytes data) except *:
 
 
 cdef class _Batch:
-    """What ``dispatch_frames`` reads of the core once per batch of frames, and the counts
+    """What ``_dispatch_frames`` reads of the core once per batch of frames, and the counts
     it adds to the core's statistics at its end."""
     cdef dict dirty
     cdef dict routes
