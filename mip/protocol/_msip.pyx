@@ -503,9 +503,9 @@ cdef bytes _ping_batch(FrameParser parser, Py_ssize_t nbytes, Py_ssize_t *consum
 
 
 cdef int _received(CoreState core, PeerState peer, Py_ssize_t nbytes, data, double now,
-                   transport) except -1:
-    """``receive``; with ``transport`` (the peer's, writable when its ``paused`` is false) a
-    read of PINGs only is answered on it at once (``_ping_batch``)."""
+                   write) except -1:
+    """``receive``; with ``write`` (the ``write`` of the peer's transport, which accepts writes
+    when ``peer.paused`` is false) a read of PINGs only is answered at once (``_ping_batch``)."""
     cdef FrameParser parser = peer.parser
     cdef Py_ssize_t consumed_before, consumed, taken = 0
     cdef list frames
@@ -515,13 +515,13 @@ cdef int _received(CoreState core, PeerState peer, Py_ssize_t nbytes, data, doub
     consumed_before = peer.consumed
     try:
         pongs = None
-        if (transport is not None and data is None and not peer.closing and not peer.paused
+        if (write is not None and data is None and not peer.closing and not peer.paused
                 and not peer.urgent and not peer.queue):
             # nothing is queued: PONGs written now overtake no EVENT
             pongs = _ping_batch(parser, nbytes, &taken)
         if pongs is not None:
             peer.consumed += taken
-            transport.write(pongs)
+            write(pongs)
         else:
             frames = parser.take(nbytes) if data is None else parser.feed(data)
             if frames:
@@ -591,7 +591,7 @@ cdef int _write_out(CoreState core) except -1:
             for p in closing:
                 peer = <PeerState?>p
                 conn = <BrokerProtocol?>peer.handle
-                t = conn.transport
+                t = conn._transport
                 if t is None:
                     continue
                 core.dirty.pop(peer, None)
@@ -609,13 +609,34 @@ cdef int _write_out(CoreState core) except -1:
                 conn = <BrokerProtocol?>peer.handle
                 if peer.reading_paused:
                     conn.flush()  # (which reads it again once its queue drained)
-                elif conn.transport is not None:
-                    _write_queued(peer, conn.transport)
+                elif conn._transport is not None:
+                    _write_queued(peer, conn._transport)
         elif not core.closing:
             return 0
 
 
-cdef object _monotonic = time.monotonic
+cdef extern from *:
+    """
+    #include <time.h>
+    /* time.monotonic() without the call: on Linux, Python reads the same clock */
+    static double mip_monotonic(void) {
+    #if defined(__linux__)
+        struct timespec ts;
+        if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0)
+            return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    #endif
+        return -1.0;
+    }
+    """
+    double mip_monotonic()
+
+cdef object _time_monotonic = time.monotonic
+
+
+cdef inline double _monotonic() except? -1.0:
+    """``time.monotonic()``, in seconds."""
+    cdef double now = mip_monotonic()
+    return now if now >= 0 else _time_monotonic()
 
 
 cdef class BrokerProtocol:
@@ -630,10 +651,20 @@ cdef class BrokerProtocol:
     cdef public CoreState core
     cdef public PeerState state
     cdef public FrameParser parser
-    cdef public object transport
+    cdef object _transport
+    cdef object _write  # _transport.write, looked up once
     cdef public object peer
     cdef public object host
     cdef public bint whole_chunk
+
+    @property
+    def transport(self):
+        return self._transport
+
+    @transport.setter
+    def transport(self, t):
+        self._transport = t
+        self._write = None if t is None else t.write
 
     def get_buffer(self, Py_ssize_t sizehint):
         cdef FrameParser parser = self.parser
@@ -646,18 +677,18 @@ cdef class BrokerProtocol:
         cdef PeerState p = self.state
         cdef CoreState core = self.core
         if not p.closing:
-            _received(core, p, nbytes, None, _monotonic(), self.transport)
+            _received(core, p, nbytes, None, _monotonic(), self._write)
         _write_out(core)
-        if p.paused and self.transport is not None and p.backed_up():
+        if p.paused and self._transport is not None and p.backed_up():
             # The client does not read its replies: read no more of its requests until
             # it does.
             p.reading_paused = True
-            self.transport.pause_reading()
+            self._transport.pause_reading()
 
     def flush(self):
         """Write queued frames (urgent first) in bursts while the transport accepts them."""
         cdef PeerState p = self.state
-        t = self.transport
+        t = self._transport
         if t is None:
             return
         _write_queued(p, t)  # (one write per burst; not counted in qbytes: writable)

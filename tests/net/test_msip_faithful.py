@@ -41,6 +41,17 @@ def test_pings_answered_whole_split_and_with_payload():
                                                                          for i in (1, 2, 3) * 3]
 
 
+def test_receive_time_on_the_timers_clock():
+    """The time a connection last sent something (read by the idle timeout) is on
+    ``time.monotonic()``'s clock."""
+    with w.BrokerThread() as bt:
+        c = w.RefClient(bt.port)
+        c.send(w.PING, b"", 1)
+        assert c.recv()[0]["type"] == w.PONG
+        ages = bt.call(lambda: [time.monotonic() - conn.last_rx for conn in bt.broker._conns])
+        assert len(ages) == 1 and 0 <= ages[0] < 60, ages
+
+
 def test_pings_around_an_own_event_keep_order():
     """PINGs in the read of a PUBLISH to the sender's own topic are answered in frame order."""
     with w.BrokerThread() as bt:
