@@ -540,7 +540,8 @@ def main():
         python = str(ab_compare.ensure_revision(cache, args.base)[0])
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its installed package
         brokers.insert(0, (f"MSIP {args.base}", python, env, free_port()))
-    procs = [subprocess.Popen(_broker_argv(python, port), env=env)
+    # cwd: not this checkout, whose package `python -c` would import before the installed one
+    procs = [subprocess.Popen(_broker_argv(python, port), env=env, cwd=tempfile.gettempdir())
              for _, python, env, port in brokers]
     procs.append(subprocess.Popen([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1",
                                    "--save", "", "--appendonly", "no", "--protected-mode", "no"],
