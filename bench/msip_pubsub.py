@@ -19,6 +19,12 @@ count moves by about 1% between runs. ``--base REV`` counts that revision too (i
 
     python bench/msip_pubsub.py [--seconds 2] [--quick]
     python bench/msip_pubsub.py --instructions [--base main]
+
+``--ping N`` runs only the PING cells, N rounds, each round every server in turn (with ``--base
+REV``, that revision's broker too), and prints each server's median rate and CPU per round trip
+over the rounds: on a shared machine, the steadier comparison of per-round-trip costs::
+
+    python bench/msip_pubsub.py --ping 5 [--base main] [--seconds 2]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import asyncio
 import os
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -408,6 +415,31 @@ async def run_all(sides, meters, seconds):
         print(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} {cpu} |")
 
 
+async def run_ping(names, sides, meters, seconds: float, rounds: int) -> None:
+    """The PING cells only, ``rounds`` times, each round every side in turn; prints each
+    side's median rate and CPU per round trip, and their ratios to the last side's."""
+    results: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for side in sides:  # warm-up, unmeasured
+        await bench_ping(side, 16, 0, count=100)
+    for _ in range(rounds):
+        for conns in (1, 16):
+            for i, (side, meter) in enumerate(zip(sides, meters)):
+                results.setdefault((conns, i), []).append(
+                    await bench_ping(side, conns, seconds, meter))
+    print("\n| PING cell, median of %d rounds | " % rounds
+          + " | ".join(f"{n} round trips/s | {n} CPU µs" for n in names)
+          + " | " + " | ".join(f"{n}/{names[-1]} rate | {n}/{names[-1]} CPU" for n in names[:-1])
+          + " |")
+    print("|---" * (1 + 2 * len(names) + 2 * (len(names) - 1)) + "|")
+    for conns in (1, 16):
+        med = [(statistics.median(r for r, _ in results[conns, i]),
+                statistics.median(c for _, c in results[conns, i])) for i in range(len(sides))]
+        ref = med[-1]
+        print(f"| {conns} conn | " + " | ".join(f"{r:,.0f} | {c * 1e6:.2f}" for r, c in med)
+              + " | " + " | ".join(f"{r / ref[0]:.2f} | {c / ref[1]:.2f}" for r, c in med[:-1])
+              + " |")
+
+
 #: the cells counted with --instructions: (name, coroutine function, its arguments)
 _COUNTED = [
     ("PING, 1 conn, per round trip", bench_ping, dict(conns=1, count=2000)),
@@ -487,7 +519,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="0.5 s cells")
     ap.add_argument("--instructions", action="store_true",
                     help="count the broker's instructions per message under callgrind instead")
-    ap.add_argument("--base", help="with --instructions: count this git revision too")
+    ap.add_argument("--base", help="with --instructions or --ping: this git revision's broker too")
+    ap.add_argument("--ping", type=int, metavar="ROUNDS",
+                    help="only the PING cells, this many interleaved rounds (medians)")
     args = ap.parse_args()
     if args.instructions:
         instructions(args.base)
@@ -498,20 +532,32 @@ def main():
         sys.exit("redis-server not found: apt-get install -y redis-server")
     load_before = os.getloadavg()
     msip_port, redis_port = free_port(), free_port()
-    procs = [
-        subprocess.Popen(_broker_argv(sys.executable, msip_port),
-                         env={**os.environ, "PYTHONPATH": ROOT}),
-        subprocess.Popen([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1",
-                          "--save", "", "--appendonly", "no", "--protected-mode", "no"],
-                         stdout=subprocess.DEVNULL),
-    ]
+    brokers = [("MSIP", sys.executable, {**os.environ, "PYTHONPATH": ROOT}, msip_port)]
+    if args.base is not None and args.ping:
+        import ab_compare
+
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mip-bench"
+        python = str(ab_compare.ensure_revision(cache, args.base)[0])
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its installed package
+        brokers.insert(0, (f"MSIP {args.base}", python, env, free_port()))
+    # cwd: not this checkout, whose package `python -c` would import before the installed one
+    procs = [subprocess.Popen(_broker_argv(python, port), env=env, cwd=tempfile.gettempdir())
+             for _, python, env, port in brokers]
+    procs.append(subprocess.Popen([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+                                  stdout=subprocess.DEVNULL))
     try:
-        wait_port(msip_port)
+        for _, _, _, port in brokers:
+            wait_port(port)
         wait_port(redis_port)
-        sides = [MsipSide(msip_port), RedisSide(redis_port)]
+        sides = [*(MsipSide(port) for _, _, _, port in brokers), RedisSide(redis_port)]
         meters = [CpuMeter(p.pid) for p in procs]
         runner = uvloop.run if uvloop is not None else asyncio.run
-        runner(asyncio.wait_for(run_all(sides, meters, seconds), 600))
+        if args.ping:
+            names = [name for name, _, _, _ in brokers] + ["Redis"]
+            runner(asyncio.wait_for(run_ping(names, sides, meters, seconds, args.ping), 3000))
+        else:
+            runner(asyncio.wait_for(run_all(sides, meters, seconds), 600))
     finally:
         for p in procs:
             p.terminate()

@@ -67,7 +67,6 @@ from typing import Iterable
 
 from mip import msip
 from mip.net.msip_core import (
-    ABORT,
     OVERFLOW_DISCONNECT,
     OVERFLOW_DROP_OLDEST,
     BrokerCore,
@@ -78,13 +77,12 @@ from mip.net.loop import run
 from mip.net.peers import PeerCounts
 from mip.net.ratelimit import FailureLimit, peer_of
 from mip.net.urls import Address, TcpAddress, UnixAddress, parse_url
-from mip.protocol._msip import receive, write_dirty, write_queued
+from mip.protocol._msip import BrokerProtocol, write_out
 
 __all__ = ["Broker", "BrokerStats", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT", "serve"]
 
 log = logging.getLogger("mip.msip.broker")
 
-_BURST = 256 * 1024  # octets handed to one writelines() call at most
 _CLOSE_FRAME = msip.encode(msip.FrameType.CLOSE, msip.MsgKind.EVENT, b"", 0, 0)
 
 
@@ -93,18 +91,55 @@ def _digest(token) -> bytes:
     return hashlib.sha256(bytes(token)).digest()
 
 
-class _Connection(asyncio.BufferedProtocol):
-    """One client connection: octets in to the core, queued frames out to the socket."""
+class _Tokens:
+    """The core's check of a HELLO's token (``authenticate``): the accepted tokens' digests,
+    and the failed authentications counted per client address."""
 
-    def __init__(self, broker: "Broker"):
+    def __init__(self, tokens: Iterable[bytes], failures: str | int):
+        self.digests = [_digest(t) for t in tokens]
+        self.failures = FailureLimit(failures, logger=log)
+
+    def __call__(self, host: str | None, token: bytes | None) -> str | None:
+        """None (accepted) or why the token is refused."""
+        peer = peer_of(host)
+        refusal = self.failures.refuse_now(peer)
+        if refusal is not None:
+            return (f"too many failed authentications from this address: retry in "
+                    f"{max(1, round(refusal.retry_after))} s")
+        if token is None or not self.accepted(token):
+            self.failures.failed_now(peer, "missing token" if token is None else "unknown token")
+            return "authentication failed: missing or unknown token"
+        return None
+
+    def accepted(self, token: bytes) -> bool:
+        """Whether ``token`` is an accepted one, compared with every accepted token's digest
+        in constant time (no early exit that would tell which, or how close)."""
+        presented = _digest(token)
+        accepted = False
+        for digest in self.digests:
+            accepted |= hmac.compare_digest(presented, digest)
+        return accepted
+
+
+class _Connection(BrokerProtocol, asyncio.BufferedProtocol):
+    """One client connection: octets in to the core, queued frames out to the socket (every
+    read is handled by the compiled ``BrokerProtocol``: ``get_buffer``, ``buffer_updated``
+    and ``flush``)."""
+
+    __slots__ = ()  # (the fields are BrokerProtocol's)
+    broker: Broker
+    core: BrokerCore
+    state: Peer  # the core's side of the connection, from connection_made on
+    transport: asyncio.Transport | None  # None once the connection is lost
+    peer: object  # the client's socket address
+    host: str | None  # counted against max_connections_per_peer
+
+    def __init__(self, broker: Broker):
         self.broker = broker
-        # the loop takes get_buffer before connection_made: the parser's own, no call between
+        self.core = broker.core
+        # the loop takes get_buffer before connection_made
         self.parser = msip.FrameParser(max_payload=broker.core.max_payload)
-        self.get_buffer = self.parser.get_buffer
-        self.transport: asyncio.Transport | None = None
-        self.state: Peer | None = None  # the core's side of the connection
-        self.peer = None  # the client's socket address
-        self.host: str | None = None  # counted against max_connections_per_peer
+        self.whole_chunk = broker.ssl is None  # (TLS slices what get_buffer hands out)
 
     def __repr__(self):
         return repr(self.peer)
@@ -126,7 +161,7 @@ class _Connection(asyncio.BufferedProtocol):
     def last_rx(self, value: float) -> None:
         self.state.last_rx = value
 
-    # -- asyncio.BufferedProtocol ------------------------------------------------------
+    # -- asyncio.BufferedProtocol (get_buffer, buffer_updated: BrokerProtocol's) --------
     def connection_made(self, transport):
         self.transport = transport
         b = self.broker
@@ -159,21 +194,6 @@ class _Connection(asyncio.BufferedProtocol):
         if not b._conns and b._all_closed is not None:
             b._all_closed.set()
 
-    def get_buffer(self, sizehint):  # (replaced by the parser's in __init__)
-        return self.parser.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes):
-        b = self.broker
-        p = self.state
-        if not p.closing:  # (BrokerCore.data_received, without its call)
-            receive(b.core, p, nbytes, None, time.monotonic())
-        b._write_out()
-        if p.paused and p.backed_up() and self.transport is not None:
-            # The client does not read its replies: read no more of its requests until
-            # it does.
-            self.state.reading_paused = True
-            self.transport.pause_reading()
-
     def eof_received(self):
         return False
 
@@ -186,19 +206,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.broker._write_out()
 
     # -- output ------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Write queued frames (urgent first) in bursts while the transport accepts them."""
-        t = self.transport
-        if t is None:
-            return
-        p = self.state
-        write_queued(p, t, _BURST)  # (one write per burst; not counted in qbytes: writable)
-        if p.reading_paused and not p.paused and not p.closing:
-            p.reading_paused = False
-            if p.partial_since is not None:
-                p.partial_since = time.monotonic()  # the wait was the broker's own
-            t.resume_reading()
-
     def fail(self, reason: str) -> None:
         """Send an ERROR frame with ``reason`` after what is queued, then close."""
         if self.transport is not None:
@@ -308,8 +315,7 @@ class Broker:
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer
         self.write_buffer_high = write_buffer_high
-        self.tokens = None if tokens is None else [_digest(t) for t in tokens]
-        self._auth_failures = None if tokens is None else FailureLimit(auth_failures, logger=log)
+        self._tokens = None if tokens is None else _Tokens(tokens, auth_failures)
         self.ssl = ssl
         self.core = BrokerCore(
             max_payload=max_payload, max_topic_length=max_topic_length,
@@ -321,7 +327,7 @@ class Broker:
             backlog_bytes=backlog_bytes, max_backlog_bytes=max_backlog_bytes,
             session_ttl=session_ttl, at_least_once=at_least_once, topic_patterns=topic_patterns,
             session_takeover=session_takeover,
-            authenticate=None if tokens is None else self._authenticate)
+            authenticate=self._tokens)
         self.stats = self.core.stats
         self._conns: set[_Connection] = set()
         self._per_peer = PeerCounts()
@@ -431,49 +437,7 @@ class Broker:
     # -- moving what the core decided ------------------------------------------------------
     def _write_out(self) -> None:
         """Write the frames the core queued, and close the connections it ended."""
-        core = self.core
-        while core.closing or core.dirty:
-            closing = core.closing
-            if closing:
-                core.closing = []
-                for peer in closing:
-                    conn = peer.handle
-                    t = conn.transport
-                    if t is None:
-                        continue
-                    core.dirty.pop(peer, None)
-                    if peer.close_mode == ABORT:
-                        t.abort()
-                    else:  # what is queued (the ERROR last) leaves first, ignoring backpressure
-                        peer.paused = False
-                        conn.flush()
-                        t.close()
-            dirty = core.dirty
-            if dirty:
-                core.dirty = {}
-                write_dirty(dirty, _BURST)  # peer.handle.flush() for each, compiled
-
-    def _authenticate(self, host: str | None, token: bytes | None) -> str | None:
-        """The core's check of a HELLO's token: None (accepted) or why it is refused."""
-        peer = peer_of(host)
-        refusal = self._auth_failures.refuse_now(peer)
-        if refusal is not None:
-            return (f"too many failed authentications from this address: retry in "
-                    f"{max(1, round(refusal.retry_after))} s")
-        if token is None or not self._token_accepted(token):
-            self._auth_failures.failed_now(peer, "missing token" if token is None
-                                           else "unknown token")
-            return "authentication failed: missing or unknown token"
-        return None
-
-    def _token_accepted(self, token: bytes) -> bool:
-        """Whether ``token`` is an accepted one, compared with every accepted token's digest
-        in constant time (no early exit that would tell which, or how close)."""
-        presented = _digest(token)
-        accepted = False
-        for digest in self.tokens:
-            accepted |= hmac.compare_digest(presented, digest)
-        return accepted
+        write_out(self.core)
 
     def _deliver_remote(self, payload, kind: int, flags: int, msg_id: int,
                         sid: tuple | None = None, own: bool = False, apart: bool = False) -> None:

@@ -24,11 +24,11 @@ at-most-once subscriber then costs one append of the same shared entry to its qu
 route of a topic is computed once and kept until a subscription, a session's connection or a
 connection's writability changes).
 
-The hot path is compiled (``mip.protocol._msip``: ``receive``, ``dispatch_frames``,
-``write_queued``): a PING, and the PUBLISH of a topic whose route is kept and has only such
-subscribers (without a backplane), are handled there without calling back into this module;
-every other frame goes to :meth:`BrokerCore._dispatch`. A connection's fields are C fields
-(``PeerState``) so that path reads them directly.
+The hot path is compiled (``mip.protocol._msip``: ``receive``, and for the broker's
+connections ``BrokerProtocol`` and ``write_out``): a PING, and the PUBLISH of a topic whose
+route is kept and has only such subscribers (without a backplane), are handled there without
+calling back into this module; every other frame goes to :meth:`BrokerCore._dispatch`. A
+connection's fields are C fields (``PeerState``) so that path reads them directly.
 """
 
 from __future__ import annotations
@@ -37,11 +37,14 @@ import collections
 import dataclasses
 import logging
 import struct
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from mip import msip
 from mip.net.msip_topics import match_tokens, pattern_tokens
-from mip.protocol._msip import PeerState, receive, take_queued
+from mip.protocol._msip import CoreState, PeerState, receive, take_queued
+
+if TYPE_CHECKING:
+    from mip.net.msip_cluster import Backplane
 
 __all__ = ["BrokerCore", "BrokerStats", "Peer", "OVERFLOW_DROP_OLDEST", "OVERFLOW_DISCONNECT"]
 
@@ -268,7 +271,7 @@ class Peer(PeerState):
             self.queue.extendleft(reversed(replies))
 
 
-class BrokerCore:
+class BrokerCore(CoreState):
     """Sessions, subscriptions, routing, in-flight events and backlogs of an MSIP broker.
 
     The limits are :class:`~mip.net.msip_broker.Broker`'s arguments of the same names.
@@ -276,7 +279,8 @@ class BrokerCore:
     token (``None`` when absent) or the reason to refuse it. ``backplane``, when set, is told
     of every topic or pattern that gains its first or loses its last subscriber
     (``interest(topic, is_pattern, on)``) and of every local publish
-    (``publish(topic_octets, payload, msg_kind, flags, msg_id)``).
+    (``publish(topic_octets, payload, msg_kind, flags, msg_id)``). The fields the compiled
+    path reads (``dirty``, ``closing``, ...) are C fields (``CoreState``).
     """
 
     def __init__(self, *, max_payload: int = 16 * 1024 * 1024, max_topic_length: int = 1024,
@@ -324,7 +328,7 @@ class BrokerCore:
         self.topic_patterns = topic_patterns
         self.session_takeover = session_takeover
         self.stats = BrokerStats() if stats is None else stats
-        self.backplane = None
+        self.backplane: Backplane | None = None
         #: peers with frames to write, in the order they got them
         self.dirty: dict[Peer, None] = {}
         #: peers to close (``peer.close_mode``), in the order decided
@@ -343,7 +347,7 @@ class BrokerCore:
         # of the others)
         self._routes: dict[str, tuple] = {}
         # the same routes by the topic's UTF-8 octets, for the compiled PUBLISH path
-        # (mip.protocol._msip.dispatch_frames): [appends, peers, any others, its own memo]
+        # (mip.protocol._msip._dispatch_frames): [appends, peers, any others, its own memo]
         self._broutes: dict[bytes, list] = {}
         # literal topic -> local at-least-once subscriptions fed from the backplane's stream
         self._streamed: dict[str, int] = {}
@@ -792,8 +796,8 @@ class BrokerCore:
             self._streamed[topic] = n
         else:
             del self._streamed[topic]
-        if tell and self.backplane is not None:
-            self.backplane.unstream(session.client_id, topic)
+        if tell and self.backplane is not None and session.client_id is not None:
+            self.backplane.unstream(session.client_id, topic)  # (a recorded session has an id)
 
     def _unsubscribe(self, session: _Session, topic: str) -> None:
         if session.subs.pop(topic, None) is None:
@@ -1043,8 +1047,9 @@ class BrokerCore:
             return
         del st.unacked[sid]
         pos = "%d-%d" % next(iter(st.unacked)) if st.unacked else "(%d-%d" % st.tracked
-        if self.backplane is not None:
+        if self.backplane is not None and session.client_id is not None:
             self.backplane.position(session.client_id, topic, pos)
+
     def _resume_delivery(self, session: _Session, now: float) -> None:
         """After HELLO: resend unacknowledged events, then what arrived while away."""
         conn = session.conn

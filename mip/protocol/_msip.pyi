@@ -3,6 +3,8 @@
 from collections import deque
 from typing import Any
 
+from typing_extensions import Buffer as _Memory  # any object with the buffer protocol
+
 from mip.protocol._stream import Buffer as Buffer, StreamParser
 
 HEADER_SIZE: int
@@ -61,8 +63,27 @@ class PeerState:
     reading_paused: bool
     handle: Any
 
-def dispatch_frames(core: Any, peer: Any, frames: list[Frame], now: float) -> None: ...
-def receive(core: Any, peer: Any, nbytes: int, data: Buffer | None, now: float) -> None: ...
-def write_queued(peer: Any, transport: Any, burst: int) -> None: ...
-def write_dirty(dirty: dict, burst: int) -> None: ...
+class CoreState:
+    dirty: dict[Any, None]
+    closing: list
+    _broutes: dict[bytes, list]
+    max_topic_length: int
+    backplane: Any
+    stats: Any
+
+class BrokerProtocol:
+    broker: Any
+    core: CoreState
+    state: PeerState
+    parser: FrameParser
+    transport: Any
+    peer: Any
+    host: str | None
+    whole_chunk: bool
+    def get_buffer(self, sizehint: int) -> _Memory: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+    def flush(self) -> None: ...
+
+def receive(core: CoreState, peer: Any, nbytes: int, data: Buffer | None, now: float) -> None: ...
+def write_out(core: CoreState) -> None: ...
 def take_queued(first: deque, second: deque, limit: int) -> tuple[list, int]: ...

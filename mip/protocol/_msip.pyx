@@ -10,6 +10,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from mip.protocol.wire cimport *
 from mip.protocol._stream cimport Chunk, StreamParser, raise_wire_error
 
+import time
+
 from mip import errors as _errors
 
 HEADER_SIZE = MSIP_HEADER_SIZE
@@ -295,12 +297,13 @@ def decode_hello_payload(payload):
     return (cid or None), token
 
 
-# ---- the broker's hot path (mip.net.msip_core) -----------------------------
+# ---- the broker's hot path (mip.net.msip_core, mip.net.msip_broker) --------
 # Each connection's outgoing queue is a deque of (item, size, is_event) entries, ``item``
 # being bytes or a (header, payload) tuple. These functions do, without the interpreter's
 # per-message work, what the core does for the frames most connections send: PING and the
 # PUBLISH of a topic whose route is known and has only connected, writable, at-most-once
-# subscribers. Everything else goes to the core's Python code.
+# subscribers. Everything else goes to the core's Python code. ``BrokerProtocol`` is the
+# broker's per-read work around them: receive memory, then the frames, then the writes.
 
 cdef class PeerState:
     """The fields of one broker connection (``mip.net.msip_core.Peer`` adds the methods),
@@ -328,6 +331,18 @@ cdef class PeerState:
     cdef public object handle
 
 
+cdef class CoreState:
+    """The fields of the broker's core that the functions below read (``BrokerCore`` of
+    ``mip.net.msip_core`` adds the rest, and the methods)."""
+
+    cdef public dict dirty
+    cdef public list closing
+    cdef public dict _broutes
+    cdef public Py_ssize_t max_topic_length
+    cdef public object backplane
+    cdef public object stats
+
+
 cdef enum:
     _PUBLISH = 4
     _EVENT = 5
@@ -338,8 +353,10 @@ cdef enum:
     _K_STATE = 3
     _F_COMPRESSED = 2
     _INLINE_MAX = 16 * 1024  # as msip_core: larger events are sent from the received octets
+    _BURST = 256 * 1024  # octets handed to one write at most
 
 cdef bytes _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+cdef str _ABORT = "abort"  # msip_core.ABORT: a close_mode
 
 
 cdef inline bytes _header(int frame_type, int msg_kind, uint32_t n, uint64_t msg_id, int flags):
@@ -358,7 +375,7 @@ cdef inline void _reply(dict dirty, PeerState peer, bytes data) except *:
 
 
 cdef class _Batch:
-    """What ``dispatch_frames`` reads of the core once per batch of frames, and the counts
+    """What ``_dispatch_frames`` reads of the core once per batch of frames, and the counts
     it adds to the core's statistics at its end."""
     cdef dict dirty
     cdef dict routes
@@ -414,13 +431,13 @@ cdef bint _fast_publish(_Batch b, PeerState peer, Frame f) except -1:
     return True
 
 
-def dispatch_frames(core, PeerState peer, list frames, now):
+cdef int _dispatch_frames(CoreState core, PeerState peer, list frames, double now) except -1:
     """Handle ``frames`` received on ``peer`` as ``BrokerCore._dispatch`` does, frame by
     frame (counting each in ``peer.consumed``, stopping once the peer is closing)."""
     cdef Frame f
     cdef int ft
     cdef _Batch b = _Batch.__new__(_Batch)
-    b.dirty = <dict?>core.dirty
+    b.dirty = core.dirty
     dispatch = None
     try:
         for frame in frames:
@@ -434,7 +451,7 @@ def dispatch_frames(core, PeerState peer, list frames, now):
                 continue
             if ft == _PUBLISH and peer.authenticated:
                 if b.routes is None:  # the first PUBLISH of the batch
-                    b.routes = <dict?>core._broutes
+                    b.routes = core._broutes
                     b.max_topic_length = core.max_topic_length
                     b.alone = core.backplane is None
                 if _fast_publish(b, peer, f):
@@ -442,30 +459,78 @@ def dispatch_frames(core, PeerState peer, list frames, now):
             if dispatch is None:
                 dispatch = core._dispatch
             dispatch(peer, f, now)
-            b.dirty = <dict?>core.dirty
+            b.dirty = core.dirty
     finally:
         if b.published:
             stats = core.stats
             stats.published += b.published
             stats.delivered += b.delivered
+    return 0
 
 
-def receive(core, PeerState peer, Py_ssize_t nbytes, data, double now):
-    """``BrokerCore._received``: ``nbytes`` octets arrived for ``peer`` (``data``: a copy to
-    feed, or None when they were written into ``peer.parser.get_buffer()``)."""
+cdef bytes _ping_batch(FrameParser parser, Py_ssize_t nbytes, Py_ssize_t *consumed):
+    """``parser.take(nbytes)`` when what it holds, with the ``nbytes`` received, is PING frames
+    only (each whole, its header valid): the PONGs that answer them, the octets taken in
+    ``consumed``. None, having changed nothing, for anything else (the frames go through
+    ``take`` then)."""
+    cdef Chunk c = parser.chunk
+    cdef msip_header h
+    cdef size_t err_off = 0
+    cdef Py_ssize_t at, end, n = 0, i
+    cdef unsigned char *out
+    if parser.error is not None or c is None or nbytes <= 0 or nbytes > c.size - parser.end:
+        return None
+    end = parser.end + nbytes
+    at = parser.start
+    while at < end:
+        if (msip_parse_header(c.mem + at, end - at, parser.max_payload, &h, &err_off) != MIP_OK
+                or h.frame_type != _PING or <uint64_t>h.payload_len > <uint64_t>(end - at - MSIP_HEADER_SIZE)):
+            return None
+        at += MSIP_HEADER_SIZE + <Py_ssize_t>h.payload_len
+        n += 1
+    pongs = PyBytes_FromStringAndSize(NULL, n * MSIP_HEADER_SIZE)
+    out = <unsigned char *>PyBytes_AS_STRING(pongs)
+    at = parser.start
+    for i in range(n):
+        msip_parse_header(c.mem + at, end - at, parser.max_payload, &h, &err_off)
+        msip_write_header(out + i * MSIP_HEADER_SIZE, 0, _PONG, _K_EVENT, 0, h.msg_id)
+        at += MSIP_HEADER_SIZE + <Py_ssize_t>h.payload_len
+    consumed[0] = end - parser.start
+    parser.start = parser.end = end
+    parser.want = 0
+    parser._settle(nbytes, nbytes == parser.offered)
+    return <bytes>pongs
+
+
+cdef int _received(CoreState core, PeerState peer, Py_ssize_t nbytes, data, double now,
+                   write) except -1:
+    """``receive``; with ``write`` (the ``write`` of the peer's transport, which accepts writes
+    when ``peer.paused`` is false) a read of PINGs only is answered at once (``_ping_batch``)."""
     cdef FrameParser parser = peer.parser
-    cdef Py_ssize_t consumed_before, consumed
+    cdef Py_ssize_t consumed_before, consumed, taken = 0
+    cdef list frames
     peer.last_rx = now
     peer.pinged = False
     peer.rx_total += nbytes
     consumed_before = peer.consumed
     try:
-        frames = parser.buffer_updated(nbytes) if data is None else parser.feed(data)
-        if frames:
-            dispatch_frames(core, peer, frames, now)
-            if not peer.closing:
-                # the parser raises an error found after complete frames on its next call
-                parser.feed(_EMPTY)
+        pongs = None
+        if (write is not None and data is None and not peer.closing and not peer.paused
+                and not peer.urgent and not peer.queue):
+            # nothing is queued: PONGs written now overtake no EVENT
+            pongs = _ping_batch(parser, nbytes, &taken)
+        if pongs is not None:
+            peer.consumed += taken
+            write(pongs)
+        else:
+            frames = parser.take(nbytes) if data is None else parser.feed(data)
+            if frames:
+                _dispatch_frames(core, peer, frames, now)
+                if not peer.closing:
+                    # the parser raises an error found after complete frames on its next
+                    # call; this call also settles the size of its next receive (a stream of
+                    # 4 KiB frames is read in large reads with it, one frame a read without)
+                    parser.feed(_EMPTY)
     except _errors.FrameTooLarge as exc:
         core.fail(peer, f"frame too large: {exc}")
     except _errors.ProtocolError as exc:
@@ -477,13 +542,19 @@ def receive(core, PeerState peer, Py_ssize_t nbytes, data, double now):
             peer.partial_since = now
     elif peer.partial_since is not None:
         peer.partial_since = None
+    return 0
 
 
-def write_queued(PeerState peer, transport, Py_ssize_t burst):
+def receive(CoreState core, PeerState peer, Py_ssize_t nbytes, data, double now):
+    """``BrokerCore._received``: ``nbytes`` octets arrived for ``peer`` (``data``: a copy to
+    feed, or None when they were written into ``peer.parser.get_buffer()``)."""
+    _received(core, peer, nbytes, data, now, None)
+
+
+cdef int _write_queued(PeerState peer, transport) except -1:
     """Write ``peer``'s queued frames (urgent first) to ``transport`` in writes of about
-    ``burst`` octets while it accepts them (``peer.paused`` false)."""
+    ``_BURST`` octets while it accepts them (``peer.paused`` false)."""
     cdef list chunks
-    cdef Py_ssize_t n
     cdef object urgent = peer.urgent, queue = peer.queue
     cdef object item
     while not peer.paused and (urgent or queue):
@@ -494,27 +565,138 @@ def write_queued(PeerState peer, transport, Py_ssize_t burst):
             else:
                 transport.writelines(item)
             continue
-        chunks, n = _take(urgent, queue, burst)
+        chunks = <list>(_take(urgent, queue, _BURST)[0])
         if len(chunks) == 1:
             transport.write(chunks[0])
         else:
             transport.writelines(chunks)
+    return 0
 
 
-def write_dirty(dict dirty, Py_ssize_t burst):
-    """``write_queued`` for each peer of ``dirty`` whose connection (``peer.handle``) has a
-    transport; a peer whose reading was paused goes through ``handle.flush()`` (which reads
-    it again once its queue drained)."""
+def write_out(CoreState core):
+    """Write the frames ``core`` queued (``core.dirty``) and close the connections it ended
+    (``core.closing``), each peer's connection being its ``handle`` (a ``BrokerProtocol``)."""
+    _write_out(core)
+
+
+cdef int _write_out(CoreState core) except -1:
     cdef PeerState peer
-    for p in dirty:
-        peer = <PeerState?>p
-        conn = peer.handle
-        if peer.reading_paused:
-            conn.flush()
-            continue
-        transport = conn.transport
-        if transport is not None:
-            write_queued(peer, transport, burst)
+    cdef BrokerProtocol conn
+    cdef list closing
+    cdef dict dirty
+    while True:
+        closing = core.closing
+        if closing:
+            core.closing = []
+            for p in closing:
+                peer = <PeerState?>p
+                conn = <BrokerProtocol?>peer.handle
+                t = conn._transport
+                if t is None:
+                    continue
+                core.dirty.pop(peer, None)
+                if peer.close_mode == _ABORT:
+                    t.abort()
+                else:  # what is queued (the ERROR last) leaves first, ignoring backpressure
+                    peer.paused = False
+                    conn.flush()
+                    t.close()
+        dirty = core.dirty
+        if dirty:
+            core.dirty = {}
+            for p in dirty:
+                peer = <PeerState?>p
+                conn = <BrokerProtocol?>peer.handle
+                if peer.reading_paused:
+                    conn.flush()  # (which reads it again once its queue drained)
+                elif conn._transport is not None:
+                    _write_queued(peer, conn._transport)
+        elif not core.closing:
+            return 0
+
+
+cdef extern from *:
+    """
+    #include <time.h>
+    /* time.monotonic() without the call: on Linux, Python reads the same clock */
+    static double mip_monotonic(void) {
+    #if defined(__linux__)
+        struct timespec ts;
+        if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0)
+            return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    #endif
+        return -1.0;
+    }
+    """
+    double mip_monotonic()
+
+cdef object _time_monotonic = time.monotonic
+
+
+cdef inline double _monotonic() except? -1.0:
+    """``time.monotonic()``, in seconds."""
+    cdef double now = mip_monotonic()
+    return now if now >= 0 else _time_monotonic()
+
+
+cdef class BrokerProtocol:
+    """What a broker connection (``mip.net.msip_broker``'s ``asyncio.BufferedProtocol``) does
+    on every read, compiled: hand the parser's memory to the transport, handle the frames
+    received, write out what the core queued. ``state`` is the core's ``Peer`` of the
+    connection (its ``handle`` is this object), ``transport`` None once the connection is lost;
+    ``whole_chunk``: the transport takes any writable buffer (a plain socket: ``get_buffer``
+    may hand out the parser's chunk itself rather than a view of it)."""
+
+    cdef public object broker
+    cdef public CoreState core
+    cdef public PeerState state
+    cdef public FrameParser parser
+    cdef object _transport
+    cdef object _write  # _transport.write, looked up once
+    cdef public object peer
+    cdef public object host
+    cdef public bint whole_chunk
+
+    @property
+    def transport(self):
+        return self._transport
+
+    @transport.setter
+    def transport(self, t):
+        self._transport = t
+        self._write = None if t is None else t.write
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        cdef FrameParser parser = self.parser
+        parser.reserve()
+        if parser.end == 0 and self.whole_chunk:
+            return parser.chunk  # (one object less than a view of it, on most reads)
+        return memoryview(parser.chunk)[parser.end:]
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        cdef PeerState p = self.state
+        cdef CoreState core = self.core
+        if not p.closing:
+            _received(core, p, nbytes, None, _monotonic(), self._write)
+        _write_out(core)
+        if p.paused and self._transport is not None and p.backed_up():
+            # The client does not read its replies: read no more of its requests until
+            # it does.
+            p.reading_paused = True
+            self._transport.pause_reading()
+
+    def flush(self):
+        """Write queued frames (urgent first) in bursts while the transport accepts them."""
+        cdef PeerState p = self.state
+        t = self._transport
+        if t is None:
+            return
+        _write_queued(p, t)  # (one write per burst; not counted in qbytes: writable)
+        if p.reading_paused and not p.paused and not p.closing:
+            p.reading_paused = False
+            if p.partial_since is not None:
+                p.partial_since = _monotonic()  # the wait was the broker's own
+            t.resume_reading()
 
 
 def take_queued(first, second, Py_ssize_t limit):

@@ -34,6 +34,8 @@ cdef class StreamParser:
     cdef void _grow(self)
     cdef void _settle(self, Py_ssize_t nbytes, bint filled)
     cdef list parse(self)
+    cdef int reserve(self) except -1
+    cdef list take(self, Py_ssize_t nbytes)
 
 
 cdef int raise_wire_error(int code, Py_ssize_t offset, str detail) except -1

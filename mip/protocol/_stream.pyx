@@ -256,16 +256,16 @@ cdef class StreamParser:
             out.append(msg)
         return out
 
-    def get_buffer(self, Py_ssize_t sizehint=-1):
-        """Return writable memory for the next receive (``asyncio.BufferedProtocol``)."""
+    cdef int reserve(self) except -1:
+        """``get_buffer`` without its memoryview: the next receive goes to ``chunk`` from ``end``."""
         if self.error is not None:
             raise self.error
         self.ensure_space()
         self.offered = self.chunk.size - self.end
-        return memoryview(self.chunk)[self.end:]
+        return 0
 
-    def buffer_updated(self, Py_ssize_t nbytes):
-        """Account for `nbytes` written into the last ``get_buffer()``; return complete frames."""
+    cdef list take(self, Py_ssize_t nbytes):
+        """``buffer_updated``, for compiled callers."""
         if self.error is not None:
             raise self.error
         if self.chunk is None or nbytes < 0 or nbytes > self.chunk.size - self.end:
@@ -274,6 +274,15 @@ cdef class StreamParser:
         out = self.parse()
         self._settle(nbytes, nbytes == self.offered)
         return out
+
+    def get_buffer(self, Py_ssize_t sizehint=-1):
+        """Return writable memory for the next receive (``asyncio.BufferedProtocol``)."""
+        self.reserve()
+        return memoryview(self.chunk)[self.end:]
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        """Account for `nbytes` written into the last ``get_buffer()``; return complete frames."""
+        return self.take(nbytes)
 
     def feed(self, data):
         """Append received octets (any bytes-like object); return the complete frames."""

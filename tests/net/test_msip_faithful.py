@@ -23,6 +23,69 @@ def test_pipelined_publish_to_own_topic_event_before_ack():
             (w.ACK, 1), (w.ACK, 2), (w.PONG, 3), (w.EVENT, 4), (w.ACK, 4)]
 
 
+def test_pings_answered_whole_split_and_with_payload():
+    """PINGs arriving together, one octet at a time, or carrying octets, each get their PONG,
+    in order, with an empty payload."""
+    with w.BrokerThread() as bt:
+        c = w.RefClient(bt.port)
+        frames = [w.frame(w.PING, b"", 1), w.frame(w.PING, b"abc", 2), w.frame(w.PING, b"", 3)]
+        pings = b"".join(frames)
+        c.send_raw(pings)
+        for f in frames:
+            c.send_raw(f)
+        c.send_raw(pings[:30])
+        for i in range(30, len(pings)):  # one octet per send
+            c.send_raw(pings[i:i + 1])
+        got = [c.recv() for _ in range(9)]
+        assert [(h["type"], h["msg_id"], h["len"]) for h, _ in got] == [(w.PONG, i, 0)
+                                                                         for i in (1, 2, 3) * 3]
+
+
+def test_receive_time_on_the_timers_clock():
+    """The time a connection last sent something (read by the idle timeout) is on
+    ``time.monotonic()``'s clock."""
+    with w.BrokerThread() as bt:
+        c = w.RefClient(bt.port)
+        c.send(w.PING, b"", 1)
+        assert c.recv()[0]["type"] == w.PONG
+        ages = bt.call(lambda: [time.monotonic() - conn.last_rx for conn in bt.broker._conns])
+        assert len(ages) == 1 and 0 <= ages[0] < 60, ages
+
+
+def test_pings_around_an_own_event_keep_order():
+    """PINGs in the read of a PUBLISH to the sender's own topic are answered in frame order."""
+    with w.BrokerThread() as bt:
+        c = w.RefClient(bt.port)
+        c.subscribe("self")
+        c.send_raw(w.frame(w.PING, b"", 3) + w.frame(w.PUBLISH, w.publish_payload("self", b"x"), 4)
+                   + w.frame(w.PING, b"", 5) + w.frame(w.PING, b"", 6))
+        got = [c.recv() for _ in range(5)]
+        assert [(h["type"], h["msg_id"]) for h, _ in got] == [
+            (w.PONG, 3), (w.EVENT, 4), (w.ACK, 4), (w.PONG, 5), (w.PONG, 6)]
+
+
+def test_ping_after_an_event_not_yet_written():
+    """An event queued for a connection (from another broker: written on the loop's next turn)
+    leaves before the PONG of a PING that arrives meanwhile."""
+    with w.BrokerThread() as bt:
+        c = w.RefClient(bt.port)
+        c.subscribe("remote")
+        bt.call(lambda: bt.broker.core.deliver_remote(w.publish_payload("remote", b"r"), w.K_EVENT, 0,
+                                                      41, time.monotonic()))
+        c.send(w.PING, b"", 42)
+        got = [c.recv() for _ in range(2)]
+        assert [(h["type"], h["msg_id"]) for h, _ in got] == [(w.EVENT, 41), (w.PONG, 42)]
+
+
+def test_pings_before_a_bad_header_answered_then_error():
+    with w.BrokerThread() as bt:
+        c = w.RefClient(bt.port)
+        c.send_raw(w.frame(w.PING, b"", 1) + w.frame(w.PING, b"", 2) + w.frame(w.PING, magic=b"NOPE"))
+        seen = c.expect_eof()
+        assert [(h["type"], h["msg_id"]) for h, _ in seen] == [(w.PONG, 1), (w.PONG, 2), (w.ERROR, 0)]
+        assert b"magic" in seen[-1][1]
+
+
 def test_replies_do_not_overtake_queued_events():
     """A subscriber behind on reading gets its PONG after the events queued before its PING."""
     with w.BrokerThread(write_buffer_high=16 * 1024, queue_bytes=64 << 20) as bt:
