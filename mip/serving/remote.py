@@ -35,15 +35,17 @@ import pickle
 import socket
 import struct
 import threading
+from pathlib import Path
 from typing import Any
 
-from mip.errors import ModelNotReady, ServingError
+from mip.errors import ModelLoadError, ModelNotReady, ServingError
 from mip.model_relay import rebuild_error
 from mip.serving import arena as shm
+from mip.serving.config import placement_of
 from mip.serving.engine import Engine, ModelStats, _Served
 from mip.serving.repository import ModelRepository
 
-__all__ = ["RemoteEngine", "SharedRole", "serve_engine"]
+__all__ = ["PlacedEngine", "RemoteEngine", "SharedRole", "place", "serve_engine"]
 
 log = logging.getLogger("mip.workers")
 
@@ -59,13 +61,33 @@ FREE_AFTER = 0.005
 
 
 class SharedRole:
-    """What every process of the shared placement knows: the arena, its parts, and the
-    engine process's socket (made by the supervisor before it forks)."""
+    """What every process of the shared placement knows: the arena, its parts, the engine
+    process's socket (made by the supervisor before it forks), and the models each kind of
+    process loads at start.
 
-    def __init__(self, arena_bytes: int, workers: int):
+    Attributes:
+        worker_models: the models every worker loads at start (their placement:
+            ``worker``).
+        shared_models: the models the engine process loads at start.
+    """
+
+    def __init__(self, arena_bytes: int, workers: int, worker_models: list[str],
+                 shared_models: list[str]):
         self.arena = shm.Arena(arena_bytes)
         self.engine_part, self.slices = self.arena.parts(workers)
         self.address = f"\0mip-engine-{os.getpid()}-{os.urandom(6).hex()}"
+        self.worker_models = worker_models
+        self.shared_models = shared_models
+
+
+def place(root: str | Path, names: list[str], default: str) -> tuple[list[str], list[str]]:
+    """The models ``names`` of the repository at ``root``, as they run with ``mip serve
+    --workers``: ``(per worker, shared)``, each model by its configuration's placement,
+    else ``default`` (``--placement``)."""
+    placed: dict[str, list[str]] = {"worker": [], "shared": []}
+    for name in names:
+        placed[placement_of(Path(root) / name, default)].append(name)
+    return placed["worker"], placed["shared"]
 
 
 def _encode(message) -> bytes:
@@ -313,7 +335,8 @@ class EngineHost:
                 await self.engine.unload(model)
         except Exception as exc:
             error = _failure(exc)
-        self.record((kind, model, config) if kind == "load" else (kind, model))
+        self.record((kind, model, config, "shared") if kind == "load"
+                    else (kind, model, "shared"))
         self.broadcast()
         worker.link.send(("changed", number, error))
 
@@ -349,13 +372,14 @@ async def serve_engine(args, role, make_engine, wait_for_signal) -> int:
     Args:
         args: ``mip serve``'s arguments.
         role: its :class:`~mip.workers.WorkerRole` (``role.shared``: the arena).
-        make_engine: a coroutine function: the engine of ``args``, started.
+        make_engine: a coroutine function: the engine of ``args`` serving the models it is
+            given, started.
         wait_for_signal: a coroutine function returning at SIGTERM or SIGINT.
     """
     from mip.model_relay import WorkerModels
 
-    engine = await make_engine(args)
-    replaying = WorkerModels(engine, role.control, role.index)
+    engine = await make_engine(args, role.shared.shared_models)
+    replaying = WorkerModels(engine, role.control, role.index, placement="shared")
     await replaying.replay(role.changes)
 
     def record(change: tuple) -> None:
@@ -657,3 +681,137 @@ class RemoteEngine:
     def used(self) -> int:
         """Octets of this worker's slice of the arena in use."""
         return self.blocks.used
+
+
+# -- a worker's models, of both placements -----------------------------------------------
+
+class PlacedEngine:
+    """The engine of a worker of ``mip serve --workers N``: the calls of
+    :class:`~mip.serving.engine.Engine` the frontends make, each for the engine that serves
+    its model: ``local`` (this worker's own) for the models whose placement is ``worker``,
+    ``remote`` (the engine process) for those whose placement is ``shared``.
+
+    A model is served where it is loaded now (both engines know: the engine process sends
+    its catalogue whenever it changes); one loaded nowhere belongs where its configuration
+    says (``placement``), else where ``--placement`` says. A load goes to the placement of
+    the configuration it loads with; a model loaded with another placement before is
+    unloaded there once the new load has succeeded (its requests finish first).
+
+    Args:
+        local: this worker's :class:`~mip.serving.engine.Engine` (started), whose ``load``
+            and ``unload`` reach every worker (:class:`~mip.model_relay.WorkerModels`).
+        remote: the engine process's models (:class:`RemoteEngine`, started), or ``None``
+            when the server runs no engine process: a model whose placement is ``shared``
+            then fails to load, saying so.
+        root: the model repository's folder.
+        default: ``--placement``.
+    """
+
+    check_outputs = staticmethod(Engine._check_outputs)
+
+    def __init__(self, local: Engine, remote: RemoteEngine | None, root: str | Path,
+                 default: str):
+        self.local, self.remote = local, remote
+        self.repository = local.repository
+        self.root = Path(root)
+        self.default = default
+        if remote is None:  # every model is this worker's: its calls, as they are
+            for name in ("resolve", "submit", "infer", "validate", "model_metadata",
+                         "model_ready", "ready", "index", "stats"):
+                setattr(self, name, getattr(local, name))
+
+    def _placement(self, name: str, config=None) -> str:
+        if "/" in name or name.startswith((".", "_")) or not name:
+            return self.default
+        return placement_of(self.root / name, self.default, config)
+
+    def _side(self, name: str) -> Any:
+        """The engine serving ``name``."""
+        remote = self.remote
+        if remote is not None and name in remote.repository._loaded:
+            return remote
+        if name in self.local.repository._loaded or remote is None:
+            return self.local
+        return remote if self._placement(name) == "shared" else self.local
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        await self.local.stop()
+        if self.remote is not None:
+            await self.remote.stop()
+
+    async def load(self, model: str, config=None) -> None:
+        """:meth:`Engine.load <mip.serving.engine.Engine.load>` where the model's placement
+        says (see the class)."""
+        shared = self._placement(model, config) == "shared"
+        if shared and self.remote is None:
+            raise ModelLoadError(
+                f"failed to load {model}: its placement is 'shared', and this server runs "
+                "no engine process (no model it started with was shared): start it with "
+                "--placement shared, or with the model in its repository")
+        target: Any = self.remote if shared else self.local
+        other: Any = self.local if shared else self.remote
+        await target.load(model, config)
+        if other is not None and model in other.repository._loaded:
+            await other.unload(model)  # moved from the other placement
+
+    async def unload(self, model: str) -> None:
+        """:meth:`Engine.unload <mip.serving.engine.Engine.unload>`, wherever it is loaded."""
+        sides = [side for side in (self.remote, self.local)
+                 if side is not None and model in side.repository._loaded]
+        for side in sides or [self._side(model)]:
+            await side.unload(model)
+
+    # -- the engine's calls ------------------------------------------------------------
+
+    def resolve(self, model: str, version: str | None = None):
+        return self._side(model).resolve(model, version)
+
+    def submit(self, model: str, inputs: dict, version: str | None = None,
+               deadline: float | None = None, source=None, chosen=None,
+               split: bool = False, request_id: str | None = None) -> asyncio.Future:
+        return self._side(model).submit(model, inputs, version, deadline, source, chosen,
+                                        split, request_id)
+
+    async def infer(self, model: str, inputs: dict, *, version: str | None = None,
+                    outputs: list[str] | None = None, deadline: float | None = None) -> dict:
+        return await self._side(model).infer(model, inputs, version=version, outputs=outputs,
+                                             deadline=deadline)
+
+    def validate(self, chosen, inputs: dict) -> int:
+        return self._side(chosen.name).validate(chosen, inputs)
+
+    def model_metadata(self, model: str, version: str | None = None):
+        return self._side(model).model_metadata(model, version)
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        return self._side(model).model_ready(model, version)
+
+    def ready(self) -> bool:
+        return self.local.ready() and (self.remote is None or self.remote.ready())
+
+    def default_model(self) -> str | None:
+        return self.local.default_model()
+
+    def index(self) -> list:
+        """Every model of the repository with the states its own engine gives."""
+        by_side: dict[int, dict[str, list]] = {}
+        for side in (self.local, self.remote):
+            grouped: dict[str, list] = by_side.setdefault(id(side), {})
+            for entry in side.index():  # type: ignore[union-attr]
+                grouped.setdefault(entry.name, []).append(entry)
+        names = sorted(set().union(*by_side.values()))
+        return [entry for name in names
+                for entry in by_side[id(self._side(name))].get(name, ())]
+
+    def stats(self) -> dict[tuple[str, str], ModelStats]:
+        remote = self.remote.stats() if self.remote is not None else {}
+        return {**remote, **self.local.stats()}
+
+    def add_batch_hook(self, hook) -> None:
+        self.local.add_batch_hook(hook)
+
+    def used(self) -> int:
+        """Octets of this worker's slice of the shared arena in use."""
+        return self.remote.used() if self.remote is not None else 0
