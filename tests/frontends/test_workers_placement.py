@@ -182,6 +182,22 @@ def test_one_worker_with_a_shared_default_runs_a_per_worker_model_in_process(tmp
         assert _stop(process) == 0, "".join(process.output)
 
 
+def test_one_process_runs_a_shared_model_itself(tmp_path):
+    # without --workers (or --placement shared) there is one process: every model runs in it
+    repo = build_demo_repository(tmp_path / "repo")
+    add_python_model(repo, "where", WHERE_MODEL, SHARED)
+    process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
+                           "--http", "none", "--grpc", "none", "--workers", "1"], 1,
+                          pattern="mip: serving MIP")
+    try:
+        url = re.search(r"serving MIP on (\S+)", out).group(1)
+        with Client(url) as client:
+            (item,) = client.infer([[np.zeros((1, 1), np.float32)]], model="where")
+        assert int(item[0][0, 0]) == process.pid
+    finally:
+        assert _stop(process) == 0
+
+
 def test_placement_is_read_from_config_json_and_config_pbtxt(tmp_path):
     assert parse_config({"placement": "shared"}).placement == "shared"
     assert parse_config({}).placement is None
