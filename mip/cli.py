@@ -462,7 +462,7 @@ async def _serve(args) -> int:
     if shared is not None:
         from mip.serving.remote import ArenaCollector
 
-        metrics.add_collector(ArenaCollector(engine.used))
+        metrics.add_collector(ArenaCollector(engine.used, engine.remote))
     args.access = None
     if args.access_log:  # the mip.access logger, set up by main()
         from mip.frontends.access import AccessLog
@@ -483,7 +483,8 @@ async def _serve(args) -> int:
                                max_buffered_octets=args.max_buffered_request,
                                max_pending_reply=args.max_pending_reply,
                                idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
-                               ssl=_server_ssl(args))
+                               ssl=_server_ssl(args),
+                               frame_memory=engine.frame_memory if shared else None)
             address = await server.start(args.mip, sockets.get("mip"))
             servers.append(server)
             announcements.append(

@@ -8,8 +8,10 @@ frontends make (``submit``, ``resolve``, metadata, readiness, ``load``/``unload`
 from a copy of the engine's model catalogue (pushed by the engine process whenever it
 changes) or sent to the engine process over a unix socket.
 
-Tensors do not travel on that socket. A worker copies a request's tensors into its slice of
-the shared arena (:mod:`mip.serving.arena`) and sends their offsets; the engine process
+Tensors do not travel on that socket. A worker's MIP connections receive each large frame
+into a block of its slice of the shared arena (:mod:`mip.serving.arena`), so that a request's
+tensors are there already; it copies the others (small ones, those of gRPC and REST) into
+its slice, and sends their offsets; the engine process
 queues numpy views of them, in place, in the model's batch queue, where requests of every
 worker batch together; it writes the outputs into its own part of the arena and sends their
 offsets back; the worker's reply is encoded from views of them, and the block is given back
@@ -352,18 +354,29 @@ class EngineHost:
 
 class ArenaCollector:
     """``mip_shared_arena_used_bytes``: the octets of the shared arena held by this process's
-    part (summed over the live processes by the merged ``/metrics``)."""
+    part (summed over the live processes by the merged ``/metrics``); for a worker
+    (``remote``: its :class:`RemoteEngine`), the octets of request tensors it copied into
+    the arena and those the engine process read where they were received
+    (``mip_shared_arena_copied_bytes_total``, ``mip_shared_arena_in_place_bytes_total``)."""
 
-    def __init__(self, used):
+    def __init__(self, used, remote: RemoteEngine | None = None):
         self.used = used
+        self.remote = remote
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         family = GaugeMetricFamily("mip_shared_arena_used_bytes",
                                    "Octets of the shared tensor arena in use")
         family.add_metric((), self.used())
         yield family
+        if self.remote is not None:
+            yield CounterMetricFamily("mip_shared_arena_copied_bytes",
+                                      "Octets of request tensors copied into the shared arena",
+                                      value=self.remote.copied)
+            yield CounterMetricFamily("mip_shared_arena_in_place_bytes",
+                                      "Octets of request tensors the engine process read "
+                                      "where they were received", value=self.remote.in_place)
 
 
 async def serve_engine(args, role, make_engine, wait_for_signal) -> int:
@@ -423,11 +436,17 @@ class RemoteEngine:
         self.shared = shared
         self.arena = shared.arena
         self.blocks = shm.Blocks(*shared.slices[slot])
+        self._slice = (self.blocks.start, self.blocks.start + self.blocks.size)
         self.slot = slot
+        #: octets of request tensors copied into the arena, and read by the engine process
+        #: where they were received (:func:`~mip.serving.arena.in_place`)
+        self.copied = self.in_place = 0
         self._link: _Link | None = None
         self._catalogue: dict = {"index": [], "default": None, "ready": False}
         self._served: dict[tuple[str, str], _Served] = {}
-        self._pending: dict[int, tuple[asyncio.Future, int]] = {}
+        # request -> its future, its block of copied inputs (or None), and its inputs when
+        # some are read in place (their frame's block is given back once they are gone)
+        self._pending: dict[int, tuple[asyncio.Future, int | None, Any]] = {}
         self._changes: dict[int, asyncio.Future] = {}
         self._next = 0
         self._held: dict[int, int] = {}  # output blocks read by views here -> octets
@@ -489,8 +508,8 @@ class RemoteEngine:
         if self._connected is not None:
             self._connected.clear()
         pending, self._pending = self._pending, {}
-        for future, block in pending.values():
-            self.blocks.free(block)  # the engine process that read it is gone
+        for future, block, _ in pending.values():
+            self._free_inputs(block)  # the engine process that read it is gone
             if not future.done():
                 future.set_exception(ModelNotReady(why))
         changes, self._changes = self._changes, {}
@@ -509,15 +528,15 @@ class RemoteEngine:
             outputs = shm.leased(self.arena, block, size, described, self._release)
             if entry is None:
                 return
-            future, inputs = entry
-            self.blocks.free(inputs)
+            future, inputs, _ = entry
+            self._free_inputs(inputs)
             if not future.done():
                 future.set_result(outputs)
         elif kind == "error":
             entry = self._pending.pop(message[1], None)
             if entry is not None:
-                future, inputs = entry
-                self.blocks.free(inputs)
+                future, inputs, _ = entry
+                self._free_inputs(inputs)
                 if not future.done():
                     future.set_exception(rebuild_error(message[2]))
         elif kind == "catalogue":
@@ -542,6 +561,24 @@ class RemoteEngine:
         self._served = {(v.name, v.version): _Served(v, None, None)  # type: ignore[arg-type]
                         for versions in current["loaded"].values() for v in versions
                         if v.ready}
+
+    def _free_inputs(self, block: int | None) -> None:
+        if block is not None:
+            self.blocks.free(block)
+
+    @property
+    def frame_memory(self):
+        """Receive memory for a MIP frame parser's large frames: blocks of this worker's
+        slice (:func:`~mip.serving.arena.frame_memory`)."""
+        return shm.frame_memory(self.arena, self.blocks, self._received)
+
+    def _received(self, block: int) -> None:
+        """A frame's block is no longer read (from any thread): free again."""
+        if threading.get_ident() == self._thread:
+            self.blocks.free(block)
+        elif self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._loop.call_soon_threadsafe(self.blocks.free, block)
 
     def _release(self, block: int) -> None:
         """The last view of output ``block`` is gone (from any thread): the block goes back
@@ -578,7 +615,8 @@ class RemoteEngine:
                deadline: float | None = None, source=None, chosen=None,
                split: bool = False, request_id: str | None = None) -> asyncio.Future:
         """:meth:`Engine.submit <mip.serving.engine.Engine.submit>`, run by the engine
-        process (the inputs are checked here first, then copied into the arena)."""
+        process (the inputs are checked here first, then copied into the arena unless
+        they were received there)."""
         link = self._link
         if link is None:
             raise ModelNotReady("the engine process is not reachable (it is being started "
@@ -589,11 +627,18 @@ class RemoteEngine:
         if served is None or served.version is not chosen:
             raise ModelNotReady(f"model {chosen.name!r} version {chosen.version} is not serving")
         Engine._check_inputs(served, inputs)
-        block, described = shm.write(self.arena, self.blocks, inputs, "the request's tensors")
+        described, copy = shm.in_place(self.arena, inputs, *self._slice)
+        block = None
+        if described:
+            self.in_place += sum(d[4] for d in described)
+        if copy:
+            block, copied = shm.write(self.arena, self.blocks, copy, "the request's tensors")
+            self.copied += sum(d[4] for d in copied)
+            described += copied
         self._next += 1
         number = self._next
         future = self._loop.create_future()  # type: ignore[union-attr]
-        self._pending[number] = (future, block)
+        self._pending[number] = (future, block, inputs if len(described) > len(copy) else None)
         link.send(("infer", number, model, chosen.version, deadline, source, split,
                    request_id, described, self._given_back() if self._freed else None))
         future.add_done_callback(lambda done: self._cancelled(number, done))
@@ -815,3 +860,9 @@ class PlacedEngine:
     def used(self) -> int:
         """Octets of this worker's slice of the shared arena in use."""
         return self.remote.used() if self.remote is not None else 0
+
+    @property
+    def frame_memory(self):
+        """Receive memory for the large frames of MIP connections: blocks of the shared
+        arena (``None`` without an engine process)."""
+        return self.remote.frame_memory if self.remote is not None else None
