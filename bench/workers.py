@@ -6,15 +6,16 @@ One command::
     python bench/workers.py [--workers 1,2,4] [--protocols mip,grpc,http]
                             [--placements worker,shared] [--duration 3] [--warmup 1]
                             [--concurrency 32] [--connections 8] [--json FILE]
-                            [--model identity --shape 1,16]
+                            [--model identity --shape 1,16] [--wide 262144]
 
 For each N (default 1 and 2; ``auto`` adds one per usable core) and placement (``worker``:
 each worker runs the model; ``shared``: one engine process runs it for every worker, tensors
 through the shared arena) it starts ``mip serve --workers N --placement P`` on the demo
 repository (127.0.0.1, free ports) and, per protocol, runs ``mip
 bench infer`` (the command a user runs) against the demo ``identity`` model with 1x16 FP32
-requests: small ones, where the protocol work is the cost (``--model mlp --shape 64,784``:
-200 KiB requests, where copying the tensors counts).
+requests: small ones, where the protocol work is the cost. ``--model wide --shape 1,262144``
+runs 1 MiB requests through an identity model of that width (``--wide``, added to the
+repository), where copying the tensors is the cost.
 
 * Cores: when there are more usable cores than N, the server runs under ``taskset`` on the
   first N and the load generator on the others, so that the figures are the server's; on a
@@ -93,6 +94,20 @@ def _counts(http: str) -> dict[str, float]:
             "in_place": total("mip_shared_arena_in_place_bytes_total")}
 
 
+def _add_wide(repo: Path, width: int) -> None:
+    """Model ``wide``: FP32 ``input`` [-1, width] -> ``output``, unchanged."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])], "wide",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (repo / "wide" / "1").mkdir(parents=True)
+    (repo / "wide" / "1" / "model.onnx").write_bytes(model.SerializeToString())
+
+
 def _pinned(cores: list[int] | None) -> list[str]:
     if not cores or not shutil.which("taskset"):
         return []
@@ -167,6 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="identity", help="demo model (default identity)")
     parser.add_argument("--shape", default="1,16",
                         help="the request tensor's shape (default 1,16; mlp: N,784)")
+    parser.add_argument("--wide", type=int, default=262144, metavar="WIDTH",
+                        help="the width of model 'wide' (default 262144: 1 MiB a row)")
     parser.add_argument("--json", metavar="FILE", help="write the figures to this file")
     args = parser.parse_args(argv)
     cores = _cores()
@@ -178,6 +195,7 @@ def main(argv=None) -> int:
     rows, folder = [], tempfile.mkdtemp(prefix="mip-bench-workers-")
     try:
         repo = str(build_demo_repository(Path(folder) / "repo"))
+        _add_wide(Path(repo), args.wide)
         for placement, n in [(p, n) for p in placements for n in counts]:
             split = len(cores) > n
             server_cores, client_cores = (cores[:n], cores[n:]) if split else (None, None)

@@ -285,7 +285,6 @@ def in_place(arena: Arena, tensors: dict[str, np.ndarray], start: int, end: int
     """The descriptions of the ``tensors`` whose octets lie in ``[start, end)`` of the arena
     already (C-contiguous, numbers or fixed-width strings), and the others (to copy)."""
     placed: list[Description] = []
-    rest = {}
     low, high = arena.address + start, arena.address + end
     for name, array in tensors.items():
         if (type(array) is np.ndarray and array.nbytes >= IN_PLACE_MIN
@@ -294,6 +293,7 @@ def in_place(arena: Arena, tensors: dict[str, np.ndarray], start: int, end: int
             if low <= address and address + array.nbytes <= high:
                 placed.append((name, _dtype(array.dtype), array.shape,
                                address - arena.address, array.nbytes))
-                continue
-        rest[name] = array
-    return placed, rest
+    if not placed:
+        return placed, tensors
+    names = {description[0] for description in placed}
+    return placed, {name: array for name, array in tensors.items() if name not in names}
