@@ -1,9 +1,11 @@
-"""The shared engine placement: one engine process serves the models for every worker of
-``mip serve --workers N --placement shared``.
+"""The shared engine placement: one engine process serves the shared models for every worker
+of ``mip serve --workers N`` (``--placement shared``, or a model whose configuration says
+``placement: shared``).
 
-The engine process (:func:`serve_engine`) loads the repository and runs the
+The engine process (:func:`serve_engine`) loads the shared models and runs their
 :class:`~mip.serving.engine.Engine` (batch queues, providers) once. Each worker holds a
-:class:`RemoteEngine` instead of an engine of its own: the same calls the data plane and the
+:class:`RemoteEngine` for them beside its own engine (:class:`PlacedEngine` sends each call
+to the one serving its model): the same calls the data plane and the
 frontends make (``submit``, ``resolve``, metadata, readiness, ``load``/``unload``), answered
 from a copy of the engine's model catalogue (pushed by the engine process whenever it
 changes) or sent to the engine process over a unix socket.

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+import mip
 from mip.errors import MipError
 from mip.net.mip_client import Client
 from mip.serving.demo import build_demo_repository
@@ -271,6 +273,23 @@ def test_a_request_too_large_for_the_arena_is_refused_and_a_dead_worker_leaks_no
         with Client(urls["mip"]) as client:
             with pytest.raises(MipError, match="shared arena"):
                 client.infer([[np.zeros((rows, 16), np.float32)]])
+        # a frame announced, and never sent whole, holds its block of the slice until its
+        # connection is gone
+        frame = b"".join(bytes(memoryview(b)) for b in
+                         mip.encode_request_buffers([[np.zeros((96, 16), np.float32)]]))
+        host, port = urls["mip"].removeprefix("tcp://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=WAIT) as partial:
+            sent = [0]
+
+            def held() -> bool:
+                # in small pieces (the block is taken at the first read after the header)
+                if sent[0] < 3000:
+                    partial.sendall(frame[sent[0]:sent[0] + 100])
+                    sent[0] += 100
+                return _arena_used(urls) >= len(frame)
+
+            assert wait_until(held, WAIT, 0.1)
+        assert wait_until(lambda: _arena_used(urls) == 0, WAIT, 0.1)
         # a worker killed with a request in the engine: its blocks are given back
         thread, outcome = _in_thread(_marked(urls["mip"], 3.0))
         assert wait_until(lambda: _marks(tmp_path), WAIT)
