@@ -843,14 +843,16 @@ class PlacedEngine:
 
     def index(self) -> list:
         """Every model of the repository with the states its own engine gives."""
-        by_side: dict[int, dict[str, list]] = {}
-        for side in (self.local, self.remote):
-            grouped: dict[str, list] = by_side.setdefault(id(side), {})
+        local: dict[str, list] = {}
+        remote: dict[str, list] = {}
+        for side, grouped in ((self.local, local), (self.remote, remote)):
             for entry in side.index():  # type: ignore[union-attr]
                 grouped.setdefault(entry.name, []).append(entry)
-        names = sorted(set().union(*by_side.values()))
-        return [entry for name in names
-                for entry in by_side[id(self._side(name))].get(name, ())]
+        entries = []
+        for name in sorted(local.keys() | remote.keys()):
+            own, other = (remote, local) if self._side(name) is self.remote else (local, remote)
+            entries += own.get(name) or other[name]  # (no catalogue yet: the worker's entry)
+        return entries
 
     def stats(self) -> dict[tuple[str, str], ModelStats]:
         remote = self.remote.stats() if self.remote is not None else {}
