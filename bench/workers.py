@@ -6,13 +6,16 @@ One command::
     python bench/workers.py [--workers 1,2,4] [--protocols mip,grpc,http]
                             [--placements worker,shared] [--duration 3] [--warmup 1]
                             [--concurrency 32] [--connections 8] [--json FILE]
+                            [--model identity --shape 1,16] [--wide 262144]
 
 For each N (default 1 and 2; ``auto`` adds one per usable core) and placement (``worker``:
 each worker runs the model; ``shared``: one engine process runs it for every worker, tensors
 through the shared arena) it starts ``mip serve --workers N --placement P`` on the demo
 repository (127.0.0.1, free ports) and, per protocol, runs ``mip
 bench infer`` (the command a user runs) against the demo ``identity`` model with 1x16 FP32
-requests: small ones, where the protocol work is the cost.
+requests: small ones, where the protocol work is the cost. ``--model wide --shape 1,262144``
+runs 1 MiB requests through an identity model of that width (``--wide``, added to the
+repository), where copying the tensors is the cost.
 
 * Cores: when there are more usable cores than N, the server runs under ``taskset`` on the
   first N and the load generator on the others, so that the figures are the server's; on a
@@ -21,6 +24,9 @@ requests: small ones, where the protocol work is the cost.
   process (read from
   ``/proc``) over the whole load run, warm-up included, divided by the requests the server
   counted over the same run (``nv_inference_request_success`` of its merged ``/metrics``).
+* ``copied B/req`` and ``in place B/req`` (shared placement): octets of request tensors the
+  workers copied into the shared arena, and octets the engine process read where a MIP
+  connection received them, per request (``mip_shared_arena_*_bytes_total``).
 * ``scaling``: requests/s over the first N's, per protocol and placement (the goal on a
   machine with cores to spare: at least 0.8 x N). The engine process of ``shared`` runs on
   the server's cores too.
@@ -75,11 +81,31 @@ def _tree_cpu_seconds(root: int) -> float:
     return total
 
 
-def _served(http: str) -> int:
+def _counts(http: str) -> dict[str, float]:
+    """Requests served, and octets copied into the shared arena and read in place."""
     with urllib.request.urlopen(f"http://{http}/metrics", timeout=10) as answer:
         text = answer.read().decode()
-    return sum(int(float(v)) for v in re.findall(
-        r'^nv_inference_request_success\{[^}]*\} (\S+)$', text, re.M))
+
+    def total(pattern: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{pattern} (\S+)$", text, re.M))
+
+    return {"served": total(r"nv_inference_request_success\{[^}]*\}"),
+            "copied": total("mip_shared_arena_copied_bytes_total"),
+            "in_place": total("mip_shared_arena_in_place_bytes_total")}
+
+
+def _add_wide(repo: Path, width: int) -> None:
+    """Model ``wide``: FP32 ``input`` [-1, width] -> ``output``, unchanged."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])], "wide",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (repo / "wide" / "1").mkdir(parents=True)
+    (repo / "wide" / "1" / "model.onnx").write_bytes(model.SerializeToString())
 
 
 def _pinned(cores: list[int] | None) -> list[str]:
@@ -117,23 +143,27 @@ def _run_cell(urls: dict, protocol: str, args, cores: list[int] | None, server_p
     out = os.path.join(folder, f"{protocol}.json")
     url = urls[protocol] if protocol != "http" else f"http://{urls['http']}"
     command = [*_pinned(cores), sys.executable, "-m", "mip.cli", "bench", "infer", url,
-               "--protocol", protocol, "--model", "identity", "--shape", "1,16",
+               "--protocol", protocol, "--model", args.model, "--shape", args.shape,
                "--concurrency", str(args.concurrency), "--connections", str(args.connections),
                "--duration", str(args.duration), "--warmup", str(args.warmup),
                "--no-progress", "--json", out]
-    served = _served(urls["http"])
+    before = _counts(urls["http"])
     cpu = _tree_cpu_seconds(server_pid)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)),
                    timeout=args.warmup + args.duration + 120)
     cpu = _tree_cpu_seconds(server_pid) - cpu
     time.sleep(1.5)  # the other workers publish their counts within a second
-    served = _served(urls["http"]) - served
+    after = _counts(urls["http"])
+    served = int(after["served"] - before["served"])
     with open(out) as f:
         step = json.load(f)["steps"][0]
     return {"rps": step["throughput_rps"], "errors": step["errors"],
             "server_cpu_us_per_request": cpu / max(served, 1) * 1e6,
-            "server_requests": served}
+            "server_requests": served,
+            "copied_bytes_per_request": (after["copied"] - before["copied"]) / max(served, 1),
+            "in_place_bytes_per_request": ((after["in_place"] - before["in_place"])
+                                           / max(served, 1))}
 
 
 def main(argv=None) -> int:
@@ -149,6 +179,11 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     parser.add_argument("--connections", type=int, default=8,
                         help="connections of the load generator (spread over the workers)")
+    parser.add_argument("--model", default="identity", help="demo model (default identity)")
+    parser.add_argument("--shape", default="1,16",
+                        help="the request tensor's shape (default 1,16; mlp: N,784)")
+    parser.add_argument("--wide", type=int, default=262144, metavar="WIDTH",
+                        help="the width of model 'wide' (default 262144: 1 MiB a row)")
     parser.add_argument("--json", metavar="FILE", help="write the figures to this file")
     args = parser.parse_args(argv)
     cores = _cores()
@@ -160,6 +195,7 @@ def main(argv=None) -> int:
     rows, folder = [], tempfile.mkdtemp(prefix="mip-bench-workers-")
     try:
         repo = str(build_demo_repository(Path(folder) / "repo"))
+        _add_wide(Path(repo), args.wide)
         for placement, n in [(p, n) for p in placements for n in counts]:
             split = len(cores) > n
             server_cores, client_cores = (cores[:n], cores[n:]) if split else (None, None)
@@ -184,18 +220,21 @@ def main(argv=None) -> int:
     base = {(r["protocol"], r["placement"]): r["rps"] for r in rows
             if r["workers"] == counts[0]}
     print(f"{'protocol':8} {'placement':9} {'N':>3} {'req/s':>9} {'scaling':>8} "
-          f"{'server CPU us/req':>18} {'errors':>6}  cores")
+          f"{'server CPU us/req':>18} {'copied B/req':>12} {'in place B/req':>14} "
+          f"{'errors':>6}  cores")
     for r in rows:
         first = base.get((r["protocol"], r["placement"]))
         scaling = r["rps"] / first if first else float("nan")
         r["scaling"] = scaling
         print(f"{r['protocol']:8} {r['placement']:9} {r['workers']:>3} {r['rps']:>9,.0f} "
               f"{scaling:>7.2f}x "
-              f"{r['server_cpu_us_per_request']:>18.1f} {r['errors']:>6}  {r['cores']}")
+              f"{r['server_cpu_us_per_request']:>18.1f} {r['copied_bytes_per_request']:>12,.0f} "
+              f"{r['in_place_bytes_per_request']:>14,.0f} {r['errors']:>6}  {r['cores']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"concurrency": args.concurrency, "connections": args.connections,
-                       "duration": args.duration, "rows": rows}, f, indent=2)
+                       "duration": args.duration, "model": args.model, "shape": args.shape,
+                       "rows": rows}, f, indent=2)
     return 0
 
 

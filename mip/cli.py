@@ -272,7 +272,8 @@ def _parser() -> argparse.ArgumentParser:
                             "engines as --placement says); 'auto': one per usable core "
                             "(default 1: this process alone)")
     serve.add_argument("--placement", choices=("worker", "shared"), default="worker",
-                       help="where the models run with --workers: 'worker', in every worker "
+                       help="where the models run with --workers, unless a model's own "
+                            "configuration says (placement): 'worker', in every worker "
                             "process; 'shared', in one engine process that batches for every "
                             "worker, tensors passing through shared memory (default worker)")
     serve.add_argument("--shared-arena-bytes", type=_size, default=256 << 20, metavar="OCTETS",
@@ -439,32 +440,33 @@ async def _serve(args) -> int:
     from mip.net.mip_server import MipServer
 
     role = getattr(args, "worker_role", None)
-    if role is not None and role.kind == "engine":  # --placement shared: the models' process
+    if role is not None and role.kind == "engine":  # shared models: the engine process
         from mip.serving.remote import serve_engine
 
         return await serve_engine(args, role, _started_engine, _wait_for_signal)
-    if role is not None and role.shared is not None:  # a worker of --placement shared
-        from mip.serving.remote import RemoteEngine
-
-        engine: Any = RemoteEngine(_repository_root(args), role.shared, role.index)
-        await engine.start()
-    else:
-        engine = await _started_engine(args)
+    shared = role.shared if role is not None else None
+    engine: Any = await _started_engine(args, shared.worker_models if shared else args.models)
     relay = None
-    if role is not None and role.count > 1:  # models (but shared ones) and shm: every worker's
+    if role is not None:  # a worker: its models of both placements, shm regions: every worker's
         from mip.model_relay import WorkerModels
+        from mip.serving.remote import PlacedEngine, RemoteEngine
 
-        relay = WorkerModels(engine, role.control, role.index, models=role.shared is None)
+        relay = WorkerModels(engine, role.control, role.index)
         await relay.replay(role.changes)
         relay.start()
+        remote = None
+        if shared is not None:  # the shared models' engine process
+            remote = RemoteEngine(_repository_root(args), shared, role.index)
+            await remote.start()
+        engine = PlacedEngine(engine, remote, _repository_root(args), args.placement)
     args.relay = relay
     from mip.frontends.oip.metrics import Metrics
 
     metrics = Metrics(engine)  # every protocol's requests, labelled by protocol
-    if role is not None and role.shared is not None:
+    if shared is not None:
         from mip.serving.remote import ArenaCollector
 
-        metrics.add_collector(ArenaCollector(engine.used))
+        metrics.add_collector(ArenaCollector(engine.used, engine.remote))
     args.access = None
     if args.access_log:  # the mip.access logger, set up by main()
         from mip.frontends.access import AccessLog
@@ -485,7 +487,8 @@ async def _serve(args) -> int:
                                max_buffered_octets=args.max_buffered_request,
                                max_pending_reply=args.max_pending_reply,
                                idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
-                               ssl=_server_ssl(args))
+                               ssl=_server_ssl(args),
+                               frame_memory=engine.frame_memory if shared else None)
             address = await server.start(args.mip, sockets.get("mip"))
             servers.append(server)
             announcements.append(
@@ -531,22 +534,24 @@ async def _serve(args) -> int:
     return 0
 
 
-async def _started_engine(args):
-    """The engine of ``args``' repository, started (its models loaded)."""
+async def _started_engine(args, models: list[str] | None):
+    """The engine of ``args``' repository, started with ``models`` loaded (``None``:
+    every model)."""
     from mip.serving.engine import Engine
     from mip.serving.repository import ModelRepository
 
     root = _repository_root(args)
     if not args.model_repository:
         log.info("serving the built-in demo repository at %s", root)
-    engine = Engine(ModelRepository(root), models=args.models, default_model=args.mip_model,
+    engine = Engine(ModelRepository(root), models=models, default_model=args.mip_model,
                     strict_readiness=args.strict_readiness,
                     max_queued_per_peer=args.max_queued_per_peer)
     await engine.start()
     for entry in engine.index():
-        log.info("model %s version %s: %s%s", entry.name, entry.version, entry.state,
-                 f" ({entry.reason})" if getattr(entry, "reason", "") else "")
-    failed = _load_failures(engine, args.models)
+        if models is None or entry.name in models:
+            log.info("model %s version %s: %s%s", entry.name, entry.version, entry.state,
+                     f" ({entry.reason})" if getattr(entry, "reason", "") else "")
+    failed = _load_failures(engine, models)
     if failed and args.exit_on_error:
         await engine.stop()
         raise ModelLoadFailed(failed)
@@ -555,7 +560,8 @@ async def _started_engine(args):
 
 def _serve_workers(args) -> int:
     """``mip serve --workers N`` (N > 1, or any N with ``--placement shared``): bind every
-    listener here, fork the workers (and the engine process)."""
+    listener here, fork the workers (and the engine process, when a model's placement or
+    ``--placement`` is ``shared``)."""
     from mip.workers import Supervisor, bind_listeners
 
     if args.grpc.lower() != "none" and args.grpc_impl == "grpcio":
@@ -568,11 +574,15 @@ def _serve_workers(args) -> int:
 
         # one job queue for every worker: this server's own file (named after its port)
         args.queue = str(default_sqlite_path(args.http))
-    shared = None
-    if args.placement == "shared":  # the arena, mapped before anything is forked
-        from mip.serving.remote import SharedRole
+    from mip.serving.remote import SharedRole, place
+    from mip.serving.repository import ModelRepository
 
-        shared = SharedRole(args.shared_arena_bytes, args.workers)
+    root = _repository_root(args)
+    names = args.models if args.models is not None else ModelRepository(root).names()
+    per_worker, shared_models = place(root, names, args.placement)
+    shared = None
+    if args.placement == "shared" or shared_models:  # the arena, mapped before any fork
+        shared = SharedRole(args.shared_arena_bytes, args.workers, per_worker, shared_models)
     announcements: list[str] = []
     guard = _guard(args, announcements)  # one API key for every worker, when one is made
     sockets = bind_listeners(args)

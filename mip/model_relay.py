@@ -125,15 +125,16 @@ class WorkerModels:
         engine: the worker's :class:`~mip.serving.engine.Engine` (started).
         control: this worker's end of the socket pair to the supervisor.
         index: this worker's slot.
-        models: relay the engine's ``load`` and ``unload`` (not with the shared placement,
-            where the engine process makes them once).
+        placement: the model changes this process makes: those of its ``placement``
+            (``"worker"``: relayed to every worker; ``"shared"``: the engine process's,
+            which makes them once, for every worker).
     """
 
-    def __init__(self, engine, control: socket.socket, index: int, models: bool = True):
+    def __init__(self, engine, control: socket.socket, index: int, placement: str = "worker"):
         self.engine = engine
         self.control = control
         self.index = index
-        self.models = models
+        self.placement = placement
         self.shm: RelayedSharedMemory | None = None  # once attached
         self._shm_pending: list[tuple] = []  # registrations replayed before it was
         self._load, self._unload = engine.load, engine.unload
@@ -154,8 +155,7 @@ class WorkerModels:
     def start(self) -> None:
         """From now on, the engine's load and unload reach every worker."""
         self.control.setblocking(False)
-        if self.models:
-            self.engine.load, self.engine.unload = self.load, self.unload
+        self.engine.load, self.engine.unload = self.load, self.unload
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._tasks = [loop.create_task(self._receive(queue)),
@@ -168,11 +168,11 @@ class WorkerModels:
 
     async def load(self, model: str, config=None) -> None:
         """:meth:`Engine.load <mip.serving.engine.Engine.load>`, on every worker."""
-        await self._request(("load", model, config))
+        await self._request(("load", model, config, self.placement))
 
     async def unload(self, model: str) -> None:
         """:meth:`Engine.unload <mip.serving.engine.Engine.unload>`, on every worker."""
-        await self._request(("unload", model))
+        await self._request(("unload", model, self.placement))
 
     async def _request(self, change: tuple) -> None:
         from mip.errors import ModelLoadError
@@ -219,7 +219,7 @@ class WorkerModels:
                 self._shm_pending.append(change)
             else:
                 self.shm.apply(change)
-        elif not self.models:  # the engine process of the shared placement made it
+        elif change[-1] != self.placement:  # the other placement's process made it
             return
         elif kind == "load":
             await self._load(change[1], change[2])

@@ -14,9 +14,10 @@ The parent serves no request: it starts the workers, starts again (after a back-
 that dies, relays the model changes made over the API to every worker
 (:mod:`mip.model_relay`), forwards SIGTERM and SIGINT so that every worker drains, and
 removes what it made (the metrics folder, a unix socket's path) when they are all gone.
-With the shared placement (:mod:`mip.serving.remote`) it also starts one engine process,
-before the workers, which runs the models for all of them; it is started again the same way
-when it dies, and stopped after the last worker. docs/workers.md says what is per worker.
+When ``--placement shared`` or a model's own placement asks for it (:mod:`mip.serving.remote`)
+it also starts one engine process, before the workers, which runs the shared models for all
+of them; it is started again the same way when it dies, and stopped after the last worker.
+docs/workers.md says what is per worker.
 """
 
 from __future__ import annotations
@@ -97,9 +98,9 @@ class WorkerRole:
             (:class:`~mip.model_relay.WorkerModels`).
         changes: the model changes made over the API before this worker started.
         kind: ``"worker"``, or ``"engine"`` for the engine process of the shared placement.
-        shared: the shared placement's arena and engine address
-            (:class:`~mip.serving.remote.SharedRole`), or ``None`` (each worker has its
-            own engine).
+        shared: the arena, engine address and startup models of the shared placement
+            (:class:`~mip.serving.remote.SharedRole`), or ``None`` (no model is shared:
+            each worker has every model in its own engine).
     """
 
     index: int
@@ -218,10 +219,10 @@ class Supervisor:
         sockets: the listening sockets (:func:`bind_listeners`), closed by :meth:`run`.
         serve: runs one worker; called in the child with its :class:`WorkerRole`.
         guard: the credentials shared by every worker (made once, before the workers).
-        shared: the arena and address of the shared placement
+        shared: the arena, address and startup models of the shared placement
             (:class:`~mip.serving.remote.SharedRole`): one engine process, started first
             and stopped last, also runs ``serve`` (with ``role.kind == "engine"``); or
-            ``None``: each worker has its own engine.
+            ``None``: each worker has every model in its own engine.
     """
 
     def __init__(self, count: int, sockets: dict[str, socket.socket],

@@ -61,6 +61,7 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: "MipServer"):
         self.server = server
         self.parser = mip.FrameParser(max_frame_size=server.max_frame_size)
+        self.parser.frame_memory = server.frame_memory
         self.transport: asyncio.Transport | None = None
         self.pending: collections.deque[asyncio.Future] = collections.deque()
         # Request octets each pending request holds (read, not yet answered), in order.
@@ -429,6 +430,10 @@ class MipServer:
             octet; a late frame is answered with ERROR/PROTOCOL and the connection
             closed (0 = never).
         ssl: an ``ssl.SSLContext`` to serve TLS.
+        frame_memory: where a frame too large for a connection's receive buffer is received:
+            ``frame_memory(size)`` gives an object exporting ``size`` writable octets, or
+            ``None`` (then, as without it, memory of the parser's own); e.g. blocks of the
+            shared arena of ``mip serve --placement shared``.
     """
 
     def __init__(self, handler: Callable[[mip.Message], Awaitable[Buffers]] | StartHandler, *,
@@ -436,7 +441,8 @@ class MipServer:
                  max_connections_per_peer: int = 256, max_pipeline: int = 128,
                  max_buffered_octets: int = 128 * 1024 * 1024,
                  max_pending_reply: int = 1024 * 1024, idle_timeout: float = 300.0,
-                 frame_timeout: float = 30.0, ssl: _ssl.SSLContext | None = None):
+                 frame_timeout: float = 30.0, ssl: _ssl.SSLContext | None = None,
+                 frame_memory: Callable[[int], Any] | None = None):
         self.handler = handler
         # A handler may also offer start(message) -> Future of the reply buffers, which
         # serves a request without a task of its own; if it takes a second argument, that
@@ -452,6 +458,7 @@ class MipServer:
         self.idle_timeout = idle_timeout
         self.frame_timeout = frame_timeout
         self.ssl = ssl
+        self.frame_memory = frame_memory
         self.linger = 1.0  # seconds a refused or failed connection drains before closing
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[_Connection] = set()

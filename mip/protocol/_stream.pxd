@@ -10,6 +10,7 @@ cdef class Chunk:
     cdef unsigned char *mem
     cdef Py_ssize_t size
     cdef Py_ssize_t exports
+    cdef object owner            # the object whose memory this is (raw is then NULL)
 
 
 cdef class StreamParser:
@@ -26,6 +27,9 @@ cdef class StreamParser:
     cdef Py_ssize_t min_free
     cdef object error            # the error to raise on the next call, once broken
     cdef bint align_frames       # decode every frame from 8-aligned memory
+    cdef public object frame_memory  # size -> writable buffer for a frame's own chunk, or None
+
+    cdef Chunk frame_chunk(self, Py_ssize_t size)
 
     cdef int set_sizes(self, Py_ssize_t chunk_size, Py_ssize_t limit) except -1
     cdef Py_ssize_t frame_length(self, const unsigned char *p, Py_ssize_t avail) except -2

@@ -1,6 +1,6 @@
 """Type stubs of the receive buffers the MIP and MSIP parsers share (mip/protocol/_stream.pyx)."""
 
-from typing import Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 _Frame = TypeVar("_Frame")
 
@@ -9,6 +9,8 @@ Buffer = bytes | bytearray | memoryview
 IDLE_SIZE: int
 
 class StreamParser(Generic[_Frame]):
+    #: size -> an object exporting that many writable octets for a frame's own chunk, or None
+    frame_memory: Callable[[int], Any] | None
     @property
     def buffered(self) -> int: ...
     @property

@@ -18,9 +18,16 @@ behind, the parser lets a larger chunk go at once (the values decoded from it
 keep it alive as long as they need it) and sizes the next read by this one (at
 least twice what it brought): a busy connection keeps reading in large pieces,
 a quiet one is back at the small size after one small read.
+
+A frame's own chunk may come from elsewhere: ``frame_memory``, when set, is called with the
+frame's size and returns an object exporting that much writable memory (or ``None``: the
+parser allocates it as usual). ``mip serve --placement shared`` gives blocks of its shared
+arena this way, so that a large request's tensors are received where the engine process
+reads them.
 """
 
-from cpython.buffer cimport PyBuffer_FillInfo, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.buffer cimport (PyBuffer_FillInfo, PyObject_GetBuffer, PyBuffer_Release,
+                            PyBUF_SIMPLE, PyBUF_WRITABLE)
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from cpython.ref cimport PyObject
 from libc.string cimport memcpy, memmove
@@ -93,6 +100,23 @@ cdef Chunk new_chunk(Py_ssize_t size):
     return c
 
 
+cdef Chunk borrowed_chunk(object owner, Py_ssize_t size):
+    """A chunk of the first `size` octets of `owner`'s writable buffer (which it keeps), or
+    ``None`` when that buffer is smaller or not 8-aligned."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(owner, &view, PyBUF_WRITABLE)
+    cdef unsigned char *mem = <unsigned char *>view.buf
+    cdef Py_ssize_t length = view.len
+    PyBuffer_Release(&view)  # `owner`, kept by the chunk, pins the memory
+    if length < size or (<uintptr_t>mem) % 8:
+        return None
+    cdef Chunk c = Chunk.__new__(Chunk)
+    c.mem = mem
+    c.size = size
+    c.owner = owner
+    return c
+
+
 cdef class StreamParser:
     """Base of the streaming parsers: chunk management, feed/get_buffer/buffer_updated.
 
@@ -114,6 +138,7 @@ cdef class StreamParser:
         self.min_free = _IDLE_SIZE // 4
         self.error = None
         self.align_frames = False
+        self.frame_memory = None
 
     cdef int set_sizes(self, Py_ssize_t chunk_size, Py_ssize_t limit) except -1:
         """Receive memory comes in chunks of at most `chunk_size` octets, and never more than
@@ -166,11 +191,12 @@ cdef class StreamParser:
     cdef int ensure_space(self) except -1:
         """Make room after `end` for the next receive, keeping [start, end)."""
         cdef Py_ssize_t pending = self.end - self.start
-        cdef Py_ssize_t need, size, shift
+        cdef Py_ssize_t need, shift
         cdef Chunk c = self.chunk
         cdef bint reusable
         if c is None:
-            self.chunk = new_chunk(max(self.recv_size, self.want))
+            self.chunk = (self.frame_chunk(self.want) if self.want > self.recv_size
+                          else new_chunk(self.recv_size))
             self.start = self.end = 0
             return 0
         # Only the parser refers to the chunk: its memory can be rewritten.
@@ -207,16 +233,28 @@ cdef class StreamParser:
             self.start = 0
             self.end = pending
             return 0
-        size = min(max(self.recv_size, need), self.limit)
+        cdef Chunk fresh
         if self.want > self.recv_size:
-            size = self.want  # a frame larger than the receive size gets memory of exactly its size
-        cdef Chunk fresh = new_chunk(size)
+            # a frame larger than the receive size gets memory of exactly its size
+            fresh = self.frame_chunk(self.want)
+        else:
+            fresh = new_chunk(min(max(self.recv_size, need), self.limit))
         if pending:
             memcpy(fresh.mem, c.mem + self.start, pending)
         self.chunk = fresh
         self.start = 0
         self.end = pending
         return 0
+
+    cdef Chunk frame_chunk(self, Py_ssize_t size):
+        """The chunk of a frame of `size` octets alone: from ``frame_memory`` when it gives
+        one, else allocated."""
+        cdef Chunk c = None
+        if self.frame_memory is not None:
+            owner = self.frame_memory(size)
+            if owner is not None:
+                c = borrowed_chunk(owner, size)
+        return new_chunk(size) if c is None else c
 
     cdef list parse(self):
         cdef list out = []

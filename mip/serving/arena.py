@@ -14,6 +14,11 @@ strings, a pickle for numpy object arrays (``BYTES``); the control message carri
 descriptions (name, dtype, shape, offset). The reader makes numpy views of the mapping in
 place (:func:`read`, :func:`leased`).
 
+A tensor that is in the arena already is not copied (:func:`in_place`): the MIP frame parser
+of a worker receives each large frame into a block of the worker's slice
+(:func:`frame_memory`), so a request's tensors, views of that frame, are described where they
+were received and the engine process reads the octets the socket wrote.
+
 The arena is bounded: a block that does not fit fails the request with :class:`ArenaFull`
 (503, gRPC ``UNAVAILABLE``), never a larger allocation. Pages are the kernel's only once
 written, and stay so (shared memory) until the server exits.
@@ -32,12 +37,16 @@ import numpy as np
 
 from mip.errors import ErrorCode, GrpcStatus, ServingError
 
-__all__ = ["ALIGN", "Arena", "ArenaFull", "Blocks", "leased", "read", "write"]
+__all__ = ["ALIGN", "Arena", "ArenaFull", "Blocks", "frame_memory", "in_place", "leased", "read",
+           "write"]
 
 #: every block starts on, and takes a multiple of, this many octets (a cache line).
 ALIGN = 64
 #: the smallest arena (``--shared-arena-bytes``) that gives each part a page.
 MIN_BYTES = 1 << 16
+#: octets from which a tensor is looked for in the arena before it is copied there (smaller
+#: ones come in frames received into the parser's own memory)
+IN_PLACE_MIN = 1 << 12
 
 
 class ArenaFull(ServingError):
@@ -156,6 +165,12 @@ class Arena:
 Description = tuple[str, Any, tuple, int, int]
 
 
+def _dtype(dtype: np.dtype) -> Any:
+    """A dtype as a description carries it: by name when numpy has it built in (a dtype
+    object pickles 5x slower)."""
+    return dtype.str if dtype.isbuiltin == 1 or dtype.kind in "SU" else dtype
+
+
 def write(arena: Arena, blocks: Blocks, tensors: dict[str, np.ndarray], what: str
           ) -> tuple[int, list[Description]]:
     """Copy ``tensors`` into one block of ``blocks``: its offset and their descriptions.
@@ -184,10 +199,7 @@ def write(arena: Arena, blocks: Blocks, tensors: dict[str, np.ndarray], what: st
             if size:
                 np.copyto(arena.array(offset, array.dtype, array.shape, size), array,
                           casting="no")
-            dtype = array.dtype
-            # by name when numpy has it built in: a dtype object pickles 5x slower
-            named = dtype.isbuiltin == 1 or dtype.kind in "SU"
-            described.append((name, dtype.str if named else dtype, array.shape, offset, size))
+            described.append((name, _dtype(array.dtype), array.shape, offset, size))
         else:
             arena.map[offset:offset + size] = data
             described.append((name, None, array.shape, offset, size))
@@ -222,16 +234,22 @@ class _Lease:
             pass
 
 
-def leased(arena: Arena, block: int, size: int, described: list[Description],
-           release: Callable[[int], None]) -> dict[str, np.ndarray]:
-    """The tensors of :func:`write` in ``[block, block + size)``, as views of the arena that
-    call ``release(block)`` once the last of them is gone (from the thread that drops it)."""
+def _octets(arena: Arena, block: int, size: int, release: Callable[[int], None]
+            ) -> np.ndarray:
+    """The ``size`` octets at ``block`` as one array that calls ``release(block)`` once the
+    last view of it is gone (from the thread that drops it)."""
     lease = _Lease()
     lease.block, lease.release = block, release
     lease.__array_interface__ = {"data": (arena.address + block, False), "shape": (size,),
                                  "typestr": "|u1", "version": 3}
-    octets = np.asarray(lease)
-    del lease
+    return np.asarray(lease)
+
+
+def leased(arena: Arena, block: int, size: int, described: list[Description],
+           release: Callable[[int], None]) -> dict[str, np.ndarray]:
+    """The tensors of :func:`write` in ``[block, block + size)``, as views of the arena that
+    call ``release(block)`` once the last of them is gone (from the thread that drops it)."""
+    octets = _octets(arena, block, size, release)
     tensors = {}
     for name, dtype, shape, offset, length in described:
         if dtype is None:
@@ -240,3 +258,42 @@ def leased(arena: Arena, block: int, size: int, described: list[Description],
             start = offset - block
             tensors[name] = octets[start:start + length].view(dtype).reshape(shape)
     return tensors
+
+
+def frame_memory(arena: Arena, blocks: Blocks, release: Callable[[int], None]
+                 ) -> Callable[[int], np.ndarray | None]:
+    """A frame parser's ``frame_memory``: a block of ``blocks`` for each frame received alone
+    (given back with ``release(block)`` once the frame and every view of it are gone).
+
+    Frames take at most half of the part, so that clients slow to send what they announced
+    cannot fill it: past that, and when no block is free, ``None`` (the parser then uses
+    memory of its own, and the request is copied into the arena, or refused with
+    :class:`ArenaFull`)."""
+    half = blocks.size // 2
+
+    def allocate(size: int) -> np.ndarray | None:
+        if blocks.used + _aligned(size) > half:
+            return None
+        block = blocks.alloc(size)
+        return None if block is None else _octets(arena, block, size, release)
+
+    return allocate
+
+
+def in_place(arena: Arena, tensors: dict[str, np.ndarray], start: int, end: int
+             ) -> tuple[list[Description], dict[str, np.ndarray]]:
+    """The descriptions of the ``tensors`` whose octets lie in ``[start, end)`` of the arena
+    already (C-contiguous, numbers or fixed-width strings), and the others (to copy)."""
+    placed: list[Description] = []
+    low, high = arena.address + start, arena.address + end
+    for name, array in tensors.items():
+        if (type(array) is np.ndarray and array.nbytes >= IN_PLACE_MIN
+                and array.flags.c_contiguous and not array.dtype.hasobject):
+            address = array.__array_interface__["data"][0]
+            if low <= address and address + array.nbytes <= high:
+                placed.append((name, _dtype(array.dtype), array.shape,
+                               address - arena.address, array.nbytes))
+    if not placed:
+        return placed, tensors
+    names = {description[0] for description in placed}
+    return placed, {name: array for name, array in tensors.items() if name not in names}

@@ -23,7 +23,10 @@ A model folder may hold a ``config.json`` (all keys optional)::
       },
       "warmup": [1, 8],                        # batch sizes (rows) run before the model is ready
       "python": {"class": "Name", "kwargs": {}},          # Python models (see providers/python.py)
-      "default_model_filename": "model.onnx"
+      "default_model_filename": "model.onnx",
+      "placement": "shared"                    # with mip serve --workers: "worker" (a copy in
+                                               # every worker) or "shared" (one engine process);
+                                               # default: --placement
     }
 
 Triton's names are read too, with Triton's meaning: ``dynamic_batching`` may say
@@ -31,7 +34,8 @@ Triton's names are read too, with Triton's meaning: ``dynamic_batching`` may say
 ``default_queue_policy`` (``max_queue_size``, ``default_timeout_microseconds``,
 ``allow_timeout_override``), and the top level ``version_policy``, ``instance_group``,
 ``parameters``, ``model_warmup`` and ``optimization`` (see :mod:`mip.serving.triton`);
-an ``input``/``output`` object's ``dims`` leave out the batch axis when
+``parameters`` may say ``placement`` (``worker`` or ``shared``, as the top-level key; a
+``config.pbtxt`` says it there too); an ``input``/``output`` object's ``dims`` leave out the batch axis when
 ``max_batch_size`` > 0 (``shape`` includes it), and an output may name a
 ``label_filename``.
 
@@ -55,8 +59,9 @@ from typing import Any
 from mip.errors import ConfigError
 from mip.protocol.dtypes import DATATYPES
 
-__all__ = ["TensorSpec", "DynamicBatching", "ModelConfig", "read_config",
-           "PLATFORM_ONNX", "PLATFORM_PYTHON", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_BATCH_BYTES"]
+__all__ = ["TensorSpec", "DynamicBatching", "ModelConfig", "read_config", "check_placement",
+           "placement_of", "PLACEMENTS", "PLATFORM_ONNX", "PLATFORM_PYTHON",
+           "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_BATCH_BYTES"]
 
 PLATFORM_ONNX = "onnxruntime_onnx"
 PLATFORM_PYTHON = "python"
@@ -70,7 +75,7 @@ DEFAULT_MAX_QUEUE_SIZE = 1024
 _KEYS = {
     "name", "platform", "backend", "max_batch_size", "dynamic_batching", "instance_count",
     "device", "inputs", "outputs", "input", "output", "session_options", "warmup", "python",
-    "default_model_filename",
+    "default_model_filename", "placement",
 }
 _BATCHING_KEYS = {"max_queue_delay_us", "preferred_batch_sizes", "max_queue_size",
                   "max_batch_bytes"}
@@ -88,6 +93,9 @@ _TRITON_KEYS = {"version_policy", "instance_group", "parameters", "model_warmup"
 #: octet. On a GPU, or for Python models (which may use one), batches have no such limit.
 DEFAULT_MAX_BATCH_BYTES = 4 << 20
 _SESSION_KEYS = {"intra_op_threads", "inter_op_threads", "graph_optimization_level", "spin_wait"}
+#: where a model runs with ``mip serve --workers N``: in every worker, or in the one engine
+#: process of the server (see docs/workers.md)
+PLACEMENTS = ("worker", "shared")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +178,30 @@ class ModelConfig:
     declared: tuple[TensorSpec, ...] = ()
     #: Triton ``parameters`` as given (reported back by the ModelConfig call)
     parameters: dict[str, str] = field(default_factory=dict)
+    #: ``"worker"`` or ``"shared"`` (:data:`PLACEMENTS`); ``None``: the server's
+    #: ``--placement``
+    placement: str | None = None
+
+
+def check_placement(value: Any, source: str) -> str:
+    """``value`` if it is one of :data:`PLACEMENTS`; else a :class:`ConfigError` naming
+    ``source``."""
+    if value not in PLACEMENTS:
+        raise ConfigError(f"{source}: placement must be {' or '.join(map(repr, PLACEMENTS))}, "
+                          f"not {value!r}")
+    return value
+
+
+def placement_of(directory: Path, default: str, config: ModelConfig | None = None) -> str:
+    """Where the model of ``directory`` runs: ``config``'s placement (a load's own
+    configuration) or its folder's, else ``default``. A folder whose configuration cannot
+    be read gets ``default`` (its load says why it fails)."""
+    if config is None:
+        try:
+            config = read_config(directory)
+        except (ConfigError, OSError):
+            return default
+    return config.placement or default
 
 
 def _int(value: Any, key: str, minimum: int = 0) -> int:
@@ -284,6 +316,8 @@ def parse_config(data: Any) -> ModelConfig:
     kwargs["python"] = dict(python)
     if "default_model_filename" in data:
         kwargs["default_model_filename"] = str(data["default_model_filename"])
+    if "placement" in data:
+        kwargs["placement"] = check_placement(data["placement"], "config.json")
     _triton_keys(data, kwargs)
     return ModelConfig(**kwargs)
 
@@ -352,6 +386,11 @@ def _triton_keys(data: dict, kwargs: dict) -> None:
                               "(parameters/optimization and session_options)")
         kwargs["session_options"] = {**kwargs["session_options"], **triton.session_options}
         kwargs["parameters"] = triton.parameters
+        if triton.placement is not None:
+            if "placement" in kwargs:
+                raise ConfigError("config.json gives placement twice (parameters and "
+                                  "placement)")
+            kwargs["placement"] = triton.placement
 
 
 def read_config(directory: Path) -> ModelConfig:

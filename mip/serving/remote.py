@@ -1,15 +1,19 @@
-"""The shared engine placement: one engine process serves the models for every worker of
-``mip serve --workers N --placement shared``.
+"""The shared engine placement: one engine process serves the shared models for every worker
+of ``mip serve --workers N`` (``--placement shared``, or a model whose configuration says
+``placement: shared``).
 
-The engine process (:func:`serve_engine`) loads the repository and runs the
+The engine process (:func:`serve_engine`) loads the shared models and runs their
 :class:`~mip.serving.engine.Engine` (batch queues, providers) once. Each worker holds a
-:class:`RemoteEngine` instead of an engine of its own: the same calls the data plane and the
+:class:`RemoteEngine` for them beside its own engine (:class:`PlacedEngine` sends each call
+to the one serving its model): the same calls the data plane and the
 frontends make (``submit``, ``resolve``, metadata, readiness, ``load``/``unload``), answered
 from a copy of the engine's model catalogue (pushed by the engine process whenever it
 changes) or sent to the engine process over a unix socket.
 
-Tensors do not travel on that socket. A worker copies a request's tensors into its slice of
-the shared arena (:mod:`mip.serving.arena`) and sends their offsets; the engine process
+Tensors do not travel on that socket. A worker's MIP connections receive each large frame
+into a block of its slice of the shared arena (:mod:`mip.serving.arena`), so that a request's
+tensors are there already; it copies the others (small ones, those of gRPC and REST) into
+its slice, and sends their offsets; the engine process
 queues numpy views of them, in place, in the model's batch queue, where requests of every
 worker batch together; it writes the outputs into its own part of the arena and sends their
 offsets back; the worker's reply is encoded from views of them, and the block is given back
@@ -35,15 +39,17 @@ import pickle
 import socket
 import struct
 import threading
+from pathlib import Path
 from typing import Any
 
-from mip.errors import ModelNotReady, ServingError
+from mip.errors import ModelLoadError, ModelNotReady, ServingError
 from mip.model_relay import rebuild_error
 from mip.serving import arena as shm
+from mip.serving.config import placement_of
 from mip.serving.engine import Engine, ModelStats, _Served
 from mip.serving.repository import ModelRepository
 
-__all__ = ["RemoteEngine", "SharedRole", "serve_engine"]
+__all__ = ["PlacedEngine", "RemoteEngine", "SharedRole", "place", "serve_engine"]
 
 log = logging.getLogger("mip.workers")
 
@@ -59,13 +65,33 @@ FREE_AFTER = 0.005
 
 
 class SharedRole:
-    """What every process of the shared placement knows: the arena, its parts, and the
-    engine process's socket (made by the supervisor before it forks)."""
+    """What every process of the shared placement knows: the arena, its parts, the engine
+    process's socket (made by the supervisor before it forks), and the models each kind of
+    process loads at start.
 
-    def __init__(self, arena_bytes: int, workers: int):
+    Attributes:
+        worker_models: the models every worker loads at start (their placement:
+            ``worker``).
+        shared_models: the models the engine process loads at start.
+    """
+
+    def __init__(self, arena_bytes: int, workers: int, worker_models: list[str],
+                 shared_models: list[str]):
         self.arena = shm.Arena(arena_bytes)
         self.engine_part, self.slices = self.arena.parts(workers)
         self.address = f"\0mip-engine-{os.getpid()}-{os.urandom(6).hex()}"
+        self.worker_models = worker_models
+        self.shared_models = shared_models
+
+
+def place(root: str | Path, names: list[str], default: str) -> tuple[list[str], list[str]]:
+    """The models ``names`` of the repository at ``root``, as they run with ``mip serve
+    --workers``: ``(per worker, shared)``, each model by its configuration's placement,
+    else ``default`` (``--placement``)."""
+    placed: dict[str, list[str]] = {"worker": [], "shared": []}
+    for name in names:
+        placed[placement_of(Path(root) / name, default)].append(name)
+    return placed["worker"], placed["shared"]
 
 
 def _encode(message) -> bytes:
@@ -313,7 +339,8 @@ class EngineHost:
                 await self.engine.unload(model)
         except Exception as exc:
             error = _failure(exc)
-        self.record((kind, model, config) if kind == "load" else (kind, model))
+        self.record((kind, model, config, "shared") if kind == "load"
+                    else (kind, model, "shared"))
         self.broadcast()
         worker.link.send(("changed", number, error))
 
@@ -329,18 +356,29 @@ class EngineHost:
 
 class ArenaCollector:
     """``mip_shared_arena_used_bytes``: the octets of the shared arena held by this process's
-    part (summed over the live processes by the merged ``/metrics``)."""
+    part (summed over the live processes by the merged ``/metrics``); for a worker
+    (``remote``: its :class:`RemoteEngine`), the octets of request tensors it copied into
+    the arena and those the engine process read where they were received
+    (``mip_shared_arena_copied_bytes_total``, ``mip_shared_arena_in_place_bytes_total``)."""
 
-    def __init__(self, used):
+    def __init__(self, used, remote: RemoteEngine | None = None):
         self.used = used
+        self.remote = remote
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         family = GaugeMetricFamily("mip_shared_arena_used_bytes",
                                    "Octets of the shared tensor arena in use")
         family.add_metric((), self.used())
         yield family
+        if self.remote is not None:
+            yield CounterMetricFamily("mip_shared_arena_copied_bytes",
+                                      "Octets of request tensors copied into the shared arena",
+                                      value=self.remote.copied)
+            yield CounterMetricFamily("mip_shared_arena_in_place_bytes",
+                                      "Octets of request tensors the engine process read "
+                                      "where they were received", value=self.remote.in_place)
 
 
 async def serve_engine(args, role, make_engine, wait_for_signal) -> int:
@@ -349,13 +387,14 @@ async def serve_engine(args, role, make_engine, wait_for_signal) -> int:
     Args:
         args: ``mip serve``'s arguments.
         role: its :class:`~mip.workers.WorkerRole` (``role.shared``: the arena).
-        make_engine: a coroutine function: the engine of ``args``, started.
+        make_engine: a coroutine function: the engine of ``args`` serving the models it is
+            given, started.
         wait_for_signal: a coroutine function returning at SIGTERM or SIGINT.
     """
     from mip.model_relay import WorkerModels
 
-    engine = await make_engine(args)
-    replaying = WorkerModels(engine, role.control, role.index)
+    engine = await make_engine(args, role.shared.shared_models)
+    replaying = WorkerModels(engine, role.control, role.index, placement="shared")
     await replaying.replay(role.changes)
 
     def record(change: tuple) -> None:
@@ -399,11 +438,17 @@ class RemoteEngine:
         self.shared = shared
         self.arena = shared.arena
         self.blocks = shm.Blocks(*shared.slices[slot])
+        self._slice = (self.blocks.start, self.blocks.start + self.blocks.size)
         self.slot = slot
+        #: octets of request tensors copied into the arena, and read by the engine process
+        #: where they were received (:func:`~mip.serving.arena.in_place`)
+        self.copied = self.in_place = 0
         self._link: _Link | None = None
         self._catalogue: dict = {"index": [], "default": None, "ready": False}
         self._served: dict[tuple[str, str], _Served] = {}
-        self._pending: dict[int, tuple[asyncio.Future, int]] = {}
+        # request -> its future, its block of copied inputs (or None), and its inputs when
+        # some are read in place (their frame's block is given back once they are gone)
+        self._pending: dict[int, tuple[asyncio.Future, int | None, Any]] = {}
         self._changes: dict[int, asyncio.Future] = {}
         self._next = 0
         self._held: dict[int, int] = {}  # output blocks read by views here -> octets
@@ -465,8 +510,8 @@ class RemoteEngine:
         if self._connected is not None:
             self._connected.clear()
         pending, self._pending = self._pending, {}
-        for future, block in pending.values():
-            self.blocks.free(block)  # the engine process that read it is gone
+        for future, block, _ in pending.values():
+            self._free_inputs(block)  # the engine process that read it is gone
             if not future.done():
                 future.set_exception(ModelNotReady(why))
         changes, self._changes = self._changes, {}
@@ -485,15 +530,15 @@ class RemoteEngine:
             outputs = shm.leased(self.arena, block, size, described, self._release)
             if entry is None:
                 return
-            future, inputs = entry
-            self.blocks.free(inputs)
+            future, inputs, _ = entry
+            self._free_inputs(inputs)
             if not future.done():
                 future.set_result(outputs)
         elif kind == "error":
             entry = self._pending.pop(message[1], None)
             if entry is not None:
-                future, inputs = entry
-                self.blocks.free(inputs)
+                future, inputs, _ = entry
+                self._free_inputs(inputs)
                 if not future.done():
                     future.set_exception(rebuild_error(message[2]))
         elif kind == "catalogue":
@@ -518,6 +563,24 @@ class RemoteEngine:
         self._served = {(v.name, v.version): _Served(v, None, None)  # type: ignore[arg-type]
                         for versions in current["loaded"].values() for v in versions
                         if v.ready}
+
+    def _free_inputs(self, block: int | None) -> None:
+        if block is not None:
+            self.blocks.free(block)
+
+    @property
+    def frame_memory(self):
+        """Receive memory for a MIP frame parser's large frames: blocks of this worker's
+        slice (:func:`~mip.serving.arena.frame_memory`)."""
+        return shm.frame_memory(self.arena, self.blocks, self._received)
+
+    def _received(self, block: int) -> None:
+        """A frame's block is no longer read (from any thread): free again."""
+        if threading.get_ident() == self._thread:
+            self.blocks.free(block)
+        elif self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._loop.call_soon_threadsafe(self.blocks.free, block)
 
     def _release(self, block: int) -> None:
         """The last view of output ``block`` is gone (from any thread): the block goes back
@@ -554,7 +617,8 @@ class RemoteEngine:
                deadline: float | None = None, source=None, chosen=None,
                split: bool = False, request_id: str | None = None) -> asyncio.Future:
         """:meth:`Engine.submit <mip.serving.engine.Engine.submit>`, run by the engine
-        process (the inputs are checked here first, then copied into the arena)."""
+        process (the inputs are checked here first, then copied into the arena unless
+        they were received there)."""
         link = self._link
         if link is None:
             raise ModelNotReady("the engine process is not reachable (it is being started "
@@ -565,11 +629,18 @@ class RemoteEngine:
         if served is None or served.version is not chosen:
             raise ModelNotReady(f"model {chosen.name!r} version {chosen.version} is not serving")
         Engine._check_inputs(served, inputs)
-        block, described = shm.write(self.arena, self.blocks, inputs, "the request's tensors")
+        described, copy = shm.in_place(self.arena, inputs, *self._slice)
+        block = None
+        if described:
+            self.in_place += sum(d[4] for d in described)
+        if copy:
+            block, copied = shm.write(self.arena, self.blocks, copy, "the request's tensors")
+            self.copied += sum(d[4] for d in copied)
+            described += copied
         self._next += 1
         number = self._next
         future = self._loop.create_future()  # type: ignore[union-attr]
-        self._pending[number] = (future, block)
+        self._pending[number] = (future, block, inputs if len(described) > len(copy) else None)
         link.send(("infer", number, model, chosen.version, deadline, source, split,
                    request_id, described, self._given_back() if self._freed else None))
         future.add_done_callback(lambda done: self._cancelled(number, done))
@@ -657,3 +728,145 @@ class RemoteEngine:
     def used(self) -> int:
         """Octets of this worker's slice of the arena in use."""
         return self.blocks.used
+
+
+# -- a worker's models, of both placements -----------------------------------------------
+
+class PlacedEngine:
+    """The engine of a worker of ``mip serve --workers N``: the calls of
+    :class:`~mip.serving.engine.Engine` the frontends make, each for the engine that serves
+    its model: ``local`` (this worker's own) for the models whose placement is ``worker``,
+    ``remote`` (the engine process) for those whose placement is ``shared``.
+
+    A model is served where it is loaded now (both engines know: the engine process sends
+    its catalogue whenever it changes); one loaded nowhere belongs where its configuration
+    says (``placement``), else where ``--placement`` says. A load goes to the placement of
+    the configuration it loads with; a model loaded with another placement before is
+    unloaded there once the new load has succeeded (its requests finish first).
+
+    Args:
+        local: this worker's :class:`~mip.serving.engine.Engine` (started), whose ``load``
+            and ``unload`` reach every worker (:class:`~mip.model_relay.WorkerModels`).
+        remote: the engine process's models (:class:`RemoteEngine`, started), or ``None``
+            when the server runs no engine process: a model whose placement is ``shared``
+            then fails to load, saying so.
+        root: the model repository's folder.
+        default: ``--placement``.
+    """
+
+    check_outputs = staticmethod(Engine._check_outputs)
+
+    def __init__(self, local: Engine, remote: RemoteEngine | None, root: str | Path,
+                 default: str):
+        self.local, self.remote = local, remote
+        self.repository = local.repository
+        self.root = Path(root)
+        self.default = default
+        if remote is None:  # every model is this worker's: its calls, as they are
+            for name in ("resolve", "submit", "infer", "validate", "model_metadata",
+                         "model_ready", "ready", "index", "stats"):
+                setattr(self, name, getattr(local, name))
+
+    def _placement(self, name: str, config=None) -> str:
+        if "/" in name or name.startswith((".", "_")) or not name:
+            return self.default
+        return placement_of(self.root / name, self.default, config)
+
+    def _side(self, name: str) -> Any:
+        """The engine serving ``name``."""
+        remote = self.remote
+        if remote is not None and name in remote.repository._loaded:
+            return remote
+        if name in self.local.repository._loaded or remote is None:
+            return self.local
+        return remote if self._placement(name) == "shared" else self.local
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        await self.local.stop()
+        if self.remote is not None:
+            await self.remote.stop()
+
+    async def load(self, model: str, config=None) -> None:
+        """:meth:`Engine.load <mip.serving.engine.Engine.load>` where the model's placement
+        says (see the class)."""
+        shared = self._placement(model, config) == "shared"
+        if shared and self.remote is None:
+            raise ModelLoadError(
+                f"failed to load {model}: its placement is 'shared', and this server runs "
+                "no engine process (no model it started with was shared): start it with "
+                "--placement shared, or with the model in its repository")
+        target: Any = self.remote if shared else self.local
+        other: Any = self.local if shared else self.remote
+        await target.load(model, config)
+        if other is not None and model in other.repository._loaded:
+            await other.unload(model)  # moved from the other placement
+
+    async def unload(self, model: str) -> None:
+        """:meth:`Engine.unload <mip.serving.engine.Engine.unload>`, wherever it is loaded."""
+        sides = [side for side in (self.remote, self.local)
+                 if side is not None and model in side.repository._loaded]
+        for side in sides or [self._side(model)]:
+            await side.unload(model)
+
+    # -- the engine's calls ------------------------------------------------------------
+
+    def resolve(self, model: str, version: str | None = None):
+        return self._side(model).resolve(model, version)
+
+    def submit(self, model: str, inputs: dict, version: str | None = None,
+               deadline: float | None = None, source=None, chosen=None,
+               split: bool = False, request_id: str | None = None) -> asyncio.Future:
+        return self._side(model).submit(model, inputs, version, deadline, source, chosen,
+                                        split, request_id)
+
+    async def infer(self, model: str, inputs: dict, *, version: str | None = None,
+                    outputs: list[str] | None = None, deadline: float | None = None) -> dict:
+        return await self._side(model).infer(model, inputs, version=version, outputs=outputs,
+                                             deadline=deadline)
+
+    def validate(self, chosen, inputs: dict) -> int:
+        return self._side(chosen.name).validate(chosen, inputs)
+
+    def model_metadata(self, model: str, version: str | None = None):
+        return self._side(model).model_metadata(model, version)
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        return self._side(model).model_ready(model, version)
+
+    def ready(self) -> bool:
+        return self.local.ready() and (self.remote is None or self.remote.ready())
+
+    def default_model(self) -> str | None:
+        return self.local.default_model()
+
+    def index(self) -> list:
+        """Every model of the repository with the states its own engine gives."""
+        local: dict[str, list] = {}
+        remote: dict[str, list] = {}
+        for side, grouped in ((self.local, local), (self.remote, remote)):
+            for entry in side.index():  # type: ignore[union-attr]
+                grouped.setdefault(entry.name, []).append(entry)
+        entries = []
+        for name in sorted(local.keys() | remote.keys()):
+            own, other = (remote, local) if self._side(name) is self.remote else (local, remote)
+            entries += own.get(name) or other[name]  # (no catalogue yet: the worker's entry)
+        return entries
+
+    def stats(self) -> dict[tuple[str, str], ModelStats]:
+        remote = self.remote.stats() if self.remote is not None else {}
+        return {**remote, **self.local.stats()}
+
+    def add_batch_hook(self, hook) -> None:
+        self.local.add_batch_hook(hook)
+
+    def used(self) -> int:
+        """Octets of this worker's slice of the shared arena in use."""
+        return self.remote.used() if self.remote is not None else 0
+
+    @property
+    def frame_memory(self):
+        """Receive memory for the large frames of MIP connections: blocks of the shared
+        arena (``None`` without an engine process)."""
+        return self.remote.frame_memory if self.remote is not None else None

@@ -22,7 +22,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from mip.errors import ConfigError
 from mip.serving import model_config_pb2 as mc
 from mip.serving.config import (DEFAULT_MAX_QUEUE_SIZE, PLATFORM_ONNX, PLATFORM_PYTHON,
-                                DynamicBatching, ModelConfig, TensorSpec)
+                                DynamicBatching, ModelConfig, TensorSpec, check_placement)
 
 __all__ = ["HONOURED", "MAX_CONFIG_SIZE", "config_from_json", "from_triton", "message_to_json", "read_labels",
            "read_pbtxt", "to_triton"]
@@ -242,6 +242,10 @@ def from_triton(proto: mc.ModelConfig, name: str | None = None, *,
     session: dict[str, Any] = {}
     parameters = {}
     for key, value in proto.parameters.items():
+        if key == "placement":  # mip serve --workers: where the model runs
+            kwargs["placement"] = check_placement(value.string_value, source)
+            parameters[key] = value.string_value
+            continue
         option = _SESSION_PARAMETERS.get(key)
         if option is None or python:
             raise ConfigError(f"{source}: parameters {key!r} is not supported by mip"

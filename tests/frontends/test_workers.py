@@ -18,6 +18,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from mip.net.mip_client import Client
 from mip.serving.demo import build_demo_repository
@@ -366,6 +367,15 @@ def test_model_load_and_unload_reach_every_worker(tmp_path, monkeypatch):
         client = _grpc_client(urls["grpc"])
         try:
             client.load_model("mlp")
+        finally:
+            client.close()
+        assert _ready_on_each(urls, pids, "mlp") == dict.fromkeys(pids, 200)
+        # no model was shared at the start: there is no engine process to load one in
+        client = _grpc_client(urls["grpc"])
+        try:
+            with pytest.raises(InferenceServerException, match="runs no engine process"):
+                client.load_model("mlp", config=json.dumps(
+                    {"parameters": {"placement": {"string_value": "shared"}}}))
         finally:
             client.close()
         assert _ready_on_each(urls, pids, "mlp") == dict.fromkeys(pids, 200)

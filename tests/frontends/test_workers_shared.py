@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+import mip
 from mip.errors import MipError
 from mip.net.mip_client import Client
 from mip.serving.demo import build_demo_repository
@@ -107,6 +109,12 @@ def _arena_used(urls) -> float:
     return float(found.group(1))
 
 
+def _arena_counter(urls, which: str) -> float:
+    """``mip_shared_arena_{which}_bytes_total`` summed over the workers."""
+    return sum(float(v) for v in re.findall(rf"^mip_shared_arena_{which}_bytes_total (\S+)$",
+                                            _metrics(urls["http"]), re.M))
+
+
 def _clients_on_each_worker(urls, pids) -> list[Client]:
     """One MIP connection held by each worker."""
     address = urls["mip"].removeprefix("tcp://")
@@ -167,6 +175,10 @@ def test_one_engine_serves_every_protocol_and_batches_both_workers(tmp_path):
         with Client(urls["mip"]) as client:
             (logits,) = client.infer([[big]], model="mlp")
         assert logits[0].shape == (64, 10)
+        # its frame was received into the arena: the engine process read it there, and
+        # only the small tensors were copied
+        assert wait_until(lambda: _arena_counter(urls, "in_place") == big.nbytes, WAIT, 0.1)
+        assert 0 < _arena_counter(urls, "copied") < big.nbytes
         # the models loaded once: in the engine process
         text = "".join(lines)
         assert text.count("serving mlp version 1") == 1, text
@@ -257,6 +269,27 @@ def test_a_request_too_large_for_the_arena_is_refused_and_a_dead_worker_leaks_no
                                           data)
         finally:
             client.close()
+        # MIP: a frame too large for the slice is received as usual, and refused
+        with Client(urls["mip"]) as client:
+            with pytest.raises(MipError, match="shared arena"):
+                client.infer([[np.zeros((rows, 16), np.float32)]])
+        # a frame announced, and never sent whole, holds its block of the slice until its
+        # connection is gone
+        frame = b"".join(bytes(memoryview(b)) for b in
+                         mip.encode_request_buffers([[np.zeros((96, 16), np.float32)]]))
+        host, port = urls["mip"].removeprefix("tcp://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=WAIT) as partial:
+            sent = [0]
+
+            def held() -> bool:
+                # in small pieces (the block is taken at the first read after the header)
+                if sent[0] < 3000:
+                    partial.sendall(frame[sent[0]:sent[0] + 100])
+                    sent[0] += 100
+                return _arena_used(urls) >= len(frame)
+
+            assert wait_until(held, WAIT, 0.1)
+        assert wait_until(lambda: _arena_used(urls) == 0, WAIT, 0.1)
         # a worker killed with a request in the engine: its blocks are given back
         thread, outcome = _in_thread(_marked(urls["mip"], 3.0))
         assert wait_until(lambda: _marks(tmp_path), WAIT)
@@ -308,6 +341,47 @@ def test_arena_blocks_are_bounded_and_whole_again_when_freed():
     assert released == [block]
     with pytest.raises(ArenaFull, match="--shared-arena-bytes"):
         write(arena, part, {"x": np.zeros(1024, np.uint8)}, "the tensors")
+
+
+def test_a_frame_received_into_the_arena_is_read_in_place_and_its_block_given_back():
+    import mip
+    from mip.serving.arena import Arena, Blocks, frame_memory, in_place, read
+
+    arena = Arena(1 << 17)
+    part = Blocks(1 << 16, 1 << 16)
+    parser = mip.FrameParser()
+    parser.frame_memory = frame_memory(arena, part, part.free)
+
+    def receive(x):
+        frame = b"".join(bytes(memoryview(b)) for b in mip.encode_request_buffers([[x]]))
+        messages, sent = [], 0
+        while sent < len(frame):
+            buffer = parser.get_buffer(-1)
+            n = min(len(buffer), len(frame) - sent)
+            buffer[:n] = frame[sent:sent + n]
+            del buffer
+            sent += n
+            messages += parser.buffer_updated(n)
+        (message,) = messages
+        return message.column(0)
+
+    x = np.arange(2048, dtype=np.float32).reshape(2, 1024)  # 8 KiB: a frame of its own
+    tensor = receive(x)
+    assert part.used > x.nbytes
+    described, rest = in_place(arena, {"x": tensor, "small": np.ones(4)}, part.start,
+                               part.start + part.size)
+    assert list(rest) == ["small"] and [d[0] for d in described] == ["x"]
+    np.testing.assert_array_equal(read(arena, described)["x"], x)  # what the engine reads
+    del tensor
+    assert part.used == 0  # the frame and its views are gone: the block is free again
+    # frames take half of the part at most: past that, the frame is received into the
+    # parser's own memory (and copied later)
+    held = part.alloc(part.size // 2 - 4096)
+    tensor = receive(x)
+    np.testing.assert_array_equal(tensor, x)
+    assert in_place(arena, {"x": tensor}, part.start, part.start + part.size)[0] == []
+    assert part.used == part.size // 2 - 4096
+    part.free(held)
 
 
 def test_sigterm_drains_the_workers_then_the_engine_process(tmp_path):
