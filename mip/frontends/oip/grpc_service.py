@@ -200,9 +200,29 @@ class InferenceService:
 
     def _queue(self, data: bytes, context, started: float,
                request_id: str | None) -> asyncio.Future:
-        if len(data) > self.max_message_size:
+        limit = self.max_message_size
+        if len(data) > limit:
             raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
-                           f"of {self.max_message_size} octets (--grpc-max-message-size)")
+                           f"of {limit} octets (--grpc-max-message-size)")
+        plain = wire.read_plain_request(data)
+        if plain is None:
+            return self._queue_parsed(data, context, started, request_id)
+        # the common request: raw tensors, no parameters (no protobuf on either side)
+        model, version, rid, inputs, outputs = plain
+
+        def then(result):
+            return _within(wire.write_plain_reply(rid, result), limit)
+
+        peer = context.peer()
+        return self.dataplane.submit("grpc", model, version, inputs, outputs,
+                                     context.time_remaining(), then=then, error=_rpc_error,
+                                     source=grpc_peer_host(peer), peer=peer,
+                                     request_id=rid if request_id is None and rid else request_id,
+                                     started=started)
+
+    def _queue_parsed(self, data: bytes, context, started: float,
+                      request_id: str | None) -> asyncio.Future:
+        """:meth:`_queue` for every other request: read with protobuf."""
         request, rest, raws = wire.parse_request(data)
         if request_id is None and request.id:
             request_id = request.id
@@ -224,12 +244,7 @@ class InferenceService:
         limit = self.max_message_size
 
         def then(result):
-            reply = wire.encode_reply(request, result, raw, targets)
-            size = sum(map(len, reply)) if isinstance(reply, list) else len(reply)
-            if size > limit:
-                raise TooLarge(f"reply of {size} octets is over the gRPC message limit of "
-                               f"{limit} octets (--grpc-max-message-size)")
-            return reply
+            return _within(wire.encode_reply(request, result, raw, targets), limit)
 
         peer = context.peer()
         return self.dataplane.submit("grpc", request.model_name, request.model_version,
@@ -376,6 +391,15 @@ def _rpc_error(exc: BaseException) -> BaseException:
     if not isinstance(exc, ServingError):
         return exc
     return RpcError(exc.grpc_status, str(exc), _trailers(exc))
+
+
+def _within(reply: bytes | list, limit: int) -> bytes | list:
+    """``reply`` (bytes, or a list of buffers), refused when over ``limit`` octets."""
+    size = len(reply) if type(reply) is bytes else sum(map(len, reply))
+    if size > limit:
+        raise TooLarge(f"reply of {size} octets is over the gRPC message limit of "
+                       f"{limit} octets (--grpc-max-message-size)")
+    return reply
 
 
 def _metadata_request_id(context) -> str | None:
