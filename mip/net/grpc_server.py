@@ -33,7 +33,7 @@ from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net.grpc_limits import GrpcLimits
 import mip.protocol._h2 as _h2
 from mip.protocol._h2 import (Call, Event, MessageReceived, MessageTooLarge, RequestReceived,
-                              StreamClosed, StreamEnded)
+                              StreamClosed, StreamEnded, UnaryReceived)
 
 __all__ = ["Context", "GrpcLimits", "GrpcServer", "H2Protocol", "Method",
            "stream_stream", "unary", "unary_future"]
@@ -313,7 +313,10 @@ class _Connection(H2Protocol):
             return
         for event in events:
             try:
-                self._event(event)
+                if type(event) is UnaryReceived:
+                    self._unary_received(event.call, event.data)
+                else:
+                    self._event(event)
             except Exception:  # one call's problem must not end the connection
                 call = event.call
                 log.exception("gRPC call %r failed", call)
@@ -329,6 +332,16 @@ class _Connection(H2Protocol):
                 self._cancel(call)
 
     # -- calls -------------------------------------------------------------------------
+
+    def _unary_received(self, call: Call, data: bytes) -> None:
+        """A plain unary call's whole request (its path is one of the server's unary
+        methods; _h2 checked the method and content type)."""
+        state = call.tag = _State(self.server.methods[call.path])
+        state.message = data
+        if self.paused or self.h2.pending_out > self.h2.max_pending_out:
+            self.parked.append(call)  # replies are not being read: see _event
+        else:
+            self._run(call, state)
 
     def _event(self, event: Event) -> None:
         call = event.call
@@ -570,6 +583,8 @@ class GrpcServer:
                  limits: GrpcLimits | None = None, ssl: _ssl.SSLContext | None = None,
                  too_large: Callable[[int], str] | None = None):
         self.methods = dict(methods)
+        self._unary_paths = frozenset(path for path, method in self.methods.items()
+                                      if not method.streaming)
         self.max_message_size = max_message_size
         self.limits = limits = limits or GrpcLimits()
         self.ssl = ssl
@@ -597,7 +612,8 @@ class GrpcServer:
             max_pending_out=limits.max_pending_reply,
             min_ping_interval=limits.min_ping_interval,
             max_ping_strikes=limits.max_ping_strikes,
-            reset_burst=limits.reset_burst, reset_rate=limits.max_reset_rate)
+            reset_burst=limits.reset_burst, reset_rate=limits.max_reset_rate,
+            unary_paths=self._unary_paths)
 
     def _make_room(self) -> bool:
         """At max_connections: close the longest-idle connection; False if all are busy."""
