@@ -290,7 +290,7 @@ def write_infer_reply(str model, str version, str request_id, dict outputs):
                 return None
             try:
                 PyObject_GetBuffer(array, &view, PyBUF_C_CONTIGUOUS)
-            except BufferError:
+            except (BufferError, ValueError):  # numpy: "ndarray is not C-contiguous"
                 return None
             views.append((array, view.len))
             PyBuffer_Release(&view)
