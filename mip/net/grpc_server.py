@@ -26,6 +26,7 @@ import socket
 import ssl as _ssl
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -340,8 +341,10 @@ class _Connection(H2Protocol):
         state.message = data
         if self.paused or self.h2.pending_out > self.h2.max_pending_out:
             self.parked.append(call)  # replies are not being read: see _event
+        elif state.method.returns_future:
+            self._start_future(call, state)
         else:
-            self._run(call, state)
+            state.task = self.loop.create_task(self._unary(call, state))
 
     def _event(self, event: Event) -> None:
         call = event.call
@@ -484,24 +487,31 @@ class _Connection(H2Protocol):
 
     def _start_future(self, call, state: _State) -> None:
         request, state.message = state.message, None
-        context = self._context(call)
+        timeout = call.timeout
+        context = Context(call, None if timeout is None else self.loop.time() + timeout,
+                          self.loop, self.peer)
         try:
             future = state.method.handler(request, context)
         except Exception as exc:
             self._failed(call, exc, context._trailers)
             return
         state.task = future
-        future.add_done_callback(lambda done: self._future_done(call, state, done, context))
+        future.add_done_callback(partial(self._future_done, call, state, context))
 
-    def _future_done(self, call, state: _State, future: asyncio.Future,
-                     context: Context) -> None:
+    def _future_done(self, call, state: _State, context: Context,
+                     future: asyncio.Future) -> None:
         if future.cancelled() or call.finished:
             return  # reset by the client, or past its deadline: answered already
         error = future.exception()
-        if error is None:
-            self._answer(call, state, future.result(), context._trailers)
-        else:
+        if error is not None:
             self._failed(call, error, context._trailers)
+        elif context._trailers:
+            self._answer(call, state, future.result(), context._trailers)
+        else:  # _answer's common case, inline
+            self.h2.unary(call, future.result())
+            if state.timer is not None:
+                state.timer.cancel()
+            self.flush()
 
     async def _unary(self, call, state: _State) -> None:
         method = state.method

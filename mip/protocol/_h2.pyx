@@ -31,7 +31,8 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromS
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t, uint64_t
-from libc.string cimport memcpy
+from cpython.unicode cimport PyUnicode_DecodeLatin1
+from libc.string cimport memcmp, memcpy
 from libc.stdlib cimport malloc, free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -284,6 +285,16 @@ cdef inline int _check(int rv) except -1:
     return 0
 
 
+cdef inline bint _is(const uint8_t *octets, size_t n, bytes text) noexcept:
+    """Whether the ``n`` octets at ``octets`` are ``text``."""
+    return (n == <size_t>PyBytes_GET_SIZE(text)
+            and memcmp(octets, PyBytes_AS_STRING(text), n) == 0)
+
+
+cdef inline str _latin1(const uint8_t *octets, size_t n):
+    return PyUnicode_DecodeLatin1(<const char *>octets, n, NULL)
+
+
 cdef object _parse_timeout(const uint8_t *value, size_t n):
     """``grpc-timeout``: up to 8 digits and a unit (H M S m u n), in seconds; None if bad."""
     if n < 2 or n > 9:
@@ -361,6 +372,8 @@ cdef class GrpcConnection:
     cdef Bucket resets, settings
     cdef bytes scheme
     cdef frozenset unary_paths
+    cdef bytes last_path_raw    # the last :path received, and it as str
+    cdef str last_path
     cdef dict calls
     cdef list events
     cdef list out
@@ -393,6 +406,8 @@ cdef class GrpcConnection:
         _fill(&self.settings, SETTINGS_BURST, SETTINGS_RATE)
         self.scheme = scheme
         self.unary_paths = frozenset(unary_paths)
+        self.last_path_raw = b""
+        self.last_path = ""
         self.calls = {}
         self.events = []
         self.out = []
@@ -790,6 +805,19 @@ cdef class GrpcConnection:
             call.oversize = True
         if call.oversize:
             return 0
+        if not self.client:  # the headers of every call, without a bytes object for each
+            if namelen and name[0] == 58:  # ':'
+                if _is(name, namelen, b":path"):
+                    call.path = self._path(value, valuelen)
+                elif _is(name, namelen, b":method"):
+                    call.method = "POST" if _is(value, valuelen, _POST) else _latin1(value, valuelen)
+                return 0
+            if _is(name, namelen, _CONTENT_TYPE):
+                call.content_type = ("application/grpc" if _is(value, valuelen, _GRPC)
+                                     else _latin1(value, valuelen))
+                return 0
+            if _is(name, namelen, b"te") or _is(name, namelen, b"user-agent"):
+                return 0
         cdef bytes key = (<const char *>name)[:namelen]
         if namelen > 4 and key.endswith(b"-bin"):
             call.metadata.append((key.decode("latin-1"),
@@ -826,6 +854,14 @@ cdef class GrpcConnection:
             call.metadata.append((key.decode("latin-1"),
                                   (<const char *>value)[:valuelen].decode("latin-1")))
         return 0
+
+    cdef str _path(self, const uint8_t *value, size_t n):
+        """``:path`` as str: the previous call's object when it is the same (its hash is
+        kept, for the lookups that follow)."""
+        if not _is(value, n, self.last_path_raw):
+            self.last_path_raw = (<const char *>value)[:n]
+            self.last_path = self.last_path_raw.decode("latin-1")
+        return self.last_path
 
     cdef int frame_recv(self, const nghttp2_frame *frame):
         cdef Call call

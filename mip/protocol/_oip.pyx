@@ -11,16 +11,25 @@ octet for octet what protobuf writes (fields in number order, shapes packed, the
 contents after the rest). No I/O, no protobuf runtime.
 """
 
+cimport numpy as cnp
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport int64_t, uint8_t, uint64_t
+from cpython.object cimport PyTypeObject
+from cpython.ref cimport Py_INCREF, PyObject
+from libc.stdint cimport int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 
-import numpy as np
-
 from mip.protocol.dtypes import TABLE
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    ctypedef struct PyArrayDescrStruct "PyArray_Descr"
+    object PyArray_NewFromDescr(PyTypeObject *subtype, PyArrayDescrStruct *descr, int nd,
+                                cnp.npy_intp *dims, cnp.npy_intp *strides,
+                                void *data, int flags, PyObject *obj)
 
 cdef enum:
     MAX_DIMS = 32          # as mip.frontends.oip.codec.MAX_DIMS: more goes the slow way
@@ -32,7 +41,25 @@ cdef enum:
 # (BYTES and BF16 go the slow way)
 cdef dict _DTYPES = {d.name: d.numpy for d in TABLE if d.itemsize and d.name != "BF16"}
 cdef dict _NAMES = {d.numpy: d.name.encode() for d in TABLE if d.itemsize and d.name != "BF16"}
-cdef object _ndarray = np.ndarray
+
+
+cdef object _view(bytes data, Py_ssize_t start, object dtype, tuple shape):
+    """A read-only array of ``dtype`` and ``shape`` over ``data`` from ``start`` (its octets
+    checked by the caller), ``data`` its base."""
+    cdef cnp.npy_intp dims[MAX_DIMS]
+    cdef int ndim = len(shape), i
+    for i in range(ndim):
+        dims[i] = shape[i]
+    cdef const char *at = PyBytes_AS_STRING(data) + start
+    cdef int flags = cnp.NPY_ARRAY_C_CONTIGUOUS
+    if (<uintptr_t>at) % (<cnp.dtype>dtype).alignment == 0:
+        flags |= cnp.NPY_ARRAY_ALIGNED  # else an unaligned view: numpy and ONNX Runtime cope
+    Py_INCREF(dtype)  # PyArray_NewFromDescr steals it
+    array = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <PyArrayDescrStruct *>dtype, ndim,
+                                 dims, NULL, <void *>at, flags, NULL)
+    Py_INCREF(data)
+    cnp.PyArray_SetBaseObject(<cnp.ndarray>array, data)  # steals the reference
+    return array
 
 
 cdef inline Py_ssize_t _varint(const uint8_t *p, Py_ssize_t pos, Py_ssize_t end,
@@ -204,7 +231,7 @@ def read_infer_request(bytes data):
                 break
         if count * itemsize != length:
             return None
-        inputs[name] = _ndarray(shape, dtype, data, start)
+        inputs[name] = _view(data, start, dtype, shape)
     return model, version, request_id, inputs, outputs
 
 

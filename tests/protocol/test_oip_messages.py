@@ -35,6 +35,8 @@ def test_every_fixed_size_datatype_is_read_as_a_view_of_the_message(datatype):
     assert inputs["x"].dtype == datatype.numpy and inputs["x"].shape == (3, 4)
     assert (inputs["x"] == array).all()
     assert inputs["x"].base is data and not inputs["x"].flags.writeable  # no copy
+    assert inputs["x"].flags.aligned == (inputs["x"].ctypes.data % datatype.itemsize == 0)
+    assert inputs["x"].flags.c_contiguous
     assert inputs["y"].shape == (0,)
 
 

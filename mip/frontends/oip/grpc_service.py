@@ -177,7 +177,8 @@ class InferenceService:
         call's metadata comes back in its trailing metadata and names the request (else
         its ``id`` does)."""
         started = time.perf_counter()
-        request_id = _metadata_request_id(context)
+        metadata = context.invocation_metadata()
+        request_id = _metadata_request_id(metadata) if metadata else None
         if request_id is not None:
             context.set_trailing_metadata(((_REQUEST_ID, request_id),))
         try:
@@ -402,9 +403,9 @@ def _within(reply: bytes | list, limit: int) -> bytes | list:
     return reply
 
 
-def _metadata_request_id(context) -> str | None:
-    """The call's ``x-request-id`` metadata, or ``None``."""
-    for key, value in context.invocation_metadata() or ():
+def _metadata_request_id(metadata) -> str | None:
+    """The ``x-request-id`` of a call's metadata, or ``None``."""
+    for key, value in metadata:
         if key == _REQUEST_ID:
             return value if isinstance(value, str) else None
     return None
