@@ -323,7 +323,11 @@ class _Connection(H2Protocol):
                 log.exception("gRPC call %r failed", call)
                 if not call.finished:
                     self.h2.finish(call, GrpcStatus.INTERNAL, "internal error")
-        self._flush_now()
+        h2 = self.h2
+        if h2.want_write or h2.reading_held or not h2.want_read:
+            # frames to send (ACKs, WINDOW_UPDATEs, refusals), DATA held back for the
+            # replies to drain, or the connection is done; replies are flushed by flush()
+            self._flush_now()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -337,7 +341,7 @@ class _Connection(H2Protocol):
     def _unary_received(self, call: Call, data: bytes) -> None:
         """A plain unary call's whole request (its path is one of the server's unary
         methods; _h2 checked the method and content type)."""
-        state = call.tag = _State(self.server.methods[call.path])
+        state = call.tag = _State(self.server.methods[call.path])  # type: ignore[index]
         state.message = data
         if self.paused or self.h2.pending_out > self.h2.max_pending_out:
             self.parked.append(call)  # replies are not being read: see _event
