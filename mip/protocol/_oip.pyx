@@ -111,7 +111,7 @@ cdef object _input(const uint8_t *p, Py_ssize_t pos, Py_ssize_t end):
     cdef list shape = []
     while pos < end:
         pos = _varint(p, pos, end, &key)
-        if pos < 0:
+        if pos < 0 or key >> 32:  # a field number over 2^29 is no field of protobuf's
             return None
         field = <int>(key >> 3)
         if field == 3 and (key & 7) == 0:  # one dimension, not packed
@@ -179,7 +179,7 @@ def read_infer_request(bytes data):
     try:
         while pos < end:
             pos = _varint(p, pos, end, &key)
-            if pos < 0:
+            if pos < 0 or key >> 32:
                 return None
             pos = _skip_field(p, pos, end, key & 7, &start, &length)
             if pos < 0 or (key & 7) != 2:

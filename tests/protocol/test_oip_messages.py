@@ -90,6 +90,8 @@ def _uncommon() -> dict:
     cases["truncated"] = data[:-1]
     cases["bad varint"] = data + b"\x3a" + b"\xff" * 11
     cases["invalid UTF-8"] = b"\x0a\x02\xc3\x28" + data
+    # field 1 in the low bits of a key over 32 bits: not field 1 (protobuf refuses it)
+    cases["key over 32 bits"] = bytes([0x8A, 0x80, 0x80, 0x80, 0x80, 0x01]) + b"\x01Z" + data
     return cases
 
 
