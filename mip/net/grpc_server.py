@@ -316,6 +316,10 @@ class _Connection(H2Protocol):
             try:
                 if type(event) is UnaryReceived:
                     self._unary_received(event.call, event.data)
+                elif type(event) is StreamClosed and event.call.finished:  # _event's, in short
+                    state = event.call.tag
+                    if state is not None and state.timer is not None:
+                        state.timer.cancel()
                 else:
                     self._event(event)
             except Exception:  # one call's problem must not end the connection
@@ -515,7 +519,9 @@ class _Connection(H2Protocol):
             self.h2.unary(call, future.result())
             if state.timer is not None:
                 state.timer.cancel()
-            self.flush()
+            if not self.flush_scheduled:  # flush(), inline
+                self.flush_scheduled = True
+                self.loop.call_soon(self._flush_now)
 
     async def _unary(self, call, state: _State) -> None:
         method = state.method

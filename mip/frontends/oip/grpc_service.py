@@ -39,6 +39,7 @@ from mip.frontends.oip import grpc_codec as wire
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip import shm
 from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
+from mip.protocol._oip import write_infer_reply
 from mip.net.peers import grpc_peer_host
 
 __all__ = ["RPC_AREAS", "SERVICE", "STREAM_WINDOW", "InferenceService", "Rpc", "methods"]
@@ -212,7 +213,10 @@ class InferenceService:
         model, version, rid, inputs, outputs = plain
 
         def then(result):
-            return _within(wire.write_plain_reply(rid, result), limit)
+            reply = write_infer_reply(result.model, result.version, rid, result.outputs)
+            if reply is None:  # an output it does not write (BYTES, BF16, strided): protobuf
+                reply = wire.encode_reply(pb.ModelInferRequest(id=rid), result, True)
+            return reply if type(reply) is bytes and len(reply) <= limit else _within(reply, limit)
 
         peer = context.peer()
         return self.dataplane.submit("grpc", model, version, inputs, outputs,
