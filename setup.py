@@ -74,7 +74,7 @@ extensions = [
         extra_link_args=link_args,
         define_macros=macros,
     )
-    for name in ("_stream", "_mip", "_msip", "_jsonnum")
+    for name in ("_stream", "_mip", "_msip", "_jsonnum", "_oip")
 ]
 
 

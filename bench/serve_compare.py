@@ -1260,7 +1260,8 @@ def count_instructions(server: Server, generator: str, protocol: str, model: str
 
 def instructions_compare(args, repos: dict, logs: Path) -> int:
     """``--instructions N``: mip serve and Triton's own server under callgrind, N requests
-    of identity at ``--instructions-concurrency`` in flight by h2load (gRPC, REST JSON)."""
+    of ``--instructions-model`` at ``--instructions-concurrency`` in flight by h2load."""
+    model = args.instructions_model
     python = ensure_venv(args.cache_dir, "pytriton")
     triton_repo = write_triton_repository(repos["mip-batching"].parent, repos["mip-batching"])
     lines = ["| protocol (h2load) | mip serve (whole process: frontends, batcher, ONNX Runtime), "
@@ -1272,7 +1273,7 @@ def instructions_compare(args, repos: dict, logs: Path) -> int:
         for name in ("mip", "triton"):
             work = Path(tempfile.mkdtemp(prefix=f"mip-callgrind-{name}-"))
             server = (mip_server(repos["mip-batching"], "mip batching", logs) if name == "mip"
-                      else triton_server(python, triton_repo, logs, models=["identity"]))
+                      else triton_server(python, triton_repo, logs, models=[model]))
             try:
                 # Triton's Python backend stub dies under valgrind (a general protection
                 # fault reading Triton's shared memory; tritonserver then aborts on a
@@ -1280,12 +1281,12 @@ def instructions_compare(args, repos: dict, logs: Path) -> int:
                 # not the stub that runs model.py and ONNX Runtime
                 counts.append(count_instructions(callgrind_wrap(server, work, name == "mip"),
                                                  "h2load",
-                                                 protocol, "identity", args.instructions,
+                                                 protocol, model, args.instructions,
                                                  args.instructions_concurrency, work))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             log(f"{name} {protocol}: {counts[-1]:,.0f} instructions a request")
-        lines.append(f"| {PROTOCOL_NAMES[protocol]} identity c={args.instructions_concurrency}, "
+        lines.append(f"| {PROTOCOL_NAMES[protocol]} {model} c={args.instructions_concurrency}, "
                      f"{args.instructions} requests | {counts[0]:,.0f} | {counts[1]:,.0f} | "
                      f"{counts[0] / counts[1]:.2f}x |")
         print("\n".join(lines[-1:]), flush=True)
@@ -1371,9 +1372,11 @@ def main() -> int:
                         "for every sample)")
     p.add_argument("--instructions", type=int, default=0, metavar="N",
                    help="only count instructions a request (callgrind, whole process tree) "
-                        "of mip serve and Triton's own server over N requests of identity")
+                        "of mip serve and Triton's own server over N requests")
     p.add_argument("--instructions-protocols", default="grpc,http",
                    help="with --instructions: grpc, http, http-binary (default grpc,http)")
+    p.add_argument("--instructions-model", default="identity",
+                   help="with --instructions: identity, mlp or identity_1m (default identity)")
     p.add_argument("--instructions-concurrency", type=int, default=32,
                    help="with --instructions: requests in flight (default 32)")
     p.add_argument("--cache-dir", type=Path,

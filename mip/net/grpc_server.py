@@ -26,6 +26,7 @@ import socket
 import ssl as _ssl
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net.grpc_limits import GrpcLimits
 import mip.protocol._h2 as _h2
 from mip.protocol._h2 import (Call, Event, MessageReceived, MessageTooLarge, RequestReceived,
-                              StreamClosed, StreamEnded)
+                              StreamClosed, StreamEnded, UnaryReceived)
 
 __all__ = ["Context", "GrpcLimits", "GrpcServer", "H2Protocol", "Method",
            "stream_stream", "unary", "unary_future"]
@@ -313,13 +314,24 @@ class _Connection(H2Protocol):
             return
         for event in events:
             try:
-                self._event(event)
+                if type(event) is UnaryReceived:
+                    self._unary_received(event.call, event.data)
+                elif type(event) is StreamClosed and event.call.finished:  # _event's, in short
+                    state = event.call.tag
+                    if state is not None and state.timer is not None:
+                        state.timer.cancel()
+                else:
+                    self._event(event)
             except Exception:  # one call's problem must not end the connection
                 call = event.call
                 log.exception("gRPC call %r failed", call)
                 if not call.finished:
                     self.h2.finish(call, GrpcStatus.INTERNAL, "internal error")
-        self._flush_now()
+        h2 = self.h2
+        if h2.want_write or h2.reading_held or not h2.want_read:
+            # frames to send (ACKs, WINDOW_UPDATEs, refusals), DATA held back for the
+            # replies to drain, or the connection is done; replies are flushed by flush()
+            self._flush_now()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -329,6 +341,18 @@ class _Connection(H2Protocol):
                 self._cancel(call)
 
     # -- calls -------------------------------------------------------------------------
+
+    def _unary_received(self, call: Call, data: bytes) -> None:
+        """A plain unary call's whole request (its path is one of the server's unary
+        methods; _h2 checked the method and content type)."""
+        state = call.tag = _State(self.server.methods[call.path])  # type: ignore[index]
+        state.message = data
+        if self.paused or self.h2.pending_out > self.h2.max_pending_out:
+            self.parked.append(call)  # replies are not being read: see _event
+        elif state.method.returns_future:
+            self._start_future(call, state)
+        else:
+            state.task = self.loop.create_task(self._unary(call, state))
 
     def _event(self, event: Event) -> None:
         call = event.call
@@ -471,24 +495,33 @@ class _Connection(H2Protocol):
 
     def _start_future(self, call, state: _State) -> None:
         request, state.message = state.message, None
-        context = self._context(call)
+        timeout = call.timeout
+        context = Context(call, None if timeout is None else self.loop.time() + timeout,
+                          self.loop, self.peer)
         try:
             future = state.method.handler(request, context)
         except Exception as exc:
             self._failed(call, exc, context._trailers)
             return
         state.task = future
-        future.add_done_callback(lambda done: self._future_done(call, state, done, context))
+        future.add_done_callback(partial(self._future_done, call, state, context))
 
-    def _future_done(self, call, state: _State, future: asyncio.Future,
-                     context: Context) -> None:
+    def _future_done(self, call, state: _State, context: Context,
+                     future: asyncio.Future) -> None:
         if future.cancelled() or call.finished:
             return  # reset by the client, or past its deadline: answered already
         error = future.exception()
-        if error is None:
-            self._answer(call, state, future.result(), context._trailers)
-        else:
+        if error is not None:
             self._failed(call, error, context._trailers)
+        elif context._trailers:
+            self._answer(call, state, future.result(), context._trailers)
+        else:  # _answer's common case, inline
+            self.h2.unary(call, future.result())
+            if state.timer is not None:
+                state.timer.cancel()
+            if not self.flush_scheduled:  # flush(), inline
+                self.flush_scheduled = True
+                self.loop.call_soon(self._flush_now)
 
     async def _unary(self, call, state: _State) -> None:
         method = state.method
@@ -570,6 +603,8 @@ class GrpcServer:
                  limits: GrpcLimits | None = None, ssl: _ssl.SSLContext | None = None,
                  too_large: Callable[[int], str] | None = None):
         self.methods = dict(methods)
+        self._unary_paths = frozenset(path for path, method in self.methods.items()
+                                      if not method.streaming)
         self.max_message_size = max_message_size
         self.limits = limits = limits or GrpcLimits()
         self.ssl = ssl
@@ -597,7 +632,8 @@ class GrpcServer:
             max_pending_out=limits.max_pending_reply,
             min_ping_interval=limits.min_ping_interval,
             max_ping_strikes=limits.max_ping_strikes,
-            reset_burst=limits.reset_burst, reset_rate=limits.max_reset_rate)
+            reset_burst=limits.reset_burst, reset_rate=limits.max_reset_rate,
+            unary_paths=self._unary_paths)
 
     def _make_room(self) -> bool:
         """At max_connections: close the longest-idle connection; False if all are busy."""

@@ -37,6 +37,9 @@ class MessageReceived(Event):
     data: bytes
     compressed: bool
 
+class UnaryReceived(Event):
+    data: bytes
+
 class StreamEnded(Event): ...
 
 class StreamClosed(Event):
@@ -56,7 +59,7 @@ class GrpcConnection:
                  max_buffered: int = ..., max_pending_out: int = ...,
                  min_ping_interval: float = ..., max_ping_strikes: int = ...,
                  reset_burst: float = ..., reset_rate: float = ...,
-                 scheme: bytes = ...) -> None: ...
+                 scheme: bytes = ..., unary_paths: Iterable[str] = ()) -> None: ...
     client: bool
     max_message_size: int
     max_buffered: int

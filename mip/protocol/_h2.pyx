@@ -15,15 +15,24 @@ list of events back, each an :class:`Event` naming its call (:class:`RequestRece
 :class:`MessageTooLarge`; on the client side also :class:`ResponseReceived` and
 :class:`TrailersReceived`); whatever the connection wants to send is collected by
 :meth:`GrpcConnection.data_to_send` as a list of buffers for ``writelines``.
+
+A server told which paths are unary (``unary_paths``) gives a plain unary call (a POST of
+``application/grpc`` without ``grpc-timeout``, one uncompressed message) as one
+:class:`UnaryReceived` event once its request has ended, instead of three; any other call
+on those paths gets the events above. A unary reply (:meth:`GrpcConnection.unary`) sends
+its headers and trailers from constants: its HEADERS, DATA and trailers leave in the same
+buffer as the other replies of that flush.
 """
 
 cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t, uint64_t
-from libc.string cimport memcpy
+from cpython.unicode cimport PyUnicode_DecodeLatin1
+from libc.string cimport memcmp, memcpy
 from libc.stdlib cimport malloc, free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -49,6 +58,31 @@ cdef enum:
     VIEW_BELOW = 16384     # outgoing payload pieces shorter than this are copied into one write
 
 cdef bytes _POST = b"POST"
+
+# A unary reply's headers and its OK trailers, as nghttp2 takes them (not copied by it: the
+# bytes live as long as the module).
+cdef bytes _STATUS, _200, _CONTENT_TYPE, _GRPC, _ACCEPT, _ENCODINGS, _GRPC_STATUS, _ZERO
+_STATUS, _200, _CONTENT_TYPE, _GRPC = b":status", b"200", b"content-type", b"application/grpc"
+_ACCEPT, _ENCODINGS = b"grpc-accept-encoding", b"identity,deflate,gzip"
+_GRPC_STATUS, _ZERO = b"grpc-status", b"0"
+cdef nghttp2_nv _REPLY_HEADERS[3]
+cdef nghttp2_nv _OK_TRAILERS[1]
+#: Call.trailers of a call that ends OK with no trailing metadata
+cdef list _OK = [(_GRPC_STATUS, _ZERO)]
+
+
+cdef void _constant(nghttp2_nv *nv, bytes name, bytes value) noexcept:
+    nv.name = <uint8_t *>PyBytes_AS_STRING(name)
+    nv.namelen = PyBytes_GET_SIZE(name)
+    nv.value = <uint8_t *>PyBytes_AS_STRING(value)
+    nv.valuelen = PyBytes_GET_SIZE(value)
+    nv.flags = NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE
+
+
+_constant(&_REPLY_HEADERS[0], _STATUS, _200)
+_constant(&_REPLY_HEADERS[1], _CONTENT_TYPE, _GRPC)
+_constant(&_REPLY_HEADERS[2], _ACCEPT, _ENCODINGS)
+_constant(&_OK_TRAILERS[0], _GRPC_STATUS, _ZERO)
 
 # Request headers kept out of Call.metadata: HTTP/2 and gRPC's own.
 cdef frozenset _TRANSPORT_HEADERS = frozenset([
@@ -93,6 +127,8 @@ cdef class Call:
     cdef Py_ssize_t out_octets  # queued in out, not yet handed to the socket
     cdef Py_ssize_t unconsumed  # DATA octets received but not yet given back to the window
     cdef bint oversize          # the request's header list went over the limit
+    cdef bint unary             # a plain unary call: its events wait for the request's end
+    cdef bytes held             # ... and its one message, until then
 
     def __cinit__(self, int32_t stream_id):
         self.stream_id = stream_id
@@ -148,6 +184,22 @@ cdef class MessageReceived(Event):
 
     def __repr__(self):
         return f"MessageReceived({self.call!r}, {len(self.data)} octets)"
+
+
+@cython.final
+cdef class UnaryReceived(Event):
+    """Server: the whole request of a plain unary call (on a path of ``unary_paths``, a
+    POST of ``application/grpc`` without ``grpc-timeout``, one uncompressed message, the
+    client's side ended): stands for its RequestReceived, MessageReceived and StreamEnded.
+
+    Attributes:
+        data: the message, exactly its size.
+    """
+
+    cdef readonly bytes data
+
+    def __repr__(self):
+        return f"UnaryReceived({self.call!r}, {len(self.data)} octets)"
 
 
 @cython.final
@@ -233,6 +285,16 @@ cdef inline int _check(int rv) except -1:
     return 0
 
 
+cdef inline bint _is(const uint8_t *octets, size_t n, bytes text) noexcept:
+    """Whether the ``n`` octets at ``octets`` are ``text``."""
+    return (n == <size_t>PyBytes_GET_SIZE(text)
+            and memcmp(octets, PyBytes_AS_STRING(text), n) == 0)
+
+
+cdef inline str _latin1(const uint8_t *octets, size_t n):
+    return PyUnicode_DecodeLatin1(<const char *>octets, n, NULL)
+
+
 cdef object _parse_timeout(const uint8_t *value, size_t n):
     """``grpc-timeout``: up to 8 digits and a unit (H M S m u n), in seconds; None if bad."""
     if n < 2 or n > 9:
@@ -292,6 +354,8 @@ cdef class GrpcConnection:
             second after that; more end the connection with GOAWAY ENHANCE_YOUR_CALM
             ``too_many_resets`` (0 rate: no limit).
         scheme: client: ``:scheme`` of requests (``b"https"`` over TLS).
+        unary_paths: server: the ``:path`` of every unary method; their plain calls come
+            as one :class:`UnaryReceived` event each.
     """
 
     cdef nghttp2_session *session
@@ -307,6 +371,9 @@ cdef class GrpcConnection:
     cdef int max_ping_strikes, ping_strikes
     cdef Bucket resets, settings
     cdef bytes scheme
+    cdef frozenset unary_paths
+    cdef bytes last_path_raw    # the last :path received, and it as str
+    cdef str last_path
     cdef dict calls
     cdef list events
     cdef list out
@@ -321,7 +388,8 @@ cdef class GrpcConnection:
                  uint32_t max_header_list_size=16384, uint32_t header_table_size=4096,
                  Py_ssize_t max_buffered=0, Py_ssize_t max_pending_out=0,
                  double min_ping_interval=300.0, int max_ping_strikes=2,
-                 double reset_burst=1000, double reset_rate=33, bytes scheme=b"http"):
+                 double reset_burst=1000, double reset_rate=33, bytes scheme=b"http",
+                 unary_paths=()):
         if max_message_size < 0:
             raise ValueError("max_message_size must not be negative")
         self.client = client
@@ -337,6 +405,9 @@ cdef class GrpcConnection:
         _fill(&self.resets, reset_burst, reset_rate)
         _fill(&self.settings, SETTINGS_BURST, SETTINGS_RATE)
         self.scheme = scheme
+        self.unary_paths = frozenset(unary_paths)
+        self.last_path_raw = b""
+        self.last_path = ""
         self.calls = {}
         self.events = []
         self.out = []
@@ -435,7 +506,7 @@ cdef class GrpcConnection:
                     self._release_window()  # WINDOW_UPDATEs to send
                     continue
                 break
-            self.small += (<const char *>data)[:n]
+            self._add(<const char *>data, n)
         if self.error is not None:
             error, self.error = self.error, None
             raise error
@@ -476,6 +547,13 @@ cdef class GrpcConnection:
                 _check(nghttp2_session_consume(self.session, call.stream_id, call.unconsumed))
                 call.unconsumed = 0
 
+    cdef int _add(self, const char *data, Py_ssize_t n) except -1:
+        """Copy ``n`` octets onto the end of ``small``."""
+        cdef Py_ssize_t have = PyByteArray_GET_SIZE(self.small)
+        PyByteArray_Resize(self.small, have + n)
+        memcpy(PyByteArray_AS_STRING(self.small) + have, data, n)
+        return 0
+
     cdef Call _live(self, int32_t stream_id):
         return self.calls.get(stream_id)
 
@@ -490,11 +568,53 @@ cdef class GrpcConnection:
         self.events.append(event)
         return 0
 
+    cdef int _ended(self, Call call) except -1:
+        """The peer ended its side of ``call``."""
+        cdef UnaryReceived whole
+        if call.unary:
+            if call.held is not None and call.prefix_have == 0:
+                call.unary = False
+                whole = UnaryReceived.__new__(UnaryReceived)
+                whole.data = call.held
+                call.held = None
+                return self._emit(whole, call)
+            self._unfold(call)
+        return self._emit(StreamEnded.__new__(StreamEnded), call)
+
+    cdef int _unfold(self, Call call) except -1:
+        """A call held as plain unary is not one: the events it has had so far."""
+        cdef MessageReceived message
+        call.unary = False
+        self._emit(RequestReceived.__new__(RequestReceived), call)
+        if call.held is not None:
+            message = MessageReceived.__new__(MessageReceived)
+            message.data = call.held
+            call.held = None
+            self._emit(message, call)
+        return 0
+
     cdef void _queue(self, Call call, object message) except *:
         """A gRPC message (prefix + payload) onto ``call``'s outgoing buffers; ``message``
-        is a bytes-like object or a list of them (sent one after the other, not joined)."""
+        is a bytes-like object or a list of them (sent one after the other, not joined;
+        a short bytes object is copied behind its prefix, into one)."""
         cdef Py_buffer view
         cdef Py_ssize_t n = 0, size
+        cdef bytes joined
+        cdef uint8_t *to
+        if PyBytes_CheckExact(message) and PyBytes_GET_SIZE(message) < VIEW_BELOW:
+            n = PyBytes_GET_SIZE(message)
+            joined = PyBytes_FromStringAndSize(NULL, n + PREFIX)
+            to = <uint8_t *>PyBytes_AS_STRING(joined)
+            to[0] = 0
+            to[1] = (n >> 24) & 0xFF
+            to[2] = (n >> 16) & 0xFF
+            to[3] = (n >> 8) & 0xFF
+            to[4] = n & 0xFF
+            memcpy(to + PREFIX, PyBytes_AS_STRING(message), n)
+            call.out.append(joined)
+            call.out_octets += n + PREFIX
+            self.pending_out += n + PREFIX
+            return
         cdef list octets = []  # the parts as octets: len() and slices count octets, not items
         for part in (message if isinstance(message, list) else (message,)):
             PyObject_GetBuffer(part, &view, PyBUF_SIMPLE)
@@ -571,17 +691,19 @@ cdef class GrpcConnection:
         if call.stream_id not in self.calls:
             return
         self._queue(call, message)
-        call.trailers = [(b"grpc-status", b"0")]
+        call.trailers = _OK
         self._start_or_resume(call)
 
     cdef void _start_or_resume(self, Call call) except *:
         if call.stream_id not in self.calls:
             return
+        cdef mip_h2_data_provider provider
         if not call.headers_sent:
             call.headers_sent = True
-            _submit_response(self.session, call.stream_id,
-                             [(b":status", b"200"), (b"content-type", b"application/grpc"),
-                              (b"grpc-accept-encoding", b"identity,deflate,gzip")], True)
+            provider.source.ptr = NULL
+            provider.read_callback = _read_data
+            _check(mip_h2_submit_response(self.session, call.stream_id, _REPLY_HEADERS, 3,
+                                           &provider))
         else:
             self._resume(call)
 
@@ -683,6 +805,19 @@ cdef class GrpcConnection:
             call.oversize = True
         if call.oversize:
             return 0
+        if not self.client:  # the headers of every call, without a bytes object for each
+            if namelen and name[0] == 58:  # ':'
+                if _is(name, namelen, b":path"):
+                    call.path = self._path(value, valuelen)
+                elif _is(name, namelen, b":method"):
+                    call.method = "POST" if _is(value, valuelen, _POST) else _latin1(value, valuelen)
+                return 0
+            if _is(name, namelen, _CONTENT_TYPE):
+                call.content_type = ("application/grpc" if _is(value, valuelen, _GRPC)
+                                     else _latin1(value, valuelen))
+                return 0
+            if _is(name, namelen, b"te") or _is(name, namelen, b"user-agent"):
+                return 0
         cdef bytes key = (<const char *>name)[:namelen]
         if namelen > 4 and key.endswith(b"-bin"):
             call.metadata.append((key.decode("latin-1"),
@@ -720,6 +855,14 @@ cdef class GrpcConnection:
                                   (<const char *>value)[:valuelen].decode("latin-1")))
         return 0
 
+    cdef str _path(self, const uint8_t *value, size_t n):
+        """``:path`` as str: the previous call's object when it is the same (its hash is
+        kept, for the lookups that follow)."""
+        if not _is(value, n, self.last_path_raw):
+            self.last_path_raw = (<const char *>value)[:n]
+            self.last_path = self.last_path_raw.decode("latin-1")
+        return self.last_path
+
     cdef int frame_recv(self, const nghttp2_frame *frame):
         cdef Call call
         cdef double now, interval
@@ -741,13 +884,17 @@ cdef class GrpcConnection:
                     self._emit(StreamEnded.__new__(StreamEnded), call)
             else:
                 if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
-                    self._emit(RequestReceived.__new__(RequestReceived), call)
+                    if (call.timeout is None and call.path in self.unary_paths
+                            and call.method == "POST" and call.content_type == "application/grpc"):
+                        call.unary = True  # its events wait for the request's end
+                    else:
+                        self._emit(RequestReceived.__new__(RequestReceived), call)
                 if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
-                    self._emit(StreamEnded.__new__(StreamEnded), call)
+                    self._ended(call)
         elif frame.hd.type == NGHTTP2_DATA and frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
             call = self._live(frame.hd.stream_id)
             if call is not None:
-                self._emit(StreamEnded.__new__(StreamEnded), call)
+                self._ended(call)
         elif frame.hd.type == NGHTTP2_SETTINGS:
             if not frame.hd.flags & NGHTTP2_FLAG_ACK:
                 self.handshaken = True
@@ -802,6 +949,8 @@ cdef class GrpcConnection:
                 size = ((<Py_ssize_t>call.prefix[1] << 24) | (<Py_ssize_t>call.prefix[2] << 16)
                         | (<Py_ssize_t>call.prefix[3] << 8) | call.prefix[4])
                 if size > self.max_message_size or self.buffered + size > self.max_buffered:
+                    if call.unary:
+                        self._unfold(call)
                     call.discard = True
                     too_large = MessageTooLarge.__new__(MessageTooLarge)
                     too_large.length = size
@@ -820,10 +969,15 @@ cdef class GrpcConnection:
                 data += take
                 length -= take
             if call.message_have == call.message_len:
-                message = MessageReceived.__new__(MessageReceived)
-                message.data = call.message
-                message.compressed = call.compressed
-                self._emit(message, call)
+                if call.unary and (call.held is not None or call.compressed):
+                    self._unfold(call)  # not a plain unary call after all
+                if call.unary:
+                    call.held = call.message
+                else:
+                    message = MessageReceived.__new__(MessageReceived)
+                    message.data = call.message
+                    message.compressed = call.compressed
+                    self._emit(message, call)
                 call.message = None
                 call.prefix_have = 0
                 self.buffered -= call.buffered
@@ -842,6 +996,7 @@ cdef class GrpcConnection:
             self.buffered -= call.buffered
             call.buffered = 0
             call.message = None
+            call.held = None
             call.out = []
             closed = StreamClosed.__new__(StreamClosed)
             closed.error_code = error_code
@@ -879,17 +1034,25 @@ cdef class GrpcConnection:
         cdef Call call = self._live(frame.hd.stream_id)
         if call is None:
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
-        self.small += (<const char *>framehd)[:9]
+        self._add(<const char *>framehd, 9)
         if frame.data.padlen > 0:
             return NGHTTP2_ERR_CALLBACK_FAILURE  # we never ask for padding
         cdef Py_ssize_t left = length
         cdef Py_ssize_t piece, available
+        cdef Py_buffer view
         while left:
             item = call.out[0]
             available = len(item) - call.out_offset
             piece = min(available, left)
             if piece < VIEW_BELOW:
-                self.small += memoryview(item)[call.out_offset:call.out_offset + piece]
+                if PyBytes_CheckExact(item):
+                    self._add(PyBytes_AS_STRING(item) + call.out_offset, piece)
+                else:
+                    PyObject_GetBuffer(item, &view, PyBUF_SIMPLE)
+                    try:
+                        self._add(<const char *>view.buf + call.out_offset, piece)
+                    finally:
+                        PyBuffer_Release(&view)
             else:
                 if self.small:
                     self.out.append(bytes(self.small))
@@ -998,6 +1161,9 @@ cdef int32_t _submit_request(nghttp2_session *session, list fields, Call call) e
 
 
 cdef int _submit_trailer(nghttp2_session *session, int32_t stream_id, list fields) except -1:
+    if fields is _OK:
+        _check(nghttp2_submit_trailer(session, stream_id, _OK_TRAILERS, 1))
+        return 0
     cdef nghttp2_nv *nva = _nva(fields)
     try:
         _check(nghttp2_submit_trailer(session, stream_id, nva, len(fields)))

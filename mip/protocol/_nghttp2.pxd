@@ -121,6 +121,8 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_CANCEL = 8
         NGHTTP2_ENHANCE_YOUR_CALM = 11
         NGHTTP2_NV_FLAG_NONE = 0
+        NGHTTP2_NV_FLAG_NO_COPY_NAME = 2
+        NGHTTP2_NV_FLAG_NO_COPY_VALUE = 4
 
     ctypedef int (*on_begin_headers_cb)(nghttp2_session *, const nghttp2_frame *, void *) noexcept
     ctypedef int (*on_header_cb)(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,

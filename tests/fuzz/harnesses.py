@@ -459,6 +459,40 @@ def check_span(body: np.ndarray, start: int, end: int, dtype: np.dtype) -> None:
         assert got.tolist() == [int(t) for _, t in ref], "integers differ from json.loads"
 
 
+# ---- KServe v2: the common ModelInferRequest, without protobuf -------------------------
+
+def oip_request(data: bytes) -> None:
+    """``_oip.read_infer_request`` of the octets: ``None``, or what protobuf reads of the
+    same octets (the oracle: they must parse), every input a view of exactly its
+    ``raw_input_contents`` entry; a request read is answered with its inputs as outputs,
+    and protobuf reads that reply back."""
+    from mip.frontends.oip import inference_pb2 as pb
+    from mip.protocol import _oip
+    from mip.protocol.dtypes import DATATYPES
+
+    got = _oip.read_infer_request(data)
+    if got is None:
+        return
+    request = pb.ModelInferRequest.FromString(data)
+    model, version, request_id, inputs, outputs = got
+    assert (model, version, request_id) == (request.model_name, request.model_version,
+                                            request.id)
+    assert not request.parameters and not any(t.parameters or t.HasField("contents")
+                                              for t in request.inputs)
+    assert list(inputs) == [t.name for t in request.inputs]
+    assert len(request.raw_input_contents) == len(request.inputs)
+    for tensor, raw in zip(request.inputs, request.raw_input_contents):
+        array = inputs[tensor.name]
+        assert list(array.shape) == list(tensor.shape) and array.dtype == DATATYPES[tensor.datatype]
+        assert array.tobytes() == raw and array.base is data
+    assert outputs == ([o.name for o in request.outputs] or None)
+    reply = _oip.write_infer_reply(model, version, request_id, inputs)
+    assert reply is not None
+    parsed = pb.ModelInferResponse.FromString(b"".join(reply) if isinstance(reply, list) else reply)
+    assert [o.name for o in parsed.outputs] == list(inputs)
+    assert list(parsed.raw_output_contents) == list(request.raw_input_contents)
+
+
 HARNESSES = {
     "mip_decode": mip_decode,
     "mip_stream": mip_stream,
@@ -466,4 +500,5 @@ HARNESSES = {
     "msip_decode": msip_decode,
     "grpc_messages": grpc_messages,
     "jsonnum": jsonnum,
+    "oip_request": oip_request,
 }

@@ -81,6 +81,25 @@ def _json_bodies() -> list[bytes]:
     ]
 
 
+def _infer_requests() -> list[bytes]:
+    from mip.frontends.oip import inference_pb2 as pb
+
+    plain = pb.ModelInferRequest(model_name="mlp", model_version="1", id="r")
+    plain.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    plain.raw_input_contents.append(np.arange(4, dtype=np.float32).tobytes())
+    plain.outputs.add(name="y")
+    two = pb.ModelInferRequest(model_name="m")
+    for name, array in (("a", np.array([[1, 2]], np.int64)), ("b", np.ones(3, np.bool_))):
+        two.inputs.add(name=name, datatype="INT64" if array.dtype == np.int64 else "BOOL",
+                       shape=array.shape)
+        two.raw_input_contents.append(array.tobytes())
+    with_parameter = pb.ModelInferRequest()
+    with_parameter.CopyFrom(plain)
+    with_parameter.parameters["timeout"].int64_param = 5
+    return [plain.SerializeToString(), two.SerializeToString(),
+            with_parameter.SerializeToString()]
+
+
 def corpora() -> dict[str, list[bytes]]:
     frames = _mip_frames()
     mframes = _msip_frames()
@@ -97,6 +116,7 @@ def corpora() -> dict[str, list[bytes]]:
                             + _grpc_bodies()[1][:9]],
         "jsonnum": [bytes([dt, ml]) + body
                     for dt, ml, body in zip((3, 10, 10, 2, 9), (8, 16, 0, 1, 4), _json_bodies())],
+        "oip_request": _infer_requests(),
     }
 
 

@@ -328,10 +328,12 @@ def _exchange(client, server) -> list:
     return events
 
 
-@pytest.mark.parametrize("window", [5, 105, 305, 16384])
-def test_a_reply_is_whole_when_the_window_ends_at_one_of_its_pieces(window):
+@pytest.mark.parametrize("joined", [False, True], ids=["parts", "one bytes"])
+@pytest.mark.parametrize("window", [3, 5, 105, 305, 16384])
+def test_a_reply_is_whole_when_the_window_ends_at_one_of_its_pieces(window, joined):
     """The stream ends only after every queued octet, also when the peer's window ends
-    exactly where one queued piece does (after the 5-octet prefix, after the first part)."""
+    exactly where one queued piece does (after the 5-octet prefix, after the first part),
+    or inside the piece a short reply makes with its prefix."""
     server = _h2.GrpcConnection()
     client = _h2.GrpcConnection(client=True, window_size=window)
     _exchange(client, server)
@@ -340,7 +342,7 @@ def test_a_reply_is_whole_when_the_window_ends_at_one_of_its_pieces(window):
     for data in client.data_to_send():
         server_events += server.receive(data)
     served = next(e.call for e in server_events if isinstance(e, _h2.RequestReceived))
-    server.unary(served, [b"a" * 100, b"b" * 200])
+    server.unary(served, b"a" * 100 + b"b" * 200 if joined else [b"a" * 100, b"b" * 200])
     events = _exchange(client, server)
     assert [e.data for e in events if isinstance(e, _h2.MessageReceived)] == [
         b"a" * 100 + b"b" * 200]
@@ -379,3 +381,56 @@ async def test_our_channel_refuses_a_reply_cut_inside_its_message():
     finally:
         server.close()
         await server.wait_closed()
+
+
+def _server_events(client, server, feed_bytewise: bool = False) -> list:
+    events = []
+    for data in client.data_to_send():
+        pieces = [data[i:i + 1] for i in range(len(data))] if feed_bytewise else [data]
+        for piece in pieces:
+            events += server.receive(piece)
+    return [type(e).__name__ for e in events], events
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "byte by byte"])
+def test_a_plain_unary_call_comes_as_one_event(bytewise):
+    """On a unary path, a POST with one uncompressed message and no deadline is one
+    UnaryReceived once the request has ended; every other call gets the usual events."""
+    server = _h2.GrpcConnection(unary_paths={"/test.Echo/Echo"})
+    client = _h2.GrpcConnection(client=True)
+    _exchange(client, server)
+
+    def events(path=b"/test.Echo/Echo", **options):
+        client.start_call(path, b"localhost", **options)
+        return _server_events(client, server, bytewise)
+
+    names, got = events(message=b"request")
+    assert names == ["UnaryReceived"]
+    assert got[0].data == b"request" and got[0].call.path == "/test.Echo/Echo"
+    assert events(b"/test.Echo/Chat", message=b"x")[0] == [
+        "RequestReceived", "MessageReceived", "StreamEnded"]
+    assert events(message=b"x", timeout=5)[0] == [
+        "RequestReceived", "MessageReceived", "StreamEnded"]
+    assert events(message=None)[0] == ["RequestReceived", "StreamEnded"]
+    call = client.start_call(b"/test.Echo/Echo", b"localhost", b"one", end=False)
+    client.send_message(call, b"two")
+    client.end_call(call)
+    names, got = _server_events(client, server, bytewise)
+    assert names == ["RequestReceived", "MessageReceived", "MessageReceived", "StreamEnded"]
+    assert [e.data for e in got if isinstance(e, _h2.MessageReceived)] == [b"one", b"two"]
+    # a reset before the request ends: the call was never seen, and is closed
+    call = client.start_call(b"/test.Echo/Echo", b"localhost", b"x", end=False)
+    assert _server_events(client, server, bytewise)[0] == []
+    client.reset(call)
+    assert _server_events(client, server, bytewise)[0] == ["StreamClosed"]
+
+
+def test_a_plain_unary_call_over_the_limits_is_refused_as_any_other():
+    seen = []
+    for paths in ({"/test.Echo/Echo"}, ()):
+        server = _h2.GrpcConnection(unary_paths=paths, max_message_size=10)
+        client = _h2.GrpcConnection(client=True)
+        _exchange(client, server)
+        client.start_call(b"/test.Echo/Echo", b"localhost", b"x" * 11)
+        seen.append(_server_events(client, server)[0])
+    assert seen[0] == seen[1] == ["RequestReceived", "MessageTooLarge", "StreamEnded"]

@@ -39,6 +39,7 @@ from mip.frontends.oip import grpc_codec as wire
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip import shm
 from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
+from mip.protocol._oip import write_infer_reply
 from mip.net.peers import grpc_peer_host
 
 __all__ = ["RPC_AREAS", "SERVICE", "STREAM_WINDOW", "InferenceService", "Rpc", "methods"]
@@ -177,7 +178,8 @@ class InferenceService:
         call's metadata comes back in its trailing metadata and names the request (else
         its ``id`` does)."""
         started = time.perf_counter()
-        request_id = _metadata_request_id(context)
+        metadata = context.invocation_metadata()
+        request_id = _metadata_request_id(metadata) if metadata else None
         if request_id is not None:
             context.set_trailing_metadata(((_REQUEST_ID, request_id),))
         try:
@@ -200,9 +202,32 @@ class InferenceService:
 
     def _queue(self, data: bytes, context, started: float,
                request_id: str | None) -> asyncio.Future:
-        if len(data) > self.max_message_size:
+        limit = self.max_message_size
+        if len(data) > limit:
             raise TooLarge(f"request of {len(data)} octets is over the gRPC message limit "
-                           f"of {self.max_message_size} octets (--grpc-max-message-size)")
+                           f"of {limit} octets (--grpc-max-message-size)")
+        plain = wire.read_plain_request(data)
+        if plain is None:
+            return self._queue_parsed(data, context, started, request_id)
+        # the common request: raw tensors, no parameters (no protobuf on either side)
+        model, version, rid, inputs, outputs = plain
+
+        def then(result):
+            reply = write_infer_reply(result.model, result.version, rid, result.outputs)
+            if reply is None:  # an output it does not write (BYTES, BF16, strided): protobuf
+                reply = wire.encode_reply(pb.ModelInferRequest(id=rid), result, True)
+            return reply if type(reply) is bytes and len(reply) <= limit else _within(reply, limit)
+
+        peer = context.peer()
+        return self.dataplane.submit("grpc", model, version, inputs, outputs,
+                                     context.time_remaining(), then=then, error=_rpc_error,
+                                     source=grpc_peer_host(peer), peer=peer,
+                                     request_id=rid if request_id is None and rid else request_id,
+                                     started=started)
+
+    def _queue_parsed(self, data: bytes, context, started: float,
+                      request_id: str | None) -> asyncio.Future:
+        """:meth:`_queue` for every other request: read with protobuf."""
         request, rest, raws = wire.parse_request(data)
         if request_id is None and request.id:
             request_id = request.id
@@ -224,12 +249,7 @@ class InferenceService:
         limit = self.max_message_size
 
         def then(result):
-            reply = wire.encode_reply(request, result, raw, targets)
-            size = sum(map(len, reply)) if isinstance(reply, list) else len(reply)
-            if size > limit:
-                raise TooLarge(f"reply of {size} octets is over the gRPC message limit of "
-                               f"{limit} octets (--grpc-max-message-size)")
-            return reply
+            return _within(wire.encode_reply(request, result, raw, targets), limit)
 
         peer = context.peer()
         return self.dataplane.submit("grpc", request.model_name, request.model_version,
@@ -378,9 +398,18 @@ def _rpc_error(exc: BaseException) -> BaseException:
     return RpcError(exc.grpc_status, str(exc), _trailers(exc))
 
 
-def _metadata_request_id(context) -> str | None:
-    """The call's ``x-request-id`` metadata, or ``None``."""
-    for key, value in context.invocation_metadata() or ():
+def _within(reply: bytes | list, limit: int) -> bytes | list:
+    """``reply`` (bytes, or a list of buffers), refused when over ``limit`` octets."""
+    size = len(reply) if type(reply) is bytes else sum(map(len, reply))
+    if size > limit:
+        raise TooLarge(f"reply of {size} octets is over the gRPC message limit of "
+                       f"{limit} octets (--grpc-max-message-size)")
+    return reply
+
+
+def _metadata_request_id(metadata) -> str | None:
+    """The ``x-request-id`` of a call's metadata, or ``None``."""
+    for key, value in metadata:
         if key == _REQUEST_ID:
             return value if isinstance(value, str) else None
     return None
