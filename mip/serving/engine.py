@@ -19,7 +19,7 @@ import numpy as np
 from mip.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from mip.protocol import datatype_of
 from mip.protocol.dtypes import numpy_dtype
-from mip.serving.batching import Batcher, BatchRecord
+from mip.serving.batching import Batcher, BatchRecord, Request
 from mip.serving.repository import IndexEntry, ModelMetadata, ModelRepository, ModelVersion
 
 __all__ = ["Engine", "ModelStats", "ModelVersion"]  # ModelVersion: what resolve() gives
@@ -61,23 +61,17 @@ class ModelStats:
     compute_seconds: float = 0.0
     queue_depth: int = 0
 
-    def count_outcome(self, future: asyncio.Future) -> None:
-        """Count a finished request as a success or a failure (cancelled ones fail)."""
-        if future.cancelled() or future.exception() is not None:
-            self.failures += 1
-        else:
-            self.successes += 1
-
 
 class _Served:
     """A loaded version with its batcher and counters."""
 
-    __slots__ = ("version", "batcher", "stats", "dtypes", "names", "checks")
+    __slots__ = ("version", "batcher", "stats", "refused", "dtypes", "names", "checks")
 
     def __init__(self, version: ModelVersion, batcher: Batcher, stats: ModelStats):
         self.version = version
         self.batcher = batcher
         self.stats = stats
+        self.refused = 0  # requests that failed before the batcher queued them
         self.dtypes = {spec.name: numpy_dtype(spec.datatype) for spec in version.inputs}
         self.names = frozenset(self.dtypes)
         # Per input, what a request's tensor is checked against: name, numpy dtype, rank,
@@ -273,7 +267,8 @@ class Engine:
     def submit(self, model: str, inputs: Tensors, version: str | None = None,
                deadline: float | None = None, source=None,
                chosen: ModelVersion | None = None,
-               split: bool = False, request_id: str | None = None) -> asyncio.Future:
+               split: bool = False, request_id: str | None = None,
+               request_type: type[Request] = Request) -> Request:
         """Queue one request without waiting: the returned future gets every output.
 
         What :meth:`infer` runs (the same checks and errors: raised here when found at
@@ -286,26 +281,24 @@ class Engine:
         several batches and is answered as one (:meth:`Batcher.enqueue_split`);
         without, it is refused (``InvalidInput``). ``request_id`` (the client's id of the
         request) is named in the warning logged when the model fails on it.
+        ``request_type``: the :class:`~mip.serving.batching.Request` subclass the future
+        is made of (a frontend's reply, answered by the batcher itself).
         """
         served = self._lookup(model, version) if chosen is None else self._serving(chosen)
         batching = served.version.dynamic_batching
         if batching is not None and batching.default_timeout_us:
             deadline = batching.deadline(deadline, time.monotonic())  # Triton's queue policy
-        stats = served.stats
-        stats.requests += 1
-        stats.queue_depth = served.batcher.queue_depth
+        served.stats.requests += 1
         try:
             rows = self._check_inputs(served, inputs)
             batcher = served.batcher
             if split and rows > batcher.max_batch_size > 0:
-                future = batcher.enqueue_split(inputs, rows, deadline, source, request_id)
-            else:
-                future = batcher.enqueue(inputs, rows, deadline, source, request_id)
+                return batcher.enqueue_split(inputs, rows, deadline, source, request_id,
+                                             request_type)
+            return batcher.enqueue(inputs, rows, deadline, source, request_id, request_type)
         except BaseException:
-            stats.failures += 1
+            served.refused += 1
             raise
-        future.add_done_callback(stats.count_outcome)
-        return future
 
     def validate(self, chosen: ModelVersion, inputs: Tensors) -> int:
         """Check ``inputs`` as :meth:`submit` does, without queueing them: names, datatypes,
@@ -439,11 +432,14 @@ class Engine:
         return self.repository.index()
 
     def stats(self) -> dict[tuple[str, str], ModelStats]:
-        """Counters per served ``(model, version)``, queue depths current."""
+        """Counters per served ``(model, version)``, current."""
         result = {}
         for key, served in self._served.items():
-            served.stats.queue_depth = served.batcher.queue_depth
-            result[key] = served.stats
+            stats, batcher = served.stats, served.batcher
+            stats.queue_depth = batcher.queue_depth
+            stats.successes = batcher.successes
+            stats.failures = served.refused + batcher.failures
+            result[key] = stats
         return result
 
     def add_batch_hook(self, hook: BatchHook) -> None:
