@@ -94,7 +94,7 @@ class _Reply:
     classes: dict[str, int] | None
     then: Callable | None
     map_error: Callable[[BaseException], BaseException] | None
-    inputs: dict[str, np.ndarray]
+    rows: int
     started: float
     peer: Any
     request_id: str | None
@@ -120,7 +120,7 @@ class _Reply:
         version = self.chosen.version
         if metrics is not None:
             metrics.observe_request(self.model, version, self.protocol, failure is None,
-                                    seconds, _rows(self.chosen, self.inputs))
+                                    seconds, self.rows)
         if access is not None:
             access.request(self.protocol, self.peer, self.model, version, failure, seconds,
                            self.request_id)
@@ -130,7 +130,7 @@ class _Queued(_Reply, Request):
     """The reply of a request queued in this process's engine: the batcher answers the
     reply itself (one future a request, no callback between them)."""
 
-    __slots__ = _CALL_FIELDS  # (and the request's own inputs and request_id)
+    __slots__ = _CALL_FIELDS  # (and the request's own rows and request_id)
 
     def answer(self, outputs: dict[str, np.ndarray]) -> None:
         try:
@@ -157,7 +157,7 @@ class _Call(_Reply, Link):
     """The reply of a request queued by an engine elsewhere (a worker process's): chained
     to the engine's future."""
 
-    __slots__ = (*_CALL_FIELDS, "inputs", "request_id")
+    __slots__ = (*_CALL_FIELDS, "rows", "request_id")
 
 
 class DataPlane:
@@ -245,6 +245,7 @@ class DataPlane:
                 work = engine.submit(model, inputs, chosen.version, deadline, source, chosen,
                                      split, request_id)
                 call = _Call(work)
+                call.rows, call.request_id = _rows(chosen, inputs), request_id
                 reply = call.reply
         except BaseException:
             if self.metrics is not None:
@@ -254,7 +255,7 @@ class DataPlane:
             raise
         call.plane, call.protocol, call.model, call.chosen = self, protocol, model, chosen
         call.wanted, call.classes, call.then, call.map_error = wanted, classes, then, error
-        call.inputs, call.started, call.peer, call.request_id = inputs, started, peer, request_id
+        call.started, call.peer = started, peer
         return reply
 
     def refused(self, protocol: str, model, version, failure: BaseException, *,

@@ -12,7 +12,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NoReturn
 
 import numpy as np
 
@@ -33,6 +33,13 @@ def _datatype(dtype: np.dtype) -> str:
         return datatype_of(dtype)
     except TypeError:
         return f"numpy {dtype}"
+
+
+def _wrong_shape(version: ModelVersion, name: str, shape: tuple[int, ...]) -> NoReturn:
+    spec = next(s for s in version.inputs if s.name == name)
+    raise InvalidInput(f"input {name!r} has shape {list(shape)}, "
+                       f"the model wants {list(spec.shape)}")
+
 
 Tensors = dict[str, np.ndarray]
 BatchHook = Callable[[str, str, BatchRecord], None]
@@ -357,10 +364,11 @@ class Engine:
                 raise InvalidInput(f"input {name!r} has datatype {_datatype(array.dtype)}, "
                                    f"the model wants {spec.datatype}")
             shape = array.shape
-            if len(shape) != rank or any(shape[axis] != d for axis, d in fixed):
-                spec = next(s for s in version.inputs if s.name == name)
-                raise InvalidInput(f"input {name!r} has shape {list(shape)}, "
-                                   f"the model wants {list(spec.shape)}")
+            if len(shape) != rank:
+                _wrong_shape(version, name, shape)
+            for axis, d in fixed:
+                if shape[axis] != d:
+                    _wrong_shape(version, name, shape)
             if batched:
                 if rows is None:
                     rows = shape[0]
