@@ -163,7 +163,10 @@ def _runner(jobs: SimpleQueue, run: Callable[[Tensors], Tensors],
     """One instance of a model: runs the batches handed to it until it is given ``None``;
     each batch goes back to its batcher on the event loop with one call."""
     monotonic = time.monotonic
-    while (batch := jobs.get()) is not None:
+    while True:
+        batch = jobs.get()
+        if batch is None:
+            return
         started = monotonic()
         try:
             batch.outputs = run(batch.inputs)
@@ -174,6 +177,7 @@ def _runner(jobs: SimpleQueue, run: Callable[[Tensors], Tensors],
             loop.call_soon_threadsafe(batch.batcher._threaded, batch)
         except RuntimeError:  # the event loop is closed: nobody waits any more
             return
+        del batch  # (a batcher nobody holds may go, and stop its runners)
 
 
 def _stop_runners(jobs: SimpleQueue, count: int) -> None:
