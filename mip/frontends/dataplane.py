@@ -181,8 +181,9 @@ class DataPlane:
         # An engine of this process answers the replies itself.
         self._local = isinstance(engine, Engine)
         #: ``resolve(model, version=None)``: the version of ``model`` a request reaches
-        #: (:meth:`Engine.resolve <mip.serving.engine.Engine.resolve>`).
-        self.resolve = engine.resolve
+        #: (:meth:`Engine.resolve <mip.serving.engine.Engine.resolve>`, which is the
+        #: repository's ``get``).
+        self.resolve = engine.repository.get if self._local else engine.resolve
 
     def server_metadata(self) -> dict:
         """``name``, ``version`` and ``extensions`` of this server."""

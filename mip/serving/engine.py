@@ -359,7 +359,9 @@ class Engine:
             if type(array) is not np.ndarray and not isinstance(array, np.ndarray):
                 raise InvalidInput(f"input {name!r} must be a numpy array, "
                                    f"not {type(array).__name__}")
-            if array.dtype != dtype and not (dtype == object and array.dtype.kind in "SU"):
+            given = array.dtype
+            if given is not dtype and given != dtype and not (
+                    dtype == object and given.kind in "SU"):
                 spec = next(s for s in version.inputs if s.name == name)
                 raise InvalidInput(f"input {name!r} has datatype {_datatype(array.dtype)}, "
                                    f"the model wants {spec.datatype}")
