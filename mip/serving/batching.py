@@ -389,7 +389,7 @@ class Batcher:
             self._order.remove(request.source)
 
     def _dropped(self, request: Request) -> None:
-        """``request`` was cancelled."""
+        """``request`` failed or was cancelled: out of the queue, counted."""
         if request.queued:
             self._unqueue(request)
         if request.timer is not None:
@@ -398,15 +398,9 @@ class Batcher:
             self.failures += 1
 
     def _fail(self, request: Request, error: BaseException) -> None:
-        if request.done():
-            return
-        if request.queued:
-            self._unqueue(request)
-        if request.timer is not None:
-            request.timer.cancel()
-        if request.counted:
-            self.failures += 1
-        request.refuse(error)
+        if not request.done():
+            self._dropped(request)
+            request.refuse(error)
 
     def _candidates(self):
         """The queued requests in the order batches take them: the one source's queue, or
@@ -609,33 +603,18 @@ class Batcher:
 
     def _deliver(self, requests: list[Request], rows: int, outputs: Tensors) -> None:
         """Answer each request with its rows of the outputs (views: no copy per request)."""
-        if len(requests) == 1:
-            request = requests[0]
-            if not request.done():
-                if request.timer is not None:
-                    request.timer.cancel()
-                if request.counted:
-                    self.successes += 1
-                request.answer(outputs)
-            return
+        whole = len(requests) == 1  # the outputs are the request's own
         items = list(outputs.items())
-        for name, array in items:
-            if np.ndim(array) == 0 or array.shape[0] != rows:
-                raise InternalError(f"model {self.name} returned {name} with shape "
-                                    f"{np.shape(array)} for a batch of {rows} rows")
-        start = 0
+        if not whole:
+            for name, array in items:
+                if np.ndim(array) == 0 or array.shape[0] != rows:
+                    raise InternalError(f"model {self.name} returned {name} with shape "
+                                        f"{np.shape(array)} for a batch of {rows} rows")
+        only: np.ndarray | None = None  # the one output, if there is one
+        name = ""
         if len(items) == 1:
-            ((name, array),) = items
-            for request in requests:
-                stop = start + request.rows
-                if not request.done():
-                    if request.timer is not None:
-                        request.timer.cancel()
-                    if request.counted:
-                        self.successes += 1
-                    request.answer({name: array[start:stop]})
-                start = stop
-            return
+            ((name, only),) = items
+        start = 0
         for request in requests:
             stop = start + request.rows
             if not request.done():
@@ -643,7 +622,12 @@ class Batcher:
                     request.timer.cancel()
                 if request.counted:
                     self.successes += 1
-                request.answer({name: array[start:stop] for name, array in items})
+                if whole:
+                    request.answer(outputs)
+                elif only is not None:  # (no comprehension a request)
+                    request.answer({name: only[start:stop]})
+                else:
+                    request.answer({name: a[start:stop] for name, a in items})
             start = stop
 
 
