@@ -56,6 +56,9 @@ class ModelStats:
         queue_seconds / compute_seconds: summed over batches (oldest request's wait, and
             model time), in seconds.
         queue_depth: requests waiting right now.
+
+    ``successes``, ``failures`` and ``queue_depth`` are read from the batcher by
+    :meth:`Engine.stats` (nothing is counted per request outside the batcher's own pass).
     """
 
     requests: int = 0
