@@ -49,11 +49,11 @@ import asyncio
 import collections
 import itertools
 import logging
-from queue import SimpleQueue
 import threading
 import time
 import weakref
 from dataclasses import dataclass
+from queue import SimpleQueue
 from typing import Callable, cast
 
 import numpy as np
