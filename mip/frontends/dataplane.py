@@ -20,11 +20,13 @@ import numpy as np
 
 import mip
 from mip.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound
-from mip.frontends._futures import Link
+from mip.frontends._futures import CANCELLED, Link
 from mip.frontends.oip import codec
+from mip.serving.batching import Request
+from mip.serving.engine import Engine
 
 if TYPE_CHECKING:
-    from mip.serving.engine import ModelVersion
+    from mip.serving.repository import ModelVersion
 
 __all__ = [
     "EXTENSIONS",
@@ -74,13 +76,16 @@ def _rows(chosen, inputs: dict) -> int:
     return 1
 
 
-class _Call(Link):
-    """One request from the engine's future to the frontend's reply: the outputs asked
-    for, classified, the frontend's encoder (``then``) and error mapping applied, and the
-    outcome counted and logged, in one callback."""
+_CALL_FIELDS = ("plane", "protocol", "model", "chosen", "wanted", "classes", "then",
+                "map_error", "started", "peer")
 
-    __slots__ = ("plane", "protocol", "model", "chosen", "wanted", "classes", "then",
-                 "map_error", "inputs", "started", "peer", "request_id")
+
+class _Reply:
+    """One request from the engine's outputs to the frontend's reply: the outputs asked
+    for, classified, the frontend's encoder (``then``) and error mapping applied, and the
+    outcome counted and logged, at once."""
+
+    __slots__ = ()
     plane: DataPlane
     protocol: str
     model: str
@@ -89,7 +94,7 @@ class _Call(Link):
     classes: dict[str, int] | None
     then: Callable | None
     map_error: Callable[[BaseException], BaseException] | None
-    inputs: dict[str, np.ndarray]
+    rows: int
     started: float
     peer: Any
     request_id: str | None
@@ -115,10 +120,44 @@ class _Call(Link):
         version = self.chosen.version
         if metrics is not None:
             metrics.observe_request(self.model, version, self.protocol, failure is None,
-                                    seconds, _rows(self.chosen, self.inputs))
+                                    seconds, self.rows)
         if access is not None:
             access.request(self.protocol, self.peer, self.model, version, failure, seconds,
                            self.request_id)
+
+
+class _Queued(_Reply, Request):
+    """The reply of a request queued in this process's engine: the batcher answers the
+    reply itself (one future a request, no callback between them)."""
+
+    __slots__ = _CALL_FIELDS  # (and the request's own rows and request_id)
+
+    def answer(self, outputs: dict[str, np.ndarray]) -> None:
+        try:
+            reply = self.transform(outputs)
+        except Exception as exc:  # an encoding failure is the request's
+            self.set_exception(self.error(exc))
+            self.settled(exc)
+            return
+        self.set_result(reply)
+        self.settled(None)
+
+    def refuse(self, error: BaseException) -> None:
+        self.set_exception(self.error(error))
+        self.settled(error)
+
+    def cancel(self, msg=None) -> bool:
+        if not Request.cancel(self, msg):
+            return False
+        self.settled(CANCELLED)
+        return True
+
+
+class _Call(_Reply, Link):
+    """The reply of a request queued by an engine elsewhere (a worker process's): chained
+    to the engine's future."""
+
+    __slots__ = (*_CALL_FIELDS, "rows", "request_id")
 
 
 class DataPlane:
@@ -139,9 +178,12 @@ class DataPlane:
         self.metrics = metrics
         self.request_timeout = request_timeout
         self.access_log = access_log
+        # An engine of this process answers the replies itself.
+        self._local = isinstance(engine, Engine)
         #: ``resolve(model, version=None)``: the version of ``model`` a request reaches
-        #: (:meth:`Engine.resolve <mip.serving.engine.Engine.resolve>`).
-        self.resolve = engine.resolve
+        #: (:meth:`Engine.resolve <mip.serving.engine.Engine.resolve>`, which is the
+        #: repository's ``get``).
+        self.resolve = engine.repository.get if self._local else engine.resolve
 
     def server_metadata(self) -> dict:
         """``name``, ``version`` and ``extensions`` of this server."""
@@ -192,22 +234,30 @@ class DataPlane:
         limit = self.request_timeout
         if timeout is not None and (limit is None or timeout < limit):
             limit = timeout
+        call: _Queued | _Call
         try:
             wanted = engine.check_outputs(chosen, outputs) if outputs else None
-            work = engine.submit(model, inputs, chosen.version,
-                                 None if limit is None else time.monotonic() + limit,
-                                 source, chosen, split, request_id)
+            deadline = None if limit is None else time.monotonic() + limit
+            if self._local:
+                # (Answered from a later pass of the event loop: filled in first.)
+                call = reply = engine.submit(model, inputs, chosen.version, deadline, source,
+                                             chosen, split, request_id, _Queued)
+            else:
+                work = engine.submit(model, inputs, chosen.version, deadline, source, chosen,
+                                     split, request_id)
+                call = _Call(work)
+                call.rows, call.request_id = _rows(chosen, inputs), request_id
+                reply = call.reply
         except BaseException:
             if self.metrics is not None:
                 self.metrics.observe_request(model, chosen.version, protocol, False,
                                              time.perf_counter() - started,
                                              _rows(chosen, inputs))
             raise
-        call = _Call(work)
         call.plane, call.protocol, call.model, call.chosen = self, protocol, model, chosen
         call.wanted, call.classes, call.then, call.map_error = wanted, classes, then, error
-        call.inputs, call.started, call.peer, call.request_id = inputs, started, peer, request_id
-        return call.reply
+        call.started, call.peer = started, peer
+        return reply
 
     def refused(self, protocol: str, model, version, failure: BaseException, *,
                 peer=None, request_id: str | None = None,

@@ -266,7 +266,9 @@ def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
         outputs = _mip_values(outputs)
     names = [spec.name for spec in served.outputs if spec.name in outputs]
     if len(rows) == 1:
-        return [tuple(_output_value(outputs[name]) for name in names)]
+        if len(names) == 1:
+            return [(_output_value(outputs[names[0]]),)]
+        return [tuple([_output_value(outputs[name]) for name in names])]
     items = []
     start = 0
     for count in rows:

@@ -12,14 +12,14 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NoReturn
 
 import numpy as np
 
 from mip.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from mip.protocol import datatype_of
 from mip.protocol.dtypes import numpy_dtype
-from mip.serving.batching import Batcher, BatchRecord
+from mip.serving.batching import Batcher, BatchRecord, Request
 from mip.serving.repository import IndexEntry, ModelMetadata, ModelRepository, ModelVersion
 
 __all__ = ["Engine", "ModelStats", "ModelVersion"]  # ModelVersion: what resolve() gives
@@ -33,6 +33,13 @@ def _datatype(dtype: np.dtype) -> str:
         return datatype_of(dtype)
     except TypeError:
         return f"numpy {dtype}"
+
+
+def _wrong_shape(version: ModelVersion, name: str, shape: tuple[int, ...]) -> NoReturn:
+    spec = next(s for s in version.inputs if s.name == name)
+    raise InvalidInput(f"input {name!r} has shape {list(shape)}, "
+                       f"the model wants {list(spec.shape)}")
+
 
 Tensors = dict[str, np.ndarray]
 BatchHook = Callable[[str, str, BatchRecord], None]
@@ -49,6 +56,9 @@ class ModelStats:
         queue_seconds / compute_seconds: summed over batches (oldest request's wait, and
             model time), in seconds.
         queue_depth: requests waiting right now.
+
+    ``successes``, ``failures`` and ``queue_depth`` are read from the batcher by
+    :meth:`Engine.stats` (nothing is counted per request outside the batcher's own pass).
     """
 
     requests: int = 0
@@ -61,23 +71,17 @@ class ModelStats:
     compute_seconds: float = 0.0
     queue_depth: int = 0
 
-    def count_outcome(self, future: asyncio.Future) -> None:
-        """Count a finished request as a success or a failure (cancelled ones fail)."""
-        if future.cancelled() or future.exception() is not None:
-            self.failures += 1
-        else:
-            self.successes += 1
-
 
 class _Served:
     """A loaded version with its batcher and counters."""
 
-    __slots__ = ("version", "batcher", "stats", "dtypes", "names", "checks")
+    __slots__ = ("version", "batcher", "stats", "refused", "dtypes", "names", "checks")
 
     def __init__(self, version: ModelVersion, batcher: Batcher, stats: ModelStats):
         self.version = version
         self.batcher = batcher
         self.stats = stats
+        self.refused = 0  # requests that failed before the batcher queued them
         self.dtypes = {spec.name: numpy_dtype(spec.datatype) for spec in version.inputs}
         self.names = frozenset(self.dtypes)
         # Per input, what a request's tensor is checked against: name, numpy dtype, rank,
@@ -273,7 +277,8 @@ class Engine:
     def submit(self, model: str, inputs: Tensors, version: str | None = None,
                deadline: float | None = None, source=None,
                chosen: ModelVersion | None = None,
-               split: bool = False, request_id: str | None = None) -> asyncio.Future:
+               split: bool = False, request_id: str | None = None,
+               request_type: type[Request] = Request) -> Request:
         """Queue one request without waiting: the returned future gets every output.
 
         What :meth:`infer` runs (the same checks and errors: raised here when found at
@@ -286,26 +291,24 @@ class Engine:
         several batches and is answered as one (:meth:`Batcher.enqueue_split`);
         without, it is refused (``InvalidInput``). ``request_id`` (the client's id of the
         request) is named in the warning logged when the model fails on it.
+        ``request_type``: the :class:`~mip.serving.batching.Request` subclass the future
+        is made of (a frontend's reply, answered by the batcher itself).
         """
         served = self._lookup(model, version) if chosen is None else self._serving(chosen)
         batching = served.version.dynamic_batching
         if batching is not None and batching.default_timeout_us:
             deadline = batching.deadline(deadline, time.monotonic())  # Triton's queue policy
-        stats = served.stats
-        stats.requests += 1
-        stats.queue_depth = served.batcher.queue_depth
+        served.stats.requests += 1
         try:
             rows = self._check_inputs(served, inputs)
             batcher = served.batcher
             if split and rows > batcher.max_batch_size > 0:
-                future = batcher.enqueue_split(inputs, rows, deadline, source, request_id)
-            else:
-                future = batcher.enqueue(inputs, rows, deadline, source, request_id)
+                return batcher.enqueue_split(inputs, rows, deadline, source, request_id,
+                                             request_type)
+            return batcher.enqueue(inputs, rows, deadline, source, request_id, request_type)
         except BaseException:
-            stats.failures += 1
+            served.refused += 1
             raise
-        future.add_done_callback(stats.count_outcome)
-        return future
 
     def validate(self, chosen: ModelVersion, inputs: Tensors) -> int:
         """Check ``inputs`` as :meth:`submit` does, without queueing them: names, datatypes,
@@ -359,15 +362,18 @@ class Engine:
             if type(array) is not np.ndarray and not isinstance(array, np.ndarray):
                 raise InvalidInput(f"input {name!r} must be a numpy array, "
                                    f"not {type(array).__name__}")
-            if array.dtype != dtype and not (dtype == object and array.dtype.kind in "SU"):
+            given = array.dtype
+            if given is not dtype and given != dtype and not (
+                    dtype == object and given.kind in "SU"):
                 spec = next(s for s in version.inputs if s.name == name)
                 raise InvalidInput(f"input {name!r} has datatype {_datatype(array.dtype)}, "
                                    f"the model wants {spec.datatype}")
             shape = array.shape
-            if len(shape) != rank or any(shape[axis] != d for axis, d in fixed):
-                spec = next(s for s in version.inputs if s.name == name)
-                raise InvalidInput(f"input {name!r} has shape {list(shape)}, "
-                                   f"the model wants {list(spec.shape)}")
+            if len(shape) != rank:
+                _wrong_shape(version, name, shape)
+            for axis, d in fixed:
+                if shape[axis] != d:
+                    _wrong_shape(version, name, shape)
             if batched:
                 if rows is None:
                     rows = shape[0]
@@ -439,11 +445,14 @@ class Engine:
         return self.repository.index()
 
     def stats(self) -> dict[tuple[str, str], ModelStats]:
-        """Counters per served ``(model, version)``, queue depths current."""
+        """Counters per served ``(model, version)``, current."""
         result = {}
         for key, served in self._served.items():
-            served.stats.queue_depth = served.batcher.queue_depth
-            result[key] = served.stats
+            stats, batcher = served.stats, served.batcher
+            stats.queue_depth = batcher.queue_depth
+            stats.successes = batcher.successes
+            stats.failures = served.refused + batcher.failures
+            result[key] = stats
         return result
 
     def add_batch_hook(self, hook: BatchHook) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mip.errors import DeadlineExceeded, InternalError, InvalidInput, ModelNotReady, QueueFull
-from mip.serving.batching import Batcher
+from mip.serving.batching import Batcher, Request
 from mip.serving.config import DynamicBatching
 
 from ._models import run
@@ -655,3 +655,100 @@ def test_model_failure_warning_names_the_request_ids(caplog):
     (line,) = [r.getMessage() for r in caplog.records if r.name == "mip.serving.batching"]
     assert ("model broken/1 failed on a batch of 3 request(s) [request id(s) 'req-1', "
             "'req\\n3']: ValueError: weights are missing") in line, line
+
+
+# -- outcomes, request subclasses, runner threads -------------------------------------
+
+
+def test_each_request_is_counted_once_as_a_success_or_a_failure():
+    model = GatedModel()
+    batcher = make(model, max_batch_size=2)
+
+    async def held():
+        answered = batcher.enqueue({"x": rows_of(1, 1)}, 1)
+        cancelled = batcher.enqueue({"x": rows_of(1, 2)}, 1)
+        expired = batcher.enqueue({"x": rows_of(1, 3)}, 1, deadline=time.monotonic() + 0.01)
+        whole = batcher.enqueue_split({"x": rows_of(5, 4)}, 5)  # three parts, one request
+        cancelled.cancel()
+        cancelled.cancel()  # (a second cancel changes nothing)
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        model.release()
+        await answered
+        await whole
+
+    run_held(model, batcher, held)
+    assert (batcher.successes, batcher.failures) == (3, 2)  # with the held request
+
+
+class Recorded(Request):
+    """A request whose outcome is recorded by the batcher's calls, not its callbacks."""
+
+    __slots__ = ("calls",)
+
+    def answer(self, outputs):
+        self.calls = [("answer", float(outputs["y"][0, 0]))]
+        super().answer(outputs)
+
+    def refuse(self, error):
+        self.calls = [("refuse", type(error).__name__)]
+        super().refuse(error)
+
+
+def test_a_request_subclass_is_answered_and_refused_by_the_batcher():
+    model = GatedModel()
+    batcher = make(model)
+
+    async def held():
+        good = batcher.enqueue({"x": rows_of(1, 3)}, 1, request_type=Recorded)
+        late = batcher.enqueue({"x": rows_of(1, 4)}, 1, deadline=time.monotonic() + 0.01,
+                               request_type=Recorded)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        model.release()
+        await good
+        return good, late
+
+    good, late = run_held(model, batcher, held)
+    assert isinstance(good, Recorded) and good.calls == [("answer", 6.0)]
+    assert late.calls == [("refuse", "DeadlineExceeded")]
+
+
+def _runners(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(f"mip-{name}_")]
+
+
+def test_runner_threads_end_when_the_batcher_stops():
+    batcher = Batcher(ThreadRecorder(), max_batch_size=4, instance_count=2, name="ending",
+                      inline_below=0)
+
+    async def scenario():
+        batcher.start()
+        outputs = await asyncio.gather(*(batcher.enqueue({"x": rows_of(1, i)}, 1)
+                                         for i in range(6)))
+        assert [float(o["y"][0, 0]) for o in outputs] == [0, 2, 4, 6, 8, 10]
+        runners = _runners("ending")
+        await batcher.stop()
+        return runners
+
+    runners = run(scenario())
+    assert 1 <= len(runners) <= 2
+    for thread in runners:
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def test_runner_threads_end_when_a_batcher_is_dropped_unstopped():
+    import gc
+
+    async def scenario():
+        batcher = Batcher(ThreadRecorder(), max_batch_size=4, name="dropped", inline_below=0)
+        batcher.start()
+        await batcher.enqueue({"x": rows_of(1, 1)}, 1)
+        return _runners("dropped")
+
+    runners = run(scenario())
+    gc.collect()
+    assert len(runners) == 1
+    runners[0].join(10)
+    assert not runners[0].is_alive()

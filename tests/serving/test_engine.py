@@ -182,6 +182,24 @@ def test_deadline_already_passed(demo):
     assert stats.failures == 1
 
 
+def test_refused_and_cancelled_requests_count_as_failures(demo):
+    async def scenario():
+        engine = Engine(ModelRepository(demo), models=["identity"])
+        await engine.start()
+        with pytest.raises(InvalidInput):
+            engine.submit("identity", {"input": np.zeros((1, 3), np.float32)})
+        gone = engine.submit("identity", {"input": np.zeros((1, 16), np.float32)})
+        gone.cancel()
+        await engine.infer("identity", {"input": np.ones((2, 16), np.float32)})
+        stats = engine.stats()[("identity", "1")]
+        await engine.stop()
+        return stats
+
+    stats = run(scenario())
+    assert (stats.requests, stats.successes, stats.failures) == (3, 1, 2)
+    assert stats.batch_sizes == {2: 1}  # the cancelled request never ran
+
+
 def test_demo_models_are_deterministic(tmp_path):
     first = build_demo_repository(tmp_path / "a")
     second = build_demo_repository(tmp_path / "b")
