@@ -14,19 +14,25 @@ What it adds to ``uvicorn.protocols.http.httptools_impl.HttpToolsProtocol``:
   until that request's reply is written), and reading stays paused while the replies not
   yet taken by the peer exceed ``max_pending_reply`` octets;
 * ``max_connections`` per listener, closing the longest-idle connection to make room
-  (503 when none is idle), and ``max_connections_per_peer`` per client address (503).
+  (503 when none is idle), and ``max_connections_per_peer`` per client address (503);
+* requests the app answers directly (its ``direct(method, path)``, see
+  :mod:`mip.net.http_direct`): no ASGI scope, messages or task for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mip.net.http_direct import DirectCycle, DirectEndpoint
 from mip.net.http_router import error_body
 from mip.net.peers import PeerCounts, longest_idle, sweep_timeouts
 
@@ -54,11 +60,18 @@ class HttpLimits:
     idle_timeout: float = 5.0
 
 
-class Listener:
-    """What the connections of one HTTP listener share: limits and connection counts."""
+#: the app's ``direct(method, path)``: what answers a request without ASGI, and the path's
+#: parameters, or ``None``
+Direct = Callable[[str, str], "tuple[DirectEndpoint, dict[str, str]] | None"]
 
-    def __init__(self, limits: HttpLimits):
+
+class Listener:
+    """What the connections of one HTTP listener share: limits, connection counts, and the
+    app's ``direct`` (``None``: every request through ASGI)."""
+
+    def __init__(self, limits: HttpLimits, direct: Direct | None = None):
         self.limits = limits
+        self.direct = direct
         self.connections: set[LimitedHttpProtocol] = set()
         self.per_peer = PeerCounts()
         self.linger = 1.0  # seconds a refused connection drains before it closes
@@ -138,6 +151,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.peer: str | None = None
         self.refused = False
         self.next_due = False  # a response completed while the peer was not reading
+        self.direct_cycle: DirectCycle | None = None  # the direct request being answered
 
     # -- connection ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -155,6 +169,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc) -> None:
         self.listener.forget(self)
         self.held = bytearray()
+        if isinstance(self.cycle, DirectCycle):
+            self.cycle = None  # uvicorn's handling is for its own cycles
+        if self.direct_cycle is not None:
+            self.direct_cycle.lost()
         super().connection_lost(exc)
 
     def _refuse(self, reason: str) -> None:
@@ -277,12 +295,58 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.deadline_what = f"request body not complete {timeout:g}s after its headers"
         else:
             self.deadline = None
-        super().on_headers_complete()
+        direct = self.listener.direct
+        if direct is None or self.parser.get_method() != b"POST" or not self._direct(direct):
+            super().on_headers_complete()
+
+    def _direct(self, direct: Direct) -> bool:
+        """Whether the app answers the request whose headers just came directly; if so it
+        is this connection's cycle from now on (started, or queued behind the requests
+        before it)."""
+        if self.limit_concurrency is not None or self.parser.should_upgrade():
+            return False
+        path = httptools.parse_url(self.url).path.decode("ascii")  # as uvicorn reads it
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        path = self.root_path + path
+        found = direct("POST", path)
+        if found is None:
+            return False
+        endpoint, params = found
+        parser = self.parser
+        cycle = DirectCycle(self, endpoint, path, params, self.headers,
+                            parser.get_http_version() != "1.0" and parser.should_keep_alive(),
+                            self.expect_100_continue)
+        existing = self.cycle
+        self.cycle = cycle  # type: ignore[assignment]  # in uvicorn's cycle's place
+        if existing is None or existing.response_complete:
+            cycle.start()
+        else:
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        cycle: Any = self.cycle
+        if type(cycle) is DirectCycle:
+            cycle.take(body)
+        else:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self.in_message = False
         self.deadline = None
-        super().on_message_complete()
+        cycle: Any = self.cycle
+        if type(cycle) is DirectCycle:
+            cycle.end()
+        else:
+            super().on_message_complete()
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        if app is None:  # a direct request whose turn came: started as a task would be
+            self.loop.call_soon(cycle.start)
+        else:
+            super()._start_asgi_task(cycle, app)
 
     # -- output ------------------------------------------------------------------------
     def on_response_complete(self) -> None:
