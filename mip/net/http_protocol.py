@@ -39,6 +39,7 @@ from mip.net.peers import PeerCounts, longest_idle, sweep_timeouts
 log = logging.getLogger("mip.net.http")
 
 _SLICE = 64 << 10  # octets parsed at a time when a read brings more
+_TARGETS = 256  # POST targets whose routing a listener remembers
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class Listener:
     def __init__(self, limits: HttpLimits, direct: Direct | None = None):
         self.limits = limits
         self.direct = direct
+        #: the raw target of a POST -> its path and what ``direct`` said of it
+        self.targets: dict[bytes, tuple[str, Any]] = {}
+        self.header_late = (f"header block not complete {limits.header_timeout:g}s after "
+                            "its first octet")
+        self.body_late = f"request body not complete {limits.body_timeout:g}s after its headers"
         self.connections: set[LimitedHttpProtocol] = set()
         self.per_peer = PeerCounts()
         self.linger = 1.0  # seconds a refused connection drains before it closes
@@ -279,25 +285,40 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     # -- parser callbacks --------------------------------------------------------------
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's per-request state without its ASGI scope, which a direct request does
+        # not need: the others get it once their headers are complete (_asgi_scope)
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self.in_message = True
         self.headers_done = False
-        timeout = self.listener.limits.header_timeout
+        listener = self.listener
+        timeout = listener.limits.header_timeout
         if timeout:
             self.deadline = self.loop.time() + timeout
-            self.deadline_what = f"header block not complete {timeout:g}s after its first octet"
+            self.deadline_what = listener.header_late
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
-        timeout = self.listener.limits.body_timeout
+        listener = self.listener
+        timeout = listener.limits.body_timeout
         if timeout:
             self.deadline = self.loop.time() + timeout
-            self.deadline_what = f"request body not complete {timeout:g}s after its headers"
+            self.deadline_what = listener.body_late
         else:
             self.deadline = None
-        direct = self.listener.direct
+        direct = listener.direct
         if direct is None or self.parser.get_method() != b"POST" or not self._direct(direct):
+            self._asgi_scope()
             super().on_headers_complete()
+
+    def _asgi_scope(self) -> None:
+        """uvicorn's scope of the request whose headers just came (what its
+        ``on_message_begin`` makes), with the target and headers read since."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.expect_100_continue = url, expect
+        self.headers += headers  # the scope's list
 
     def _direct(self, direct: Direct) -> bool:
         """Whether the app answers the request whose headers just came directly; if so it
@@ -305,11 +326,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         before it)."""
         if self.limit_concurrency is not None or self.parser.should_upgrade():
             return False
-        path = httptools.parse_url(self.url).path.decode("ascii")  # as uvicorn reads it
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        path = self.root_path + path
-        found = direct("POST", path)
+        targets = self.listener.targets
+        known = targets.get(self.url)
+        if known is None:
+            path = httptools.parse_url(self.url).path.decode("ascii")  # as uvicorn reads it
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            path = self.root_path + path
+            known = (path, direct("POST", path))
+            if len(targets) >= _TARGETS:
+                targets.clear()
+            targets[self.url] = known
+        path, found = known
         if found is None:
             return False
         endpoint, params = found
