@@ -206,8 +206,8 @@ class DirectCycle:
             protocol.direct_cycle = None
         if self.disconnected or self.response_complete:
             return
-        if reply is None:
-            reply = _INTERNAL_ERROR
+        if reply is None:  # uvicorn's answer to an application that did not answer
+            reply, self.keep_alive = _INTERNAL_ERROR, False
         transport = protocol.transport
         if not transport.is_closing():
             status, headers, parts = reply
