@@ -158,6 +158,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.refused = False
         self.next_due = False  # a response completed while the peer was not reading
         self.direct_cycle: DirectCycle | None = None  # the direct request being answered
+        self.idle_since: float | None = None  # waiting for a request since (keep-alive)
 
     # -- connection ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -179,6 +180,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.cycle = None  # uvicorn's handling is for its own cycles
         if self.direct_cycle is not None:
             self.direct_cycle.lost()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)
 
     def _refuse(self, reason: str) -> None:
@@ -400,8 +404,27 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.feed_held_soon()
             return
         self.flow.resume_reading()
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        self.idle_since = self.last_activity
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self._keep_alive_due)
+
+    # uvicorn arms a timer after each response and cancels it on the next octets; here one
+    # timer a connection is re-armed when it fires early: the same timeout, without a
+    # timer made and cancelled a request.
+    def _unset_keepalive_if_required(self) -> None:
+        self.idle_since = None
+
+    def _keep_alive_due(self) -> None:
+        self.timeout_keep_alive_task = None
+        since = self.idle_since
+        if since is None:
+            return  # busy: armed again when it next waits
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
+        else:
+            self.timeout_keep_alive_handler()
 
     def pause_writing(self) -> None:
         super().pause_writing()

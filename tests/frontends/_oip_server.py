@@ -71,13 +71,14 @@ class OipServer:
 
     ``guard``: a function returning the :class:`~mip.frontends.auth.Guard` both listeners
     check (called on the server's loop; closed with the server). ``http_limits``: the
-    HTTP listener's :class:`~mip.net.http_server.HttpLimits`; ``access_log``: the REST
-    frontend's :class:`~mip.frontends.access.AccessLog`.
+    HTTP listener's :class:`~mip.net.http_server.HttpLimits` (``http_idle_timeout``: its
+    keep-alive timeout, seconds); ``access_log``: the REST frontend's
+    :class:`~mip.frontends.access.AccessLog`.
     """
 
     def __init__(self, repo: Path, *, models=None, grpc_max_message_size: int = 64 << 20,
                  http_max_body_size: int = 64 << 20, grpc_implementation: str | None = None,
-                 guard=None, http_limits=None, access_log=None):
+                 guard=None, http_limits=None, access_log=None, http_idle_timeout: float = 5.0):
         self.repo = repo
         self._make_guard = guard
         self.guard = None
@@ -87,6 +88,7 @@ class OipServer:
         self._http_max = http_max_body_size
         self._http_limits = http_limits
         self._access_log = access_log
+        self._idle_timeout = http_idle_timeout
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                         name="oip-server")
@@ -108,7 +110,8 @@ class OipServer:
         self.app = build_app(self.engine, metrics=self.metrics,
                              max_body_size=self._http_max, guard=self.guard,
                              access_log=self._access_log)
-        self.http = HttpServer(self.app, limits=self._http_limits)
+        self.http = HttpServer(self.app, limits=self._http_limits,
+                               timeout_keep_alive=self._idle_timeout)
         self.http_url = await self.http.start("127.0.0.1:0")
 
     async def _stop(self):

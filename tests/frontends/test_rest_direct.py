@@ -310,3 +310,17 @@ def test_graceful_stop_answers_the_request_in_flight_and_closes(tmp_path):
         assert status == 200 and headers["connection"] == "close"
         assert closed_within(sock, 5)[0]
         sock.close()
+
+
+def test_keep_alive_counts_from_the_last_reply(tmp_path):
+    repo = build_demo_repository(tmp_path / "repo")
+    with OipServer(repo, http_idle_timeout=2.0) as served:
+        sock = _connect(served)
+        reader = _Reader(sock)
+        for _ in range(3):  # a reply every second: more than the timeout in all
+            sock.sendall(_post())
+            assert reader.response()[0] == 200
+            time.sleep(1.0)
+        closed, received = closed_within(sock, 10)  # then idle: closed, nothing sent
+        assert closed and received == b""
+        sock.close()
