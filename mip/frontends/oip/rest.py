@@ -152,7 +152,7 @@ class RestApp:
         await self.router.endpoint_of(route, params, scope)(scope, receive, send)
 
     def direct(self, method: str, path: str) -> tuple[Any, dict[str, str]] | None:
-        """What answers a request without ASGI (see :mod:`mip.net.http_protocol`): for an
+        """What answers a request without ASGI (see :mod:`mip.net.http_direct`): for an
         inference request, an object whose ``open(params, headers, client)`` gives an
         :class:`~mip.frontends.oip.rest_infer.InferCall` (or a refusal's reply), and the
         path parameters; ``None`` for every other request, and for inference behind a

@@ -1,6 +1,6 @@
 """``POST /v2/models/{name}[/versions/{v}]/infer``: the inference endpoint of the REST
 frontend: through ASGI, and straight from the HTTP listener (no ASGI, no task a request:
-see :mod:`mip.net.http_protocol`), one :class:`InferCall` a request either way; no
+see :mod:`mip.net.http_direct`), one :class:`InferCall` a request either way; no
 framework request or response objects on this path.
 
 Binary tensor data extension: a request whose ``Inference-Header-Content-Length`` header is
@@ -73,7 +73,7 @@ class InferEndpoint:
     """The endpoint of ``.../infer``: body, checks, errors
     (:func:`~mip.net.http_router.error_response`) and cancellation. It answers through
     ASGI (``scope["path_params"]``: ``name``, maybe ``version``), and straight from the
-    HTTP listener through :meth:`open` (see :mod:`mip.net.http_protocol`). An
+    HTTP listener through :meth:`open` (see :mod:`mip.net.http_direct`). An
     ``X-Request-ID`` header is answered with the same header, and names the request in the
     access log (else its ``id`` does).
 
@@ -103,9 +103,10 @@ class InferEndpoint:
                                    BODY_SIZE_SETTING)
             reply = await _unless_disconnected(receive, call.answer(body))
         except Exception as exc:
-            reply = call.failed(exc)
-            if isinstance(exc, Cancelled):  # the client is gone: nobody to answer
+            failure = call.failed(exc)
+            if failure is None:  # the client is gone: nobody to answer
                 return
+            reply = failure
         await send_reply(send, reply)
 
     def parse_in_thread(self, body: bytes, header_length: str | None) -> asyncio.Future:
@@ -285,11 +286,14 @@ class InferCall:
         self.recorded = True
         return work
 
-    def failed(self, exc: BaseException) -> Reply:
+    def failed(self, exc: BaseException) -> Reply | None:
         """The reply to the request ended by ``exc`` (raised by :meth:`body`,
-        :meth:`answer` or the body's reader, or set on the future of :meth:`answer`)."""
+        :meth:`answer` or the body's reader, or set on the future of :meth:`answer`);
+        ``None`` for :class:`~mip.errors.Cancelled`: the client is gone."""
         if not self.recorded:
             self._refused(exc)
+        if isinstance(exc, Cancelled):
+            return None
         version = f"/versions/{self.version}" if self.version else ""
         return error_response(exc, self.echo, f"POST /v2/models/{self.name}{version}/infer")
 
