@@ -303,8 +303,8 @@ def test_graceful_stop_answers_the_request_in_flight_and_closes(tmp_path):
     add_python_model(repo, "sleepy", SLEEPY_MODEL, {"max_batch_size": 1})
     with OipServer(repo) as served:
         sock = _connect(served)
-        sock.sendall(_post(_sleepy(0.5), b"sleepy"))
-        time.sleep(0.2)
+        sock.sendall(_post(_sleepy(2.0), b"sleepy"))
+        assert wait_until(lambda: served.call(_direct_cycles(served)) == 1)  # it runs
         served.loop.call_soon_threadsafe(lambda: served.loop.create_task(served.http.stop()))
         status, headers, _ = _Reader(sock).response()
         assert status == 200 and headers["connection"] == "close"
