@@ -1,5 +1,6 @@
-"""Reading an HTTP request body from ASGI: bounded in size, decompressed per its
-``Content-Encoding`` (gzip, deflate, identity), bounded again after decompression.
+"""Reading an HTTP request body, from ASGI (:func:`read_body`) or as a listener takes its
+octets (:class:`Body`): bounded in size, decompressed per its ``Content-Encoding`` (gzip,
+deflate, identity), bounded again after decompression.
 
 Bad input raises from :mod:`mip.errors`' tree, so it is answered with that error's HTTP
 status: :class:`~mip.errors.TooLarge` (413) for a body over the limit before or after
@@ -16,7 +17,7 @@ from starlette.types import Receive, Scope
 
 from mip.errors import Cancelled, InvalidInput, TooLarge
 
-__all__ = ["decompress", "read_body", "request_body", "too_large"]
+__all__ = ["Body", "decompress", "read_body", "request_body", "too_large"]
 
 
 async def request_body(scope: Scope, receive: Receive, limit: int,
@@ -39,29 +40,57 @@ async def read_body(receive: Receive, limit: int, length: bytes | None = None,
         encoding: the ``Content-Encoding`` header's value (``None``: identity).
         setting: what sets ``limit``, named in the 413 message (e.g. a command-line flag).
     """
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large(int(length), limit, setting)
-    message = await receive()
-    body = message.get("body", b"")
-    if message.get("more_body", False):
-        chunks, size = [body], len(body)
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise Cancelled("the client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_large(size, limit, setting)
-            chunks.append(chunk)
-        body = b"".join(chunks)
-    elif message["type"] == "http.disconnect":
-        raise Cancelled("the client disconnected")
-    if len(body) > limit:
-        raise too_large(len(body), limit, setting)
-    if encoding is None:
-        return body
-    return decompress(body, encoding.decode("latin-1").lower(), limit, setting)
+    body = Body(limit, length, encoding, setting)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Cancelled("the client disconnected")
+        body.feed(message.get("body", b""))
+        if not message.get("more_body", False):
+            return body.finish()
+
+
+class Body:
+    """A request body taken as it comes, with no I/O (what :func:`read_body` does with
+    ASGI messages, for a listener that has the octets itself): bounded before and after
+    decompression.
+
+    Args:
+        limit: the largest body, in octets.
+        length: the ``Content-Length`` header's value (a body declared over the limit is
+            refused here, before it is read: :class:`~mip.errors.TooLarge`).
+        encoding: the ``Content-Encoding`` header's value (``None``: identity).
+        setting: what sets ``limit``, named in the 413 message.
+    """
+
+    __slots__ = ("limit", "encoding", "setting", "size", "chunks")
+
+    def __init__(self, limit: int, length: bytes | None = None, encoding: bytes | None = None,
+                 setting: str = ""):
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large(int(length), limit, setting)
+        self.limit = limit
+        self.encoding = encoding
+        self.setting = setting
+        self.size = 0  # octets so far
+        self.chunks: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next octets (:class:`~mip.errors.TooLarge` past the limit)."""
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise too_large(self.size, self.limit, self.setting)
+        self.chunks.append(chunk)
+
+    def finish(self) -> bytes:
+        """The whole body, decompressed (:class:`~mip.errors.TooLarge`,
+        :class:`~mip.errors.InvalidInput`)."""
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.encoding is None:
+            return body
+        return decompress(body, self.encoding.decode("latin-1").lower(), self.limit,
+                          self.setting)
 
 
 def decompress(body: bytes, encoding: str, limit: int, setting: str = "") -> bytes:

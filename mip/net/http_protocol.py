@@ -14,25 +14,32 @@ What it adds to ``uvicorn.protocols.http.httptools_impl.HttpToolsProtocol``:
   until that request's reply is written), and reading stays paused while the replies not
   yet taken by the peer exceed ``max_pending_reply`` octets;
 * ``max_connections`` per listener, closing the longest-idle connection to make room
-  (503 when none is idle), and ``max_connections_per_peer`` per client address (503).
+  (503 when none is idle), and ``max_connections_per_peer`` per client address (503);
+* requests the app answers directly (its ``direct(method, path)``, see
+  :mod:`mip.net.http_direct`): no ASGI scope, messages or task for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mip.net.http_direct import DirectCycle, DirectEndpoint
 from mip.net.http_router import error_body
 from mip.net.peers import PeerCounts, longest_idle, sweep_timeouts
 
 log = logging.getLogger("mip.net.http")
 
 _SLICE = 64 << 10  # octets parsed at a time when a read brings more
+_TARGETS = 256  # POST targets whose routing a listener remembers
 
 
 @dataclass(frozen=True)
@@ -54,11 +61,23 @@ class HttpLimits:
     idle_timeout: float = 5.0
 
 
-class Listener:
-    """What the connections of one HTTP listener share: limits and connection counts."""
+#: the app's ``direct(method, path)``: what answers a request without ASGI, and the path's
+#: parameters, or ``None``
+Direct = Callable[[str, str], "tuple[DirectEndpoint, dict[str, str]] | None"]
 
-    def __init__(self, limits: HttpLimits):
+
+class Listener:
+    """What the connections of one HTTP listener share: limits, connection counts, and the
+    app's ``direct`` (``None``: every request through ASGI)."""
+
+    def __init__(self, limits: HttpLimits, direct: Direct | None = None):
         self.limits = limits
+        self.direct = direct
+        #: the raw target of a POST -> its path and what ``direct`` said of it
+        self.targets: dict[bytes, tuple[str, Any]] = {}
+        self.header_late = (f"header block not complete {limits.header_timeout:g}s after "
+                            "its first octet")
+        self.body_late = f"request body not complete {limits.body_timeout:g}s after its headers"
         self.connections: set[LimitedHttpProtocol] = set()
         self.per_peer = PeerCounts()
         self.linger = 1.0  # seconds a refused connection drains before it closes
@@ -138,6 +157,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.peer: str | None = None
         self.refused = False
         self.next_due = False  # a response completed while the peer was not reading
+        self.direct_cycle: DirectCycle | None = None  # the direct request being answered
+        self.idle_since: float | None = None  # waiting for a request since (keep-alive)
 
     # -- connection ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -155,6 +176,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc) -> None:
         self.listener.forget(self)
         self.held = bytearray()
+        if isinstance(self.cycle, DirectCycle):
+            self.cycle = None  # uvicorn's handling is for its own cycles
+        if self.direct_cycle is not None:
+            self.direct_cycle.lost()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)
 
     def _refuse(self, reason: str) -> None:
@@ -261,28 +289,96 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     # -- parser callbacks --------------------------------------------------------------
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's per-request state without its ASGI scope, which a direct request does
+        # not need: the others get it once their headers are complete (_asgi_scope)
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self.in_message = True
         self.headers_done = False
-        timeout = self.listener.limits.header_timeout
+        listener = self.listener
+        timeout = listener.limits.header_timeout
         if timeout:
             self.deadline = self.loop.time() + timeout
-            self.deadline_what = f"header block not complete {timeout:g}s after its first octet"
+            self.deadline_what = listener.header_late
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
-        timeout = self.listener.limits.body_timeout
+        listener = self.listener
+        timeout = listener.limits.body_timeout
         if timeout:
             self.deadline = self.loop.time() + timeout
-            self.deadline_what = f"request body not complete {timeout:g}s after its headers"
+            self.deadline_what = listener.body_late
         else:
             self.deadline = None
-        super().on_headers_complete()
+        direct = listener.direct
+        if direct is None or self.parser.get_method() != b"POST" or not self._direct(direct):
+            self._asgi_scope()
+            super().on_headers_complete()
+
+    def _asgi_scope(self) -> None:
+        """uvicorn's scope of the request whose headers just came (what its
+        ``on_message_begin`` makes), with the target and headers read since."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.expect_100_continue = url, expect
+        self.headers += headers  # the scope's list
+
+    def _direct(self, direct: Direct) -> bool:
+        """Whether the app answers the request whose headers just came directly; if so it
+        is this connection's cycle from now on (started, or queued behind the requests
+        before it)."""
+        if self.limit_concurrency is not None or self.parser.should_upgrade():
+            return False
+        targets = self.listener.targets
+        known = targets.get(self.url)
+        if known is None:
+            path = httptools.parse_url(self.url).path.decode("ascii")  # as uvicorn reads it
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            path = self.root_path + path
+            known = (path, direct("POST", path))
+            if len(targets) >= _TARGETS:
+                targets.clear()
+            targets[self.url] = known
+        path, found = known
+        if found is None:
+            return False
+        endpoint, params = found
+        parser = self.parser
+        cycle = DirectCycle(self, endpoint, path, params, self.headers,
+                            parser.get_http_version() != "1.0" and parser.should_keep_alive(),
+                            self.expect_100_continue)
+        existing = self.cycle
+        self.cycle = cycle  # type: ignore[assignment]  # in uvicorn's cycle's place
+        if existing is None or existing.response_complete:
+            cycle.start()
+        else:
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        cycle: Any = self.cycle
+        if type(cycle) is DirectCycle:
+            cycle.take(body)
+        else:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self.in_message = False
         self.deadline = None
-        super().on_message_complete()
+        cycle: Any = self.cycle
+        if type(cycle) is DirectCycle:
+            cycle.end()
+        else:
+            super().on_message_complete()
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        if app is None:  # a direct request whose turn came: started as a task would be
+            self.loop.call_soon(cycle.start)
+        else:
+            super()._start_asgi_task(cycle, app)
 
     # -- output ------------------------------------------------------------------------
     def on_response_complete(self) -> None:
@@ -308,8 +404,27 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.feed_held_soon()
             return
         self.flow.resume_reading()
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        self.idle_since = self.last_activity
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self._keep_alive_due)
+
+    # uvicorn arms a timer after each response and cancels it on the next octets; here one
+    # timer a connection is re-armed when it fires early: the same timeout, without a
+    # timer made and cancelled a request.
+    def _unset_keepalive_if_required(self) -> None:
+        self.idle_since = None
+
+    def _keep_alive_due(self) -> None:
+        self.timeout_keep_alive_task = None
+        since = self.idle_since
+        if since is None:
+            return  # busy: armed again when it next waits
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
+        else:
+            self.timeout_keep_alive_handler()
 
     def pause_writing(self) -> None:
         super().pause_writing()

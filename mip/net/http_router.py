@@ -6,7 +6,10 @@ listed first. Every endpoint is a plain ASGI callable; :func:`endpoint` makes on
 ``async def handler(request) -> Response``. A matched route's parameters are in
 ``scope["path_params"]``.
 
-Errors are answered ``{"error": "..."}`` (:func:`send_error`) with the HTTP status of
+A whole response can be made first and sent after (:data:`Reply`, :func:`send_reply`), so
+the same response goes out through ASGI or straight from a listener.
+
+Errors are answered ``{"error": "..."}`` (:func:`send_error`, :func:`error_response`) with the HTTP status of
 :mod:`mip.errors`' tree: :class:`~mip.errors.NoSuchEndpoint` (404) for a path no route
 takes, :class:`~mip.errors.MethodNotAllowed` (405, with ``Allow``) for a method its route
 does not take, the ``http_status`` of any other :class:`~mip.errors.ServingError` an
@@ -29,11 +32,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mip.errors import MethodNotAllowed, NoSuchEndpoint, ServingError
 
-__all__ = ["Route", "Router", "endpoint", "error_body", "error_reply", "send_error"]
+__all__ = ["Reply", "Route", "Router", "endpoint", "error_body", "error_reply",
+           "error_response", "send_error", "send_reply"]
 
 log = logging.getLogger("mip.net.http")
 
 _JSON = (b"content-type", b"application/json")
+
+#: A whole response: ``(status, headers, body parts)``; header names in lowercase, a
+#: ``content-length`` header among them, the parts sent one after the other. A plain
+#: tuple: one is made a request.
+Reply = tuple[int, list[tuple[bytes, bytes]], list[bytes]]
 _PARAMETER = re.compile(r"\{(\w+)(:path)?\}")
 
 
@@ -162,15 +171,31 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
-async def send_error(send: Send, exc: BaseException,
-                     headers: Sequence[tuple[bytes, bytes]] = (), scope: Scope | None = None) -> None:
-    """Answer with ``exc`` (see :func:`error_reply`) and ``headers``; an exception outside
-    the error tree (a bug) is logged with the request's method and path (from ``scope``)."""
+def error_response(exc: BaseException, headers: Sequence[tuple[bytes, bytes]] = (),
+                   where: str | None = None) -> Reply:
+    """The :data:`Reply` of ``exc`` (see :func:`error_reply`) with ``headers``; an
+    exception outside the error tree (a bug) is logged, naming the request (``where``:
+    its method and path)."""
     status, message = error_reply(exc)
     if status == 500 and not isinstance(exc, ServingError):
-        where = f"{scope.get('method')} {scope.get('path')}" if scope else "a request"
-        log.error("%s failed", where, exc_info=exc)
+        log.error("%s failed", where or "a request", exc_info=exc)
     body = error_body(message)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        _JSON, (b"content-length", str(len(body)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": body})
+    return status, [_JSON, (b"content-length", b"%d" % len(body)), *headers], [body]
+
+
+async def send_reply(send: Send, reply: Reply) -> None:
+    """Send ``reply`` through ASGI."""
+    status, headers, parts = reply
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    last = len(parts) - 1
+    for index, part in enumerate(parts):
+        await send({"type": "http.response.body", "body": part, "more_body": index < last})
+
+
+async def send_error(send: Send, exc: BaseException,
+                     headers: Sequence[tuple[bytes, bytes]] = (), scope: Scope | None = None) -> None:
+    """Answer with ``exc`` (see :func:`error_response`) and ``headers``; an exception
+    outside the error tree (a bug) is logged with the request's method and path (from
+    ``scope``)."""
+    where = f"{scope.get('method')} {scope.get('path')}" if scope else None
+    await send_reply(send, error_response(exc, headers, where))

@@ -1,5 +1,7 @@
 """An HTTP/1.1 listener: uvicorn serving an ASGI app on the running event loop, through
-:class:`~mip.net.http_protocol.LimitedHttpProtocol` (the limits of :class:`HttpLimits`).
+:class:`~mip.net.http_protocol.LimitedHttpProtocol` (the limits of :class:`HttpLimits`);
+an app with a ``direct(method, path)`` method answers the requests it names without ASGI
+(:mod:`mip.net.http_direct`).
 
 The frontends build the ASGI app (``mip.frontends.oip.rest.build_app``); this module owns
 the socket: bind, TLS, start and graceful stop.
@@ -23,7 +25,8 @@ class HttpServer:
     """Serve an ASGI app with uvicorn on the running loop.
 
     Args:
-        app: the ASGI application.
+        app: the ASGI application (its ``direct``, when it has one, is the listener's: see
+            :mod:`mip.net.http_direct`).
         timeout_keep_alive: seconds an idle keep-alive connection (or a new one that has
             sent nothing) stays open.
         graceful_timeout: seconds :meth:`stop` waits for requests in progress.
@@ -38,7 +41,7 @@ class HttpServer:
                  ssl_ca_certs: str | None = None, limits: HttpLimits | None = None):
         self.app = app
         limits = dataclasses.replace(limits or HttpLimits(), idle_timeout=timeout_keep_alive)
-        self.listener = Listener(limits)
+        self.listener = Listener(limits, getattr(app, "direct", None))
         #: (certificate, key, client CA) of HTTPS, or None
         self.tls = (ssl_certfile, ssl_keyfile, ssl_ca_certs) if ssl_certfile else None
         self.timeout_keep_alive = timeout_keep_alive

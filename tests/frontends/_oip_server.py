@@ -70,12 +70,15 @@ class OipServer:
         engine, metrics: the live objects (touch them only through :meth:`call`).
 
     ``guard``: a function returning the :class:`~mip.frontends.auth.Guard` both listeners
-    check (called on the server's loop; closed with the server).
+    check (called on the server's loop; closed with the server). ``http_limits``: the
+    HTTP listener's :class:`~mip.net.http_server.HttpLimits` (``http_idle_timeout``: its
+    keep-alive timeout, seconds); ``access_log``: the REST frontend's
+    :class:`~mip.frontends.access.AccessLog`.
     """
 
     def __init__(self, repo: Path, *, models=None, grpc_max_message_size: int = 64 << 20,
                  http_max_body_size: int = 64 << 20, grpc_implementation: str | None = None,
-                 guard=None):
+                 guard=None, http_limits=None, access_log=None, http_idle_timeout: float = 5.0):
         self.repo = repo
         self._make_guard = guard
         self.guard = None
@@ -83,6 +86,9 @@ class OipServer:
         self._models = models
         self._grpc_max = grpc_max_message_size
         self._http_max = http_max_body_size
+        self._http_limits = http_limits
+        self._access_log = access_log
+        self._idle_timeout = http_idle_timeout
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                         name="oip-server")
@@ -102,8 +108,10 @@ class OipServer:
                                implementation=self._grpc_impl, guard=self.guard)
         self.grpc_url = await self.grpc.start("127.0.0.1:0")
         self.app = build_app(self.engine, metrics=self.metrics,
-                             max_body_size=self._http_max, guard=self.guard)
-        self.http = HttpServer(self.app)
+                             max_body_size=self._http_max, guard=self.guard,
+                             access_log=self._access_log)
+        self.http = HttpServer(self.app, limits=self._http_limits,
+                               timeout_keep_alive=self._idle_timeout)
         self.http_url = await self.http.start("127.0.0.1:0")
 
     async def _stop(self):

@@ -32,7 +32,7 @@ endpoints never ask.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.routing import BaseRoute
@@ -42,8 +42,8 @@ from mip.errors import ServingError, TooManyAuthFailures, Unauthenticated
 from mip.frontends.dataplane import DataPlane
 from mip.frontends.oip import shm
 from mip.frontends.oip.rest_handlers import RestHandlers
-from mip.frontends.oip.rest_infer import InferEndpoint
-from mip.net.http_router import Route, Router, endpoint, send_error
+from mip.frontends.oip.rest_infer import InferCall, InferEndpoint
+from mip.net.http_router import Reply, Route, Router, endpoint, error_response, send_reply
 
 if TYPE_CHECKING:
     from mip.frontends.auth import Guard
@@ -111,22 +111,27 @@ def _unrouted_area(path: str) -> str | None:
 
 class RestApp:
     """The ASGI app: one :class:`~mip.net.http_router.Router` for every endpoint, behind
-    ``guard`` for the areas it protects.
+    ``guard`` for the areas it protects. Inference requests may also be answered without
+    ASGI, straight from :class:`~mip.net.http_server.HttpServer`'s listener
+    (:meth:`direct`).
 
     Attributes:
         router: the routes (the ``/v2`` ones, then ``extra_routes``).
         dataplane: the :class:`~mip.frontends.dataplane.DataPlane` every endpoint uses.
         metrics: what ``/metrics`` renders.
         engine: the engine served.
+        infer: the inference endpoint.
     """
 
     def __init__(self, router: Router, dataplane: DataPlane, metrics: Any,
-                 guard: Guard | None = None):
+                 guard: Guard | None = None, infer: InferEndpoint | None = None):
         self.router = router
         self.dataplane = dataplane
         self.engine = dataplane.engine
         self.metrics = metrics
         self.guard = guard
+        self.infer = infer
+        self._guarded = None if infer is None or guard is None else _Guarded(guard, infer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # no lifespan, no websockets
@@ -135,31 +140,70 @@ class RestApp:
         guard = self.guard
         if guard is not None and guard.protects(
                 route.area if route is not None else _unrouted_area(scope["path"])):
-            refusal = await self._authenticate(guard, scope)
-            if refusal is not None:
-                retry_after = getattr(refusal, "retry_after", None)
-                await send_error(send, refusal, (_CHALLENGE,) if retry_after is None
-                                 else ((b"retry-after", str(retry_after).encode()),))
+            headers, host = _credentials(scope["headers"]), _host(scope.get("client"))
+            try:
+                if guard.immediate:
+                    guard.authenticate_now(headers, host)
+                else:
+                    await guard.authenticate(headers, host)
+            except (Unauthenticated, TooManyAuthFailures) as exc:
+                await send_reply(send, _refusal(exc))
                 return
         await self.router.endpoint_of(route, params, scope)(scope, receive, send)
 
-    @staticmethod
-    async def _authenticate(guard: Guard, scope: Scope) -> ServingError | None:
-        """Why a request to a protected area is refused, or ``None`` when it may go on."""
-        headers = {}
-        for key, value in scope["headers"]:
-            if key == b"authorization" or key == b"x-api-key":
-                headers[key.decode("latin-1")] = value.decode("latin-1")
-        client = scope.get("client")
-        host = client[0] if client else None
+    def direct(self, method: str, path: str) -> tuple[Any, dict[str, str]] | None:
+        """What answers a request without ASGI (see :mod:`mip.net.http_direct`): for an
+        inference request, an object whose ``open(params, headers, client)`` gives an
+        :class:`~mip.frontends.oip.rest_infer.InferCall` (or a refusal's reply), and the
+        path parameters; ``None`` for every other request, and for inference behind a
+        guard that must wait for its authenticator (those go through ASGI)."""
+        if method != "POST" or self.infer is None:
+            return None
+        route, params = self.router.match(path)
+        if route is None or route.endpoint is not self.infer:
+            return None
+        guard = self.guard
+        if guard is None or not guard.protects(route.area):
+            return self.infer, params
+        return (self._guarded, params) if guard.immediate else None
+
+
+class _Guarded:
+    """The inference endpoint behind a guard that decides at once."""
+
+    __slots__ = ("guard", "endpoint")
+
+    def __init__(self, guard: Guard, endpoint: InferEndpoint):
+        self.guard, self.endpoint = guard, endpoint
+
+    def open(self, params: dict[str, str], headers: list[tuple[bytes, bytes]],
+             client: tuple[str, int] | None) -> InferCall | Reply:
         try:
-            if guard.immediate:
-                guard.authenticate_now(headers, host)
-            else:
-                await guard.authenticate(headers, host)
+            self.guard.authenticate_now(_credentials(headers), _host(client))
         except (Unauthenticated, TooManyAuthFailures) as exc:
-            return exc
-        return None
+            return _refusal(exc)
+        return self.endpoint.open(params, headers, client)
+
+
+def _credentials(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers a guard reads."""
+    found = {}
+    for key, value in headers:
+        if key == b"authorization" or key == b"x-api-key":
+            found[key.decode("latin-1")] = value.decode("latin-1")
+    return found
+
+
+def _host(client: tuple[str, int] | None) -> str | None:
+    return client[0] if client else None
+
+
+def _refusal(exc: ServingError) -> Reply:
+    """The reply to a request the guard refused: 401 with a challenge, or 429 with
+    ``Retry-After``."""
+    retry_after = getattr(exc, "retry_after", None)
+    return error_response(exc, (_CHALLENGE,) if retry_after is None
+                          else ((b"retry-after", str(retry_after).encode()),))
 
 
 _CHALLENGE = (b"www-authenticate", b'Bearer realm="mip"')
@@ -200,4 +244,4 @@ def build_app(engine, *, extra_routes: Sequence[BaseRoute] = (),
     routes = [Route.of(path, infer if name == "infer" else endpoint(getattr(handlers, name)),
                        methods, area)
               for path, name, methods, area in _ROUTES]
-    return RestApp(Router(routes, extra_routes), dataplane, metrics, guard)
+    return RestApp(Router(routes, extra_routes), dataplane, metrics, guard, infer)

@@ -1,5 +1,7 @@
 """``POST /v2/models/{name}[/versions/{v}]/infer``: the inference endpoint of the REST
-frontend, straight on ASGI (no framework request or response objects on this path).
+frontend: through ASGI, and straight from the HTTP listener (no ASGI, no task a request:
+see :mod:`mip.net.http_direct`), one :class:`InferCall` a request either way; no
+framework request or response objects on this path.
 
 Binary tensor data extension: a request whose ``Inference-Header-Content-Length`` header is
 N carries N octets of JSON followed by the raw data of every input whose parameters hold
@@ -8,6 +10,10 @@ asked for with the ``binary_data`` output parameter (or all of them, with the re
 parameter ``binary_data_output``) are sent the same way after the JSON header. A client
 that disconnects while its request waits has the request cancelled, so it leaves the batch
 queue.
+
+JSON headers are parsed on the event loop (the numbers of large arrays by
+:mod:`mip.protocol._jsonnum`, straight into numpy), except from :data:`_THREAD_ABOVE`
+octets on, which go to a worker thread.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import orjson
@@ -24,19 +30,23 @@ from starlette.types import Receive, Scope, Send
 from mip.errors import Cancelled, InvalidInput
 from mip.frontends.dataplane import DataPlane, timeout_parameter
 from mip.frontends.oip import codec, shm
-from mip.net.http_body import read_body
-from mip.net.http_router import send_error
+from mip.net.http_body import Body, read_body
+from mip.net.http_router import Reply, error_response, send_reply
 from mip.protocol._jsonnum import PLACEHOLDER, parse_numbers, split_numeric_arrays
 
-__all__ = ["BODY_SIZE_SETTING", "InferEndpoint", "json_object"]
+__all__ = ["BODY_SIZE_SETTING", "InferCall", "InferEndpoint", "json_object"]
 
 #: what sets the largest request body (named in the 413 reply)
 BODY_SIZE_SETTING = "--http-max-body-size"
 #: JSON request headers from this many octets on have their large numeric arrays parsed
 #: straight into numpy (mip.protocol._jsonnum) instead of into Python numbers.
 _SPLIT_JSON_ABOVE = 64 << 10
-#: JSON request headers from this many octets on are parsed in a worker thread
-_THREAD_ABOVE = 512 << 10
+#: JSON request headers from this many octets on are parsed in a worker thread. As
+#: measured here, a hand-off to the thread costs about 50 us of CPU; a header of
+#: 128 KiB takes about 0.7 ms to parse, mostly without the GIL (mip.protocol._jsonnum), so
+#: the loop goes on meanwhile for 7% more CPU. Smaller ones stay on the loop: below
+#: _SPLIT_JSON_ABOVE orjson holds the GIL anyway, and the hand-off would cost 13% and more.
+_THREAD_ABOVE = 128 << 10
 _DECODE_THREADS = 2
 #: replies whose binary parts add up to less than this many octets are sent in one write.
 _JOIN_BELOW = 64 << 10
@@ -60,10 +70,12 @@ def json_object(value, what: str) -> dict:
 
 
 class InferEndpoint:
-    """The ASGI endpoint of ``.../infer`` (``scope["path_params"]``: ``name``, maybe
-    ``version``): body, checks, errors (:func:`~mip.net.http_router.send_error`) and
-    cancellation. An ``X-Request-ID`` header is answered with the same header, and names
-    the request in the access log (else its ``id`` does).
+    """The endpoint of ``.../infer``: body, checks, errors
+    (:func:`~mip.net.http_router.error_response`) and cancellation. It answers through
+    ASGI (``scope["path_params"]``: ``name``, maybe ``version``), and straight from the
+    HTTP listener through :meth:`open` (see :mod:`mip.net.http_direct`). An
+    ``X-Request-ID`` header is answered with the same header, and names the request in the
+    access log (else its ``id`` does).
 
     Args:
         dataplane: what requests are submitted to.
@@ -78,71 +90,36 @@ class InferEndpoint:
         self.max_body_size = max_body_size
         self.shm = shared_memory
 
+    def open(self, params: dict[str, str], headers: Iterable[tuple[bytes, bytes]],
+             client: tuple[str, int] | None) -> InferCall:
+        """A request of the path parameters ``params`` (``name``, maybe ``version``) with
+        ``headers`` (lowercase names) from ``client`` (host, port), arrived now."""
+        return InferCall(self, params, headers, client)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        params = scope["path_params"]
-        name, version = params["name"], params.get("version")
-        started = time.perf_counter()
-        client = scope.get("client")
-        request_id = work = None
-        echo: tuple[tuple[bytes, bytes], ...] = ()
+        call = self.open(scope["path_params"], scope["headers"], scope.get("client"))
         try:
-            length = encoding = None
-            header_length: str | None = None
-            for key, value in scope["headers"]:
-                if key == b"content-length":
-                    length = value
-                elif key == b"inference-header-content-length":
-                    header_length = value.decode("latin-1")
-                elif key == b"content-encoding":
-                    encoding = value
-                elif key == b"x-request-id":
-                    request_id = value.decode("latin-1")
-                    echo = ((b"x-request-id", value),)
-            body = await read_body(receive, self.max_body_size, length, encoding,
+            body = await read_body(receive, self.max_body_size, call.length, call.encoding,
                                    BODY_SIZE_SETTING)
-            doc, inputs, wanted, binary_default, timeout, classes, targets = (
-                await self._parse_off_loop(body, header_length))
-            oip_id = doc.get("id")
-            if request_id is None and oip_id is not None and oip_id != "":
-                request_id = str(oip_id)
-
-            def reply(result):
-                return self._reply_parts(oip_id, result, wanted, binary_default, targets)
-
-            work = self.dataplane.submit("http", name, version, inputs, list(wanted) or None,
-                                         timeout, then=reply, classes=classes,
-                                         source=client[0] if client else None, peer=client,
-                                         request_id=request_id, started=started)
-            header, parts = await _unless_disconnected(receive, work)
+            reply = await _unless_disconnected(receive, call.answer(body))
         except Exception as exc:
-            if work is None:
-                self.dataplane.refused("http", name, version, exc, peer=client,
-                                       request_id=request_id, started=started)
-            if not isinstance(exc, Cancelled):  # else the client is gone: nobody to answer
-                await send_error(send, exc, echo, scope)
-            return
-        if not parts:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                _JSON, (b"content-length", str(len(header)).encode()), *echo]})
-            await send({"type": "http.response.body", "body": header})
-            return
-        await _send_parts(send, [header, *parts], len(header), echo)
+            failure = call.failed(exc)
+            if failure is None:  # the client is gone: nobody to answer
+                return
+            reply = failure
+        await send_reply(send, reply)
 
-    async def _parse_off_loop(self, body: bytes, header_length: str | None):
-        """:meth:`_parse`; for a JSON header of :data:`_THREAD_ABOVE` octets or more, in a
-        worker thread: its numbers are read without the GIL, so the event loop and other
-        requests go on meanwhile (and two large bodies parse on two cores)."""
-        size = len(body) if header_length is None or not header_length.isdigit() else min(
-            len(body), int(header_length))
-        if size < _THREAD_ABOVE:
-            return self._parse(body, header_length)
+    def parse_in_thread(self, body: bytes, header_length: str | None) -> asyncio.Future:
+        """:meth:`parse` in a worker thread: a large JSON header's numbers are read without
+        the GIL, so the event loop and other requests go on meanwhile (and two large
+        bodies parse on two cores)."""
         if self._decoder is None:
             self._decoder = concurrent.futures.ThreadPoolExecutor(
                 _DECODE_THREADS, thread_name_prefix="mip-json")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._decoder, self._parse, body, header_length)
+        return asyncio.get_running_loop().run_in_executor(
+            self._decoder, self.parse, body, header_length)
 
-    def _parse(self, body: bytes, header_length: str | None):
+    def parse(self, body: bytes, header_length: str | None):
         """A request body: ``(doc, inputs, wanted outputs, binary_data_output, timeout,
         classification, outputs to shared memory)``."""
         if header_length is None:
@@ -228,12 +205,108 @@ class InferEndpoint:
             raise InvalidInput(f"{len(view) - position} octets of binary data belong to no input")
         return inputs
 
-    @staticmethod
-    def _reply_parts(request_id, result, wanted: dict[str, bool],
-                     binary_default: bool, targets: dict | None = None) -> tuple[bytes, list]:
-        """The reply's JSON header and the binary parts that follow it (maybe none);
-        outputs with ``targets`` are written to shared memory, not sent."""
+
+
+class InferCall:
+    """One inference request, from its headers to its :data:`~mip.net.http_router.Reply`:
+    :meth:`body` reads it, :meth:`answer` parses and submits it, :meth:`failed` says what
+    an error is answered with. A request refused before it reaches the data plane (it did
+    not parse, its client left) is recorded there (the access log) once."""
+
+    __slots__ = ("endpoint", "name", "version", "client", "started", "request_id", "echo",
+                 "length", "encoding", "header_length", "recorded", "oip_id", "wanted",
+                 "binary_default", "targets")
+
+    def __init__(self, endpoint: InferEndpoint, params: dict[str, str],
+                 headers: Iterable[tuple[bytes, bytes]], client: tuple[str, int] | None):
+        self.started = time.perf_counter()
+        self.endpoint = endpoint
+        self.name, self.version = params["name"], params.get("version")
+        self.client = client
+        self.request_id: str | None = None
+        #: headers every reply carries (the client's X-Request-ID)
+        self.echo: tuple[tuple[bytes, bytes], ...] = ()
+        self.length = self.encoding = None
+        self.header_length: str | None = None
+        for key, value in headers:
+            if key == b"content-length":
+                self.length = value
+            elif key == b"inference-header-content-length":
+                self.header_length = value.decode("latin-1")
+            elif key == b"content-encoding":
+                self.encoding = value
+            elif key == b"x-request-id":
+                self.request_id = value.decode("latin-1")
+                self.echo = ((b"x-request-id", value),)
+        self.recorded = False  # submitted to the data plane, or reported refused there
+        self.oip_id = None
+        self.wanted: dict[str, bool] = {}
+        self.binary_default = False
+        self.targets: dict[str, shm.OutputTarget] = {}
+
+    def body(self) -> Body:
+        """The reader of its body (:class:`~mip.errors.TooLarge` for a ``Content-Length``
+        over the limit)."""
+        return Body(self.endpoint.max_body_size, self.length, self.encoding,
+                    BODY_SIZE_SETTING)
+
+    def answer(self, body: bytes) -> asyncio.Future:
+        """Parse ``body`` and submit the request: a future of its reply (cancel it when the
+        client leaves: the request leaves the batch queue). A JSON header of
+        :data:`_THREAD_ABOVE` octets or more is parsed in a worker thread. Raises what
+        the request is refused for."""
+        header_length = self.header_length
+        size = len(body)
+        if header_length is not None and header_length.isdigit():
+            size = min(size, int(header_length))
+        if size >= _THREAD_ABOVE:
+            return asyncio.ensure_future(self._answer_later(body))
+        return self._submit(self.endpoint.parse(body, header_length))
+
+    async def _answer_later(self, body: bytes) -> Reply:
+        try:
+            parsed = await self.endpoint.parse_in_thread(body, self.header_length)
+        except asyncio.CancelledError:
+            self._refused(Cancelled("the client disconnected"))
+            raise
+        return await self._submit(parsed)
+
+    def _submit(self, parsed) -> asyncio.Future:
+        doc, inputs, wanted, binary_default, timeout, classes, targets = parsed
+        oip_id = doc.get("id")
+        if self.request_id is None and oip_id is not None and oip_id != "":
+            self.request_id = str(oip_id)
+        self.oip_id, self.wanted, self.binary_default = oip_id, wanted, binary_default
+        self.targets = targets
+        client = self.client
+        work = self.endpoint.dataplane.submit(
+            "http", self.name, self.version, inputs, list(wanted) or None, timeout,
+            then=self.encode, classes=classes, source=client[0] if client else None,
+            peer=client, request_id=self.request_id, started=self.started)
+        self.recorded = True
+        return work
+
+    def failed(self, exc: BaseException) -> Reply | None:
+        """The reply to the request ended by ``exc`` (raised by :meth:`body`,
+        :meth:`answer` or the body's reader, or set on the future of :meth:`answer`);
+        ``None`` for :class:`~mip.errors.Cancelled`: the client is gone."""
+        if not self.recorded:
+            self._refused(exc)
+        if isinstance(exc, Cancelled):
+            return None
+        version = f"/versions/{self.version}" if self.version else ""
+        return error_response(exc, self.echo, f"POST /v2/models/{self.name}{version}/infer")
+
+    def _refused(self, exc: BaseException) -> None:
+        self.recorded = True
+        self.endpoint.dataplane.refused("http", self.name, self.version, exc, peer=self.client,
+                                        request_id=self.request_id, started=self.started)
+
+    def encode(self, result) -> Reply:
+        """The reply of ``result``: a JSON header, then the binary parts (maybe none);
+        outputs with shared-memory targets are written there, not sent."""
         outputs, parts = [], []
+        binary_default, wanted, targets = self.binary_default, self.wanted, self.targets
         in_shm = shm.SystemSharedMemory.write(targets, result.outputs) if targets else {}
         for name, array in result.outputs.items():
             datatype = codec.datatype_of(array)
@@ -249,23 +322,18 @@ class InferEndpoint:
             outputs.append(entry)
         reply = {"model_name": result.model, "model_version": result.version,
                  "outputs": outputs}
-        if request_id is not None:
-            reply["id"] = request_id
-        return orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY), parts
-
-
-async def _send_parts(send, parts: list, header_length: int, headers: Sequence = ()) -> None:
-    """A reply of several buffers (JSON header, then tensor octets), joined only when
-    small."""
-    total = sum(len(p) for p in parts)
-    if total < _JOIN_BELOW:
-        parts = [b"".join(parts)]
-    await send({"type": "http.response.start", "status": 200, "headers": [
-        _OCTETS, (b"content-length", str(total).encode()),
-        (b"inference-header-content-length", str(header_length).encode()), *headers]})
-    last = len(parts) - 1
-    for index, part in enumerate(parts):
-        await send({"type": "http.response.body", "body": part, "more_body": index < last})
+        if self.oip_id is not None:
+            reply["id"] = self.oip_id
+        header = orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY)
+        if not parts:
+            return 200, [_JSON, (b"content-length", b"%d" % len(header)), *self.echo], [header]
+        parts.insert(0, header)
+        total = sum(len(p) for p in parts)
+        if total < _JOIN_BELOW:  # else the tensors go out as they are, not copied
+            parts = [b"".join(parts)]
+        return 200, [_OCTETS, (b"content-length", b"%d" % total),
+                     (b"inference-header-content-length", b"%d" % len(header)),
+                     *self.echo], parts
 
 
 def _json_data(array: np.ndarray, name: str):
