@@ -26,7 +26,7 @@ from mip.serving.batching import Request
 from mip.serving.engine import Engine
 
 if TYPE_CHECKING:
-    from mip.serving.repository import ModelVersion
+    from mip.serving.engine import ModelVersion
 
 __all__ = [
     "EXTENSIONS",

@@ -1,4 +1,4 @@
-"""A gRPC client channel on asyncio and :class:`mip.protocol._h2.GrpcConnection`.
+"""A gRPC client channel on asyncio and :class:`mip.protocol.h2.GrpcConnection`.
 
 One connection, any number of calls multiplexed on it; unary calls only, bytes in and
 bytes out (serialize with protobuf yourself). It costs a fraction of grpc.aio's CPU per
@@ -17,8 +17,8 @@ from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net import tls
 from mip.net.grpc_server import _RECEIVE_BUFFER, H2Protocol
 from mip.net.urls import tcp_address
-import mip.protocol._h2 as _h2
-from mip.protocol._h2 import Call, MessageReceived, MessageTooLarge, StreamClosed
+import mip.protocol.h2 as _h2
+from mip.protocol.h2 import Call, MessageReceived, MessageTooLarge, StreamClosed
 
 __all__ = ["GrpcChannel"]
 

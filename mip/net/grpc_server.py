@@ -1,4 +1,4 @@
-"""A gRPC server on asyncio and :class:`mip.protocol._h2.GrpcConnection` (libnghttp2).
+"""A gRPC server on asyncio and :class:`mip.protocol.h2.GrpcConnection` (libnghttp2).
 
 The server knows methods, not services: a dict from ``/package.Service/Method`` to a
 :class:`Method`, each a unary or a bidirectional-streaming handler written like a
@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 from mip.errors import GrpcStatus, H2Error, RpcError
 from mip.net.grpc_limits import GrpcLimits
-import mip.protocol._h2 as _h2
-from mip.protocol._h2 import (Call, Event, MessageReceived, MessageTooLarge, RequestReceived,
-                              StreamClosed, StreamEnded, UnaryReceived)
+import mip.protocol.h2 as _h2
+from mip.protocol.h2 import (Call, Event, MessageReceived, MessageTooLarge, RequestReceived,
+                             StreamClosed, StreamEnded, UnaryReceived)
 
 __all__ = ["Context", "GrpcLimits", "GrpcServer", "H2Protocol", "Method",
            "stream_stream", "unary", "unary_future"]
@@ -149,7 +149,7 @@ class _State:
 
 
 class H2Protocol(asyncio.BufferedProtocol):
-    """What both ends of a :class:`~mip.protocol._h2.GrpcConnection` do on asyncio: the
+    """What both ends of a :class:`~mip.protocol.h2.GrpcConnection` do on asyncio: the
     socket reads into a reused buffer, TCP_NODELAY, and what the connection wants to send
     leaves at the end of the event loop's pass in one write (none while the transport's
     write buffer is full: what waits stays in the connection, counted against its

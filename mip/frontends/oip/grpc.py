@@ -41,7 +41,7 @@ _MAX_GRPC_LIMIT = (1 << 31) - 1
 
 
 def native_available() -> bool:
-    """Whether the native HTTP/2 transport (``mip.protocol._h2``, libnghttp2) can be used."""
+    """Whether the native HTTP/2 transport (``mip.protocol.h2``, libnghttp2) can be used."""
     return native_unavailable_reason() is None
 
 
@@ -49,7 +49,7 @@ def native_unavailable_reason() -> str | None:
     """Why the native transport cannot be used here (None: it can): not built, or built
     but its run-time library (libnghttp2.so.14) is missing."""
     try:
-        import mip.protocol._h2  # noqa: F401
+        import mip.protocol.h2  # noqa: F401
     except ModuleNotFoundError:
         return ("mip was built without the native gRPC transport (MIP_NO_NATIVE_GRPC=1, or "
                 "libnghttp2's headers were missing when it was built)")

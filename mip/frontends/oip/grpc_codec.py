@@ -7,7 +7,7 @@ header (:func:`encode_reply`), so tensor octets are not copied by protobuf. A re
 used ``raw_input_contents`` is answered with ``raw_output_contents``; one that used typed
 ``contents`` is answered with typed contents (FP16/BF16 outputs, which have no typed form,
 make the reply raw). The common request (every tensor raw, no parameters) and its reply are
-read and written without protobuf, by :mod:`mip.protocol._oip` (:func:`read_plain_request`
+read and written without protobuf, by :mod:`mip.protocol.oip` (:func:`read_plain_request`
 here, ``write_infer_reply`` in the service's callback): its inputs are views of the
 received message, so between the socket's buffer and the batch a tensor's octets are
 copied once, into that message. No I/O here: bytes in, values out.
@@ -23,7 +23,7 @@ import numpy as np
 from mip.errors import InvalidInput
 from mip.frontends.oip import codec, shm
 from mip.frontends.oip import inference_pb2 as pb
-from mip.protocol._oip import read_infer_request
+from mip.protocol.oip import read_infer_request
 from mip.protocol.dtypes import BY_NAME, TABLE
 
 __all__ = ["encode_reply", "extension_parameters", "parameter", "parse_request",
@@ -135,7 +135,7 @@ def parse_request(data: bytes) -> tuple[Any, bytes, Sequence]:
 def read_plain_request(data: bytes) -> tuple | None:
     """A serialized ModelInferRequest of the common form (raw contents, no parameters) as
     ``(model_name, model_version, id, inputs, outputs)``, its inputs numpy views of
-    ``data``, read without protobuf (:func:`mip.protocol._oip.read_infer_request`);
+    ``data``, read without protobuf (:func:`mip.protocol.oip.read_infer_request`);
     ``None`` for any other request (read it with :func:`parse_request`)."""
     return read_infer_request(data) if type(data) is bytes else None
 

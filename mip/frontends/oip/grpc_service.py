@@ -39,7 +39,7 @@ from mip.frontends.oip import grpc_codec as wire
 from mip.frontends.oip import inference_pb2 as pb
 from mip.frontends.oip import shm
 from mip.frontends.oip.health import HEALTH_SERVICE, REFLECTION_SERVICES, Health, reflection
-from mip.protocol._oip import write_infer_reply
+from mip.protocol.oip import write_infer_reply
 from mip.net.peers import grpc_peer_host
 
 __all__ = ["RPC_AREAS", "SERVICE", "STREAM_WINDOW", "InferenceService", "Rpc", "methods"]

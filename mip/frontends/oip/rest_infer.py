@@ -12,7 +12,7 @@ that disconnects while its request waits has the request cancelled, so it leaves
 queue.
 
 JSON headers are parsed on the event loop (the numbers of large arrays by
-:mod:`mip.protocol._jsonnum`, straight into numpy), except from :data:`_THREAD_ABOVE`
+:mod:`mip.protocol.oip`, straight into numpy), except from :data:`_THREAD_ABOVE`
 octets on, which go to a worker thread.
 """
 
@@ -32,18 +32,18 @@ from mip.frontends.dataplane import DataPlane, timeout_parameter
 from mip.frontends.oip import codec, shm
 from mip.net.http_body import Body, read_body
 from mip.net.http_router import Reply, error_response, send_reply
-from mip.protocol._jsonnum import PLACEHOLDER, parse_numbers, split_numeric_arrays
+from mip.protocol.oip import PLACEHOLDER, parse_numbers, split_numeric_arrays
 
 __all__ = ["BODY_SIZE_SETTING", "InferCall", "InferEndpoint", "json_object"]
 
 #: what sets the largest request body (named in the 413 reply)
 BODY_SIZE_SETTING = "--http-max-body-size"
 #: JSON request headers from this many octets on have their large numeric arrays parsed
-#: straight into numpy (mip.protocol._jsonnum) instead of into Python numbers.
+#: straight into numpy (mip.protocol.oip) instead of into Python numbers.
 _SPLIT_JSON_ABOVE = 64 << 10
 #: JSON request headers from this many octets on are parsed in a worker thread. As
 #: measured here, a hand-off to the thread costs about 50 us of CPU; a header of
-#: 128 KiB takes about 0.7 ms to parse, mostly without the GIL (mip.protocol._jsonnum), so
+#: 128 KiB takes about 0.7 ms to parse, mostly without the GIL (mip.protocol.oip), so
 #: the loop goes on meanwhile for 7% more CPU. Smaller ones stay on the loop: below
 #: _SPLIT_JSON_ABOVE orjson holds the GIL anyway, and the hand-off would cost 13% and more.
 _THREAD_ABOVE = 128 << 10
