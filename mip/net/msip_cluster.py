@@ -483,6 +483,14 @@ class Backplane:
         self._ops.append(("del", client_id))
         self._session_wake.set()
 
+    def _still_subscribed(self, session, topic: str) -> bool:
+        """Whether a queued begin of ``topic`` for ``session`` still stands: False, and the
+        events held for it dropped, once the session has unsubscribed meanwhile."""
+        if session.streams.get(topic) is None:
+            self._held.pop((session, topic), None)
+            return False
+        return True
+
     # -- recorded patterns -------------------------------------------------------------------
     def _is_pattern(self, session, topic: str) -> bool:
         """Whether ``topic`` is a wildcard pattern for ``session``."""
@@ -914,9 +922,8 @@ class RedisCluster(Backplane):
         for op in ops:
             if op[0] == "begin":
                 session, topic = op[1], op[2]
-                if session.streams.get(topic) is None:
-                    self._held.pop((session, topic), None)
-                    continue  # unsubscribed meanwhile
+                if not self._still_subscribed(session, topic):
+                    continue
                 t = topic.encode("utf-8")
                 pattern = self._recorded_pattern(session.client_id, topic)
                 channel = self._feed_channel(topic) if pattern else self.prefix + t

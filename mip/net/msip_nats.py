@@ -443,9 +443,8 @@ class NatsCluster(Backplane):
         for op in ops:
             if op[0] == "begin":
                 session, topic = op[1], op[2]
-                if session.streams.get(topic) is None:
-                    self._held.pop((session, topic), None)
-                    continue  # unsubscribed meanwhile
+                if not self._still_subscribed(session, topic):
+                    continue
                 if self._recorded_pattern(session.client_id, topic):
                     await self._begin_pattern(session, topic)
                 else:
