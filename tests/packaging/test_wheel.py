@@ -15,6 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Building the sdist and wheel compiles every extension (the first test that asks for them
+# waits for it, within its own timeout): minutes on a busy 2-core machine, not the suite's 120 s.
+pytestmark = pytest.mark.timeout(900)
+
 SMOKE = textwrap.dedent("""
     import numpy as np, mip, mip.protocol._mip as core
     assert core.__file__.endswith(".so"), core.__file__
