@@ -352,7 +352,8 @@ cdef class GrpcConnection:
             ENHANCE_YOUR_CALM ``too_many_pings`` (grpc-core's policy; 0 strikes: no limit).
         reset_burst / reset_rate: streams the peer may reset (RST_STREAM) at once and per
             second after that; more end the connection with GOAWAY ENHANCE_YOUR_CALM
-            ``too_many_resets`` (0 rate: no limit).
+            ``too_many_resets`` (0 rate: no limit). nghttp2's own limiter of resets, where
+            the library has one, is set never to trigger: this one decides.
         scheme: client: ``:scheme`` of requests (``b"https"`` over TLS).
         unary_paths: server: the ``:path`` of every unary method; their plain calls come
             as one :class:`UnaryReceived` event each.
