@@ -37,6 +37,7 @@ packaging tests check that a release build prints no warning.
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy
 from Cython.Build import cythonize
@@ -103,7 +104,10 @@ if not NO_NATIVE_GRPC:
             "transport with MIP_NO_NATIVE_GRPC=1 (gRPC is then served through grpcio).")
     extensions.append(Extension(
         "mip.protocol._h2", ["mip/protocol/_h2.pyx"],
-        include_dirs=NGHTTP2, libraries=["nghttp2"], depends=["mip/protocol/_nghttp2.pxd"],
+        # libdl: dladdr and dlopen, which look up nghttp2's optional entry points at run
+        # time (in libc itself from glibc 2.34 on, where libdl is left empty)
+        include_dirs=NGHTTP2, depends=["mip/protocol/_nghttp2.pxd"],
+        libraries=["nghttp2"] + (["dl"] if sys.platform.startswith("linux") else []),
         extra_compile_args=compile_args, extra_link_args=link_args, define_macros=macros))
 
 

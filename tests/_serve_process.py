@@ -183,14 +183,17 @@ def in_parallel(function, items) -> list:
 
 # -- the hostile peers that tests/net/test_hostile_*.py and tests/frontends/ send ---------
 
-def idle_flood(host: str, port: int, per_peer: int) -> tuple[bytes, list[socket.socket]]:
+def idle_flood(host: str, port: int, per_peer: int,
+               between=None) -> tuple[bytes, list[socket.socket]]:
     """`per_peer` idle connections from 127.0.0.2, one more from there (what the listener
-    answers it is returned), then `per_peer` from 127.0.0.3; returns that answer and every
-    socket (the caller closes them)."""
+    answers it is returned), ``between()`` if given, then `per_peer` from 127.0.0.3; returns
+    that answer and every socket (the caller closes them)."""
     first = [connect(host, port, "127.0.0.2") for _ in range(per_peer)]
     extra = connect(host, port, "127.0.0.2")
     closed, refusal = closed_within(extra, 10)
     assert closed, "a connection over max_connections_per_peer stayed open"
+    if between is not None:
+        between()
     second = [connect(host, port, "127.0.0.3") for _ in range(per_peer)]
     return refusal, [extra, *first, *second]
 

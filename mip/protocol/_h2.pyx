@@ -30,7 +30,7 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromS
                             PyBytes_GET_SIZE)
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t, uint64_t
+from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t, uint64_t, UINT64_MAX
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memcmp, memcpy
 from libc.stdlib cimport malloc, free
@@ -352,7 +352,8 @@ cdef class GrpcConnection:
             ENHANCE_YOUR_CALM ``too_many_pings`` (grpc-core's policy; 0 strikes: no limit).
         reset_burst / reset_rate: streams the peer may reset (RST_STREAM) at once and per
             second after that; more end the connection with GOAWAY ENHANCE_YOUR_CALM
-            ``too_many_resets`` (0 rate: no limit).
+            ``too_many_resets`` (0 rate: no limit). nghttp2's own limiter of resets, where
+            the library has one, is set never to trigger: this one decides.
         scheme: client: ``:scheme`` of requests (``b"https"`` over TLS).
         unary_paths: server: the ``:path`` of every unary method; their plain calls come
             as one :class:`UnaryReceived` event each.
@@ -430,6 +431,11 @@ cdef class GrpcConnection:
         nghttp2_option_set_max_settings(opt, 32)
         if self.manual_window:
             nghttp2_option_set_no_auto_window_update(opt, 1)
+        if not client:
+            # one limiter of streams reset by the peer decides, reset_burst / reset_rate
+            # (GOAWAY ENHANCE_YOUR_CALM too_many_resets): nghttp2's own, where the library
+            # has one, is set so that it never triggers
+            mip_h2_set_stream_reset_rate_limit(opt, UINT64_MAX, UINT64_MAX)
         cdef int rv
         if client:
             rv = nghttp2_session_client_new2(&self.session, cb, <void *>self, opt)

@@ -3,7 +3,7 @@
 # calls, and the mip_h2_* names that pick nghttp2's *2 entry points where the installed
 # library has them. Declarations only: no module is built from this file.
 
-from libc.stdint cimport uint8_t, int32_t, uint32_t
+from libc.stdint cimport uint8_t, int32_t, uint32_t, uint64_t
 
 # nghttp2 1.61 deprecated the ssize_t entry points for *2 ones taking nghttp2_ssize; use
 # them where the installed library has them, the older ones otherwise.
@@ -188,3 +188,40 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_submit_shutdown_notice(nghttp2_session *session)
     int nghttp2_submit_ping(nghttp2_session *session, uint8_t flags, const uint8_t *opaque_data)
     const char *nghttp2_strerror(int lib_error_code)
+
+# nghttp2 1.57 has a limiter of its own for streams the peer resets (default: a burst of
+# 1000, then 33 a second), which answers GOAWAY INTERNAL_ERROR; distributions backported it
+# to older versions, so the version number does not tell. The loaded library is asked for
+# nghttp2_option_set_stream_reset_rate_limit by name: mip_h2_set_stream_reset_rate_limit
+# calls it and returns 1 where it is there, returns 0 where it is not (nor the limiter).
+cdef extern from *:
+    """
+    #include <dlfcn.h>
+    #include <nghttp2/nghttp2.h>
+    typedef void (*mip_h2_reset_limit_fn)(nghttp2_option *, uint64_t, uint64_t);
+    static int mip_h2_reset_limit_looked_up = 0;
+    static mip_h2_reset_limit_fn mip_h2_reset_limit = NULL;
+
+    static int mip_h2_set_stream_reset_rate_limit(nghttp2_option *option, uint64_t burst,
+                                                  uint64_t rate) {
+        if (!mip_h2_reset_limit_looked_up) {
+            Dl_info info;
+            void *lib;
+            mip_h2_reset_limit_looked_up = 1;
+            if (dladdr((void *)&nghttp2_option_new, &info) && info.dli_fname != NULL) {
+                lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+                if (lib != NULL) {
+                    *(void **)&mip_h2_reset_limit =
+                        dlsym(lib, "nghttp2_option_set_stream_reset_rate_limit");
+                    dlclose(lib);
+                }
+            }
+        }
+        if (mip_h2_reset_limit == NULL)
+            return 0;
+        mip_h2_reset_limit(option, burst, rate);
+        return 1;
+    }
+    """
+    int mip_h2_set_stream_reset_rate_limit(nghttp2_option *option, uint64_t burst,
+                                           uint64_t rate)

@@ -4,6 +4,7 @@ load and unload reach every worker."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc to see which worker holds a connection")
 
 X = np.arange(16, dtype=np.float32).reshape(1, 16)
-ROUNDS = 40  # connections opened, at most, until each worker has held one
 WAIT = 20.0  # seconds, at most, for what the server does on its own
+START = 120.0  # seconds, at most, for two workers to load their models on a loaded machine
 
 # y = x after sleeping x seconds; first leaves a file started-PID-X in FOLDER, so that a test
 # knows the request is in a worker (and which one).
@@ -65,7 +66,8 @@ def _serve(tmp_path, monkeypatch, *extra):
         process, out = _start(["--model-repository", str(repo), "--mip", "tcp://127.0.0.1:0",
                                "--mip-model", "identity", "--http", "127.0.0.1:0",
                                "--grpc", "127.0.0.1:0", "--workers", "2", "--log-level", "INFO",
-                               *extra], 1, pattern="mip: 2 worker processes serving")
+                               *extra], 1, pattern="mip: 2 worker processes serving",
+                              timeout=START)
     pids = [int(p) for p in re.search(r"\(pids ([\d, ]+)\)", out).group(1).split(", ")]
     urls = {"mip": re.search(r"serving MIP on (\S+)", out).group(1),
             "grpc": re.search(r"KServe v2 gRPC on (\S+)", out).group(1),
@@ -111,6 +113,22 @@ def _held(pids, address: str) -> dict[int, int]:
         for inode in _socket_inodes(pid) & set(server_ends):
             held[server_ends[inode]] = pid
     return held
+
+
+@contextlib.contextmanager
+def _only(pids, pid: int):
+    """The block's new connections are accepted by worker ``pid``: the others are stopped
+    (SIGSTOP) meanwhile, so only it takes them from the shared listening sockets. (Which
+    worker accepts a connection is otherwise up to the kernel and the scheduler.)"""
+    others = [p for p in pids if p != pid]
+    try:
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        yield
+    finally:
+        for other in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(other, signal.SIGCONT)
 
 
 def _rest_request(address):
@@ -185,17 +203,14 @@ def test_two_workers_serve_every_protocol_and_metrics_count_both(tmp_path, monke
     process, pids, urls, temporary = _serve(tmp_path, monkeypatch)
     try:
         assert len(list(temporary.glob("mip-metrics-*"))) == 1
-        held = {"mip": set(), "grpc": set(), "http": set()}
-        rounds = 0
-        while rounds < ROUNDS and any(len(h) < 2 for h in held.values()):
-            for protocol, holders in _one_of_each(urls, pids).items():
-                assert len(holders) == 1, (protocol, holders)
-                held[protocol] |= holders
-            rounds += 1
-        assert held == {"mip": set(pids), "grpc": set(pids), "http": set(pids)}
+        for pid in pids:  # each worker serves every protocol
+            with _only(pids, pid):
+                assert _one_of_each(urls, pids) == {"mip": {pid}, "grpc": {pid}, "http": {pid}}
+        rounds = len(pids)
         # one /metrics for both: the other worker's series are published within a second
         assert wait_until(lambda: all(_successes(_metrics(urls["http"]), p) == rounds
-                                     for p in held), WAIT, 0.1), (rounds, _metrics(urls["http"]))
+                                     for p in ("mip", "grpc", "http")), WAIT, 0.1), \
+            (rounds, _metrics(urls["http"]))
         text = _metrics(urls["http"])
         assert text.count("# TYPE nv_inference_request_success counter") == 1
         assert re.search(r"^mip_models_loaded 3(\.0)?$", text, re.M), text
@@ -275,13 +290,8 @@ def test_a_killed_worker_fails_its_requests_and_is_started_again(tmp_path, monke
                          r"starting it again in [\d.]+ s", text), text
         new = int(re.search(rf"worker {index} started again \(pid (\d+)\)", text).group(1))
         pids = [new if pid == victim else pid for pid in pids]
-        held = {"mip": set(), "grpc": set(), "http": set()}
-        for _ in range(ROUNDS):
-            for protocol, holders in _one_of_each(urls, pids).items():
-                held[protocol] |= holders
-            if all(new in h for h in held.values()):
-                break
-        assert all(new in h for h in held.values()), held
+        with _only(pids, new):  # the new worker serves every protocol
+            assert _one_of_each(urls, pids) == {"mip": {new}, "grpc": {new}, "http": {new}}
     finally:
         assert _stop(process) == 0, "".join(lines)
 
@@ -291,18 +301,12 @@ def test_sigterm_drains_every_worker(tmp_path, monkeypatch):
     clients = {}
     try:
         address = urls["mip"].removeprefix("tcp://")
-        for _ in range(ROUNDS):  # a connection held by each worker
-            before = _held(pids, address)
-            client = Client(urls["mip"])
-            client.ping()
-            (holder,) = _new_holders(pids, address, before)
-            if holder in clients:
-                client.close()
-                continue
-            clients[holder] = client
-            if len(clients) == 2:
-                break
-        assert set(clients) == set(pids)
+        for pid in pids:  # a connection held by each worker
+            with _only(pids, pid):
+                before = _held(pids, address)
+                clients[pid] = client = Client(urls["mip"])
+                client.ping()
+                assert _new_holders(pids, address, before) == {pid}
         calls = [_in_thread(_marked(urls["mip"], 1.5, client)) for client in clients.values()]
         assert wait_until(lambda: set(_marks(tmp_path)) == set(pids), WAIT)
         process.send_signal(signal.SIGTERM)
@@ -318,23 +322,22 @@ def test_sigterm_drains_every_worker(tmp_path, monkeypatch):
 
 
 def _ready_on_each(urls, pids, model: str) -> dict[int, int]:
-    """Worker pid -> the status of GET /v2/models/{model}/ready it answers, over new
-    connections until every worker has answered."""
+    """Worker pid -> the status of GET /v2/models/{model}/ready it answers, over a new
+    connection to each worker."""
     host, port = urls["http"].rsplit(":", 1)
     statuses: dict[int, int] = {}
-    for _ in range(ROUNDS):
-        before = _held(pids, urls["http"])
-        connection = http.client.HTTPConnection(host, int(port), timeout=10)
-        try:
-            connection.request("GET", f"/v2/models/{model}/ready")
-            answer = connection.getresponse()
-            answer.read()
-            (holder,) = _new_holders(pids, urls["http"], before)
-            statuses[holder] = answer.status
-        finally:
-            connection.close()
-        if len(statuses) == len(pids):
-            break
+    for pid in pids:
+        with _only(pids, pid):
+            before = _held(pids, urls["http"])
+            connection = http.client.HTTPConnection(host, int(port), timeout=10)
+            try:
+                connection.request("GET", f"/v2/models/{model}/ready")
+                answer = connection.getresponse()
+                answer.read()
+                assert _new_holders(pids, urls["http"], before) == {pid}
+                statuses[pid] = answer.status
+            finally:
+                connection.close()
     return statuses
 
 
@@ -386,12 +389,14 @@ def test_model_load_and_unload_reach_every_worker(tmp_path, monkeypatch):
 def test_unix_socket_is_shared(tmp_path):
     path = tmp_path / "mip.sock"
     repo = build_demo_repository(tmp_path / "repo")
-    process, _ = _start(["--model-repository", str(repo), "--mip", f"unix://{path}",
-                         "--mip-model", "identity", "--http", "none", "--grpc", "none",
-                         "--workers", "2"], 1, pattern="mip: 2 worker processes serving")
+    process, out = _start(["--model-repository", str(repo), "--mip", f"unix://{path}",
+                           "--mip-model", "identity", "--http", "none", "--grpc", "none",
+                           "--workers", "2"], 1, pattern="mip: 2 worker processes serving",
+                          timeout=START)
+    pids = [int(p) for p in re.search(r"\(pids ([\d, ]+)\)", out).group(1).split(", ")]
     try:
-        for _ in range(8):
-            with Client(f"unix://{path}") as client:
+        for pid in pids:  # each worker accepts on the path
+            with _only(pids, pid), Client(f"unix://{path}") as client:
                 (item,) = client.infer([[X]])
                 np.testing.assert_array_equal(item[0], X)
     finally:

@@ -20,9 +20,10 @@ pytest.importorskip("mip.protocol._h2", reason="mip.protocol._h2 not built (no l
 pytest.importorskip("h2")
 
 import grpc  # noqa: E402
-from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame  # noqa: E402
+from hyperframe.frame import GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame  # noqa: E402
 
 import _grpc_echo as echo  # noqa: E402
+from _wait import wait_until  # noqa: E402
 
 BOUND = 100 << 20  # octets of RSS growth allowed
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -153,8 +154,9 @@ def guarded():
     def start(**limits):
         server = echo.Process("native", **limits)
         client = GoodClient(server.address)
-        time.sleep(0.5)
-        state.update(server=server, client=client, before=server.settle_rss(0.5))
+        state.update(server=server, client=client)
+        assert wait_until(lambda: client.ok > 0 or client.bad, timeout=60), "no answer"
+        state.update(before=server.settle_rss(0.5))
         return server
 
     yield start
@@ -163,6 +165,9 @@ def guarded():
         assert server.alive()
         after = server.rss()
         print(f"server RSS {state['before'] >> 20} MiB before, {after >> 20} MiB after")
+        # served after the attack too: one more right answer
+        answered = client.ok
+        assert wait_until(lambda: client.ok > answered or client.bad, timeout=60)
         client.finish()
         assert after - state["before"] < BOUND, (state["before"], after)
     finally:
@@ -218,11 +223,16 @@ def test_hpack_bomb(guarded):
     assert statuses == [b"8"] * 400  # RESOURCE_EXHAUSTED
 
 
+def resets(first: int, count: int) -> bytes:
+    """``count`` streams from ``first`` on, each opened and reset at once."""
+    return b"".join(frame(HEADERS, END_HEADERS, i, REQUEST)
+                    + frame(RST_STREAM, 0, i, (8).to_bytes(4, "big"))
+                    for i in range(first, first + 2 * count, 2))
+
+
 FLOODS = {
     # Rapid Reset: streams opened and reset at once
-    "too_many_resets": b"".join(frame(HEADERS, END_HEADERS, 2 * i + 1, REQUEST)
-                                + frame(RST_STREAM, 0, 2 * i + 1, (8).to_bytes(4, "big"))
-                                for i in range(5000)),
+    "too_many_resets": resets(1, 5000),
     "too_many_settings": frame(SETTINGS, 0, 0) * 20000,
     "too_many_pings": frame(PING, 0, 0, b"12345678") * 20000,
 }
@@ -237,6 +247,22 @@ def test_floods(guarded, reason):
     sock.close()
     assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
     assert goaway.additional_data == reason.encode()
+
+
+def test_reset_limit_is_the_configured_one(guarded):
+    """nghttp2 1.57 (or a backport) has a reset limiter of its own, a burst of 1000: it
+    must not end the connection (GOAWAY INTERNAL_ERROR) before the configured limit."""
+    server = guarded(reset_burst=3000, max_reset_rate=1)
+    sock = attacker(server.address)
+    send(sock, resets(1, 2000) + frame(PING, 0, 0, b"12345678"))
+    frames = echo.read_frames(sock, lambda f: isinstance(f, (PingFrame, GoAwayFrame)), timeout=30)
+    assert [type(f) for f in frames if isinstance(f, (PingFrame, GoAwayFrame))] == [PingFrame]
+    # past the configured burst: ours, with its reason
+    send(sock, resets(4001, 2000))
+    goaway = goaway_of(sock)
+    sock.close()
+    assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
+    assert goaway.additional_data == b"too_many_resets"
 
 
 def test_continuation_flood(guarded):
