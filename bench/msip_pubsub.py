@@ -435,7 +435,7 @@ class _Processes:
                             args=(side.name, side.port, conns, i, counts, theirs), daemon=True)
             p.start()
             self.workers.append((p, mine))
-        for p, pipe in self.workers:
+        for _, pipe in self.workers:
             if not await loop.run_in_executor(None, pipe.poll, 60) or pipe.recv() != "ready":
                 raise RuntimeError("a subscriber process did not start")
         self.pids = tuple(p.pid for p, _ in self.workers)
