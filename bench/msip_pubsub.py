@@ -6,8 +6,10 @@ p50/p99 at a steady 1,000 msg/s (64 B, 1 subscriber). The brokers run in their o
 (ours on uvloop when installed); the load generator is one asyncio process; the cells alternate
 between the two servers. Prints a table with ratios (MSIP / Redis) and, beside each rate, the
 server's CPU time per delivered message (or round trip): user + system time of the server's
-process over the cell, from ``/proc``, which moves less than rates on a shared machine. Every
-cell runs for ``--seconds`` (default 2 s).
+process over the cell, from ``/proc``, which moves less than rates on a shared machine, and the
+load generator's own CPU time per message (client CPU: one client reads MSIP frames, the other
+RESP, so this shows when the client rather than the server sets the rate). Every cell runs for
+``--seconds`` (default 2 s).
 
 ``--instructions`` counts instead the instructions the broker's whole process executes per
 delivered message (or round trip) for a fixed amount of work: ``mip broker`` runs under
@@ -19,6 +21,14 @@ count moves by about 1% between runs. ``--base REV`` counts that revision too (i
 
     python bench/msip_pubsub.py [--seconds 2] [--quick]
     python bench/msip_pubsub.py --instructions [--base main]
+
+``--sub-procs N`` has the subscribers of the pub/sub cells read in N processes of their own
+(spawned, each with its own event loop, counting in shared memory) rather than in the load
+generator's one process, so that reading every subscriber's messages in Python does not cap
+the delivered rate; the client CPU columns (the load generator's processes' CPU per delivered
+message or round trip) count them too. ``--pubsub`` runs only the pub/sub cells::
+
+    python bench/msip_pubsub.py --pubsub --sub-procs 2
 
 ``--ping N`` runs only the PING cells, N rounds, each round every server in turn (with ``--base
 REV``, that revision's broker too), and prints each server's median rate and CPU per round trip
@@ -195,6 +205,7 @@ class MsipSide:
     name = "MSIP"
 
     def __init__(self, port):
+        self.port = port
         self.url = f"tcp://127.0.0.1:{port}"
 
     async def client(self):
@@ -245,6 +256,9 @@ class RedisSide:
         c.close()
 
 
+_SIDES = {"MSIP": MsipSide, "Redis": RedisSide}
+
+
 class _Idle:
     """A meter that measures nothing (warm-up rounds)."""
 
@@ -273,6 +287,21 @@ class CpuMeter:
         return cpu_seconds(self.pid) - self._t0
 
 
+class ClientMeter:
+    """CPU seconds the load generator spends between start and stop: this process and the
+    subscriber processes ``pids``."""
+
+    def __init__(self, pids=()):
+        self.meters = [CpuMeter(pid) for pid in (os.getpid(), *pids)]
+
+    def start(self) -> None:
+        for m in self.meters:
+            m.start()
+
+    def stop(self) -> float:
+        return sum(m.stop() for m in self.meters)
+
+
 class CallgrindMeter:
     """Instructions a process running under callgrind executes between start and stop
     (counters zeroed, then dumped, with ``callgrind_control``)."""
@@ -298,10 +327,12 @@ class CallgrindMeter:
 
 
 async def bench_ping(side, conns: int, seconds: float, meter=_IDLE,
-                     count: int | None = None) -> tuple[float, float]:
-    """Round trips per second, and what ``meter`` measured per round trip (``count``: that
-    many round trips per connection instead of ``seconds``)."""
+                     count: int | None = None) -> tuple[float, float, float]:
+    """Round trips per second, what ``meter`` measured per round trip, and the load
+    generator's CPU seconds per round trip (``count``: that many round trips per connection
+    instead of ``seconds``)."""
     clients = [await side.client() for _ in range(conns)]
+    client_meter = ClientMeter()
     done = 0
     stop = time.perf_counter() + seconds
 
@@ -317,32 +348,124 @@ async def bench_ping(side, conns: int, seconds: float, meter=_IDLE,
             done += 1
 
     meter.start()
+    client_meter.start()
     t0 = time.perf_counter()
     await asyncio.gather(*(loop(c) for c in clients))
     elapsed = time.perf_counter() - t0
     spent = meter.stop()
+    client_spent = client_meter.stop()
     for c in clients:
         await side.close(c)
-    return done / elapsed, spent / done
+    return done / elapsed, spent / done, client_spent / done
+
+
+class _InProcess:
+    """Subscribers read in the load generator's own event loop."""
+
+    pids: tuple[int, ...] = ()
+    pause = 0.0  # (the loop turns while waiting: the subscribers' reads are on it)
+
+    def __init__(self):
+        self.count = 0
+        self.subscribers: list = []
+
+    def received(self) -> int:
+        return self.count
+
+    async def start(self, side, subs: int) -> None:
+        def on_data(_):
+            self.count += 1
+
+        self.subscribers = [await side.client() for _ in range(subs)]
+        for s in self.subscribers:
+            await side.subscribe(s, "bench", on_data)
+
+    async def stop(self, side) -> None:
+        for c in self.subscribers:
+            await side.close(c)
+
+
+def _subscriber_process(kind: str, port: int, conns: int, slot: int, counts, pipe) -> None:
+    """A subscriber process: ``conns`` subscribers of topic ``bench`` counting what they
+    receive in ``counts[slot]`` (shared memory), from "ready" to the "stop" it is sent."""
+    view = memoryview(counts).cast("B").cast("q")
+
+    def on_data(_):
+        view[slot] += 1
+
+    async def main():
+        side = _SIDES[kind](port)
+        clients = [await side.client() for _ in range(conns)]
+        for c in clients:
+            await side.subscribe(c, "bench", on_data)
+        pipe.send("ready")
+        await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+        for c in clients:
+            await side.close(c)
+
+    (uvloop.run if uvloop is not None else asyncio.run)(main())
+
+
+class _Processes:
+    """Subscribers read in ``procs`` processes of their own (each its own event loop), their
+    counts in shared memory."""
+
+    pause = 0.0005  # (the subscribers read elsewhere: wait without taking a CPU from them)
+
+    def __init__(self, procs: int):
+        self.procs = procs
+        self.workers: list = []
+        self.pids: tuple[int, ...] = ()
+
+    def received(self) -> int:
+        return sum(self.view)
+
+    async def start(self, side, subs: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        n = min(self.procs, subs)
+        counts = ctx.RawArray("q", n)
+        self.view = memoryview(counts).cast("B").cast("q")
+        loop = asyncio.get_running_loop()
+        for i in range(n):
+            mine, theirs = ctx.Pipe()
+            conns = subs // n + (i < subs % n)
+            p = ctx.Process(target=_subscriber_process,
+                            args=(side.name, side.port, conns, i, counts, theirs), daemon=True)
+            p.start()
+            self.workers.append((p, mine))
+        for _, pipe in self.workers:
+            if not await loop.run_in_executor(None, pipe.poll, 60) or pipe.recv() != "ready":
+                raise RuntimeError("a subscriber process did not start")
+        self.pids = tuple(p.pid for p, _ in self.workers)
+
+    async def stop(self, side) -> None:
+        for _, pipe in self.workers:
+            pipe.send("stop")
+        for p, _ in self.workers:
+            await asyncio.get_running_loop().run_in_executor(None, p.join, 10)
+            if p.is_alive():
+                p.kill()
+                p.join()
 
 
 async def bench_pubsub(side, subs: int, size: int, seconds: float, meter=_IDLE,
-                       count: int | None = None, window: int = 200) -> tuple[float, float]:
-    """Delivered messages per second, and what ``meter`` measured per delivered message
-    (``count``: publish that many messages instead of for ``seconds``)."""
-    received = 0
-
-    def on_data(_):
-        nonlocal received
-        received += 1
-
-    subscribers = [await side.client() for _ in range(subs)]
-    for s in subscribers:
-        await side.subscribe(s, "bench", on_data)
+                       count: int | None = None, window: int = 200,
+                       procs: int = 0) -> tuple[float, float, float]:
+    """Delivered messages per second, what ``meter`` measured per delivered message, and the
+    load generator's CPU seconds per delivered message (``count``: publish that many messages
+    instead of for ``seconds``; ``procs``: the subscribers read in that many processes of their
+    own, their CPU counted with the load generator's)."""
+    group = _Processes(procs) if procs else _InProcess()
+    await group.start(side, subs)
+    received = group.received
     pub = await side.client()
+    client_meter = ClientMeter(group.pids)
     data = b"x" * size
     sent = 0
     meter.start()
+    client_meter.start()
     t0 = time.perf_counter()
     stop = t0 + seconds
     while sent < count if count is not None else time.perf_counter() < stop:
@@ -352,18 +475,20 @@ async def bench_pubsub(side, subs: int, size: int, seconds: float, meter=_IDLE,
         sent += window
         await side.sync(pub)
         for _ in range(10_000):
-            if received >= (sent - window) * subs:
+            if received() >= (sent - window) * subs:
                 break
-            await asyncio.sleep(0)
+            await asyncio.sleep(group.pause)
     for _ in range(2000 if count is None else 600_000):
-        if received >= sent * subs:
+        if received() >= sent * subs:
             break
         await asyncio.sleep(0.001)
     elapsed = time.perf_counter() - t0
     spent = meter.stop()
-    for c in subscribers + [pub]:
-        await side.close(c)
-    return received / elapsed, spent / max(received, 1)
+    client_spent = client_meter.stop()
+    got = received()
+    await group.stop(side)
+    await side.close(pub)
+    return got / elapsed, spent / max(got, 1), client_spent / max(got, 1)
 
 
 async def bench_latency(side, rate: float, seconds: float, size: int = 64) -> tuple[float, float]:
@@ -394,31 +519,39 @@ async def bench_latency(side, rate: float, seconds: float, size: int = 64) -> tu
     return lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
 
 
-async def run_all(sides, meters, seconds):
-    """Every cell on each side in turn; prints the table."""
+async def run_all(sides, meters, seconds, procs: int = 0, only_pubsub: bool = False):
+    """Every cell on each side in turn (``only_pubsub``: the pub/sub cells); prints the
+    table."""
     rows = []
-    for conns in (1, 16):
-        r = [await bench_ping(s, conns, seconds, m) for s, m in zip(sides, meters)]
-        rows.append((f"PING round trips/s, {conns} conn", r, "{:,.0f}"))
+    if not only_pubsub:
+        for conns in (1, 16):
+            r = [await bench_ping(s, conns, seconds, m) for s, m in zip(sides, meters)]
+            rows.append((f"PING round trips/s, {conns} conn", r, "{:,.0f}"))
     for subs in (1, 10):
         for size in (64, 4096):
-            r = [await bench_pubsub(s, subs, size, seconds, m) for s, m in zip(sides, meters)]
+            r = [await bench_pubsub(s, subs, size, seconds, m, procs=procs)
+                 for s, m in zip(sides, meters)]
             rows.append((f"pub/sub delivered msg/s, 1->{subs}, {size} B", r, "{:,.0f}"))
-    lat = [await bench_latency(s, 1000, seconds) for s in sides]
-    rows.append(("latency p50 ms @1,000 msg/s, 64 B", [(x[0], None) for x in lat], "{:.3f}"))
-    rows.append(("latency p99 ms @1,000 msg/s, 64 B", [(x[1], None) for x in lat], "{:.3f}"))
+    if not only_pubsub:
+        lat = [await bench_latency(s, 1000, seconds) for s in sides]
+        rows.append(("latency p50 ms @1,000 msg/s, 64 B", [(x[0], None, None) for x in lat],
+                     "{:.3f}"))
+        rows.append(("latency p99 ms @1,000 msg/s, 64 B", [(x[1], None, None) for x in lat],
+                     "{:.3f}"))
     print("\n| cell | MSIP (mip) | Redis | ratio MSIP/Redis | MSIP CPU µs/msg | Redis CPU µs/msg "
-          "| CPU ratio MSIP/Redis |\n|---|---|---|---|---|---|---|")
-    for name, ((a, ca), (b, cb)), fmt in rows:
-        cpu = ("| – | – | –" if ca is None else
-               f"| {ca * 1e6:.2f} | {cb * 1e6:.2f} | {ca / cb if cb else float('nan'):.2f}")
+          "| CPU ratio MSIP/Redis | client CPU µs/msg, MSIP | client CPU µs/msg, Redis |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    for name, ((a, ca, la), (b, cb, lb)), fmt in rows:
+        cpu = ("| – | – | – | – | –" if ca is None else
+               f"| {ca * 1e6:.2f} | {cb * 1e6:.2f} | {ca / cb if cb else float('nan'):.2f} "
+               f"| {la * 1e6:.2f} | {lb * 1e6:.2f}")
         print(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} {cpu} |")
 
 
 async def run_ping(names, sides, meters, seconds: float, rounds: int) -> None:
     """The PING cells only, ``rounds`` times, each round every side in turn; prints each
     side's median rate and CPU per round trip, and their ratios to the last side's."""
-    results: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    results: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
     for side in sides:  # warm-up, unmeasured
         await bench_ping(side, 16, 0, count=100)
     for _ in range(rounds):
@@ -432,8 +565,9 @@ async def run_ping(names, sides, meters, seconds: float, rounds: int) -> None:
           + " |")
     print("|---" * (1 + 2 * len(names) + 2 * (len(names) - 1)) + "|")
     for conns in (1, 16):
-        med = [(statistics.median(r for r, _ in results[conns, i]),
-                statistics.median(c for _, c in results[conns, i])) for i in range(len(sides))]
+        med = [(statistics.median(r for r, _, _ in results[conns, i]),
+                statistics.median(c for _, c, _ in results[conns, i]))
+               for i in range(len(sides))]
         ref = med[-1]
         print(f"| {conns} conn | " + " | ".join(f"{r:,.0f} | {c * 1e6:.2f}" for r, c in med)
               + " | " + " | ".join(f"{r / ref[0]:.2f} | {c / ref[1]:.2f}" for r, c in med[:-1])
@@ -522,6 +656,10 @@ def main():
     ap.add_argument("--base", help="with --instructions or --ping: this git revision's broker too")
     ap.add_argument("--ping", type=int, metavar="ROUNDS",
                     help="only the PING cells, this many interleaved rounds (medians)")
+    ap.add_argument("--pubsub", action="store_true", help="only the pub/sub cells")
+    ap.add_argument("--sub-procs", type=int, default=0, metavar="N",
+                    help="the subscribers read in N processes of their own (0: in the load "
+                         "generator's process)")
     args = ap.parse_args()
     if args.instructions:
         instructions(args.base)
@@ -557,7 +695,8 @@ def main():
             names = [name for name, _, _, _ in brokers] + ["Redis"]
             runner(asyncio.wait_for(run_ping(names, sides, meters, seconds, args.ping), 3000))
         else:
-            runner(asyncio.wait_for(run_all(sides, meters, seconds), 600))
+            runner(asyncio.wait_for(run_all(sides, meters, seconds, args.sub_procs,
+                                            args.pubsub), 600))
     finally:
         for p in procs:
             p.terminate()
@@ -567,10 +706,13 @@ def main():
             except subprocess.TimeoutExpired:
                 p.kill()
     load = os.getloadavg()
-    print(f"\n(cells of {seconds} s; load generator: one {'uvloop' if uvloop else 'asyncio'} "
-          f"process; {os.cpu_count()} CPUs; 1-minute load average {load_before[0]:.1f} before "
-          f"the run, {load[0]:.1f} after; CPU: the server process's user + system time per "
-          "delivered message or round trip)")
+    loop_name = "uvloop" if uvloop else "asyncio"
+    generator = (f"one {loop_name} process" if not args.sub_procs else
+                 f"one {loop_name} process publishing, the subscribers in {args.sub_procs} more")
+    print(f"\n(cells of {seconds} s; load generator: {generator}; {os.cpu_count()} CPUs; "
+          f"1-minute load average {load_before[0]:.1f} before the run, {load[0]:.1f} after; "
+          "CPU: the server process's user + system time per delivered message or round trip; "
+          "client CPU: the load generator's processes')")
 
 
 if __name__ == "__main__":

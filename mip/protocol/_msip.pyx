@@ -526,11 +526,10 @@ cdef int _received(CoreState core, PeerState peer, Py_ssize_t nbytes, data, doub
             frames = parser.take(nbytes) if data is None else parser.feed(data)
             if frames:
                 _dispatch_frames(core, peer, frames, now)
-                if not peer.closing:
-                    # the parser raises an error found after complete frames on its next
-                    # call; this call also settles the size of its next receive (a stream of
-                    # 4 KiB frames is read in large reads with it, one frame a read without)
-                    parser.feed(_EMPTY)
+                if not peer.closing and parser.error is not None:
+                    # an error found after complete frames, which the parser keeps for its
+                    # next call: answered now, after those frames
+                    raise parser.error
     except _errors.FrameTooLarge as exc:
         core.fail(peer, f"frame too large: {exc}")
     except _errors.ProtocolError as exc:

@@ -227,7 +227,8 @@ cdef class StreamParser:
         need = self.want if self.want > pending else min(pending + self.min_free, self.limit)
         if self.start + need <= c.size and c.size - self.end >= min(self.min_free, need - pending):
             return 0
-        if reusable and need <= c.size:
+        if reusable and need <= c.size and c.size >= self.recv_size:
+            # (a chunk smaller than the receive size the traffic asks for is replaced below)
             if self.start:
                 memmove(c.mem, c.mem + self.start, pending)
             self.start = 0

@@ -242,6 +242,27 @@ def test_a_busy_connection_keeps_reading_in_large_pieces():
     assert parser.buffer_size == IDLE_SIZE
 
 
+
+def test_a_stream_of_frames_just_over_the_idle_size_is_read_in_large_pieces():
+    """Frames a little larger than the idle buffer (a 4 KiB EVENT), each read leaving part of
+    the next one, the decoded frames let go before the next read: the buffer grows to
+    chunk_size rather than staying at two frames, read one frame at a time."""
+    frame = msip.encode(5, 1, msip.encode_publish_payload("bench", b"x" * 4096), 1, 0)
+    stream = frame * 200
+    parser = msip.FrameParser(chunk_size=65536)
+    sizes: list[int] = []
+    pos = count = 0
+    while pos < len(stream):
+        buf = parser.get_buffer(-1)
+        n = min(len(buf), len(stream) - pos)
+        sizes.append(n)
+        buf[:n] = stream[pos:pos + n]
+        pos += n
+        del buf
+        count += len(parser.buffer_updated(n))
+    assert count == 200
+    assert max(sizes) > 60_000 and len(sizes) < 25, sizes
+
 def _write(parser, data: bytes) -> int:
     buf = parser.get_buffer(-1)
     assert len(buf) > len(data)
