@@ -156,7 +156,8 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], buffer) -> np.ndarr
     if size != expected:
         raise InvalidInput(f"{name}: shape {list(dims)} of {datatype} takes {expected} octets, "
                            f"{size} were sent")
-    return np.ndarray(dims, dtype, buffer)
+    # (frombuffer: the array holds the buffer's export, so a mapping stays mapped under it)
+    return np.frombuffer(buffer, dtype).reshape(dims)
 
 
 def _flatten(data, name: str) -> list:

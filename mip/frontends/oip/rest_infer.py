@@ -231,6 +231,11 @@ class InferCall:
     __slots__ = ("endpoint", "name", "version", "client", "started", "request_id", "echo",
                  "length", "encoding", "header_length", "recorded", "oip_id", "wanted",
                  "binary_default", "targets")
+    # what the reply is encoded with, set when the request is submitted (before encode)
+    oip_id: object
+    wanted: dict[str, bool]
+    binary_default: bool
+    targets: dict[str, shm.OutputTarget]
 
     def __init__(self, endpoint: InferEndpoint, params: dict[str, str],
                  headers: Iterable[tuple[bytes, bytes]], client: tuple[str, int] | None):
@@ -254,10 +259,6 @@ class InferCall:
                 self.request_id = value.decode("latin-1")
                 self.echo = ((b"x-request-id", value),)
         self.recorded = False  # submitted to the data plane, or reported refused there
-        self.oip_id = None
-        self.wanted: dict[str, bool] = {}
-        self.binary_default = False
-        self.targets: dict[str, shm.OutputTarget] = {}
 
     def body(self) -> Body:
         """The reader of its body (:class:`~mip.errors.TooLarge` for a ``Content-Length``
