@@ -191,6 +191,45 @@ def test_errors_are_json_with_their_status(server, client):
     assert code == 405 and reply_headers["allow"] == "POST" and "error" in json.loads(reply)
 
 
+def test_malformed_request_documents_are_400_naming_the_fault(server):
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16}
+    cases = [
+        ([1], "the request must be a JSON object"),
+        ({"inputs": 5}, "the request needs an 'inputs' list"),
+        ({"inputs": [tensor], "outputs": 5}, "an output must be a JSON object"),
+        ({"inputs": [tensor], "outputs": {"name": "output"}}, "an output must be a JSON object"),
+        ({"inputs": [tensor], "parameters": [1]}, "parameters must be a JSON object"),
+        ({"inputs": [tensor], "parameters": "x"}, "parameters must be a JSON object"),
+        ({"inputs": [{**tensor, "parameters": [1]}]}, "inputs parameters must be a JSON object"),
+        ({"inputs": [tensor], "outputs": [{"name": "output", "parameters": 3}]},
+         "outputs parameters must be a JSON object"),
+        ({"inputs": [{**tensor, "parameters": []}]},
+         "input 'input' parameters must be a JSON object"),
+        ({"inputs": [tensor], "outputs": [{"name": "output", "parameters": {
+            "classification": 0}}]}, "parameter 'classification' must be a positive"),
+        ({"inputs": [tensor], "parameters": {"sequence_id": 7}},
+         "request parameter 'sequence_id' is not supported"),
+        # the extensions' parameters are checked before the inputs
+        ({"inputs": [{"name": "input"}], "parameters": {"priority": 1}},
+         "request parameter 'priority' is not supported"),
+        ({"inputs": [{**tensor, "shape": [1, "x"]}]}, "shape that is not a list of integers"),
+        ({"inputs": [{**tensor, "shape": [1, 16.0]}]}, None),  # as check_shape reads it
+        ({"inputs": [{**tensor, "datatype": "FP33"}]}, "unknown datatype 'FP33'"),
+        ({"inputs": [{**tensor, "datatype": "INT32", "data": [1] * 15 + [1.5]}]},
+         "INT32 data holds a non-integer value"),
+        ({"inputs": [tensor], "outputs": [{"name": "output"}, {"parameters": {}}]},
+         "every requested output needs a name"),
+    ]
+    for doc, message in cases:
+        status, _, reply = _request(server, "POST", "/v2/models/identity/infer",
+                                    json.dumps(doc).encode())
+        if message is None:
+            assert status == 200, reply
+        else:
+            assert status == 400, (doc, reply)
+            assert message in json.loads(reply)["error"], (doc, reply)
+
+
 def test_body_size_limit_names_the_setting(server, client):
     x = np.zeros((LIMIT // 64 + 10, 16), dtype=np.float32)
     with pytest.raises(InferenceServerException) as excinfo:

@@ -28,6 +28,7 @@ from mip.protocol import encode_bytes as _encode_bytes
 
 __all__ = [
     "MAX_DIMS",
+    "PARAMETERS_READ",
     "UNSUPPORTED_PARAMETERS",
     "bytes_elements",
     "check_parameters",
@@ -65,6 +66,34 @@ def check_shape(shape: Iterable[int], name: str = "tensor") -> tuple[int, ...]:
     if dims and min(dims) < 0:
         raise InvalidInput(f"{name} has a negative dimension in shape {list(dims)}")
     return dims
+
+
+#: (datatype, shape as sent) -> (dims, dtype, element count): what :func:`check_shape` and
+#: :func:`numpy_dtype` make of them, kept for the few layouts a server sees.
+_LAYOUTS: dict = {}
+_LAYOUTS_KEPT = 1024
+
+
+def _layout(datatype: str, shape, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """:func:`check_shape` of ``shape`` (first, so its errors come first), the numpy dtype
+    of ``datatype`` and the element count, looked up when seen before. Shapes that are
+    equal as tuples (``[1, 16]``, ``[1.0, 16]``) have the same dimensions, so a layout
+    found under an equal key is the one :func:`check_shape` would make."""
+    key: tuple | None
+    try:
+        key = (datatype, tuple(shape))
+        found = _LAYOUTS.get(key)
+    except TypeError:  # not iterable, or a dimension that is not hashable
+        key = found = None
+    if found is None:
+        dims = check_shape(shape, name)
+        dtype = numpy_dtype(datatype, name)
+        found = (dims, dtype, math.prod(dims))
+        if key is not None:
+            if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = found
+    return found
 
 
 def element_count(shape: tuple[int, ...]) -> int:
@@ -117,16 +146,17 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], buffer) -> np.ndarr
     Raises:
         InvalidInput: the size does not match the shape and datatype.
     """
-    dims = check_shape(shape, name)
-    dtype = numpy_dtype(datatype, name)
-    count = math.prod(dims)
+    dims, dtype, count = _layout(datatype, shape, name)
     if dtype.hasobject:
         return decode_bytes(buffer, count, name).reshape(dims)
-    size = len(buffer) if type(buffer) is bytes else memoryview(buffer).nbytes
+    kind = type(buffer)
+    size = len(buffer) if kind is bytes else (buffer if kind is memoryview
+                                              else memoryview(buffer)).nbytes
     expected = count * dtype.itemsize
     if size != expected:
         raise InvalidInput(f"{name}: shape {list(dims)} of {datatype} takes {expected} octets, "
                            f"{size} were sent")
+    # (frombuffer: the array holds the buffer's export, so a mapping stays mapped under it)
     return np.frombuffer(buffer, dtype).reshape(dims)
 
 
@@ -150,6 +180,9 @@ def _flatten(data, name: str) -> list:
     return data
 
 
+_INTEGRAL = frozenset((int, bool))  # what integer and BOOL data may hold without a float
+
+
 def from_list(name: str, datatype: str, shape: Sequence[int], data) -> np.ndarray:
     """A tensor from a list of values (typed gRPC contents or JSON ``data``).
 
@@ -160,10 +193,8 @@ def from_list(name: str, datatype: str, shape: Sequence[int], data) -> np.ndarra
         InvalidInput: the element count does not match the shape, or a value does not
             fit the datatype.
     """
-    dims = check_shape(shape, name)
-    dtype = numpy_dtype(datatype, name)
+    dims, dtype, count = _layout(datatype, shape, name)
     values = _flatten(data, name)
-    count = element_count(dims)
     if len(values) != count:
         raise InvalidInput(f"{name}: shape {list(dims)} holds {count} elements, "
                            f"{len(values)} were sent")
@@ -179,7 +210,7 @@ def from_list(name: str, datatype: str, shape: Sequence[int], data) -> np.ndarra
                                    "not a string")
         return out.reshape(dims)
     try:
-        if dtype.kind in "iu" or dtype == np.bool_:
+        if dtype.kind in "iub" and not _INTEGRAL.issuperset(map(type, values)):
             if any(isinstance(v, float) for v in values):
                 raise InvalidInput(f"{name}: {datatype} data holds a non-integer value")
         array = np.array(values, dtype=dtype)
@@ -190,16 +221,23 @@ def from_list(name: str, datatype: str, shape: Sequence[int], data) -> np.ndarra
     return array.reshape(dims)
 
 
+#: outputs smaller than this many octets are copied out (one call), larger ones viewed
+_COPY_BELOW = 16 << 10
+
+
 def to_raw(array: np.ndarray, name: str = "tensor"):
-    """An output tensor's raw octets: a zero-copy memoryview when it is contiguous,
-    else one copy; BYTES are encoded with :func:`encode_bytes`."""
-    if array.dtype == object or array.dtype.kind in "SU":
+    """An output tensor's raw octets: a zero-copy memoryview when it is contiguous and
+    large, else one copy (``bytes``); BYTES are encoded with :func:`encode_bytes`."""
+    dtype = array.dtype
+    if dtype.hasobject or dtype.kind in "SU":
         return encode_bytes(array, name)
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
+    if not dtype.isnative:
+        array = array.astype(dtype.newbyteorder("="))
+    if array.nbytes < _COPY_BELOW:
+        return array.tobytes()
     flat = np.ascontiguousarray(array).reshape(-1)
     # Viewed as octets so every dtype (bfloat16 included) exports a plain buffer.
-    return flat.view(np.uint8).data if flat.size else b""
+    return flat.view(np.uint8).data
 
 
 # -- parameters of Triton's extensions ---------------------------------------------------
@@ -213,6 +251,13 @@ UNSUPPORTED_PARAMETERS = {
     "request": ("sequence_id", "sequence_start", "sequence_end", "priority"),
     "input": (),
     "output": (),
+}
+#: the parameter names :func:`check_parameters` reads, by kind: a request, input or
+#: output whose parameters hold none of them passes it unchanged.
+PARAMETERS_READ = {
+    "request": frozenset(UNSUPPORTED_PARAMETERS["request"]),
+    "input": frozenset(UNSUPPORTED_PARAMETERS["input"]),
+    "output": frozenset((*UNSUPPORTED_PARAMETERS["output"], "classification")),
 }
 _EXPLANATIONS = {
     "sequence_id": "the model is not a sequence model (mip has no sequence batching)",

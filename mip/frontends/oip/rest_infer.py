@@ -139,10 +139,17 @@ class InferEndpoint:
             doc = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"the request is not valid JSON: {exc}") from None
-        doc = json_object(doc, "the request")
-        classes = _extension_parameters(doc)
-        inputs = self._inputs(doc, view, header_end, spans)
+        if type(doc) is not dict:
+            doc = json_object(doc, "the request")
         parameters = doc.get("parameters")
+        specs = doc.get("inputs")
+        requested = doc.get("outputs")
+        if requested is not None and type(requested) is not list:
+            # (iterated as a list would be: an object's names, a string's characters)
+            requested = list(requested) if isinstance(requested, (dict, str)) else (
+                [requested] if requested else [])
+        classes = _extension_parameters(parameters, specs, requested)
+        inputs = self._inputs(specs, view, header_end, spans)
         binary_default = False
         timeout = None
         if parameters is not None:
@@ -151,26 +158,30 @@ class InferEndpoint:
             timeout = timeout_parameter(parameters.get("timeout"))
         wanted: dict[str, bool] = {}
         targets: dict[str, shm.OutputTarget] = {}
-        for output in doc.get("outputs") or ():
-            output = json_object(output, "an output")
+        for output in requested or ():
+            if type(output) is not dict:
+                output = json_object(output, "an output")
             output_name = output.get("name")
             if not isinstance(output_name, str):
                 raise InvalidInput("every requested output needs a name")
-            output_params = json_object(output.get("parameters"),
-                                        f"output {output_name!r} parameters")
+            output_params = output.get("parameters")
+            if output_params is None:
+                wanted[output_name] = binary_default
+                continue
+            output_params = json_object(output_params, f"output {output_name!r} parameters")
             wanted[output_name] = bool(output_params.get("binary_data", binary_default))
             if "shared_memory_region" in output_params:
                 targets[output_name] = self.shm.output(output_name, output_params)
         return doc, inputs, wanted, binary_default, timeout, classes, targets
 
-    def _inputs(self, doc: dict, view: memoryview, position: int,
+    def _inputs(self, specs, view: memoryview, position: int,
                 spans: Sequence = ()) -> dict[str, np.ndarray]:
-        specs = doc.get("inputs")
-        if not isinstance(specs, list):
+        if type(specs) is not list:
             raise InvalidInput("the request needs an 'inputs' list")
         inputs: dict[str, np.ndarray] = {}
         for spec in specs:
-            spec = json_object(spec, "an input")
+            if type(spec) is not dict:
+                spec = json_object(spec, "an input")
             name = spec.get("name")
             if not isinstance(name, str):
                 raise InvalidInput("every input needs a name")
@@ -180,31 +191,35 @@ class InferEndpoint:
             shape = spec.get("shape")
             if not isinstance(datatype, str) or not isinstance(shape, list):
                 raise InvalidInput(f"input {name!r} needs a datatype and a shape")
-            parameters = json_object(spec.get("parameters"), f"input {name!r} parameters")
-            size = parameters.get("binary_data_size")
-            if "shared_memory_region" in parameters:
-                inputs[name] = self.shm.input(name, datatype, shape, parameters)
-            elif size is not None:
-                if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                    raise InvalidInput(f"input {name!r}: binary_data_size must be an octet count")
-                if size > len(view) - position:
-                    raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the "
-                                       f"end of the body ({len(view) - position} octets left)")
-                inputs[name] = codec.from_raw(name, datatype, shape,
-                                              view[position:position + size])
-                position += size
+            parameters = spec.get("parameters")
+            if parameters is not None:
+                parameters = json_object(parameters, f"input {name!r} parameters")
+                size = parameters.get("binary_data_size")
+                if "shared_memory_region" in parameters:
+                    inputs[name] = self.shm.input(name, datatype, shape, parameters)
+                    continue
+                if size is not None:
+                    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                        raise InvalidInput(f"input {name!r}: binary_data_size must be an "
+                                           "octet count")
+                    if size > len(view) - position:
+                        raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past "
+                                           f"the end of the body ({len(view) - position} "
+                                           "octets left)")
+                    inputs[name] = codec.from_raw(name, datatype, shape,
+                                                  view[position:position + size])
+                    position += size
+                    continue
+            if "data" not in spec:
+                raise InvalidInput(f"input {name!r} has neither data nor binary_data_size")
+            data = spec["data"]
+            if spans and isinstance(data, str) and data.startswith(PLACEHOLDER):
+                inputs[name] = _from_span(name, datatype, shape, view, spans, data)
             else:
-                if "data" not in spec:
-                    raise InvalidInput(f"input {name!r} has neither data nor binary_data_size")
-                data = spec["data"]
-                if spans and isinstance(data, str) and data.startswith(PLACEHOLDER):
-                    inputs[name] = _from_span(name, datatype, shape, view, spans, data)
-                else:
-                    inputs[name] = codec.from_list(name, datatype, shape, data)
+                inputs[name] = codec.from_list(name, datatype, shape, data)
         if position != len(view):
             raise InvalidInput(f"{len(view) - position} octets of binary data belong to no input")
         return inputs
-
 
 
 class InferCall:
@@ -216,6 +231,11 @@ class InferCall:
     __slots__ = ("endpoint", "name", "version", "client", "started", "request_id", "echo",
                  "length", "encoding", "header_length", "recorded", "oip_id", "wanted",
                  "binary_default", "targets")
+    # what the reply is encoded with, set when the request is submitted (before encode)
+    oip_id: object
+    wanted: dict[str, bool]
+    binary_default: bool
+    targets: dict[str, shm.OutputTarget]
 
     def __init__(self, endpoint: InferEndpoint, params: dict[str, str],
                  headers: Iterable[tuple[bytes, bytes]], client: tuple[str, int] | None):
@@ -239,10 +259,6 @@ class InferCall:
                 self.request_id = value.decode("latin-1")
                 self.echo = ((b"x-request-id", value),)
         self.recorded = False  # submitted to the data plane, or reported refused there
-        self.oip_id = None
-        self.wanted: dict[str, bool] = {}
-        self.binary_default = False
-        self.targets: dict[str, shm.OutputTarget] = {}
 
     def body(self) -> Body:
         """The reader of its body (:class:`~mip.errors.TooLarge` for a ``Content-Length``
@@ -337,32 +353,46 @@ class InferCall:
 
 
 def _json_data(array: np.ndarray, name: str):
-    if array.dtype == object or array.dtype.kind in "SU":
+    if array.dtype.hasobject or array.dtype.kind in "SU":
         try:
             return [e.decode("utf-8") for e in codec.bytes_elements(array, name)]
         except UnicodeDecodeError:
             raise InvalidInput(f"output {name!r} holds BYTES that are not UTF-8: ask for it "
                                "with the binary_data output parameter") from None
-    flat = np.ascontiguousarray(array).reshape(-1)
+    flat = array.ravel()  # (a view when it is contiguous)
     if flat.dtype in _ORJSON_KINDS:
         return flat  # orjson serializes it (OPT_SERIALIZE_NUMPY)
     return flat.astype(np.float32).tolist() if flat.dtype.name == "bfloat16" else flat.tolist()
 
 
-def _extension_parameters(doc: dict) -> dict[str, int] | None:
-    """:func:`codec.check_parameters` of a JSON request (its tensors' parameters)."""
-    tensors = {}
-    for kind in ("inputs", "outputs"):
-        found = {}
-        for tensor in doc.get(kind) or ():
-            parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+_READ_BY_INPUTS = codec.PARAMETERS_READ["input"]
+_READ_BY_OUTPUTS = codec.PARAMETERS_READ["output"]
+_READ_BY_REQUEST = codec.PARAMETERS_READ["request"]
+
+
+def _extension_parameters(request, specs, requested: list | None) -> dict[str, int] | None:
+    """:func:`codec.check_parameters` of a JSON request (its parameters, its inputs' and
+    outputs'), given only the tensors whose parameters it reads; not called at all when
+    nothing it reads is there."""
+    found: list[dict] = [{}, {}]
+    for which, kind, tensors, read in ((0, "inputs", specs, _READ_BY_INPUTS),
+                                       (1, "outputs", requested, _READ_BY_OUTPUTS)):
+        if type(tensors) is not list:
+            continue  # no inputs list: refused when the inputs are read
+        for tensor in tensors:
+            parameters = tensor.get("parameters") if type(tensor) is dict else None
             if parameters:
-                found[str(tensor.get("name"))] = json_object(parameters, f"{kind} parameters")
-        tensors[kind] = found
-    request = doc.get("parameters")
-    if not (request or tensors["inputs"] or tensors["outputs"]):
+                if type(parameters) is not dict:
+                    json_object(parameters, f"{kind} parameters")  # raises
+                if not read.isdisjoint(parameters):
+                    found[which][str(tensor.get("name"))] = parameters
+    if request:
+        request = json_object(request, "parameters")
+        if _READ_BY_REQUEST.isdisjoint(request) and not (found[0] or found[1]):
+            return None
+    elif not (found[0] or found[1]):
         return None
-    return codec.check_parameters(request, tensors["inputs"], tensors["outputs"])
+    return codec.check_parameters(request or None, found[0], found[1])
 
 
 def _from_span(name: str, datatype: str, shape, view: memoryview, spans: Sequence,
