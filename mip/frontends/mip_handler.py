@@ -139,8 +139,10 @@ class MipHandler:
         self.engine = engine
         self.dataplane = DataPlane(engine, metrics, request_timeout, access_log)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # (served version, n_input, kind) -> the encoder of a one-item request's reply
+        self._encoders: dict[tuple, _Encoder] = {}
 
-    def start(self, message: mip.Message, source=None) -> asyncio.Future:
+    def start(self, message: mip.Message, source=None, done=None) -> asyncio.Future:
         """Start serving `message` (read from `source`, the peer's address): a future of
         its reply buffers.
 
@@ -148,7 +150,8 @@ class MipHandler:
         batch queue and the reply is encoded in a callback when its outputs arrive.
         Cancelling the future (the client went away) drops the request from the queue.
         Errors found at once are raised (and reported to the access log); later ones are
-        set on the future.
+        set on the future. ``done(future)``, if given, is called once the future is done
+        (see :class:`mip.net.mip_server.StartHandler`).
         """
         started = time.perf_counter()
         try:
@@ -161,23 +164,39 @@ class MipHandler:
                 raise InvalidInput(f"model {model!r} takes {len(served.inputs)} inputs, the "
                                    f"request has {n_input} per item")
             items = len(message)
-            kind = message.kind
             if not items or (served.max_batch_size == 0 and items > 1):
-                return self._start_apart(message, model, served, source)
+                reply = self._start_apart(message, model, served, source)
+                if done is not None:
+                    reply.add_done_callback(done)
+                return reply
             inputs, rows = self._inputs(served, message)
-
-            def encode(result):
-                return mip.encode_response_buffers(_split(served, result.outputs, rows),
-                                                   n_input=n_input, kind=kind)
+            kind = message.kind
+            if items == 1:  # one encoder for every such request (no closure a request)
+                key = (id(served), n_input, kind)
+                encoder = self._encoders.get(key)
+                if encoder is None or encoder.served is not served:
+                    encoder = self._encoder(key, served, n_input, kind)
+                encode = encoder.encode
+            else:
+                def encode(outputs):
+                    return mip.encode_response_buffers(_split(served, outputs, rows),
+                                                       n_input, kind)
 
             # More rows than the model's max_batch_size: run as several batches, one reply.
-            return self.dataplane.submit("mip", model, served.version, inputs, then=encode,
-                                         source=source, chosen=served, split=True, peer=source,
-                                         started=started)
+            return self.dataplane.submit("mip", model, served.version, inputs,
+                                         then_outputs=encode, source=source, chosen=served,
+                                         split=True, peer=source, started=started,
+                                         notify=done)
         except Exception as exc:
             self.dataplane.refused("mip", message.model or self.engine.default_model(),
                                    message.version, exc, peer=source, started=started)
             raise
+
+    def _encoder(self, key: tuple, served, n_input: int, kind: int) -> _Encoder:
+        if len(self._encoders) >= 64:  # versions come and go: keep the recent ones
+            self._encoders.clear()
+        encoder = self._encoders[key] = _Encoder(served, n_input, kind)
+        return encoder
 
     def _default_model(self) -> str:
         model = self.engine.default_model()
@@ -275,6 +294,31 @@ def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
         items.append(tuple(_output_value(outputs[name][start:start + count]) for name in names))
         start += count
     return items
+
+
+class _Encoder:
+    """The reply of a one-item request to one model version, from its outputs."""
+
+    __slots__ = ("served", "encode")
+
+    def __init__(self, served, n_input: int, kind: int):
+        self.served = served
+        encode = mip.encode_response_buffers
+        outputs = served.outputs
+        if len(outputs) == 1 and not served.row_values:
+            name = outputs[0].name
+
+            def one(result: dict) -> list:
+                column = result.get(name)
+                if column is None:
+                    return encode(_split(served, result, _ONE_ROW), n_input, kind)
+                return encode([(_output_value(column),)], n_input, kind)
+            self.encode = one
+        else:
+            self.encode = lambda result: encode(_split(served, result, _ONE_ROW), n_input, kind)
+
+
+_ONE_ROW = [1]  # (read only: _split looks at its length)
 
 
 class _single:
