@@ -290,17 +290,20 @@ class _Connection(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         self.flush_scheduled = False
         transport = self.transport
-        ready = []
-        while self.pending and self.pending[0].done():
-            fut = self.pending.popleft()
-            self.buffered_octets -= self.pending_octets.popleft()
+        ready: list = []
+        pending, octets = self.pending, self.pending_octets
+        freed = 0
+        while pending and pending[0].done():
+            fut = pending.popleft()
+            freed += octets.popleft()
             if fut.cancelled():
                 continue
             exc = fut.exception()
             if exc is None:
-                ready.extend(fut.result())
+                ready += fut.result()
             else:
                 ready.append(_error_reply(exc))
+        self.buffered_octets -= freed
         if ready and transport is not None and not transport.is_closing():
             # Every reply ready now leaves in one write: one system call for a whole
             # batch's worth of pipelined replies.
