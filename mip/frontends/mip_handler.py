@@ -47,20 +47,6 @@ def _as_rows(value) -> np.ndarray:
     return rows
 
 
-def _columns(message: mip.Message, index: int) -> tuple[np.ndarray, list[int]]:
-    """Value `index` of every item as one array (a strided view when it can be), and the
-    rows each item contributed."""
-    rows = message.rows(index)
-    for i, count in enumerate(rows):
-        if count < 0:
-            raise InvalidInput(f"item {i} value {index} is a 0-d tensor: MIP items carry a "
-                               "leading batch dimension")
-    try:
-        return message.column(index), rows
-    except ValueError as exc:
-        raise InvalidInput(f"items disagree on the shape or datatype of value {index}: {exc}") from None
-
-
 def _engine_value(value):
     """One MIP value as the engine holds it (see the module's docstring)."""
     kind = type(value)
@@ -139,8 +125,9 @@ class MipHandler:
         self.engine = engine
         self.dataplane = DataPlane(engine, metrics, request_timeout, access_log)
         self._loop: asyncio.AbstractEventLoop | None = None
-        # (served version, n_input, kind) -> the encoder of a one-item request's reply
-        self._encoders: dict[tuple, _Encoder] = {}
+        # id(served version) + kind -> the encoder of a one-item request's reply (ids are
+        # multiples of 8: the kind, 2 or 3, keeps them apart; n_input is the version's)
+        self._encoders: dict[int, _Encoder] = {}
 
     def start(self, message: mip.Message, source=None, done=None) -> asyncio.Future:
         """Start serving `message` (read from `source`, the peer's address): a future of
@@ -172,7 +159,7 @@ class MipHandler:
             inputs, rows = self._inputs(served, message)
             kind = message.kind
             if items == 1:  # one encoder for every such request (no closure a request)
-                key = (id(served), n_input, kind)
+                key = id(served) + kind
                 encoder = self._encoders.get(key)
                 if encoder is None or encoder.served is not served:
                     encoder = self._encoder(key, served, n_input, kind)
@@ -192,7 +179,7 @@ class MipHandler:
                                    message.version, exc, peer=source, started=started)
             raise
 
-    def _encoder(self, key: tuple, served, n_input: int, kind: int) -> _Encoder:
+    def _encoder(self, key: int, served, n_input: int, kind: int) -> _Encoder:
         if len(self._encoders) >= 64:  # versions come and go: keep the recent ones
             self._encoders.clear()
         encoder = self._encoders[key] = _Encoder(served, n_input, kind)
@@ -227,15 +214,28 @@ class MipHandler:
 
     @staticmethod
     def _inputs(served, source) -> tuple[dict, list[int]]:
+        """Every input of the request's items as one array, and the rows each item gave:
+        value `index` of every item as a strided view when it can be (``Message.column``)."""
         inputs = {}
         rows = _NO_ROWS
-        for index, spec in enumerate(served.inputs):
-            column, rows = _columns(source, index)
+        index = 0
+        for spec in served.inputs:
+            rows = source.rows(index)
+            if min(rows, default=0) < 0:
+                i = rows.index(min(rows))
+                raise InvalidInput(f"item {i} value {index} is a 0-d tensor: MIP items "
+                                   "carry a leading batch dimension")
+            try:
+                column = source.column(index)
+            except ValueError as exc:
+                raise InvalidInput(f"items disagree on the shape or datatype of value {index}: "
+                                   f"{exc}") from None
             if column.dtype.hasobject:
                 if served.platform != PLATFORM_PYTHON:
                     _refuse_application_values(served, column, index)
                 column = _engine_values(column)
             inputs[spec.name] = column
+            index += 1
         return inputs, rows
 
     async def _each_item(self, model, served, batch, source=None) -> list[tuple]:
