@@ -146,8 +146,9 @@ class _Queued(_Reply, Request):
             return
         self.set_result(reply)
         self.settled(None)
-        if self.notify is not None:
-            self.notify(self)
+        notify = self.notify
+        if notify is not None:
+            notify(self)
 
     def refuse(self, error: BaseException) -> None:
         self.set_exception(self.error(error))

@@ -99,7 +99,7 @@ def _mip_values(outputs: dict) -> dict:
 def _output_value(column: np.ndarray):
     """One item's slice of an output, as a MIP value: a one-row object column's MIP value
     (``str`` as TEXT), else the column as a tensor."""
-    if column.dtype == object and column.shape == (1,):
+    if column.dtype.hasobject and column.shape == (1,):
         element = column[0]
         if isinstance(element, (mip.Text, mip.Json, mip.Image, mip.Value)):
             return element
@@ -312,7 +312,9 @@ class _Encoder:
                 column = result.get(name)
                 if column is None:
                     return encode(_split(served, result, _ONE_ROW), n_input, kind)
-                return encode([(_output_value(column),)], n_input, kind)
+                if column.dtype.hasobject:  # (a tensor is sent as it is)
+                    column = _output_value(column)
+                return encode([(column,)], n_input, kind)
             self.encode = one
         else:
             self.encode = lambda result: encode(_split(served, result, _ONE_ROW), n_input, kind)

@@ -114,6 +114,56 @@ async def test_unix_socket(tmp_path):
     assert not path.exists()
 
 
+class _Starts:
+    """A handler of the callback form, ``start`` taking `arity` arguments: a request for
+    model 'bad' is refused at once, 'late' fails later, any other is answered (doubled)
+    after a pass of the loop; with ``done``, the handler calls it itself."""
+
+    def __init__(self, arity: int):
+        self.sources: list = []
+        self.start = {1: lambda m: self._start(m), 2: lambda m, source: self._start(m, source),
+                      3: self._start}[arity]
+
+    def _start(self, message, source=None, done=None):
+        if message.model == "bad":
+            raise mip.ModelNotFound("no model 'bad'")
+        self.sources.append(source)
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+
+        def settle():
+            if message.model == "late":
+                reply.set_exception(mip.ModelNotReady("'late' failed"))
+            else:
+                items = [(item[0] * 2,) for item in message.batch]
+                reply.set_result(mip.encode_response_buffers(items, n_input=1,
+                                                             kind=message.kind))
+            if done is not None:
+                done(reply)
+        loop.call_soon(settle)
+        return reply
+
+
+@pytest.mark.parametrize("arity", [1, 2, 3])
+async def test_handler_start_forms(arity):
+    handler = _Starts(arity)
+    async with _serving(handler) as (server, url):
+        async with AsyncClient(url, connections=1) as client:
+            async def one(i):
+                model = ("bad", "late", "m")[i % 3]
+                try:
+                    return (await client.infer([[np.full((1, 2), i, np.int32)]], model=model))[0][0]
+                except RemoteError as exc:
+                    return exc.error_code
+            results = await asyncio.gather(*(one(i) for i in range(30)))
+    for i, result in enumerate(results):
+        if i % 3 == 2:
+            assert result.tolist() == [[2 * i] * 2]
+        else:
+            assert result == (ErrorCode.METHOD if i % 3 == 0 else ErrorCode.INTERNAL)
+    assert handler.sources == [None if arity == 1 else "127.0.0.1"] * 20
+
+
 @pytest.mark.parametrize("max_pipeline", [128, 4])
 async def test_pipelined_replies_come_back_in_request_order(max_pipeline):
     async with _serving(max_pipeline=max_pipeline) as (server, url):
