@@ -18,7 +18,7 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from cpython.object cimport PyTypeObject
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_Check
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 
 from mip.protocol.wire cimport *
@@ -444,6 +444,24 @@ cdef str _decode_utf8(const unsigned char *p, Py_ssize_t n, Py_ssize_t offset, s
         raise_wire_error(MIP_E_VALUE, offset + exc.start, f"{what} is not valid UTF-8")
 
 
+# The model name read last: requests name the same few models, and the one str object
+# (its hash computed once) serves every request that names it again.
+cdef unsigned char _name_octets[255]
+cdef Py_ssize_t _name_size = 0
+cdef str _name = None
+
+
+cdef str _model_name(const unsigned char *p, Py_ssize_t n, Py_ssize_t offset):
+    global _name, _name_size
+    if n == _name_size and memcmp(p, _name_octets, n) == 0:
+        return _name
+    name = _decode_utf8(p, n, offset, "model name")
+    memcpy(_name_octets, p, n)
+    _name_size = n
+    _name = name
+    return name
+
+
 cdef object _make_tensor(mip_tensor_header *t, const unsigned char *data, object owner,
                          bint writable, Py_ssize_t data_offset):
     cdef cnp.npy_intp dims[32]
@@ -596,7 +614,7 @@ cdef Message decode_frame_at(object owner, const unsigned char *base, Py_ssize_t
             raise_wire_error(MIP_E_VALUE, pos, "routed request has an empty model name")
         if length - pos - 1 < name_len:
             raise_wire_error(MIP_E_TRUNCATED, pos, f"model name of {name_len} octets runs past the frame")
-        m.model = _decode_utf8(base + pos + 1, name_len, pos + 1, "model name")
+        m.model = _model_name(base + pos + 1, name_len, pos + 1)
         pos += 1 + name_len
         if length - pos < 1:
             raise_wire_error(MIP_E_TRUNCATED, pos, "routed request ends before its version length")
