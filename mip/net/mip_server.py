@@ -125,6 +125,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.backlog.clear()
         self.pending_octets.clear()
         self.buffered_octets = 0
+        self.on_done = _ignore  # (the bound method made a cycle: the connection is freed now)
 
     @property
     def idle(self) -> bool:
@@ -406,6 +407,10 @@ def _start_args(start) -> int:
     if len(parameters) >= 3 and parameters[2] == "done":
         return 3
     return 2 if len(parameters) >= 2 else 1
+
+
+def _ignore(_fut: asyncio.Future) -> None:
+    """A closed connection's done-callback: nothing is sent any more."""
 
 
 def _error_reply(exc: BaseException) -> bytes:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import random
 import socket
 import struct
+import weakref
 
 import numpy as np
 import pytest
@@ -244,6 +246,34 @@ async def test_max_connections_refuses_when_none_is_idle_and_closes_an_idle_one(
             async with AsyncClient(url) as second:
                 assert await second.ping() > 0
                 assert server.connections == 1
+
+
+async def test_a_closed_connection_is_freed_without_the_collector(monkeypatch):
+    # the connection's done-callback refers to it: dropped when it closes, so that its
+    # memory (the parser's receive buffer) goes with it, not at the next full collection
+    from mip.net import mip_server
+
+    made = []
+    init = mip_server._Connection.__init__
+
+    def record(self, server):
+        init(self, server)
+        made.append(weakref.ref(self))
+    monkeypatch.setattr(mip_server._Connection, "__init__", record)
+    async with _serving(_Starts(3)) as (server, url):
+        gc.disable()
+        try:
+            async with AsyncClient(url) as client:
+                await client.infer([[np.ones((1, 2), np.int32)]], model="m")
+            for _ in range(200):
+                if server.connections == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.connections == 0 and made
+            await asyncio.sleep(0)
+            assert [ref() for ref in made] == [None] * len(made)
+        finally:
+            gc.enable()
 
 
 async def test_idle_and_read_timeouts_close_connections():
