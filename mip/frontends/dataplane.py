@@ -77,7 +77,12 @@ def _rows(chosen, inputs: dict) -> int:
 
 
 _CALL_FIELDS = ("plane", "protocol", "model", "chosen", "wanted", "classes", "then",
-                "map_error", "started", "peer")
+                "map_error", "started", "peer", "notify")
+
+
+def _outputs_of(encode: Callable) -> Callable[[InferResult], Any]:
+    """``then`` of a ``then_outputs`` encoder."""
+    return lambda result: encode(result.outputs)
 
 
 class _Reply:
@@ -98,6 +103,7 @@ class _Reply:
     started: float
     peer: Any
     request_id: str | None
+    notify: Callable[[asyncio.Future], None] | None
 
     def transform(self, result):
         wanted = self.wanted
@@ -136,21 +142,40 @@ class _Queued(_Reply, Request):
         try:
             reply = self.transform(outputs)
         except Exception as exc:  # an encoding failure is the request's
-            self.set_exception(self.error(exc))
-            self.settled(exc)
+            self.refuse(exc)
             return
         self.set_result(reply)
         self.settled(None)
+        notify = self.notify
+        if notify is not None:
+            notify(self)
 
     def refuse(self, error: BaseException) -> None:
         self.set_exception(self.error(error))
         self.settled(error)
+        if self.notify is not None:
+            self.notify(self)
 
     def cancel(self, msg=None) -> bool:
         if not Request.cancel(self, msg):
             return False
         self.settled(CANCELLED)
+        if self.notify is not None:
+            self.notify(self)
         return True
+
+
+class _QueuedOutputs(_Queued):
+    """A queued request whose frontend encodes the outputs alone (``then_outputs``): no
+    :class:`InferResult` is made, no output is picked or classified, no error mapped."""
+
+    __slots__ = ()
+
+    def transform(self, result):
+        return self.then(result)
+
+    def error(self, failure: BaseException) -> BaseException:
+        return failure
 
 
 class _Call(_Reply, Link):
@@ -195,7 +220,8 @@ class DataPlane:
                error: Callable[[BaseException], BaseException] | None = None,
                classes: dict[str, int] | None = None, source=None,
                chosen=None, split: bool = False, peer=None, request_id: str | None = None,
-               started: float | None = None) -> asyncio.Future:
+               started: float | None = None, then_outputs: Callable | None = None,
+               notify: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
         """Queue one request without waiting: a future of its :class:`InferResult`.
 
         Await the future, or chain callbacks on it (no coroutine a request). Errors found
@@ -225,6 +251,13 @@ class DataPlane:
         warning; ``started`` is the request's arrival (``time.perf_counter()``; default:
         now), from which its latency is counted. Errors raised here (rather than set on
         the future) are the frontend's to report with :meth:`refused`.
+
+        ``then_outputs``, instead of ``then``: the frontend's encoder of the outputs alone
+        (the dict of every output), for a frontend that asks for no ``outputs``,
+        ``classes`` or ``error`` and needs neither the model's name nor the version (no
+        :class:`InferResult` a request). ``notify(future)`` is called on the event loop
+        once the future is done, in the callback that settles it (for a caller that would
+        otherwise add a done-callback, scheduled through the loop).
         """
         if started is None:
             started = time.perf_counter()
@@ -238,16 +271,22 @@ class DataPlane:
         try:
             wanted = engine.check_outputs(chosen, outputs) if outputs else None
             deadline = None if limit is None else time.monotonic() + limit
+            if then_outputs is not None:
+                then = then_outputs if self._local else _outputs_of(then_outputs)
             if self._local:
                 # (Answered from a later pass of the event loop: filled in first.)
-                call = reply = engine.submit(model, inputs, chosen.version, deadline, source,
-                                             chosen, split, request_id, _Queued)
+                call = reply = engine.submit(
+                    model, inputs, chosen.version, deadline, source, chosen, split, request_id,
+                    _Queued if then_outputs is None else _QueuedOutputs)
+                call.notify = notify
             else:
                 work = engine.submit(model, inputs, chosen.version, deadline, source, chosen,
                                      split, request_id)
                 call = _Call(work)
                 call.rows, call.request_id = _rows(chosen, inputs), request_id
                 reply = call.reply
+                if notify is not None:
+                    reply.add_done_callback(notify)
         except BaseException:
             if self.metrics is not None:
                 self.metrics.observe_request(model, chosen.version, protocol, False,

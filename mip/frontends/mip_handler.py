@@ -47,20 +47,6 @@ def _as_rows(value) -> np.ndarray:
     return rows
 
 
-def _columns(message: mip.Message, index: int) -> tuple[np.ndarray, list[int]]:
-    """Value `index` of every item as one array (a strided view when it can be), and the
-    rows each item contributed."""
-    rows = message.rows(index)
-    for i, count in enumerate(rows):
-        if count < 0:
-            raise InvalidInput(f"item {i} value {index} is a 0-d tensor: MIP items carry a "
-                               "leading batch dimension")
-    try:
-        return message.column(index), rows
-    except ValueError as exc:
-        raise InvalidInput(f"items disagree on the shape or datatype of value {index}: {exc}") from None
-
-
 def _engine_value(value):
     """One MIP value as the engine holds it (see the module's docstring)."""
     kind = type(value)
@@ -113,7 +99,7 @@ def _mip_values(outputs: dict) -> dict:
 def _output_value(column: np.ndarray):
     """One item's slice of an output, as a MIP value: a one-row object column's MIP value
     (``str`` as TEXT), else the column as a tensor."""
-    if column.dtype == object and column.shape == (1,):
+    if column.dtype.hasobject and column.shape == (1,):
         element = column[0]
         if isinstance(element, (mip.Text, mip.Json, mip.Image, mip.Value)):
             return element
@@ -139,8 +125,11 @@ class MipHandler:
         self.engine = engine
         self.dataplane = DataPlane(engine, metrics, request_timeout, access_log)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # id(served version) + kind -> the encoder of a one-item request's reply (ids are
+        # multiples of 8: the kind, 2 or 3, keeps them apart; n_input is the version's)
+        self._encoders: dict[int, _Encoder] = {}
 
-    def start(self, message: mip.Message, source=None) -> asyncio.Future:
+    def start(self, message: mip.Message, source=None, done=None) -> asyncio.Future:
         """Start serving `message` (read from `source`, the peer's address): a future of
         its reply buffers.
 
@@ -148,7 +137,8 @@ class MipHandler:
         batch queue and the reply is encoded in a callback when its outputs arrive.
         Cancelling the future (the client went away) drops the request from the queue.
         Errors found at once are raised (and reported to the access log); later ones are
-        set on the future.
+        set on the future. ``done(future)``, if given, is called once the future is done
+        (see :class:`mip.net.mip_server.StartHandler`).
         """
         started = time.perf_counter()
         try:
@@ -161,23 +151,39 @@ class MipHandler:
                 raise InvalidInput(f"model {model!r} takes {len(served.inputs)} inputs, the "
                                    f"request has {n_input} per item")
             items = len(message)
-            kind = message.kind
             if not items or (served.max_batch_size == 0 and items > 1):
-                return self._start_apart(message, model, served, source)
+                reply = self._start_apart(message, model, served, source)
+                if done is not None:
+                    reply.add_done_callback(done)
+                return reply
             inputs, rows = self._inputs(served, message)
-
-            def encode(result):
-                return mip.encode_response_buffers(_split(served, result.outputs, rows),
-                                                   n_input=n_input, kind=kind)
+            kind = message.kind
+            if items == 1:  # one encoder for every such request (no closure a request)
+                key = id(served) + kind
+                encoder = self._encoders.get(key)
+                if encoder is None or encoder.served is not served:
+                    encoder = self._encoder(key, served, n_input, kind)
+                encode = encoder.encode
+            else:
+                def encode(outputs):
+                    return mip.encode_response_buffers(_split(served, outputs, rows),
+                                                       n_input, kind)
 
             # More rows than the model's max_batch_size: run as several batches, one reply.
-            return self.dataplane.submit("mip", model, served.version, inputs, then=encode,
-                                         source=source, chosen=served, split=True, peer=source,
-                                         started=started)
+            return self.dataplane.submit("mip", model, served.version, inputs,
+                                         then_outputs=encode, source=source, chosen=served,
+                                         split=True, peer=source, started=started,
+                                         notify=done)
         except Exception as exc:
             self.dataplane.refused("mip", message.model or self.engine.default_model(),
                                    message.version, exc, peer=source, started=started)
             raise
+
+    def _encoder(self, key: int, served, n_input: int, kind: int) -> _Encoder:
+        if len(self._encoders) >= 64:  # versions come and go: keep the recent ones
+            self._encoders.clear()
+        encoder = self._encoders[key] = _Encoder(served, n_input, kind)
+        return encoder
 
     def _default_model(self) -> str:
         model = self.engine.default_model()
@@ -208,15 +214,28 @@ class MipHandler:
 
     @staticmethod
     def _inputs(served, source) -> tuple[dict, list[int]]:
+        """Every input of the request's items as one array, and the rows each item gave:
+        value `index` of every item as a strided view when it can be (``Message.column``)."""
         inputs = {}
         rows = _NO_ROWS
-        for index, spec in enumerate(served.inputs):
-            column, rows = _columns(source, index)
+        index = 0
+        for spec in served.inputs:
+            rows = source.rows(index)
+            if min(rows, default=0) < 0:
+                i = rows.index(min(rows))
+                raise InvalidInput(f"item {i} value {index} is a 0-d tensor: MIP items "
+                                   "carry a leading batch dimension")
+            try:
+                column = source.column(index)
+            except ValueError as exc:
+                raise InvalidInput(f"items disagree on the shape or datatype of value {index}: "
+                                   f"{exc}") from None
             if column.dtype.hasobject:
                 if served.platform != PLATFORM_PYTHON:
                     _refuse_application_values(served, column, index)
                 column = _engine_values(column)
             inputs[spec.name] = column
+            index += 1
         return inputs, rows
 
     async def _each_item(self, model, served, batch, source=None) -> list[tuple]:
@@ -275,6 +294,33 @@ def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
         items.append(tuple(_output_value(outputs[name][start:start + count]) for name in names))
         start += count
     return items
+
+
+class _Encoder:
+    """The reply of a one-item request to one model version, from its outputs."""
+
+    __slots__ = ("served", "encode")
+
+    def __init__(self, served, n_input: int, kind: int):
+        self.served = served
+        encode = mip.encode_response_buffers
+        outputs = served.outputs
+        if len(outputs) == 1 and not served.row_values:
+            name = outputs[0].name
+
+            def one(result: dict) -> list:
+                column = result.get(name)
+                if column is None:
+                    return encode(_split(served, result, _ONE_ROW), n_input, kind)
+                if column.dtype.hasobject:  # (a tensor is sent as it is)
+                    column = _output_value(column)
+                return encode([(column,)], n_input, kind)
+            self.encode = one
+        else:
+            self.encode = lambda result: encode(_split(served, result, _ONE_ROW), n_input, kind)
+
+
+_ONE_ROW = [1]  # (read only: _split looks at its length)
 
 
 class _single:

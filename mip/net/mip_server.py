@@ -33,6 +33,7 @@ __all__ = ["MipServer", "Handler", "StartHandler"]
 log = logging.getLogger("mip.net.server")
 
 Buffers = Sequence["bytes | memoryview"]
+_INFERENCE, _REQUEST = mip.KIND_INFERENCE, mip.REQUEST  # (kinds 2 and 3 are inference)
 
 
 class Handler(Protocol):
@@ -51,9 +52,15 @@ class Handler(Protocol):
 
 class StartHandler(Protocol):
     """A handler's callback form: ``start(message, source)`` (``source``: the peer's
-    address, for fair queueing) -> a future of the reply buffers."""
+    address, for fair queueing) -> a future of the reply buffers.
 
-    def start(self, message: mip.Message, source: Any = None) -> asyncio.Future:
+    A ``start`` whose third parameter is named ``done`` is given a callable that it calls
+    with the future, on the event loop, once the future is done (as a done-callback would
+    be, without a pass of the loop a request): the server then adds no callback of its own.
+    """
+
+    def start(self, message: mip.Message, source: Any = None,
+              done: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
         """Start serving ``message``; errors found at once may be raised."""
 
 
@@ -80,6 +87,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.peer: str | None = None
         self.source = None
         self.loop = asyncio.get_running_loop()
+        # Read once, not a request: what _dispatch calls, and its done-callback (one
+        # bound method for the connection's life).
+        self.start = server.start_handler
+        self.start_args = server.start_args
+        self.max_pipeline = server.max_pipeline
+        self.on_done = self._on_done
 
     # -- asyncio.BaseProtocol -------------------------------------------------
     def connection_made(self, transport):
@@ -112,6 +125,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.backlog.clear()
         self.pending_octets.clear()
         self.buffered_octets = 0
+        self.on_done = _ignore  # (the bound method made a cycle: the connection is freed now)
 
     @property
     def idle(self) -> bool:
@@ -151,15 +165,16 @@ class _Connection(asyncio.BufferedProtocol):
             # max_pipeline in flight wait, parsed, in the backlog (one read can bring
             # thousands): a connection never has more than that in the model queues.
             held = before + nbytes - buffered
-            backlog = self.backlog
-            limit = self.server.max_pipeline
+            backlog, pending = self.backlog, self.pending
+            limit = self.max_pipeline
+            dispatch = self._dispatch
             for message in messages:
                 if self.closing:
                     break
-                if backlog or len(self.pending) >= limit:
+                if backlog or len(pending) >= limit:
                     backlog.append(message)
                 else:
-                    self._dispatch(message)
+                    dispatch(message)
             if not self.closing:
                 self.buffered_octets += held
                 if backlog:
@@ -228,32 +243,40 @@ class _Connection(asyncio.BufferedProtocol):
         self.loop.call_later(self.server.linger, transport.close)
 
     def _dispatch(self, message: mip.Message) -> None:
-        if message.kind == mip.KIND_PING:
-            if message.is_request:
-                fut = self.loop.create_future()
-                fut.set_result([mip.encode_pong()])
-                self._append(fut)
-                self._flush()
-                return
-        if message.kind == mip.KIND_ERROR or not message.is_request:
-            self._protocol_error(_NotARequest())
+        kind = message.kind
+        if kind >= _INFERENCE and message.subtype == _REQUEST:
+            start = self.start
+            if start is not None:
+                # The handler's callback form: no task a request.
+                args = self.start_args
+                try:
+                    if args == 3:  # the handler calls on_done itself
+                        work = start(message, self.source, self.on_done)
+                    else:
+                        work = start(message, self.source) if args == 2 else start(message)
+                        work.add_done_callback(self.on_done)
+                except Exception as exc:
+                    work = self.loop.create_future()
+                    work.set_exception(exc)
+                    work.add_done_callback(self.on_done)
+            else:
+                handler = self.server.handler
+                assert callable(handler)  # a handler without start is the coroutine form
+                work = asyncio.ensure_future(handler(message), loop=self.loop)
+                work.add_done_callback(self.on_done)
+            pending = self.pending
+            pending.append(work)
+            self.pending_octets.append(0)
+            if len(pending) >= self.max_pipeline:
+                self._pause_reading()
             return
-        start = self.server.start_handler
-        if start is not None:
-            # The handler's callback form: no task a request.
-            try:
-                work = start(message, self.source) if self.server.pass_source else start(message)
-            except Exception as exc:
-                work = self.loop.create_future()
-                work.set_exception(exc)
-        else:
-            handler = self.server.handler
-            assert callable(handler)  # a handler without start is the coroutine form
-            work = asyncio.ensure_future(handler(message), loop=self.loop)
-        self._append(work)
-        work.add_done_callback(self._on_done)
-        if len(self.pending) >= self.server.max_pipeline:
-            self._pause_reading()
+        if kind == mip.KIND_PING and message.is_request:
+            fut = self.loop.create_future()
+            fut.set_result([mip.encode_pong()])
+            self._append(fut)
+            self._flush()
+            return
+        self._protocol_error(_NotARequest())
 
     def _append(self, fut: asyncio.Future) -> None:
         self.pending.append(fut)
@@ -268,17 +291,20 @@ class _Connection(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         self.flush_scheduled = False
         transport = self.transport
-        ready = []
-        while self.pending and self.pending[0].done():
-            fut = self.pending.popleft()
-            self.buffered_octets -= self.pending_octets.popleft()
+        ready: list = []
+        pending, octets = self.pending, self.pending_octets
+        freed = 0
+        while pending and pending[0].done():
+            fut = pending.popleft()
+            freed += octets.popleft()
             if fut.cancelled():
                 continue
             exc = fut.exception()
             if exc is None:
-                ready.extend(fut.result())
+                ready += fut.result()
             else:
                 ready.append(_error_reply(exc))
+        self.buffered_octets -= freed
         if ready and transport is not None and not transport.is_closing():
             # Every reply ready now leaves in one write: one system call for a whole
             # batch's worth of pipelined replies.
@@ -369,14 +395,22 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport.close()
 
 
-def _takes_source(start) -> bool:
-    """Whether a handler's ``start`` takes the request's source as a second argument."""
+def _start_args(start) -> int:
+    """The arguments a handler's ``start`` is given: 1 (the message), 2 (and the request's
+    source) or 3 (and the ``done`` callable, see :class:`StartHandler`)."""
     if start is None:
-        return False
+        return 1
     try:
-        return len(inspect.signature(start).parameters) >= 2
+        parameters = list(inspect.signature(start).parameters)
     except (TypeError, ValueError):
-        return False
+        return 1
+    if len(parameters) >= 3 and parameters[2] == "done":
+        return 3
+    return 2 if len(parameters) >= 2 else 1
+
+
+def _ignore(_fut: asyncio.Future) -> None:
+    """A closed connection's done-callback: nothing is sent any more."""
 
 
 def _error_reply(exc: BaseException) -> bytes:
@@ -448,7 +482,7 @@ class MipServer:
         # serves a request without a task of its own; if it takes a second argument, that
         # is the request's source (the peer address), for fair queueing.
         self.start_handler = getattr(handler, "start", None)
-        self.pass_source = _takes_source(self.start_handler)
+        self.start_args = _start_args(self.start_handler)
         self.max_frame_size = max_frame_size
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer

@@ -18,7 +18,7 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from cpython.object cimport PyTypeObject
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_Check
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 
 from mip.protocol.wire cimport *
@@ -444,6 +444,24 @@ cdef str _decode_utf8(const unsigned char *p, Py_ssize_t n, Py_ssize_t offset, s
         raise_wire_error(MIP_E_VALUE, offset + exc.start, f"{what} is not valid UTF-8")
 
 
+# The model name read last: requests name the same few models, and the one str object
+# (its hash computed once) serves every request that names it again.
+cdef unsigned char _name_octets[255]
+cdef Py_ssize_t _name_size = 0
+cdef str _name = None
+
+
+cdef str _model_name(const unsigned char *p, Py_ssize_t n, Py_ssize_t offset):
+    global _name, _name_size
+    if n == _name_size and memcmp(p, _name_octets, n) == 0:
+        return _name
+    name = _decode_utf8(p, n, offset, "model name")
+    memcpy(_name_octets, p, n)
+    _name_size = n
+    _name = name
+    return name
+
+
 cdef object _make_tensor(mip_tensor_header *t, const unsigned char *data, object owner,
                          bint writable, Py_ssize_t data_offset):
     cdef cnp.npy_intp dims[32]
@@ -596,7 +614,7 @@ cdef Message decode_frame_at(object owner, const unsigned char *base, Py_ssize_t
             raise_wire_error(MIP_E_VALUE, pos, "routed request has an empty model name")
         if length - pos - 1 < name_len:
             raise_wire_error(MIP_E_TRUNCATED, pos, f"model name of {name_len} octets runs past the frame")
-        m.model = _decode_utf8(base + pos + 1, name_len, pos + 1, "model name")
+        m.model = _model_name(base + pos + 1, name_len, pos + 1)
         pos += 1 + name_len
         if length - pos < 1:
             raise_wire_error(MIP_E_TRUNCATED, pos, "routed request ends before its version length")
@@ -1374,11 +1392,70 @@ def encode_request_buffers(batch, model=None, version=None,
                                 copy_threshold)
 
 
+cdef object _one_small_tensor(object batch, int n_input, int kind, Py_ssize_t copy_threshold):
+    """The response frame of one item holding one small numeric tensor (what most
+    replies are), written at once; ``None`` for any other batch, which :func:`_plan` lays
+    out (the octets are the same)."""
+    cdef object item, value
+    cdef cnp.ndarray arr
+    cdef _Enc e
+    cdef int code, ndim, d
+    cdef Py_ssize_t off, hdr
+    cdef unsigned char *out
+    if type(batch) is not list or len(<list>batch) != 1 or not 0 <= n_input <= 255:
+        return None
+    item = (<list>batch)[0]
+    if type(item) is not tuple or len(<tuple>item) != 1:
+        return None
+    value = (<tuple>item)[0]
+    if type(value) is not np.ndarray:
+        return None
+    arr = <cnp.ndarray>value
+    code = _code_of(cnp.PyArray_TYPE(arr))
+    ndim = cnp.PyArray_NDIM(arr)
+    if (code == 0 or code == MIP_DT_BYTES or ndim > MIP_TENSOR_MAX_NDIM
+            or not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISNOTSWAPPED(arr))
+            or cnp.PyArray_NBYTES(arr) >= copy_threshold):
+        return None
+    for d in range(ndim):
+        if cnp.PyArray_DIMS(arr)[d] > MAX_U32:
+            return None
+    e.type = T_TENSOR
+    e.dtype = code
+    e.ndim = ndim
+    e.shape = cnp.PyArray_DIMS(arr)
+    e.data = <const unsigned char *>cnp.PyArray_DATA(arr)
+    e.data_len = cnp.PyArray_NBYTES(arr)
+    e.segment_src = NULL
+    off = MIP_HEADER_SIZE + MIP_INFERENCE_HEADER_SIZE + MIP_TLV_HEADER_SIZE
+    hdr = 4 + 4 * ndim
+    e.pad = mip_tensor_pad(off + hdr)
+    e.value_len = hdr + e.pad + e.data_len
+    frame = PyBytes_FromStringAndSize(NULL, off + e.value_len)
+    out = <unsigned char *>PyBytes_AS_STRING(frame)
+    out[0] = MIP_VERSION
+    out[1] = kind
+    out[2] = MIP_RESPONSE
+    out[3] = 0
+    mip_store_be32(out + 4, <uint32_t>(off + e.value_len - MIP_HEADER_SIZE))
+    out += MIP_HEADER_SIZE
+    out[0] = n_input
+    out[1] = 1
+    mip_store_be16(out + 2, 1)
+    out = _write_value_header(&e, out + MIP_INFERENCE_HEADER_SIZE)
+    if e.data_len:
+        memcpy(out, e.data, e.data_len)
+    return frame
+
+
 def encode_response_buffers(batch, int n_input=0, int kind=MIP_KIND_INFERENCE, n_output=None,
                             Py_ssize_t copy_threshold=DEFAULT_COPY_THRESHOLD):
     """Like :func:`encode_response`, as a list of buffers for ``writelines()``."""
     if kind not in (MIP_KIND_INFERENCE, MIP_KIND_ROUTED):
         raise ValueError("a response is of kind 2 (INFERENCE) or 3 (ROUTED)")
+    frame = _one_small_tensor(batch, n_input, kind, copy_threshold)
+    if frame is not None:
+        return [frame]
     return _encode_plan_buffers(_plan(batch, kind, MIP_RESPONSE, n_input, n_output, None, None),
                                 copy_threshold)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import random
 import socket
 import struct
+import weakref
 
 import numpy as np
 import pytest
@@ -114,6 +116,56 @@ async def test_unix_socket(tmp_path):
     assert not path.exists()
 
 
+class _Starts:
+    """A handler of the callback form, ``start`` taking `arity` arguments: a request for
+    model 'bad' is refused at once, 'late' fails later, any other is answered (doubled)
+    after a pass of the loop; with ``done``, the handler calls it itself."""
+
+    def __init__(self, arity: int):
+        self.sources: list = []
+        self.start = {1: lambda m: self._start(m), 2: lambda m, source: self._start(m, source),
+                      3: self._start}[arity]
+
+    def _start(self, message, source=None, done=None):
+        if message.model == "bad":
+            raise mip.ModelNotFound("no model 'bad'")
+        self.sources.append(source)
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+
+        def settle():
+            if message.model == "late":
+                reply.set_exception(mip.ModelNotReady("'late' failed"))
+            else:
+                items = [(item[0] * 2,) for item in message.batch]
+                reply.set_result(mip.encode_response_buffers(items, n_input=1,
+                                                             kind=message.kind))
+            if done is not None:
+                done(reply)
+        loop.call_soon(settle)
+        return reply
+
+
+@pytest.mark.parametrize("arity", [1, 2, 3])
+async def test_handler_start_forms(arity):
+    handler = _Starts(arity)
+    async with _serving(handler) as (server, url):
+        async with AsyncClient(url, connections=1) as client:
+            async def one(i):
+                model = ("bad", "late", "m")[i % 3]
+                try:
+                    return (await client.infer([[np.full((1, 2), i, np.int32)]], model=model))[0][0]
+                except RemoteError as exc:
+                    return exc.error_code
+            results = await asyncio.gather(*(one(i) for i in range(30)))
+    for i, result in enumerate(results):
+        if i % 3 == 2:
+            assert result.tolist() == [[2 * i] * 2]
+        else:
+            assert result == (ErrorCode.METHOD if i % 3 == 0 else ErrorCode.INTERNAL)
+    assert handler.sources == [None if arity == 1 else "127.0.0.1"] * 20
+
+
 @pytest.mark.parametrize("max_pipeline", [128, 4])
 async def test_pipelined_replies_come_back_in_request_order(max_pipeline):
     async with _serving(max_pipeline=max_pipeline) as (server, url):
@@ -194,6 +246,34 @@ async def test_max_connections_refuses_when_none_is_idle_and_closes_an_idle_one(
             async with AsyncClient(url) as second:
                 assert await second.ping() > 0
                 assert server.connections == 1
+
+
+async def test_a_closed_connection_is_freed_without_the_collector(monkeypatch):
+    # the connection's done-callback refers to it: dropped when it closes, so that its
+    # memory (the parser's receive buffer) goes with it, not at the next full collection
+    from mip.net import mip_server
+
+    made = []
+    init = mip_server._Connection.__init__
+
+    def record(self, server):
+        init(self, server)
+        made.append(weakref.ref(self))
+    monkeypatch.setattr(mip_server._Connection, "__init__", record)
+    async with _serving(_Starts(3)) as (server, url):
+        gc.disable()
+        try:
+            async with AsyncClient(url) as client:
+                await client.infer([[np.ones((1, 2), np.int32)]], model="m")
+            for _ in range(200):
+                if server.connections == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.connections == 0 and made
+            await asyncio.sleep(0)
+            assert [ref() for ref in made] == [None] * len(made)
+        finally:
+            gc.enable()
 
 
 async def test_idle_and_read_timeouts_close_connections():

@@ -82,6 +82,18 @@ def test_every_tensor_round_trips(arr):
 
 
 @FAST
+@given(arrays(), st.integers(0, 255), st.sampled_from([2, 3]))
+def test_one_tensor_response_buffers(arr, n_input, kind):
+    # one item of one tensor (the common reply, written at once) is the frame the general
+    # layout gives, below and above the copy threshold
+    frame = _wire.response([[arr]], n_input=n_input, kind=kind)
+    for threshold in (1, 4096):
+        buffers = mip.encode_response_buffers([(arr,)], n_input=n_input, kind=kind,
+                                              copy_threshold=threshold)
+        assert b"".join(buffers) == frame
+
+
+@FAST
 @given(json_objects)
 def test_json_values_round_trip(obj):
     frame = mip.encode_request([[mip.Json(obj)]])
