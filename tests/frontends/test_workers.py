@@ -34,6 +34,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 
 X = np.arange(16, dtype=np.float32).reshape(1, 16)
 WAIT = 20.0  # seconds, at most, for what the server does on its own
+ROUNDS = 40  # connections opened, at most, until each worker has held one (where no worker is steered)
 START = 120.0  # seconds, at most, for two workers to load their models on a loaded machine
 
 # y = x after sleeping x seconds; first leaves a file started-PID-X in FOLDER, so that a test
