@@ -151,6 +151,17 @@ class Steady:
         self._stop.set()
         self._thread.join(30)
 
+    def answered(self, count: int = 2, timeout: float = 30.0) -> None:
+        """Wait until `count` more calls were answered right (or one failed): the client's
+        connection has been used since. Given to :func:`idle_flood` as ``between``, so the
+        flood's first connections, not the client's, are the longest idle when the listener
+        makes room, however slow the machine is."""
+        answered = self.ok
+        deadline = time.monotonic() + timeout
+        while self.ok < answered + count and not self.failures:
+            assert time.monotonic() < deadline, f"no answer in {timeout} s"
+            time.sleep(0.01)
+
     def check(self) -> None:
         """Every call was answered right, and there were some."""
         assert self.ok > 0 and not self.failures, (self.ok, self.failures[:3])

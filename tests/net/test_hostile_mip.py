@@ -79,7 +79,7 @@ def test_slowloris_peers_are_closed_by_the_frame_deadline(server, good_client):
 
 def test_idle_flood_does_not_lock_out_a_new_client(server, good_client):
     _, host, port = server
-    refusal, sockets = idle_flood(host, port, PER_PEER)
+    refusal, sockets = idle_flood(host, port, PER_PEER, between=good_client.answered)
     assert _error_code(refusal) == ErrorCode.MEMORY  # over the address's share
     # more idle connections than the listener takes: the longest-idle made room
     with Client(f"tcp://{host}:{port}") as newcomer:

@@ -78,7 +78,7 @@ def test_slowloris_peers_are_closed_by_the_frame_deadline(broker, good_client):
 
 def test_idle_flood_does_not_lock_out_a_new_client(broker, good_client):
     _, host, port = broker
-    refusal, sockets = idle_flood(host, port, PER_PEER)
+    refusal, sockets = idle_flood(host, port, PER_PEER, between=good_client.answered)
     assert "too many connections from this address" in (_error(refusal) or "")
     newcomer = Client(f"tcp://{host}:{port}")
     try:
