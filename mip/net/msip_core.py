@@ -491,17 +491,24 @@ class BrokerCore(CoreState):
         (``entries``: (stream id, PUBLISH payload, EVENT flags, msg_id), in stream order);
         ``done``: the stream is read to its end, the live events held back meanwhile follow.
         Returns the stream id to read on from (exclusive), or None: caught up, or the
-        subscription is gone."""
+        subscription is gone.
+
+        What a catch-up reads is kept in the session's backlog until it is done, bounded as an
+        away session's backlog is (``backlog_limit`` events and ``backlog_bytes`` octets a
+        session, ``max_backlog_bytes`` in total; the oldest dropped and counted in
+        ``stats.dropped_backlog``): a resume is handed at most what an away session keeps,
+        whatever the number of events missed. Once caught up, events are delivered at once."""
         st = session.streams.get(topic)
         if st is None or self._sessions.get(session.client_id) is not session:
             return None  # unsubscribed or ended meanwhile
+        catching = st.catching is not None
         for sid, payload, flags, msg_id in entries:
             if sid > st.last:
                 st.last = sid
                 self._deliver_stream(session, topic, payload, flags & _F_COMPRESSED,
-                                     flags & _F_URGENT, msg_id, sid, now)
-        if not done:
-            return st.last
+                                     flags & _F_URGENT, msg_id, sid, now, catching)
+        if not done or not catching:
+            return st.last if catching else None
         if st.overflowed:  # too many live events while reading: read on from the last one
             st.overflowed = False
             st.catching = []
@@ -511,8 +518,17 @@ class BrokerCore(CoreState):
             if sid > st.last:
                 st.last = sid
                 self._deliver_stream(session, topic, payload, compressed, urgent, msg_id, sid,
-                                     now)
+                                     now, True)
+        self._deliver_backlog(session, now)  # (an away session keeps it)
         return None
+
+    def stream_declined(self, session: _Session, topic: str) -> None:
+        """The backplane does not record ``topic`` for the session after all (it records as
+        many patterns as it can already): the subscription is served from this broker's
+        memory, as without a backplane (its events routed here, kept here while away)."""
+        if topic in session.streams:
+            self._unstream(session, topic, False)
+            self._forget_routes()
 
     def restore_subscriptions(self, session: _Session, topics) -> None:
         """At-least-once subscriptions the backplane recorded for a session resuming here
@@ -535,10 +551,17 @@ class BrokerCore(CoreState):
                 found.append((s.client_id, topics))
         return found
 
-    def _deliver_stream(self, session, topic, payload, compressed, urgent, msg_id, sid, now):
+    def _deliver_stream(self, session, topic, payload, compressed, urgent, msg_id, sid, now,
+                        catching=False):
+        """An event of ``topic``'s stream for the session: delivered, or (``catching``: read
+        by a catch-up) kept in its backlog until the catch-up is done."""
         n = len(payload)
         item = msip.encode_header(_EVENT, _K_EVENT, n, msg_id, compressed) + bytes(payload)
-        self._deliver(session, item, _HDR + n, bool(urgent), True, msg_id, now, (topic, sid))
+        if catching and session.durable:
+            self._keep(session, _Held(msg_id, item, _HDR + n, bool(urgent), True,
+                                      stream=(topic, sid)))
+        else:
+            self._deliver(session, item, _HDR + n, bool(urgent), True, msg_id, now, (topic, sid))
 
     def reset(self) -> None:
         """Forget every session and subscription (the broker stopped)."""
@@ -791,6 +814,11 @@ class BrokerCore(CoreState):
         """The backplane stops recording ``topic`` for the session (``tell``: forget its
         position there too)."""
         del session.streams[topic]
+        if session.backlog:  # what a catch-up of the topic kept: the subscription ended
+            for kept in session.backlog:
+                if kept.stream is not None and kept.stream[0] == topic:
+                    self._unkeep(session, kept)
+            session.backlog = collections.deque(k for k in session.backlog if k.alive)
         n = self._streamed[topic] - 1
         if n:
             self._streamed[topic] = n
@@ -1060,6 +1088,12 @@ class BrokerCore(CoreState):
             self.stats.redelivered += 1
             self.stats.delivered += 1
             conn.enqueue(p.item, p.size, p.urgent)
+        self._deliver_backlog(session, now)
+
+    def _deliver_backlog(self, session: _Session, now: float) -> None:
+        """A connected session is handed its backlog, oldest first."""
+        if session.conn is None:
+            return
         for k in self._clear_backlog(session):
             self._deliver(session, k.item, k.size, k.urgent, k.reliable, k.msg_id, now, k.stream)
 
