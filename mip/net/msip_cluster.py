@@ -553,15 +553,19 @@ class Backplane:
         self._write_due = False
         self.broker.write_out()
 
+    def _first_held(self, where: tuple):
+        """The stream id of the first live event held for (session, pattern), if any."""
+        held = self._held.get(where)
+        return held[0][0] if held else None
+
     async def _catch_up(self, session, pattern: str, read) -> None:
         """Hand a session what its recorded pattern missed, then the live events held
         meanwhile, and let it go on live. ``read(after)`` iterates over pages of entries
         (stream id, PUBLISH payload, EVENT flags, msg_id) in stream order, from the recorded
         position (``after`` None) or after the stream id ``after``.
 
-        What is handed over is bounded as an away session's backlog is (the core keeps what
-        a catch-up reads in the session's backlog until it is done: see
-        :meth:`~mip.net.msip_core.BrokerCore.stream_replay`)."""
+        What the session missed (before the first live event held) is bounded as an away
+        session's backlog is (see :meth:`~mip.net.msip_core.BrokerCore.stream_replay`)."""
         core = self.broker.core
         where = (session, pattern)
         after = None
@@ -571,15 +575,17 @@ class Backplane:
                 gone = False
                 async for page in read(after):
                     if not gone and page:
-                        on = core.stream_replay(session, pattern, page, False, time.monotonic())
+                        on = core.stream_replay(session, pattern, page, False, time.monotonic(),
+                                                self._first_held(where))
                         gone = on is None
+                live = self._first_held(where)
                 held = self._held.get(where, [])
                 self._held[where] = []
                 if not gone and held is None:  # too many live events meanwhile: read on
                     after = on or after
                     continue
                 if not gone:
-                    core.stream_replay(session, pattern, held, True, time.monotonic())
+                    core.stream_replay(session, pattern, held, True, time.monotonic(), live)
                 # caught up (or unsubscribed, or ended meanwhile); on a failure, live events
                 # are held until the read is done again
                 self._held.pop(where, None)

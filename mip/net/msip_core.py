@@ -128,9 +128,11 @@ class _Stream:
     """Where an at-least-once session is in a topic's backplane stream (stream ids are
     (milliseconds, sequence) tuples): the last id routed to it, the ids delivered and not yet
     acknowledged (in order), the highest id delivered, and the live events held back while the
-    stream is read from the session's recorded position (``catching``, None once caught up)."""
+    stream is read from the session's recorded position (``catching``, None once caught up),
+    the first of them (``live``: events from there on were published while the session was
+    here, not missed)."""
 
-    __slots__ = ("last", "unacked", "tracked", "catching", "overflowed")
+    __slots__ = ("last", "unacked", "tracked", "catching", "overflowed", "live")
 
     def __init__(self):
         self.last = (0, 0)
@@ -138,6 +140,7 @@ class _Stream:
         self.tracked = (0, 0)
         self.catching: list | None = []
         self.overflowed = False  # live events held back were dropped: read the stream again
+        self.live: tuple | None = None
 
 
 class _Session:
@@ -486,27 +489,34 @@ class BrokerCore(CoreState):
                           _OWN if own else _LOCAL if apart else _REMOTE, sid)
 
     def stream_replay(self, session: _Session, topic: str, entries, done: bool,
-                      now: float) -> tuple | None:
+                      now: float, live: tuple | None = None) -> tuple | None:
         """Events read from ``topic``'s stream from the session's recorded position
         (``entries``: (stream id, PUBLISH payload, EVENT flags, msg_id), in stream order);
         ``done``: the stream is read to its end, the live events held back meanwhile follow.
-        Returns the stream id to read on from (exclusive), or None: caught up, or the
-        subscription is gone.
+        ``live``: the stream id of the first live event the backplane holds back for the
+        session meanwhile, if it holds them (the core holds a literal topic's). Returns the
+        stream id to read on from (exclusive), or None: caught up, or the subscription is gone.
 
-        What a catch-up reads is kept in the session's backlog until it is done, bounded as an
-        away session's backlog is (``backlog_limit`` events and ``backlog_bytes`` octets a
-        session, ``max_backlog_bytes`` in total; the oldest dropped and counted in
-        ``stats.dropped_backlog``): a resume is handed at most what an away session keeps,
-        whatever the number of events missed. Once caught up, events are delivered at once."""
+        The events the session missed (before the first live one) are kept in its backlog
+        until the stream is read up to the live ones, bounded as an away session's backlog is
+        (``backlog_limit`` events and ``backlog_bytes`` octets a session, ``max_backlog_bytes``
+        in total; the oldest dropped and counted in ``stats.dropped_backlog``): a resume is
+        handed at most what an away session keeps, however many it missed. The live ones
+        follow them, delivered as they would have been."""
         st = session.streams.get(topic)
         if st is None or self._sessions.get(session.client_id) is not session:
             return None  # unsubscribed or ended meanwhile
         catching = st.catching is not None
+        if catching and live is not None and (st.live is None or live < st.live):
+            st.live = live
         for sid, payload, flags, msg_id in entries:
             if sid > st.last:
                 st.last = sid
+                missed = catching and (st.live is None or sid < st.live)
+                if catching and not missed:
+                    self._deliver_backlog(session, now)  # the missed ones first
                 self._deliver_stream(session, topic, payload, flags & _F_COMPRESSED,
-                                     flags & _F_URGENT, msg_id, sid, now, catching)
+                                     flags & _F_URGENT, msg_id, sid, now, missed)
         if not done or not catching:
             return st.last if catching else None
         if st.overflowed:  # too many live events while reading: read on from the last one
@@ -514,12 +524,12 @@ class BrokerCore(CoreState):
             st.catching = []
             return st.last
         held, st.catching = st.catching or (), None
+        self._deliver_backlog(session, now)  # (an away session keeps it)
         for sid, payload, compressed, urgent, msg_id in held:
             if sid > st.last:
                 st.last = sid
                 self._deliver_stream(session, topic, payload, compressed, urgent, msg_id, sid,
-                                     now, True)
-        self._deliver_backlog(session, now)  # (an away session keeps it)
+                                     now)
         return None
 
     def stream_declined(self, session: _Session, topic: str) -> None:
@@ -553,8 +563,8 @@ class BrokerCore(CoreState):
 
     def _deliver_stream(self, session, topic, payload, compressed, urgent, msg_id, sid, now,
                         catching=False):
-        """An event of ``topic``'s stream for the session: delivered, or (``catching``: read
-        by a catch-up) kept in its backlog until the catch-up is done."""
+        """An event of ``topic``'s stream for the session: delivered, or (``catching``: one it
+        missed, read by a catch-up) kept in its backlog until the catch-up is done."""
         n = len(payload)
         item = msip.encode_header(_EVENT, _K_EVENT, n, msg_id, compressed) + bytes(payload)
         if catching and session.durable:
@@ -954,6 +964,8 @@ class BrokerCore(CoreState):
                         st.catching.clear()
                         st.overflowed = True
                     st.catching.append((sid, payload, compressed, urgent, msg_id))
+                    if st.live is None or sid < st.live:
+                        st.live = sid
                     continue
                 if sid <= st.last:
                     continue  # read from the stream already

@@ -45,11 +45,11 @@ own publishes, so a broker's clients get a local publish once (locally).
   every topic's events, so a pattern's position is one sequence. The pattern is read live from
   an ordered consumer filtered by its wildcard subject, and a resume reads a pull consumer with
   that filter from the position; the key is ``p.CLIENTID.PATTERN-TOKENS`` (the pattern escaped
-  as a literal topic). A resume's read (of a topic or a pattern) is bounded by the session's
-  ``backlog_limit``: when more matching messages are pending, it starts later, at a sequence
-  found by bisection (about log2 of the stream's length consumers made, each telling its
-  pending count), the skipped ones counted in ``stats.dropped_backlog``; octets are bounded
-  as with Redis. A broker
+  as a literal topic). A pattern's read is bounded by the session's ``backlog_limit``: when
+  more matching messages are pending, it starts later, at a sequence found by bisection
+  (about log2 of the stream's length consumers made, each telling its pending count), the
+  skipped ones counted in ``stats.dropped_backlog``. What a resume is handed (a topic's or a
+  pattern's) is bounded as with Redis. A broker
   records at most ``max_patterns`` distinct patterns (an ordered consumer each).
 
   A server without JetStream (no ``-js``): the broker says so and keeps at-least-once
@@ -552,14 +552,12 @@ class NatsCluster(Backplane):
 
     async def _begin(self, session, topic: str) -> None:
         """A session's subscription starts being recorded: read the topic from the stream
-        live, and hand the session what it missed since its recorded position (its newest
-        ``backlog_limit`` events at most, see :meth:`_newest`; the core bounds the rest as
-        an away session's backlog)."""
+        live, and hand the session what it missed since its recorded position (bounded by
+        the core as an away session's backlog)."""
         subject = self._subject(topic)
         await self._live(self._feeds, topic.encode("utf-8"), subject, self._on_stream)
+        start = await self._position(session, topic, False)
         core = self.broker.core
-        start = await self._newest(subject, await self._position(session, topic, False),
-                                   core.backlog_limit)
         psub = await self._pull(subject, start, self.stream_name)
         try:
             while True:

@@ -391,10 +391,10 @@ EVENT_SIZE = 24 + 2 + 1 + 10  # an EVENT of _stream_entry: header, topic length,
     (dict(max_backlog_bytes=2 * EVENT_SIZE + 5), 2),
 ])
 def test_stream_catch_up_is_bounded_as_an_away_backlog(limits, kept):
-    """What a recorded subscription's catch-up reads (however many events it missed), and
-    the live events held back meanwhile, are kept as an away session's backlog is, the oldest
-    dropped and counted, and handed over, oldest first, once the stream is read to its end;
-    then events are delivered at once."""
+    """What a recorded subscription's catch-up reads that the session missed (however many)
+    is kept as an away session's backlog is, the oldest dropped and counted, and handed over,
+    oldest first, once the stream is read up to the live events held back meanwhile; those
+    follow (each once), then events are delivered at once."""
     wire, sub, cid, session = _recorded(limits)
     core = wire.core
     wire.frames(sub)
@@ -415,15 +415,40 @@ def test_stream_catch_up_is_bounded_as_an_away_backlog(limits, kept):
     assert wire.frames(sub) == []
     assert core.stream_replay(session, "t", [live], True, wire.now) is None
     wire.write_out()
-    got = [mid for mid, _ in events(wire.frames(sub))]  # the newest, the live one included
-    assert got == list(range(missed - kept + 2, missed + 2))
+    got = [mid for mid, _ in events(wire.frames(sub))]  # the newest missed, then the live one
+    assert got == list(range(missed - kept + 1, missed + 2))
     info = core.session_info(cid)
-    assert (info["backlog"], info["inflight"]) == (0, kept) and core.stats.backlog_bytes == 0
-    assert core.stats.dropped_backlog == missed + 1 - kept
+    assert (info["backlog"], info["inflight"]) == (0, kept + 1) and core.stats.backlog_bytes == 0
+    assert core.stats.dropped_backlog == missed - kept
     after = _stream_entry(missed + 2)
     core.deliver_remote(after[1], w.K_EVENT, 0, after[3], wire.now, after[0], own=True)
     wire.write_out()
     assert [mid for mid, _ in events(wire.frames(sub))] == [missed + 2]
+
+
+def test_live_events_during_a_catch_up_are_not_bounded_as_missed_ones():
+    """Events published while the session is here (held back during its catch-up, and read
+    from the stream too) are each delivered once, however many: only what it missed before
+    the first of them is bounded as an away backlog."""
+    wire, sub, cid, session = _recorded(dict(backlog_limit=3))
+    core = wire.core
+    wire.frames(sub)
+    live = [_stream_entry(i) for i in range(11, 31)]  # more than backlog_limit
+    for sid, payload, flags, msg_id in live:
+        core.deliver_remote(payload, w.K_EVENT, flags, msg_id, wire.now, sid, own=True)
+    missed = [_stream_entry(i) for i in range(1, 11)]
+    assert core.stream_replay(session, "t", missed + live[:5], False, wire.now) == (15, 0)
+    assert core.stream_replay(session, "t", live[5:], True, wire.now) is None
+    wire.write_out()
+    assert [mid for mid, _ in events(wire.frames(sub))] == list(range(8, 31))
+    assert core.stats.dropped_backlog == 7 and core.session_info(cid)["inflight"] == 23
+    # a backplane holding the live events itself (a pattern's) says where they start
+    wire, sub, cid, session = _recorded(dict(backlog_limit=3))
+    wire.frames(sub)
+    wire.core.stream_replay(session, "t", missed + live, False, wire.now, live[0][0])
+    wire.core.stream_replay(session, "t", live, True, wire.now, live[0][0])
+    wire.write_out()
+    assert [mid for mid, _ in events(wire.frames(sub))] == list(range(8, 31))
 
 
 def test_stream_catch_up_of_an_away_session_stays_in_its_backlog():
