@@ -89,8 +89,10 @@ class BrokerStats:
     redelivered: int = 0  #: EVENT frames sent again because they were not acknowledged
     acked: int = 0  #: at-least-once events acknowledged by their subscriber
     dropped_overflow: int = 0  #: events dropped from full outgoing queues
-    dropped_backlog: int = 0  #: events dropped from full away-session backlogs
-    backlog_bytes: int = 0  #: octets held now in away-session backlogs (all sessions)
+    #: events dropped from full away-session backlogs (a resume's catch-up from a backplane
+    #: included: what it reads that the session missed is kept as a backlog until handed over)
+    dropped_backlog: int = 0
+    backlog_bytes: int = 0  #: octets held now in backlogs (all sessions; catch-ups included)
     dropped_inflight: int = 0  #: unacknowledged events given up on (bound or attempts reached)
     slow_disconnects: int = 0  #: connections closed by the ``disconnect`` overflow policy
     errors: int = 0  #: ERROR frames sent
@@ -745,6 +747,7 @@ class BrokerCore(CoreState):
         self.stats.sessions_away = len(self._away)
 
     def _forget(self, session: _Session) -> None:
+        self._clear_backlog(session)  # (first: unstreaming a topic then looks through it)
         for topic in list(session.streams):  # the backplane's record outlives this broker's
             self._unstream(session, topic, False)
         for topic in list(session.subs):
@@ -752,7 +755,6 @@ class BrokerCore(CoreState):
         if session.client_id is not None and self._sessions.get(session.client_id) is session:
             del self._sessions[session.client_id]
         self._away.pop(session, None)
-        self._clear_backlog(session)
         session.inflight.clear()
         session.inflight_bytes = 0
         session.by_msg_id.clear()
