@@ -598,10 +598,12 @@ class NatsCluster(Backplane):
     async def _pending(self, subject: str, start: int) -> int:
         """Messages of the stream on ``subject`` from the sequence ``start`` on."""
         psub = await self._pull(subject, start, self.stream_name)
+        info = None
         try:
-            return (await psub.consumer_info()).num_pending
+            info = await psub.consumer_info()
+            return info.num_pending
         finally:
-            await self._unpull(psub)
+            await self._unpull(psub, info)
 
     async def _newest(self, subject: str, start: int, limit: int) -> int:
         """The sequence to read ``subject`` from so as to read its ``limit`` newest messages
@@ -636,9 +638,11 @@ class NatsCluster(Backplane):
                                              pending_msgs_limit=2 * _REPLAY_PAGE,
                                              pending_bytes_limit=_SUB_PENDING_BYTES)
 
-    async def _unpull(self, psub) -> None:
+    async def _unpull(self, psub, info=None) -> None:
+        """Delete a pull consumer (``info``: its info, when at hand)."""
         try:
-            info = await psub.consumer_info()
+            if info is None:
+                info = await psub.consumer_info()
             await psub.unsubscribe()
             await self._js.delete_consumer(info.stream_name, info.name)
         except Exception:  # noqa: BLE001 - it expires by itself (inactive_threshold)
