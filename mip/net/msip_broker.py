@@ -190,7 +190,7 @@ class _Connection(BrokerProtocol, asyncio.BufferedProtocol):
         b._forget_conn(self)
         self.transport = None
         b.core.lost(self.state, time.monotonic())
-        b._write_out()
+        b.write_out()
         if not b._conns and b._all_closed is not None:
             b._all_closed.set()
 
@@ -203,14 +203,14 @@ class _Connection(BrokerProtocol, asyncio.BufferedProtocol):
     def resume_writing(self):
         self.broker.core.set_writable(self.state, True)
         self.flush()  # (and reads again, if it had stopped)
-        self.broker._write_out()
+        self.broker.write_out()
 
     # -- output ------------------------------------------------------------------------
     def fail(self, reason: str) -> None:
         """Send an ERROR frame with ``reason`` after what is queued, then close."""
         if self.transport is not None:
             self.broker.core.fail(self.state, reason)
-            self.broker._write_out()
+            self.broker.write_out()
 
 
 class Broker:
@@ -407,7 +407,7 @@ class Broker:
             for conn in list(self._conns):
                 if conn.transport is not None:
                     self.core.close(conn.state, _CLOSE_FRAME)
-            self._write_out()
+            self.write_out()
             try:
                 await asyncio.wait_for(self._all_closed.wait(), grace)
             except asyncio.TimeoutError:
@@ -435,11 +435,13 @@ class Broker:
         await self.stop()
 
     # -- moving what the core decided ------------------------------------------------------
-    def _write_out(self) -> None:
-        """Write the frames the core queued, and close the connections it ended."""
+    def write_out(self) -> None:
+        """Write the frames the core queued, and close the connections it ended (after
+        anything that changed the core outside a connection's own event: a backplane's
+        delivery or replay)."""
         write_out(self.core)
 
-    def _deliver_remote(self, payload, kind: int, flags: int, msg_id: int,
+    def deliver_remote(self, payload, kind: int, flags: int, msg_id: int,
                         sid: tuple | None = None, own: bool = False, apart: bool = False) -> None:
         """Deliver a publish another broker received (``payload``: its PUBLISH payload) to
         this broker's subscribers, as a local one is (``sid``, ``own``, ``apart``: see
@@ -450,7 +452,7 @@ class Broker:
 
     def _write_out_soon(self) -> None:
         self._write_soon = None
-        self._write_out()
+        self.write_out()
 
     # -- connections ----------------------------------------------------------------------
     def _make_room(self, newcomer: _Connection) -> bool:
@@ -490,7 +492,7 @@ class Broker:
         while True:
             await asyncio.sleep(interval)
             self.core.tick(time.monotonic())
-            self._write_out()
+            self.write_out()
 
     # -- introspection --------------------------------------------------------------------
     def session_info(self, client_id: int) -> dict | None:

@@ -57,7 +57,11 @@ can resume on another broker: their backlog lives in Redis, not in one broker's 
   then continues live, skipping ids it has delivered. A session that resumes on a broker that
   does not hold it gets the subscriptions of its record back (``HKEYS``), unless it makes
   them again itself. At least once: what was delivered and
-  not yet acknowledged when a broker died is delivered again.
+  not yet acknowledged when a broker died is delivered again. What such a read hands the
+  session is bounded as an away session's backlog is: at most the newest ``backlog_limit``
+  events and ``backlog_bytes`` octets of the session (``max_backlog_bytes`` of the broker's
+  sessions in total), the older ones dropped and counted (``stats.dropped_backlog``), however
+  many it missed.
 * An at-least-once subscription to a wildcard pattern (a session with patterns) is recorded
   the same way, with one stream per pattern rather than per topic. The broker keeps the
   pattern in the hash ``PREFIX + "patterns"`` (pattern -> until when it is wanted, in Redis's
@@ -70,9 +74,7 @@ can resume on another broker: their backlog lives in Redis, not in one broker's 
   such subscriptions get their events from there, in the stream's order (the broker's own
   matching leaves them out). The position is the record's field 0xFF + pattern (no UTF-8 topic is such
   a field). A resume reads that one stream from its position: ``stream_max`` entries at most
-  (about), whatever the number of topics; and hands the session at most the newest
-  ``backlog_limit`` events and ``backlog_bytes`` octets, as an away session's backlog keeps,
-  the older ones dropped and counted (``stats.dropped_backlog``). A broker records at most
+  (about), whatever the number of topics. A broker records at most
   ``max_patterns`` distinct patterns (``--cluster-max-patterns``; beyond, a subscription stays
   in its memory), which bounds the publish script's work a message by the brokers' sum.
 
@@ -92,7 +94,6 @@ import struct
 import time
 from typing import Any
 
-from mip.msip import HEADER_SIZE
 from mip.net.msip_topics import pattern_tokens
 
 __all__ = ["Backplane", "RedisCluster", "ENVELOPE", "glob_of", "open_backplane"]
@@ -448,9 +449,7 @@ class Backplane:
                     self._warn_pat("cluster: %d patterns recorded already (limit %d): the "
                                    "at-least-once subscription to %r stays in this broker's "
                                    "memory", len(self._recording), self.max_patterns, topic)
-                    core = self.broker.core
-                    core._unstream(session, topic, False)
-                    core._forget_routes()
+                    self.broker.core.stream_declined(session, topic)
                     return
                 sessions = self._recording[topic] = {}
                 self._interest.set()  # its feed
@@ -552,7 +551,12 @@ class Backplane:
 
     def _write_now(self) -> None:
         self._write_due = False
-        self.broker._write_out()
+        self.broker.write_out()
+
+    def _first_held(self, where: tuple):
+        """The stream id of the first live event held for (session, pattern), if any."""
+        held = self._held.get(where)
+        return held[0][0] if held else None
 
     async def _catch_up(self, session, pattern: str, read) -> None:
         """Hand a session what its recorded pattern missed, then the live events held
@@ -560,41 +564,34 @@ class Backplane:
         (stream id, PUBLISH payload, EVENT flags, msg_id) in stream order, from the recorded
         position (``after`` None) or after the stream id ``after``.
 
-        What is handed over is bounded as an away session's backlog is: the newest
-        ``backlog_limit`` events and ``backlog_bytes`` octets at most; older ones are dropped
-        and counted (``stats.dropped_backlog``)."""
+        What the session missed (before the first live event held) is bounded as an away
+        session's backlog is (see :meth:`~mip.net.msip_core.BrokerCore.stream_replay`)."""
         core = self.broker.core
         where = (session, pattern)
         after = None
         try:
             while True:
-                kept: collections.deque = collections.deque()
-                octets = dropped = 0
+                on: tuple | None = None
+                gone = False
                 async for page in read(after):
-                    for entry in page:
-                        kept.append(entry)
-                        octets += HEADER_SIZE + len(entry[1])
-                        while kept and (len(kept) > core.backlog_limit
-                                        or octets > core.backlog_bytes):
-                            octets -= HEADER_SIZE + len(kept.popleft()[1])
-                            dropped += 1
-                self.stats.dropped_backlog += dropped
+                    if not gone and page:
+                        on = core.stream_replay(session, pattern, page, False, time.monotonic(),
+                                                self._first_held(where))
+                        gone = on is None
+                live = self._first_held(where)
                 held = self._held.get(where, [])
                 self._held[where] = []
-                now = time.monotonic()
-                on = core.stream_replay(session, pattern, kept, False, now)
-                if on is not None and held is None:  # too many live events meanwhile: read on
-                    if kept:
-                        after = on
+                if not gone and held is None:  # too many live events meanwhile: read on
+                    after = on or after
                     continue
-                if on is not None:
-                    core.stream_replay(session, pattern, held, True, now)
+                if not gone:
+                    core.stream_replay(session, pattern, held, True, time.monotonic(), live)
                 # caught up (or unsubscribed, or ended meanwhile); on a failure, live events
                 # are held until the read is done again
                 self._held.pop(where, None)
                 return
         finally:
-            self.broker._write_out()
+            self.broker.write_out()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -898,7 +895,7 @@ class RedisCluster(Backplane):
         own = origin == self.origin
         if own and not self.streams:
             return  # this broker's own publish: its clients have it already
-        self.broker._deliver_remote(memoryview(data)[at:], msg_kind, flags, msg_id, sid, own)
+        self.broker.deliver_remote(memoryview(data)[at:], msg_kind, flags, msg_id, sid, own)
 
     def _first_match(self, pattern: bytes, channel: bytes) -> bool:
         """Whether ``pattern`` is the one subscription of this broker that delivers an event
@@ -1027,7 +1024,7 @@ class RedisCluster(Backplane):
             entries = self._entries(page)
             done = len(page) < _REPLAY_PAGE
             on = core.stream_replay(session, topic, entries, done, time.monotonic())
-            self.broker._write_out()
+            self.broker.write_out()
             if on is None:
                 return
             if page:  # past malformed entries too

@@ -89,8 +89,10 @@ class BrokerStats:
     redelivered: int = 0  #: EVENT frames sent again because they were not acknowledged
     acked: int = 0  #: at-least-once events acknowledged by their subscriber
     dropped_overflow: int = 0  #: events dropped from full outgoing queues
-    dropped_backlog: int = 0  #: events dropped from full away-session backlogs
-    backlog_bytes: int = 0  #: octets held now in away-session backlogs (all sessions)
+    #: events dropped from full away-session backlogs (a resume's catch-up from a backplane
+    #: included: what it reads that the session missed is kept as a backlog until handed over)
+    dropped_backlog: int = 0
+    backlog_bytes: int = 0  #: octets held now in backlogs (all sessions; catch-ups included)
     dropped_inflight: int = 0  #: unacknowledged events given up on (bound or attempts reached)
     slow_disconnects: int = 0  #: connections closed by the ``disconnect`` overflow policy
     errors: int = 0  #: ERROR frames sent
@@ -128,9 +130,11 @@ class _Stream:
     """Where an at-least-once session is in a topic's backplane stream (stream ids are
     (milliseconds, sequence) tuples): the last id routed to it, the ids delivered and not yet
     acknowledged (in order), the highest id delivered, and the live events held back while the
-    stream is read from the session's recorded position (``catching``, None once caught up)."""
+    stream is read from the session's recorded position (``catching``, None once caught up),
+    the first of them (``live``: events from there on were published while the session was
+    here, not missed)."""
 
-    __slots__ = ("last", "unacked", "tracked", "catching", "overflowed")
+    __slots__ = ("last", "unacked", "tracked", "catching", "overflowed", "live")
 
     def __init__(self):
         self.last = (0, 0)
@@ -138,6 +142,7 @@ class _Stream:
         self.tracked = (0, 0)
         self.catching: list | None = []
         self.overflowed = False  # live events held back were dropped: read the stream again
+        self.live: tuple | None = None
 
 
 class _Session:
@@ -486,33 +491,56 @@ class BrokerCore(CoreState):
                           _OWN if own else _LOCAL if apart else _REMOTE, sid)
 
     def stream_replay(self, session: _Session, topic: str, entries, done: bool,
-                      now: float) -> tuple | None:
+                      now: float, live: tuple | None = None) -> tuple | None:
         """Events read from ``topic``'s stream from the session's recorded position
         (``entries``: (stream id, PUBLISH payload, EVENT flags, msg_id), in stream order);
         ``done``: the stream is read to its end, the live events held back meanwhile follow.
-        Returns the stream id to read on from (exclusive), or None: caught up, or the
-        subscription is gone."""
+        ``live``: the stream id of the first live event the backplane holds back for the
+        session meanwhile, if it holds them (the core holds a literal topic's). Returns the
+        stream id to read on from (exclusive), or None: caught up, or the subscription is gone.
+
+        The events the session missed (before the first live one) are kept in its backlog
+        until the stream is read up to the live ones, bounded as an away session's backlog is
+        (``backlog_limit`` events and ``backlog_bytes`` octets a session, ``max_backlog_bytes``
+        in total; the oldest dropped and counted in ``stats.dropped_backlog``): a resume is
+        handed at most what an away session keeps, however many it missed. The live ones
+        follow them, delivered as they would have been."""
         st = session.streams.get(topic)
         if st is None or self._sessions.get(session.client_id) is not session:
             return None  # unsubscribed or ended meanwhile
+        catching = st.catching is not None
+        if catching and live is not None and (st.live is None or live < st.live):
+            st.live = live
         for sid, payload, flags, msg_id in entries:
             if sid > st.last:
                 st.last = sid
+                missed = catching and (st.live is None or sid < st.live)
+                if catching and not missed:
+                    self._deliver_backlog(session, now)  # the missed ones first
                 self._deliver_stream(session, topic, payload, flags & _F_COMPRESSED,
-                                     flags & _F_URGENT, msg_id, sid, now)
-        if not done:
-            return st.last
+                                     flags & _F_URGENT, msg_id, sid, now, missed)
+        if not done or not catching:
+            return st.last if catching else None
         if st.overflowed:  # too many live events while reading: read on from the last one
             st.overflowed = False
             st.catching = []
             return st.last
         held, st.catching = st.catching or (), None
+        self._deliver_backlog(session, now)  # (an away session keeps it)
         for sid, payload, compressed, urgent, msg_id in held:
             if sid > st.last:
                 st.last = sid
                 self._deliver_stream(session, topic, payload, compressed, urgent, msg_id, sid,
                                      now)
         return None
+
+    def stream_declined(self, session: _Session, topic: str) -> None:
+        """The backplane does not record ``topic`` for the session after all (it records as
+        many patterns as it can already): the subscription is served from this broker's
+        memory, as without a backplane (its events routed here, kept here while away)."""
+        if topic in session.streams:
+            self._unstream(session, topic, False)
+            self._forget_routes()
 
     def restore_subscriptions(self, session: _Session, topics) -> None:
         """At-least-once subscriptions the backplane recorded for a session resuming here
@@ -535,10 +563,17 @@ class BrokerCore(CoreState):
                 found.append((s.client_id, topics))
         return found
 
-    def _deliver_stream(self, session, topic, payload, compressed, urgent, msg_id, sid, now):
+    def _deliver_stream(self, session, topic, payload, compressed, urgent, msg_id, sid, now,
+                        catching=False):
+        """An event of ``topic``'s stream for the session: delivered, or (``catching``: one it
+        missed, read by a catch-up) kept in its backlog until the catch-up is done."""
         n = len(payload)
         item = msip.encode_header(_EVENT, _K_EVENT, n, msg_id, compressed) + bytes(payload)
-        self._deliver(session, item, _HDR + n, bool(urgent), True, msg_id, now, (topic, sid))
+        if catching and session.durable:
+            self._keep(session, _Held(msg_id, item, _HDR + n, bool(urgent), True,
+                                      stream=(topic, sid)))
+        else:
+            self._deliver(session, item, _HDR + n, bool(urgent), True, msg_id, now, (topic, sid))
 
     def reset(self) -> None:
         """Forget every session and subscription (the broker stopped)."""
@@ -712,6 +747,7 @@ class BrokerCore(CoreState):
         self.stats.sessions_away = len(self._away)
 
     def _forget(self, session: _Session) -> None:
+        self._clear_backlog(session)  # (first: unstreaming a topic then looks through it)
         for topic in list(session.streams):  # the backplane's record outlives this broker's
             self._unstream(session, topic, False)
         for topic in list(session.subs):
@@ -719,7 +755,6 @@ class BrokerCore(CoreState):
         if session.client_id is not None and self._sessions.get(session.client_id) is session:
             del self._sessions[session.client_id]
         self._away.pop(session, None)
-        self._clear_backlog(session)
         session.inflight.clear()
         session.inflight_bytes = 0
         session.by_msg_id.clear()
@@ -791,6 +826,11 @@ class BrokerCore(CoreState):
         """The backplane stops recording ``topic`` for the session (``tell``: forget its
         position there too)."""
         del session.streams[topic]
+        if session.backlog:  # what a catch-up of the topic kept: the subscription ended
+            for kept in session.backlog:
+                if kept.stream is not None and kept.stream[0] == topic:
+                    self._unkeep(session, kept)
+            session.backlog = collections.deque(k for k in session.backlog if k.alive)
         n = self._streamed[topic] - 1
         if n:
             self._streamed[topic] = n
@@ -926,6 +966,8 @@ class BrokerCore(CoreState):
                         st.catching.clear()
                         st.overflowed = True
                     st.catching.append((sid, payload, compressed, urgent, msg_id))
+                    if st.live is None or sid < st.live:
+                        st.live = sid
                     continue
                 if sid <= st.last:
                     continue  # read from the stream already
@@ -1060,6 +1102,12 @@ class BrokerCore(CoreState):
             self.stats.redelivered += 1
             self.stats.delivered += 1
             conn.enqueue(p.item, p.size, p.urgent)
+        self._deliver_backlog(session, now)
+
+    def _deliver_backlog(self, session: _Session, now: float) -> None:
+        """A connected session is handed its backlog, oldest first."""
+        if session.conn is None:
+            return
         for k in self._clear_backlog(session):
             self._deliver(session, k.item, k.size, k.urgent, k.reliable, k.msg_id, now, k.stream)
 

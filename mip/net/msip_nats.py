@@ -45,10 +45,11 @@ own publishes, so a broker's clients get a local publish once (locally).
   every topic's events, so a pattern's position is one sequence. The pattern is read live from
   an ordered consumer filtered by its wildcard subject, and a resume reads a pull consumer with
   that filter from the position; the key is ``p.CLIENTID.PATTERN-TOKENS`` (the pattern escaped
-  as a literal topic). The read is bounded by the session's ``backlog_limit``: when more
-  matching messages are pending, it starts later, at a sequence found by bisection (about
-  log2 of the stream's length consumers made, each telling its pending count), the skipped
-  ones counted in ``stats.dropped_backlog``; octets are bounded as with Redis. A broker
+  as a literal topic). A pattern's read is bounded by the session's ``backlog_limit``: when
+  more matching messages are pending, it starts later, at a sequence found by bisection
+  (about log2 of the stream's length consumers made, each telling its pending count), the
+  skipped ones counted in ``stats.dropped_backlog``. What a resume is handed (a topic's or a
+  pattern's) is bounded as with Redis. A broker
   records at most ``max_patterns`` distinct patterns (an ordered consumer each).
 
   A server without JetStream (no ``-js``): the broker says so and keeps at-least-once
@@ -119,23 +120,42 @@ def topic_of(prefix: str, subject: str) -> str | None:
 
 
 def _client():
-    """A nats-py client that hands the messages of the broker's plain subscriptions to their
-    handler at once, in the order they arrive (nats-py runs a task per subscription, which
-    would reorder events across subscriptions, and makes a message object of each)."""
+    """A nats-py client with one addition, ``subscribe_in_order(subject, handler)`` (and
+    ``unsubscribe_in_order(sub)``): the messages of such a subscription are handed to
+    ``handler(subject, data)`` by the connection's read loop, at once and in the order they
+    arrive. nats-py hands each subscription's messages to a task of its own, which reorders
+    events across subscriptions, and makes a message object of each.
+
+    nats-py has no public API for this (a callback run by the read loop itself, and a
+    subscription's id to route by): this class alone uses its internals (``_process_msg``,
+    ``_sid``, ``Subscription._id``), hence the range of nats-py versions in pyproject.toml."""
     from nats.aio.client import Client
 
     class _Client(Client):
         def __init__(self):
             super().__init__()
-            self.handlers: dict[int, object] = {}  # subscription id -> handler(subject, data)
+            self._in_order: dict[int, Any] = {}  # subscription id -> handler(subject, data)
 
         async def _process_msg(self, sid, subject, reply, data, headers):
-            handler = self.handlers.get(sid)
+            handler = self._in_order.get(sid)
             if handler is None:
                 return await super()._process_msg(sid, subject, reply, data, headers)
             self.stats["in_msgs"] += 1
             self.stats["in_bytes"] += len(data)
             handler(subject, data)
+
+        async def subscribe_in_order(self, subject: str, handler):
+            # its id is the next one: the handler is there before any message can come
+            sid = self._sid + 1
+            self._in_order[sid] = handler
+            sub = await self.subscribe(subject)
+            if sub._id != sid:  # numbered otherwise: from now on, then
+                self._in_order[sub._id] = self._in_order.pop(sid)
+            return sub
+
+        async def unsubscribe_in_order(self, sub) -> None:
+            self._in_order.pop(sub._id, None)
+            await sub.unsubscribe()
 
     return _Client()
 
@@ -355,18 +375,13 @@ class NatsCluster(Backplane):
         for subject in [s for s in self._subs if s not in want]:
             sub = self._subs.pop(subject)
             self._sub_patterns.pop(subject, None)
-            nc.handlers.pop(sub._id, None)
-            await sub.unsubscribe()
+            await nc.unsubscribe_in_order(sub)
         for subject, tokens in want.items():
             if subject not in self._subs:
                 if tokens is not None:
                     self._sub_patterns[subject] = tokens
-                # its id is the next one: the handler is there before any message can come
-                sid = nc._sid + 1
-                nc.handlers[sid] = self._handler(subject, tokens is None)
-                sub = self._subs[subject] = await nc.subscribe(subject)
-                if sub._id != sid:  # numbered otherwise: from now on, then
-                    nc.handlers[sub._id] = nc.handlers.pop(sid)
+                self._subs[subject] = await nc.subscribe_in_order(
+                    subject, self._handler(subject, tokens is None))
 
     def _handler(self, key: str, literal: bool):
         incoming = self._incoming
@@ -394,7 +409,7 @@ class NatsCluster(Backplane):
         if origin == self.origin:
             return  # not with no_echo; from a second connection of this broker's id at most
         # every event is in the stream: recorded sessions get it from there, with its id
-        self.broker._deliver_remote(memoryview(data)[ENVELOPE.size:], kind, flags, msg_id, None,
+        self.broker.deliver_remote(memoryview(data)[ENVELOPE.size:], kind, flags, msg_id, None,
                                     False, self.streams)
 
     def _stream_entry(self, msg) -> tuple | None:
@@ -415,7 +430,7 @@ class NatsCluster(Backplane):
         found = self._stream_entry(msg)
         if found is not None:
             head, seq = found
-            self.broker._deliver_remote(memoryview(msg.data)[ENVELOPE.size:], head[0], head[1],
+            self.broker.deliver_remote(memoryview(msg.data)[ENVELOPE.size:], head[0], head[1],
                                         head[3], (seq, 0), True)
 
     def _on_pattern(self, pattern: str):
@@ -537,7 +552,8 @@ class NatsCluster(Backplane):
 
     async def _begin(self, session, topic: str) -> None:
         """A session's subscription starts being recorded: read the topic from the stream
-        live, and hand the session what it missed since its recorded position."""
+        live, and hand the session what it missed since its recorded position (bounded by
+        the core as an away session's backlog)."""
         subject = self._subject(topic)
         await self._live(self._feeds, topic.encode("utf-8"), subject, self._on_stream)
         start = await self._position(session, topic, False)
@@ -548,7 +564,7 @@ class NatsCluster(Backplane):
                 msgs, done = await self._fetch(psub)
                 on = core.stream_replay(session, topic, self._entries(msgs), done,
                                         time.monotonic())
-                self.broker._write_out()
+                self.broker.write_out()
                 if on is None:
                     return
         finally:
@@ -582,10 +598,12 @@ class NatsCluster(Backplane):
     async def _pending(self, subject: str, start: int) -> int:
         """Messages of the stream on ``subject`` from the sequence ``start`` on."""
         psub = await self._pull(subject, start, self.stream_name)
+        info = None
         try:
-            return (await psub.consumer_info()).num_pending
+            info = await psub.consumer_info()
+            return info.num_pending
         finally:
-            await self._unpull(psub)
+            await self._unpull(psub, info)
 
     async def _newest(self, subject: str, start: int, limit: int) -> int:
         """The sequence to read ``subject`` from so as to read its ``limit`` newest messages
@@ -620,10 +638,13 @@ class NatsCluster(Backplane):
                                              pending_msgs_limit=2 * _REPLAY_PAGE,
                                              pending_bytes_limit=_SUB_PENDING_BYTES)
 
-    async def _unpull(self, psub) -> None:
+    async def _unpull(self, psub, info=None) -> None:
+        """Delete a pull consumer (``info``: its info, when at hand)."""
         try:
+            if info is None:
+                info = await psub.consumer_info()
             await psub.unsubscribe()
-            await self._js.delete_consumer(psub._stream, psub._consumer)
+            await self._js.delete_consumer(info.stream_name, info.name)
         except Exception:  # noqa: BLE001 - it expires by itself (inactive_threshold)
             pass
 

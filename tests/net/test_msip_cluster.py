@@ -298,6 +298,17 @@ async def until(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def caught_up(broker: Broker, client_id: int, topic: str, timeout: float = 10.0) -> None:
+    """Wait (bounded) until ``broker`` has read the session's recorded subscription ``topic``
+    to the end of its stream: its events are live from then on, no longer a catch-up's
+    (which is bounded as an away backlog is)."""
+    deadline = time.monotonic() + timeout
+    while not any(cid == client_id and topic in topics
+                  for cid, topics in broker.core.stream_sessions()):
+        assert time.monotonic() < deadline, "catch-up not done in time"
+        await asyncio.sleep(0.02)
+
+
 @contextlib.asynccontextmanager
 async def brokers(n: int, url: str, **options):
     started = [Broker(cluster=url, **options) for _ in range(n)]
@@ -1017,9 +1028,10 @@ def test_pattern_catch_up_is_bounded_as_an_away_backlog(plane, bound):
             await sub.subscribe("b.>", reliable=True)
             s_steady = await steady.subscribe("b.>", reliable=True)
             cid = sub.client_id
-            for cl in (sub, steady):
-                await until(lambda cl=cl: plane.position(cl.client_id, "b.>", prefix, True)
-                            is not None)
+            # both caught up (the position is recorded before the stream is read from it):
+            # what is published next is live for them, not a catch-up bounded as a backlog
+            for cl, broker in ((sub, a), (steady, b)):
+                await caught_up(broker, cl.client_id, "b.>")
             sub._proto.transport.abort()
             await until(lambda: a.stats.sessions_away == 1)
             sent = []
@@ -1043,6 +1055,67 @@ def test_pattern_catch_up_is_bounded_as_an_away_backlog(plane, bound):
             await _nothing_more(s_moved, s_steady)
             for cl in (pub, steady, moved):
                 await cl.close()
+
+    w.run(main(), 60)
+
+
+@pytest.mark.parametrize("bound", ["messages", "octets", "total"])
+def test_literal_catch_up_is_bounded_as_an_away_backlog(plane, bound):
+    """A session that missed 50 times more events of a literal topic than an away backlog
+    keeps gets, on resuming on another broker (from the engine's stream), at most what an
+    away backlog keeps: the newest ``backlog_limit`` events and ``backlog_bytes`` octets,
+    ``max_backlog_bytes`` in total; the older ones are dropped and counted. Its own broker
+    keeps as much for it meanwhile. What the resuming session is handed and does not
+    acknowledge (in flight) is that many events, however many were missed."""
+    size = 24 + 2 + 3 + 100  # an EVENT frame: header, topic length, topic, data
+    kept = 20 if bound == "messages" else 10
+    limits = {"messages": {"backlog_limit": kept},
+              "octets": {"backlog_bytes": kept * size + size // 2},
+              "total": {"max_backlog_bytes": kept * size + size // 2}}[bound]
+    missed = 50 * kept
+    prefix = f"lit{bound}:"
+
+    async def main():
+        async with brokers(2, plane.url, cluster_prefix=prefix, **limits) as (a, b):
+            pub = AsyncClient(_url(b), reconnect=False)
+            sub = AsyncClient(_url(a), reconnect=False)
+            for cl in (pub, sub):
+                await cl.connect()
+            await sub.subscribe("lit", reliable=True)
+            cid = sub.client_id
+            await caught_up(a, cid, "lit")
+            sub._proto.transport.abort()  # away without a CLOSE: the record stays
+            await until(lambda: a.stats.sessions_away == 1)
+            sent = [b"%04d" % i + b"." * 96 for i in range(missed)]
+            for data in sent:
+                await pub.publish("lit", data)
+            await until(lambda: plane.stream("lit", prefix)[0] == missed)
+            await until(lambda: a.stats.dropped_backlog == missed - kept)
+            assert a.session_info(cid)["backlog"] == kept
+            assert a.stats.backlog_bytes == kept * size
+
+            def resume():  # a client that acknowledges nothing: what it is handed stays
+                rc = w.RefClient(b.port)
+                assert rc.hello(cid, flags=w.ACK_REQUIRED) == cid
+                return rc
+
+            rc = await asyncio.to_thread(resume)
+            try:
+                await caught_up(b, cid, "lit")  # its recorded subscription came back
+                info = b.session_info(cid)
+                assert info["subscriptions"] == {"lit": True}
+                assert (info["inflight"], info["backlog"]) == (kept, 0)
+                assert b.stats.dropped_backlog == missed - kept
+                assert b.stats.backlog_bytes == 0
+
+                def read():
+                    return [rc.recv_until(w.EVENT, 5)[1] for _ in range(kept)]
+
+                got = await asyncio.to_thread(read)
+                assert got == [w.publish_payload("lit", d) for d in sent[-kept:]]
+            finally:
+                rc.close()
+            await pub.close()
 
     w.run(main(), 60)
 

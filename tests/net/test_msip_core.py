@@ -326,6 +326,175 @@ def test_redelivery_until_acknowledged_with_the_clock_passed_in():
     assert wire.frames(sub) == [] and wire.core.stats.dropped_inflight == 1
 
 
+class Plane:
+    """A backplane that records at-least-once subscriptions (``streams``; at most
+    ``max_patterns`` of them, declining the others) and keeps what the core tells it; a test
+    plays its reads of the streams (``core.stream_replay``)."""
+
+    streams = True
+
+    def __init__(self, core, max_patterns: int | None = None):
+        self.core = core
+        self.max_patterns = max_patterns
+        self.begun: list = []  # (session, topic) whose record began
+        self.declined: list[str] = []
+        self.positions: dict = {}
+
+    def interest(self, topic, pattern, wanted):
+        pass
+
+    def publish(self, topic, payload, kind, flags, msg_id):
+        pass
+
+    def begin(self, session, topic):
+        if self.max_patterns is not None and len(self.begun) >= self.max_patterns:
+            self.declined.append(topic)
+            self.core.stream_declined(session, topic)
+            return
+        self.begun.append((session, topic))
+
+    def position(self, client_id, topic, pos):
+        self.positions[(client_id, topic)] = pos
+
+    def unstream(self, client_id, topic):
+        self.positions.pop((client_id, topic), None)
+
+    def restore(self, session):
+        pass
+
+    def drop(self, client_id):
+        pass
+
+
+def _stream_entry(i: int, topic: str = "t", size: int = 10):
+    """A stream entry (stream id, PUBLISH payload, EVENT flags, msg_id) numbered ``i``."""
+    return (i, 0), memoryview(w.publish_payload(topic, b"%0*d" % (size, i))), 0, i
+
+
+def _recorded(limits: dict):
+    wire = Wire(**limits)
+    plane = wire.core.backplane = Plane(wire.core)
+    sub = wire.open()
+    cid = hello(wire, sub, flags=w.ACK_REQUIRED)
+    wire.send(sub, w.SUBSCRIBE, b"t", 2, w.AT_LEAST_ONCE)
+    (session, topic), = plane.begun
+    assert topic == "t" and session.client_id == cid
+    return wire, sub, cid, session
+
+
+EVENT_SIZE = 24 + 2 + 1 + 10  # an EVENT of _stream_entry: header, topic length, topic, data
+
+
+@pytest.mark.parametrize("limits,kept", [
+    (dict(backlog_limit=3), 3),
+    (dict(backlog_bytes=4 * EVENT_SIZE + 5), 4),
+    (dict(max_backlog_bytes=2 * EVENT_SIZE + 5), 2),
+])
+def test_stream_catch_up_is_bounded_as_an_away_backlog(limits, kept):
+    """What a recorded subscription's catch-up reads that the session missed (however many)
+    is kept as an away session's backlog is, the oldest dropped and counted, and handed over,
+    oldest first, once the stream is read up to the live events held back meanwhile; those
+    follow (each once), then events are delivered at once."""
+    wire, sub, cid, session = _recorded(limits)
+    core = wire.core
+    wire.frames(sub)
+    missed = 1000
+    for first in range(1, missed + 1, 100):  # pages, as a backplane reads them
+        on = core.stream_replay(session, "t", [_stream_entry(i) for i in range(first, first + 100)],
+                                False, wire.now)
+        assert on == (first + 99, 0)
+        info = core.session_info(cid)
+        assert info["backlog"] == kept and info["backlog_bytes"] == kept * EVENT_SIZE
+        assert info["inflight"] == 0 and core.stats.backlog_bytes == kept * EVENT_SIZE
+    assert core.stats.dropped_backlog == missed - kept
+    # a live event meanwhile (the backplane's own publish coming back, with its stream id)
+    # is held back; the stream's read covers it too: it is handed over once
+    live = _stream_entry(missed + 1)
+    core.deliver_remote(live[1], w.K_EVENT, 0, live[3], wire.now, live[0], own=True)
+    wire.write_out()
+    assert wire.frames(sub) == []
+    assert core.stream_replay(session, "t", [live], True, wire.now) is None
+    wire.write_out()
+    got = [mid for mid, _ in events(wire.frames(sub))]  # the newest missed, then the live one
+    assert got == list(range(missed - kept + 1, missed + 2))
+    info = core.session_info(cid)
+    assert (info["backlog"], info["inflight"]) == (0, kept + 1) and core.stats.backlog_bytes == 0
+    assert core.stats.dropped_backlog == missed - kept
+    after = _stream_entry(missed + 2)
+    core.deliver_remote(after[1], w.K_EVENT, 0, after[3], wire.now, after[0], own=True)
+    wire.write_out()
+    assert [mid for mid, _ in events(wire.frames(sub))] == [missed + 2]
+
+
+def test_live_events_during_a_catch_up_are_not_bounded_as_missed_ones():
+    """Events published while the session is here (held back during its catch-up, and read
+    from the stream too) are each delivered once, however many: only what it missed before
+    the first of them is bounded as an away backlog."""
+    wire, sub, cid, session = _recorded(dict(backlog_limit=3))
+    core = wire.core
+    wire.frames(sub)
+    live = [_stream_entry(i) for i in range(11, 31)]  # more than backlog_limit
+    for sid, payload, flags, msg_id in live:
+        core.deliver_remote(payload, w.K_EVENT, flags, msg_id, wire.now, sid, own=True)
+    missed = [_stream_entry(i) for i in range(1, 11)]
+    assert core.stream_replay(session, "t", missed + live[:5], False, wire.now) == (15, 0)
+    assert core.stream_replay(session, "t", live[5:], True, wire.now) is None
+    wire.write_out()
+    assert [mid for mid, _ in events(wire.frames(sub))] == list(range(8, 31))
+    assert core.stats.dropped_backlog == 7 and core.session_info(cid)["inflight"] == 23
+    # a backplane holding the live events itself (a pattern's) says where they start
+    wire, sub, cid, session = _recorded(dict(backlog_limit=3))
+    wire.frames(sub)
+    wire.core.stream_replay(session, "t", missed + live, False, wire.now, live[0][0])
+    wire.core.stream_replay(session, "t", live, True, wire.now, live[0][0])
+    wire.write_out()
+    assert [mid for mid, _ in events(wire.frames(sub))] == list(range(8, 31))
+
+
+def test_stream_catch_up_of_an_away_session_stays_in_its_backlog():
+    """A session that went away during its catch-up keeps what was read, bounded, and gets
+    it on resuming; an unsubscribed topic's entries are not handed over."""
+    wire, sub, cid, session = _recorded(dict(backlog_limit=5))
+    core = wire.core
+    wire.lose(sub)
+    assert core.stream_replay(session, "t", [_stream_entry(i) for i in range(1, 21)], True,
+                              wire.now) is None
+    assert core.session_info(cid)["backlog"] == 5 and core.stats.dropped_backlog == 15
+    back = wire.open()
+    hello(wire, back, cid, w.ACK_REQUIRED)
+    assert [mid for mid, _ in events(wire.frames(back))] == list(range(16, 21))
+    # a catch-up cut short by an UNSUBSCRIBE: what it kept goes with the subscription
+    wire.send(back, w.SUBSCRIBE, b"u", 3, w.AT_LEAST_ONCE)
+    second = [s for s, t in core.backplane.begun if t == "u"]
+    assert second == [session]
+    core.stream_replay(session, "u", [_stream_entry(i, "u") for i in range(1, 4)], False,
+                       wire.now)
+    assert core.session_info(cid)["backlog"] == 3
+    wire.send(back, w.UNSUBSCRIBE, b"u", 4)
+    assert core.session_info(cid)["backlog"] == 0 and core.stats.backlog_bytes == 0
+    assert core.stream_replay(session, "u", [_stream_entry(4, "u")], True, wire.now) is None
+    wire.frames(back)
+    assert events(wire.frames(back)) == []
+
+
+def test_stream_declined_serves_the_subscription_from_memory():
+    """A subscription the backplane does not record after all (too many patterns) is
+    routed by this broker, as without a backplane, and no catch-up is waited for."""
+    wire = Wire(topic_patterns=True)
+    plane = wire.core.backplane = Plane(wire.core, max_patterns=1)
+    sub, pub = wire.open(), wire.open()
+    cid = hello(wire, sub, flags=w.ACK_REQUIRED)
+    wire.send(sub, w.SUBSCRIBE, b"a.*", 2, w.AT_LEAST_ONCE)
+    wire.send(sub, w.SUBSCRIBE, b"b.*", 3, w.AT_LEAST_ONCE)
+    assert [t for _, t in plane.begun] == ["a.*"] and plane.declined == ["b.*"]
+    assert wire.core.stream_sessions() == []  # "a.*" is still catching up
+    wire.publish(pub, "b.x", b"local", 9)
+    assert [mid for mid, _ in events(wire.frames(sub))] == [9]
+    assert wire.core.session_info(cid)["inflight"] == 1
+    wire.publish(pub, "a.x", b"recorded", 10)  # comes back from the backplane, not at once
+    assert events(wire.frames(sub)) == []
+
+
 # -- the reference model ----------------------------------------------------------------------
 HDR = struct.Struct(">4sBBHHHIQ")
 

@@ -12,38 +12,7 @@ stream ids."""
 from __future__ import annotations
 
 import _msip_support as w
-from test_msip_core import Wire, events, hello
-
-
-class _Backplane:
-    """What a backplane is told by the core, kept for the test to read."""
-
-    streams = True
-
-    def __init__(self):
-        self.begun: list = []
-        self.positions: dict = {}
-
-    def interest(self, topic, is_pattern, on):
-        pass
-
-    def publish(self, topic, payload, kind, flags, msg_id):
-        pass
-
-    def begin(self, session, topic):
-        self.begun.append((session, topic))
-
-    def position(self, client_id, topic, pos):
-        self.positions[(client_id, topic)] = pos
-
-    def unstream(self, client_id, topic):
-        pass
-
-    def restore(self, session):
-        pass
-
-    def drop(self, client_id):
-        pass
+from test_msip_core import Plane, Wire, events, hello
 
 
 def _payload(i: int) -> bytes:
@@ -52,7 +21,7 @@ def _payload(i: int) -> bytes:
 
 def test_live_events_past_max_inflight_while_reading_are_read_again_from_the_stream():
     wire = Wire(max_inflight=3)
-    bp = wire.core.backplane = _Backplane()
+    bp = wire.core.backplane = Plane(wire.core)
     sub = wire.open()
     cid = hello(wire, sub, flags=w.ACK_REQUIRED)
     wire.send(sub, w.SUBSCRIBE, b"feed", 2, w.ACK_REQUIRED | w.AT_LEAST_ONCE)
@@ -87,7 +56,7 @@ def test_live_events_past_max_inflight_while_reading_are_read_again_from_the_str
 
 def test_live_events_within_max_inflight_follow_the_stream_without_a_second_read():
     wire = Wire(max_inflight=10)
-    bp = wire.core.backplane = _Backplane()
+    bp = wire.core.backplane = Plane(wire.core)
     sub = wire.open()
     hello(wire, sub, flags=w.ACK_REQUIRED)
     wire.send(sub, w.SUBSCRIBE, b"feed", 2, w.ACK_REQUIRED | w.AT_LEAST_ONCE)
