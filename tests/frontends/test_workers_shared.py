@@ -179,6 +179,18 @@ def test_one_engine_serves_every_protocol_and_batches_both_workers(tmp_path):
         # only the small tensors were copied
         assert wait_until(lambda: _arena_counter(urls, "in_place") == big.nbytes, WAIT, 0.1)
         assert 0 < _arena_counter(urls, "copied") < big.nbytes
+        # so was a large gRPC request's message: the engine process read its tensor there
+        client = _grpc_client(urls["grpc"])
+        try:
+            tensor = grpcclient.InferInput("input", list(big.shape), "FP32")
+            tensor.set_data_from_numpy(big)
+            np.testing.assert_allclose(client.infer("mlp", [tensor]).as_numpy("logits"),
+                                       logits[0], rtol=1e-5)
+        finally:
+            client.close()
+        assert wait_until(lambda: _arena_counter(urls, "in_place") == 2 * big.nbytes, WAIT,
+                          0.1), _metrics(urls["http"])
+        assert 0 < _arena_counter(urls, "copied") < big.nbytes
         # the models loaded once: in the engine process
         text = "".join(lines)
         assert text.count("serving mlp version 1") == 1, text
