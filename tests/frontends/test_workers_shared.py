@@ -28,7 +28,7 @@ from mip.serving.demo import build_demo_repository
 from _oip_server import add_python_model
 from _serve_process import start as _start, stop as _stop
 from _wait import wait_until
-from test_workers import (MARKED_MODEL, ROUNDS, WAIT, _grpc_client, _held, _in_thread, _marked,
+from _workers import (MARKED_MODEL, ROUNDS, WAIT, _grpc_client, _held, _in_thread, _marked,
                           _marks, _metrics, _new_holders, _one_of_each, _read_lines,
                           _repository, _ready_on_each)
 
