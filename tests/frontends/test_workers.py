@@ -165,13 +165,14 @@ def test_model_load_and_unload_reach_every_worker(tmp_path, monkeypatch):
         assert _stop(process) == 0, "".join(lines)
 
 
-def test_unix_socket_is_shared(tmp_path):
+@pytest.mark.parametrize("placement", ["worker", "shared"])
+def test_unix_socket_is_shared(tmp_path, placement):
     path = tmp_path / "mip.sock"
     repo = build_demo_repository(tmp_path / "repo")
     process, out = _start(["--model-repository", str(repo), "--mip", f"unix://{path}",
                            "--mip-model", "identity", "--http", "none", "--grpc", "none",
-                           "--workers", "2"], 1, pattern="mip: 2 worker processes serving",
-                          timeout=START)
+                           "--workers", "2", "--placement", placement], 1,
+                          pattern="mip: 2 worker processes serving", timeout=START)
     pids = [int(p) for p in re.search(r"\(pids ([\d, ]+)\)", out).group(1).split(", ")]
     try:
         for pid in pids:  # each worker accepts on the path
