@@ -25,7 +25,7 @@ repository), where copying the tensors is the cost.
   ``/proc``) over the whole load run, warm-up included, divided by the requests the server
   counted over the same run (``nv_inference_request_success`` of its merged ``/metrics``).
 * ``copied B/req`` and ``in place B/req`` (shared placement): octets of request tensors the
-  workers copied into the shared arena, and octets the engine process read where a MIP
+  workers copied into the shared arena, and octets the engine process read where a MIP or gRPC
   connection received them, per request (``mip_shared_arena_*_bytes_total``).
 * ``scaling``: requests/s over the first N's, per protocol and placement (the goal on a
   machine with cores to spare: at least 0.8 x N). The engine process of ``shared`` runs on

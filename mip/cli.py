@@ -683,7 +683,8 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
                                     args, max_connections=args.max_connections,
                                     idle_timeout=args.idle_timeout),
                                 guard=v2_guard, access_log=args.access,
-                                shared_memory=shared_memory)
+                                shared_memory=shared_memory,
+                                message_memory=getattr(engine, "frame_memory", None))
             address = await server.start(args.grpc, sockets.get("grpc"))
             started.append(server)
             announcements.append(

@@ -115,7 +115,7 @@ class Context:
         return self._call.finished and self._call.tag is None
 
 
-def _decompress(data: bytes, encoding: str | None, limit: int) -> bytes:
+def _decompress(data: bytes | memoryview, encoding: str | None, limit: int) -> bytes:
     if encoding == "gzip":
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     elif encoding == "deflate":
@@ -141,7 +141,7 @@ class _State:
 
     def __init__(self, method: Method):
         self.method = method
-        self.message: bytes | None = None
+        self.message: bytes | memoryview | None = None
         self.queue: asyncio.Queue | None = None  # streaming calls only
         self.task: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -336,13 +336,14 @@ class _Connection(H2Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.server._connections.discard(self)
+        self.h2.let_go()  # partial messages (their memory may be the shared arena's)
         for call in self.h2.live_calls():
             if not call.finished:
                 self._cancel(call)
 
     # -- calls -------------------------------------------------------------------------
 
-    def _unary_received(self, call: Call, data: bytes) -> None:
+    def _unary_received(self, call: Call, data: bytes | memoryview) -> None:
         """A plain unary call's whole request (its path is one of the server's unary
         methods; _h2 checked the method and content type)."""
         state = call.tag = _State(self.server.methods[call.path])  # type: ignore[index]
@@ -597,17 +598,24 @@ class GrpcServer:
         ssl: a server-side :class:`ssl.SSLContext` offering ALPN ``h2``
             (:func:`mip.net.tls.server_context` with ``alpn=["h2"]`` makes one), or ``None``.
         too_large: the RESOURCE_EXHAUSTED message for a request of N octets.
+        message_memory: where a large uncompressed request message is received
+            (``message_memory(size)`` gives an object exporting ``size`` writable octets,
+            or ``None`` for a ``bytes`` object as without it): the shared arena of
+            ``mip serve --placement shared``, the receive memory of its MIP frames too
+            (:meth:`RemoteEngine.frame_memory <mip.serving.remote.RemoteEngine.frame_memory>`).
     """
 
     def __init__(self, methods: dict[str, Method], *, max_message_size: int = 4 << 20,
                  limits: GrpcLimits | None = None, ssl: _ssl.SSLContext | None = None,
-                 too_large: Callable[[int], str] | None = None):
+                 too_large: Callable[[int], str] | None = None,
+                 message_memory: Callable[[int], Any] | None = None):
         self.methods = dict(methods)
         self._unary_paths = frozenset(path for path, method in self.methods.items()
                                       if not method.streaming)
         self.max_message_size = max_message_size
         self.limits = limits = limits or GrpcLimits()
         self.ssl = ssl
+        self.message_memory = message_memory
         self.too_large = too_large or (
             lambda n: f"message of {n} octets is over the limit of {max_message_size} octets")
         self._server: asyncio.Server | None = None
@@ -633,7 +641,7 @@ class GrpcServer:
             min_ping_interval=limits.min_ping_interval,
             max_ping_strikes=limits.max_ping_strikes,
             reset_burst=limits.reset_burst, reset_rate=limits.max_reset_rate,
-            unary_paths=self._unary_paths)
+            unary_paths=self._unary_paths, message_memory=self.message_memory)
 
     def _make_room(self) -> bool:
         """At max_connections: close the longest-idle connection; False if all are busy."""

@@ -126,9 +126,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.pending_octets.clear()
         self.buffered_octets = 0
         self.on_done = _ignore  # (the bound method made a cycle: the connection is freed now)
-        # The receive memory (a block of the shared arena, with frame_memory) goes back now,
-        # not when the connection object is collected.
-        self.parser = mip.FrameParser(max_frame_size=self.server.max_frame_size)
 
     @property
     def idle(self) -> bool:

@@ -57,9 +57,16 @@ async def sweep_timeouts(connections: Collection[Any], interval: float) -> None:
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
-        now = loop.time()
-        for conn in list(connections):
-            conn.check_timeouts(now)
+        _check_timeouts(connections, loop.time())
+
+
+def _check_timeouts(connections: Collection[Any], now: float) -> None:
+    """One round of :func:`sweep_timeouts`: a function of its own, so that no connection
+    stays referred to by the sweeper between rounds (a loop variable of the coroutine kept
+    the last one checked, closed or not, and whatever it held, until the next round
+    checked another)."""
+    for conn in list(connections):
+        conn.check_timeouts(now)
 
 
 @functools.lru_cache(maxsize=4096)  # asked once a request, for a few peers at a time

@@ -1,7 +1,7 @@
 """Type stubs of the compiled gRPC-over-HTTP/2 layer (mip/protocol/_h2.pyx); the attributes
 of Call (but those the application sets), Event and GrpcConnection are read-only."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from typing_extensions import Buffer
@@ -34,11 +34,11 @@ class Event:
 class RequestReceived(Event): ...
 
 class MessageReceived(Event):
-    data: bytes
+    data: bytes | memoryview
     compressed: bool
 
 class UnaryReceived(Event):
-    data: bytes
+    data: bytes | memoryview
 
 class StreamEnded(Event): ...
 
@@ -59,7 +59,9 @@ class GrpcConnection:
                  max_buffered: int = ..., max_pending_out: int = ...,
                  min_ping_interval: float = ..., max_ping_strikes: int = ...,
                  reset_burst: float = ..., reset_rate: float = ...,
-                 scheme: bytes = ..., unary_paths: Iterable[str] = ()) -> None: ...
+                 scheme: bytes = ..., unary_paths: Iterable[str] = (),
+                 message_memory: Callable[[int], Buffer | None] | None = None,
+                 message_memory_min: int = ...) -> None: ...
     client: bool
     max_message_size: int
     max_buffered: int
@@ -75,9 +77,12 @@ class GrpcConnection:
     want_write: bool
     open_calls: int
     reading_held: bool
+    message_memory: Callable[[int], Buffer | None] | None
+    message_memory_min: int
     def receive(self, data: Buffer) -> list[Event]: ...
     def data_to_send(self) -> list[bytes | memoryview]: ...
     def live_calls(self) -> list[Call]: ...
+    def let_go(self) -> None: ...
     def send_message(self, call: Call, message: Buffer | list[Buffer]) -> None: ...
     def finish(self, call: Call, status: int, message: str = "",
                trailers: Iterable[tuple[str | bytes, str | bytes]] = ()) -> None: ...

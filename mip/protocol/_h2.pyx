@@ -5,7 +5,10 @@
 (HPACK, flow control, SETTINGS, PING and stream states are nghttp2's). It adds gRPC's
 framing: every DATA stream is split into length-prefixed messages, each checked against
 the configured maximum *before* its memory is taken, and each landing in one ``bytes``
-object of exactly its size (one copy from the receive buffer). Outgoing messages are
+object of exactly its size (one copy from the receive buffer), or, on a server given
+``message_memory``, a large uncompressed one in memory that callable gives (a
+``memoryview`` of it: the shared arena of ``mip serve --placement shared``, where the
+engine process reads the tensors the socket's octets were copied into). Outgoing messages are
 not copied: large ones leave as memoryviews of the caller's buffer behind the frame
 headers (nghttp2's NO_COPY mode).
 
@@ -29,7 +32,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
 from cpython.pyport cimport PY_SSIZE_T_MAX
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t, uint64_t, UINT64_MAX
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memcmp, memcpy
@@ -112,7 +115,8 @@ cdef class Call:
     # incoming message assembly
     cdef uint8_t prefix[PREFIX]
     cdef int prefix_have
-    cdef object message
+    cdef object message         # bytes, or a memoryview of message_memory's
+    cdef uint8_t *message_at    # its first octet
     cdef Py_ssize_t message_len, message_have
     cdef int compressed
     cdef bint discard           # a message was over the limit: drop the rest of the stream
@@ -128,7 +132,7 @@ cdef class Call:
     cdef Py_ssize_t unconsumed  # DATA octets received but not yet given back to the window
     cdef bint oversize          # the request's header list went over the limit
     cdef bint unary             # a plain unary call: its events wait for the request's end
-    cdef bytes held             # ... and its one message, until then
+    cdef object held            # ... and its one message, until then
 
     def __cinit__(self, int32_t stream_id):
         self.stream_id = stream_id
@@ -175,11 +179,12 @@ cdef class MessageReceived(Event):
     """One whole gRPC message.
 
     Attributes:
-        data: the message, exactly its size.
+        data: the message, exactly its size (``bytes``, or a ``memoryview`` of octets
+            ``message_memory`` gave).
         compressed: its prefix's compressed flag (the call's ``encoding`` says how).
     """
 
-    cdef readonly bytes data
+    cdef readonly object data
     cdef readonly bint compressed
 
     def __repr__(self):
@@ -193,10 +198,11 @@ cdef class UnaryReceived(Event):
     client's side ended): stands for its RequestReceived, MessageReceived and StreamEnded.
 
     Attributes:
-        data: the message, exactly its size.
+        data: the message, exactly its size (``bytes``, or a ``memoryview`` of octets
+            ``message_memory`` gave).
     """
 
-    cdef readonly bytes data
+    cdef readonly object data
 
     def __repr__(self):
         return f"UnaryReceived({self.call!r}, {len(self.data)} octets)"
@@ -357,6 +363,12 @@ cdef class GrpcConnection:
         scheme: client: ``:scheme`` of requests (``b"https"`` over TLS).
         unary_paths: server: the ``:path`` of every unary method; their plain calls come
             as one :class:`UnaryReceived` event each.
+        message_memory: server: where an uncompressed message of at least
+            ``message_memory_min`` octets is received, once its length prefix has come and
+            passed the limits above (which count it as they count any other):
+            ``message_memory(size)`` gives an object exporting ``size`` writable octets, or
+            ``None`` (then, as without it, a ``bytes`` object of that size). The message's
+            event carries a ``memoryview`` of the object (kept alive by it).
     """
 
     cdef nghttp2_session *session
@@ -380,6 +392,8 @@ cdef class GrpcConnection:
     cdef list out
     cdef bytearray small
     cdef object error  # an exception raised inside a callback, re-raised after it
+    cdef readonly object message_memory
+    cdef readonly Py_ssize_t message_memory_min
 
     def __cinit__(self):
         self.session = NULL
@@ -390,7 +404,7 @@ cdef class GrpcConnection:
                  Py_ssize_t max_buffered=0, Py_ssize_t max_pending_out=0,
                  double min_ping_interval=300.0, int max_ping_strikes=2,
                  double reset_burst=1000, double reset_rate=33, bytes scheme=b"http",
-                 unary_paths=()):
+                 unary_paths=(), message_memory=None, Py_ssize_t message_memory_min=65536):
         if max_message_size < 0:
             raise ValueError("max_message_size must not be negative")
         self.client = client
@@ -407,6 +421,8 @@ cdef class GrpcConnection:
         _fill(&self.settings, SETTINGS_BURST, SETTINGS_RATE)
         self.scheme = scheme
         self.unary_paths = frozenset(unary_paths)
+        self.message_memory = None if client else message_memory
+        self.message_memory_min = message_memory_min
         self.last_path_raw = b""
         self.last_path = ""
         self.calls = {}
@@ -543,6 +559,17 @@ cdef class GrpcConnection:
     def reading_held(self) -> bool:
         """Received DATA is kept from the peer's window: too many reply octets wait."""
         return self.window_held
+
+    def let_go(self) -> None:
+        """The transport is gone: the parts of messages being received are let go now
+        (their memory may be ``message_memory``'s), not when this object is."""
+        cdef Call call
+        for call in self.calls.values():
+            call.message = None
+            call.held = None
+            call.prefix_have = 0
+            self.buffered -= call.buffered
+            call.buffered = 0
 
     cdef void _release_window(self) except *:
         """Give the DATA held back (see ``max_pending_out``) to the peer's window."""
@@ -963,14 +990,20 @@ cdef class GrpcConnection:
                     too_large.over_buffered = size <= self.max_message_size
                     self._emit(too_large, call)
                     return 0
-                call.message = PyBytes_FromStringAndSize(NULL, size)
+                call.message = None
+                if (self.message_memory is not None and size >= self.message_memory_min
+                        and not call.compressed):
+                    self._memory(call, size)
+                if call.message is None:
+                    call.message = PyBytes_FromStringAndSize(NULL, size)
+                    call.message_at = <uint8_t *>PyBytes_AS_STRING(call.message)
                 call.message_len = size
                 call.message_have = 0
                 call.buffered = size
                 self.buffered += size
             take = min(<size_t>(call.message_len - call.message_have), length)
             if take:
-                memcpy(PyBytes_AS_STRING(call.message) + call.message_have, data, take)
+                memcpy(call.message_at + call.message_have, data, take)
                 call.message_have += take
                 data += take
                 length -= take
@@ -988,6 +1021,22 @@ cdef class GrpcConnection:
                 call.prefix_have = 0
                 self.buffered -= call.buffered
                 call.buffered = 0
+        return 0
+
+    cdef int _memory(self, Call call, Py_ssize_t size) except -1:
+        """``call``'s next message into ``size`` octets of ``message_memory``'s, when it
+        gives them (else ``call.message`` stays ``None``)."""
+        owner = self.message_memory(size)
+        if owner is None:
+            return 0
+        cdef object octets = memoryview(owner).cast("B")
+        cdef Py_buffer view
+        PyObject_GetBuffer(octets, &view, PyBUF_WRITABLE)
+        call.message_at = <uint8_t *>view.buf  # (the memoryview keeps the memory)
+        PyBuffer_Release(&view)
+        if view.len != size:
+            raise ValueError(f"message_memory gave {view.len} octets, not {size}")
+        call.message = octets
         return 0
 
     cdef int stream_close(self, int32_t stream_id, uint32_t error_code):

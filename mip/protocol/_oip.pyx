@@ -43,14 +43,13 @@ cdef dict _DTYPES = {d.name: d.numpy for d in TABLE if d.itemsize and d.name != 
 cdef dict _NAMES = {d.numpy: d.name.encode() for d in TABLE if d.itemsize and d.name != "BF16"}
 
 
-cdef object _view(bytes data, Py_ssize_t start, object dtype, tuple shape):
-    """A read-only array of ``dtype`` and ``shape`` over ``data`` from ``start`` (its octets
-    checked by the caller), ``data`` its base."""
+cdef object _view(object data, const char *at, object dtype, tuple shape):
+    """A read-only array of ``dtype`` and ``shape`` over the octets at ``at`` (checked by
+    the caller), of ``data``, its base."""
     cdef cnp.npy_intp dims[MAX_DIMS]
     cdef int ndim = len(shape), i
     for i in range(ndim):
         dims[i] = shape[i]
-    cdef const char *at = PyBytes_AS_STRING(data) + start
     cdef int flags = cnp.NPY_ARRAY_C_CONTIGUOUS
     if (<uintptr_t>at) % (<cnp.dtype>dtype).alignment == 0:
         flags |= cnp.NPY_ARRAY_ALIGNED  # else an unaligned view: numpy and ONNX Runtime cope
@@ -158,18 +157,29 @@ cdef object _output(const uint8_t *p, Py_ssize_t pos, Py_ssize_t end):
     return name
 
 
-def read_infer_request(bytes data):
+def read_infer_request(data):
     """A serialized ModelInferRequest as ``(model_name, model_version, id, inputs,
     outputs)``, or ``None`` when it is not of the common form.
 
-    ``inputs`` maps each input's name to a numpy array viewing its octets in ``data``;
+    ``data``: ``bytes``, or a ``memoryview`` of octets (a gRPC message received into the
+    shared arena). ``inputs`` maps each input's name to a numpy array viewing its octets in
+    ``data``;
     ``outputs`` lists the output names asked for (``None``: none named). The common form:
     every input in ``raw_input_contents`` (one entry each, of the size its datatype and
     shape make), each of a fixed-size datatype other than BF16, at most 32 dimensions; no
     parameters anywhere; no input named twice; only the fields above, valid UTF-8.
     """
-    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(data)
-    cdef Py_ssize_t end = PyBytes_GET_SIZE(data), pos = 0, start = 0, length = 0
+    cdef const uint8_t *p
+    cdef Py_ssize_t end, pos = 0, start = 0, length = 0
+    cdef Py_buffer buffer
+    if type(data) is bytes:
+        p = <const uint8_t *>PyBytes_AS_STRING(data)
+        end = PyBytes_GET_SIZE(data)
+    else:  # a memoryview of memory that lives as long as the view (its views' base)
+        PyObject_GetBuffer(data, &buffer, PyBUF_C_CONTIGUOUS)
+        p = <const uint8_t *>buffer.buf
+        end = buffer.len
+        PyBuffer_Release(&buffer)
     cdef uint64_t key
     cdef int field
     model = version = request_id = ""
@@ -231,7 +241,7 @@ def read_infer_request(bytes data):
                 break
         if count * itemsize != length:
             return None
-        inputs[name] = _view(data, start, dtype, shape)
+        inputs[name] = _view(data, <const char *>p + start, dtype, shape)
     return model, version, request_id, inputs, outputs
 
 

@@ -10,12 +10,13 @@ frontends make (``submit``, ``resolve``, metadata, readiness, ``load``/``unload`
 from a copy of the engine's model catalogue (pushed by the engine process whenever it
 changes) or sent to the engine process over a unix socket.
 
-Tensors do not travel on that socket. A worker's MIP connections receive each large frame
-into a block of its slice of the shared arena (:mod:`mip.serving.arena`), so that a request's
-tensors are there already; it copies the others (small ones, those of gRPC and REST) into
-its slice, and sends their offsets; the engine process
-queues numpy views of them, in place, in the model's batch queue, where requests of every
-worker batch together; it writes the outputs into its own part of the arena and sends their
+Tensors do not travel on that socket. A worker's MIP and gRPC connections receive each large
+frame or request message into a block of its slice of the shared arena
+(:mod:`mip.serving.arena`), so that a request's tensors are there already; it copies the
+others (small ones, those of REST, those received when the slice was full) into its slice,
+and sends their offsets; the engine process queues numpy views of them, in place, in the
+model's batch queue, where requests of every worker batch together; it copies the outputs
+into its own part of the arena (once: see :meth:`EngineHost._answer`) and sends their
 offsets back; the worker's reply is encoded from views of them, and the block is given back
 when the last view is gone. Messages are length-prefixed pickles between the processes of
 one server (the engine's socket is in the abstract namespace, and accepts only processes
@@ -320,6 +321,16 @@ class EngineHost:
         if failure is not None:
             worker.link.send(("error", number, _failure(failure)))
             return
+        # The one copy of a reply's tensors: the request's rows of the batch's outputs into
+        # a block of the engine's part (the worker encodes its reply from views of it). They
+        # are not written into the arena in the first place because: ONNX Runtime's
+        # ``InferenceSession.run`` (and a Python model) allocates its outputs itself; an
+        # IOBinding could bind them to a block, but only with every output's shape known
+        # before the run (not so for a dynamic dimension other than the batch's); and such a
+        # block would hold the outputs of a whole batch, of several workers' requests, until
+        # the last of them is given back (blocks are one a request now, given back by the
+        # worker that read it), so that one slow reader would hold the others' memory; the
+        # runners and the batcher would also have to take an output allocator.
         try:
             block, described = shm.write(self.arena, self.blocks, future.result(),
                                          "the model's outputs")
@@ -641,6 +652,10 @@ class RemoteEngine:
         number = self._next
         future = self._loop.create_future()  # type: ignore[union-attr]
         self._pending[number] = (future, block, inputs if len(described) > len(copy) else None)
+        if source is not None and type(source) is not str:
+            # a peer without an address (a unix socket's connection object, which does not
+            # pickle): its share of the queue, named for the engine process
+            source = ("worker", self.slot, id(source))
         link.send(("infer", number, model, chosen.version, deadline, source, split,
                    request_id, described, self._given_back() if self._freed else None))
         future.add_done_callback(lambda done: self._cancelled(number, done))

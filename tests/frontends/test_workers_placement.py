@@ -25,7 +25,7 @@ from mip.serving.triton import config_from_json
 from _oip_server import add_python_model
 from _serve_process import start as _start, stop as _stop
 from _wait import wait_until
-from test_workers import (ROUNDS, WAIT, _grpc_client, _held, _metrics, _new_holders,
+from _workers import (ROUNDS, WAIT, _grpc_client, _held, _metrics, _new_holders,
                           _read_lines, _ready_on_each, _repository)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),

@@ -28,7 +28,7 @@ from mip.serving.demo import build_demo_repository
 from _oip_server import add_python_model
 from _serve_process import start as _start, stop as _stop
 from _wait import wait_until
-from test_workers import (MARKED_MODEL, ROUNDS, WAIT, _grpc_client, _held, _in_thread, _marked,
+from _workers import (MARKED_MODEL, ROUNDS, WAIT, _grpc_client, _held, _in_thread, _marked,
                           _marks, _metrics, _new_holders, _one_of_each, _read_lines,
                           _repository, _ready_on_each)
 
@@ -178,6 +178,18 @@ def test_one_engine_serves_every_protocol_and_batches_both_workers(tmp_path):
         # its frame was received into the arena: the engine process read it there, and
         # only the small tensors were copied
         assert wait_until(lambda: _arena_counter(urls, "in_place") == big.nbytes, WAIT, 0.1)
+        assert 0 < _arena_counter(urls, "copied") < big.nbytes
+        # so was a large gRPC request's message: the engine process read its tensor there
+        client = _grpc_client(urls["grpc"])
+        try:
+            tensor = grpcclient.InferInput("input", list(big.shape), "FP32")
+            tensor.set_data_from_numpy(big)
+            np.testing.assert_allclose(client.infer("mlp", [tensor]).as_numpy("logits"),
+                                       logits[0], rtol=1e-5)
+        finally:
+            client.close()
+        assert wait_until(lambda: _arena_counter(urls, "in_place") == 2 * big.nbytes, WAIT,
+                          0.1), _metrics(urls["http"])
         assert 0 < _arena_counter(urls, "copied") < big.nbytes
         # the models loaded once: in the engine process
         text = "".join(lines)
@@ -477,3 +489,65 @@ def _unregister(urls, region: str) -> tuple[int, bytes]:
         method="POST")
     with urllib.request.urlopen(request, timeout=WAIT) as answer:
         return answer.status, answer.read()
+
+
+def _frame(x: np.ndarray) -> bytes:
+    return b"".join(bytes(memoryview(b)) for b in mip.encode_request_buffers([[x]]))
+
+
+async def _until(condition) -> bool:
+    """Whether ``condition()`` came true within :data:`WAIT` seconds (of the event loop)."""
+    import asyncio
+
+    for _ in range(int(WAIT / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+def test_a_closed_connection_is_freed_at_once_with_its_block_of_the_arena():
+    """A MIP connection of the shared placement receives a large frame into a block of the
+    arena: closed with part of the frame in, the connection (and so the block) is freed
+    without the garbage collector, once the timeout sweeper has looked at it."""
+    import asyncio
+    import gc
+    import weakref
+
+    from mip.net.mip_server import MipServer
+    from mip.serving.arena import Arena, Blocks, frame_memory
+
+    arena = Arena(1 << 20)
+    part = Blocks(1 << 19, 1 << 19)
+    frame = _frame(np.zeros((64, 784), np.float32))  # 200 KiB: a frame of its own
+
+    async def never(message):
+        raise AssertionError("the frame is never whole")
+
+    async def run() -> None:
+        server = MipServer(never, idle_timeout=0.1,
+                           frame_memory=frame_memory(arena, part, part.free))
+        address = await server.start("tcp://127.0.0.1:0")
+        try:
+            _, writer = await asyncio.open_connection(address.host, address.port)
+            writer.write(frame[:100_000])
+            assert await _until(lambda: part.used >= len(frame))  # the frame's block
+            (connection,) = server._connections
+            freed = weakref.ref(connection)
+            del connection
+            for _ in range(8):  # a few rounds of the sweeper (every 25 ms) while it is open
+                await asyncio.sleep(0.025)
+            writer.close()
+            await writer.wait_closed()
+            assert await _until(lambda: server.connections == 0)
+            assert freed() is None  # (nothing refers to it: no cycle, no sweeper's variable)
+            assert part.used == 0
+        finally:
+            await server.stop()
+
+    gc.collect()
+    gc.disable()
+    try:
+        asyncio.run(run())
+    finally:
+        gc.enable()

@@ -434,3 +434,46 @@ def test_a_plain_unary_call_over_the_limits_is_refused_as_any_other():
         client.start_call(b"/test.Echo/Echo", b"localhost", b"x" * 11)
         seen.append(_server_events(client, server)[0])
     assert seen[0] == seen[1] == ["RequestReceived", "MessageTooLarge", "StreamEnded"]
+
+
+def test_a_large_message_is_received_into_the_memory_given_and_let_go_with_the_connection():
+    """``message_memory`` (the shared arena of ``--placement shared``) takes each large
+    uncompressed message, counted against the limits as any other; a partial one is let go
+    when the transport is gone, not when the connection object is."""
+    import weakref
+
+    import numpy as np
+
+    given: list = []
+
+    def memory(size):
+        if size == 5000:
+            return None  # none free: a bytes object, as without message_memory
+        given.append(weakref.ref(owner := np.empty(size, np.uint8)))
+        return owner
+
+    server = _h2.GrpcConnection(unary_paths={"/test.Echo/Echo"}, message_memory=memory,
+                                message_memory_min=1024)
+    client = _h2.GrpcConnection(client=True)
+    _exchange(client, server)
+    large = bytes(range(256)) * 64
+    client.start_call(b"/test.Echo/Echo", b"localhost", message=large)
+    names, got = _server_events(client, server)
+    assert names == ["UnaryReceived"]
+    data = got[0].data
+    assert type(data) is memoryview and data.obj is given[0]() and data == large
+    client.start_call(b"/test.Echo/Echo", b"localhost", message=b"small")
+    names, got = _server_events(client, server)
+    assert got[0].data == b"small" and type(got[0].data) is bytes and len(given) == 1
+    client.start_call(b"/test.Echo/Echo", b"localhost", message=large[:5000])
+    names, got = _server_events(client, server)
+    assert got[0].data == large[:5000] and type(got[0].data) is bytes and len(given) == 1
+    del data, got
+    assert given[0]() is None  # the message's memory went with its last view
+    # part of a message: held by the connection (and counted), until let go
+    client.start_call(b"/test.Echo/Echo", b"localhost", message=large)
+    sent = b"".join(bytes(piece) for piece in client.data_to_send())
+    assert server.receive(sent[:-100]) == []
+    assert server.buffered == len(large) and given[1]() is not None
+    server.let_go()
+    assert server.buffered == 0 and given[1]() is None

@@ -112,7 +112,7 @@ def _grpcio_handlers(rpcs: list[Rpc]) -> list[grpc.GenericRpcHandler]:
 def _awaited(start: Callable):
     """A ``future`` RPC (``start(bytes, context)`` returns a future of the reply, raising
     RpcError) as grpcio's coroutine handler."""
-    async def handler(data: bytes, context):
+    async def handler(data: bytes | memoryview, context):
         try:
             reply = await start(data, context)
         except RpcError as exc:
@@ -154,13 +154,16 @@ class GrpcServer:
             requests, or ``None``.
         shared_memory: the :class:`~mip.frontends.oip.shm.SystemSharedMemory` regions
             (``None``: those every frontend of ``engine`` shares).
+        message_memory: native transport: where large request messages are received (the
+            shared arena of ``mip serve --placement shared``, so that the engine process
+            reads their tensors in place; see :class:`mip.net.grpc_server.GrpcServer`).
     """
 
     def __init__(self, engine, *, metrics=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  request_timeout: float | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, tls_ca: str | None = None,
                  implementation: str | None = None, limits: GrpcLimits | None = None,
-                 guard=None, access_log=None, shared_memory=None):
+                 guard=None, access_log=None, shared_memory=None, message_memory=None):
         if max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
         if tls_cert and not tls_key:
@@ -182,6 +185,7 @@ class GrpcServer:
         self.limits = limits or GrpcLimits()
         self.guard = guard
         self.shared_memory = shared_memory
+        self.message_memory = message_memory
         self.tls_cert, self.tls_key, self.tls_ca = tls_cert or None, tls_key, tls_ca
         self._server: Any = None  # grpcio's aio.Server or mip.net.grpc_server.GrpcServer
         self._service: InferenceService | None = None
@@ -218,7 +222,8 @@ class GrpcServer:
         server = Transport(
             _native_methods(rpcs), max_message_size=limit, ssl=context, limits=self.limits,
             too_large=lambda n: (f"request of {n} octets is over the gRPC message limit of "
-                                 f"{limit} octets (--grpc-max-message-size)"))
+                                 f"{limit} octets (--grpc-max-message-size)"),
+            message_memory=self.message_memory)
         _, bound = await server.start(host, port, sock)
         self._server = server
         return bound

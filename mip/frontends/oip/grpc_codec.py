@@ -68,7 +68,7 @@ def _read_varint(data, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def split_raw_inputs(data: bytes) -> tuple[bytes, list[memoryview]]:
+def split_raw_inputs(data: bytes | memoryview) -> tuple[bytes, list[memoryview]]:
     """Separate a serialized ModelInferRequest's ``raw_input_contents`` from the rest.
 
     Returns ``(rest, raws)``: the message without those fields (to parse with protobuf)
@@ -106,13 +106,13 @@ def split_raw_inputs(data: bytes) -> tuple[bytes, list[memoryview]]:
             raise InvalidInput(f"malformed ModelInferRequest: wire type {wire}")
         if pos > end:
             raise InvalidInput("malformed ModelInferRequest: a field runs past the end")
-    if not raws:
-        return data, raws
+    if not raws:  # (a message received in the shared arena: read with protobuf, rarely)
+        return data if type(data) is bytes else bytes(data), raws
     kept.append(view[kept_from:end])
     return b"".join(kept), raws
 
 
-def parse_request(data: bytes) -> tuple[Any, bytes, Sequence]:
+def parse_request(data: bytes | memoryview) -> tuple[Any, bytes, Sequence]:
     """A serialized ModelInferRequest as ``(request, rest, raws)``: the parsed message,
     the serialized message without its raw contents (the whole of ``data`` when they were
     not split off) and the raw contents (views of ``data`` for a large request).
@@ -122,6 +122,7 @@ def parse_request(data: bytes) -> tuple[Any, bytes, Sequence]:
     """
     try:
         if len(data) < _SPLIT_ABOVE:
+            data = bytes(data)  # (no copy of bytes)
             request = pb.ModelInferRequest.FromString(data)
             return request, data, request.raw_input_contents
         rest, raws = split_raw_inputs(data)
@@ -132,15 +133,16 @@ def parse_request(data: bytes) -> tuple[Any, bytes, Sequence]:
         raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
 
 
-def read_plain_request(data: bytes) -> tuple | None:
+def read_plain_request(data: bytes | memoryview) -> tuple | None:
     """A serialized ModelInferRequest of the common form (raw contents, no parameters) as
     ``(model_name, model_version, id, inputs, outputs)``, its inputs numpy views of
-    ``data``, read without protobuf (:func:`mip.protocol.oip.read_infer_request`);
-    ``None`` for any other request (read it with :func:`parse_request`)."""
-    return read_infer_request(data) if type(data) is bytes else None
+    ``data`` (``bytes``, or a ``memoryview`` of a message received in the shared arena),
+    read without protobuf (:func:`mip.protocol.oip.read_infer_request`); ``None`` for any
+    other request (read it with :func:`parse_request`)."""
+    return read_infer_request(data) if type(data) is bytes or type(data) is memoryview else None
 
 
-def parse_request_header(data: bytes) -> Any | None:
+def parse_request_header(data: bytes | memoryview) -> Any | None:
     """The ModelInferRequest in ``data`` without its raw contents (to name its model and
     id), or ``None`` if it does not parse."""
     try:
@@ -288,7 +290,7 @@ def stream_reply(reply: bytes | list) -> bytes:
     return _STREAM_RESPONSE_TAG + _varint(len(reply)) + reply
 
 
-def stream_error(message: str, data: bytes) -> bytes:
+def stream_error(message: str, data: bytes | memoryview) -> bytes:
     """The ModelStreamInferResponse saying that the request ``data`` failed with
     ``message`` (naming the request's id, when it can be read)."""
     reply = pb.ModelStreamInferResponse(error_message=message)

@@ -167,7 +167,7 @@ class InferenceService:
 
     # -- inference ----------------------------------------------------------------------
 
-    def model_infer(self, data: bytes, context) -> asyncio.Future:
+    def model_infer(self, data: bytes | memoryview, context) -> asyncio.Future:
         """ModelInfer, on either transport: the serialized request goes into the batch
         queue and the reply is encoded in the callback that completes it; returns a future
         of the serialized reply (bytes, or a list of buffers whose concatenation it is).
@@ -191,7 +191,7 @@ class InferenceService:
                 raise _rpc_error(exc) from None
             raise
 
-    def _refused(self, data: bytes, context, exc: Exception, started: float,
+    def _refused(self, data: bytes | memoryview, context, exc: Exception, started: float,
                  request_id: str | None) -> None:
         """Report a request :meth:`_queue` refused (read again for its model's name)."""
         request = wire.parse_request_header(data) if len(data) <= self.max_message_size else None
@@ -200,7 +200,7 @@ class InferenceService:
                                request_id=request_id or (request and request.id) or None,
                                started=started)
 
-    def _queue(self, data: bytes, context, started: float,
+    def _queue(self, data: bytes | memoryview, context, started: float,
                request_id: str | None) -> asyncio.Future:
         limit = self.max_message_size
         if len(data) > limit:
@@ -225,7 +225,7 @@ class InferenceService:
                                      request_id=rid if request_id is None and rid else request_id,
                                      started=started)
 
-    def _queue_parsed(self, data: bytes, context, started: float,
+    def _queue_parsed(self, data: bytes | memoryview, context, started: float,
                       request_id: str | None) -> asyncio.Future:
         """:meth:`_queue` for every other request: read with protobuf."""
         request, rest, raws = wire.parse_request(data)
@@ -264,7 +264,7 @@ class InferenceService:
         window = asyncio.Semaphore(STREAM_WINDOW)
         running: set[asyncio.Future] = set()
 
-        async def answer(data: bytes) -> None:
+        async def answer(data: bytes | memoryview) -> None:
             try:
                 replies.put_nowait(wire.stream_reply(await self.model_infer(data, context)))
             except Exception as exc:  # every request gets an answer on the stream
