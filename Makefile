@@ -75,7 +75,7 @@ wheel: $(BIN)/python
 ##        smoke-tested: REST readiness, MIP, gRPC health, its HEALTHCHECK, its user (docs/deploying.md)
 image: $(VENV)/.installed-serve
 	$(call apt_install,podman debootstrap)
-	$(BIN)/python tests/deploy/image_smoke.py
+	$(BIN)/python tests/deploy/image_smoke.py $(IMAGE_FLAGS)
 
 ## annotate: Cython's HTML annotation of the codec (mip/protocol/*.html)
 annotate: $(BIN)/python

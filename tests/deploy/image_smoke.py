@@ -13,7 +13,8 @@ namespace: ``GET /v2/health/ready``, a MIP request to the demo ``mlp`` model, th
 check (SERVING), the image's own HEALTHCHECK (``podman healthcheck run``), and that the
 server's process runs as uid 10001.
 
-Where the machine cannot do it, it says what is missing and exits with status 2: podman and
+Where the machine cannot do it, it says what is missing and exits with status 2 (0 with
+``--if-possible``, as CI runs it): podman and
 debootstrap (Debian packages), root (podman's storage, network namespaces), a kernel that
 lets root make mount namespaces. Three settings make it run in a sandbox such as the one it
 was written on: podman runs in a private mount namespace without the cgroup v2 hierarchy of a
@@ -126,12 +127,15 @@ def base_image() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tag", default="localhost/mip:smoke")
+    parser.add_argument("--if-possible", action="store_true",
+                        help="exit 0, not 2, where the machine cannot build or run the image "
+                             "(after saying what it lacks); any failure of the image fails")
     args = parser.parse_args()
     lacks = missing()
     if lacks:
         print(f"image: cannot build and run the image on this machine: it lacks "
-              f"{', '.join(lacks)}", file=sys.stderr)
-        return 2
+              f"{', '.join(lacks)}; not checked", file=sys.stderr)
+        return 0 if args.if_possible else 2
     started = time.monotonic()
     base_image()
     print(f"build: {args.tag} from {BASE}", flush=True)
