@@ -221,8 +221,8 @@ class MipHandler:
         index = 0
         for spec in served.inputs:
             rows = source.rows(index)
-            if min(rows, default=0) < 0:
-                i = rows.index(min(rows))
+            if -1 in rows:  # (rows() gives -1 for a 0-d tensor, never another negative)
+                i = rows.index(-1)
                 raise InvalidInput(f"item {i} value {index} is a 0-d tensor: MIP items "
                                    "carry a leading batch dimension")
             try:
