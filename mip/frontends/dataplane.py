@@ -171,6 +171,18 @@ class _QueuedOutputs(_Queued):
 
     __slots__ = ()
 
+    def answer(self, outputs):  # (then is set: a then_outputs encoder)
+        try:
+            reply = self.then(outputs)  # (what transform gives: no call between)
+        except Exception as exc:  # an encoding failure is the request's
+            self.refuse(exc)
+            return
+        self.set_result(reply)
+        self.settled(None)
+        notify = self.notify
+        if notify is not None:
+            notify(self)
+
     def transform(self, result):
         return self.then(result)
 
