@@ -368,7 +368,7 @@ class Engine:
     def _check_inputs(served: _Served, inputs: Tensors) -> int:
         layout = served.layout
         if layout is not None and type(inputs) is dict and len(inputs) == 1:
-            array = inputs.get(layout[0])
+            array = inputs[layout[0]] if layout[0] in inputs else None
             if type(array) is np.ndarray and array.dtype is layout[1]:
                 shape = array.shape
                 if shape and shape[1:] == layout[2]:

@@ -258,7 +258,7 @@ class Metrics:
             series.failure += 1
             series.fail_us += seconds * 1e6
         series.last = time.time()
-        # The duration's sum and histogram bucket: a few dozen requests at once.
+        # The duration's sum and histogram bucket: many requests at once.
         pending = series.seconds
         pending.append(seconds)
         if len(pending) >= _FOLD_AT:
