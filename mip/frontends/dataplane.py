@@ -137,10 +137,14 @@ class _Queued(_Reply, Request):
     reply itself (one future a request, no callback between them)."""
 
     __slots__ = _CALL_FIELDS  # (and the request's own rows and request_id)
+    #: ``then`` encodes the outputs themselves (what :meth:`transform` would give)
+    outputs_only = False
 
     def answer(self, outputs: dict[str, np.ndarray]) -> None:
+        then = self.then
         try:
-            reply = self.transform(outputs)
+            reply = (then(outputs) if self.outputs_only and then is not None
+                     else self.transform(outputs))
         except Exception as exc:  # an encoding failure is the request's
             self.refuse(exc)
             return
@@ -170,6 +174,7 @@ class _QueuedOutputs(_Queued):
     :class:`InferResult` is made, no output is picked or classified, no error mapped."""
 
     __slots__ = ()
+    outputs_only = True
 
     def transform(self, result):
         return self.then(result)

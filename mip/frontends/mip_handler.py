@@ -160,7 +160,8 @@ class MipHandler:
             kind = message.kind
             if items == 1:  # one encoder for every such request (no closure a request)
                 key = id(served) + kind
-                encoder = self._encoders.get(key)
+                encoders = self._encoders  # ("in" and a subscript: cheaper than get())
+                encoder = encoders[key] if key in encoders else None
                 if encoder is None or encoder.served is not served:
                     encoder = self._encoder(key, served, n_input, kind)
                 encode = encoder.encode
@@ -221,8 +222,8 @@ class MipHandler:
         index = 0
         for spec in served.inputs:
             rows = source.rows(index)
-            if min(rows, default=0) < 0:
-                i = rows.index(min(rows))
+            if -1 in rows:  # (rows() gives -1 for a 0-d tensor, never another negative)
+                i = rows.index(-1)
                 raise InvalidInput(f"item {i} value {index} is a 0-d tensor: MIP items "
                                    "carry a leading batch dimension")
             try:
@@ -309,7 +310,7 @@ class _Encoder:
             name = outputs[0].name
 
             def one(result: dict) -> list:
-                column = result.get(name)
+                column = result[name] if name in result else None
                 if column is None:
                     return encode(_split(served, result, _ONE_ROW), n_input, kind)
                 if column.dtype.hasobject:  # (a tensor is sent as it is)

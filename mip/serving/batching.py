@@ -508,7 +508,7 @@ class Batcher:
             if len(requests) == 1:
                 inputs = requests[0].inputs  # nothing to join: the request's own memory
             else:
-                inputs = {name: np.concatenate([r.inputs[name] for r in requests], axis=0)
+                inputs = {name: np.concatenate([r.inputs[name] for r in requests])  # (axis 0)
                           for name in requests[0].inputs}
             if self._inline(batch.rows):
                 started = time.monotonic()
@@ -614,21 +614,25 @@ class Batcher:
         name = ""
         if len(items) == 1:
             ((name, only),) = items
+        answered = 0
         start = 0
-        for request in requests:
-            stop = start + request.rows
-            if not request.done():
-                if request.timer is not None:
-                    request.timer.cancel()
-                if request.counted:
-                    self.successes += 1
-                if whole:
-                    request.answer(outputs)
-                elif only is not None:  # (no comprehension a request)
-                    request.answer({name: only[start:stop]})
-                else:
-                    request.answer({name: a[start:stop] for name, a in items})
-            start = stop
+        try:
+            for request in requests:
+                stop = start + request.rows
+                if not request.done():
+                    if request.timer is not None:
+                        request.timer.cancel()
+                    if request.counted:
+                        answered += 1
+                    if whole:
+                        request.answer(outputs)
+                    elif only is not None:  # (no comprehension a request)
+                        request.answer({name: only[start:stop]})
+                    else:
+                        request.answer({name: a[start:stop] for name, a in items})
+                start = stop
+        finally:
+            self.successes += answered
 
 
 class _Part(Request):

@@ -75,7 +75,8 @@ class ModelStats:
 class _Served:
     """A loaded version with its batcher and counters."""
 
-    __slots__ = ("version", "batcher", "stats", "refused", "dtypes", "names", "checks")
+    __slots__ = ("version", "batcher", "stats", "refused", "dtypes", "names", "checks", "layout",
+                 "queue_policy")
 
     def __init__(self, version: ModelVersion, batcher: Batcher, stats: ModelStats):
         self.version = version
@@ -90,6 +91,19 @@ class _Served:
             (spec.name, self.dtypes[spec.name], len(spec.shape),
              tuple((axis, d) for axis, d in enumerate(spec.shape) if d != -1))
             for spec in version.inputs)
+        # A batching model of one input whose dimensions past the first are fixed: a
+        # request's tensor of that datatype (the same dtype object) and those dimensions
+        # passes every check at once; any other goes through them all (which name the
+        # mismatch).
+        self.layout: tuple[str, np.dtype, tuple[int, ...]] | None = None
+        if version.max_batch_size and len(version.inputs) == 1:
+            spec = version.inputs[0]
+            if spec.shape and spec.shape[0] == -1 and -1 not in spec.shape[1:]:
+                self.layout = (spec.name, self.dtypes[spec.name], tuple(spec.shape[1:]))
+        # Triton's queue policy, when the model has one (a deadline for every request).
+        batching = version.dynamic_batching
+        self.queue_policy = (batching if batching is not None and batching.default_timeout_us
+                             else None)
 
 
 class Engine:
@@ -294,10 +308,17 @@ class Engine:
         ``request_type``: the :class:`~mip.serving.batching.Request` subclass the future
         is made of (a frontend's reply, answered by the batcher itself).
         """
-        served = self._lookup(model, version) if chosen is None else self._serving(chosen)
-        batching = served.version.dynamic_batching
-        if batching is not None and batching.default_timeout_us:
-            deadline = batching.deadline(deadline, time.monotonic())  # Triton's queue policy
+        found: _Served | None
+        if chosen is None:
+            found = self._lookup(model, version)
+        else:  # (_serving's lookup, without the call)
+            found = self._served.get((chosen.name, chosen.version))
+            if found is None or found.version is not chosen:
+                found = self._serving(chosen)  # (raises)
+        served = found
+        policy = served.queue_policy
+        if policy is not None:
+            deadline = policy.deadline(deadline, time.monotonic())  # Triton's queue policy
         served.stats.requests += 1
         try:
             rows = self._check_inputs(served, inputs)
@@ -345,6 +366,13 @@ class Engine:
 
     @staticmethod
     def _check_inputs(served: _Served, inputs: Tensors) -> int:
+        layout = served.layout
+        if layout is not None and type(inputs) is dict and len(inputs) == 1:
+            array = inputs[layout[0]] if layout[0] in inputs else None
+            if type(array) is np.ndarray and array.dtype is layout[1]:
+                shape = array.shape
+                if shape and shape[1:] == layout[2]:
+                    return shape[0]
         version = served.version
         if not isinstance(inputs, dict):
             raise InvalidInput("inputs must be a dict of name -> numpy array")

@@ -90,6 +90,9 @@ def test_only_model_is_the_default(repo):
     ({"input": np.zeros((1, 16), np.float64)}, "datatype"),
     ({"input": np.zeros((1, 15), np.float32)}, "shape"),
     ({"input": np.zeros(16, np.float32)}, "shape"),
+    ({"input": np.zeros((), np.float32)}, "shape"),
+    ({"input": np.zeros((1, 16, 1), np.float32)}, "shape"),
+    ({"input": np.zeros((1, 16), ">f4")}, "datatype"),
     ({"input": [[0.0] * 16]}, "numpy array"),
 ])
 def test_invalid_inputs(demo, inputs, message):

@@ -49,6 +49,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+import numpy as np
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector,
                                generate_latest)
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -70,6 +71,8 @@ PROTOCOLS = ("mip", "grpc", "http", "jobs")
 #: bisect compares float to float faster than float to int).
 DURATION_BUCKETS_US = (50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5,
                        5e5, 1e6, 2.5e6, 5e6, 1e7)
+#: request durations a series holds before it folds them into its sums and histogram
+_FOLD_AT = 1024
 #: histogram bounds of batch sizes, in rows.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -101,6 +104,16 @@ class _Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def observe_many(self, values: np.ndarray) -> None:
+        """:meth:`observe` of each value in turn, at once (the same counts, and the same
+        total: the values added one after the other, as ``np.cumsum`` does)."""
+        found = np.bincount(np.searchsorted(self.bounds, values, "left"),
+                            minlength=len(self.counts))
+        counts = self.counts
+        for index in np.flatnonzero(found).tolist():
+            counts[index] += int(found[index])
+        self.total = _added(self.total, values)
+
     def buckets(self) -> list[tuple[str, int]]:
         result, running = [], 0
         for bound, count in zip(self.bounds, self.counts):
@@ -110,14 +123,35 @@ class _Histogram:
         return result
 
 
+def _added(total: float, values: np.ndarray) -> float:
+    """``total`` plus each of ``values`` in turn (no pairwise summation: the float sum of
+    adding them one at a time)."""
+    return float(np.cumsum(np.concatenate(([total], values)))[-1])
+
+
 class _RequestSeries:
-    __slots__ = ("count", "duration_us", "fail_us", "failure", "histogram", "last", "success")
+    """The counters of one (model, version, protocol). The durations of the latest
+    requests wait in ``seconds`` (at most :data:`_FOLD_AT`) and are folded into
+    ``duration_us`` and ``histogram`` together (:meth:`fold`), as if one at a time:
+    read them after :meth:`fold`."""
+
+    __slots__ = ("count", "duration_us", "fail_us", "failure", "histogram", "last", "seconds",
+                 "success")
 
     def __init__(self):
         self.success = self.failure = self.count = 0
         self.duration_us = self.fail_us = 0.0
         self.last = 0.0  # time.time() of the latest request's answer
         self.histogram = _Histogram(DURATION_BUCKETS_US)
+        self.seconds: list[float] = []  # durations not yet folded, in order
+
+    def fold(self) -> None:
+        seconds = self.seconds
+        if seconds:
+            self.seconds = []
+            micros = np.array(seconds) * 1e6  # (each as ``seconds * 1e6`` gives it)
+            self.duration_us = _added(self.duration_us, micros)
+            self.histogram.observe_many(micros)
 
 
 class _BatchSeries:
@@ -213,20 +247,28 @@ class Metrics:
             seconds: from its arrival to its answer, in seconds.
             rows: inferences it carried (its batch dimension; 1 for unbatched models).
         """
-        key = (model, version, protocol)
-        series = self._requests.get(key)
-        if series is None:
-            series = self._requests[key] = _RequestSeries()
-        micros = seconds * 1e6
+        try:
+            series = self._requests[(model, version, protocol)]
+        except KeyError:
+            series = self._requests[(model, version, protocol)] = _RequestSeries()
         if ok:
             series.success += 1
             series.count += rows
         else:
             series.failure += 1
-            series.fail_us += micros
-        series.duration_us += micros
+            series.fail_us += seconds * 1e6
         series.last = time.time()
-        series.histogram.observe(micros)
+        # The duration's sum and histogram bucket: many requests at once.
+        pending = series.seconds
+        pending.append(seconds)
+        if len(pending) >= _FOLD_AT:
+            series.fold()
+
+    def _folded(self) -> dict[tuple[str, str, str], _RequestSeries]:
+        """The request series, every duration folded in (for reading them)."""
+        for series in self._requests.values():
+            series.fold()
+        return self._requests
 
     def _on_batch(self, model: str, version: str, record) -> None:
         key = (model, version)
@@ -265,13 +307,14 @@ class Metrics:
         Durations in nanoseconds.
         """
         entries = []
+        requests = self._folded()
         for name, ver in sorted(self.engine.stats()):  # the versions served now, as Triton
             if (model and name != model) or (version and ver != version):
                 continue
             success = failure = count = 0
             success_us = fail_us = last = 0.0
             for protocol in PROTOCOLS:
-                series = self._requests.get((name, ver, protocol))
+                series = requests.get((name, ver, protocol))
                 if series is not None:
                     success += series.success
                     failure += series.failure
@@ -310,7 +353,7 @@ class Metrics:
                           lambda s: s.duration_us)
         for (name, doc), value in zip(_REQUEST_COUNTERS, request_values):
             lines.append(f"# HELP {name} {doc}\n# TYPE {name} counter\n")
-            for (model, version, protocol), series in sorted(self._requests.items()):
+            for (model, version, protocol), series in sorted(self._folded().items()):
                 labels = _labels((("model", model), ("protocol", protocol),
                                   ("version", version)))
                 lines.append(f"{name}{{{labels}}} {_number(value(series))}\n")
@@ -328,7 +371,7 @@ class Metrics:
         request_hist = HistogramMetricFamily(
             "nv_inference_request_histogram_us", "Inference request duration in microseconds",
             labels=("model", "version", "protocol"))
-        for (model, version, protocol), series in sorted(self._requests.items()):
+        for (model, version, protocol), series in sorted(self._folded().items()):
             request_hist.add_metric((model, version, protocol), series.histogram.buckets(),
                                     series.histogram.total)
         yield request_hist
