@@ -361,8 +361,11 @@ class Backplane:
         self.max_patterns = max_patterns
         # recorded patterns: pattern -> {client id: local session recording it}
         self._recording: dict[str, dict[int, Any]] = {}
-        # (session, pattern) not caught up yet -> live events held meanwhile (None: too many)
+        # (session, pattern) not caught up yet -> live events held meanwhile (None: more than
+        # max_inflight, given up: they are read again from the stream), and the stream id of
+        # the first of them (kept when they are given up: where the missed events end)
         self._held: dict[tuple, list | None] = {}
+        self._first_live: dict[tuple, tuple] = {}
         self._write_due = False
         self._warn_pat = _Warn()
 
@@ -486,7 +489,7 @@ class Backplane:
         """Whether a queued begin of ``topic`` for ``session`` still stands: False, and the
         events held for it dropped, once the session has unsubscribed meanwhile."""
         if session.streams.get(topic) is None:
-            self._held.pop((session, topic), None)
+            self._unhold((session, topic))
             return False
         return True
 
@@ -505,7 +508,7 @@ class Backplane:
             return
         session = sessions.pop(client_id, None)
         if session is not None:
-            self._held.pop((session, pattern), None)
+            self._unhold((session, pattern))
         if not sessions:
             del self._recording[pattern]
             self._interest.set()
@@ -537,9 +540,10 @@ class Backplane:
         for session in list(sessions.values()):
             where = (session, pattern)
             if where in self._held:
+                self._first_live.setdefault(where, sid)  # the feed is in the stream's order
                 held = self._held[where]
                 if held is not None:
-                    if len(held) >= core.max_inflight:  # they are in the stream too
+                    if len(held) >= core.max_inflight:  # they are in the stream too: read again
                         self._held[where] = None
                     else:
                         held.append(entry)
@@ -554,9 +558,14 @@ class Backplane:
         self.broker.write_out()
 
     def _first_held(self, where: tuple):
-        """The stream id of the first live event held for (session, pattern), if any."""
-        held = self._held.get(where)
-        return held[0][0] if held else None
+        """The stream id of the first live event held for (session, pattern) during its
+        catch-up (held still, or given up), if any: the missed events end there."""
+        return self._first_live.get(where)
+
+    def _unhold(self, where: tuple) -> None:
+        """(session, pattern) is caught up, or no longer catching up."""
+        self._held.pop(where, None)
+        self._first_live.pop(where, None)
 
     async def _catch_up(self, session, pattern: str, read) -> None:
         """Hand a session what its recorded pattern missed, then the live events held
@@ -565,7 +574,10 @@ class Backplane:
         position (``after`` None) or after the stream id ``after``.
 
         What the session missed (before the first live event held) is bounded as an away
-        session's backlog is (see :meth:`~mip.net.msip_core.BrokerCore.stream_replay`)."""
+        session's backlog is (see :meth:`~mip.net.msip_core.BrokerCore.stream_replay`). The
+        live events are held up to ``max_inflight``; beyond, those held are given up and the
+        stream is read on from where the read got (they are there), the first live one's id
+        kept: live events are never bounded as missed ones, and each is delivered once."""
         core = self.broker.core
         where = (session, pattern)
         after = None
@@ -588,7 +600,7 @@ class Backplane:
                     core.stream_replay(session, pattern, held, True, time.monotonic(), live)
                 # caught up (or unsubscribed, or ended meanwhile); on a failure, live events
                 # are held until the read is done again
-                self._held.pop(where, None)
+                self._unhold(where)
                 return
         finally:
             self.broker.write_out()

@@ -46,9 +46,11 @@ own publishes, so a broker's clients get a local publish once (locally).
   an ordered consumer filtered by its wildcard subject, and a resume reads a pull consumer with
   that filter from the position; the key is ``p.CLIENTID.PATTERN-TOKENS`` (the pattern escaped
   as a literal topic). A pattern's read is bounded by the session's ``backlog_limit``: when
-  more matching messages are pending, it starts later, at a sequence found by bisection
-  (about log2 of the stream's length consumers made, each telling its pending count), the
-  skipped ones counted in ``stats.dropped_backlog``. What a resume is handed (a topic's or a
+  more matching messages were missed (stored before the first live event held back for the
+  session, or before the stream's end once the pattern's live read runs), it starts later, at
+  a sequence found by bisection (about 2 x log2 of the stream's length consumers made, each
+  telling its pending count), the skipped ones counted in ``stats.dropped_backlog``; live
+  events are read and delivered whatever the bound. What a resume is handed (a topic's or a
   pattern's) is bounded as with Redis. A broker
   records at most ``max_patterns`` distinct patterns (an ordered consumer each).
 
@@ -573,16 +575,22 @@ class NatsCluster(Backplane):
     async def _begin_pattern(self, session, pattern: str) -> None:
         """The same for a pattern: one ordered consumer and one pull consumer filtered by its
         wildcard subject over the one stream (whose sequence orders every topic's events),
-        reading at most the session's ``backlog_limit`` newest events (see
-        :meth:`_newest`)."""
+        reading at most the session's ``backlog_limit`` newest events it missed (see
+        :meth:`_newest`): those before the first live one held back for it, or before the
+        stream's end when it arrived (what comes later was published while it was here)."""
         subject = self._subject(pattern, True)
         await self._live(self._pattern_feeds, pattern, subject, self._on_pattern(pattern))
+        # its feed runs: what is stored from now on is live for the session
+        arrived = (await self._js.stream_info(self.stream_name)).state.last_seq + 1
         start = await self._position(session, pattern, True)
         limit = self.broker.core.backlog_limit
+        where = (session, pattern)
 
         async def read(after):
+            live = self._first_held(where)
+            end = arrived if live is None else min(arrived, live[0])
             first = await self._newest(subject, start if after is None else after[0] + 1,
-                                       limit)
+                                       end, limit)
             psub = await self._pull(subject, first, self.stream_name)
             try:
                 while True:
@@ -605,22 +613,30 @@ class NatsCluster(Backplane):
         finally:
             await self._unpull(psub, info)
 
-    async def _newest(self, subject: str, start: int, limit: int) -> int:
+    async def _count(self, subject: str, start: int, end: int) -> int:
+        """Messages of the stream on ``subject`` from the sequence ``start`` to ``end``
+        (exclusive); those stored meanwhile (after ``end``) may make it a little less."""
+        if start >= end:
+            return 0
+        pending = await self._pending(subject, start)
+        return max(0, pending - await self._pending(subject, end))
+
+    async def _newest(self, subject: str, start: int, end: int, limit: int) -> int:
         """The sequence to read ``subject`` from so as to read its ``limit`` newest messages
-        from ``start`` on (those before are counted as dropped): a bisection over the
-        sequences, O(log2(stream length)) consumers made, each telling its pending count."""
-        total = await self._pending(subject, start)
+        from ``start`` to ``end`` (exclusive; those before are counted as dropped): a
+        bisection over the sequences, O(log2(stream length)) consumers made, each telling its
+        pending count. What is stored from ``end`` on is not counted (read all the same)."""
+        total = await self._count(subject, start, end)
         if total <= limit:
             return start
-        lo = start + 1
-        hi = (await self._js.stream_info(self.stream_name)).state.last_seq + 1
+        lo, hi = start + 1, end
         while lo < hi:
             mid = (lo + hi) // 2
-            if await self._pending(subject, mid) <= limit:
+            if await self._count(subject, mid, end) <= limit:
                 hi = mid
             else:
                 lo = mid + 1
-        self.stats.dropped_backlog += max(0, total - await self._pending(subject, lo))
+        self.stats.dropped_backlog += max(0, total - await self._count(subject, lo, end))
         return lo
 
     async def _pull(self, subject: str, start: int, stream: str, last_per_subject=False):

@@ -1007,6 +1007,27 @@ def test_at_least_once_pattern_session_resumes_on_another_broker(plane):
     w.run(main(), 60)
 
 
+async def _away_pattern_session(a: Broker, b: Broker, c: Broker, pattern: str):
+    """A publisher on C, an at-least-once subscriber to ``pattern`` that stays on B, and one on
+    A that went away (no CLOSE: its record stays), both caught up before: what is published
+    next is missed by the one away, live for the other. Returns (publisher, subscriber on B,
+    its subscription, client id of the one away)."""
+    pub = AsyncClient(_url(c), reconnect=False)
+    sub = AsyncClient(_url(a), reconnect=False)
+    steady = AsyncClient(_url(b), reconnect=False)
+    for cl in (pub, sub, steady):
+        await cl.connect()
+    await sub.subscribe(pattern, reliable=True)
+    s_steady = await steady.subscribe(pattern, reliable=True)
+    # both caught up (the position is recorded before the stream is read from it): what is
+    # published next is live for them, not a catch-up bounded as a backlog
+    for cl, broker in ((sub, a), (steady, b)):
+        await caught_up(broker, cl.client_id, pattern)
+    sub._proto.transport.abort()
+    await until(lambda: a.stats.sessions_away == 1)
+    return pub, steady, s_steady, sub.client_id
+
+
 @pytest.mark.parametrize("bound", ["messages", "octets"])
 def test_pattern_catch_up_is_bounded_as_an_away_backlog(plane, bound):
     """What a resuming pattern session is handed from the engine is bounded as an away
@@ -1020,20 +1041,7 @@ def test_pattern_catch_up_is_bounded_as_an_away_backlog(plane, bound):
 
     async def main():
         async with brokers(3, plane.url, cluster_prefix=prefix, **limits) as (a, b, c):
-            pub = AsyncClient(_url(c), reconnect=False)
-            sub = AsyncClient(_url(a), reconnect=False)
-            steady = AsyncClient(_url(b), reconnect=False)
-            for cl in (pub, sub, steady):
-                await cl.connect()
-            await sub.subscribe("b.>", reliable=True)
-            s_steady = await steady.subscribe("b.>", reliable=True)
-            cid = sub.client_id
-            # both caught up (the position is recorded before the stream is read from it):
-            # what is published next is live for them, not a catch-up bounded as a backlog
-            for cl, broker in ((sub, a), (steady, b)):
-                await caught_up(broker, cl.client_id, "b.>")
-            sub._proto.transport.abort()
-            await until(lambda: a.stats.sessions_away == 1)
+            pub, steady, s_steady, cid = await _away_pattern_session(a, b, c, "b.>")
             sent = []
             for i in range(100):
                 topic = "b.x" if i % 3 else "b.y"
@@ -1116,6 +1124,65 @@ def test_literal_catch_up_is_bounded_as_an_away_backlog(plane, bound):
             finally:
                 rc.close()
             await pub.close()
+
+    w.run(main(), 60)
+
+
+def _gated(broker: Broker) -> asyncio.Event:
+    """Hold ``broker``'s pattern catch-ups back until the returned event is set (its pattern
+    feeds run meanwhile: the live events are held for the resuming sessions)."""
+    link = broker._cluster
+    catch_up = link._catch_up
+    gate = asyncio.Event()
+
+    async def held_back(session, pattern, read):
+        await gate.wait()
+        await catch_up(session, pattern, read)
+
+    link._catch_up = held_back
+    return gate
+
+
+@pytest.mark.parametrize("overflow", [False, True], ids=["held", "overflowing"])
+def test_live_events_of_a_pattern_catch_up_are_never_bounded_as_missed(plane, overflow):
+    """Events published while a resuming pattern session is on its new broker (its catch-up
+    not read yet) are live, not missed: the missed ones are bounded as an away backlog (the
+    newest ``backlog_limit``), then every live one follows, each once, in order, however many:
+    more than the read's bound, and (``overflow``) more than the broker holds back for a
+    catch-up (``max_inflight``), those being read again from the engine."""
+    limit, missed, live = 20, 50, 30
+    prefix = f"live{int(overflow)}:"
+    options = {"backlog_limit": limit}
+    if overflow:
+        options["max_inflight"] = 16  # fewer than the live events held back during the read
+
+    async def main():
+        async with brokers(3, plane.url, cluster_prefix=prefix, **options) as (a, b, c):
+            pub, steady, s_steady, cid = await _away_pattern_session(a, b, c, "g.>")
+            sent = [("g.x" if i % 2 else "g.y", b"m%03d" % i) for i in range(missed)]
+            for topic, data in sent:
+                await pub.publish(topic, data)
+            # all in the engine (the steady subscriber on B has them from there)
+            assert [(e.topic, bytes(e.data)) for e in await _events(s_steady, missed)] == sent
+
+            gate = _gated(b)
+            moved = AsyncClient(_url(b), client_id=cid, reconnect=False)
+            s_moved = await moved.subscribe("g.>", reliable=True)
+            await moved.connect()
+            link = b._cluster
+            await until(lambda: any(s.client_id == cid for s, _ in link._held))
+            now = [("g.y" if i % 2 else "g.x", b"l%03d" % i) for i in range(live)]
+            for topic, data in now:
+                await pub.publish(topic, data)
+            # B's pattern feed has handed them all over (the steady subscriber got them)
+            assert [(e.topic, bytes(e.data)) for e in await _events(s_steady, live)] == now
+            gate.set()
+            got = [(e.topic, bytes(e.data)) for e in await _events(s_moved, limit + live)]
+            assert got == sent[-limit:] + now
+            assert b.stats.dropped_backlog == missed - limit
+            await _nothing_more(s_moved, s_steady)
+            for cl in (pub, steady, moved):
+                await cl.close()
 
     w.run(main(), 60)
 
