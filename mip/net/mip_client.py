@@ -241,17 +241,22 @@ class Client:
         ssl: an ``ssl.SSLContext`` for TLS.
         server_hostname: the name TLS checks (default: the URL's host).
         resolve_every: seconds between look-ups of the URLs' host names.
+        retry: send a request once more when its connection ends before any octet of its
+            reply arrived (below); ``False`` raises ``ConnectionError`` instead.
 
     A request whose connection ends before any octet of its reply arrived is sent once more
     on a new connection: when the connection came from the pool (the server closed it while
-    idle), or when there are several addresses (to the next one in turn).
+    idle), or when there are several addresses (to the next one in turn). A server that died
+    after running the request but before replying then runs it twice: harmless for a model
+    without side effects; give ``retry=False`` for one with them.
     """
 
     def __init__(self, url: str | Sequence[str], *, pool_size: int = 4,
                  timeout: float | None = 30.0, max_frame_size: int = 1 << 30,
                  ssl: _ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 resolve_every: float = 30.0):
+                 resolve_every: float = 30.0, retry: bool = True):
         self._balancer = _Balancer(url, resolve_every)
+        self.retry = retry
         self.url = url
         self.timeout = timeout
         self.max_frame_size = max_frame_size
@@ -318,7 +323,7 @@ class Client:
             message = conn.roundtrip(buffers)
         except (ConnectionResetError, BrokenPipeError, _ClosedBeforeReply):
             conn.close()
-            if not (reused or self._balancer.several()):
+            if not self.retry or not (reused or self._balancer.several()):
                 raise
             # A pooled connection the server closed just before we used it (KubeMo's
             # server closes after every reply), or a server that went away: no reply came.
@@ -449,9 +454,11 @@ class AsyncClient:
     :meth:`close`.
 
     A request whose connection ends before any octet of its reply arrived is sent once more
-    on a new connection (with several addresses, to the next one in turn). A server seen to
-    close connections after replying (KubeMo's server closes after every reply) gets one
-    connection per request from then on, never a pipeline.
+    on a new connection (with several addresses, to the next one in turn); ``retry=False``
+    raises ``ConnectionError`` instead (a server that died after running the request but
+    before replying would run it twice). A server seen to close connections after replying
+    (KubeMo's server closes after every reply) gets one connection per request from then on,
+    never a pipeline.
 
     Args:
         url: ``tcp://HOST:PORT`` or ``unix:///PATH``, or a list of them: requests go to
@@ -462,12 +469,14 @@ class AsyncClient:
         ssl: an ``ssl.SSLContext`` for TLS.
         server_hostname: the name TLS checks (default: the URL's host).
         resolve_every: seconds between look-ups of the URLs' host names.
+        retry: send a request once more when its connection ends before any octet of its
+            reply arrived.
     """
 
     def __init__(self, url: str | Sequence[str], *, connections: int = 1,
                  timeout: float | None = 30.0, max_frame_size: int = 1 << 30,
                  ssl: _ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 resolve_every: float = 30.0):
+                 resolve_every: float = 30.0, retry: bool = True):
         self._balancer = _Balancer(url, resolve_every)
         self.address = self._balancer.urls[0]
         self.timeout = timeout
@@ -475,6 +484,7 @@ class AsyncClient:
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.connections = max(1, connections)
+        self.retry = retry
         #: per address: its connections (None: not opened yet) and the next one's index
         self._conns: dict[Address, list[_AsyncConnection | None]] = {}
         self._next: dict[Address, int] = {}
@@ -554,7 +564,7 @@ class AsyncClient:
                     self._one_shot = True
                 elif self._balancer.several():
                     self._balancer.failed(conn.address)
-                if retried:
+                if retried or not self.retry:
                     raise ConnectionError(
                         f"the server closed the connection before replying: {exc}") from exc
                 retried = True

@@ -1,6 +1,7 @@
 """``mip.Client`` and ``mip.AsyncClient`` over several servers: requests in turn, a server
 that refuses connections or drops one before replying is passed over, and taken back once
-it serves again. (A name resolving to several addresses: tests/deploy/test_multihost.py.)"""
+it serves again; with ``retry=False`` a request is never sent twice. (A name resolving to
+several addresses: tests/deploy/test_multihost.py.)"""
 
 from __future__ import annotations
 
@@ -120,6 +121,34 @@ async def test_a_request_dropped_without_a_reply_goes_to_the_next_server():
         # one address only: the failure is the caller's, as before
         with Client(dropper.url) as client, pytest.raises(ConnectionError):
             await asyncio.to_thread(_tags, client, 1)
+    finally:
+        task.cancel()
+        dropper.sock.close()
+        await server.stop()
+
+
+async def test_without_retry_a_request_dropped_without_a_reply_is_sent_once():
+    [(server, url)] = await _servers(1)
+    dropper = _Dropper()
+    task = asyncio.get_running_loop().create_task(dropper.run())
+    try:
+        # the dropper first in turn: the request went there, and only there
+        with Client([dropper.url, url], retry=False) as client:
+            with pytest.raises(ConnectionError):
+                await asyncio.to_thread(_tags, client, 1)
+        assert dropper.dropped == 1
+        async with AsyncClient([dropper.url, url], retry=False) as aclient:
+            with pytest.raises(ConnectionError):
+                await _async_tags(aclient, 1)
+        assert dropper.dropped == 2
+        # a pooled connection the server closed while it was idle is seen closed before
+        # anything is sent on it: a new connection takes the request, retry or not
+        with Client(url, retry=False) as client:
+            assert await asyncio.to_thread(_tags, client, 1) == [1]
+            await server.stop()
+            server = MipServer(_tagging(1))
+            await server.start(url)
+            assert await asyncio.to_thread(_tags, client, 1) == [1]
     finally:
         task.cancel()
         dropper.sock.close()
