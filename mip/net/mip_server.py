@@ -110,7 +110,9 @@ class _Connection(asyncio.BufferedProtocol):
             return
         transport.set_write_buffer_limits(high=server.max_pending_reply)
         self.peer = host
-        self.source = self if host is None else host  # whose share of a model's queue
+        # whose share of a model's queue: the peer's address, or for a unix socket's peer
+        # a token of its own (not the connection, which would then refer to itself)
+        self.source = object() if host is None else host
         server._connections.add(self)
         server._per_peer.add(host)
 

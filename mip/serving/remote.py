@@ -653,8 +653,8 @@ class RemoteEngine:
         future = self._loop.create_future()  # type: ignore[union-attr]
         self._pending[number] = (future, block, inputs if len(described) > len(copy) else None)
         if source is not None and type(source) is not str:
-            # a peer without an address (a unix socket's connection object, which does not
-            # pickle): its share of the queue, named for the engine process
+            # a peer without an address (a unix socket connection's token, which does not
+            # pickle as itself): its share of the queue, named for the engine process
             source = ("worker", self.slot, id(source))
         link.send(("infer", number, model, chosen.version, deadline, source, split,
                    request_id, described, self._given_back() if self._freed else None))

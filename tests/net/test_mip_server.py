@@ -248,9 +248,11 @@ async def test_max_connections_refuses_when_none_is_idle_and_closes_an_idle_one(
                 assert server.connections == 1
 
 
-async def test_a_closed_connection_is_freed_without_the_collector(monkeypatch):
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+async def test_a_closed_connection_is_freed_without_the_collector(monkeypatch, tmp_path, over):
     # the connection's done-callback refers to it: dropped when it closes, so that its
     # memory (the parser's receive buffer) goes with it, not at the next full collection
+    # (a unix socket's peer has no address: its share of the queue is not the connection)
     from mip.net import mip_server
 
     made = []
@@ -260,7 +262,8 @@ async def test_a_closed_connection_is_freed_without_the_collector(monkeypatch):
         init(self, server)
         made.append(weakref.ref(self))
     monkeypatch.setattr(mip_server._Connection, "__init__", record)
-    async with _serving(_Starts(3)) as (server, url):
+    listen = f"unix://{tmp_path / 'mip.sock'}" if over == "unix" else "tcp://127.0.0.1:0"
+    async with _serving(_Starts(3), url=listen) as (server, url):
         gc.disable()
         try:
             async with AsyncClient(url) as client:
