@@ -191,6 +191,51 @@ def test_errors_are_json_with_their_status(server, client):
     assert code == 405 and reply_headers["allow"] == "POST" and "error" in json.loads(reply)
 
 
+def _binary_body(header: dict, data: bytes) -> tuple[bytes, dict]:
+    head = json.dumps(header).encode()
+    return head + data, {"Inference-Header-Content-Length": str(len(head)),
+                         "Content-Type": "application/octet-stream"}
+
+
+def _binary_output(reply: bytes, headers: dict) -> bytes:
+    return reply[int(headers["inference-header-content-length"]):]
+
+
+def test_a_binary_header_seen_before_is_read_as_the_first_time(server):
+    """The JSON header of a binary-extension body is read once: a body with the same
+    header is answered from what was found then, with its own data, and refused as the
+    first was when its data does not fit."""
+    header = {"id": "same", "inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 16],
+         "parameters": {"binary_data_size": 64}}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}
+    for seed in range(3):
+        x = np.arange(16, dtype=np.float32) * (seed + 1)
+        code, headers, reply = _request(server, "POST", "/v2/models/identity/infer",
+                                        *_binary_body(header, x.tobytes()))
+        assert code == 200, reply
+        assert _binary_output(reply, headers) == x.tobytes()
+        assert json.loads(reply[:int(headers["inference-header-content-length"])])["id"] == "same"
+    for data in (b"x" * 60, b"x" * 72, b""):  # short, long, none: the same error each time
+        replies = [_request(server, "POST", "/v2/models/identity/infer",
+                            *_binary_body(header, data)) for _ in range(2)]
+        assert replies[0][0] == replies[1][0] == 400
+        assert json.loads(replies[0][2]) == json.loads(replies[1][2])
+    # BYTES data is read again every time (its elements' lengths are in the data)
+    header = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1, 4],
+                          "parameters": {"binary_data_size": 24}}],
+              "outputs": [{"name": "output", "parameters": {"binary_data": False}}]}
+    for words in (["ab", "cd", "ef", "gh"], ["a", "bcd", "", "efgh"], ["abc", "d", "e", "x"]):
+        data = b"".join(len(w).to_bytes(4, "little") + w.encode() for w in words)
+        data += b"\0" * (24 - len(data))  # the last element's length does not fit
+        status, _, reply = _request(server, "POST", "/v2/models/id_bytes/infer",
+                                    *_binary_body(header, data))
+        if len(data) == 24 and sum(map(len, words)) == 8:
+            assert status == 200 and json.loads(reply)["outputs"][0]["data"] == words, reply
+        else:
+            assert status == 400, reply
+
+
 def test_malformed_request_documents_are_400_naming_the_fault(server):
     tensor = {"name": "input", "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16}
     cases = [
