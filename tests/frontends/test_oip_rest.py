@@ -236,6 +236,38 @@ def test_a_binary_header_seen_before_is_read_as_the_first_time(server):
             assert status == 400, reply
 
 
+def test_json_arrays_of_a_few_kib_read_as_python_numbers_would(server):
+    """Numbers of JSON data arrays of a few KiB are read in C: the same FP32 values as
+    through Python floats, nested or not, and the same errors."""
+    x = np.random.default_rng(3).standard_normal((1, 2048)).astype(np.float32)
+    values = x.astype(np.float64).tolist()[0]
+    values[:3] = [1e-45, -0, 16777217]  # subnormal, integer zero, past FP32's integers
+    for data in (values, [values]):
+        body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                                       "shape": [1, 2048], "data": data}],
+                           "outputs": [{"name": "output",
+                                        "parameters": {"binary_data": True}}]}).encode()
+        code, headers, reply = _request(server, "POST", "/v2/models/wide_fp32/infer", body)
+        assert code == 200, reply
+        got = np.frombuffer(_binary_output(reply, headers), np.float32)
+        assert got.view(np.uint32).tolist() == np.array(
+            values, np.float32).view(np.uint32).tolist()
+    for bad, word in ((values[:-1], "holds 2048 elements, 2047 were sent"),
+                      (values[:-1] + ["x"], "data does not fit FP32"),
+                      (values[:-1] + [1e39], None)):
+        body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                                       "shape": [1, 2048], "data": bad}]}).encode()
+        code, _, reply = _request(server, "POST", "/v2/models/wide_fp32/infer", body)
+        if word is None:  # too large for FP32: infinity, as numpy makes of it
+            assert code == 200 and json.loads(reply)["outputs"][0]["data"][-1] is None, reply
+        else:
+            assert code == 400 and word in json.loads(reply)["error"], reply
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "INT32", "shape": [1, 2048],
+                                   "data": list(range(2047)) + [1.5]}]}).encode()
+    code, _, reply = _request(server, "POST", "/v2/models/wide_int32/infer", body)
+    assert code == 400 and "non-integer" in json.loads(reply)["error"], reply
+
+
 def test_malformed_request_documents_are_400_naming_the_fault(server):
     tensor = {"name": "input", "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16}
     cases = [

@@ -41,6 +41,11 @@ BODY_SIZE_SETTING = "--http-max-body-size"
 #: JSON request headers from this many octets on have their large numeric arrays parsed
 #: straight into numpy (mip.protocol.oip) instead of into Python numbers.
 _SPLIT_JSON_ABOVE = 64 << 10
+#: ... and from this many octets on, their arrays of at least :data:`_SPLIT_SMALL_FROM`
+#: octets, read to the same values as through Python numbers (the whole header is read
+#: again as below this size when that fails, so errors are the same too)
+_SPLIT_SMALL_ABOVE = 1 << 10
+_SPLIT_SMALL_FROM = 512
 #: JSON request headers from this many octets on are parsed in a worker thread. As
 #: measured here, a hand-off to the thread costs about 50 us of CPU; a header of
 #: 128 KiB takes about 0.7 ms to parse, mostly without the GIL (mip.protocol.oip), so
@@ -140,13 +145,27 @@ class InferEndpoint:
                 return parsed
         return self._parse(body, header_end)
 
-    def _parse(self, body: bytes, header_end: int, layout: list | None = None):
+    def _parse(self, body: bytes, header_end: int, layout: list | None = None,
+               small_split: bool = True):
         view = memoryview(body)
         text = view[:header_end] if header_end != len(body) else body
         spans: list = []
         if header_end >= _SPLIT_JSON_ABOVE:
             # Large numeric arrays are read straight into numpy memory, not Python floats.
             text, spans = split_numeric_arrays(text, _SPLIT_JSON_ABOVE // 4)
+        elif header_end >= _SPLIT_SMALL_ABOVE and small_split:
+            text, spans = split_numeric_arrays(text, _SPLIT_SMALL_FROM)
+            if spans:
+                try:
+                    return self._parse_doc(text, view, header_end, spans, layout, True)
+                except Exception:  # (its own error, from the path that reads it as a whole)
+                    if layout is not None:
+                        layout.clear()
+                    return self._parse(body, header_end, layout, False)
+        return self._parse_doc(text, view, header_end, spans, layout, False)
+
+    def _parse_doc(self, text, view: memoryview, header_end: int, spans: list,
+                   layout: list | None, exact: bool):
         try:
             doc = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
@@ -161,7 +180,7 @@ class InferEndpoint:
             requested = list(requested) if isinstance(requested, (dict, str)) else (
                 [requested] if requested else [])
         classes = _extension_parameters(parameters, specs, requested)
-        inputs = self._inputs(specs, view, header_end, spans, layout)
+        inputs = self._inputs(specs, view, header_end, spans, layout, exact)
         binary_default = False
         timeout = None
         if parameters is not None:
@@ -187,7 +206,7 @@ class InferEndpoint:
         return doc.get("id"), inputs, wanted, binary_default, timeout, classes, targets
 
     def _inputs(self, specs, view: memoryview, position: int, spans: Sequence = (),
-                layout: list | None = None) -> dict[str, np.ndarray]:
+                layout: list | None = None, exact: bool = False) -> dict[str, np.ndarray]:
         """The inputs ``specs`` describe; ``layout``, when given, has ``(name, dtype, shape,
         offset, count)`` appended for each input of fixed-size binary data, ``None`` for
         each other."""
@@ -236,7 +255,7 @@ class InferEndpoint:
             if layout is not None:
                 layout.append(None)
             if spans and isinstance(data, str) and data.startswith(PLACEHOLDER):
-                inputs[name] = _from_span(name, datatype, shape, view, spans, data)
+                inputs[name] = _from_span(name, datatype, shape, view, spans, data, exact)
             else:
                 inputs[name] = codec.from_list(name, datatype, shape, data)
         if position != len(view):
@@ -455,7 +474,7 @@ def _extension_parameters(request, specs, requested: list | None) -> dict[str, i
 
 
 def _from_span(name: str, datatype: str, shape, view: memoryview, spans: Sequence,
-               placeholder: str) -> np.ndarray:
+               placeholder: str, exact: bool = False) -> np.ndarray:
     """An input whose ``data`` was a large numeric array, parsed from the body itself."""
     index = placeholder[len(PLACEHOLDER):]
     if not index.isdigit() or int(index) >= len(spans):
@@ -467,7 +486,7 @@ def _from_span(name: str, datatype: str, shape, view: memoryview, spans: Sequenc
         return codec.from_list(name, datatype, shape, orjson.loads(view[start:end]))
     dims = codec.check_shape(shape, name)
     try:
-        flat = parse_numbers(view, start, end, dtype)
+        flat = parse_numbers(view, start, end, dtype, exact)
     except ValueError as exc:
         raise InvalidInput(f"{name}: data does not fit {datatype}: {exc}") from None
     count = codec.element_count(dims)
