@@ -268,6 +268,40 @@ def test_json_arrays_of_a_few_kib_read_as_python_numbers_would(server):
     assert code == 400 and "non-integer" in json.loads(reply)["error"], reply
 
 
+def test_one_output_replies_are_the_octets_of_the_general_path(server, monkeypatch):
+    """A reply of one output is written around its data from a kept template: the same
+    octets and headers as the general path writes."""
+    from mip.frontends.oip import rest_infer
+
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    cases = []
+    for oip_id in ("r1", 7, None):
+        for binary in (True, False):
+            doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 16],
+                               "data": x.ravel().tolist()}],
+                   "outputs": [{"name": "output", "parameters": {"binary_data": binary}}]}
+            if oip_id is not None:
+                doc["id"] = oip_id
+            cases.append(json.dumps(doc).encode())
+    headers = {"X-Request-ID": "abc"}
+
+    def replies():
+        out = []
+        for body in cases:
+            for extra in ({}, headers):
+                code, got, reply = _request(server, "POST", "/v2/models/identity/infer",
+                                            body, extra)
+                got.pop("date", None)
+                out.append((code, got, reply))
+        return out
+
+    fast = replies()
+    monkeypatch.setattr(rest_infer, "_TEMPLATE_BELOW", 0)  # every reply the general way
+    assert replies() == fast
+    assert all(code == 200 for code, _, _ in fast)
+    assert fast[1][1]["x-request-id"] == "abc"
+
+
 def test_malformed_request_documents_are_400_naming_the_fault(server):
     tensor = {"name": "input", "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16}
     cases = [
