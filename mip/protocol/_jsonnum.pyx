@@ -259,44 +259,50 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
     cdef bint just_opened = False  # the last token was '[' (spaces aside): ']' may follow
     cdef bint after_comma = False  # the last token was ','
     cdef unsigned char c
+    cdef int error = 0
     while i < end:
         c = p[i]
-        at[0] = i
-        count[0] = k
         if not _number_char(c):
             if c == 91:  # [
                 if not want_value:
-                    return E_LIST_NEEDS_COMMA
+                    error = E_LIST_NEEDS_COMMA
+                    break
                 depth += 1
                 just_opened = True
             elif c == 93:  # ]
                 if want_value and not just_opened:
-                    return E_VALUE_BEFORE_CLOSE
+                    error = E_VALUE_BEFORE_CLOSE
+                    break
                 depth -= 1
                 want_value = False
                 just_opened = False
                 if depth < 0:
-                    return E_UNBALANCED_CLOSE
+                    error = E_UNBALANCED_CLOSE
+                    break
             elif c == 44:  # ,
                 if want_value:
-                    return E_VALUE_BEFORE_COMMA
+                    error = E_VALUE_BEFORE_COMMA
+                    break
                 want_value = True
                 just_opened = False
                 after_comma = True
             elif not _space(c):
-                return E_UNEXPECTED
+                error = E_UNEXPECTED
+                break
             if c != 44 and not _space(c):
                 after_comma = False
             i += 1
             continue
         if not want_value:
-            return E_NUMBER_NEEDS_COMMA
+            error = E_NUMBER_NEEDS_COMMA
+            break
         want_value = False
         just_opened = False
         after_comma = False
         j = _scan(p, i, end, &num)
         if j < 0:
-            return E_NOT_NUMBER
+            error = E_NOT_NUMBER
+            break
         if is_float:
             if num.digits <= 19 and -22 <= num.exp10 <= 22 and (
                     mode != 1 or num.mantissa <= (1ULL << 53)) and (
@@ -311,27 +317,35 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
             else:
                 text = _terminated(p + i, j - i, small)
                 if text == NULL:
-                    return E_NO_MEMORY
+                    error = E_NO_MEMORY
+                    break
                 dout[k] = strtod(text, &stop)
                 if text != small:
                     free(text)
         else:
             if not num.integral:
-                return E_NOT_INTEGER
+                error = E_NOT_INTEGER
+                break
             if num.digits > 18:
                 text = _terminated(p + i, j - i, small)
                 if text == NULL:
-                    return E_NO_MEMORY
+                    error = E_NO_MEMORY
+                    break
                 cerrno.errno = 0
                 iout[k] = strtoll(text, &stop, 10)
                 if text != small:
                     free(text)
                 if cerrno.errno == cerrno.ERANGE:
-                    return E_OUT_OF_RANGE
+                    error = E_OUT_OF_RANGE
+                    break
             else:
                 iout[k] = -<int64_t>num.mantissa if num.negative else <int64_t>num.mantissa
         k += 1
         i = j
+    if error:  # (where: the octet and element it stopped at)
+        at[0] = i
+        count[0] = k
+        return error
     count[0] = k
     if depth != 0:
         return E_UNBALANCED_OPEN
