@@ -15,6 +15,7 @@ cimport numpy as cnp
 from libc cimport errno as cerrno
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc, realloc, strtod, strtoll
+from libc.math cimport INFINITY, fabs, nextafterf
 from libc.string cimport memcpy
 
 cnp.import_array()
@@ -22,8 +23,31 @@ cnp.import_array()
 PLACEHOLDER = "\x00mip:"
 
 
+# What each octet is, one table read an octet in the scans below.
+cdef enum:
+    C_OTHER = 0
+    C_NUMBER = 1  # digits, '-', '+', '.', 'e', 'E'
+    C_SEPARATOR = 2  # ',' and JSON's spaces
+    C_OPEN = 3  # [
+    C_CLOSE = 4  # ]
+    C_QUOTE = 5  # "
+    C_BACKSLASH = 6
+
+cdef unsigned char _CLASS[256]
+for _c in range(256):
+    _CLASS[_c] = C_OTHER
+for _c in list(b"0123456789-+.eE"):
+    _CLASS[_c] = C_NUMBER
+for _c in list(b", \n\r\t"):
+    _CLASS[_c] = C_SEPARATOR
+_CLASS[91] = C_OPEN
+_CLASS[93] = C_CLOSE
+_CLASS[34] = C_QUOTE
+_CLASS[92] = C_BACKSLASH
+
+
 cdef inline bint _number_char(unsigned char c) noexcept nogil:
-    return (48 <= c <= 57) or c == 45 or c == 43 or c == 46 or c == 101 or c == 69
+    return _CLASS[c] == C_NUMBER
 
 
 cdef inline bint _space(unsigned char c) noexcept nogil:
@@ -34,16 +58,19 @@ cdef Py_ssize_t _numeric_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
     """From the '[' at ``i``: the index after its matching ']' when everything inside is
     numbers, commas, spaces and brackets; -1 otherwise."""
     cdef Py_ssize_t depth = 0
-    cdef unsigned char c
+    cdef unsigned char kind
     while i < n:
-        c = p[i]
-        if c == 91:  # [
-            depth += 1
-        elif c == 93:  # ]
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        elif not (_number_char(c) or c == 44 or _space(c)):
+        kind = _CLASS[p[i]]
+        if kind > C_SEPARATOR:
+            if kind == C_OPEN:
+                depth += 1
+            elif kind == C_CLOSE:
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            else:
+                return -1
+        elif kind == C_OTHER:
             return -1
         i += 1
     return -1
@@ -88,6 +115,9 @@ cdef Py_ssize_t _find_spans(const unsigned char *p, Py_ssize_t n, Py_ssize_t min
     cdef unsigned char c
     while i < n:
         c = p[i]
+        if _CLASS[c] < C_OPEN:  # nothing that opens or closes an array or a string
+            i += 1
+            continue
         if in_string:
             if c == 92:  # backslash: skip the escaped octet
                 i += 2
@@ -117,9 +147,12 @@ cdef Py_ssize_t _find_spans(const unsigned char *p, Py_ssize_t n, Py_ssize_t min
     return found
 
 
-def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t end, dtype):
+def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t end, dtype,
+                  bint exact=False):
     """The numbers of ``body[start:end]`` (a span from :func:`split_numeric_arrays`), in
-    order, as a flat array of ``dtype`` (a numpy integer or floating type).
+    order, as a flat array of ``dtype`` (a numpy integer or floating type). ``exact``:
+    FP32 and FP16 too are rounded from correctly rounded doubles, as from Python floats
+    (as FP64 always is), at the cost of ``strtod`` for more numbers.
 
     Raises:
         ValueError: a malformed number, a non-integer for an integer type, or a value out
@@ -138,14 +171,18 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     cdef bint is_float = dtype.kind == "f"
     # exact: FP64 gets correctly rounded values (strtod outside the fast path); FP32 and
     # FP16 round once more from a double within an ulp, as from Python floats.
-    cdef bint exact = dtype.itemsize == 8
+    # mode: 0, within an ulp of a double; 1, correctly rounded doubles; 2 (exact FP32),
+    # FP32 values as from correctly rounded doubles: within an ulp of a double unless
+    # that is near the middle between two FP32 values (then strtod)
+    cdef int mode = 1 if (dtype.itemsize == 8 or (exact and dtype.itemsize != 4)) else (
+        2 if exact else 0)
     cdef cnp.ndarray wide = np.empty(count, dtype=np.float64 if is_float else np.int64)
     cdef double *dout = <double *>cnp.PyArray_DATA(wide)
     cdef int64_t *iout = <int64_t *>cnp.PyArray_DATA(wide)
     cdef Py_ssize_t k = 0, at = 0
     cdef int error
     with nogil:
-        error = _parse_span(p, start, end, is_float, exact, dout, iout, &k, &at)
+        error = _parse_span(p, start, end, is_float, mode, dout, iout, &k, &at)
     if error == E_NO_MEMORY:
         raise MemoryError()
     if error:
@@ -208,7 +245,7 @@ cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py
 
 
 cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, bint is_float,
-                     bint exact, double *dout, int64_t *iout, Py_ssize_t *count,
+                     int mode, double *dout, int64_t *iout, Py_ssize_t *count,
                      Py_ssize_t *at) noexcept nogil:
     """Numbers of ``p[start:end]`` into ``dout`` (floats) or ``iout``; 0, or an E_ code
     with ``at`` (octet) and ``count`` (element) where it went wrong."""
@@ -222,77 +259,93 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
     cdef bint just_opened = False  # the last token was '[' (spaces aside): ']' may follow
     cdef bint after_comma = False  # the last token was ','
     cdef unsigned char c
+    cdef int error = 0
     while i < end:
         c = p[i]
-        at[0] = i
-        count[0] = k
         if not _number_char(c):
             if c == 91:  # [
                 if not want_value:
-                    return E_LIST_NEEDS_COMMA
+                    error = E_LIST_NEEDS_COMMA
+                    break
                 depth += 1
                 just_opened = True
             elif c == 93:  # ]
                 if want_value and not just_opened:
-                    return E_VALUE_BEFORE_CLOSE
+                    error = E_VALUE_BEFORE_CLOSE
+                    break
                 depth -= 1
                 want_value = False
                 just_opened = False
                 if depth < 0:
-                    return E_UNBALANCED_CLOSE
+                    error = E_UNBALANCED_CLOSE
+                    break
             elif c == 44:  # ,
                 if want_value:
-                    return E_VALUE_BEFORE_COMMA
+                    error = E_VALUE_BEFORE_COMMA
+                    break
                 want_value = True
                 just_opened = False
                 after_comma = True
             elif not _space(c):
-                return E_UNEXPECTED
+                error = E_UNEXPECTED
+                break
             if c != 44 and not _space(c):
                 after_comma = False
             i += 1
             continue
         if not want_value:
-            return E_NUMBER_NEEDS_COMMA
+            error = E_NUMBER_NEEDS_COMMA
+            break
         want_value = False
         just_opened = False
         after_comma = False
         j = _scan(p, i, end, &num)
         if j < 0:
-            return E_NOT_NUMBER
+            error = E_NOT_NUMBER
+            break
         if is_float:
             if num.digits <= 19 and -22 <= num.exp10 <= 22 and (
-                    not exact or num.mantissa <= (1ULL << 53)):
+                    mode != 1 or num.mantissa <= (1ULL << 53)) and (
+                    mode != 2 or num.mantissa <= (1ULL << 53)
+                    or not _near_fp32_middle(num.mantissa, num.exp10)):
                 if num.exp10 >= 0:
                     dout[k] = <double>num.mantissa * _POW10[num.exp10]
                 else:
                     dout[k] = <double>num.mantissa / _POW10[-num.exp10]
-                if num.negative:
-                    dout[k] = -dout[k]
+                if num.negative and not (num.integral and num.mantissa == 0):
+                    dout[k] = -dout[k]  # ("-0" is the integer 0, as a Python number is)
             else:
                 text = _terminated(p + i, j - i, small)
                 if text == NULL:
-                    return E_NO_MEMORY
+                    error = E_NO_MEMORY
+                    break
                 dout[k] = strtod(text, &stop)
                 if text != small:
                     free(text)
         else:
             if not num.integral:
-                return E_NOT_INTEGER
+                error = E_NOT_INTEGER
+                break
             if num.digits > 18:
                 text = _terminated(p + i, j - i, small)
                 if text == NULL:
-                    return E_NO_MEMORY
+                    error = E_NO_MEMORY
+                    break
                 cerrno.errno = 0
                 iout[k] = strtoll(text, &stop, 10)
                 if text != small:
                     free(text)
                 if cerrno.errno == cerrno.ERANGE:
-                    return E_OUT_OF_RANGE
+                    error = E_OUT_OF_RANGE
+                    break
             else:
                 iout[k] = -<int64_t>num.mantissa if num.negative else <int64_t>num.mantissa
         k += 1
         i = j
+    if error:  # (where: the octet and element it stopped at)
+        at[0] = i
+        count[0] = k
+        return error
     count[0] = k
     if depth != 0:
         return E_UNBALANCED_OPEN
@@ -300,6 +353,20 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
         at[0] = end
         return E_VALUE_AFTER_COMMA
     return 0
+
+
+cdef inline bint _near_fp32_middle(unsigned long long mantissa, int exp10) noexcept nogil:
+    """Whether ``mantissa * 10**exp10`` computed in doubles (within an ulp or two of the
+    value) may round to another FP32 value than the correctly rounded double would: it is
+    near the middle between two FP32 values."""
+    cdef double d = (<double>mantissa * _POW10[exp10] if exp10 >= 0
+                     else <double>mantissa / _POW10[-exp10])
+    cdef float f = <float>d
+    cdef double middle
+    if <double>f == d:
+        return False  # an FP32 value within an ulp: far from any middle
+    middle = (<double>f + <double>nextafterf(f, INFINITY if d > f else -INFINITY)) / 2
+    return fabs(d - middle) <= d * 1e-15  # a few ulps of a double
 
 
 cdef enum:
@@ -336,6 +403,7 @@ cdef Py_ssize_t _scan(const unsigned char *p, Py_ssize_t i, Py_ssize_t end,
     """One number by JSON's grammar, -?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?, from ``p[i]``:
     the index after it (followed by a non-number character), or -1."""
     cdef unsigned long long m = 0
+    cdef unsigned char d
     cdef int digits = 0, exp10 = 0, e = 0, esign = 1
     out.negative = False
     out.integral = True
@@ -347,11 +415,15 @@ cdef Py_ssize_t _scan(const unsigned char *p, Py_ssize_t i, Py_ssize_t end,
     if p[i] == 48:
         i += 1
     else:
-        while i < end and 48 <= p[i] <= 57:
-            if digits < 19:
-                m = m * 10 + (p[i] - 48)
-            else:
-                exp10 += 1
+        while i < end and digits < 19:
+            d = p[i] - 48
+            if d > 9:
+                break
+            m = m * 10 + d
+            digits += 1
+            i += 1
+        while i < end and <unsigned char>(p[i] - 48) <= 9:  # past 19 digits: the scale
+            exp10 += 1
             digits += 1
             i += 1
     if i < end and p[i] == 46:
@@ -359,15 +431,20 @@ cdef Py_ssize_t _scan(const unsigned char *p, Py_ssize_t i, Py_ssize_t end,
         i += 1
         if i >= end or not (48 <= p[i] <= 57):
             return -1
-        while i < end and 48 <= p[i] <= 57:
-            if m == 0 and p[i] == 48:
+        if m == 0:
+            while i < end and p[i] == 48:
                 exp10 -= 1  # leading zeros of 0.000ddd are not significant
-            elif digits < 19:
-                m = m * 10 + (p[i] - 48)
-                exp10 -= 1
-                digits += 1
-            else:
-                digits += 1
+                i += 1
+        while i < end and digits < 19:
+            d = p[i] - 48
+            if d > 9:
+                break
+            m = m * 10 + d
+            exp10 -= 1
+            digits += 1
+            i += 1
+        while i < end and <unsigned char>(p[i] - 48) <= 9:  # past 19 digits: not kept
+            digits += 1
             i += 1
     if i < end and (p[i] == 101 or p[i] == 69):
         out.integral = False

@@ -191,6 +191,117 @@ def test_errors_are_json_with_their_status(server, client):
     assert code == 405 and reply_headers["allow"] == "POST" and "error" in json.loads(reply)
 
 
+def _binary_body(header: dict, data: bytes) -> tuple[bytes, dict]:
+    head = json.dumps(header).encode()
+    return head + data, {"Inference-Header-Content-Length": str(len(head)),
+                         "Content-Type": "application/octet-stream"}
+
+
+def _binary_output(reply: bytes, headers: dict) -> bytes:
+    return reply[int(headers["inference-header-content-length"]):]
+
+
+def test_a_binary_header_seen_before_is_read_as_the_first_time(server):
+    """The JSON header of a binary-extension body is read once: a body with the same
+    header is answered from what was found then, with its own data, and refused as the
+    first was when its data does not fit."""
+    header = {"id": "same", "inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 16],
+         "parameters": {"binary_data_size": 64}}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}
+    for seed in range(3):
+        x = np.arange(16, dtype=np.float32) * (seed + 1)
+        code, headers, reply = _request(server, "POST", "/v2/models/identity/infer",
+                                        *_binary_body(header, x.tobytes()))
+        assert code == 200, reply
+        assert _binary_output(reply, headers) == x.tobytes()
+        assert json.loads(reply[:int(headers["inference-header-content-length"])])["id"] == "same"
+    for data in (b"x" * 60, b"x" * 72, b""):  # short, long, none: the same error each time
+        replies = [_request(server, "POST", "/v2/models/identity/infer",
+                            *_binary_body(header, data)) for _ in range(2)]
+        assert replies[0][0] == replies[1][0] == 400
+        assert json.loads(replies[0][2]) == json.loads(replies[1][2])
+    # BYTES data is read again every time (its elements' lengths are in the data)
+    header = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1, 4],
+                          "parameters": {"binary_data_size": 24}}],
+              "outputs": [{"name": "output", "parameters": {"binary_data": False}}]}
+    for words in (["ab", "cd", "ef", "gh"], ["a", "bcd", "", "efgh"], ["abc", "d", "e", "x"]):
+        data = b"".join(len(w).to_bytes(4, "little") + w.encode() for w in words)
+        data += b"\0" * (24 - len(data))  # the last element's length does not fit
+        status, _, reply = _request(server, "POST", "/v2/models/id_bytes/infer",
+                                    *_binary_body(header, data))
+        if len(data) == 24 and sum(map(len, words)) == 8:
+            assert status == 200 and json.loads(reply)["outputs"][0]["data"] == words, reply
+        else:
+            assert status == 400, reply
+
+
+def test_json_arrays_of_a_few_kib_read_as_python_numbers_would(server):
+    """Numbers of JSON data arrays of a few KiB are read in C: the same FP32 values as
+    through Python floats, nested or not, and the same errors."""
+    x = np.random.default_rng(3).standard_normal((1, 2048)).astype(np.float32)
+    values = x.astype(np.float64).tolist()[0]
+    values[:3] = [1e-45, -0, 16777217]  # subnormal, integer zero, past FP32's integers
+    for data in (values, [values]):
+        body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                                       "shape": [1, 2048], "data": data}],
+                           "outputs": [{"name": "output",
+                                        "parameters": {"binary_data": True}}]}).encode()
+        code, headers, reply = _request(server, "POST", "/v2/models/wide_fp32/infer", body)
+        assert code == 200, reply
+        got = np.frombuffer(_binary_output(reply, headers), np.float32)
+        assert got.view(np.uint32).tolist() == np.array(
+            values, np.float32).view(np.uint32).tolist()
+    for bad, word in ((values[:-1], "holds 2048 elements, 2047 were sent"),
+                      (values[:-1] + ["x"], "data does not fit FP32"),
+                      (values[:-1] + [1e39], None)):
+        body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                                       "shape": [1, 2048], "data": bad}]}).encode()
+        code, _, reply = _request(server, "POST", "/v2/models/wide_fp32/infer", body)
+        if word is None:  # too large for FP32: infinity, as numpy makes of it
+            assert code == 200 and json.loads(reply)["outputs"][0]["data"][-1] is None, reply
+        else:
+            assert code == 400 and word in json.loads(reply)["error"], reply
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "INT32", "shape": [1, 2048],
+                                   "data": list(range(2047)) + [1.5]}]}).encode()
+    code, _, reply = _request(server, "POST", "/v2/models/wide_int32/infer", body)
+    assert code == 400 and "non-integer" in json.loads(reply)["error"], reply
+
+
+def test_one_output_replies_are_the_octets_of_the_general_path(server, monkeypatch):
+    """A reply of one output is written around its data from a kept template: the same
+    octets and headers as the general path writes."""
+    from mip.frontends.oip import rest_infer
+
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    cases = []
+    for oip_id in ("r1", 7, None):
+        for binary in (True, False):
+            doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 16],
+                               "data": x.ravel().tolist()}],
+                   "outputs": [{"name": "output", "parameters": {"binary_data": binary}}]}
+            if oip_id is not None:
+                doc["id"] = oip_id
+            cases.append(json.dumps(doc).encode())
+    headers = {"X-Request-ID": "abc"}
+
+    def replies():
+        out = []
+        for body in cases:
+            for extra in ({}, headers):
+                code, got, reply = _request(server, "POST", "/v2/models/identity/infer",
+                                            body, extra)
+                got.pop("date", None)
+                out.append((code, got, reply))
+        return out
+
+    fast = replies()
+    monkeypatch.setattr(rest_infer, "_TEMPLATE_BELOW", 0)  # every reply the general way
+    assert replies() == fast
+    assert all(code == 200 for code, _, _ in fast)
+    assert fast[1][1]["x-request-id"] == "abc"
+
+
 def test_malformed_request_documents_are_400_naming_the_fault(server):
     tensor = {"name": "input", "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16}
     cases = [

@@ -324,3 +324,25 @@ def test_keep_alive_counts_from_the_last_reply(tmp_path):
         closed, received = closed_within(sock, 10)  # then idle: closed, nothing sent
         assert closed and received == b""
         sock.close()
+
+
+def test_a_connection_waiting_for_its_direct_reply_is_not_idle(tmp_path):
+    """A direct request being answered (its body all read, its reply not written yet)
+    keeps its connection busy: neither the idle timeout nor a new connection at the
+    connection limit closes it."""
+    repo = build_demo_repository(tmp_path / "repo")
+    add_python_model(repo, "sleepy", SLEEPY_MODEL, {
+        "max_batch_size": 1, "dynamic_batching": {"max_queue_delay_us": 0}})
+    limits = HttpLimits(max_connections=1, idle_timeout=0.3)
+    with OipServer(repo, http_limits=limits) as served:
+        sock = _connect(served)
+        reader = _Reader(sock)
+        sock.sendall(_post(_sleepy(1.5), b"sleepy"))
+        assert wait_until(lambda: served.call(_direct_cycles(served)) == 1)
+        other = _connect(served)
+        refusal = _Reader(other).head()
+        assert refusal[0] == 503  # none idle: the waiting connection stays
+        other.close()
+        status, _, body = reader.response()  # answered, past the idle timeout
+        assert status == 200 and abs(_output(body)[0] - 1.5) < 1e-6
+        sock.close()

@@ -457,6 +457,13 @@ def check_span(body: np.ndarray, start: int, end: int, dtype: np.dtype) -> None:
         assert np.array_equal(got, want), "FP64 values differ from Python's float()"
     elif dtype.kind in "iu":
         assert got.tolist() == [int(t) for _, t in ref], "integers differ from json.loads"
+    if dtype.kind == "f":  # exact: as numpy makes of the numbers json.loads reads
+        exact = _jsonnum.parse_numbers(body, start, end, dtype, True)
+        want = np.array([float(int(t)) if kind == "i" and len(t) < 300 else float(t)
+                         for kind, t in ref], dtype=np.float64)
+        with np.errstate(over="ignore"):
+            want = want.astype(dtype)
+        assert exact.tobytes() == want.tobytes(), f"exact {dtype} values differ: {text[:80]!r}"
 
 
 # ---- KServe v2: the common ModelInferRequest, without protobuf -------------------------

@@ -80,3 +80,20 @@ def test_malformed_arrays_are_refused(text):
 def test_empty_lists_hold_no_elements():
     assert _parse(b"[]", np.float32).size == 0
     assert _parse(b"[[], []]", np.float32).size == 0
+
+
+def test_exact_float32_is_what_python_floats_give():
+    """With ``exact``, FP32 values are those of the correctly rounded doubles (as through
+    Python floats) even for decimals at the middle between two FP32 values, where a
+    double computed within an ulp may round the other way."""
+    rng = np.random.default_rng(7)
+    f32 = (rng.standard_normal(5000).astype(np.float32)
+           * np.float32(10.0) ** rng.integers(-8, 8, 5000).astype(np.float32))
+    low = f32.astype(np.float64)
+    middle = (low + np.nextafter(f32, np.float32(np.inf)).astype(np.float64)) / 2
+    values = np.concatenate([middle, np.nextafter(middle, np.inf),
+                             np.nextafter(middle, -np.inf), low]).tolist() + [0, -0, -0.0]
+    text = json.dumps(values).encode()
+    got = parse_numbers(text, 0, len(text), np.float32, True)
+    want = np.array(json.loads(text), np.float32)
+    assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
