@@ -175,7 +175,11 @@ def read_infer_request(data):
     if type(data) is bytes:
         p = <const uint8_t *>PyBytes_AS_STRING(data)
         end = PyBytes_GET_SIZE(data)
-    else:  # a memoryview of memory that lives as long as the view (its views' base)
+    else:
+        # A memoryview of our own is the inputs' base: it holds the export of the octets
+        # for as long as they are viewed (a bytearray cannot be resized under them, and a
+        # caller's own memoryview may be released), so the pointer stays valid.
+        data = memoryview(data)
         PyObject_GetBuffer(data, &buffer, PyBUF_C_CONTIGUOUS)
         p = <const uint8_t *>buffer.buf
         end = buffer.len

@@ -40,6 +40,20 @@ def test_every_fixed_size_datatype_is_read_as_a_view_of_the_message(datatype):
     assert inputs["y"].shape == (0,)
 
 
+@pytest.mark.parametrize("wrap", [bytearray, lambda b: memoryview(bytearray(b))],
+                         ids=["bytearray", "memoryview"])
+def test_inputs_read_from_a_buffer_keep_its_octets_exported(wrap):
+    array = np.arange(8, dtype=np.float32).reshape(2, 4)
+    data = wrap(_request([("x", "FP32", array)]).SerializeToString())
+    inputs = _oip.read_infer_request(data)[3]
+    owner = data.obj if isinstance(data, memoryview) else data
+    if isinstance(data, memoryview):
+        data.release()  # the caller's view: the inputs hold an export of their own
+    with pytest.raises(BufferError):
+        owner.extend(b"\x00" * (1 << 20))  # would move the octets under the inputs
+    assert (inputs["x"] == array).all() and not inputs["x"].flags.writeable
+
+
 def test_unpacked_dimensions_and_no_outputs():
     request = pb.ModelInferRequest(model_name="m")
     request.raw_input_contents.append(b"\x00" * 8)
