@@ -308,14 +308,7 @@ class Engine:
         ``request_type``: the :class:`~mip.serving.batching.Request` subclass the future
         is made of (a frontend's reply, answered by the batcher itself).
         """
-        found: _Served | None
-        if chosen is None:
-            found = self._lookup(model, version)
-        else:  # (_serving's lookup, without the call)
-            found = self._served.get((chosen.name, chosen.version))
-            if found is None or found.version is not chosen:
-                found = self._serving(chosen)  # (raises)
-        served = found
+        served = self._lookup(model, version) if chosen is None else self._serving(chosen)
         policy = served.queue_policy
         if policy is not None:
             deadline = policy.deadline(deadline, time.monotonic())  # Triton's queue policy
