@@ -137,36 +137,32 @@ class _Queued(_Reply, Request):
     reply itself (one future a request, no callback between them)."""
 
     __slots__ = _CALL_FIELDS  # (and the request's own rows and request_id)
-    #: ``then`` encodes the outputs themselves (what :meth:`transform` would give)
-    outputs_only = False
 
     def answer(self, outputs: dict[str, np.ndarray]) -> None:
-        then = self.then
         try:
-            reply = (then(outputs) if self.outputs_only and then is not None
-                     else self.transform(outputs))
+            reply = self.transform(outputs)
         except Exception as exc:  # an encoding failure is the request's
             self.refuse(exc)
             return
         self.set_result(reply)
-        self.settled(None)
-        notify = self.notify
-        if notify is not None:
-            notify(self)
+        self._settled(None)
 
     def refuse(self, error: BaseException) -> None:
         self.set_exception(self.error(error))
-        self.settled(error)
-        if self.notify is not None:
-            self.notify(self)
+        self._settled(error)
 
     def cancel(self, msg=None) -> bool:
         if not Request.cancel(self, msg):
             return False
-        self.settled(CANCELLED)
-        if self.notify is not None:
-            self.notify(self)
+        self._settled(CANCELLED)
         return True
+
+    def _settled(self, failure: BaseException | None) -> None:
+        """The future is done: the outcome counted and logged, then ``notify`` told."""
+        self.settled(failure)
+        notify = self.notify
+        if notify is not None:
+            notify(self)
 
 
 class _QueuedOutputs(_Queued):
@@ -174,7 +170,6 @@ class _QueuedOutputs(_Queued):
     :class:`InferResult` is made, no output is picked or classified, no error mapped."""
 
     __slots__ = ()
-    outputs_only = True
 
     def transform(self, result):
         return self.then(result)
