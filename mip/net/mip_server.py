@@ -266,10 +266,8 @@ class _Connection(asyncio.BufferedProtocol):
                 assert callable(handler)  # a handler without start is the coroutine form
                 work = asyncio.ensure_future(handler(message), loop=self.loop)
                 work.add_done_callback(self.on_done)
-            pending = self.pending
-            pending.append(work)
-            self.pending_octets.append(0)
-            if len(pending) >= self.max_pipeline:
+            self._append(work)
+            if len(self.pending) >= self.max_pipeline:
                 self._pause_reading()
             return
         if kind == mip.KIND_PING and message.is_request:
