@@ -24,6 +24,7 @@ Every cell is bounded: warm-up + duration seconds per concurrency, plus the requ
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -52,6 +53,18 @@ def ensure_revision(cache: Path, rev: str) -> tuple[Path, str]:
     marker = venv / ".installed"
     if marker.is_file():
         return python, sha
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # One install a revision at a time: a second run asking for it waits for the first.
+    with open(venv.parent / f"{sha[:12]}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.is_file():
+            _install(venv, sha, rev)
+    return python, sha
+
+
+def _install(venv: Path, sha: str, rev: str) -> None:
+    python = venv / "bin" / "python"
+    marker = venv / ".installed"
     log(f"installing {rev} ({sha[:12]}) into {venv} (a few minutes of compiling)")
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True)
@@ -68,7 +81,6 @@ def ensure_revision(cache: Path, rev: str) -> tuple[Path, str]:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise RuntimeError(f"pip install of {rev} failed: {tail}")
     marker.write_text(sha + "\n")
-    return python, sha
 
 
 def cpu_seconds(pid: int) -> float:
