@@ -610,6 +610,9 @@ TRITON_CELLS = [
     ("identity_1m", 32, ("mip", "grpc", "http-binary")),  # JSON of 1 MiB: seconds a request
 ]
 GENERATORS = ("h2load", "mip-bench")
+#: the cells the echo server of MIP frames (bench/peers/echo_server.py) is measured in: the
+#: same frames as identity's, less the model's name
+ECHO_CELLS = {("identity", 32), ("identity", 1), ("identity_1m", 32)}
 _GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -823,11 +826,14 @@ def _h2load(body: Path, headers: list[str], url: str, protocol: str, concurrency
 
 
 def _mip_bench(protocol: str, url: str, model: str, concurrency: int, count: int | None,
-               duration: float | None, work: Path) -> dict:
-    """One ``mip bench infer`` run: a fixed ``count`` of requests, or ``duration`` s."""
+               duration: float | None, work: Path, named: bool = True) -> dict:
+    """One ``mip bench infer`` run: a fixed ``count`` of requests, or ``duration`` s.
+    ``named``: the requests name ``model`` (the echo server's frames carry no name, only
+    the model's shape)."""
     path = work / "mip-bench.json"
     argv = [sys.executable, "-m", "mip.cli", "--log-level", "ERROR", "bench", "infer", url,
-            "--protocol", protocol, "--model", model, "--concurrency", str(concurrency),
+            "--protocol", protocol, *(["--model", model] if named else []),
+            "--concurrency", str(concurrency),
             "--warmup", "0", "--json", str(path), "--no-progress"]
     argv += (["--max-requests", str(count), "--duration", "3600"] if count
              else ["--duration", str(duration)])
@@ -857,7 +863,8 @@ def measure_cpu_cell(server: Server, generator: str, protocol: str, model: str,
             return _h2load(body, headers, target, protocol, concurrency, count, seconds, log_file)
     else:
         def run(count, seconds, log_file=None):
-            return _mip_bench(protocol, url, model, concurrency, count, seconds, work)
+            return _mip_bench(protocol, url, model, concurrency, count, seconds, work,
+                              named=server.name != "echo")
     rate = run(None, 1.0)["throughput_rps"]
     count = int(min(max(rate * duration, 20 * concurrency, 50), 200_000))
     cpu0, busy0, client0 = process_tree_cpu(server.proc.pid), machine_busy(), children_cpu()
@@ -892,9 +899,12 @@ def triton_compare(args, repos: dict, logs: Path) -> int:
     rows: list[dict] = []
     problems: dict[str, str] = {}
     servers = {"mip": mip_server(repos["mip-batching"], "mip batching", logs),
-               "triton": triton_server(python, triton_repo, logs)}
-    with servers["mip"], servers["triton"]:
+               "triton": triton_server(python, triton_repo, logs),
+               "echo": echo_server(logs)}
+    with servers["mip"], servers["triton"], servers["echo"]:
         for name, server in servers.items():  # h2load's gRPC must really succeed
+            if "grpc" not in dict(server.endpoints):
+                continue
             for model in _SPECS:
                 body, headers, url = request_bodies(dict(server.endpoints)["grpc"], "grpc",
                                                     model, work)
@@ -903,7 +913,7 @@ def triton_compare(args, repos: dict, logs: Path) -> int:
                     problems[f"{name} grpc {model}"] = problem
                     log(f"{name}: h2load's gRPC request to {model} fails: {problem}")
         for number in range(1, args.rounds + 1):
-            order = ["mip", "triton"] if number % 2 else ["triton", "mip"]
+            order = ["mip", "triton", "echo"] if number % 2 else ["echo", "triton", "mip"]
             log(f"round {number} of {args.rounds}")
             for model, concurrency, protocols in TRITON_CELLS:
                 for protocol in protocols:
@@ -911,7 +921,8 @@ def triton_compare(args, repos: dict, logs: Path) -> int:
                         if generator == "h2load" and protocol == "mip":
                             continue  # h2load speaks HTTP only
                         for name in order:
-                            if protocol not in dict(servers[name].endpoints):
+                            if protocol not in dict(servers[name].endpoints) or (
+                                    name == "echo" and (model, concurrency) not in ECHO_CELLS):
                                 continue
                             key = f"{name} {generator} {protocol} {model} c={concurrency}"
                             try:
@@ -927,7 +938,7 @@ def triton_compare(args, repos: dict, logs: Path) -> int:
                                 f"{doc['server_cpu_us']:,.0f} us server CPU a request")
     load1 = os.getloadavg()
     best = best_cpu_rows(rows)
-    table = triton_table(best)
+    table = triton_table(best) + "\n\n" + echo_table(best)
     goals = triton_goals(best)
     other = [r["other_cores"] for r in rows]
     load = (f"load average {load0[0]:.1f} before, {load1[0]:.1f} after; other processes used "
@@ -1003,6 +1014,26 @@ def triton_table(best: dict) -> str:
     return "\n".join(out)
 
 
+def echo_table(best: dict) -> str:
+    """Markdown: mip serve over MIP against the echo server of the same frames."""
+    out = ["| cell (mip bench, MIP) | req/s mip / echo | ratio | p50 ms mip / echo "
+           "| p99 ms mip / echo | server CPU µs a request mip / echo | ratio |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for model, concurrency in sorted(ECHO_CELLS):
+        m = best.get(("mip", "mip-bench", "mip", model, concurrency))
+        e = best.get(("echo", "mip-bench", "mip", model, concurrency))
+        if m is None or e is None:
+            continue
+        rps = _pair(m, e, lambda d: f"{d['throughput_rps']:,.0f}")
+        cpu = _pair(m, e, lambda d: f"{d['server_cpu_us_min']:,.1f}")
+        out.append(f"| {model} c={concurrency} | {rps} | "
+                   f"{m['throughput_rps'] / e['throughput_rps']:.2f} | "
+                   f"{_pair(m, e, lambda d: _fmt_ms(d, 'p50'))} | "
+                   f"{_pair(m, e, lambda d: _fmt_ms(d, 'p99'))} | {cpu} | "
+                   f"{m['server_cpu_us_min'] / e['server_cpu_us_min']:.2f}x |")
+    return "\n".join(out)
+
+
 def triton_goals(best: dict) -> list[dict]:
     """The goals against Triton, per protocol; h2load's rows decide (mip bench's shown)."""
     checks = []
@@ -1052,6 +1083,37 @@ def triton_goals(best: dict) -> list[dict]:
     for protocol in ("grpc", "http-binary"):
         add(f"{PROTOCOL_NAMES[protocol]}: 1 MiB req/s >= 1.5x Triton's at 32 in flight",
             "h2load", protocol, [("identity_1m", 32)], "rps", lambda r: r >= 1.5)
+    checks.extend(mip_goals(best))
+    return checks
+
+
+def mip_goals(best: dict) -> list[dict]:
+    """MIP's goals: against the echo server of the same frames, and at concurrency 1 against
+    Triton's fastest protocol (mip bench drives both, so the client is the same)."""
+    checks = []
+
+    def row(server, protocol, model, c):
+        return best.get((server, "mip-bench", protocol, model, c))
+
+    def add(goal, a, b, what, ok):
+        if a is None or b is None or not b:
+            checks.append({"goal": goal, "verdict": "n/a", "measured": "not measured"})
+            return
+        checks.append({"goal": goal, "verdict": "PASS" if ok(a / b) else "MISS",
+                       "measured": f"{what}: {a:,.1f} / {b:,.1f} = {a / b:.2f}x"})
+
+    m, e = row("mip", "mip", "identity", 32), row("echo", "mip", "identity", 32)
+    add("mip: server CPU a request <= 3x the echo server's", m and m["server_cpu_us_min"],
+        e and e["server_cpu_us_min"], "identity c=32, µs", lambda r: r <= 3.0)
+    m, e = row("mip", "mip", "identity_1m", 32), row("echo", "mip", "identity_1m", 32)
+    add("mip: 1 MiB req/s >= 70% of the echo ceiling", m and m["throughput_rps"],
+        e and e["throughput_rps"], "identity_1m c=32, req/s", lambda r: r >= 0.7)
+    m = row("mip", "mip", "identity", 1)
+    triton = [r["latency_ms"]["p50"] for p in ("grpc", "http", "http-binary")
+              if (r := row("triton", p, "identity", 1)) and r.get("latency_ms", {}).get("p50")]
+    add("mip: c=1 p50 <= Triton's (its fastest protocol)",
+        m and m.get("latency_ms", {}).get("p50"), min(triton, default=None),
+        "identity c=1, ms", lambda r: r <= 1.0)
     return checks
 
 
@@ -1268,9 +1330,10 @@ def instructions_compare(args, repos: dict, logs: Path) -> int:
              "instructions a request | tritonserver (frontends, scheduler; not the Python "
              "backend stub) | mip / tritonserver |",
              "| --- | ---: | ---: | ---: |"]
+    names = ("mip",) if args.instructions_mip_only else ("mip", "triton")
     for protocol in args.instructions_protocols.split(","):
         counts = []
-        for name in ("mip", "triton"):
+        for name in names:
             work = Path(tempfile.mkdtemp(prefix=f"mip-callgrind-{name}-"))
             server = (mip_server(repos["mip-batching"], "mip batching", logs) if name == "mip"
                       else triton_server(python, triton_repo, logs, models=[model]))
@@ -1284,11 +1347,17 @@ def instructions_compare(args, repos: dict, logs: Path) -> int:
                                                  protocol, model, args.instructions,
                                                  args.instructions_concurrency, work))
             finally:
+                if args.instructions_keep is not None and name == "mip":
+                    kept = args.instructions_keep / f"{protocol}-{model}"
+                    shutil.rmtree(kept, ignore_errors=True)
+                    shutil.copytree(work, kept)
+                    log(f"mip's callgrind dumps for {protocol}: {kept} (callgrind_annotate "
+                        "--inclusive=yes on the callgrind.out.PID.N files)")
                 shutil.rmtree(work, ignore_errors=True)
             log(f"{name} {protocol}: {counts[-1]:,.0f} instructions a request")
+        triton = f"{counts[1]:,.0f} | {counts[0] / counts[1]:.2f}x" if len(counts) > 1 else "- | -"
         lines.append(f"| {PROTOCOL_NAMES[protocol]} {model} c={args.instructions_concurrency}, "
-                     f"{args.instructions} requests | {counts[0]:,.0f} | {counts[1]:,.0f} | "
-                     f"{counts[0] / counts[1]:.2f}x |")
+                     f"{args.instructions} requests | {counts[0]:,.0f} | {triton} |")
         print("\n".join(lines[-1:]), flush=True)
     print("\n".join(lines))
     return 0
@@ -1379,6 +1448,11 @@ def main() -> int:
                    help="with --instructions: identity, mlp or identity_1m (default identity)")
     p.add_argument("--instructions-concurrency", type=int, default=32,
                    help="with --instructions: requests in flight (default 32)")
+    p.add_argument("--instructions-mip-only", action="store_true",
+                   help="with --instructions: count mip serve only, not Triton's server")
+    p.add_argument("--instructions-keep", type=Path, metavar="DIR",
+                   help="with --instructions: keep mip serve's callgrind dumps in "
+                        "DIR/PROTOCOL-MODEL for callgrind_annotate")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mip-bench",
                    help="venvs and models (default ~/.cache/mip-bench)")
