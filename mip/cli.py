@@ -250,6 +250,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-max-body-size", type=_size, default=64 << 20, metavar="OCTETS",
                        help="largest REST request body after decompression, e.g. 64M "
                             "(default 64M)")
+    serve.add_argument("--http-max-header-size", type=_size, default=64 << 10,
+                       metavar="OCTETS",
+                       help="largest REST request head (request line and header fields); "
+                            "a larger one is answered 431 and the connection closed "
+                            "(0 = none; default 64K)")
     serve.add_argument("--max-shm-regions", type=int, default=64, metavar="N",
                        help="system shared memory regions clients may register at once "
                             "(Triton's /v2/systemsharedmemory; 0 = none; default 64)")
@@ -707,7 +712,8 @@ async def _start_oip(args, engine, metrics, announcements: list[str], guard=None
                                 max_connections_per_peer=args.max_connections_per_peer,
                                 max_pending_reply=args.max_pending_reply,
                                 header_timeout=args.http_header_timeout,
-                                body_timeout=args.http_body_timeout)
+                                body_timeout=args.http_body_timeout,
+                                max_header_bytes=args.http_max_header_size)
             server = HttpServer(app, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                                 timeout_keep_alive=args.http_idle_timeout, limits=limits)
             await miaas.start()

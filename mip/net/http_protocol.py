@@ -40,6 +40,7 @@ log = logging.getLogger("mip.net.http")
 
 _SLICE = 64 << 10  # octets parsed at a time when a read brings more
 _TARGETS = 256  # POST targets whose routing a listener remembers
+_TARGET_KEPT = 1024  # ... each of at most this many octets
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class HttpLimits:
     body_timeout: float = 60.0
     #: an idle connection, or a new one that sends nothing, is closed after this long
     idle_timeout: float = 5.0
+    #: octets of a request's head (request line and header fields) before it is refused
+    #: with 431 and the connection closed (0 = none)
+    max_header_bytes: int = 64 << 10
 
 
 #: the app's ``direct(method, path)``: what answers a request without ASGI, and the path's
@@ -77,6 +81,8 @@ class Listener:
         self.targets: dict[bytes, tuple[str, Any]] = {}
         self.header_late = (f"header block not complete {limits.header_timeout:g}s after "
                             "its first octet")
+        self.header_large = (f"request header block larger than {limits.max_header_bytes} "
+                             "octets (--http-max-header-size)")
         self.body_late = f"request body not complete {limits.body_timeout:g}s after its headers"
         self.connections: set[LimitedHttpProtocol] = set()
         self.per_peer = PeerCounts()
@@ -159,6 +165,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.next_due = False  # a response completed while the peer was not reading
         self.direct_cycle: DirectCycle | None = None  # the direct request being answered
         self.idle_since: float | None = None  # waiting for a request since (keep-alive)
+        self.head_octets = 0  # of the head being received (see _parse)
+        self.begun = 0  # requests whose first octet was parsed
 
     # -- connection ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -240,9 +248,35 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             return
         if len(data) <= _SLICE:
-            super().data_received(data)
+            self._parse(data)
         else:
             self._feed(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Parse `data`, refusing a head that grows past ``max_header_bytes`` (httptools
+        keeps a header field or target that has not ended in memory, however long).
+
+        The head's octets are counted a read at a time: a read that comes while the head
+        is incomplete, or that starts a request whose head it does not complete, is all
+        head. The share of a read that ends one request and starts the next is not
+        counted, so a head is refused at most one read (64K) late and never early."""
+        in_head = self.in_message and not self.headers_done
+        between = not self.in_message
+        begun = self.begun
+        super().data_received(data)
+        if not self.in_message or self.headers_done or self.transport.is_closing():
+            return
+        if (in_head and self.begun == begun) or (between and self.begun == begun + 1):
+            self.head_octets += len(data)
+            limit = self.listener.limits.max_header_bytes
+            if limit and self.head_octets > limit:
+                log.info("closing an HTTP connection from %s: %s", self.peer,
+                         self.listener.header_large)
+                cycle = self.cycle
+                if cycle is None or cycle.response_complete:
+                    self._write_error(b"431 Request Header Fields Too Large",
+                                      self.listener.header_large)
+                self.transport.close()
 
     def _feed(self, data: bytes) -> None:
         """Parse `data` a slice at a time, holding what follows a complete request that is
@@ -254,7 +288,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self.held += view[position:]
                 self.flow.pause_reading()
                 return
-            super().data_received(cast(bytes, view[position:position + _SLICE]))
+            self._parse(cast(bytes, view[position:position + _SLICE]))
             position += _SLICE
             if self.parser is None or self.transport.is_closing():
                 return
@@ -296,6 +330,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.headers = []
         self.in_message = True
         self.headers_done = False
+        self.head_octets = 0
+        self.begun += 1
         listener = self.listener
         timeout = listener.limits.header_timeout
         if timeout:
@@ -338,9 +374,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 path = urllib.parse.unquote(path)
             path = self.root_path + path
             known = (path, direct("POST", path))
-            if len(targets) >= _TARGETS:
-                targets.clear()
-            targets[self.url] = known
+            if len(self.url) <= _TARGET_KEPT:
+                if len(targets) >= _TARGETS:
+                    targets.clear()
+                targets[self.url] = known
         path, found = known
         if found is None:
             return False

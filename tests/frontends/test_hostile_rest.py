@@ -16,7 +16,8 @@ import tritonclient.http as httpclient
 from mip.serving.demo import build_demo_repository
 
 from _serve_process import (Steady, address, connect, count_closed, exchange, garbage,
-                            idle_flood, liars, peak_rss_under_flood, slowloris, start, stop)
+                            idle_flood, in_parallel, liars, peak_rss_under_flood, rss,
+                            slowloris, start, stop)
 
 HEADER_TIMEOUT = 2.0
 BODY_TIMEOUT = 3.0
@@ -24,6 +25,7 @@ MAX_CONNECTIONS = 64
 PER_PEER = 40
 PENDING_REPLY = 256 << 10
 MAX_BODY = 1 << 20
+MAX_HEADER = 16 << 10
 X = np.arange(16, dtype=np.float32).reshape(1, 16)
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32",
                                "data": X.ravel().tolist()}]}).encode()
@@ -42,7 +44,8 @@ def server(tmp_path_factory):
                           "--max-connections", str(MAX_CONNECTIONS),
                           "--max-connections-per-peer", str(PER_PEER),
                           "--max-pending-reply", str(PENDING_REPLY),
-                          "--http-max-body-size", str(MAX_BODY)], 1)
+                          "--http-max-body-size", str(MAX_BODY),
+                          "--http-max-header-size", str(MAX_HEADER)], 1)
     host, port = address(out, "REST and /metrics on")
     yield process, host, port
     assert stop(process) == 0
@@ -150,3 +153,48 @@ def test_pipelined_requests_are_answered_in_order(server):
             received = rest[length:]
     sock.close()
     assert names == ["identity", "mlp"] * 50
+
+
+def _endless_head(host: str, port: int, start: bytes) -> tuple[int | None, int]:
+    """From 127.0.0.4: `start`, then octets that never end the head (up to 8 MiB, until
+    the server closes); the status it answered and the octets sent."""
+    sock = connect(host, port, "127.0.0.4")
+    sock.sendall(start)
+    sent, chunk = 0, b"a" * (64 << 10)
+    try:
+        while sent < (8 << 20):
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass  # closed by the server, as it should
+    received = b""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    except OSError:
+        pass
+    sock.close()
+    return _status(received), sent
+
+
+def test_endless_heads_are_answered_431_and_bounded(server, good_client):
+    process, host, port = server
+    starts = [b"POST /v2/models/identity/infer HTTP/1.1\r\nhost: mip\r\nx-long: ",
+              b"POST /v2/models/identity/infer?",  # a target that never ends
+              b"GET /v2/health/ready HTTP/1.1\r\nhost: mip\r\n"]  # fields without end
+    before = rss(process.pid)
+    results = in_parallel(lambda start: _endless_head(host, port, start), starts * 4)
+    grown = rss(process.pid) - before
+    for status, sent in results:
+        # refused at most one read (64K) past the limit: the rest was never read
+        assert status == 431 and sent < (8 << 20), (status, sent)
+    # each head held at most MAX_HEADER + one read while it grew
+    assert grown < 12 * 4 * (MAX_HEADER + (64 << 10)) + (32 << 20), grown
+    # a head within the limit is served
+    closed, received = exchange(host, port, b"GET /v2/health/ready HTTP/1.1\r\nhost: mip\r\n"
+                                b"x-fine: %s\r\nconnection: close\r\n\r\n"
+                                % (b"b" * (MAX_HEADER // 2)))
+    assert _status(received) == 200
