@@ -419,7 +419,8 @@ class InferCall:
             (name, array), = found.items()
             oip_id = self.oip_id
             if (array.dtype in _ORJSON_KINDS and type(oip_id) in _PLAIN_IDS
-                    and array.nbytes < _TEMPLATE_BELOW):
+                    and array.nbytes < _TEMPLATE_BELOW
+                    and (type(oip_id) is not str or len(oip_id) <= _TEMPLATE_ID_MAX)):
                 binary = self.wanted.get(name, self.binary_default)
                 key = (result.model, result.version, oip_id, name, array.dtype, array.shape,
                        binary)
@@ -504,8 +505,11 @@ def _planned(plan: tuple, body: bytes, header_end: int) -> tuple:
 _NO_TARGETS: dict = {}
 
 
-#: ids that key a reply template (:func:`_reply_template`)
+#: ids that key a reply template (:func:`_reply_template`): of these types, and strings of
+#: at most _TEMPLATE_ID_MAX characters (a JSON body's id is as long as its sender likes: the
+#: templates kept stay small whatever the ids)
 _PLAIN_IDS = frozenset((str, int, type(None)))
+_TEMPLATE_ID_MAX = 256
 _REPLIES_KEPT = 256
 #: (model, version, id, output name, dtype, shape, binary) -> the reply's JSON around the
 #: output's data: (header, headers) of a binary reply, (before, after) of a JSON one
