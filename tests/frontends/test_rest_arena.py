@@ -89,7 +89,7 @@ def test_rest_inputs_are_read_in_place_and_their_blocks_given_back(tmp_path):
             else:
                 np.testing.assert_allclose(data, logits, rtol=1e-5, atol=1e-6)
             expected += y.nbytes
-            assert wait_until(lambda: _arena_counter(urls, "in_place") == expected, WAIT,
+            assert wait_until(lambda e=expected: _arena_counter(urls, "in_place") == e, WAIT,
                               0.1), _metrics(address)
         assert _arena_counter(urls, "copied") == 0
         # an input too small to be looked for in the arena: copied, as before
