@@ -144,3 +144,57 @@ def test_a_client_leaving_mid_request_leaks_no_block(tmp_path):
         assert status == 200, reply
     finally:
         assert _stop(process) == 0, "".join(lines)
+
+
+def test_a_body_received_into_the_arena_is_read_in_place_and_every_block_given_back():
+    from mip.errors import InvalidInput
+    from mip.frontends.oip.rest_infer import InferEndpoint
+    from mip.net.http_body import Body
+    from mip.serving.arena import Arena, Blocks, frame_memory, in_place
+
+    arena = Arena(1 << 20)
+    part = Blocks(1 << 19, 1 << 19)  # a worker's slice
+    memory = frame_memory(arena, part, part.free)
+
+    class Plane:
+        engine = None
+
+    endpoint = InferEndpoint(Plane(), 1 << 20, None)
+
+    def placed(inputs: dict) -> list[str]:
+        described, rest = in_place(arena, inputs, part.start, part.start + part.size)
+        assert not rest
+        return [name for name, *_ in described]
+
+    x = np.arange(2048, dtype=np.float32).reshape(128, 16)
+    body, header = _binary_body("input", x)
+    for _ in range(2):  # parsed, then read by the plan its header left
+        reader = Body(1 << 20, b"%d" % len(body), None, "", memory)
+        for start in range(0, len(body), 1000):
+            reader.feed(body[start:start + 1000])
+        octets = reader.finish()
+        assert part.used >= len(body)
+        inputs = endpoint.parse(octets, str(header), memory)[1]
+        np.testing.assert_array_equal(inputs["input"], x)
+        assert placed(inputs) == ["input"]
+        del octets, inputs
+        assert part.used == 0  # (the plan holds none of it)
+    # a JSON array's numbers: into a block of their own
+    text = json.dumps({"inputs": [{"name": "input", "shape": [128, 16], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    inputs = endpoint.parse(text, None, memory)[1]
+    np.testing.assert_array_equal(inputs["input"], x)
+    assert placed(inputs) == ["input"] and part.used >= x.nbytes
+    del inputs
+    assert part.used == 0
+    # refused after its numbers were parsed: given back too
+    text = text.replace(b'"shape": [128, 16]', b'"shape": [128, 17]')
+    try:
+        endpoint.parse(text, None, memory)
+    except InvalidInput as exc:
+        assert "2176 elements" in str(exc)
+    else:
+        raise AssertionError("parsed")
+    assert part.used == 0
+    # a slice with no room: the body is joined in memory of its own, as for any model
+    assert Body(1 << 20, b"%d" % (1 << 19), None, "", memory).memory is None

@@ -619,21 +619,31 @@ def _from_span(name: str, datatype: str, shape, view: memoryview, spans: Sequenc
     return flat.reshape(dims)
 
 
+#: seconds a parsing thread waits for the event loop to allocate it a block of the arena
+#: (then, or when the loop is gone, the numbers go to memory of its own)
+_ALLOCATE_WAIT = 1.0
+
+
 def _on_loop(loop: asyncio.AbstractEventLoop, memory: Callable[[int], np.ndarray | None]
              ) -> Callable[[int], np.ndarray | None]:
     """``memory`` called from another thread: run on ``loop`` (its allocator is the loop's
-    alone), waited for."""
+    alone), waited for at most :data:`_ALLOCATE_WAIT` seconds."""
     def allocate(size: int) -> np.ndarray | None:
         done: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
-            try:
-                done.set_result(memory(size))
-            except BaseException as exc:
-                done.set_exception(exc)
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(memory(size))
+                except Exception as exc:
+                    done.set_exception(exc)
 
-        loop.call_soon_threadsafe(run)
-        return done.result()
+        try:
+            loop.call_soon_threadsafe(run)
+            return done.result(_ALLOCATE_WAIT)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # (the loop is closed)
+            done.cancel()
+            return None
 
     return allocate
 
