@@ -1,7 +1,8 @@
 """REST under `mip serve --workers 2 --placement shared`: a binary-extension body is received
 into the worker's slice of the shared arena and a large JSON array parsed into it, so the
-engine process reads their tensors in place (none copied); a client that leaves while its
-body comes, or while its request waits in the batch queue, leaves the arena empty."""
+engine process reads their tensors in place (none copied), while a model of each worker's own
+reads its requests where they are; a client that leaves while its body comes, or while the
+engine process runs its request, leaves the arena empty."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ from test_workers_shared import _arena_counter, _arena_used, _serve
 
 # MARKED_MODEL (runs for x.max() seconds, after leaving a mark) of 1024 values a row
 WIDE_MARKED_MODEL = MARKED_MODEL.replace("[-1, 1]", "[-1, 1024]")
+
+# y = x, a model of each worker's own ("placement": "worker")
+OWN_MODEL = """
+class Own:
+    inputs = [("x", "FP32", [-1, 1024])]
+    outputs = [("y", "FP32", [-1, 1024])]
+
+    def infer(self, inputs):
+        return {"y": inputs["x"]}
+"""
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="memfd, abstract unix sockets, /proc")
@@ -52,6 +63,7 @@ def _binary_output(headers: dict, reply: bytes, shape) -> np.ndarray:
 
 
 def test_rest_inputs_are_read_in_place_and_their_blocks_given_back(tmp_path):
+    add_python_model(tmp_path / "repo", "own", OWN_MODEL, {"placement": "worker"})
     process, pids, engine, urls = _serve(tmp_path)
     lines = process.output
     address = urls["http"]
@@ -101,11 +113,21 @@ def test_rest_inputs_are_read_in_place_and_their_blocks_given_back(tmp_path):
         np.testing.assert_array_equal(_binary_output(headers, reply, small.shape), small)
         assert wait_until(lambda: _arena_counter(urls, "copied") == small.nbytes, WAIT, 0.1)
         assert _arena_counter(urls, "in_place") == expected
+        # a model of each worker's own: its requests are read where they are, as before
+        wide = np.ones((2, 1024), np.float32)
+        body, header = _binary_body("x", wide)
+        status, headers, reply = _post(address, "own", body,
+                                       {"Inference-Header-Content-Length": str(header)})
+        assert status == 200, reply
+        (output,) = json.loads(reply[:int(headers["inference-header-content-length"])])["outputs"]
+        assert output["name"] == "y" and output["shape"] == [2, 1024]
         # a body whose JSON header does not parse: refused, its block given back
         status, _, reply = _post(address, "identity", b"{not json" + bytes(8192),
                                  {"Inference-Header-Content-Length": "9"})
         assert status == 400, reply
         assert wait_until(lambda: _arena_used(urls) == 0, WAIT, 0.1), _metrics(address)
+        assert _arena_counter(urls, "in_place") == expected
+        assert _arena_counter(urls, "copied") == small.nbytes
     finally:
         assert _stop(process) == 0, "".join(lines)
 
