@@ -19,9 +19,9 @@ full) into its slice, and sends their offsets; the engine process queues numpy v
 them, in place, in the model's batch queue, where requests of every worker batch together;
 it copies the outputs into its own part of the arena (once: see :meth:`EngineHost._answer`)
 and sends their offsets back; the worker's reply is encoded from views of them, and the
-block is given back when the last view is gone. Messages are length-prefixed pickles between the processes of
-one server (the engine's socket is in the abstract namespace, and accepts only processes
-whose parent is its own: the supervisor's workers).
+block is given back when the last view is gone. Messages are length-prefixed pickles
+between the processes of one server (the engine's socket is in the abstract namespace, and
+accepts only processes whose parent is its own: the supervisor's workers).
 
 When the engine process dies, the requests it held fail at once (``ModelNotReady``, 503 /
 ``UNAVAILABLE``), every worker reports not ready and connects again until the supervisor
