@@ -11,13 +11,18 @@ that do not decompress, :class:`~mip.errors.Cancelled` when the client goes away
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, Union
 
 from starlette.types import Receive, Scope
 
 from mip.errors import Cancelled, InvalidInput, TooLarge
 
-__all__ = ["Body", "decompress", "read_body", "request_body", "too_large"]
+__all__ = ["Body", "Octets", "decompress", "read_body", "request_body", "too_large"]
+
+#: a whole body: ``bytes``, or the memory it was received into (a ``Body``'s ``memory``:
+#: an object exporting its octets, e.g. a numpy array of the shared arena)
+Octets = Union[bytes, Any]
 
 
 async def request_body(scope: Scope, receive: Receive, limit: int,
@@ -29,7 +34,8 @@ async def request_body(scope: Scope, receive: Receive, limit: int,
 
 
 async def read_body(receive: Receive, limit: int, length: bytes | None = None,
-                    encoding: bytes | None = None, setting: str = "") -> bytes:
+                    encoding: bytes | None = None, setting: str = "",
+                    memory: Callable[[int], Any] | None = None) -> Octets:
     """The request body, decompressed, at most ``limit`` octets before and after.
 
     Args:
@@ -39,8 +45,9 @@ async def read_body(receive: Receive, limit: int, length: bytes | None = None,
             refused before it is read).
         encoding: the ``Content-Encoding`` header's value (``None``: identity).
         setting: what sets ``limit``, named in the 413 message (e.g. a command-line flag).
+        memory: what to receive the body into (see :class:`Body`).
     """
-    body = Body(limit, length, encoding, setting)
+    body = Body(limit, length, encoding, setting, memory)
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -61,12 +68,16 @@ class Body:
             refused here, before it is read: :class:`~mip.errors.TooLarge`).
         encoding: the ``Content-Encoding`` header's value (``None``: identity).
         setting: what sets ``limit``, named in the 413 message.
+        memory: for a body of a ``Content-Length`` and no ``Content-Encoding``: called with
+            its length, gives a writable 1-D ``uint8`` array of that many octets to receive
+            it into (what :meth:`finish` gives back), or ``None`` (the body is then joined
+            from its chunks, as without ``memory``).
     """
 
-    __slots__ = ("limit", "encoding", "setting", "size", "chunks")
+    __slots__ = ("limit", "encoding", "setting", "size", "chunks", "memory")
 
     def __init__(self, limit: int, length: bytes | None = None, encoding: bytes | None = None,
-                 setting: str = ""):
+                 setting: str = "", memory: Callable[[int], Any] | None = None):
         if length is not None and length.isdigit() and int(length) > limit:
             raise too_large(int(length), limit, setting)
         self.limit = limit
@@ -74,17 +85,32 @@ class Body:
         self.setting = setting
         self.size = 0  # octets so far
         self.chunks: list[bytes] = []
+        self.memory = None  # the array it is received into
+        if memory is not None and encoding is None and length is not None and length.isdigit():
+            self.memory = memory(int(length))
 
     def feed(self, chunk: bytes) -> None:
         """Take the next octets (:class:`~mip.errors.TooLarge` past the limit)."""
+        start = self.size
         self.size += len(chunk)
         if self.size > self.limit:
             raise too_large(self.size, self.limit, self.setting)
-        self.chunks.append(chunk)
+        memory = self.memory
+        if memory is None:
+            self.chunks.append(chunk)
+        elif self.size <= len(memory):
+            memoryview(memory)[start:self.size] = chunk
+        else:
+            raise InvalidInput(f"the request body is longer than its Content-Length "
+                               f"({len(memory)} octets)")
 
-    def finish(self) -> bytes:
+    def finish(self) -> Octets:
         """The whole body, decompressed (:class:`~mip.errors.TooLarge`,
         :class:`~mip.errors.InvalidInput`)."""
+        memory = self.memory
+        if memory is not None:
+            self.memory = None
+            return memory if self.size == len(memory) else memory[:self.size]
         chunks = self.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if self.encoding is None:

@@ -24,7 +24,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from mip.errors import Cancelled
-from mip.net.http_body import Body
+from mip.net.http_body import Body, Octets
 from mip.net.http_router import Reply, error_response
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class DirectCall(Protocol):
     def body(self) -> Body:
         """The reader of its body (raises what a ``Content-Length`` is refused for)."""
 
-    def answer(self, body: bytes) -> asyncio.Future:
+    def answer(self, body: Octets) -> asyncio.Future:
         """A future of the :data:`~mip.net.http_router.Reply` to the whole ``body``
         (cancelled when the client leaves); raises what the request is refused for."""
 
@@ -178,6 +178,7 @@ class DirectCycle:
         """The connection is gone while it is answered."""
         self.disconnected = True
         self.protocol.tasks.discard(self)
+        self.body = None  # (the memory it was received into goes back now)
         work = self.work
         if work is not None:
             work.cancel()  # the request leaves the batch queue

@@ -148,11 +148,13 @@ cdef Py_ssize_t _find_spans(const unsigned char *p, Py_ssize_t n, Py_ssize_t min
 
 
 def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t end, dtype,
-                  bint exact=False):
+                  bint exact=False, out=None):
     """The numbers of ``body[start:end]`` (a span from :func:`split_numeric_arrays`), in
     order, as a flat array of ``dtype`` (a numpy integer or floating type). ``exact``:
     FP32 and FP16 too are rounded from correctly rounded doubles, as from Python floats
-    (as FP64 always is), at the cost of ``strtod`` for more numbers.
+    (as FP64 always is), at the cost of ``strtod`` for more numbers. ``out``: a flat
+    array of ``dtype`` that the numbers are written into (and that is given back) when
+    they are as many as its elements; else a new array is given back, as without it.
 
     Raises:
         ValueError: a malformed number, a non-integer for an integer type, or a value out
@@ -188,19 +190,20 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     if error:
         raise ValueError(_message(error, body, start, end, at, k))
     wide = wide[:k]
-    if k < count // 2:
-        wide = wide.copy()  # do not keep the room that was not used
-    if is_float:
-        if dtype == np.float64:
-            return wide
-        with np.errstate(over="ignore"):
-            return wide.astype(dtype)
-    if dtype != np.int64:
+    if not is_float and dtype != np.int64:
         info = np.iinfo(dtype)
         if k and (wide.min() < info.min or wide.max() > info.max):
             raise ValueError(f"a value does not fit {dtype}")
+    if out is not None and out.dtype == dtype and out.size == k:
+        with np.errstate(over="ignore"):
+            np.copyto(out, wide, casting="unsafe")
+        return out
+    if k < count // 2:
+        wide = wide.copy()  # do not keep the room that was not used
+    if dtype == np.float64 or dtype == np.int64:
+        return wide
+    with np.errstate(over="ignore"):
         return wide.astype(dtype)
-    return wide
 
 
 cdef enum:

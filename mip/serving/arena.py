@@ -16,9 +16,10 @@ place (:func:`read`, :func:`leased`).
 
 A tensor that is in the arena already is not copied (:func:`in_place`): the MIP frame parser
 of a worker receives each large frame into a block of the worker's slice
-(:func:`frame_memory`), and its gRPC connections each large request message, so a request's
-tensors, views of that frame or message, are described where they were received and the
-engine process reads the octets the socket wrote. A model's outputs are copied into the
+(:func:`frame_memory`), its gRPC connections each large request message, and its REST
+endpoint each binary-extension body (and the numbers of each large JSON array), so a
+request's tensors, views of that frame, message or body, are described where they were
+received and the engine process reads the octets the socket wrote. A model's outputs are copied into the
 engine's part once (:meth:`mip.serving.remote.EngineHost._answer` says why).
 
 The arena is bounded: a block that does not fit fails the request with :class:`ArenaFull`

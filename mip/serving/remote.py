@@ -12,15 +12,16 @@ changes) or sent to the engine process over a unix socket.
 
 Tensors do not travel on that socket. A worker's MIP and gRPC connections receive each large
 frame or request message into a block of its slice of the shared arena
-(:mod:`mip.serving.arena`), so that a request's tensors are there already; it copies the
-others (small ones, those of REST, those received when the slice was full) into its slice,
-and sends their offsets; the engine process queues numpy views of them, in place, in the
-model's batch queue, where requests of every worker batch together; it copies the outputs
-into its own part of the arena (once: see :meth:`EngineHost._answer`) and sends their
-offsets back; the worker's reply is encoded from views of them, and the block is given back
-when the last view is gone. Messages are length-prefixed pickles between the processes of
-one server (the engine's socket is in the abstract namespace, and accepts only processes
-whose parent is its own: the supervisor's workers).
+(:mod:`mip.serving.arena`), and its REST endpoint each binary-extension body and the numbers
+of each large JSON array (:mod:`mip.frontends.oip.rest_infer`), so that a request's tensors
+are there already; it copies the others (small ones, those received when the slice was
+full) into its slice, and sends their offsets; the engine process queues numpy views of
+them, in place, in the model's batch queue, where requests of every worker batch together;
+it copies the outputs into its own part of the arena (once: see :meth:`EngineHost._answer`)
+and sends their offsets back; the worker's reply is encoded from views of them, and the
+block is given back when the last view is gone. Messages are length-prefixed pickles
+between the processes of one server (the engine's socket is in the abstract namespace, and
+accepts only processes whose parent is its own: the supervisor's workers).
 
 When the engine process dies, the requests it held fail at once (``ModelNotReady``, 503 /
 ``UNAVAILABLE``), every worker reports not ready and connects again until the supervisor
@@ -470,6 +471,7 @@ class RemoteEngine:
         self._task: asyncio.Task | None = None
         self._connected: asyncio.Event | None = None
         self._stopping = False
+        self._memory = shm.frame_memory(self.arena, self.blocks, self._received)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -581,9 +583,10 @@ class RemoteEngine:
 
     @property
     def frame_memory(self):
-        """Receive memory for a MIP frame parser's large frames: blocks of this worker's
-        slice (:func:`~mip.serving.arena.frame_memory`)."""
-        return shm.frame_memory(self.arena, self.blocks, self._received)
+        """Receive memory for a MIP frame parser's large frames, a REST request's body and
+        the arrays of its JSON numbers: blocks of this worker's slice
+        (:func:`~mip.serving.arena.frame_memory`; called on the event loop's thread)."""
+        return self._memory
 
     def _received(self, block: int) -> None:
         """A frame's block is no longer read (from any thread): free again."""
@@ -885,3 +888,10 @@ class PlacedEngine:
         """Receive memory for the large frames of MIP connections: blocks of the shared
         arena (``None`` without an engine process)."""
         return self.remote.frame_memory if self.remote is not None else None
+
+    def arena_memory(self, model: str):
+        """Where a request for ``model`` may be received: the engine process's
+        :attr:`frame_memory` when it serves the model, else ``None`` (this worker's own
+        models read their inputs where they are)."""
+        remote = self.remote
+        return remote.frame_memory if remote is not None and self._side(model) is remote else None

@@ -8,6 +8,7 @@ than the well-behaved client (127.0.0.1), as other hosts would.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -198,3 +199,46 @@ def test_endless_heads_are_answered_431_and_bounded(server, good_client):
                                 b"x-fine: %s\r\nconnection: close\r\n\r\n"
                                 % (b"b" * (MAX_HEADER // 2)))
     assert _status(received) == 200
+
+
+def _cache_filler(i: int) -> bytes:
+    """Request ``i`` of a peer that makes every request new to the listener's caches: its own
+    target, and a binary-extension JSON header of about 2K of its own (an id as long as the
+    header allows, or as many outputs named as it holds: refused, once parsed)."""
+    doc: dict = {"id": f"{i:0>1900}", "inputs": [{
+        "name": "input", "shape": [1, 16], "datatype": "FP32",
+        "parameters": {"binary_data_size": X.nbytes}}]}
+    if i % 2:
+        doc["id"], doc["outputs"] = i, [{"name": f"{i}-{k}"} for k in range(130)]
+    header = json.dumps(doc).encode()
+    return (b"POST /v2/models/identity/infer?n=%d HTTP/1.1\r\nhost: mip\r\n"
+            b"content-length: %d\r\ninference-header-content-length: %d\r\n\r\n%s%s"
+            % (i, len(header) + X.nbytes, len(header), header, X.tobytes()))
+
+
+def test_a_new_header_and_target_every_request_leave_the_caches_bounded(server, good_client):
+    process, host, port = server
+    sock = connect(host, port, "127.0.0.2", timeout=30)
+    replies = b""
+    rounds, each = 100, 50  # 5000 requests
+
+    def run(first: int, count: int) -> None:
+        nonlocal replies
+        sock.sendall(b"".join(_cache_filler(i) for i in range(first, first + count)))
+        while replies.count(b"HTTP/1.1 ") < count:
+            data = sock.recv(1 << 16)
+            assert data, replies[-200:]
+            replies += data
+        statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3})", replies)]
+        assert statuses == [200, 400] * (count // 2), statuses
+        replies = b""
+
+    run(0, 2 * each)  # the caches filled once
+    before = rss(process.pid)
+    for n in range(1, rounds):
+        run(n * each + each, each)
+    grown = rss(process.pid) - before
+    sock.close()
+    # docs/limits.md: under 4M of plans, 1M of reply templates, 256 targets (here 40 octets
+    # each), once filled
+    assert grown < 8 << 20, grown  # (17M measured with the bounds lifted)

@@ -452,6 +452,9 @@ def check_span(body: np.ndarray, start: int, end: int, dtype: np.dtype) -> None:
     assert got.dtype == dtype and got.ndim == 1
     assert ref is not None, f"parse_numbers read what JSON refuses: {text[:80]!r}"
     assert len(got) == len(ref), (len(got), len(ref))
+    out = np.empty(len(got), dtype)  # the same numbers, into an array given
+    assert _jsonnum.parse_numbers(body, start, end, dtype, False, out) is out
+    assert out.tobytes() == got.tobytes(), f"parsed into out, {dtype} values differ"
     if dtype == np.float64:
         want = np.array([float(t) for _, t in ref], dtype=np.float64)
         assert np.array_equal(got, want), "FP64 values differ from Python's float()"

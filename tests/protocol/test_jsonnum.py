@@ -97,3 +97,18 @@ def test_exact_float32_is_what_python_floats_give():
     got = parse_numbers(text, 0, len(text), np.float32, True)
     want = np.array(json.loads(text), np.float32)
     assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
+
+
+def test_numbers_are_written_into_an_array_given_when_they_fill_it():
+    body = b"[1.5, -2, 3e2, 4]"
+    out = np.zeros(4, np.float32)
+    assert parse_numbers(body, 1, len(body) - 1, np.float32, False, out) is out
+    np.testing.assert_array_equal(out, [1.5, -2, 300, 4])
+    # as many as it holds, or a new array (whose size the caller checks)
+    other = parse_numbers(body, 1, len(body) - 1, np.float32, False, np.zeros(5, np.float32))
+    np.testing.assert_array_equal(other, [1.5, -2, 300, 4])
+    # integers out of range are refused before anything is written
+    out = np.zeros(4, np.int8)
+    with pytest.raises(ValueError, match="does not fit"):
+        parse_numbers(b"[1, 2, 300, 4]", 1, 13, np.int8, False, out)
+    assert not out.any()

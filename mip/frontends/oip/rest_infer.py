@@ -14,6 +14,14 @@ queue.
 JSON headers are parsed on the event loop (the numbers of large arrays by
 :mod:`mip.protocol.oip`, straight into numpy), except from :data:`_THREAD_ABOVE`
 octets on, which go to a worker thread.
+
+A model served by the engine process of ``mip serve --workers N --placement shared`` reads
+a request's tensors in place in the shared arena (:mod:`mip.serving.arena`) when they are
+there: a binary-extension body (with at least :data:`~mip.serving.arena.IN_PLACE_MIN`
+octets of binary data) is received into a block of the worker's slice, its inputs are views
+of it; the numbers of a large JSON array are parsed into a block of their own. Each block
+goes back once the request is answered, failed or cancelled and the engine process no
+longer reads it; when the slice has no room, requests are read as for any other model.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import orjson
@@ -30,9 +38,10 @@ from starlette.types import Receive, Scope, Send
 from mip.errors import Cancelled, InvalidInput
 from mip.frontends.dataplane import DataPlane, timeout_parameter
 from mip.frontends.oip import codec, shm
-from mip.net.http_body import Body, read_body
+from mip.net.http_body import Body, Octets, read_body
 from mip.net.http_router import Reply, error_response, send_reply
 from mip.protocol.oip import PLACEHOLDER, parse_numbers, split_numeric_arrays
+from mip.serving.arena import IN_PLACE_MIN
 
 __all__ = ["BODY_SIZE_SETTING", "InferCall", "InferEndpoint", "json_object"]
 
@@ -94,6 +103,9 @@ class InferEndpoint:
         self.dataplane = dataplane
         self.max_body_size = max_body_size
         self.shm = shared_memory
+        #: ``arena_memory(model)``: the allocator of the shared arena a request for ``model``
+        #: is received into, or ``None`` (see the module)
+        self.arena_memory = getattr(dataplane.engine, "arena_memory", None)
 
     def open(self, params: dict[str, str], headers: Iterable[tuple[bytes, bytes]],
              client: tuple[str, int] | None) -> InferCall:
@@ -105,7 +117,7 @@ class InferEndpoint:
         call = self.open(scope["path_params"], scope["headers"], scope.get("client"))
         try:
             body = await read_body(receive, self.max_body_size, call.length, call.encoding,
-                                   BODY_SIZE_SETTING)
+                                   BODY_SIZE_SETTING, call.body_memory())
             reply = await _unless_disconnected(receive, call.answer(body))
         except Exception as exc:
             failure = call.failed(exc)
@@ -114,19 +126,24 @@ class InferEndpoint:
             reply = failure
         await send_reply(send, reply)
 
-    def parse_in_thread(self, body: bytes, header_length: str | None) -> asyncio.Future:
+    def parse_in_thread(self, body: Octets, header_length: str | None,
+                        memory: Callable[[int], np.ndarray | None] | None = None
+                        ) -> asyncio.Future:
         """:meth:`parse` in a worker thread: a large JSON header's numbers are read without
         the GIL, so the event loop and other requests go on meanwhile (and two large
-        bodies parse on two cores)."""
+        bodies parse on two cores). ``memory`` is called on the event loop."""
         if self._decoder is None:
             self._decoder = concurrent.futures.ThreadPoolExecutor(
                 _DECODE_THREADS, thread_name_prefix="mip-json")
-        return asyncio.get_running_loop().run_in_executor(
-            self._decoder, self.parse, body, header_length)
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._decoder, self.parse, body, header_length,
+                                    None if memory is None else _on_loop(loop, memory))
 
-    def parse(self, body: bytes, header_length: str | None):
+    def parse(self, body: Octets, header_length: str | None,
+              memory: Callable[[int], np.ndarray | None] | None = None):
         """A request body: ``(id, inputs, wanted outputs, binary_data_output, timeout,
-        classification, outputs to shared memory)``."""
+        classification, outputs to shared memory)``; the numbers of large JSON arrays are
+        parsed into ``memory(octets)`` (a ``uint8`` array) when it gives one."""
         if header_length is None:
             header_end = len(body)
             if header_end < _SPLIT_SMALL_ABOVE:
@@ -136,21 +153,23 @@ class InferEndpoint:
                 raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} does not "
                                    f"fit a body of {len(body)} octets")
             header_end = int(header_length)
-            if header_end <= _PLAN_HEADER_MAX and type(body) is bytes:
-                key = body[:header_end]
+            kind = type(body)
+            if header_end <= _PLAN_HEADER_MAX and (kind is bytes or kind is np.ndarray):
+                key = bytes(body[:header_end])  # (for bytes: that slice, not copied again)
                 plan = _PLANS.get(key)
                 if plan is not None and len(body) - header_end == plan[0]:
                     return _planned(plan, body, header_end)
                 layout: list = []
-                parsed = self._parse(body, header_end, layout)
+                parsed = self._parse(body, header_end, layout, memory)
                 _remember(key, parsed, layout)
                 return parsed
-        return self._parse(body, header_end)
+        return self._parse(body, header_end, None, memory)
 
-    def _parse(self, body: bytes, header_end: int, layout: list | None = None,
+    def _parse(self, body: Octets, header_end: int, layout: list | None = None,
+               memory: Callable[[int], np.ndarray | None] | None = None,
                small_split: bool = True):
         view = memoryview(body)
-        text = view[:header_end] if header_end != len(body) else body
+        text = view[:header_end] if header_end != len(body) or type(body) is not bytes else body
         spans: list = []
         if header_end >= _SPLIT_JSON_ABOVE:
             # Large numeric arrays are read straight into numpy memory, not Python floats.
@@ -159,15 +178,16 @@ class InferEndpoint:
             text, spans = split_numeric_arrays(text, _SPLIT_SMALL_FROM)
             if spans:
                 try:
-                    return self._parse_doc(text, view, header_end, spans, layout, True)
+                    return self._parse_doc(text, view, header_end, spans, layout, True, memory)
                 except Exception:  # (its own error, from the path that reads it as a whole)
                     if layout is not None:
                         layout.clear()
-                    return self._parse(body, header_end, layout, False)
-        return self._parse_doc(text, view, header_end, spans, layout, False)
+                    return self._parse(body, header_end, layout, memory, False)
+        return self._parse_doc(text, view, header_end, spans, layout, False, memory)
 
     def _parse_doc(self, text, view: memoryview, header_end: int, spans: Sequence,
-                   layout: list | None, exact: bool):
+                   layout: list | None, exact: bool,
+                   memory: Callable[[int], np.ndarray | None] | None = None):
         try:
             doc = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
@@ -182,7 +202,7 @@ class InferEndpoint:
             requested = list(requested) if isinstance(requested, (dict, str)) else (
                 [requested] if requested else [])
         classes = _extension_parameters(parameters, specs, requested)
-        inputs = self._inputs(specs, view, header_end, spans, layout, exact)
+        inputs = self._inputs(specs, view, header_end, spans, layout, exact, memory)
         binary_default = False
         timeout = None
         if parameters is not None:
@@ -208,10 +228,12 @@ class InferEndpoint:
         return doc.get("id"), inputs, wanted, binary_default, timeout, classes, targets
 
     def _inputs(self, specs, view: memoryview, position: int, spans: Sequence = (),
-                layout: list | None = None, exact: bool = False) -> dict[str, np.ndarray]:
+                layout: list | None = None, exact: bool = False,
+                memory: Callable[[int], np.ndarray | None] | None = None
+                ) -> dict[str, np.ndarray]:
         """The inputs ``specs`` describe; ``layout``, when given, has ``(name, dtype, shape,
         offset, count)`` appended for each input of fixed-size binary data, ``None`` for
-        each other."""
+        each other; ``memory``: see :meth:`parse`."""
         if type(specs) is not list:
             raise InvalidInput("the request needs an 'inputs' list")
         inputs: dict[str, np.ndarray] = {}
@@ -257,7 +279,8 @@ class InferEndpoint:
             if layout is not None:
                 layout.append(None)
             if spans and isinstance(data, str) and data.startswith(PLACEHOLDER):
-                inputs[name] = _from_span(name, datatype, shape, view, spans, data, exact)
+                inputs[name] = _from_span(name, datatype, shape, view, spans, data, exact,
+                                          memory)
             else:
                 inputs[name] = codec.from_list(name, datatype, shape, data)
         if position != len(view):
@@ -273,7 +296,7 @@ class InferCall:
 
     __slots__ = ("endpoint", "name", "version", "client", "started", "request_id", "echo",
                  "length", "encoding", "header_length", "recorded", "oip_id", "wanted",
-                 "binary_default", "targets")
+                 "binary_default", "targets", "memory")
     # what the reply is encoded with, set when the request is submitted (before encode)
     oip_id: object
     wanted: dict[str, bool]
@@ -302,14 +325,30 @@ class InferCall:
                 self.request_id = value.decode("latin-1")
                 self.echo = ((b"x-request-id", value),)
         self.recorded = False  # submitted to the data plane, or reported refused there
+        #: the shared arena's allocator its JSON numbers are parsed into (see the module)
+        self.memory: Callable[[int], np.ndarray | None] | None = None
 
     def body(self) -> Body:
         """The reader of its body (:class:`~mip.errors.TooLarge` for a ``Content-Length``
         over the limit)."""
         return Body(self.endpoint.max_body_size, self.length, self.encoding,
-                    BODY_SIZE_SETTING)
+                    BODY_SIZE_SETTING, self.body_memory())
 
-    def answer(self, body: bytes) -> asyncio.Future:
+    def body_memory(self) -> Callable[[int], np.ndarray | None] | None:
+        """What its body is received into: the shared arena when its model reads it there
+        and the body has enough binary data to be worth it (see the module), else
+        ``None``."""
+        find = self.endpoint.arena_memory
+        if find is None:
+            return None
+        self.memory = memory = find(self.name)
+        length, header = self.length, self.header_length
+        if (memory is None or header is None or length is None or not header.isdigit()
+                or not length.isdigit() or int(length) - int(header) < IN_PLACE_MIN):
+            return None
+        return memory
+
+    def answer(self, body: Octets) -> asyncio.Future:
         """Parse ``body`` and submit the request: a future of its reply (cancel it when the
         client leaves: the request leaves the batch queue). A JSON header of
         :data:`_THREAD_ABOVE` octets or more is parsed in a worker thread. Raises what
@@ -320,11 +359,12 @@ class InferCall:
             size = min(size, int(header_length))
         if size >= _THREAD_ABOVE:
             return asyncio.ensure_future(self._answer_later(body))
-        return self._submit(self.endpoint.parse(body, header_length))
+        return self._submit(self.endpoint.parse(body, header_length, self.memory))
 
-    async def _answer_later(self, body: bytes) -> Reply:
+    async def _answer_later(self, body: Octets) -> Reply:
         try:
-            parsed = await self.endpoint.parse_in_thread(body, self.header_length)
+            parsed = await self.endpoint.parse_in_thread(body, self.header_length,
+                                                         self.memory)
         except asyncio.CancelledError:
             self._refused(Cancelled("the client disconnected"))
             raise
@@ -379,7 +419,8 @@ class InferCall:
             (name, array), = found.items()
             oip_id = self.oip_id
             if (array.dtype in _ORJSON_KINDS and type(oip_id) in _PLAIN_IDS
-                    and array.nbytes < _TEMPLATE_BELOW):
+                    and array.nbytes < _TEMPLATE_BELOW
+                    and (type(oip_id) is not str or len(oip_id) <= _TEMPLATE_ID_MAX)):
                 binary = self.wanted.get(name, self.binary_default)
                 key = (result.model, result.version, oip_id, name, array.dtype, array.shape,
                        binary)
@@ -464,8 +505,11 @@ def _planned(plan: tuple, body: bytes, header_end: int) -> tuple:
 _NO_TARGETS: dict = {}
 
 
-#: ids that key a reply template (:func:`_reply_template`)
+#: ids that key a reply template (:func:`_reply_template`): of these types, and strings of
+#: at most _TEMPLATE_ID_MAX characters (a JSON body's id is as long as its sender likes: the
+#: templates kept stay small whatever the ids)
 _PLAIN_IDS = frozenset((str, int, type(None)))
+_TEMPLATE_ID_MAX = 256
 _REPLIES_KEPT = 256
 #: (model, version, id, output name, dtype, shape, binary) -> the reply's JSON around the
 #: output's data: (header, headers) of a binary reply, (before, after) of a JSON one
@@ -547,8 +591,10 @@ def _extension_parameters(request, specs, requested: list | None) -> dict[str, i
 
 
 def _from_span(name: str, datatype: str, shape, view: memoryview, spans: Sequence,
-               placeholder: str, exact: bool = False) -> np.ndarray:
-    """An input whose ``data`` was a large numeric array, parsed from the body itself."""
+               placeholder: str, exact: bool = False,
+               memory: Callable[[int], np.ndarray | None] | None = None) -> np.ndarray:
+    """An input whose ``data`` was a large numeric array, parsed from the body itself
+    (into ``memory(octets)`` when it gives an array: see :meth:`InferEndpoint.parse`)."""
     index = placeholder[len(PLACEHOLDER):]
     if not index.isdigit() or int(index) >= len(spans):
         raise InvalidInput(f"input {name!r}: data is not a list of values")
@@ -558,15 +604,48 @@ def _from_span(name: str, datatype: str, shape, view: memoryview, spans: Sequenc
         # BOOL and BF16 through the general path
         return codec.from_list(name, datatype, shape, orjson.loads(view[start:end]))
     dims = codec.check_shape(shape, name)
+    count = codec.element_count(dims)
+    out = None
+    if memory is not None and count * dtype.itemsize >= IN_PLACE_MIN:
+        octets = memory(count * dtype.itemsize)
+        out = None if octets is None else octets.view(dtype)
     try:
-        flat = parse_numbers(view, start, end, dtype, exact)
+        flat = parse_numbers(view, start, end, dtype, exact, out)
     except ValueError as exc:
         raise InvalidInput(f"{name}: data does not fit {datatype}: {exc}") from None
-    count = codec.element_count(dims)
     if flat.size != count:
         raise InvalidInput(f"{name}: shape {list(dims)} holds {count} elements, "
                            f"{flat.size} were sent")
     return flat.reshape(dims)
+
+
+#: seconds a parsing thread waits for the event loop to allocate it a block of the arena
+#: (then, or when the loop is gone, the numbers go to memory of its own)
+_ALLOCATE_WAIT = 1.0
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, memory: Callable[[int], np.ndarray | None]
+             ) -> Callable[[int], np.ndarray | None]:
+    """``memory`` called from another thread: run on ``loop`` (its allocator is the loop's
+    alone), waited for at most :data:`_ALLOCATE_WAIT` seconds."""
+    def allocate(size: int) -> np.ndarray | None:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(memory(size))
+                except Exception as exc:
+                    done.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(run)
+            return done.result(_ALLOCATE_WAIT)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # (the loop is closed)
+            done.cancel()
+            return None
+
+    return allocate
 
 
 #: seconds a request runs before its client is watched for a disconnect: most requests
