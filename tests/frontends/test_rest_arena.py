@@ -157,7 +157,9 @@ def test_a_client_leaving_mid_request_leaks_no_block(tmp_path):
             client.sendall(head + body)
             assert wait_until(lambda: _marks(tmp_path), WAIT, 0.1)
         assert wait_until(lambda: _arena_used(urls) == 0, WAIT, 0.1), _metrics(address)
-        assert _arena_counter(urls, "in_place") == x.nbytes
+        # (each worker's counters reach /metrics on their own schedule)
+        assert wait_until(lambda: _arena_counter(urls, "in_place") == x.nbytes, WAIT, 0.1), \
+            _metrics(address)
         assert _arena_counter(urls, "copied") == 0
         # the server goes on
         body, header = _binary_body("input", np.zeros((64, 16), np.float32))
