@@ -250,51 +250,51 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
-        """Parse `data`: the heads :func:`parse_head` takes here, the rest by httptools a
-        slice at a time; what follows a complete request that is being answered is held
-        (one read can hold thousands of small pipelined requests)."""
+        """Parse `data` (its octets may be parsed now: see _answering): the heads
+        :func:`parse_head` takes here, the rest by httptools a slice at a time; what follows
+        a complete request that is being answered is held (one read can hold thousands of
+        small pipelined requests)."""
         position, size = 0, len(data)
-        while position < size:
+        while True:
             if self.body_left:
                 position = self._fast_body(data, position)
-                continue
+            elif self.heads and not self.in_message and (
+                    head := parse_head(data, position)) is not None and (
+                    known := self.listener.targets.get(head[1]) or self._route(head[1])
+                    )[1] is not None:
+                position = self._fast_request(data, head, known)
+                if position < size and self.transport.is_closing():
+                    return
+            else:
+                end = position + _SLICE
+                super().data_received(data[position:end] if position or end < size else data)
+                position = end
+                if self.parser is None or self.transport.is_closing():
+                    return
+            if position >= size:
+                return
             if self._answering():
                 self.held += memoryview(data)[position:]
                 self.flow.pause_reading()
                 return
-            if self.heads and not self.in_message:
-                head = parse_head(data, position)
-                if head is not None:
-                    known = self.listener.targets.get(head[1]) or self._route(head[1])
-                    if known[1] is not None:
-                        position = self._fast_request(data, head, known)
-                        if self.transport.is_closing():
-                            return
-                        continue
-            end = position + _SLICE
-            super().data_received(data[position:end] if position or end < size else data)
-            position = end
-            if self.parser is None or self.transport.is_closing():
-                return
 
     def _fast_request(self, data: bytes, head: tuple, known: tuple[str, Any]) -> int:
         """Answer the request to a direct target whose head parse_head read (no request
-        of the connection is being answered): its cycle, started, and the part of its body
+        of the connection is being answered): its cycle, started with the part of its body
         in `data`; where the next request starts."""
         end, _, length, headers = head
         path, (endpoint, params) = known
         self.cycle = cycle = DirectCycle(  # type: ignore[assignment]  # uvicorn's cycle's place
             self, endpoint, path, params, headers, True, False)
+        left = end + length - len(data)
+        if left <= 0:  # all of it: the body is given to the cycle as it starts
+            if length:
+                cycle.early.append(data[end:end + length])
+            cycle.ended = True
+            cycle.start()
+            return end + length
         self.in_message = self.headers_done = True
         cycle.start()
-        left = end + length - len(data)
-        if left <= 0:
-            if length:
-                cycle.take(data[end:end + length])
-            self.in_message = False
-            self.deadline = None
-            cycle.end()
-            return end + length
         if end < len(data):
             cycle.take(data[end:])
         self.body_left = left

@@ -43,20 +43,35 @@ for _c in range(0x21, 0x7F):
 _CLASS[0x20] |= VALUE
 _CLASS[0x09] |= VALUE
 
-# Names of the fields read here, lowercase; each is a single object, so the endpoints'
-# comparisons with them are by identity first.
-_KNOWN = {name: name for name in (
-    b"host", b"content-length", b"content-type", b"inference-header-content-length",
-    b"content-encoding", b"accept", b"accept-encoding", b"user-agent", b"connection",
-    b"x-request-id", b"authorization")}
-
-
+# Names of the fields the endpoints read, lowercase: each is made once (a request of them
+# allocates no name), and the endpoints' comparisons with them are by identity first.
+cdef enum:
+    KNOWN = 11
+    NAME_BUFFER = 40  # octets of a name lowercased on the stack
+_KNOWN_NAMES = (b"host", b"content-length", b"content-type", b"inference-header-content-length",
+                b"content-encoding", b"accept", b"accept-encoding", b"user-agent",
+                b"connection", b"x-request-id", b"authorization")
+cdef tuple _known_names = _KNOWN_NAMES
+cdef const char *_known_text[KNOWN]
+cdef Py_ssize_t _known_size[KNOWN]
+for _c in range(KNOWN):
+    _known_text[_c] = <const char *>_KNOWN_NAMES[_c]
+    _known_size[_c] = len(_KNOWN_NAMES[_c])
 cdef const char *_KEEP_ALIVE = b"keep-alive"
 
 
 cdef inline bint _is(const unsigned char *name, Py_ssize_t size, const char *lower,
                      Py_ssize_t lower_size) noexcept nogil:
     return size == lower_size and memcmp(name, lower, size) == 0
+
+
+cdef object _name(const unsigned char *low, Py_ssize_t size):
+    """The bytes of the lowercase name ``low``: the one made before, for a known name."""
+    cdef Py_ssize_t k
+    for k in range(KNOWN):
+        if _known_size[k] == size and memcmp(low, _known_text[k], size) == 0:
+            return _known_names[k]
+    return PyBytes_FromStringAndSize(<const char *>low, size)
 
 
 def parse_head(bytes data not None, Py_ssize_t start=0):
@@ -76,6 +91,7 @@ def parse_head(bytes data not None, Py_ssize_t start=0):
     cdef long long length = -1
     cdef unsigned char c
     cdef unsigned char *low
+    cdef unsigned char buffer[NAME_BUFFER]
     cdef list fields
     cdef bytes name
     if start < 0 or limit - i < 18 or memcmp(p + i, b"POST /", 6) != 0:
@@ -117,8 +133,11 @@ def parse_head(bytes data not None, Py_ssize_t start=0):
             return None  # trailing whitespace: left to the general parser
         if len(fields) >= FIELDS_MAX:
             return None
-        name = PyBytes_FromStringAndSize(NULL, name_size)
-        low = <unsigned char *>PyBytes_AS_STRING(name)
+        if name_size <= NAME_BUFFER:
+            low = buffer
+        else:  # (no field read here has a name this long)
+            name = PyBytes_FromStringAndSize(NULL, name_size)
+            low = <unsigned char *>PyBytes_AS_STRING(name)
         for k in range(name_size):
             c = p[name_start + k]
             low[k] = c + 32 if 65 <= c <= 90 else c
@@ -142,7 +161,9 @@ def parse_head(bytes data not None, Py_ssize_t start=0):
         elif (_is(low, name_size, b"transfer-encoding", 17) or _is(low, name_size, b"expect", 6)
               or _is(low, name_size, b"upgrade", 7)):
             return None
-        fields.append((_KNOWN.get(name, name),
+        if name_size <= NAME_BUFFER:
+            name = _name(low, name_size)
+        fields.append((name,
                        PyBytes_FromStringAndSize(<const char *>p + value_start,
                                                  value_end - value_start)))
     if length < 0:
