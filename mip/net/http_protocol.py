@@ -30,7 +30,7 @@ import logging
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -418,7 +418,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             if "%" in path:
                 path = urllib.parse.unquote(path)
             path = self.root_path + path
-            known = (path, self.listener.direct("POST", path))  # type: ignore[misc]
+            direct = self.listener.direct
+            assert direct is not None  # (asked only of a listener that has one)
+            known = (path, direct("POST", path))
             if len(targets) >= _TARGETS:
                 targets.clear()
             targets[url] = known
@@ -451,7 +453,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self._unset_keepalive_if_required()
+        self.idle_since = None  # (_unset_keepalive_if_required)
         self.last_activity = self.loop.time()
         if self.flow.write_paused:
             self.next_due = True  # resume_writing goes on once the peer takes its replies
@@ -469,7 +471,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.held:
             self.feed_held_soon()
             return
-        self.flow.resume_reading()
+        if self.flow.read_paused:
+            self.flow.resume_reading()
         self.idle_since = self.last_activity
         if self.timeout_keep_alive_task is None:
             self.timeout_keep_alive_task = self.loop.call_later(
