@@ -141,3 +141,28 @@ def test_mutated_heads_are_read_as_llhttp_reads_them(data):
 @given(st.binary(max_size=200))
 def test_random_octets_are_read_as_llhttp_reads_them(data):
     http_head(b"POST /" + data)
+
+
+_visible = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1,
+                   max_size=4).map(str.encode)
+_plain_value = st.lists(st.one_of(_visible, st.sampled_from([b" ", b"\t", b"  "])),
+                        max_size=5).map(lambda parts: b"".join(parts).strip(b" \t"))
+_plain_field = st.tuples(
+    st.lists(st.sampled_from(list(_TCHAR)), min_size=1, max_size=10).map(bytes)
+    .filter(lambda name: name.lower() not in (b"content-length", b"connection",
+                                              b"transfer-encoding", b"expect", b"upgrade")),
+    _mostly([b": "], [b":", b":\t", b":  \t "]), _plain_value).map(lambda f: b"".join(f) + b"\r\n")
+
+
+@_FUZZ
+@given(st.text(alphabet="-._~!$&'()*+,;=:@/?%aZ09", max_size=12),
+       st.lists(_plain_field, max_size=8), st.integers(0, 8), st.integers(0, 10 ** 6),
+       st.booleans())
+def test_heads_read_here_are_read_as_llhttp_reads_them(target, fields, at, length, keep):
+    """Heads of the form parse_head reads: always read, the same as llhttp."""
+    fields.insert(min(at, len(fields)), b"Content-Length: %d\r\n" % length)
+    if keep:
+        fields.insert(0, b"Connection: Keep-Alive\r\n")
+    data = b"POST /%s HTTP/1.1\r\n%s\r\n" % (target.encode(), b"".join(fields))
+    assert parse_head(data) is not None
+    http_head(data)
