@@ -89,7 +89,7 @@ ASAN_DIR ?= build/asan
 FUZZ_DIR ?= build/fuzz
 FUZZ_SECONDS ?= 30
 FUZZ_RUNS ?= -1
-FUZZ_HARNESSES ?= mip_decode mip_stream msip_stream msip_decode grpc_messages jsonnum oip_request
+FUZZ_HARNESSES ?= mip_decode mip_stream msip_stream msip_decode grpc_messages jsonnum oip_request http_head
 # detect_leaks=0: the interpreter keeps memory until exit. PYTHONMALLOC=malloc: Python objects
 # come from malloc too, so reads past a bytes object are caught.
 ASAN_OPTIONS ?= detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=1

@@ -213,7 +213,8 @@ class DirectCycle:
         if not transport.is_closing():
             status, headers, parts = reply
             lines = [STATUS_LINE[status], _defaults(protocol.server_state.default_headers)]
-            lines += [b"%s: %s\r\n" % header for header in headers]
+            for name, value in headers:
+                lines += (name, b": ", value, b"\r\n")
             if not self.keep_alive:
                 lines.append(b"connection: close\r\n")
             lines.append(b"\r\n")

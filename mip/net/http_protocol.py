@@ -16,7 +16,11 @@ What it adds to ``uvicorn.protocols.http.httptools_impl.HttpToolsProtocol``:
 * ``max_connections`` per listener, closing the longest-idle connection to make room
   (503 when none is idle), and ``max_connections_per_peer`` per client address (503);
 * requests the app answers directly (its ``direct(method, path)``, see
-  :mod:`mip.net.http_direct`): no ASGI scope, messages or task for them.
+  :mod:`mip.net.http_direct`): no ASGI scope, messages or task for them. The plainest
+  of them (a ``POST`` to a direct target, with a ``Content-Length``, whose head comes in
+  one read: :func:`mip.protocol._h1.parse_head`) are not read by httptools at all: their
+  head is read in one call and their body handed to the endpoint as it comes; every other
+  request, and a head that comes in pieces, goes through httptools' callbacks.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -35,6 +39,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from mip.net.http_direct import DirectCycle, DirectEndpoint
 from mip.net.http_router import error_body
 from mip.net.peers import PeerCounts, longest_idle, sweep_timeouts
+from mip.protocol._h1 import parse_head
 
 log = logging.getLogger("mip.net.http")
 
@@ -167,6 +172,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.idle_since: float | None = None  # waiting for a request since (keep-alive)
         self.head_octets = 0  # of the head being received (see _parse)
         self.begun = 0  # requests whose first octet was parsed
+        self.body_left = 0  # octets still to come of the body of a request read by parse_head
+        self.heads = self.listener.direct is not None and self.limit_concurrency is None
 
     # -- connection ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -247,10 +254,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.held += data
             self.flow.pause_reading()
             return
-        if len(data) <= _SLICE:
-            self._parse(data)
-        else:
-            self._feed(data)
+        self.idle_since = None  # (uvicorn's _unset_keepalive_if_required)
+        self._feed(data)
 
     def _parse(self, data: bytes) -> None:
         """Parse `data`, refusing a head that grows past ``max_header_bytes`` (httptools
@@ -279,19 +284,76 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self.transport.close()
 
     def _feed(self, data: bytes) -> None:
-        """Parse `data` a slice at a time, holding what follows a complete request that is
-        being answered (one read can hold thousands of small pipelined requests)."""
-        view = memoryview(data)
-        position, size = 0, len(view)
-        while position < size:
+        """Parse `data` (its octets may be parsed now: see _answering): the heads
+        :func:`parse_head` takes here, the rest by httptools a slice at a time; what follows
+        a complete request that is being answered is held (one read can hold thousands of
+        small pipelined requests)."""
+        position, size = 0, len(data)
+        while True:
+            if self.body_left:
+                position = self._fast_body(data, position)
+            elif self.heads and not self.in_message and (
+                    head := parse_head(data, position)) is not None and (
+                    known := self.listener.targets.get(head[1]) or self._route(head[1])
+                    )[1] is not None:
+                position = self._fast_request(data, head, known)
+                if position < size and self.transport.is_closing():
+                    return
+            else:
+                end = position + _SLICE
+                self._parse(data[position:end] if position or end < size else data)
+                position = end
+                if self.parser is None or self.transport.is_closing():
+                    return
+            if position >= size:
+                return
             if self._answering():
-                self.held += view[position:]
+                self.held += memoryview(data)[position:]
                 self.flow.pause_reading()
                 return
-            self._parse(cast(bytes, view[position:position + _SLICE]))
-            position += _SLICE
-            if self.parser is None or self.transport.is_closing():
-                return
+
+    def _fast_request(self, data: bytes, head: tuple, known: tuple[str, Any]) -> int:
+        """Answer the request to a direct target whose head parse_head read (no request
+        of the connection is being answered): its cycle, started with the part of its body
+        in `data`; where the next request starts."""
+        end, _, length, headers = head
+        path, (endpoint, params) = known
+        self.cycle = cycle = DirectCycle(  # type: ignore[assignment]  # uvicorn's cycle's place
+            self, endpoint, path, params, headers, True, False)
+        left = end + length - len(data)
+        if left <= 0:  # all of it: the body is given to the cycle as it starts
+            if length:
+                cycle.early.append(data[end:end + length])
+            cycle.ended = True
+            cycle.start()
+            return end + length
+        self.in_message = self.headers_done = True
+        cycle.start()
+        if end < len(data):
+            cycle.take(data[end:])
+        self.body_left = left
+        timeout = self.listener.limits.body_timeout
+        if timeout:
+            self.deadline = self.loop.time() + timeout
+            self.deadline_what = self.listener.body_late
+        return len(data)
+
+    def _fast_body(self, data: bytes, position: int) -> int:
+        """More of the body of a request read by parse_head: where what follows it
+        starts."""
+        cycle: Any = self.cycle
+        left, size = self.body_left, len(data)
+        if position + left > size:
+            cycle.take(data[position:] if position else data)
+            self.body_left = left - (size - position)
+            return size
+        end = position + left
+        cycle.take(data[position:end] if position or end < size else data)
+        self.body_left = 0
+        self.in_message = False
+        self.deadline = None
+        cycle.end()
+        return end
 
     def _answering(self) -> bool:
         """Whether octets that come now must wait: requests read before them are not
@@ -348,7 +410,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         else:
             self.deadline = None
         direct = listener.direct
-        if direct is None or self.parser.get_method() != b"POST" or not self._direct(direct):
+        if direct is None or self.parser.get_method() != b"POST" or not self._direct():
             self._asgi_scope()
             super().on_headers_complete()
 
@@ -360,25 +422,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.url, self.expect_100_continue = url, expect
         self.headers += headers  # the scope's list
 
-    def _direct(self, direct: Direct) -> bool:
+    def _direct(self) -> bool:
         """Whether the app answers the request whose headers just came directly; if so it
         is this connection's cycle from now on (started, or queued behind the requests
         before it)."""
         if self.limit_concurrency is not None or self.parser.should_upgrade():
             return False
-        targets = self.listener.targets
-        known = targets.get(self.url)
-        if known is None:
-            path = httptools.parse_url(self.url).path.decode("ascii")  # as uvicorn reads it
-            if "%" in path:
-                path = urllib.parse.unquote(path)
-            path = self.root_path + path
-            known = (path, direct("POST", path))
-            if len(self.url) <= _TARGET_KEPT:
-                if len(targets) >= _TARGETS:
-                    targets.clear()
-                targets[self.url] = known
-        path, found = known
+        path, found = self._route(self.url)
         if found is None:
             return False
         endpoint, params = found
@@ -394,6 +444,24 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
         return True
+
+    def _route(self, url: bytes) -> tuple[str, Any]:
+        """The path of the POST target `url` and what the app's ``direct`` says of it."""
+        targets = self.listener.targets
+        known = targets.get(url)
+        if known is None:
+            path = httptools.parse_url(url).path.decode("ascii")  # as uvicorn reads it
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            path = self.root_path + path
+            direct = self.listener.direct
+            assert direct is not None  # (asked only of a listener that has one)
+            known = (path, direct("POST", path))
+            if len(url) <= _TARGET_KEPT:
+                if len(targets) >= _TARGETS:
+                    targets.clear()
+                targets[url] = known
+        return known
 
     def on_body(self, body: bytes) -> None:
         cycle: Any = self.cycle
@@ -422,7 +490,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self._unset_keepalive_if_required()
+        self.idle_since = None  # (_unset_keepalive_if_required)
         self.last_activity = self.loop.time()
         if self.flow.write_paused:
             self.next_due = True  # resume_writing goes on once the peer takes its replies
@@ -440,7 +508,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.held:
             self.feed_held_soon()
             return
-        self.flow.resume_reading()
+        if self.flow.read_paused:
+            self.flow.resume_reading()
         self.idle_since = self.last_activity
         if self.timeout_keep_alive_task is None:
             self.timeout_keep_alive_task = self.loop.call_later(

@@ -346,3 +346,153 @@ def test_a_connection_waiting_for_its_direct_reply_is_not_idle(tmp_path):
         status, _, body = reader.response()  # answered, past the idle timeout
         assert status == 200 and abs(_output(body)[0] - 1.5) < 1e-6
         sock.close()
+
+
+# -- requests whose head is read in one call (mip.protocol._h1.parse_head) ----------------
+
+def _httptools_read(server, sock: socket.socket) -> bool:
+    """Whether httptools' callbacks read a request of the connection of `sock` (uvicorn
+    makes its list of the request's headers then)."""
+    async def read() -> list[bool]:
+        return [c.headers is not None for c in server.http.listener.connections
+                if c.client == sock.getsockname()]
+    found = server.call(read())
+    assert len(found) == 1
+    return found[0]
+
+
+def test_a_plain_head_is_read_in_one_call_and_the_others_by_httptools(server):
+    sock = _connect(server)
+    reader = _Reader(sock)
+    for _ in range(3):
+        sock.sendall(_post(headers=b"x-request-id: plain\r\n"))
+        status, headers, body = reader.response()
+        assert status == 200 and _output(body) == X.ravel().tolist()
+        assert headers["x-request-id"] == "plain"
+    assert not _httptools_read(server, sock)
+    sock.sendall(_post(headers=b"connection: close\r\n"))  # left to httptools
+    assert reader.response()[0] == 200
+    assert closed_within(sock, 5)[0]
+    sock.close()
+
+
+def test_heads_and_bodies_cut_anywhere_are_answered(server, good_client):
+    """Pipelined requests cut at odd places over many reads (a head one octet at a time,
+    a head and the start of its body, the end of a body and the next head)."""
+    sock = _connect(server)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reader = _Reader(sock)
+    request = _post(headers=b"content-type: application/json\r\n")
+    head = request.index(b"\r\n\r\n") + 4
+    stream = request * 4
+    cuts = [1, 2, 3, head - 1, head, head + 1, len(request) - 1, len(request),
+            len(request) + head, 2 * len(request) + 5, 3 * len(request), len(stream)]
+    start = 0
+    for cut in cuts:
+        sock.sendall(stream[start:cut])
+        start = cut
+        time.sleep(0.02)
+    for _ in range(4):
+        status, _, body = reader.response()
+        assert status == 200 and _output(body) == X.ravel().tolist()
+    sock.close()
+
+
+def test_pipelined_plain_requests_in_one_read_are_answered_in_order(server):
+    sock = _connect(server)
+    reader = _Reader(sock)
+    bodies = [json.dumps({"id": str(i), "inputs": [{
+        "name": "input", "shape": [1, 16], "datatype": "FP32",
+        "data": [float(i)] * 16}]}).encode() for i in range(20)]
+    sock.sendall(b"".join(_post(body) for body in bodies))
+    for i in range(20):
+        status, _, body = reader.response()
+        assert status == 200 and json.loads(body)["id"] == str(i)
+        assert _output(body) == [float(i)] * 16
+    sock.close()
+
+
+def test_a_content_length_shorter_than_the_body(server, good_client):
+    """The octets past the declared length are the next request: here not HTTP (400,
+    closed), as httptools answers them."""
+    sock = _connect(server)
+    reader = _Reader(sock)
+    sock.sendall(_post(BODY + b"NOT HTTP\r\n\r\n", length=len(BODY)))
+    status, _, body = reader.response()
+    assert status == 200 and _output(body) == X.ravel().tolist()
+    assert reader.head()[0] == 400
+    assert closed_within(sock, 5)[0]
+    sock.close()
+
+
+def test_empty_oversize_and_huge_heads(server, good_client):
+    sock = _connect(server)
+    reader = _Reader(sock)
+    sock.sendall(_post(b""))  # no body: refused, and the connection goes on
+    status, _, body = reader.response()
+    assert status == 400 and b"JSON" in body
+    sock.sendall(_post(b"x" * 100, length=LIMIT + 1))  # refused before it is read
+    status, _, body = reader.response()
+    assert status == 413 and b"--http-max-body-size" in body
+    # the rest of the declared body is read and dropped, then the next request answered
+    sock.sendall(b"x" * (LIMIT + 1 - 100) + _post())
+    status, _, body = reader.response()
+    assert status == 200 and _output(body) == X.ravel().tolist()
+    # a head longer than parse_head reads: httptools reads it as it reads any other
+    sock.sendall(_post(headers=b"x-big: %s\r\n" % (b"v" * (64 << 10))))
+    status, _, body = reader.response()
+    assert status == 200 and _output(body) == X.ravel().tolist()
+    sock.close()
+
+
+def _raw_reply(reader: _Reader) -> bytes:
+    """The next reply's octets, its Date header left out."""
+    while b"\r\n\r\n" not in reader.buffer:
+        reader._more()
+    head, _, rest = reader.buffer.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(rest) < length:
+        reader._more()
+        head, _, rest = reader.buffer.partition(b"\r\n\r\n")
+    reader.buffer = rest[length:]
+    lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"date:")]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + rest[:length]
+
+
+def test_replies_are_the_same_whichever_parser_reads_the_head(server):
+    """A head parse_head reads, and the same head with a field it leaves to httptools
+    (obs-text in a value): the same replies, octet for octet (but the Date)."""
+    header = json.dumps({"id": "b", "inputs": [{
+        "name": "input", "shape": [1, 16], "datatype": "FP32",
+        "parameters": {"binary_data_size": 64}}], "outputs": [{
+            "name": "output", "parameters": {"binary_data": True}}]}).encode()
+    binary = (header + X.tobytes(), b"inference-header-content-length: %d\r\n"
+              b"content-type: application/octet-stream\r\n" % len(header))
+    cases = [(BODY, b"content-type: application/json\r\n"), binary,
+             (b"{not json", b""), (BODY, b"x-request-id: r-2\r\n")]
+    sock = _connect(server)
+    reader = _Reader(sock)
+    for body, headers in cases:
+        sock.sendall(_post(body, headers=headers))
+        plain = _raw_reply(reader)
+        sock.sendall(_post(body, headers=headers + b"x-other: \xe9\r\n"))
+        assert _raw_reply(reader) == plain
+    assert _httptools_read(server, sock)
+    sock.close()
+
+
+def test_httpx_as_the_kserve_sdk_sends(server):
+    import httpx
+
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 64}}]}).encode()
+    with httpx.Client(base_url=f"http://{server.http_url}") as client:
+        for _ in range(2):
+            reply = client.post("/v2/models/identity/infer", content=BODY,
+                                headers={"content-type": "application/json"})
+            assert reply.status_code == 200 and _output(reply.content) == X.ravel().tolist()
+            reply = client.post("/v2/models/identity/infer", content=header + X.tobytes(),
+                                headers={"inference-header-content-length": str(len(header))})
+            assert reply.status_code == 200
+            assert reply.json()["outputs"][0]["data"] == X.ravel().tolist()

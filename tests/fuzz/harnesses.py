@@ -503,6 +503,73 @@ def oip_request(data: bytes) -> None:
     assert list(parsed.raw_output_contents) == list(request.raw_input_contents)
 
 
+# ---- HTTP/1.1: the listener's one-call request head reader ------------------------------
+
+class _LlhttpReading:
+    """What httptools (llhttp, set as uvicorn sets it) reports of a request."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.url = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.headers_done = self.done = False
+        self.body = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.lower(), value))  # as uvicorn lowercases them
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+def http_head(data: bytes) -> None:
+    """``_h1.parse_head`` of the octets: ``None``, or what llhttp reads of the same octets
+    (the oracle: it must read them without error): the same target, header fields and body
+    length, the head complete at exactly the same octet, ``POST``, HTTP/1.1, keep-alive,
+    no upgrade. The head is read the same at any offset, and not at all when cut short."""
+    from mip.protocol._h1 import MAX_HEAD, parse_head
+
+    got = parse_head(data)
+    assert parse_head(b"\r\nGET " + data, 6) == (
+        None if got is None else (got[0] + 6, *got[1:])), "offset"
+    if got is None:
+        return
+    end, target, length, fields = got
+    assert 0 < end <= min(len(data), MAX_HEAD)
+    assert parse_head(data[:end]) == got and parse_head(data[:end - 1]) is None
+    reading = _LlhttpReading()
+    parser = reading.parser
+    parser.feed_data(data[:end - 1])
+    assert not reading.headers_done, "llhttp: the head ends later"
+    parser.feed_data(data[end - 1:end])
+    assert reading.headers_done, "llhttp: the head is not complete"
+    assert parser.get_method() == b"POST" and parser.get_http_version() == "1.1"
+    assert parser.should_keep_alive() and not parser.should_upgrade()
+    assert reading.url == target, (reading.url, target)
+    import httptools
+
+    httptools.parse_url(target)  # (the listener routes by it)
+    assert reading.fields == fields, (reading.fields, fields)
+    assert [v for k, v in fields if k == b"content-length"] == [b"%d" % length] or (
+        [int(v) for k, v in fields if k == b"content-length"] == [length])
+    if length <= 4096:
+        body = data[end:end + length].ljust(length, b"x")
+        parser.feed_data(body)
+        assert reading.done and reading.body == body, "llhttp: another body"
+
+
 HARNESSES = {
     "mip_decode": mip_decode,
     "mip_stream": mip_stream,
@@ -511,4 +578,5 @@ HARNESSES = {
     "grpc_messages": grpc_messages,
     "jsonnum": jsonnum,
     "oip_request": oip_request,
+    "http_head": http_head,
 }

@@ -100,6 +100,24 @@ def _infer_requests() -> list[bytes]:
             with_parameter.SerializeToString()]
 
 
+#: request heads as clients send them: tritonclient (geventhttpclient), the KServe SDK
+#: (httpx), aiohttp, mip bench's own client
+HTTP_HEADS = [
+    b"POST /v2/models/identity/infer HTTP/1.1\r\nUser-Agent: python/gevent-http-client-2.3.1"
+    b"\r\nHost: 127.0.0.1:8000\r\nContent-Length: 237\r\nInference-Header-Content-Length: 173"
+    b"\r\n\r\n",
+    b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept: */*\r\n"
+    b"Accept-Encoding: gzip, deflate, br, zstd\r\nConnection: keep-alive\r\n"
+    b"User-Agent: python-httpx/0.28.1\r\nContent-Length: 120\r\n"
+    b"Content-Type: application/json\r\n\r\n",
+    b"POST /v2/models/identity/versions/1/infer HTTP/1.1\r\nHost: localhost:8000\r\n"
+    b"Accept: */*\r\nAccept-Encoding: gzip, deflate\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 2\r\n\r\n{}",
+    b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 0\r\n"
+    b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: 0\r\n\r\n",
+]
+
+
 def corpora() -> dict[str, list[bytes]]:
     frames = _mip_frames()
     mframes = _msip_frames()
@@ -117,6 +135,8 @@ def corpora() -> dict[str, list[bytes]]:
         "jsonnum": [bytes([dt, ml]) + body
                     for dt, ml, body in zip((3, 10, 10, 2, 9), (8, 16, 0, 1, 4), _json_bodies())],
         "oip_request": _infer_requests(),
+        "http_head": HTTP_HEADS + [b"POST /a?b=c HTTP/1.1\r\nx-request-id: r\r\n"
+                                   b"Content-Length: 3\r\n\r\n{}\n"],
     }
 
 
