@@ -23,6 +23,8 @@ cnp.import_array()
 cdef extern from "mip_jsonnum.h" nogil:
     uint64_t mip_jsonnum_load8(const unsigned char *p)
     bint mip_jsonnum_plain8(uint64_t v)
+    enum: MIP_JSONNUM_RUN
+    bint mip_jsonnum_plain_run(const unsigned char *p)
     bint mip_jsonnum_digits8(uint64_t v)
     uint32_t mip_jsonnum_value8(uint64_t v)
     double mip_jsonnum_to_double(uint64_t w, int q, const uint64_t *pow5)
@@ -75,9 +77,9 @@ cdef Py_ssize_t _numeric_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
     cdef Py_ssize_t depth = 0, stop
     cdef unsigned char kind
     while i < n:
-        # runs of numbers, commas and spaces: 8 octets a step
-        if i + 8 <= n and mip_jsonnum_plain8(mip_jsonnum_load8(p + i)):
-            i += 8
+        # runs of numbers, commas and spaces: MIP_JSONNUM_RUN (16 or 8) octets a step
+        if i + MIP_JSONNUM_RUN <= n and mip_jsonnum_plain_run(p + i):
+            i += MIP_JSONNUM_RUN
             continue
         stop = i + 8 if i + 8 <= n else n  # else the next 8 octets one by one
         while i < stop:
