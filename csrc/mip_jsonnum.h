@@ -119,13 +119,29 @@ static inline int mip_jsonnum_digit(unsigned char c) {
     return (unsigned char)(c - '0') <= 9;
 }
 
+/* The digits from p[i] on, appended to *m (wrapping past 19 digits): the index after them. */
+static inline ptrdiff_t mip_jsonnum_digit_run(const unsigned char *p, ptrdiff_t i,
+                                              ptrdiff_t end, uint64_t *m) {
+    uint64_t chunk, value = *m;
+    while (end - i >= 8 && mip_jsonnum_digits8(chunk = mip_jsonnum_load8(p + i))) {
+        value = value * 100000000 + mip_jsonnum_value8(chunk);
+        i += 8;
+    }
+    while (i < end && mip_jsonnum_digit(p[i])) {
+        value = value * 10 + (p[i] - '0');
+        i++;
+    }
+    *m = value;
+    return i;
+}
+
 /* The JSON number -?(0|[1-9]d*)(.d+)?([eE][+-]?d+)? at p[i] in one pass, for the usual
  * numbers, those of at most 19 digits: the index after it; -1 for any other text (too many
  * digits, or not a number), which the caller then reads the careful way. The caller also
  * checks what follows (a character that could continue a number is an error). */
 static inline ptrdiff_t mip_jsonnum_scan_short(const unsigned char *p, ptrdiff_t i,
                                                ptrdiff_t end, mip_jsonnum_number *out) {
-    uint64_t m = 0, chunk;
+    uint64_t m = 0;
     ptrdiff_t first, fraction;
     int e = 0;
     out->negative = i < end && p[i] == '-';
@@ -136,28 +152,14 @@ static inline ptrdiff_t mip_jsonnum_scan_short(const unsigned char *p, ptrdiff_t
     if (p[i] == '0') {
         i++;
     } else {
-        while (end - i >= 8 && mip_jsonnum_digits8(chunk = mip_jsonnum_load8(p + i))) {
-            m = m * 100000000 + mip_jsonnum_value8(chunk);
-            i += 8;
-        }
-        while (i < end && mip_jsonnum_digit(p[i])) {
-            m = m * 10 + (p[i] - '0');
-            i++;
-        }
+        i = mip_jsonnum_digit_run(p, i, end, &m);
     }
     out->integral = 1;
     out->exp10 = 0;
     if (i < end && p[i] == '.') {
         out->integral = 0;
         fraction = ++i;
-        while (end - i >= 8 && mip_jsonnum_digits8(chunk = mip_jsonnum_load8(p + i))) {
-            m = m * 100000000 + mip_jsonnum_value8(chunk);
-            i += 8;
-        }
-        while (i < end && mip_jsonnum_digit(p[i])) {
-            m = m * 10 + (p[i] - '0');
-            i++;
-        }
+        i = mip_jsonnum_digit_run(p, i, end, &m);
         if (i == fraction)
             return -1;
         out->exp10 = -(int)(i - fraction);
