@@ -5,8 +5,10 @@ A JSON tensor of a million numbers costs a general JSON parser a Python object p
 :func:`split_numeric_arrays` finds the arrays made only of numbers (nested or flat) that are
 longer than a threshold, outside strings, and returns the document with each replaced by a
 placeholder string (``"\\u0000mip:K"``) plus the arrays' spans, so the rest parses as usual.
-:func:`parse_numbers` then reads one span into a typed numpy array with C's ``strtod`` and
-``strtoll``, every number checked: JSON syntax, integers for integer types, the type's range.
+:func:`parse_numbers` then reads one span into a typed numpy array, every number checked:
+JSON syntax, integers for integer types, the type's range. Numbers of up to 19 digits are
+read 8 digits at a time and made doubles by Clinger's fast path or the Eisel-Lemire algorithm
+(csrc/mip_jsonnum.h); longer ones by C's ``strtod`` and ``strtoll``.
 """
 
 import numpy as np
@@ -175,7 +177,7 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     """The numbers of ``body[start:end]`` (a span from :func:`split_numeric_arrays`), in
     order, as a flat array of ``dtype`` (a numpy integer or floating type). ``exact``:
     FP32 and FP16 too are rounded from correctly rounded doubles, as from Python floats
-    (as FP64 always is), at the cost of ``strtod`` for more numbers. ``out``: a flat
+    (as FP64 always is); without it, they are within an ulp of those. ``out``: a flat
     array of ``dtype`` that the numbers are written into (and that is given back) when
     they are as many as its elements; else a new array is given back, as without it.
 
@@ -194,20 +196,16 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     # proportional to what was received, no counting pass.
     cdef Py_ssize_t count = (end - start) // 2 + 1
     cdef bint is_float = dtype.kind == "f"
-    # exact: FP64 gets correctly rounded values (strtod outside the fast path); FP32 and
-    # FP16 round once more from a double within an ulp, as from Python floats.
-    # mode: 0, within an ulp of a double; 1, correctly rounded doubles; 2 (exact FP32),
-    # FP32 values as from correctly rounded doubles: within an ulp of a double unless
-    # that is near the middle between two FP32 values (then strtod)
-    cdef int mode = 1 if (dtype.itemsize == 8 or (exact and dtype.itemsize != 4)) else (
-        2 if exact else 0)
+    # FP64, and with exact FP32 and FP16 too, from correctly rounded doubles (as Python
+    # floats); else FP32 and FP16 round once more from a double within an ulp
+    cdef bint rounded = dtype.itemsize == 8 or exact
     cdef cnp.ndarray wide = np.empty(count, dtype=np.float64 if is_float else np.int64)
     cdef double *dout = <double *>cnp.PyArray_DATA(wide)
     cdef int64_t *iout = <int64_t *>cnp.PyArray_DATA(wide)
     cdef Py_ssize_t k = 0, at = 0
     cdef int error
     with nogil:
-        error = _parse_span(p, start, end, is_float, mode, dout, iout, &k, &at)
+        error = _parse_span(p, start, end, is_float, rounded, dout, iout, &k, &at)
     if error == E_NO_MEMORY:
         raise MemoryError()
     if error:
@@ -271,10 +269,11 @@ cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py
 
 
 cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, bint is_float,
-                     int mode, double *dout, int64_t *iout, Py_ssize_t *count,
+                     bint rounded, double *dout, int64_t *iout, Py_ssize_t *count,
                      Py_ssize_t *at) noexcept nogil:
-    """Numbers of ``p[start:end]`` into ``dout`` (floats) or ``iout``; 0, or an E_ code
-    with ``at`` (octet) and ``count`` (element) where it went wrong."""
+    """Numbers of ``p[start:end]`` into ``dout`` (floats: correctly rounded when
+    ``rounded``, else within an ulp) or ``iout``; 0, or an E_ code with ``at`` (octet) and
+    ``count`` (element) where it went wrong."""
     cdef char *stop
     cdef char *text
     cdef char small[SHORT_NUMBER]
@@ -333,8 +332,8 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
             break
         if is_float:
             if num.digits <= 19:
-                if -22 <= num.exp10 <= 22 and (mode == 0 or num.mantissa <= (1ULL << 53)):
-                    # both exact (Clinger's fast path) unless mode 0 and a long mantissa
+                if -22 <= num.exp10 <= 22 and (not rounded or num.mantissa <= (1ULL << 53)):
+                    # both exact (Clinger's fast path) unless not rounded and a long mantissa
                     if num.exp10 >= 0:
                         dout[k] = <double>num.mantissa * _POW10[num.exp10]
                     else:
