@@ -70,7 +70,7 @@ extensions = [
         f"mip.protocol.{name}",
         [f"mip/protocol/{name}.pyx"],
         include_dirs=["csrc", numpy.get_include()],
-        depends=["csrc/mip_wire.h", "mip/protocol/wire.pxd", "mip/protocol/_stream.pxd"],
+        depends=["csrc/mip_wire.h", "csrc/mip_jsonnum.h", "mip/protocol/wire.pxd", "mip/protocol/_stream.pxd"],
         extra_compile_args=compile_args + QUIRKS.get(name, []),
         extra_link_args=link_args,
         define_macros=macros,

@@ -5,20 +5,39 @@ A JSON tensor of a million numbers costs a general JSON parser a Python object p
 :func:`split_numeric_arrays` finds the arrays made only of numbers (nested or flat) that are
 longer than a threshold, outside strings, and returns the document with each replaced by a
 placeholder string (``"\\u0000mip:K"``) plus the arrays' spans, so the rest parses as usual.
-:func:`parse_numbers` then reads one span into a typed numpy array with C's ``strtod`` and
-``strtoll``, every number checked: JSON syntax, integers for integer types, the type's range.
+:func:`parse_numbers` then reads one span into a typed numpy array, every number checked:
+JSON syntax, integers for integer types, the type's range. Numbers of up to 19 digits are
+read 8 digits at a time and made doubles by Clinger's fast path or the Eisel-Lemire algorithm
+(csrc/mip_jsonnum.h); longer ones by C's ``strtod`` and ``strtoll``.
 """
 
 import numpy as np
 
 cimport numpy as cnp
 from libc cimport errno as cerrno
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc, strtod, strtoll
-from libc.math cimport INFINITY, fabs, nextafterf
 from libc.string cimport memcpy
 
 cnp.import_array()
+
+
+cdef extern from "mip_jsonnum.h" nogil:
+    uint64_t mip_jsonnum_load8(const unsigned char *p)
+    bint mip_jsonnum_plain8(uint64_t v)
+    enum: MIP_JSONNUM_RUN
+    bint mip_jsonnum_plain_run(const unsigned char *p)
+    bint mip_jsonnum_digits8(uint64_t v)
+    uint32_t mip_jsonnum_value8(uint64_t v)
+    double mip_jsonnum_to_double(uint64_t w, int q, const uint64_t *pow5)
+    ctypedef struct _Number "mip_jsonnum_number":
+        uint64_t mantissa  # the first 19 significant digits
+        int digits  # significant digits seen (more than 19: inexact)
+        int exp10  # value = mantissa * 10**exp10
+        bint negative
+        bint integral
+    Py_ssize_t mip_jsonnum_scan_short(const unsigned char *p, Py_ssize_t i, Py_ssize_t end,
+                                      _Number *out)
 
 PLACEHOLDER = "\x00mip:"
 
@@ -57,22 +76,28 @@ cdef inline bint _space(unsigned char c) noexcept nogil:
 cdef Py_ssize_t _numeric_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     """From the '[' at ``i``: the index after its matching ']' when everything inside is
     numbers, commas, spaces and brackets; -1 otherwise."""
-    cdef Py_ssize_t depth = 0
+    cdef Py_ssize_t depth = 0, stop
     cdef unsigned char kind
     while i < n:
-        kind = _CLASS[p[i]]
-        if kind > C_SEPARATOR:
-            if kind == C_OPEN:
-                depth += 1
-            elif kind == C_CLOSE:
-                depth -= 1
-                if depth == 0:
-                    return i + 1
-            else:
+        # runs of numbers, commas and spaces: MIP_JSONNUM_RUN (16 or 8) octets a step
+        if i + MIP_JSONNUM_RUN <= n and mip_jsonnum_plain_run(p + i):
+            i += MIP_JSONNUM_RUN
+            continue
+        stop = i + 8 if i + 8 <= n else n  # else the next 8 octets one by one
+        while i < stop:
+            kind = _CLASS[p[i]]
+            if kind > C_SEPARATOR:
+                if kind == C_OPEN:
+                    depth += 1
+                elif kind == C_CLOSE:
+                    depth -= 1
+                    if depth == 0:
+                        return i + 1
+                else:
+                    return -1
+            elif kind == C_OTHER:
                 return -1
-        elif kind == C_OTHER:
-            return -1
-        i += 1
+            i += 1
     return -1
 
 
@@ -152,7 +177,7 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     """The numbers of ``body[start:end]`` (a span from :func:`split_numeric_arrays`), in
     order, as a flat array of ``dtype`` (a numpy integer or floating type). ``exact``:
     FP32 and FP16 too are rounded from correctly rounded doubles, as from Python floats
-    (as FP64 always is), at the cost of ``strtod`` for more numbers. ``out``: a flat
+    (as FP64 always is); without it, they are within an ulp of those. ``out``: a flat
     array of ``dtype`` that the numbers are written into (and that is given back) when
     they are as many as its elements; else a new array is given back, as without it.
 
@@ -171,20 +196,16 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     # proportional to what was received, no counting pass.
     cdef Py_ssize_t count = (end - start) // 2 + 1
     cdef bint is_float = dtype.kind == "f"
-    # exact: FP64 gets correctly rounded values (strtod outside the fast path); FP32 and
-    # FP16 round once more from a double within an ulp, as from Python floats.
-    # mode: 0, within an ulp of a double; 1, correctly rounded doubles; 2 (exact FP32),
-    # FP32 values as from correctly rounded doubles: within an ulp of a double unless
-    # that is near the middle between two FP32 values (then strtod)
-    cdef int mode = 1 if (dtype.itemsize == 8 or (exact and dtype.itemsize != 4)) else (
-        2 if exact else 0)
+    # FP64, and with exact FP32 and FP16 too, from correctly rounded doubles (as Python
+    # floats); else FP32 and FP16 round once more from a double within an ulp
+    cdef bint rounded = dtype.itemsize == 8 or exact
     cdef cnp.ndarray wide = np.empty(count, dtype=np.float64 if is_float else np.int64)
     cdef double *dout = <double *>cnp.PyArray_DATA(wide)
     cdef int64_t *iout = <int64_t *>cnp.PyArray_DATA(wide)
     cdef Py_ssize_t k = 0, at = 0
     cdef int error
     with nogil:
-        error = _parse_span(p, start, end, is_float, mode, dout, iout, &k, &at)
+        error = _parse_span(p, start, end, is_float, rounded, dout, iout, &k, &at)
     if error == E_NO_MEMORY:
         raise MemoryError()
     if error:
@@ -248,10 +269,11 @@ cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py
 
 
 cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, bint is_float,
-                     int mode, double *dout, int64_t *iout, Py_ssize_t *count,
+                     bint rounded, double *dout, int64_t *iout, Py_ssize_t *count,
                      Py_ssize_t *at) noexcept nogil:
-    """Numbers of ``p[start:end]`` into ``dout`` (floats) or ``iout``; 0, or an E_ code
-    with ``at`` (octet) and ``count`` (element) where it went wrong."""
+    """Numbers of ``p[start:end]`` into ``dout`` (floats: correctly rounded when
+    ``rounded``, else within an ulp) or ``iout``; 0, or an E_ code with ``at`` (octet) and
+    ``count`` (element) where it went wrong."""
     cdef char *stop
     cdef char *text
     cdef char small[SHORT_NUMBER]
@@ -302,22 +324,25 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
         want_value = False
         just_opened = False
         after_comma = False
-        j = _scan(p, i, end, &num)
+        j = mip_jsonnum_scan_short(p, i, end, &num)
+        if j < 0 or (j < end and _number_char(p[j])):
+            j = _scan(p, i, end, &num)  # the careful way: long numbers, and errors
         if j < 0:
             error = E_NOT_NUMBER
             break
         if is_float:
-            if num.digits <= 19 and -22 <= num.exp10 <= 22 and (
-                    mode != 1 or num.mantissa <= (1ULL << 53)) and (
-                    mode != 2 or num.mantissa <= (1ULL << 53)
-                    or not _near_fp32_middle(num.mantissa, num.exp10)):
-                if num.exp10 >= 0:
-                    dout[k] = <double>num.mantissa * _POW10[num.exp10]
+            if num.digits <= 19:
+                if -22 <= num.exp10 <= 22 and (not rounded or num.mantissa <= (1ULL << 53)):
+                    # both exact (Clinger's fast path) unless not rounded and a long mantissa
+                    if num.exp10 >= 0:
+                        dout[k] = <double>num.mantissa * _POW10[num.exp10]
+                    else:
+                        dout[k] = <double>num.mantissa / _POW10[-num.exp10]
                 else:
-                    dout[k] = <double>num.mantissa / _POW10[-num.exp10]
+                    dout[k] = mip_jsonnum_to_double(num.mantissa, num.exp10, _POW5)
                 if num.negative and not (num.integral and num.mantissa == 0):
                     dout[k] = -dout[k]  # ("-0" is the integer 0, as a Python number is)
-            else:
+            else:  # more than 19 digits: the mantissa kept is not the number's
                 text = _terminated(p + i, j - i, small)
                 if text == NULL:
                     error = E_NO_MEMORY
@@ -345,6 +370,10 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
                 iout[k] = -<int64_t>num.mantissa if num.negative else <int64_t>num.mantissa
         k += 1
         i = j
+        if i < end and p[i] == 44:  # the usual ',' right after a number
+            want_value = True
+            after_comma = True
+            i += 1
     if error:  # (where: the octet and element it stopped at)
         at[0] = i
         count[0] = k
@@ -356,20 +385,6 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
         at[0] = end
         return E_VALUE_AFTER_COMMA
     return 0
-
-
-cdef inline bint _near_fp32_middle(unsigned long long mantissa, int exp10) noexcept nogil:
-    """Whether ``mantissa * 10**exp10`` computed in doubles (within an ulp or two of the
-    value) may round to another FP32 value than the correctly rounded double would: it is
-    near the middle between two FP32 values."""
-    cdef double d = (<double>mantissa * _POW10[exp10] if exp10 >= 0
-                     else <double>mantissa / _POW10[-exp10])
-    cdef float f = <float>d
-    cdef double middle
-    if <double>f == d:
-        return False  # an FP32 value within an ulp: far from any middle
-    middle = (<double>f + <double>nextafterf(f, INFINITY if d > f else -INFINITY)) / 2
-    return fabs(d - middle) <= d * 1e-15  # a few ulps of a double
 
 
 cdef enum:
@@ -393,12 +408,25 @@ for _k in range(23):
     _POW10[_k] = 10.0 ** _k
 
 
-cdef struct _Number:
-    unsigned long long mantissa  # the first 19 significant digits
-    int digits                    # significant digits seen (more than 19: inexact)
-    int exp10                     # value = mantissa * 10**exp10
-    bint negative
-    bint integral
+cdef uint64_t _POW5[2 * 651]
+
+
+def _fill_pow5():
+    """mip_jsonnum_to_double's table (csrc/mip_jsonnum.h): for q from -342 to 308, the 128
+    leading bits of 5**q, truncated; for q from -27 to -1, of 2**b // 5**-q + 1."""
+    for q in range(-342, 309):
+        if q >= 0:
+            bits = 5 ** q
+        else:
+            power = 5 ** -q
+            z = (power - 1).bit_length()  # the least z with 2**z >= power
+            bits = 2 ** (z + 127 if q >= -27 else 2 * z + 128) // power + 1
+        bits = bits << max(0, 128 - bits.bit_length()) >> max(0, bits.bit_length() - 128)
+        _POW5[2 * (q + 342)] = bits >> 64
+        _POW5[2 * (q + 342) + 1] = bits & 0xFFFFFFFFFFFFFFFF
+
+
+_fill_pow5()
 
 
 cdef Py_ssize_t _scan(const unsigned char *p, Py_ssize_t i, Py_ssize_t end,
@@ -418,6 +446,10 @@ cdef Py_ssize_t _scan(const unsigned char *p, Py_ssize_t i, Py_ssize_t end,
     if p[i] == 48:
         i += 1
     else:
+        while digits <= 11 and i + 8 <= end and mip_jsonnum_digits8(mip_jsonnum_load8(p + i)):
+            m = m * 100000000 + mip_jsonnum_value8(mip_jsonnum_load8(p + i))
+            digits += 8
+            i += 8
         while i < end and digits < 19:
             d = p[i] - 48
             if d > 9:
@@ -438,6 +470,11 @@ cdef Py_ssize_t _scan(const unsigned char *p, Py_ssize_t i, Py_ssize_t end,
             while i < end and p[i] == 48:
                 exp10 -= 1  # leading zeros of 0.000ddd are not significant
                 i += 1
+        while digits <= 11 and i + 8 <= end and mip_jsonnum_digits8(mip_jsonnum_load8(p + i)):
+            m = m * 100000000 + mip_jsonnum_value8(mip_jsonnum_load8(p + i))
+            exp10 -= 8
+            digits += 8
+            i += 8
         while i < end and digits < 19:
             d = p[i] - 48
             if d > 9:
