@@ -36,7 +36,7 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, 
 from libc.stdint cimport uint8_t, int32_t, uint32_t, int64_t, uint64_t, UINT64_MAX
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memcmp, memcpy
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, realloc
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from mip.protocol._nghttp2 cimport *
@@ -59,6 +59,8 @@ cdef enum:
     MAX_OUTBOUND_ACK = 1000  # SETTINGS / PING ACKs queued before nghttp2 ends the connection
     PREFIX = 5             # a gRPC message's prefix: compressed flag, u32 length
     VIEW_BELOW = 16384     # outgoing payload pieces shorter than this are copied into one write
+    SMALL_MIN = 4096       # the first size of the buffer they are copied into ...
+    SMALL_KEEP = 262144    # ... and the largest kept from one flush to the next
 
 cdef bytes _POST = b"POST"
 
@@ -126,6 +128,7 @@ cdef class Call:
     cdef Py_ssize_t pending     # length of the DATA frame prepared for NO_COPY
     cdef object trailers        # list of (bytes, bytes) to send once out is empty, or None
     cdef bint headers_sent, ended, deferred
+    cdef bint live              # in its connection's calls: its stream is open
     cdef Py_ssize_t buffered    # incoming octets held for this call
     cdef Py_ssize_t header_octets  # of the request's header list, as HTTP/2 counts them
     cdef Py_ssize_t out_octets  # queued in out, not yet handed to the socket
@@ -388,15 +391,18 @@ cdef class GrpcConnection:
     cdef bytes last_path_raw    # the last :path received, and it as str
     cdef str last_path
     cdef dict calls
+    cdef Call recent            # the call _live found last (most callbacks are for it again)
     cdef list events
     cdef list out
-    cdef bytearray small
+    cdef char *small            # frames copied for the next buffer of out: small_len
+    cdef Py_ssize_t small_len, small_cap  # octets of small_cap (kept from flush to flush)
     cdef object error  # an exception raised inside a callback, re-raised after it
     cdef readonly object message_memory
     cdef readonly Py_ssize_t message_memory_min
 
     def __cinit__(self):
         self.session = NULL
+        self.small = NULL
 
     def __init__(self, *, bint client=False, Py_ssize_t max_message_size=4 << 20,
                  uint32_t max_concurrent_streams=1024, int32_t window_size=(1 << 24),
@@ -428,7 +434,6 @@ cdef class GrpcConnection:
         self.calls = {}
         self.events = []
         self.out = []
-        self.small = bytearray()
         cdef nghttp2_session_callbacks *cb
         cdef nghttp2_option *opt
         _check(nghttp2_session_callbacks_new(&cb))
@@ -479,6 +484,8 @@ cdef class GrpcConnection:
         if self.session != NULL:
             nghttp2_session_del(self.session)
             self.session = NULL
+        free(self.small)
+        self.small = NULL
 
     # -- input -------------------------------------------------------------------------
 
@@ -532,9 +539,8 @@ cdef class GrpcConnection:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-        if self.small:
-            self.out.append(bytes(self.small))
-            del self.small[:]
+        if self.small_len:
+            self._take_small()
         out = self.out
         self.out = []
         return out
@@ -581,14 +587,44 @@ cdef class GrpcConnection:
                 call.unconsumed = 0
 
     cdef int _add(self, const char *data, Py_ssize_t n) except -1:
-        """Copy ``n`` octets onto the end of ``small``."""
-        cdef Py_ssize_t have = PyByteArray_GET_SIZE(self.small)
-        PyByteArray_Resize(self.small, have + n)
-        memcpy(PyByteArray_AS_STRING(self.small) + have, data, n)
+        """Copy ``n`` octets onto the end of ``small`` (grown by doubling: one buffer
+        from flush to flush, not a reallocation a frame)."""
+        cdef Py_ssize_t need = self.small_len + n
+        cdef Py_ssize_t cap = self.small_cap
+        cdef char *grown
+        if need > cap:
+            cap = max(cap * 2, need, SMALL_MIN)
+            grown = <char *>realloc(self.small, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.small, self.small_cap = grown, cap
+        memcpy(self.small + self.small_len, data, n)
+        self.small_len = need
+        return 0
+
+    cdef int _take_small(self) except -1:
+        """What ``small`` holds, as one bytes object onto the end of ``out``; a buffer
+        grown past ``SMALL_KEEP`` octets is let go."""
+        self.out.append(PyBytes_FromStringAndSize(self.small, self.small_len))
+        self.small_len = 0
+        if self.small_cap > SMALL_KEEP:
+            free(self.small)
+            self.small, self.small_cap = NULL, 0
         return 0
 
     cdef Call _live(self, int32_t stream_id):
-        return self.calls.get(stream_id)
+        cdef Call call = self.recent
+        if call is not None and call.stream_id == stream_id:
+            return call
+        call = self.calls.get(stream_id)
+        if call is not None:
+            self.recent = call
+        return call
+
+    cdef void _register(self, Call call) except *:
+        self.calls[call.stream_id] = call
+        call.live = True
+        self.recent = call
 
     cdef int kept(self, object error) noexcept:
         """Keep ``error``, raised inside an nghttp2 callback, for receive() or
@@ -687,7 +723,7 @@ cdef class GrpcConnection:
             fields.append((b"grpc-message", _percent_encode(message)))
         for name, value in trailers:
             fields.append(_field(name, value))
-        if call.stream_id not in self.calls:
+        if not call.live:
             return  # the peer reset it already
         if not call.headers_sent:
             if not call.out:
@@ -707,7 +743,7 @@ cdef class GrpcConnection:
             return
         call.ended = True
         call.discard = True
-        if call.stream_id not in self.calls or call.headers_sent:
+        if not call.live or call.headers_sent:
             return
         call.headers_sent = True
         _submit_response(self.session, call.stream_id,
@@ -721,14 +757,14 @@ cdef class GrpcConnection:
         if call.ended or self.client:
             return
         call.ended = True
-        if call.stream_id not in self.calls:
+        if not call.live:
             return
         self._queue(call, message)
         call.trailers = _OK
         self._start_or_resume(call)
 
     cdef void _start_or_resume(self, Call call) except *:
-        if call.stream_id not in self.calls:
+        if not call.live:
             return
         cdef mip_h2_data_provider provider
         if not call.headers_sent:
@@ -749,7 +785,7 @@ cdef class GrpcConnection:
     def reset(self, Call call, uint32_t error_code=NGHTTP2_CANCEL) -> None:
         """Abort ``call`` with RST_STREAM (the default code is CANCEL)."""
         call.ended = True
-        if call.stream_id in self.calls:
+        if call.live:
             _check(nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, call.stream_id,
                                              error_code))
 
@@ -807,7 +843,7 @@ cdef class GrpcConnection:
         call.headers_sent = True
         cdef int32_t stream_id = _submit_request(self.session, fields, call)
         call.stream_id = stream_id
-        self.calls[stream_id] = call
+        self._register(call)
         return call
 
     def end_call(self, Call call) -> None:
@@ -822,7 +858,7 @@ cdef class GrpcConnection:
         cdef Call call
         if frame.hd.type == NGHTTP2_HEADERS and frame.headers.cat == NGHTTP2_HCAT_REQUEST:
             call = Call(frame.hd.stream_id)
-            self.calls[frame.hd.stream_id] = call
+            self._register(call)
             self.streams_started += 1
         return 0
 
@@ -1043,6 +1079,9 @@ cdef class GrpcConnection:
         cdef Call call = self.calls.pop(stream_id, None)
         cdef StreamClosed closed
         if call is not None:
+            call.live = False
+            if self.recent is call:
+                self.recent = None
             self.pending_out -= call.out_octets
             call.out_octets = 0
             if call.unconsumed:
@@ -1109,9 +1148,8 @@ cdef class GrpcConnection:
                     finally:
                         PyBuffer_Release(&view)
             else:
-                if self.small:
-                    self.out.append(bytes(self.small))
-                    del self.small[:]
+                if self.small_len:
+                    self._take_small()
                 self.out.append(memoryview(item)[call.out_offset:call.out_offset + piece])
             left -= piece
             if piece == available:
