@@ -165,10 +165,8 @@ class MipHandler:
                 if encoder is None or encoder.served is not served:
                     encoder = self._encoder(key, served, n_input, kind)
                 encode = encoder.encode
-            else:
-                def encode(outputs):
-                    return mip.encode_response_buffers(_split(served, outputs, rows),
-                                                       n_input, kind)
+            else:  # (a closure made here would cost its cells on every request)
+                encode = _items_encoder(served, rows, n_input, kind)
 
             # More rows than the model's max_batch_size: run as several batches, one reply.
             return self.dataplane.submit("mip", model, served.version, inputs,
@@ -295,6 +293,13 @@ def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
         items.append(tuple(_output_value(outputs[name][start:start + count]) for name in names))
         start += count
     return items
+
+
+def _items_encoder(served, rows: list[int], n_input: int, kind: int):
+    """The encoder of the reply of a request of several items, from its outputs."""
+    def encode(outputs: dict) -> list:
+        return mip.encode_response_buffers(_split(served, outputs, rows), n_input, kind)
+    return encode
 
 
 class _Encoder:
