@@ -294,7 +294,8 @@ class Batcher:
 
     def enqueue(self, inputs: Tensors, rows: int, deadline: float | None = None,
                 source=None, request_id: str | None = None,
-                request_type: type[Request] = Request) -> Request:
+                request_type: type[Request] = Request,
+                fixed: tuple[Signature, int] | None = None) -> Request:
         """Queue one request without waiting: the returned future gets its outputs (await
         it, or chain callbacks on it: no coroutine and no task a request).
 
@@ -306,6 +307,9 @@ class Batcher:
             source: hashable (the client's address): picks the request's sub-queue.
             request_id: the client's id of the request, named when the model fails on it.
             request_type: the :class:`Request` (sub)class to make the request of.
+            fixed: what the caller found ``inputs`` to be, when it checked them against
+                one fixed layout: their signature (``((name, dtype, shape[1:]),)``, the
+                dtype one that equals theirs) and octets a row (else read from them).
 
         Cancelling the future drops the request from the queue.
 
@@ -341,7 +345,10 @@ class Batcher:
         request.source = source
         request.request_id = request_id
         if self.batching:  # requests batch together only when their tensors concatenate
-            if len(inputs) == 1:
+            if fixed is not None:
+                request.signature = fixed[0]
+                request.nbytes = rows * fixed[1]
+            elif len(inputs) == 1:
                 ((name, a),) = inputs.items()
                 request.nbytes = a.nbytes
                 request.signature = ((name, a.dtype, a.shape[1:]),)
@@ -429,9 +436,11 @@ class Batcher:
         rows = count = preferred_count = nbytes = 0
         can_grow = True
         preferred = self._preferred
+        signature = head.signature  # (often the very object: compared by identity first)
         candidates = queues[head.source] if len(queues) == 1 else self._candidates()
         for request in candidates:  # stops within max_batch_size rows
-            if (request.signature != head.signature or rows + request.rows > self.max_batch_size
+            if ((request.signature is not signature and request.signature != signature)
+                    or rows + request.rows > self.max_batch_size
                     or (count and nbytes + request.nbytes > self.max_batch_bytes)):
                 can_grow = False
                 break

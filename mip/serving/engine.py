@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NoReturn
@@ -19,7 +20,7 @@ import numpy as np
 from mip.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from mip.protocol import datatype_of
 from mip.protocol.dtypes import numpy_dtype
-from mip.serving.batching import Batcher, BatchRecord, Request
+from mip.serving.batching import Batcher, BatchRecord, Request, Signature
 from mip.serving.repository import IndexEntry, ModelMetadata, ModelRepository, ModelVersion
 
 __all__ = ["Engine", "ModelStats", "ModelVersion"]  # ModelVersion: what resolve() gives
@@ -76,7 +77,7 @@ class _Served:
     """A loaded version with its batcher and counters."""
 
     __slots__ = ("version", "batcher", "stats", "refused", "dtypes", "names", "checks", "layout",
-                 "queue_policy")
+                 "queue_policy", "fixed")
 
     def __init__(self, version: ModelVersion, batcher: Batcher, stats: ModelStats):
         self.version = version
@@ -96,10 +97,15 @@ class _Served:
         # passes every check at once; any other goes through them all (which name the
         # mismatch).
         self.layout: tuple[str, np.dtype, tuple[int, ...]] | None = None
+        # ... and then its batch signature and octets a row, which the batcher need not
+        # work out again (not for objects: a str tensor passes as one, with another dtype).
+        self.fixed: tuple[Signature, int] | None = None
         if version.max_batch_size and len(version.inputs) == 1:
             spec = version.inputs[0]
             if spec.shape and spec.shape[0] == -1 and -1 not in spec.shape[1:]:
-                self.layout = (spec.name, self.dtypes[spec.name], tuple(spec.shape[1:]))
+                self.layout = layout = (spec.name, self.dtypes[spec.name], tuple(spec.shape[1:]))
+                if not layout[1].hasobject:
+                    self.fixed = ((layout,), layout[1].itemsize * math.prod(layout[2]))
         # Triton's queue policy, when the model has one (a deadline for every request).
         batching = version.dynamic_batching
         self.queue_policy = (batching if batching is not None and batching.default_timeout_us
@@ -367,7 +373,8 @@ class Engine:
             if split and rows > batcher.max_batch_size > 0:
                 return batcher.enqueue_split(inputs, rows, deadline, source, request_id,
                                              request_type)
-            return batcher.enqueue(inputs, rows, deadline, source, request_id, request_type)
+            return batcher.enqueue(inputs, rows, deadline, source, request_id, request_type,
+                                   served.fixed)
         except BaseException:
             served.refused += 1
             raise
