@@ -75,7 +75,7 @@ extensions = [
         extra_link_args=link_args,
         define_macros=macros,
     )
-    for name in ("_stream", "_mip", "_msip", "_jsonnum", "_oip", "_h1")
+    for name in ("_stream", "_mip", "_msip", "_jsonnum", "_oip", "_h1", "_batch")
 ]
 
 

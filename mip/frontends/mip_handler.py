@@ -156,7 +156,7 @@ class MipHandler:
                 if done is not None:
                     reply.add_done_callback(done)
                 return reply
-            inputs, rows = self._inputs(served, message)
+            inputs, rows = _inputs(served, message)  # (a function: no method lookup)
             kind = message.kind
             if items == 1:  # one encoder for every such request (no closure a request)
                 key = id(served) + kind
@@ -165,10 +165,8 @@ class MipHandler:
                 if encoder is None or encoder.served is not served:
                     encoder = self._encoder(key, served, n_input, kind)
                 encode = encoder.encode
-            else:
-                def encode(outputs):
-                    return mip.encode_response_buffers(_split(served, outputs, rows),
-                                                       n_input, kind)
+            else:  # (a closure made here would cost its cells on every request)
+                encode = _items_encoder(served, rows, n_input, kind)
 
             # More rows than the model's max_batch_size: run as several batches, one reply.
             return self.dataplane.submit("mip", model, served.version, inputs,
@@ -213,39 +211,13 @@ class MipHandler:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    @staticmethod
-    def _inputs(served, source) -> tuple[dict, list[int]]:
-        """Every input of the request's items as one array, and the rows each item gave:
-        value `index` of every item as a strided view when it can be (``Message.column``)."""
-        inputs = {}
-        rows = _NO_ROWS
-        index = 0
-        for spec in served.inputs:
-            rows = source.rows(index)
-            if -1 in rows:  # (rows() gives -1 for a 0-d tensor, never another negative)
-                i = rows.index(-1)
-                raise InvalidInput(f"item {i} value {index} is a 0-d tensor: MIP items "
-                                   "carry a leading batch dimension")
-            try:
-                column = source.column(index)
-            except ValueError as exc:
-                raise InvalidInput(f"items disagree on the shape or datatype of value {index}: "
-                                   f"{exc}") from None
-            if column.dtype.hasobject:
-                if served.platform != PLATFORM_PYTHON:
-                    _refuse_application_values(served, column, index)
-                column = _engine_values(column)
-            inputs[spec.name] = column
-            index += 1
-        return inputs, rows
-
     async def _each_item(self, model, served, batch, source=None) -> list[tuple]:
         """Run every item as a request of its own (for a model without a batch axis),
         ``instance_count + 1`` at a time, as the parts of a split request: a batch of any
         size neither fills the model's queue nor shuts other clients out. The first
         failure fails the request and drops the items still running."""
         def one(item) -> asyncio.Future:
-            inputs, rows = self._inputs(served, _single(item))
+            inputs, rows = _inputs(served, _single(item))
             return self.dataplane.submit("mip", model, served.version, inputs,
                                          then=lambda result: _split(served, result.outputs, rows),
                                          source=source, chosen=served)
@@ -269,6 +241,32 @@ class MipHandler:
             for future in running:
                 future.cancel()
         return [row for result in results for row in result]
+
+
+def _inputs(served, source) -> tuple[dict, list[int]]:
+    """Every input of the request's items as one array, and the rows each item gave:
+    value `index` of every item as a strided view when it can be (``Message.column``)."""
+    inputs = {}
+    rows = _NO_ROWS
+    index = 0
+    for spec in served.inputs:
+        rows = source.rows(index)
+        if -1 in rows:  # (rows() gives -1 for a 0-d tensor, never another negative)
+            i = rows.index(-1)
+            raise InvalidInput(f"item {i} value {index} is a 0-d tensor: MIP items "
+                               "carry a leading batch dimension")
+        try:
+            column = source.column(index)
+        except ValueError as exc:
+            raise InvalidInput(f"items disagree on the shape or datatype of value {index}: "
+                               f"{exc}") from None
+        if column.dtype.hasobject:
+            if served.platform != PLATFORM_PYTHON:
+                _refuse_application_values(served, column, index)
+            column = _engine_values(column)
+        inputs[spec.name] = column
+        index += 1
+    return inputs, rows
 
 
 def _refuse_application_values(served, column: np.ndarray, index: int) -> None:
@@ -295,6 +293,13 @@ def _split(served, outputs: dict, rows: list[int]) -> list[tuple]:
         items.append(tuple(_output_value(outputs[name][start:start + count]) for name in names))
         start += count
     return items
+
+
+def _items_encoder(served, rows: list[int], n_input: int, kind: int):
+    """The encoder of the reply of a request of several items, from its outputs."""
+    def encode(outputs: dict) -> list:
+        return mip.encode_response_buffers(_split(served, outputs, rows), n_input, kind)
+    return encode
 
 
 class _Encoder:

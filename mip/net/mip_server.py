@@ -297,12 +297,11 @@ class _Connection(asyncio.BufferedProtocol):
         while pending and pending[0].done():
             fut = pending.popleft()
             freed += octets.popleft()
-            if fut.cancelled():
-                continue
-            exc = fut.exception()
-            if exc is None:
+            try:  # (one call a reply, not three: cancelled, exception, result)
                 ready += fut.result()
-            else:
+            except asyncio.CancelledError:
+                continue
+            except BaseException as exc:  # (the request's failure, as the future holds it)
                 ready.append(_error_reply(exc))
         self.buffered_octets -= freed
         if ready and transport is not None and not transport.is_closing():

@@ -60,6 +60,7 @@ import numpy as np
 
 from mip.errors import (DeadlineExceeded, InternalError, InvalidInput, ModelNotReady, QueueFull,
                         ServingError)
+from mip.protocol._batch import join
 from mip.serving.config import DEFAULT_MAX_QUEUE_SIZE, DynamicBatching
 
 __all__ = ["DEFAULT_INLINE_BELOW", "Batcher", "BatchRecord", "Request"]
@@ -220,6 +221,7 @@ class Batcher:
         policy = dynamic_batching or DynamicBatching()
         self.max_queue_delay = policy.max_queue_delay_us / 1e6  # seconds
         self.preferred = tuple(p for p in policy.preferred_batch_sizes if p <= max_batch_size)
+        self._preferred = frozenset(self.preferred)  # (what _choose looks rows up in)
         self.max_queue_size = policy.max_queue_size if dynamic_batching else DEFAULT_MAX_QUEUE_SIZE
         self.max_batch_bytes = policy.max_batch_bytes or float("inf")  # None, 0: no limit
         self.instance_count = instance_count
@@ -292,7 +294,8 @@ class Batcher:
 
     def enqueue(self, inputs: Tensors, rows: int, deadline: float | None = None,
                 source=None, request_id: str | None = None,
-                request_type: type[Request] = Request) -> Request:
+                request_type: type[Request] = Request,
+                fixed: tuple[Signature, int] | None = None) -> Request:
         """Queue one request without waiting: the returned future gets its outputs (await
         it, or chain callbacks on it: no coroutine and no task a request).
 
@@ -304,6 +307,9 @@ class Batcher:
             source: hashable (the client's address): picks the request's sub-queue.
             request_id: the client's id of the request, named when the model fails on it.
             request_type: the :class:`Request` (sub)class to make the request of.
+            fixed: what the caller found ``inputs`` to be, when it checked them against
+                one fixed layout: their signature (``((name, dtype, shape[1:]),)``, the
+                dtype one that equals theirs) and octets a row (else read from them).
 
         Cancelling the future drops the request from the queue.
 
@@ -339,7 +345,10 @@ class Batcher:
         request.source = source
         request.request_id = request_id
         if self.batching:  # requests batch together only when their tensors concatenate
-            if len(inputs) == 1:
+            if fixed is not None:
+                request.signature = fixed[0]
+                request.nbytes = rows * fixed[1]
+            elif len(inputs) == 1:
                 ((name, a),) = inputs.items()
                 request.nbytes = a.nbytes
                 request.signature = ((name, a.dtype, a.shape[1:]),)
@@ -426,16 +435,19 @@ class Batcher:
         head = queues[self._order[0]][0]
         rows = count = preferred_count = nbytes = 0
         can_grow = True
+        preferred = self._preferred
+        signature = head.signature  # (often the very object: compared by identity first)
         candidates = queues[head.source] if len(queues) == 1 else self._candidates()
         for request in candidates:  # stops within max_batch_size rows
-            if (request.signature != head.signature or rows + request.rows > self.max_batch_size
+            if ((request.signature is not signature and request.signature != signature)
+                    or rows + request.rows > self.max_batch_size
                     or (count and nbytes + request.nbytes > self.max_batch_bytes)):
                 can_grow = False
                 break
             rows += request.rows
             nbytes += request.nbytes
             count += 1
-            if rows in self.preferred:
+            if rows in preferred:
                 preferred_count = count
         if rows >= self.max_batch_size or nbytes >= self.max_batch_bytes:
             can_grow = False
@@ -508,8 +520,11 @@ class Batcher:
             if len(requests) == 1:
                 inputs = requests[0].inputs  # nothing to join: the request's own memory
             else:
-                inputs = {name: np.concatenate([r.inputs[name] for r in requests])  # (axis 0)
-                          for name in requests[0].inputs}
+                inputs = {}
+                for name in requests[0].inputs:
+                    joined = join(requests, name, batch.rows)  # (rows copied with memcpy)
+                    inputs[name] = joined if joined is not None else np.concatenate(
+                        [r.inputs[name] for r in requests])  # (axis 0)
             if self._inline(batch.rows):
                 started = time.monotonic()
                 batch.outputs = self._run(inputs)
@@ -614,11 +629,17 @@ class Batcher:
         name = ""
         if len(items) == 1:
             ((name, only),) = items
+        # One row a request and one output: the rows' views made by numpy in one pass
+        # (no slice a request).
+        views = (iter(only[:, None]) if only is not None and not whole and rows == len(requests)
+                 else None)
         answered = 0
         start = 0
         try:
             for request in requests:
                 stop = start + request.rows
+                if views is not None:
+                    view = next(views)
                 if not request.done():
                     if request.timer is not None:
                         request.timer.cancel()
@@ -626,6 +647,8 @@ class Batcher:
                         answered += 1
                     if whole:
                         request.answer(outputs)
+                    elif views is not None:
+                        request.answer({name: view})
                     elif only is not None:  # (no comprehension a request)
                         request.answer({name: only[start:stop]})
                     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NoReturn
@@ -19,7 +20,7 @@ import numpy as np
 from mip.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from mip.protocol import datatype_of
 from mip.protocol.dtypes import numpy_dtype
-from mip.serving.batching import Batcher, BatchRecord, Request
+from mip.serving.batching import Batcher, BatchRecord, Request, Signature
 from mip.serving.repository import IndexEntry, ModelMetadata, ModelRepository, ModelVersion
 
 __all__ = ["Engine", "ModelStats", "ModelVersion"]  # ModelVersion: what resolve() gives
@@ -76,7 +77,7 @@ class _Served:
     """A loaded version with its batcher and counters."""
 
     __slots__ = ("version", "batcher", "stats", "refused", "dtypes", "names", "checks", "layout",
-                 "queue_policy")
+                 "queue_policy", "fixed")
 
     def __init__(self, version: ModelVersion, batcher: Batcher, stats: ModelStats):
         self.version = version
@@ -96,14 +97,67 @@ class _Served:
         # passes every check at once; any other goes through them all (which name the
         # mismatch).
         self.layout: tuple[str, np.dtype, tuple[int, ...]] | None = None
+        # ... and then its batch signature and octets a row, which the batcher need not
+        # work out again (not for objects: a str tensor passes as one, with another dtype).
+        self.fixed: tuple[Signature, int] | None = None
         if version.max_batch_size and len(version.inputs) == 1:
             spec = version.inputs[0]
             if spec.shape and spec.shape[0] == -1 and -1 not in spec.shape[1:]:
-                self.layout = (spec.name, self.dtypes[spec.name], tuple(spec.shape[1:]))
+                self.layout = layout = (spec.name, self.dtypes[spec.name], tuple(spec.shape[1:]))
+                if not layout[1].hasobject:
+                    self.fixed = ((layout,), layout[1].itemsize * math.prod(layout[2]))
         # Triton's queue policy, when the model has one (a deadline for every request).
         batching = version.dynamic_batching
         self.queue_policy = (batching if batching is not None and batching.default_timeout_us
                              else None)
+
+
+def _check_inputs(served: _Served, inputs: Tensors) -> int:
+    """A request's row count, once ``inputs`` are checked against the version ``served``
+    (:meth:`Engine.validate`); ``InvalidInput`` names the first mismatch."""
+    layout = served.layout
+    if layout is not None and type(inputs) is dict and len(inputs) == 1:
+        array = inputs[layout[0]] if layout[0] in inputs else None
+        if type(array) is np.ndarray and array.dtype is layout[1]:
+            shape = array.shape
+            if shape and shape[1:] == layout[2]:
+                return shape[0]
+    version = served.version
+    if not isinstance(inputs, dict):
+        raise InvalidInput("inputs must be a dict of name -> numpy array")
+    if inputs.keys() != served.names:
+        expected = served.names
+        missing = sorted(expected - inputs.keys())
+        extra = sorted(inputs.keys() - expected)
+        raise InvalidInput(f"model {version.name!r} takes inputs {sorted(expected)}"
+                           + (f"; missing {missing}" if missing else "")
+                           + (f"; unknown {extra}" if extra else ""))
+    rows = None
+    batched = version.max_batch_size
+    for name, dtype, rank, fixed in served.checks:
+        array = inputs[name]
+        if type(array) is not np.ndarray and not isinstance(array, np.ndarray):
+            raise InvalidInput(f"input {name!r} must be a numpy array, "
+                               f"not {type(array).__name__}")
+        given = array.dtype
+        if given is not dtype and given != dtype and not (
+                dtype == object and given.kind in "SU"):
+            spec = next(s for s in version.inputs if s.name == name)
+            raise InvalidInput(f"input {name!r} has datatype {_datatype(array.dtype)}, "
+                               f"the model wants {spec.datatype}")
+        shape = array.shape
+        if len(shape) != rank:
+            _wrong_shape(version, name, shape)
+        for axis, d in fixed:
+            if shape[axis] != d:
+                _wrong_shape(version, name, shape)
+        if batched:
+            if rows is None:
+                rows = shape[0]
+            elif shape[0] != rows:
+                raise InvalidInput(f"inputs disagree on the batch size: {name!r} has "
+                                   f"{shape[0]} rows, another has {rows}")
+    return rows if rows is not None else 1
 
 
 class Engine:
@@ -314,12 +368,13 @@ class Engine:
             deadline = policy.deadline(deadline, time.monotonic())  # Triton's queue policy
         served.stats.requests += 1
         try:
-            rows = self._check_inputs(served, inputs)
+            rows = _check_inputs(served, inputs)  # (a function: no method lookup)
             batcher = served.batcher
             if split and rows > batcher.max_batch_size > 0:
                 return batcher.enqueue_split(inputs, rows, deadline, source, request_id,
                                              request_type)
-            return batcher.enqueue(inputs, rows, deadline, source, request_id, request_type)
+            return batcher.enqueue(inputs, rows, deadline, source, request_id, request_type,
+                                   served.fixed)
         except BaseException:
             served.refused += 1
             raise
@@ -336,7 +391,7 @@ class Engine:
             ModelNotReady: ``chosen`` is not serving.
             InvalidInput: the first mismatch, named.
         """
-        return self._check_inputs(self._serving(chosen), inputs)
+        return _check_inputs(self._serving(chosen), inputs)
 
     def resolve(self, model: str, version: str | None = None) -> ModelVersion:
         """The version of ``model`` a request reaches: ``version``, or the latest one
@@ -357,51 +412,8 @@ class Engine:
             raise ModelNotReady(f"model {chosen.name!r} version {chosen.version} is not serving")
         return served
 
-    @staticmethod
-    def _check_inputs(served: _Served, inputs: Tensors) -> int:
-        layout = served.layout
-        if layout is not None and type(inputs) is dict and len(inputs) == 1:
-            array = inputs[layout[0]] if layout[0] in inputs else None
-            if type(array) is np.ndarray and array.dtype is layout[1]:
-                shape = array.shape
-                if shape and shape[1:] == layout[2]:
-                    return shape[0]
-        version = served.version
-        if not isinstance(inputs, dict):
-            raise InvalidInput("inputs must be a dict of name -> numpy array")
-        if inputs.keys() != served.names:
-            expected = served.names
-            missing = sorted(expected - inputs.keys())
-            extra = sorted(inputs.keys() - expected)
-            raise InvalidInput(f"model {version.name!r} takes inputs {sorted(expected)}"
-                               + (f"; missing {missing}" if missing else "")
-                               + (f"; unknown {extra}" if extra else ""))
-        rows = None
-        batched = version.max_batch_size
-        for name, dtype, rank, fixed in served.checks:
-            array = inputs[name]
-            if type(array) is not np.ndarray and not isinstance(array, np.ndarray):
-                raise InvalidInput(f"input {name!r} must be a numpy array, "
-                                   f"not {type(array).__name__}")
-            given = array.dtype
-            if given is not dtype and given != dtype and not (
-                    dtype == object and given.kind in "SU"):
-                spec = next(s for s in version.inputs if s.name == name)
-                raise InvalidInput(f"input {name!r} has datatype {_datatype(array.dtype)}, "
-                                   f"the model wants {spec.datatype}")
-            shape = array.shape
-            if len(shape) != rank:
-                _wrong_shape(version, name, shape)
-            for axis, d in fixed:
-                if shape[axis] != d:
-                    _wrong_shape(version, name, shape)
-            if batched:
-                if rows is None:
-                    rows = shape[0]
-                elif shape[0] != rows:
-                    raise InvalidInput(f"inputs disagree on the batch size: {name!r} has "
-                                       f"{shape[0]} rows, another has {rows}")
-        return rows if rows is not None else 1
+    #: (a staticmethod for :mod:`mip.serving.remote`; the engine calls the function)
+    _check_inputs = staticmethod(_check_inputs)
 
     def check_outputs(self, version: ModelVersion, outputs: list[str] | None) -> list[str] | None:
         """``outputs`` checked against what ``version`` (a repository entry) has: the

@@ -752,3 +752,47 @@ def test_runner_threads_end_when_a_batcher_is_dropped_unstopped():
     assert len(runners) == 1
     runners[0].join(10)
     assert not runners[0].is_alive()
+
+
+class _Queued:
+    """What ``join`` reads of a queued request: its inputs."""
+
+    def __init__(self, **inputs):
+        self.inputs = inputs
+
+
+def test_join_copies_contiguous_rows_and_leaves_the_rest_to_concatenate():
+    from mip.protocol._batch import join
+
+    frame = np.arange(24, dtype=np.float32).reshape(6, 4)
+    requests = [_Queued(x=frame[0:1]), _Queued(x=frame[1:3]), _Queued(x=frame[5:6])]
+    joined = join(requests, "x", 4)
+    np.testing.assert_array_equal(joined, frame[[0, 1, 2, 5]])
+    assert joined.flags.owndata and joined.dtype == np.float32
+    # Rows that are not C-contiguous, datatypes or trailing shapes that differ, objects,
+    # a row count that is not the requests': left to np.concatenate (or refused by it).
+    strided = frame[:, ::2]
+    objects = np.array([["a"]], dtype=object)
+    for inputs, rows in [([frame[0:1], strided[1:2]], 2), ([frame[0:1], frame[1:2].astype(int)], 2),
+                         ([frame[0:1], frame[1:2, :2]], 2), ([objects, objects], 2),
+                         ([frame[0:1], frame[1:2]], 3), ([frame[0:1], frame[1:2]], 1),
+                         ([np.float32(1.0), frame[1:2]], 2), ([frame[0], frame[1]], 2)]:
+        assert join([_Queued(x=a) for a in inputs], "x", rows) is None
+    assert join([], "x", 0) is None
+
+
+def test_a_batch_of_one_row_requests_answers_each_with_its_row():
+    batcher = Batcher(lambda inputs: {"y": inputs["x"] + 1}, max_batch_size=8,
+                      dynamic_batching=DynamicBatching(), name="test")
+
+    async def scenario():
+        batcher.start()
+        futures = [batcher.enqueue({"x": rows_of(1, i)}, 1) for i in range(5)]
+        results = await asyncio.gather(*futures)
+        await batcher.stop()
+        return results
+
+    results = run(scenario())
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], rows_of(1, i + 1))
+    assert results[0]["y"].base is results[4]["y"].base  # views of the batch's output

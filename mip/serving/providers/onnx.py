@@ -184,7 +184,8 @@ def _for_onnxruntime(name: str, array: np.ndarray) -> np.ndarray:
     Its string tensors take ``str`` elements (it would store ``str(b"x")``, i.e. ``"b'x'"``, for
     a bytes element), and it has no numpy type for bfloat16.
     """
-    if array.dtype == object or array.dtype.kind == "S":
+    kind = array.dtype.kind  # (dtype.name costs ~7,000 instructions: read only for "V")
+    if kind == "O" or kind == "S":
         flat = array.reshape(-1)
         if any(isinstance(x, (bytes, bytearray, memoryview, np.bytes_)) for x in flat):
             try:
@@ -196,7 +197,7 @@ def _for_onnxruntime(name: str, array: np.ndarray) -> np.ndarray:
             converted.reshape(-1)[:] = texts
             return converted
         return array
-    if array.dtype.name == "bfloat16":
+    if kind == "V" and array.dtype.name == "bfloat16":
         raise InvalidInput(f"input {name!r} is BF16, which ONNX Runtime's Python API cannot take; "
                            "send FP32 or serve the model from a Python model that converts")
     return array
