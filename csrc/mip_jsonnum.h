@@ -249,4 +249,21 @@ static inline double mip_jsonnum_to_double(uint64_t w, int q, const uint64_t *po
     return d;
 }
 
+/* Whether the double a, within 6 ulps of the correctly rounded double d of the same number
+ * (as a mantissa of at most 19 digits times an exact power of ten is, in one rounding each),
+ * rounds to the same FP32 as d (to nearest, ties to even). An FP32 normal is the double's
+ * bit pattern rounded to a multiple of 2**29 (its 29 low bits dropped), and the patterns of
+ * positive doubles are ordered as the values: a and d, a few patterns apart, round alike
+ * unless a's 29 low bits are near the midpoint 2**28; both are FP32 normals, away from the
+ * binades on the edges (a double written from an FP32 value is one, low bits all 0). */
+static inline int mip_jsonnum_fp32_settled(double a) {
+    uint64_t bits, low;
+    int power2;
+    memcpy(&bits, &a, 8);
+    power2 = (int)((bits >> 52) & 0x7FF);
+    low = bits & ((1ULL << 29) - 1);
+    return power2 > 1023 - 126 && power2 < 1023 + 127
+           && (low < (1ULL << 28) - 64 || low > (1ULL << 28) + 64);
+}
+
 #endif

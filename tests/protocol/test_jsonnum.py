@@ -182,6 +182,30 @@ def test_double_and_fp32_midpoints_round_to_even():
         assert got == want, dtype
 
 
+def test_fp32_near_its_midpoints_and_edges_reads_as_python_reads_it():
+    """Long decimals (17 to 19 digits, whose double is computed within a few ulps first)
+    at and around the middle between two FP32 values, at FP32 values themselves, and at the
+    edges of FP32's normal range (the smallest normals, the largest values)."""
+    from decimal import Decimal
+    rng = np.random.default_rng(13)
+    f32 = (rng.standard_normal(200).astype(np.float32)
+           * np.float32(10.0) ** rng.integers(-6, 7, 200).astype(np.float32))
+    edges = np.array([2.0 ** -126, 2.0 ** -125, 2.0 ** 127, 2.0 ** 126,
+                      float(np.finfo(np.float32).max)], np.float32)
+    offsets = [*range(-80, 81, 3), *range((1 << 28) - 80, (1 << 28) + 81, 3)]
+    texts = []
+    for value in np.concatenate([f32, edges, -edges]).tolist():
+        bits = struct.unpack("<q", struct.pack("<d", value))[0]
+        for offset in offsets:
+            double = struct.unpack("<d", struct.pack("<q", bits + offset))[0]
+            digits = format(Decimal(double), ".18e")  # (19 digits: as M * 10**E too)
+            mantissa, exponent = digits.replace(".", "").split("e")
+            texts += [repr(double), digits, format(Decimal(double), ".16e"),
+                      f"{mantissa}e{int(exponent) - 18}"]
+    got, want = _exact_values(texts, np.float32)
+    assert got == want
+
+
 def test_negative_zero_is_a_float_minus_zero_and_an_integer_zero():
     got = _parse(b"[-0, -0.0, -0e0, 0]", np.float64)
     assert [struct.pack("<d", x)[0:8] for x in got.tolist()] == [
