@@ -77,6 +77,28 @@ static inline uint32_t mip_jsonnum_value8(uint64_t v) {
     return (uint32_t)((v & 0x0000FFFF0000FFFFULL) * 42949672960001ULL >> 32);
 }
 
+#if defined(__SSE2__)
+/* Whether p[0..15] are all ASCII digits, and then their value in *value (SSE2). */
+static inline int mip_jsonnum_digits16(const unsigned char *p, uint64_t *value) {
+    __m128i v = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)p), _mm_set1_epi8('0'));
+    __m128i zero = _mm_setzero_si128();
+    __m128i pairs, quads, eights;
+    if (_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(9)), v)) != 0xFFFF)
+        return 0;
+    /* 16-bit lanes, the first digit of each pair weighed 10: 8 values of two digits */
+    pairs = _mm_packs_epi32(
+        _mm_madd_epi16(_mm_unpacklo_epi8(v, zero), _mm_set_epi16(1, 10, 1, 10, 1, 10, 1, 10)),
+        _mm_madd_epi16(_mm_unpackhi_epi8(v, zero), _mm_set_epi16(1, 10, 1, 10, 1, 10, 1, 10)));
+    /* 4 values of four digits (under 10000: they fit 16 bits), then 2 of eight */
+    quads = _mm_madd_epi16(pairs, _mm_set_epi16(1, 100, 1, 100, 1, 100, 1, 100));
+    quads = _mm_packs_epi32(quads, quads);
+    eights = _mm_madd_epi16(quads, _mm_set_epi16(1, 10000, 1, 10000, 1, 10000, 1, 10000));
+    *value = (uint64_t)(uint32_t)_mm_cvtsi128_si32(eights) * 100000000
+             + (uint32_t)_mm_cvtsi128_si32(_mm_srli_si128(eights, 4));
+    return 1;
+}
+#endif
+
 /* The high 64 bits of a * b, the low ones in *low. */
 static inline uint64_t mip_jsonnum_mul128(uint64_t a, uint64_t b, uint64_t *low) {
 #if defined(__SIZEOF_INT128__)
@@ -159,6 +181,15 @@ static inline ptrdiff_t mip_jsonnum_scan_short(const unsigned char *p, ptrdiff_t
     if (i < end && p[i] == '.') {
         out->integral = 0;
         fraction = ++i;
+#if defined(__SSE2__)
+        {   /* the usual fraction of a printed float: 16 digits or more, in one step */
+            uint64_t sixteen;
+            if (end - i >= 16 && mip_jsonnum_digits16(p + i, &sixteen)) {
+                m = m * 10000000000000000ULL + sixteen;  /* (wraps past 19 digits) */
+                i += 16;
+            }
+        }
+#endif
         i = mip_jsonnum_digit_run(p, i, end, &m);
         if (i == fraction)
             return -1;

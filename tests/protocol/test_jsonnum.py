@@ -206,6 +206,28 @@ def test_fp32_near_its_midpoints_and_edges_reads_as_python_reads_it():
     assert got == want
 
 
+def test_fractions_of_sixteen_digits_and_what_breaks_them():
+    """Fractions read 16 digits at a step: every digit at every place, and each octet next to
+    the digits' range at each of the 16 places (an error, or the end of the number)."""
+    texts = ["0." + d * 16 for d in "0123456789"] + ["-9." + "9" * 18, "1." + "0" * 15 + "1",
+                                                    "0.1234567890123456", "5.6543210987654321e-3"]
+    texts += ["0." + "1234567890123456"[k:] + "1234567890123456"[:k] for k in range(16)]
+    for dtype in (np.float64, np.float32):
+        got, want = _exact_values(texts, dtype)
+        assert got == want, dtype
+    for place in range(16):
+        for octet in "/:e ,]":
+            body = f"[0.{'7' * place}{octet}{'3' * (15 - place)}]".encode()
+            try:
+                want = np.array(json.loads(body), np.float64)
+            except ValueError:
+                with pytest.raises(ValueError):
+                    parse_numbers(body, 0, len(body), np.float64, True)
+                continue
+            got = parse_numbers(body, 0, len(body), np.float64, True)
+            assert got.tobytes() == want.ravel().tobytes(), body
+
+
 def test_negative_zero_is_a_float_minus_zero_and_an_integer_zero():
     got = _parse(b"[-0, -0.0, -0e0, 0]", np.float64)
     assert [struct.pack("<d", x)[0:8] for x in got.tolist()] == [
