@@ -200,8 +200,9 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     # FP64, and with exact FP32 and FP16 too, from correctly rounded doubles (as Python
     # floats); else FP32 and FP16 round once more from a double within an ulp
     cdef bint rounded = dtype.itemsize == 8 or exact
-    cdef bint single = dtype.itemsize == 4  # (FP32 is rounded from what is written)
-    cdef cnp.ndarray wide = np.empty(count, dtype=np.float64 if is_float else np.int64)
+    cdef bint single = is_float and dtype.itemsize == 4 and dtype.isnative  # FP32 directly
+    cdef cnp.ndarray wide = np.empty(count, dtype=np.float32 if single else (
+        np.float64 if is_float else np.int64))
     cdef double *dout = <double *>cnp.PyArray_DATA(wide)
     cdef int64_t *iout = <int64_t *>cnp.PyArray_DATA(wide)
     cdef Py_ssize_t k = 0, at = 0
@@ -218,12 +219,15 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
         if k and (wide.min() < info.min or wide.max() > info.max):
             raise ValueError(f"a value does not fit {dtype}")
     if out is not None and out.dtype == dtype and out.size == k:
+        if single:
+            np.copyto(out, wide)
+            return out
         with np.errstate(over="ignore"):
             np.copyto(out, wide, casting="unsafe")
         return out
     if k < count // 2:
         wide = wide.copy()  # do not keep the room that was not used
-    if dtype == np.float64 or dtype == np.int64:
+    if single or dtype == np.float64 or dtype == np.int64:
         return wide
     with np.errstate(over="ignore"):
         return wide.astype(dtype)
@@ -274,8 +278,9 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
                      bint rounded, bint single, double *dout, int64_t *iout, Py_ssize_t *count,
                      Py_ssize_t *at) noexcept nogil:
     """Numbers of ``p[start:end]`` into ``dout`` (floats: correctly rounded when
-    ``rounded``, else within an ulp; ``single``: only as far as FP32 can tell) or ``iout``; 0, or an E_ code with ``at`` (octet) and
-    ``count`` (element) where it went wrong."""
+    ``rounded``, else within an ulp; ``single``: FP32 values, ``dout`` is a ``float *``)
+    or ``iout``; 0, or an E_ code with ``at`` (octet) and ``count`` (element) where it
+    went wrong."""
     cdef char *stop
     cdef char *text
     cdef char small[SHORT_NUMBER]
@@ -349,15 +354,18 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
                     value = mip_jsonnum_to_double(num.mantissa, num.exp10, _POW5)
                 if num.negative and not (num.integral and num.mantissa == 0):
                     value = -value  # ("-0" is the integer 0, as a Python number is)
-                dout[k] = value
             else:  # more than 19 digits: the mantissa kept is not the number's
                 text = _terminated(p + i, j - i, small)
                 if text == NULL:
                     error = E_NO_MEMORY
                     break
-                dout[k] = strtod(text, &stop)
+                value = strtod(text, &stop)
                 if text != small:
                     free(text)
+            if single:
+                (<float *>dout)[k] = <float>value  # (as numpy casts: out of range is inf)
+            else:
+                dout[k] = value
         else:
             if not num.integral:
                 error = E_NOT_INTEGER
