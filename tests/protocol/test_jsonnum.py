@@ -212,8 +212,14 @@ def test_fractions_of_sixteen_digits_and_what_breaks_them():
     texts = ["0." + d * 16 for d in "0123456789"] + ["-9." + "9" * 18, "1." + "0" * 15 + "1",
                                                     "0.1234567890123456", "5.6543210987654321e-3"]
     texts += ["0." + "1234567890123456"[k:] + "1234567890123456"[:k] for k in range(16)]
-    for dtype in (np.float64, np.float32):
+    # 1 to 20 digits after 1 to 4 (up to 19 in all: one reading; more: the careful one)
+    texts += [f"{whole}.{'98765432109876543210'[:length]}{tail}"
+              for whole in ("0", "-7", "123", "-999", "1234") for length in range(1, 21)
+              for tail in ("", "e-7", "E+3")]
+    for dtype in (np.float64, np.float32, np.float16):
         got, want = _exact_values(texts, dtype)
+        assert got == want, dtype
+        got, want = _exact_values(texts[::-1], dtype)  # (others last: under 16 octets left)
         assert got == want, dtype
     for place in range(16):
         for octet in "/:e ,]":
