@@ -77,6 +77,34 @@ static inline uint32_t mip_jsonnum_value8(uint64_t v) {
     return (uint32_t)((v & 0x0000FFFF0000FFFFULL) * 42949672960001ULL >> 32);
 }
 
+#if defined(__SSE2__)
+static const unsigned char mip_jsonnum_prefix[32] = {
+    255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255};
+
+/* How many of p[0..15] are ASCII digits before any other octet (0 to 16), and in *value
+ * those digits followed by zeros to 16 (their value times 10**(16 - that count)): SSE2. */
+static inline int mip_jsonnum_digits16(const unsigned char *p, uint64_t *value) {
+    __m128i v = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)p), _mm_set1_epi8('0'));
+    __m128i zero = _mm_setzero_si128();
+    __m128i pairs, quads, eights;
+    int n = __builtin_ctz(~(unsigned)_mm_movemask_epi8(
+        _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(9)), v)));
+    if (n < 16)
+        v = _mm_and_si128(v, _mm_loadu_si128((const __m128i *)(mip_jsonnum_prefix + 16 - n)));
+    /* 16-bit lanes, the first digit of each pair weighed 10: 8 values of two digits */
+    pairs = _mm_packs_epi32(
+        _mm_madd_epi16(_mm_unpacklo_epi8(v, zero), _mm_set_epi16(1, 10, 1, 10, 1, 10, 1, 10)),
+        _mm_madd_epi16(_mm_unpackhi_epi8(v, zero), _mm_set_epi16(1, 10, 1, 10, 1, 10, 1, 10)));
+    /* 4 values of four digits (under 10000: they fit 16 bits), then 2 of eight */
+    quads = _mm_madd_epi16(pairs, _mm_set_epi16(1, 100, 1, 100, 1, 100, 1, 100));
+    quads = _mm_packs_epi32(quads, quads);
+    eights = _mm_madd_epi16(quads, _mm_set_epi16(1, 10000, 1, 10000, 1, 10000, 1, 10000));
+    *value = (uint64_t)(uint32_t)_mm_cvtsi128_si32(eights) * 100000000
+             + (uint32_t)_mm_cvtsi128_si32(_mm_srli_si128(eights, 4));
+    return n;
+}
+#endif
+
 /* The high 64 bits of a * b, the low ones in *low. */
 static inline uint64_t mip_jsonnum_mul128(uint64_t a, uint64_t b, uint64_t *low) {
 #if defined(__SIZEOF_INT128__)
@@ -143,7 +171,7 @@ static inline ptrdiff_t mip_jsonnum_scan_short(const unsigned char *p, ptrdiff_t
                                                ptrdiff_t end, mip_jsonnum_number *out) {
     uint64_t m = 0;
     ptrdiff_t first, fraction;
-    int e = 0;
+    int e = 0, padding = 0;
     out->negative = i < end && p[i] == '-';
     i += out->negative;
     first = i;
@@ -159,16 +187,31 @@ static inline ptrdiff_t mip_jsonnum_scan_short(const unsigned char *p, ptrdiff_t
     if (i < end && p[i] == '.') {
         out->integral = 0;
         fraction = ++i;
+#if defined(__SSE2__)
+        /* the usual fraction of a printed float, in one step: 16 digits or more, or at
+         * least 8 after at most 3 (then read as 16, zeros added, for 19 digits at most) */
+        uint64_t sixteen;
+        int n = end - i >= 16 ? mip_jsonnum_digits16(p + i, &sixteen) : 0;
+        if (n == 16 || (n >= 8 && fraction - first <= 4)) {
+            m = m * 10000000000000000ULL + sixteen;  /* (wraps past 19 digits) */
+            i += n;
+            padding = 16 - n;
+            while (i < end && mip_jsonnum_digit(p[i])) {  /* (the few left, if any) */
+                m = m * 10 + (p[i] - '0');
+                i++;
+            }
+        } else
+#endif
         i = mip_jsonnum_digit_run(p, i, end, &m);
         if (i == fraction)
             return -1;
-        out->exp10 = -(int)(i - fraction);
+        out->exp10 = -(int)(i - fraction + padding);
     }
     /* digits written, with the "0" before a '.' and zeros after it: at least the
      * significant ones; more than 19 may have wrapped the mantissa */
-    if (i - first - !out->integral > 19)
+    if (i - first - !out->integral + padding > 19)
         return -1;
-    out->digits = (int)(i - first - !out->integral);
+    out->digits = (int)(i - first - !out->integral + padding);
     out->mantissa = m;
     if (i < end && (p[i] | 0x20) == 'e') {
         out->integral = 0;
@@ -247,6 +290,23 @@ static inline double mip_jsonnum_to_double(uint64_t w, int q, const uint64_t *po
     bits = mantissa | ((uint64_t)power2 << 52);
     memcpy(&d, &bits, 8);
     return d;
+}
+
+/* Whether the double a, within 6 ulps of the correctly rounded double d of the same number
+ * (as a mantissa of at most 19 digits times an exact power of ten is, in one rounding each),
+ * rounds to the same FP32 as d (to nearest, ties to even). An FP32 normal is the double's
+ * bit pattern rounded to a multiple of 2**29 (its 29 low bits dropped), and the patterns of
+ * positive doubles are ordered as the values: a and d, a few patterns apart, round alike
+ * unless a's 29 low bits are near the midpoint 2**28; both are FP32 normals, away from the
+ * binades on the edges (a double written from an FP32 value is one, low bits all 0). */
+static inline int mip_jsonnum_fp32_settled(double a) {
+    uint64_t bits, low;
+    int power2;
+    memcpy(&bits, &a, 8);
+    power2 = (int)((bits >> 52) & 0x7FF);
+    low = bits & ((1ULL << 29) - 1);
+    return power2 > 1023 - 126 && power2 < 1023 + 127
+           && (low < (1ULL << 28) - 64 || low > (1ULL << 28) + 64);
 }
 
 #endif

@@ -30,6 +30,7 @@ cdef extern from "mip_jsonnum.h" nogil:
     bint mip_jsonnum_digits8(uint64_t v)
     uint32_t mip_jsonnum_value8(uint64_t v)
     double mip_jsonnum_to_double(uint64_t w, int q, const uint64_t *pow5)
+    bint mip_jsonnum_fp32_settled(double a)
     ctypedef struct _Number "mip_jsonnum_number":
         uint64_t mantissa  # the first 19 significant digits
         int digits  # significant digits seen (more than 19: inexact)
@@ -199,13 +200,15 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
     # FP64, and with exact FP32 and FP16 too, from correctly rounded doubles (as Python
     # floats); else FP32 and FP16 round once more from a double within an ulp
     cdef bint rounded = dtype.itemsize == 8 or exact
-    cdef cnp.ndarray wide = np.empty(count, dtype=np.float64 if is_float else np.int64)
+    cdef bint single = is_float and dtype.itemsize == 4 and dtype.isnative  # FP32 directly
+    cdef cnp.ndarray wide = np.empty(count, dtype=np.float32 if single else (
+        np.float64 if is_float else np.int64))
     cdef double *dout = <double *>cnp.PyArray_DATA(wide)
     cdef int64_t *iout = <int64_t *>cnp.PyArray_DATA(wide)
     cdef Py_ssize_t k = 0, at = 0
     cdef int error
     with nogil:
-        error = _parse_span(p, start, end, is_float, rounded, dout, iout, &k, &at)
+        error = _parse_span(p, start, end, is_float, rounded, single, dout, iout, &k, &at)
     if error == E_NO_MEMORY:
         raise MemoryError()
     if error:
@@ -216,12 +219,15 @@ def parse_numbers(const unsigned char[::1] body, Py_ssize_t start, Py_ssize_t en
         if k and (wide.min() < info.min or wide.max() > info.max):
             raise ValueError(f"a value does not fit {dtype}")
     if out is not None and out.dtype == dtype and out.size == k:
+        if single:
+            np.copyto(out, wide)
+            return out
         with np.errstate(over="ignore"):
             np.copyto(out, wide, casting="unsafe")
         return out
     if k < count // 2:
         wide = wide.copy()  # do not keep the room that was not used
-    if dtype == np.float64 or dtype == np.int64:
+    if single or dtype == np.float64 or dtype == np.int64:
         return wide
     with np.errstate(over="ignore"):
         return wide.astype(dtype)
@@ -269,11 +275,12 @@ cdef str _message(int error, const unsigned char[::1] body, Py_ssize_t start, Py
 
 
 cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, bint is_float,
-                     bint rounded, double *dout, int64_t *iout, Py_ssize_t *count,
+                     bint rounded, bint single, double *dout, int64_t *iout, Py_ssize_t *count,
                      Py_ssize_t *at) noexcept nogil:
     """Numbers of ``p[start:end]`` into ``dout`` (floats: correctly rounded when
-    ``rounded``, else within an ulp) or ``iout``; 0, or an E_ code with ``at`` (octet) and
-    ``count`` (element) where it went wrong."""
+    ``rounded``, else within an ulp; ``single``: FP32 values, ``dout`` is a ``float *``)
+    or ``iout``; 0, or an E_ code with ``at`` (octet) and ``count`` (element) where it
+    went wrong."""
     cdef char *stop
     cdef char *text
     cdef char small[SHORT_NUMBER]
@@ -285,6 +292,7 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
     cdef bint after_comma = False  # the last token was ','
     cdef unsigned char c
     cdef int error = 0
+    cdef double value
     while i < end:
         c = p[i]
         if not _number_char(c):
@@ -332,24 +340,32 @@ cdef int _parse_span(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, b
             break
         if is_float:
             if num.digits <= 19:
-                if -22 <= num.exp10 <= 22 and (not rounded or num.mantissa <= (1ULL << 53)):
-                    # both exact (Clinger's fast path) unless not rounded and a long mantissa
+                if -22 <= num.exp10 <= 22:
+                    # exact for a mantissa of at most 53 bits (Clinger's fast path), else
+                    # within 2 ulps: enough when not rounded, or for FP32 far from a tie
                     if num.exp10 >= 0:
-                        dout[k] = <double>num.mantissa * _POW10[num.exp10]
+                        value = <double>num.mantissa * _POW10[num.exp10]
                     else:
-                        dout[k] = <double>num.mantissa / _POW10[-num.exp10]
+                        value = <double>num.mantissa / _POW10[-num.exp10]
+                    if rounded and num.mantissa > (1ULL << 53) and not (
+                            single and mip_jsonnum_fp32_settled(value)):
+                        value = mip_jsonnum_to_double(num.mantissa, num.exp10, _POW5)
                 else:
-                    dout[k] = mip_jsonnum_to_double(num.mantissa, num.exp10, _POW5)
+                    value = mip_jsonnum_to_double(num.mantissa, num.exp10, _POW5)
                 if num.negative and not (num.integral and num.mantissa == 0):
-                    dout[k] = -dout[k]  # ("-0" is the integer 0, as a Python number is)
+                    value = -value  # ("-0" is the integer 0, as a Python number is)
             else:  # more than 19 digits: the mantissa kept is not the number's
                 text = _terminated(p + i, j - i, small)
                 if text == NULL:
                     error = E_NO_MEMORY
                     break
-                dout[k] = strtod(text, &stop)
+                value = strtod(text, &stop)
                 if text != small:
                     free(text)
+            if single:
+                (<float *>dout)[k] = <float>value  # (as numpy casts: out of range is inf)
+            else:
+                dout[k] = value
         else:
             if not num.integral:
                 error = E_NOT_INTEGER

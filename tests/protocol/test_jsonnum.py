@@ -182,6 +182,58 @@ def test_double_and_fp32_midpoints_round_to_even():
         assert got == want, dtype
 
 
+def test_fp32_near_its_midpoints_and_edges_reads_as_python_reads_it():
+    """Long decimals (17 to 19 digits, whose double is computed within a few ulps first)
+    at and around the middle between two FP32 values, at FP32 values themselves, and at the
+    edges of FP32's normal range (the smallest normals, the largest values)."""
+    from decimal import Decimal
+    rng = np.random.default_rng(13)
+    f32 = (rng.standard_normal(200).astype(np.float32)
+           * np.float32(10.0) ** rng.integers(-6, 7, 200).astype(np.float32))
+    edges = np.array([2.0 ** -126, 2.0 ** -125, 2.0 ** 127, 2.0 ** 126,
+                      float(np.finfo(np.float32).max)], np.float32)
+    offsets = [*range(-80, 81, 3), *range((1 << 28) - 80, (1 << 28) + 81, 3)]
+    texts = []
+    for value in np.concatenate([f32, edges, -edges]).tolist():
+        bits = struct.unpack("<q", struct.pack("<d", value))[0]
+        for offset in offsets:
+            double = struct.unpack("<d", struct.pack("<q", bits + offset))[0]
+            digits = format(Decimal(double), ".18e")  # (19 digits: as M * 10**E too)
+            mantissa, exponent = digits.replace(".", "").split("e")
+            texts += [repr(double), digits, format(Decimal(double), ".16e"),
+                      f"{mantissa}e{int(exponent) - 18}"]
+    got, want = _exact_values(texts, np.float32)
+    assert got == want
+
+
+def test_fractions_of_sixteen_digits_and_what_breaks_them():
+    """Fractions read 16 digits at a step: every digit at every place, and each octet next to
+    the digits' range at each of the 16 places (an error, or the end of the number)."""
+    texts = ["0." + d * 16 for d in "0123456789"] + ["-9." + "9" * 18, "1." + "0" * 15 + "1",
+                                                    "0.1234567890123456", "5.6543210987654321e-3"]
+    texts += ["0." + "1234567890123456"[k:] + "1234567890123456"[:k] for k in range(16)]
+    # 1 to 20 digits after 1 to 4 (up to 19 in all: one reading; more: the careful one)
+    texts += [f"{whole}.{'98765432109876543210'[:length]}{tail}"
+              for whole in ("0", "-7", "123", "-999", "1234") for length in range(1, 21)
+              for tail in ("", "e-7", "E+3")]
+    for dtype in (np.float64, np.float32, np.float16):
+        got, want = _exact_values(texts, dtype)
+        assert got == want, dtype
+        got, want = _exact_values(texts[::-1], dtype)  # (others last: under 16 octets left)
+        assert got == want, dtype
+    for place in range(16):
+        for octet in "/:e ,]":
+            body = f"[0.{'7' * place}{octet}{'3' * (15 - place)}]".encode()
+            try:
+                want = np.array(json.loads(body), np.float64)
+            except ValueError:
+                with pytest.raises(ValueError):
+                    parse_numbers(body, 0, len(body), np.float64, True)
+                continue
+            got = parse_numbers(body, 0, len(body), np.float64, True)
+            assert got.tobytes() == want.ravel().tobytes(), body
+
+
 def test_negative_zero_is_a_float_minus_zero_and_an_integer_zero():
     got = _parse(b"[-0, -0.0, -0e0, 0]", np.float64)
     assert [struct.pack("<d", x)[0:8] for x in got.tolist()] == [
