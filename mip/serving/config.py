@@ -17,7 +17,8 @@ A model folder may hold a ``config.json`` (all keys optional)::
       "inputs": ["x"],                         # names, or {"name", "datatype", "shape"} objects
       "outputs": ["y"],
       "session_options": {                     # ONNX Runtime
-        "intra_op_threads": 0, "inter_op_threads": 0,     # 0 = ONNX Runtime's default
+        "intra_op_threads": 1,     # absent: usable cores - 1; 0 = ONNX Runtime's (every core)
+        "inter_op_threads": 0,                            # 0 = ONNX Runtime's default
         "graph_optimization_level": "all",                # disable | basic | extended | all
         "spin_wait": true                                 # pool threads spin between runs
       },

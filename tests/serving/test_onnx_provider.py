@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -102,3 +104,13 @@ def test_unknown_output_name_in_config(repo):
     repository = ModelRepository(repo)
     with pytest.raises(Exception, match="difference"):
         repository.load("m")
+
+
+def test_intra_op_threads_default_to_the_usable_cores_but_one():
+    from mip.serving.providers.onnx import default_intra_op_threads, session_options
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_intra_op_threads() == max(1, cores - 1)
+    assert session_options().intra_op_num_threads == max(1, cores - 1)
+    assert session_options(intra_op_threads=0).intra_op_num_threads == 0  # ONNX Runtime's
+    assert session_options(intra_op_threads=3).intra_op_num_threads == 3

@@ -98,12 +98,23 @@ _OPT_LEVELS = {
 }
 
 
-def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0,
+def default_intra_op_threads() -> int:
+    """Threads inside one operator when a model does not say: the usable cores but one,
+    which is left to the event loop that does the network I/O (at least one).
+
+    ONNX Runtime's own default takes every core, and its pool threads spin between runs on
+    the core the event loop needs: on 2 cores a 1x784 MLP at 32 in flight cost 172 µs of
+    server CPU a request over REST that way, and 57 µs with one thread."""
+    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 1
+
+
+def session_options(intra_op_threads: int | None = None, inter_op_threads: int = 0,
                     graph_optimization_level: str = "all", spin_wait: bool = True) -> Any:
     """Build ``onnxruntime.SessionOptions``.
 
     Args:
-        intra_op_threads: threads inside one operator (0 = ONNX Runtime's default).
+        intra_op_threads: threads inside one operator (``None``:
+            :func:`default_intra_op_threads`; 0 = ONNX Runtime's default, every core).
         inter_op_threads: threads across independent operators (0 = default).
         graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all``.
         spin_wait: let ONNX Runtime's pool threads spin for more work after a run (its
@@ -114,7 +125,8 @@ def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0,
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(intra_op_threads)
+    options.intra_op_num_threads = int(default_intra_op_threads() if intra_op_threads is None
+                                       else intra_op_threads)
     options.inter_op_num_threads = int(inter_op_threads)
     if not isinstance(spin_wait, bool):
         raise ValueError(f"spin_wait must be true or false, not {spin_wait!r}")
