@@ -332,11 +332,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if end < len(data):
             cycle.take(data[end:])
         self.body_left = left
+        self._body_due()
+        return len(data)
+
+    def _body_due(self) -> None:
+        """A request's head is complete: its body must come within ``body_timeout``."""
         timeout = self.listener.limits.body_timeout
         if timeout:
             self.deadline = self.loop.time() + timeout
             self.deadline_what = self.listener.body_late
-        return len(data)
+        else:
+            self.deadline = None
 
     def _fast_body(self, data: bytes, position: int) -> int:
         """More of the body of a request read by parse_head: where what follows it
@@ -402,14 +408,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
-        listener = self.listener
-        timeout = listener.limits.body_timeout
-        if timeout:
-            self.deadline = self.loop.time() + timeout
-            self.deadline_what = listener.body_late
-        else:
-            self.deadline = None
-        direct = listener.direct
+        self._body_due()
+        direct = self.listener.direct
         if direct is None or self.parser.get_method() != b"POST" or not self._direct():
             self._asgi_scope()
             super().on_headers_complete()
