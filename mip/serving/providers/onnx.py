@@ -105,7 +105,9 @@ def default_intra_op_threads() -> int:
     ONNX Runtime's own default takes every core, and its pool threads spin between runs on
     the core the event loop needs: on 2 cores a 1x784 MLP at 32 in flight cost 172 µs of
     server CPU a request over REST that way, and 57 µs with one thread."""
-    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 1
+    from mip.workers import usable_cores
+
+    return max(1, usable_cores() - 1)
 
 
 def session_options(intra_op_threads: int | None = None, inter_op_threads: int = 0,
